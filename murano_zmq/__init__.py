@@ -1,0 +1,36 @@
+"""murano-zmq: brokerless messaging on ZeroMQ with durable mailboxes.
+
+    from murano_zmq import Node
+    with Node("api") as node:
+        node.send("conductor", {"task": 1})
+"""
+
+from .node.aio import AsyncConsumer, AsyncNode
+from .node.sync import Consumer, Node
+from .protocol.constants import DEFAULT_RELAY_ENDPOINT, PROTOCOL_VERSION
+from .protocol.errors import (
+    LocalProtocolError,
+    MailboxFull,
+    MailboxNotFound,
+    Malformed,
+    MessageTooLarge,
+    MuranoZmqError,
+    NodeClosed,
+    PermissionDenied,
+    PreconditionFailed,
+    RelayError,
+    RelayUnavailable,
+    RemoteProtocolError,
+)
+from .protocol.message import Message
+from .protocol.options import MailboxOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncConsumer", "AsyncNode", "Consumer", "Node", "Message", "MailboxOptions",
+    "DEFAULT_RELAY_ENDPOINT", "PROTOCOL_VERSION",
+    "MuranoZmqError", "LocalProtocolError", "RemoteProtocolError", "RelayError", "RelayUnavailable",
+    "NodeClosed", "MailboxFull", "MailboxNotFound", "Malformed", "MessageTooLarge",
+    "PermissionDenied", "PreconditionFailed",
+]

@@ -1,0 +1,1 @@
+"""Node (threads) and AsyncNode (asyncio): thin drivers of the protocol core."""

@@ -1,0 +1,143 @@
+"""What Node and AsyncNode share: argument checks, record building, batching,
+and turning the core's events into completed futures.
+
+Futures are concurrent.futures.Future for Node and asyncio.Future for
+AsyncNode; both have done(), set_result() and set_exception().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from typing import Any, Callable
+
+from ..protocol.client import (
+    Confirmed,
+    Delivered,
+    Failed,
+    RelayLost,
+    RelayProblem,
+    Replied,
+    Welcomed,
+)
+from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
+from ..protocol.errors import LocalProtocolError, MessageTooLarge
+from ..protocol.message import check_name, new_message_id, pack_body, send_record
+from ..protocol.options import MailboxOptions
+
+log = logging.getLogger("murano_zmq.node")
+
+# Bytes of bodies per SEND command: keeps each frame far below the relay's
+# ZMQ_MAXMSGSIZE (a single larger message goes alone).
+SEND_BATCH_BYTES = 1024 * 1024
+
+
+def resolve_relay(relay: str | None) -> str:
+    """--relay / argument, else $MURANO_ZMQ_RELAY, else the default endpoint."""
+    return relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY_ENDPOINT
+
+
+def default_node_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
+                    overflow="reject", dead_letter=None, passive=False) -> dict:
+    """The DECLARE options map; ValueError names a bad argument."""
+    options = MailboxOptions(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter).to_map()
+    if passive:
+        options["passive"] = True
+    return options
+
+
+def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | None, now: float,
+                 max_size: int | None) -> list:
+    """A SEND record for one message, checked before it leaves the node."""
+    check_name(mailbox)
+    if headers is not None and (not isinstance(headers, dict)
+                                or not all(isinstance(k, str) for k in headers)):
+        raise LocalProtocolError("headers must be a dict with str keys")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise LocalProtocolError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    packed = pack_body(body)
+    if headers:
+        pack_body(headers)  # fail here, not in the I/O thread
+    if max_size is not None and len(packed) > max_size:
+        raise MessageTooLarge(f"message of {len(packed)} bytes is over the relay's limit of {max_size}")
+    return send_record(new_message_id(now), mailbox, headers, packed, now, ttl)
+
+
+def take_batch(queue: deque) -> tuple[list, list]:
+    """Pop up to one SEND's worth of (record, future) pairs off `queue`."""
+    records, futures = [], []
+    size = 0
+    while queue and len(records) < SEND_BATCH:
+        record, future = queue[0]
+        if records and size + len(record[3]) > SEND_BATCH_BYTES:
+            break
+        queue.popleft()
+        size += len(record[3])
+        records.append(record)
+        futures.append(future)
+    return records, futures
+
+
+def _settle_future(future, result=None, error: BaseException | None = None) -> None:
+    if future.done():
+        return  # the caller gave up waiting
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Dispatcher:
+    """Maps request ids to futures and consumer ids to sinks, and applies events."""
+
+    def __init__(self) -> None:
+        self.sends: dict[int, list] = {}  # req -> [(future, msg_id)...] in record order
+        self.requests: dict[int, Any] = {}  # req -> future
+        self.sinks: dict[int, Callable[[list], None]] = {}  # consumer id -> sink
+        self.welcomed: Callable[[Welcomed], None] | None = None
+
+    def apply(self, events: list) -> RelayLost | None:
+        """Complete futures and feed consumers; returns RelayLost if one came."""
+        lost = None
+        for ev in events:
+            if isinstance(ev, Confirmed):
+                for index, (future, msg_id) in enumerate(self.sends.pop(ev.req, ())):
+                    _settle_future(future, msg_id, ev.errors.get(index))
+            elif isinstance(ev, Delivered):
+                sink = self.sinks.get(ev.consumer)
+                if sink is not None:
+                    sink(ev.messages)
+            elif isinstance(ev, Replied):
+                future = self.requests.pop(ev.req, None)
+                if future is not None:
+                    _settle_future(future, ev.result)
+            elif isinstance(ev, Failed):
+                for future, _ in self.sends.pop(ev.req, ()):
+                    _settle_future(future, error=ev.error)
+                future = self.requests.pop(ev.req, None)
+                if future is not None:
+                    _settle_future(future, error=ev.error)
+            elif isinstance(ev, RelayProblem):
+                log.warning("relay reported: %s (code %s)", ev.error.text, ev.error.code)
+            elif isinstance(ev, Welcomed):
+                log.debug("connected to relay %s", ev.relay)
+                if self.welcomed is not None:
+                    self.welcomed(ev)
+            elif isinstance(ev, RelayLost):
+                lost = ev
+        return lost
+
+    def fail_all(self, error: BaseException) -> None:
+        for pairs in self.sends.values():
+            for future, _ in pairs:
+                _settle_future(future, error=error)
+        for future in self.requests.values():
+            _settle_future(future, error=error)
+        self.sends.clear()
+        self.requests.clear()

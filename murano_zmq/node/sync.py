@@ -1,0 +1,336 @@
+"""Node: the threaded driver of ClientCore.
+
+One I/O thread owns the DEALER socket and the core.  API calls from any
+thread put a job on a queue, wake the I/O thread through a pipe, and wait on
+a concurrent.futures.Future.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+import zmq
+
+from ..protocol.client import ClientCore, State
+from ..protocol.constants import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_PREFETCH,
+    DEFAULT_TIMEOUT,
+    MAX_IN_FLIGHT_BATCHES,
+)
+from ..protocol.errors import NodeClosed, RelayUnavailable
+from ..protocol.frames import Cmd
+from ..protocol.message import Message
+from .common import (
+    Dispatcher,
+    build_record,
+    declare_options,
+    default_node_name,
+    resolve_relay,
+    take_batch,
+)
+
+log = logging.getLogger("murano_zmq.node")
+
+
+class Node:
+    """A process's handle on the fabric, for threaded code.
+
+    >>> with Node("conductor-1", relay="tcp://127.0.0.1:5570") as node:
+    ...     node.send("api.results", {"task": 7, "ok": True})
+    ...     for msg in node.consume("conductor"):
+    ...         handle(msg.body); msg.ack()
+    """
+
+    def __init__(self, name: str | None = None, relay: str | None = None, *,
+                 heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
+                 context: zmq.Context | None = None):
+        self.name = name or default_node_name()
+        self.relay = resolve_relay(relay)
+        self.timeout = timeout
+        self._context = context or zmq.Context.instance()
+        self._core = ClientCore(self.name, uuid.uuid4().bytes, heartbeat)
+        self._dispatch = Dispatcher()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._outgoing: deque = deque()  # (record, future) not yet in a SEND
+        self._settles: deque = deque()  # (message, how, requeue) from app threads
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._closed = threading.Event()
+        self._max_size: int | None = None
+        self._dispatch.welcomed = lambda ev: setattr(self, "_max_size", ev.max_message_size)
+        self._thread = threading.Thread(target=self._run, name=f"murano-zmq-{self.name}", daemon=True)
+        self._thread.start()
+
+    # --- public API --------------------------------------------------------------
+
+    def declare(self, mailbox: str, *, ttl: float | None = None, message_ttl: float | None = None,
+                max_length: int | None = None, max_bytes: int | None = None, overflow: str = "reject",
+                dead_letter: str | None = None, passive: bool = False,
+                timeout: float | None = None) -> dict:
+        """Create a mailbox with options (or check it exists, passive=True).
+
+        Returns the mailbox's status.  Raises PreconditionFailed when it exists
+        with other options, MailboxNotFound for a passive declare of a missing one.
+        """
+        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
+        return self._request(Cmd.DECLARE, mailbox, options, timeout=timeout)
+
+    def delete(self, mailbox: str, timeout: float | None = None) -> None:
+        """Delete a mailbox and its messages (refused while it has consumers)."""
+        self._request(Cmd.DELETE, mailbox, timeout=timeout)
+
+    def status(self, timeout: float | None = None) -> dict:
+        """The relay's view: counters and one entry per mailbox."""
+        return self._request(Cmd.STATUS, timeout=timeout)
+
+    def send(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
+             timeout: float | None = None) -> bytes:
+        """Send and wait until the relay has stored it durably; returns the id."""
+        return self._wait(self.send_async(mailbox, body, headers, ttl), timeout)
+
+    def send_async(self, mailbox: str, body: Any, headers: dict | None = None,
+                   ttl: float | None = None) -> concurrent.futures.Future:
+        """Send without waiting: the future resolves to the id once stored."""
+        record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._check_open()
+            self._outgoing.append((record, future))
+        self._wake()
+        return future
+
+    def send_many(self, messages: Iterable[tuple], timeout: float | None = None) -> list[bytes]:
+        """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; waits for all."""
+        futures = [self.send_async(*m) for m in messages]
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return [self._wait(f, max(0.0, deadline - time.monotonic())) for f in futures]
+
+    def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
+                timeout: float | None = None) -> "Consumer":
+        """A consumer of `mailbox`: iterate it for Messages; ack each one."""
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
+        consumer = Consumer(self, mailbox)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def job() -> None:
+            cid, req = self._core.consume(mailbox, prefetch)
+            consumer.cid = cid
+            self._dispatch.sinks[cid] = consumer._feed
+            self._dispatch.requests[req] = future
+
+        self._submit(job)
+        self._wait(future, timeout)
+        return consumer
+
+    def close(self) -> None:
+        """Flush acks, say BYE, stop the I/O thread; pending calls get NodeClosed."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+        self._wake()
+        self._thread.join(10)
+
+    def __enter__(self) -> "Node":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- plumbing for API threads ---------------------------------------------------
+
+    def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def job() -> None:
+            self._dispatch.requests[self._core.request(cmd, *fields)] = future
+
+        self._submit(job)
+        return self._wait(future, timeout)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._check_open()
+            self._jobs.append(job)
+        self._wake()
+
+    def _settle(self, message: Message, how: str, requeue: bool) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return  # unsettled messages come again after a restart
+            self._settles.append((message, how, requeue))
+        self._wake()
+
+    def _wait(self, future: concurrent.futures.Future, timeout: float | None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise RelayUnavailable(
+                f"no answer from relay {self.relay} within {timeout}s (the node keeps trying "
+                "until it is closed)"
+            ) from None
+
+    def _wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise NodeClosed(f"node {self.name} is closed")
+
+    # --- the I/O thread ------------------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        sock.connect(self.relay)
+        self._core.connection_made(time.time())
+        return sock
+
+    def _run(self) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closed.is_set():
+                now = time.time()
+                wait = max(0.0, min(1.0, self._core.next_deadline() - now))
+                events = dict(poller.poll(int(wait * 1000) + 1))
+                if self._wake_r in events:
+                    self._woken = False
+                    os.read(self._wake_r, 4096)
+                lost = self._run_jobs()
+                now = time.time()
+                if sock in events:
+                    lost = self._read(sock, now) or lost
+                lost = self._dispatch.apply(self._core.tick(now)) or lost
+                if lost is not None:
+                    log.info("node %s reconnecting: %s", self.name, lost.reason)
+                    poller.unregister(sock)
+                    sock.close(0)
+                    sock = self._connect()
+                    poller.register(sock, zmq.POLLIN)
+                self._write(sock)
+            # closing: last acks and BYE go out with a short linger
+            self._run_jobs()
+            self._core.close()
+            sock.setsockopt(zmq.LINGER, 500)
+            self._write(sock)
+        except Exception:
+            log.exception("node %s I/O thread failed", self.name)
+        finally:
+            sock.close()
+            self._dispatch.fail_all(NodeClosed(f"node {self.name} is closed"))
+            with self._lock:
+                for _, future in self._outgoing:
+                    if not future.done():
+                        future.set_exception(NodeClosed(f"node {self.name} is closed"))
+                self._outgoing.clear()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _run_jobs(self):
+        with self._lock:
+            jobs, self._jobs = self._jobs, deque()
+            settles, self._settles = self._settles, deque()
+        for job in jobs:
+            job()
+        for message, how, requeue in settles:
+            self._core.settle(message, how, requeue)
+        self._core.flush_acks()
+        while self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
+            with self._lock:
+                records, futures = take_batch(self._outgoing)
+            if not records:
+                break
+            req = self._core.send(records)
+            self._dispatch.sends[req] = [(f, r[0]) for f, r in zip(futures, records)]
+        return None
+
+    def _read(self, sock: zmq.Socket, now: float):
+        lost = None
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                events = self._core.receive(frames, now)
+            except Exception as exc:
+                log.warning("node %s: bad command from relay dropped: %s", self.name, exc)
+                continue
+            lost = self._dispatch.apply(events) or lost
+        return lost
+
+    def _write(self, sock: zmq.Socket) -> None:
+        out = self._core.drain()
+        for frames in out:
+            sock.send_multipart(frames)
+        if out:
+            self._core.sent(time.time())
+
+
+class Consumer:
+    """Messages of one mailbox for this node; iterate, or call get()."""
+
+    def __init__(self, node: Node, mailbox: str):
+        self.node = node
+        self.mailbox = mailbox
+        self.cid = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = False
+
+    def _feed(self, messages: list[Message]) -> None:
+        for m in messages:
+            m._settle = self.node._settle
+            self._queue.put(m)
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after `timeout` seconds (None: wait forever)."""
+        if self._cancelled:
+            return None
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._cancelled:
+            m = self.get(timeout=0.2)
+            if m is not None:
+                yield m
+            elif self.node._closed.is_set():
+                return
+
+    def cancel(self) -> None:
+        """Stop consuming; messages not yet acked go back to the mailbox."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        cid = self.cid
+        try:
+            self.node._submit(lambda: (self.node._core.cancel(cid), self.node._dispatch.sinks.pop(cid, None)))
+        except NodeClosed:
+            pass

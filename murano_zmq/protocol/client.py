@@ -1,0 +1,314 @@
+"""The node's side of the protocol as a state machine with no I/O.
+
+ClientCore turns API calls into frames (collected in an outbox the driver
+drains and writes) and frames from the relay into events.  It owns what must
+survive a reconnect: unconfirmed sends, pending requests, consumers, and the
+dedup window that hands each message id to application code once.  Time is
+an argument (`now`); the driver asks next_deadline() when to call tick().
+
+Node (threads) and AsyncNode (asyncio) are thin drivers of this class.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
+from .frames import Cmd, decode, encode
+from .message import Message, parse_delivery
+
+# --- events the core hands to its driver --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """A SEND was stored durably; `errors` maps record index -> exception."""
+
+    req: int
+    errors: dict[int, RelayError]
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    req: int
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    req: int
+    error: RelayError
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    consumer: int
+    messages: list[Message]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayProblem:
+    """An ERROR not tied to a request, or a BYE: worth a log line."""
+
+    error: RelayError
+
+
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    relay: str
+    max_message_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLost:
+    """Nothing heard from the relay for too long (or it said BYE): reconnect."""
+
+    reason: str
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # no connection yet
+    CONNECTING = "connecting"  # HELLO sent, no WELCOME yet
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Consumer:
+    mailbox: str
+    prefetch: int
+
+
+class ClientCore:
+    def __init__(self, node_name: str, instance_id: bytes, heartbeat: float = DEFAULT_HEARTBEAT,
+                 dedup_window: int = DEDUP_WINDOW):
+        self.node_name = node_name
+        self.instance_id = instance_id
+        self.heartbeat = heartbeat
+        self.state = State.IDLE
+        self.relay_name: str | None = None
+        self.max_message_size: int | None = None
+        self._next_req = 1
+        self._next_consumer = 1
+        self._outbox: list[list[bytes]] = []
+        self._unconfirmed: dict[int, list] = {}  # req -> SEND records
+        self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
+        self._consumers: dict[int, _Consumer] = {}
+        self._in_app: dict[bytes, int] = {}  # id -> consumer, handed out, not settled
+        self._acked: OrderedDict[bytes, None] = OrderedDict()
+        self._dedup_window = dedup_window
+        self._pending_acks: list[int] = []
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+
+    # --- driver hooks -------------------------------------------------------
+
+    def drain(self) -> list[list[bytes]]:
+        """The frames to write now, in order."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def connection_made(self, now: float) -> None:
+        """A fresh socket to the relay: say HELLO and replay what is pending."""
+        self._check_open()
+        self.state = State.CONNECTING
+        self._last_heard = self._last_sent = now
+        self._pending_acks.clear()
+        self._put(Cmd.HELLO, self.node_name, self.instance_id, self.heartbeat)
+        for req, records in self._unconfirmed.items():
+            for record in records:
+                record[6] = True  # retry: the relay checks its id index
+            self._put(Cmd.SEND, req, records)
+        pending_consumers = set()
+        for req, (cmd, fields) in self._requests.items():
+            self._put(cmd, *fields)
+            if cmd == Cmd.CONSUME:
+                pending_consumers.add(fields[1])
+        # Consumers the old relay session had accepted: subscribe again
+        # (req 0: nobody waits for the reply).
+        for consumer, c in self._consumers.items():
+            if consumer not in pending_consumers:
+                self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch)
+
+    def next_deadline(self) -> float:
+        if self.state in (State.IDLE, State.CLOSED):
+            return float("inf")
+        return min(self._last_sent + self.heartbeat, self._last_heard + self.heartbeat * HEARTBEAT_LIVENESS)
+
+    def tick(self, now: float) -> list:
+        """Send a heartbeat when due; report RelayLost when the relay is silent."""
+        if self.state in (State.IDLE, State.CLOSED):
+            return []
+        if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
+            return [RelayLost(f"no word from the relay for {now - self._last_heard:.1f}s")]
+        self.flush_acks()
+        if now - self._last_sent >= self.heartbeat:
+            self._put(Cmd.HEARTBEAT)
+        return []
+
+    def sent(self, now: float) -> None:
+        """The driver wrote frames at `now` (they count as a heartbeat)."""
+        self._last_sent = now
+
+    # --- API calls ------------------------------------------------------------
+
+    def send(self, records: list) -> int:
+        """Queue one SEND of `records`; returns its request id."""
+        self._check_open()
+        req = self._new_req()
+        self._unconfirmed[req] = records
+        self._put(Cmd.SEND, req, records)
+        return req
+
+    def request(self, cmd: Cmd, *fields: Any) -> int:
+        """A DECLARE, STATUS or DELETE; the first field (req) is filled in."""
+        self._check_open()
+        req = self._new_req()
+        self._requests[req] = (cmd, (req, *fields))
+        self._put(cmd, req, *fields)
+        return req
+
+    def consume(self, mailbox: str, prefetch: int) -> tuple[int, int]:
+        """Start a consumer; returns (consumer id, request id)."""
+        self._check_open()
+        consumer = self._next_consumer
+        self._next_consumer += 1
+        self._consumers[consumer] = _Consumer(mailbox, prefetch)
+        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch)
+
+    def cancel(self, consumer: int) -> None:
+        """Stop a consumer; the relay gives its unacked messages to others."""
+        if self._consumers.pop(consumer, None) is not None and self.state != State.CLOSED:
+            self._put(Cmd.CANCEL, 0, consumer)
+            # The relay requeues what this consumer held: let it come again.
+            for msg_id in [i for i, c in self._in_app.items() if c == consumer]:
+                del self._in_app[msg_id]
+
+    def settle(self, message: Message, how: str, requeue: bool) -> None:
+        """The application acked or nacked `message`."""
+        self._in_app.pop(message.id, None)
+        if how == "ack":
+            self._remember_acked(message.id)
+            self._pending_acks.append(message.tag)
+            return
+        self.flush_acks()  # keep ACK/NACK in the order the application gave them
+        if not requeue:
+            self._remember_acked(message.id)
+        self._put(Cmd.NACK, [message.tag], requeue)
+
+    def flush_acks(self) -> None:
+        """Put the acks collected since the last flush into one ACK."""
+        if self._pending_acks and self.state != State.CLOSED:
+            self._put(Cmd.ACK, self._pending_acks)
+            self._pending_acks = []
+
+    def close(self) -> None:
+        if self.state != State.CLOSED:
+            self.flush_acks()
+            if self.state in (State.CONNECTING, State.READY):
+                self._put(Cmd.BYE, "node closing")
+            self.state = State.CLOSED
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    # --- input ------------------------------------------------------------------
+
+    def receive(self, frames: list[bytes], now: float) -> list:
+        """Events for one command from the relay.  Invalid input raises
+        RemoteProtocolError and changes nothing."""
+        command = decode(frames)
+        self._last_heard = now
+        handler = self._HANDLERS.get(command.cmd)
+        if handler is None:
+            raise RemoteProtocolError(f"a relay does not send {command.cmd.name}")
+        return handler(self, *command.fields)
+
+    def _on_welcome(self, relay: str, heartbeat: float, max_size: int) -> list:
+        self.state = State.READY
+        self.relay_name = relay
+        self.max_message_size = max_size
+        return [Welcomed(relay, max_size)]
+
+    def _on_confirm(self, req: int, errors: list) -> list:
+        if self._unconfirmed.pop(req, None) is None:
+            return []  # a confirm for a resend already confirmed
+        failed = {}
+        for item in errors:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
+                raise RemoteProtocolError("bad CONFIRM error entry")
+            failed[item[0]] = error_from_code(item[1], str(item[2]))
+        return [Confirmed(req, failed)]
+
+    def _on_reply(self, req: int, result: Any) -> list:
+        if self._requests.pop(req, None) is None:
+            return []
+        return [Replied(req, result)]
+
+    def _on_error(self, req: int | None, code: int, text: str) -> list:
+        error = error_from_code(code, text)
+        if isinstance(error, NotReady):
+            # A restarted relay does not know this session: handshake again;
+            # the request stays pending and is replayed.
+            return [RelayLost(f"relay lost the session: {text}")]
+        if req is not None and self._requests.pop(req, None) is not None:
+            return [Failed(req, error)]
+        if req is not None and self._unconfirmed.pop(req, None) is not None:
+            return [Failed(req, error)]
+        return [RelayProblem(error)]
+
+    def _on_deliver(self, consumer: int, records: list) -> list:
+        messages = [parse_delivery(r) for r in records]
+        if consumer not in self._consumers:
+            # Cancelled meanwhile: give them back at once.
+            if messages:
+                self._put(Cmd.NACK, [m.tag for m in messages], True)
+            return []
+        fresh = []
+        for m in messages:
+            if m.id in self._acked:
+                self._pending_acks.append(m.tag)  # seen and acked: settle quietly
+            elif m.id not in self._in_app:  # else: still with the application
+                self._in_app[m.id] = consumer
+                fresh.append(m)
+        return [Delivered(consumer, fresh)] if fresh else []
+
+    def _on_heartbeat(self) -> list:
+        return []
+
+    def _on_bye(self, reason: str) -> list:
+        return [RelayLost(f"relay said bye: {reason}")]
+
+    _HANDLERS = {
+        Cmd.WELCOME: _on_welcome,
+        Cmd.CONFIRM: _on_confirm,
+        Cmd.REPLY: _on_reply,
+        Cmd.ERROR: _on_error,
+        Cmd.DELIVER: _on_deliver,
+        Cmd.HEARTBEAT: _on_heartbeat,
+        Cmd.BYE: _on_bye,
+    }
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _remember_acked(self, msg_id: bytes) -> None:
+        self._acked[msg_id] = None
+        if len(self._acked) > self._dedup_window:
+            self._acked.popitem(last=False)
+
+    def _new_req(self) -> int:
+        req = self._next_req
+        self._next_req += 1
+        return req
+
+    def _put(self, cmd: Cmd, *fields: Any) -> None:
+        self._outbox.append(encode(cmd, *fields))
+
+    def _check_open(self) -> None:
+        if self.state == State.CLOSED:
+            raise LocalProtocolError("the node is closed")

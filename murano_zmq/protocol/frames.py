@@ -1,0 +1,136 @@
+"""The frame codec: commands to ZeroMQ frames and back.
+
+Every command is three frames: the signature (b"MZQ" + version byte), one
+command byte, and one msgpack array of the command's fields.  The ROUTER
+identity frame is the I/O layer's business and never reaches this module.
+
+decode() either returns a Command or raises RemoteProtocolError; it never
+trusts the peer: frame count, signature, command byte, msgpack and the type of
+every field are checked before anything else sees them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .constants import SIGNATURE
+from .errors import RemoteProtocolError
+
+
+class Cmd(enum.IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    DECLARE = 0x03
+    SEND = 0x04
+    CONFIRM = 0x05
+    CONSUME = 0x06
+    CANCEL = 0x07
+    DELIVER = 0x08
+    ACK = 0x09
+    NACK = 0x0A
+    HEARTBEAT = 0x0B
+    STATUS = 0x0C
+    REPLY = 0x0D
+    ERROR = 0x0E
+    BYE = 0x0F
+    DELETE = 0x10
+
+
+_CMD_BYTES = {c: bytes([c]) for c in Cmd}
+
+# Field types per command, checked on decode.  "?" suffix: may be nil.
+# Kinds: int, num (int or float), str, bin, bool, map, list, any.
+SCHEMAS: dict[Cmd, tuple[str, ...]] = {
+    Cmd.HELLO: ("str", "bin", "num"),  # node name, instance id, heartbeat s
+    Cmd.WELCOME: ("str", "num", "int"),  # relay name, heartbeat s, max size
+    Cmd.DECLARE: ("int", "str", "map"),  # req, mailbox, options
+    Cmd.SEND: ("int", "list"),  # req, [message...]
+    Cmd.CONFIRM: ("int", "list"),  # req, [[index, code, text]...]
+    Cmd.CONSUME: ("int", "int", "str", "int"),  # req, consumer, mailbox, prefetch
+    Cmd.CANCEL: ("int", "int"),  # req, consumer
+    Cmd.DELIVER: ("int", "list"),  # consumer, [delivery...]
+    Cmd.ACK: ("list",),  # [tag...]
+    Cmd.NACK: ("list", "bool"),  # [tag...], requeue
+    Cmd.HEARTBEAT: (),
+    Cmd.STATUS: ("int",),  # req
+    Cmd.REPLY: ("int", "any"),  # req, result
+    Cmd.ERROR: ("int?", "int", "str"),  # req or nil, code, text
+    Cmd.BYE: ("str",),  # reason
+    Cmd.DELETE: ("int", "str"),  # req, mailbox
+}
+
+_KIND_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "num": (int, float),
+    "str": (str,),
+    "bin": (bytes,),
+    "bool": (bool,),
+    "map": (dict,),
+    "list": (list,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One decoded command: its code and its positional fields."""
+
+    cmd: Cmd
+    fields: tuple
+
+    def __repr__(self) -> str:
+        return f"Command({self.cmd.name}, {len(self.fields)} fields)"
+
+
+def encode(cmd: Cmd, *fields: Any) -> list[bytes]:
+    """The frames that carry `cmd` with `fields`."""
+    return [SIGNATURE, _CMD_BYTES[cmd], msgpack.packb(fields, use_bin_type=True)]
+
+
+def check_fields(cmd: Cmd, fields: Any) -> tuple:
+    """`fields` as a tuple if it fits the command's schema, else raise."""
+    schema = SCHEMAS[cmd]
+    if not isinstance(fields, (list, tuple)) or len(fields) != len(schema):
+        raise RemoteProtocolError(
+            f"{cmd.name} takes {len(schema)} fields, got "
+            f"{len(fields) if isinstance(fields, (list, tuple)) else type(fields).__name__}"
+        )
+    for i, (kind, value) in enumerate(zip(schema, fields)):
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if value is None and optional:
+            continue
+        if kind == "any":
+            continue
+        types = _KIND_TYPES[kind]
+        # bool is an int in Python; keep "int" fields honest.
+        if not isinstance(value, types) or (kind in ("int", "num") and isinstance(value, bool)):
+            raise RemoteProtocolError(
+                f"{cmd.name} field {i} must be {kind}, got {type(value).__name__}"
+            )
+    return tuple(fields)
+
+
+def decode(frames: list[bytes]) -> Command:
+    """Parse one command's frames or raise RemoteProtocolError."""
+    if len(frames) != 3:
+        raise RemoteProtocolError(f"a command has 3 frames, got {len(frames)}")
+    signature, cmd_byte, payload = frames
+    if signature != SIGNATURE:
+        if len(signature) == 4 and signature[:3] == SIGNATURE[:3]:
+            raise RemoteProtocolError(f"unsupported protocol version {signature[3]}")
+        raise RemoteProtocolError("bad signature frame")
+    if len(cmd_byte) != 1:
+        raise RemoteProtocolError("command frame must be one byte")
+    try:
+        cmd = Cmd(cmd_byte[0])
+    except ValueError:
+        raise RemoteProtocolError(f"unknown command 0x{cmd_byte[0]:02x}") from None
+    try:
+        fields = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RemoteProtocolError(f"{cmd.name}: bad msgpack: {exc}") from None
+    return Command(cmd, check_fields(cmd, fields))

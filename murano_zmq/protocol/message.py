@@ -1,0 +1,175 @@
+"""The message model: ids, bodies, the wire records of SEND and DELIVER.
+
+A body is any msgpack value (bytes included); it travels and is stored
+packed, so the relay never decodes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+
+from .constants import MAX_NAME_LENGTH
+from .errors import LocalProtocolError, RemoteProtocolError
+
+ID_SIZE = 16
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+
+
+def new_message_id(now: float) -> bytes:
+    """A unique id that sorts by creation time (48-bit ms clock + 80 random bits).
+
+    Time-ordered ids keep the relay's id index append-mostly.
+    """
+    return int(now * 1000).to_bytes(6, "big") + os.urandom(ID_SIZE - 6)
+
+
+def pack_body(body: Any) -> bytes:
+    try:
+        return msgpack.packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
+
+
+def unpack_body(packed: bytes) -> Any:
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
+def check_name(name: Any, what: str = "mailbox") -> str:
+    """`name` if it is a valid mailbox name, else LocalProtocolError."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+        raise LocalProtocolError(
+            f"invalid {what} name {name!r}: 1-{MAX_NAME_LENGTH} characters of "
+            "letters, digits and _ . : @ -"
+        )
+    return name
+
+
+# --- SEND records: [id, mailbox, headers, body, created, ttl, retry] ---------
+
+
+def send_record(
+    msg_id: bytes, mailbox: str, headers: dict | None, body: bytes, created: float, ttl: float | None
+) -> list:
+    return [msg_id, mailbox, headers or {}, body, created, ttl, False]
+
+
+@dataclass(slots=True)
+class IncomingSend:
+    """One message of a SEND, as the relay sees it after validation."""
+
+    msg_id: bytes
+    mailbox: str
+    headers: dict
+    body: bytes
+    created: float
+    ttl: float | None
+    retry: bool
+
+
+def parse_send_record(item: Any) -> IncomingSend:
+    """Validate one SEND record from a peer or raise RemoteProtocolError."""
+    if not isinstance(item, list) or len(item) != 7:
+        raise RemoteProtocolError("a SEND message record has 7 fields")
+    msg_id, mailbox, headers, body, created, ttl, retry = item
+    if not isinstance(msg_id, bytes) or len(msg_id) != ID_SIZE:
+        raise RemoteProtocolError(f"message id must be {ID_SIZE} bytes")
+    if not isinstance(mailbox, str) or not _NAME_RE.match(mailbox) or len(mailbox) > MAX_NAME_LENGTH:
+        raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
+    if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+        raise RemoteProtocolError("headers must be a map with string keys")
+    if not isinstance(body, bytes):
+        raise RemoteProtocolError("body must be bin")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise RemoteProtocolError("created must be a number")
+    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+        raise RemoteProtocolError("ttl must be a positive number or nil")
+    if not isinstance(retry, bool):
+        raise RemoteProtocolError("retry must be a bool")
+    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry)
+
+
+# --- DELIVER records: [tag, id, mailbox, headers, body, created, expires, count]
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """A message handed to application code.
+
+    ack() removes it from its mailbox; nack(requeue=True) gives it back (or,
+    with requeue=False, dead-letters it when the mailbox has a dead-letter
+    mailbox, else drops it).  A message is settled once; later calls are no-ops.
+    """
+
+    id: bytes
+    mailbox: str
+    headers: dict
+    packed_body: bytes
+    created_at: float
+    expires_at: float | None
+    delivery_count: int
+    tag: int = 0
+    _settle: Callable[["Message", str, bool], None] | None = field(default=None, repr=False)
+    _settled: bool = field(default=False, repr=False)
+
+    @property
+    def body(self) -> Any:
+        return unpack_body(self.packed_body)
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery_count > 1
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def ack(self) -> None:
+        self._finish("ack", False)
+
+    def nack(self, requeue: bool = True) -> None:
+        self._finish("nack", requeue)
+
+    def _finish(self, how: str, requeue: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._settle is not None:
+            self._settle(self, how, requeue)
+
+    def to_json(self) -> dict:
+        """A JSON-friendly view (ids in hex; a bytes body as text or hex)."""
+        body = self.body
+        if isinstance(body, bytes):
+            try:
+                body = body.decode("utf-8")
+            except UnicodeDecodeError:
+                body = {"hex": body.hex()}
+        return {
+            "id": self.id.hex(),
+            "mailbox": self.mailbox,
+            "headers": self.headers,
+            "body": body,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "delivery_count": self.delivery_count,
+            "redelivered": self.redelivered,
+        }
+
+
+def parse_delivery(item: Any) -> Message:
+    """One DELIVER record from the relay as a Message, or RemoteProtocolError."""
+    if not isinstance(item, list) or len(item) != 8:
+        raise RemoteProtocolError("a DELIVER record has 8 fields")
+    tag, msg_id, mailbox, headers, body, created, expires, count = item
+    if not (isinstance(tag, int) and isinstance(msg_id, bytes) and isinstance(mailbox, str)
+            and isinstance(headers, dict) and isinstance(body, bytes)
+            and isinstance(created, (int, float)) and isinstance(count, int)
+            and (expires is None or isinstance(expires, (int, float)))):
+        raise RemoteProtocolError("bad DELIVER record")
+    return Message(msg_id, mailbox, headers, body, created, expires, count, tag)

@@ -1,0 +1,61 @@
+"""Mailbox options, as a DECLARE carries them and the relay stores them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .constants import OVERFLOW_REJECT, OVERFLOWS
+from .message import check_name
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxOptions:
+    """What a declare may set.  None means "no limit" / "never".
+
+    ttl: seconds without consumers and traffic before the mailbox is deleted.
+    message_ttl: seconds a message lives when its sender gave no ttl.
+    max_length / max_bytes: ready messages / body bytes the mailbox holds.
+    overflow: what a full mailbox does with a new message: "reject" it
+      (the sender gets MailboxFull) or "drop-head" (drop the oldest ready one).
+    dead_letter: mailbox that receives expired, dropped and rejected messages.
+    """
+
+    ttl: float | None = None
+    message_ttl: float | None = None
+    max_length: int | None = None
+    max_bytes: int | None = None
+    overflow: str = OVERFLOW_REJECT
+    dead_letter: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "message_ttl"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in ("max_length", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
+        if self.dead_letter is not None:
+            try:
+                check_name(self.dead_letter, "dead-letter mailbox")
+            except Exception as exc:
+                raise ValueError(str(exc)) from None
+
+    def to_map(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_map(cls, data: Any) -> "MailboxOptions":
+        """Options from a DECLARE map; ValueError names what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("options must be a map")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown mailbox option(s): {', '.join(sorted(map(str, unknown)))}")
+        return cls(**data)

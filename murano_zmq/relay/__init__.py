@@ -1,0 +1,1 @@
+"""The relay: engine (mailboxes, consumers, expiry) and the process loop around it."""

@@ -1,0 +1,627 @@
+"""The relay engine: mailboxes, consumers and credit, deadlines and expiry.
+
+No sockets here.  The relay process hands the engine (identity, frames)
+pairs and the time; the engine reads and writes the store and queues
+(identity, frames) replies.  One loop turn is:
+
+    receive()...  tick()  pump()  take_output()  commit()  take_output()
+
+Replies that promise durability (CONFIRM, DECLARE's REPLY) are held until
+commit() has made the turn's writes durable; deliveries and errors go out
+before the commit, so a consumer works while the disk syncs.  A delivery of
+a message whose commit then never happens is safe: its sender was not
+confirmed and sends it again, and the receiving node's dedup absorbs it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import deque
+from typing import Any, Callable
+
+import msgpack
+
+from ..protocol.constants import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEARTBEAT_LIVENESS,
+    OVERFLOW_REJECT,
+)
+from ..protocol.errors import (
+    MailboxFull,
+    MailboxNotFound,
+    Malformed,
+    MessageTooLarge,
+    NotReady,
+    PreconditionFailed,
+    RelayError,
+    RemoteProtocolError,
+)
+from ..protocol.frames import Cmd, decode, encode
+from ..protocol.message import check_name, parse_send_record
+from ..protocol.options import MailboxOptions
+from ..protocol.errors import LocalProtocolError
+from ..store.base import MailboxRow, Store, StoredMessage
+from .state import READY_WINDOW, Consumer, Mailbox, Peer
+
+log = logging.getLogger("murano_zmq.relay")
+
+# Bounds a peer cannot exceed (they size the relay's memory).
+MAX_PREFETCH = 10_000
+MIN_HEARTBEAT = 0.05
+MAX_HEARTBEAT = 60.0
+EXPIRY_BATCH = 1000
+
+_EMPTY_HEADERS = msgpack.packb({})
+
+Output = tuple[bytes, list[bytes]]
+
+
+class RelayEngine:
+    def __init__(self, store: Store, now: float, name: str = "relay",
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 heartbeat: float = DEFAULT_HEARTBEAT):
+        self.store = store
+        self.name = name
+        self.max_message_size = max_message_size
+        self.heartbeat = heartbeat
+        self.peers: dict[bytes, Peer] = {}
+        self.mailboxes: dict[str, Mailbox] = {}
+        self._by_id: dict[int, Mailbox] = {}
+        self._unacked: dict[int, Consumer] = {}  # seq -> consumer holding it
+        self._now_out: list[Output] = []
+        self._after_commit: list[Output] = []
+        self._inserts: list[StoredMessage] = []
+        self._dirty: set[Mailbox] = set()  # mailboxes that may deliver now
+        self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
+        self._next_message_expiry: float | None = None
+        self.counters = {"received": 0, "delivered": 0, "acked": 0, "expired": 0,
+                         "dead_lettered": 0, "rejected": 0}
+        self._recover(now)
+
+    # --- recovery --------------------------------------------------------------
+
+    def _recover(self, now: float) -> None:
+        stats = self.store.mailbox_stats()
+        self._seq = self.store.max_seq()
+        # Messages stored before this start may have been out for delivery.
+        self._boot_seq = self._seq
+        self._next_mailbox_id = 1
+        for row in self.store.load_mailboxes():
+            count, nbytes = stats.get(row.id, (0, 0))
+            mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now,
+                         count=count, nbytes=nbytes, disk_after=0 if count else None)
+            self._add_mailbox(mb)
+            self._next_mailbox_id = max(self._next_mailbox_id, row.id + 1)
+        self._next_message_expiry = self.store.next_expiry(float("-inf"))
+        if self.mailboxes:
+            log.info("recovered %d mailboxes, %d messages", len(self.mailboxes),
+                     sum(mb.count for mb in self.mailboxes.values()))
+
+    # --- input -------------------------------------------------------------------
+
+    def receive(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        """Handle one command from the peer `identity`.  Bad input gets an
+        ERROR reply and a log line; it never raises."""
+        try:
+            command = decode(frames)
+        except RemoteProtocolError as exc:
+            log.warning("malformed command from %s: %s", identity.hex(), exc)
+            self._error(identity, None, Malformed(str(exc)))
+            return
+        peer = self.peers.get(identity)
+        if peer is None and command.cmd != Cmd.HELLO:
+            if command.cmd not in (Cmd.BYE, Cmd.HEARTBEAT):
+                req = command.fields[0] if command.fields and isinstance(command.fields[0], int) else None
+                self._error(identity, req, NotReady("say HELLO first"))
+            else:
+                self._error(identity, None, NotReady("say HELLO first"))
+            return
+        if peer is not None:
+            peer.last_heard = now
+        handler = self._HANDLERS.get(command.cmd)
+        if handler is None:
+            self._error(identity, None, Malformed(f"a node does not send {command.cmd.name}"))
+            return
+        try:
+            handler(self, peer or identity, now, *command.fields)
+        except RelayError as exc:
+            req = command.fields[0] if command.fields and isinstance(command.fields[0], int) else None
+            self._error(identity, req, exc)
+
+    def _on_hello(self, who: Peer | bytes, now: float, name: str, instance: bytes, heartbeat: float) -> None:
+        identity = who.identity if isinstance(who, Peer) else who
+        if isinstance(who, Peer):
+            self._drop_peer(who, "HELLO again")
+        for other in list(self.peers.values()):
+            if other.instance == instance:
+                self._drop_peer(other, "reconnected as a new session")
+        heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
+        self.peers[identity] = Peer(identity, name[:200], instance, heartbeat, now, now)
+        log.info("node %s connected", name[:200])
+        self._reply_now(identity, Cmd.WELCOME, self.name, heartbeat, self.max_message_size)
+
+    def _on_heartbeat(self, peer: Peer, now: float) -> None:
+        pass
+
+    def _on_bye(self, peer: Peer, now: float, reason: str) -> None:
+        self._drop_peer(peer, f"said bye: {reason}"[:200])
+
+    def _on_declare(self, peer: Peer, now: float, req: int, name: str, options: dict) -> None:
+        name = _valid_name(name)
+        options = dict(options)
+        passive = bool(options.pop("passive", False))
+        try:
+            opts = MailboxOptions.from_map(options)
+        except (ValueError, TypeError) as exc:
+            raise Malformed(str(exc)) from None
+        mb = self.mailboxes.get(name)
+        if passive:
+            if mb is None:
+                raise MailboxNotFound(f"mailbox {name!r} does not exist")
+        elif mb is None:
+            mb = self._create_mailbox(name, opts, True, now)
+        elif not mb.declared:
+            mb.options, mb.declared = opts, True
+            self._save_mailbox(mb)
+            self._schedule_idle(mb)
+        elif mb.options != opts:
+            raise PreconditionFailed(
+                f"mailbox {name!r} exists with options {mb.options.to_map()}, not {opts.to_map()}"
+            )
+        mb.last_used = now
+        self._after_commit.append((peer.identity, encode(Cmd.REPLY, req, mb.status(now))))
+
+    def _on_delete(self, peer: Peer, now: float, req: int, name: str) -> None:
+        mb = self.mailboxes.get(_valid_name(name))
+        if mb is None:
+            raise MailboxNotFound(f"mailbox {name!r} does not exist")
+        if mb.consumers:
+            raise PreconditionFailed(f"mailbox {name!r} has {len(mb.consumers)} consumer(s)")
+        self._delete_mailbox(mb, "deleted by " + peer.name)
+        self._after_commit.append((peer.identity, encode(Cmd.REPLY, req, None)))
+
+    def _on_status(self, peer: Peer, now: float, req: int) -> None:
+        result = {
+            "relay": self.name,
+            "peers": len(self.peers),
+            "counters": dict(self.counters),
+            "mailboxes": [mb.status(now) for mb in sorted(self.mailboxes.values(), key=lambda m: m.name)],
+        }
+        self._reply_now(peer.identity, Cmd.REPLY, req, result)
+
+    def _on_send(self, peer: Peer, now: float, req: int, records: list) -> None:
+        errors: list[list] = []
+        parsed = []
+        for i, record in enumerate(records):
+            try:
+                msg = parse_send_record(record)
+            except RemoteProtocolError as exc:
+                errors.append([i, Malformed.code, str(exc)])
+                continue
+            if len(msg.body) > self.max_message_size:
+                errors.append([i, MessageTooLarge.code,
+                               f"message of {len(msg.body)} bytes is over the relay's limit of "
+                               f"{self.max_message_size}"])
+                continue
+            parsed.append((i, msg))
+        retried = [m.msg_id for _, m in parsed if m.retry]
+        if retried:
+            self._flush_inserts()
+            already = self.store.existing_ids(retried)
+        else:
+            already = ()
+        for i, msg in parsed:
+            if msg.msg_id in already:
+                continue  # stored by an earlier attempt: confirm again
+            mb = self.mailboxes.get(msg.mailbox) or self._create_mailbox(
+                msg.mailbox, MailboxOptions(), False, now)
+            ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
+            headers = msgpack.packb(msg.headers) if msg.headers else _EMPTY_HEADERS
+            try:
+                self._enqueue(mb, msg.msg_id, headers, msg.body, msg.created,
+                              None if ttl is None else now + ttl, 0, now)
+            except MailboxFull as exc:
+                self.counters["rejected"] += 1
+                errors.append([i, exc.code, exc.text])
+        self.counters["received"] += len(records)
+        self._after_commit.append((peer.identity, encode(Cmd.CONFIRM, req, errors)))
+
+    def _on_consume(self, peer: Peer, now: float, req: int, cid: int, name: str, prefetch: int) -> None:
+        name = _valid_name(name)
+        if not 1 <= prefetch <= MAX_PREFETCH:
+            raise Malformed(f"prefetch must be 1..{MAX_PREFETCH}, got {prefetch}")
+        old = peer.consumers.get(cid)
+        if old is not None:
+            self._drop_consumer(old)
+        mb = self.mailboxes.get(name) or self._create_mailbox(name, MailboxOptions(), False, now)
+        consumer = Consumer(peer, cid, mb, prefetch)
+        peer.consumers[cid] = consumer
+        mb.consumers.append(consumer)
+        mb.last_used = now
+        self._dirty.add(mb)
+        self._reply_now(peer.identity, Cmd.REPLY, req, mb.status(now))
+
+    def _on_cancel(self, peer: Peer, now: float, req: int, cid: int) -> None:
+        consumer = peer.consumers.get(cid)
+        if consumer is not None:
+            self._drop_consumer(consumer)
+            consumer.mailbox.last_used = now
+
+    def _on_ack(self, peer: Peer, now: float, tags: list) -> None:
+        done = []
+        for seq in tags:
+            consumer = self._unacked.get(seq) if isinstance(seq, int) else None
+            if consumer is None or consumer.peer is not peer:
+                continue  # settled already, or requeued after a reconnect
+            del self._unacked[seq]
+            row = consumer.unacked.pop(seq)
+            mb = consumer.mailbox
+            self._forget(mb, row, unacked=True)
+            mb.last_used = now
+            self._dirty.add(mb)
+            done.append(seq)
+        if done:
+            self._flush_inserts()
+            self.store.delete(done)
+            self.counters["acked"] += len(done)
+
+    def _on_nack(self, peer: Peer, now: float, tags: list, requeue: bool) -> None:
+        for seq in tags:
+            consumer = self._unacked.get(seq) if isinstance(seq, int) else None
+            if consumer is None or consumer.peer is not peer:
+                continue
+            del self._unacked[seq]
+            row = consumer.unacked.pop(seq)
+            mb = consumer.mailbox
+            mb.unacked_count -= 1
+            mb.unacked_bytes -= len(row.body)
+            mb.last_used = now
+            if requeue:
+                self._requeue(mb, [row])
+            else:
+                self._dead_letter(mb, row, "rejected", now)
+            self._dirty.add(mb)
+
+    _HANDLERS: dict[Cmd, Callable[..., None]] = {
+        Cmd.HELLO: _on_hello,
+        Cmd.HEARTBEAT: _on_heartbeat,
+        Cmd.BYE: _on_bye,
+        Cmd.DECLARE: _on_declare,
+        Cmd.DELETE: _on_delete,
+        Cmd.STATUS: _on_status,
+        Cmd.SEND: _on_send,
+        Cmd.CONSUME: _on_consume,
+        Cmd.CANCEL: _on_cancel,
+        Cmd.ACK: _on_ack,
+        Cmd.NACK: _on_nack,
+    }
+
+    # --- time ----------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        candidates = [float("inf")]
+        if self._idle_heap:
+            candidates.append(self._idle_heap[0][0])
+        if self._next_message_expiry is not None:
+            candidates.append(self._next_message_expiry)
+        for peer in self.peers.values():
+            candidates.append(peer.last_sent + peer.heartbeat)
+            candidates.append(peer.last_heard + peer.heartbeat * HEARTBEAT_LIVENESS)
+        return min(candidates)
+
+    def tick(self, now: float) -> None:
+        """Heartbeats, dead peers, expired messages and idle mailboxes."""
+        for peer in list(self.peers.values()):
+            if now - peer.last_heard > peer.heartbeat * HEARTBEAT_LIVENESS:
+                self._drop_peer(peer, f"silent for {now - peer.last_heard:.1f}s")
+            elif now - peer.last_sent >= peer.heartbeat:
+                self._reply_now(peer.identity, Cmd.HEARTBEAT)
+        if self._next_message_expiry is not None and self._next_message_expiry <= now:
+            self._expire_messages(now)
+        while self._idle_heap and self._idle_heap[0][0] <= now:
+            _, mailbox_id, name = heapq.heappop(self._idle_heap)
+            mb = self.mailboxes.get(name)
+            if mb is None or mb.id != mailbox_id:
+                continue
+            deadline = mb.idle_deadline()
+            if deadline is None:
+                continue  # a consumer came; its leaving schedules again
+            if deadline > now:
+                heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
+            else:
+                self._delete_mailbox(mb, f"idle for {mb.options.ttl}s")
+
+    def _expire_messages(self, now: float) -> None:
+        self._flush_inserts()
+        while True:
+            batch = self.store.expired(now, EXPIRY_BATCH)
+            handled = 0
+            for seq, mailbox_id in batch:
+                if seq in self._unacked:
+                    continue  # with a consumer now: checked when it comes back
+                mb = self._by_id.get(mailbox_id)
+                row = self._take_ready(mb, seq) if mb else None
+                if row is None:
+                    continue
+                mb.count -= 1
+                mb.nbytes -= len(row.body)
+                self._dead_letter(mb, row, "expired", now, counted=False)
+                self.counters["expired"] += 1
+                handled += 1
+            self._flush_inserts()
+            if len(batch) < EXPIRY_BATCH or not handled:
+                break
+        self._next_message_expiry = self.store.next_expiry(now)
+
+    def _take_ready(self, mb: Mailbox, seq: int) -> StoredMessage | None:
+        """Remove the ready message `seq` from the mailbox's memory window or disk."""
+        for i, row in enumerate(mb.ready):
+            if row.seq == seq:
+                del mb.ready[i]
+                self.store.delete([seq])
+                return row
+        if mb.disk_after is not None and seq > mb.disk_after:
+            row = self.store.get(seq)
+            if row is not None:
+                self.store.delete([seq])
+            return row
+        return None
+
+    # --- delivery --------------------------------------------------------------------
+
+    def pump(self, now: float) -> None:
+        """Hand ready messages to consumers with credit, round-robin."""
+        dirty, self._dirty = self._dirty, set()
+        for mb in dirty:
+            if mb.consumers and mb.ready_count and mb.name in self.mailboxes:
+                self._deliver(mb, now)
+
+    def _deliver(self, mb: Mailbox, now: float) -> None:
+        batches: dict[Consumer, list] = {}
+        consumers = mb.consumers
+        n = len(consumers)
+        idle_rounds = 0
+        while idle_rounds < n:
+            if not mb.ready and not self._fill(mb):
+                break
+            consumer = consumers[mb.rr % n]
+            mb.rr += 1
+            if consumer.credit <= 0:
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            row = mb.ready.popleft()
+            if row.expires is not None and row.expires <= now:
+                mb.count -= 1
+                mb.nbytes -= len(row.body)
+                self._flush_inserts()
+                self.store.delete([row.seq])
+                self._dead_letter(mb, row, "expired", now, counted=False)
+                self.counters["expired"] += 1
+                continue
+            if row.seq <= self._boot_seq and row.deliveries == 0:
+                row = row._replace(deliveries=1)  # may have been out before a restart
+            row = row._replace(deliveries=row.deliveries + 1)
+            consumer.unacked[row.seq] = row
+            self._unacked[row.seq] = consumer
+            mb.unacked_count += 1
+            mb.unacked_bytes += len(row.body)
+            batches.setdefault(consumer, []).append(
+                [row.seq, row.msg_id, mb.name, msgpack.unpackb(row.headers), row.body,
+                 row.created, row.expires, row.deliveries])
+        for consumer, records in batches.items():
+            self.counters["delivered"] += len(records)
+            self._reply_now(consumer.peer.identity, Cmd.DELIVER, consumer.cid, records)
+
+    def _fill(self, mb: Mailbox) -> bool:
+        """Load the next window of ready messages from disk; False if none."""
+        if mb.disk_after is None:
+            return False
+        self._flush_inserts()
+        rows = self.store.load_ready(mb.id, mb.disk_after, READY_WINDOW)
+        rows = [r for r in rows if r.seq not in self._unacked]
+        if rows:
+            mb.disk_after = rows[-1].seq
+            mb.ready.extend(rows)
+        if len(rows) < READY_WINDOW:
+            mb.disk_after = None
+        return bool(rows)
+
+    def _requeue(self, mb: Mailbox, rows: list[StoredMessage]) -> None:
+        """Put messages back at the head of the queue, oldest first."""
+        for row in sorted(rows, key=lambda r: r.seq, reverse=True):
+            mb.ready.appendleft(row)
+        self._flush_inserts()
+        self.store.set_deliveries((r.deliveries, r.seq) for r in rows)
+
+    # --- mailboxes and messages ---------------------------------------------------
+
+    def _enqueue(self, mb: Mailbox, msg_id: bytes, headers: bytes, body: bytes, created: float,
+                 expires: float | None, deliveries: int, now: float) -> None:
+        size = len(body)
+        opts = mb.options
+        while (opts.max_length is not None and mb.ready_count + 1 > opts.max_length) or (
+            opts.max_bytes is not None and mb.ready_bytes + size > opts.max_bytes
+        ):
+            if opts.overflow == OVERFLOW_REJECT or not mb.ready_count:
+                raise MailboxFull(
+                    f"mailbox {mb.name!r} is full ({mb.ready_count} messages, {mb.ready_bytes} bytes; "
+                    f"max_length={opts.max_length}, max_bytes={opts.max_bytes})"
+                )
+            self._drop_head(mb, now)
+        self._seq += 1
+        row = StoredMessage(self._seq, mb.id, msg_id, headers, body, created, expires, deliveries)
+        self._inserts.append(row)
+        mb.count += 1
+        mb.nbytes += size
+        mb.last_used = now
+        if mb.disk_after is None and len(mb.ready) < READY_WINDOW:
+            mb.ready.append(row)
+        elif mb.disk_after is None:
+            mb.disk_after = row.seq - 1
+        if expires is not None and (self._next_message_expiry is None or expires < self._next_message_expiry):
+            self._next_message_expiry = expires
+        if mb.consumers:
+            self._dirty.add(mb)
+
+    def _drop_head(self, mb: Mailbox, now: float) -> None:
+        if not mb.ready:
+            self._fill(mb)
+        row = mb.ready.popleft()
+        mb.count -= 1
+        mb.nbytes -= len(row.body)
+        self._flush_inserts()
+        self.store.delete([row.seq])
+        self._dead_letter(mb, row, "maxlen", now, counted=False)
+
+    def _dead_letter(self, mb: Mailbox, row: StoredMessage, reason: str, now: float,
+                     counted: bool = True) -> None:
+        """Move a message out of `mb`: to its dead-letter mailbox, or away."""
+        if counted:
+            mb.count -= 1
+            mb.nbytes -= len(row.body)
+            self._flush_inserts()
+            self.store.delete([row.seq])
+        target = mb.options.dead_letter
+        if target is None or target == mb.name:
+            return
+        dlx = self.mailboxes.get(target) or self._create_mailbox(target, MailboxOptions(), False, now)
+        headers = msgpack.unpackb(row.headers)
+        headers["x-death"] = {"reason": reason, "mailbox": mb.name, "time": now,
+                              "count": row.deliveries}
+        ttl = dlx.options.message_ttl
+        try:
+            self._enqueue(dlx, row.msg_id, msgpack.packb(headers), row.body, row.created,
+                          None if ttl is None else now + ttl, 0, now)
+            self.counters["dead_lettered"] += 1
+        except MailboxFull:
+            log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
+
+    def _forget(self, mb: Mailbox, row: StoredMessage, unacked: bool) -> None:
+        mb.count -= 1
+        mb.nbytes -= len(row.body)
+        if unacked:
+            mb.unacked_count -= 1
+            mb.unacked_bytes -= len(row.body)
+
+    def _create_mailbox(self, name: str, options: MailboxOptions, declared: bool, now: float) -> Mailbox:
+        mb = Mailbox(self._next_mailbox_id, name, options, declared, now)
+        self._next_mailbox_id += 1
+        self._add_mailbox(mb)
+        self._save_mailbox(mb)
+        log.info("mailbox %s created (%s)", name, "declared" if declared else "on first use")
+        return mb
+
+    def _add_mailbox(self, mb: Mailbox) -> None:
+        self.mailboxes[mb.name] = mb
+        self._by_id[mb.id] = mb
+        self._schedule_idle(mb)
+
+    def _save_mailbox(self, mb: Mailbox) -> None:
+        self.store.save_mailbox(MailboxRow(mb.id, mb.name, mb.options.to_map(), mb.declared))
+
+    def _schedule_idle(self, mb: Mailbox) -> None:
+        deadline = mb.idle_deadline()
+        if deadline is not None:
+            heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
+
+    def _delete_mailbox(self, mb: Mailbox, why: str) -> None:
+        del self.mailboxes[mb.name]
+        del self._by_id[mb.id]
+        self._inserts = [r for r in self._inserts if r.mailbox_id != mb.id]
+        self._flush_inserts()
+        self.store.delete_mailbox(mb.id)
+        log.info("mailbox %s deleted with %d messages: %s", mb.name, mb.count, why)
+
+    # --- peers ---------------------------------------------------------------------------
+
+    def _drop_consumer(self, consumer: Consumer) -> None:
+        peer, mb = consumer.peer, consumer.mailbox
+        peer.consumers.pop(consumer.cid, None)
+        if consumer in mb.consumers:
+            mb.consumers.remove(consumer)
+        rows = list(consumer.unacked.values())
+        for row in rows:
+            del self._unacked[row.seq]
+            mb.unacked_count -= 1
+            mb.unacked_bytes -= len(row.body)
+        consumer.unacked.clear()
+        if rows and mb.name in self.mailboxes:
+            self._requeue(mb, rows)
+            self._dirty.add(mb)
+            log.info("%d unacked message(s) of %s on %s requeued", len(rows), peer.name, mb.name)
+        if not mb.consumers:
+            self._schedule_idle(mb)
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        for consumer in list(peer.consumers.values()):
+            self._drop_consumer(consumer)
+        self.peers.pop(peer.identity, None)
+        log.info("node %s gone: %s", peer.name, why)
+
+    def shutdown(self) -> None:
+        """Tell every peer the relay is going away."""
+        for peer in self.peers.values():
+            self._now_out.append((peer.identity, encode(Cmd.BYE, "relay shutting down")))
+
+    # --- output and commit --------------------------------------------------------------
+
+    def _reply_now(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
+        self._now_out.append((identity, encode(cmd, *fields)))
+
+    def _error(self, identity: bytes, req: int | None, exc: RelayError) -> None:
+        self._now_out.append((identity, encode(Cmd.ERROR, req, exc.code, exc.text)))
+
+    def take_output(self, now: float) -> list[Output]:
+        """Frames that may go out now (before the turn's commit)."""
+        out, self._now_out = self._now_out, []
+        for identity, _ in out:
+            peer = self.peers.get(identity)
+            if peer is not None:
+                peer.last_sent = now
+        return out
+
+    def commit(self) -> None:
+        """Make the turn's writes durable; then the held replies may go."""
+        self._flush_inserts()
+        self.store.commit()
+        self._now_out.extend(self._after_commit)
+        self._after_commit = []
+
+    def _flush_inserts(self) -> None:
+        if not self._inserts:
+            return
+        rows, self._inserts = self._inserts, []
+        if self.store.insert(rows) != len(rows):
+            self._drop_ghosts(rows)
+
+    def _drop_ghosts(self, rows: list[StoredMessage]) -> None:
+        """A sender reused a stored id without the retry flag: forget the
+        in-memory copies of the rows the store skipped."""
+        kept = self.store.existing_seqs([r.seq for r in rows])
+        for row in rows:
+            if row.seq in kept:
+                continue
+            mb = self._by_id.get(row.mailbox_id)
+            if mb is None:
+                continue
+            try:
+                mb.ready.remove(row)
+            except ValueError:
+                consumer = self._unacked.pop(row.seq, None)
+                if consumer is not None:
+                    consumer.unacked.pop(row.seq, None)
+                    mb.unacked_count -= 1
+                    mb.unacked_bytes -= len(row.body)
+            mb.count -= 1
+            mb.nbytes -= len(row.body)
+            log.warning("duplicate message id %s in %s ignored", row.msg_id.hex(), mb.name)
+
+
+def _valid_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except LocalProtocolError as exc:
+        raise Malformed(str(exc)) from None

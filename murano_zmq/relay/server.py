@@ -1,0 +1,157 @@
+"""The relay process's loop: one ROUTER socket, the engine, the store.
+
+poll -> receive a turn's worth of commands -> engine -> send deliveries ->
+commit (one fsync) -> send confirms.  SIGTERM/SIGINT finish the turn, commit,
+say BYE to every node and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from ..protocol.constants import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_RELAY_ENDPOINT,
+    FRAME_HEADROOM,
+)
+from ..store.sqlite import SQLiteStore
+from .engine import RelayEngine
+
+log = logging.getLogger("murano_zmq.relay")
+
+# Commands handled per loop turn, at most: bounds the latency a burst adds
+# to the turn's confirms.
+TURN_BATCH = 2000
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "murano-zmq")
+
+
+@dataclass
+class RelayConfig:
+    bind: str = DEFAULT_RELAY_ENDPOINT
+    data_dir: str = ""
+    name: str = "relay"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    heartbeat: float = DEFAULT_HEARTBEAT
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            self.data_dir = default_data_dir()
+        if self.max_message_size <= 0:
+            raise ValueError("max_message_size must be > 0")
+
+
+class Relay:
+    """A relay bound to `config.bind`, storing in `config.data_dir`.
+
+    run() blocks until stop() (from any thread) or a signal when
+    install_signal_handlers() was called.
+    """
+
+    def __init__(self, config: RelayConfig, context: zmq.Context | None = None):
+        self.config = config
+        self._context = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.endpoint: str | None = None
+        self.engine: RelayEngine | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def run(self) -> None:
+        cfg = self.config
+        store = SQLiteStore(cfg.data_dir)
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size + FRAME_HEADROOM)
+        # Durable traffic must never meet a silent high-water-mark drop:
+        # the relay bounds what it sends by consumer credit instead.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        try:
+            sock.bind(cfg.bind)
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size,
+                                               cfg.heartbeat)
+            log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
+            self._ready.set()
+            self._loop(sock, engine)
+            engine.shutdown()
+            self._send(sock, engine.take_output(time.time()))
+            engine.commit()
+            log.info("relay stopped")
+        finally:
+            self._ready.set()
+            sock.close()
+            store.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _loop(self, sock: zmq.Socket, engine: RelayEngine) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop.is_set():
+            now = time.time()
+            timeout_ms = int(max(0.0, min(1.0, engine.next_deadline() - now)) * 1000) + 1
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                os.read(self._wake_r, 64)
+            now = time.time()
+            for _ in range(TURN_BATCH):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) < 2:
+                    continue
+                engine.receive(frames[0], frames[1:], now)
+            engine.tick(now)
+            engine.pump(now)
+            self._send(sock, engine.take_output(now))
+            engine.commit()
+            self._send(sock, engine.take_output(now))
+
+    @staticmethod
+    def _send(sock: zmq.Socket, out: list) -> None:
+        for identity, frames in out:
+            try:
+                sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("send to %s would block; the node will resync", identity.hex())
+            except zmq.ZMQError as exc:
+                log.warning("send to %s failed: %s", identity.hex(), exc)
+
+
+def run_relay(config: RelayConfig) -> int:
+    """The relay device's main: run until SIGTERM/SIGINT, return the exit code."""
+    relay = Relay(config)
+    relay.install_signal_handlers()
+    relay.run()
+    return 0

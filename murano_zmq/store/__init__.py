@@ -1,0 +1,1 @@
+"""Relay storage: the Store interface and its SQLite implementation."""

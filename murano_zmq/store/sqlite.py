@@ -1,0 +1,165 @@
+"""The SQLite store: WAL mode, synchronous=FULL, one transaction per commit().
+
+Message bodies stay on disk; the relay keeps only a bounded window of each
+mailbox in memory, so a million queued messages cost disk, not RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Iterable
+
+import msgpack
+
+from .base import MailboxRow, StoredMessage
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    options BLOB NOT NULL,
+    declared INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    mailbox INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
+CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
+CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
+"""
+
+# Page cache per connection, KiB (negative = KiB in SQLite's pragma): bounded
+# so the relay's memory does not grow with the queue.
+CACHE_KIB = 16 * 1024
+
+_COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
+
+
+class SQLiteStore:
+    DB_NAME = "relay.db"
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, self.DB_NAME)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
+        self._in_tx = False
+
+    # --- reads ----------------------------------------------------------------
+
+    def load_mailboxes(self) -> list[MailboxRow]:
+        return [
+            MailboxRow(i, name, msgpack.unpackb(opts), bool(declared))
+            for i, name, opts, declared in self._db.execute(
+                "SELECT id, name, options, declared FROM mailboxes ORDER BY id"
+            )
+        ]
+
+    def mailbox_stats(self) -> dict[int, tuple[int, int]]:
+        return {
+            mb: (n, b or 0)
+            for mb, n, b in self._db.execute(
+                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox"
+            )
+        }
+
+    def max_seq(self) -> int:
+        return self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
+
+    def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]:
+        found = set()
+        for msg_id in msg_ids:
+            if self._db.execute("SELECT 1 FROM messages WHERE msg_id=?", (msg_id,)).fetchone():
+                found.add(msg_id)
+        return found
+
+    def load_ready(self, mailbox_id: int, after_seq: int, limit: int) -> list[StoredMessage]:
+        return [
+            StoredMessage._make(r)
+            for r in self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                (mailbox_id, after_seq, limit),
+            )
+        ]
+
+    def expired(self, now: float, limit: int) -> list[tuple[int, int]]:
+        return self._db.execute(
+            "SELECT seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
+            "ORDER BY expires LIMIT ?",
+            (now, limit),
+        ).fetchall()
+
+    def next_expiry(self, after: float) -> float | None:
+        return self._db.execute(
+            "SELECT min(expires) FROM messages WHERE expires IS NOT NULL AND expires>?", (after,)
+        ).fetchone()[0]
+
+    # --- writes (inside the open transaction) -----------------------------------
+
+    def _begin(self) -> sqlite3.Connection:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        return self._db
+
+    def save_mailbox(self, row: MailboxRow) -> None:
+        self._begin().execute(
+            "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
+            (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
+        )
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        db = self._begin()
+        db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
+        db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
+
+    def insert(self, messages: list[StoredMessage]) -> int:
+        cur = self._begin().executemany(
+            f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages
+        )
+        return cur.rowcount
+
+    def get(self, seq: int) -> StoredMessage | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM messages WHERE seq=?", (seq,)).fetchone()
+        return StoredMessage._make(row) if row else None
+
+    def existing_seqs(self, seqs: list[int]) -> set[int]:
+        found = set()
+        for seq in seqs:
+            if self._db.execute("SELECT 1 FROM messages WHERE seq=?", (seq,)).fetchone():
+                found.add(seq)
+        return found
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
+
+    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
+        self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self._db.execute("COMMIT")
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
