@@ -61,7 +61,6 @@ class Node:
         self._dispatch = Dispatcher()
         self._jobs: deque[Callable[[], None]] = deque()
         self._outgoing: deque = deque()  # (record, future) not yet in a SEND
-        self._settles: deque = deque()  # (message, how, requeue) from app threads
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -170,7 +169,9 @@ class Node:
         with self._lock:
             if self._closed.is_set():
                 return  # unsettled messages come again after a restart
-            self._settles.append((message, how, requeue))
+            # Same queue as other jobs: an ack must reach the relay before a
+            # later CANCEL or BYE, or the relay requeues the message.
+            self._jobs.append(lambda: self._core.settle(message, how, requeue))
         self._wake()
 
     def _wait(self, future: concurrent.futures.Future, timeout: float | None) -> Any:
@@ -254,11 +255,8 @@ class Node:
     def _run_jobs(self):
         with self._lock:
             jobs, self._jobs = self._jobs, deque()
-            settles, self._settles = self._settles, deque()
         for job in jobs:
             job()
-        for message, how, requeue in settles:
-            self._core.settle(message, how, requeue)
         self._core.flush_acks()
         while self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
             with self._lock:

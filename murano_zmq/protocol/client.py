@@ -183,6 +183,7 @@ class ClientCore:
     def cancel(self, consumer: int) -> None:
         """Stop a consumer; the relay gives its unacked messages to others."""
         if self._consumers.pop(consumer, None) is not None and self.state != State.CLOSED:
+            self.flush_acks()
             self._put(Cmd.CANCEL, 0, consumer)
             # The relay requeues what this consumer held: let it come again.
             for msg_id in [i for i, c in self._in_app.items() if c == consumer]:

@@ -1,0 +1,8 @@
+"""The relay device: `python -m devices.relay [--bind E] [--data-dir D]` from the
+repository root; the same as `murano-zmq relay`."""
+
+import sys
+
+from murano_zmq.cli import main
+
+sys.exit(main(["relay", *sys.argv[1:]]))

@@ -1,0 +1,264 @@
+"""The `murano-zmq` command: relay, send, consume, declare, delete, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from .protocol.constants import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_PREFETCH,
+    DEFAULT_RELAY_ENDPOINT,
+    OVERFLOWS,
+    RELAY_ENV,
+)
+from .protocol.errors import MuranoZmqError, RelayUnavailable
+
+RELAY_HELP = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"header must be key=value, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="murano-zmq",
+        description="Brokerless messaging on ZeroMQ with durable mailboxes held by a relay device.",
+        epilog="Run 'murano-zmq COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("relay", help="run the relay device (holds mailboxes on disk)",
+                       description="Run the relay: one ROUTER socket, mailboxes in SQLite. "
+                                   "SIGTERM/SIGINT commit, tell nodes and exit 0.")
+    p.add_argument("--bind", default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
+    p.add_argument("--data-dir", default="", help="where relay.db lives (default ~/.local/share/murano-zmq)")
+    p.add_argument("--name", default="relay", help="relay name shown to nodes")
+    p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
+                   help="largest body in bytes (default %(default)s)")
+    p.add_argument("--heartbeat", type=_positive_float, default=DEFAULT_HEARTBEAT,
+                   help="heartbeat interval in seconds offered to nodes (default %(default)s)")
+
+    p = sub.add_parser("send", help="send one message to a mailbox",
+                       description="Send BODY (or stdin with '-') to MAILBOX and print the message "
+                                   "id once the relay has stored it durably.")
+    p.add_argument("mailbox")
+    p.add_argument("body", nargs="?", default="-", help="the body text, or - for stdin (default)")
+    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--ttl", type=_positive_float, help="message time-to-live in seconds")
+    p.add_argument("--header", type=_header, action="append", default=[], metavar="KEY=VALUE",
+                   help="a header (repeatable)")
+    p.add_argument("--json", action="store_true", help="parse BODY as JSON instead of sending text")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
+
+    p = sub.add_parser("consume", help="print messages from a mailbox",
+                       description="Consume MAILBOX, printing each message; ack it unless --no-ack.")
+    p.add_argument("mailbox")
+    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--count", type=_count, help="stop after N messages")
+    p.add_argument("--timeout", type=_positive_float,
+                   help="stop after S seconds without a message (default: wait forever)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-ack", action="store_true", help="leave the messages in the mailbox")
+    p.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="credit (default %(default)s)")
+
+    p = sub.add_parser("declare", help="create a mailbox with options",
+                       description="Declare MAILBOX. Declaring again with other options fails.")
+    p.add_argument("mailbox")
+    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--ttl", type=_positive_float, help="delete after S idle seconds (no consumer, no traffic)")
+    p.add_argument("--message-ttl", type=_positive_float, help="default message time-to-live, seconds")
+    p.add_argument("--max-length", type=_count, help="most ready messages held")
+    p.add_argument("--max-bytes", type=_count, help="most body bytes held")
+    p.add_argument("--overflow", choices=OVERFLOWS, default="reject",
+                   help="when full: reject the send (default) or drop the oldest")
+    p.add_argument("--dead-letter", help="mailbox for expired, dropped and rejected messages")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
+
+    p = sub.add_parser("delete", help="delete a mailbox and its messages")
+    p.add_argument("mailbox")
+    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
+
+    p = sub.add_parser("status", help="show the relay's mailboxes",
+                       description="Per mailbox: depth, bytes, consumers, idle seconds, ttl, expires in.")
+    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
+
+    p = sub.add_parser("demo", help="run an api -> conductor -> agent exchange on an embedded relay",
+                       description="Start a relay in a temporary directory and run a small Murano-like "
+                                   "flow: the agent starts after its plan was sent.")
+    p.add_argument("--units", type=_count, default=2, help="agents (units) to deploy (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "relay":
+        args.log_level = args.log_level if args.log_level != "WARNING" else "INFO"
+        logging.getLogger().setLevel(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except RelayUnavailable as exc:
+        print(f"murano-zmq: {exc}. Is a relay running? Start one with 'murano-zmq relay'.",
+              file=sys.stderr)
+        return 1
+    except (MuranoZmqError, ValueError) as exc:
+        print(f"murano-zmq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .relay.server import RelayConfig, run_relay
+
+    return run_relay(RelayConfig(bind=args.bind, data_dir=args.data_dir, name=args.name,
+                                 max_message_size=args.max_message_size, heartbeat=args.heartbeat))
+
+
+def _node(args: argparse.Namespace, name: str):
+    from .node.sync import Node
+
+    return Node(name, relay=args.relay, timeout=args.timeout or 10.0)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.body == "-" else args.body
+    body: Any = text
+    if args.json:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            print(f"murano-zmq: BODY is not JSON: {exc}", file=sys.stderr)
+            return 2
+    with _node(args, "cli-send") as node:
+        msg_id = node.send(args.mailbox, body, headers=dict(args.header) or None, ttl=args.ttl)
+    print(msg_id.hex())
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    if args.count == 0:
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    seen = 0
+    with _node(args, "cli-consume") as node:
+        consumer = node.consume(args.mailbox, prefetch=max(1, min(args.prefetch, args.count or args.prefetch)))
+        try:
+            while args.count is None or seen < args.count:
+                msg = consumer.get(timeout=args.timeout)
+                if msg is None:
+                    break
+                if args.json:
+                    print(json.dumps(msg.to_json(), default=repr), flush=True)
+                else:
+                    body = msg.body
+                    if isinstance(body, bytes):
+                        body = body.decode("utf-8", "replace")
+                    print(body if isinstance(body, str) else json.dumps(body, default=repr), flush=True)
+                if not args.no_ack:
+                    msg.ack()
+                seen += 1
+        except KeyboardInterrupt:
+            pass
+        consumer.cancel()
+    return 0
+
+
+def cmd_declare(args: argparse.Namespace) -> int:
+    with _node(args, "cli-declare") as node:
+        status = node.declare(args.mailbox, ttl=args.ttl, message_ttl=args.message_ttl,
+                              max_length=args.max_length, max_bytes=args.max_bytes,
+                              overflow=args.overflow, dead_letter=args.dead_letter)
+    print(json.dumps(status))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _node(args, "cli-delete") as node:
+        node.delete(args.mailbox)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _node(args, "cli-status") as node:
+        status = node.status()
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    def show(v: Any) -> str:
+        return "-" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+    cols = ["mailbox", "depth", "ready", "unacked", "bytes", "consumers", "idle_s", "ttl_s", "expires_in_s"]
+    rows = [[mb["name"], show(mb["depth"]), show(mb["ready"]), show(mb["unacked"]), show(mb["bytes"]),
+             show(mb["consumers"]), show(mb["idle"]), show(mb["ttl"]), show(mb["expires_in"])]
+            for mb in status["mailboxes"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    lines = [f"relay {status['relay']}: {status['peers']} node(s), {len(rows)} mailbox(es)",
+             "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(units=args.units)
+
+
+COMMANDS = {
+    "relay": cmd_relay,
+    "send": cmd_send,
+    "consume": cmd_consume,
+    "declare": cmd_declare,
+    "delete": cmd_delete,
+    "status": cmd_status,
+    "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

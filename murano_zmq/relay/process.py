@@ -1,0 +1,83 @@
+"""Start and stop a relay as a child process (for the demo, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import zmq
+
+from ..protocol.frames import Cmd, decode, encode
+
+
+def relay_answers(endpoint: str, timeout: float) -> bool:
+    """True once a relay at `endpoint` answers HELLO with WELCOME."""
+    ctx = zmq.Context.instance()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoint)
+            sock.send_multipart(encode(Cmd.HELLO, "probe", os.urandom(16), 1.0))
+            if sock.poll(200):
+                if decode(sock.recv_multipart()).cmd == Cmd.WELCOME:
+                    sock.send_multipart(encode(Cmd.BYE, "probe done"))
+                    return True
+        finally:
+            sock.close(linger=100)
+    return False
+
+
+class RelayProcess:
+    """`python -m murano_zmq relay` in a child process, stopped by PID."""
+
+    def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None):
+        self.endpoint = endpoint
+        self.data_dir = data_dir
+        self.extra = list(extra)
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> "RelayProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay", "--bind", self.endpoint,
+             "--data-dir", self.data_dir, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL,
+        )
+        if not relay_answers(self.endpoint, timeout):
+            self.kill()
+            raise RuntimeError(f"relay at {self.endpoint} did not answer within {timeout}s")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no commit, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait; SIGKILL if it does not exit in time.  Returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> "RelayProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
