@@ -3,7 +3,8 @@
 ClientCore turns API calls into frames (collected in an outbox the driver
 drains and writes) and frames from the relay into events.  It owns what must
 survive a reconnect: unconfirmed sends, pending requests, consumers, and the
-dedup window that hands each message id to application code once.  Time is
+dedup window that hands each message id to application code once per
+mailbox (a dead-lettered message keeps its id but is new to its new mailbox).  Time is
 an argument (`now`); the driver asks next_deadline() when to call tick().
 
 Node (threads) and AsyncNode (asyncio) are thin drivers of this class.
@@ -98,8 +99,9 @@ class ClientCore:
         self._unconfirmed: dict[int, list] = {}  # req -> SEND records
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
-        self._in_app: dict[bytes, int] = {}  # id -> consumer, handed out, not settled
-        self._acked: OrderedDict[bytes, None] = OrderedDict()
+        # Dedup keys are (mailbox, message id).
+        self._in_app: dict[tuple, int] = {}  # key -> consumer; handed out, not settled
+        self._acked: OrderedDict[tuple, None] = OrderedDict()
         self._dedup_window = dedup_window
         self._pending_acks: list[int] = []
         self._last_heard = 0.0
@@ -186,19 +188,20 @@ class ClientCore:
             self.flush_acks()
             self._put(Cmd.CANCEL, 0, consumer)
             # The relay requeues what this consumer held: let it come again.
-            for msg_id in [i for i, c in self._in_app.items() if c == consumer]:
-                del self._in_app[msg_id]
+            for key in [k for k, c in self._in_app.items() if c == consumer]:
+                del self._in_app[key]
 
     def settle(self, message: Message, how: str, requeue: bool) -> None:
         """The application acked or nacked `message`."""
-        self._in_app.pop(message.id, None)
+        key = (message.mailbox, message.id)
+        self._in_app.pop(key, None)
         if how == "ack":
-            self._remember_acked(message.id)
+            self._remember_acked(key)
             self._pending_acks.append(message.tag)
             return
         self.flush_acks()  # keep ACK/NACK in the order the application gave them
         if not requeue:
-            self._remember_acked(message.id)
+            self._remember_acked(key)
         self._put(Cmd.NACK, [message.tag], requeue)
 
     def flush_acks(self) -> None:
@@ -272,10 +275,11 @@ class ClientCore:
             return []
         fresh = []
         for m in messages:
-            if m.id in self._acked:
+            key = (m.mailbox, m.id)
+            if key in self._acked:
                 self._pending_acks.append(m.tag)  # seen and acked: settle quietly
-            elif m.id not in self._in_app:  # else: still with the application
-                self._in_app[m.id] = consumer
+            elif key not in self._in_app:  # else: still with the application
+                self._in_app[key] = consumer
                 fresh.append(m)
         return [Delivered(consumer, fresh)] if fresh else []
 
@@ -297,8 +301,8 @@ class ClientCore:
 
     # --- helpers -------------------------------------------------------------------
 
-    def _remember_acked(self, msg_id: bytes) -> None:
-        self._acked[msg_id] = None
+    def _remember_acked(self, key: tuple) -> None:
+        self._acked[key] = None
         if len(self._acked) > self._dedup_window:
             self._acked.popitem(last=False)
 

@@ -1,0 +1,51 @@
+"""Fixtures shared by the test suites: relays in child processes on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from murano_zmq.relay.process import RelayProcess
+
+from .helpers import free_tcp_endpoint
+
+
+@pytest.fixture
+def relay_factory(tmp_path):
+    """Start relays (child processes); every one is stopped by PID at teardown."""
+    started: list[RelayProcess] = []
+
+    def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None) -> RelayProcess:
+        log = open(tmp_path / f"relay-{len(started)}.log", "wb")
+        relay = RelayProcess(endpoint or free_tcp_endpoint(), data_dir or str(tmp_path / "data"),
+                             *extra, log_file=log)
+        started.append(relay)
+        return relay.start()
+
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+@pytest.fixture
+def relay(relay_factory) -> RelayProcess:
+    return relay_factory()
+
+
+@pytest.fixture
+def children():
+    """Popen objects a test starts; killed by PID at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn(code: str, *args: str, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", code, *args], **kw)
+        procs.append(p)
+        return p
+
+    yield spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
