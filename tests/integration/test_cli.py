@@ -1,0 +1,100 @@
+"""The murano-zmq command end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ..helpers import free_tcp_endpoint
+
+
+def cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 60):
+    return subprocess.run([sys.executable, "-m", "murano_zmq", *args], input=input, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_send_consume_declare_status_round_trip(relay):
+    r = relay.endpoint
+    out = cli("declare", "agent.e1.u1", "--ttl", "60", "--max-length", "10", "--relay", r)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ttl"] == 60
+    sent = cli("send", "agent.e1.u1", "hello agent", "--header", "kind=plan", "--relay", r)
+    assert sent.returncode == 0, sent.stderr
+    msg_id = sent.stdout.strip()
+    assert len(msg_id) == 32
+    # body from stdin, JSON, through the environment variable instead of --relay
+    assert cli("send", "agent.e1.u1", "--json", input='{"step": 2}', env={"MURANO_ZMQ_RELAY": r}).returncode == 0
+
+    status = cli("status", "--relay", r, "--json")
+    assert status.returncode == 0, status.stderr
+    (mb,) = [m for m in json.loads(status.stdout)["mailboxes"] if m["name"] == "agent.e1.u1"]
+    assert mb["depth"] == 2 and mb["ttl"] == 60 and mb["consumers"] == 0
+    table = cli("status", "--relay", r)
+    assert "agent.e1.u1" in table.stdout and "expires_in_s" in table.stdout
+
+    peek = cli("consume", "agent.e1.u1", "--relay", r, "--json", "--no-ack", "--count", "2", "--timeout", "10")
+    assert peek.returncode == 0, peek.stderr
+    lines = [json.loads(line) for line in peek.stdout.splitlines()]
+    assert [m["body"] for m in lines] == ["hello agent", {"step": 2}]
+    assert lines[0]["id"] == msg_id and lines[0]["headers"] == {"kind": "plan"}
+
+    taken = cli("consume", "agent.e1.u1", "--relay", r, "--json", "--timeout", "2")
+    lines = [json.loads(line) for line in taken.stdout.splitlines()]
+    assert [m["body"] for m in lines] == ["hello agent", {"step": 2}]
+    assert all(m["redelivered"] for m in lines)  # --no-ack gave them back
+    empty = cli("consume", "agent.e1.u1", "--relay", r, "--timeout", "1")
+    assert empty.returncode == 0 and empty.stdout == ""
+
+
+def test_cli_errors_are_clear(relay):
+    r = relay.endpoint
+    assert cli("declare", "small", "--max-length", "1", "--relay", r).returncode == 0
+    assert cli("send", "small", "one", "--relay", r).returncode == 0
+    full = cli("send", "small", "two", "--relay", r)
+    assert full.returncode == 1
+    assert "MailboxFull" in full.stderr and "full" in full.stderr
+    conflict = cli("declare", "small", "--max-length", "2", "--relay", r)
+    assert conflict.returncode == 1 and "PreconditionFailed" in conflict.stderr
+    bad_name = cli("send", "bad name", "x", "--relay", r)
+    assert bad_name.returncode == 1 and "invalid mailbox name" in bad_name.stderr
+    bad_json = cli("send", "q", "{nope", "--json", "--relay", r)
+    assert bad_json.returncode == 2 and "not JSON" in bad_json.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["declare", "x", "--ttl", "-3"], "must be > 0"),
+    (["declare", "x", "--overflow", "explode"], "invalid choice"),
+    (["send", "x", "y", "--header", "novalue"], "key=value"),
+    (["consume", "x", "--count", "many"], "not a whole number"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2(args, text):
+    out = cli(*args)
+    assert out.returncode == 2
+    assert text in out.stderr
+
+
+def test_no_relay_is_a_clear_error():
+    out = cli("status", "--relay", free_tcp_endpoint(), "--timeout", "0.5")
+    assert out.returncode == 1
+    assert "Is a relay running?" in out.stderr
+
+
+def test_help_explains_every_command():
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("relay", "send", "consume", "declare", "delete", "status", "demo"):
+        assert command in out.stdout
+        sub = cli(command, "--help")
+        assert sub.returncode == 0 and "usage: murano-zmq " + command in sub.stdout
+
+
+def test_demo_runs_to_success():
+    out = cli("demo", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "demo succeeded" in out.stdout
+    assert "plan sent to 'agent.env1.unit1' (its agent has not started)" in out.stdout
