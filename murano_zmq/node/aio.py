@@ -28,7 +28,16 @@ from ..protocol.constants import (
 from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
 from ..protocol.message import Message
-from .common import Dispatcher, build_record, declare_options, default_node_name, resolve_relay, take_batch
+from .common import (
+    Dispatcher,
+    SendGroup,
+    build_record,
+    build_records,
+    declare_options,
+    default_node_name,
+    resolve_relay,
+    take_batch,
+)
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -91,8 +100,15 @@ class AsyncNode:
         return future
 
     async def send_many(self, messages: Iterable[tuple], timeout: float | None = None) -> list[bytes]:
-        futures = [self.send_nowait(*m) for m in messages]
-        return await self._wait(asyncio.gather(*futures), timeout)
+        """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; returns
+        the ids once all are stored (or raises the first error)."""
+        self._start()
+        records = build_records(messages, time.time(), self._max_size)
+        future = asyncio.get_running_loop().create_future()
+        group = SendGroup(future, [r[0] for r in records])
+        self._outgoing.extend((r, group) for r in records)
+        self._schedule_flush()
+        return await self._wait(future, timeout)
 
     async def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                       timeout: float | None = None) -> "AsyncConsumer":

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..protocol.client import (
     Confirmed,
@@ -69,6 +69,17 @@ def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | Non
     return send_record(new_message_id(now), mailbox, headers, packed, now, ttl)
 
 
+def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -> list[list]:
+    """SEND records for send_many's (mailbox, body[, headers[, ttl]]) tuples."""
+    records = []
+    for m in messages:
+        if not isinstance(m, tuple) or not 2 <= len(m) <= 4:
+            raise LocalProtocolError(f"send_many takes (mailbox, body[, headers[, ttl]]) tuples, got {m!r}"[:200])
+        mailbox, body, headers, ttl = (*m, None, None)[:4]
+        records.append(build_record(mailbox, body, headers, ttl, now, max_size))
+    return records
+
+
 def take_batch(queue: deque) -> tuple[list, list]:
     """Pop up to one SEND's worth of (record, future) pairs off `queue`."""
     records, futures = [], []
@@ -82,6 +93,35 @@ def take_batch(queue: deque) -> tuple[list, list]:
         records.append(record)
         futures.append(future)
     return records, futures
+
+
+class SendGroup:
+    """One waiter for all records of a send_many: complete when every record
+    is stored, or at the first error.  Cheaper than a future per message.
+
+    It stands where a future would (done / set_result / set_exception) for
+    each record; `future` is the caller's single future for the whole group.
+    """
+
+    __slots__ = ("future", "ids", "remaining")
+
+    def __init__(self, future, ids: list[bytes]):
+        self.future = future
+        self.ids = ids
+        self.remaining = len(ids)
+        if not ids:
+            future.set_result([])
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, _msg_id: bytes) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(self.ids)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.future.set_exception(error)
 
 
 def _settle_future(future, result=None, error: BaseException | None = None) -> None:

@@ -31,7 +31,9 @@ from ..protocol.frames import Cmd
 from ..protocol.message import Message
 from .common import (
     Dispatcher,
+    SendGroup,
     build_record,
+    build_records,
     declare_options,
     default_node_name,
     resolve_relay,
@@ -103,17 +105,24 @@ class Node:
         """Send without waiting: the future resolves to the id once stored."""
         record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._check_open()
-            self._outgoing.append((record, future))
-        self._wake()
+        self._queue_records([record], [future])
         return future
 
     def send_many(self, messages: Iterable[tuple], timeout: float | None = None) -> list[bytes]:
-        """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; waits for all."""
-        futures = [self.send_async(*m) for m in messages]
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        return [self._wait(f, max(0.0, deadline - time.monotonic())) for f in futures]
+        """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; waits
+        until all are stored and returns their ids in order (or raises the
+        first error; the others may have been stored)."""
+        records = build_records(messages, time.time(), self._max_size)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        group = SendGroup(future, [r[0] for r in records])
+        self._queue_records(records, [group] * len(records))
+        return self._wait(future, timeout)
+
+    def _queue_records(self, records: list, waiters: list) -> None:
+        with self._lock:
+            self._check_open()
+            self._outgoing.extend(zip(records, waiters))
+        self._wake()
 
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                 timeout: float | None = None) -> "Consumer":

@@ -72,7 +72,10 @@ class RelayEngine:
         self._unacked: dict[int, Consumer] = {}  # seq -> consumer holding it
         self._now_out: list[Output] = []
         self._after_commit: list[Output] = []
-        self._inserts: list[StoredMessage] = []
+        # Store writes not yet handed to the store, in order: ("insert", rows)
+        # or ("delete", seqs).  Buffering lets a turn's work overlap the
+        # previous turn's commit, which may still hold the store.
+        self._writes: list[tuple[str, list]] = []
         self._dirty: set[Mailbox] = set()  # mailboxes that may deliver now
         self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
         self._next_message_expiry: float | None = None
@@ -208,7 +211,7 @@ class RelayEngine:
             parsed.append((i, msg))
         retried = [m.msg_id for _, m in parsed if m.retry]
         if retried:
-            self._flush_inserts()
+            self._flush_writes()
             already = self.store.existing_ids(retried)
         else:
             already = ()
@@ -263,8 +266,7 @@ class RelayEngine:
             self._dirty.add(mb)
             done.append(seq)
         if done:
-            self._flush_inserts()
-            self.store.delete(done)
+            self._delete(done)
             self.counters["acked"] += len(done)
 
     def _on_nack(self, peer: Peer, now: float, tags: list, requeue: bool) -> None:
@@ -334,8 +336,8 @@ class RelayEngine:
                 self._delete_mailbox(mb, f"idle for {mb.options.ttl}s")
 
     def _expire_messages(self, now: float) -> None:
-        self._flush_inserts()
         while True:
+            self._flush_writes()
             batch = self.store.expired(now, EXPIRY_BATCH)
             handled = 0
             for seq, mailbox_id in batch:
@@ -350,9 +352,9 @@ class RelayEngine:
                 self._dead_letter(mb, row, "expired", now, counted=False)
                 self.counters["expired"] += 1
                 handled += 1
-            self._flush_inserts()
             if len(batch) < EXPIRY_BATCH or not handled:
                 break
+        self._flush_writes()
         self._next_message_expiry = self.store.next_expiry(now)
 
     def _take_ready(self, mb: Mailbox, seq: int) -> StoredMessage | None:
@@ -360,12 +362,13 @@ class RelayEngine:
         for i, row in enumerate(mb.ready):
             if row.seq == seq:
                 del mb.ready[i]
-                self.store.delete([seq])
+                self._delete([seq])
                 return row
         if mb.disk_after is not None and seq > mb.disk_after:
+            self._flush_writes()
             row = self.store.get(seq)
             if row is not None:
-                self.store.delete([seq])
+                self._delete([seq])
             return row
         return None
 
@@ -396,8 +399,7 @@ class RelayEngine:
             if row.expires is not None and row.expires <= now:
                 mb.count -= 1
                 mb.nbytes -= len(row.body)
-                self._flush_inserts()
-                self.store.delete([row.seq])
+                self._delete([row.seq])
                 self._dead_letter(mb, row, "expired", now, counted=False)
                 self.counters["expired"] += 1
                 continue
@@ -419,7 +421,7 @@ class RelayEngine:
         """Load the next window of ready messages from disk; False if none."""
         if mb.disk_after is None:
             return False
-        self._flush_inserts()
+        self._flush_writes()
         rows = self.store.load_ready(mb.id, mb.disk_after, READY_WINDOW)
         rows = [r for r in rows if r.seq not in self._unacked]
         if rows:
@@ -433,7 +435,7 @@ class RelayEngine:
         """Put messages back at the head of the queue, oldest first."""
         for row in sorted(rows, key=lambda r: r.seq, reverse=True):
             mb.ready.appendleft(row)
-        self._flush_inserts()
+        self._flush_writes()
         self.store.set_deliveries((r.deliveries, r.seq) for r in rows)
 
     # --- mailboxes and messages ---------------------------------------------------
@@ -453,7 +455,7 @@ class RelayEngine:
             self._drop_head(mb, now)
         self._seq += 1
         row = StoredMessage(self._seq, mb.id, msg_id, headers, body, created, expires, deliveries)
-        self._inserts.append(row)
+        self._insert(row)
         mb.count += 1
         mb.nbytes += size
         mb.last_used = now
@@ -472,8 +474,7 @@ class RelayEngine:
         row = mb.ready.popleft()
         mb.count -= 1
         mb.nbytes -= len(row.body)
-        self._flush_inserts()
-        self.store.delete([row.seq])
+        self._delete([row.seq])
         self._dead_letter(mb, row, "maxlen", now, counted=False)
 
     def _dead_letter(self, mb: Mailbox, row: StoredMessage, reason: str, now: float,
@@ -482,8 +483,7 @@ class RelayEngine:
         if counted:
             mb.count -= 1
             mb.nbytes -= len(row.body)
-            self._flush_inserts()
-            self.store.delete([row.seq])
+            self._delete([row.seq])
         target = mb.options.dead_letter
         if target is None or target == mb.name:
             return
@@ -520,6 +520,7 @@ class RelayEngine:
         self._schedule_idle(mb)
 
     def _save_mailbox(self, mb: Mailbox) -> None:
+        self._flush_writes()
         self.store.save_mailbox(MailboxRow(mb.id, mb.name, mb.options.to_map(), mb.declared))
 
     def _schedule_idle(self, mb: Mailbox) -> None:
@@ -530,8 +531,7 @@ class RelayEngine:
     def _delete_mailbox(self, mb: Mailbox, why: str) -> None:
         del self.mailboxes[mb.name]
         del self._by_id[mb.id]
-        self._inserts = [r for r in self._inserts if r.mailbox_id != mb.id]
-        self._flush_inserts()
+        self._flush_writes()
         self.store.delete_mailbox(mb.id)
         log.info("mailbox %s deleted with %d messages: %s", mb.name, mb.count, why)
 
@@ -585,17 +585,36 @@ class RelayEngine:
 
     def commit(self) -> None:
         """Make the turn's writes durable; then the held replies may go."""
-        self._flush_inserts()
+        held = self.prepare_commit()
         self.store.commit()
-        self._now_out.extend(self._after_commit)
-        self._after_commit = []
+        self._now_out.extend(held)
 
-    def _flush_inserts(self) -> None:
-        if not self._inserts:
-            return
-        rows, self._inserts = self._inserts, []
-        if self.store.insert(rows) != len(rows):
-            self._drop_ghosts(rows)
+    def prepare_commit(self) -> list[Output]:
+        """Hand the turn's writes to the store and return the replies that
+        may go out only once the caller's store.commit() has returned."""
+        self._flush_writes()
+        held, self._after_commit = self._after_commit, []
+        return held
+
+    def _insert(self, row: StoredMessage) -> None:
+        if self._writes and self._writes[-1][0] == "insert":
+            self._writes[-1][1].append(row)
+        else:
+            self._writes.append(("insert", [row]))
+
+    def _delete(self, seqs: list[int]) -> None:
+        if self._writes and self._writes[-1][0] == "delete":
+            self._writes[-1][1].extend(seqs)
+        else:
+            self._writes.append(("delete", list(seqs)))
+
+    def _flush_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for kind, items in writes:
+            if kind == "delete":
+                self.store.delete(items)
+            elif self.store.insert(items) != len(items):
+                self._drop_ghosts(items)
 
     def _drop_ghosts(self, rows: list[StoredMessage]) -> None:
         """A sender reused a stored id without the retry flag: forget the

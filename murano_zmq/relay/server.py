@@ -1,8 +1,10 @@
 """The relay process's loop: one ROUTER socket, the engine, the store.
 
 poll -> receive a turn's worth of commands -> engine -> send deliveries ->
-commit (one fsync) -> send confirms.  SIGTERM/SIGINT finish the turn, commit,
-say BYE to every node and exit 0.
+commit (one fsync) -> send confirms.  The commit runs in a committer thread
+so the next turn's parsing overlaps the fsync; at most one commit is in
+flight, and a turn's confirms go out only after its own commit returned.
+SIGTERM/SIGINT finish the turn, commit, say BYE to every node and exit 0.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zmq
@@ -27,9 +30,11 @@ from .engine import RelayEngine
 
 log = logging.getLogger("murano_zmq.relay")
 
-# Commands handled per loop turn, at most: bounds the latency a burst adds
-# to the turn's confirms.
-TURN_BATCH = 2000
+# What one loop turn reads at most, in commands and in bytes.  A turn ends
+# in one commit; keeping it well below what nodes keep in flight lets the
+# next turn's data arrive while this one syncs.
+TURN_COMMANDS = 2000
+TURN_BYTES = 4 * 1024 * 1024
 
 
 def default_data_dir() -> str:
@@ -75,6 +80,10 @@ class Relay:
 
     def stop(self) -> None:
         self._stop.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake the loop (a signal, or a commit that finished)."""
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -117,26 +126,51 @@ class Relay:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stop.is_set():
-            now = time.time()
-            timeout_ms = int(max(0.0, min(1.0, engine.next_deadline() - now)) * 1000) + 1
-            events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                os.read(self._wake_r, 64)
-            now = time.time()
-            for _ in range(TURN_BATCH):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) < 2:
-                    continue
-                engine.receive(frames[0], frames[1:], now)
-            engine.tick(now)
-            engine.pump(now)
-            self._send(sock, engine.take_output(now))
-            engine.commit()
-            self._send(sock, engine.take_output(now))
+        committer = ThreadPoolExecutor(1, thread_name_prefix="relay-commit")
+        in_flight: tuple[Future, list] | None = None  # the commit and the replies it holds
+        try:
+            while not self._stop.is_set():
+                in_flight = self._turn(sock, poller, engine, committer, in_flight)
+        finally:
+            if in_flight is not None:
+                in_flight[0].result()
+                self._send(sock, in_flight[1])
+            committer.shutdown()
+
+    def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor,
+              in_flight: tuple[Future, list] | None) -> tuple[Future, list] | None:
+        now = time.time()
+        timeout_ms = int(max(0.0, min(1.0, engine.next_deadline() - now)) * 1000) + 1
+        events = dict(poller.poll(timeout_ms))
+        if self._wake_r in events:
+            os.read(self._wake_r, 64)
+        if in_flight is not None and in_flight[0].done():
+            in_flight[0].result()  # a failed commit ends the relay: nodes resend
+            self._send(sock, in_flight[1])
+            in_flight = None
+        now = time.time()
+        budget = TURN_BYTES
+        for _ in range(TURN_COMMANDS):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) < 2:
+                continue
+            engine.receive(frames[0], frames[1:], now)
+            budget -= len(frames[-1])
+            if budget <= 0:
+                break
+        engine.tick(now)
+        engine.pump(now)
+        self._send(sock, engine.take_output(now))
+        if in_flight is None:
+            held = engine.prepare_commit()
+            if held or engine.store.in_transaction:
+                future = committer.submit(engine.store.commit)
+                future.add_done_callback(lambda _: self._poke())
+                in_flight = (future, held)
+        return in_flight
 
     @staticmethod
     def _send(sock: zmq.Socket, out: list) -> None:

@@ -65,6 +65,10 @@ class Store(Protocol):
     def next_expiry(self, after: float) -> float | None:
         """The earliest expiry later than `after`, or None."""
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while writes wait for commit()."""
+
     def commit(self) -> None: ...
 
     def close(self) -> None: ...

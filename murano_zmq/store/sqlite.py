@@ -2,12 +2,17 @@
 
 Message bodies stay on disk; the relay keeps only a bounded window of each
 mailbox in memory, so a million queued messages cost disk, not RAM.
+
+Every method holds one lock, so the relay may run commit() (the fsync) in a
+thread of its own while its loop goes on; a call made meanwhile waits for it.
 """
 
 from __future__ import annotations
 
 import os
+import functools
 import sqlite3
+import threading
 from typing import Iterable
 
 import msgpack
@@ -46,12 +51,22 @@ CACHE_KIB = 16 * 1024
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class SQLiteStore:
     DB_NAME = "relay.db"
 
     def __init__(self, data_dir: str):
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -66,6 +81,7 @@ class SQLiteStore:
 
     # --- reads ----------------------------------------------------------------
 
+    @_locked
     def load_mailboxes(self) -> list[MailboxRow]:
         return [
             MailboxRow(i, name, msgpack.unpackb(opts), bool(declared))
@@ -74,6 +90,7 @@ class SQLiteStore:
             )
         ]
 
+    @_locked
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         return {
             mb: (n, b or 0)
@@ -82,9 +99,11 @@ class SQLiteStore:
             )
         }
 
+    @_locked
     def max_seq(self) -> int:
         return self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
 
+    @_locked
     def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]:
         found = set()
         for msg_id in msg_ids:
@@ -92,6 +111,7 @@ class SQLiteStore:
                 found.add(msg_id)
         return found
 
+    @_locked
     def load_ready(self, mailbox_id: int, after_seq: int, limit: int) -> list[StoredMessage]:
         return [
             StoredMessage._make(r)
@@ -101,6 +121,7 @@ class SQLiteStore:
             )
         ]
 
+    @_locked
     def expired(self, now: float, limit: int) -> list[tuple[int, int]]:
         return self._db.execute(
             "SELECT seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
@@ -108,6 +129,7 @@ class SQLiteStore:
             (now, limit),
         ).fetchall()
 
+    @_locked
     def next_expiry(self, after: float) -> float | None:
         return self._db.execute(
             "SELECT min(expires) FROM messages WHERE expires IS NOT NULL AND expires>?", (after,)
@@ -115,33 +137,43 @@ class SQLiteStore:
 
     # --- writes (inside the open transaction) -----------------------------------
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while writes wait for commit()."""
+        return self._in_tx
+
     def _begin(self) -> sqlite3.Connection:
         if not self._in_tx:
             self._db.execute("BEGIN")
             self._in_tx = True
         return self._db
 
+    @_locked
     def save_mailbox(self, row: MailboxRow) -> None:
         self._begin().execute(
             "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
             (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
         )
 
+    @_locked
     def delete_mailbox(self, mailbox_id: int) -> None:
         db = self._begin()
         db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
         db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
 
+    @_locked
     def insert(self, messages: list[StoredMessage]) -> int:
         cur = self._begin().executemany(
             f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages
         )
         return cur.rowcount
 
+    @_locked
     def get(self, seq: int) -> StoredMessage | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM messages WHERE seq=?", (seq,)).fetchone()
         return StoredMessage._make(row) if row else None
 
+    @_locked
     def existing_seqs(self, seqs: list[int]) -> set[int]:
         found = set()
         for seq in seqs:
@@ -149,17 +181,21 @@ class SQLiteStore:
                 found.add(seq)
         return found
 
+    @_locked
     def delete(self, seqs: Iterable[int]) -> None:
         self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
 
+    @_locked
     def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
         self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
 
+    @_locked
     def commit(self) -> None:
         if self._in_tx:
             self._db.execute("COMMIT")
             self._in_tx = False
 
+    @_locked
     def close(self) -> None:
         self.commit()
         self._db.close()
