@@ -13,11 +13,11 @@ Node (threads) and AsyncNode (asyncio) are thin drivers of this class.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode
 from .message import Message, parse_delivery
@@ -82,6 +82,7 @@ class State(enum.Enum):
 class _Consumer:
     mailbox: str
     prefetch: int
+    endpoint: str | None  # where this node takes direct deliveries, if it does
 
 
 class ClientCore:
@@ -99,10 +100,7 @@ class ClientCore:
         self._unconfirmed: dict[int, list] = {}  # req -> SEND records
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
-        # Dedup keys are (mailbox, message id).
-        self._in_app: dict[tuple, int] = {}  # key -> consumer; handed out, not settled
-        self._acked: OrderedDict[tuple, None] = OrderedDict()
-        self._dedup_window = dedup_window
+        self.dedup = DedupWindow(dedup_window)  # keys: (mailbox, message id)
         self._pending_acks: list[int] = []
         self._last_heard = 0.0
         self._last_sent = 0.0
@@ -134,7 +132,7 @@ class ClientCore:
         # (req 0: nobody waits for the reply).
         for consumer, c in self._consumers.items():
             if consumer not in pending_consumers:
-                self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch)
+                self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch, c.endpoint)
 
     def next_deadline(self) -> float:
         if self.state in (State.IDLE, State.CLOSED):
@@ -174,13 +172,21 @@ class ClientCore:
         self._put(cmd, req, *fields)
         return req
 
-    def consume(self, mailbox: str, prefetch: int) -> tuple[int, int]:
-        """Start a consumer; returns (consumer id, request id)."""
+    def consume(self, mailbox: str, prefetch: int, endpoint: str | None = None) -> tuple[int, int]:
+        """Start a consumer; returns (consumer id, request id).  `endpoint`:
+        where this node also takes direct deliveries for the mailbox."""
         self._check_open()
         consumer = self._next_consumer
         self._next_consumer += 1
-        self._consumers[consumer] = _Consumer(mailbox, prefetch)
-        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch)
+        self._consumers[consumer] = _Consumer(mailbox, prefetch, endpoint)
+        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint)
+
+    def consumer_of(self, mailbox: str) -> int | None:
+        """A consumer id of this node for `mailbox`, or None."""
+        for consumer, c in self._consumers.items():
+            if c.mailbox == mailbox:
+                return consumer
+        return None
 
     def cancel(self, consumer: int) -> None:
         """Stop a consumer; the relay gives its unacked messages to others."""
@@ -188,20 +194,15 @@ class ClientCore:
             self.flush_acks()
             self._put(Cmd.CANCEL, 0, consumer)
             # The relay requeues what this consumer held: let it come again.
-            for key in [k for k, c in self._in_app.items() if c == consumer]:
-                del self._in_app[key]
+            self.dedup.release(consumer)
 
     def settle(self, message: Message, how: str, requeue: bool) -> None:
         """The application acked or nacked `message`."""
-        key = (message.mailbox, message.id)
-        self._in_app.pop(key, None)
+        self.dedup.settle((message.mailbox, message.id), how == "ack" or not requeue)
         if how == "ack":
-            self._remember_acked(key)
             self._pending_acks.append(message.tag)
             return
         self.flush_acks()  # keep ACK/NACK in the order the application gave them
-        if not requeue:
-            self._remember_acked(key)
         self._put(Cmd.NACK, [message.tag], requeue)
 
     def flush_acks(self) -> None:
@@ -275,11 +276,10 @@ class ClientCore:
             return []
         fresh = []
         for m in messages:
-            key = (m.mailbox, m.id)
-            if key in self._acked:
+            seen = self.dedup.offer((m.mailbox, m.id), consumer)
+            if seen == ACKED:
                 self._pending_acks.append(m.tag)  # seen and acked: settle quietly
-            elif key not in self._in_app:  # else: still with the application
-                self._in_app[key] = consumer
+            elif seen == FRESH:  # (IN_APP: the application still has it)
                 fresh.append(m)
         return [Delivered(consumer, fresh)] if fresh else []
 
@@ -300,11 +300,6 @@ class ClientCore:
     }
 
     # --- helpers -------------------------------------------------------------------
-
-    def _remember_acked(self, key: tuple) -> None:
-        self._acked[key] = None
-        if len(self._acked) > self._dedup_window:
-            self._acked.popitem(last=False)
 
     def _new_req(self) -> int:
         req = self._next_req

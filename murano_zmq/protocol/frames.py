@@ -38,6 +38,7 @@ class Cmd(enum.IntEnum):
     ERROR = 0x0E
     BYE = 0x0F
     DELETE = 0x10
+    LOOKUP = 0x11
 
 
 _CMD_BYTES = {c: bytes([c]) for c in Cmd}
@@ -50,7 +51,7 @@ SCHEMAS: dict[Cmd, tuple[str, ...]] = {
     Cmd.DECLARE: ("int", "str", "map"),  # req, mailbox, options
     Cmd.SEND: ("int", "list"),  # req, [message...]
     Cmd.CONFIRM: ("int", "list"),  # req, [[index, code, text]...]
-    Cmd.CONSUME: ("int", "int", "str", "int"),  # req, consumer, mailbox, prefetch
+    Cmd.CONSUME: ("int", "int", "str", "int", "str?"),  # req, consumer, mailbox, prefetch, direct endpoint
     Cmd.CANCEL: ("int", "int"),  # req, consumer
     Cmd.DELIVER: ("int", "list"),  # consumer, [delivery...]
     Cmd.ACK: ("list",),  # [tag...]
@@ -61,6 +62,7 @@ SCHEMAS: dict[Cmd, tuple[str, ...]] = {
     Cmd.ERROR: ("int?", "int", "str"),  # req or nil, code, text
     Cmd.BYE: ("str",),  # reason
     Cmd.DELETE: ("int", "str"),  # req, mailbox
+    Cmd.LOOKUP: ("int", "str"),  # req, mailbox
 }
 
 _KIND_TYPES: dict[str, tuple[type, ...]] = {

@@ -52,6 +52,7 @@ MAX_PREFETCH = 10_000
 MIN_HEARTBEAT = 0.05
 MAX_HEARTBEAT = 60.0
 EXPIRY_BATCH = 1000
+MAX_ENDPOINT = 512
 
 _EMPTY_HEADERS = msgpack.packb({})
 
@@ -231,20 +232,32 @@ class RelayEngine:
         self.counters["received"] += len(records)
         self._after_commit.append((peer.identity, encode(Cmd.CONFIRM, req, errors)))
 
-    def _on_consume(self, peer: Peer, now: float, req: int, cid: int, name: str, prefetch: int) -> None:
+    def _on_consume(self, peer: Peer, now: float, req: int, cid: int, name: str, prefetch: int,
+                    endpoint: str | None) -> None:
         name = _valid_name(name)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise Malformed(f"prefetch must be 1..{MAX_PREFETCH}, got {prefetch}")
+        if endpoint is not None and len(endpoint) > MAX_ENDPOINT:
+            raise Malformed(f"endpoint longer than {MAX_ENDPOINT} characters")
         old = peer.consumers.get(cid)
         if old is not None:
             self._drop_consumer(old)
         mb = self.mailboxes.get(name) or self._create_mailbox(name, MailboxOptions(), False, now)
-        consumer = Consumer(peer, cid, mb, prefetch)
+        consumer = Consumer(peer, cid, mb, prefetch, endpoint)
         peer.consumers[cid] = consumer
         mb.consumers.append(consumer)
         mb.last_used = now
         self._dirty.add(mb)
         self._reply_now(peer.identity, Cmd.REPLY, req, mb.status(now))
+
+    def _on_lookup(self, peer: Peer, now: float, req: int, name: str) -> None:
+        """Where a mailbox's consumers take direct deliveries, and its depth:
+        a sender goes direct only once the relay holds nothing for it."""
+        mb = self.mailboxes.get(_valid_name(name))
+        result = {"mailbox": name, "exists": mb is not None, "depth": mb.count if mb else 0,
+                  "direct": [[c.peer.name, c.endpoint] for c in (mb.consumers if mb else ())
+                             if c.endpoint]}
+        self._reply_now(peer.identity, Cmd.REPLY, req, result)
 
     def _on_cancel(self, peer: Peer, now: float, req: int, cid: int) -> None:
         consumer = peer.consumers.get(cid)
@@ -296,6 +309,7 @@ class RelayEngine:
         Cmd.SEND: _on_send,
         Cmd.CONSUME: _on_consume,
         Cmd.CANCEL: _on_cancel,
+        Cmd.LOOKUP: _on_lookup,
         Cmd.ACK: _on_ack,
         Cmd.NACK: _on_nack,
     }

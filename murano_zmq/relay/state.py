@@ -34,6 +34,7 @@ class Consumer:
     cid: int  # chosen by the node, unique per peer
     mailbox: "Mailbox"
     prefetch: int
+    endpoint: str | None = None  # where the node takes direct deliveries
     unacked: dict[int, StoredMessage] = field(default_factory=dict)
 
     @property
