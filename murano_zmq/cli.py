@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 from .protocol.constants import (
-    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
@@ -67,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest body in bytes (default %(default)s)")
-    p.add_argument("--heartbeat", type=_positive_float, default=DEFAULT_HEARTBEAT,
-                   help="heartbeat interval in seconds offered to nodes (default %(default)s)")
 
     p = sub.add_parser("send", help="send one message to a mailbox",
                        description="Send BODY (or stdin with '-') to MAILBOX and print the message "
@@ -148,7 +145,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from .relay.server import RelayConfig, run_relay
 
     return run_relay(RelayConfig(bind=args.bind, data_dir=args.data_dir, name=args.name,
-                                 max_message_size=args.max_message_size, heartbeat=args.heartbeat))
+                                 max_message_size=args.max_message_size))
 
 
 def _node(args: argparse.Namespace, name: str):

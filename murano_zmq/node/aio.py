@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Iterable
 import zmq
 import zmq.asyncio
 
-from ..protocol.client import ClientCore
+from ..protocol.client import ClientCore, RelayLost, State
 from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
     DEFAULT_PREFETCH,
@@ -27,14 +27,16 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
-from ..protocol.message import Message
+from ..protocol.message import Message, check_name
 from .common import (
     Dispatcher,
     SendGroup,
     build_record,
     build_records,
+    close_relay_socket,
     declare_options,
     default_node_name,
+    relay_socket,
     resolve_relay,
     take_batch,
 )
@@ -112,6 +114,7 @@ class AsyncNode:
 
     async def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                       timeout: float | None = None) -> "AsyncConsumer":
+        check_name(mailbox)
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
         self._start()
@@ -135,9 +138,9 @@ class AsyncNode:
             except asyncio.CancelledError:
                 pass
         if self._sock is not None:
-            self._core.close()
+            self._core.close()  # after this only acks and BYE go out
             self._flush(force=True)
-            self._sock.close(linger=500)
+            close_relay_socket(self._sock, self._monitor, linger=500)
         error = NodeClosed(f"node {self.name} is closed")
         self._dispatch.fail_all(error)
         for _, future in self._outgoing:
@@ -187,8 +190,8 @@ class AsyncNode:
         self._flush_scheduled = False
         if self._closed and not force:
             return
-        while self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
-            records, futures = take_batch(self._outgoing)
+        while self._core.state == State.READY and self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
+            records, futures = take_batch(self._outgoing, self._core.max_message_size)
             if not records:
                 break
             req = self._core.send(records)
@@ -202,13 +205,11 @@ class AsyncNode:
             self._core.sent(time.time())
 
     def _connect(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.connect(self.relay)
-        self._sock = sock
+        self._sock = relay_socket(self._context, self.relay)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._core.connection_made(time.time())
 
     async def _read_loop(self) -> None:
@@ -217,20 +218,23 @@ class AsyncNode:
                 self._flush()
                 wait = max(0.0, self._core.next_deadline() - time.time())
                 sock = self._sock
-                ready = await sock.poll(int(min(wait, 1.0) * 1000) + 1, zmq.POLLIN)
+                ready = dict(await self._poller.poll(int(min(wait, 1.0) * 1000) + 1))
                 now = time.time()
                 events = []
-                while ready and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while sock in ready and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     frames = await sock.recv_multipart()
                     try:
                         events.extend(self._core.receive(frames, now))
                     except Exception as exc:
                         log.warning("node %s: bad command from relay dropped: %s", self.name, exc)
+                if self._monitor in ready:
+                    await self._monitor.recv_multipart()
+                    events.append(RelayLost("connection to the relay dropped"))
                 events.extend(self._core.tick(now))
                 lost = self._dispatch.apply(events)
                 if lost is not None:
                     log.info("node %s reconnecting: %s", self.name, lost.reason)
-                    sock.close(linger=0)
+                    close_relay_socket(sock, self._monitor)
                     self._connect()
         except asyncio.CancelledError:
             raise

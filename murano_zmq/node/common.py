@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
+
+import zmq
 
 from ..protocol.client import (
     Confirmed,
@@ -24,7 +27,7 @@ from ..protocol.client import (
 )
 from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
-from ..protocol.message import check_name, new_message_id, pack_body, send_record
+from ..protocol.message import check_name, is_number, new_message_id, pack_body, send_record
 from ..protocol.options import MailboxOptions
 
 log = logging.getLogger("murano_zmq.node")
@@ -32,6 +35,34 @@ log = logging.getLogger("murano_zmq.node")
 # Bytes of bodies per SEND command: keeps each frame far below the relay's
 # ZMQ_MAXMSGSIZE (a single larger message goes alone).
 SEND_BATCH_BYTES = 1024 * 1024
+
+
+def relay_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER to the relay with a fresh routing id (a fresh relay session).
+
+    HWM 0: what the node sends is bounded by its own in-flight limits, and a
+    durable command must never meet a silent high-water-mark drop.
+    """
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+    sock.connect(endpoint)
+    return sock
+
+
+def close_relay_socket(sock: zmq.Socket, monitor: zmq.Socket, linger: int | None = 0) -> None:
+    """Close a relay socket and its disconnect monitor.
+
+    A dropped TCP connection loses the frames in it, and ZeroMQ would
+    reconnect under the same routing id without a word: the node watches
+    EVENT_DISCONNECTED and starts a new session instead, replaying what is
+    unconfirmed.
+    """
+    sock.disable_monitor()
+    monitor.close(0)
+    sock.close(linger)
 
 
 def resolve_relay(relay: str | None) -> str:
@@ -59,14 +90,22 @@ def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | Non
     if headers is not None and (not isinstance(headers, dict)
                                 or not all(isinstance(k, str) for k in headers)):
         raise LocalProtocolError("headers must be a dict with str keys")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+    if ttl is not None and not (is_number(ttl) and ttl > 0):
         raise LocalProtocolError(f"ttl must be a positive number of seconds, got {ttl!r}")
     packed = pack_body(body)
-    if headers:
-        pack_body(headers)  # fail here, not in the I/O thread
-    if max_size is not None and len(packed) > max_size:
-        raise MessageTooLarge(f"message of {len(packed)} bytes is over the relay's limit of {max_size}")
+    header_size = len(pack_body(headers)) if headers else 0  # fail here, not in the I/O thread
+    check_size(len(packed) + header_size, max_size)
     return send_record(new_message_id(now), mailbox, headers, packed, now, ttl)
+
+
+def record_size(record: list) -> int:
+    """Body and header bytes of a SEND record (what the relay's limit counts)."""
+    return len(record[3]) + (len(pack_body(record[2])) if record[2] else 0)
+
+
+def check_size(size: int, max_size: int | None) -> None:
+    if max_size is not None and size > max_size:
+        raise MessageTooLarge(f"message of {size} bytes is over the relay's limit of {max_size}")
 
 
 def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -> list[list]:
@@ -80,8 +119,13 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
     return records
 
 
-def take_batch(queue: deque) -> tuple[list, list]:
-    """Pop up to one SEND's worth of (record, future) pairs off `queue`."""
+def take_batch(queue: deque, max_size: int) -> tuple[list, list]:
+    """Pop up to one SEND's worth of (record, future) pairs off `queue`.
+
+    Called once the relay's WELCOME gave its limit: a record over it fails
+    here, since a frame over the relay's ZMQ_MAXMSGSIZE would be dropped
+    with the connection, silently.
+    """
     records, futures = [], []
     size = 0
     while queue and len(records) < SEND_BATCH:
@@ -89,6 +133,11 @@ def take_batch(queue: deque) -> tuple[list, list]:
         if records and size + len(record[3]) > SEND_BATCH_BYTES:
             break
         queue.popleft()
+        try:
+            check_size(record_size(record), max_size)
+        except MessageTooLarge as exc:
+            _settle_future(future, error=exc)
+            continue
         size += len(record[3])
         records.append(record)
         futures.append(future)

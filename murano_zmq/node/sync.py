@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
-from ..protocol.client import ClientCore, State
+from ..protocol.client import ClientCore, RelayLost, State
 from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
     DEFAULT_PREFETCH,
@@ -28,14 +28,16 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
-from ..protocol.message import Message
+from ..protocol.message import Message, check_name
 from .common import (
     Dispatcher,
     SendGroup,
     build_record,
     build_records,
+    close_relay_socket,
     declare_options,
     default_node_name,
+    relay_socket,
     resolve_relay,
     take_batch,
 )
@@ -127,6 +129,7 @@ class Node:
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                 timeout: float | None = None) -> "Consumer":
         """A consumer of `mailbox`: iterate it for Messages; ack each one."""
+        check_name(mailbox)
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
         consumer = Consumer(self, mailbox)
@@ -208,20 +211,16 @@ class Node:
 
     # --- the I/O thread ------------------------------------------------------------------
 
-    def _connect(self) -> zmq.Socket:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        sock.connect(self.relay)
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = relay_socket(self._context, self.relay)
         self._core.connection_made(time.time())
-        return sock
+        return sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def _run(self) -> None:
-        sock = self._connect()
+        sock, monitor = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closed.is_set():
@@ -235,13 +234,19 @@ class Node:
                 now = time.time()
                 if sock in events:
                     lost = self._read(sock, now) or lost
+                if monitor in events:
+                    monitor.recv_multipart()
+                    lost = RelayLost("connection to the relay dropped")
                 lost = self._dispatch.apply(self._core.tick(now)) or lost
                 if lost is not None:
                     log.info("node %s reconnecting: %s", self.name, lost.reason)
                     poller.unregister(sock)
-                    sock.close(0)
-                    sock = self._connect()
+                    poller.unregister(monitor)
+                    close_relay_socket(sock, monitor)
+                    sock, monitor = self._connect()
                     poller.register(sock, zmq.POLLIN)
+                    poller.register(monitor, zmq.POLLIN)
+                self._move_sends()  # a WELCOME may have opened the way
                 self._write(sock)
             # closing: last acks and BYE go out with a short linger
             self._run_jobs()
@@ -251,7 +256,7 @@ class Node:
         except Exception:
             log.exception("node %s I/O thread failed", self.name)
         finally:
-            sock.close()
+            close_relay_socket(sock, monitor, linger=None)
             self._dispatch.fail_all(NodeClosed(f"node {self.name} is closed"))
             with self._lock:
                 for _, future in self._outgoing:
@@ -267,14 +272,18 @@ class Node:
         for job in jobs:
             job()
         self._core.flush_acks()
-        while self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
+        self._move_sends()
+        return None
+
+    def _move_sends(self) -> None:
+        """Queued sends into SEND commands, once the relay's limit is known."""
+        while self._core.state == State.READY and self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
             with self._lock:
-                records, futures = take_batch(self._outgoing)
+                records, futures = take_batch(self._outgoing, self._core.max_message_size)
             if not records:
                 break
             req = self._core.send(records)
             self._dispatch.sends[req] = [(f, r[0]) for f, r in zip(futures, records)]
-        return None
 
     def _read(self, sock: zmq.Socket, now: float):
         lost = None

@@ -261,7 +261,10 @@ class ClientCore:
             # A restarted relay does not know this session: handshake again;
             # the request stays pending and is replayed.
             return [RelayLost(f"relay lost the session: {text}")]
-        if req is not None and self._requests.pop(req, None) is not None:
+        request = self._requests.pop(req, None) if req is not None else None
+        if request is not None:
+            if request[0] == Cmd.CONSUME:
+                self._consumers.pop(request[1][1], None)  # refused: do not replay it
             return [Failed(req, error)]
         if req is not None and self._unconfirmed.pop(req, None) is not None:
             return [Failed(req, error)]

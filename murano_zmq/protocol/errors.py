@@ -20,6 +20,12 @@ class RemoteProtocolError(MuranoZmqError):
     code = 400
 
 
+class VersionMismatch(RemoteProtocolError):
+    """A peer speaks another version of the protocol."""
+
+    code = 426
+
+
 class RelayUnavailable(MuranoZmqError):
     """No relay answered within the time allowed."""
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import msgpack
 
-from .constants import SIGNATURE
-from .errors import RemoteProtocolError
+from .constants import PROTOCOL_VERSION, SIGNATURE
+from .errors import RemoteProtocolError, VersionMismatch
 
 
 class Cmd(enum.IntEnum):
@@ -123,7 +123,7 @@ def decode(frames: list[bytes]) -> Command:
     signature, cmd_byte, payload = frames
     if signature != SIGNATURE:
         if len(signature) == 4 and signature[:3] == SIGNATURE[:3]:
-            raise RemoteProtocolError(f"unsupported protocol version {signature[3]}")
+            raise VersionMismatch(f"unsupported protocol version {signature[3]} (this side speaks {PROTOCOL_VERSION})")
         raise RemoteProtocolError("bad signature frame")
     if len(cmd_byte) != 1:
         raise RemoteProtocolError("command frame must be one byte")

@@ -6,6 +6,7 @@ packed, so the relay never decodes it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ def pack_body(body: Any) -> bytes:
 
 def unpack_body(packed: bytes) -> Any:
     return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a finite float (NaN and infinities would stop timers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_name(name: Any, what: str = "mailbox") -> str:
@@ -85,10 +91,10 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError("headers must be a map with string keys")
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
-    if not isinstance(created, (int, float)) or isinstance(created, bool):
-        raise RemoteProtocolError("created must be a number")
-    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
-        raise RemoteProtocolError("ttl must be a positive number or nil")
+    if not is_number(created):
+        raise RemoteProtocolError("created must be a finite number")
+    if ttl is not None and not (is_number(ttl) and ttl > 0):
+        raise RemoteProtocolError("ttl must be a positive finite number or nil")
     if not isinstance(retry, bool):
         raise RemoteProtocolError("retry must be a bool")
     return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry)

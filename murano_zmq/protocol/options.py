@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .constants import OVERFLOW_REJECT, OVERFLOWS
-from .message import check_name
+from .message import check_name, is_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +31,7 @@ class MailboxOptions:
     def __post_init__(self) -> None:
         for name in ("ttl", "message_ttl"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            ):
+            if value is not None and not (is_number(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("max_length", "max_bytes"):
             value = getattr(self, name)

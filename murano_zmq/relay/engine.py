@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
 from typing import Any, Callable
 
 import msgpack
 
 from ..protocol.constants import (
-    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
     HEARTBEAT_LIVENESS,
     OVERFLOW_REJECT,
@@ -37,9 +35,10 @@ from ..protocol.errors import (
     PreconditionFailed,
     RelayError,
     RemoteProtocolError,
+    error_from_code,
 )
 from ..protocol.frames import Cmd, decode, encode
-from ..protocol.message import check_name, parse_send_record
+from ..protocol.message import check_name, is_number, parse_send_record
 from ..protocol.options import MailboxOptions
 from ..protocol.errors import LocalProtocolError
 from ..store.base import MailboxRow, Store, StoredMessage
@@ -61,12 +60,16 @@ Output = tuple[bytes, list[bytes]]
 
 class RelayEngine:
     def __init__(self, store: Store, now: float, name: str = "relay",
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 heartbeat: float = DEFAULT_HEARTBEAT):
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
         self.store = store
         self.name = name
         self.max_message_size = max_message_size
-        self.heartbeat = heartbeat
+        # Who may do what (security.relay.PermissionsFile, or any object with
+        # allows(identity, op, mailbox) and may_any(identity, op)); None:
+        # every peer may do everything (an open relay, or --allow-all).
+        self.permissions = None
+        self._user: str | None = None  # identity behind the command being handled
+        self._peer_users: dict[bytes, str | None] = {}  # routing id -> identity at HELLO
         self.peers: dict[bytes, Peer] = {}
         self.mailboxes: dict[str, Mailbox] = {}
         self._by_id: dict[int, Mailbox] = {}
@@ -105,14 +108,17 @@ class RelayEngine:
 
     # --- input -------------------------------------------------------------------
 
-    def receive(self, identity: bytes, frames: list[bytes], now: float) -> None:
+    def receive(self, identity: bytes, frames: list[bytes], now: float, user: str | None = None) -> None:
         """Handle one command from the peer `identity`.  Bad input gets an
-        ERROR reply and a log line; it never raises."""
+        ERROR reply and a log line; it never raises.
+
+        `user` is the authenticated identity (a key name) of the connection
+        the command came on, checked against `permissions`."""
         try:
             command = decode(frames)
         except RemoteProtocolError as exc:
             log.warning("malformed command from %s: %s", identity.hex(), exc)
-            self._error(identity, None, Malformed(str(exc)))
+            self._error(identity, None, error_from_code(exc.code, str(exc)))
             return
         peer = self.peers.get(identity)
         if peer is None and command.cmd != Cmd.HELLO:
@@ -129,6 +135,9 @@ class RelayEngine:
             self._error(identity, None, Malformed(f"a node does not send {command.cmd.name}"))
             return
         try:
+            if peer is not None and self._peer_users.get(identity) != user:
+                raise PermissionDenied("this session belongs to another identity")
+            self._user = user
             handler(self, peer or identity, now, *command.fields)
         except RelayError as exc:
             req = command.fields[0] if command.fields and isinstance(command.fields[0], int) else None
@@ -137,10 +146,12 @@ class RelayEngine:
     def _on_hello(self, who: Peer | bytes, now: float, name: str, instance: bytes, heartbeat: float) -> None:
         identity = who.identity if isinstance(who, Peer) else who
         if isinstance(who, Peer):
-            self._drop_peer(who, "HELLO again")
+            self._drop_peer(who, "HELLO again", now)
         for other in list(self.peers.values()):
             if other.instance == instance:
-                self._drop_peer(other, "reconnected as a new session")
+                self._drop_peer(other, "reconnected as a new session", now)
+        if not is_number(heartbeat):
+            raise Malformed("heartbeat must be a finite number of seconds")
         heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
         self.peers[identity] = Peer(identity, name[:200], instance, heartbeat, now, now)
         log.info("node %s connected", name[:200])
@@ -150,7 +161,7 @@ class RelayEngine:
         pass
 
     def _on_bye(self, peer: Peer, now: float, reason: str) -> None:
-        self._drop_peer(peer, f"said bye: {reason}"[:200])
+        self._drop_peer(peer, f"said bye: {reason}"[:200], now)
 
     def _on_declare(self, peer: Peer, now: float, req: int, name: str, options: dict) -> None:
         name = _valid_name(name)
@@ -204,28 +215,31 @@ class RelayEngine:
             except RemoteProtocolError as exc:
                 errors.append([i, Malformed.code, str(exc)])
                 continue
-            if len(msg.body) > self.max_message_size:
+            headers = msgpack.packb(msg.headers) if msg.headers else _EMPTY_HEADERS
+            size = len(msg.body) + (len(headers) if msg.headers else 0)
+            if size > self.max_message_size:
                 errors.append([i, MessageTooLarge.code,
-                               f"message of {len(msg.body)} bytes is over the relay's limit of "
+                               f"message of {size} bytes is over the relay's limit of "
                                f"{self.max_message_size}"])
                 continue
-            parsed.append((i, msg))
-        retried = [m.msg_id for _, m in parsed if m.retry]
+            parsed.append((i, msg, headers))
+        retried = [m.msg_id for _, m, _ in parsed if m.retry]
         if retried:
             self._flush_writes()
             already = self.store.existing_ids(retried)
         else:
             already = ()
-        for i, msg in parsed:
+        for i, msg, headers in parsed:
             if msg.msg_id in already:
                 continue  # stored by an earlier attempt: confirm again
             mb = self.mailboxes.get(msg.mailbox) or self._create_mailbox(
                 msg.mailbox, MailboxOptions(), False, now)
             ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
-            headers = msgpack.packb(msg.headers) if msg.headers else _EMPTY_HEADERS
             try:
+                # A retried record may have been delivered before the relay
+                # lost it uncommitted: count that possible delivery.
                 self._enqueue(mb, msg.msg_id, headers, msg.body, msg.created,
-                              None if ttl is None else now + ttl, 0, now)
+                              None if ttl is None else now + ttl, int(msg.retry), now)
             except MailboxFull as exc:
                 self.counters["rejected"] += 1
                 errors.append([i, exc.code, exc.text])
@@ -241,7 +255,7 @@ class RelayEngine:
             raise Malformed(f"endpoint longer than {MAX_ENDPOINT} characters")
         old = peer.consumers.get(cid)
         if old is not None:
-            self._drop_consumer(old)
+            self._drop_consumer(old, now)
         mb = self.mailboxes.get(name) or self._create_mailbox(name, MailboxOptions(), False, now)
         consumer = Consumer(peer, cid, mb, prefetch, endpoint)
         peer.consumers[cid] = consumer
@@ -262,8 +276,7 @@ class RelayEngine:
     def _on_cancel(self, peer: Peer, now: float, req: int, cid: int) -> None:
         consumer = peer.consumers.get(cid)
         if consumer is not None:
-            self._drop_consumer(consumer)
-            consumer.mailbox.last_used = now
+            self._drop_consumer(consumer, now)
 
     def _on_ack(self, peer: Peer, now: float, tags: list) -> None:
         done = []
@@ -331,7 +344,7 @@ class RelayEngine:
         """Heartbeats, dead peers, expired messages and idle mailboxes."""
         for peer in list(self.peers.values()):
             if now - peer.last_heard > peer.heartbeat * HEARTBEAT_LIVENESS:
-                self._drop_peer(peer, f"silent for {now - peer.last_heard:.1f}s")
+                self._drop_peer(peer, f"silent for {now - peer.last_heard:.1f}s", now)
             elif now - peer.last_sent >= peer.heartbeat:
                 self._reply_now(peer.identity, Cmd.HEARTBEAT)
         if self._next_message_expiry is not None and self._next_message_expiry <= now:
@@ -350,13 +363,14 @@ class RelayEngine:
                 self._delete_mailbox(mb, f"idle for {mb.options.ttl}s")
 
     def _expire_messages(self, now: float) -> None:
+        held = 0  # expired but with a consumer: skipped, so page past them
         while True:
             self._flush_writes()
-            batch = self.store.expired(now, EXPIRY_BATCH)
-            handled = 0
+            batch = self.store.expired(now, EXPIRY_BATCH, held)
             for seq, mailbox_id in batch:
                 if seq in self._unacked:
-                    continue  # with a consumer now: checked when it comes back
+                    held += 1  # checked again when it comes back (requeue)
+                    continue
                 mb = self._by_id.get(mailbox_id)
                 row = self._take_ready(mb, seq) if mb else None
                 if row is None:
@@ -365,8 +379,7 @@ class RelayEngine:
                 mb.nbytes -= len(row.body)
                 self._dead_letter(mb, row, "expired", now, counted=False)
                 self.counters["expired"] += 1
-                handled += 1
-            if len(batch) < EXPIRY_BATCH or not handled:
+            if len(batch) < EXPIRY_BATCH:
                 break
         self._flush_writes()
         self._next_message_expiry = self.store.next_expiry(now)
@@ -449,19 +462,24 @@ class RelayEngine:
         """Put messages back at the head of the queue, oldest first."""
         for row in sorted(rows, key=lambda r: r.seq, reverse=True):
             mb.ready.appendleft(row)
+            self._note_expiry(row.expires)
         self._flush_writes()
         self.store.set_deliveries((r.deliveries, r.seq) for r in rows)
 
     # --- mailboxes and messages ---------------------------------------------------
 
     def _enqueue(self, mb: Mailbox, msg_id: bytes, headers: bytes, body: bytes, created: float,
-                 expires: float | None, deliveries: int, now: float) -> None:
+                 expires: float | None, deliveries: int, now: float, dead_lettering: bool = False) -> None:
+        """Store a message in `mb`.  A dead-lettered message never makes its
+        target drop heads (two drop-head mailboxes dead-lettering into each
+        other would loop): a full target refuses it."""
         size = len(body)
         opts = mb.options
-        while (opts.max_length is not None and mb.ready_count + 1 > opts.max_length) or (
+        too_big = opts.max_bytes is not None and size > opts.max_bytes
+        while too_big or (opts.max_length is not None and mb.ready_count + 1 > opts.max_length) or (
             opts.max_bytes is not None and mb.ready_bytes + size > opts.max_bytes
         ):
-            if opts.overflow == OVERFLOW_REJECT or not mb.ready_count:
+            if opts.overflow == OVERFLOW_REJECT or dead_lettering or too_big or not mb.ready_count:
                 raise MailboxFull(
                     f"mailbox {mb.name!r} is full ({mb.ready_count} messages, {mb.ready_bytes} bytes; "
                     f"max_length={opts.max_length}, max_bytes={opts.max_bytes})"
@@ -477,10 +495,13 @@ class RelayEngine:
             mb.ready.append(row)
         elif mb.disk_after is None:
             mb.disk_after = row.seq - 1
-        if expires is not None and (self._next_message_expiry is None or expires < self._next_message_expiry):
-            self._next_message_expiry = expires
+        self._note_expiry(expires)
         if mb.consumers:
             self._dirty.add(mb)
+
+    def _note_expiry(self, expires: float | None) -> None:
+        if expires is not None and (self._next_message_expiry is None or expires < self._next_message_expiry):
+            self._next_message_expiry = expires
 
     def _drop_head(self, mb: Mailbox, now: float) -> None:
         if not mb.ready:
@@ -508,7 +529,7 @@ class RelayEngine:
         ttl = dlx.options.message_ttl
         try:
             self._enqueue(dlx, row.msg_id, msgpack.packb(headers), row.body, row.created,
-                          None if ttl is None else now + ttl, 0, now)
+                          None if ttl is None else now + ttl, 0, now, dead_lettering=True)
             self.counters["dead_lettered"] += 1
         except MailboxFull:
             log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
@@ -551,8 +572,12 @@ class RelayEngine:
 
     # --- peers ---------------------------------------------------------------------------
 
-    def _drop_consumer(self, consumer: Consumer) -> None:
+    def _drop_consumer(self, consumer: Consumer, now: float) -> None:
         peer, mb = consumer.peer, consumer.mailbox
+        # The idle clock starts when the last consumer goes, not before:
+        # else a mailbox held for longer than its ttl would expire at once
+        # with the messages just requeued.
+        mb.last_used = now
         peer.consumers.pop(consumer.cid, None)
         if consumer in mb.consumers:
             mb.consumers.remove(consumer)
@@ -569,9 +594,9 @@ class RelayEngine:
         if not mb.consumers:
             self._schedule_idle(mb)
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def _drop_peer(self, peer: Peer, why: str, now: float) -> None:
         for consumer in list(peer.consumers.values()):
-            self._drop_consumer(consumer)
+            self._drop_consumer(consumer, now)
         self.peers.pop(peer.identity, None)
         log.info("node %s gone: %s", peer.name, why)
 

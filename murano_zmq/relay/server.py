@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import zmq
 
 from ..protocol.constants import (
-    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_RELAY_ENDPOINT,
     FRAME_HEADROOM,
@@ -48,7 +47,6 @@ class RelayConfig:
     data_dir: str = ""
     name: str = "relay"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    heartbeat: float = DEFAULT_HEARTBEAT
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -106,8 +104,7 @@ class Relay:
         try:
             sock.bind(cfg.bind)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size,
-                                               cfg.heartbeat)
+            engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
             self._ready.set()
             self._loop(sock, engine)

@@ -34,7 +34,8 @@ class Store(Protocol):
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         """mailbox id -> (messages, body bytes)."""
 
-    def max_seq(self) -> int: ...
+    def max_seq(self) -> int:
+        """The highest seq ever stored (not only among live messages)."""
 
     def save_mailbox(self, row: MailboxRow) -> None: ...
 
@@ -59,8 +60,9 @@ class Store(Protocol):
     def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
         """Record (deliveries, seq) pairs: the relay writes them on redelivery only."""
 
-    def expired(self, now: float, limit: int) -> list[tuple[int, int]]:
-        """(seq, mailbox id) of messages whose expiry is <= now, oldest first."""
+    def expired(self, now: float, limit: int, skip: int = 0) -> list[tuple[int, int]]:
+        """(seq, mailbox id) of messages whose expiry is <= now, oldest first,
+        after skipping the first `skip` of them."""
 
     def next_expiry(self, after: float) -> float | None:
         """The earliest expiry later than `after`, or None."""

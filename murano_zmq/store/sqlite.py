@@ -78,6 +78,7 @@ class SQLiteStore:
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
         self._in_tx = False
+        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
 
     # --- reads ----------------------------------------------------------------
 
@@ -101,7 +102,11 @@ class SQLiteStore:
 
     @_locked
     def max_seq(self) -> int:
-        return self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
+        """The highest seq ever stored: tags are never reused after a restart,
+        so a late ACK cannot hit a newer message."""
+        stored = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
+        row = self._db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
+        return max(stored, row[0] if row else 0)
 
     @_locked
     def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]:
@@ -122,11 +127,11 @@ class SQLiteStore:
         ]
 
     @_locked
-    def expired(self, now: float, limit: int) -> list[tuple[int, int]]:
+    def expired(self, now: float, limit: int, skip: int = 0) -> list[tuple[int, int]]:
         return self._db.execute(
             "SELECT seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
-            "ORDER BY expires LIMIT ?",
-            (now, limit),
+            "ORDER BY expires, seq LIMIT ? OFFSET ?",
+            (now, limit, skip),
         ).fetchall()
 
     @_locked
@@ -163,6 +168,8 @@ class SQLiteStore:
 
     @_locked
     def insert(self, messages: list[StoredMessage]) -> int:
+        if messages:
+            self._seq_mark = max(self._seq_mark, messages[-1].seq)
         cur = self._begin().executemany(
             f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages
         )
@@ -192,6 +199,9 @@ class SQLiteStore:
     @_locked
     def commit(self) -> None:
         if self._in_tx:
+            if self._seq_mark > self._seq_saved:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (self._seq_mark,))
+                self._seq_saved = self._seq_mark
             self._db.execute("COMMIT")
             self._in_tx = False
 
