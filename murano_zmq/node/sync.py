@@ -19,16 +19,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
-from ..protocol.client import ClientCore, RelayLost, State
+from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, State
 from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PREFETCH,
     DEFAULT_TIMEOUT,
     MAX_IN_FLIGHT_BATCHES,
 )
 from ..protocol.errors import NodeClosed, RelayUnavailable
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, check_name
+from ..security.curve import client_curve
+from .peers import DEFAULT_DIRECT_BIND, HOLD, DirectPeers
 from .common import (
     Dispatcher,
     SendGroup,
@@ -56,15 +60,32 @@ class Node:
 
     def __init__(self, name: str | None = None, relay: str | None = None, *,
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve_key=None, relay_key=None,
+                 direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
+                 direct_timeout: float = DEFAULT_DIRECT_TIMEOUT):
         self.name = name or default_node_name()
         self.relay = resolve_relay(relay)
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
+        # CURVE (docs/security.md): curve_key is this node's key pair (a
+        # KeyPair or a .key_secret path), relay_key the relay's public key
+        # (z85 text, a KeyPair or a .key path); both or neither.
+        self._curve = client_curve(curve_key, relay_key)
         self._core = ClientCore(self.name, uuid.uuid4().bytes, heartbeat)
         self._dispatch = Dispatcher()
         self._jobs: deque[Callable[[], None]] = deque()
-        self._outgoing: deque = deque()  # (record, future) not yet in a SEND
+        self._outgoing: deque = deque()  # (record, future) not yet routed
+        self._relay_queue: deque = deque()  # (record, future) routed to the relay
+        self._held: deque = deque()  # (record, future) waiting for a LOOKUP to choose a path
+        self._relay_sends: dict[int, list[str]] = {}  # SEND req -> mailboxes, for the path table
+        # Direct delivery (docs/architecture.md): a ROUTER for peers that send
+        # here, a DEALER per peer this node sends to.  direct=False: relay only
+        # (a node that cannot accept connections, e.g. behind NAT).
+        self._peers = DirectPeers(self._context, self.name, self._core.instance_id, heartbeat,
+                                  self._core.dedup, DEFAULT_MAX_MESSAGE_SIZE, bind, direct_timeout,
+                                  ) if direct else None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -74,6 +95,14 @@ class Node:
         self._dispatch.welcomed = lambda ev: setattr(self, "_max_size", ev.max_message_size)
         self._thread = threading.Thread(target=self._run, name=f"murano-zmq-{self.name}", daemon=True)
         self._thread.start()
+        self._started.wait(10)
+        if self._start_error is not None:
+            raise self._start_error
+
+    @property
+    def endpoint(self) -> str | None:
+        """Where this node takes direct deliveries (None: relay only)."""
+        return self._peers.endpoint if self._peers is not None else None
 
     # --- public API --------------------------------------------------------------
 
@@ -136,7 +165,9 @@ class Node:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def job() -> None:
-            cid, req = self._core.consume(mailbox, prefetch)
+            cid, req = self._core.consume(mailbox, prefetch, self.endpoint)
+            if self._peers is not None:
+                self._peers.consumers[mailbox] = cid
             consumer.cid = cid
             self._dispatch.sinks[cid] = consumer._feed
             self._dispatch.requests[req] = future
@@ -183,8 +214,18 @@ class Node:
                 return  # unsettled messages come again after a restart
             # Same queue as other jobs: an ack must reach the relay before a
             # later CANCEL or BYE, or the relay requeues the message.
-            self._jobs.append(lambda: self._core.settle(message, how, requeue))
+            self._jobs.append(lambda: self._settle_now(message, how, requeue))
         self._wake()
+
+    def _settle_now(self, message: Message, how: str, requeue: bool) -> None:
+        """(I/O thread) settle with the path that brought the message."""
+        if message.origin is None:
+            self._core.settle(message, how, requeue)
+            return
+        again = self._peers.settle(message, how, requeue)
+        sink = self._dispatch.sinks.get(self._peers.consumers.get(message.mailbox, -1))
+        if again and sink is not None:
+            sink(again)
 
     def _wait(self, future: concurrent.futures.Future, timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else timeout
@@ -212,20 +253,38 @@ class Node:
     # --- the I/O thread ------------------------------------------------------------------
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = relay_socket(self._context, self.relay)
+        sock = relay_socket(self._context, self.relay, self._curve)
         self._core.connection_made(time.time())
         return sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def _run(self) -> None:
+        try:
+            if self._peers is not None:
+                self._peers.start()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
         sock, monitor = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        peer_socks: list = []
         try:
             while not self._closed.is_set():
+                if self._peers is not None and self._peers.changed:
+                    for p in peer_socks:
+                        poller.unregister(p)
+                    peer_socks = self._peers.sockets()
+                    for p in peer_socks:
+                        poller.register(p, zmq.POLLIN)
                 now = time.time()
-                wait = max(0.0, min(1.0, self._core.next_deadline() - now))
+                deadline = self._core.next_deadline()
+                if self._peers is not None:
+                    deadline = min(deadline, self._peers.next_deadline())
+                wait = max(0.0, min(1.0, deadline - now))
                 events = dict(poller.poll(int(wait * 1000) + 1))
                 if self._wake_r in events:
                     self._woken = False
@@ -237,7 +296,9 @@ class Node:
                 if monitor in events:
                     monitor.recv_multipart()
                     lost = RelayLost("connection to the relay dropped")
-                lost = self._dispatch.apply(self._core.tick(now)) or lost
+                if self._peers is not None:
+                    self._peer_io(peer_socks, events, now)
+                lost = self._apply(self._core.tick(now)) or lost
                 if lost is not None:
                     log.info("node %s reconnecting: %s", self.name, lost.reason)
                     poller.unregister(sock)
@@ -248,11 +309,15 @@ class Node:
                     poller.register(monitor, zmq.POLLIN)
                 self._move_sends()  # a WELCOME may have opened the way
                 self._write(sock)
+                if self._peers is not None:
+                    self._peers.flush(time.time())
             # closing: last acks and BYE go out with a short linger
             self._run_jobs()
             self._core.close()
             sock.setsockopt(zmq.LINGER, 500)
             self._write(sock)
+            if self._peers is not None:
+                self._peers.close()
         except Exception:
             log.exception("node %s I/O thread failed", self.name)
         finally:
@@ -276,14 +341,78 @@ class Node:
         return None
 
     def _move_sends(self) -> None:
-        """Queued sends into SEND commands, once the relay's limit is known."""
+        """Route queued sends (direct or relay), then put the relay's share
+        into SEND commands once the relay's limit is known."""
+        with self._lock:
+            routing, self._outgoing = self._outgoing, deque()
+        if self._held:  # held back earlier: they go first
+            self._held.extend(routing)
+            routing, self._held = self._held, deque()
+        now = time.time()
+        held_mailboxes: set[str] = set()
+        for record, waiter in routing:
+            mailbox = record[1]
+            if self._peers is not None:
+                if self._core.state == State.READY and self._peers.paths.wants_lookup(mailbox, now):
+                    self._lookup(mailbox)
+                if mailbox in held_mailboxes:
+                    self._held.append((record, waiter))  # behind one held back: FIFO
+                    continue
+                path = self._peers.route(record, waiter, now)
+                if path == HOLD:
+                    held_mailboxes.add(mailbox)
+                    self._held.append((record, waiter))
+                    continue
+                if path is not None:
+                    continue
+            self._relay_queue.append((record, waiter))
         while self._core.state == State.READY and self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
-            with self._lock:
-                records, futures = take_batch(self._outgoing, self._core.max_message_size)
+            records, futures = take_batch(self._relay_queue, self._core.max_message_size)
             if not records:
                 break
             req = self._core.send(records)
             self._dispatch.sends[req] = [(f, r[0]) for f, r in zip(futures, records)]
+            if self._peers is not None:
+                for r in records:
+                    self._peers.paths.via_relay(r[1])
+                self._relay_sends[req] = [r[1] for r in records]
+
+    def _lookup(self, mailbox: str) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        paths = self._peers.paths
+
+        def learned(f: concurrent.futures.Future) -> None:  # runs in the I/O thread
+            if f.exception() is None:
+                paths.looked_up(mailbox, f.result(), time.time())
+            else:
+                paths.lookup_failed(mailbox)
+
+        future.add_done_callback(learned)
+        self._dispatch.requests[self._core.request(Cmd.LOOKUP, mailbox)] = future
+
+    def _apply(self, events: list):
+        """Dispatch events; relay confirms also tell the path table."""
+        if self._relay_sends:
+            for ev in events:
+                if isinstance(ev, (Confirmed, Failed)):
+                    for mailbox in self._relay_sends.pop(ev.req, ()):
+                        self._peers.paths.relay_confirmed(mailbox)
+        return self._dispatch.apply(events)
+
+    def _peer_io(self, peer_socks: list, events: dict, now: float) -> None:
+        """Read direct traffic; what must go to the relay joins its queue."""
+        to_relay = []
+        for p in peer_socks:
+            if p in events:
+                delivered, failed = self._peers.readable(p, now)
+                self._dispatch.apply(delivered)
+                to_relay.extend(failed)
+        to_relay.extend(self._peers.tick(now))
+        for record, waiter in to_relay:
+            if waiter is None:
+                waiter = concurrent.futures.Future()  # nobody waits; still deliver it
+            if not waiter.done():
+                self._relay_queue.append((record, waiter))
 
     def _read(self, sock: zmq.Socket, now: float):
         lost = None
@@ -297,7 +426,7 @@ class Node:
             except Exception as exc:
                 log.warning("node %s: bad command from relay dropped: %s", self.name, exc)
                 continue
-            lost = self._dispatch.apply(events) or lost
+            lost = self._apply(events) or lost
         return lost
 
     def _write(self, sock: zmq.Socket) -> None:

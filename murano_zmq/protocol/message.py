@@ -119,7 +119,8 @@ class Message:
     created_at: float
     expires_at: float | None
     delivery_count: int
-    tag: int = 0
+    tag: int = 0  # the relay's delivery tag (0 for a direct delivery)
+    origin: Any = field(default=None, repr=False)  # direct delivery: who to confirm to
     _settle: Callable[["Message", str, bool], None] | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
 

@@ -1,0 +1,305 @@
+"""Direct delivery between nodes, with no I/O: the sending and receiving ends.
+
+A consuming node binds a ROUTER; a sender keeps one DirectLink (a DEALER) per
+peer endpoint.  The dialog is the relay's: HELLO / WELCOME, then SEND /
+CONFIRM and HEARTBEAT, and BYE.  The difference: a peer CONFIRMs a SEND only
+when application code has acked every message in it, so a confirmed direct
+send is as done as a relay send that was consumed.  A record the peer cannot
+take (no consumer there any more) comes back in CONFIRM as 404, and the
+sender gives it to the relay.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .errors import MailboxNotFound, Malformed, RemoteProtocolError
+from .frames import Cmd, decode, encode
+from .message import Message, is_number, parse_send_record
+
+# Direct sends a link keeps unconfirmed at once (the window), and how long a
+# sender waits for a direct CONFIRM before the relay takes the messages.
+DEFAULT_WINDOW = 1000
+DEFAULT_DIRECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReady:
+    endpoint: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectConfirmed:
+    """`done` records were acked by the peer's application; `refused` ones
+    (it has no consumer for them) go to the relay."""
+
+    endpoint: str
+    req: int
+    done: list
+    refused: list
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFailed:
+    """The peer went silent, said BYE, or a send timed out: `records` (every
+    unconfirmed one on the link, oldest first) go to the relay."""
+
+    endpoint: str
+    reason: str
+    records: list
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class DirectLink:
+    """The sending end of one node-to-node link."""
+
+    def __init__(self, endpoint: str, node_name: str, instance: bytes, now: float,
+                 heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_DIRECT_TIMEOUT,
+                 window: int = DEFAULT_WINDOW):
+        self.endpoint = endpoint
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.window = window
+        self.state = LinkState.CONNECTING
+        self.peer: str | None = None
+        self._next_req = 1
+        self._in_flight: dict[int, tuple[float, list]] = {}  # req -> (sent at, records), in order
+        self._count = 0
+        self._outbox = [encode(Cmd.HELLO, node_name, instance, heartbeat)]
+        self._last_heard = self._last_sent = now
+
+    @property
+    def in_flight(self) -> int:
+        """Unconfirmed records on the link."""
+        return self._count
+
+    def room(self) -> int:
+        return max(0, self.window - self._count) if self.state != LinkState.FAILED else 0
+
+    def drain(self) -> list[list[bytes]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def sent(self, now: float) -> None:
+        self._last_sent = now
+
+    def send(self, records: list, now: float) -> int:
+        req = self._next_req
+        self._next_req += 1
+        self._in_flight[req] = (now, records)
+        self._count += len(records)
+        self._outbox.append(encode(Cmd.SEND, req, records))
+        return req
+
+    def receive(self, frames: list[bytes], now: float) -> list:
+        command = decode(frames)
+        self._last_heard = now
+        if command.cmd == Cmd.WELCOME:
+            self.state = LinkState.READY
+            self.peer = command.fields[0]
+            return [LinkReady(self.endpoint, self.peer)]
+        if command.cmd == Cmd.CONFIRM:
+            req, errors = command.fields
+            entry = self._in_flight.pop(req, None)
+            if entry is None:
+                return []
+            records = entry[1]
+            self._count -= len(records)
+            refused_at = {e[0] for e in errors if isinstance(e, list) and e and isinstance(e[0], int)}
+            return [DirectConfirmed(self.endpoint, req,
+                                    [r for i, r in enumerate(records) if i not in refused_at],
+                                    [r for i, r in enumerate(records) if i in refused_at])]
+        if command.cmd in (Cmd.BYE, Cmd.ERROR):
+            return [self.fail(f"peer said {command.cmd.name}: {command.fields[-1]}")]
+        if command.cmd == Cmd.HEARTBEAT:
+            return []
+        raise RemoteProtocolError(f"a peer does not send {command.cmd.name} on a direct link")
+
+    def next_deadline(self) -> float:
+        if self.state == LinkState.FAILED:
+            return float("inf")
+        deadlines = [self._last_sent + self.heartbeat, self._last_heard + self.heartbeat * HEARTBEAT_LIVENESS]
+        if self._in_flight:
+            deadlines.append(next(iter(self._in_flight.values()))[0] + self.timeout)
+        return min(deadlines)
+
+    def tick(self, now: float) -> list:
+        if self.state == LinkState.FAILED:
+            return []
+        if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
+            return [self.fail(f"peer silent for {now - self._last_heard:.1f}s")]
+        if self._in_flight and now - next(iter(self._in_flight.values()))[0] > self.timeout:
+            return [self.fail(f"no direct ack within {self.timeout}s")]
+        if now - self._last_sent >= self.heartbeat:
+            self._outbox.append(encode(Cmd.HEARTBEAT))
+        return []
+
+    def fail(self, reason: str) -> LinkFailed:
+        """Give up on the link: every unconfirmed record goes back to the caller."""
+        records = [r for _, rs in self._in_flight.values() for r in rs]
+        self._in_flight.clear()
+        self._count = 0
+        self.state = LinkState.FAILED
+        return LinkFailed(self.endpoint, reason, records)
+
+    def close(self) -> None:
+        if self.state != LinkState.FAILED:
+            self._outbox.append(encode(Cmd.BYE, "node closing"))
+
+
+# --- the receiving end ----------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    identity: bytes
+    name: str
+    heartbeat: float
+    last_heard: float
+    last_sent: float
+    # req -> [records left unsettled, refused entries]
+    pending: dict[int, list] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DirectOrigin:
+    """Where a directly delivered message came from (to confirm it)."""
+
+    session: _Session
+    req: int
+
+
+class DirectInbox:
+    """The receiving end: every peer session on this node's ROUTER.
+
+    `consumers` maps a mailbox to this node's consumer id for it; the node's
+    DedupWindow is shared with the relay path, so a message that comes both
+    ways reaches application code once.
+    """
+
+    def __init__(self, node_name: str, max_message_size: int, dedup):
+        self.node_name = node_name
+        self.max_message_size = max_message_size
+        self.dedup = dedup
+        self._sessions: dict[bytes, _Session] = {}
+        self._outbox: list[tuple[bytes, list[bytes]]] = []
+
+    def drain(self) -> list[tuple[bytes, list[bytes]]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def receive(self, identity: bytes, frames: list[bytes], now: float,
+                consumers: dict[str, int]) -> list:
+        """Delivered events for one command from a peer; bad input gets ERROR."""
+        from .client import Delivered  # the same event the relay path produces
+
+        try:
+            command = decode(frames)
+        except RemoteProtocolError as exc:
+            self._outbox.append((identity, encode(Cmd.ERROR, None, exc.code, str(exc))))
+            return []
+        session = self._sessions.get(identity)
+        if command.cmd == Cmd.HELLO:
+            name, _instance, heartbeat = command.fields
+            if not is_number(heartbeat):
+                self._error(identity, Malformed("heartbeat must be a finite number"))
+                return []
+            heartbeat = min(max(float(heartbeat), 0.05), 60.0)
+            self._sessions[identity] = _Session(identity, name[:200], heartbeat, now, now)
+            self._put(identity, Cmd.WELCOME, self.node_name, heartbeat, self.max_message_size)
+            return []
+        if session is None:
+            self._outbox.append((identity, encode(Cmd.ERROR, None, 409, "say HELLO first")))
+            return []
+        session.last_heard = now
+        if command.cmd == Cmd.HEARTBEAT:
+            return []
+        if command.cmd == Cmd.BYE:
+            del self._sessions[identity]
+            return []
+        if command.cmd != Cmd.SEND:
+            self._error(identity, Malformed(f"a direct link carries no {command.cmd.name}"))
+            return []
+        req, records = command.fields
+        by_consumer: dict[int, list[Message]] = {}
+        refused: list[list] = []
+        unsettled = 0
+        for i, record in enumerate(records):
+            try:
+                msg = parse_send_record(record)
+            except RemoteProtocolError as exc:
+                refused.append([i, exc.code, str(exc)])
+                continue
+            consumer = consumers.get(msg.mailbox)
+            if consumer is None or len(msg.body) > self.max_message_size:
+                refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
+                continue
+            m = Message(msg.msg_id, msg.mailbox, msg.headers, msg.body, msg.created,
+                        None if msg.ttl is None else now + msg.ttl, 1)
+            m.origin = DirectOrigin(session, req)
+            seen = self.dedup.offer((m.mailbox, m.id), consumer)
+            if seen == "fresh":
+                by_consumer.setdefault(consumer, []).append(m)
+                unsettled += 1
+            # seen before: acked (nothing to wait for) or with the app (its
+            # ack settles the other copy; this one counts as done)
+        if unsettled:
+            session.pending[req] = [unsettled, refused]
+        else:
+            self._put(identity, Cmd.CONFIRM, req, refused)
+        return [Delivered(c, ms) for c, ms in by_consumer.items()]
+
+    def settle(self, message: Message, how: str, requeue: bool) -> list:
+        """The application settled a direct message.  Returns messages to hand
+        to the application again (a nack with requeue)."""
+        origin: DirectOrigin = message.origin
+        key = (message.mailbox, message.id)
+        if how == "nack" and requeue:
+            again = Message(message.id, message.mailbox, message.headers, message.packed_body,
+                            message.created_at, message.expires_at, message.delivery_count + 1)
+            again.origin = origin
+            return [again]
+        self.dedup.settle(key, True)  # acked, or rejected: a direct reject is dropped
+        session = origin.session
+        entry = session.pending.get(origin.req)
+        if entry is None:
+            return []
+        entry[0] -= 1
+        if entry[0] == 0:
+            del session.pending[origin.req]
+            if self._sessions.get(session.identity) is session:
+                self._put(session.identity, Cmd.CONFIRM, origin.req, entry[1])
+        return []
+
+    def next_deadline(self) -> float:
+        if not self._sessions:
+            return float("inf")
+        return min(min(s.last_sent + s.heartbeat, s.last_heard + s.heartbeat * HEARTBEAT_LIVENESS)
+                   for s in self._sessions.values())
+
+    def tick(self, now: float) -> None:
+        for identity, s in list(self._sessions.items()):
+            if now - s.last_heard > s.heartbeat * HEARTBEAT_LIVENESS:
+                del self._sessions[identity]  # its sender gives what is unacked to the relay
+            elif now - s.last_sent >= s.heartbeat:
+                self._put(identity, Cmd.HEARTBEAT)
+
+    def sent(self, identity: bytes, now: float) -> None:
+        session = self._sessions.get(identity)
+        if session is not None:
+            session.last_sent = now
+
+    def _put(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
+        self._outbox.append((identity, encode(cmd, *fields)))
+
+    def _error(self, identity: bytes, exc) -> None:
+        self._outbox.append((identity, encode(Cmd.ERROR, None, exc.code, exc.text)))

@@ -1,0 +1,113 @@
+"""Which path a sender's messages to a mailbox take: direct or relay.
+
+A mailbox goes direct when a consumer of it is known to take direct
+deliveries (from the relay's LOOKUP or from discovery) and nothing this
+sender gave the relay for it may still be waiting there.  It goes back to the
+relay when a direct link fails.  Switching only once the other path is
+drained keeps FIFO per sender and mailbox across switches: relay -> direct
+waits until the relay reports the mailbox empty (depth 0) after every relay
+send to it was confirmed; direct -> relay happens when a link fails, and the
+link's unconfirmed records, oldest first, are the first to take the relay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Seconds a LOOKUP answer is trusted before the sender asks again; and how
+# soon it asks when waiting for the relay to drain so it can go direct.
+LOOKUP_TTL = 2.0
+DRAIN_RECHECK = 0.05
+# A sender holds a mailbox's messages back for at most this long while it
+# asks whether the relay has drained (so the answer is not overtaken by
+# yet another relay send).  Seconds.
+HOLD_LIMIT = 1.0
+
+HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
+
+
+@dataclass(slots=True)
+class _Path:
+    endpoints: list[str] = field(default_factory=list)
+    learned_at: float = float("-inf")
+    lookup_pending: bool = False
+    lookup_sent: float = float("-inf")
+    relay_unconfirmed: int = 0  # relay sends to it not yet confirmed
+    relay_undrained: bool = False  # relay may still hold messages of ours for it
+    rr: int = 0
+
+
+class PathTable:
+    def __init__(self, lookup_ttl: float = LOOKUP_TTL):
+        self.lookup_ttl = lookup_ttl
+        self._paths: dict[str, _Path] = {}
+        self._discovered: dict[str, set[str]] = {}  # mailbox -> endpoints seen by discovery
+        self.failed: set[str] = set()  # endpoints whose link failed (until learned again)
+
+    def _path(self, mailbox: str) -> _Path:
+        path = self._paths.get(mailbox)
+        if path is None:
+            path = self._paths[mailbox] = _Path()
+        return path
+
+    def choose(self, mailbox: str, has_room, now: float) -> str | None:
+        """A direct endpoint for the next message to `mailbox`, None (relay),
+        or HOLD.  `has_room(endpoint)` says whether that link's window has room."""
+        path = self._path(mailbox)
+        candidates = [e for e in path.endpoints if e not in self.failed]
+        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
+                       and e not in self.failed]
+        if path.relay_unconfirmed:
+            return None
+        if path.relay_undrained:
+            if candidates and path.lookup_pending and now - path.lookup_sent < HOLD_LIMIT:
+                return HOLD
+            return None
+        for i in range(len(candidates)):
+            endpoint = candidates[(path.rr + i) % len(candidates)]
+            if has_room(endpoint):
+                path.rr += i + 1
+                return endpoint
+        return None
+
+    def wants_lookup(self, mailbox: str, now: float) -> bool:
+        """Ask the relay again?  (Marks the lookup as pending when True.)"""
+        path = self._path(mailbox)
+        waiting_to_drain = path.relay_undrained and not path.relay_unconfirmed and (
+            path.endpoints or self._discovered.get(mailbox))
+        ttl = DRAIN_RECHECK if waiting_to_drain else self.lookup_ttl
+        if path.lookup_pending or now - path.learned_at < ttl:
+            return False
+        path.lookup_pending = True
+        path.lookup_sent = now
+        return True
+
+    def looked_up(self, mailbox: str, result: dict, now: float) -> None:
+        path = self._path(mailbox)
+        path.lookup_pending = False
+        path.learned_at = now
+        path.endpoints = [e for _name, e in result.get("direct", ()) if isinstance(e, str)]
+        self.failed.difference_update(path.endpoints)
+        if result.get("depth") == 0 and path.relay_unconfirmed == 0:
+            path.relay_undrained = False
+
+    def lookup_failed(self, mailbox: str) -> None:
+        self._path(mailbox).lookup_pending = False
+
+    def discovered(self, mailbox: str, endpoints: set[str]) -> None:
+        self._discovered[mailbox] = set(endpoints)
+
+    def via_relay(self, mailbox: str) -> None:
+        path = self._path(mailbox)
+        path.relay_unconfirmed += 1
+        path.relay_undrained = True
+
+    def relay_confirmed(self, mailbox: str) -> None:
+        path = self._path(mailbox)
+        path.relay_unconfirmed = max(0, path.relay_unconfirmed - 1)
+
+    def link_failed(self, endpoint: str) -> None:
+        self.failed.add(endpoint)
+
+    def mailboxes(self) -> list[str]:
+        return list(self._paths)
