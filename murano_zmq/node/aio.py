@@ -28,6 +28,7 @@ from ..protocol.constants import (
 from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, check_name
+from ..security.curve import client_curve
 from .common import (
     Dispatcher,
     SendGroup,
@@ -49,11 +50,15 @@ class AsyncNode:
 
     def __init__(self, name: str | None = None, relay: str | None = None, *,
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.asyncio.Context | None = None, curve_key=None, relay_key=None):
         self.name = name or default_node_name()
         self.relay = resolve_relay(relay)
         self.timeout = timeout
         self._context = context or zmq.asyncio.Context.instance()
+        # CURVE (docs/security.md): curve_key is this node's key pair (a
+        # KeyPair or a .key_secret path), relay_key the relay's public key
+        # (z85 text, a KeyPair or a .key path); both or neither.
+        self._curve = client_curve(curve_key, relay_key)
         self._core = ClientCore(self.name, uuid.uuid4().bytes, heartbeat)
         self._dispatch = Dispatcher()
         self._outgoing: deque = deque()
@@ -205,7 +210,7 @@ class AsyncNode:
             self._core.sent(time.time())
 
     def _connect(self) -> None:
-        self._sock = relay_socket(self._context, self.relay)
+        self._sock = relay_socket(self._context, self.relay, self._curve)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._poller = zmq.asyncio.Poller()
         self._poller.register(self._sock, zmq.POLLIN)

@@ -29,6 +29,7 @@ from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.message import check_name, is_number, new_message_id, pack_body, send_record
 from ..protocol.options import MailboxOptions
+from ..security.curve import CurveClient
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -37,7 +38,7 @@ log = logging.getLogger("murano_zmq.node")
 SEND_BATCH_BYTES = 1024 * 1024
 
 
-def relay_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+def relay_socket(context: zmq.Context, endpoint: str, curve: CurveClient | None = None) -> zmq.Socket:
     """A DEALER to the relay with a fresh routing id (a fresh relay session).
 
     HWM 0: what the node sends is bounded by its own in-flight limits, and a
@@ -48,6 +49,8 @@ def relay_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+    if curve is not None:
+        curve.apply(sock)  # CURVE to the relay (docs/security.md)
     sock.connect(endpoint)
     return sock
 
