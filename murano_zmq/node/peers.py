@@ -77,6 +77,7 @@ class DirectPeers:
     def close(self) -> None:
         for endpoint, link in self._links.items():
             link.close()
+        self.inbox.close()
         self.flush(0.0)
         for sock in self._socks.values():
             sock.close(200)
@@ -90,6 +91,8 @@ class DirectPeers:
         Returns the endpoint, None (the relay's), or HOLD (ask again later)."""
         endpoint = self.paths.choose(record[1], lambda e: self._has_room(e, now), now)
         if endpoint is not None and endpoint != HOLD:
+            if endpoint not in self._links:
+                self._open(endpoint, now)
             self._queues[endpoint].append((record, waiter))
         return endpoint
 

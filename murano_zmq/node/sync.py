@@ -223,6 +223,7 @@ class Node:
             self._core.settle(message, how, requeue)
             return
         again = self._peers.settle(message, how, requeue)
+        self._core.settled_elsewhere((message.mailbox, message.id), not again)
         sink = self._dispatch.sinks.get(self._peers.consumers.get(message.mailbox, -1))
         if again and sink is not None:
             sink(again)

@@ -101,6 +101,9 @@ class ClientCore:
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
         self.dedup = DedupWindow(dedup_window)  # keys: (mailbox, message id)
+        # Relay copies of a message whose other copy is with the application:
+        # they are settled when it is.  key -> relay tags
+        self._shadows: dict[tuple, set[int]] = {}
         self._pending_acks: list[int] = []
         self._last_heard = 0.0
         self._last_sent = 0.0
@@ -196,9 +199,24 @@ class ClientCore:
             # The relay requeues what this consumer held: let it come again.
             self.dedup.release(consumer)
 
+    def settled_elsewhere(self, key: tuple, done: bool) -> None:
+        """A copy that came another way (direct) was settled: settle the relay
+        copies that arrived meanwhile the same way (done: ack, else requeue)."""
+        tags = self._shadows.pop(key, None)
+        if tags and done:
+            self._pending_acks.extend(tags)
+        elif tags:
+            self.flush_acks()
+            self._put(Cmd.NACK, sorted(tags), True)
+
     def settle(self, message: Message, how: str, requeue: bool) -> None:
         """The application acked or nacked `message`."""
-        self.dedup.settle((message.mailbox, message.id), how == "ack" or not requeue)
+        done = how == "ack" or not requeue
+        self.dedup.settle((message.mailbox, message.id), done)
+        tags = self._shadows.get((message.mailbox, message.id))
+        if tags:
+            tags.discard(message.tag)
+            self.settled_elsewhere((message.mailbox, message.id), done)
         if how == "ack":
             self._pending_acks.append(message.tag)
             return
@@ -241,14 +259,14 @@ class ClientCore:
         return [Welcomed(relay, max_size)]
 
     def _on_confirm(self, req: int, errors: list) -> list:
+        # Check every entry before anything changes (found by tests/security/test_fuzz.py).
+        for item in errors:
+            if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+                    and type(item[1]) is int and isinstance(item[2], str)):
+                raise RemoteProtocolError("bad CONFIRM error entry")
         if self._unconfirmed.pop(req, None) is None:
             return []  # a confirm for a resend already confirmed
-        failed = {}
-        for item in errors:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
-                raise RemoteProtocolError("bad CONFIRM error entry")
-            failed[item[0]] = error_from_code(item[1], str(item[2]))
-        return [Confirmed(req, failed)]
+        return [Confirmed(req, {item[0]: error_from_code(item[1], item[2]) for item in errors})]
 
     def _on_reply(self, req: int, result: Any) -> list:
         if self._requests.pop(req, None) is None:
@@ -282,8 +300,10 @@ class ClientCore:
             seen = self.dedup.offer((m.mailbox, m.id), consumer)
             if seen == ACKED:
                 self._pending_acks.append(m.tag)  # seen and acked: settle quietly
-            elif seen == FRESH:  # (IN_APP: the application still has it)
+            elif seen == FRESH:
                 fresh.append(m)
+            else:  # IN_APP: a copy (e.g. one that came direct) is with the application
+                self._shadows.setdefault((m.mailbox, m.id), set()).add(m.tag)
         return [Delivered(consumer, fresh)] if fresh else []
 
     def _on_heartbeat(self) -> list:

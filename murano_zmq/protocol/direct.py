@@ -293,6 +293,12 @@ class DirectInbox:
             elif now - s.last_sent >= s.heartbeat:
                 self._put(identity, Cmd.HEARTBEAT)
 
+    def close(self) -> None:
+        """Say BYE to every sender: they give what is unconfirmed to the relay."""
+        for identity in self._sessions:
+            self._put(identity, Cmd.BYE, "node closing")
+        self._sessions.clear()
+
     def sent(self, identity: bytes, now: float) -> None:
         session = self._sessions.get(identity)
         if session is not None:

@@ -63,12 +63,18 @@ class PathTable:
             if candidates and path.lookup_pending and now - path.lookup_sent < HOLD_LIMIT:
                 return HOLD
             return None
+        if not candidates:
+            return None
+        # Round-robin over links with room; when every window is full, queue
+        # behind the next one anyway: spilling to the relay would reorder.
         for i in range(len(candidates)):
             endpoint = candidates[(path.rr + i) % len(candidates)]
             if has_room(endpoint):
                 path.rr += i + 1
                 return endpoint
-        return None
+        endpoint = candidates[path.rr % len(candidates)]
+        path.rr += 1
+        return endpoint
 
     def wants_lookup(self, mailbox: str, now: float) -> bool:
         """Ask the relay again?  (Marks the lookup as pending when True.)"""

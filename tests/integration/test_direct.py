@@ -1,0 +1,183 @@
+"""Direct (peer-to-peer) delivery: used when a consumer is reachable, the
+relay takes over when it is not, FIFO and exactly-once to the application
+hold across switches, and online nodes keep talking with the relay dead."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+
+from murano_zmq import Node
+
+from ..helpers import wait_for
+
+
+def counters(node: Node) -> dict:
+    return node.status()["counters"]
+
+
+def consumers_of(node: Node, mailbox: str) -> int:
+    for mb in node.status()["mailboxes"]:
+        if mb["name"] == mailbox:
+            return mb["consumers"]
+    return 0
+
+
+def collect(consumer, n: int, timeout: float = 15.0) -> list:
+    got = []
+    while len(got) < n:
+        m = consumer.get(timeout=timeout)
+        assert m is not None, f"got {len(got)} of {n}"
+        got.append(m.body)
+        m.ack()
+    return got
+
+
+def test_online_consumer_gets_messages_peer_to_peer(relay):
+    with Node("svc", relay=relay.endpoint) as svc, Node("client", relay=relay.endpoint) as client:
+        inbox = svc.consume("svc.requests")
+        assert svc.endpoint.startswith("tcp://127.0.0.1:")
+        received = []
+        reader = threading.Thread(target=lambda: received.extend(collect(inbox, 1000)))
+        reader.start()
+        # The first sends may take the relay until the sender has learned the
+        # consumer's endpoint and seen the relay drained; then it goes direct.
+        for i in range(200):
+            client.send("svc.requests", i)
+        before = counters(client)
+        for i in range(200, 1000):
+            client.send("svc.requests", i)
+        reader.join(30)
+        after = counters(client)
+        assert received == list(range(1000))
+        assert after["received"] == before["received"], "direct sends must not touch the relay"
+        assert after["delivered"] == before["delivered"]
+
+
+def test_falls_back_to_the_relay_and_delivers_when_the_consumer_returns(relay):
+    with Node("client", relay=relay.endpoint, heartbeat=0.2) as client:
+        with Node("svc", relay=relay.endpoint, heartbeat=0.2) as svc:
+            inbox = svc.consume("svc.work")
+            for i in range(50):
+                client.send("svc.work", i)
+            assert collect(inbox, 50) == list(range(50))
+        # svc is gone (it said BYE on both paths): these wait in the relay.
+        client.send_many([("svc.work", i) for i in range(50, 100)], timeout=30)
+        assert client.status()["mailboxes"][0]["depth"] == 50
+        with Node("svc-again", relay=relay.endpoint) as svc:
+            assert collect(svc.consume("svc.work"), 50) == list(range(50, 100))
+
+
+def test_fifo_across_a_switch_from_direct_to_relay_and_back(relay):
+    release = threading.Event()
+    seen: list = []
+    with Node("svc", relay=relay.endpoint) as svc, \
+            Node("client", relay=relay.endpoint, direct_timeout=0.5) as client:
+        inbox = svc.consume("fifo", prefetch=50)
+
+        def read():
+            while len(seen) < 3000:
+                m = inbox.get(timeout=20)
+                if m is None:
+                    return
+                if m.body == 1500:
+                    release.wait(20)  # a stalled consumer: direct sends time out
+                seen.append(m.body)
+                m.ack()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(1000):
+            client.send("fifo", i)  # relay first, then direct
+        relay_count = counters(client)["received"]
+        futures = [client.send_async("fifo", i) for i in range(1000, 3000)]
+        # The stall makes the direct link time out: its unconfirmed messages
+        # go to the relay, oldest first.
+        wait_for(lambda: counters(client)["received"] > relay_count, 20, what="switch to the relay")
+        release.set()
+        for f in futures:
+            f.result(60)
+        reader.join(60)
+    assert seen == list(range(3000)), "FIFO and exactly-once across the switch"
+
+
+STREAM_CONSUMER = """
+import sys, json
+from murano_zmq import Node
+total = int(sys.argv[2])
+with Node("stream-consumer", relay=sys.argv[1], heartbeat=0.2) as node:
+    c = node.consume("stream", prefetch=500)
+    print("ready", flush=True)
+    bodies = []
+    while len(set(bodies)) < total:
+        m = c.get(timeout=30)
+        if m is None:
+            break
+        bodies.append(m.body)
+        m.ack()
+    print(json.dumps(bodies), flush=True)
+"""
+
+
+def test_relay_killed_during_a_direct_stream_loses_and_duplicates_nothing(relay, children):
+    total = 10_000
+    warmup = 300
+    consumer = children(STREAM_CONSUMER, relay.endpoint, str(total + warmup),
+                        stdout=subprocess.PIPE, text=True)
+    assert consumer.stdout.readline().strip() == "ready"
+    with Node("producer", relay=relay.endpoint, heartbeat=0.2, timeout=60) as producer:
+        wait_for(lambda: consumers_of(producer, "stream") == 1, 20, what="consumer")
+        for i in range(warmup):  # establishes the direct path
+            producer.send("stream", i)
+        futures = [producer.send_async("stream", i) for i in range(warmup, warmup + total)]
+        wait_for(lambda: sum(f.done() for f in futures[:5000]) >= 2000, 60, interval=0.005,
+                 what="part of the stream")
+        relay.kill()
+        for f in futures:
+            f.result(60)
+    bodies = json.loads(consumer.stdout.readline())
+    assert consumer.wait(30) == 0
+    assert len(bodies) == len(set(bodies)), "a message reached application code twice"
+    assert bodies == list(range(warmup + total))
+
+
+DOOMED = """
+import sys
+from murano_zmq import Node
+node = Node("doomed", relay=sys.argv[1], heartbeat=0.2)
+c = node.consume("jobs", prefetch=1000)
+print("ready", flush=True)
+while True:
+    m = c.get(timeout=30)
+    print(m.body, flush=True)  # never acks
+"""
+
+
+def test_consumer_killed_mid_stream_its_unacked_messages_reach_the_other(relay, children):
+    doomed = children(DOOMED, relay.endpoint, stdout=subprocess.PIPE, text=True)
+    assert doomed.stdout.readline().strip() == "ready"
+    with Node("survivor", relay=relay.endpoint, heartbeat=0.2) as survivor, \
+            Node("producer", relay=relay.endpoint, heartbeat=0.2, direct_timeout=1.0) as producer:
+        inbox = survivor.consume("jobs", prefetch=1000)
+        wait_for(lambda: consumers_of(producer, "jobs") == 2, 20, what="two consumers")
+        futures = [producer.send_async("jobs", i) for i in range(400)]
+        first = int(doomed.stdout.readline())  # the doomed one holds some, unacked
+        assert 0 <= first < 400
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        got = set(collect(inbox, 400, timeout=30))
+        assert got == set(range(400))
+        for f in futures:
+            f.result(30)
+
+
+def test_relay_only_node_never_binds(relay):
+    with Node("agent", relay=relay.endpoint, direct=False) as agent, Node("conductor", relay=relay.endpoint) as c:
+        assert agent.endpoint is None
+        plans = agent.consume("agent.e1.u1")
+        for i in range(100):
+            c.send("agent.e1.u1", i)
+        assert collect(plans, 100) == list(range(100))
+        assert counters(c)["received"] == 100  # every one through the relay
