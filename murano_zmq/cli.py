@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -16,6 +17,7 @@ from .protocol.constants import (
     OVERFLOWS,
     RELAY_ENV,
 )
+from .discovery.zeroconf import INTERFACES_ENV
 from .protocol.errors import MuranoZmqError, RelayUnavailable
 
 RELAY_HELP = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest body in bytes (default %(default)s)")
+    p.add_argument("--discovery-interfaces", default=os.environ.get(INTERFACES_ENV, ""),
+                   metavar="ADDRS",
+                   help="advertise the relay by zeroconf on these IPv4 addresses (comma-separated, "
+                        f"or 'all'; default ${INTERFACES_ENV}, else not advertised)")
 
     p = sub.add_parser("send", help="send one message to a mailbox",
                        description="Send BODY (or stdin with '-') to MAILBOX and print the message "
@@ -114,11 +120,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 
+    p = sub.add_parser("peers", help="list the relays and nodes zeroconf discovery sees",
+                       description="Browse _murano-zmq._tcp for a while and print what advertises itself.")
+    p.add_argument("--discovery-interfaces", default=None, metavar="ADDRS",
+                   help=f"IPv4 addresses to browse on (default ${INTERFACES_ENV}, else 127.0.0.1)")
+    p.add_argument("--wait", type=_positive_float, default=2.0, help="seconds to browse (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("forwarder", help="run a pub/sub forwarder device (XSUB -> XPUB)",
+                       description="Publishers that cannot reach subscribers connect their PUB to "
+                                   "--xsub; subscribers connect to --xpub.  Events are not stored.")
+    p.add_argument("--xsub", default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
+    p.add_argument("--xpub", default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
+
     p = sub.add_parser("demo", help="run an api -> conductor -> agent exchange on an embedded relay",
                        description="Start a relay in a temporary directory and run a small Murano-like "
                                    "flow: the agent starts after its plan was sent.")
     p.add_argument("--units", type=_count, default=2, help="agents (units) to deploy (default %(default)s)")
+
+    p = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)",
+                       description="Write NAME.key (public: copy it into a relay's authorized-keys "
+                                   "directory) and NAME.key_secret (keep it private) in DIR, in "
+                                   "pyzmq's zmq.auth certificate format. See docs/security.md.")
+    p.add_argument("name", help="key name: the identity in the relay's permissions file")
+    p.add_argument("--dir", default=".", help="directory for the key files (default: current)")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+
+    _add_key_options(sub.choices["relay"], relay=True)
+    for command in ("send", "consume", "declare", "delete", "status"):
+        _add_key_options(sub.choices[command], relay=False)
     return parser
+
+
+def _add_key_options(p: argparse.ArgumentParser, relay: bool) -> None:
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--key", metavar="NAME|FILE",
+                   help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
+    g.add_argument("--key-dir", metavar="DIR", help="where --key (and --relay-key) NAMEs are looked up")
+    if relay:
+        g.add_argument("--authorized-keys", metavar="DIR",
+                       help="public keys (NAME.key) allowed to connect; reloaded on change and SIGHUP")
+        g.add_argument("--permissions", metavar="FILE",
+                       help="TOML: what each key NAME may send, consume, declare, admin")
+        g.add_argument("--allow-all", action="store_true",
+                       help="with --key and no --permissions: every admitted key may do everything")
+    else:
+        g.add_argument("--relay-key", metavar="NAME|FILE|Z85",
+                       help="the relay's public key: a .key file, NAME in --key-dir, or z85 text")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except RelayUnavailable as exc:
-        print(f"murano-zmq: {exc}. Is a relay running? Start one with 'murano-zmq relay'.",
-              file=sys.stderr)
+        hint = ("Is a relay running, and does it know this key (--key) under this relay key "
+                "(--relay-key)?" if getattr(args, "key", None)
+                else "Is a relay running? Start one with 'murano-zmq relay'.")
+        print(f"murano-zmq: {exc}. {hint}", file=sys.stderr)
         return 1
     except (MuranoZmqError, ValueError) as exc:
         print(f"murano-zmq: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -144,14 +194,21 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     from .relay.server import RelayConfig, run_relay
 
-    return run_relay(RelayConfig(bind=args.bind, data_dir=args.data_dir, name=args.name,
-                                 max_message_size=args.max_message_size))
+    security = dict(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
+                    authorized_keys=args.authorized_keys or "", permissions=args.permissions or "")
+    return run_relay(RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, name=args.name,
+                                 max_message_size=args.max_message_size,
+                                 discovery_interfaces=args.discovery_interfaces))
 
 
 def _node(args: argparse.Namespace, name: str):
     from .node.sync import Node
 
-    return Node(name, relay=args.relay, timeout=args.timeout or 10.0)
+    from .security.curve import client_curve
+
+    curve = client_curve(args.key, args.relay_key, args.key_dir)
+    return Node(name, relay=args.relay, timeout=args.timeout or 10.0,
+                curve_key=curve.key if curve else None, relay_key=curve.server_key if curve else None)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -241,10 +298,47 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    from .discovery.zeroconf import Discovery
+
+    discovery = Discovery(args.discovery_interfaces)
+    try:
+        discovery.wait_for(lambda peers: False, args.wait)  # browse for --wait seconds
+        peers = sorted(discovery.peers.values(), key=lambda a: (a.role, a.name))
+    finally:
+        discovery.close()
+    for a in peers:
+        if args.json:
+            print(json.dumps({"role": a.role, "name": a.name, "endpoint": a.endpoint, "pub": a.pub,
+                              "mailboxes": list(a.mailboxes), "key": a.key, "version": a.version}))
+        else:
+            extra = f" pub={a.pub}" if a.pub else ""
+            extra += f" mailboxes={','.join(a.mailboxes)}" if a.mailboxes else ""
+            print(f"{a.role:<6} {a.name:<24} {a.endpoint}{extra}")
+    if not peers and not args.json:
+        print("nothing advertised", file=sys.stderr)
+    return 0
+
+
+def cmd_forwarder(args: argparse.Namespace) -> int:
+    from .forwarder import run_forwarder
+
+    return run_forwarder(args.xsub, args.xpub)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(units=args.units)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .security.keys import create_key_pair, load_key_file
+
+    public, secret = create_key_pair(args.name, args.dir, overwrite=args.force)
+    print(f"public key  {public}  ({load_key_file(public).public.decode()})")
+    print(f"secret key  {secret}  (keep private)")
+    return 0
 
 
 COMMANDS = {
@@ -255,6 +349,9 @@ COMMANDS = {
     "delete": cmd_delete,
     "status": cmd_status,
     "demo": cmd_demo,
+    "peers": cmd_peers,
+    "forwarder": cmd_forwarder,
+    "keygen": cmd_keygen,
 }
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ from ..protocol.constants import (
 from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.frames import Cmd
-from ..protocol.message import Message, check_name
+from ..protocol.message import Message, check_name, pack_body
 from ..security.curve import client_curve
+from ..discovery.zeroconf import INTERFACES_ENV, Advert, Discovery, find_relay
+from ..protocol.topics import TopicEvent, check_topic
 from .peers import DEFAULT_DIRECT_BIND, HOLD, DirectPeers
+from .topics import TopicSockets, parse_forwarder
 from .common import (
     Dispatcher,
     SendGroup,
@@ -62,8 +65,17 @@ class Node:
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None, curve_key=None, relay_key=None,
                  direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
-                 direct_timeout: float = DEFAULT_DIRECT_TIMEOUT):
+                 direct_timeout: float = DEFAULT_DIRECT_TIMEOUT,
+                 discovery: bool | str | None = None, forwarder: tuple[str, str] | None = None):
         self.name = name or default_node_name()
+        # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
+        # advertise this node and learn peers by zeroconf; None: on when
+        # $MURANO_ZMQ_DISCOVERY_INTERFACES is set.  relay="auto" finds a relay.
+        if discovery is None:
+            discovery = bool(os.environ.get(INTERFACES_ENV))
+        self._interfaces = discovery if isinstance(discovery, str) else None
+        if relay == "auto":
+            relay = find_relay(self._interfaces, timeout=min(timeout, 10.0))
         self.relay = resolve_relay(relay)
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
@@ -84,6 +96,10 @@ class Node:
         self._peers = DirectPeers(self._context, self.name, self._core.instance_id, heartbeat,
                                   self._core.dedup, DEFAULT_MAX_MESSAGE_SIZE, bind, direct_timeout,
                                   ) if direct else None
+        self._topics = TopicSockets(self._context, self.name, bind, parse_forwarder(forwarder))
+        self._subscriptions: dict[int, Subscription] = {}
+        self._discovery: Discovery | None = None
+        self._next_subscription = 1
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._lock = threading.Lock()
@@ -98,6 +114,9 @@ class Node:
         self._started.wait(10)
         if self._start_error is not None:
             raise self._start_error
+        if discovery:
+            self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
+            self._advertise()
 
     @property
     def endpoint(self) -> str | None:
@@ -174,7 +193,74 @@ class Node:
 
         self._submit(job)
         self._wait(future, timeout)
+        if self._discovery is not None and self._peers is not None:
+            self._advertise()
         return consumer
+
+    # --- topics (PUB/SUB: cheap, lossy) -------------------------------------------
+
+    def publish(self, topic: str, body: Any) -> None:
+        """Publish an event to every subscriber of a prefix of `topic`.  No
+        ack and no store: a subscriber that is slow or not yet connected loses it."""
+        check_topic(topic)
+        packed = pack_body(body)
+
+        def job() -> None:
+            if self._topics.publish(topic, packed, time.time()) and self._discovery is not None:
+                self._advertise_soon()
+
+        self._submit(job)
+
+    def subscribe(self, prefix: str = "", callback: Callable[[TopicEvent], None] | None = None,
+                  publishers: Iterable[str] = ()) -> "Subscription":
+        """Events whose topic starts with `prefix`, from every publisher this
+        node knows (discovered, the forwarder, `publishers`).  Iterate the
+        subscription, call get(), or pass `callback` (run in a thread of its own)."""
+        if not isinstance(prefix, str):
+            raise ValueError("prefix must be a str")
+        with self._lock:
+            sid = self._next_subscription
+            self._next_subscription += 1
+        subscription = Subscription(self, sid, prefix, callback)
+        self._subscriptions[sid] = subscription
+        endpoints = list(publishers)
+        self._submit(lambda: self._topics.subscribe(sid, prefix, endpoints))
+        return subscription
+
+    @property
+    def peers(self) -> dict:
+        """What discovery sees: service name -> Advert."""
+        return self._discovery.peers if self._discovery is not None else {}
+
+    def _advertise(self) -> None:
+        mailboxes = tuple(sorted(self._peers.consumers)) if self._peers is not None else ()
+        self._discovery.advertise(Advert(self.name, "node", self.endpoint or "",
+                                         self._topics.pub_endpoint or "", mailboxes))
+
+    def _advertise_soon(self) -> None:
+        """(I/O thread) re-advertise without blocking this thread."""
+        threading.Thread(target=self._advertise, daemon=True).start()
+
+    def _on_peers(self, peers: dict) -> None:
+        """(discovery thread) peers changed: teach the path table and topics."""
+        nodes = [a for a in peers.values() if a.role == "node" and a.name != self.name]
+        by_mailbox: dict[str, set[str]] = {}
+        for a in nodes:
+            for mailbox in a.mailboxes:
+                if a.endpoint:
+                    by_mailbox.setdefault(mailbox, set()).add(a.endpoint)
+        pubs = {a.pub for a in nodes if a.pub}
+
+        def job() -> None:
+            if self._peers is not None:
+                for mailbox in set(by_mailbox) | set(self._peers.paths.discovered_mailboxes()):
+                    self._peers.paths.discovered(mailbox, by_mailbox.get(mailbox, set()))
+            self._topics.learned(pubs)
+
+        try:
+            self._submit(job)
+        except NodeClosed:
+            pass
 
     def close(self) -> None:
         """Flush acks, say BYE, stop the I/O thread; pending calls get NodeClosed."""
@@ -184,6 +270,10 @@ class Node:
             self._closed.set()
         self._wake()
         self._thread.join(10)
+        if self._discovery is not None:
+            self._discovery.close()
+        for subscription in self._subscriptions.values():
+            subscription._stop()
 
     def __enter__(self) -> "Node":
         return self
@@ -273,8 +363,15 @@ class Node:
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         peer_socks: list = []
+        topic_socks: dict = {}
         try:
             while not self._closed.is_set():
+                if self._topics.changed:
+                    for t in topic_socks:
+                        poller.unregister(t)
+                    topic_socks = self._topics.sockets()
+                    for t in topic_socks:
+                        poller.register(t, zmq.POLLIN)
                 if self._peers is not None and self._peers.changed:
                     for p in peer_socks:
                         poller.unregister(p)
@@ -299,6 +396,9 @@ class Node:
                     lost = RelayLost("connection to the relay dropped")
                 if self._peers is not None:
                     self._peer_io(peer_socks, events, now)
+                for t, sid in topic_socks.items():
+                    if t in events and sid in self._subscriptions:
+                        self._subscriptions[sid]._feed(self._topics.read(t))
                 lost = self._apply(self._core.tick(now)) or lost
                 if lost is not None:
                     log.info("node %s reconnecting: %s", self.name, lost.reason)
@@ -319,6 +419,7 @@ class Node:
             self._write(sock)
             if self._peers is not None:
                 self._peers.close()
+            self._topics.close()
         except Exception:
             log.exception("node %s I/O thread failed", self.name)
         finally:
@@ -436,6 +537,55 @@ class Node:
             sock.send_multipart(frames)
         if out:
             self._core.sent(time.time())
+
+
+class Subscription:
+    """Topic events for one prefix; iterate, call get(), or give a callback."""
+
+    def __init__(self, node: Node, sid: int, prefix: str, callback=None):
+        self.node = node
+        self.sid = sid
+        self.prefix = prefix
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = None
+        if callback is not None:
+            self._thread = threading.Thread(target=self._run_callback, args=(callback,), daemon=True)
+            self._thread.start()
+
+    def _feed(self, events: list[TopicEvent]) -> None:
+        for e in events:
+            self._queue.put(e)
+
+    def get(self, timeout: float | None = None) -> TopicEvent | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[TopicEvent]:
+        while not self._stopped.is_set():
+            e = self.get(timeout=0.2)
+            if e is not None:
+                yield e
+
+    def _run_callback(self, callback) -> None:
+        for event in self:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("subscription %r: callback failed", self.prefix)
+
+    def _stop(self) -> None:
+        self._stopped.set()
+
+    def cancel(self) -> None:
+        self._stop()
+        self.node._subscriptions.pop(self.sid, None)
+        try:
+            self.node._submit(lambda: self.node._topics.unsubscribe(self.sid))
+        except NodeClosed:
+            pass
 
 
 class Consumer:

@@ -101,7 +101,15 @@ class PathTable:
         self._path(mailbox).lookup_pending = False
 
     def discovered(self, mailbox: str, endpoints: set[str]) -> None:
-        self._discovered[mailbox] = set(endpoints)
+        """Discovery's view of who consumes `mailbox` directly (replaces the last)."""
+        if endpoints:
+            self._discovered[mailbox] = set(endpoints)
+            self.failed.difference_update(endpoints)
+        else:
+            self._discovered.pop(mailbox, None)
+
+    def discovered_mailboxes(self) -> list[str]:
+        return list(self._discovered)
 
     def via_relay(self, mailbox: str) -> None:
         path = self._path(mailbox)

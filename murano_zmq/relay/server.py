@@ -24,6 +24,8 @@ from ..protocol.constants import (
     DEFAULT_RELAY_ENDPOINT,
     FRAME_HEADROOM,
 )
+from ..security.logs import limit_log_floods
+from ..security.relay import RelaySecurity
 from ..store.sqlite import SQLiteStore
 from .engine import RelayEngine
 
@@ -34,6 +36,11 @@ log = logging.getLogger("murano_zmq.relay")
 # next turn's data arrive while this one syncs.
 TURN_COMMANDS = 2000
 TURN_BYTES = 4 * 1024 * 1024
+
+# Commands queued per peer connection (ZMQ_RCVHWM).  Inbound, ZeroMQ never
+# drops: a full queue stops reading that peer's connection, so one flooding
+# peer is held back while the ROUTER's fair queueing keeps serving the others.
+PEER_RECEIVE_QUEUE = 1000
 
 
 def default_data_dir() -> str:
@@ -47,6 +54,17 @@ class RelayConfig:
     data_dir: str = ""
     name: str = "relay"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
+    discovery_interfaces: str = ""
+
+    # Security (docs/security.md): the relay's CURVE key (a .key_secret path,
+    # or a NAME in key_dir), the authorized-keys directory, the permissions
+    # file; allow_all lets a keyed relay run without a permissions file.
+    key: str = ""
+    key_dir: str = ""
+    authorized_keys: str = ""
+    permissions: str = ""
+    allow_all: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -64,6 +82,8 @@ class Relay:
 
     def __init__(self, config: RelayConfig, context: zmq.Context | None = None):
         self.config = config
+        self.security = RelaySecurity.from_options(config.key, config.key_dir, config.authorized_keys,
+                                                   config.permissions, config.allow_all)
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -75,6 +95,7 @@ class Relay:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop())
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.security.reload_soon())
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,24 +121,51 @@ class Relay:
         # Durable traffic must never meet a silent high-water-mark drop:
         # the relay bounds what it sends by consumer credit instead.
         sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, PEER_RECEIVE_QUEUE)
         try:
+            self.security.secure(sock)
             sock.bind(cfg.bind)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
+            engine.permissions = self.security.permissions
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
+            discovery = self._advertise()
             self._ready.set()
-            self._loop(sock, engine)
+            try:
+                self._loop(sock, engine)
+            finally:
+                if discovery is not None:
+                    discovery.close()
             engine.shutdown()
             self._send(sock, engine.take_output(time.time()))
             engine.commit()
             log.info("relay stopped")
         finally:
             self._ready.set()
+            self.security.close()
             sock.close()
             store.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _advertise(self):
+        """Advertise the relay by zeroconf when discovery interfaces are set."""
+        interfaces = self.config.discovery_interfaces
+        if not interfaces:
+            return None
+        from ..discovery.zeroconf import Advert, Discovery, parse_interfaces
+
+        endpoint = self.endpoint
+        for wildcard in ("0.0.0.0", "*"):
+            if f"//{wildcard}:" in endpoint:
+                chosen = parse_interfaces(interfaces)
+                host = chosen[0] if isinstance(chosen, list) else "127.0.0.1"
+                endpoint = endpoint.replace(f"//{wildcard}:", f"//{host}:")
+        discovery = Discovery(interfaces)
+        discovery.advertise(Advert(self.config.name, "relay", endpoint,
+                                   key=getattr(self.security, "public_key", "") or ""))
+        log.info("relay advertised by zeroconf on %s as %s", interfaces, endpoint)
+        return discovery
 
     def _loop(self, sock: zmq.Socket, engine: RelayEngine) -> None:
         poller = zmq.Poller()
@@ -147,14 +195,22 @@ class Relay:
             in_flight = None
         now = time.time()
         budget = TURN_BYTES
+        secure = self.security.enabled
         for _ in range(TURN_COMMANDS):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=not secure)
             except zmq.Again:
                 break
+            user = None
+            if secure:  # the connection's identity rides on every message
+                user, refusal = self.security.identify(frames[0])
+                frames = [f.bytes for f in frames]
+                if refusal is not None:
+                    engine.refuse(frames[0], frames[1:], refusal, now)
+                    continue
             if len(frames) < 2:
                 continue
-            engine.receive(frames[0], frames[1:], now)
+            engine.receive(frames[0], frames[1:], now, user)
             budget -= len(frames[-1])
             if budget <= 0:
                 break
@@ -182,6 +238,7 @@ class Relay:
 
 def run_relay(config: RelayConfig) -> int:
     """The relay device's main: run until SIGTERM/SIGINT, return the exit code."""
+    limit_log_floods()  # a hostile peer must not be able to fill the disk with warnings
     relay = Relay(config)
     relay.install_signal_handlers()
     relay.run()

@@ -1,0 +1,248 @@
+"""Zeroconf discovery: relays and nodes advertise themselves as DNS-SD
+services of type _murano-zmq._tcp.local. and browse for each other.
+
+AsyncDiscovery runs on an asyncio loop (zeroconf's asyncio API); Discovery
+runs one in a thread of its own for threaded code, its methods waiting with
+a bound.  Interfaces are explicit: loopback unless configured otherwise
+(MURANO_ZMQ_DISCOVERY_INTERFACES, --discovery-interfaces, or `interfaces=`).
+
+A TXT record is a claim by whoever sent it: discovery tells a node where to
+connect, never whom to trust (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from ..protocol.constants import PROTOCOL_VERSION
+
+log = logging.getLogger("murano_zmq.discovery")
+
+SERVICE_TYPE = "_murano-zmq._tcp.local."
+INTERFACES_ENV = "MURANO_ZMQ_DISCOVERY_INTERFACES"
+DEFAULT_INTERFACES = "127.0.0.1"
+# One TXT string is at most 255 bytes; a longer mailbox list is left out
+# (senders then learn consumers from the relay's LOOKUP).
+MAX_TXT_VALUE = 200
+
+
+def parse_interfaces(value: str | None) -> list[str] | InterfaceChoice:
+    """"127.0.0.1,10.0.0.5" -> addresses; "all" -> every interface."""
+    value = (value or os.environ.get(INTERFACES_ENV) or DEFAULT_INTERFACES).strip()
+    if value == "all":
+        return InterfaceChoice.All
+    addresses = [a.strip() for a in value.split(",") if a.strip()]
+    for a in addresses:
+        try:
+            socket.inet_aton(a)
+        except OSError:
+            raise ValueError(f"discovery interface {a!r} is not an IPv4 address (or 'all')") from None
+    return addresses
+
+
+@dataclass(frozen=True)
+class Advert:
+    """What a relay or node says about itself."""
+
+    name: str
+    role: str  # "relay" or "node"
+    endpoint: str = ""  # relay ROUTER, or the node's direct ROUTER
+    pub: str = ""  # the node's PUB endpoint, if it publishes
+    mailboxes: tuple[str, ...] = ()  # mailboxes it consumes directly
+    key: str = ""  # CURVE public key (z85), if any: to be pinned, not trusted
+    version: int = PROTOCOL_VERSION
+
+    def properties(self) -> dict[str, str]:
+        props = {"role": self.role, "name": self.name, "v": str(self.version),
+                 "endpoint": self.endpoint, "pub": self.pub, "key": self.key}
+        boxes = ",".join(self.mailboxes)
+        if len(boxes) <= MAX_TXT_VALUE:
+            props["mailboxes"] = boxes
+        return props
+
+    @classmethod
+    def from_properties(cls, props: dict) -> "Advert | None":
+        def text(key: str) -> str:
+            value = props.get(key.encode()) or b""
+            return value.decode("utf-8", "replace")[:MAX_TXT_VALUE + 55]
+
+        try:
+            version = int(text("v") or 0)
+        except ValueError:
+            return None
+        if text("role") not in ("relay", "node") or not text("name"):
+            return None
+        return cls(text("name"), text("role"), text("endpoint"), text("pub"),
+                   tuple(m for m in text("mailboxes").split(",") if m), text("key"), version)
+
+
+def _service_name(advert: Advert) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in advert.name)[:50]
+    return f"{advert.role}-{safe}.{SERVICE_TYPE}"
+
+
+def _address_of(endpoint: str) -> bytes:
+    host = urlsplit(endpoint.replace("tcp://", "http://", 1)).hostname or "127.0.0.1"
+    try:
+        return socket.inet_aton(host)
+    except OSError:
+        return socket.inet_aton("127.0.0.1")
+
+
+class AsyncDiscovery:
+    """Advertise and browse on the running loop.  `on_change(peers)` is called
+    (on the loop) whenever the set of known adverts changes."""
+
+    def __init__(self, interfaces: str | list[str] | None = None,
+                 on_change: Callable[[dict[str, Advert]], None] | None = None):
+        self.interfaces = interfaces if isinstance(interfaces, list) else parse_interfaces(interfaces)
+        self.on_change = on_change
+        self.peers: dict[str, Advert] = {}  # service name -> advert
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._mine: dict[str, AsyncServiceInfo] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._changed])
+
+    async def advertise(self, advert: Advert) -> None:
+        """Register `advert`, or update it if this name is advertised already."""
+        name = _service_name(advert)
+        info = AsyncServiceInfo(SERVICE_TYPE, name, addresses=[_address_of(advert.endpoint or advert.pub)],
+                                port=int(urlsplit((advert.endpoint or advert.pub or "tcp://x:1")
+                                                  .replace("tcp://", "http://", 1)).port or 1),
+                                properties=advert.properties(), server=name.split(".")[0] + ".local.")
+        if name in self._mine:
+            await self._zc.async_update_service(info)
+        else:
+            await self._zc.async_register_service(info)
+        self._mine[name] = info
+
+    def _changed(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            if self.peers.pop(name, None) is not None:
+                self._notify()
+            return
+        task = asyncio.ensure_future(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._zc.zeroconf, 3000):
+            return
+        advert = Advert.from_properties(info.properties or {})
+        if advert is None:
+            log.warning("ignoring malformed advert %s", name)
+            return
+        if self.peers.get(name) != advert:
+            self.peers[name] = advert
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(dict(self.peers))
+
+    async def close(self) -> None:
+        if self._zc is None:
+            return
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self._zc.async_unregister_all_services()
+        await self._zc.async_close()
+        self._zc = None
+        # zeroconf leaves announcement tasks behind: end them with the loop.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+
+class Discovery:
+    """AsyncDiscovery on a loop in its own thread, for threaded code."""
+
+    def __init__(self, interfaces: str | list[str] | None = None,
+                 on_change: Callable[[dict[str, Advert]], None] | None = None, timeout: float = 10.0):
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="murano-zmq-discovery", daemon=True)
+        self._thread.start()
+        self._async = AsyncDiscovery(interfaces, on_change)
+        self._call(self._async.start())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
+
+    @property
+    def peers(self) -> dict[str, Advert]:
+        return dict(self._async.peers)
+
+    def advertise(self, advert: Advert) -> None:
+        self._call(self._async.advertise(advert))
+
+    def wait_for(self, predicate: Callable[[dict[str, Advert]], object], timeout: float):
+        """Wait (bounded) until predicate(peers) is truthy; returns its value or None."""
+        done = threading.Event()
+        result: list = []
+
+        def check() -> None:
+            value = predicate(dict(self._async.peers))
+            if value:
+                result.append(value)
+                done.set()
+
+        previous = self._async.on_change
+
+        def on_change(peers: dict[str, Advert]) -> None:
+            if previous is not None:
+                previous(peers)
+            check()
+
+        self._loop.call_soon_threadsafe(check)
+        self._async.on_change = on_change
+        try:
+            done.wait(timeout)
+        finally:
+            self._async.on_change = previous
+        return result[0] if result else None
+
+    def close(self) -> None:
+        try:
+            self._call(self._async.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(self.timeout)
+            self._loop.close()
+
+
+def find_relay(interfaces: str | None = None, timeout: float = 5.0) -> str:
+    """The endpoint of a relay advertised on the LAN (relay="auto")."""
+    from ..protocol.errors import RelayUnavailable
+
+    discovery = Discovery(interfaces)
+    try:
+        found = discovery.wait_for(
+            lambda peers: next((a.endpoint for a in sorted(peers.values(), key=lambda a: a.name)
+                                if a.role == "relay" and a.endpoint), None), timeout)
+    finally:
+        discovery.close()
+    if not found:
+        raise RelayUnavailable(f"no relay advertised on {interfaces or os.environ.get(INTERFACES_ENV) or DEFAULT_INTERFACES} "
+                               f"within {timeout}s")
+    return found
+
+

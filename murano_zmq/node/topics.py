@@ -1,0 +1,116 @@
+"""PUB/SUB sockets for the threaded Node, used in its I/O thread.
+
+A node binds one PUB on its first publish() (and connects it to a
+forwarder's XSUB when one is configured); each subscription is a SUB socket
+connected to every publisher the node knows: discovered ones, a forwarder's
+XPUB, and any given explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.topics import TopicEvent, decode_event, encode_event
+
+log = logging.getLogger("murano_zmq.node")
+
+
+def parse_forwarder(forwarder) -> tuple[str, str] | None:
+    """A forwarder as (XSUB endpoint, XPUB endpoint), from a pair or "E1,E2"."""
+    if not forwarder:
+        return None
+    if isinstance(forwarder, str):
+        forwarder = [e.strip() for e in forwarder.split(",")]
+    forwarder = tuple(forwarder)
+    if len(forwarder) != 2 or not all(isinstance(e, str) and e for e in forwarder):
+        raise ValueError(f"forwarder is (XSUB endpoint, XPUB endpoint), got {forwarder!r}")
+    return forwarder
+
+
+class TopicSockets:
+    def __init__(self, context: zmq.Context, node_name: str, bind: str,
+                 forwarder: tuple[str, str] | None = None):
+        self._context = context
+        self.node_name = node_name
+        self.bind = bind
+        self.forwarder = forwarder  # (XSUB endpoint for publishers, XPUB endpoint for subscribers)
+        self.pub_endpoint: str | None = None
+        self._pub: zmq.Socket | None = None
+        self._subs: dict[int, zmq.Socket] = {}  # subscription id -> SUB
+        self._prefixes: dict[int, bytes] = {}
+        self._connected: dict[int, set[str]] = {}
+        self.publishers: set[str] = set()  # PUB endpoints learned (discovery)
+        self.changed = False
+
+    def publish(self, topic: str, packed_body: bytes, now: float) -> bool:
+        """Send one event; True if the PUB had to be created (advertise it)."""
+        created = self._pub is None
+        if created:
+            pub = self._context.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind(self.bind)
+            if self.forwarder:
+                pub.connect(self.forwarder[0])
+            self._pub = pub
+            self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            for sid in self._subs:  # this node's own subscriptions hear it too
+                self._connect(sid, [self.pub_endpoint])
+        self._pub.send_multipart(encode_event(topic, self.node_name, packed_body, now))
+        return created
+
+    def subscribe(self, sid: int, prefix: str, publishers: list[str]) -> None:
+        sub = self._context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
+        self._subs[sid] = sub
+        self._prefixes[sid] = prefix.encode("utf-8")
+        self._connected[sid] = set()
+        extra = list(publishers) + ([self.forwarder[1]] if self.forwarder else [])
+        extra += [self.pub_endpoint] if self.pub_endpoint else []
+        self._connect(sid, extra + sorted(self.publishers))
+        self.changed = True
+
+    def learned(self, endpoints: set[str]) -> None:
+        """Publishers known now (discovery): subscriptions connect to new ones."""
+        self.publishers = set(endpoints)
+        for sid in self._subs:
+            self._connect(sid, sorted(endpoints))
+
+    def _connect(self, sid: int, endpoints: list[str]) -> None:
+        for endpoint in endpoints:
+            if endpoint and endpoint not in self._connected[sid]:
+                self._subs[sid].connect(endpoint)
+                self._connected[sid].add(endpoint)
+
+    def unsubscribe(self, sid: int) -> None:
+        sub = self._subs.pop(sid, None)
+        if sub is not None:
+            sub.close(0)
+            self.changed = True
+
+    def sockets(self) -> dict[zmq.Socket, int]:
+        self.changed = False
+        return {sock: sid for sid, sock in self._subs.items()}
+
+    def read(self, sock: zmq.Socket) -> list[TopicEvent]:
+        events = []
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                events.append(decode_event(frames))
+            except RemoteProtocolError as exc:
+                log.warning("node %s: bad topic event dropped: %s", self.node_name, exc)
+        return events
+
+    def close(self) -> None:
+        for sub in self._subs.values():
+            sub.close(0)
+        self._subs.clear()
+        if self._pub is not None:
+            self._pub.close(100)
