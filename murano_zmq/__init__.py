@@ -21,6 +21,7 @@ from .protocol.errors import (
     RelayError,
     RelayUnavailable,
     RemoteProtocolError,
+    SendQueueFull,
 )
 from .protocol.message import Message
 from .protocol.options import MailboxOptions
@@ -32,5 +33,5 @@ __all__ = [
     "DEFAULT_RELAY_ENDPOINT", "PROTOCOL_VERSION",
     "MuranoZmqError", "LocalProtocolError", "RemoteProtocolError", "RelayError", "RelayUnavailable",
     "NodeClosed", "MailboxFull", "MailboxNotFound", "Malformed", "MessageTooLarge",
-    "PermissionDenied", "PreconditionFailed",
+    "PermissionDenied", "PreconditionFailed", "SendQueueFull",
 ]

@@ -70,6 +70,11 @@ class DirectPeers:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
 
+    @property
+    def queued(self) -> int:
+        """Records waiting for a link's window."""
+        return sum(len(q) for q in list(self._queues.values()))
+
     def sockets(self) -> list[zmq.Socket]:
         self.changed = False
         return [self._router, *self._socks.values()]

@@ -23,11 +23,12 @@ from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, State
 from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_PENDING,
     DEFAULT_PREFETCH,
     DEFAULT_TIMEOUT,
     MAX_IN_FLIGHT_BATCHES,
 )
-from ..protocol.errors import NodeClosed, RelayUnavailable
+from ..protocol.errors import NodeClosed, RelayUnavailable, SendQueueFull
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, check_name, pack_body
@@ -66,7 +67,8 @@ class Node:
                  context: zmq.Context | None = None, curve_key=None, relay_key=None,
                  direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
                  direct_timeout: float = DEFAULT_DIRECT_TIMEOUT,
-                 discovery: bool | str | None = None, forwarder: tuple[str, str] | None = None):
+                 discovery: bool | str | None = None, forwarder: tuple[str, str] | None = None,
+                 max_pending: int = DEFAULT_MAX_PENDING):
         self.name = name or default_node_name()
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
@@ -78,6 +80,7 @@ class Node:
             relay = find_relay(self._interfaces, timeout=min(timeout, 10.0))
         self.relay = resolve_relay(relay)
         self.timeout = timeout
+        self.max_pending = max_pending
         self._context = context or zmq.Context.instance()
         # CURVE (docs/security.md): curve_key is this node's key pair (a
         # KeyPair or a .key_secret path), relay_key the relay's public key
@@ -146,17 +149,30 @@ class Node:
         return self._request(Cmd.STATUS, timeout=timeout)
 
     def send(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
-             timeout: float | None = None) -> bytes:
-        """Send and wait until the relay has stored it durably; returns the id."""
-        return self._wait(self.send_async(mailbox, body, headers, ttl), timeout)
+             timeout: float | None = None, wait: bool = True) -> bytes:
+        """Send and wait until the message is safe; returns its id.
+
+        Safe means: stored durably by the relay, or (direct path) acked by the
+        consumer's application.  wait=False: raise RelayUnavailable at once
+        rather than hold the message while no relay is connected.
+        """
+        return self._wait(self.send_async(mailbox, body, headers, ttl, wait), timeout)
 
     def send_async(self, mailbox: str, body: Any, headers: dict | None = None,
-                   ttl: float | None = None) -> concurrent.futures.Future:
-        """Send without waiting: the future resolves to the id once stored."""
+                   ttl: float | None = None, wait: bool = True) -> concurrent.futures.Future:
+        """Send without blocking: the future resolves to the id once safe."""
         record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size)
+        if not wait:
+            self._check_deliverable_now(mailbox)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue_records([record], [future])
         return future
+
+    def _check_deliverable_now(self, mailbox: str) -> None:
+        direct = self._peers is not None and self._peers.paths.is_direct(mailbox)
+        if not direct and self._core.state != State.READY:
+            raise RelayUnavailable(f"no relay connected at {self.relay} and no direct consumer of "
+                                   f"{mailbox} (wait=False)")
 
     def send_many(self, messages: Iterable[tuple], timeout: float | None = None) -> list[bytes]:
         """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; waits
@@ -171,8 +187,18 @@ class Node:
     def _queue_records(self, records: list, waiters: list) -> None:
         with self._lock:
             self._check_open()
+            held = self.pending
+            if held + len(records) > self.max_pending:
+                raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
+                                    f"(max_pending={self.max_pending}); is the relay at {self.relay} reachable?")
             self._outgoing.extend(zip(records, waiters))
         self._wake()
+
+    @property
+    def pending(self) -> int:
+        """Messages this node holds that no socket has taken yet."""
+        peers = self._peers.queued if self._peers is not None else 0
+        return len(self._outgoing) + len(self._held) + len(self._relay_queue) + peers
 
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                 timeout: float | None = None) -> "Consumer":

@@ -34,6 +34,10 @@ DEDUP_WINDOW = 100_000
 # Unconfirmed sends a node keeps in flight before send_many() waits.
 MAX_IN_FLIGHT_BATCHES = 64
 
+# Messages a node holds that it could not hand to a socket yet (relay down,
+# windows full); one more send raises SendQueueFull.
+DEFAULT_MAX_PENDING = 100_000
+
 # How long a blocking call waits for the relay by default, seconds.
 DEFAULT_TIMEOUT = 30.0
 

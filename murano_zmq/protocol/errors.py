@@ -30,6 +30,11 @@ class RelayUnavailable(MuranoZmqError):
     """No relay answered within the time allowed."""
 
 
+class SendQueueFull(MuranoZmqError):
+    """The node already holds its limit of messages it could not hand on yet
+    (typically: no relay reachable for them)."""
+
+
 class NodeClosed(MuranoZmqError):
     """The node was closed while the operation was pending."""
 

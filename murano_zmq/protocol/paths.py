@@ -76,6 +76,13 @@ class PathTable:
         path.rr += 1
         return endpoint
 
+    def is_direct(self, mailbox: str) -> bool:
+        """Would the next message to `mailbox` go direct?  (Reads only.)"""
+        path = self._paths.get(mailbox)
+        if path is None or path.relay_undrained or path.relay_unconfirmed:
+            return False
+        return any(e not in self.failed for e in path.endpoints) or bool(self._discovered.get(mailbox))
+
     def wants_lookup(self, mailbox: str, now: float) -> bool:
         """Ask the relay again?  (Marks the lookup as pending when True.)"""
         path = self._path(mailbox)

@@ -181,3 +181,33 @@ def test_relay_only_node_never_binds(relay):
             c.send("agent.e1.u1", i)
         assert collect(plans, 100) == list(range(100))
         assert counters(c)["received"] == 100  # every one through the relay
+
+
+def test_with_the_relay_down_messages_wait_bounded_or_fail_at_once(relay_factory):
+    from murano_zmq import RelayUnavailable, SendQueueFull
+
+    relay = relay_factory()
+    endpoint, data_dir = relay.endpoint, relay.data_dir
+    with Node("sender", relay=endpoint, heartbeat=0.2, max_pending=50, timeout=30) as sender:
+        sender.send("offline.agent", "before")
+        relay.kill()
+        wait_for(lambda: sender._core.state.value != "ready", 10, what="the node to notice")
+        try:
+            sender.send("offline.agent", "refused", wait=False)
+        except RelayUnavailable as exc:
+            assert "wait=False" in str(exc)
+        else:
+            raise AssertionError("wait=False with no relay must raise RelayUnavailable")
+        held = [sender.send_async("offline.agent", i) for i in range(50)]
+        try:
+            sender.send_async("offline.agent", "one too many")
+        except SendQueueFull as exc:
+            assert "max_pending=50" in str(exc)
+        else:
+            raise AssertionError("the 51st held message must raise SendQueueFull")
+        assert not any(f.done() for f in held)
+        relay_factory(endpoint=endpoint, data_dir=data_dir)
+        for f in held:
+            f.result(30)
+    with Node("agent", relay=endpoint, direct=False) as agent:
+        assert collect(agent.consume("offline.agent"), 51) == ["before", *range(50)]
