@@ -166,6 +166,8 @@ class DirectPeers:
                 log.warning("node %s: bad command from peer %s dropped: %s", self.node_name, endpoint, exc)
                 continue
             to_relay.extend(self._link_events(link_events))
+            if sock.closed:
+                break  # the link failed (e.g. the peer said BYE)
         return events, to_relay
 
     def _link_events(self, link_events: list) -> list:

@@ -360,8 +360,8 @@ class Node:
         self._woken = True
         try:
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        except (BlockingIOError, OSError):
+            pass  # already awake, or the I/O thread has ended
 
     def _check_open(self) -> None:
         if self._closed.is_set():
@@ -448,6 +448,7 @@ class Node:
             self._topics.close()
         except Exception:
             log.exception("node %s I/O thread failed", self.name)
+            self._closed.set()
         finally:
             close_relay_socket(sock, monitor, linger=None)
             self._dispatch.fail_all(NodeClosed(f"node {self.name} is closed"))
@@ -531,7 +532,7 @@ class Node:
         """Read direct traffic; what must go to the relay joins its queue."""
         to_relay = []
         for p in peer_socks:
-            if p in events:
+            if p in events and not p.closed:  # a failed link closed its socket meanwhile
                 delivered, failed = self._peers.readable(p, now)
                 self._dispatch.apply(delivered)
                 to_relay.extend(failed)
