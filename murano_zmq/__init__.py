@@ -23,13 +23,13 @@ from .protocol.errors import (
     RemoteProtocolError,
     SendQueueFull,
 )
-from .protocol.message import Message
+from .protocol.message import Message, idempotent_id
 from .protocol.options import MailboxOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncConsumer", "AsyncNode", "Consumer", "Node", "Message", "MailboxOptions",
+    "AsyncConsumer", "AsyncNode", "Consumer", "Node", "Message", "MailboxOptions", "idempotent_id",
     "DEFAULT_RELAY_ENDPOINT", "PROTOCOL_VERSION",
     "MuranoZmqError", "LocalProtocolError", "RemoteProtocolError", "RelayError", "RelayUnavailable",
     "NodeClosed", "MailboxFull", "MailboxNotFound", "Malformed", "MessageTooLarge",

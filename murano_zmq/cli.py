@@ -133,10 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xsub", default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
     p.add_argument("--xpub", default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
 
-    p = sub.add_parser("demo", help="run an api -> conductor -> agent exchange on an embedded relay",
-                       description="Start a relay in a temporary directory and run a small Murano-like "
-                                   "flow: the agent starts after its plan was sent.")
-    p.add_argument("--units", type=_count, default=2, help="agents (units) to deploy (default %(default)s)")
+    p = sub.add_parser("demo", help="run the Murano flow (api, 2 conductors, late agents) on an embedded relay",
+                       description="Start a relay in a temporary directory, two conductors and the api; "
+                                   "deploy ENVS environments of UNITS units each, starting every agent "
+                                   "only after its plan waits in its mailbox; then delete one environment "
+                                   "and show its agent mailboxes expire.  Exit 0 only if every "
+                                   "deployment completed exactly once.")
+    p.add_argument("--envs", type=_count, default=5, help="environments to deploy (default %(default)s)")
+    p.add_argument("--units", type=_count, default=3, help="units (agents) per environment (default %(default)s)")
+    p.add_argument("--chaos", action="store_true",
+                   help="SIGKILL the relay (and restart it), a conductor mid-task, an agent mid-plan")
+    p.add_argument("--seed", type=int, default=1, help="seed for --chaos choices (default %(default)s)")
+    p.add_argument("--agent-ttl", type=_positive_float, default=3.0,
+                   help="idle seconds before an agent mailbox expires (default %(default)s)")
+    p.add_argument("--step-seconds", type=float, default=0.3,
+                   help="seconds each of a plan's two work steps takes (default %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, help="give up after S seconds (default: scales with size)")
 
     p = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)",
                        description="Write NAME.key (public: copy it into a relay's authorized-keys "
@@ -329,7 +341,11 @@ def cmd_forwarder(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(units=args.units)
+    if args.envs < 1 or args.units < 1:
+        print("murano-zmq: demo needs --envs and --units >= 1", file=sys.stderr)
+        return 2
+    return run_demo(envs=args.envs, units=args.units, chaos=args.chaos, seed=args.seed,
+                    agent_ttl=args.agent_ttl, step_seconds=max(0.0, args.step_seconds), timeout=args.timeout)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -127,7 +127,9 @@ class AsyncDiscovery:
         if name in self._mine:
             await self._zc.async_update_service(info)
         else:
-            await self._zc.async_register_service(info)
+            # No probing round (~1 s): names carry the node's name, which is
+            # unique per process by default (host-pid).
+            await self._zc.async_register_service(info, cooperating_responders=True)
         self._mine[name] = info
 
     def _changed(self, zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:

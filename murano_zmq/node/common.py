@@ -27,7 +27,7 @@ from ..protocol.client import (
 )
 from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
-from ..protocol.message import check_name, is_number, new_message_id, pack_body, send_record
+from ..protocol.message import ID_SIZE, check_name, is_number, new_message_id, pack_body, send_record
 from ..protocol.options import MailboxOptions
 from ..security.curve import CurveClient
 
@@ -87,8 +87,11 @@ def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
 
 
 def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | None, now: float,
-                 max_size: int | None) -> list:
-    """A SEND record for one message, checked before it leaves the node."""
+                 max_size: int | None, msg_id: bytes | None = None) -> list:
+    """A SEND record for one message, checked before it leaves the node.
+    `msg_id`: the caller's own id (an idempotency key, see idempotent_id())."""
+    if msg_id is not None and (not isinstance(msg_id, bytes) or len(msg_id) != ID_SIZE):
+        raise LocalProtocolError(f"msg_id must be {ID_SIZE} bytes")
     check_name(mailbox)
     if headers is not None and (not isinstance(headers, dict)
                                 or not all(isinstance(k, str) for k in headers)):
@@ -98,7 +101,7 @@ def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | Non
     packed = pack_body(body)
     header_size = len(pack_body(headers)) if headers else 0  # fail here, not in the I/O thread
     check_size(len(packed) + header_size, max_size)
-    return send_record(new_message_id(now), mailbox, headers, packed, now, ttl)
+    return send_record(msg_id or new_message_id(now), mailbox, headers, packed, now, ttl)
 
 
 def record_size(record: list) -> int:

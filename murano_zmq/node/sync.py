@@ -149,19 +149,21 @@ class Node:
         return self._request(Cmd.STATUS, timeout=timeout)
 
     def send(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
-             timeout: float | None = None, wait: bool = True) -> bytes:
+             timeout: float | None = None, wait: bool = True, msg_id: bytes | None = None) -> bytes:
         """Send and wait until the message is safe; returns its id.
 
         Safe means: stored durably by the relay, or (direct path) acked by the
         consumer's application.  wait=False: raise RelayUnavailable at once
-        rather than hold the message while no relay is connected.
+        rather than hold the message while no relay is connected.  msg_id:
+        an idempotency key (murano_zmq.idempotent_id), else a fresh id.
         """
-        return self._wait(self.send_async(mailbox, body, headers, ttl, wait), timeout)
+        return self._wait(self.send_async(mailbox, body, headers, ttl, wait, msg_id), timeout)
 
     def send_async(self, mailbox: str, body: Any, headers: dict | None = None,
-                   ttl: float | None = None, wait: bool = True) -> concurrent.futures.Future:
+                   ttl: float | None = None, wait: bool = True,
+                   msg_id: bytes | None = None) -> concurrent.futures.Future:
         """Send without blocking: the future resolves to the id once safe."""
-        record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size)
+        record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size, msg_id)
         if not wait:
             self._check_deliverable_now(mailbox)
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -201,8 +203,13 @@ class Node:
         return len(self._outgoing) + len(self._held) + len(self._relay_queue) + peers
 
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
-                timeout: float | None = None) -> "Consumer":
-        """A consumer of `mailbox`: iterate it for Messages; ack each one."""
+                timeout: float | None = None, direct: bool = True) -> "Consumer":
+        """A consumer of `mailbox`: iterate it for Messages; ack each one.
+
+        direct=False: take this mailbox's messages through the relay only
+        (for long work where the ack means "finished": a direct sender would
+        wait that long for its CONFIRM).
+        """
         check_name(mailbox)
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
@@ -210,8 +217,9 @@ class Node:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def job() -> None:
-            cid, req = self._core.consume(mailbox, prefetch, self.endpoint)
-            if self._peers is not None:
+            endpoint = self.endpoint if direct else None
+            cid, req = self._core.consume(mailbox, prefetch, endpoint)
+            if endpoint is not None:
                 self._peers.consumers[mailbox] = cid
             consumer.cid = cid
             self._dispatch.sinks[cid] = consumer._feed
@@ -332,6 +340,13 @@ class Node:
             # later CANCEL or BYE, or the relay requeues the message.
             self._jobs.append(lambda: self._settle_now(message, how, requeue))
         self._wake()
+
+    def _cancel_consumer(self, cid: int, mailbox: str) -> None:
+        """(I/O thread) stop a consumer on both paths."""
+        self._core.cancel(cid)
+        self._dispatch.sinks.pop(cid, None)
+        if self._peers is not None and self._peers.consumers.get(mailbox) == cid:
+            del self._peers.consumers[mailbox]  # direct senders now get 404 and use the relay
 
     def _settle_now(self, message: Message, how: str, requeue: bool) -> None:
         """(I/O thread) settle with the path that brought the message."""
@@ -654,6 +669,6 @@ class Consumer:
         self._cancelled = True
         cid = self.cid
         try:
-            self.node._submit(lambda: (self.node._core.cancel(cid), self.node._dispatch.sinks.pop(cid, None)))
+            self.node._submit(lambda: self.node._cancel_consumer(cid, self.mailbox))
         except NodeClosed:
             pass

@@ -6,6 +6,7 @@ packed, so the relay never decodes it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -28,6 +29,14 @@ def new_message_id(now: float) -> bytes:
     Time-ordered ids keep the relay's id index append-mostly.
     """
     return int(now * 1000).to_bytes(6, "big") + os.urandom(ID_SIZE - 6)
+
+
+def idempotent_id(key: str) -> bytes:
+    """A message id derived from `key`: sending twice with the same key is
+    sending the same message, which the relay and the receiving node's dedup
+    window hand to application code once (e.g. a task's result, whoever
+    finishes the task)."""
+    return hashlib.sha256(key.encode("utf-8")).digest()[:ID_SIZE]
 
 
 def pack_body(body: Any) -> bytes:

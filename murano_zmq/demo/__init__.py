@@ -1,0 +1,335 @@
+"""`murano-zmq demo`: the Murano flow end to end on one machine.
+
+An embedded relay (a child process, temporary directory), two conductor
+processes, the api in this process, and agents started only after their
+plans wait in their mailboxes.  Relay and conductors find each other by
+zeroconf pinned to 127.0.0.1; agents use the static relay endpoint, as
+tenant VMs would.  --chaos kills the relay (SIGKILL, then restarts it), one
+conductor mid-task, and one agent mid-plan (then restarts it).
+
+Exit status 0 only if every deployment completed exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..node.sync import Node
+from ..relay.process import RelayProcess
+from . import flow
+from .view import ProgressView
+
+DISCOVERY = "127.0.0.1"
+HEARTBEAT = 0.3
+
+
+def _free_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@dataclass
+class Env:
+    name: str
+    units: list[str]
+    task_id: str
+    sent_at: float = 0.0
+    agents_started: float | None = None
+    done_at: float | None = None
+    results: int = 0  # result messages the api received for its task
+    units_done: set = field(default_factory=set)
+    step: str = "queued"
+    ok: bool | None = None
+
+
+class Demo:
+    def __init__(self, envs: int, units: int, chaos: bool, seed: int, agent_ttl: float,
+                 step_seconds: float, timeout: float, live: bool):
+        self.rng = random.Random(seed)
+        self.chaos = chaos
+        self.agent_ttl = agent_ttl
+        self.step_seconds = step_seconds
+        self.timeout = timeout
+        self.tmp = tempfile.TemporaryDirectory(prefix="murano-zmq-demo-")
+        self.workdir = os.path.join(self.tmp.name, "vms")
+        self.endpoint = _free_endpoint()
+        self.envs = [Env(f"env{i + 1}", [f"unit{j + 1}" for j in range(units)], uuid.uuid4().hex[:12])
+                     for i in range(envs)]
+        # Agents of several environments share a process past 16 processes (soak runs).
+        group = max(1, math.ceil(envs / 16))
+        self.agent_groups = [self.envs[i:i + group] for i in range(0, envs, group)]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.relay: RelayProcess | None = None
+        self.peak_relay_rss = 0.0
+        self.view = ProgressView(self.envs, live)
+        self.t0 = time.monotonic()
+        self.chaos_log: list[str] = []
+        self.chaos_done: set[str] = set()
+        self.duplicates = 0
+
+    # --- processes -------------------------------------------------------------------------
+
+    def _log(self, name: str):
+        return open(os.path.join(self.tmp.name, f"{name}.log"), "ab")
+
+    def start_relay(self) -> None:
+        self.relay = RelayProcess(self.endpoint, os.path.join(self.tmp.name, "relay-data"),
+                                  "--discovery-interfaces", DISCOVERY, log_file=self._log("relay")).start()
+
+    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "MURANO_LOG_LEVEL": "INFO"}
+        proc = subprocess.Popen([sys.executable, "-m", f"murano_zmq.demo.{module}", *args,
+                                 "--heartbeat", str(HEARTBEAT)],
+                                stdout=subprocess.PIPE, stderr=self._log(name), text=True, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def wait_ready(self, name: str) -> None:
+        if not self.procs[name].stdout.readline().startswith("ready"):
+            raise RuntimeError(f"{name} did not start (see {self.tmp.name}/{name}.log)")
+
+    def start_conductor(self, name: str) -> None:
+        self.spawn(name, "conductor", "--name", name, "--relay", "auto", "--discovery-interfaces", DISCOVERY)
+
+    def start_agents(self, group: int) -> None:
+        units = ",".join(f"{e.name}/{u}" for e in self.agent_groups[group] for u in e.units)
+        self.spawn(f"agents-{group}", "agent", "--relay", self.endpoint, "--units", units,
+                   "--state-dir", os.path.join(self.tmp.name, "agent-state"))
+        self.wait_ready(f"agents-{group}")
+        for e in self.agent_groups[group]:
+            e.agents_started = time.monotonic()
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> int:
+        """SIGTERM every child, by PID; returns how many did not exit 0."""
+        bad = 0
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in list(self.procs.items()):
+            try:
+                code = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                code = -9
+            if code != 0:
+                bad += 1
+                self.view.note(f"{name} exited with {code}")
+        self.procs.clear()
+        return bad
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def chaos_event(self, text: str) -> None:
+        line = f"[{self.elapsed():6.2f}s] chaos: {text}"
+        self.chaos_log.append(line)
+        self.view.note(line)
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.stop_all()
+            if self.relay is not None:
+                self.relay.stop()
+            self.tmp.cleanup()
+
+    def _run(self) -> int:
+        self.start_relay()
+        self.view.note(f"relay pid {self.relay.pid} on {self.endpoint} (advertised by zeroconf on {DISCOVERY})")
+        for name in ("conductor-1", "conductor-2"):
+            self.start_conductor(name)
+        for name in ("conductor-1", "conductor-2"):
+            self.wait_ready(name)
+        with Node("murano-api", relay="auto", discovery=DISCOVERY, heartbeat=HEARTBEAT) as api:
+            self.view.note(f"api found the relay by zeroconf: {api.relay}")
+            api.declare(flow.TASKS)
+            progress = api.subscribe(flow.PROGRESS)
+            results = api.consume(flow.API_RESULTS, prefetch=100)
+            for e in self.envs:
+                api.send(flow.TASKS, flow.deployment_task(e.task_id, e.name, e.units, self.agent_ttl,
+                                                          self.workdir, self.step_seconds))
+                e.sent_at = time.monotonic()
+            self.view.note(f"{len(self.envs)} deployment tasks sent to '{flow.TASKS}'")
+            ok = self._watch(api, progress, results)
+            deployed = self.elapsed()
+            status_before, status_after = self._delete_first_env(api, results) if ok else (None, None)
+            self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+        self.view.finish()
+        bad_exits = self.stop_all()
+        relay_code = self.relay.stop()
+        return self._summary(ok, deployed, status_before, status_after, bad_exits, relay_code)
+
+    def _watch(self, api: Node, progress, results) -> bool:
+        deadline = time.monotonic() + self.timeout
+        next_status = 0.0
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            while (event := progress.get(timeout=0)) is not None:
+                self.view.progress(event.body)
+            while (msg := results.get(timeout=0.05)) is not None:
+                self._result(msg)
+            if now >= next_status:
+                next_status = now + 0.25
+                self._start_waiting_agents(api)
+            if self.chaos:
+                self._chaos(api)
+            self.view.render(self.elapsed())
+            if all(e.done_at for e in self.envs):
+                return True
+        self.view.note(f"timed out after {self.timeout}s")
+        return False
+
+    def _result(self, msg) -> None:
+        body = msg.body
+        env = next((e for e in self.envs if e.task_id == body["task"]), None)
+        msg.ack()
+        if env is None:
+            return
+        env.results += 1
+        if env.results > 1:
+            self.duplicates += 1
+            self.view.note(f"DUPLICATE result for {env.name}")
+            return
+        env.done_at = time.monotonic()
+        env.ok = body["ok"]
+        env.step = "deployed" if body["ok"] else "FAILED"
+        env.units_done = set(env.units) if body["ok"] else env.units_done
+        self.view.note(f"{env.name}: deployed by {body['conductor']}"
+                       + (" (task redelivered)" if body.get("redelivered") else ""))
+
+    def _start_waiting_agents(self, api: Node) -> None:
+        try:
+            status = api.status(timeout=2)
+        except Exception:
+            return  # the relay may be restarting
+        self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+        depth = {mb["name"]: mb["depth"] for mb in status["mailboxes"]}
+        for i, group in enumerate(self.agent_groups):
+            if group[0].agents_started is not None:
+                continue
+            if all(depth.get(flow.agent_mailbox(e.name, u), 0) > 0 for e in group for u in e.units):
+                names = ", ".join(e.name for e in group)
+                self.view.note(f"plans for {names} wait in their mailboxes: starting their agents now")
+                self.start_agents(i)
+
+    def _chaos(self, api: Node) -> None:
+        done = sum(1 for e in self.envs if e.done_at)
+        started = [i for i, g in enumerate(self.agent_groups) if g[0].agents_started and not g[0].done_at]
+        if "agent" not in self.chaos_done and started:
+            i = started[0]
+            if time.monotonic() - self.agent_groups[i][0].agents_started > self.step_seconds * 0.7:
+                self.chaos_done.add("agent")
+                self.kill(f"agents-{i}")
+                self.chaos_event(f"SIGKILL agents-{i} ({', '.join(e.name for e in self.agent_groups[i])}) "
+                                 "mid-plan; restarting them")
+                self.start_agents(i)
+        if "conductor" not in self.chaos_done and any(e.step == "plan sent" for e in self.envs):
+            victim = self.rng.choice(["conductor-1", "conductor-2"])
+            busy = [e.name for e in self.envs if e.step == "plan sent" and not e.done_at]
+            self.chaos_done.add("conductor")
+            self.kill(victim)
+            self.chaos_event(f"SIGKILL {victim} mid-task (working: {', '.join(busy[:5])}); "
+                             "the other conductor must finish its tasks")
+        if "relay" not in self.chaos_done and done >= max(1, len(self.envs) // 3):
+            self.chaos_done.add("relay")
+            self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+            self.relay.kill()
+            self.chaos_event(f"SIGKILL relay (pid {self.relay.pid}) with {done}/{len(self.envs)} deployed")
+            self.start_relay()
+            self.chaos_event(f"relay restarted (pid {self.relay.pid}) on the same endpoint and data")
+
+    def _delete_first_env(self, api: Node, results):
+        """The api deletes env1: its agents stop, their mailboxes expire by TTL."""
+        env = self.envs[0]
+        prefix = flow.agent_mailbox(env.name, "")
+        task_id = uuid.uuid4().hex[:12]
+        api.send(flow.TASKS, flow.delete_task(task_id, env.name, env.units))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = results.get(timeout=0.2)
+            if msg is not None:
+                msg.ack()
+                if msg.body.get("task") == task_id:
+                    break
+        # Wait until the agents have gone (no consumers) and show the mailboxes then.
+        before = None
+        while time.monotonic() < deadline:
+            before = [mb for mb in api.status()["mailboxes"] if mb["name"].startswith(prefix)]
+            if before and all(mb["consumers"] == 0 for mb in before):
+                break
+            time.sleep(0.1)
+        deadline = time.monotonic() + self.agent_ttl * 3 + 10
+        after = before
+        while time.monotonic() < deadline and after:
+            time.sleep(0.2)
+            after = [mb for mb in api.status()["mailboxes"] if mb["name"].startswith(prefix)]
+        return before, after
+
+    def _summary(self, ok: bool, deployed: float, before, after, bad_exits: int, relay_code: int) -> int:
+        from ..cli import format_status
+
+        envs = self.envs
+        completed = [e for e in envs if e.done_at and e.ok]
+        exactly_once = all(e.results == 1 for e in envs)
+        times = sorted(e.done_at - e.sent_at for e in envs if e.done_at)
+        print()
+        if before is not None:
+            print(f"environment {envs[0].name} deleted: its agents stopped; agent mailboxes then:")
+            print(format_status({"relay": "relay", "peers": 0, "mailboxes": before}))
+            print(f"after their TTL ({self.agent_ttl:g}s idle): "
+                  + ("all expired" if not after else f"{len(after)} still there"))
+        for line in self.chaos_log:
+            print(line)
+        print(f"deployments: {len(completed)}/{len(envs)} completed, "
+              f"{'exactly once' if exactly_once else 'NOT exactly once'} "
+              f"({self.duplicates} duplicate results), {sum(1 for e in envs if e.ok is False)} failed")
+        if times:
+            print(f"time: {deployed:.2f}s for all; per deployment p50 {times[len(times) // 2]:.2f}s, "
+                  f"max {times[-1]:.2f}s; {len(completed) / deployed:.1f} deployments/s")
+        print(f"relay peak RSS: {self.peak_relay_rss:.1f} MB; children stopped cleanly: "
+              f"{'yes' if bad_exits == 0 and relay_code == 0 else 'NO'}")
+        success = ok and len(completed) == len(envs) and exactly_once and (before is None or not after)
+        success = success and bad_exits == 0 and relay_code == 0
+        print("demo " + ("succeeded" if success else "FAILED"))
+        return 0 if success else 1
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_demo(envs: int = 5, units: int = 3, chaos: bool = False, seed: int = 1, agent_ttl: float = 3.0,
+             step_seconds: float = 0.3, timeout: float | None = None, live: bool | None = None) -> int:
+    if live is None:
+        live = sys.stdout.isatty()
+    if timeout is None:
+        timeout = 60 + envs * units * 0.5
+    return Demo(envs, units, chaos, seed, agent_ttl, step_seconds, timeout, live).run()

@@ -1,0 +1,62 @@
+"""`murano-zmq demo` end to end, headless: every deployment exactly once,
+with and without chaos, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def run_demo(*args: str, timeout: float = 240):
+    proc = subprocess.Popen([sys.executable, "-m", "murano_zmq", "demo", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    return proc.returncode, out, err, proc.pid
+
+
+def descendants_of_session(sid: int) -> list[str]:
+    """Processes still in the demo's session (its children and theirs)."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()[1:] if line.split()[1] == str(sid)]
+
+
+@pytest.mark.timeout(300)
+def test_demo_deploys_every_environment_exactly_once():
+    code, out, err, sid = run_demo("--envs", "3", "--units", "2")
+    assert code == 0, out + err
+    assert "deployments: 3/3 completed, exactly once (0 duplicate results), 0 failed" in out
+    assert re.search(r"plans for env1 wait in their mailboxes: starting their agents now", out)
+    assert "api found the relay by zeroconf" in out
+    assert "after their TTL (3s idle): all expired" in out
+    assert "children stopped cleanly: yes" in out
+    assert "demo succeeded" in out
+    assert "\x1b[" not in out, "no live view when stdout is not a terminal"
+    assert descendants_of_session(sid) == []
+
+
+@pytest.mark.timeout(300)
+def test_demo_chaos_still_deploys_exactly_once():
+    code, out, err, sid = run_demo("--envs", "4", "--units", "2", "--chaos", "--seed", "3")
+    assert code == 0, out + err
+    assert "deployments: 4/4 completed, exactly once (0 duplicate results), 0 failed" in out
+    assert re.search(r"chaos: SIGKILL relay \(pid \d+\)", out)
+    assert re.search(r"chaos: relay restarted", out)
+    assert re.search(r"chaos: SIGKILL conductor-[12] mid-task", out)
+    assert re.search(r"chaos: SIGKILL agents-\d+ .* mid-plan; restarting them", out)
+    assert "demo succeeded" in out
+    assert descendants_of_session(sid) == []
+
+
+def test_demo_rejects_bad_sizes():
+    out = subprocess.run([sys.executable, "-m", "murano_zmq", "demo", "--envs", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--envs and --units >= 1" in out.stderr
