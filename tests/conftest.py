@@ -17,10 +17,10 @@ def relay_factory(tmp_path):
     """Start relays (child processes); every one is stopped by PID at teardown."""
     started: list[RelayProcess] = []
 
-    def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None) -> RelayProcess:
+    def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None, **kw) -> RelayProcess:
         log = open(tmp_path / f"relay-{len(started)}.log", "wb")
         relay = RelayProcess(endpoint or free_tcp_endpoint(), data_dir or str(tmp_path / "data"),
-                             *extra, log_file=log)
+                             *extra, log_file=log, **kw)
         started.append(relay)
         return relay.start()
 

@@ -32,6 +32,7 @@ from ..protocol.errors import (
     Malformed,
     MessageTooLarge,
     NotReady,
+    PermissionDenied,
     PreconditionFailed,
     RelayError,
     RemoteProtocolError,
@@ -139,9 +140,52 @@ class RelayEngine:
                 raise PermissionDenied("this session belongs to another identity")
             self._user = user
             handler(self, peer or identity, now, *command.fields)
+            if command.cmd == Cmd.HELLO:
+                self._peer_users[identity] = user
         except RelayError as exc:
             req = command.fields[0] if command.fields and isinstance(command.fields[0], int) else None
             self._error(identity, req, exc)
+
+    def refuse(self, identity: bytes, frames: list[bytes], why: str, now: float) -> None:
+        """Answer a command whose connection may no longer talk to the relay
+        (its key left the authorized keys): ERROR 403 to the request, and the
+        peer's session is dropped (its unacked messages go back to their
+        mailboxes).  Nothing stored changes."""
+        req = None
+        try:
+            fields = decode(frames).fields
+            req = fields[0] if fields and isinstance(fields[0], int) and not isinstance(fields[0], bool) else None
+        except RemoteProtocolError:
+            pass
+        peer = self.peers.get(identity)
+        if peer is not None:
+            self._drop_peer(peer, why, now)
+        log.warning("refused a command from %s: %s", identity.hex(), why)
+        self._error(identity, req, PermissionDenied(why))
+
+    def drop_sessions(self, keep: Callable[[str | None], bool], why: str, now: float) -> int:
+        """Drop every session whose identity `keep` rejects (its key was
+        removed): it gets ERROR 403, its unacked messages go back to their
+        mailboxes, and nothing more is delivered to it.  Returns how many."""
+        dropped = 0
+        for identity, user in list(self._peer_users.items()):
+            peer = self.peers.get(identity)
+            if peer is not None and not keep(user):
+                self._drop_peer(peer, f"{user}: {why}", now)
+                self._error(identity, None, PermissionDenied(why))
+                dropped += 1
+        return dropped
+
+    def _allowed(self, op: str, mailbox: str) -> bool:
+        """May the identity behind the current command do `op` on `mailbox`?"""
+        if self.permissions is None or self.permissions.allows(self._user, op, mailbox):
+            return True
+        log.warning("denied: %s may not %s %s", self._user or "an unidentified peer", op, mailbox)
+        return False
+
+    def _check(self, op: str, mailbox: str) -> None:
+        if not self._allowed(op, mailbox):
+            raise PermissionDenied(f"{self._user or 'this peer'} may not {op} {mailbox!r}")
 
     def _on_hello(self, who: Peer | bytes, now: float, name: str, instance: bytes, heartbeat: float) -> None:
         identity = who.identity if isinstance(who, Peer) else who
@@ -165,12 +209,15 @@ class RelayEngine:
 
     def _on_declare(self, peer: Peer, now: float, req: int, name: str, options: dict) -> None:
         name = _valid_name(name)
+        self._check("declare", name)
         options = dict(options)
         passive = bool(options.pop("passive", False))
         try:
             opts = MailboxOptions.from_map(options)
         except (ValueError, TypeError) as exc:
             raise Malformed(str(exc)) from None
+        if opts.dead_letter is not None:
+            self._check("send", opts.dead_letter)  # dead letters are sends to it
         mb = self.mailboxes.get(name)
         if passive:
             if mb is None:
@@ -189,7 +236,8 @@ class RelayEngine:
         self._after_commit.append((peer.identity, encode(Cmd.REPLY, req, mb.status(now))))
 
     def _on_delete(self, peer: Peer, now: float, req: int, name: str) -> None:
-        mb = self.mailboxes.get(_valid_name(name))
+        self._check("admin", _valid_name(name))
+        mb = self.mailboxes.get(name)
         if mb is None:
             raise MailboxNotFound(f"mailbox {name!r} does not exist")
         if mb.consumers:
@@ -198,11 +246,16 @@ class RelayEngine:
         self._after_commit.append((peer.identity, encode(Cmd.REPLY, req, None)))
 
     def _on_status(self, peer: Peer, now: float, req: int) -> None:
+        mailboxes = self.mailboxes.values()
+        if self.permissions is not None:  # only what this identity may administer
+            if not self.permissions.may_any(self._user, "admin"):
+                raise PermissionDenied(f"{self._user or 'this peer'} may not see the relay's status")
+            mailboxes = [mb for mb in mailboxes if self.permissions.allows(self._user, "admin", mb.name)]
         result = {
             "relay": self.name,
             "peers": len(self.peers),
             "counters": dict(self.counters),
-            "mailboxes": [mb.status(now) for mb in sorted(self.mailboxes.values(), key=lambda m: m.name)],
+            "mailboxes": [mb.status(now) for mb in sorted(mailboxes, key=lambda m: m.name)],
         }
         self._reply_now(peer.identity, Cmd.REPLY, req, result)
 
@@ -214,6 +267,10 @@ class RelayEngine:
                 msg = parse_send_record(record)
             except RemoteProtocolError as exc:
                 errors.append([i, Malformed.code, str(exc)])
+                continue
+            if not self._allowed("send", msg.mailbox):
+                errors.append([i, PermissionDenied.code,
+                               f"{self._user or 'this peer'} may not send to {msg.mailbox!r}"])
                 continue
             headers = msgpack.packb(msg.headers) if msg.headers else _EMPTY_HEADERS
             size = len(msg.body) + (len(headers) if msg.headers else 0)
@@ -249,6 +306,7 @@ class RelayEngine:
     def _on_consume(self, peer: Peer, now: float, req: int, cid: int, name: str, prefetch: int,
                     endpoint: str | None) -> None:
         name = _valid_name(name)
+        self._check("consume", name)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise Malformed(f"prefetch must be 1..{MAX_PREFETCH}, got {prefetch}")
         if endpoint is not None and len(endpoint) > MAX_ENDPOINT:
@@ -267,7 +325,8 @@ class RelayEngine:
     def _on_lookup(self, peer: Peer, now: float, req: int, name: str) -> None:
         """Where a mailbox's consumers take direct deliveries, and its depth:
         a sender goes direct only once the relay holds nothing for it."""
-        mb = self.mailboxes.get(_valid_name(name))
+        self._check("send", _valid_name(name))
+        mb = self.mailboxes.get(name)
         result = {"mailbox": name, "exists": mb is not None, "depth": mb.count if mb else 0,
                   "direct": [[c.peer.name, c.endpoint] for c in (mb.consumers if mb else ())
                              if c.endpoint]}
@@ -598,6 +657,7 @@ class RelayEngine:
         for consumer in list(peer.consumers.values()):
             self._drop_consumer(consumer, now)
         self.peers.pop(peer.identity, None)
+        self._peer_users.pop(peer.identity, None)
         log.info("node %s gone: %s", peer.name, why)
 
     def shutdown(self) -> None:

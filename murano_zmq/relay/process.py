@@ -13,13 +13,16 @@ import zmq
 from ..protocol.frames import Cmd, decode, encode
 
 
-def relay_answers(endpoint: str, timeout: float) -> bool:
-    """True once a relay at `endpoint` answers HELLO with WELCOME."""
+def relay_answers(endpoint: str, timeout: float, curve=None) -> bool:
+    """True once a relay at `endpoint` answers HELLO with WELCOME
+    (`curve`: a security.curve.CurveClient for a relay with a key)."""
     ctx = zmq.Context.instance()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(sock)
         try:
             sock.connect(endpoint)
             sock.send_multipart(encode(Cmd.HELLO, "probe", os.urandom(16), 1.0))
@@ -35,8 +38,9 @@ def relay_answers(endpoint: str, timeout: float) -> bool:
 class RelayProcess:
     """`python -m murano_zmq relay` in a child process, stopped by PID."""
 
-    def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None):
+    def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None, probe_curve=None):
         self.endpoint = endpoint
+        self.probe_curve = probe_curve  # CURVE client options for the start-up probe
         self.data_dir = data_dir
         self.extra = list(extra)
         self.log_file = log_file
@@ -48,7 +52,7 @@ class RelayProcess:
              "--data-dir", self.data_dir, *self.extra],
             stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL,
         )
-        if not relay_answers(self.endpoint, timeout):
+        if not relay_answers(self.endpoint, timeout, self.probe_curve):
             self.kill()
             raise RuntimeError(f"relay at {self.endpoint} did not answer within {timeout}s")
         return self

@@ -194,6 +194,7 @@ class Relay:
             self._send(sock, in_flight[1])
             in_flight = None
         now = time.time()
+        self.security.sweep(engine, now)  # sessions of keys removed since the last turn
         budget = TURN_BYTES
         secure = self.security.enabled
         for _ in range(TURN_COMMANDS):

@@ -195,7 +195,7 @@ class HandshakeLog:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             # The ZAP callback logged the key; this says the door stayed shut.
-            log.info("%s refused a client on %s: not authorized (ZAP status %s)",
+            log.debug("%s refused a client on %s: not authorized (ZAP status %s)",
                      self._what, event["endpoint"].decode(errors="replace"), value)
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             log.warning("%s refused a client on %s: %s (a client without CURVE, or with the wrong "

@@ -89,6 +89,8 @@ class RelaySecurity:
         self._auth = None
         self._handshakes: HandshakeLog | None = None
         self._watcher: Watcher | None = None
+        self._revision = 0  # bumped by every reload that changed the keys
+        self._swept = 0
 
     @property
     def enabled(self) -> bool:
@@ -167,9 +169,21 @@ class RelaySecurity:
         if self._watcher is not None:
             self._watcher.poke()
 
+    def sweep(self, engine, now: float) -> None:
+        """Drop the engine's sessions of keys removed since the last sweep
+        (called by the relay loop every turn; cheap when nothing changed)."""
+        if self._swept == self._revision or self.keys is None:
+            return
+        self._swept = self._revision
+        names = set(self.keys.names())
+        dropped = engine.drop_sessions(lambda user: user in names, "key no longer authorized", now)
+        if dropped:
+            log.warning("dropped %d session(s) of keys no longer authorized", dropped)
+
     def _reload(self, forced: bool) -> None:
         if self.keys is not None:
-            self.keys.reload() if forced else self.keys.reload_if_changed()
+            if self.keys.reload() if forced else self.keys.reload_if_changed():
+                self._revision += 1
         if self.permissions is not None:
             self.permissions.reload() if forced else self.permissions.reload_if_changed()
 
