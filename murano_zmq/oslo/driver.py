@@ -50,13 +50,16 @@ class ZmqRelayDriver(base.BaseDriver):
     def __init__(self, conf, url, default_exchange=None, allowed_remote_exmods=None):
         super().__init__(conf, url, default_exchange, allowed_remote_exmods)
         try:
-            self.options = DriverOptions.from_query(url.query)
+            self.options = DriverOptions.load(conf, url.query)
         except ValueError as exc:
             raise om_transport.InvalidTransportURL(str(url), str(exc)) from None
         green.cooperate_if_patched()
         self.names = MailboxNames(url.virtual_host)
-        self.relays = Relays(relay_endpoints(url.hosts), self.options.name,
-                             self.options.relay_timeout, self.options.heartbeat)
+        node_options = dict(timeout=self.options.relay_timeout, heartbeat=self.options.heartbeat,
+                            direct=self.options.direct)
+        if self.options.direct_bind:
+            node_options["bind"] = self.options.direct_bind
+        self.relays = Relays(relay_endpoints(url.hosts), self.options.name, **node_options)
         self.directory = Directory(self.options.directory_cache)
         self._replies: ReplyRouter | None = None
         self._replies_lock = threading.Lock()

@@ -98,6 +98,7 @@ class MailboxListener(base.PollStyleListener):
             message = consumer.get(timeout=_WAKE)
             if message is None:
                 continue
+            log.debug("took %s from %s (delivery %d)", message.id.hex(), consumer.mailbox, message.delivery_count)
             if self._stopped.is_set():
                 message.nack(requeue=True)
                 break

@@ -1,37 +1,62 @@
-"""The driver's settings, read from the transport URL.
+"""The driver's settings: the [oslo_messaging_zmqrelay] options of the
+service's configuration, each of which the transport URL's query may
+override (as the rabbit driver does with [oslo_messaging_rabbit]).
 
     zmqrelay://relay-a:5570,relay-b:5570/vhost?prefetch=50&transient_ttl=600
 
 Hosts are relays (``tcp://host:port``; the port defaults to 5570).  With
 no host the node's default applies: $MURANO_ZMQ_RELAY, else
 tcp://127.0.0.1:5570.  The virtual host, if any, namespaces the mailbox
-names.  Query parameters are the fields of `DriverOptions`.
+names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from oslo_config import cfg
 
 from .. import DEFAULT_RELAY_ENDPOINT
 
+GROUP = "oslo_messaging_zmqrelay"
 DEFAULT_PORT = int(DEFAULT_RELAY_ENDPOINT.rsplit(":", 1)[1])
+
+OPTS = [
+    cfg.IntOpt("prefetch", default=100, min=1,
+               help="Messages a listener's consumer may hold unacknowledged (its credit); "
+                    "raised to the batch size of batch listeners."),
+    cfg.FloatOpt("transient_ttl", default=1800.0, min=0.001,
+                 help="Seconds a reply or fanout mailbox outlives its last consumer."),
+    cfg.FloatOpt("relay_timeout", default=30.0, min=0.001,
+                 help="Seconds a send, declare or listing waits for the relay before it fails "
+                      "(MessageDeliveryFailure; MessagingTimeout for a call)."),
+    cfg.FloatOpt("notification_ttl", default=0.0, min=0.0,
+                 help="Seconds a notification waits for a listener; 0: until one comes."),
+    cfg.FloatOpt("directory_cache", default=0.0, min=0.0,
+                 help="Seconds a listing of the relay's fanout and pool mailboxes is reused; "
+                      "0: list on every fanout and notification."),
+    cfg.FloatOpt("heartbeat", default=1.0, min=0.01,
+                 help="Seconds between a node's heartbeats to its relay."),
+    cfg.StrOpt("name", default="oslo",
+               help="Prefix of the node names this service shows the relays."),
+    cfg.BoolOpt("direct", default=False,
+                help="Deliver peer to peer when the consumer is reachable (murano-zmq direct "
+                     "delivery).  A direct send returns once the consuming application acked "
+                     "it, not once the relay stored it; see docs/oslo.md."),
+    cfg.StrOpt("direct_bind", default="",
+               help="Where a node takes direct deliveries, e.g. tcp://10.0.0.5:* "
+                    "(empty: the node's default, loopback only)."),
+]
+
+
+def list_opts() -> list:
+    """For oslo-config-generator."""
+    return [(GROUP, OPTS)]
 
 
 @dataclass(frozen=True)
 class DriverOptions:
-    """What a transport URL's query may set.
-
-    prefetch: messages a listener's consumer holds unacknowledged (credit).
-    transient_ttl: seconds a reply or fanout mailbox outlives its last use.
-    relay_timeout: seconds a send or declare waits for the relay before it
-      fails (MessageDeliveryFailure; MessagingTimeout for a call).
-    notification_ttl: seconds a notification waits for a listener, or
-      None: until one comes.
-    directory_cache: seconds a listing of fanout / pool mailboxes is reused
-      (0: list on every fanout and notification).
-    heartbeat: seconds between the node's heartbeats to the relay.
-    name: prefix of the node names this driver shows the relay.
-    """
+    """The settings in force for one transport (OPTS says what each means)."""
 
     prefetch: int = 100
     transient_ttl: float = 1800.0
@@ -40,46 +65,31 @@ class DriverOptions:
     directory_cache: float = 0.0
     heartbeat: float = 1.0
     name: str = "oslo"
+    direct: bool = False
+    direct_bind: str = ""
 
     @classmethod
-    def from_query(cls, query: dict) -> "DriverOptions":
-        known = {f.name: f for f in fields(cls)}
+    def load(cls, conf: cfg.ConfigOpts, query: dict) -> "DriverOptions":
+        """The configuration's values, overridden by the URL's `query`;
+        ValueError names an unknown or bad query parameter."""
+        conf.register_opts(OPTS, group=GROUP)
+        known = {opt.dest: opt for opt in OPTS}
         unknown = sorted(set(query) - set(known))
         if unknown:
             raise ValueError(f"unknown zmqrelay URL option(s): {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
+        group = conf[GROUP]
         values = {}
-        for key, text in query.items():
-            values[key] = _convert(key, text, cls.__dataclass_fields__[key].default)
-        options = cls(**values)
-        options._check()
-        return options
-
-    def _check(self) -> None:
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {self.prefetch}")
-        for name in ("transient_ttl", "relay_timeout", "heartbeat"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.notification_ttl is not None and self.notification_ttl <= 0:
-            raise ValueError(f"notification_ttl must be > 0, got {self.notification_ttl}")
-        if self.directory_cache < 0:
-            raise ValueError(f"directory_cache must be >= 0, got {self.directory_cache}")
-
-
-def _convert(key: str, text: str, default):
-    try:
-        if isinstance(default, bool):
-            return text.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float) or default is None:
-            if default is None and text.lower() in ("", "none", "0"):
-                return None
-            return float(text)
-    except ValueError:
-        raise ValueError(f"zmqrelay URL option {key}={text!r} is not a number") from None
-    return text
+        for name, opt in known.items():
+            if name in query:
+                try:
+                    values[name] = opt.type(query[name])
+                except ValueError as exc:
+                    raise ValueError(f"zmqrelay URL option {name}={query[name]!r}: {exc}") from None
+            else:
+                values[name] = getattr(group, name)
+        values["notification_ttl"] = values["notification_ttl"] or None
+        return cls(**values)
 
 
 def relay_endpoints(hosts) -> list[str | None]:

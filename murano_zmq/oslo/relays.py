@@ -24,11 +24,10 @@ log = logging.getLogger("murano_zmq.oslo")
 class Relays:
     """Lazily connected Nodes, one per relay endpoint."""
 
-    def __init__(self, endpoints: list[str | None], name: str, timeout: float, heartbeat: float):
+    def __init__(self, endpoints: list[str | None], name: str, **node_options):
         self.endpoints = endpoints
         self._name = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._timeout = timeout
-        self._heartbeat = heartbeat
+        self._node_options = node_options  # Node's keyword arguments
         self._nodes: dict[int, Node] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -41,8 +40,7 @@ class Relays:
                 raise RuntimeError("the transport was cleaned up")
             node = self._nodes.get(index)
             if node is None:
-                node = Node(f"{self._name}-{index}", relay=self.endpoints[index],
-                            timeout=self._timeout, heartbeat=self._heartbeat)
+                node = Node(f"{self._name}-{index}", relay=self.endpoints[index], **self._node_options)
                 self._nodes[index] = node
             return node
 
