@@ -52,6 +52,8 @@ class AsyncNode:
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None, curve_key=None, relay_key=None):
         self.name = name or default_node_name()
+        if relay == "auto":
+            raise ValueError("AsyncNode takes a relay endpoint; relay='auto' (zeroconf) is for Node")
         self.relay = resolve_relay(relay)
         self.timeout = timeout
         self._context = context or zmq.asyncio.Context.instance()

@@ -136,15 +136,16 @@ def take_batch(queue: deque, max_size: int) -> tuple[list, list]:
     size = 0
     while queue and len(records) < SEND_BATCH:
         record, future = queue[0]
-        if records and size + len(record[3]) > SEND_BATCH_BYTES:
+        record_bytes = record_size(record)
+        if records and size + record_bytes > SEND_BATCH_BYTES:
             break
         queue.popleft()
         try:
-            check_size(record_size(record), max_size)
+            check_size(record_bytes, max_size)
         except MessageTooLarge as exc:
             _settle_future(future, error=exc)
             continue
-        size += len(record[3])
+        size += record_bytes
         records.append(record)
         futures.append(future)
     return records, futures

@@ -11,7 +11,7 @@ from typing import Callable
 
 import zmq
 
-from ..protocol.constants import SEND_BATCH
+from ..protocol.constants import FRAME_HEADROOM, SEND_BATCH
 from ..protocol.direct import (
     DEFAULT_DIRECT_TIMEOUT,
     DEFAULT_WINDOW,
@@ -54,6 +54,8 @@ class DirectPeers:
         self._socks: dict[str, zmq.Socket] = {}
         self._queues: dict[str, deque] = {}  # endpoint -> (record, waiter) not yet sent
         self._waiters: dict[int, object] = {}  # id(record) -> waiter, while direct
+        self._out: dict[str, int] = {}  # mailbox -> its records queued or unconfirmed on a link
+        self._sticky: dict[str, str] = {}  # mailbox -> the link those records are on
         self.changed = True  # the set of sockets to poll changed
 
     # --- lifetime (I/O thread) ----------------------------------------------------
@@ -63,6 +65,8 @@ class DirectPeers:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        # A peer cannot make this node allocate more than one message's worth.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.inbox.max_message_size + FRAME_HEADROOM)
         if self._secure is not None:
             self._secure(sock, True)
         sock.bind(self.bind)
@@ -94,12 +98,29 @@ class DirectPeers:
     def route(self, record: list, waiter, now: float) -> str | None:
         """Take `record` on a direct link if its mailbox goes direct now.
         Returns the endpoint, None (the relay's), or HOLD (ask again later)."""
-        endpoint = self.paths.choose(record[1], lambda e: self._has_room(e, now), now)
+        mailbox = record[1]
+        endpoint = self.paths.choose(mailbox, lambda e: self._has_room(e, now), now)
+        if endpoint is None and self._sticky.get(mailbox) in self._links:
+            # The consumer vanished from LOOKUP/discovery while records are
+            # still out on its link: going to the relay now could overtake
+            # them (if the link then fails); stay behind them.
+            endpoint = self._sticky[mailbox]
         if endpoint is not None and endpoint != HOLD:
             if endpoint not in self._links:
                 self._open(endpoint, now)
             self._queues[endpoint].append((record, waiter))
+            self._out[mailbox] = self._out.get(mailbox, 0) + 1
+            self._sticky[mailbox] = endpoint
         return endpoint
+
+    def _settled(self, record: list) -> None:
+        mailbox = record[1]
+        left = self._out.get(mailbox, 0) - 1
+        if left > 0:
+            self._out[mailbox] = left
+        else:
+            self._out.pop(mailbox, None)
+            self._sticky.pop(mailbox, None)
 
     def _has_room(self, endpoint: str, now: float) -> bool:
         link = self._links.get(endpoint)
@@ -175,13 +196,10 @@ class DirectPeers:
         for ev in link_events:
             if isinstance(ev, DirectConfirmed):
                 for record in ev.done:
+                    self._settled(record)
                     waiter = self._waiters.pop(id(record), None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(record[0])
-                if ev.refused:
-                    # The peer stopped consuming: its records, and all queued
-                    # behind them, take the relay in order.
-                    to_relay.extend(self._fail(ev.endpoint, "peer refused", ev.refused))
             elif isinstance(ev, LinkFailed):
                 to_relay.extend(self._fail(ev.endpoint, ev.reason, ev.records))
         return to_relay
@@ -195,6 +213,9 @@ class DirectPeers:
         self.paths.link_failed(endpoint)
         pairs = [(r, self._waiters.pop(id(r), None)) for r in records]
         pairs.extend(self._queues.pop(endpoint))
+        for record, _ in pairs:
+            self._settled(record)
+            record[6] = True  # the peer's application may have had it: the relay marks it redelivered
         self._socks.pop(endpoint).close(0)
         self.changed = True
         return pairs

@@ -98,7 +98,10 @@ class Node:
         # (a node that cannot accept connections, e.g. behind NAT).
         self._peers = DirectPeers(self._context, self.name, self._core.instance_id, heartbeat,
                                   self._core.dedup, DEFAULT_MAX_MESSAGE_SIZE, bind, direct_timeout,
-                                  ) if direct else None
+                                  ) if direct and self._curve is None else None
+        # With CURVE keys the direct path stays off: its sockets are not
+        # secured yet, and a plaintext side door would bypass the relay's
+        # authentication and permissions (docs/security.md).
         self._topics = TopicSockets(self._context, self.name, bind, parse_forwarder(forwarder))
         self._subscriptions: dict[int, Subscription] = {}
         self._discovery: Discovery | None = None
@@ -347,6 +350,8 @@ class Node:
         self._dispatch.sinks.pop(cid, None)
         if self._peers is not None and self._peers.consumers.get(mailbox) == cid:
             del self._peers.consumers[mailbox]  # direct senders now get 404 and use the relay
+            if self._discovery is not None:
+                self._advertise_soon()
 
     def _settle_now(self, message: Message, how: str, requeue: bool) -> None:
         """(I/O thread) settle with the path that brought the message."""
@@ -529,7 +534,7 @@ class Node:
             if f.exception() is None:
                 paths.looked_up(mailbox, f.result(), time.time())
             else:
-                paths.lookup_failed(mailbox)
+                paths.lookup_failed(mailbox, time.time())
 
         future.add_done_callback(learned)
         self._dispatch.requests[self._core.request(Cmd.LOOKUP, mailbox)] = future

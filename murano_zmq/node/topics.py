@@ -56,8 +56,9 @@ class TopicSockets:
                 pub.connect(self.forwarder[0])
             self._pub = pub
             self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            for sid in self._subs:  # this node's own subscriptions hear it too
-                self._connect(sid, [self.pub_endpoint])
+            if not self.forwarder:
+                for sid in self._subs:  # this node's own subscriptions hear it too
+                    self._connect(sid, [self.pub_endpoint])
         self._pub.send_multipart(encode_event(topic, self.node_name, packed_body, now))
         return created
 
@@ -68,14 +69,20 @@ class TopicSockets:
         self._subs[sid] = sub
         self._prefixes[sid] = prefix.encode("utf-8")
         self._connected[sid] = set()
-        extra = list(publishers) + ([self.forwarder[1]] if self.forwarder else [])
-        extra += [self.pub_endpoint] if self.pub_endpoint else []
-        self._connect(sid, extra + sorted(self.publishers))
+        if self.forwarder:
+            # Everything comes through the forwarder (this node's PUB too):
+            # connecting to publishers as well would deliver events twice.
+            self._connect(sid, [self.forwarder[1], *publishers])
+        else:
+            own = [self.pub_endpoint] if self.pub_endpoint else []
+            self._connect(sid, [*publishers, *own, *sorted(self.publishers)])
         self.changed = True
 
     def learned(self, endpoints: set[str]) -> None:
         """Publishers known now (discovery): subscriptions connect to new ones."""
         self.publishers = set(endpoints)
+        if self.forwarder:
+            return
         for sid in self._subs:
             self._connect(sid, sorted(endpoints))
 

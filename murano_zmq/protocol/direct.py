@@ -18,7 +18,7 @@ from typing import Any
 from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
 from .errors import MailboxNotFound, Malformed, RemoteProtocolError
 from .frames import Cmd, decode, encode
-from .message import Message, is_number, parse_send_record
+from .message import Message, is_number, pack_body, parse_send_record
 
 # Direct sends a link keeps unconfirmed at once (the window), and how long a
 # sender waits for a direct CONFIRM before the relay takes the messages.
@@ -34,13 +34,11 @@ class LinkReady:
 
 @dataclass(frozen=True, slots=True)
 class DirectConfirmed:
-    """`done` records were acked by the peer's application; `refused` ones
-    (it has no consumer for them) go to the relay."""
+    """`done` records were acked by the peer's application."""
 
     endpoint: str
     req: int
     done: list
-    refused: list
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +113,15 @@ class DirectLink:
             records = entry[1]
             self._count -= len(records)
             refused_at = {e[0] for e in errors if isinstance(e, list) and e and isinstance(e[0], int)}
-            return [DirectConfirmed(self.endpoint, req,
-                                    [r for i, r in enumerate(records) if i not in refused_at],
-                                    [r for i, r in enumerate(records) if i in refused_at])]
+            done = DirectConfirmed(self.endpoint, req, [r for i, r in enumerate(records) if i not in refused_at])
+            if not refused_at:
+                return [done]
+            # The peer stopped consuming: what it refused and everything still
+            # unconfirmed go to the relay, in the order they were sent.
+            self._in_flight[req] = (entry[0], [r for i, r in enumerate(records) if i in refused_at])
+            self._in_flight = dict(sorted(self._in_flight.items()))
+            self._count += len(refused_at)
+            return [done, self.fail("peer refused (no consumer there any more)")]
         if command.cmd in (Cmd.BYE, Cmd.ERROR):
             return [self.fail(f"peer said {command.cmd.name}: {command.fields[-1]}")]
         if command.cmd == Cmd.HEARTBEAT:
@@ -240,7 +244,8 @@ class DirectInbox:
                 refused.append([i, exc.code, str(exc)])
                 continue
             consumer = consumers.get(msg.mailbox)
-            if consumer is None or len(msg.body) > self.max_message_size:
+            size = len(msg.body) + (len(pack_body(msg.headers)) if msg.headers else 0)
+            if consumer is None or size > self.max_message_size:
                 refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
                 continue
             m = Message(msg.msg_id, msg.mailbox, msg.headers, msg.body, msg.created,

@@ -118,7 +118,9 @@ class Message:
 
     ack() removes it from its mailbox; nack(requeue=True) gives it back (or,
     with requeue=False, dead-letters it when the mailbox has a dead-letter
-    mailbox, else drops it).  A message is settled once; later calls are no-ops.
+    mailbox, else drops it; a message that came direct has no mailbox
+    options at hand and is dropped).  A message is settled once; later
+    calls are no-ops.
     """
 
     id: bytes

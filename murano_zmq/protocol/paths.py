@@ -79,9 +79,12 @@ class PathTable:
     def is_direct(self, mailbox: str) -> bool:
         """Would the next message to `mailbox` go direct?  (Reads only.)"""
         path = self._paths.get(mailbox)
-        if path is None or path.relay_undrained or path.relay_unconfirmed:
+        discovered = any(e not in self.failed for e in self._discovered.get(mailbox, ()))
+        if path is None:
+            return discovered
+        if path.relay_undrained or path.relay_unconfirmed:
             return False
-        return any(e not in self.failed for e in path.endpoints) or bool(self._discovered.get(mailbox))
+        return any(e not in self.failed for e in path.endpoints) or discovered
 
     def wants_lookup(self, mailbox: str, now: float) -> bool:
         """Ask the relay again?  (Marks the lookup as pending when True.)"""
@@ -104,8 +107,10 @@ class PathTable:
         if result.get("depth") == 0 and path.relay_unconfirmed == 0:
             path.relay_undrained = False
 
-    def lookup_failed(self, mailbox: str) -> None:
-        self._path(mailbox).lookup_pending = False
+    def lookup_failed(self, mailbox: str, now: float) -> None:
+        path = self._path(mailbox)
+        path.lookup_pending = False
+        path.learned_at = now  # ask again after the usual interval, not per message
 
     def discovered(self, mailbox: str, endpoints: set[str]) -> None:
         """Discovery's view of who consumes `mailbox` directly (replaces the last)."""
