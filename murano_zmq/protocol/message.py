@@ -96,11 +96,12 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError(f"message id must be {ID_SIZE} bytes")
     if not isinstance(mailbox, str) or not _NAME_RE.match(mailbox) or len(mailbox) > MAX_NAME_LENGTH:
         raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
-    if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+    if not isinstance(headers, dict) or (headers and not all(isinstance(k, str) for k in headers)):
         raise RemoteProtocolError("headers must be a map with string keys")
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
-    if not is_number(created):
+    # (the common case first: a finite float)
+    if not (type(created) is float and math.isfinite(created)) and not is_number(created):
         raise RemoteProtocolError("created must be a finite number")
     if ttl is not None and not (is_number(ttl) and ttl > 0):
         raise RemoteProtocolError("ttl must be a positive finite number or nil")
