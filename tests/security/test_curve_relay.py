@@ -45,6 +45,8 @@ def depth(ops_node, mailbox: str) -> int | None:
 @pytest.mark.parametrize("kind", sorted(NODE_KINDS))
 def test_authorized_keys_talk_over_curve(secure_relay, keys, nodes, kind):
     conductor = nodes(kind, "conductor", secure_relay, keys, "conductor-1")
+    if kind == "sync":  # no plaintext side door next to the CURVE relay socket
+        assert conductor.endpoint is None
     sent = conductor.send("agent.e1.u1", {"plan": 1})
     agent = nodes(kind, "agent", secure_relay, keys, "agent-e1-u1")
     msg = agent.consume("agent.e1.u1").get(timeout=10)
@@ -64,7 +66,7 @@ def test_unauthenticated_clients_are_refused_and_logged(secure_relay, keys, node
     with pytest.raises(RelayUnavailable):
         intruder.send("agent.e1.u1", "let me in")
     intruder.close()
-    expected = {"no key": "mechanism mismatch",
+    expected = {"no key": "relay refused a client on",  # mechanism mismatch, or a broken pipe
                 "unknown key": f"key {keys.public('stranger').decode()} is not in",
                 "wrong relay key": "refused a client"}[who]
     wait_for(lambda: expected in relay_log(secure_relay), 10, what=f"the refusal in the relay's log ({expected})")
