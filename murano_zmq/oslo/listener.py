@@ -1,8 +1,7 @@
 """A PollStyleListener over several mailboxes.
 
 Each consumer gets a pump thread that moves its messages, turned into
-IncomingMessages, into one inbox; poll() takes from the inbox, one message
-a call (base.batch_poll_helper makes batches of them).
+IncomingMessages, into one inbox; poll() takes batches from the inbox.
 
 Stopping keeps every message either handled or given back, never both:
 
@@ -19,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from oslo_messaging._drivers import base
@@ -57,14 +57,37 @@ class MailboxListener(base.PollStyleListener):
     def mailboxes(self) -> list[str]:
         return [c.mailbox for c in self._consumers]
 
-    @base.batch_poll_helper
-    def poll(self, timeout: float | None = None) -> base.IncomingMessage | None:
+    def poll(self, timeout: float | None = None, batch_size: int = 1,
+             batch_timeout: float | None = None) -> list[base.IncomingMessage]:
+        """Up to `batch_size` messages: waits up to `timeout` seconds (None:
+        until stop()) for the first, then up to `batch_timeout` seconds from
+        the first for the rest (none: takes only what is there already).
+
+        The batch timer starts at the first message, as PollStyleListener
+        documents, so a batch listener gets full batches of messages that
+        come in a burst, whenever the burst starts."""
+        first = self._take(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + batch_timeout if batch_timeout else None
+        while len(batch) < batch_size:
+            left = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            incoming = self._take(left)
+            if incoming is None:
+                break
+            batch.append(incoming)
+        return batch
+
+    def _take(self, timeout: float | None) -> base.IncomingMessage | None:
+        """The next message, or None after `timeout` seconds or once stopped
+        and the inbox is empty."""
         while True:
             try:
-                if self._stopped.is_set():
+                if self._stopped.is_set() or timeout == 0:
                     item = self._inbox.get_nowait()
                 else:
-                    item = self._inbox.get(timeout=None if timeout is None else max(0.0, timeout))
+                    item = self._inbox.get(timeout=timeout)
             except queue.Empty:
                 return None
             if item is not _WAKE_UP:
