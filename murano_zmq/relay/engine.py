@@ -192,7 +192,9 @@ class RelayEngine:
         if isinstance(who, Peer):
             self._drop_peer(who, "HELLO again", now)
         for other in list(self.peers.values()):
-            if other.instance == instance:
+            # Only the same identity may take over a session (a hostile peer
+            # that learnt an instance id must not kick its owner off).
+            if other.instance == instance and self._peer_users.get(other.identity) == self._user:
                 self._drop_peer(other, "reconnected as a new session", now)
         if not is_number(heartbeat):
             raise Malformed("heartbeat must be a finite number of seconds")
