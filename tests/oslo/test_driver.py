@@ -345,3 +345,30 @@ def test_cleanup_closes_the_nodes_and_the_reply_mailbox_expires(relay, servers, 
     with Node("inspector", relay=relay.endpoint, timeout=10) as node:
         assert transient_mailboxes(node)  # the caller's reply mailbox, the server's fanout one
         wait_for(lambda: not transient_mailboxes(node), 15, 0.2, "transient mailboxes to expire")
+
+
+# --- direct delivery (off by default) ---------------------------------------------------------------------
+
+
+def test_direct_delivery_carries_calls_casts_fanouts_and_notifications(relay, transports, servers, topic):
+    url = zmqrelay_url(relay, query="direct=true")
+    transport = transports(url)
+    assert transport._driver.options.direct
+    sink: queue.Queue = queue.Queue()
+    for name in ("a", "b"):
+        servers(rpc_server(transport, topic, name, sink=sink)[0])
+    c = client(transport, topic)
+    assert {c.call({}, "echo", value=i)["server"] for i in range(4)} == {"a", "b"}
+    with pytest.raises(ValueError):
+        c.call({}, "fail", text="direct failure")
+    c.cast({}, "record", value="cast")
+    client(transport, topic, fanout=True).cast({}, "record", value="fan")
+    got = [sink.get(timeout=10) for _ in range(4 + 3)]  # 4 echoes, a cast, 2 fanout copies
+    assert sorted(v for _, kind, v in got if kind == "record") == ["cast", "fan", "fan"]
+    assert drain(sink) == []
+    notifications = transports(url, "notification")
+    endpoint = NotificationRecorder(requeue_first=True)
+    servers(listener(notifications, [topic], endpoint, allow_requeue=True))
+    notifier(notifications, topic).info({}, "direct.event", {})
+    assert endpoint.events.get(timeout=10)[0] == "requeued"
+    assert endpoint.events.get(timeout=10) == ("info", "direct.event", {})

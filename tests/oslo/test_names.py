@@ -1,0 +1,77 @@
+"""Mailbox names and URL options of the oslo driver (no relay needed)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("oslo_messaging")
+
+from oslo_config import cfg  # noqa: E402
+
+from murano_zmq.oslo.names import MailboxNames, escape  # noqa: E402
+from murano_zmq.oslo.options import DriverOptions, relay_endpoints  # noqa: E402
+
+VALID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
+
+
+@pytest.mark.parametrize("part", ["compute", "my_topic.v2", "host-1.example.com", "a:b", "a@b", "ü ñ/x", ""])
+def test_escaped_parts_are_valid_and_never_hold_the_separator(part):
+    escaped = escape(part)
+    assert VALID.match(escaped) and ":" not in escaped
+
+
+def test_escape_is_one_to_one():
+    parts = ["a:b", "a@3ab", "a@b", "a b", "a_b", "a.b", ""]
+    assert len({escape(p) for p in parts}) == len(parts)
+
+
+def test_names_follow_the_documented_shapes():
+    names = MailboxNames()
+    assert names.topic("openstack", "compute") == "oslo.rpc:openstack:compute"
+    assert names.server("openstack", "compute", "host-1") == "oslo.rpc:openstack:compute:host-1"
+    assert names.fanout("openstack", "compute", "host-1") == "oslo.fanout:openstack:compute:host-1"
+    assert names.notifications("nova", "notifications.info") == "oslo.notify:nova:notifications.info"
+    assert names.pool("nova", "notifications.info", "ceilometer") == "oslo.notify:nova:notifications.info:ceilometer"
+    assert MailboxNames("prod/eu").topic("x", "t") == "oslo.prod@2feu.rpc:x:t"
+
+
+def test_a_fanout_prefix_matches_only_its_own_topic():
+    names = MailboxNames()
+    prefix = names.fanout_prefix("openstack", "compute")
+    assert names.fanout("openstack", "compute", "anything.at:all").startswith(prefix)
+    assert not names.fanout("openstack", "compute.x", "s").startswith(prefix)
+    assert not names.fanout("openstack", "compute:x", "s").startswith(prefix)
+    pool_prefix = names.pool_prefix("nova", "n.info")
+    assert names.pool("nova", "n.info", "p").startswith(pool_prefix)
+    assert not names.notifications("nova", "n.info").startswith(pool_prefix)
+
+
+def test_long_names_are_cut_to_a_valid_unique_name():
+    names = MailboxNames()
+    a, b = names.server("openstack", "t" * 300, "a"), names.server("openstack", "t" * 300, "b")
+    assert VALID.match(a) and VALID.match(b) and a != b
+
+
+def test_url_query_overrides_the_configuration():
+    conf = cfg.ConfigOpts()
+    options = DriverOptions.load(conf, {})
+    assert options == DriverOptions()
+    conf.set_override("prefetch", 7, group="oslo_messaging_zmqrelay")
+    options = DriverOptions.load(conf, {"transient_ttl": "60", "direct": "true", "notification_ttl": "30"})
+    assert (options.prefetch, options.transient_ttl, options.direct, options.notification_ttl) == (7, 60.0, True, 30.0)
+    with pytest.raises(ValueError, match="unknown"):
+        DriverOptions.load(conf, {"prefetchh": "1"})
+    with pytest.raises(ValueError, match="prefetch"):
+        DriverOptions.load(conf, {"prefetch": "0"})
+
+
+def test_relay_endpoints_are_sorted_and_default_to_the_node_default():
+    class Host:
+        def __init__(self, hostname, port):
+            self.hostname, self.port = hostname, port
+
+    hosts = [Host("relay-b", 5571), Host("relay-a", None), Host("::1", 5572)]
+    assert relay_endpoints(hosts) == ["tcp://[::1]:5572", "tcp://relay-a:5570", "tcp://relay-b:5571"]
+    assert relay_endpoints([]) == [None]
