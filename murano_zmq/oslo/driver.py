@@ -28,6 +28,7 @@ from oslo_messaging import transport as om_transport
 from oslo_messaging._drivers import base
 
 from .. import MuranoZmqError, Node, RelayUnavailable
+from ..security import KeyFileError, client_curve
 from . import green
 from .codec import CALL, CAST, FANOUT, Notification, Reply, Request
 from .incoming import NotificationIncoming, RpcIncoming
@@ -59,6 +60,12 @@ class ZmqRelayDriver(base.BaseDriver):
                             direct=self.options.direct)
         if self.options.direct_bind:
             node_options["bind"] = self.options.direct_bind
+        if self.options.curve_key or self.options.relay_key:
+            try:  # fail now, not at the first send
+                client_curve(self.options.curve_key or None, self.options.relay_key or None)
+            except (ValueError, OSError, KeyFileError) as exc:
+                raise om_transport.InvalidTransportURL(str(url), f"zmqrelay CURVE keys: {exc}") from None
+            node_options.update(curve_key=self.options.curve_key, relay_key=self.options.relay_key)
         self.relays = Relays(relay_endpoints(url.hosts), self.options.name, **node_options)
         self.directory = Directory(self.options.directory_cache)
         self._replies: ReplyRouter | None = None
@@ -151,8 +158,11 @@ class ZmqRelayDriver(base.BaseDriver):
                 try:
                     self._replies = ReplyRouter(self.relays.node(mailbox), mailbox,
                                                 self.options.transient_ttl, self._allowed_remote_exmods)
-                except MuranoZmqError as exc:
+                except RelayUnavailable as exc:
                     raise oslo_messaging.MessagingTimeout(f"cannot open reply mailbox {mailbox}: {exc}") from None
+                except MuranoZmqError as exc:
+                    raise oslo_messaging.MessageDeliveryFailure(
+                        f"cannot open reply mailbox {mailbox}: {exc}") from None
             return self._replies
 
     def _send_reply(self, mailbox: str, reply: Reply, ttl: float | None) -> None:

@@ -46,6 +46,12 @@ OPTS = [
     cfg.StrOpt("direct_bind", default="",
                help="Where a node takes direct deliveries, e.g. tcp://10.0.0.5:* "
                     "(empty: the node's default, loopback only)."),
+    cfg.StrOpt("curve_key", default="",
+               help="This service's CURVE key pair: a .key_secret file (murano-zmq keygen). "
+                    "With relay_key: encrypted, authenticated connections to the relays "
+                    "(relay-only: no direct delivery)."),
+    cfg.StrOpt("relay_key", default="",
+               help="The relays' CURVE public key: a .key file or its 40-character z85 text."),
 ]
 
 
@@ -67,6 +73,8 @@ class DriverOptions:
     name: str = "oslo"
     direct: bool = False
     direct_bind: str = ""
+    curve_key: str = ""
+    relay_key: str = ""
 
     @classmethod
     def load(cls, conf: cfg.ConfigOpts, query: dict) -> "DriverOptions":
