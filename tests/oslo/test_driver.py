@@ -372,3 +372,24 @@ def test_direct_delivery_carries_calls_casts_fanouts_and_notifications(relay, tr
     notifier(notifications, topic).info({}, "direct.event", {})
     assert endpoint.events.get(timeout=10)[0] == "requeued"
     assert endpoint.events.get(timeout=10) == ("info", "direct.event", {})
+
+
+# --- the relay restarts ------------------------------------------------------------------------------------
+
+
+def test_calls_and_stored_casts_survive_a_relay_restart(relay_factory, tmp_path, transports, servers, topic):
+    data = str(tmp_path / "restart-data")
+    relay = relay_factory(data_dir=data)
+    transport = transports(zmqrelay_url(relay))
+    server, recorder = rpc_server(transport, topic, "s")
+    servers(server)
+    c = client(transport, topic, timeout=20, server="s")
+    assert c.call({}, "echo", value="before")["value"] == "before"
+    other = transports(zmqrelay_url(relay))
+    client(other, topic + "-later").cast({}, "record", value="kept")  # nobody consumes it yet
+    assert relay.stop() == 0
+    relay_factory(endpoint=relay.endpoint, data_dir=data)
+    assert c.call({}, "echo", value="after")["value"] == "after"  # nodes reconnect on their own
+    later, later_recorder = rpc_server(transport, topic + "-later", "s")
+    servers(later)
+    assert later_recorder.taken(1) == [("record", "kept")]  # stored durably across the restart
