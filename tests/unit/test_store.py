@@ -1,0 +1,466 @@
+"""SQLiteStore against an in-memory model: pure tests, files in tmp_path only.
+
+Crash tests with kill -9 of a real relay live with the integration tests;
+here a "crash" closes the SQLite connection without COMMIT, which is what
+the process dying does to an open transaction.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import sqlite3
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from murano_zmq.store.base import MailboxRow, StoredMessage
+from murano_zmq.store.sqlite import SQLiteStore
+
+MAILBOX_IDS = (1, 2, 3)
+
+
+def msg(seq, mailbox=1, msg_id=None, body=b"body", expires=None, deliveries=0, headers=b"\x80",
+        created=1.0):
+    if msg_id is None:
+        msg_id = seq.to_bytes(16, "big")
+    return StoredMessage(seq, mailbox, msg_id, headers, body, created, expires, deliveries)
+
+
+def crash(store: SQLiteStore) -> None:
+    """Lose the open transaction the way a dead process does: the connection
+    goes away without COMMIT."""
+    store._db.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    yield s
+    try:
+        s.close()
+    except sqlite3.ProgrammingError:
+        pass  # crashed on purpose
+
+
+# --- examples --------------------------------------------------------------------------
+
+
+def test_empty_store(store):
+    assert store.load_mailboxes() == []
+    assert store.mailbox_stats() == {}
+    assert store.max_seq() == 0
+    assert store.load_ready(1, 0, 10) == []
+    assert store.expired(1e9, 10) == []
+    assert store.next_expiry(float("-inf")) is None
+    assert store.get(1) is None
+    assert store.existing_ids([b"x" * 16]) == set()
+    assert store.existing_seqs([1, 2]) == set()
+
+
+def test_insert_returns_new_rows_and_skips_duplicate_ids(store):
+    assert store.insert([msg(1), msg(2)]) == 2
+    # Same id as seq 1 under a new seq: skipped; a fresh one is stored.
+    assert store.insert([msg(3, msg_id=msg(1).msg_id), msg(4)]) == 1
+    # A duplicate inside one batch: the first wins.
+    assert store.insert([msg(5, body=b"first"), msg(6, msg_id=msg(5).msg_id, body=b"second")]) == 1
+    store.commit()
+    assert [m.seq for m in store.load_ready(1, 0, 100)] == [1, 2, 4, 5]
+    assert store.get(5).body == b"first"
+    assert store.get(3) is None and store.get(6) is None
+    assert store.existing_seqs([1, 3, 4, 6]) == {1, 4}
+
+
+def test_an_id_is_free_again_once_deleted(store):
+    store.insert([msg(1, msg_id=b"a" * 16)])
+    store.delete([1])
+    assert store.insert([msg(2, msg_id=b"a" * 16)]) == 1
+    assert store.existing_ids([b"a" * 16, b"b" * 16]) == {b"a" * 16}
+
+
+def test_load_ready_after_and_limit(store):
+    store.insert([msg(s, mailbox=1 + s % 2) for s in range(1, 21)])
+    odd = store.load_ready(2, 0, 100)
+    assert [m.seq for m in odd] == list(range(1, 21, 2))
+    assert [m.seq for m in store.load_ready(2, 5, 3)] == [7, 9, 11]
+    assert store.load_ready(2, 19, 10) == []
+    assert store.load_ready(99, 0, 10) == []
+
+
+def test_fields_round_trip_exactly(store):
+    m = StoredMessage(7, 3, bytes(range(16)), b"\x81\xa1k\xa1v", b"\x00\xff" * 100, 1234.5678, 99.25, 4)
+    store.insert([m])
+    store.commit()
+    assert store.get(7) == m
+    assert store.load_ready(3, 0, 1) == [m]
+    assert isinstance(store.get(7).body, bytes) and isinstance(store.get(7).msg_id, bytes)
+
+
+def test_empty_body_counts_zero_bytes(store):
+    store.insert([msg(1, body=b""), msg(2, body=b"abc")])
+    assert store.get(1).body == b""
+    assert store.mailbox_stats() == {1: (2, 3)}
+
+
+def test_mailbox_stats_and_max_seq(store):
+    store.insert([msg(1, 1, body=b"aa"), msg(2, 2, body=b"bbb"), msg(3, 1, body=b"c")])
+    assert store.mailbox_stats() == {1: (2, 3), 2: (1, 3)}
+    assert store.max_seq() == 3
+    store.delete([3])
+    assert store.mailbox_stats() == {1: (1, 2), 2: (1, 3)}
+
+
+def test_max_seq_is_a_high_water_mark(tmp_path):
+    # Tags are seqs: a seq must never be reused after a restart, or a late
+    # ACK from before it could delete a newer message.
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1), msg(2), msg(3)])
+    s.delete([2, 3])
+    s.commit()
+    assert s.max_seq() == 3
+    s.delete([1])
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.mailbox_stats() == {}
+        assert s.max_seq() == 3
+    finally:
+        s.close()
+
+
+def test_max_seq_counts_skipped_duplicates(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1, msg_id=b"d" * 16)])
+    assert s.insert([msg(2, msg_id=b"d" * 16)]) == 0
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.max_seq() == 2
+    finally:
+        s.close()
+
+
+def test_max_seq_mark_lost_with_its_transaction(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1)])
+    s.commit()
+    s.insert([msg(2), msg(3)])
+    s.delete([2, 3])
+    crash(s)
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.max_seq() == 1
+    finally:
+        s.close()
+
+
+def test_in_transaction(store):
+    assert not store.in_transaction
+    store.insert([msg(1)])
+    assert store.in_transaction
+    store.commit()
+    assert not store.in_transaction
+    store.get(1)
+    store.load_ready(1, 0, 5)
+    assert not store.in_transaction  # reads open no write transaction
+
+
+def test_set_deliveries(store):
+    store.insert([msg(1), msg(2)])
+    store.set_deliveries([(3, 1), (5, 2), (9, 404)])
+    assert store.get(1).deliveries == 3
+    assert store.get(2).deliveries == 5
+
+
+def test_expired_and_next_expiry(store):
+    store.insert([msg(1, expires=30.0), msg(2, expires=10.0), msg(3), msg(4, 2, expires=20.0),
+                  msg(5, expires=20.0)])
+    assert store.expired(9.9, 10) == []
+    assert store.expired(10.0, 10) == [(2, 1)]
+    assert store.expired(25.0, 10) == [(2, 1), (4, 2), (5, 1)]  # by expiry, then seq
+    assert len(store.expired(100.0, 2)) == 2
+    # skip pages past the first ones (the relay skips those a consumer holds)
+    assert store.expired(100.0, 2, 0) == [(2, 1), (4, 2)]
+    assert store.expired(100.0, 2, 2) == [(5, 1), (1, 1)]
+    assert store.expired(100.0, 10, 4) == []
+    assert store.next_expiry(float("-inf")) == 10.0
+    assert store.next_expiry(10.0) == 20.0
+    assert store.next_expiry(20.0) == 30.0
+    assert store.next_expiry(30.0) is None
+
+
+def test_mailboxes_round_trip_and_delete(store):
+    row = MailboxRow(1, "agent.e.u", {"ttl": 60.0, "overflow": "drop-head", "dead_letter": "dlq"}, True)
+    store.save_mailbox(row)
+    store.save_mailbox(MailboxRow(2, "conductor", {}, False))
+    store.insert([msg(1, 1), msg(2, 2), msg(3, 1)])
+    assert store.load_mailboxes() == [row, MailboxRow(2, "conductor", {}, False)]
+    # save again replaces (a send-created mailbox later declared)
+    store.save_mailbox(MailboxRow(2, "conductor", {"max_length": 5}, True))
+    assert store.load_mailboxes()[1] == MailboxRow(2, "conductor", {"max_length": 5}, True)
+    store.delete_mailbox(1)
+    assert [r.id for r in store.load_mailboxes()] == [2]
+    assert store.mailbox_stats() == {2: (1, 4)}
+    assert store.get(1) is None and store.get(3) is None
+
+
+def test_reopen_after_commit_sees_the_same(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.save_mailbox(MailboxRow(1, "mb", {"ttl": 5.0}, True))
+    rows = [msg(i, expires=float(i)) for i in range(1, 6)]
+    s.insert(rows)
+    s.delete([2])
+    s.commit()
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.load_mailboxes() == [MailboxRow(1, "mb", {"ttl": 5.0}, True)]
+        assert s.load_ready(1, 0, 10) == [r for r in rows if r.seq != 2]
+        assert s.max_seq() == 5
+    finally:
+        s.close()
+
+
+def test_close_commits(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1)])
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    assert s.max_seq() == 1
+    s.close()
+
+
+def test_uncommitted_writes_invisible_to_another_connection(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1)])
+    s.commit()
+    s.insert([msg(2)])
+    s.delete([1])
+    other = SQLiteStore(str(tmp_path))  # a reader: sees the last commit only
+    try:
+        assert [m.seq for m in other.load_ready(1, 0, 10)] == [1]
+        s.commit()
+        assert [m.seq for m in other.load_ready(1, 0, 10)] == [2]
+    finally:
+        other.close()
+        s.close()
+
+
+def test_uncommitted_writes_lost_on_crash(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.save_mailbox(MailboxRow(1, "kept", {}, False))
+    s.insert([msg(1)])
+    s.commit()
+    s.save_mailbox(MailboxRow(2, "lost", {}, False))
+    s.insert([msg(2)])
+    s.delete([1])
+    crash(s)
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert [r.name for r in s.load_mailboxes()] == ["kept"]
+        assert [m.seq for m in s.load_ready(1, 0, 10)] == [1]
+    finally:
+        s.close()
+
+
+def test_uncommitted_writes_lost_when_object_dropped(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1)])
+    s.commit()
+    s.insert([msg(2)])
+    del s  # no commit, no close: the connection's finaliser rolls back
+    gc.collect()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.max_seq() == 1
+    finally:
+        s.close()
+
+
+def test_wal_and_full_sync(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_other_schema_version_refused(tmp_path):
+    SQLiteStore(str(tmp_path)).close()
+    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
+    db.execute("UPDATE meta SET value=99 WHERE key='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        SQLiteStore(str(tmp_path))
+
+
+# --- the model -------------------------------------------------------------------------
+
+ids = st.binary(min_size=16, max_size=16)
+times = st.floats(min_value=0, max_value=1000, allow_nan=False)
+row_specs = st.fixed_dictionaries({
+    "mailbox": st.sampled_from(MAILBOX_IDS),
+    "id": st.one_of(ids, st.integers(0, 50)),  # an int picks an id already used (maybe live)
+    "headers": st.binary(max_size=8),
+    "body": st.binary(max_size=24),
+    "created": times,
+    "expires": st.one_of(st.none(), times),
+    "deliveries": st.integers(0, 5),
+})
+options_maps = st.fixed_dictionaries({}, optional={
+    "ttl": st.floats(0.5, 100), "max_length": st.integers(0, 10), "overflow": st.sampled_from(["reject", "drop-head"]),
+    "dead_letter": st.sampled_from(["dlq", "dead.letters"]),
+})
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Live rows and mailboxes as dicts; `committed` is what survives a crash."""
+
+    root = None  # set by the test: a tmp_path
+    _runs = itertools.count()
+
+    def __init__(self):
+        super().__init__()
+        self.dir = str(self.root / f"run{next(self._runs)}")
+        self.store = SQLiteStore(self.dir)
+        self.live: dict[int, StoredMessage] = {}
+        self.mailboxes: dict[int, MailboxRow] = {}
+        self.committed = ({}, {}, 0)
+        self.high_water = 0  # highest seq handed to insert(), committed or not
+        self.next_seq = 1
+        self.used_ids: list[bytes] = []
+
+    def teardown(self):
+        try:
+            self.store.close()
+        except sqlite3.ProgrammingError:
+            pass
+
+    # --- rules ---
+
+    @rule(specs=st.lists(row_specs, max_size=8))
+    def insert(self, specs):
+        rows, new = [], 0
+        live_ids = {m.msg_id for m in self.live.values()}
+        for spec in specs:
+            if isinstance(spec["id"], int) and self.used_ids:
+                msg_id = self.used_ids[spec["id"] % len(self.used_ids)]
+            else:
+                msg_id = spec["id"] if isinstance(spec["id"], bytes) else spec["id"].to_bytes(16, "big")
+            row = StoredMessage(self.next_seq, spec["mailbox"], msg_id, spec["headers"], spec["body"],
+                                spec["created"], spec["expires"], spec["deliveries"])
+            self.next_seq += 1
+            rows.append(row)
+            self.used_ids.append(msg_id)
+            if msg_id not in live_ids:
+                live_ids.add(msg_id)
+                self.live[row.seq] = row
+                new += 1
+        assert self.store.insert(rows) == new
+        if rows:
+            self.high_water = rows[-1].seq
+
+    @rule(data=st.data())
+    def delete(self, data):
+        seqs = data.draw(st.lists(st.integers(0, self.next_seq + 2), max_size=6))
+        self.store.delete(seqs)
+        for s in seqs:
+            self.live.pop(s, None)
+
+    @rule(data=st.data())
+    def set_deliveries(self, data):
+        pairs = data.draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, self.next_seq + 2)),
+                                   max_size=4, unique_by=lambda p: p[1]))
+        self.store.set_deliveries(pairs)
+        for count, seq in pairs:
+            if seq in self.live:
+                self.live[seq] = self.live[seq]._replace(deliveries=count)
+
+    @rule(mailbox=st.sampled_from(MAILBOX_IDS), name=st.sampled_from(["a", "b.c", "agent.x"]),
+          options=options_maps, declared=st.booleans())
+    def save_mailbox(self, mailbox, name, options, declared):
+        if any(r.name == name and r.id != mailbox for r in self.mailboxes.values()):
+            return  # names are unique; the engine never reuses one for another id
+        row = MailboxRow(mailbox, name, options, declared)
+        self.store.save_mailbox(row)
+        self.mailboxes[mailbox] = row
+
+    @rule(mailbox=st.sampled_from(MAILBOX_IDS))
+    def delete_mailbox(self, mailbox):
+        self.store.delete_mailbox(mailbox)
+        self.mailboxes.pop(mailbox, None)
+        self.live = {s: m for s, m in self.live.items() if m.mailbox_id != mailbox}
+
+    @rule()
+    def commit(self):
+        self.store.commit()
+        self.committed = (dict(self.live), dict(self.mailboxes), self.high_water)
+
+    @rule()
+    def reopen(self):
+        self.store.close()  # commits
+        self.committed = (dict(self.live), dict(self.mailboxes), self.high_water)
+        self.store = SQLiteStore(self.dir)
+
+    @rule()
+    def crash_and_reopen(self):
+        crash(self.store)
+        live, mailboxes, self.high_water = self.committed
+        self.live, self.mailboxes = dict(live), dict(mailboxes)
+        self.store = SQLiteStore(self.dir)
+
+    # --- what must hold after every step ---
+
+    @invariant()
+    def ready_rows_match(self):
+        for mailbox in MAILBOX_IDS:
+            expected = sorted((m for m in self.live.values() if m.mailbox_id == mailbox), key=lambda m: m.seq)
+            assert self.store.load_ready(mailbox, 0, 10_000) == expected
+            if expected:
+                middle = expected[len(expected) // 2].seq
+                assert self.store.load_ready(mailbox, middle, 2) == [m for m in expected if m.seq > middle][:2]
+
+    @invariant()
+    def stats_match(self):
+        stats = {}
+        for m in self.live.values():
+            n, b = stats.get(m.mailbox_id, (0, 0))
+            stats[m.mailbox_id] = (n + 1, b + len(m.body))
+        assert self.store.mailbox_stats() == stats
+        # A high-water mark: the max live seq, or the highest ever inserted
+        # and committed (the mark is written by commit()).
+        assert self.store.max_seq() == max(max(self.live, default=0), self.committed[2])
+
+    @invariant()
+    def ids_and_seqs_match(self):
+        probe_ids = self.used_ids[-10:] + [b"\xee" * 16]
+        assert self.store.existing_ids(probe_ids) == {m.msg_id for m in self.live.values()} & set(probe_ids)
+        probe_seqs = list(range(max(1, self.next_seq - 10), self.next_seq + 1))
+        assert self.store.existing_seqs(probe_seqs) == set(self.live) & set(probe_seqs)
+        for seq in probe_seqs[-3:]:
+            assert self.store.get(seq) == self.live.get(seq)
+
+    @invariant()
+    def expiry_matches(self):
+        for now in (0.0, 250.0, 500.0, 1000.0):
+            expiring = {(m.seq, m.mailbox_id): m.expires for m in self.live.values()
+                        if m.expires is not None and m.expires <= now}
+            ordered = sorted(expiring, key=lambda k: (expiring[k], k[0]))  # by expiry, then seq
+            assert self.store.expired(now, 10_000) == ordered
+            assert self.store.expired(now, 2) == ordered[:2]
+            assert self.store.expired(now, 3, 2) == ordered[2:5]
+            later = [m.expires for m in self.live.values() if m.expires is not None and m.expires > now]
+            assert self.store.next_expiry(now) == (min(later) if later else None)
+
+    @invariant()
+    def mailboxes_match(self):
+        assert self.store.load_mailboxes() == [self.mailboxes[k] for k in sorted(self.mailboxes)]
+
+
+def test_store_matches_model(tmp_path):
+    StoreModel.root = tmp_path
+    run_state_machine_as_test(
+        StoreModel,
+        settings=settings(max_examples=40, stateful_step_count=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
+    )
