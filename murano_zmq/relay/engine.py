@@ -655,6 +655,13 @@ class RelayEngine:
         if not mb.consumers:
             self._schedule_idle(mb)
 
+    def drop_session(self, identity: bytes, why: str, now: float) -> None:
+        """Forget the session of `identity` (if any): its consumers go, their
+        unacked messages are requeued; its next command gets NOT_READY."""
+        peer = self.peers.get(identity)
+        if peer is not None:
+            self._drop_peer(peer, why, now)
+
     def _drop_peer(self, peer: Peer, why: str, now: float) -> None:
         for consumer in list(peer.consumers.values()):
             self._drop_consumer(consumer, now)

@@ -42,6 +42,13 @@ TURN_BYTES = 4 * 1024 * 1024
 # peer is held back while the ROUTER's fair queueing keeps serving the others.
 PEER_RECEIVE_QUEUE = 1000
 
+# Replies queued per peer connection (ZMQ_SNDHWM).  Far above what a reading
+# node can have outstanding (credit bounds deliveries, in-flight limits bound
+# confirms); a peer that stops reading and fills it is dropped, its unacked
+# messages requeued (with ROUTER_MANDATORY the relay sees the full queue
+# instead of ZeroMQ dropping frames silently).
+PEER_SEND_QUEUE = 100_000
+
 
 def default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -90,6 +97,7 @@ class Relay:
         self.endpoint: str | None = None
         self.engine: RelayEngine | None = None
         self._wake_r, self._wake_w = os.pipe()
+        self._stalled: set[bytes] = set()  # peers whose send queue was full
         os.set_blocking(self._wake_w, False)
 
     def install_signal_handlers(self) -> None:
@@ -116,11 +124,11 @@ class Relay:
         store = SQLiteStore(cfg.data_dir)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_size + FRAME_HEADROOM)
         # Durable traffic must never meet a silent high-water-mark drop:
         # the relay bounds what it sends by consumer credit instead.
-        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, PEER_SEND_QUEUE)
         sock.setsockopt(zmq.RCVHWM, PEER_RECEIVE_QUEUE)
         try:
             self.security.secure(sock)
@@ -195,6 +203,8 @@ class Relay:
             in_flight = None
         now = time.time()
         self.security.sweep(engine, now)  # sessions of keys removed since the last turn
+        while self._stalled:
+            engine.drop_session(self._stalled.pop(), "not reading (its send queue is full)", now)
         budget = TURN_BYTES
         secure = self.security.enabled
         for _ in range(TURN_COMMANDS):
@@ -226,15 +236,18 @@ class Relay:
                 in_flight = (future, held)
         return in_flight
 
-    @staticmethod
-    def _send(sock: zmq.Socket, out: list) -> None:
+    def _send(self, sock: zmq.Socket, out: list) -> None:
         for identity, frames in out:
             try:
                 sock.send_multipart([identity, *frames], zmq.NOBLOCK)
             except zmq.Again:
-                log.warning("send to %s would block; the node will resync", identity.hex())
+                if identity not in self._stalled:
+                    log.warning("send to %s would block: dropping its session; the node will resync",
+                                identity.hex())
+                self._stalled.add(identity)
             except zmq.ZMQError as exc:
-                log.warning("send to %s failed: %s", identity.hex(), exc)
+                if exc.errno != zmq.EHOSTUNREACH:  # unreachable: the peer is gone already
+                    log.warning("send to %s failed: %s", identity.hex(), exc)
 
 
 def run_relay(config: RelayConfig) -> int:

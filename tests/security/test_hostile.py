@@ -289,3 +289,39 @@ def test_hypothesis_frames_at_a_node():
     finally:
         node.close()
         fake.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def test_a_peer_that_never_reads_cannot_grow_the_relay(relay_factory):
+    """Every junk command earns an ERROR reply; a peer that never reads them
+    would make the relay queue replies without end.  The per-peer send queue
+    is bounded (ZMQ_SNDHWM with ROUTER_MANDATORY): past it the relay drops
+    that peer's replies and session, and serves everybody else."""
+    relay = relay_factory()
+    msg_id = _kept(relay)
+    sock = _dealer(relay.endpoint)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    before = _rss_kib(relay.pid)
+    junk = [b"MZQ\x01", b"\x0c", msgpack.packb([None])]  # STATUS without a req: ERROR each time
+    sent, deadline = 0, time.monotonic() + 20
+    try:
+        while sent < 300_000 and time.monotonic() < deadline:
+            try:
+                sock.send_multipart(junk, zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                sock.poll(1, zmq.POLLOUT)
+        with Node("other", relay=relay.endpoint, timeout=10) as node:
+            node.send("other", "still served")
+        growth_mib = (_rss_kib(relay.pid) - before) / 1024
+    finally:
+        sock.close(linger=0)
+    print(f"{sent} junk commands unread replies; relay RSS grew {growth_mib:.1f} MiB")
+    # Unbounded, 300 000 unread replies cost the relay about 45 MiB.
+    assert growth_mib < 25, f"the relay grew {growth_mib:.1f} MiB for a peer that does not read"
+    _still_deliverable(relay, msg_id)
