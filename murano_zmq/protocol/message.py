@@ -186,9 +186,9 @@ def parse_delivery(item: Any) -> Message:
     if not isinstance(item, list) or len(item) != 8:
         raise RemoteProtocolError("a DELIVER record has 8 fields")
     tag, msg_id, mailbox, headers, body, created, expires, count = item
-    if not (isinstance(tag, int) and isinstance(msg_id, bytes) and isinstance(mailbox, str)
+    if not (type(tag) is int and isinstance(msg_id, bytes) and isinstance(mailbox, str)
             and isinstance(headers, dict) and isinstance(body, bytes)
-            and isinstance(created, (int, float)) and isinstance(count, int)
-            and (expires is None or isinstance(expires, (int, float)))):
+            and is_number(created) and type(count) is int
+            and (expires is None or is_number(expires))):
         raise RemoteProtocolError("bad DELIVER record")
     return Message(msg_id, mailbox, headers, body, created, expires, count, tag)

@@ -52,6 +52,9 @@ MAX_PREFETCH = 10_000
 MIN_HEARTBEAT = 0.05
 MAX_HEARTBEAT = 60.0
 EXPIRY_BATCH = 1000
+# More than the seqs two loop turns can hand out before their commits (the
+# turn committing and the one being read): see _recover().
+SEQ_GAP_AFTER_START = 1 << 24
 MAX_ENDPOINT = 512
 
 _EMPTY_HEADERS = msgpack.packb({})
@@ -92,9 +95,14 @@ class RelayEngine:
 
     def _recover(self, now: float) -> None:
         stats = self.store.mailbox_stats()
-        self._seq = self.store.max_seq()
         # Messages stored before this start may have been out for delivery.
-        self._boot_seq = self._seq
+        self._boot_seq = self.store.max_seq()
+        # Deliveries go out before their commit, so a crashed relay may have
+        # handed out tags above the last committed seq; a node may still ack
+        # one of them.  Numbering past every such tag keeps a late ACK from
+        # settling a newer message.
+        self._seq = self._boot_seq + SEQ_GAP_AFTER_START
+        self.store.reserve_seq(self._seq)  # durable now: a crash before any commit skips them too
         self._next_mailbox_id = 1
         for row in self.store.load_mailboxes():
             count, nbytes = stats.get(row.id, (0, 0))
@@ -342,7 +350,7 @@ class RelayEngine:
     def _on_ack(self, peer: Peer, now: float, tags: list) -> None:
         done = []
         for seq in tags:
-            consumer = self._unacked.get(seq) if isinstance(seq, int) else None
+            consumer = self._unacked.get(seq) if _is_tag(seq) else None
             if consumer is None or consumer.peer is not peer:
                 continue  # settled already, or requeued after a reconnect
             del self._unacked[seq]
@@ -358,7 +366,7 @@ class RelayEngine:
 
     def _on_nack(self, peer: Peer, now: float, tags: list, requeue: bool) -> None:
         for seq in tags:
-            consumer = self._unacked.get(seq) if isinstance(seq, int) else None
+            consumer = self._unacked.get(seq) if _is_tag(seq) else None
             if consumer is None or consumer.peer is not peer:
                 continue
             del self._unacked[seq]
@@ -745,6 +753,10 @@ class RelayEngine:
             mb.count -= 1
             mb.nbytes -= len(row.body)
             log.warning("duplicate message id %s in %s ignored", row.msg_id.hex(), mb.name)
+
+
+def _is_tag(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _valid_name(name: str) -> str:

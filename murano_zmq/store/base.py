@@ -34,6 +34,10 @@ class Store(Protocol):
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         """mailbox id -> (messages, body bytes)."""
 
+    def reserve_seq(self, seq: int) -> None:
+        """Record, durably at once, that seqs up to `seq` may be in use
+        (max_seq() never returns less afterwards)."""
+
     def max_seq(self) -> int:
         """The highest seq ever stored (not only among live messages)."""
 

@@ -197,6 +197,14 @@ class SQLiteStore:
         self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
 
     @_locked
+    def reserve_seq(self, seq: int) -> None:
+        """Record, durably at once, that seqs up to `seq` may be in use."""
+        self.commit()
+        self._seq_mark = max(self._seq_mark, seq)
+        self._begin()
+        self.commit()
+
+    @_locked
     def commit(self) -> None:
         if self._in_tx:
             if self._seq_mark > self._seq_saved:

@@ -1249,9 +1249,6 @@ def test_refused_consume_is_not_replayed_at_reconnect(net):
     assert replay == [Cmd.HELLO]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: tags of deliveries the relay made before a crash (uncommitted seqs) are reused "
-    "after the restart; the node's late ACK of the old tag deletes a different message"))
 def test_late_ack_after_a_relay_crash_does_not_settle_another_message(net):
     p, q, c = net.node("p"), net.node("q"), net.node("c")
     c.consume("work")
