@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from murano_zmq import Node, PermissionDenied, RelayUnavailable
+from murano_zmq import PermissionDenied, RelayUnavailable
 
 from ..helpers import free_tcp_endpoint, wait_for
 from ..integration.nodes import NODE_KINDS
