@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import zmq  # noqa: E402
 
 from murano_zmq import Node  # noqa: E402
-from murano_zmq.relay.process import RelayProcess  # noqa: E402
+from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint  # noqa: E402
 
 BODY = b"x" * 1024
 WINDOW = 1000
@@ -64,14 +64,6 @@ def pct(samples: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p / 100))]
 
 
-def free_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def spawn(code: str, *args: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
@@ -87,7 +79,7 @@ def stop(p: subprocess.Popen) -> None:
 
 
 def bench_raw(count: int, rt_count: int) -> dict:
-    endpoint = free_endpoint()
+    endpoint = free_tcp_endpoint()
     receiver = spawn(RAW_RECEIVER, endpoint)
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
@@ -118,7 +110,7 @@ def bench_raw(count: int, rt_count: int) -> dict:
 
 
 def bench_node(count: int, rt_count: int, path: str, tmp: str) -> dict:
-    endpoint = free_endpoint()
+    endpoint = free_tcp_endpoint()
     relay = RelayProcess(endpoint, os.path.join(tmp, f"data-{path}")).start()
     receiver = spawn(NODE_RECEIVER, endpoint, path)
     try:

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from murano_zmq import Node  # noqa: E402
-from murano_zmq.relay.process import RelayProcess  # noqa: E402
+from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint, rss_mb  # noqa: E402
 
 BODY = b"x" * 1024
 
@@ -40,38 +40,24 @@ with Node("echo", relay=sys.argv[1]) as node:
 """
 
 
-def free_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def pct(samples: list[float], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(len(s) * p / 100))]
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def bench_pipelined(node: Node, count: int) -> dict:
+    """send_many in chunks of 10,000: one waiter per chunk."""
     t0 = time.perf_counter()
-    futures = [node.send_async("bench.pipe", BODY) for _ in range(count)]
+    for start in range(0, count, 10_000):
+        node.send_many([("bench.pipe", BODY)] * min(10_000, count - start), timeout=120)
+    dt = time.perf_counter() - t0
+    return {"messages": count, "seconds": round(dt, 3), "per_second": round(count / dt)}
+
+
+def bench_futures(node: Node, count: int) -> dict:
+    """send_async per message: a future each."""
+    t0 = time.perf_counter()
+    futures = [node.send_async("bench.futures", BODY) for _ in range(count)]
     for f in futures:
         f.result(120)
     dt = time.perf_counter() - t0
@@ -126,7 +112,7 @@ def bench_round_trip(node: Node, endpoint: str, count: int) -> dict:
 
 def bench_backlog(count: int, tmp: str) -> dict:
     """Queue `count` messages, read the relay's RSS, restart it, time the first delivery."""
-    endpoint = free_endpoint()
+    endpoint = free_tcp_endpoint()
     data = os.path.join(tmp, "backlog")
     relay = RelayProcess(endpoint, data).start()
     try:
@@ -139,7 +125,7 @@ def bench_backlog(count: int, tmp: str) -> dict:
                 sent += n
             fill_s = time.perf_counter() - t0
             depth = node.status()["mailboxes"][0]["depth"]
-        rss_full, rss_peak = rss_mb(relay.pid), peak_rss_mb(relay.pid)
+        rss_full, rss_peak = rss_mb(relay.pid), rss_mb(relay.pid, "VmHWM")
     finally:
         relay.stop(60)
     t0 = time.perf_counter()
@@ -177,15 +163,16 @@ def main() -> int:
 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="murano-zmq-bench-") as tmp:
-        endpoint = free_endpoint()
+        endpoint = free_tcp_endpoint()
         relay = RelayProcess(endpoint, os.path.join(tmp, "data")).start()
         try:
             with Node("bench", relay=endpoint, timeout=120) as node:
                 results["pipelined_sends"] = bench_pipelined(node, args.count)
+                results["pipelined_futures"] = bench_futures(node, args.count // 2)
                 results["consume_ack"] = bench_consume(node, args.count)
                 results["send_latency"] = bench_send_latency(node, args.latency_count)
                 results["round_trip"] = bench_round_trip(node, endpoint, args.latency_count)
-            results["relay_peak_rss_mb"] = round(peak_rss_mb(relay.pid), 1)
+            results["relay_peak_rss_mb"] = round(rss_mb(relay.pid, "VmHWM"), 1)
         finally:
             relay.stop()
         if args.backlog:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
+from murano_zmq.relay.process import free_tcp_endpoint
 
-def free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+__all__ = ["free_tcp_endpoint", "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):

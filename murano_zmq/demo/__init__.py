@@ -24,20 +24,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..node.sync import Node
-from ..relay.process import RelayProcess
+from ..relay.process import RelayProcess, free_tcp_endpoint, rss_mb
 from . import flow
 from .view import ProgressView
 
 DISCOVERY = "127.0.0.1"
 HEARTBEAT = 0.3
-
-
-def _free_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @dataclass
@@ -64,7 +56,7 @@ class Demo:
         self.timeout = timeout
         self.tmp = tempfile.TemporaryDirectory(prefix="murano-zmq-demo-")
         self.workdir = os.path.join(self.tmp.name, "vms")
-        self.endpoint = _free_endpoint()
+        self.endpoint = free_tcp_endpoint()
         self.envs = [Env(f"env{i + 1}", [f"unit{j + 1}" for j in range(units)], uuid.uuid4().hex[:12])
                      for i in range(envs)]
         # Agents of several environments share a process past 16 processes (soak runs).
@@ -174,7 +166,7 @@ class Demo:
             ok = self._watch(api, progress, results)
             deployed = self.elapsed()
             status_before, status_after = self._delete_first_env(api, results) if ok else (None, None)
-            self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+            self.peak_relay_rss = max(self.peak_relay_rss, rss_mb(self.relay.pid, "VmHWM"))
         self.view.finish()
         bad_exits = self.stop_all()
         relay_code = self.relay.stop()
@@ -223,7 +215,7 @@ class Demo:
             status = api.status(timeout=2)
         except Exception:
             return  # the relay may be restarting
-        self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+        self.peak_relay_rss = max(self.peak_relay_rss, rss_mb(self.relay.pid, "VmHWM"))
         depth = {mb["name"]: mb["depth"] for mb in status["mailboxes"]}
         for i, group in enumerate(self.agent_groups):
             if group[0].agents_started is not None:
@@ -253,7 +245,7 @@ class Demo:
                              "the other conductor must finish its tasks")
         if "relay" not in self.chaos_done and done >= max(1, len(self.envs) // 3):
             self.chaos_done.add("relay")
-            self.peak_relay_rss = max(self.peak_relay_rss, _peak_rss_mb(self.relay.pid))
+            self.peak_relay_rss = max(self.peak_relay_rss, rss_mb(self.relay.pid, "VmHWM"))
             self.relay.kill()
             self.chaos_event(f"SIGKILL relay (pid {self.relay.pid}) with {done}/{len(self.envs)} deployed")
             self.start_relay()
@@ -313,17 +305,6 @@ class Demo:
         success = success and bad_exits == 0 and relay_code == 0
         print("demo " + ("succeeded" if success else "FAILED"))
         return 0 if success else 1
-
-
-def _peak_rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def run_demo(envs: int = 5, units: int = 3, chaos: bool = False, seed: int = 1, agent_ttl: float = 3.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,25 @@ import time
 import zmq
 
 from ..protocol.frames import Cmd, decode, encode
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A tcp:// endpoint on a port that is free now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory in MB (field VmHWM: its peak), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def relay_answers(endpoint: str, timeout: float, curve=None) -> bool:
