@@ -8,6 +8,12 @@ drained keeps FIFO per sender and mailbox across switches: relay -> direct
 waits until the relay reports the mailbox empty (depth 0) after every relay
 send to it was confirmed; direct -> relay happens when a link fails, and the
 link's unconfirmed records, oldest first, are the first to take the relay.
+
+With CURVE (require_keys) an endpoint is a candidate only while the table
+knows the public key to expect there: from the relay's LOOKUP (the key the
+relay authenticated for that consumer's session), or from discovery once
+the node has pinned the advert's key against its trusted keys.  The table
+only keeps keys; what counts as trusted is decided before they get here.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ HOLD_LIMIT = 1.0
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
 
+Z85_KEY_LENGTH = 40  # a CURVE public key as z85 text
+
 
 @dataclass(slots=True)
 class _Path:
@@ -38,11 +46,23 @@ class _Path:
 
 
 class PathTable:
-    def __init__(self, lookup_ttl: float = LOOKUP_TTL):
+    def __init__(self, lookup_ttl: float = LOOKUP_TTL, require_keys: bool = False):
         self.lookup_ttl = lookup_ttl
+        self.require_keys = require_keys  # CURVE: only endpoints with a known key are used
         self._paths: dict[str, _Path] = {}
         self._discovered: dict[str, set[str]] = {}  # mailbox -> endpoints seen by discovery
+        self._lookup_keys: dict[str, bytes] = {}  # endpoint -> key, from the relay (preferred)
+        self._discovered_keys: dict[str, bytes] = {}  # endpoint -> key, from pinned adverts
         self.failed: set[str] = set()  # endpoints whose link failed (until learned again)
+
+    def key_of(self, endpoint: str) -> bytes | None:
+        """The CURVE public key (z85) to expect at `endpoint`, if known."""
+        return self._lookup_keys.get(endpoint) or self._discovered_keys.get(endpoint)
+
+    def _usable(self, endpoint: str) -> bool:
+        if endpoint in self.failed:
+            return False
+        return not self.require_keys or self.key_of(endpoint) is not None
 
     def _path(self, mailbox: str) -> _Path:
         path = self._paths.get(mailbox)
@@ -54,9 +74,9 @@ class PathTable:
         """A direct endpoint for the next message to `mailbox`, None (relay),
         or HOLD.  `has_room(endpoint)` says whether that link's window has room."""
         path = self._path(mailbox)
-        candidates = [e for e in path.endpoints if e not in self.failed]
+        candidates = [e for e in path.endpoints if self._usable(e)]
         candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
-                       and e not in self.failed]
+                       and self._usable(e)]
         if path.relay_unconfirmed:
             return None
         if path.relay_undrained:
@@ -79,12 +99,12 @@ class PathTable:
     def is_direct(self, mailbox: str) -> bool:
         """Would the next message to `mailbox` go direct?  (Reads only.)"""
         path = self._paths.get(mailbox)
-        discovered = any(e not in self.failed for e in self._discovered.get(mailbox, ()))
+        discovered = any(self._usable(e) for e in self._discovered.get(mailbox, ()))
         if path is None:
             return discovered
         if path.relay_undrained or path.relay_unconfirmed:
             return False
-        return any(e not in self.failed for e in path.endpoints) or discovered
+        return any(self._usable(e) for e in path.endpoints) or discovered
 
     def wants_lookup(self, mailbox: str, now: float) -> bool:
         """Ask the relay again?  (Marks the lookup as pending when True.)"""
@@ -102,7 +122,19 @@ class PathTable:
         path = self._path(mailbox)
         path.lookup_pending = False
         path.learned_at = now
-        path.endpoints = [e for _name, e in result.get("direct", ()) if isinstance(e, str)]
+        path.endpoints = []
+        for entry in result.get("direct", ()):
+            # [node name, endpoint, key]: the key is nil from a relay without
+            # CURVE (and absent from a relay of an earlier release).
+            if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], str):
+                continue
+            endpoint = entry[1]
+            key = _key(entry[2]) if len(entry) > 2 else None
+            if key is not None:
+                self._lookup_keys[endpoint] = key
+            else:
+                self._lookup_keys.pop(endpoint, None)
+            path.endpoints.append(endpoint)
         self.failed.difference_update(path.endpoints)
         if result.get("depth") == 0 and path.relay_unconfirmed == 0:
             path.relay_undrained = False
@@ -112,13 +144,25 @@ class PathTable:
         path.lookup_pending = False
         path.learned_at = now  # ask again after the usual interval, not per message
 
-    def discovered(self, mailbox: str, endpoints: set[str]) -> None:
-        """Discovery's view of who consumes `mailbox` directly (replaces the last)."""
+    def discovered(self, mailbox: str, endpoints: "set[str] | dict[str, bytes | str | None]") -> None:
+        """Discovery's view of who consumes `mailbox` directly (replaces the
+        last): endpoints, or endpoint -> pinned key (already checked as trusted)."""
+        if isinstance(endpoints, dict):
+            for endpoint, key in endpoints.items():
+                key = _key(key)
+                if key is not None:
+                    self._discovered_keys[endpoint] = key
+                else:
+                    self._discovered_keys.pop(endpoint, None)
         if endpoints:
             self._discovered[mailbox] = set(endpoints)
             self.failed.difference_update(endpoints)
         else:
             self._discovered.pop(mailbox, None)
+        if self._discovered_keys:  # forget keys of endpoints no advert names any more
+            named = set().union(*self._discovered.values()) if self._discovered else set()
+            for endpoint in [e for e in self._discovered_keys if e not in named]:
+                del self._discovered_keys[endpoint]
 
     def discovered_mailboxes(self) -> list[str]:
         return list(self._discovered)
@@ -137,3 +181,12 @@ class PathTable:
 
     def mailboxes(self) -> list[str]:
         return list(self._paths)
+
+
+def _key(value) -> bytes | None:
+    """A z85 public key as bytes, or None for anything else."""
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if isinstance(value, bytes) and len(value) == Z85_KEY_LENGTH:
+        return value
+    return None

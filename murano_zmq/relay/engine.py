@@ -73,6 +73,7 @@ class RelayEngine:
         # every peer may do everything (an open relay, or --allow-all).
         self.permissions = None
         self._user: str | None = None  # identity behind the command being handled
+        self._key: str | None = None  # its CURVE public key (z85), if the relay has CURVE
         self._peer_users: dict[bytes, str | None] = {}  # routing id -> identity at HELLO
         self.peers: dict[bytes, Peer] = {}
         self.mailboxes: dict[str, Mailbox] = {}
@@ -117,12 +118,14 @@ class RelayEngine:
 
     # --- input -------------------------------------------------------------------
 
-    def receive(self, identity: bytes, frames: list[bytes], now: float, user: str | None = None) -> None:
+    def receive(self, identity: bytes, frames: list[bytes], now: float, user: str | None = None,
+                key: str | None = None) -> None:
         """Handle one command from the peer `identity`.  Bad input gets an
         ERROR reply and a log line; it never raises.
 
         `user` is the authenticated identity (a key name) of the connection
-        the command came on, checked against `permissions`."""
+        the command came on, checked against `permissions`; `key` its CURVE
+        public key (z85), kept with a session at HELLO for LOOKUP."""
         try:
             command = decode(frames)
         except RemoteProtocolError as exc:
@@ -147,6 +150,7 @@ class RelayEngine:
             if peer is not None and self._peer_users.get(identity) != user:
                 raise PermissionDenied("this session belongs to another identity")
             self._user = user
+            self._key = key
             handler(self, peer or identity, now, *command.fields)
             if command.cmd == Cmd.HELLO:
                 self._peer_users[identity] = user
@@ -207,7 +211,7 @@ class RelayEngine:
         if not is_number(heartbeat):
             raise Malformed("heartbeat must be a finite number of seconds")
         heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
-        self.peers[identity] = Peer(identity, name[:200], instance, heartbeat, now, now)
+        self.peers[identity] = Peer(identity, name[:200], instance, heartbeat, now, now, key=self._key)
         log.info("node %s connected", name[:200])
         self._reply_now(identity, Cmd.WELCOME, self.name, heartbeat, self.max_message_size)
 
@@ -333,12 +337,14 @@ class RelayEngine:
         self._reply_now(peer.identity, Cmd.REPLY, req, mb.status(now))
 
     def _on_lookup(self, peer: Peer, now: float, req: int, name: str) -> None:
-        """Where a mailbox's consumers take direct deliveries, and its depth:
-        a sender goes direct only once the relay holds nothing for it."""
+        """Where a mailbox's consumers take direct deliveries (with the CURVE
+        key each consumer's session authenticated with, for the sender to
+        pin), and its depth: a sender goes direct only once the relay holds
+        nothing for it."""
         self._check("send", _valid_name(name))
         mb = self.mailboxes.get(name)
         result = {"mailbox": name, "exists": mb is not None, "depth": mb.count if mb else 0,
-                  "direct": [[c.peer.name, c.endpoint] for c in (mb.consumers if mb else ())
+                  "direct": [[c.peer.name, c.endpoint, c.peer.key] for c in (mb.consumers if mb else ())
                              if c.endpoint]}
         self._reply_now(peer.identity, Cmd.REPLY, req, result)
 

@@ -170,8 +170,8 @@ class Relay:
                 host = chosen[0] if isinstance(chosen, list) else "127.0.0.1"
                 endpoint = endpoint.replace(f"//{wildcard}:", f"//{host}:")
         discovery = Discovery(interfaces)
-        discovery.advertise(Advert(self.config.name, "relay", endpoint,
-                                   key=getattr(self.security, "public_key", "") or ""))
+        key = self.security.key.public.decode() if self.security.key is not None else ""
+        discovery.advertise(Advert(self.config.name, "relay", endpoint, key=key))
         log.info("relay advertised by zeroconf on %s as %s", interfaces, endpoint)
         return discovery
 
@@ -212,16 +212,16 @@ class Relay:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=not secure)
             except zmq.Again:
                 break
-            user = None
+            user = key = None
             if secure:  # the connection's identity rides on every message
-                user, refusal = self.security.identify(frames[0])
+                user, key, refusal = self.security.identify_key(frames[0])
                 frames = [f.bytes for f in frames]
                 if refusal is not None:
                     engine.refuse(frames[0], frames[1:], refusal, now)
                     continue
             if len(frames) < 2:
                 continue
-            engine.receive(frames[0], frames[1:], now, user)
+            engine.receive(frames[0], frames[1:], now, user, key)
             budget -= len(frames[-1])
             if budget <= 0:
                 break

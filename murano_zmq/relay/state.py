@@ -26,6 +26,7 @@ class Peer:
     last_heard: float
     last_sent: float
     consumers: dict[int, "Consumer"] = field(default_factory=dict)
+    key: str | None = None  # the CURVE public key (z85) the session authenticated with
 
 
 @dataclass(eq=False, slots=True)

@@ -10,6 +10,9 @@
   a server can ask the *current* AuthorizedKeys for the name on every
   message: a key removed from the directory stops working at once, on
   connections already open too.
+- serve_domain(): one authenticator per context shared by several servers,
+  each answering for a ZAP domain of its own (the keyed nodes of a process,
+  each with its own authorized keys, on zmq.Context.instance()).
 - HandshakeLog: logs handshakes a socket refused (no CURVE, wrong server
   key, unknown key) from the socket's monitor, in a thread of its own.
 
@@ -107,14 +110,17 @@ class KeyCheck:
     """pyzmq's credentials provider: admit a CURVE client whose key is authorized.
 
     keys=None admits every key (encryption without authentication, the
-    relay's --allow-all without --authorized-keys).
+    relay's --allow-all without --authorized-keys).  `also`: keys admitted
+    besides the directory's (a node admits its own key, for its own
+    subscriptions and its sends to itself).
     """
 
-    def __init__(self, keys: AuthorizedKeys | None):
+    def __init__(self, keys: AuthorizedKeys | None, also: tuple[bytes, ...] = ()):
         self.keys = keys
+        self.also = frozenset(also)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if self.keys is None:
+        if self.keys is None or key in self.also:
             return True
         name = self.keys.name_of(key)
         if name is None:
@@ -133,6 +139,14 @@ def start_authenticator(context: zmq.Context, keys: AuthorizedKeys | None, kind:
     running loop; `context` is a zmq.asyncio.Context).  Returns the
     authenticator; call its stop() when the sockets are closed.
     """
+    auth = _new_authenticator(context, kind)
+    auth.configure_curve_callback(ZAP_DOMAIN, KeyCheck(keys))
+    return auth
+
+
+def _new_authenticator(context: zmq.Context, kind: str = "thread"):
+    """pyzmq's authenticator, started, answering for no domain yet (so
+    refusing everyone)."""
     if kind == "thread":
         from zmq.auth.thread import ThreadAuthenticator as cls
     elif kind == "asyncio":
@@ -147,8 +161,63 @@ def start_authenticator(context: zmq.Context, keys: AuthorizedKeys | None, kind:
             raise RuntimeError("a ZAP handler already runs in this zmq.Context; "
                                "use one authenticator per context") from None
         raise
-    auth.configure_curve_callback(ZAP_DOMAIN, KeyCheck(keys))
     return auth
+
+
+class ZapLease:
+    """One ZAP domain served by a context's shared authenticator (serve_domain())."""
+
+    def __init__(self, context: zmq.Context, domain: str):
+        self.context = context
+        self.domain = domain
+        self._released = False
+
+    def stop(self) -> None:
+        """Stop answering for this domain; the last lease of a context stops its handler."""
+        with _shared_lock:
+            if self._released:
+                return
+            self._released = True
+            entry = _shared.get(id(self.context))
+            if entry is None:
+                return
+            auth, domains = entry
+            domains.discard(self.domain)
+            auth.credentials_providers.pop(self.domain, None)
+            if not domains:
+                del _shared[id(self.context)]
+                auth.stop()
+
+    close = stop
+
+
+# id(context) -> (its ThreadAuthenticator, the domains it answers for)
+_shared: dict[int, tuple[object, set[str]]] = {}
+_shared_lock = threading.Lock()
+
+
+def serve_domain(context: zmq.Context, domain: str, check: KeyCheck) -> ZapLease:
+    """Answer ZAP requests of `domain` on `context` with `check`, sharing one
+    ThreadAuthenticator per context among every server that asks.
+
+    ZeroMQ allows one ZAP handler per context, and a process's nodes usually
+    share zmq.Context.instance(): each keyed node serves its own domain (its
+    own authorized keys) through the one handler.  Call the lease's stop()
+    once the sockets of the domain are closed.  A domain already served on
+    the context, or a handler started elsewhere (start_authenticator()), is
+    a RuntimeError.
+    """
+    with _shared_lock:
+        entry = _shared.get(id(context))
+        if entry is None:
+            auth = _new_authenticator(context)
+            entry = _shared[id(context)] = (auth, set())
+        auth, domains = entry
+        if domain in domains:
+            raise RuntimeError(f"ZAP domain {domain!r} is already served in this zmq.Context")
+        domains.add(domain)
+        auth.configure_curve_callback(domain, check)
+    return ZapLease(context, domain)
 
 
 # Why a handshake failed, for the log: ZMTP protocol error codes by value.

@@ -37,9 +37,11 @@ ZAP_DOMAIN = "murano-zmq"
 
 @dataclass(frozen=True, slots=True)
 class CurveServer:
-    """CURVE server options: this side's key pair."""
+    """CURVE server options: this side's key pair, and the ZAP domain whose
+    handler admits clients (serve_domain() / start_authenticator())."""
 
     key: KeyPair
+    domain: str = ZAP_DOMAIN
 
     def __post_init__(self) -> None:
         if self.key.secret is None:
@@ -49,7 +51,7 @@ class CurveServer:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.key.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.key.public)
         sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        sock.setsockopt(zmq.ZAP_DOMAIN, self.domain.encode())
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import zmq
 
-from .auth import AuthorizedKeys, HandshakeLog, Watcher, start_authenticator
-from .curve import CurveServer
+from .auth import AuthorizedKeys, HandshakeLog, KeyCheck, Watcher, serve_domain
+from .curve import ZAP_DOMAIN, CurveServer
 from .keys import KeyFileError, KeyPair, load_secret_key
 from .permissions import Permissions, PermissionsError
 
@@ -141,7 +141,9 @@ class RelaySecurity:
         """Make `sock` a CURVE server with ZAP, before it binds.  No-op when open."""
         if not self.enabled:
             return
-        self._auth = start_authenticator(sock.context, self.keys)
+        # The context's shared ZAP handler: keyed nodes in the same process
+        # (tests, the demo) serve their own domains through it.
+        self._auth = serve_domain(sock.context, ZAP_DOMAIN, KeyCheck(self.keys))
         CurveServer(self.key).apply(sock)
         self._handshakes = HandshakeLog(sock, "relay")
         if self.keys is not None or self.permissions is not None:
@@ -153,16 +155,23 @@ class RelaySecurity:
 
         The identity is the key name, or None when any key is admitted.
         """
+        name, _key, why = self.identify_key(frame)
+        return name, why
+
+    def identify_key(self, frame: zmq.Frame) -> tuple[str | None, str | None, str | None]:
+        """(identity, public key, None) for a message's first frame, or
+        (None, None, why not).  The public key (z85 text, the ZAP User-Id) is
+        what LOOKUP hands to senders as the consumer's key for direct links."""
         try:
             user_id = frame.get("User-Id")
         except zmq.ZMQError:
-            return None, "unauthenticated connection"
+            return None, None, "unauthenticated connection"
         if self.keys is None:
-            return None, None
+            return None, user_id, None
         name = self.keys.name_of(user_id)
         if name is None:
-            return None, f"key {user_id} is no longer authorized"
-        return name, None
+            return None, None, f"key {user_id} is no longer authorized"
+        return name, user_id, None
 
     def reload_soon(self) -> None:
         """Reload keys and permissions now (SIGHUP); safe in a signal handler."""
