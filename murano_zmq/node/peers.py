@@ -1,15 +1,23 @@
 """Direct delivery for the threaded Node: this node's ROUTER (the receiving
 end) and one DEALER per peer it sends to (the sending ends), driving the
 sans-IO DirectInbox, DirectLink and PathTable in the Node's I/O thread.
+
+With CURVE (a NodeSecurity): the ROUTER is a CURVE server admitting the
+node's authorized keys (bound only when it has some), each DEALER a CURVE
+client expecting the key the path table knows for its endpoint (from the
+relay's LOOKUP, or a pinned advert), and a monitor on each DEALER fails its
+link at once when the peer's handshake refuses this node's key.  The
+ROUTER names the sending key on every command, for revocation and the
+permissions check.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, SEND_BATCH
 from ..protocol.direct import (
@@ -31,12 +39,15 @@ __all__ = ["DEFAULT_DIRECT_BIND", "HOLD", "DirectPeers"]
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
 
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
 
 class DirectPeers:
     def __init__(self, context: zmq.Context, node_name: str, instance: bytes, heartbeat: float,
                  dedup, max_message_size: int, bind: str = DEFAULT_DIRECT_BIND,
                  timeout: float = DEFAULT_DIRECT_TIMEOUT, window: int = DEFAULT_WINDOW,
-                 secure: Callable[[zmq.Socket, bool], None] | None = None):
+                 security=None):
         self._context = context
         self.node_name = node_name
         self.instance = instance
@@ -44,14 +55,16 @@ class DirectPeers:
         self.timeout = timeout
         self.window = window
         self.bind = bind
-        self._secure = secure  # applies CURVE to a socket (server=True for the ROUTER)
-        self.paths = PathTable()
+        self._security = security  # security.node.NodeSecurity, or None: plain TCP
+        self.paths = PathTable(require_keys=security is not None)
         self.inbox = DirectInbox(node_name, max_message_size, dedup)
+        self.inbox.permissions = security.permissions if security is not None else None
         self.consumers: dict[str, int] = {}  # mailbox -> this node's consumer id
         self.endpoint: str | None = None
         self._router: zmq.Socket | None = None
         self._links: dict[str, DirectLink] = {}
         self._socks: dict[str, zmq.Socket] = {}
+        self._monitors: dict[str, zmq.Socket] = {}  # endpoint -> its DEALER's handshake monitor (CURVE)
         self._queues: dict[str, deque] = {}  # endpoint -> (record, waiter) not yet sent
         self._waiters: dict[int, object] = {}  # id(record) -> waiter, while direct
         self._out: dict[str, int] = {}  # mailbox -> its records queued or unconfirmed on a link
@@ -60,15 +73,19 @@ class DirectPeers:
 
     # --- lifetime (I/O thread) ----------------------------------------------------
 
-    def start(self) -> str:
+    def start(self) -> str | None:
+        """Bind the ROUTER; a keyed node without authorized keys binds none
+        (it sends directly but takes deliveries from the relay only)."""
+        if self._security is not None and not self._security.accepts:
+            return None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         # A peer cannot make this node allocate more than one message's worth.
         sock.setsockopt(zmq.MAXMSGSIZE, self.inbox.max_message_size + FRAME_HEADROOM)
-        if self._secure is not None:
-            self._secure(sock, True)
+        if self._security is not None:
+            self._security.server(sock)
         sock.bind(self.bind)
         self._router = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -81,13 +98,16 @@ class DirectPeers:
 
     def sockets(self) -> list[zmq.Socket]:
         self.changed = False
-        return [self._router, *self._socks.values()]
+        router = [self._router] if self._router is not None else []
+        return [*router, *self._socks.values(), *self._monitors.values()]
 
     def close(self) -> None:
         for endpoint, link in self._links.items():
             link.close()
         self.inbox.close()
         self.flush(0.0)
+        for endpoint in list(self._monitors):
+            self._close_monitor(endpoint)
         for sock in self._socks.values():
             sock.close(200)
         if self._router is not None:
@@ -133,8 +153,10 @@ class DirectPeers:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        if self._secure is not None:
-            self._secure(sock, False)
+        if self._security is not None:
+            # choose() offers only endpoints with a known key (LOOKUP or a pinned advert).
+            self._security.client(sock, self.paths.key_of(endpoint))
+            self._monitors[endpoint] = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         sock.connect(endpoint)
         link = DirectLink(endpoint, self.node_name, self.instance, now, self.heartbeat, self.timeout, self.window)
         self._links[endpoint] = link
@@ -172,13 +194,17 @@ class DirectPeers:
         """Read what `sock` has: (events for the dispatcher, (record, waiter)
         pairs that must go to the relay instead)."""
         events, to_relay = [], []
+        monitored = next((e for e, m in self._monitors.items() if m is sock), None)
+        if monitored is not None:
+            return events, self._handshake_events(monitored, sock)
+        keyed_router = sock is self._router and self._security is not None  # read the User-Id
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=not keyed_router)
             except zmq.Again:
                 break
             if sock is self._router:
-                events.extend(self.inbox.receive(frames[0], frames[1:], now, self.consumers))
+                self._inbound(frames, now, events)
                 continue
             endpoint = next(e for e, s in self._socks.items() if s is sock)
             try:
@@ -190,6 +216,59 @@ class DirectPeers:
             if sock.closed:
                 break  # the link failed (e.g. the peer said BYE)
         return events, to_relay
+
+    def _inbound(self, frames: list, now: float, events: list) -> None:
+        """One command on the ROUTER; with CURVE, from the key named by its User-Id."""
+        if self._security is None:
+            events.extend(self.inbox.receive(frames[0], frames[1:], now, self.consumers))
+            return
+        try:
+            user_id = frames[0].get("User-Id")
+        except zmq.ZMQError:
+            user_id = None
+        frames = [f.bytes for f in frames]
+        if len(frames) < 2:
+            return
+        user = self._security.identify(user_id)
+        if user is None:  # removed from the authorized keys since the handshake
+            log.warning("node %s: refused a direct command: key %s is not authorized here",
+                        self.node_name, user_id)
+            self.inbox.refuse(frames[0], f"key {user_id} is not authorized by {self.node_name}")
+            return
+        refused = self.inbox.refused
+        events.extend(self.inbox.receive(frames[0], frames[1:], now, self.consumers, user))
+        if self.inbox.refused != refused:
+            log.warning("node %s refused %d direct message(s) from %s: not allowed to send to their "
+                        "mailbox (permissions); the sender hands them to the relay",
+                        self.node_name, self.inbox.refused - refused, user)
+
+    def _handshake_events(self, endpoint: str, monitor: zmq.Socket) -> list:
+        """A DEALER's handshake failed: the peer refused this node's key, or is
+        not who its key says.  Fail the link now instead of after a timeout."""
+        failed = None
+        for _ in range(100):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            if event["event"] & HANDSHAKE_EVENTS:
+                failed = event
+        if failed is None or endpoint not in self._links:
+            return []
+        why = ("the peer refused this node's key (not in its authorized keys?)"
+               if failed["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+               f"CURVE handshake failed (event 0x{failed['event']:x}, value {failed['value']})")
+        log.warning("node %s: direct link to %s: %s", self.node_name, endpoint, why)
+        return self._fail(endpoint, why, [])
+
+    def _close_monitor(self, endpoint: str) -> None:
+        monitor = self._monitors.pop(endpoint, None)
+        if monitor is not None:
+            try:
+                self._socks[endpoint].disable_monitor()
+            except (KeyError, zmq.ZMQError):
+                pass
+            monitor.close(0)
 
     def _link_events(self, link_events: list) -> list:
         to_relay = []
@@ -216,6 +295,7 @@ class DirectPeers:
         for record, _ in pairs:
             self._settled(record)
             record[6] = True  # the peer's application may have had it: the relay marks it redelivered
+        self._close_monitor(endpoint)
         self._socks.pop(endpoint).close(0)
         self.changed = True
         return pairs

@@ -33,6 +33,8 @@ from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, check_name, pack_body
 from ..security.curve import client_curve
+from ..security.keys import KeyFileError, load_public_key
+from ..security.node import node_security
 from ..discovery.zeroconf import INTERFACES_ENV, Advert, Discovery, find_relay
 from ..protocol.topics import TopicEvent, check_topic
 from .peers import DEFAULT_DIRECT_BIND, HOLD, DirectPeers
@@ -68,7 +70,8 @@ class Node:
                  direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
                  direct_timeout: float = DEFAULT_DIRECT_TIMEOUT,
                  discovery: bool | str | None = None, forwarder: tuple[str, str] | None = None,
-                 max_pending: int = DEFAULT_MAX_PENDING):
+                 max_pending: int = DEFAULT_MAX_PENDING, authorized_keys=None, trusted_keys=None,
+                 permissions=None, forwarder_key=None):
         self.name = name or default_node_name()
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
@@ -86,6 +89,16 @@ class Node:
         # KeyPair or a .key_secret path), relay_key the relay's public key
         # (z85 text, a KeyPair or a .key path); both or neither.
         self._curve = client_curve(curve_key, relay_key)
+        # The rest of the fabric with keys (docs/security.md): authorized_keys
+        # (DIR) may connect to this node's direct ROUTER and PUB; trusted_keys
+        # (DIR, default the authorized ones) pin what discovery says;
+        # permissions (FILE) checks direct sends; forwarder_key is the
+        # forwarder's public key.
+        self._security = node_security(self._curve, authorized_keys, trusted_keys, permissions,
+                                       forwarder_key)
+        forwarder = parse_forwarder(forwarder)
+        if self._security is not None and forwarder and self._security.forwarder_key is None:
+            raise ValueError("a node with CURVE keys needs the forwarder's public key (forwarder_key)")
         self._core = ClientCore(self.name, uuid.uuid4().bytes, heartbeat)
         self._dispatch = Dispatcher()
         self._jobs: deque[Callable[[], None]] = deque()
@@ -95,14 +108,14 @@ class Node:
         self._relay_sends: dict[int, list[str]] = {}  # SEND req -> mailboxes, for the path table
         # Direct delivery (docs/architecture.md): a ROUTER for peers that send
         # here, a DEALER per peer this node sends to.  direct=False: relay only
-        # (a node that cannot accept connections, e.g. behind NAT).
+        # (a node that cannot accept connections, e.g. behind NAT).  With
+        # keys every one of them is CURVE; a keyed node without authorized
+        # keys binds no ROUTER (it still sends directly).
         self._peers = DirectPeers(self._context, self.name, self._core.instance_id, heartbeat,
                                   self._core.dedup, DEFAULT_MAX_MESSAGE_SIZE, bind, direct_timeout,
-                                  ) if direct and self._curve is None else None
-        # With CURVE keys the direct path stays off: its sockets are not
-        # secured yet, and a plaintext side door would bypass the relay's
-        # authentication and permissions (docs/security.md).
-        self._topics = TopicSockets(self._context, self.name, bind, parse_forwarder(forwarder))
+                                  security=self._security) if direct else None
+        self._topics = TopicSockets(self._context, self.name, bind, forwarder, self._security)
+        self._untrusted: set[tuple[str, str]] = set()  # adverts whose key was not trusted (logged once)
         self._subscriptions: dict[int, Subscription] = {}
         self._discovery: Discovery | None = None
         self._next_subscription = 1
@@ -115,10 +128,16 @@ class Node:
         self._closed = threading.Event()
         self._max_size: int | None = None
         self._dispatch.welcomed = lambda ev: setattr(self, "_max_size", ev.max_message_size)
+        if self._security is not None:
+            self._security.start(self._context)  # this node's ZAP domain; key files watched
+            # Trusted keys or permissions reloaded: judge the adverts again.
+            self._security.on_trust_change = lambda: self._discovery is not None and self._on_peers(self.peers)
         self._thread = threading.Thread(target=self._run, name=f"murano-zmq-{self.name}", daemon=True)
         self._thread.start()
         self._started.wait(10)
         if self._start_error is not None:
+            if self._security is not None:
+                self._security.close()
             raise self._start_error
         if discovery:
             self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
@@ -240,6 +259,9 @@ class Node:
         """Publish an event to every subscriber of a prefix of `topic`.  No
         ack and no store: a subscriber that is slow or not yet connected loses it."""
         check_topic(topic)
+        if self._security is not None and not self._security.accepts and not self._topics.forwarder:
+            raise ValueError("a node with CURVE keys publishes only with authorized_keys (who may "
+                             "subscribe) or through a forwarder (forwarder=, forwarder_key=)")
         packed = pack_body(body)
 
         def job() -> None:
@@ -252,17 +274,36 @@ class Node:
                   publishers: Iterable[str] = ()) -> "Subscription":
         """Events whose topic starts with `prefix`, from every publisher this
         node knows (discovered, the forwarder, `publishers`).  Iterate the
-        subscription, call get(), or pass `callback` (run in a thread of its own)."""
+        subscription, call get(), or pass `callback` (run in a thread of its own).
+
+        With CURVE keys each of `publishers` is (endpoint, public key): the
+        publisher's key comes from configuration, as the relay's does."""
         if not isinstance(prefix, str):
             raise ValueError("prefix must be a str")
+        given = self._publisher_keys(publishers)
         with self._lock:
             sid = self._next_subscription
             self._next_subscription += 1
         subscription = Subscription(self, sid, prefix, callback)
         self._subscriptions[sid] = subscription
-        endpoints = list(publishers)
-        self._submit(lambda: self._topics.subscribe(sid, prefix, endpoints))
+        self._submit(lambda: self._topics.subscribe(sid, prefix, given))
         return subscription
+
+    def _publisher_keys(self, publishers: Iterable) -> dict:
+        """`subscribe(publishers=...)` as endpoint -> key (None without CURVE)."""
+        out: dict[str, bytes | None] = {}
+        for item in publishers:
+            endpoint, key = (item, None) if isinstance(item, str) else tuple(item)
+            if self._security is not None:
+                if key is None:
+                    raise ValueError(f"publisher {endpoint}: a node with CURVE keys needs its public "
+                                     "key: publishers=[(endpoint, key)]")
+                try:
+                    key = load_public_key(key)
+                except KeyFileError as exc:
+                    raise ValueError(f"publisher {endpoint}: {exc}") from None
+            out[endpoint] = key
+        return out
 
     @property
     def peers(self) -> dict:
@@ -271,27 +312,45 @@ class Node:
 
     def _advertise(self) -> None:
         mailboxes = tuple(sorted(self._peers.consumers)) if self._peers is not None else ()
+        key = self._security.key.public.decode() if self._security is not None else ""
         self._discovery.advertise(Advert(self.name, "node", self.endpoint or "",
-                                         self._topics.pub_endpoint or "", mailboxes))
+                                         self._topics.pub_endpoint or "", mailboxes, key))
 
     def _advertise_soon(self) -> None:
         """(I/O thread) re-advertise without blocking this thread."""
         threading.Thread(target=self._advertise, daemon=True).start()
 
     def _on_peers(self, peers: dict) -> None:
-        """(discovery thread) peers changed: teach the path table and topics."""
+        """(discovery thread) peers changed: teach the path table and topics.
+
+        With keys, an advert counts only if its key is trusted (pinned: in
+        trusted_keys), and names a direct consumer only of mailboxes that
+        key may consume (when the node has a permissions file): discovery
+        never makes this node trust a key on its own."""
         nodes = [a for a in peers.values() if a.role == "node" and a.name != self.name]
-        by_mailbox: dict[str, set[str]] = {}
+        by_mailbox: dict[str, dict[str, bytes | None]] = {}
+        pubs: dict[str, bytes | None] = {}
         for a in nodes:
+            key, who = None, None
+            if self._security is not None:
+                who = self._security.trusted_name(a.key)
+                if who is None:
+                    if (a.name, a.key) not in self._untrusted:
+                        self._untrusted.add((a.name, a.key))
+                        log.warning("node %s: ignoring the advert of %s: its key %r is not trusted",
+                                    self.name, a.name, a.key or None)
+                    continue
+                key = a.key.encode("ascii")
             for mailbox in a.mailboxes:
-                if a.endpoint:
-                    by_mailbox.setdefault(mailbox, set()).add(a.endpoint)
-        pubs = {a.pub for a in nodes if a.pub}
+                if a.endpoint and (who is None or self._security.may_consume(who, mailbox)):
+                    by_mailbox.setdefault(mailbox, {})[a.endpoint] = key
+            if a.pub:
+                pubs[a.pub] = key
 
         def job() -> None:
             if self._peers is not None:
                 for mailbox in set(by_mailbox) | set(self._peers.paths.discovered_mailboxes()):
-                    self._peers.paths.discovered(mailbox, by_mailbox.get(mailbox, set()))
+                    self._peers.paths.discovered(mailbox, by_mailbox.get(mailbox, {}))
             self._topics.learned(pubs)
 
         try:
@@ -309,6 +368,8 @@ class Node:
         self._thread.join(10)
         if self._discovery is not None:
             self._discovery.close()
+        if self._security is not None:
+            self._security.close()  # after the I/O thread closed the sockets it guards
         for subscription in self._subscriptions.values():
             subscription._stop()
 

@@ -4,6 +4,12 @@ A node binds one PUB on its first publish() (and connects it to a
 forwarder's XSUB when one is configured); each subscription is a SUB socket
 connected to every publisher the node knows: discovered ones, a forwarder's
 XPUB, and any given explicitly.
+
+With CURVE (a NodeSecurity): the PUB is a CURVE server admitting the node's
+authorized keys, or, with a forwarder, a CURVE client of the forwarder's
+XSUB that binds nothing; each SUB is a CURVE client that sets the expected
+server key before each connect (the publisher's, the forwarder's, or the
+node's own), and a publisher whose key is not known is not connected to.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ def parse_forwarder(forwarder) -> tuple[str, str] | None:
 
 class TopicSockets:
     def __init__(self, context: zmq.Context, node_name: str, bind: str,
-                 forwarder: tuple[str, str] | None = None):
+                 forwarder: tuple[str, str] | None = None, security=None):
         self._context = context
+        self.security = security  # security.node.NodeSecurity, or None: plain TCP
         self.node_name = node_name
         self.bind = bind
         self.forwarder = forwarder  # (XSUB endpoint for publishers, XPUB endpoint for subscribers)
@@ -42,7 +49,7 @@ class TopicSockets:
         self._subs: dict[int, zmq.Socket] = {}  # subscription id -> SUB
         self._prefixes: dict[int, bytes] = {}
         self._connected: dict[int, set[str]] = {}
-        self.publishers: set[str] = set()  # PUB endpoints learned (discovery)
+        self.publishers: dict[str, bytes | None] = {}  # PUB endpoint -> its key, learned (discovery)
         self.changed = False
 
     def publish(self, topic: str, packed_body: bytes, now: float) -> bool:
@@ -51,18 +58,34 @@ class TopicSockets:
         if created:
             pub = self._context.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
-            pub.bind(self.bind)
-            if self.forwarder:
+            if self.security is not None and self.forwarder:
+                # A socket is a CURVE server or a client for all its
+                # connections: with a forwarder the PUB is the XSUB's client
+                # and binds nothing (subscribers hear it through the XPUB).
+                self.security.client(pub, self.security.forwarder_key)
                 pub.connect(self.forwarder[0])
-            self._pub = pub
-            self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+                self._pub = pub
+            else:
+                if self.security is not None:
+                    self.security.server(pub)
+                pub.bind(self.bind)
+                if self.forwarder:
+                    pub.connect(self.forwarder[0])
+                self._pub = pub
+                self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
             if not self.forwarder:
                 for sid in self._subs:  # this node's own subscriptions hear it too
-                    self._connect(sid, [self.pub_endpoint])
+                    self._connect(sid, self._own())
         self._pub.send_multipart(encode_event(topic, self.node_name, packed_body, now))
         return created
 
-    def subscribe(self, sid: int, prefix: str, publishers: list[str]) -> None:
+    def _own(self) -> dict[str, bytes | None]:
+        if not self.pub_endpoint:
+            return {}
+        return {self.pub_endpoint: self.security.key.public if self.security is not None else None}
+
+    def subscribe(self, sid: int, prefix: str, publishers: dict[str, bytes | None]) -> None:
+        """A SUB for `prefix`; `publishers`: endpoint -> its key (None without CURVE)."""
         sub = self._context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
@@ -72,25 +95,36 @@ class TopicSockets:
         if self.forwarder:
             # Everything comes through the forwarder (this node's PUB too):
             # connecting to publishers as well would deliver events twice.
-            self._connect(sid, [self.forwarder[1], *publishers])
+            key = self.security.forwarder_key if self.security is not None else None
+            self._connect(sid, {self.forwarder[1]: key, **publishers})
         else:
-            own = [self.pub_endpoint] if self.pub_endpoint else []
-            self._connect(sid, [*publishers, *own, *sorted(self.publishers)])
+            learned = {e: self.publishers[e] for e in sorted(self.publishers)}
+            self._connect(sid, {**publishers, **self._own(), **learned})
         self.changed = True
 
-    def learned(self, endpoints: set[str]) -> None:
-        """Publishers known now (discovery): subscriptions connect to new ones."""
-        self.publishers = set(endpoints)
+    def learned(self, endpoints: "set[str] | dict[str, bytes | None]") -> None:
+        """Publishers known now (discovery; with CURVE endpoint -> pinned key):
+        subscriptions connect to new ones."""
+        if not isinstance(endpoints, dict):
+            endpoints = dict.fromkeys(endpoints)
+        self.publishers = dict(endpoints)
         if self.forwarder:
             return
         for sid in self._subs:
-            self._connect(sid, sorted(endpoints))
+            self._connect(sid, {e: endpoints[e] for e in sorted(endpoints)})
 
-    def _connect(self, sid: int, endpoints: list[str]) -> None:
-        for endpoint in endpoints:
-            if endpoint and endpoint not in self._connected[sid]:
-                self._subs[sid].connect(endpoint)
-                self._connected[sid].add(endpoint)
+    def _connect(self, sid: int, endpoints: dict[str, bytes | None]) -> None:
+        for endpoint, key in endpoints.items():
+            if not endpoint or endpoint in self._connected[sid]:
+                continue
+            if self.security is not None:
+                if key is None:
+                    log.warning("node %s: no trusted key for publisher %s: not subscribing to it",
+                                self.node_name, endpoint)
+                    continue
+                self.security.client(self._subs[sid], key)  # this connection's server key
+            self._subs[sid].connect(endpoint)
+            self._connected[sid].add(endpoint)
 
     def unsubscribe(self, sid: int) -> None:
         sub = self._subs.pop(sid, None)

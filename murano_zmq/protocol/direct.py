@@ -7,6 +7,12 @@ when application code has acked every message in it, so a confirmed direct
 send is as done as a relay send that was consumed.  A record the peer cannot
 take (no consumer there any more) comes back in CONFIRM as 404, and the
 sender gives it to the relay.
+
+With CURVE, the receiving end learns the sending key's name on every
+command (the node's driver maps the ZAP User-Id): a command from a key no
+longer authorized gets ERROR 403, and, when the node has a permissions
+table, a record the key may not `send` to its mailbox comes back in CONFIRM
+as 403, so the sender hands it to the relay, whose own check then applies.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
-from .errors import MailboxNotFound, Malformed, RemoteProtocolError
+from .errors import MailboxNotFound, Malformed, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
 from .message import Message, is_number, pack_body, parse_send_record
 
@@ -112,16 +118,20 @@ class DirectLink:
                 return []
             records = entry[1]
             self._count -= len(records)
-            refused_at = {e[0] for e in errors if isinstance(e, list) and e and isinstance(e[0], int)}
+            refused = [e for e in errors if isinstance(e, list) and e and isinstance(e[0], int)]
+            refused_at = {e[0] for e in refused}
             done = DirectConfirmed(self.endpoint, req, [r for i, r in enumerate(records) if i not in refused_at])
             if not refused_at:
                 return [done]
-            # The peer stopped consuming: what it refused and everything still
-            # unconfirmed go to the relay, in the order they were sent.
+            # The peer stopped consuming (404), or will not take these from
+            # this key (403): what it refused and everything still unconfirmed
+            # go to the relay, in the order they were sent.
             self._in_flight[req] = (entry[0], [r for i, r in enumerate(records) if i in refused_at])
             self._in_flight = dict(sorted(self._in_flight.items()))
             self._count += len(refused_at)
-            return [done, self.fail("peer refused (no consumer there any more)")]
+            first = refused[0]
+            why = " ".join(str(x)[:200] for x in first[1:3]) if len(first) > 1 else "refused"
+            return [done, self.fail(f"peer refused ({why})")]
         if command.cmd in (Cmd.BYE, Cmd.ERROR):
             return [self.fail(f"peer said {command.cmd.name}: {command.fields[-1]}")]
         if command.cmd == Cmd.HEARTBEAT:
@@ -194,6 +204,11 @@ class DirectInbox:
         self.node_name = node_name
         self.max_message_size = max_message_size
         self.dedup = dedup
+        # Who may send to which mailbox (anything with allows(identity, op,
+        # mailbox), e.g. the relay's permissions file); None: any peer that
+        # got through the handshake may send to every mailbox consumed here.
+        self.permissions = None
+        self.refused = 0  # records refused with 403 so far
         self._sessions: dict[bytes, _Session] = {}
         self._outbox: list[tuple[bytes, list[bytes]]] = []
 
@@ -202,8 +217,9 @@ class DirectInbox:
         return out
 
     def receive(self, identity: bytes, frames: list[bytes], now: float,
-                consumers: dict[str, int]) -> list:
-        """Delivered events for one command from a peer; bad input gets ERROR."""
+                consumers: dict[str, int], user: str | None = None) -> list:
+        """Delivered events for one command from a peer; bad input gets ERROR.
+        `user`: the sending key's name (CURVE), checked against `permissions`."""
         from .client import Delivered  # the same event the relay path produces
 
         try:
@@ -243,6 +259,11 @@ class DirectInbox:
             except RemoteProtocolError as exc:
                 refused.append([i, exc.code, str(exc)])
                 continue
+            if self.permissions is not None and not self.permissions.allows(user, "send", msg.mailbox):
+                self.refused += 1
+                refused.append([i, PermissionDenied.code,
+                                f"{user or 'this peer'} may not send to {msg.mailbox!r} (direct)"])
+                continue
             consumer = consumers.get(msg.mailbox)
             size = len(msg.body) + (len(pack_body(msg.headers)) if msg.headers else 0)
             if consumer is None or size > self.max_message_size:
@@ -262,6 +283,13 @@ class DirectInbox:
         else:
             self._put(identity, Cmd.CONFIRM, req, refused)
         return [Delivered(c, ms) for c, ms in by_consumer.items()]
+
+    def refuse(self, identity: bytes, why: str) -> None:
+        """A command from a connection that may no longer talk to this node
+        (its key left the authorized keys): ERROR 403, and its session ends
+        (the sender gives what is unconfirmed to the relay)."""
+        self._sessions.pop(identity, None)
+        self._error(identity, PermissionDenied(why))
 
     def settle(self, message: Message, how: str, requeue: bool) -> list:
         """The application settled a direct message.  Returns messages to hand
