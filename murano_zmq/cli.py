@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--xsub; subscribers connect to --xpub.  Events are not stored.")
     p.add_argument("--xsub", default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
     p.add_argument("--xpub", default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--key", metavar="NAME|FILE",
+                   help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "
+                        "XSUB and XPUB become CURVE servers")
+    g.add_argument("--key-dir", metavar="DIR", help="where a --key NAME is looked up")
+    g.add_argument("--authorized-keys", metavar="DIR",
+                   help="public keys (NAME.key) that may publish or subscribe; reloaded on change and SIGHUP")
 
     p = sub.add_parser("demo", help="run the Murano flow (api, 2 conductors, late agents) on an embedded relay",
                        description="Start a relay in a temporary directory, two conductors and the api; "
@@ -333,9 +340,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_forwarder(args: argparse.Namespace) -> int:
-    from .forwarder import run_forwarder
+    from .forwarder import forwarder_security, run_forwarder
 
-    return run_forwarder(args.xsub, args.xpub)
+    key, authorized = forwarder_security(args.key, args.key_dir, args.authorized_keys)
+    return run_forwarder(args.xsub, args.xpub, key=key, authorized_keys=authorized)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

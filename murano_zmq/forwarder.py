@@ -2,6 +2,12 @@
 (subscribers connect), for peers that cannot reach each other directly.
 
 It stores nothing: topic events stay cheap and lossy.
+
+With a key (--key, --authorized-keys) both sockets are CURVE servers with
+the forwarder's key pair, admitting only the authorized keys (ZAP, the
+directory reloaded on change): publishers connect their PUB to the XSUB and
+subscribers their SUB to the XPUB as CURVE clients that know the
+forwarder's public key.
 """
 
 from __future__ import annotations
@@ -15,22 +21,59 @@ import zmq
 log = logging.getLogger("murano_zmq.forwarder")
 
 
-def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None) -> int:
+def forwarder_security(key=None, key_dir=None, authorized_keys=None):
+    """(key pair, AuthorizedKeys) from the forwarder's options, or (None, None)
+    without a key; ValueError for a combination that does not make sense."""
+    from .security.auth import AuthorizedKeys
+    from .security.keys import KeyFileError, load_secret_key
+
+    if not key:
+        if authorized_keys:
+            raise ValueError("--authorized-keys needs the forwarder's own key (--key): without CURVE "
+                             "there is no key to check")
+        return None, None
+    if not authorized_keys:
+        raise ValueError("the forwarder has a key but no --authorized-keys DIR: refusing to let any "
+                         "key publish and subscribe; add --authorized-keys DIR")
+    try:
+        return load_secret_key(key, key_dir or None), AuthorizedKeys(authorized_keys)
+    except KeyFileError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=None,
+                  authorized_keys=None) -> int:
     """Forward until SIGTERM/SIGINT; returns the exit code.
+
+    key: the forwarder's KeyPair and authorized_keys an AuthorizedKeys
+    (forwarder_security()) for CURVE on both sockets; None: plain TCP.
 
     The proxy runs in a thread (a blocking C call would never see a Python
     signal handler); the main thread waits for a signal, then steers the
     proxy to TERMINATE over an inproc pipe.
     """
+    from .security.auth import KeyCheck, Watcher, serve_domain
+    from .security.curve import ZAP_DOMAIN, CurveServer
+
     ctx = context or zmq.Context.instance()
     frontend = ctx.socket(zmq.XSUB)
     backend = ctx.socket(zmq.XPUB)
     control = ctx.socket(zmq.PAIR)
     stopper = ctx.socket(zmq.PAIR)
     stop = threading.Event()
+    lease = watcher = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        if key is not None:
+            lease = serve_domain(ctx, ZAP_DOMAIN, KeyCheck(authorized_keys))
+            for sock in (frontend, backend):
+                CurveServer(key).apply(sock)
+            watcher = Watcher(lambda forced: authorized_keys.reload() if forced
+                              else authorized_keys.reload_if_changed())
+            signal.signal(signal.SIGHUP, lambda *_: watcher.poke())
+            log.info("forwarder security: CURVE (public key %s); %d authorized key(s) in %s",
+                     key.public.decode(), len(authorized_keys), authorized_keys.directory)
         frontend.bind(xsub)
         backend.bind(xpub)
         control.bind("inproc://murano-zmq-forwarder-control")
@@ -48,3 +91,7 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None) -> i
     finally:
         for s in (frontend, backend, control, stopper):
             s.close(0)
+        if watcher is not None:
+            watcher.close()
+        if lease is not None:
+            lease.stop()
