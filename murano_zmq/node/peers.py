@@ -196,7 +196,7 @@ class DirectPeers:
         events, to_relay = [], []
         monitored = next((e for e, m in self._monitors.items() if m is sock), None)
         if monitored is not None:
-            return events, self._handshake_events(monitored, sock)
+            return events, self._handshake_events(monitored, sock, now)
         keyed_router = sock is self._router and self._security is not None  # read the User-Id
         for _ in range(1000):
             try:
@@ -242,7 +242,7 @@ class DirectPeers:
                         "mailbox (permissions); the sender hands them to the relay",
                         self.node_name, self.inbox.refused - refused, user)
 
-    def _handshake_events(self, endpoint: str, monitor: zmq.Socket) -> list:
+    def _handshake_events(self, endpoint: str, monitor: zmq.Socket, now: float) -> list:
         """A DEALER's handshake failed: the peer refused this node's key, or is
         not who its key says.  Fail the link now instead of after a timeout."""
         failed = None
@@ -259,7 +259,10 @@ class DirectPeers:
                if failed["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
                f"CURVE handshake failed (event 0x{failed['event']:x}, value {failed['value']})")
         log.warning("node %s: direct link to %s: %s", self.node_name, endpoint, why)
-        return self._fail(endpoint, why, [])
+        to_relay = self._fail(endpoint, why, [])
+        if failed["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.paths.link_refused(endpoint, now)  # not again at every LOOKUP
+        return to_relay
 
     def _close_monitor(self, endpoint: str) -> None:
         monitor = self._monitors.pop(endpoint, None)

@@ -349,8 +349,9 @@ class Node:
 
         def job() -> None:
             if self._peers is not None:
+                now = time.time()
                 for mailbox in set(by_mailbox) | set(self._peers.paths.discovered_mailboxes()):
-                    self._peers.paths.discovered(mailbox, by_mailbox.get(mailbox, {}))
+                    self._peers.paths.discovered(mailbox, by_mailbox.get(mailbox, {}), now)
             self._topics.learned(pubs)
 
         try:
@@ -492,8 +493,11 @@ class Node:
                 wait = max(0.0, min(1.0, deadline - now))
                 events = dict(poller.poll(int(wait * 1000) + 1))
                 if self._wake_r in events:
-                    self._woken = False
+                    # Drain, then re-arm: re-arming first could swallow the
+                    # byte of a wake that sets the flag in between, leaving
+                    # the flag up with an empty pipe (a lost wake-up).
                     os.read(self._wake_r, 4096)
+                    self._woken = False
                 lost = self._run_jobs()
                 now = time.time()
                 if sock in events:

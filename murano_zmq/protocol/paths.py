@@ -31,6 +31,11 @@ HOLD_LIMIT = 1.0
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
 
+# Seconds an endpoint whose handshake refused this node's key is left alone,
+# whatever LOOKUP or discovery say meanwhile (its owner must first add the
+# key to its authorized keys; retrying at every LOOKUP would only log).
+REFUSED_BACKOFF = 30.0
+
 Z85_KEY_LENGTH = 40  # a CURVE public key as z85 text
 
 
@@ -54,6 +59,7 @@ class PathTable:
         self._lookup_keys: dict[str, bytes] = {}  # endpoint -> key, from the relay (preferred)
         self._discovered_keys: dict[str, bytes] = {}  # endpoint -> key, from pinned adverts
         self.failed: set[str] = set()  # endpoints whose link failed (until learned again)
+        self._refused: dict[str, float] = {}  # endpoint -> until when its handshake refusal holds
 
     def key_of(self, endpoint: str) -> bytes | None:
         """The CURVE public key (z85) to expect at `endpoint`, if known."""
@@ -135,7 +141,7 @@ class PathTable:
             else:
                 self._lookup_keys.pop(endpoint, None)
             path.endpoints.append(endpoint)
-        self.failed.difference_update(path.endpoints)
+        self._forgive(path.endpoints, now)
         if result.get("depth") == 0 and path.relay_unconfirmed == 0:
             path.relay_undrained = False
 
@@ -144,7 +150,8 @@ class PathTable:
         path.lookup_pending = False
         path.learned_at = now  # ask again after the usual interval, not per message
 
-    def discovered(self, mailbox: str, endpoints: "set[str] | dict[str, bytes | str | None]") -> None:
+    def discovered(self, mailbox: str, endpoints: "set[str] | dict[str, bytes | str | None]",
+                   now: float | None = None) -> None:
         """Discovery's view of who consumes `mailbox` directly (replaces the
         last): endpoints, or endpoint -> pinned key (already checked as trusted)."""
         if isinstance(endpoints, dict):
@@ -156,7 +163,7 @@ class PathTable:
                     self._discovered_keys.pop(endpoint, None)
         if endpoints:
             self._discovered[mailbox] = set(endpoints)
-            self.failed.difference_update(endpoints)
+            self._forgive(endpoints, now)
         else:
             self._discovered.pop(mailbox, None)
         if self._discovered_keys:  # forget keys of endpoints no advert names any more
@@ -178,6 +185,23 @@ class PathTable:
 
     def link_failed(self, endpoint: str) -> None:
         self.failed.add(endpoint)
+
+    def link_refused(self, endpoint: str, now: float) -> None:
+        """The peer's handshake refused this node's key: leave the endpoint
+        alone for REFUSED_BACKOFF, even if it is reported again."""
+        self.failed.add(endpoint)
+        self._refused[endpoint] = now + REFUSED_BACKOFF
+
+    def _forgive(self, endpoints, now: float | None) -> None:
+        """Endpoints reported again may be tried again (failed links), unless
+        their refusal still holds (`now` None: it does)."""
+        for endpoint in endpoints:
+            until = self._refused.get(endpoint)
+            if until is not None:
+                if now is None or now < until:
+                    continue
+                del self._refused[endpoint]
+            self.failed.discard(endpoint)
 
     def mailboxes(self) -> list[str]:
         return list(self._paths)

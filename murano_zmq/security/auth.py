@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -144,24 +145,31 @@ def start_authenticator(context: zmq.Context, keys: AuthorizedKeys | None, kind:
     return auth
 
 
-def _new_authenticator(context: zmq.Context, kind: str = "thread"):
+def _new_authenticator(context: zmq.Context, kind: str = "thread", wait: float = 0.0):
     """pyzmq's authenticator, started, answering for no domain yet (so
-    refusing everyone)."""
+    refusing everyone).  `wait`: seconds to keep trying while the ZAP
+    endpoint is taken (a handler just stopped releases it asynchronously)."""
     if kind == "thread":
         from zmq.auth.thread import ThreadAuthenticator as cls
     elif kind == "asyncio":
         from zmq.auth.asyncio import AsyncioAuthenticator as cls
     else:
         raise ValueError(f"kind must be 'thread' or 'asyncio', not {kind!r}")
-    auth = cls(context, log=logging.getLogger("murano_zmq.security.zap"))
-    try:
-        auth.start()
-    except zmq.ZMQError as exc:
-        if exc.errno == zmq.EADDRINUSE:
-            raise RuntimeError("a ZAP handler already runs in this zmq.Context; "
-                               "use one authenticator per context") from None
-        raise
-    return auth
+    deadline = time.monotonic() + wait
+    while True:
+        auth = cls(context, log=logging.getLogger("murano_zmq.security.zap"))
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            if getattr(auth, "zap_socket", None) is not None:
+                auth.zap_socket.close(0)  # created before the bind failed
+            if time.monotonic() >= deadline:
+                raise RuntimeError("a ZAP handler already runs in this zmq.Context; "
+                                   "use one authenticator per context") from None
+            time.sleep(0.01)
 
 
 class ZapLease:
@@ -210,7 +218,7 @@ def serve_domain(context: zmq.Context, domain: str, check: KeyCheck) -> ZapLease
     with _shared_lock:
         entry = _shared.get(id(context))
         if entry is None:
-            auth = _new_authenticator(context)
+            auth = _new_authenticator(context, wait=2.0)
             entry = _shared[id(context)] = (auth, set())
         auth, domains = entry
         if domain in domains:

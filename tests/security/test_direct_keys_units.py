@@ -12,7 +12,7 @@ from murano_zmq.protocol.dedup import DedupWindow
 from murano_zmq.protocol.direct import DirectInbox, DirectLink, LinkFailed
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id, send_record
-from murano_zmq.protocol.paths import PathTable
+from murano_zmq.protocol.paths import REFUSED_BACKOFF, PathTable
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.security import KeyCheck, Permissions, serve_domain
 from murano_zmq.store.sqlite import SQLiteStore
@@ -58,6 +58,13 @@ def test_a_keyed_path_table_uses_only_endpoints_with_a_key():
     assert paths.key_of("tcp://h:4") is None
     paths.discovered("d", {})
     assert paths.key_of("tcp://h:3") is None and not paths.is_direct("d")
+    # A peer that refused this node's key in the handshake is left alone for
+    # a while, whatever LOOKUP says meanwhile.
+    paths.link_refused("tcp://h:1", 2.0)
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 3.0)
+    assert paths.choose("m", has_room, 3.0) is None
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 2.0 + REFUSED_BACKOFF)
+    assert paths.choose("m", has_room, 2.0 + REFUSED_BACKOFF) == "tcp://h:1"
     # Without keys nothing changes: any endpoint is a candidate.
     plain = PathTable()
     plain.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1"]]}, 0.0)
