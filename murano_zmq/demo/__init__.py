@@ -59,10 +59,11 @@ class Demo:
         self.endpoint = free_tcp_endpoint()
         self.envs = [Env(f"env{i + 1}", [f"unit{j + 1}" for j in range(units)], uuid.uuid4().hex[:12])
                      for i in range(envs)]
-        # Agents of several environments share a process past 16 processes (soak runs).
-        group = max(1, math.ceil(envs / 16))
-        self.agent_groups = [self.envs[i:i + group] for i in range(0, envs, group)]
+        # Agents of several environments share a host process past 16 of them
+        # (soak runs); each agent still starts only when its plan waits.
+        self.per_host = max(1, math.ceil(envs / 16))
         self.procs: dict[str, subprocess.Popen] = {}
+        self._stdins: dict = {}  # process name -> its stdin (agent hosts take ENV/UNIT lines)
         self.relay: RelayProcess | None = None
         self.peak_relay_rss = 0.0
         self.view = ProgressView(self.envs, live)
@@ -83,9 +84,10 @@ class Demo:
     def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
         env = {**os.environ, "MURANO_LOG_LEVEL": "INFO"}
         proc = subprocess.Popen([sys.executable, "-m", f"murano_zmq.demo.{module}", *args,
-                                 "--heartbeat", str(HEARTBEAT)],
+                                 "--heartbeat", str(HEARTBEAT)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=self._log(name), text=True, env=env)
         self.procs[name] = proc
+        self._stdins[name] = proc.stdin
         return proc
 
     def wait_ready(self, name: str) -> None:
@@ -95,16 +97,24 @@ class Demo:
     def start_conductor(self, name: str) -> None:
         self.spawn(name, "conductor", "--name", name, "--relay", "auto", "--discovery-interfaces", DISCOVERY)
 
-    def start_agents(self, group: int) -> None:
-        units = ",".join(f"{e.name}/{u}" for e in self.agent_groups[group] for u in e.units)
-        self.spawn(f"agents-{group}", "agent", "--relay", self.endpoint, "--units", units,
-                   "--state-dir", os.path.join(self.tmp.name, "agent-state"))
-        self.wait_ready(f"agents-{group}")
-        for e in self.agent_groups[group]:
-            e.agents_started = time.monotonic()
+    def host_of(self, env: Env) -> str:
+        return f"agents-{self.envs.index(env) // self.per_host}"
+
+    def start_agents(self, env: Env) -> None:
+        """Boot `env`'s agents (VMs) in their host process, starting it if needed."""
+        host = self.host_of(env)
+        if host not in self.procs:
+            self.spawn(host, "agent", "--relay", self.endpoint, "--stdin",
+                       "--state-dir", os.path.join(self.tmp.name, "agent-state"))
+            self.wait_ready(host)
+        stdin = self._stdins[host]
+        stdin.write("".join(f"{env.name}/{u}\n" for u in env.units))
+        stdin.flush()
+        env.agents_started = time.monotonic()
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
+        self._stdins.pop(name, None)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
@@ -217,25 +227,26 @@ class Demo:
             return  # the relay may be restarting
         self.peak_relay_rss = max(self.peak_relay_rss, rss_mb(self.relay.pid, "VmHWM"))
         depth = {mb["name"]: mb["depth"] for mb in status["mailboxes"]}
-        for i, group in enumerate(self.agent_groups):
-            if group[0].agents_started is not None:
-                continue
-            if all(depth.get(flow.agent_mailbox(e.name, u), 0) > 0 for e in group for u in e.units):
-                names = ", ".join(e.name for e in group)
-                self.view.note(f"plans for {names} wait in their mailboxes: starting their agents now")
-                self.start_agents(i)
+        for env in self.envs:
+            if env.agents_started is None and all(
+                    depth.get(flow.agent_mailbox(env.name, u), 0) > 0 for u in env.units):
+                self.view.note(f"plans for {env.name} wait in their mailboxes: starting its agents now")
+                self.start_agents(env)
 
     def _chaos(self, api: Node) -> None:
         done = sum(1 for e in self.envs if e.done_at)
-        started = [i for i, g in enumerate(self.agent_groups) if g[0].agents_started and not g[0].done_at]
-        if "agent" not in self.chaos_done and started:
-            i = started[0]
-            if time.monotonic() - self.agent_groups[i][0].agents_started > self.step_seconds * 0.7:
+        busy = [e for e in self.envs if e.agents_started and not e.done_at]
+        if "agent" not in self.chaos_done and busy:
+            env = busy[0]
+            if time.monotonic() - env.agents_started > self.step_seconds * 0.7:
                 self.chaos_done.add("agent")
-                self.kill(f"agents-{i}")
-                self.chaos_event(f"SIGKILL agents-{i} ({', '.join(e.name for e in self.agent_groups[i])}) "
-                                 "mid-plan; restarting them")
-                self.start_agents(i)
+                host = self.host_of(env)
+                self.kill(host)
+                again = [e for e in self.envs if self.host_of(e) == host and e.agents_started and not e.done_at]
+                self.chaos_event(f"SIGKILL {host} ({', '.join(e.name for e in again)}) mid-plan; "
+                                 "restarting them")
+                for e in again:
+                    self.start_agents(e)
         if "conductor" not in self.chaos_done and any(e.step == "plan sent" for e in self.envs):
             victim = self.rng.choice(["conductor-1", "conductor-2"])
             busy = [e.name for e in self.envs if e.step == "plan sent" and not e.done_at]

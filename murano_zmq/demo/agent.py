@@ -94,8 +94,10 @@ def _save(path: str, done: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="murano-agent", description=__doc__.splitlines()[0])
     flow.common_arguments(parser)
-    parser.add_argument("--units", required=True,
+    parser.add_argument("--units", default="",
                         help="ENV/UNIT[,ENV/UNIT...]: the agents this process hosts")
+    parser.add_argument("--stdin", action="store_true",
+                        help="also start an agent for each ENV/UNIT line read on stdin (a host of VMs that boot later)")
     parser.add_argument("--state-dir", required=True, help="where agents remember finished plans")
     args = parser.parse_args(argv)
     if not args.relay or args.relay == "auto":
@@ -103,13 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     stop = flow.setup("agent", args)
     os.makedirs(args.state_dir, exist_ok=True)
     units = [u.split("/", 1) for u in args.units.split(",") if u]
-    if not units or any(len(u) != 2 for u in units):
-        parser.error("--units takes ENV/UNIT pairs")
-    threads = [threading.Thread(target=agent, args=(env, unit, args.relay, args.state_dir, args.heartbeat, stop),
-                                name=f"{env}/{unit}") for env, unit in units]
-    for t in threads:
+    if (not units and not args.stdin) or any(len(u) != 2 for u in units):
+        parser.error("give ENV/UNIT pairs with --units, or --stdin")
+    threads: list[threading.Thread] = []
+
+    def start(env: str, unit: str) -> None:
+        t = threading.Thread(target=agent, args=(env, unit, args.relay, args.state_dir, args.heartbeat, stop),
+                             name=f"{env}/{unit}")
         t.start()
+        threads.append(t)
+
+    for env, unit in units:
+        start(env, unit)
     print(f"ready {args.units}", flush=True)
+    if args.stdin:
+        def read_stdin() -> None:
+            for line in sys.stdin:  # until EOF
+                pair = line.strip().split("/", 1)
+                if len(pair) == 2 and all(pair):
+                    start(*pair)
+                elif line.strip():
+                    log.warning("ignoring %r: expected ENV/UNIT", line.strip())
+
+        threading.Thread(target=read_stdin, daemon=True).start()
+        while not stop.wait(1.0):  # a signal ends the host (a blocking read would not see it)
+            pass
     for t in threads:
         t.join()
     log.info("stopped")

@@ -34,7 +34,7 @@ def test_demo_deploys_every_environment_exactly_once():
     code, out, err, sid = run_demo("--envs", "3", "--units", "2")
     assert code == 0, out + err
     assert "deployments: 3/3 completed, exactly once (0 duplicate results), 0 failed" in out
-    assert re.search(r"plans for env1 wait in their mailboxes: starting their agents now", out)
+    assert re.search(r"plans for env1 wait in their mailboxes: starting its agents now", out)
     assert "api found the relay by zeroconf" in out
     assert "after their TTL (3s idle): all expired" in out
     assert "children stopped cleanly: yes" in out
