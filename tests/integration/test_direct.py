@@ -211,3 +211,40 @@ def test_with_the_relay_down_messages_wait_bounded_or_fail_at_once(relay_factory
             f.result(30)
     with Node("agent", relay=endpoint, direct=False) as agent:
         assert collect(agent.consume("offline.agent"), 51) == ["before", *range(50)]
+
+
+def test_competing_direct_consumers_share_the_stream(relay):
+    with Node("a", relay=relay.endpoint) as a, Node("b", relay=relay.endpoint) as b, \
+            Node("client", relay=relay.endpoint) as client:
+        got = {"a": [], "b": []}
+        inboxes = {"a": a.consume("shared.work", prefetch=50), "b": b.consume("shared.work", prefetch=50)}
+        wait_for(lambda: consumers_of(client, "shared.work") == 2, 10, what="two consumers")
+        stop = threading.Event()
+
+        def read(key: str) -> None:  # each consumer acks in its own thread, as a service would
+            while not stop.is_set():
+                m = inboxes[key].get(timeout=0.05)
+                if m is not None:
+                    got[key].append(m.body)
+                    m.ack()
+
+        readers = [threading.Thread(target=read, args=(k,)) for k in inboxes]
+        for r in readers:
+            r.start()
+        try:
+            for i in range(100):  # the sender learns both direct endpoints
+                client.send("shared.work", i)
+            before = counters(client)["received"]
+            futures = [client.send_async("shared.work", i) for i in range(100, 2100)]
+            for f in futures:
+                f.result(30)
+            wait_for(lambda: len(got["a"]) + len(got["b"]) >= 2100, 30, what="2,100 messages")
+        finally:
+            stop.set()
+            for r in readers:
+                r.join(10)
+        assert sorted(got["a"] + got["b"]) == list(range(2100))
+        late_a = [x for x in got["a"] if x >= 100]
+        late_b = [x for x in got["b"] if x >= 100]
+        assert len(late_a) > 200 and len(late_b) > 200, "direct traffic is shared by both consumers"
+        assert counters(client)["received"] == before, "all of it went peer to peer"
