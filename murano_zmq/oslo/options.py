@@ -49,7 +49,7 @@ OPTS = [
     cfg.StrOpt("curve_key", default="",
                help="This service's CURVE key pair: a .key_secret file (murano-zmq keygen). "
                     "With relay_key: encrypted, authenticated connections to the relays "
-                    "(relay-only: no direct delivery)."),
+                    "(this service then receives through the relay only)."),
     cfg.StrOpt("relay_key", default="",
                help="The relays' CURVE public key: a .key file or its 40-character z85 text."),
 ]
