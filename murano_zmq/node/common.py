@@ -125,7 +125,7 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
     return records
 
 
-def take_batch(queue: deque, max_size: int) -> tuple[list, list]:
+def take_batch(queue: deque, max_size: int, dropped: list | None = None) -> tuple[list, list]:
     """Pop up to one SEND's worth of (record, future) pairs off `queue`.
 
     Called once the relay's WELCOME gave its limit: a record over it fails
@@ -144,6 +144,8 @@ def take_batch(queue: deque, max_size: int) -> tuple[list, list]:
             check_size(record_bytes, max_size)
         except MessageTooLarge as exc:
             _settle_future(future, error=exc)
+            if dropped is not None:
+                dropped.append(record)
             continue
         size += record_bytes
         records.append(record)

@@ -579,17 +579,29 @@ class Node:
                     continue
                 if path is not None:
                     continue
-            self._relay_queue.append((record, waiter))
+            self._to_relay(record, waiter)
         while self._core.state == State.READY and self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
-            records, futures = take_batch(self._relay_queue, self._core.max_message_size)
+            dropped: list = []
+            records, futures = take_batch(self._relay_queue, self._core.max_message_size, dropped)
+            if self._peers is not None:
+                for r in dropped:  # refused before sending: no confirm will count them down
+                    self._peers.paths.relay_confirmed(r[1])
             if not records:
+                if dropped:
+                    continue
                 break
             req = self._core.send(records)
             self._dispatch.sends[req] = [(f, r[0]) for f, r in zip(futures, records)]
             if self._peers is not None:
-                for r in records:
-                    self._peers.paths.via_relay(r[1])
                 self._relay_sends[req] = [r[1] for r in records]
+
+    def _to_relay(self, record: list, waiter) -> None:
+        """Queue a record for the relay.  The path table counts it from now
+        on, not from when it goes out: a later record to the same mailbox
+        must not go direct while this one still waits here (FIFO)."""
+        self._relay_queue.append((record, waiter))
+        if self._peers is not None:
+            self._peers.paths.via_relay(record[1])
 
     def _lookup(self, mailbox: str) -> None:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -626,7 +638,7 @@ class Node:
             if waiter is None:
                 waiter = concurrent.futures.Future()  # nobody waits; still deliver it
             if not waiter.done():
-                self._relay_queue.append((record, waiter))
+                self._to_relay(record, waiter)
 
     def _read(self, sock: zmq.Socket, now: float):
         lost = None

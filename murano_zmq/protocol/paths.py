@@ -80,11 +80,11 @@ class PathTable:
         """A direct endpoint for the next message to `mailbox`, None (relay),
         or HOLD.  `has_room(endpoint)` says whether that link's window has room."""
         path = self._path(mailbox)
+        if path.relay_unconfirmed:
+            return None  # (the common case of a stream to the relay: decided at once)
         candidates = [e for e in path.endpoints if self._usable(e)]
         candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
                        and self._usable(e)]
-        if path.relay_unconfirmed:
-            return None
         if path.relay_undrained:
             if candidates and path.lookup_pending and now - path.lookup_sent < HOLD_LIMIT:
                 return HOLD
