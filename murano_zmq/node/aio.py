@@ -131,7 +131,11 @@ class AsyncNode:
         self._dispatch.sinks[cid] = consumer._feed
         future = self._dispatch.requests[req] = asyncio.get_running_loop().create_future()
         self._flush()
-        await self._wait(future, timeout)
+        try:
+            await self._wait(future, timeout)
+        except BaseException:
+            consumer.cancel()  # else a consumer nobody reads would take messages later
+            raise
         return consumer
 
     async def close(self) -> None:

@@ -19,7 +19,8 @@ from collections import deque
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..protocol.constants import FRAME_HEADROOM, SEND_BATCH
+from ..protocol.constants import FRAME_HEADROOM
+from .common import SEND_BATCH_BYTES, record_size
 from ..protocol.direct import (
     DEFAULT_DIRECT_TIMEOUT,
     DEFAULT_WINDOW,
@@ -35,6 +36,9 @@ from ..protocol.paths import HOLD, PathTable
 log = logging.getLogger("murano_zmq.node")
 
 __all__ = ["DEFAULT_DIRECT_BIND", "HOLD", "DirectPeers"]
+
+# Records per direct SEND: its CONFIRM waits for the last of them.
+DIRECT_BATCH = 32
 
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
@@ -170,11 +174,16 @@ class DirectPeers:
         for endpoint, link in self._links.items():
             queue = self._queues[endpoint]
             while queue and link.state == LinkState.READY and link.room():
-                batch = []
-                while queue and len(batch) < min(SEND_BATCH, link.room()):
+                batch, size = [], 0
+                # Small batches: a peer CONFIRMs a SEND once all of it is acked.
+                while queue and len(batch) < min(DIRECT_BATCH, link.room()):
+                    record_bytes = record_size(queue[0][0])
+                    if batch and size + record_bytes > SEND_BATCH_BYTES:
+                        break  # keep frames far below the peer's ZMQ_MAXMSGSIZE
                     record, waiter = queue.popleft()
                     self._waiters[id(record)] = waiter
                     batch.append(record)
+                    size += record_bytes
                 link.send(batch, now)
             out = link.drain()
             for frames in out:
@@ -312,6 +321,15 @@ class DirectPeers:
 
     def next_deadline(self) -> float:
         return min([self.inbox.next_deadline(), *(link.next_deadline() for link in self._links.values())])
+
+    def abandon(self) -> list:
+        """Waiters of every record not confirmed yet (the node is closing)."""
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for queue in self._queues.values():
+            waiters.extend(w for _, w in queue)
+            queue.clear()
+        return waiters
 
     def settle(self, message: Message, how: str, requeue: bool) -> list[Message]:
         return self.inbox.settle(message, how, requeue)

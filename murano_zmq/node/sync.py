@@ -248,7 +248,11 @@ class Node:
             self._dispatch.requests[req] = future
 
         self._submit(job)
-        self._wait(future, timeout)
+        try:
+            self._wait(future, timeout)
+        except BaseException:
+            consumer.cancel()  # else a consumer nobody reads would take messages later
+            raise
         if self._discovery is not None and self._peers is not None:
             self._advertise()
         return consumer
@@ -536,12 +540,18 @@ class Node:
             self._closed.set()
         finally:
             close_relay_socket(sock, monitor, linger=None)
-            self._dispatch.fail_all(NodeClosed(f"node {self.name} is closed"))
+            closed = NodeClosed(f"node {self.name} is closed")
+            self._dispatch.fail_all(closed)
             with self._lock:
-                for _, future in self._outgoing:
-                    if not future.done():
-                        future.set_exception(NodeClosed(f"node {self.name} is closed"))
-                self._outgoing.clear()
+                pending = (self._outgoing, self._relay_queue, self._held)
+                waiters = [w for q in pending for _, w in q]
+                for q in pending:
+                    q.clear()
+            if self._peers is not None:
+                waiters.extend(self._peers.abandon())
+            for waiter in waiters:  # every pending send learns the node is gone
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(closed)
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -635,10 +645,11 @@ class Node:
                 to_relay.extend(failed)
         to_relay.extend(self._peers.tick(now))
         for record, waiter in to_relay:
-            if waiter is None:
-                waiter = concurrent.futures.Future()  # nobody waits; still deliver it
-            if not waiter.done():
-                self._to_relay(record, waiter)
+            if waiter is None or waiter.done():
+                # Nobody waits any more (a send_many that failed elsewhere, a
+                # caller that gave up): the message is still delivered.
+                waiter = concurrent.futures.Future()
+            self._to_relay(record, waiter)
 
     def _read(self, sock: zmq.Socket, now: float):
         lost = None

@@ -194,6 +194,9 @@ class ClientCore:
     def cancel(self, consumer: int) -> None:
         """Stop a consumer; the relay gives its unacked messages to others."""
         if self._consumers.pop(consumer, None) is not None and self.state != State.CLOSED:
+            # A CONSUME still waiting for its reply must not be replayed later.
+            for req in [r for r, (cmd, f) in self._requests.items() if cmd == Cmd.CONSUME and f[1] == consumer]:
+                del self._requests[req]
             self.flush_acks()
             self._put(Cmd.CANCEL, 0, consumer)
             # The relay requeues what this consumer held: let it come again.
@@ -291,9 +294,11 @@ class ClientCore:
     def _on_deliver(self, consumer: int, records: list) -> list:
         messages = [parse_delivery(r) for r in records]
         if consumer not in self._consumers:
-            # Cancelled meanwhile: give them back at once.
+            # Cancelled meanwhile (or never ours): give them back, and make
+            # sure the relay forgets that consumer.
             if messages:
                 self._put(Cmd.NACK, [m.tag for m in messages], True)
+            self._put(Cmd.CANCEL, 0, consumer)
             return []
         fresh = []
         for m in messages:

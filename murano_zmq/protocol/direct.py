@@ -80,6 +80,7 @@ class DirectLink:
         self._count = 0
         self._outbox = [encode(Cmd.HELLO, node_name, instance, heartbeat)]
         self._last_heard = self._last_sent = now
+        self._last_progress = now  # last CONFIRM: a slow consumer that acks is not a dead one
 
     @property
     def in_flight(self) -> int:
@@ -116,6 +117,7 @@ class DirectLink:
             entry = self._in_flight.pop(req, None)
             if entry is None:
                 return []
+            self._last_progress = now
             records = entry[1]
             self._count -= len(records)
             refused = [e for e in errors if isinstance(e, list) and e and isinstance(e[0], int)]
@@ -143,15 +145,19 @@ class DirectLink:
             return float("inf")
         deadlines = [self._last_sent + self.heartbeat, self._last_heard + self.heartbeat * HEARTBEAT_LIVENESS]
         if self._in_flight:
-            deadlines.append(next(iter(self._in_flight.values()))[0] + self.timeout)
+            deadlines.append(self._stalled_since() + self.timeout)
         return min(deadlines)
+
+    def _stalled_since(self) -> float:
+        """Since when unconfirmed records have made no progress."""
+        return max(next(iter(self._in_flight.values()))[0], self._last_progress)
 
     def tick(self, now: float) -> list:
         if self.state == LinkState.FAILED:
             return []
         if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
             return [self.fail(f"peer silent for {now - self._last_heard:.1f}s")]
-        if self._in_flight and now - next(iter(self._in_flight.values()))[0] > self.timeout:
+        if self._in_flight and now - self._stalled_since() > self.timeout:
             return [self.fail(f"no direct ack within {self.timeout}s")]
         if now - self._last_sent >= self.heartbeat:
             self._outbox.append(encode(Cmd.HEARTBEAT))

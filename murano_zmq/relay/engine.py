@@ -81,6 +81,11 @@ class RelayEngine:
         self._unacked: dict[int, Consumer] = {}  # seq -> consumer holding it
         self._now_out: list[Output] = []
         self._after_commit: list[Output] = []
+        # CONFIRMs of this turn, encoded at prepare_commit(): until the store
+        # has taken the rows, an id stored before can still turn up as a
+        # duplicate, and its sender must hear of it.  (identity, req, errors)
+        self._confirms: list[tuple[bytes, int, list]] = []
+        self._origins: dict[int, tuple[list, int]] = {}  # seq -> (its SEND's errors, record index)
         # Store writes not yet handed to the store, in order: ("insert", rows)
         # or ("delete", seqs).  Buffering lets a turn's work overlap the
         # previous turn's commit, which may still hold the store.
@@ -309,13 +314,14 @@ class RelayEngine:
             try:
                 # A retried record may have been delivered before the relay
                 # lost it uncommitted: count that possible delivery.
-                self._enqueue(mb, msg.msg_id, headers, msg.body, msg.created,
-                              None if ttl is None else now + ttl, int(msg.retry), now)
+                row = self._enqueue(mb, msg.msg_id, headers, msg.body, msg.created,
+                                    None if ttl is None else now + ttl, int(msg.retry), now)
+                self._origins[row.seq] = (errors, i)
             except MailboxFull as exc:
                 self.counters["rejected"] += 1
                 errors.append([i, exc.code, exc.text])
         self.counters["received"] += len(records)
-        self._after_commit.append((peer.identity, encode(Cmd.CONFIRM, req, errors)))
+        self._confirms.append((peer.identity, req, errors))
 
     def _on_consume(self, peer: Peer, now: float, req: int, cid: int, name: str, prefetch: int,
                     endpoint: str | None) -> None:
@@ -544,7 +550,7 @@ class RelayEngine:
     # --- mailboxes and messages ---------------------------------------------------
 
     def _enqueue(self, mb: Mailbox, msg_id: bytes, headers: bytes, body: bytes, created: float,
-                 expires: float | None, deliveries: int, now: float, dead_lettering: bool = False) -> None:
+                 expires: float | None, deliveries: int, now: float, dead_lettering: bool = False) -> StoredMessage:
         """Store a message in `mb`.  A dead-lettered message never makes its
         target drop heads (two drop-head mailboxes dead-lettering into each
         other would loop): a full target refuses it."""
@@ -573,6 +579,7 @@ class RelayEngine:
         self._note_expiry(expires)
         if mb.consumers:
             self._dirty.add(mb)
+        return row
 
     def _note_expiry(self, expires: float | None) -> None:
         if expires is not None and (self._next_message_expiry is None or expires < self._next_message_expiry):
@@ -715,7 +722,10 @@ class RelayEngine:
         """Hand the turn's writes to the store and return the replies that
         may go out only once the caller's store.commit() has returned."""
         self._flush_writes()
-        held, self._after_commit = self._after_commit, []
+        held = [(identity, encode(Cmd.CONFIRM, req, errors)) for identity, req, errors in self._confirms]
+        held.extend(self._after_commit)
+        self._confirms, self._after_commit = [], []
+        self._origins.clear()
         return held
 
     def _insert(self, row: StoredMessage) -> None:
@@ -742,6 +752,7 @@ class RelayEngine:
         """A sender reused a stored id without the retry flag: forget the
         in-memory copies of the rows the store skipped."""
         kept = self.store.existing_seqs([r.seq for r in rows])
+        stored_in = self.store.mailboxes_of([r.msg_id for r in rows if r.seq not in kept])
         for row in rows:
             if row.seq in kept:
                 continue
@@ -758,7 +769,16 @@ class RelayEngine:
                     mb.unacked_bytes -= len(row.body)
             mb.count -= 1
             mb.nbytes -= len(row.body)
-            log.warning("duplicate message id %s in %s ignored", row.msg_id.hex(), mb.name)
+            origin = self._origins.get(row.seq)
+            if stored_in.get(row.msg_id) == row.mailbox_id:
+                # The same message again (an idempotent resend): it is stored.
+                log.info("message id %s is already in %s: kept once", row.msg_id.hex(), mb.name)
+                continue
+            if origin is not None:  # another mailbox: tell the sender, never a silent drop
+                origin[0].append([origin[1], PreconditionFailed.code,
+                                  f"message id {row.msg_id.hex()} is already stored in another "
+                                  "mailbox (ids are unique per relay)"])
+            log.warning("duplicate message id %s for %s refused", row.msg_id.hex(), mb.name)
 
 
 def _is_tag(value) -> bool:

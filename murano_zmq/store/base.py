@@ -52,6 +52,9 @@ class Store(Protocol):
 
     def get(self, seq: int) -> StoredMessage | None: ...
 
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        """Where stored ids are: msg_id -> mailbox id."""
+
     def existing_seqs(self, seqs: list[int]) -> set[int]: ...
 
     def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]: ...

@@ -181,6 +181,16 @@ class SQLiteStore:
         return StoredMessage._make(row) if row else None
 
     @_locked
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        """Where stored ids are: msg_id -> mailbox id."""
+        found = {}
+        for msg_id in msg_ids:
+            row = self._db.execute("SELECT mailbox FROM messages WHERE msg_id=?", (msg_id,)).fetchone()
+            if row:
+                found[msg_id] = row[0]
+        return found
+
+    @_locked
     def existing_seqs(self, seqs: list[int]) -> set[int]:
         found = set()
         for seq in seqs:
