@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="", help="where relay.db lives (default ~/.local/share/murano-zmq)")
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
-                   help="largest body in bytes (default %(default)s)")
+                   help="largest message in bytes: body plus packed headers (default %(default)s)")
     p.add_argument("--discovery-interfaces", default=os.environ.get(INTERFACES_ENV, ""),
                    metavar="ADDRS",
                    help="advertise the relay by zeroconf on these IPv4 addresses (comma-separated, "
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chaos", action="store_true",
                    help="SIGKILL the relay (and restart it), a conductor mid-task, an agent mid-plan")
     p.add_argument("--seed", type=int, default=1, help="seed for --chaos choices (default %(default)s)")
-    p.add_argument("--agent-ttl", type=_positive_float, default=3.0,
+    p.add_argument("--agent-ttl", type=_positive_float, default=5.0,
                    help="idle seconds before an agent mailbox expires (default %(default)s)")
     p.add_argument("--step-seconds", type=float, default=0.3,
                    help="seconds each of a plan's two work steps takes (default %(default)s)")

@@ -12,6 +12,13 @@ from murano_zmq.relay.process import RelayProcess
 from .helpers import free_tcp_endpoint
 
 
+@pytest.fixture(autouse=True)
+def _discovery_only_where_a_test_asks(monkeypatch):
+    """An exported MURANO_ZMQ_DISCOVERY_INTERFACES must not make every relay
+    and node of the suite advertise beyond what a test pins."""
+    monkeypatch.delenv("MURANO_ZMQ_DISCOVERY_INTERFACES", raising=False)
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     """Start relays (child processes); every one is stopped by PID at teardown."""

@@ -29,7 +29,7 @@ from . import flow
 from .view import ProgressView
 
 DISCOVERY = "127.0.0.1"
-HEARTBEAT = 0.3
+HEARTBEAT = 0.5
 
 
 @dataclass
@@ -318,7 +318,7 @@ class Demo:
         return 0 if success else 1
 
 
-def run_demo(envs: int = 5, units: int = 3, chaos: bool = False, seed: int = 1, agent_ttl: float = 3.0,
+def run_demo(envs: int = 5, units: int = 3, chaos: bool = False, seed: int = 1, agent_ttl: float = 5.0,
              step_seconds: float = 0.3, timeout: float | None = None, live: bool | None = None) -> int:
     if live is None:
         live = sys.stdout.isatty()

@@ -36,7 +36,7 @@ def test_demo_deploys_every_environment_exactly_once():
     assert "deployments: 3/3 completed, exactly once (0 duplicate results), 0 failed" in out
     assert re.search(r"plans for env1 wait in their mailboxes: starting its agents now", out)
     assert "api found the relay by zeroconf" in out
-    assert "after their TTL (3s idle): all expired" in out
+    assert "after their TTL (5s idle): all expired" in out
     assert "children stopped cleanly: yes" in out
     assert "demo succeeded" in out
     assert "\x1b[" not in out, "no live view when stdout is not a terminal"
