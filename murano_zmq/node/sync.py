@@ -423,6 +423,8 @@ class Node:
         """(I/O thread) settle with the path that brought the message."""
         if message.origin is None:
             self._core.settle(message, how, requeue)
+            if self._peers is not None and (how == "ack" or not requeue):
+                self._peers.inbox.settled_elsewhere((message.mailbox, message.id))
             return
         again = self._peers.settle(message, how, requeue)
         self._core.settled_elsewhere((message.mailbox, message.id), not again)

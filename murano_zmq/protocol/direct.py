@@ -216,6 +216,9 @@ class DirectInbox:
         self.permissions = None
         self.refused = 0  # records refused with 403 so far
         self._sessions: dict[bytes, _Session] = {}
+        # (mailbox, id) -> direct copies (session, req) waiting for the copy
+        # the application holds to be settled
+        self._waiting: dict[tuple, list] = {}
         self._outbox: list[tuple[bytes, list[bytes]]] = []
 
     def drain(self) -> list[tuple[bytes, list[bytes]]]:
@@ -282,8 +285,13 @@ class DirectInbox:
             if seen == "fresh":
                 by_consumer.setdefault(consumer, []).append(m)
                 unsettled += 1
-            # seen before: acked (nothing to wait for) or with the app (its
-            # ack settles the other copy; this one counts as done)
+            elif seen == "in-app":
+                # Another copy is with the application: confirm this one only
+                # when that one is settled (if it came direct, its sender may
+                # be gone, and this copy is the only one left).
+                self._waiting.setdefault((m.mailbox, m.id), []).append((session, req))
+                unsettled += 1
+            # (seen and settled: nothing to wait for)
         if unsettled:
             session.pending[req] = [unsettled, refused]
         else:
@@ -308,16 +316,25 @@ class DirectInbox:
             again.origin = origin
             return [again]
         self.dedup.settle(key, True)  # acked, or rejected: a direct reject is dropped
-        session = origin.session
-        entry = session.pending.get(origin.req)
+        self._count_down(origin.session, origin.req)
+        self.settled_elsewhere(key)
+        return []
+
+    def settled_elsewhere(self, key: tuple) -> None:
+        """The application settled the copy of `key` it had (from either
+        path): direct copies that waited for it are done too."""
+        for session, req in self._waiting.pop(key, ()):
+            self._count_down(session, req)
+
+    def _count_down(self, session: _Session, req: int) -> None:
+        entry = session.pending.get(req)
         if entry is None:
-            return []
+            return
         entry[0] -= 1
         if entry[0] == 0:
-            del session.pending[origin.req]
+            del session.pending[req]
             if self._sessions.get(session.identity) is session:
-                self._put(session.identity, Cmd.CONFIRM, origin.req, entry[1])
-        return []
+                self._put(session.identity, Cmd.CONFIRM, req, entry[1])
 
     def next_deadline(self) -> float:
         if not self._sessions:

@@ -1,0 +1,57 @@
+"""DirectInbox (the receiving end of direct links), without sockets."""
+
+from __future__ import annotations
+
+from murano_zmq.protocol.dedup import DedupWindow
+from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.frames import Cmd, decode, encode
+from murano_zmq.protocol.message import new_message_id, pack_body, send_record
+
+PEER = b"peer-1"
+
+
+def inbox_with_session():
+    dedup = DedupWindow()
+    inbox = DirectInbox("receiver", 1 << 20, dedup)
+    inbox.receive(PEER, encode(Cmd.HELLO, "sender", b"i" * 16, 1.0), 0.0, {})
+    assert [decode(f).cmd for _, f in inbox.drain()] == [Cmd.WELCOME]
+    return inbox, dedup
+
+
+def confirms(inbox) -> list:
+    return [decode(f).fields for _, f in inbox.drain() if decode(f).cmd == Cmd.CONFIRM]
+
+
+def test_a_send_is_confirmed_when_the_application_acked_every_record():
+    inbox, _ = inbox_with_session()
+    records = [send_record(new_message_id(1.0), "work", None, pack_body(i), 1.0, None) for i in range(3)]
+    [delivered] = inbox.receive(PEER, encode(Cmd.SEND, 7, records), 1.0, {"work": 1})
+    assert [m.body for m in delivered.messages] == [0, 1, 2]
+    for m in delivered.messages[:2]:
+        inbox.settle(m, "ack", False)
+    assert confirms(inbox) == []
+    inbox.settle(delivered.messages[2], "ack", False)
+    assert confirms(inbox) == [(7, [])]
+
+
+def test_records_for_a_mailbox_without_consumer_are_refused():
+    inbox, _ = inbox_with_session()
+    record = send_record(new_message_id(1.0), "elsewhere", None, pack_body(1), 1.0, None)
+    assert inbox.receive(PEER, encode(Cmd.SEND, 3, [record]), 1.0, {"work": 1}) == []
+    [(req, errors)] = confirms(inbox)
+    assert req == 3 and errors[0][0] == 0 and errors[0][1] == 404
+
+
+def test_a_copy_whose_twin_is_with_the_application_waits_for_it():
+    """If the copy the application holds came direct from a sender that then
+    died, this second copy is the only one left: it must not be confirmed
+    before the application settled the first."""
+    inbox, dedup = inbox_with_session()
+    msg_id = new_message_id(1.0)
+    assert dedup.offer(("work", msg_id), 1) == "fresh"  # the first copy, with the application
+    record = send_record(msg_id, "work", None, pack_body("result"), 1.0, None)
+    assert inbox.receive(PEER, encode(Cmd.SEND, 9, [record]), 1.0, {"work": 1}) == []
+    assert confirms(inbox) == [], "confirmed before the application settled its copy"
+    dedup.settle(("work", msg_id), True)
+    inbox.settled_elsewhere(("work", msg_id))
+    assert confirms(inbox) == [(9, [])]
