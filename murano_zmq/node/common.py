@@ -68,6 +68,20 @@ def close_relay_socket(sock: zmq.Socket, monitor: zmq.Socket, linger: int | None
     sock.close(linger)
 
 
+# Commands read from one socket per loop turn, at most: one busy socket
+# cannot starve the node's other sockets and timers.
+READ_BATCH = 1000
+
+
+def ready_frames(sock: zmq.Socket, copy: bool = True):
+    """The messages `sock` has now (up to READ_BATCH), without blocking."""
+    for _ in range(READ_BATCH):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
+
+
 def resolve_relay(relay: str | None) -> str:
     """--relay / argument, else $MURANO_ZMQ_RELAY, else the default endpoint."""
     return relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY_ENDPOINT

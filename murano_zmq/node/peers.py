@@ -20,7 +20,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM
-from .common import SEND_BATCH_BYTES, record_size
+from .common import SEND_BATCH_BYTES, ready_frames, record_size
 from ..protocol.direct import (
     DEFAULT_DIRECT_TIMEOUT,
     DEFAULT_WINDOW,
@@ -207,11 +207,7 @@ class DirectPeers:
         if monitored is not None:
             return events, self._handshake_events(monitored, sock, now)
         keyed_router = sock is self._router and self._security is not None  # read the User-Id
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=not keyed_router)
-            except zmq.Again:
-                break
+        for frames in ready_frames(sock, copy=not keyed_router):
             if sock is self._router:
                 self._inbound(frames, now, events)
                 continue

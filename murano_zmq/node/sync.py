@@ -47,6 +47,7 @@ from .common import (
     close_relay_socket,
     declare_options,
     default_node_name,
+    ready_frames,
     relay_socket,
     resolve_relay,
     take_batch,
@@ -655,11 +656,7 @@ class Node:
 
     def _read(self, sock: zmq.Socket, now: float):
         lost = None
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in ready_frames(sock):
             try:
                 events = self._core.receive(frames, now)
             except Exception as exc:

@@ -20,6 +20,7 @@ import zmq
 
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.topics import TopicEvent, decode_event, encode_event
+from .common import ready_frames
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -138,11 +139,7 @@ class TopicSockets:
 
     def read(self, sock: zmq.Socket) -> list[TopicEvent]:
         events = []
-        for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in ready_frames(sock):
             try:
                 events.append(decode_event(frames))
             except RemoteProtocolError as exc:
