@@ -87,8 +87,10 @@ class Relay:
     install_signal_handlers() was called.
     """
 
-    def __init__(self, config: RelayConfig, context: zmq.Context | None = None):
+    def __init__(self, config: RelayConfig, context: zmq.Context | None = None,
+                 store_factory=SQLiteStore):
         self.config = config
+        self._store_factory = store_factory  # tests wrap the store (tests/integration/test_confirm_contract.py)
         self.security = RelaySecurity.from_options(config.key, config.key_dir, config.authorized_keys,
                                                    config.permissions, config.allow_all)
         self._context = context or zmq.Context.instance()
@@ -121,7 +123,7 @@ class Relay:
 
     def run(self) -> None:
         cfg = self.config
-        store = SQLiteStore(cfg.data_dir)
+        store = self._store_factory(cfg.data_dir)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -1,0 +1,176 @@
+"""The durability contract at the relay: a CONFIRM leaves strictly after the
+commit (the fsync) that holds every message it confirms.
+
+A real Relay loop (in a thread) runs over a store that records which
+message ids each commit made durable, and is slowed down (or made to fail)
+between the writes and the sync.  Every CONFIRM the loop hands to its socket
+is checked, at that instant, against what has been committed.  Load comes
+from a real Node: one-at-a-time sends (a commit per send) and pipelined
+send_many (turns overlapping their commits).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from murano_zmq import Node
+from murano_zmq.protocol.frames import Cmd, decode
+from murano_zmq.relay.server import Relay, RelayConfig
+from murano_zmq.store.sqlite import SQLiteStore
+
+from ..helpers import free_tcp_endpoint
+
+SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sync
+
+
+class RecordingStore(SQLiteStore):
+    """SQLiteStore that knows which ids are durable, can sleep inside commit()
+    after the writes and before returning, and can fail the Nth commit."""
+
+    fail_commit: int | None = None  # 1-based commit number that raises
+
+    def __init__(self, data_dir: str):
+        self.pending: set[bytes] = set()
+        self.durable: set[bytes] = set()
+        self.commits = 0
+        self.failed = False
+        self.guard = threading.Lock()
+        super().__init__(data_dir)
+
+    def insert(self, messages):
+        with self.guard:
+            self.pending.update(m.msg_id for m in messages)
+        return super().insert(messages)
+
+    def commit(self) -> None:
+        with self._lock:  # the store's own lock: nothing else writes meanwhile
+            if not self._in_tx:
+                return
+            with self.guard:
+                self.commits += 1
+                number = self.commits
+            time.sleep(SYNC_DELAY)
+            if self.fail_commit is not None and number >= self.fail_commit:
+                self.failed = True
+                raise OSError(5, "injected: the sync failed")
+            super().commit()
+            with self.guard:
+                self.durable |= self.pending
+                self.pending = set()
+
+
+class Watch:
+    """Taps the relay: SEND ids by (peer, req) on the way in, CONFIRMs on the way out."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.sends: dict[tuple[bytes, int], list[bytes]] = {}
+        self.confirmed: list[bytes] = []
+        self.violations: list[str] = []
+        send = relay._send
+
+        def checked_send(sock, out):
+            store = relay.engine.store
+            for identity, frames in out:
+                command = decode(frames)
+                if command.cmd != Cmd.CONFIRM:
+                    continue
+                req, errors = command.fields
+                refused = {e[0] for e in errors}
+                ids = [i for n, i in enumerate(self.sends.get((identity, req), [])) if n not in refused]
+                with store.guard:
+                    missing = [i for i in ids if i not in store.durable]
+                if missing:
+                    self.violations.append(f"CONFIRM {req} left before {len(missing)} of its ids were synced")
+                self.confirmed.extend(ids)
+            send(sock, out)
+
+        relay._send = checked_send
+
+    def tap_engine(self) -> None:
+        engine = self.relay.engine
+        receive = engine.receive
+
+        def recording_receive(identity, frames, now, user=None, key=None):
+            command = decode(frames)
+            if command.cmd == Cmd.SEND:
+                req, records = command.fields
+                self.sends[(identity, req)] = [r[0] for r in records]
+            return receive(identity, frames, now, user, key)
+
+        engine.receive = recording_receive
+
+
+@pytest.fixture
+def relay_with(tmp_path):
+    started = []
+
+    def start(store_class=RecordingStore):
+        relay = Relay(RelayConfig(bind=free_tcp_endpoint(), data_dir=str(tmp_path / "data")),
+                      store_factory=store_class)
+        watch = Watch(relay)
+        errors = []
+
+        def run():
+            try:
+                relay.run()
+            except BaseException as exc:  # a failed sync may end the loop
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert relay.wait_ready(10)
+        watch.tap_engine()
+        started.append((relay, thread))
+        return relay, watch, errors
+
+    yield start
+    for relay, thread in started:
+        relay.stop()
+        thread.join(10)
+
+
+def test_one_at_a_time_confirms_follow_their_commit(relay_with):
+    relay, watch, _ = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=20) as node:
+        ids = [node.send("contract.one", b"x" * 100) for _ in range(60)]
+    assert not watch.violations
+    assert set(ids) <= set(watch.confirmed)
+    assert set(ids) <= relay.engine.store.durable
+
+
+def test_pipelined_confirms_follow_their_commit(relay_with):
+    relay, watch, _ = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = []
+        for _ in range(5):
+            ids += node.send_many([("contract.many", b"y" * 200)] * 2000, timeout=30)
+        # concurrent single sends while a backlog is being committed
+        futures = [node.send_async("contract.many", b"z") for _ in range(500)]
+        ids += [f.result(30) for f in futures]
+    assert not watch.violations
+    assert relay.engine.store.commits > 1  # many turns, not one transaction
+    assert set(ids) <= set(watch.confirmed)
+    assert set(ids) <= relay.engine.store.durable
+
+
+def test_no_confirm_for_a_commit_that_failed(relay_with):
+    class FailingStore(RecordingStore):
+        fail_commit = 4  # the recovery's reservation is commit 1 and 2; the sends' later ones fail
+
+    relay, watch, _ = relay_with(FailingStore)
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=5) as node:
+        futures = [node.send_async("contract.fail", b"w") for _ in range(200)]
+        deadline = time.monotonic() + 10
+        while not relay.engine.store.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.engine.store.failed
+        time.sleep(0.2)  # let any (wrong) CONFIRM out
+        done = [f.result(0) for f in futures if f.done() and f.exception() is None]
+    assert not watch.violations
+    durable = relay.engine.store.durable
+    assert set(done) <= durable  # every id the node was told is safe is synced
+    assert set(watch.confirmed) <= durable
