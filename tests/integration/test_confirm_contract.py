@@ -30,7 +30,7 @@ class RecordingStore(SQLiteStore):
     """SQLiteStore that knows which ids are durable, can sleep inside commit()
     after the writes and before returning, and can fail the Nth commit."""
 
-    fail_commit: int | None = None  # 1-based commit number that raises
+    failing = False  # set: every commit from now on raises after its writes
 
     def __init__(self, data_dir: str):
         self.pending: set[bytes] = set()
@@ -51,9 +51,8 @@ class RecordingStore(SQLiteStore):
                 return
             with self.guard:
                 self.commits += 1
-                number = self.commits
             time.sleep(SYNC_DELAY)
-            if self.fail_commit is not None and number >= self.fail_commit:
+            if self.failing:
                 self.failed = True
                 raise OSError(5, "injected: the sync failed")
             super().commit()
@@ -158,11 +157,10 @@ def test_pipelined_confirms_follow_their_commit(relay_with):
 
 
 def test_no_confirm_for_a_commit_that_failed(relay_with):
-    class FailingStore(RecordingStore):
-        fail_commit = 4  # the recovery's reservation is commit 1 and 2; the sends' later ones fail
-
-    relay, watch, _ = relay_with(FailingStore)
+    relay, watch, _ = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=5) as node:
+        first = node.send("contract.fail", b"v")
+        relay.engine.store.failing = True
         futures = [node.send_async("contract.fail", b"w") for _ in range(200)]
         deadline = time.monotonic() + 10
         while not relay.engine.store.failed and time.monotonic() < deadline:
@@ -172,5 +170,6 @@ def test_no_confirm_for_a_commit_that_failed(relay_with):
         done = [f.result(0) for f in futures if f.done() and f.exception() is None]
     assert not watch.violations
     durable = relay.engine.store.durable
+    assert first in durable
     assert set(done) <= durable  # every id the node was told is safe is synced
     assert set(watch.confirmed) <= durable
