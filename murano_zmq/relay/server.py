@@ -208,11 +208,13 @@ class Relay:
         self.security.sweep(engine, now)  # sessions of keys removed since the last turn
         while self._stalled:
             engine.drop_session(self._stalled.pop(), "not reading (its send queue is full)", now)
-        self._read(sock, engine, now)
+        commands = self._read(sock, engine, now)
         engine.tick(now)
         engine.pump(now)
         self._send(sock, engine.take_output(now))
-        backlog = bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        # A backlog: input waiting now, or a turn with several commands (a
+        # pipelining sender keeps more coming while this turn syncs).
+        backlog = commands > 1 or bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
         if in_flight is not None:
             if backlog:
                 return in_flight  # read on; this turn's writes join the next commit
@@ -237,14 +239,17 @@ class Relay:
         self._send(sock, in_flight[1])
         return None
 
-    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float) -> None:
-        """Hand the engine one turn's worth of commands (TURN_COMMANDS, TURN_BYTES)."""
+    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float) -> int:
+        """Hand the engine one turn's worth of commands (TURN_COMMANDS,
+        TURN_BYTES); returns how many were read."""
         budget = TURN_BYTES
         secure = self.security.enabled
-        for _ in range(TURN_COMMANDS):
+        n = 0
+        for n in range(1, TURN_COMMANDS + 1):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=not secure)
             except zmq.Again:
+                n -= 1
                 break
             user = key = None
             if secure:  # the connection's identity rides on every message
@@ -259,6 +264,7 @@ class Relay:
             budget -= len(frames[-1])
             if budget <= 0:
                 break
+        return n
 
     def _send(self, sock: zmq.Socket, out: list) -> None:
         for identity, frames in out:
