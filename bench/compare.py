@@ -255,6 +255,12 @@ def chart(rows: list[dict], path: str, title: str) -> None:
     ax.barh([y - 0.2 for y in ys], [r["ratio_async"] or 0 for r in shown], height=0.4, label="AsyncNode")
     ax.set_yticks(list(ys), [r["workload"] for r in shown], fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16) if t <= max(
+        [r["ratio"] or 0 for r in shown] + [r["ratio_async"] or 0 for r in shown] + [2]) * 2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1, color="black", linewidth=1)
     ax.axvline(2, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("murano-zmq vs RabbitMQ (> 1: murano-zmq better; median of per-pair ratios)")
@@ -262,6 +268,11 @@ def chart(rows: list[dict], path: str, title: str) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def chart_title(info: dict) -> str:
+    return (f"murano-zmq vs RabbitMQ: {info['mode']} run, {info['pairs']} pairs, "
+            f"{info['machine'].split(' (')[0]}, load {info['machine'].rsplit('load ', 1)[-1]}")
 
 
 def machine() -> str:
@@ -289,7 +300,16 @@ def main() -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="of " + ",".join(SYSTEMS))
     parser.add_argument("--amqp", help="use this running RabbitMQ instead of starting one")
     parser.add_argument("--beam-pid", type=int, help="with --amqp: the broker's beam.smp PID (for CPU)")
+    parser.add_argument("--replot", metavar="JSON", help="no run: table (and --chart) from a saved --json output")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            info = json.load(f)
+        if args.chart:
+            chart(info["workloads"], args.chart, chart_title(info))
+        print(f"{info['machine']}\n{info['command']}: {info['seconds']} s, {info['pairs']} pairs\n")
+        print(table(info["workloads"]))
+        return 0
     mode = "quick" if args.quick else "full"
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     started = time.time()
@@ -320,7 +340,7 @@ def main() -> int:
     info = {"machine": machine(), "command": command.strip(), "seconds": round(time.time() - started),
             "pairs": args.pairs, "mode": mode, "workloads": rows}
     if args.chart:
-        chart(rows, args.chart, f"{command.strip()}  ({info['machine'].split(',')[0]})")
+        chart(rows, args.chart, chart_title(info))
     if args.json:
         print(json.dumps(info, indent=1))
     else:
