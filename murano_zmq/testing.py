@@ -1,4 +1,9 @@
-"""Start and stop a relay as a child process (for the demo, tests and benchmarks)."""
+"""Test and benchmark helpers: a relay in a child process, free ports, RSS.
+
+The demo, the benchmarks and the test suites start relays with these; the
+child runs the relay's own entry point (`python -m murano_zmq.relay`), not
+the murano-zmq command line.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import time
 
 import zmq
 
-from ..protocol.frames import Cmd, decode, encode
+from .protocol.frames import Cmd, decode, encode
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
@@ -56,7 +61,7 @@ def relay_answers(endpoint: str, timeout: float, curve=None) -> bool:
 
 
 class RelayProcess:
-    """`python -m murano_zmq relay` in a child process, stopped by PID."""
+    """`python -m murano_zmq.relay` in a child process, stopped by PID."""
 
     def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None, probe_curve=None):
         self.endpoint = endpoint
@@ -68,7 +73,7 @@ class RelayProcess:
 
     def start(self, timeout: float = 15.0) -> "RelayProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay", "--bind", self.endpoint,
+            [sys.executable, "-m", "murano_zmq.relay", "--log-level", "INFO", "--bind", self.endpoint,
              "--data-dir", self.data_dir, *self.extra],
             stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL,
         )

@@ -36,6 +36,7 @@ from ..protocol.errors import (
     PreconditionFailed,
     RelayError,
     RemoteProtocolError,
+    StorageFull,
     error_from_code,
 )
 from ..protocol.frames import Cmd, decode, encode
@@ -72,6 +73,10 @@ class RelayEngine:
         # allows(identity, op, mailbox) and may_any(identity, op)); None:
         # every peer may do everything (an open relay, or --allow-all).
         self.permissions = None
+        # Set by the relay process while the disk is full: nothing new is
+        # stored (sends and new mailboxes get StorageFull); delivery and
+        # acks go on.
+        self.storage_full = False
         self._user: str | None = None  # identity behind the command being handled
         self._key: str | None = None  # its CURVE public key (z85), if the relay has CURVE
         self._peer_users: dict[bytes, str | None] = {}  # routing id -> identity at HELLO
@@ -242,6 +247,8 @@ class RelayEngine:
             if mb is None:
                 raise MailboxNotFound(f"mailbox {name!r} does not exist")
         elif mb is None:
+            if self.storage_full:
+                raise StorageFull("the relay's disk is full: no new mailbox until space returns")
             mb = self._create_mailbox(name, opts, True, now)
         elif not mb.declared:
             mb.options, mb.declared = opts, True
@@ -279,6 +286,11 @@ class RelayEngine:
         self._reply_now(peer.identity, Cmd.REPLY, req, result)
 
     def _on_send(self, peer: Peer, now: float, req: int, records: list) -> None:
+        if self.storage_full:
+            full = [[i, StorageFull.code, "the relay's disk is full: nothing stored; send again later"]
+                    for i in range(len(records))]
+            self._confirms.append((peer.identity, req, full))
+            return
         errors: list[list] = []
         parsed = []
         for i, record in enumerate(records):
@@ -453,8 +465,13 @@ class RelayEngine:
                     held += 1  # checked again when it comes back (requeue)
                     continue
                 mb = self._by_id.get(mailbox_id)
-                row = self._take_ready(mb, seq) if mb else None
+                if mb is None:  # a row no mailbox owns: nothing can deliver it
+                    log.warning("expired message %d is in unknown mailbox %d: deleted", seq, mailbox_id)
+                    self._delete([seq])
+                    continue
+                row = self._take_ready(mb, seq)
                 if row is None:
+                    held += 1  # not where the mailbox looks: page past it, never spin
                     continue
                 mb.count -= 1
                 mb.nbytes -= len(row.body)

@@ -9,15 +9,20 @@ thread of its own while its loop goes on; a call made meanwhile waits for it.
 
 from __future__ import annotations
 
-import os
 import functools
+import logging
+import os
 import sqlite3
 import threading
+import time
 from typing import Iterable
 
 import msgpack
 
+from ..protocol.errors import MuranoZmqError, StartupError
 from .base import MailboxRow, StoredMessage
+
+log = logging.getLogger("murano_zmq.store")
 
 SCHEMA_VERSION = 1
 
@@ -50,12 +55,74 @@ CACHE_KIB = 16 * 1024
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
+# Another process holding the write lock is transient (a backup, an operator's
+# sqlite3 shell): each attempt waits BUSY_TIMEOUT seconds inside SQLite, then
+# the store backs off up to BUSY_BACKOFF_MAX and tries again, logging every
+# BUSY_LOG_EVERY seconds, for as long as it takes.
+BUSY_TIMEOUT = 1.0
+BUSY_BACKOFF_MAX = 1.0
+BUSY_LOG_EVERY = 10.0
+
+# Bytes the store must be able to allocate in the data directory before a
+# relay that found its disk full accepts sends again.
+SPACE_PROBE_BYTES = 1 << 20
+
+
+class StoreError(MuranoZmqError):
+    """A write or commit failed; the store rolled back every write since the
+    last commit.  `full`: the cause is a full disk."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.full = is_disk_full(cause)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return "full" in str(exc)  # SQLITE_FULL: "database or disk is full"
+
+
+def startup_error(path: str, exc: BaseException) -> StartupError:
+    """The one line an operator reads when the database cannot be opened."""
+    if _is_corrupt(exc):
+        return StartupError(
+            f"{path} is damaged ({exc}): stop here, move the file aside with its -wal and -shm "
+            "files and restore a backup, or start with an empty data directory "
+            "(docs/operations.md, 'A corrupt database')")
+    return StartupError(f"cannot open {path}: {exc}")
+
+
+def _is_busy(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    text = str(exc)
+    return "not a database" in text or "malformed" in text or "corrupt" in text
+
 
 def _locked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _writes(method):
+    """A write in the open transaction: under the lock; a failure rolls the
+    transaction back and becomes StoreError, so the caller knows every write
+    since the last commit is gone."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                self.rollback()
+                raise StoreError(exc) from exc
 
     return wrapper
 
@@ -67,7 +134,20 @@ class SQLiteStore:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._in_tx = False
+        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise StartupError(f"cannot open {self.path}: {exc}") from None
+        try:
+            self._retry_busy("opening the database", self._open)
+        except (sqlite3.DatabaseError, RuntimeError) as exc:
+            self._db.close()
+            raise startup_error(self.path, exc) from None
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -77,8 +157,31 @@ class SQLiteStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-        self._in_tx = False
-        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
+
+    def _retry_busy(self, what: str, action):
+        """Run `action`; while another process holds the database locked, back
+        off and retry (logged), however long it takes."""
+        delay, since, logged = 0.05, None, 0.0
+        while True:
+            try:
+                result = action()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                now = time.monotonic()
+                if since is None:
+                    since = logged = now
+                    log.warning("%s is locked by another process (%s: %s); retrying with backoff",
+                                self.path, what, exc)
+                elif now - logged >= BUSY_LOG_EVERY:
+                    logged = now
+                    log.warning("%s still locked after %.0fs (%s); retrying", self.path, now - since, what)
+                time.sleep(delay)
+                delay = min(delay * 2, BUSY_BACKOFF_MAX)
+                continue
+            if since is not None:
+                log.warning("%s: lock released after %.1fs; going on", self.path, time.monotonic() - since)
+            return result
 
     # --- reads ----------------------------------------------------------------
 
@@ -149,24 +252,54 @@ class SQLiteStore:
 
     def _begin(self) -> sqlite3.Connection:
         if not self._in_tx:
-            self._db.execute("BEGIN")
+            # IMMEDIATE: take the write lock now, so a busy database is met
+            # here (and retried) before any write of the transaction.
+            self._retry_busy("starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
             self._in_tx = True
         return self._db
 
     @_locked
+    def rollback(self) -> None:
+        """Drop every write since the last commit (SQLite may have rolled
+        back already: a full disk does that)."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback of %s failed: %s", self.path, exc)
+        self._in_tx = False  # _seq_mark stays: the next commit records it
+
+    @_locked
+    def space_available(self, nbytes: int = SPACE_PROBE_BYTES) -> bool:
+        """True if `nbytes` can be allocated in the data directory now."""
+        probe = self.path + ".space-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
+    @_writes
     def save_mailbox(self, row: MailboxRow) -> None:
         self._begin().execute(
             "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
             (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
         )
 
-    @_locked
+    @_writes
     def delete_mailbox(self, mailbox_id: int) -> None:
         db = self._begin()
         db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
         db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
 
-    @_locked
+    @_writes
     def insert(self, messages: list[StoredMessage]) -> int:
         if messages:
             self._seq_mark = max(self._seq_mark, messages[-1].seq)
@@ -198,32 +331,43 @@ class SQLiteStore:
                 found.add(seq)
         return found
 
-    @_locked
+    @_writes
     def delete(self, seqs: Iterable[int]) -> None:
         self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
 
-    @_locked
+    @_writes
     def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
         self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
 
     @_locked
     def reserve_seq(self, seq: int) -> None:
-        """Record, durably at once, that seqs up to `seq` may be in use."""
+        """Record, durably at once, that seqs up to `seq` may be in use.
+
+        On a full disk the mark stays pending: nothing can be stored before
+        a commit succeeds, and that commit writes it first."""
         self.commit()
         self._seq_mark = max(self._seq_mark, seq)
-        self._begin()
-        self.commit()
+        try:
+            self._begin()
+            self.commit()
+        except StoreError as exc:
+            if not exc.full:
+                raise
+            log.error("%s: %s; the relay stores nothing new until space returns", self.path, exc)
 
-    @_locked
+    @_writes
     def commit(self) -> None:
         if self._in_tx:
-            if self._seq_mark > self._seq_saved:
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (self._seq_mark,))
-                self._seq_saved = self._seq_mark
-            self._db.execute("COMMIT")
+            mark = self._seq_mark
+            if mark > self._seq_saved:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (mark,))
+            self._retry_busy("committing", lambda: self._db.execute("COMMIT"))
+            self._seq_saved = max(self._seq_saved, mark)
             self._in_tx = False
 
     @_locked
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            self._db.close()
