@@ -110,3 +110,39 @@ class RelayProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def mount_tmpfs(path: str, size_bytes: int) -> None:
+    """Mount a tmpfs of `size_bytes` on `path` (root only): a disk that
+    fills up on purpose.  OSError (as from the mount command) if it cannot."""
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", path],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise OSError(f"mount tmpfs on {path}: {done.stderr.strip()}")
+
+
+def unmount(path: str) -> None:
+    """Unmount `path` (lazily, so a process still in it cannot block it)."""
+    subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+
+
+def fill_disk(path: str, leave_bytes: int = 0) -> int:
+    """Write `path` (a file) until its file system has only `leave_bytes`
+    free (0: until it is full).  Returns the bytes written."""
+    chunk = b"\0" * (1 << 16)
+    written = 0
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            st = os.statvfs(os.path.dirname(path) or ".")
+            free = st.f_bavail * st.f_frsize - leave_bytes
+            if free <= 0:
+                break
+            try:
+                n = f.write(chunk[:min(len(chunk), free)])
+            except OSError:
+                break
+            if not n:
+                break
+            written += n
+    return written

@@ -145,7 +145,8 @@ class Relay:
             store = SQLiteStore(cfg.data_dir)
             sock = self._bind()
             self.engine = self._new_engine(store)
-            self.engine.storage_full = not store.space_available()
+            if not (store.hold_reserve() and store.space_available()):
+                self._storage_full("at start")
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
             discovery = self._advertise()
             self._ready.set()
@@ -223,8 +224,18 @@ class Relay:
         self._send(sock, old.take_output(time.time()))
         old.store.rollback()
         self.engine = self._new_engine(old.store)
-        self.engine.storage_full = full or not old.store.space_available()
+        if full or old.storage_full:
+            self._storage_full(None)
+
+    def _storage_full(self, when: str | None) -> None:
+        """Refuse sends until space returns; give the reserve to SQLite so
+        acks still commit."""
+        self.engine.storage_full = True
+        self.engine.store.drop_reserve()
         self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
+        if when:
+            log.error("the disk of %s is full %s: refusing sends (StorageFull) until space returns",
+                      self.config.data_dir, when)
 
     def _check_space(self, engine: RelayEngine) -> None:
         """While sends are refused for a full disk, see if space returned."""
@@ -232,7 +243,7 @@ class Relay:
         if now < self._next_space_probe:
             return
         self._next_space_probe = now + SPACE_PROBE_EVERY
-        if engine.store.space_available():
+        if engine.store.hold_reserve() and engine.store.space_available():
             engine.storage_full = False
             log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
 

@@ -67,6 +67,11 @@ BUSY_LOG_EVERY = 10.0
 # relay that found its disk full accepts sends again.
 SPACE_PROBE_BYTES = 1 << 20
 
+# Space kept allocated in DATA_DIR/relay.reserve while the disk has room and
+# given back when it fills, so acks (deletes) and dead-letter moves can still
+# commit on a full disk.
+RESERVE_BYTES = 4 << 20
+
 
 class StoreError(MuranoZmqError):
     """A write or commit failed; the store rolled back every write since the
@@ -269,7 +274,6 @@ class SQLiteStore:
             log.warning("rollback of %s failed: %s", self.path, exc)
         self._in_tx = False  # _seq_mark stays: the next commit records it
 
-    @_locked
     def space_available(self, nbytes: int = SPACE_PROBE_BYTES) -> bool:
         """True if `nbytes` can be allocated in the data directory now."""
         probe = self.path + ".space-probe"
@@ -285,6 +289,38 @@ class SQLiteStore:
         finally:
             os.close(fd)
             os.unlink(probe)
+
+    @property
+    def _reserve_path(self) -> str:
+        return os.path.join(os.path.dirname(self.path), "relay.reserve")
+
+    def hold_reserve(self) -> bool:
+        """Allocate the reserve (RESERVE_BYTES) if it is not held; False if
+        the disk has no room for it (then nothing is held)."""
+        try:
+            if os.path.getsize(self._reserve_path) >= RESERVE_BYTES:
+                return True
+        except OSError:
+            pass
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            return True
+        except OSError:
+            os.ftruncate(fd, 0)
+            return False
+        finally:
+            os.close(fd)
+
+    def drop_reserve(self) -> None:
+        """Give the reserve back to the file system (for SQLite's use)."""
+        try:
+            os.unlink(self._reserve_path)
+        except FileNotFoundError:
+            pass
 
     @_writes
     def save_mailbox(self, row: MailboxRow) -> None:
@@ -353,7 +389,6 @@ class SQLiteStore:
         except StoreError as exc:
             if not exc.full:
                 raise
-            log.error("%s: %s; the relay stores nothing new until space returns", self.path, exc)
 
     @_writes
     def commit(self) -> None:
