@@ -1,0 +1,409 @@
+"""A fault schedule against the delivery contract: producers and competing
+consumers on several mailboxes (relay path and direct path) while, on a
+random schedule from --seed, the relay, consumers and producers are killed
+with SIGKILL and restarted, the relay's disk fills and is freed, and the
+link between the nodes and the relay loses packets (tc netem) and recovers.
+
+    python bench/chaos.py --minutes 2 --seed 7          # table
+    python bench/chaos.py --minutes 2 --seed 7 --json   # one JSON object
+
+Every send a producer saw confirmed and every message a consumer handed to
+application code is written to a history file.  At the end the producers
+stop, the faults stop, the consumers drain, and the run checks that no
+confirmed message is lost and none reached application code twice within
+one consumer's life (a restarted consumer may see a message again).  Exit 0
+only if both hold.
+
+As root it mounts a tmpfs for the relay's data directory (disk faults) and
+puts the relay in one network namespace and the nodes in another, joined by
+a veth pair (link faults); without root those parts are skipped, with a
+line that says so.  Every process is stopped by PID; namespaces and mounts
+are removed even when the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from murano_zmq.argtypes import positive_seconds  # noqa: E402
+from murano_zmq.testing import fill_disk, free_tcp_endpoint, mount_tmpfs, relay_answers, unmount  # noqa: E402
+
+MAILBOXES = 3
+DISK_BYTES = 48 << 20
+RELAY_IP, NODE_IP = "10.251.9.1", "10.251.9.2"
+# seconds between two faults, and how long one lasts
+GAP = (1.0, 4.0)
+HOLD = (0.5, 3.0)
+DRAIN_SECONDS = 90
+
+# --- the roles (each runs in a child process: python bench/chaos.py --role ...) ---------
+
+
+def run_producer(relay: str, name: str, history: str, direct: bool, seed: int) -> None:
+    from murano_zmq import MuranoZmqError, Node, StorageFull
+
+    rng = random.Random(seed)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with open(history, "a", buffering=1) as out, \
+            Node(name, relay=relay, heartbeat=0.2, timeout=10, direct=direct) as node:
+        n = 0
+        while not stop:
+            mailbox = f"chaos.{rng.randrange(MAILBOXES)}"
+            n += 1
+            try:
+                msg_id = node.send(mailbox, {"from": name, "n": n})
+            except StorageFull:
+                out.write(f"full {mailbox}\n")
+            except MuranoZmqError as exc:  # not confirmed in time: may or may not arrive
+                out.write(f"unconfirmed {mailbox} {type(exc).__name__}\n")
+            else:
+                out.write(f"confirmed {msg_id.hex()} {mailbox}\n")
+            time.sleep(rng.uniform(0.005, 0.03))
+
+
+def run_consumer(relay: str, name: str, history: str) -> None:
+    from murano_zmq import Node
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with open(history, "a", buffering=1) as out, Node(name, relay=relay, heartbeat=0.2, timeout=30) as node:
+        consumers = [node.consume(f"chaos.{i}", prefetch=20) for i in range(MAILBOXES)]
+        while not stop:
+            idle = True
+            for c in consumers:
+                m = c.get(timeout=0.05)
+                if m is not None:
+                    idle = False
+                    out.write(f"handed {m.id.hex()} {m.mailbox}\n")  # before the ack: a kill may repeat it
+                    m.ack()
+            if idle:
+                time.sleep(0.01)
+
+
+# --- the world: namespaces, disk, processes --------------------------------------------
+
+
+def sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+class World:
+    def __init__(self, work: str, seed: int, netns: bool, disk: bool):
+        self.work = work
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.events: Counter = Counter()
+        self.notes: list[str] = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lives: Counter = Counter()
+        self.tag = f"mzc{os.getpid() % 100000}"
+        self.ns_relay = self.ns_nodes = None
+        self.disk = os.path.join(work, "disk")
+        self.mounted = False
+        self.link_down = self.disk_full = False
+        os.makedirs(self.disk, exist_ok=True)
+        if disk:
+            try:
+                mount_tmpfs(self.disk, DISK_BYTES)
+                self.mounted = True
+            except OSError as exc:
+                self.notes.append(f"disk faults skipped: {exc}")
+        if netns:
+            self._make_namespaces()
+        host = RELAY_IP if self.ns_relay else "127.0.0.1"
+        self.endpoint = free_tcp_endpoint() if not self.ns_relay else f"tcp://{host}:5570"
+
+    def _make_namespaces(self) -> None:
+        a, b = f"{self.tag}r", f"{self.tag}n"
+        steps = [("netns", "add", a), ("netns", "add", b),
+                 ("link", "add", f"{self.tag}r", "type", "veth", "peer", "name", f"{self.tag}n"),
+                 ("link", "set", f"{self.tag}r", "netns", a), ("link", "set", f"{self.tag}n", "netns", b)]
+        for ns, dev, ip in ((a, f"{self.tag}r", RELAY_IP), (b, f"{self.tag}n", NODE_IP)):
+            steps += [("-n", ns, "addr", "add", f"{ip}/24", "dev", dev), ("-n", ns, "link", "set", dev, "up"),
+                      ("-n", ns, "link", "set", "lo", "up")]
+        self.ns_relay, self.ns_nodes = a, b  # set first: cleanup removes what was made
+        for step in steps:
+            done = sh("ip", *step)
+            if done.returncode != 0:
+                self.notes.append(f"link faults skipped: ip {' '.join(step)}: {done.stderr.strip()}")
+                self._remove_namespaces()
+                return
+        if sh("tc", "qdisc", "show", "dev", "lo").returncode != 0:
+            self.notes.append("link faults skipped: no tc")
+            self._remove_namespaces()
+
+    def _remove_namespaces(self) -> None:
+        for ns in (self.ns_relay, self.ns_nodes):
+            if ns:
+                sh("ip", "netns", "del", ns)
+        self.ns_relay = self.ns_nodes = None
+
+    def _spawn(self, key: str, ns: str | None, *args: str, log: str | None = None) -> None:
+        cmd = [sys.executable, *args]
+        if ns:
+            cmd = ["ip", "netns", "exec", ns, *cmd]  # ip execs python: the PID is python's
+        self.lives[key] += 1
+        err = open(os.path.join(self.work, log or f"{key}.log"), "ab")
+        self.procs[key] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                           env={**os.environ, "PYTHONPATH": ROOT})
+        err.close()
+
+    def start_relay(self) -> None:
+        self._spawn("relay", self.ns_relay, "-m", "murano_zmq.relay", "--bind", self.endpoint,
+                    "--data-dir", os.path.join(self.disk, "data"))
+        if not self.relay_answers(20):
+            raise RuntimeError(f"the relay did not start; see {self.work}/relay.log")
+
+    def relay_answers(self, timeout: float) -> bool:
+        if not self.ns_nodes:
+            return relay_answers(self.endpoint, timeout)
+        probe = ("import sys; from murano_zmq.testing import relay_answers; "
+                 "sys.exit(0 if relay_answers(sys.argv[1], float(sys.argv[2])) else 1)")
+        done = subprocess.run(["ip", "netns", "exec", self.ns_nodes, sys.executable, "-c", probe,
+                               self.endpoint, str(timeout)], env={**os.environ, "PYTHONPATH": ROOT},
+                              capture_output=True, timeout=timeout + 10)
+        return done.returncode == 0
+
+    def start_producer(self, i: int) -> None:
+        key = f"producer{i}"
+        name = f"p{i}.{self.lives[key] + 1}"
+        self._spawn(key, self.ns_nodes, __file__, "--role", "producer", "--relay", self.endpoint,
+                    "--name", name, "--history", os.path.join(self.work, f"{name}.history"),
+                    "--direct", str(i % 2), "--seed", str(self.seed * 1000 + self.lives[key]))
+
+    def start_consumer(self, i: int) -> None:
+        key = f"consumer{i}"
+        name = f"c{i}.{self.lives[key] + 1}"
+        self._spawn(key, self.ns_nodes, __file__, "--role", "consumer", "--relay", self.endpoint,
+                    "--name", name, "--history", os.path.join(self.work, f"{name}.history"))
+
+    def kill(self, key: str) -> None:
+        proc = self.procs.get(key)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self, key: str, timeout: float = 15) -> None:
+        proc = self.procs.get(key)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(key)
+
+    # faults: each returns the action that undoes it (None: nothing to undo)
+    def fault(self, kind: str, producers: int, consumers: int):
+        self.events[kind] += 1
+        if kind == "kill -9 relay":
+            self.kill("relay")
+            return self.start_relay
+        if kind == "kill -9 consumer":
+            i = self.rng.randrange(consumers)
+            self.kill(f"consumer{i}")
+            return lambda: self.start_consumer(i)
+        if kind == "kill -9 producer":
+            i = self.rng.randrange(producers)
+            self.kill(f"producer{i}")
+            return lambda: self.start_producer(i)
+        if kind == "fill disk":
+            fill_disk(os.path.join(self.disk, "ballast"))
+            self.disk_full = True
+            return self.free_disk
+        if kind == "link loss":
+            loss = self.rng.choice(["100%", "100%", "30%"])
+            sh("ip", "netns", "exec", self.ns_nodes, "tc", "qdisc", "replace", "dev", f"{self.tag}n",
+               "root", "netem", "loss", loss)
+            self.link_down = True
+            return self.restore_link
+        raise ValueError(kind)
+
+    def free_disk(self) -> None:
+        if self.disk_full:
+            os.unlink(os.path.join(self.disk, "ballast"))
+            self.disk_full = False
+            self.events["free disk"] += 1
+
+    def restore_link(self) -> None:
+        if self.link_down:
+            sh("ip", "netns", "exec", self.ns_nodes, "tc", "qdisc", "del", "dev", f"{self.tag}n", "root")
+            self.link_down = False
+            self.events["restore link"] += 1
+
+    def close(self) -> None:
+        for key in list(self.procs):
+            self.kill(key)
+        self.restore_link()
+        self._remove_namespaces()
+        if self.mounted:
+            unmount(self.disk)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool) -> dict:
+    root = os.geteuid() == 0
+    work = tempfile.mkdtemp(prefix="murano-chaos-")
+    world = World(work, seed, netns=root and netns and shutil.which("ip") is not None, disk=root)
+    if not root:
+        world.notes.append("not root: disk and link faults skipped (they need mount and ip netns)")
+    elif not netns:
+        world.notes.append("link faults skipped (--no-netns)")
+    kinds = ["kill -9 relay", "kill -9 consumer", "kill -9 producer"]
+    kinds += ["fill disk"] if world.mounted else []
+    kinds += ["link loss"] if world.ns_nodes else []
+    try:
+        world.start_relay()
+        for i in range(consumers):
+            world.start_consumer(i)
+        for i in range(producers):
+            world.start_producer(i)
+        end = time.monotonic() + minutes * 60
+        while time.monotonic() < end:
+            time.sleep(min(world.rng.uniform(*GAP), max(0.0, end - time.monotonic())))
+            if time.monotonic() >= end:
+                break
+            undo = world.fault(world.rng.choice(kinds), producers, consumers)
+            time.sleep(world.rng.uniform(*HOLD))
+            undo()
+        for i in range(producers):  # no more sends; then heal everything and drain
+            world.stop(f"producer{i}")
+        world.free_disk()
+        world.restore_link()
+        if world.procs["relay"].poll() is not None:
+            world.start_relay()
+        for i in range(consumers):
+            if world.procs[f"consumer{i}"].poll() is not None:
+                world.start_consumer(i)
+        drained = drain(work, DRAIN_SECONDS)
+        for i in range(consumers):
+            world.stop(f"consumer{i}")
+        world.stop("relay")
+        result = check(work)
+        result.update(seed=seed, minutes=minutes, faults=dict(world.events), notes=world.notes,
+                      drained=drained, lives={k: v for k, v in world.lives.items()}, work_dir=work)
+        return result
+    finally:
+        world.close()
+
+
+def read_history(work: str) -> tuple[set, Counter, dict, Counter]:
+    confirmed, outcomes = set(), Counter()
+    handed: dict[str, list[str]] = {}  # consumer life -> ids in order
+    for name in os.listdir(work):
+        if not name.endswith(".history"):
+            continue
+        with open(os.path.join(work, name)) as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            parts = line.split()
+            if not parts:
+                continue
+            if parts[0] == "confirmed" and len(parts) == 3:
+                confirmed.add(parts[1])
+            if parts[0] == "handed" and len(parts) == 3:
+                handed.setdefault(name[:-len(".history")], []).append(parts[1])
+            outcomes[parts[0]] += 1
+    return confirmed, outcomes, handed, Counter()
+
+
+def drain(work: str, timeout: float) -> bool:
+    """Wait until every confirmed message was handed to application code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        confirmed, _, handed, _ = read_history(work)
+        seen = set().union(*handed.values()) if handed else set()
+        if confirmed <= seen:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def check(work: str) -> dict:
+    confirmed, outcomes, handed, _ = read_history(work)
+    seen = set().union(*handed.values()) if handed else set()
+    dup_in_life = sum(len(ids) - len(set(ids)) for ids in handed.values())
+    across = Counter(i for ids in handed.values() for i in set(ids))
+    lost = confirmed - seen
+    return {
+        "sends_confirmed": len(confirmed),
+        "sends_refused_storage_full": outcomes["full"],
+        "sends_unconfirmed": outcomes["unconfirmed"],
+        "handed_to_application": outcomes["handed"],
+        "distinct_handed": len(seen),
+        "handed_but_never_confirmed": len(seen - confirmed),
+        "again_after_a_consumer_restart": sum(1 for n in across.values() if n > 1),
+        "duplicates_within_a_life": dup_in_life,
+        "lost": len(lost),
+        "lost_ids": sorted(lost)[:10],
+        "ok": not lost and dup_in_life == 0,
+    }
+
+
+def print_table(r: dict) -> None:
+    for note in r["notes"]:
+        print(f"note: {note}")
+    print(f"seed {r['seed']}, {r['minutes']:g} min; process lives: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(r["lives"].items())))
+    print("faults: " + (", ".join(f"{k} x{v}" for k, v in sorted(r["faults"].items())) or "none"))
+    rows = [(k, r[k]) for k in ("sends_confirmed", "sends_refused_storage_full", "sends_unconfirmed",
+                                "handed_to_application", "distinct_handed", "handed_but_never_confirmed",
+                                "again_after_a_consumer_restart", "duplicates_within_a_life", "lost")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+    if r["lost_ids"]:
+        print("  lost (first 10): " + " ".join(r["lost_ids"]))
+    if not r["drained"]:
+        print(f"  drain did not finish in {DRAIN_SECONDS}s")
+    print("chaos " + ("passed: no confirmed message lost, none twice within a life" if r["ok"] else "FAILED"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=positive_seconds, default=1.0, help="how long faults go on (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
+    p.add_argument("--producers", type=int, default=3, choices=range(1, 17), metavar="N")
+    p.add_argument("--consumers", type=int, default=3, choices=range(1, 17), metavar="N")
+    p.add_argument("--no-netns", action="store_true", help="no namespaces and link faults, even as root")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (histories, logs)")
+    p.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
+    p.add_argument("--relay", help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--history", help=argparse.SUPPRESS)
+    p.add_argument("--direct", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.role == "producer":
+        run_producer(args.relay, args.name, args.history, bool(args.direct), args.seed)
+        return 0
+    if args.role == "consumer":
+        run_consumer(args.relay, args.name, args.history)
+        return 0
+    result = run(args.minutes, args.seed, args.producers, args.consumers, not args.no_netns)
+    if not args.keep:
+        shutil.rmtree(result.pop("work_dir"), ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
