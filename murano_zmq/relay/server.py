@@ -31,6 +31,7 @@ from ..security.relay import RelaySecurity
 from ..store.lock import DataDirLock
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .engine import RelayEngine
+from .faults import FailureLog, prepare_data_dir
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -54,9 +55,6 @@ PEER_SEND_QUEUE = 100_000
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
-# A store failure is logged in full once; more of them within this many
-# seconds are counted and summed up in one line.
-STORE_FAILURE_LOG_EVERY = 30.0
 
 
 def default_data_dir() -> str:
@@ -111,7 +109,7 @@ class Relay:
         self.engine: RelayEngine | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._stalled: set[bytes] = set()  # peers whose send queue was full
-        self._failures = _FailureLog()
+        self._failures = FailureLog()
         self._next_space_probe = 0.0
         os.set_blocking(self._wake_w, False)
 
@@ -140,7 +138,7 @@ class Relay:
         cfg = self.config
         lock = store = sock = None
         try:
-            _prepare_data_dir(cfg.data_dir, cfg.create_parents)
+            prepare_data_dir(cfg.data_dir, cfg.create_parents)
             lock = DataDirLock(cfg.data_dir).acquire()
             store = SQLiteStore(cfg.data_dir)
             sock = self._bind()
@@ -199,7 +197,7 @@ class Relay:
         cfg = self.config
         try:
             engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:  # the store cannot be read back
             raise startup_error(store.path, exc) from None
         engine.permissions = self.security.permissions
         return engine
@@ -276,7 +274,7 @@ class Relay:
             while not self._stop.is_set():
                 try:
                     in_flight = self._turn(sock, poller, self.engine, committer, in_flight)
-                except (StoreError, sqlite3.OperationalError) as exc:
+                except (StoreError, sqlite3.DatabaseError) as exc:
                     self._store_failed(sock, in_flight, exc)
                     in_flight = None
         finally:
@@ -348,47 +346,6 @@ class Relay:
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:  # unreachable: the peer is gone already
                     log.warning("send to %s failed: %s", identity.hex(), exc)
-
-
-class _FailureLog:
-    """Store failures, logged with their real cause once, then summed up
-    at most every STORE_FAILURE_LOG_EVERY seconds (a full disk can fail
-    every commit)."""
-
-    def __init__(self) -> None:
-        self._last_logged = float("-inf")
-        self._unlogged = 0
-
-    def note(self, exc: Exception, full: bool) -> None:
-        now = time.monotonic()
-        if now - self._last_logged < STORE_FAILURE_LOG_EVERY:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more store failures since the last report)" if self._unlogged else ""
-        self._last_logged, self._unlogged = now, 0
-        if full:
-            log.error("store write failed: %s%s. The relay refuses sends (StorageFull) until space "
-                      "returns, goes on delivering and taking acks, and has asked every node to "
-                      "resync", exc, more)
-        else:
-            log.error("store write failed: %s%s. The relay reloaded its state from the store and "
-                      "asked every node to resync", exc, more)
-
-
-def _prepare_data_dir(data_dir: str, create_parents: bool) -> None:
-    """Create the data directory; StartupError if it cannot be used."""
-    if os.path.isdir(data_dir):
-        if not os.access(data_dir, os.W_OK | os.X_OK):
-            raise StartupError(f"data directory {data_dir} is not writable by this user")
-        return
-    parent = os.path.dirname(os.path.abspath(data_dir))
-    if not create_parents and not os.path.isdir(parent):
-        raise StartupError(f"data directory {data_dir}: its parent {parent} does not exist "
-                           "(create it, or fix --data-dir)")
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
 
 
 def run_relay(config: RelayConfig) -> int:

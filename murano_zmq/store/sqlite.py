@@ -14,13 +14,16 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from typing import Iterable
 
 import msgpack
 
-from ..protocol.errors import MuranoZmqError, StartupError
+from ..protocol.errors import StartupError
+from . import space
 from .base import MailboxRow, StoredMessage
+from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+
+__all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
 log = logging.getLogger("murano_zmq.store")
 
@@ -54,57 +57,6 @@ CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expire
 CACHE_KIB = 16 * 1024
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
-
-# Another process holding the write lock is transient (a backup, an operator's
-# sqlite3 shell): each attempt waits BUSY_TIMEOUT seconds inside SQLite, then
-# the store backs off up to BUSY_BACKOFF_MAX and tries again, logging every
-# BUSY_LOG_EVERY seconds, for as long as it takes.
-BUSY_TIMEOUT = 1.0
-BUSY_BACKOFF_MAX = 1.0
-BUSY_LOG_EVERY = 10.0
-
-# Bytes the store must be able to allocate in the data directory before a
-# relay that found its disk full accepts sends again.
-SPACE_PROBE_BYTES = 1 << 20
-
-# Space kept allocated in DATA_DIR/relay.reserve while the disk has room and
-# given back when it fills, so acks (deletes) and dead-letter moves can still
-# commit on a full disk.
-RESERVE_BYTES = 4 << 20
-
-
-class StoreError(MuranoZmqError):
-    """A write or commit failed; the store rolled back every write since the
-    last commit.  `full`: the cause is a full disk."""
-
-    def __init__(self, cause: Exception):
-        super().__init__(str(cause))
-        self.full = is_disk_full(cause)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return "full" in str(exc)  # SQLITE_FULL: "database or disk is full"
-
-
-def startup_error(path: str, exc: BaseException) -> StartupError:
-    """The one line an operator reads when the database cannot be opened."""
-    if _is_corrupt(exc):
-        return StartupError(
-            f"{path} is damaged ({exc}): stop here, move the file aside with its -wal and -shm "
-            "files and restore a backup, or start with an empty data directory "
-            "(docs/operations.md, 'A corrupt database')")
-    return StartupError(f"cannot open {path}: {exc}")
-
-
-def _is_busy(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    text = str(exc)
-    return "not a database" in text or "malformed" in text or "corrupt" in text
-
 
 def _locked(method):
     @functools.wraps(method)
@@ -147,7 +99,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StartupError(f"cannot open {self.path}: {exc}") from None
         try:
-            self._retry_busy("opening the database", self._open)
+            retry_busy(self.path, "opening the database", self._open)
         except (sqlite3.DatabaseError, RuntimeError) as exc:
             self._db.close()
             raise startup_error(self.path, exc) from None
@@ -162,31 +114,6 @@ class SQLiteStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-
-    def _retry_busy(self, what: str, action):
-        """Run `action`; while another process holds the database locked, back
-        off and retry (logged), however long it takes."""
-        delay, since, logged = 0.05, None, 0.0
-        while True:
-            try:
-                result = action()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise
-                now = time.monotonic()
-                if since is None:
-                    since = logged = now
-                    log.warning("%s is locked by another process (%s: %s); retrying with backoff",
-                                self.path, what, exc)
-                elif now - logged >= BUSY_LOG_EVERY:
-                    logged = now
-                    log.warning("%s still locked after %.0fs (%s); retrying", self.path, now - since, what)
-                time.sleep(delay)
-                delay = min(delay * 2, BUSY_BACKOFF_MAX)
-                continue
-            if since is not None:
-                log.warning("%s: lock released after %.1fs; going on", self.path, time.monotonic() - since)
-            return result
 
     # --- reads ----------------------------------------------------------------
 
@@ -259,7 +186,7 @@ class SQLiteStore:
         if not self._in_tx:
             # IMMEDIATE: take the write lock now, so a busy database is met
             # here (and retried) before any write of the transaction.
-            self._retry_busy("starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+            retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
             self._in_tx = True
         return self._db
 
@@ -274,53 +201,14 @@ class SQLiteStore:
             log.warning("rollback of %s failed: %s", self.path, exc)
         self._in_tx = False  # _seq_mark stays: the next commit records it
 
-    def space_available(self, nbytes: int = SPACE_PROBE_BYTES) -> bool:
-        """True if `nbytes` can be allocated in the data directory now."""
-        probe = self.path + ".space-probe"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError:
-            return False
-        try:
-            os.posix_fallocate(fd, 0, nbytes)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-
-    @property
-    def _reserve_path(self) -> str:
-        return os.path.join(os.path.dirname(self.path), "relay.reserve")
+    def space_available(self) -> bool:
+        return space.space_available(os.path.dirname(self.path))
 
     def hold_reserve(self) -> bool:
-        """Allocate the reserve (RESERVE_BYTES) if it is not held; False if
-        the disk has no room for it (then nothing is held)."""
-        try:
-            if os.path.getsize(self._reserve_path) >= RESERVE_BYTES:
-                return True
-        except OSError:
-            pass
-        try:
-            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except OSError:
-            return False
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_BYTES)
-            return True
-        except OSError:
-            os.ftruncate(fd, 0)
-            return False
-        finally:
-            os.close(fd)
+        return space.hold_reserve(os.path.dirname(self.path))
 
     def drop_reserve(self) -> None:
-        """Give the reserve back to the file system (for SQLite's use)."""
-        try:
-            os.unlink(self._reserve_path)
-        except FileNotFoundError:
-            pass
+        space.drop_reserve(os.path.dirname(self.path))
 
     @_writes
     def save_mailbox(self, row: MailboxRow) -> None:
@@ -396,7 +284,7 @@ class SQLiteStore:
             mark = self._seq_mark
             if mark > self._seq_saved:
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (mark,))
-            self._retry_busy("committing", lambda: self._db.execute("COMMIT"))
+            retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
             self._seq_saved = max(self._seq_saved, mark)
             self._in_tx = False
 
