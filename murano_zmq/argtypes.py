@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 # Longest time any option may name, seconds (about 31 years): finite, and
 # below what threading waits accept (threading.TIMEOUT_MAX).
@@ -61,3 +62,18 @@ def bounded_int(low: int, high: int | None = None):
 
 count = bounded_int(0)
 message_size = bounded_int(1, MAX_MESSAGE_SIZE_LIMIT)
+
+
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci)://\S+")
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint, transport://address."""
+    if not _ENDPOINT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {text!r}")
+    return text
+
+
+def relay_endpoint(text: str) -> str:
+    """A relay to connect to: an endpoint, or 'auto' (found by zeroconf)."""
+    return text if text == "auto" else endpoint(text)

@@ -9,17 +9,17 @@ import signal
 import sys
 from typing import Any
 
+from .argtypes import bounded_int, count as _count, positive_seconds as _positive_float, relay_endpoint, seconds
+from .discovery.zeroconf import INTERFACES_ENV
+from .forwarder import add_forwarder_arguments
 from .protocol.constants import (
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
     OVERFLOWS,
     RELAY_ENV,
 )
-from .discovery.zeroconf import INTERFACES_ENV
 from .protocol.errors import MuranoZmqError, RelayUnavailable
-from .forwarder import add_forwarder_arguments
 from .relay.main import add_relay_arguments
-from .argtypes import bounded_int, count as _count, positive_seconds as _positive_float, seconds
 from .status_view import format_status
 
 RELAY_HELP = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "id once the relay has stored it durably.")
     p.add_argument("mailbox")
     p.add_argument("body", nargs="?", default="-", help="the body text, or - for stdin (default)")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--ttl", type=_positive_float, help="message time-to-live in seconds")
     p.add_argument("--header", type=_header, action="append", default=[], metavar="KEY=VALUE",
                    help="a header (repeatable)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consume", help="print messages from a mailbox",
                        description="Consume MAILBOX, printing each message; ack it unless --no-ack.")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--count", type=_count, help="stop after N messages")
     p.add_argument("--timeout", type=_positive_float,
                    help="stop after S seconds without a message (default: wait forever)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("declare", help="create a mailbox with options",
                        description="Declare MAILBOX. Declaring again with other options fails.")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--ttl", type=_positive_float, help="delete after S idle seconds (no consumer, no traffic)")
     p.add_argument("--message-ttl", type=_positive_float, help="default message time-to-live, seconds")
     p.add_argument("--max-length", type=_count, help="most ready messages held")
@@ -86,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delete", help="delete a mailbox and its messages")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 
     p = sub.add_parser("status", help="show the relay's mailboxes",
                        description="Per mailbox: depth, bytes, consumers, idle seconds, ttl, expires in.")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 

@@ -103,8 +103,10 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
 
 
 def add_forwarder_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--xsub", default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
-    p.add_argument("--xpub", default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
+    from .argtypes import endpoint
+
+    p.add_argument("--xsub", type=endpoint, default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
+    p.add_argument("--xpub", type=endpoint, default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument("--key", metavar="NAME|FILE",
                    help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "

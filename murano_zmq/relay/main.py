@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from ..argtypes import message_size
+from ..argtypes import endpoint, message_size
 from ..discovery.zeroconf import INTERFACES_ENV
 from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RELAY_ENDPOINT
 from ..protocol.errors import StartupError
@@ -22,7 +22,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_relay_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bind", default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
+    p.add_argument("--bind", type=endpoint, default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
     p.add_argument("--data-dir", default="",
                    help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
