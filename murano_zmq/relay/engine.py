@@ -286,11 +286,6 @@ class RelayEngine:
         self._reply_now(peer.identity, Cmd.REPLY, req, result)
 
     def _on_send(self, peer: Peer, now: float, req: int, records: list) -> None:
-        if self.storage_full:
-            full = [[i, StorageFull.code, "the relay's disk is full: nothing stored; send again later"]
-                    for i in range(len(records))]
-            self._confirms.append((peer.identity, req, full))
-            return
         errors: list[list] = []
         parsed = []
         for i, record in enumerate(records):
@@ -320,6 +315,9 @@ class RelayEngine:
         for i, msg, headers in parsed:
             if msg.msg_id in already:
                 continue  # stored by an earlier attempt: confirm again
+            if self.storage_full:
+                errors.append([i, StorageFull.code, "the relay's disk is full: not stored; send it again later"])
+                continue
             mb = self.mailboxes.get(msg.mailbox) or self._create_mailbox(
                 msg.mailbox, MailboxOptions(), False, now)
             ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
