@@ -7,13 +7,23 @@ calls get_message(timeout=5) in a loop.  It prints one JSON line per plan it
 takes (body text, signature, id, redelivered, signature check) and then:
 MODE "ack" stores nothing, acks and sends a result on RESULT_QUEUE;
 MODE "hold" prints "holding" and never acks (the test kills it with -9).
+With COMPAT_TEST_EVENTLET=1 in its environment it runs as murano-agent does,
+monkey-patched by eventlet, and as in a tenant VM without oslo.messaging.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if os.environ.get("COMPAT_TEST_EVENTLET"):
+    import eventlet
+
+    eventlet.monkey_patch()
+    sys.modules["oslo_messaging"] = None  # import fails, as where the oslo extra is missing
+
 import base64
 import json
-import sys
 import time
 
 from murano_zmq.compat.muranoagent import Message, MqClient

@@ -63,10 +63,11 @@ class Agent:
         return line
 
 
-def start_agent(children, relay, queue_name: str, results: str, mode: str, pem: str = "") -> Agent:
+def start_agent(children, relay, queue_name: str, results: str, mode: str, pem: str = "",
+                **env: str) -> Agent:
     return Agent(children(AGENT, relay.endpoint, queue_name, results, mode, pem, cwd=str(ROOT),
                           stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}))
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}))
 
 
 def mailbox(relay, name: str) -> dict | None:
@@ -171,3 +172,24 @@ def test_a_plan_taken_but_not_acked_goes_to_the_next_agent(relay, children):
         result = subscription.get_message(timeout=10)
         result.ack()
     assert result.body["SourceID"] == plan["ID"]
+
+
+def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, children):
+    """murano-agent runs under eventlet.monkey_patch(); a tenant VM need not have oslo.messaging."""
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r2"
+    plan = {"ID": uuid.uuid4().hex, "Body": "green"}
+    with engine_client(relay) as client:
+        client.declare(results, ttl=DAY_MS)
+        client.declare(queue, enable_ha=True, ttl=DAY_MS)
+        msg = engine.Message()
+        msg.body, msg.id = plan, plan["ID"]
+        client.send(msg, queue)
+    green = start_agent(children, relay, queue, results, "ack", COMPAT_TEST_EVENTLET="1")
+    assert green.read_line(30) == "consuming"
+    assert json.loads(green.read_line(30))["body"] == json.dumps(plan)
+    assert green.read_line(30) == "sent result"
+    assert green.proc.wait(30) == 0
+    with engine_client(relay) as client, client.open(results) as subscription:
+        result = subscription.get_message(timeout=10)
+        result.ack()
+    assert result.body["Body"] == {"echo": "green"}
