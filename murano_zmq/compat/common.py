@@ -25,12 +25,13 @@ import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from ..node.sync import Node
+from .. import Node  # the public name: node internals may move
 from ..security.keys import KeyFileError, KeyPair, is_z85_key, load_public_key, load_secret_key
 
 log = logging.getLogger("murano_zmq.compat")
@@ -43,6 +44,8 @@ UNLIMITED_PREFETCH = 10_000
 _MAX_NAME = 255
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]")
 _clients = itertools.count(1)
+# Longest single wait of get_message(), s, before it looks whether its client closed.
+_WAIT_SLICE = 0.5
 
 
 def escape(text: str) -> str:
@@ -182,10 +185,19 @@ class BaseSubscription:
         if self._consumer is None:
             raise RuntimeError(f"subscription to {self._queue!r} is not open: "
                                "use it as a context manager (with client.open(queue) as s: ...)")
-        handle = self._consumer.get(timeout)
-        if handle is None:
-            return None
-        return self.message_class(self._client, handle)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # In slices, so that a close() from another thread ends the wait.
+            left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+            consumer = self._consumer
+            handle = consumer.get(max(0.0, left)) if consumer is not None else None
+            if handle is not None:
+                return self.message_class(self._client, handle)
+            self._client._check_connected()
+            if self._consumer is None:
+                raise RuntimeError(f"subscription to {self._queue!r} was closed")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
 
 class BaseMqClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import types
 import uuid
@@ -227,7 +228,19 @@ def test_get_message_timeouts(flavour, shared_relay):
         for bad in (-1, 1.5, "1", True):
             with pytest.raises(ValueError, match="prefetch_count"):
                 client.open("q", prefetch_count=bad)
-        client.open("q", prefetch_count=0)  # AMQP's "no limit"
+        with client.open(fresh_queue(), prefetch_count=0) as unlimited:  # AMQP's "no limit"
+            assert unlimited.get_message(timeout=0) is None
+
+
+def test_close_from_another_thread_ends_a_waiting_get_message(flavour, shared_relay):
+    client = make_client(flavour, shared_relay)
+    client.connect()
+    subscription = client.open(fresh_queue()).__enter__()
+    threading.Timer(0.3, client.close).start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="^Not connected"):
+        subscription.get_message()  # would wait for ever
+    assert time.monotonic() - start < 5
 
 
 def test_get_message_waits_without_timeout(flavour, shared_relay):
