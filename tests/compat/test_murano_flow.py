@@ -193,3 +193,42 @@ def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, child
         result = subscription.get_message(timeout=10)
         result.ack()
     assert result.body["Body"] == {"echo": "green"}
+
+
+GREEN_ENGINE = """
+import eventlet; eventlet.monkey_patch(os=False)  # as murano/monkey_patch.py does
+import json, sys, time
+from murano_zmq.compat import murano as engine
+host, port = sys.argv[1].rsplit("//", 1)[1].rsplit(":", 1)
+ticks = [0]
+def ticker():
+    while True:
+        ticks[0] += 1
+        eventlet.sleep(0.01)
+def sender():  # another green thread of the engine: Agent._send
+    eventlet.sleep(0.3)
+    with engine.MqClient("m", "g", host, int(port), "/") as client:
+        msg = engine.Message()
+        msg.body, msg.id = {"SourceID": "r1"}, "r1"
+        client.send(msg, "-execution-results-green")
+eventlet.spawn(ticker)
+with engine.MqClient("m", "g", host, int(port), "/") as client, client.open("-execution-results-green") as sub:
+    start = time.monotonic()
+    assert sub.get_message(timeout=1.0) is None
+    idle = (time.monotonic() - start, ticks[0])
+    eventlet.spawn(sender)
+    msg = sub.get_message()  # AgentListener._receive: no timeout
+    msg.ack()
+print(json.dumps({"idle_s": idle[0], "ticks": idle[1], "body": msg.body}), flush=True)
+"""
+
+
+def test_the_engine_under_eventlet_waits_without_stopping_other_green_threads(relay, children):
+    proc = children(GREEN_ENGINE, relay.endpoint, cwd=str(ROOT), stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = Agent(proc)
+    report = json.loads(out.read_line(30))
+    assert proc.wait(30) == 0
+    assert report["body"] == {"SourceID": "r1"}
+    assert 0.9 <= report["idle_s"] < 5
+    assert report["ticks"] >= 30  # a 10 ms ticker kept running during the 1 s wait
