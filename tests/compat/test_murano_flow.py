@@ -232,3 +232,23 @@ def test_the_engine_under_eventlet_waits_without_stopping_other_green_threads(re
     assert report["body"] == {"SourceID": "r1"}
     assert 0.9 <= report["idle_s"] < 5
     assert report["ticks"] >= 30  # a 10 ms ticker kept running during the 1 s wait
+
+
+def test_a_plan_survives_kill_9_of_the_relay_once_send_returned(relay_factory, children):
+    """send() returns once the relay stored the plan, as RabbitMQ with publisher confirms."""
+    relay = relay_factory()
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r3"
+    plan = {"ID": uuid.uuid4().hex, "Body": "durable"}
+    with engine_client(relay) as client:
+        client.declare(results, ttl=DAY_MS)
+        client.declare(queue, enable_ha=True, ttl=DAY_MS)
+        msg = engine.Message()
+        msg.body, msg.id = plan, plan["ID"]
+        client.send(msg, queue)
+    relay.kill()  # SIGKILL: no goodbye, no final commit
+    relay = relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)
+    survivor = start_agent(children, relay, queue, results, "ack")
+    assert survivor.read_line(30) == "consuming"
+    got = json.loads(survivor.read_line(30))
+    assert got["body"] == json.dumps(plan) and got["id"] == plan["ID"]
+    assert survivor.read_line(30) == "sent result"
