@@ -3,6 +3,7 @@ key reads its own queue only; the engine declares, sends and reads results."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -97,3 +98,49 @@ def test_the_engine_may_not_read_agent_queues_and_strangers_are_refused(setup):
     with stranger, pytest.raises(RelayUnavailable):
         with stranger.open(queue_a):
             pass
+
+
+def test_api_to_engine_over_oslo_and_engine_to_agent_on_one_relay(setup):
+    """docs/murano.md's deployment: murano-api calls murano-engine through
+    oslo.messaging (zmqrelay://), the engine hands the plan to an agent through
+    the drop-in, all on one keyed relay with the doc's permissions file."""
+    oslo_messaging = pytest.importorskip("oslo_messaging")
+    from oslo_config import cfg
+
+    client, keys, queue_a, _ = setup
+    create_key_pair("murano-api", keys)
+    shutil.copy(keys / "murano-api.key", keys.parent / "authorized" / "murano-api.key")
+    relay_netloc = client(engine, "x").relay.split("//", 1)[1]
+
+    def url(name: str) -> str:
+        return (f"zmqrelay://{relay_netloc}/?curve_key={keys / (name + '.key_secret')}"
+                f"&relay_key={keys / 'relay.key'}&relay_timeout=10")
+
+    class EngineEndpoint:  # the engine's RPC side hands the task's plan to the agent
+        def handle_task(self, context, task):
+            with client(engine, str(keys / "murano-engine.key_secret")) as mq:
+                mq.declare(queue_a, enable_ha=True, ttl=86400000)
+                plan = engine.Message()
+                plan.body, plan.id = {"ID": task["id"], "Body": task["body"]}, task["id"]
+                mq.send(plan, queue_a)
+            return "queued"
+
+    engine_transport = oslo_messaging.get_rpc_transport(cfg.CONF, url=url("murano-engine"))
+    api_transport = oslo_messaging.get_rpc_transport(cfg.CONF, url=url("murano-api"))
+    server = oslo_messaging.get_rpc_server(engine_transport, oslo_messaging.Target(topic="murano", server="e1"),
+                                           [EngineEndpoint()], executor="threading")
+    server.start()
+    try:
+        api = oslo_messaging.get_rpc_client(api_transport, oslo_messaging.Target(topic="murano"), timeout=20)
+        assert api.call({}, "handle_task", task={"id": "t1", "body": "deploy"}) == "queued"
+    finally:
+        server.stop()
+        server.wait()
+        api_transport.cleanup()
+        engine_transport.cleanup()
+
+    secret_a = load_secret_key(keys / f"{queue_a}.key_secret").secret.decode()
+    with client(agent, secret_a) as mq, mq.open(queue_a) as subscription:
+        msg = subscription.get_message(timeout=10)
+        msg.ack()
+    assert msg.id == "t1" and json.loads(msg.body) == {"ID": "t1", "Body": "deploy"}
