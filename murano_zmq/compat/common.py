@@ -210,7 +210,6 @@ class BaseMqClient:
     def __init__(self, login, password, host, port, virtual_host,
                  ssl=False, ssl_version=None, ca_certs=None, insecure=False):
         self._relay = relay_endpoint(host, port)
-        self._namespace = namespace(virtual_host)
         self._virtual_host = virtual_host
         self._name = f"{login or 'murano'}@{socket.gethostname()}-{os.getpid()}-{next(_clients)}"
         # ssl_version has no CURVE equivalent (CURVE has one version): ignored.

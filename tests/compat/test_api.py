@@ -20,8 +20,6 @@ from murano_zmq.compat import muranoagent as agent
 from murano_zmq.compat.common import mailbox_name
 from murano_zmq.security import create_key_pair
 
-from ..helpers import wait_for
-
 FLAVOURS = {"engine": engine, "agent": agent}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from . import message, mqclient, subscription
+from . import message, mqclient, subscription  # noqa: F401  (the original layout: mqclient.MqClient, ...)
 from .message import Message
 from .mqclient import MqClient
 from .subscription import Subscription
