@@ -176,6 +176,7 @@ def test_a_plan_taken_but_not_acked_goes_to_the_next_agent(relay, children):
 
 def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, children):
     """murano-agent runs under eventlet.monkey_patch(); a tenant VM need not have oslo.messaging."""
+    pytest.importorskip("eventlet")
     queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r2"
     plan = {"ID": uuid.uuid4().hex, "Body": "green"}
     with engine_client(relay) as client:
@@ -224,6 +225,7 @@ print(json.dumps({"idle_s": idle[0], "ticks": idle[1], "body": msg.body}), flush
 
 
 def test_the_engine_under_eventlet_waits_without_stopping_other_green_threads(relay, children):
+    pytest.importorskip("eventlet")
     proc = children(GREEN_ENGINE, relay.endpoint, cwd=str(ROOT), stdout=subprocess.PIPE, text=True,
                     env={**os.environ, "PYTHONPATH": str(ROOT)})
     out = Agent(proc)
