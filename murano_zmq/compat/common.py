@@ -125,6 +125,10 @@ def cooperate_with_eventlet() -> None:
     Node's I/O thread wait through eventlet's hub (murano_zmq.oslo.green)."""
     if "eventlet" not in sys.modules:
         return
+    from eventlet import patcher
+
+    if not patcher.is_monkey_patched("thread"):
+        return  # eventlet imported, nothing patched: OS threads as usual
     try:
         from ..oslo.green import cooperate_if_patched
     except ImportError:  # the oslo extra is not installed (a tenant VM): load green.py alone
