@@ -164,6 +164,18 @@ def test_declare_ttl_in_milliseconds_and_redeclare(flavour, shared_relay, node):
     assert status(node, "murano:" + plain)["ttl"] is None
 
 
+def test_a_result_sent_before_its_queue_is_declared_waits_and_the_declare_applies(flavour, shared_relay, node):
+    results = "-execution-results-" + uuid.uuid4().hex[:8]
+    with make_client(flavour, shared_relay) as client:
+        client.send(message(flavour, {"SourceID": "p1"}, "p1"), results)  # the agent was quicker
+        client.declare(results, enable_ha=True, ttl=86400000)  # the engine's listener, later
+        with client.open(results) as subscription:
+            got = subscription.get_message(timeout=10)
+            got.ack()
+    assert got.id == "p1"
+    assert status(node, "murano:" + results)["ttl"] == 86400
+
+
 # --- send ------------------------------------------------------------------------------------
 
 
