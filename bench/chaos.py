@@ -266,7 +266,7 @@ FAULTS = {"relay": "kill -9 relay", "consumer": "kill -9 consumer", "producer": 
 
 
 def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
-        faults: tuple[str, ...] = tuple(FAULTS)) -> dict:
+        faults: tuple[str, ...] = tuple(FAULTS), keep: bool = False) -> dict:
     root = os.geteuid() == 0
     work = tempfile.mkdtemp(prefix="murano-chaos-")
     world = World(work, seed, netns=root and netns and shutil.which("ip") is not None, disk=root)
@@ -313,6 +313,8 @@ def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
         return result
     finally:
         world.close()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def read_history(work: str) -> tuple[set, Counter, dict, Counter]:
@@ -387,6 +389,10 @@ def print_table(r: dict) -> None:
     print("chaos " + ("passed: no confirmed message lost, none twice within a life" if r["ok"] else "FAILED"))
 
 
+def _terminate(signum, frame):
+    raise SystemExit(143)
+
+
 def _faults(text: str) -> tuple[str, ...]:
     chosen = tuple(f.strip() for f in text.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FAULTS]
@@ -418,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "consumer":
         run_consumer(args.relay, args.name, args.history)
         return 0
-    result = run(args.minutes, args.seed, args.producers, args.consumers, not args.no_netns, args.faults)
-    if not args.keep:
-        shutil.rmtree(result.pop("work_dir"), ignore_errors=True)
+    signal.signal(signal.SIGTERM, _terminate)  # clean up (processes, namespaces, mount) on SIGTERM too
+    result = run(args.minutes, args.seed, args.producers, args.consumers, not args.no_netns, args.faults,
+                 args.keep)
     if args.json:
         print(json.dumps(result))
     else:
