@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,14 +39,14 @@ from collections import Counter
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from chaos_world import World  # noqa: E402
 
 from murano_zmq.argtypes import positive_seconds  # noqa: E402
-from murano_zmq.testing import fill_disk, free_tcp_endpoint, mount_tmpfs, relay_answers, unmount  # noqa: E402
 
 MAILBOXES = 3
 PADDING = (0, 0, 0, 0, 1024, 64 * 1024)  # body padding a producer picks from, bytes
-DISK_BYTES = 48 << 20
-RELAY_IP, NODE_IP = "10.251.9.1", "10.251.9.2"
 # seconds between two faults, and how long one lasts
 GAP = (1.0, 4.0)
 HOLD = (0.5, 3.0)
@@ -99,165 +98,6 @@ def run_consumer(relay: str, name: str, history: str) -> None:
                 time.sleep(0.01)
 
 
-# --- the world: namespaces, disk, processes --------------------------------------------
-
-
-def sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=30)
-
-
-class World:
-    def __init__(self, work: str, seed: int, netns: bool, disk: bool):
-        self.work = work
-        self.rng = random.Random(seed)
-        self.seed = seed
-        self.events: Counter = Counter()
-        self.notes: list[str] = []
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.lives: Counter = Counter()
-        self.tag = f"mzc{os.getpid() % 100000}"
-        self.ns_relay = self.ns_nodes = None
-        self.disk = os.path.join(work, "disk")
-        self.mounted = False
-        self.link_down = self.disk_full = False
-        os.makedirs(self.disk, exist_ok=True)
-        if disk:
-            try:
-                mount_tmpfs(self.disk, DISK_BYTES)
-                self.mounted = True
-            except OSError as exc:
-                self.notes.append(f"disk faults skipped: {exc}")
-        if netns:
-            self._make_namespaces()
-        host = RELAY_IP if self.ns_relay else "127.0.0.1"
-        self.endpoint = free_tcp_endpoint() if not self.ns_relay else f"tcp://{host}:5570"
-
-    def _make_namespaces(self) -> None:
-        a, b = f"{self.tag}r", f"{self.tag}n"
-        steps = [("netns", "add", a), ("netns", "add", b),
-                 ("link", "add", f"{self.tag}r", "type", "veth", "peer", "name", f"{self.tag}n"),
-                 ("link", "set", f"{self.tag}r", "netns", a), ("link", "set", f"{self.tag}n", "netns", b)]
-        for ns, dev, ip in ((a, f"{self.tag}r", RELAY_IP), (b, f"{self.tag}n", NODE_IP)):
-            steps += [("-n", ns, "addr", "add", f"{ip}/24", "dev", dev), ("-n", ns, "link", "set", dev, "up"),
-                      ("-n", ns, "link", "set", "lo", "up")]
-        self.ns_relay, self.ns_nodes = a, b  # set first: cleanup removes what was made
-        for step in steps:
-            done = sh("ip", *step)
-            if done.returncode != 0:
-                self.notes.append(f"link faults skipped: ip {' '.join(step)}: {done.stderr.strip()}")
-                self._remove_namespaces()
-                return
-        if sh("tc", "qdisc", "show", "dev", "lo").returncode != 0:
-            self.notes.append("link faults skipped: no tc")
-            self._remove_namespaces()
-
-    def _remove_namespaces(self) -> None:
-        for ns in (self.ns_relay, self.ns_nodes):
-            if ns:
-                sh("ip", "netns", "del", ns)
-        self.ns_relay = self.ns_nodes = None
-
-    def _spawn(self, key: str, ns: str | None, *args: str, log: str | None = None) -> None:
-        cmd = [sys.executable, *args]
-        if ns:
-            cmd = ["ip", "netns", "exec", ns, *cmd]  # ip execs python: the PID is python's
-        self.lives[key] += 1
-        err = open(os.path.join(self.work, log or f"{key}.log"), "ab")
-        self.procs[key] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                           env={**os.environ, "PYTHONPATH": ROOT})
-        err.close()
-
-    def start_relay(self) -> None:
-        self._spawn("relay", self.ns_relay, "-m", "murano_zmq.relay", "--bind", self.endpoint,
-                    "--data-dir", os.path.join(self.disk, "data"))
-        if not self.relay_answers(20):
-            raise RuntimeError(f"the relay did not start; see {self.work}/relay.log")
-
-    def relay_answers(self, timeout: float) -> bool:
-        if not self.ns_nodes:
-            return relay_answers(self.endpoint, timeout)
-        probe = ("import sys; from murano_zmq.testing import relay_answers; "
-                 "sys.exit(0 if relay_answers(sys.argv[1], float(sys.argv[2])) else 1)")
-        done = subprocess.run(["ip", "netns", "exec", self.ns_nodes, sys.executable, "-c", probe,
-                               self.endpoint, str(timeout)], env={**os.environ, "PYTHONPATH": ROOT},
-                              capture_output=True, timeout=timeout + 10)
-        return done.returncode == 0
-
-    def start_producer(self, i: int) -> None:
-        key = f"producer{i}"
-        name = f"p{i}.{self.lives[key] + 1}"
-        self._spawn(key, self.ns_nodes, __file__, "--role", "producer", "--relay", self.endpoint,
-                    "--name", name, "--history", os.path.join(self.work, f"{name}.history"),
-                    "--direct", str(i % 2), "--seed", str(self.seed * 1000 + self.lives[key]))
-
-    def start_consumer(self, i: int) -> None:
-        key = f"consumer{i}"
-        name = f"c{i}.{self.lives[key] + 1}"
-        self._spawn(key, self.ns_nodes, __file__, "--role", "consumer", "--relay", self.endpoint,
-                    "--name", name, "--history", os.path.join(self.work, f"{name}.history"))
-
-    def kill(self, key: str) -> None:
-        proc = self.procs.get(key)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-
-    def stop(self, key: str, timeout: float = 15) -> None:
-        proc = self.procs.get(key)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill(key)
-
-    # faults: each returns the action that undoes it (None: nothing to undo)
-    def fault(self, kind: str, producers: int, consumers: int):
-        self.events[kind] += 1
-        if kind == "kill -9 relay":
-            self.kill("relay")
-            return self.start_relay
-        if kind == "kill -9 consumer":
-            i = self.rng.randrange(consumers)
-            self.kill(f"consumer{i}")
-            return lambda: self.start_consumer(i)
-        if kind == "kill -9 producer":
-            i = self.rng.randrange(producers)
-            self.kill(f"producer{i}")
-            return lambda: self.start_producer(i)
-        if kind == "fill disk":
-            fill_disk(os.path.join(self.disk, "ballast"))
-            self.disk_full = True
-            return self.free_disk
-        if kind == "link loss":
-            loss = self.rng.choice(["100%", "100%", "30%"])
-            sh("ip", "netns", "exec", self.ns_nodes, "tc", "qdisc", "replace", "dev", f"{self.tag}n",
-               "root", "netem", "loss", loss)
-            self.link_down = True
-            return self.restore_link
-        raise ValueError(kind)
-
-    def free_disk(self) -> None:
-        if self.disk_full:
-            os.unlink(os.path.join(self.disk, "ballast"))
-            self.disk_full = False
-            self.events["free disk"] += 1
-
-    def restore_link(self) -> None:
-        if self.link_down:
-            sh("ip", "netns", "exec", self.ns_nodes, "tc", "qdisc", "del", "dev", f"{self.tag}n", "root")
-            self.link_down = False
-            self.events["restore link"] += 1
-
-    def close(self) -> None:
-        for key in list(self.procs):
-            self.kill(key)
-        self.restore_link()
-        self._remove_namespaces()
-        if self.mounted:
-            unmount(self.disk)
-
-
 # --- the run ----------------------------------------------------------------------------
 
 
@@ -269,7 +109,7 @@ def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
         faults: tuple[str, ...] = tuple(FAULTS), keep: bool = False) -> dict:
     root = os.geteuid() == 0
     work = tempfile.mkdtemp(prefix="murano-chaos-")
-    world = World(work, seed, netns=root and netns and shutil.which("ip") is not None, disk=root)
+    world = World(work, seed, __file__, netns=root and netns and shutil.which("ip") is not None, disk=root)
     if not root:
         world.notes.append("not root: disk and link faults skipped (they need mount and ip netns)")
     elif not netns:
@@ -317,7 +157,7 @@ def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
             shutil.rmtree(work, ignore_errors=True)
 
 
-def read_history(work: str) -> tuple[set, Counter, dict, Counter]:
+def read_history(work: str) -> tuple[set, Counter, dict]:
     confirmed, outcomes = set(), Counter()
     handed: dict[str, list[str]] = {}  # consumer life -> ids in order
     for name in os.listdir(work):
@@ -334,14 +174,14 @@ def read_history(work: str) -> tuple[set, Counter, dict, Counter]:
             if parts[0] == "handed" and len(parts) == 3:
                 handed.setdefault(name[:-len(".history")], []).append(parts[1])
             outcomes[parts[0]] += 1
-    return confirmed, outcomes, handed, Counter()
+    return confirmed, outcomes, handed
 
 
 def drain(work: str, timeout: float) -> bool:
     """Wait until every confirmed message was handed to application code."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        confirmed, _, handed, _ = read_history(work)
+        confirmed, _, handed = read_history(work)
         seen = set().union(*handed.values()) if handed else set()
         if confirmed <= seen:
             return True
@@ -350,7 +190,7 @@ def drain(work: str, timeout: float) -> bool:
 
 
 def check(work: str) -> dict:
-    confirmed, outcomes, handed, _ = read_history(work)
+    confirmed, outcomes, handed = read_history(work)
     seen = set().union(*handed.values()) if handed else set()
     dup_in_life = sum(len(ids) - len(set(ids)) for ids in handed.values())
     across = Counter(i for ids in handed.values() for i in set(ids))
