@@ -14,7 +14,8 @@ def format_status(status: dict) -> str:
              show(mb["consumers"]), show(mb["idle"]), show(mb["ttl"]), show(mb["expires_in"])]
             for mb in status["mailboxes"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    lines = [f"relay {status['relay']}: {status['peers']} node(s), {len(rows)} mailbox(es)",
+    full = "; DISK FULL: refusing sends until space returns" if status.get("storage_full") else ""
+    lines = [f"relay {status['relay']}: {status['peers']} node(s), {len(rows)} mailbox(es){full}",
              "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)

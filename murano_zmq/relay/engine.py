@@ -281,6 +281,7 @@ class RelayEngine:
             "relay": self.name,
             "peers": len(self.peers),
             "counters": dict(self.counters),
+            "storage_full": self.storage_full,
             "mailboxes": [mb.status(now) for mb in sorted(mailboxes, key=lambda m: m.name)],
         }
         self._reply_now(peer.identity, Cmd.REPLY, req, result)

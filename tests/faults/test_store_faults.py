@@ -114,8 +114,10 @@ def test_disk_full_refuses_sends_keeps_serving_and_resumes(relay_factory, small_
         first.ack()
         with pytest.raises(StorageFull):
             node.send("jobs", "still full")
+        assert node.status()["storage_full"] is True
         os.unlink(ballast)  # space returns: sends resume by themselves
         wait_for(lambda: _sends(node), 20, interval=0.3, what="sends accepted again")
+        assert node.status()["storage_full"] is False
         got = set()
         while len(got) < len(confirmed):
             m = consumer.get(timeout=15)
