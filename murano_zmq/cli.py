@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -179,8 +180,14 @@ def _node(args: argparse.Namespace, name: str):
 
     from .security.curve import client_curve
 
+    relay = args.relay or os.environ.get(RELAY_ENV) or None
+    if relay is not None and args.relay is None:
+        try:
+            relay_endpoint(relay)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"${RELAY_ENV}: {exc}") from None
     curve = client_curve(args.key, args.relay_key, args.key_dir)
-    return Node(name, relay=args.relay, timeout=args.timeout or 10.0,
+    return Node(name, relay=relay, timeout=args.timeout or 10.0,
                 curve_key=curve.key if curve else None, relay_key=curve.server_key if curve else None)
 
 

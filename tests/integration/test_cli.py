@@ -131,6 +131,12 @@ def test_relay_data_dir_without_parent_is_one_line(tmp_path):
     assert not missing.parent.exists()
 
 
+def test_bad_relay_in_the_environment_is_one_line():
+    out = cli("status", "--timeout", "1", env={"MURANO_ZMQ_RELAY": "localhost:5570"})
+    line = one_line_exit_1(out)
+    assert "MURANO_ZMQ_RELAY" in line and "not a ZeroMQ endpoint" in line
+
+
 def test_forwarder_address_in_use_is_one_line():
     import zmq
 
