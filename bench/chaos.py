@@ -109,17 +109,18 @@ def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
         faults: tuple[str, ...] = tuple(FAULTS), keep: bool = False) -> dict:
     root = os.geteuid() == 0
     work = tempfile.mkdtemp(prefix="murano-chaos-")
-    world = World(work, seed, __file__, netns=root and netns and shutil.which("ip") is not None, disk=root)
-    if not root:
-        world.notes.append("not root: disk and link faults skipped (they need mount and ip netns)")
-    elif not netns:
-        world.notes.append("link faults skipped (--no-netns)")
-    kinds = [FAULTS[f] for f in faults if f not in ("disk", "link")]
-    kinds += ["fill disk"] if world.mounted and "disk" in faults else []
-    kinds += ["link loss"] if world.ns_nodes and "link" in faults else []
-    if not kinds:
-        world.notes.append("no fault can run here: producers and consumers only")
+    world = None
     try:
+        world = World(work, seed, __file__, netns=root and netns and shutil.which("ip") is not None, disk=root)
+        if not root:
+            world.notes.append("not root: disk and link faults skipped (they need mount and ip netns)")
+        elif not netns:
+            world.notes.append("link faults skipped (--no-netns)")
+        kinds = [FAULTS[f] for f in faults if f not in ("disk", "link")]
+        kinds += ["fill disk"] if world.mounted and "disk" in faults else []
+        kinds += ["link loss"] if world.ns_nodes and "link" in faults else []
+        if not kinds:
+            world.notes.append("no fault can run here: producers and consumers only")
         world.start_relay()
         for i in range(consumers):
             world.start_consumer(i)
@@ -152,7 +153,8 @@ def run(minutes: float, seed: int, producers: int, consumers: int, netns: bool,
                       drained=drained, lives={k: v for k, v in world.lives.items()}, work_dir=work)
         return result
     finally:
-        world.close()
+        if world is not None:
+            world.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 

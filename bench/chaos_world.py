@@ -45,7 +45,11 @@ class World:
             except OSError as exc:
                 self.notes.append(f"disk faults skipped: {exc}")
         if netns:
-            self._make_namespaces()
+            try:
+                self._make_namespaces()
+            except BaseException:
+                self.close()  # the caller never gets a World to close
+                raise
         host = RELAY_IP if self.ns_relay else "127.0.0.1"
         self.endpoint = free_tcp_endpoint() if not self.ns_relay else f"tcp://{host}:5570"
 
