@@ -53,7 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 
 # (workload, metric, label, unit, better)
 ROWS = [
