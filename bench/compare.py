@@ -192,7 +192,7 @@ def summarize(runs: dict, args) -> list[dict]:
                 values = [r["metrics"][metric] for r in results if r and metric in r["metrics"]]
                 if values:
                     medians[system] = statistics.median(values)
-                    row[f"{system}_values"] = [round(v, 1) for v in values]
+                    row[f"{system}_values"] = [round(v, 4) for v in values]
                     row[f"{system}_cpu_us_per_msg"] = cpu_per_message(results)
             row["murano_zmq"] = medians.get("node")
             row["murano_zmq_async"] = medians.get("async")
@@ -303,8 +303,13 @@ def main() -> int:
     parser.add_argument("--replot", metavar="JSON", help="no run: table (and --chart) from a saved --json output")
     args = parser.parse_args()
     if args.replot:
-        with open(args.replot) as f:
-            info = json.load(f)
+        try:
+            with open(args.replot) as f:
+                info = json.load(f)
+            info["workloads"], info["machine"]  # noqa: B018 - the keys a replot needs
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"--replot {args.replot}: not a compare.py --json output ({exc})", file=sys.stderr)
+            return 2
         if args.chart:
             chart(info["workloads"], args.chart, chart_title(info))
         print(f"{info['machine']}\n{info['command']}: {info['seconds']} s, {info['pairs']} pairs\n")
