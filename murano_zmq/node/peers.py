@@ -37,8 +37,7 @@ log = logging.getLogger("murano_zmq.node")
 
 __all__ = ["DEFAULT_DIRECT_BIND", "HOLD", "DirectPeers"]
 
-# Records per direct SEND: its CONFIRM waits for the last of them.
-DIRECT_BATCH = 32
+from ..protocol.constants import DIRECT_BATCH  # noqa: E402,F401 (re-exported)
 
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"

@@ -24,12 +24,9 @@ from typing import Any
 from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
 from .errors import MailboxNotFound, Malformed, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
-from .message import Message, is_number, pack_body, parse_send_record
+from .message import Message, is_number, parse_send_record
 
-# Direct sends a link keeps unconfirmed at once (the window), and how long a
-# sender waits for a direct CONFIRM before the relay takes the messages.
-DEFAULT_WINDOW = 1000
-DEFAULT_DIRECT_TIMEOUT = 5.0
+from .constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +271,7 @@ class DirectInbox:
                                 f"{user or 'this peer'} may not send to {msg.mailbox!r} (direct)"])
                 continue
             consumer = consumers.get(msg.mailbox)
-            size = len(msg.body) + (len(pack_body(msg.headers)) if msg.headers else 0)
+            size = msg.size
             if consumer is None or size > self.max_message_size:
                 refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
                 continue

@@ -3,14 +3,16 @@
 Message bodies stay on disk; the relay keeps only a bounded window of each
 mailbox in memory, so a million queued messages cost disk, not RAM.
 
-Every method holds one lock, so the relay may run commit() (the fsync) in a
-thread of its own while its loop goes on; a call made meanwhile waits for it.
+Two connections: the writer runs only inside commit() (which the relay may
+call from a committer thread), the reader serves the relay loop.  WAL lets
+the reader go on while the writer syncs, and writes not committed yet are
+seen through their batches (store/batch.py), so the loop never waits for
+an fsync.
 """
 
 from __future__ import annotations
 
 import os
-import functools
 import sqlite3
 import threading
 from typing import Iterable
@@ -18,6 +20,7 @@ from typing import Iterable
 import msgpack
 
 from .base import MailboxRow, StoredMessage
+from .batch import WriteBatch, deleted_count, find, inserted_rows, replay
 
 SCHEMA_VERSION = 1
 
@@ -48,16 +51,10 @@ CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expire
 # so the relay's memory does not grow with the queue.
 CACHE_KIB = 16 * 1024
 
+# Ids per "IN (...)" lookup (SQLite allows 32766 variables).
+ID_CHUNK = 500
+
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
-
-
-def _locked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 class SQLiteStore:
@@ -66,164 +63,242 @@ class SQLiteStore:
     def __init__(self, data_dir: str):
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = self._connect()  # the writer
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-        self._in_tx = False
-        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
+        self._reader = self._connect()
+        self._reader.execute("PRAGMA query_only=1")
+        # The open batch is the last; those before it are sealed.  The list
+        # is replaced, never changed in place, so a reader's copy stays valid.
+        self._batches: list[WriteBatch] = [WriteBatch()]
+        self._batches_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._read_lock = threading.RLock()  # one statement at a time on the reader
+        self._seq_saved = 0  # highest seq recorded in meta by this store
 
-    # --- reads ----------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        return db
 
-    @_locked
+    def _pending(self) -> list[WriteBatch]:
+        with self._batches_lock:
+            return self._batches
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    # --- at start-up ------------------------------------------------------------
+
     def load_mailboxes(self) -> list[MailboxRow]:
         return [
             MailboxRow(i, name, msgpack.unpackb(opts), bool(declared))
-            for i, name, opts, declared in self._db.execute(
-                "SELECT id, name, options, declared FROM mailboxes ORDER BY id"
-            )
+            for i, name, opts, declared in self._query(
+                "SELECT id, name, options, declared FROM mailboxes ORDER BY id")
         ]
 
-    @_locked
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         return {
             mb: (n, b or 0)
-            for mb, n, b in self._db.execute(
-                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox"
-            )
+            for mb, n, b in self._query(
+                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox")
         }
 
-    @_locked
     def max_seq(self) -> int:
         """The highest seq ever stored: tags are never reused after a restart,
         so a late ACK cannot hit a newer message."""
-        stored = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
-        row = self._db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
-        return max(stored, row[0] if row else 0)
+        stored = self._query("SELECT coalesce(max(seq), 0) FROM messages")[0][0]
+        row = self._query("SELECT value FROM meta WHERE key='seq'")
+        return max(stored, row[0][0] if row else 0)
 
-    @_locked
-    def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]:
-        found = set()
-        for msg_id in msg_ids:
-            if self._db.execute("SELECT 1 FROM messages WHERE msg_id=?", (msg_id,)).fetchone():
-                found.add(msg_id)
+    def reserve_seq(self, seq: int) -> None:
+        with self._commit_lock:
+            self._save_seq_mark(seq)
+
+    def _save_seq_mark(self, seq: int) -> None:
+        if seq > self._seq_saved:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (seq,))
+            self._seq_saved = seq
+
+    # --- reads ------------------------------------------------------------------
+
+    def get(self, seq: int) -> StoredMessage | None:
+        found = self.get_many([seq])
+        return found[0] if found else None
+
+    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
+        batches = self._pending()
+        on_disk = {}
+        for i in range(0, len(seqs), ID_CHUNK):
+            chunk = seqs[i:i + ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
+                on_disk[r[0]] = StoredMessage._make(r)
+        rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
+        return [r for r in rows if r is not None]
+
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        batches = self._pending()
+        found: dict[bytes, int] = {}
+        for i in range(0, len(msg_ids), ID_CHUNK):
+            chunk = msg_ids[i:i + ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for seq, mailbox, msg_id in self._query(
+                    f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
+                if not any(seq in b.deleted or mailbox in b.dropped for b in batches):
+                    found[msg_id] = mailbox
+        for i, b in enumerate(batches):
+            for msg_id in msg_ids:
+                seq = b.ids.get(msg_id)
+                if seq is not None:
+                    row = replay(b.inserted[seq], batches[i:])
+                    if row is not None:
+                        found[msg_id] = row.mailbox_id
         return found
 
-    @_locked
-    def load_ready(self, mailbox_id: int, after_seq: int, limit: int) -> list[StoredMessage]:
-        return [
-            StoredMessage._make(r)
-            for r in self._db.execute(
+    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
+                   max_bytes: int | None = None) -> list[StoredMessage]:
+        batches = self._pending()
+        rows = []
+        wanted = limit + deleted_count(batches)  # rows the batches hide make room for others
+        with self._read_lock:
+            cursor = self._reader.execute(
                 f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
-                (mailbox_id, after_seq, limit),
-            )
+                (mailbox_id, after_seq, wanted))
+            size, stopped_at = 0, None
+            for r in cursor:  # stop early: bodies past max_bytes are never read
+                row = replay(StoredMessage._make(r), batches)
+                if row is None:
+                    continue
+                rows.append(row)
+                size += len(row.body)
+                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                    stopped_at = row.seq  # rows after it were not read
+                    break
+            cursor.close()
+        more = [r for r in inserted_rows(batches) if r.mailbox_id == mailbox_id and r.seq > after_seq
+                and (stopped_at is None or r.seq < stopped_at)]
+        if more:
+            rows = sorted(rows + more, key=lambda r: r.seq)
+        return _cap(rows, limit, max_bytes)
+
+    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
+                ) -> list[tuple[float, int, int]]:
+        batches = self._pending()
+        start = after or (float("-inf"), -1)
+        found = [
+            (expires, seq, mailbox)
+            for expires, seq, mailbox in self._query(
+                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
+                "AND (expires, seq) > (?, ?) ORDER BY expires, seq LIMIT ?",
+                (now, start[0], start[1], limit + deleted_count(batches)))
+            if not any(seq in b.deleted or mailbox in b.dropped for b in batches)
         ]
+        found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
+                  if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
+        found.sort()
+        return found[:limit]
 
-    @_locked
-    def expired(self, now: float, limit: int, skip: int = 0) -> list[tuple[int, int]]:
-        return self._db.execute(
-            "SELECT seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
-            "ORDER BY expires, seq LIMIT ? OFFSET ?",
-            (now, limit, skip),
-        ).fetchall()
-
-    @_locked
     def next_expiry(self, after: float) -> float | None:
-        return self._db.execute(
-            "SELECT min(expires) FROM messages WHERE expires IS NOT NULL AND expires>?", (after,)
-        ).fetchone()[0]
+        batches = self._pending()
+        found = None
+        for expires, seq, mailbox in self._query(
+                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
+                "ORDER BY expires LIMIT ?", (after, 1 + deleted_count(batches))):
+            if not any(seq in b.deleted or mailbox in b.dropped for b in batches):
+                found = expires
+                break
+        for r in inserted_rows(batches):
+            if r.expires is not None and r.expires > after and (found is None or r.expires < found):
+                found = r.expires
+        return found
 
-    # --- writes (inside the open transaction) -----------------------------------
+    # --- writes (into the open batch) --------------------------------------------
+
+    def save_mailbox(self, row: MailboxRow) -> None:
+        self._batches[-1].save_mailbox(row)
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        self._batches[-1].delete_mailbox(mailbox_id)
+
+    def insert(self, messages: list[StoredMessage]) -> None:
+        self._batches[-1].insert(messages)
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        self._batches[-1].delete(seqs)
+
+    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
+        self._batches[-1].set_deliveries(counts)
+
+    # --- commit -------------------------------------------------------------------
+
+    def seal(self) -> None:
+        with self._batches_lock:
+            if self._batches[-1]:
+                self._batches = [*self._batches, WriteBatch()]
 
     @property
     def in_transaction(self) -> bool:
-        """True while writes wait for commit()."""
-        return self._in_tx
+        """True while sealed writes wait for commit()."""
+        return len(self._batches) > 1
 
-    def _begin(self) -> sqlite3.Connection:
-        if not self._in_tx:
-            self._db.execute("BEGIN")
-            self._in_tx = True
-        return self._db
-
-    @_locked
-    def save_mailbox(self, row: MailboxRow) -> None:
-        self._begin().execute(
-            "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
-            (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
-        )
-
-    @_locked
-    def delete_mailbox(self, mailbox_id: int) -> None:
-        db = self._begin()
-        db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
-        db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
-
-    @_locked
-    def insert(self, messages: list[StoredMessage]) -> int:
-        if messages:
-            self._seq_mark = max(self._seq_mark, messages[-1].seq)
-        cur = self._begin().executemany(
-            f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages
-        )
-        return cur.rowcount
-
-    @_locked
-    def get(self, seq: int) -> StoredMessage | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM messages WHERE seq=?", (seq,)).fetchone()
-        return StoredMessage._make(row) if row else None
-
-    @_locked
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        """Where stored ids are: msg_id -> mailbox id."""
-        found = {}
-        for msg_id in msg_ids:
-            row = self._db.execute("SELECT mailbox FROM messages WHERE msg_id=?", (msg_id,)).fetchone()
-            if row:
-                found[msg_id] = row[0]
-        return found
-
-    @_locked
-    def existing_seqs(self, seqs: list[int]) -> set[int]:
-        found = set()
-        for seq in seqs:
-            if self._db.execute("SELECT 1 FROM messages WHERE seq=?", (seq,)).fetchone():
-                found.add(seq)
-        return found
-
-    @_locked
-    def delete(self, seqs: Iterable[int]) -> None:
-        self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
-
-    @_locked
-    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
-        self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
-
-    @_locked
-    def reserve_seq(self, seq: int) -> None:
-        """Record, durably at once, that seqs up to `seq` may be in use."""
-        self.commit()
-        self._seq_mark = max(self._seq_mark, seq)
-        self._begin()
-        self.commit()
-
-    @_locked
     def commit(self) -> None:
-        if self._in_tx:
-            if self._seq_mark > self._seq_saved:
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (self._seq_mark,))
-                self._seq_saved = self._seq_mark
-            self._db.execute("COMMIT")
-            self._in_tx = False
+        with self._commit_lock:
+            sealed = self._pending()[:-1]
+            if not sealed:
+                return
+            self._db.execute("BEGIN")
+            try:
+                for batch in sealed:
+                    self._write(batch)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")  # the batches stay, for a later commit()
+                raise
+            with self._batches_lock:
+                self._batches = self._batches[len(sealed):]
 
-    @_locked
+    def _write(self, batch: WriteBatch) -> None:
+        db = self._db
+        for kind, items in batch.statements():
+            if kind == "insert":
+                db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               items)
+            elif kind == "delete":
+                db.executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in items))
+            elif kind == "deliveries":
+                db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
+            elif kind == "mailbox":
+                db.execute("INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
+                           (items.id, items.name, msgpack.packb(items.options), int(items.declared)))
+            elif kind == "drop_mailbox":
+                db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
+                db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
+        if batch.inserted:
+            self._save_seq_mark(max(batch.inserted))
+
     def close(self) -> None:
+        self.seal()
         self.commit()
+        self._reader.close()
         self._db.close()
+
+
+def _cap(rows: list[StoredMessage], limit: int, max_bytes: int | None) -> list[StoredMessage]:
+    rows = rows[:limit]
+    if max_bytes is None:
+        return rows
+    size = 0
+    for i, row in enumerate(rows):
+        size += len(row.body)
+        if size >= max_bytes:
+            return rows[:i + 1]
+    return rows

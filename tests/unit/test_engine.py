@@ -203,7 +203,8 @@ class FakeNet:
         """A new engine on the same data directory.  crash=True loses the
         open transaction, as kill -9 would."""
         if crash:
-            self.store._db.close()  # no COMMIT: SQLite rolls the transaction back
+            self.store._reader.close()  # no commit: the buffered writes are lost
+            self.store._db.close()
         else:
             self.store.close()
         if now is not None:
@@ -940,7 +941,7 @@ def test_relay_crash_before_commit_loses_nothing_confirmed(net):
     net.engine.tick(net.now)
     net.engine.pump(net.now)
     assert cmds(net.engine.take_output(net.now), Cmd.CONFIRM) == []
-    net.engine._flush_writes()  # ... even writes it, then dies before COMMIT
+    net.engine.prepare_commit()  # ... even seals its writes, then dies before the commit
     net.restart(crash=True)
     assert net.status("work")["depth"] == 1
     assert api.of(Confirmed, req2) == []
@@ -1077,7 +1078,7 @@ def _welcomed_core() -> ClientCore:
 
 
 def _delivery(tag, msg_id, mailbox="work", count=1):
-    return [tag, msg_id, mailbox, {}, pack_body("body"), T0, None, count]
+    return [tag, msg_id, mailbox, b"", pack_body("body"), T0, None, count]
 
 
 def test_client_dedup_hands_an_id_to_the_application_once():
@@ -1261,7 +1262,7 @@ def test_late_ack_after_a_relay_crash_does_not_settle_another_message(net):
     net.engine.pump(net.now)
     net._route(net.engine.take_output(net.now), net.now)
     [m] = c.messages
-    net.engine._flush_writes()
+    net.engine.prepare_commit()
     net.restart(crash=True)  # ... and dies before the commit
     # After the restart another sender's message is stored first.
     q.core.connection_made(net.now)
@@ -1460,18 +1461,18 @@ class EngineWalk(RuleBasedStateMachine):
             assert all(len(c.unacked) <= c.prefetch for c in mb.consumers)
             ready = [r.seq for r in mb.ready]
             assert len(ready) == len(set(ready))
-            assert not set(ready) & set(engine._unacked)
+            assert not set(ready) & set(engine.delivery.unacked)
             assert mb.ready_count >= len(ready)
             if mb.disk_after is None:
                 assert mb.ready_count == len(ready), mb.name  # nothing waits on disk only
-        assert set(engine._unacked) == {s for p in engine.peers.values() for c in p.consumers.values()
+        assert set(engine.delivery.unacked) == {s for p in engine.peers.values() for c in p.consumers.values()
                                         for s in c.unacked}
 
     @invariant()
     def nothing_confirmed_is_lost(self):
         if self.limits:
             return  # expiry and overflow remove messages too
-        stored = self.net.store.existing_ids(sorted(self.confirmed))
+        stored = set(self.net.store.mailboxes_of(sorted(self.confirmed)))
         missing = self.confirmed - stored - self.ever_acked
         assert not missing, f"{len(missing)} confirmed message(s) neither stored nor acked"
 

@@ -1,0 +1,114 @@
+"""Writes not yet committed, and how reads see through them.
+
+A store buffers the relay's writes in WriteBatch objects: the open one, and
+sealed ones waiting for (or inside) a commit.  Reads query the database's
+committed state and then replay the batches over the result, in order, so
+the relay sees its own writes without waiting for a commit in flight.  A
+batch is dropped only after its commit returned, and a read takes its list
+of batches before it queries the database: a row is then seen either in a
+batch or on disk, never in neither.
+
+Nothing here does I/O; a SQL store (SQLite, PostgreSQL) runs the batch's
+operations in order inside one transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from .base import MailboxRow, StoredMessage
+
+
+class WriteBatch:
+    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped")
+
+    def __init__(self) -> None:
+        # In order: ("insert", [row...]), ("delete", [seq...]),
+        # ("deliveries", [(count, seq)...]), ("mailbox", MailboxRow),
+        # ("drop_mailbox", mailbox id).
+        self.ops: list[tuple[str, object]] = []
+        self.inserted: dict[int, StoredMessage] = {}
+        self.ids: dict[bytes, int] = {}  # msg_id -> seq, of rows inserted here
+        self.deleted: set[int] = set()
+        self.deliveries: dict[int, int] = {}  # seq -> count
+        self.dropped: set[int] = set()  # mailbox ids deleted here
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def _op(self, kind: str, items: list) -> None:
+        if self.ops and self.ops[-1][0] == kind:
+            self.ops[-1][1].extend(items)
+        else:
+            self.ops.append((kind, list(items)))
+
+    def insert(self, rows: list[StoredMessage]) -> None:
+        for row in rows:
+            self.inserted[row.seq] = row
+            self.ids[row.msg_id] = row.seq
+        self._op("insert", rows)
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        seqs = list(seqs)
+        self.deleted.update(seqs)
+        self._op("delete", seqs)
+
+    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
+        counts = list(counts)
+        for count, seq in counts:
+            self.deliveries[seq] = count
+        self._op("deliveries", counts)
+
+    def save_mailbox(self, row: MailboxRow) -> None:
+        self.ops.append(("mailbox", row))
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        self.dropped.add(mailbox_id)
+        self.ops.append(("drop_mailbox", mailbox_id))
+
+    def statements(self) -> Iterator[tuple[str, object]]:
+        """The operations to run, in order; a row inserted and deleted in
+        this same batch is neither (the transaction is atomic)."""
+        gone = self.deleted & self.inserted.keys()
+        for kind, items in self.ops:
+            if gone and kind == "insert":
+                items = [r for r in items if r.seq not in gone]
+            elif gone and kind == "delete":
+                items = [s for s in items if s not in gone]
+            if kind in ("mailbox", "drop_mailbox") or items:
+                yield kind, items
+
+
+def replay(row: StoredMessage | None, batches: list[WriteBatch]) -> StoredMessage | None:
+    """`row` as the batches leave it (None: deleted)."""
+    for b in batches:
+        if row is None:
+            return None
+        if row.seq in b.deleted or row.mailbox_id in b.dropped:
+            return None
+        count = b.deliveries.get(row.seq)
+        if count is not None:
+            row = row._replace(deliveries=count)
+    return row
+
+
+def inserted_rows(batches: list[WriteBatch]) -> Iterator[StoredMessage]:
+    """Rows the batches insert and leave alive, as they leave them."""
+    for i, b in enumerate(batches):
+        for row in b.inserted.values():
+            row = replay(row, batches[i:])
+            if row is not None:
+                yield row
+
+
+def deleted_count(batches: list[WriteBatch]) -> int:
+    """How many stored rows the batches may hide (to widen a LIMIT by)."""
+    return sum(len(b.deleted) for b in batches)
+
+
+def find(seq: int, on_disk: StoredMessage | None, batches: list[WriteBatch]) -> StoredMessage | None:
+    """The row `seq` given its committed version (or None)."""
+    for i, b in enumerate(batches):
+        if seq in b.inserted:
+            return replay(b.inserted[seq], batches[i:])
+    return replay(on_disk, batches)
