@@ -20,7 +20,7 @@ from .base import MailboxRow, StoredMessage
 
 
 class WriteBatch:
-    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped")
+    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped", "top_seq")
 
     def __init__(self) -> None:
         # In order: ("insert", [row...]), ("delete", [seq...]),
@@ -32,6 +32,7 @@ class WriteBatch:
         self.deleted: set[int] = set()
         self.deliveries: dict[int, int] = {}  # seq -> count
         self.dropped: set[int] = set()  # mailbox ids deleted here
+        self.top_seq = 0  # the highest seq inserted here (kept, deleted or not)
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -46,6 +47,10 @@ class WriteBatch:
         for row in rows:
             self.inserted[row.seq] = row
             self.ids[row.msg_id] = row.seq
+            # Writes to this seq before it existed touched nothing.
+            self.deleted.discard(row.seq)
+            self.deliveries.pop(row.seq, None)
+            self.top_seq = max(self.top_seq, row.seq)
         self._op("insert", rows)
 
     def delete(self, seqs: Iterable[int]) -> None:
@@ -63,6 +68,13 @@ class WriteBatch:
         self.ops.append(("mailbox", row))
 
     def delete_mailbox(self, mailbox_id: int) -> None:
+        # Rows inserted here before go with it; rows inserted after (the id
+        # used again) stay: `dropped` hides only rows from before this batch.
+        for seq, row in list(self.inserted.items()):
+            if row.mailbox_id == mailbox_id:
+                del self.inserted[seq]
+                if self.ids.get(row.msg_id) == seq:
+                    del self.ids[row.msg_id]
         self.dropped.add(mailbox_id)
         self.ops.append(("drop_mailbox", mailbox_id))
 
@@ -79,12 +91,13 @@ class WriteBatch:
                 yield kind, items
 
 
-def replay(row: StoredMessage | None, batches: list[WriteBatch]) -> StoredMessage | None:
-    """`row` as the batches leave it (None: deleted)."""
-    for b in batches:
+def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = False) -> StoredMessage | None:
+    """`row` as the batches leave it (None: deleted).  own: the row was
+    inserted by the first of them (whose mailbox deletes came before it)."""
+    for i, b in enumerate(batches):
         if row is None:
             return None
-        if row.seq in b.deleted or row.mailbox_id in b.dropped:
+        if row.seq in b.deleted or (row.mailbox_id in b.dropped and not (own and i == 0)):
             return None
         count = b.deliveries.get(row.seq)
         if count is not None:
@@ -96,19 +109,29 @@ def inserted_rows(batches: list[WriteBatch]) -> Iterator[StoredMessage]:
     """Rows the batches insert and leave alive, as they leave them."""
     for i, b in enumerate(batches):
         for row in b.inserted.values():
-            row = replay(row, batches[i:])
+            row = replay(row, batches[i:], own=True)
             if row is not None:
                 yield row
 
 
-def deleted_count(batches: list[WriteBatch]) -> int:
-    """How many stored rows the batches may hide (to widen a LIMIT by)."""
+def hidden_count(batches: list[WriteBatch]) -> int:
+    """How many stored rows the batches' deletes may hide (to widen a LIMIT by)."""
     return sum(len(b.deleted) for b in batches)
+
+
+def dropped_mailboxes(batches: list[WriteBatch]) -> list[int]:
+    """Mailboxes whose stored rows the batches delete (a query leaves them out)."""
+    return sorted({m for b in batches for m in b.dropped})
+
+
+def visible(seq: int, mailbox_id: int, batches: list[WriteBatch]) -> bool:
+    """Is a stored (committed) row still there after the batches?"""
+    return not any(seq in b.deleted or mailbox_id in b.dropped for b in batches)
 
 
 def find(seq: int, on_disk: StoredMessage | None, batches: list[WriteBatch]) -> StoredMessage | None:
     """The row `seq` given its committed version (or None)."""
     for i, b in enumerate(batches):
         if seq in b.inserted:
-            return replay(b.inserted[seq], batches[i:])
+            return replay(b.inserted[seq], batches[i:], own=True)
     return replay(on_disk, batches)

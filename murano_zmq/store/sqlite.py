@@ -20,7 +20,7 @@ from typing import Iterable
 import msgpack
 
 from .base import MailboxRow, StoredMessage
-from .batch import WriteBatch, deleted_count, find, inserted_rows, replay
+from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 SCHEMA_VERSION = 1
 
@@ -152,13 +152,13 @@ class SQLiteStore:
             marks = ",".join("?" * len(chunk))
             for seq, mailbox, msg_id in self._query(
                     f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
-                if not any(seq in b.deleted or mailbox in b.dropped for b in batches):
+                if visible(seq, mailbox, batches):
                     found[msg_id] = mailbox
         for i, b in enumerate(batches):
             for msg_id in msg_ids:
                 seq = b.ids.get(msg_id)
                 if seq is not None:
-                    row = replay(b.inserted[seq], batches[i:])
+                    row = replay(b.inserted[seq], batches[i:], own=True)
                     if row is not None:
                         found[msg_id] = row.mailbox_id
         return found
@@ -166,23 +166,25 @@ class SQLiteStore:
     def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
                    max_bytes: int | None = None) -> list[StoredMessage]:
         batches = self._pending()
-        rows = []
-        wanted = limit + deleted_count(batches)  # rows the batches hide make room for others
-        with self._read_lock:
-            cursor = self._reader.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
-                (mailbox_id, after_seq, wanted))
-            size, stopped_at = 0, None
-            for r in cursor:  # stop early: bodies past max_bytes are never read
-                row = replay(StoredMessage._make(r), batches)
-                if row is None:
-                    continue
-                rows.append(row)
-                size += len(row.body)
-                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
-                    stopped_at = row.seq  # rows after it were not read
-                    break
-            cursor.close()
+        rows: list[StoredMessage] = []
+        stopped_at = None
+        if mailbox_id not in dropped_mailboxes(batches):
+            wanted = limit + hidden_count(batches)  # rows the batches hide make room for others
+            with self._read_lock:
+                cursor = self._reader.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                    (mailbox_id, after_seq, wanted))
+                size = 0
+                for r in cursor:  # stop early: bodies past max_bytes are never read
+                    row = replay(StoredMessage._make(r), batches)
+                    if row is None:
+                        continue
+                    rows.append(row)
+                    size += len(row.body)
+                    if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                        stopped_at = row.seq  # rows after it were not read
+                        break
+                cursor.close()
         more = [r for r in inserted_rows(batches) if r.mailbox_id == mailbox_id and r.seq > after_seq
                 and (stopped_at is None or r.seq < stopped_at)]
         if more:
@@ -193,13 +195,15 @@ class SQLiteStore:
                 ) -> list[tuple[float, int, int]]:
         batches = self._pending()
         start = after or (float("-inf"), -1)
+        dropped = dropped_mailboxes(batches)
         found = [
             (expires, seq, mailbox)
             for expires, seq, mailbox in self._query(
                 "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
-                "AND (expires, seq) > (?, ?) ORDER BY expires, seq LIMIT ?",
-                (now, start[0], start[1], limit + deleted_count(batches)))
-            if not any(seq in b.deleted or mailbox in b.dropped for b in batches)
+                f"AND (expires, seq) > (?, ?) AND mailbox NOT IN ({','.join('?' * len(dropped))}) "
+                "ORDER BY expires, seq LIMIT ?",
+                (now, start[0], start[1], *dropped, limit + hidden_count(batches)))
+            if visible(seq, mailbox, batches)
         ]
         found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
                   if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
@@ -208,11 +212,13 @@ class SQLiteStore:
 
     def next_expiry(self, after: float) -> float | None:
         batches = self._pending()
+        dropped = dropped_mailboxes(batches)
         found = None
         for expires, seq, mailbox in self._query(
                 "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
-                "ORDER BY expires LIMIT ?", (after, 1 + deleted_count(batches))):
-            if not any(seq in b.deleted or mailbox in b.dropped for b in batches):
+                f"AND mailbox NOT IN ({','.join('?' * len(dropped))}) ORDER BY expires LIMIT ?",
+                (after, *dropped, 1 + hidden_count(batches))):
+            if visible(seq, mailbox, batches):
                 found = expires
                 break
         for r in inserted_rows(batches):
@@ -282,8 +288,7 @@ class SQLiteStore:
             elif kind == "drop_mailbox":
                 db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
                 db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
-        if batch.inserted:
-            self._save_seq_mark(max(batch.inserted))
+        self._save_seq_mark(batch.top_seq)
 
     def close(self) -> None:
         self.seal()
