@@ -39,7 +39,7 @@ MAX_ENDPOINT = 512
 
 # Bytes the relay hands to one mailbox's consumers per loop turn: the rest
 # waits for the next turn, so one turn's output stays bounded.
-DELIVER_TURN_BYTES = 8 * 1024 * 1024
+DELIVER_TURN_BYTES = 1 * 1024 * 1024
 
 # Expired messages the relay reads from its store at once.
 EXPIRY_BATCH = 1000

@@ -1510,3 +1510,107 @@ def test_random_walk(tmp_path):
 def test_random_walk_with_limits(tmp_path):
     EngineWalkWithLimits.root = tmp_path
     run_state_machine_as_test(EngineWalkWithLimits, settings=WALK)
+
+
+# --- a message's move is one commit (issue 12, item 1) ----------------------------------
+
+
+def _crash_with_a_commit_in_flight(net, *senders) -> None:
+    """The relay loop as relay/server.py runs it: the last turn's commit
+    is still in the committer thread while this turn reads its commands;
+    that commit returns, and the relay dies (kill -9) before the next."""
+    net.engine.prepare_commit()  # the last turn sealed its writes; its commit is in flight
+    for n in senders:
+        for frames in n.core.drain():
+            net.engine.receive(n.identity, frames, net.now)
+    net.engine.tick(net.now)
+    net.engine.pump(net.now)
+    net.engine.take_output(net.now)
+    net.store.commit()  # the committer thread finishes the commit it had
+    net.restart(crash=True)
+
+
+def _where(net, *mailboxes) -> dict:
+    return {name: (net.status(name) or {}).get("depth", 0) for name in mailboxes}
+
+
+def test_a_reject_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api, c = net.node("api"), net.node("c")
+    api.declare("work", dead_letter="dlq")  # dlq does not exist yet
+    api.send("work", "m")
+    c.consume("work")
+    net.settle()
+    [m] = c.messages
+    m.nack(requeue=False)
+    _crash_with_a_commit_in_flight(net, c)
+    assert sum(_where(net, "work", "dlq").values()) == 1, _where(net, "work", "dlq")
+
+
+def test_an_expiry_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api = net.node("api")
+    api.declare("work", message_ttl=5, dead_letter="dlq")
+    api.send("work", "m")
+    net.settle()
+    net.now += 10
+    _crash_with_a_commit_in_flight(net)
+    assert sum(_where(net, "work", "dlq").values()) == 1, _where(net, "work", "dlq")
+
+
+def test_a_drop_head_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api = net.node("api")
+    api.declare("small", max_length=1, overflow="drop-head", dead_letter="dlq")
+    api.send("small", "a")
+    net.settle()
+    api.send("small", "b")  # drops a's head into dlq; b itself is not confirmed
+    _crash_with_a_commit_in_flight(net, api)
+    where = _where(net, "small", "dlq")
+    assert where["dlq"] == 1 or where["small"] == 1, where  # a is kept somewhere
+
+
+class RecordingStore(SQLiteStore):
+    """A store that records what each commit held."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.commits: list[list] = []
+
+    def commit(self):
+        sealed = self._pending()[:-1]
+        ops = [op for batch in sealed for op in batch.statements()]
+        super().commit()
+        if ops:
+            self.commits.append(ops)
+
+
+def test_every_dead_letter_move_commits_its_delete_and_insert_together(tmp_path):
+    net = FakeNet(tmp_path)
+    net.store = RecordingStore(net.dir)
+    net.engine = RelayEngine(net.store, net.now)
+    api, c = net.node("api"), net.node("c")
+    api.declare("work", dead_letter="dlq1")
+    api.declare("small", max_length=1, overflow="drop-head", dead_letter="dlq2")
+    api.declare("timed", message_ttl=30, dead_letter="dlq3")
+    api.send("work", "rejected")
+    api.send("small", "dropped")
+    api.send("timed", "expired")
+    c.consume("work", prefetch=1)
+    net.settle()
+    c.messages[0].nack(requeue=False)
+    api.send("small", "kept")
+    net.settle()
+    net.run(40, step=1.0)
+    moved = {}  # msg id -> (commit with its delete, commit with its copy's insert)
+    seqs = {}
+    for n, ops in enumerate(net.store.commits):
+        for kind, items in ops:
+            if kind == "insert":
+                for row in items:
+                    if row.msg_id in seqs:  # a copy of a stored message: a move
+                        moved[row.msg_id] = n
+                    seqs.setdefault(row.msg_id, (row.seq, n))
+    assert len(moved) == 3
+    for msg_id, n in moved.items():
+        first_seq = seqs[msg_id][0]
+        deleted_in = [i for i, ops in enumerate(net.store.commits)
+                      for kind, items in ops if kind == "delete" and first_seq in items]
+        assert deleted_in == [n], (msg_id, deleted_in, n)
