@@ -20,7 +20,7 @@ from .base import MailboxRow, StoredMessage
 
 
 class WriteBatch:
-    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped", "top_seq")
+    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped", "top_seq", "written")
 
     def __init__(self) -> None:
         # In order: ("insert", [row...]), ("delete", [seq...]),
@@ -33,6 +33,7 @@ class WriteBatch:
         self.deliveries: dict[int, int] = {}  # seq -> count
         self.dropped: set[int] = set()  # mailbox ids deleted here
         self.top_seq = 0  # the highest seq inserted here (kept, deleted or not)
+        self.written = False  # its statements ran in the store's open transaction
 
     def __bool__(self) -> bool:
         return bool(self.ops)

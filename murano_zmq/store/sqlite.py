@@ -81,6 +81,7 @@ class SQLiteStore:
         self._commit_lock = threading.Lock()
         self._read_lock = threading.RLock()  # one statement at a time on the reader
         self._seq_saved = 0  # highest seq recorded in meta by this store
+        self._seq_before = 0  # ... before the open transaction
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -246,9 +247,19 @@ class SQLiteStore:
     # --- commit -------------------------------------------------------------------
 
     def seal(self) -> None:
+        """Close the open batch.  When no commit is running (the relay seals
+        only then), its statements run now, in the caller's thread, so that
+        commit() has only the COMMIT (the fsync) left to do: the committer
+        thread then holds no GIL-bound work while the loop runs."""
         with self._batches_lock:
-            if self._batches[-1]:
-                self._batches = [*self._batches, WriteBatch()]
+            if not self._batches[-1]:
+                return
+            self._batches = [*self._batches, WriteBatch()]
+        if self._commit_lock.acquire(blocking=False):
+            try:
+                self._write_sealed(self._pending()[:-1])
+            finally:
+                self._commit_lock.release()
 
     @property
     def in_transaction(self) -> bool:
@@ -260,17 +271,38 @@ class SQLiteStore:
             sealed = self._pending()[:-1]
             if not sealed:
                 return
-            self._db.execute("BEGIN")
+            self._write_sealed(sealed)
             try:
-                for batch in sealed:
-                    self._write(batch)
-                self._db.execute("COMMIT")
-            except BaseException:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")  # the batches stay, for a later commit()
+                    self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
                 raise
             with self._batches_lock:
                 self._batches = self._batches[len(sealed):]
+
+    def _write_sealed(self, sealed: list[WriteBatch]) -> None:
+        """Run the statements of the sealed batches not written yet, in order,
+        in the open transaction (under the commit lock)."""
+        try:
+            for batch in sealed:
+                if not batch.written:
+                    if not self._db.in_transaction:
+                        self._db.execute("BEGIN")
+                        self._seq_before = self._seq_saved
+                    self._write(batch)
+                    batch.written = True
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction; its batches stay, to be written again."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        self._seq_saved = self._seq_before
+        for batch in self._pending():
+            batch.written = False
 
     def _write(self, batch: WriteBatch) -> None:
         db = self._db

@@ -232,24 +232,38 @@ def test_a_move_in_one_batch_is_one_commit(tmp_path):
         s.close()
 
 
-def test_reads_do_not_wait_for_a_commit_in_flight(store, monkeypatch):
+class _SlowCommit:
+    """The writer connection, with a COMMIT that holds on as an fsync would."""
+
+    def __init__(self, db):
+        self.db = db
+        self.syncing, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.syncing.set()
+            assert self.release.wait(10)
+        return self.db.execute(sql, *args)
+
+
+@pytest.mark.parametrize("written_at_seal", [True, False])
+def test_reads_do_not_wait_for_a_commit_in_flight(store, written_at_seal):
     store.insert([msg(1)])
     flush(store)
+    slow = store._db = _SlowCommit(store._db)
     store.insert([msg(2)])
-    store.seal()
-    syncing, release = threading.Event(), threading.Event()
-    real = store._write
-
-    def slow_write(batch):  # the commit holds the writer as an fsync would
-        real(batch)
-        syncing.set()
-        assert release.wait(10)
-
-    monkeypatch.setattr(store, "_write", slow_write)
+    if written_at_seal:
+        store.seal()  # no commit running: the statements run now, in this thread
+    else:
+        with store._commit_lock:  # a commit running: they wait for commit()
+            store.seal()
     committer = threading.Thread(target=store.commit)
     committer.start()
     try:
-        assert syncing.wait(10)
+        assert slow.syncing.wait(10)
         # Meanwhile the loop reads and writes: nothing here waits.
         assert [m.seq for m in store.load_ready(1, 0, 10)] == [1, 2]
         store.insert([msg(3)])
@@ -257,13 +271,35 @@ def test_reads_do_not_wait_for_a_commit_in_flight(store, monkeypatch):
         assert store.get(1) is None and store.get(3) == msg(3)
         assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
         assert store.mailboxes_of([msg(2).msg_id]) == {msg(2).msg_id: 1}
+        store.seal()  # a commit is running: this batch waits for the next one
     finally:
-        release.set()
+        slow.release.set()
         committer.join(10)
     assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
-    assert store.mailbox_stats() == {1: (2, 8)}
-    flush(store)
-    assert store.mailbox_stats() == {1: (2, 8)}
+    assert store.mailbox_stats() == {1: (2, 8)}  # the first commit: 1 and 2
+    store.commit()
+    assert store.mailbox_stats() == {1: (2, 8)}  # the second: 3 in, 1 out
+    assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
+
+
+def test_a_failed_commit_keeps_its_batches_for_the_next(store):
+    store.insert([msg(1)])
+    store.seal()
+
+    class Failing(_SlowCommit):
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    real = store._db
+    store._db = Failing(real)
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit()
+    store._db = real
+    assert store.in_transaction and store.get(1) == msg(1)
+    store.commit()
+    assert store.mailbox_stats() == {1: (1, 4)} and store.max_seq() == 1
 
 
 def test_set_deliveries(store):
