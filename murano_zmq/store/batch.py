@@ -20,7 +20,8 @@ from .base import MailboxRow, StoredMessage
 
 
 class WriteBatch:
-    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped", "top_seq", "written")
+    __slots__ = ("ops", "inserted", "ids", "by_mailbox", "deleted", "deliveries", "dropped", "top_seq",
+                 "written")
 
     def __init__(self) -> None:
         # In order: ("insert", [row...]), ("delete", [seq...]),
@@ -29,6 +30,7 @@ class WriteBatch:
         self.ops: list[tuple[str, object]] = []
         self.inserted: dict[int, StoredMessage] = {}
         self.ids: dict[bytes, int] = {}  # msg_id -> seq, of rows inserted here
+        self.by_mailbox: dict[int, list[int]] = {}  # mailbox id -> seqs inserted here, in order
         self.deleted: set[int] = set()
         self.deliveries: dict[int, int] = {}  # seq -> count
         self.dropped: set[int] = set()  # mailbox ids deleted here
@@ -48,6 +50,7 @@ class WriteBatch:
         for row in rows:
             self.inserted[row.seq] = row
             self.ids[row.msg_id] = row.seq
+            self.by_mailbox.setdefault(row.mailbox_id, []).append(row.seq)
             # Writes to this seq before it existed touched nothing.
             self.deleted.discard(row.seq)
             self.deliveries.pop(row.seq, None)
@@ -76,6 +79,7 @@ class WriteBatch:
                 del self.inserted[seq]
                 if self.ids.get(row.msg_id) == seq:
                     del self.ids[row.msg_id]
+        self.by_mailbox.pop(mailbox_id, None)
         self.dropped.add(mailbox_id)
         self.ops.append(("drop_mailbox", mailbox_id))
 
@@ -106,10 +110,15 @@ def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = Fal
     return row
 
 
-def inserted_rows(batches: list[WriteBatch]) -> Iterator[StoredMessage]:
-    """Rows the batches insert and leave alive, as they leave them."""
+def inserted_rows(batches: list[WriteBatch], mailbox_id: int | None = None) -> Iterator[StoredMessage]:
+    """Rows the batches insert and leave alive, as they leave them (of one
+    mailbox, if given)."""
     for i, b in enumerate(batches):
-        for row in b.inserted.values():
+        if mailbox_id is None:
+            rows = list(b.inserted.values())
+        else:
+            rows = [b.inserted[s] for s in b.by_mailbox.get(mailbox_id, ()) if s in b.inserted]
+        for row in rows:
             row = replay(row, batches[i:], own=True)
             if row is not None:
                 yield row

@@ -186,7 +186,7 @@ class SQLiteStore:
                         stopped_at = row.seq  # rows after it were not read
                         break
                 cursor.close()
-        more = [r for r in inserted_rows(batches) if r.mailbox_id == mailbox_id and r.seq > after_seq
+        more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
                 and (stopped_at is None or r.seq < stopped_at)]
         if more:
             rows = sorted(rows + more, key=lambda r: r.seq)
