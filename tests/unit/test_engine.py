@@ -1723,3 +1723,17 @@ def test_headers_are_stored_and_delivered_as_the_sender_packed_them(net):
     assert m.headers == {"reply-to": "api", "n": 1}
     row = net.store.load_ready(net.engine.mailboxes["work"].id, 0, 10)[0]
     assert row.headers == msgpack.packb({"reply-to": "api", "n": 1})
+
+
+def test_client_core_byte_credit_survives_a_reconnect(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", *[b"z" * 1000 for _ in range(6)])
+    c.core.consume("work", 100, None, 2500)
+    net.settle()
+    assert len(c.messages) == 2
+    c.core.connection_made(net.now)  # a new session: the CONSUME is replayed with its byte credit
+    net.settle()
+    assert net.status("work")["unacked"] == 2
+    c.ack(c.unsettled())
+    net.settle()
+    assert len(c.messages) <= 4 and net.status("work")["unacked"] == 2
