@@ -47,15 +47,28 @@ class WriteBatch:
             self.ops.append((kind, list(items)))
 
     def insert(self, rows: list[StoredMessage]) -> None:
-        for row in rows:
-            self.inserted[row.seq] = row
-            self.ids[row.msg_id] = row.seq
-            self.by_mailbox.setdefault(row.mailbox_id, []).append(row.seq)
+        inserted, ids, by_mailbox = self.inserted, self.ids, self.by_mailbox
+        for row in rows:  # (the hot path: one call per message stored)
+            seq = row.seq
+            inserted[seq] = row
+            ids[row.msg_id] = seq
+            seqs = by_mailbox.get(row.mailbox_id)
+            if seqs is None:
+                by_mailbox[row.mailbox_id] = [seq]
+            else:
+                seqs.append(seq)
+            if seq > self.top_seq:
+                self.top_seq = seq
             # Writes to this seq before it existed touched nothing.
-            self.deleted.discard(row.seq)
-            self.deliveries.pop(row.seq, None)
-            self.top_seq = max(self.top_seq, row.seq)
-        self._op("insert", rows)
+            if self.deleted:
+                self.deleted.discard(seq)
+            if self.deliveries:
+                self.deliveries.pop(seq, None)
+        ops = self.ops
+        if ops and ops[-1][0] == "insert":
+            ops[-1][1].extend(rows)
+        else:
+            ops.append(("insert", list(rows)))
 
     def delete(self, seqs: Iterable[int]) -> None:
         seqs = list(seqs)
