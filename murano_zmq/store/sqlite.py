@@ -81,6 +81,9 @@ class SQLiteStore:
         self._commit_lock = threading.Lock()
         self._read_lock = threading.RLock()  # one statement at a time on the reader
         self._seq_saved = 0  # highest seq recorded in meta by this store
+        # No stored id is above this: an id above it needs no lookup (ids
+        # made by new_message_id() start with a clock, so most new ones are).
+        self._id_ceiling: bytes = self._query("SELECT max(msg_id) FROM messages")[0][0] or b""
         self._seq_before = 0  # ... before the open transaction
 
     def _connect(self) -> sqlite3.Connection:
@@ -148,8 +151,10 @@ class SQLiteStore:
     def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
         batches = self._pending()
         found: dict[bytes, int] = {}
-        for i in range(0, len(msg_ids), ID_CHUNK):
-            chunk = msg_ids[i:i + ID_CHUNK]
+        ceiling = self._id_ceiling
+        maybe = [m for m in msg_ids if m <= ceiling]
+        for i in range(0, len(maybe), ID_CHUNK):
+            chunk = maybe[i:i + ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             for seq, mailbox, msg_id in self._query(
                     f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
@@ -236,6 +241,9 @@ class SQLiteStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
+        for m in messages:
+            if m.msg_id > self._id_ceiling:
+                self._id_ceiling = m.msg_id
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:

@@ -622,3 +622,19 @@ def test_store_matches_model(tmp_path):
         settings=settings(max_examples=40, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
+
+
+def test_ids_above_every_stored_id_need_no_lookup(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1, msg_id=b"\x05" * 16)])
+    flush(s)
+    s.close()
+    s = SQLiteStore(str(tmp_path))  # the ceiling comes from the index
+    try:
+        assert s._id_ceiling == b"\x05" * 16
+        assert s.mailboxes_of([b"\x05" * 16, b"\x06" * 16, b"\x01" * 16]) == {b"\x05" * 16: 1}
+        s.insert([msg(2, msg_id=b"\x07" * 16)])
+        assert s._id_ceiling == b"\x07" * 16
+        assert s.mailboxes_of([b"\x07" * 16]) == {b"\x07" * 16: 1}
+    finally:
+        s.close()
