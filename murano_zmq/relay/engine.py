@@ -84,6 +84,17 @@ class RelayEngine:
         return self.boxes.by_name
 
     @property
+    def storage_full(self) -> bool:
+        """Set by the relay process while the disk is full: nothing new is
+        stored (sends and new mailboxes get StorageFull); delivery and acks
+        go on."""
+        return self.intake.storage_full
+
+    @storage_full.setter
+    def storage_full(self, value: bool) -> None:
+        self.intake.storage_full = self.boxes.storage_full = value
+
+    @property
     def permissions(self):
         return self.sessions.permissions
 
@@ -218,6 +229,7 @@ class RelayEngine:
             "relay": self.name,
             "peers": len(self.sessions.peers),
             "counters": dict(self.counters),
+            "storage_full": self.storage_full,
             "mailboxes": [mb.status(ctx.now) for mb in sorted(mailboxes, key=lambda m: m.name)],
         }
         self.turn.reply_now(ctx.identity, Cmd.REPLY, req, result)

@@ -17,6 +17,7 @@ from ..protocol.errors import (
     PermissionDenied,
     PreconditionFailed,
     RemoteProtocolError,
+    StorageFull,
 )
 from ..protocol.message import parse_send_record
 from ..store.base import Store
@@ -38,6 +39,7 @@ class Intake:
         self.sessions = sessions
         self.counters = counters
         self.max_message_size = max_message_size
+        self.storage_full = False  # the disk is full: store nothing new
 
     def store_records(self, ctx: Ctx, records: list) -> list[list]:
         """Store what may be stored; the CONFIRM's errors for the rest."""
@@ -70,6 +72,9 @@ class Intake:
                                    "mailbox (ids are unique per relay)"])
                     log.warning("duplicate message id %s for %s refused", msg.msg_id.hex(), msg.mailbox)
                 continue  # (else: this message again, stored already: confirm it again)
+            if self.storage_full:
+                errors.append([i, StorageFull.code, "the relay's disk is full: not stored; send it again later"])
+                continue
             mb = self.mailboxes.get_or_create(msg.mailbox, ctx.now)
             ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
             try:

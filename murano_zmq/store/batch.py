@@ -158,3 +158,16 @@ def find(seq: int, on_disk: StoredMessage | None, batches: list[WriteBatch]) -> 
         if seq in b.inserted:
             return replay(b.inserted[seq], batches[i:], own=True)
     return replay(on_disk, batches)
+
+
+def cap(rows: list[StoredMessage], limit: int, max_bytes: int | None) -> list[StoredMessage]:
+    """The first `limit` rows, stopping once their bodies reach max_bytes (one at least)."""
+    rows = rows[:limit]
+    if max_bytes is None:
+        return rows
+    size = 0
+    for i, row in enumerate(rows):
+        size += len(row.body)
+        if size >= max_bytes:
+            return rows[:i + 1]
+    return rows

@@ -14,7 +14,7 @@ import zmq
 
 from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode, encode
-from murano_zmq.relay.process import rss_mb
+from murano_zmq.testing import rss_mb
 
 from ..helpers import wait_for
 

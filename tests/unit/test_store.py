@@ -13,12 +13,14 @@ import sqlite3
 import threading
 
 import pytest
+
+from murano_zmq.protocol.errors import StartupError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
-from murano_zmq.store.sqlite import SQLiteStore
+from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 MAILBOX_IDS = (1, 2, 3)
 
@@ -294,8 +296,9 @@ def test_a_failed_commit_keeps_its_batches_for_the_next(store):
 
     real = store._db
     store._db = Failing(real)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreError, match="full") as info:
         store.commit()
+    assert info.value.full
     store._db = real
     assert store.in_transaction and store.get(1) == msg(1)
     store.commit()
@@ -439,7 +442,7 @@ def test_other_schema_version_refused(tmp_path):
     db.execute("UPDATE meta SET value=99 WHERE key='schema'")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 99"):
+    with pytest.raises(StartupError, match="schema version 99"):
         SQLiteStore(str(tmp_path))
 
 
