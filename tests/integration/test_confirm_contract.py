@@ -1,9 +1,10 @@
 """The durability contract at the relay: a CONFIRM leaves strictly after the
 commit (the fsync) that holds every message it confirms.
 
-A real Relay loop (in a thread) runs over a store that records which
-message ids each commit made durable, and is slowed down (or made to fail)
-between the writes and the sync.  Every CONFIRM the loop hands to its socket
+A real Relay loop (in a thread) runs over the SQLite store, slowed down (or
+made to fail) between its writes and the COMMIT that syncs them; what is
+durable is what an independent reader sees (WAL shows only committed,
+synced transactions).  Every CONFIRM the loop hands to its socket
 is checked, at that instant, against what has been committed.  Load comes
 from a real Node: one-at-a-time sends (a commit per send) and pipelined
 send_many (turns overlapping their commits).
@@ -28,45 +29,38 @@ SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sy
 
 
 class RecordingStore(SQLiteStore):
-    """SQLiteStore that knows which ids are durable, sleeps inside commit()
-    after the writes and before the sync, and can fail commits there."""
+    """SQLiteStore that sleeps inside commit() before the COMMIT (the sync),
+    and can fail commits there as a failed fsync would.  What is durable is
+    read by an independent connection: in WAL mode a reader sees a
+    transaction only once its COMMIT (synced, synchronous=FULL) is done."""
 
-    fail_next = 0  # how many of the next commits fail (as a failed fsync would)
-
-    def __init__(self, data_dir: str):
-        self.pending: set[bytes] = set()
-        self.durable: set[bytes] = set()
-        self.commits = 0
-        self.failed = False
-        self.guard = threading.Lock()
-        super().__init__(data_dir)
-
-    def insert(self, messages):
-        with self.guard:
-            self.pending.update(m.msg_id for m in messages)
-        return super().insert(messages)
-
-    def rollback(self) -> None:
-        with self.guard:
-            self.pending = set()  # those writes are gone
-        super().rollback()
+    fail_next = 0  # how many of the next commits fail
+    failed = False
+    commits = 0
 
     def commit(self) -> None:
-        with self._lock:  # the store's own lock: nothing else writes meanwhile
-            if not self._in_tx:
-                return
-            with self.guard:
-                self.commits += 1
+        if self.in_transaction:
+            self.commits += 1
             time.sleep(SYNC_DELAY)
             if self.fail_next:
                 self.fail_next -= 1
                 self.failed = True
-                self.rollback()  # what SQLite does when the sync fails
                 raise StoreError(sqlite3.OperationalError("disk I/O error (injected)"))
-            super().commit()
-            with self.guard:
-                self.durable |= self.pending
-                self.pending = set()
+        super().commit()
+
+    def durable(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` a fresh reader finds committed."""
+        reader = sqlite3.connect(self.path, timeout=10)
+        try:
+            found = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in reader.execute(
+                    f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
+            return found
+        finally:
+            reader.close()
 
 
 class Watch:
@@ -80,7 +74,6 @@ class Watch:
         send = relay._send
 
         def checked_send(sock, out):
-            store = relay.engine.store
             for identity, frames in out:
                 command = decode(frames)
                 if command.cmd != Cmd.CONFIRM:
@@ -88,8 +81,7 @@ class Watch:
                 req, errors = command.fields
                 refused = {e[0] for e in errors}
                 ids = [i for n, i in enumerate(self.sends.get((identity, req), [])) if n not in refused]
-                with store.guard:
-                    missing = [i for i in ids if i not in store.durable]
+                missing = set(ids) - relay.engine.store.durable(ids) if ids else ()
                 if missing:
                     self.violations.append(f"CONFIRM {req} left before {len(missing)} of its ids were synced")
                 self.confirmed.extend(ids)
@@ -146,7 +138,7 @@ def test_one_at_a_time_confirms_follow_their_commit(relay_with):
         ids = [node.send("contract.one", b"x" * 100) for _ in range(60)]
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
-    assert set(ids) <= relay.engine.store.durable
+    assert relay.engine.store.durable(ids) == set(ids)
 
 
 def test_pipelined_confirms_follow_their_commit(relay_with):
@@ -161,7 +153,7 @@ def test_pipelined_confirms_follow_their_commit(relay_with):
     assert not watch.violations
     assert relay.engine.store.commits > 1  # many turns, not one transaction
     assert set(ids) <= set(watch.confirmed)
-    assert set(ids) <= relay.engine.store.durable
+    assert relay.engine.store.durable(ids) == set(ids)
 
 
 def test_no_confirm_for_a_commit_that_failed(relay_with):
@@ -178,5 +170,5 @@ def test_no_confirm_for_a_commit_that_failed(relay_with):
         assert store.failed
     assert not errors  # the relay survived the failed sync
     assert not watch.violations
-    assert {first, *ids} <= store.durable
-    assert set(watch.confirmed) <= store.durable
+    assert store.durable([first, *ids]) == {first, *ids}
+    assert store.durable(watch.confirmed) == set(watch.confirmed)
