@@ -1,7 +1,7 @@
 """murano-zmq side by side with RabbitMQ, on Murano's workloads.
 
     python bench/compare.py --quick                 # ~3 minutes: a smoke run
-    python bench/compare.py                         # the full run (see docs/performance.md)
+    python bench/compare.py                         # the full run: ~15 minutes on 2 cores
     python bench/compare.py --json > out.json --chart docs/compare.png
 
 Each workload runs on murano-zmq (through Node and through AsyncNode, one
@@ -316,6 +316,16 @@ def main() -> int:
         print(table(info["workloads"]))
         return 0
     mode = "quick" if args.quick else "full"
+    names = list(dict.fromkeys(r[0] for r in ROWS))
+    wrong = [w for w in args.workloads.split(",") if w and w not in names] + \
+        [s for s in args.systems.split(",") if s not in SYSTEMS]
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        sizes = [0]
+    if wrong or args.pairs < 1 or min(sizes) < 16:
+        parser.error(f"unknown workload/system {wrong}" if wrong else
+                     "--pairs must be >= 1 and --sizes whole numbers of bytes >= 16")
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     started = time.time()
     runs: dict = {}
