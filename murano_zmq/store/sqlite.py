@@ -28,6 +28,7 @@ from . import space
 from .base import MailboxRow, StoredMessage
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
@@ -58,9 +59,9 @@ class SQLiteStore:
             retry_busy(self.path, "opening the database", self._open)
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only=1")
-            # No stored id is above this: an id above it needs no lookup (ids
-            # made by new_message_id() start with a clock, so most new ones are).
-            self._id_ceiling: bytes = self._query("SELECT max(msg_id) FROM messages")[0][0] or b""
+            # Which new ids need no lookup in the id index (store/ids.py).
+            self._ids = IdCeiling(self._query("SELECT max(msg_id) FROM messages WHERE msg_id < ?",
+                                              (CLOCK_BOUND,))[0][0])
         except (sqlite3.DatabaseError, RuntimeError) as exc:
             if self._reader is not None:
                 self._reader.close()
@@ -160,10 +161,11 @@ class SQLiteStore:
         return [r for r in rows if r is not None]
 
     def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        maybe = self._ids.maybe_stored(msg_ids)
+        if not maybe:
+            return {}
         batches = self._pending()
         found: dict[bytes, int] = {}
-        ceiling = self._id_ceiling
-        maybe = [m for m in msg_ids if m <= ceiling]
         for i in range(0, len(maybe), ID_CHUNK):
             chunk = maybe[i:i + ID_CHUNK]
             marks = ",".join("?" * len(chunk))
@@ -172,7 +174,7 @@ class SQLiteStore:
                 if visible(seq, mailbox, batches):
                     found[msg_id] = mailbox
         for i, b in enumerate(batches):
-            for msg_id in msg_ids:
+            for msg_id in maybe:
                 seq = b.ids.get(msg_id)
                 if seq is not None:
                     row = replay(b.inserted[seq], batches[i:], own=True)
@@ -252,9 +254,7 @@ class SQLiteStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
-        for m in messages:
-            if m.msg_id > self._id_ceiling:
-                self._id_ceiling = m.msg_id
+        self._ids.stored([m.msg_id for m in messages])
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:

@@ -627,17 +627,60 @@ def test_store_matches_model(tmp_path):
     )
 
 
+def clock_id(ms: int, low: bytes) -> bytes:
+    return ms.to_bytes(6, "big") + low.rjust(10, b"\0")
+
+
 def test_ids_above_every_stored_id_need_no_lookup(tmp_path):
     s = SQLiteStore(str(tmp_path))
-    s.insert([msg(1, msg_id=b"\x05" * 16)])
+    s.insert([msg(1, msg_id=clock_id(1000, b"\x05"))])
     flush(s)
     s.close()
     s = SQLiteStore(str(tmp_path))  # the ceiling comes from the index
     try:
-        assert s._id_ceiling == b"\x05" * 16
-        assert s.mailboxes_of([b"\x05" * 16, b"\x06" * 16, b"\x01" * 16]) == {b"\x05" * 16: 1}
-        s.insert([msg(2, msg_id=b"\x07" * 16)])
-        assert s._id_ceiling == b"\x07" * 16
-        assert s.mailboxes_of([b"\x07" * 16]) == {b"\x07" * 16: 1}
+        assert s._ids.top == (1000).to_bytes(6, "big")
+        same_ms, later, earlier = clock_id(1000, b"\x01"), clock_id(1001, b"\x00"), clock_id(999, b"\x09")
+        # The stored millisecond's other ids are not known after a restart: looked up.
+        assert s._ids.maybe_stored([same_ms, later, earlier]) == [same_ms, earlier]
+        assert s.mailboxes_of([clock_id(1000, b"\x05"), same_ms, later, earlier]) == {clock_id(1000, b"\x05"): 1}
+        s.insert([msg(2, msg_id=later)])
+        assert s._ids.top == (1001).to_bytes(6, "big")
+        assert s.mailboxes_of([later]) == {later: 1}
+    finally:
+        s.close()
+
+
+def test_ids_of_the_top_millisecond_need_no_lookup_unless_stored(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    try:
+        a, b, c = clock_id(2000, b"\x09"), clock_id(2000, b"\x01"), clock_id(2000, b"\x05")
+        s.insert([msg(1, msg_id=a)])
+        s.insert([msg(2, msg_id=b)])  # below `a`, same millisecond: known not stored
+        assert s._ids.maybe_stored([a, b, c]) == [a, b]
+        flush(s)
+        assert s.mailboxes_of([a, b, c]) == {a: 1, b: 1}
+        s.delete([1])  # a deleted id is looked up (and not found): one lookup too many, never one too few
+        flush(s)
+        assert s.mailboxes_of([a, c]) == {}
+    finally:
+        s.close()
+
+
+def test_ids_that_are_not_clocks_are_always_looked_up(tmp_path):
+    """An idempotent_id() hash (its first bytes far past any clock) must not
+    raise the ceiling: later clock ids would all need lookups."""
+    s = SQLiteStore(str(tmp_path))
+    try:
+        hashed = b"\xfe" * 16
+        s.insert([msg(1, msg_id=hashed)])
+        assert s._ids.top == b""
+        fresh = clock_id(3000, b"\x01")
+        assert s._ids.maybe_stored([hashed, fresh]) == [hashed]
+        assert s.mailboxes_of([hashed, fresh]) == {hashed: 1}
+        flush(s)
+        s.close()
+        s = SQLiteStore(str(tmp_path))  # after a restart, too
+        assert s._ids.top == b""
+        assert s.mailboxes_of([hashed, fresh]) == {hashed: 1}
     finally:
         s.close()

@@ -1,0 +1,61 @@
+"""Which message ids need no lookup: the id index's clock ceiling.
+
+Ids made by new_message_id() start with a 48-bit millisecond clock, so a
+new one is nearly always above every stored one and cannot be stored yet.
+The store keeps the top clock prefix among stored ids, and the ids with that
+very prefix stored since it became the top (ids of one millisecond have
+random low bits, so "above the ceiling" alone would send about half of a
+fast sender's ids to the index).  Ids whose prefix is past CLOCK_LIMIT are
+not clock ids (idempotent_id() hashes mostly are): they never move the
+ceiling and are always looked up, so one of them does not make every later
+id a lookup.
+
+Deletes and rolled-back inserts only leave ids here that are no longer
+stored: a lookup too many, never one too few.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+PREFIX = 6  # bytes of clock at the start of a clock id
+# Past this (ms since 1970, year 2200) a prefix is not a clock.
+CLOCK_LIMIT = (7_258_118_400_000).to_bytes(PREFIX, "big")
+# SQL bound: a 16-byte id sorts below this iff its prefix is <= CLOCK_LIMIT.
+CLOCK_BOUND = (7_258_118_400_001).to_bytes(PREFIX, "big")
+
+
+class IdCeiling:
+    __slots__ = ("top", "recent")
+
+    def __init__(self, top_id: bytes | None):
+        """`top_id`: the highest stored clock id (None: none stored)."""
+        self.top = top_id[:PREFIX] if top_id else b""
+        # Ids with prefix `top` stored by this process; None: not known (the
+        # top came from the database, whose ids of that millisecond we did not see).
+        self.recent: set[bytes] | None = None
+
+    def maybe_stored(self, msg_ids: Iterable[bytes]) -> list[bytes]:
+        """The ids that may be stored (the rest surely are not)."""
+        top, recent, limit = self.top, self.recent, CLOCK_LIMIT
+        out = []
+        for m in msg_ids:
+            p = m[:PREFIX]
+            if p > top:
+                if p <= limit:
+                    continue
+            elif p == top and recent is not None and m not in recent:
+                continue
+            out.append(m)
+        return out
+
+    def stored(self, msg_ids: Iterable[bytes]) -> None:
+        top, recent, limit = self.top, self.recent, CLOCK_LIMIT
+        for m in msg_ids:
+            p = m[:PREFIX]
+            if p > top:
+                if p <= limit:
+                    top, recent = p, {m}
+            elif p == top and recent is not None:
+                recent.add(m)
+        self.top, self.recent = top, recent
