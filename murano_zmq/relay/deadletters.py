@@ -69,6 +69,22 @@ class DeadLetters:
         self.note_expiry(expires)
         return row
 
+    def enqueue_many(self, items: list, now: float) -> None:
+        """Store messages in mailboxes with no length or byte limit, in
+        order, in one store call.  items: (mailbox, id, headers, body,
+        created, expires, deliveries)."""
+        seq = self._seq
+        placed = []
+        next_expiry = self.next_expiry
+        for mb, msg_id, headers, body, created, expires, deliveries in items:
+            seq += 1
+            placed.append((mb, StoredMessage(seq, mb.id, msg_id, headers, body, created, expires, deliveries)))
+            if expires is not None and (next_expiry is None or expires < next_expiry):
+                next_expiry = expires
+        self._seq = seq
+        self.next_expiry = next_expiry
+        self.mailboxes.append_many(placed, now)
+
     # --- leaving ---
 
     def move(self, mb: Mailbox, row: StoredMessage, reason: str, now: float, unacked) -> None:

@@ -3,13 +3,20 @@
 Each record is judged alone.  Ids are unique per relay: one already stored
 is this message again (confirmed, not stored twice) or, in another mailbox,
 a sender's mistake (refused with 406).  The store answers for every SEND
-record at once, its own unwritten writes included.
+record at once, its own unwritten writes included, and looks up only the
+ids it may hold (store/ids.py).
+
+The hot path: a record in the usual shape (a known mailbox, no headers, no
+ttl, not a retry) is checked inline and becomes its stored row with no
+object in between; the rows of a SEND go to the store in one call.
+Anything else takes parse_send_record() and the general path.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ..protocol.constants import ID_SIZE
 from ..protocol.errors import (
     MailboxFull,
     Malformed,
@@ -44,48 +51,93 @@ class Intake:
     def store_records(self, ctx: Ctx, records: list) -> list[list]:
         """Store what may be stored; the CONFIRM's errors for the rest."""
         errors: list[list] = []
-        parsed = []
+        # (index, id, mailbox, headers, body, created, ttl, retry) of the records that passed
+        accepted = []
+        by_name = self.mailboxes.by_name
+        limit = self.max_message_size
+        sessions = self.sessions
+        open_relay = sessions.permissions is None
         for i, record in enumerate(records):
+            if type(record) is list and len(record) == 7:
+                msg_id, mailbox, headers, body, created, ttl, retry = record
+                # The usual shape, checked inline (parse_send_record's rules).
+                if (type(msg_id) is bytes and len(msg_id) == ID_SIZE and type(mailbox) is str
+                        and mailbox in by_name and headers == b"" and type(body) is bytes
+                        and type(created) is float and created - created == 0.0  # finite
+                        and ttl is None and retry is False):
+                    if not open_relay and not sessions.allowed(ctx.user, "send", mailbox):
+                        errors.append(_denied(i, ctx.user, mailbox))
+                    elif len(body) > limit:
+                        errors.append(_too_large(i, len(body), limit))
+                    else:
+                        accepted.append((i, msg_id, mailbox, b"", body, created, None, False))
+                    continue
             try:
                 msg = parse_send_record(record)
             except RemoteProtocolError as exc:
                 errors.append([i, Malformed.code, str(exc)])
                 continue
-            if not self.sessions.allowed(ctx.user, "send", msg.mailbox):
-                errors.append([i, PermissionDenied.code,
-                               f"{ctx.user or 'this peer'} may not send to {msg.mailbox!r}"])
+            if not open_relay and not sessions.allowed(ctx.user, "send", msg.mailbox):
+                errors.append(_denied(i, ctx.user, msg.mailbox))
                 continue
-            if msg.size > self.max_message_size:
-                errors.append([i, MessageTooLarge.code,
-                               f"message of {msg.size} bytes is over the relay's limit of "
-                               f"{self.max_message_size}"])
+            if msg.size > limit:
+                errors.append(_too_large(i, msg.size, limit))
                 continue
-            parsed.append((i, msg))
-        stored_in = self.store.mailboxes_of([m.msg_id for _, m in parsed]) if parsed else {}
-        for i, msg in parsed:
-            where = stored_in.get(msg.msg_id)
-            if where is not None:
-                home = self.mailboxes.by_id.get(where)
-                if not msg.retry and (home is None or home.name != msg.mailbox):
-                    errors.append([i, PreconditionFailed.code,
-                                   f"message id {msg.msg_id.hex()} is already stored in another "
-                                   "mailbox (ids are unique per relay)"])
-                    log.warning("duplicate message id %s for %s refused", msg.msg_id.hex(), msg.mailbox)
-                continue  # (else: this message again, stored already: confirm it again)
+            accepted.append((i, msg.msg_id, msg.mailbox, msg.headers, msg.body, msg.created, msg.ttl,
+                             msg.retry))
+        if accepted:
+            self._store(ctx, accepted, errors)
+        self.counters["received"] += len(records)
+        return errors
+
+    def _store(self, ctx: Ctx, accepted: list, errors: list) -> None:
+        now = ctx.now
+        stored_in = self.store.mailboxes_of([a[1] for a in accepted])
+        rows = []  # (mailbox, id, headers, body, created, expires, deliveries): stored in one call
+        boxes = self.mailboxes
+        for i, msg_id, name, headers, body, created, ttl, retry in accepted:
+            if stored_in:
+                where = stored_in.get(msg_id)
+                if where is not None:
+                    home = boxes.by_id.get(where)
+                    if not retry and (home is None or home.name != name):
+                        errors.append([i, PreconditionFailed.code,
+                                       f"message id {msg_id.hex()} is already stored in another "
+                                       "mailbox (ids are unique per relay)"])
+                        log.warning("duplicate message id %s for %s refused", msg_id.hex(), name)
+                    continue  # (else: this message again, stored already: confirm it again)
             if self.storage_full:
                 errors.append([i, StorageFull.code, "the relay's disk is full: not stored; send it again later"])
                 continue
-            mb = self.mailboxes.get_or_create(msg.mailbox, ctx.now)
-            ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
-            try:
-                # A retried record may have been delivered before the relay
-                # lost it uncommitted: count that possible delivery.
-                self.dead.enqueue(mb, msg.msg_id, msg.headers, msg.body, msg.created,
-                                  None if ttl is None else ctx.now + ttl, int(msg.retry), ctx.now,
-                                  self.delivery.unacked)
-                stored_in[msg.msg_id] = mb.id
-            except MailboxFull as exc:
-                self.counters["rejected"] += 1
-                errors.append([i, exc.code, exc.text])
-        self.counters["received"] += len(records)
-        return errors
+            mb = boxes.by_name.get(name) or boxes.get_or_create(name, now)
+            if ttl is None:
+                ttl = mb.options.message_ttl
+            expires = None if ttl is None else now + ttl
+            # A retried record may have been delivered before the relay
+            # lost it uncommitted: count that possible delivery.
+            deliveries = 1 if retry else 0
+            opts = mb.options
+            if opts.max_length is None and opts.max_bytes is None:  # no limit to check
+                rows.append((mb, msg_id, headers, body, created, expires, deliveries))
+            else:
+                if rows:  # a drop-head reads the queue: earlier rows first
+                    self.dead.enqueue_many(rows, now)
+                    rows = []
+                try:
+                    self.dead.enqueue(mb, msg_id, headers, body, created, expires, deliveries, now,
+                                      self.delivery.unacked)
+                except MailboxFull as exc:
+                    self.counters["rejected"] += 1
+                    errors.append([i, exc.code, exc.text])
+                    continue
+            stored_in[msg_id] = mb.id
+        if rows:
+            self.dead.enqueue_many(rows, now)
+
+
+def _too_large(i: int, size: int, limit: int) -> list:
+    return [i, MessageTooLarge.code, f"message of {size} bytes is over the relay's limit of {limit}"]
+
+
+def _denied(i: int, user: str | None, mailbox: str) -> list:
+    return [i, PermissionDenied.code, f"{user or 'this peer'} may not send to {mailbox!r}"]

@@ -125,15 +125,18 @@ class Mailboxes:
 
     def append(self, mb: Mailbox, row: StoredMessage, now: float) -> None:
         """Store `row`, a new message of `mb`, at the tail of its queue."""
-        self.store.insert([row])
-        mb.added(len(row.body))
-        mb.last_used = now
-        if mb.disk_after is None and not mb.window_full():
-            mb.window_push(row)
-        elif mb.disk_after is None:
-            mb.disk_after = row.seq - 1
-        if mb.consumers:
-            self.dirty.add(mb)
+        self.append_many([(mb, row)], now)
+
+    def append_many(self, placed: list[tuple[Mailbox, StoredMessage]], now: float) -> None:
+        """Store new messages, (mailbox, row) in seq order, each at the tail
+        of its mailbox's queue, in one store call."""
+        self.store.insert([row for _, row in placed])
+        dirty = self.dirty
+        for mb, row in placed:
+            mb.append_tail(row)
+            mb.last_used = now
+            if mb.consumers:
+                dirty.add(mb)
 
     def fill(self, mb: Mailbox, unacked) -> bool:
         """Load the next window of ready messages from disk; False if none.

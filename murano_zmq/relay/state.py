@@ -115,6 +115,19 @@ class Mailbox:
         self.returned(size)
         self.removed(size)
 
+    def append_tail(self, row) -> None:
+        """A new message was stored at the tail of the queue: count it, and
+        keep it in the window while the window reaches the tail."""
+        size = len(row.body)
+        self.count += 1
+        self.nbytes += size
+        if self.disk_after is None:
+            if self.window_full():
+                self.disk_after = row.seq - 1
+            else:
+                self.ready.append(row)
+                self.ready_window_bytes += size + len(row.headers)
+
     # --- the in-memory window ---
 
     def window_push(self, row) -> None:
