@@ -93,33 +93,40 @@ class Delivery:
         n = len(consumers)
         idle_rounds = 0
         budget = DELIVER_TURN_BYTES
+        ready = mb.ready
+        unacked = self.unacked
+        boot_seq = self.boot_seq
+        name = mb.name
         while idle_rounds < n:
             if budget <= 0:
                 self.mailboxes.dirty.add(mb)  # the rest next turn: bounded output per turn
                 break
-            if not mb.ready and not self.mailboxes.fill(mb, self.unacked):
+            if not ready and not self.mailboxes.fill(mb, unacked):
                 break
             consumer = consumers[mb.rr % n]
             mb.rr += 1
-            if not consumer.has_credit() or not consumer.fits(len(mb.ready[0].body)):
+            if not consumer.has_credit() or not consumer.fits(len(ready[0].body)):
                 idle_rounds += 1
                 continue
             idle_rounds = 0
             row = mb.window_pop()
             if row.expires is not None and row.expires <= now:
                 self.store.delete([row.seq])
-                self.dead.expire(mb, row, now, self.unacked)
+                self.dead.expire(mb, row, now, unacked)
                 continue
+            seq = row.seq
             deliveries = row.deliveries + 1
-            if row.seq <= self.boot_seq and row.deliveries == 0:
+            if seq <= boot_seq and deliveries == 1:
                 deliveries = 2  # may have been out before a restart
             size = len(row.body)
-            consumer.hand_out(Unacked(row.seq, size, deliveries, row.expires))
-            self.unacked[row.seq] = consumer
+            consumer.hand_out(Unacked(seq, size, deliveries, row.expires))
+            unacked[seq] = consumer
             mb.handed_out(size)
             budget -= size + len(row.headers)
-            batches.setdefault(consumer, []).append(
-                [row.seq, row.msg_id, mb.name, row.headers, row.body, row.created, row.expires, deliveries])
+            records = batches.get(consumer)
+            if records is None:
+                records = batches[consumer] = []
+            records.append([seq, row.msg_id, name, row.headers, row.body, row.created, row.expires, deliveries])
         for consumer, records in batches.items():
             self.counters["delivered"] += len(records)
             self.turn.reply_now(consumer.peer.identity, Cmd.DELIVER, consumer.cid, records)

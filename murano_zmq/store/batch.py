@@ -123,6 +123,18 @@ def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = Fal
     return row
 
 
+def overlay(batches: list[WriteBatch]) -> tuple[set[int], dict[int, int]]:
+    """What the batches do to committed rows of a mailbox none of them
+    drops, at once: the seqs they delete, and the delivery counts they leave
+    (replay() for many rows, without a loop over the batches per row)."""
+    deleted: set[int] = set()
+    counts: dict[int, int] = {}
+    for b in batches:
+        deleted |= b.deleted
+        counts.update(b.deliveries)
+    return deleted, counts
+
+
 def inserted_rows(batches: list[WriteBatch], mailbox_id: int | None = None) -> Iterator[StoredMessage]:
     """Rows the batches insert and leave alive, as they leave them (of one
     mailbox, if given)."""

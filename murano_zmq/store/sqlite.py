@@ -29,7 +29,8 @@ from .base import MailboxRow, StoredMessage
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
-from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .batch import (WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, overlay, replay,
+                    visible)
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
@@ -194,10 +195,14 @@ class SQLiteStore:
                     f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
                     (mailbox_id, after_seq, wanted))
                 size = 0
+                deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
+                make = StoredMessage._make
                 for r in cursor:  # stop early: bodies past max_bytes are never read
-                    row = replay(StoredMessage._make(r), batches)
-                    if row is None:
+                    if r[0] in deleted:
                         continue
+                    row = make(r)
+                    if counts and row.seq in counts:
+                        row = row._replace(deliveries=counts[row.seq])
                     rows.append(row)
                     size += len(row.body)
                     if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
