@@ -42,6 +42,9 @@ class Cmd(enum.IntEnum):
 
 
 _CMD_BYTES = {c: bytes([c]) for c in Cmd}
+_CMD_OF_INT: list[Cmd | None] = [None] * 256  # command byte -> Cmd (a list: no enum call per decode)
+for _c in Cmd:
+    _CMD_OF_INT[_c] = _c
 
 # Field types per command, checked on decode.  "?" suffix: may be nil.
 # Kinds: int, num (int or float), str, bin, bool, map, list, any.
@@ -98,6 +101,15 @@ def encode(cmd: Cmd, *fields: Any) -> list[bytes]:
 
 def check_fields(cmd: Cmd, fields: Any) -> tuple:
     """`fields` as a tuple if it fits the command's schema, else raise."""
+    # The hot commands in their usual shape first (the same rules: exact
+    # int and list types, so a bool is no int).
+    if type(fields) is list:
+        if cmd is Cmd.SEND:
+            if len(fields) == 2 and type(fields[0]) is int and type(fields[1]) is list:
+                return tuple(fields)
+        elif cmd is Cmd.ACK:
+            if len(fields) == 1 and type(fields[0]) is list:
+                return tuple(fields)
     schema = SCHEMAS[cmd]
     fewest = len(schema) - OPTIONAL_TAIL.get(cmd, 0)
     if not isinstance(fields, (list, tuple)) or not fewest <= len(fields) <= len(schema):
@@ -134,10 +146,9 @@ def decode(frames: list[bytes]) -> Command:
         raise RemoteProtocolError("bad signature frame")
     if len(cmd_byte) != 1:
         raise RemoteProtocolError("command frame must be one byte")
-    try:
-        cmd = Cmd(cmd_byte[0])
-    except ValueError:
-        raise RemoteProtocolError(f"unknown command 0x{cmd_byte[0]:02x}") from None
+    cmd = _CMD_OF_INT[cmd_byte[0]]
+    if cmd is None:
+        raise RemoteProtocolError(f"unknown command 0x{cmd_byte[0]:02x}")
     try:
         fields = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
