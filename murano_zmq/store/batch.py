@@ -135,6 +135,24 @@ def overlay(batches: list[WriteBatch]) -> tuple[set[int], dict[int, int]]:
     return deleted, counts
 
 
+def runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Seqs as (first, last) runs of consecutive numbers, in sorted order.
+    A run holds only the listed seqs: seq is the key, so every stored row
+    in [first, last] is one of them."""
+    out: list[tuple[int, int]] = []
+    first = last = None
+    for s in sorted(set(seqs)):
+        if last is not None and s == last + 1:
+            last = s
+            continue
+        if first is not None:
+            out.append((first, last))
+        first = last = s
+    if first is not None:
+        out.append((first, last))
+    return out
+
+
 def inserted_rows(batches: list[WriteBatch], mailbox_id: int | None = None) -> Iterator[StoredMessage]:
     """Rows the batches insert and leave alive, as they leave them (of one
     mailbox, if given)."""

@@ -30,7 +30,7 @@ from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA,
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
 from .batch import (WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, overlay, replay,
-                    visible)
+                    runs, visible)
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
@@ -371,8 +371,8 @@ class SQLiteStore:
             if kind == "insert":
                 db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                items)
-            elif kind == "delete":
-                db.executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in items))
+            elif kind == "delete":  # acks come mostly in order: a run of seqs is one range delete
+                db.executemany("DELETE FROM messages WHERE seq>=? AND seq<=?", runs(items))
             elif kind == "deliveries":
                 db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
             elif kind == "mailbox":

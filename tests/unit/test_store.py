@@ -684,3 +684,24 @@ def test_ids_that_are_not_clocks_are_always_looked_up(tmp_path):
         assert s.mailboxes_of([hashed, fresh]) == {hashed: 1}
     finally:
         s.close()
+
+
+def test_deletes_run_as_ranges_of_consecutive_seqs():
+    from murano_zmq.store.batch import runs
+    assert runs([]) == []
+    assert runs([3, 1, 2, 7, 9, 8, 8]) == [(1, 3), (7, 9)]
+    assert runs([5]) == [(5, 5)]
+
+
+def test_a_range_delete_leaves_the_seqs_between_runs(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    try:
+        s.insert([msg(seq, mailbox=1 + seq % 2) for seq in range(1, 11)])
+        flush(s)
+        s.delete([1, 2, 3, 5, 9, 10])  # runs (1,3), (5,5), (9,10)
+        flush(s)
+        s.close()
+        s = SQLiteStore(str(tmp_path))  # committed state only
+        assert [r.seq for r in s.get_many(list(range(1, 11)))] == [4, 6, 7, 8]
+    finally:
+        s.close()
