@@ -38,6 +38,11 @@ class Sessions:
         # every peer may do everything (an open relay, or --allow-all).
         self.permissions = None
         self._drop_consumer = drop_consumer
+        # No peer is due (silent, or owed a heartbeat) before this: tick()
+        # scans the peers only then, not every turn.  A peer's deadlines only
+        # move later (it speaks, the relay sends to it), so the bound stays
+        # true until the scan; a new session lowers it.
+        self._due = float("-inf")
 
     # --- permissions ---
 
@@ -72,6 +77,7 @@ class Sessions:
         peer = Peer(ctx.identity, name[:200], instance, heartbeat, ctx.now, ctx.now, key=ctx.key,
                     user=ctx.user)
         self.peers[ctx.identity] = peer
+        self._due = min(self._due, _deadline(peer))
         log.info("node %s connected", peer.name)
         return peer
 
@@ -93,18 +99,28 @@ class Sessions:
     # --- time ---
 
     def tick(self, now: float) -> list[bytes]:
-        """Drop silent peers; return those owed a heartbeat."""
+        """Drop silent peers; return those owed a heartbeat (which the relay
+        sends this turn)."""
+        if now < self._due:
+            return []
         owed = []
+        due = float("inf")
         for peer in list(self.peers.values()):
             if now - peer.last_heard > peer.heartbeat * HEARTBEAT_LIVENESS:
                 self.drop(peer, f"silent for {now - peer.last_heard:.1f}s", now)
-            elif now - peer.last_sent >= peer.heartbeat:
+                continue
+            if now - peer.last_sent >= peer.heartbeat:
                 owed.append(peer.identity)
+                due = min(due, now + peer.heartbeat, peer.last_heard + peer.heartbeat * HEARTBEAT_LIVENESS)
+            else:
+                due = min(due, _deadline(peer))
+        self._due = due
         return owed
 
     def next_deadline(self) -> float:
-        deadline = float("inf")
-        for peer in self.peers.values():
-            deadline = min(deadline, peer.last_sent + peer.heartbeat,
-                           peer.last_heard + peer.heartbeat * HEARTBEAT_LIVENESS)
-        return deadline
+        return self._due
+
+
+def _deadline(peer: Peer) -> float:
+    """When `peer` is next owed a heartbeat or declared silent, if nothing happens."""
+    return min(peer.last_sent + peer.heartbeat, peer.last_heard + peer.heartbeat * HEARTBEAT_LIVENESS)
