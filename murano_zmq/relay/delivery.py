@@ -105,7 +105,7 @@ class Delivery:
                 break
             consumer = consumers[mb.rr % n]
             mb.rr += 1
-            if not consumer.has_credit() or not consumer.fits(len(ready[0].body)):
+            if not consumer.can_take(len(ready[0].body)):
                 idle_rounds += 1
                 continue
             idle_rounds = 0

@@ -51,15 +51,16 @@ class Consumer:
     unacked: dict[int, Unacked] = field(default_factory=dict)
     unacked_bytes: int = 0
 
-    def has_credit(self) -> bool:
-        return len(self.unacked) < self.prefetch and (
-            self.prefetch_bytes is None or self.unacked_bytes < self.prefetch_bytes)
-
-    def fits(self, size: int) -> bool:
-        """May a message of `size` bytes go out now?  With nothing out, any
-        message may (else one larger than the byte credit would never go)."""
-        return self.prefetch_bytes is None or not self.unacked or \
-            self.unacked_bytes + size <= self.prefetch_bytes
+    def can_take(self, size: int) -> bool:
+        """May a message of `size` bytes go out now?  Within `prefetch`
+        messages and, with byte credit, below `prefetch_bytes` and within it
+        with this one; with nothing out, any message may (else one larger
+        than the byte credit would never go)."""
+        n = len(self.unacked)
+        if n >= self.prefetch:
+            return False
+        limit = self.prefetch_bytes
+        return limit is None or (self.unacked_bytes < limit and (not n or self.unacked_bytes + size <= limit))
 
     def hand_out(self, entry: Unacked) -> None:
         self.unacked[entry.seq] = entry
