@@ -188,6 +188,9 @@ class _Session:
     last_sent: float
     # req -> [records left unsettled, refused entries]
     pending: dict[int, list] = field(default_factory=dict)
+    # CONFIRMs the ROUTER could not pass on (the peer's connection was
+    # down): sent again when the peer is heard from next
+    unsent: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -250,6 +253,9 @@ class DirectInbox:
             self._outbox.append((identity, encode(Cmd.ERROR, None, 409, "say HELLO first")))
             return []
         session.last_heard = now
+        if session.unsent:  # its connection is back: what it missed first
+            self._outbox.extend((identity, frames) for frames in session.unsent)
+            session.unsent.clear()
         if command.cmd == Cmd.HEARTBEAT:
             return []
         if command.cmd == Cmd.BYE:
@@ -335,6 +341,16 @@ class DirectInbox:
             del session.pending[req]
             if self._sessions.get(session.identity) is session:
                 self._put(session.identity, Cmd.CONFIRM, req, entry[1])
+
+    def send_failed(self, identity: bytes, frames: list[bytes]) -> None:
+        """The driver could not pass `frames` to the peer (no connection
+        under its routing id now, e.g. while its DEALER reconnects).  A
+        CONFIRM is kept and sent again when the peer is heard from: lost,
+        it would make the sender time out and give acked messages to the
+        relay, and so maybe to a second consumer."""
+        session = self._sessions.get(identity)
+        if session is not None and decode(frames).cmd == Cmd.CONFIRM:
+            session.unsent.append(frames)
 
     def next_deadline(self) -> float:
         if not self._sessions:

@@ -148,7 +148,7 @@ def test_a_direct_send_the_relay_would_deny_fails_with_permission_denied(secure_
     tasks = conductor.consume("conductor")
     agent = nodes("agent", secure_relay, keys, "agent-e1-u1", discovery="127.0.0.1",
                   trusted_keys=keys.authorized)
-    wait_for(lambda: agent._peers.paths.is_direct("conductor"), 20, what="the conductor's advert")
+    wait_for(lambda: agent._core.paths.is_direct("conductor"), 20, what="the conductor's advert")
     with pytest.raises(PermissionDenied, match="may not send to 'conductor'"):
         agent.send("conductor", "a forged task")
     assert tasks.get(timeout=0.5) is None
@@ -185,13 +185,13 @@ def test_adverts_are_used_only_with_a_trusted_key_that_may_consume(secure_relay,
         for node in (conductor, ops):
             wait_for(lambda: {"stranger", "liar", "nokey"} <= {a.name for a in node.peers.values()}, 20,
                      what="the adverts")
-            wait_for(lambda: node._peers.paths.is_direct("agent.e1.u2"), 10, what="the pinned advert taken")
-            paths = node._peers.paths
+            wait_for(lambda: node._core.paths.is_direct("agent.e1.u2"), 10, what="the pinned advert taken")
+            paths = node._core.paths
             assert paths.key_of(endpoint("liar")) == keys.public("agent-e1-u2")
             assert not paths.is_direct("agent.e1.u3"), "an untrusted key, or none, is never used"
             assert paths.key_of(endpoint("stranger")) is None and paths.key_of(endpoint("nokey")) is None
-        assert not conductor._peers.paths.is_direct("agent.e1.u1"), "agent-e1-u2 may not consume agent.e1.u1"
-        assert ops._peers.paths.is_direct("agent.e1.u1"), "without permissions a pinned key is believed"
+        assert not conductor._core.paths.is_direct("agent.e1.u1"), "agent-e1-u2 may not consume agent.e1.u1"
+        assert ops._core.paths.is_direct("agent.e1.u1"), "without permissions a pinned key is believed"
 
         conductor.send("agent.e1.u1", {"plan": 1})  # stored by the relay, not given to a claimant
         assert depth(ops, "agent.e1.u1") == 1
@@ -221,7 +221,7 @@ def test_a_key_removed_from_the_receiver_stops_an_open_direct_link(secure_relay,
         sent += 1
         return condition()
 
-    wait_for(lambda: send_until(lambda: agent._peers.paths.is_direct("conductor.results")), 20,
+    wait_for(lambda: send_until(lambda: agent._core.paths.is_direct("conductor.results")), 20,
              interval=0, what="the direct path")
     before = counters(ops)["received"]
     (allowed / "agent-e1-u1.key").unlink()  # the conductor reloads its directory within about 1 s
