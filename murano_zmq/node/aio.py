@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 import zmq.asyncio
@@ -27,8 +27,11 @@ from ..protocol.message import Message, pack_body
 from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import SendGroup, build_record, build_records, declare_options
+from .handles import AsyncConsumer, AsyncSubscription
 
 log = logging.getLogger("murano_zmq.node")
+
+__all__ = ["AsyncConsumer", "AsyncNode", "AsyncSubscription"]
 
 
 class AsyncNode(NodeBase):
@@ -289,87 +292,3 @@ class AsyncNode(NodeBase):
         except Exception:
             log.exception("node %s reader failed", self.name)
             raise
-
-
-class AsyncConsumer:
-    """Messages of one mailbox for an AsyncNode: `async for msg in consumer`."""
-
-    def __init__(self, node: AsyncNode, mailbox: str):
-        self.node = node
-        self.mailbox = mailbox
-        self.cid = 0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancelled = False
-
-    def _feed(self, messages: list[Message]) -> None:
-        for m in messages:
-            m._settle = self.node._settle
-            self._queue.put_nowait(m)
-
-    async def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds."""
-        if self._cancelled:
-            return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
-        while not self._cancelled and not self.node._closed:
-            m = await self.get(timeout=0.5)
-            if m is not None:
-                yield m
-
-    def cancel(self) -> None:
-        """Stop consuming; messages not yet acked go back to the mailbox."""
-        if not self._cancelled:
-            self._cancelled = True
-            self.node._cancel(self.cid, self.mailbox)
-
-
-class AsyncSubscription:
-    """Topic events for one prefix on an AsyncNode."""
-
-    def __init__(self, node: AsyncNode, sid: int, prefix: str, callback=None):
-        self.node = node
-        self.sid = sid
-        self.prefix = prefix
-        self._callback = callback
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancelled = False
-
-    def _feed(self, events: list[TopicEvent]) -> None:
-        for e in events:
-            if self._callback is None:
-                self._queue.put_nowait(e)
-                continue
-            try:
-                self._callback(e)
-            except Exception:
-                log.exception("subscription %r: callback failed", self.prefix)
-
-    async def get(self, timeout: float | None = None) -> TopicEvent | None:
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    def __aiter__(self) -> AsyncIterator[TopicEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[TopicEvent]:
-        while not self._cancelled and not self.node._closed:
-            e = await self.get(timeout=0.5)
-            if e is not None:
-                yield e
-
-    def cancel(self) -> None:
-        if not self._cancelled:
-            self._cancelled = True
-            self.node._subscriptions.pop(self.sid, None)
-            if not self.node._closed:
-                self.node._topics.unsubscribe(self.sid)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -28,8 +27,11 @@ from ..protocol.message import Message, pack_body
 from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import SendGroup, build_record, build_records, declare_options
+from .handles import Consumer, Subscription
 
 log = logging.getLogger("murano_zmq.node")
+
+__all__ = ["Consumer", "Node", "Subscription"]
 
 
 class Node(NodeBase):
@@ -336,95 +338,3 @@ class Node(NodeBase):
             jobs, self._jobs = self._jobs, deque()
         for job in jobs:
             job()
-
-
-class Subscription:
-    """Topic events for one prefix; iterate, call get(), or give a callback."""
-
-    def __init__(self, node: Node, sid: int, prefix: str, callback=None):
-        self.node = node
-        self.sid = sid
-        self.prefix = prefix
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopped = threading.Event()
-        self._thread = None
-        if callback is not None:
-            self._thread = threading.Thread(target=self._run_callback, args=(callback,), daemon=True)
-            self._thread.start()
-
-    def _feed(self, events: list[TopicEvent]) -> None:
-        for e in events:
-            self._queue.put(e)
-
-    def get(self, timeout: float | None = None) -> TopicEvent | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def __iter__(self) -> Iterator[TopicEvent]:
-        while not self._stopped.is_set():
-            e = self.get(timeout=0.2)
-            if e is not None:
-                yield e
-
-    def _run_callback(self, callback) -> None:
-        for event in self:
-            try:
-                callback(event)
-            except Exception:
-                log.exception("subscription %r: callback failed", self.prefix)
-
-    def _stop(self) -> None:
-        self._stopped.set()
-
-    def cancel(self) -> None:
-        self._stop()
-        self.node._subscriptions.pop(self.sid, None)
-        try:
-            self.node._submit(lambda: self.node._topics.unsubscribe(self.sid))
-        except NodeClosed:
-            pass
-
-
-class Consumer:
-    """Messages of one mailbox for this node; iterate, or call get()."""
-
-    def __init__(self, node: Node, mailbox: str):
-        self.node = node
-        self.mailbox = mailbox
-        self.cid = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled = False
-
-    def _feed(self, messages: list[Message]) -> None:
-        for m in messages:
-            m._settle = self.node._settle
-            self._queue.put(m)
-
-    def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds (None: wait forever)."""
-        if self._cancelled:
-            return None
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def __iter__(self) -> Iterator[Message]:
-        while not self._cancelled:
-            m = self.get(timeout=0.2)
-            if m is not None:
-                yield m
-            elif self.node._closed.is_set():
-                return
-
-    def cancel(self) -> None:
-        """Stop consuming; messages not yet acked go back to the mailbox."""
-        if self._cancelled:
-            return
-        self._cancelled = True
-        try:
-            self.node._cancel(self.cid, self.mailbox)
-        except NodeClosed:
-            pass
