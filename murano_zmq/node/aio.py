@@ -123,11 +123,6 @@ class AsyncNode(NodeBase):
         self._outgoing.extend(zip(records, waiters))
         self._schedule_flush()
 
-    @property
-    def pending(self) -> int:
-        """Messages this node holds that no socket has taken yet."""
-        return len(self._outgoing) + self._core.pending
-
     async def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                       timeout: float | None = None, direct: bool = True) -> "AsyncConsumer":
         """A consumer of `mailbox` (see Node.consume): `async for msg in consumer`."""

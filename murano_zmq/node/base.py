@@ -93,6 +93,11 @@ class NodeBase:
         self._next_subscription = 1
 
     @property
+    def pending(self) -> int:
+        """Messages this node holds that no socket has taken yet."""
+        return len(self._outgoing) + self._core.pending
+
+    @property
     def endpoint(self) -> str | None:
         """Where this node takes direct deliveries (None: relay only)."""
         return self._core.endpoint

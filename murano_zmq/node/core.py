@@ -79,8 +79,11 @@ class NodeCore:
 
     def deliverable_now(self, mailbox: str) -> bool:
         """Would a message to `mailbox` leave now (relay session up, or direct)?"""
-        direct = self.sender is not None and self.sender.paths.is_direct(mailbox)
-        return direct or self.session.state == State.READY
+        if self.session.state == State.READY:
+            return True
+        if self.sender is None:
+            return False
+        return self.sender.paths.is_direct(mailbox, relay_up=False)
 
     def next_deadline(self) -> float:
         deadline = self.session.next_deadline()
@@ -135,6 +138,8 @@ class NodeCore:
             routing, self._held = self._held, deque()
         held_mailboxes: set[str] = set()
         sender = self.sender
+        if sender is not None:
+            sender.paths.relay_up = self.session.state == State.READY
         for record, waiter in routing:
             mailbox = record[1]
             if sender is not None:

@@ -140,11 +140,6 @@ class Node(NodeBase):
             self._outgoing.extend(zip(records, waiters))
         self._wake()
 
-    @property
-    def pending(self) -> int:
-        """Messages this node holds that no socket has taken yet."""
-        return len(self._outgoing) + self._core.pending
-
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
                 timeout: float | None = None, direct: bool = True) -> "Consumer":
         """A consumer of `mailbox`: iterate it for Messages; ack each one.

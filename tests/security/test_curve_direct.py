@@ -21,12 +21,13 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def nodes():
+def nodes(node_kind):
+    """Keyed nodes of either runner (Node, or AsyncNode through its facade)."""
     made = []
 
     def make(name: str, relay, keys, key: str, **kw):
         kw.setdefault("timeout", 10)
-        node = Node(name, relay=relay.endpoint, **keys.node_kw(key), **kw)
+        node = node_kind(name, relay=relay.endpoint, **keys.node_kw(key), **kw)
         made.append(node)
         return node
 
