@@ -15,7 +15,7 @@ from murano_zmq.protocol.dedup import DedupWindow
 from murano_zmq.protocol.direct import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import pack_body, send_record
-from murano_zmq.protocol.paths import HOLD, HOLD_LIMIT, PathTable
+from murano_zmq.protocol.paths import PathTable
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.store.sqlite import SQLiteStore
 
@@ -206,15 +206,3 @@ def test_paths_with_the_relay_down_go_to_a_known_direct_consumer():
     paths.relay_up = False
     paths.discovered("q", {"tcp://c:1"})
     assert paths.choose("q", room, T0) is None
-
-
-def test_paths_hold_the_first_send_until_something_is_known():
-    paths = PathTable()
-    room = lambda endpoint: True  # noqa: E731
-    assert paths.wants_lookup("m", T0)
-    assert paths.choose("m", room, T0) == HOLD
-    paths.looked_up("m", {"depth": 0, "direct": [["c", "tcp://c:1"]]}, T0 + 0.01)
-    assert paths.choose("m", room, T0 + 0.01) == "tcp://c:1", "direct from the first message"
-    paths.relay_up = False  # no relay session yet: hold a while, then queue for the relay
-    assert paths.choose("n", room, T0) == HOLD
-    assert paths.choose("n", room, T0 + HOLD_LIMIT + 0.1) is None
