@@ -81,6 +81,7 @@ class DirectLink:
         self._outbox = [encode(Cmd.HELLO, node_name, instance, heartbeat)]
         self._last_heard = self._last_sent = now
         self._last_progress = now  # last CONFIRM: a slow consumer that acks is not a dead one
+        self._resent = False  # the unconfirmed SENDs went out once more since the last CONFIRM
 
     @property
     def in_flight(self) -> int:
@@ -118,6 +119,7 @@ class DirectLink:
             if entry is None:
                 return []
             self._last_progress = now
+            self._resent = False
             records = entry[1]
             self._count -= len(records)
             refused = [e for e in errors if isinstance(e, list) and e and isinstance(e[0], int)]
@@ -158,7 +160,17 @@ class DirectLink:
         if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
             return [self.fail(f"peer silent for {now - self._last_heard:.1f}s")]
         if self._in_flight and now - self._stalled_since() > self.timeout:
-            return [self.fail(f"no direct ack within {self.timeout}s")]
+            if not self._resent and now - self._last_heard < self.heartbeat * 2:
+                # The peer is alive: its CONFIRM may have been lost with a
+                # connection that dropped (ZeroMQ reconnects silently).  Send
+                # the unconfirmed SENDs again, same req: the peer's dedup
+                # confirms at once what its application settled already, and
+                # holds the rest as before.  No answer in another timeout: fail.
+                self._resent = True
+                self._last_progress = now
+                self._outbox.extend(encode(Cmd.SEND, req, records) for req, (_, records) in self._in_flight.items())
+                return []
+            return [self.fail(f"no direct ack within {2 * self.timeout}s")]
         if now - self._last_sent >= self.heartbeat:
             self._outbox.append(encode(Cmd.HEARTBEAT))
         return []
@@ -265,6 +277,8 @@ class DirectInbox:
             self._error(identity, Malformed(f"a direct link carries no {command.cmd.name}"))
             return []
         req, records = command.fields
+        if req in session.pending:
+            return []  # sent again by a sender that missed nothing: its CONFIRM comes when settled
         by_consumer: dict[int, list[Message]] = {}
         refused: list[list] = []
         unsettled = 0

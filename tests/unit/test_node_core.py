@@ -206,3 +206,57 @@ def test_paths_with_the_relay_down_go_to_a_known_direct_consumer():
     paths.relay_up = False
     paths.discovered("q", {"tcp://c:1"})
     assert paths.choose("q", room, T0) is None
+
+
+def test_a_lost_confirm_costs_a_resend_on_the_link_not_a_relay_fallback():
+    from murano_zmq.protocol.direct import DirectLink, LinkFailed
+
+    inbox = DirectInbox("c", 1 << 20, DedupWindow())
+    link = DirectLink("tcp://c:1", "s", b"s" * 16, T0, heartbeat=1.0, timeout=2.0)
+    consumers = {"m": 7}
+    app: list = []
+
+    def carry(now, lose_confirms=False):
+        inbox.tick(now)  # its heartbeats say the peer is alive
+        for frames in link.drain():
+            for ev in inbox.receive(b"L", frames, now, consumers):
+                app.extend(ev.messages)
+        events = []
+        for _, frames in inbox.drain():
+            if not (lose_confirms and decode(frames).cmd == Cmd.CONFIRM):
+                events.extend(link.receive(frames, now))
+        return events
+
+    carry(T0)
+    records = [send_record(bytes([i]) * 16, "m", None, pack_body(i), T0, None) for i in range(2)]
+    link.send(records, T0)
+    carry(T0)
+    inbox.settle(app[0], "ack", False)
+    assert carry(T0 + 0.5) == []  # one of two settled: no CONFIRM yet
+    inbox.settle(app[1], "ack", False)
+    assert carry(T0 + 0.6, lose_confirms=True) == []  # the CONFIRM is lost
+    for t in (1.0, 1.6):  # heartbeats keep the link alive
+        link.tick(T0 + t)
+        carry(T0 + t)
+    assert link.tick(T0 + 2.1) == [], "a live peer gets the SEND again instead of a failed link"
+    [done] = carry(T0 + 2.1)
+    assert [r[0] for r in done.done] == [r[0] for r in records] and len(app) == 2, "none handed out twice"
+
+    # Resent while a record is still with the application: confirmed only once it is settled.
+    more = [send_record(bytes([9 + i]) * 16, "m", None, pack_body(i), T0, None) for i in range(2)]
+    link.send(more, T0 + 3)
+    carry(T0 + 3)
+    inbox.settle(app[2], "ack", False)
+    carry(T0 + 3.1)
+    for t in (4.0, 5.0):
+        link.tick(T0 + t)
+        carry(T0 + t)
+    assert link.tick(T0 + 5.2) == [] and carry(T0 + 5.2) == [], "no CONFIRM while one is held"
+    inbox.settle(app[3], "ack", False)
+    [done] = carry(T0 + 5.3)
+    assert len(done.done) == 2 and len(app) == 4
+    # A dead peer (no word) still fails the link after the timeout.
+    link.send([send_record(b"z" * 16, "m", None, pack_body(0), T0, None)], T0 + 6)
+    link.drain()
+    [failed] = link.tick(T0 + 9)
+    assert isinstance(failed, LinkFailed)
