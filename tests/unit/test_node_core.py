@@ -260,3 +260,18 @@ def test_a_lost_confirm_costs_a_resend_on_the_link_not_a_relay_fallback():
     link.drain()
     [failed] = link.tick(T0 + 9)
     assert isinstance(failed, LinkFailed)
+
+
+def test_the_core_modules_import_no_io():
+    import ast
+    from pathlib import Path
+
+    import murano_zmq.node as node_package
+
+    forbidden = {"zmq", "asyncio", "socket", "threading", "selectors", "sqlite3"}
+    for name in ("core.py", "links.py", "common.py"):
+        tree = ast.parse((Path(node_package.__file__).parent / name).read_text())
+        imported = {alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+        assert not imported & forbidden, f"node/{name} imports {imported & forbidden}"
