@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from typing import Any, Callable, Iterable
@@ -50,10 +49,6 @@ class AsyncNode(NodeBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._woken = False
-        self._armed = 0.0  # when the reader's current poll ends at the latest
 
     async def start(self) -> "AsyncNode":
         """Find the relay (relay="auto"), bind, connect, start discovery."""
@@ -185,8 +180,7 @@ class AsyncNode(NodeBase):
             await asyncio.get_running_loop().run_in_executor(None, self._discovery.close)
         if self._security is not None:
             self._security.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_wake()
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -257,31 +251,14 @@ class AsyncNode(NodeBase):
         routing, self._outgoing = self._outgoing, deque()
         return routing
 
-    def _wake(self) -> None:
-        if not self._woken and not self._closed:
-            self._woken = True
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass
-
     async def _read_loop(self) -> None:
-        io, poller, registered = self._io, zmq.asyncio.Poller(), []
+        poller, registered = zmq.asyncio.Poller(), []
         try:
             while True:
-                if io.stale:
-                    for s in registered:
-                        poller.unregister(s)
-                    registered = [self._wake_r, *io.sockets()]
-                    for s in registered:
-                        poller.register(s, zmq.POLLIN)
-                wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-                self._armed = time.time() + wait
-                ready = dict(await poller.poll(int(wait * 1000) + 1))
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)  # drain, then re-arm (see Node._run)
-                    self._woken = False
-                io.turn(ready, time.time(), self._take_outgoing())
+                registered, timeout = self._before_poll(poller, registered)
+                ready = dict(await poller.poll(timeout))
+                self._after_poll(ready)
+                self._io.turn(ready, time.time(), self._take_outgoing())
         except asyncio.CancelledError:
             raise
         except Exception:

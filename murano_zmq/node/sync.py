@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -58,9 +57,6 @@ class Node(NodeBase):
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._woken = False
         self._closed = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -261,15 +257,6 @@ class Node(NodeBase):
         except concurrent.futures.TimeoutError:
             raise self._timed_out(timeout) from None
 
-    def _wake(self) -> None:
-        if self._woken:
-            return
-        self._woken = True
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or the I/O thread has ended
-
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise NodeClosed(f"node {self.name} is closed")
@@ -290,20 +277,9 @@ class Node(NodeBase):
         try:
             io.connect(time.time())
             while not self._closed.is_set():
-                if io.stale:
-                    for s in registered:
-                        poller.unregister(s)
-                    registered = [self._wake_r, *io.sockets()]
-                    for s in registered:
-                        poller.register(s, zmq.POLLIN)
-                wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-                ready = dict(poller.poll(int(wait * 1000) + 1))
-                if self._wake_r in ready:
-                    # Drain, then re-arm: re-arming first could swallow the
-                    # byte of a wake that sets the flag in between, leaving
-                    # the flag up with an empty pipe (a lost wake-up).
-                    os.read(self._wake_r, 4096)
-                    self._woken = False
+                registered, timeout = self._before_poll(poller, registered)
+                ready = dict(poller.poll(timeout))
+                self._after_poll(ready)
                 self._run_jobs()
                 io.turn(ready, time.time(), self._take_outgoing())
             self._run_jobs()  # last acks and BYE go out with a short linger
@@ -320,8 +296,7 @@ class Node(NodeBase):
             for _, waiter in orphans:  # every pending send learns the node is gone
                 if not waiter.done():
                     waiter.set_exception(closed)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_wake()
 
     def _take_outgoing(self) -> deque:
         with self._lock:
