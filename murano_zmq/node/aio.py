@@ -49,6 +49,7 @@ class AsyncNode(NodeBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._closed = False
+        self._discovery_started: asyncio.Task | None = None
 
     async def start(self) -> "AsyncNode":
         """Find the relay (relay="auto"), bind, connect, start discovery."""
@@ -56,16 +57,20 @@ class AsyncNode(NodeBase):
             self.relay = self._io.relay = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: find_relay(self._interfaces, timeout=min(self.timeout, 10.0)))
         self._start()
-        if self._discover and self._discovery is None:
-            loop = asyncio.get_running_loop()
-
-            def on_change(peers: dict) -> None:  # (discovery thread)
-                if not self._closed:
-                    loop.call_soon_threadsafe(self._learn_peers, peers, time.time())
-
-            self._discovery = await loop.run_in_executor(None, lambda: Discovery(self._interfaces, on_change))
-            await self._advertise_async()
+        if self._discovery_started is not None:
+            await self._discovery_started
         return self
+
+    async def _start_discovery(self) -> None:
+        """Browse and advertise (discovery runs its own thread)."""
+        loop = self._loop
+
+        def on_change(peers: dict) -> None:  # (discovery thread)
+            if not self._closed:
+                loop.call_soon_threadsafe(self._learn_peers, peers, time.time())
+
+        self._discovery = await loop.run_in_executor(None, lambda: Discovery(self._interfaces, on_change))
+        await self._advertise_async()
 
     async def __aenter__(self) -> "AsyncNode":
         return await self.start()
@@ -176,6 +181,11 @@ class AsyncNode(NodeBase):
             if not future.done():
                 future.set_exception(error)
         self._outgoing.clear()
+        if self._discovery_started is not None:
+            try:
+                await self._discovery_started
+            except Exception:
+                log.exception("node %s: discovery did not start", self.name)
         if self._discovery is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._discovery.close)
         if self._security is not None:
@@ -199,6 +209,8 @@ class AsyncNode(NodeBase):
         self._io.bind_router()
         self._io.connect(time.time())
         self._reader = self._loop.create_task(self._read_loop())
+        if self._discover:  # also without start(): the first call starts it
+            self._discovery_started = self._loop.create_task(self._start_discovery())
 
     async def _advertise_async(self) -> None:
         self._core.advert_due = False
