@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DirectConfirmed, DirectLink, LinkFailed, LinkState
+from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH
+from ..protocol.direct import DirectConfirmed, DirectLink, LinkFailed, LinkState
 from ..protocol.paths import HOLD, PathTable
 from .common import SEND_BATCH_BYTES, record_size
 
 log = logging.getLogger("murano_zmq.node")
-
-# Records per direct SEND: its CONFIRM waits for the last of them.
-DIRECT_BATCH = 32
 
 OPEN, CLOSE = "open", "close"  # socket_ops: (OPEN, endpoint, expected key or None) / (CLOSE, endpoint)
 

@@ -16,7 +16,7 @@ import uuid
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..protocol.constants import FRAME_HEADROOM
+from ..protocol.constants import FRAME_HEADROOM, READ_BATCH
 from .core import NodeCore
 from .links import OPEN
 
@@ -24,10 +24,6 @@ log = logging.getLogger("murano_zmq.node")
 
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
-
-# Commands read from one socket per loop turn, at most: one busy socket
-# cannot starve the node's other sockets and timers.
-READ_BATCH = 1000
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
