@@ -99,12 +99,18 @@ def encode(cmd: Cmd, *fields: Any) -> list[bytes]:
     return [SIGNATURE, _CMD_BYTES[cmd], msgpack.packb(fields, use_bin_type=True)]
 
 
+# Hot commands whose fields are (int, list): SEND on the relay, CONFIRM and
+# DELIVER on a node.
+_INT_LIST = frozenset({Cmd.SEND, Cmd.CONFIRM, Cmd.DELIVER})
+assert all(SCHEMAS[c] == ("int", "list") for c in _INT_LIST)
+
+
 def check_fields(cmd: Cmd, fields: Any) -> tuple:
     """`fields` as a tuple if it fits the command's schema, else raise."""
     # The hot commands in their usual shape first (the same rules: exact
     # int and list types, so a bool is no int).
     if type(fields) is list:
-        if cmd is Cmd.SEND:
+        if cmd in _INT_LIST:
             if len(fields) == 2 and type(fields[0]) is int and type(fields[1]) is list:
                 return tuple(fields)
         elif cmd is Cmd.ACK:
