@@ -6,8 +6,8 @@ a sender's mistake (refused with 406).  The store answers for every SEND
 record at once, its own unwritten writes included, and looks up only the
 ids it may hold (store/ids.py).
 
-The hot path: a record in the usual shape (a known mailbox, no headers, no
-ttl, not a retry) is checked inline and becomes its stored row with no
+The hot path: a record in the usual shape (a known mailbox, no headers) is
+checked inline and becomes its stored row with no
 object in between; the rows of a SEND go to the store in one call.
 Anything else takes parse_send_record() and the general path.
 """
@@ -64,13 +64,15 @@ class Intake:
                 if (type(msg_id) is bytes and len(msg_id) == ID_SIZE and type(mailbox) is str
                         and mailbox in by_name and headers == b"" and type(body) is bytes
                         and type(created) is float and created - created == 0.0  # finite
-                        and ttl is None and retry is False):
+                        and (ttl is None or ((type(ttl) is float or type(ttl) is int)
+                                             and ttl > 0 and ttl - ttl == 0))  # positive, finite
+                        and type(retry) is bool):
                     if not open_relay and not sessions.allowed(ctx.user, "send", mailbox):
                         errors.append(_denied(i, ctx.user, mailbox))
                     elif len(body) > limit:
                         errors.append(_too_large(i, len(body), limit))
                     else:
-                        accepted.append((i, msg_id, mailbox, b"", body, created, None, False))
+                        accepted.append((i, msg_id, mailbox, b"", body, created, ttl, retry))
                     continue
             try:
                 msg = parse_send_record(record)
