@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,36 @@ def children():
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+# --- PostgreSQL (tests/pgserver.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL cluster for the session, on a unix socket in a temp dir.
+    Skipped where PostgreSQL is not installed, unless MURANO_ZMQ_REQUIRE_PG=1
+    (CI sets it: there a missing server fails the tests)."""
+    from .pgserver import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("MURANO_ZMQ_REQUIRE_PG") == "1":
+            pytest.fail("PostgreSQL (initdb) not found and MURANO_ZMQ_REQUIRE_PG=1")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    if os.environ.get("MURANO_ZMQ_REQUIRE_PG") != "1":
+        pytest.importorskip("psycopg")
+    server = PostgresServer(bindir)
+    try:
+        server.init().start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_dsn(pg_server) -> str:
+    """A conninfo string for a database of this test's own (a fresh schema)."""
+    from .pgserver import new_schema, with_schema
+
+    return with_schema(pg_server.dsn(), new_schema(pg_server.dsn()))
