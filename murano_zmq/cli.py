@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM/SIGINT commit, tell nodes and exit 0.")
     p.add_argument("--bind", default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
     p.add_argument("--data-dir", default="", help="where relay.db lives (default ~/.local/share/murano-zmq)")
+    p.add_argument("--store", default="", metavar="URL",
+                   help="where mailboxes live: 'sqlite' (relay.db in --data-dir, the default) or "
+                        "postgresql://... (needs the postgresql extra; docs/scale-out.md)")
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest message in bytes: body plus packed headers (default %(default)s)")
@@ -212,12 +215,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_relay(args: argparse.Namespace) -> int:
     from .relay.server import RelayConfig, run_relay
+    from .store.open import StoreUnavailable
 
     security = dict(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                     authorized_keys=args.authorized_keys or "", permissions=args.permissions or "")
-    return run_relay(RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, name=args.name,
-                                 max_message_size=args.max_message_size,
-                                 discovery_interfaces=args.discovery_interfaces))
+    config = RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, store=args.store, name=args.name,
+                         max_message_size=args.max_message_size, discovery_interfaces=args.discovery_interfaces)
+    try:
+        return run_relay(config)
+    except StoreUnavailable as exc:
+        print(f"murano-zmq: relay store: {exc}", file=sys.stderr)
+        return 1
 
 
 def _node(args: argparse.Namespace, name: str):

@@ -90,3 +90,11 @@ def pg_dsn(pg_server) -> str:
     from .pgserver import new_schema, with_schema
 
     return with_schema(pg_server.dsn(), new_schema(pg_server.dsn()))
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The same as a postgresql:// URL, for `relay --store`."""
+    from .pgserver import new_schema
+
+    return pg_server.url(new_schema(pg_server.dsn()))

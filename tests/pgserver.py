@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from urllib.parse import quote, urlencode
 
 PG_USER = "postgres"
 
@@ -91,6 +92,13 @@ class PostgresServer:
     def dsn(self, dbname: str = "postgres", **params: str) -> str:
         extra = "".join(f" {k}={v}" for k, v in params.items())
         return f"host={self.sock_dir} port={self.port} user={PG_USER} dbname={dbname}{extra}"
+
+    def url(self, schema: str | None = None, dbname: str = "postgres") -> str:
+        """The same as a postgresql:// URL (what `relay --store` takes)."""
+        query = {"host": self.sock_dir, "port": str(self.port)}
+        if schema:
+            query["options"] = f"-c search_path={schema}"
+        return f"postgresql://{PG_USER}@/{dbname}?{urlencode(query, quote_via=quote)}"
 
     def kill(self) -> None:
         """kill -9 of the postmaster (its children exit when they notice)."""

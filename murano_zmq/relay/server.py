@@ -26,7 +26,7 @@ from ..protocol.constants import (
 )
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
-from ..store.sqlite import SQLiteStore
+from ..store.open import check_store_url, open_store
 from .engine import RelayEngine
 
 log = logging.getLogger("murano_zmq.relay")
@@ -59,6 +59,8 @@ def default_data_dir() -> str:
 class RelayConfig:
     bind: str = DEFAULT_RELAY_ENDPOINT
     data_dir: str = ""
+    # '' (SQLite in data_dir) or a postgresql:// URL (docs/scale-out.md).
+    store: str = ""
     name: str = "relay"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
@@ -78,6 +80,7 @@ class RelayConfig:
             self.data_dir = default_data_dir()
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
+        check_store_url(self.store)
 
 
 class Relay:
@@ -121,7 +124,7 @@ class Relay:
 
     def run(self) -> None:
         cfg = self.config
-        store = SQLiteStore(cfg.data_dir)
+        store = open_store(cfg.store, cfg.data_dir)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

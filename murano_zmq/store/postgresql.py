@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .base import MailboxRow, StoredMessage
 from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .open import StoreUnavailable
 
 SCHEMA_VERSION = 1
 
@@ -74,7 +75,7 @@ class PostgresStore:
             self._db = self._connect(conninfo)  # the writer
             self._reader = self._connect(conninfo)
         except psycopg.Error as exc:
-            raise RuntimeError(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
+            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
@@ -82,7 +83,7 @@ class PostgresStore:
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', %s)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
+                raise StoreUnavailable(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
         self._batches: list[WriteBatch] = [WriteBatch()]
         self._batches_lock = threading.Lock()
         self._commit_lock = threading.Lock()

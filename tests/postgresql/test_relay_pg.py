@@ -1,0 +1,74 @@
+"""A relay on PostgreSQL (`relay --store postgresql://...`), end to end.
+
+Each test gets a schema of its own on the session's server (conftest.pg_url).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from murano_zmq import Node
+
+from ..helpers import wait_for
+
+
+def _drain(endpoint: str, mailbox: str, prefetch: int = 500) -> list:
+    seen = []
+    with Node("receiver", relay=endpoint, timeout=30) as receiver:
+        consumer = receiver.consume(mailbox, prefetch=prefetch)
+        while True:
+            m = consumer.get(timeout=3)
+            if m is None:
+                return seen
+            seen.append(m)
+            m.ack()
+
+
+def test_relay_kill9_mid_pipelined_sends_loses_nothing(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    total = 3000
+    with Node("sender", relay=relay.endpoint, heartbeat=0.2, timeout=60) as sender:
+        futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 300, 30, interval=0.001, what="first confirms")
+        relay.kill()
+        confirmed_before_kill = {f.result() for f in futures if f.done()}
+        assert 0 < len(confirmed_before_kill) < total
+        relay_factory("--store", pg_url, endpoint=relay.endpoint)
+        ids = [f.result(timeout=60) for f in futures]  # resent through the new relay
+    assert len(set(ids)) == total
+    seen = [m.id for m in _drain(relay.endpoint, "jobs")]
+    assert len(seen) == len(set(seen)), "a message reached application code twice"
+    assert set(seen) == set(ids)
+
+
+def test_fifo_per_sender_with_one_consumer(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+        sender.send_many([("fifo", i) for i in range(2500)])  # more than one READY window
+    assert [m.body for m in _drain(relay.endpoint, "fifo", prefetch=100)] == list(range(2500))
+
+
+def test_the_store_survives_a_clean_restart_with_its_mailbox_options(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("n", relay=relay.endpoint, timeout=30) as node:
+        node.declare("limited", max_length=3, overflow="drop-head")
+        node.send_many([("limited", i) for i in range(5)])
+    assert relay.stop() == 0
+    relay_factory("--store", pg_url, endpoint=relay.endpoint)
+    assert [m.body for m in _drain(relay.endpoint, "limited")] == [2, 3, 4]
+
+
+def _relay_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "murano_zmq", "relay", "--bind", "tcp://127.0.0.1:0", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bad_store_urls_are_clear_errors(tmp_path):
+    r = _relay_cli("--store", "mysql://x", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "expected 'sqlite' or a postgresql://" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _relay_cli("--store", f"postgresql://nobody@/none?host={tmp_path}&connect_timeout=2",
+                   "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
