@@ -51,6 +51,7 @@ class PostgresServer:
                          "unix_socket_directories": f"'{self.sock_dir}'", "port": str(self.port),
                          "log_min_messages": "warning", "max_wal_senders": "4", "wal_level": "replica",
                          **(settings or {})}
+        self.settings["unix_socket_directories"] = f"'{self.sock_dir}'"
         self.pid: int | None = None
         self._as_user: list[str] = []
         if os.geteuid() == 0:
@@ -88,6 +89,21 @@ class PostgresServer:
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             self.pid = int(f.readline())
         return self
+
+    def standby(self, name: str = "standby1") -> "PostgresServer":
+        """A streaming-replication standby of this (running) server, not
+        started: pg_basebackup -R, its own socket directory."""
+        # Promoted, it stands alone: it must not wait for a synchronous
+        # standby of its own (docs/scale-out.md, the failover procedure).
+        other = PostgresServer(self.bindir, settings={**self.settings, "synchronous_standby_names": "''"})
+        self._check(other._run("pg_basebackup", "-D", other.data, "-X", "stream", "-R", "--no-sync",
+                               "-d", self.dsn(application_name=name)), "pg_basebackup")
+        other.settings["primary_conninfo"] = f"'{self.dsn(application_name=name)}'"
+        other.write_settings()
+        return other
+
+    def promote(self) -> None:
+        self._check(self._run("pg_ctl", "-D", self.data, "-w", "-t", "30", "promote", timeout=40), "pg_ctl promote")
 
     def dsn(self, dbname: str = "postgres", **params: str) -> str:
         extra = "".join(f" {k}={v}" for k, v in params.items())

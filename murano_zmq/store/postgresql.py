@@ -15,7 +15,9 @@ not built yet (docs/scale-out.md says what is missing).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Iterable
 
 import msgpack
@@ -57,6 +59,22 @@ CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires, seq) WHERE e
 # lock key: any fixed number).
 _SCHEMA_LOCK = 0x6D7A7131
 
+# Held by the running relay's writer session for as long as it lives: the
+# engine owns its database (seqs, windows, sweeps are in its memory), so a
+# second relay on the same database (schema) is refused until the first
+# one's session ends.  PostgreSQL ends it when the relay dies (its socket
+# closes; on a dead machine, when TCP keepalives give up).
+_RELAY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))"
+_RELAY_LOCK = 0x6D7A7132
+LOCK_WAIT = 3.0  # seconds
+
+# After a lost connection (the primary died, a failover), how long to keep
+# trying to reach a read-write server before the relay gives up and exits.
+RECONNECT_WINDOW = 30.0
+RECONNECT_PAUSE = 0.2
+
+log = logging.getLogger("murano_zmq.relay")
+
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
 # Connection settings: a relay must not hang on a dead server forever.
@@ -69,13 +87,19 @@ def _row(r: tuple) -> StoredMessage:
 
 
 class PostgresStore:
-    def __init__(self, conninfo: str):
+    """exclusive=False: no relay lock (a second reader, for tests and tools)."""
+
+    def __init__(self, conninfo: str, exclusive: bool = True):
         self.path = _redact(conninfo)  # what the relay logs
+        self._conninfo = conninfo
+        self._exclusive = exclusive
         try:
             self._db = self._connect(conninfo)  # the writer
             self._reader = self._connect(conninfo)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
+        if exclusive:
+            self._lock_database()
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
@@ -90,6 +114,20 @@ class PostgresStore:
         self._read_lock = threading.RLock()
         self._seq_saved = 0
 
+    def _lock_database(self) -> None:
+        # A session that just closed (a relay restarted at once) may hold
+        # the lock a moment longer, until its backend has exited.
+        deadline = time.monotonic() + LOCK_WAIT
+        while not self._db.execute(_RELAY_LOCK_SQL, (_RELAY_LOCK,)).fetchone()[0]:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            self._db.close()
+            self._reader.close()
+            raise StoreUnavailable(f"another relay is running on this database ({self.path}); one relay "
+                                   "per database (schema): several relays over one database are not "
+                                   "built yet (docs/scale-out.md)")
+
     @staticmethod
     def _connect(conninfo: str) -> psycopg.Connection:
         return psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
@@ -101,7 +139,29 @@ class PostgresStore:
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
-            return self._reader.execute(sql, args).fetchall()
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            except psycopg.OperationalError:
+                if not self._reader.broken:
+                    raise
+                self._reader = self._reconnect(self._reader, "reader")
+                return self._reader.execute(sql, args).fetchall()
+
+    def _reconnect(self, old: psycopg.Connection, which: str) -> psycopg.Connection:
+        """A new connection to a read-write server (libpq tries each host of
+        a multi-host conninfo), within RECONNECT_WINDOW; then the error."""
+        old.close()
+        log.warning("PostgreSQL %s connection lost; reconnecting (%s)", which, self.path)
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        while True:
+            try:
+                conn = self._connect(self._conninfo)
+                log.warning("PostgreSQL %s connection back", which)
+                return conn
+            except psycopg.OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RECONNECT_PAUSE)
 
     # --- at start-up ------------------------------------------------------------
 
@@ -266,9 +326,21 @@ class PostgresStore:
             sealed = self._pending()[:-1]
             if not sealed:
                 return
-            with self._db.transaction():
-                for batch in sealed:
-                    self._write(batch)
+            while True:
+                try:
+                    with self._db.transaction():
+                        for batch in sealed:
+                            self._write(batch)
+                    break
+                except psycopg.OperationalError:
+                    # The server went away (a failover).  Whether this
+                    # transaction got in or not, running it again is safe:
+                    # inserts skip stored ids, deletes and updates repeat.
+                    if not self._db.broken:
+                        raise
+                    self._db = self._reconnect(self._db, "writer")
+                    if self._exclusive:
+                        self._lock_database()
             self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
             with self._batches_lock:
                 self._batches = self._batches[len(sealed):]

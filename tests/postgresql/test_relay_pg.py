@@ -72,3 +72,15 @@ def test_bad_store_urls_are_clear_errors(tmp_path):
                    "--data-dir", str(tmp_path))
     assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_relay_per_database_until_it_dies(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("n", relay=relay.endpoint, timeout=30) as node:
+        node.send("kept", "before")
+    second = _relay_cli("--store", pg_url, "--data-dir", "/nonexistent")
+    assert second.returncode == 1 and "another relay is running on this database" in second.stderr
+    assert "Traceback" not in second.stderr
+    relay.kill()  # its session ends with it, and the lock with the session
+    relay_factory("--store", pg_url, endpoint=relay.endpoint)
+    assert [m.body for m in _drain(relay.endpoint, "kept")] == ["before"]

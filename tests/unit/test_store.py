@@ -49,7 +49,8 @@ class Backend:
         self.pg_server = pg_server
         self._schemas: dict[str, str] = {}
 
-    def open(self, where):
+    def open(self, where, exclusive: bool = True):
+        """exclusive=False: a second store on the same data, beside a relay's."""
         if self.kind == "sqlite":
             return SQLiteStore(str(where))
         from murano_zmq.store.postgresql import PostgresStore
@@ -59,7 +60,7 @@ class Backend:
         dsn = self.pg_server.dsn()
         if str(where) not in self._schemas:
             self._schemas[str(where)] = new_schema(dsn)
-        return PostgresStore(with_schema(dsn, self._schemas[str(where)]))
+        return PostgresStore(with_schema(dsn, self._schemas[str(where)]), exclusive=exclusive)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -72,7 +73,7 @@ def backend(request) -> Backend:
 @pytest.fixture
 def open_store(backend, tmp_path):
     """open_store() opens this test's store (again)."""
-    return lambda: backend.open(tmp_path)
+    return lambda exclusive=True: backend.open(tmp_path, exclusive)
 
 
 def crash(store) -> None:
@@ -395,7 +396,7 @@ def test_uncommitted_writes_invisible_to_another_connection(open_store):
     flush(s)
     s.insert([msg(2)])
     s.delete([1])
-    other = open_store()  # a reader: sees the last commit only
+    other = open_store(exclusive=False)  # a reader: sees the last commit only
     try:
         assert [m.seq for m in other.load_ready(1, 0, 10)] == [1]
         flush(s)
