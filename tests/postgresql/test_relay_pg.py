@@ -27,10 +27,10 @@ def _drain(endpoint: str, mailbox: str, prefetch: int = 500) -> list:
 
 def test_relay_kill9_mid_pipelined_sends_loses_nothing(relay_factory, pg_url):
     relay = relay_factory("--store", pg_url)
-    total = 3000
+    total = 20000  # enough that the kill lands mid-stream on a fast, idle machine
     with Node("sender", relay=relay.endpoint, heartbeat=0.2, timeout=60) as sender:
         futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
-        wait_for(lambda: sum(f.done() for f in futures) >= 300, 30, interval=0.001, what="first confirms")
+        wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
         relay.kill()
         confirmed_before_kill = {f.result() for f in futures if f.done()}
         assert 0 < len(confirmed_before_kill) < total
