@@ -25,7 +25,8 @@ from ..protocol.client import (
     Replied,
     Welcomed,
 )
-from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
+from ..protocol.constants import (  # noqa: F401 (SEND_BATCH_BYTES re-exported)
+    DEFAULT_RELAY_ENDPOINT, READ_BATCH, RELAY_ENV, SEND_BATCH, SEND_BATCH_BYTES)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.message import (ID_SIZE, check_name, is_number, new_message_id, pack_body, pack_headers,
                                 send_record)
@@ -33,8 +34,6 @@ from ..protocol.options import MailboxOptions
 from ..security.curve import CurveClient
 
 log = logging.getLogger("murano_zmq.node")
-
-from ..protocol.constants import READ_BATCH, SEND_BATCH_BYTES  # noqa: E402,F401 (re-exported)
 
 
 def relay_socket(context: zmq.Context, endpoint: str, curve: CurveClient | None = None) -> zmq.Socket:

@@ -21,12 +21,17 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT re-exported)
+    DEFAULT_DIRECT_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_WINDOW,
+    HEARTBEAT_LIVENESS,
+    MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
+)
 from .errors import MailboxNotFound, Malformed, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
 from .message import Message, is_number, parse_send_record
-
-from .constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +244,7 @@ class DirectInbox:
             if not is_number(heartbeat):
                 self._error(identity, Malformed("heartbeat must be a finite number"))
                 return []
-            heartbeat = min(max(float(heartbeat), 0.05), 60.0)
+            heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
             self._sessions[identity] = _Session(identity, name[:200], heartbeat, now, now)
             self._put(identity, Cmd.WELCOME, self.node_name, heartbeat, self.max_message_size)
             return []

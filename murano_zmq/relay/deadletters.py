@@ -114,8 +114,12 @@ class DeadLetters:
                 if seq in unacked:
                     continue
                 mb = self.mailboxes.by_id.get(mailbox_id)
-                row = self.mailboxes.take_ready(mb, seq) if mb else None
-                if row is not None:
+                if mb is None:  # a row no mailbox owns: nothing can deliver it
+                    log.warning("expired message %d is in unknown mailbox %d: deleted", seq, mailbox_id)
+                    self.store.delete([seq])
+                    continue
+                row = self.mailboxes.take_ready(mb, seq)
+                if row is not None:  # (else not where the mailbox looks: paged past, never spun on)
                     self.expire(mb, row, now, unacked)
             if len(batch) < EXPIRY_BATCH:
                 break

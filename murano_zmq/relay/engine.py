@@ -11,6 +11,7 @@ The rooms, each its own module:
   mailboxes.py    mailboxes and their ready queues (counts: state.Mailbox)
   delivery.py     consumers, credit, DELIVER, ACK and NACK
   deadletters.py  expiry, drop-head, rejects and dead-letter mailboxes
+  intake.py       SEND records: checks, ids already stored, storing
   turn.py         replies now and after the commit
 This module decodes a command, checks who sent it, and calls the rooms;
 each handler gets the command's context (Ctx) as an argument.
@@ -30,10 +31,8 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import (
     LocalProtocolError,
-    MailboxFull,
     MailboxNotFound,
     Malformed,
-    MessageTooLarge,
     NotReady,
     PermissionDenied,
     PreconditionFailed,
@@ -42,10 +41,11 @@ from ..protocol.errors import (
     error_from_code,
 )
 from ..protocol.frames import Cmd, decode
-from ..protocol.message import check_name, parse_send_record
+from ..protocol.message import check_name
 from ..store.base import Store
 from .deadletters import DeadLetters
 from .delivery import Delivery
+from .intake import Intake
 from .mailboxes import Mailboxes
 from .sessions import Ctx, Sessions
 from .state import Mailbox
@@ -69,6 +69,8 @@ class RelayEngine:
         self.dead = DeadLetters(store, self.boxes, self.counters)
         self.delivery = Delivery(store, self.boxes, self.dead, self.turn, self.counters)
         self.sessions = Sessions(self.delivery.drop_consumer)
+        self.intake = Intake(store, self.boxes, self.dead, self.delivery, self.sessions, self.counters,
+                             max_message_size)
         self._recover(now)
 
     # --- views kept for callers (relay/server.py, security, tests) ---
@@ -80,6 +82,17 @@ class RelayEngine:
     @property
     def mailboxes(self) -> dict[str, Mailbox]:
         return self.boxes.by_name
+
+    @property
+    def storage_full(self) -> bool:
+        """Set by the relay process while the disk is full: nothing new is
+        stored (sends and new mailboxes get StorageFull); delivery and acks
+        go on."""
+        return self.intake.storage_full
+
+    @storage_full.setter
+    def storage_full(self, value: bool) -> None:
+        self.intake.storage_full = self.boxes.storage_full = value
 
     @property
     def permissions(self):
@@ -216,6 +229,7 @@ class RelayEngine:
             "relay": self.name,
             "peers": len(self.sessions.peers),
             "counters": dict(self.counters),
+            "storage_full": self.storage_full,
             "mailboxes": [mb.status(ctx.now) for mb in sorted(mailboxes, key=lambda m: m.name)],
         }
         self.turn.reply_now(ctx.identity, Cmd.REPLY, req, result)
@@ -235,50 +249,7 @@ class RelayEngine:
     # --- handlers: messages ---
 
     def _on_send(self, ctx: Ctx, req: int, records: list) -> None:
-        errors: list[list] = []
-        parsed = []
-        for i, record in enumerate(records):
-            try:
-                msg = parse_send_record(record)
-            except RemoteProtocolError as exc:
-                errors.append([i, Malformed.code, str(exc)])
-                continue
-            if not self.sessions.allowed(ctx.user, "send", msg.mailbox):
-                errors.append([i, PermissionDenied.code,
-                               f"{ctx.user or 'this peer'} may not send to {msg.mailbox!r}"])
-                continue
-            if msg.size > self.max_message_size:
-                errors.append([i, MessageTooLarge.code,
-                               f"message of {msg.size} bytes is over the relay's limit of "
-                               f"{self.max_message_size}"])
-                continue
-            parsed.append((i, msg))
-        # Ids are unique per relay: one already stored is this message again
-        # (confirm it again) or, in another mailbox, a sender's mistake.
-        stored_in = self.store.mailboxes_of([m.msg_id for _, m in parsed]) if parsed else {}
-        for i, msg in parsed:
-            where = stored_in.get(msg.msg_id)
-            if where is not None:
-                home = self.boxes.by_id.get(where)
-                if not msg.retry and (home is None or home.name != msg.mailbox):
-                    errors.append([i, PreconditionFailed.code,
-                                   f"message id {msg.msg_id.hex()} is already stored in another "
-                                   "mailbox (ids are unique per relay)"])
-                    log.warning("duplicate message id %s for %s refused", msg.msg_id.hex(), msg.mailbox)
-                continue  # (else: this message again, stored already: confirm it again)
-            mb = self.boxes.get_or_create(msg.mailbox, ctx.now)
-            ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
-            try:
-                # A retried record may have been delivered before the relay
-                # lost it uncommitted: count that possible delivery.
-                self.dead.enqueue(mb, msg.msg_id, msg.headers, msg.body, msg.created,
-                                  None if ttl is None else ctx.now + ttl, int(msg.retry), ctx.now,
-                                  self.delivery.unacked)
-                stored_in[msg.msg_id] = mb.id
-            except MailboxFull as exc:
-                self.counters["rejected"] += 1
-                errors.append([i, exc.code, exc.text])
-        self.counters["received"] += len(records)
+        errors = self.intake.store_records(ctx, records)
         self.turn.reply_after_commit(ctx.identity, Cmd.CONFIRM, req, errors)
 
     def _on_consume(self, ctx: Ctx, req: int, cid: int, name: str, prefetch: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import logging
 
-from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed
+from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed, StorageFull
 from ..protocol.options import MailboxOptions
 from ..store.base import MailboxRow, Store, StoredMessage
 from .state import READY_WINDOW, READY_WINDOW_BYTES, Mailbox
@@ -30,6 +30,7 @@ class Mailboxes:
         self.dirty: set[Mailbox] = set()  # mailboxes that may deliver now
         self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
         self._next_id = 1
+        self.storage_full = False  # the disk is full: DECLARE makes no new mailbox
 
     def recover(self, now: float) -> None:
         stats = self.store.mailbox_stats()
@@ -68,6 +69,8 @@ class Mailboxes:
             if mb is None:
                 raise MailboxNotFound(f"mailbox {name!r} does not exist")
         elif mb is None:
+            if self.storage_full:
+                raise StorageFull("the relay's disk is full: no new mailbox until space returns")
             mb = self.create(name, opts, True, now)
         elif not mb.declared:
             mb.options, mb.declared = opts, True

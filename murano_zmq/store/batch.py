@@ -20,7 +20,8 @@ from .base import MailboxRow, StoredMessage
 
 
 class WriteBatch:
-    __slots__ = ("ops", "inserted", "ids", "deleted", "deliveries", "dropped", "top_seq")
+    __slots__ = ("ops", "inserted", "ids", "by_mailbox", "deleted", "deliveries", "dropped", "top_seq",
+                 "written")
 
     def __init__(self) -> None:
         # In order: ("insert", [row...]), ("delete", [seq...]),
@@ -29,10 +30,12 @@ class WriteBatch:
         self.ops: list[tuple[str, object]] = []
         self.inserted: dict[int, StoredMessage] = {}
         self.ids: dict[bytes, int] = {}  # msg_id -> seq, of rows inserted here
+        self.by_mailbox: dict[int, list[int]] = {}  # mailbox id -> seqs inserted here, in order
         self.deleted: set[int] = set()
         self.deliveries: dict[int, int] = {}  # seq -> count
         self.dropped: set[int] = set()  # mailbox ids deleted here
         self.top_seq = 0  # the highest seq inserted here (kept, deleted or not)
+        self.written = False  # its statements ran in the store's open transaction
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -44,14 +47,28 @@ class WriteBatch:
             self.ops.append((kind, list(items)))
 
     def insert(self, rows: list[StoredMessage]) -> None:
-        for row in rows:
-            self.inserted[row.seq] = row
-            self.ids[row.msg_id] = row.seq
+        inserted, ids, by_mailbox = self.inserted, self.ids, self.by_mailbox
+        for row in rows:  # (the hot path: one call per message stored)
+            seq = row.seq
+            inserted[seq] = row
+            ids[row.msg_id] = seq
+            seqs = by_mailbox.get(row.mailbox_id)
+            if seqs is None:
+                by_mailbox[row.mailbox_id] = [seq]
+            else:
+                seqs.append(seq)
+            if seq > self.top_seq:
+                self.top_seq = seq
             # Writes to this seq before it existed touched nothing.
-            self.deleted.discard(row.seq)
-            self.deliveries.pop(row.seq, None)
-            self.top_seq = max(self.top_seq, row.seq)
-        self._op("insert", rows)
+            if self.deleted:
+                self.deleted.discard(seq)
+            if self.deliveries:
+                self.deliveries.pop(seq, None)
+        ops = self.ops
+        if ops and ops[-1][0] == "insert":
+            ops[-1][1].extend(rows)
+        else:
+            ops.append(("insert", list(rows)))
 
     def delete(self, seqs: Iterable[int]) -> None:
         seqs = list(seqs)
@@ -75,6 +92,7 @@ class WriteBatch:
                 del self.inserted[seq]
                 if self.ids.get(row.msg_id) == seq:
                     del self.ids[row.msg_id]
+        self.by_mailbox.pop(mailbox_id, None)
         self.dropped.add(mailbox_id)
         self.ops.append(("drop_mailbox", mailbox_id))
 
@@ -105,10 +123,15 @@ def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = Fal
     return row
 
 
-def inserted_rows(batches: list[WriteBatch]) -> Iterator[StoredMessage]:
-    """Rows the batches insert and leave alive, as they leave them."""
+def inserted_rows(batches: list[WriteBatch], mailbox_id: int | None = None) -> Iterator[StoredMessage]:
+    """Rows the batches insert and leave alive, as they leave them (of one
+    mailbox, if given)."""
     for i, b in enumerate(batches):
-        for row in b.inserted.values():
+        if mailbox_id is None:
+            rows = list(b.inserted.values())
+        else:
+            rows = [b.inserted[s] for s in b.by_mailbox.get(mailbox_id, ()) if s in b.inserted]
+        for row in rows:
             row = replay(row, batches[i:], own=True)
             if row is not None:
                 yield row
@@ -135,3 +158,16 @@ def find(seq: int, on_disk: StoredMessage | None, batches: list[WriteBatch]) -> 
         if seq in b.inserted:
             return replay(b.inserted[seq], batches[i:], own=True)
     return replay(on_disk, batches)
+
+
+def cap(rows: list[StoredMessage], limit: int, max_bytes: int | None) -> list[StoredMessage]:
+    """The first `limit` rows, stopping once their bodies reach max_bytes (one at least)."""
+    rows = rows[:limit]
+    if max_bytes is None:
+        return rows
+    size = 0
+    for i, row in enumerate(rows):
+        size += len(row.body)
+        if size >= max_bytes:
+            return rows[:i + 1]
+    return rows

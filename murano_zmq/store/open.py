@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from ..protocol.errors import StartupError
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-class StoreUnavailable(RuntimeError):
-    """The store cannot be opened (no driver, no server, wrong schema)."""
+class StoreUnavailable(StartupError):
+    """The store cannot be opened (no driver, no server, wrong schema,
+    another relay on it): the one line an operator reads."""
 
 
 def check_store_url(url: str) -> str:
@@ -21,9 +24,13 @@ def check_store_url(url: str) -> str:
     raise ValueError(f"--store {url!r}: expected 'sqlite' or a postgresql://... URL")
 
 
+def is_sqlite(url: str) -> bool:
+    return check_store_url(url) in ("", "sqlite")
+
+
 def open_store(url: str, data_dir: str):
     """The Store for `url`: SQLite in `data_dir` by default."""
-    if check_store_url(url) in ("", "sqlite"):
+    if is_sqlite(url):
         from .sqlite import SQLiteStore
 
         return SQLiteStore(data_dir)

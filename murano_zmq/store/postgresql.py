@@ -333,22 +333,50 @@ class PostgresStore:
                 return
             while True:
                 try:
-                    with self._db.transaction():
-                        for batch in sealed:
-                            self._write(batch)
+                    self._db.execute("BEGIN")
+                    for batch in sealed:
+                        self._write(batch)
+                    self._db.execute("COMMIT")
                     break
                 except psycopg.OperationalError:
                     # The server went away (a failover).  Whether this
                     # transaction got in or not, running it again is safe:
                     # inserts skip stored ids, deletes and updates repeat.
                     if not self._db.broken:
+                        self._abort()
                         raise
                     self._db = self._reconnect(self._db, "writer")
                     if self._exclusive:
                         self._lock_database()
+                except BaseException:
+                    self._abort()  # the batches stay, for a later commit()
+                    raise
             self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
             with self._batches_lock:
                 self._batches = self._batches[len(sealed):]
+
+    def _abort(self) -> None:
+        if not self._db.closed and self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self._db.execute("ROLLBACK")
+
+    def rollback(self) -> None:
+        """Drop every write not committed yet (the relay then starts over
+        from the store)."""
+        with self._commit_lock:
+            with self._batches_lock:
+                self._batches = [WriteBatch()]
+
+    # Disk space is the database server's business, not the relay's: the
+    # relay's full-disk handling (store/space.py) does not apply.
+
+    def space_available(self) -> bool:
+        return True
+
+    def hold_reserve(self) -> bool:
+        return True
+
+    def drop_reserve(self) -> None:
+        pass
 
     def _write(self, batch: WriteBatch) -> None:
         cur = self._db.cursor()

@@ -8,10 +8,14 @@ call from a committer thread), the reader serves the relay loop.  WAL lets
 the reader go on while the writer syncs, and writes not committed yet are
 seen through their batches (store/batch.py), so the loop never waits for
 an fsync.
+
+A failed write or commit is a StoreError (store/faults.py: full disk among
+them); a busy database (another process holding the lock) is waited out.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -19,8 +23,15 @@ from typing import Iterable
 
 import msgpack
 
+from ..protocol.errors import StartupError
+from . import space
 from .base import MailboxRow, StoredMessage
-from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+
+__all__ = ["SQLiteStore", "StoreError", "startup_error"]
+
+log = logging.getLogger("murano_zmq.store")
 
 SCHEMA_VERSION = 1
 
@@ -64,6 +75,44 @@ class SQLiteStore:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._db = self._connect()  # the writer
+        # The open batch is the last; those before it are sealed.  The list
+        # is replaced, never changed in place, so a reader's copy stays valid.
+        self._batches: list[WriteBatch] = [WriteBatch()]
+        self._batches_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._read_lock = threading.RLock()  # one statement at a time on the reader
+        self._seq_saved = 0  # highest seq recorded in meta by this store
+        self._seq_before = 0  # ... before the open transaction
+        self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
+        self._seq_owed = 0  # a reserve_seq() mark a full disk kept out: the next commit writes it
+        self._reader = None
+        try:
+            retry_busy(self.path, "opening the database", self._open)
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only=1")
+            # No stored id is above this: an id above it needs no lookup (ids
+            # made by new_message_id() start with a clock, so most new ones are).
+            self._id_ceiling: bytes = self._query("SELECT max(msg_id) FROM messages")[0][0] or b""
+        except (sqlite3.DatabaseError, RuntimeError) as exc:
+            if self._reader is not None:
+                self._reader.close()
+            self._db.close()
+            raise startup_error(self.path, exc) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise StartupError(f"cannot open {self.path}: {exc}") from None
+        try:
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise startup_error(self.path, exc) from None
+        return db
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -72,20 +121,6 @@ class SQLiteStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-        self._reader = self._connect()
-        self._reader.execute("PRAGMA query_only=1")
-        # The open batch is the last; those before it are sealed.  The list
-        # is replaced, never changed in place, so a reader's copy stays valid.
-        self._batches: list[WriteBatch] = [WriteBatch()]
-        self._batches_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
-        self._read_lock = threading.RLock()  # one statement at a time on the reader
-        self._seq_saved = 0  # highest seq recorded in meta by this store
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        return db
 
     def _pending(self) -> list[WriteBatch]:
         with self._batches_lock:
@@ -119,8 +154,20 @@ class SQLiteStore:
         return max(stored, row[0][0] if row else 0)
 
     def reserve_seq(self, seq: int) -> None:
+        """On a full disk the mark stays owed: nothing can be stored before
+        a commit succeeds, and that commit writes it first."""
         with self._commit_lock:
-            self._save_seq_mark(seq)
+            try:
+                self._begin()
+                self._save_seq_mark(seq)
+                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+                self._tx_open = False
+            except sqlite3.Error as exc:
+                self._rollback_tx()
+                error = StoreError(exc)
+                if not error.full:
+                    raise error from exc
+                self._seq_owed = max(self._seq_owed, seq)
 
     def _save_seq_mark(self, seq: int) -> None:
         if seq > self._seq_saved:
@@ -147,8 +194,10 @@ class SQLiteStore:
     def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
         batches = self._pending()
         found: dict[bytes, int] = {}
-        for i in range(0, len(msg_ids), ID_CHUNK):
-            chunk = msg_ids[i:i + ID_CHUNK]
+        ceiling = self._id_ceiling
+        maybe = [m for m in msg_ids if m <= ceiling]
+        for i in range(0, len(maybe), ID_CHUNK):
+            chunk = maybe[i:i + ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             for seq, mailbox, msg_id in self._query(
                     f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
@@ -185,11 +234,11 @@ class SQLiteStore:
                         stopped_at = row.seq  # rows after it were not read
                         break
                 cursor.close()
-        more = [r for r in inserted_rows(batches) if r.mailbox_id == mailbox_id and r.seq > after_seq
+        more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
                 and (stopped_at is None or r.seq < stopped_at)]
         if more:
             rows = sorted(rows + more, key=lambda r: r.seq)
-        return _cap(rows, limit, max_bytes)
+        return cap(rows, limit, max_bytes)
 
     def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
                 ) -> list[tuple[float, int, int]]:
@@ -235,6 +284,9 @@ class SQLiteStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
+        for m in messages:
+            if m.msg_id > self._id_ceiling:
+                self._id_ceiling = m.msg_id
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:
@@ -246,9 +298,19 @@ class SQLiteStore:
     # --- commit -------------------------------------------------------------------
 
     def seal(self) -> None:
+        """Close the open batch.  When no commit is running (the relay seals
+        only then), its statements run now, in the caller's thread, so that
+        commit() has only the COMMIT (the fsync) left to do: the committer
+        thread then holds no GIL-bound work while the loop runs."""
         with self._batches_lock:
-            if self._batches[-1]:
-                self._batches = [*self._batches, WriteBatch()]
+            if not self._batches[-1]:
+                return
+            self._batches = [*self._batches, WriteBatch()]
+        if self._commit_lock.acquire(blocking=False):
+            try:
+                self._write_sealed(self._pending()[:-1])
+            finally:
+                self._commit_lock.release()
 
     @property
     def in_transaction(self) -> bool:
@@ -260,17 +322,75 @@ class SQLiteStore:
             sealed = self._pending()[:-1]
             if not sealed:
                 return
-            self._db.execute("BEGIN")
+            self._write_sealed(sealed)
             try:
-                for batch in sealed:
-                    self._write(batch)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")  # the batches stay, for a later commit()
-                raise
+                if self._tx_open:
+                    retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+                    self._tx_open = False
+            except sqlite3.Error as exc:
+                self._rollback_tx()
+                raise StoreError(exc) from exc
+            if self._seq_saved >= self._seq_owed:
+                self._seq_owed = 0
             with self._batches_lock:
                 self._batches = self._batches[len(sealed):]
+
+    def _write_sealed(self, sealed: list[WriteBatch]) -> None:
+        """Run the statements of the sealed batches not written yet, in order,
+        in the open transaction (under the commit lock).  A failure undoes
+        the transaction and raises StoreError; the batches stay."""
+        try:
+            for batch in sealed:
+                if not batch.written:
+                    if not self._tx_open:
+                        self._begin()
+                        if self._seq_owed:
+                            self._save_seq_mark(self._seq_owed)
+                    self._write(batch)
+                    batch.written = True
+        except sqlite3.Error as exc:
+            self._rollback_tx()
+            raise StoreError(exc) from exc
+
+    def _begin(self) -> None:
+        # IMMEDIATE: take the write lock now, so a busy database is met (and
+        # waited out) before any write of the transaction.
+        retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+        self._tx_open = True
+        self._seq_before = self._seq_saved
+
+    def _rollback_tx(self) -> None:
+        """Undo the open transaction (SQLite may have rolled back already: a
+        full disk does that); its batches stay, to be written again."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback of %s failed: %s", self.path, exc)
+        if self._tx_open:
+            self._seq_saved = self._seq_before
+            self._tx_open = False
+        for batch in self._pending():
+            batch.written = False
+
+    def rollback(self) -> None:
+        """Drop every write since the last commit, written or buffered (the
+        relay does this after a StoreError, then starts over from the store)."""
+        with self._commit_lock:
+            self._rollback_tx()
+            with self._batches_lock:
+                self._batches = [WriteBatch()]
+
+    # --- disk space (store/space.py) ---
+
+    def space_available(self) -> bool:
+        return space.space_available(os.path.dirname(self.path))
+
+    def hold_reserve(self) -> bool:
+        return space.hold_reserve(os.path.dirname(self.path))
+
+    def drop_reserve(self) -> None:
+        space.drop_reserve(os.path.dirname(self.path))
 
     def _write(self, batch: WriteBatch) -> None:
         db = self._db
@@ -291,19 +411,10 @@ class SQLiteStore:
         self._save_seq_mark(batch.top_seq)
 
     def close(self) -> None:
-        self.seal()
-        self.commit()
-        self._reader.close()
-        self._db.close()
+        try:
+            self.seal()
+            self.commit()
+        finally:
+            self._reader.close()
+            self._db.close()
 
-
-def _cap(rows: list[StoredMessage], limit: int, max_bytes: int | None) -> list[StoredMessage]:
-    rows = rows[:limit]
-    if max_bytes is None:
-        return rows
-    size = 0
-    for i, row in enumerate(rows):
-        size += len(row.body)
-        if size >= max_bytes:
-            return rows[:i + 1]
-    return rows

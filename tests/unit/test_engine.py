@@ -1614,3 +1614,126 @@ def test_every_dead_letter_move_commits_its_delete_and_insert_together(tmp_path)
         deleted_in = [i for i, ops in enumerate(net.store.commits)
                       for kind, items in ops if kind == "delete" and first_seq in items]
         assert deleted_in == [n], (msg_id, deleted_in, n)
+
+
+# --- memory: bodies out with consumers stay on disk (issue 12, item 6) ---------------
+
+
+def test_unacked_messages_are_held_without_their_bodies(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", *[b"x" * 1000 for _ in range(5)])
+    c.consume("work", prefetch=5)
+    net.settle()
+    consumer = next(iter(net.engine.peers[b"c"].consumers.values()))
+    assert len(consumer.unacked) == 5
+    assert all(not hasattr(u, "body") for u in consumer.unacked.values())
+    assert consumer.unacked_bytes == 5 * len(pack_body(b"x" * 1000))
+
+
+def test_many_requeued_at_once_come_back_in_order_from_disk(net):
+    total = 450  # more than the relay loads back into memory at once
+    api = net.node("api")
+    api.send("work", *range(total))
+    a = net.node("a")
+    a.consume("work", prefetch=400)
+    net.settle()
+    assert len(a.messages) == 400
+    a.core.close()  # its 400 unacked go back
+    net.settle()
+    b = net.node("b")
+    b.consume("work", prefetch=500)
+    consume_all(net, b, total)
+    assert b.bodies() == list(range(total))
+    assert [m.redelivered for m in b.messages] == [True] * 400 + [False] * 50
+
+
+def test_the_ready_window_is_bounded_in_bytes(net):
+    from murano_zmq.relay.state import READY_WINDOW_BYTES
+
+    big = b"y" * (512 * 1024)
+    api = net.node("api")
+    for i in range(12):
+        api.send("big", big + bytes([i]))
+    net.settle()
+    mb = net.engine.mailboxes["big"]
+    assert mb.ready_window_bytes <= READY_WINDOW_BYTES + len(big) + 64
+    assert len(mb.ready) < 12 and mb.disk_after is not None
+    net.restart()
+    c = net.node("c")
+    c.consume("big", prefetch=20)
+    consume_all(net, c, 12)
+    assert [m.body[-1] for m in c.messages] == list(range(12))
+    mb = net.engine.mailboxes["big"]
+    assert mb.ready_window_bytes == 0 and mb.unacked_count == 0
+
+
+def _raw_consume(net, identity: bytes, mailbox: str, prefetch: int, prefetch_bytes=None, fields=6):
+    net.engine.receive(identity, encode(Cmd.HELLO, identity.decode(), new_id(), 1.0), net.now)
+    args = [1, 1, mailbox, prefetch, None, prefetch_bytes][:fields]
+    net.engine.receive(identity, encode(Cmd.CONSUME, *args), net.now)
+    net.engine.pump(net.now)
+    return [decode(frames) for _, frames in net.engine.take_output(net.now)]
+
+
+def test_byte_credit_bounds_what_a_consumer_holds(net):
+    api = net.node("api")
+    body = b"z" * 1000
+    api.send("work", *[body] * 10)
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, 2500)
+    delivered = [r for cmd in out if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(delivered) == 2  # 2 x ~1 KiB fit in 2500 bytes, a third does not
+    net.engine.receive(b"raw", encode(Cmd.ACK, [delivered[0][0]]), net.now)
+    net.engine.pump(net.now)
+    more = [r for _, f in net.engine.take_output(net.now) for cmd in [decode(f)]
+            if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(more) == 1
+
+
+def test_a_message_larger_than_the_byte_credit_goes_alone(net):
+    api = net.node("api")
+    api.send("work", b"a" * 5000, b"b" * 10)
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, 100)
+    delivered = [r for cmd in out if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(delivered) == 1 and len(delivered[0][4]) > 5000
+
+
+def test_consume_without_the_byte_credit_field_has_none(net):
+    api = net.node("api")
+    api.send("work", *range(5))
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, fields=5)
+    assert [cmd.cmd for cmd in out] == [Cmd.WELCOME, Cmd.REPLY, Cmd.DELIVER]
+    assert len(out[2].fields[1]) == 5
+
+
+@pytest.mark.parametrize("prefetch_bytes", [0, -1, 1 << 41])
+def test_byte_credit_out_of_range_is_refused(net, prefetch_bytes):
+    out = _raw_consume(net, b"raw", "work", 100, prefetch_bytes)
+    assert out[-1].cmd == Cmd.ERROR and out[-1].fields[1] == Malformed.code
+
+
+def test_headers_are_stored_and_delivered_as_the_sender_packed_them(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", "m", headers={"reply-to": "api", "n": 1})
+    c.consume("work")
+    net.settle()
+    [m] = c.messages
+    assert m.headers == {"reply-to": "api", "n": 1}
+    row = net.store.load_ready(net.engine.mailboxes["work"].id, 0, 10)[0]
+    assert row.headers == msgpack.packb({"reply-to": "api", "n": 1})
+
+
+def test_client_core_byte_credit_survives_a_reconnect(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", *[b"z" * 1000 for _ in range(6)])
+    c.core.consume("work", 100, None, 2500)
+    net.settle()
+    assert len(c.messages) == 2
+    c.core.connection_made(net.now)  # a new session: the CONSUME is replayed with its byte credit
+    net.settle()
+    assert net.status("work")["unacked"] == 2
+    c.ack(c.unsettled())
+    net.settle()
+    assert len(c.messages) <= 4 and net.status("work")["unacked"] == 2

@@ -15,12 +15,14 @@ import sqlite3
 import threading
 
 import pytest
+
+from murano_zmq.protocol.errors import StartupError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
-from murano_zmq.store.sqlite import SQLiteStore
+from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
     import psycopg
@@ -278,24 +280,38 @@ def test_a_move_in_one_batch_is_one_commit(open_store):
         s.close()
 
 
-def test_reads_do_not_wait_for_a_commit_in_flight(store, monkeypatch):
+class _SlowCommit:
+    """The writer connection, with a COMMIT that holds on as an fsync would."""
+
+    def __init__(self, db):
+        self.db = db
+        self.syncing, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.syncing.set()
+            assert self.release.wait(10)
+        return self.db.execute(sql, *args)
+
+
+@pytest.mark.parametrize("written_at_seal", [True, False])
+def test_reads_do_not_wait_for_a_commit_in_flight(store, written_at_seal):
     store.insert([msg(1)])
     flush(store)
+    slow = store._db = _SlowCommit(store._db)
     store.insert([msg(2)])
-    store.seal()
-    syncing, release = threading.Event(), threading.Event()
-    real = store._write
-
-    def slow_write(batch):  # the commit holds the writer as an fsync would
-        real(batch)
-        syncing.set()
-        assert release.wait(10)
-
-    monkeypatch.setattr(store, "_write", slow_write)
+    if written_at_seal:
+        store.seal()  # no commit running: the statements run now, in this thread
+    else:
+        with store._commit_lock:  # a commit running: they wait for commit()
+            store.seal()
     committer = threading.Thread(target=store.commit)
     committer.start()
     try:
-        assert syncing.wait(10)
+        assert slow.syncing.wait(10)
         # Meanwhile the loop reads and writes: nothing here waits.
         assert [m.seq for m in store.load_ready(1, 0, 10)] == [1, 2]
         store.insert([msg(3)])
@@ -303,13 +319,38 @@ def test_reads_do_not_wait_for_a_commit_in_flight(store, monkeypatch):
         assert store.get(1) is None and store.get(3) == msg(3)
         assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
         assert store.mailboxes_of([msg(2).msg_id]) == {msg(2).msg_id: 1}
+        store.seal()  # a commit is running: this batch waits for the next one
     finally:
-        release.set()
+        slow.release.set()
         committer.join(10)
     assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
-    assert store.mailbox_stats() == {1: (2, 8)}
-    flush(store)
-    assert store.mailbox_stats() == {1: (2, 8)}
+    assert store.mailbox_stats() == {1: (2, 8)}  # the first commit: 1 and 2
+    store.commit()
+    assert store.mailbox_stats() == {1: (2, 8)}  # the second: 3 in, 1 out
+    assert [m.seq for m in store.load_ready(1, 0, 10)] == [2, 3]
+
+
+def test_a_failed_commit_keeps_its_batches_for_the_next(store):
+    if not isinstance(store, SQLiteStore):
+        pytest.skip("SQLite's failure path; PostgreSQL's is in tests/postgresql/test_store_pg.py")
+    store.insert([msg(1)])
+    store.seal()
+
+    class Failing(_SlowCommit):
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    real = store._db
+    store._db = Failing(real)
+    with pytest.raises(StoreError, match="full") as info:
+        store.commit()
+    assert info.value.full
+    store._db = real
+    assert store.in_transaction and store.get(1) == msg(1)
+    store.commit()
+    assert store.mailbox_stats() == {1: (1, 4)} and store.max_seq() == 1
 
 
 def test_set_deliveries(store):
@@ -453,7 +494,7 @@ def test_other_schema_version_refused(tmp_path):
     db.execute("UPDATE meta SET value=99 WHERE key='schema'")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 99"):
+    with pytest.raises(StartupError, match="schema version 99"):
         SQLiteStore(str(tmp_path))
 
 
@@ -639,3 +680,19 @@ def test_store_matches_model(tmp_path, backend):
         settings=settings(max_examples=40 if backend.kind == "sqlite" else 20, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
+
+
+def test_ids_above_every_stored_id_need_no_lookup(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1, msg_id=b"\x05" * 16)])
+    flush(s)
+    s.close()
+    s = SQLiteStore(str(tmp_path))  # the ceiling comes from the index
+    try:
+        assert s._id_ceiling == b"\x05" * 16
+        assert s.mailboxes_of([b"\x05" * 16, b"\x06" * 16, b"\x01" * 16]) == {b"\x05" * 16: 1}
+        s.insert([msg(2, msg_id=b"\x07" * 16)])
+        assert s._id_ceiling == b"\x07" * 16
+        assert s.mailboxes_of([b"\x07" * 16]) == {b"\x07" * 16: 1}
+    finally:
+        s.close()
