@@ -27,7 +27,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from murano_zmq import Node  # noqa: E402
-from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 from tests.pgserver import PostgresServer, find_bindir, new_schema  # noqa: E402
 
 BODY = b"x" * 1024

@@ -113,6 +113,11 @@ class PostgresStore:
         self._commit_lock = threading.Lock()
         self._read_lock = threading.RLock()
         self._seq_saved = 0
+        # No stored id is above this: an id above it needs no lookup (ids made
+        # by new_message_id() start with a clock, so most new ones are).  One
+        # relay per database keeps it true: no one else inserts.
+        top = self._query("SELECT msg_id FROM messages ORDER BY msg_id DESC LIMIT 1")
+        self._id_ceiling: bytes = bytes(top[0][0]) if top else b""
 
     def _lock_database(self) -> None:
         # A session that just closed (a relay restarted at once) may hold
@@ -212,9 +217,11 @@ class PostgresStore:
     def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
         batches = self._pending()
         found: dict[bytes, int] = {}
-        if msg_ids:
+        ceiling = self._id_ceiling
+        maybe = [m for m in msg_ids if m <= ceiling]
+        if maybe:
             for seq, mailbox, msg_id in self._query(
-                    "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (list(msg_ids),)):
+                    "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (maybe,)):
                 if visible(seq, mailbox, batches):
                     found[bytes(msg_id)] = mailbox
         for i, b in enumerate(batches):
@@ -303,6 +310,9 @@ class PostgresStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
+        for m in messages:
+            if m.msg_id > self._id_ceiling:
+                self._id_ceiling = m.msg_id
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:
