@@ -14,6 +14,10 @@ class StoreUnavailable(StartupError):
     another relay on it): the one line an operator reads."""
 
 
+class StandbyStopped(StoreUnavailable):
+    """A standby relay was stopped before it took over."""
+
+
 def check_store_url(url: str) -> str:
     """'' or 'sqlite' (SQLite in the data directory) or a postgresql:// URL;
     anything else is a ValueError naming what is accepted."""
@@ -28,8 +32,10 @@ def is_sqlite(url: str) -> bool:
     return check_store_url(url) in ("", "sqlite")
 
 
-def open_store(url: str, data_dir: str):
-    """The Store for `url`: SQLite in `data_dir` by default."""
+def open_store(url: str, data_dir: str, standby=None):
+    """The Store for `url`: SQLite in `data_dir` by default.  standby (a
+    threading.Event, PostgreSQL only): wait for the running relay to end,
+    until the event is set."""
     if is_sqlite(url):
         from .sqlite import SQLiteStore
 
@@ -38,4 +44,4 @@ def open_store(url: str, data_dir: str):
         from .postgresql import PostgresStore
     except ImportError as exc:
         raise StoreUnavailable(str(exc)) from None
-    return PostgresStore(url)
+    return PostgresStore(url, standby=standby)

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .base import MailboxRow, StoredMessage
 from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
-from .open import StoreUnavailable
+from .open import StandbyStopped, StoreUnavailable
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +67,7 @@ _SCHEMA_LOCK = 0x6D7A7131
 _RELAY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))"
 _RELAY_LOCK = 0x6D7A7132
 LOCK_WAIT = 3.0  # seconds
+STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
 
 # After a lost connection (the primary died, a failover), how long to keep
 # trying to reach a read-write server before the relay gives up and exits.
@@ -89,10 +90,14 @@ def _row(r: tuple) -> StoredMessage:
 class PostgresStore:
     """exclusive=False: no relay lock (a second reader, for tests and tools)."""
 
-    def __init__(self, conninfo: str, exclusive: bool = True):
+    def __init__(self, conninfo: str, exclusive: bool = True, standby: threading.Event | None = None):
+        """standby: wait for the relay lock as long as it takes (a standby
+        relay, taking over when the running one dies), until this event is
+        set (then StandbyStopped)."""
         self.path = _redact(conninfo)  # what the relay logs
         self._conninfo = conninfo
         self._exclusive = exclusive
+        self._standby = standby
         try:
             self._db = self._connect(conninfo)  # the writer
             self._reader = self._connect(conninfo)
@@ -123,9 +128,17 @@ class PostgresStore:
         # A session that just closed (a relay restarted at once) may hold
         # the lock a moment longer, until its backend has exited.
         deadline = time.monotonic() + LOCK_WAIT
+        standing_by = False
         while not self._db.execute(_RELAY_LOCK_SQL, (_RELAY_LOCK,)).fetchone()[0]:
-            if time.monotonic() < deadline:
-                time.sleep(0.05)
+            if self._standby is not None and not standing_by and time.monotonic() >= deadline:
+                standing_by = True
+                log.info("standing by: another relay holds %s; taking over when it ends", self.path)
+            if self._standby is not None and self._standby.is_set():
+                self._db.close()
+                self._reader.close()
+                raise StandbyStopped("stopped while standing by")
+            if self._standby is not None or time.monotonic() < deadline:
+                time.sleep(STANDBY_POLL if standing_by else 0.05)
                 continue
             self._db.close()
             self._reader.close()

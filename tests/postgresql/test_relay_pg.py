@@ -5,8 +5,10 @@ Each test gets a schema of its own on the session's server (conftest.pg_url).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 from murano_zmq import Node
 
@@ -84,3 +86,55 @@ def test_one_relay_per_database_until_it_dies(relay_factory, pg_url):
     relay.kill()  # its session ends with it, and the lock with the session
     relay_factory("--store", pg_url, endpoint=relay.endpoint)
     assert [m.body for m in _drain(relay.endpoint, "kept")] == ["before"]
+
+
+def test_a_standby_relay_takes_over_when_the_relay_dies(relay_factory, pg_url, tmp_path):
+    """`--standby` on the same endpoint: it waits for the relay lock, binds
+    when the running relay dies, and the nodes' reconnects find it."""
+    relay = relay_factory("--store", pg_url)
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", relay.endpoint, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        total = 20000
+        with Node("sender", relay=relay.endpoint, heartbeat=0.2, timeout=60) as sender:
+            futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+            wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
+            relay.kill()
+            killed = time.monotonic()
+            confirmed_before = {f.result() for f in futures if f.done()}
+            assert len(confirmed_before) < total
+            wait_for(lambda: sum(f.done() for f in futures) > len(confirmed_before), 30, interval=0.005,
+                     what="a confirm from the standby")
+            took_over = time.monotonic() - killed
+            ids = [f.result(timeout=60) for f in futures]
+        print(f"standby served {took_over:.2f}s after the kill")
+        assert standby.poll() is None
+        seen = [m.id for m in _drain(relay.endpoint, "jobs")]
+        assert len(seen) == len(set(seen)), "a message reached application code twice"
+        assert confirmed_before <= set(seen) and set(seen) == set(ids)
+        assert took_over < 5, f"the standby served {took_over:.1f}s after the kill"
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
+
+
+def test_a_standby_stops_cleanly_before_taking_over(relay_factory, pg_url, tmp_path):
+    relay_factory("--store", pg_url)
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "relay", "--bind", "tcp://127.0.0.1:0",
+                                "--store", pg_url, "--standby"], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(10) == 0
+    finally:
+        if standby.poll() is None:
+            standby.kill()
+            standby.wait(10)
+        log.close()
+    r = _relay_cli("--standby", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "--standby needs --store postgresql://" in r.stderr
