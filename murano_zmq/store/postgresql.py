@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .base import MailboxRow, StoredMessage
 from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .faults import StoreError
 from .open import StandbyStopped, StoreUnavailable
 
 SCHEMA_VERSION = 1
@@ -165,7 +166,7 @@ class PostgresStore:
             try:
                 return self._reader.execute(sql, args).fetchall()
             except psycopg.OperationalError:
-                if not self._reader.broken:
+                if not (self._reader.broken or self._reader.closed):
                     raise
                 self._reader = self._reconnect(self._reader, "reader")
                 return self._reader.execute(sql, args).fetchall()
@@ -181,9 +182,11 @@ class PostgresStore:
                 conn = self._connect(self._conninfo)
                 log.warning("PostgreSQL %s connection back", which)
                 return conn
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if time.monotonic() >= deadline:
-                    raise
+                    # The relay's store-failure path (relay/server.py) takes
+                    # it from here: BYE to the nodes, reload, or one line and exit.
+                    raise StoreError(exc) from None
                 time.sleep(RECONNECT_PAUSE)
 
     # --- at start-up ------------------------------------------------------------
@@ -365,7 +368,7 @@ class PostgresStore:
                     # The server went away (a failover).  Whether this
                     # transaction got in or not, running it again is safe:
                     # inserts skip stored ids, deletes and updates repeat.
-                    if not self._db.broken:
+                    if not (self._db.broken or self._db.closed):
                         self._abort()
                         raise
                     self._db = self._reconnect(self._db, "writer")

@@ -60,3 +60,26 @@ def test_a_commit_run_twice_stores_once(pg_dsn):
 def test_a_bad_conninfo_is_a_clear_error(tmp_path):
     with pytest.raises(StoreUnavailable, match="cannot connect to PostgreSQL"):
         PostgresStore(f"host={tmp_path} user=nobody dbname=none connect_timeout=2")
+
+
+def test_no_server_within_the_reconnect_window_is_a_store_error(pg_dsn, monkeypatch, tmp_path):
+    """Then the relay's store-failure path takes over (relay/server.py)."""
+    from murano_zmq.store import postgresql
+    from murano_zmq.store.faults import StoreError
+
+    store = PostgresStore(pg_dsn)
+    try:
+        store.insert([msg(1)])
+        store.seal()
+        monkeypatch.setattr(postgresql, "RECONNECT_WINDOW", 0.5)
+        good = store._conninfo
+        store._conninfo = f"host={tmp_path} dbname=none connect_timeout=1"  # nothing answers there
+        _terminate(pg_dsn, store._db.info.backend_pid)
+        with pytest.raises(StoreError):
+            store.commit()
+        assert store.in_transaction  # the batch is kept
+        store._conninfo = good  # the server is back
+        store.commit()
+        assert store.mailbox_stats() == {1: (1, 4)}
+    finally:
+        store.close()
