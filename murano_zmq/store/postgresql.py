@@ -15,9 +15,7 @@ not built yet (docs/scale-out.md says what is missing).
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import Iterable
 
 import msgpack
@@ -27,10 +25,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the PostgreSQL store needs psycopg 3: pip install 'murano-zmq[postgresql]'") from exc
 
+from . import pgconn
 from .base import MailboxRow, StoredMessage
-from .batch import WriteBatch, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 from .faults import StoreError
-from .open import StandbyStopped, StoreUnavailable
+from .open import StoreUnavailable
 
 SCHEMA_VERSION = 1
 
@@ -60,27 +59,7 @@ CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires, seq) WHERE e
 # lock key: any fixed number).
 _SCHEMA_LOCK = 0x6D7A7131
 
-# Held by the running relay's writer session for as long as it lives: the
-# engine owns its database (seqs, windows, sweeps are in its memory), so a
-# second relay on the same database (schema) is refused until the first
-# one's session ends.  PostgreSQL ends it when the relay dies (its socket
-# closes; on a dead machine, when TCP keepalives give up).
-_RELAY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))"
-_RELAY_LOCK = 0x6D7A7132
-LOCK_WAIT = 3.0  # seconds
-STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
-
-# After a lost connection (the primary died, a failover), how long to keep
-# trying to reach a read-write server before the relay gives up and exits.
-RECONNECT_WINDOW = 30.0
-RECONNECT_PAUSE = 0.2
-
-log = logging.getLogger("murano_zmq.relay")
-
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
-
-# Connection settings: a relay must not hang on a dead server forever.
-CONNECT_TIMEOUT = 10  # seconds, per host tried
 
 
 def _row(r: tuple) -> StoredMessage:
@@ -95,13 +74,13 @@ class PostgresStore:
         """standby: wait for the relay lock as long as it takes (a standby
         relay, taking over when the running one dies), until this event is
         set (then StandbyStopped)."""
-        self.path = _redact(conninfo)  # what the relay logs
+        self.path = pgconn.redact(conninfo)  # what the relay logs
         self._conninfo = conninfo
         self._exclusive = exclusive
         self._standby = standby
         try:
-            self._db = self._connect(conninfo)  # the writer
-            self._reader = self._connect(conninfo)
+            self._db = pgconn.connect(conninfo)  # the writer
+            self._reader = pgconn.connect(conninfo)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
         if exclusive:
@@ -126,36 +105,12 @@ class PostgresStore:
         self._id_ceiling: bytes = bytes(top[0][0]) if top else b""
 
     def _lock_database(self) -> None:
-        # A session that just closed (a relay restarted at once) may hold
-        # the lock a moment longer, until its backend has exited.
-        deadline = time.monotonic() + LOCK_WAIT
-        standing_by = False
-        while not self._db.execute(_RELAY_LOCK_SQL, (_RELAY_LOCK,)).fetchone()[0]:
-            if self._standby is not None and not standing_by and time.monotonic() >= deadline:
-                standing_by = True
-                log.info("standing by: another relay holds %s; taking over when it ends", self.path)
-            if self._standby is not None and self._standby.is_set():
-                self._db.close()
-                self._reader.close()
-                raise StandbyStopped("stopped while standing by")
-            if self._standby is not None or time.monotonic() < deadline:
-                time.sleep(STANDBY_POLL if standing_by else 0.05)
-                continue
+        try:
+            pgconn.take_relay_lock(self._db, self.path, self._standby)
+        except StoreUnavailable:
             self._db.close()
             self._reader.close()
-            raise StoreUnavailable(f"another relay is running on this database ({self.path}); one relay "
-                                   "per database (schema): several relays over one database are not "
-                                   "built yet (docs/scale-out.md)")
-
-    @staticmethod
-    def _connect(conninfo: str) -> psycopg.Connection:
-        # Defaults the conninfo may override.  Keepalives and a TCP user
-        # timeout turn a server machine that vanished (no RST) into an error
-        # within seconds instead of a commit that hangs (over TCP only).
-        params = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "murano-zmq relay",
-                  "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-                  "tcp_user_timeout": 15_000, **psycopg.conninfo.conninfo_to_dict(conninfo)}
-        return psycopg.connect(psycopg.conninfo.make_conninfo(**params), autocommit=True)
+            raise
 
     def _pending(self) -> list[WriteBatch]:
         with self._batches_lock:
@@ -172,22 +127,7 @@ class PostgresStore:
                 return self._reader.execute(sql, args).fetchall()
 
     def _reconnect(self, old: psycopg.Connection, which: str) -> psycopg.Connection:
-        """A new connection to a read-write server (libpq tries each host of
-        a multi-host conninfo), within RECONNECT_WINDOW; then the error."""
-        old.close()
-        log.warning("PostgreSQL %s connection lost; reconnecting (%s)", which, self.path)
-        deadline = time.monotonic() + RECONNECT_WINDOW
-        while True:
-            try:
-                conn = self._connect(self._conninfo)
-                log.warning("PostgreSQL %s connection back", which)
-                return conn
-            except psycopg.OperationalError as exc:
-                if time.monotonic() >= deadline:
-                    # The relay's store-failure path (relay/server.py) takes
-                    # it from here: BYE to the nodes, reload, or one line and exit.
-                    raise StoreError(exc) from None
-                time.sleep(RECONNECT_PAUSE)
+        return pgconn.reconnect(old, self._conninfo, self.path, which)
 
     # --- at start-up ------------------------------------------------------------
 
@@ -283,7 +223,7 @@ class PostgresStore:
                 and (stopped_at is None or r.seq < stopped_at)]
         if more:
             rows = sorted(rows + more, key=lambda r: r.seq)
-        return _cap(rows, limit, max_bytes)
+        return cap(rows, limit, max_bytes)
 
     def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
                 ) -> list[tuple[float, int, int]]:
@@ -373,7 +313,10 @@ class PostgresStore:
                         raise
                     self._db = self._reconnect(self._db, "writer")
                     if self._exclusive:
-                        self._lock_database()
+                        try:  # (a standby relay may have taken over meanwhile)
+                            pgconn.take_relay_lock(self._db, self.path, None)
+                        except StoreUnavailable as exc:
+                            raise StoreError(exc) from None
                 except BaseException:
                     self._abort()  # the batches stay, for a later commit()
                     raise
@@ -436,25 +379,3 @@ class PostgresStore:
         finally:
             self._reader.close()
             self._db.close()
-
-
-def _cap(rows: list[StoredMessage], limit: int, max_bytes: int | None) -> list[StoredMessage]:
-    rows = rows[:limit]
-    if max_bytes is None:
-        return rows
-    size = 0
-    for i, row in enumerate(rows):
-        size += len(row.body)
-        if size >= max_bytes:
-            return rows[:i + 1]
-    return rows
-
-
-def _redact(conninfo: str) -> str:
-    """The conninfo without its password, for logs and errors."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "(unparsable conninfo)"
-    params.pop("password", None)
-    return psycopg.conninfo.make_conninfo(**params)

@@ -64,14 +64,14 @@ def test_a_bad_conninfo_is_a_clear_error(tmp_path):
 
 def test_no_server_within_the_reconnect_window_is_a_store_error(pg_dsn, monkeypatch, tmp_path):
     """Then the relay's store-failure path takes over (relay/server.py)."""
-    from murano_zmq.store import postgresql
+    from murano_zmq.store import pgconn
     from murano_zmq.store.faults import StoreError
 
     store = PostgresStore(pg_dsn)
     try:
         store.insert([msg(1)])
         store.seal()
-        monkeypatch.setattr(postgresql, "RECONNECT_WINDOW", 0.5)
+        monkeypatch.setattr(pgconn, "RECONNECT_WINDOW", 0.5)
         good = store._conninfo
         store._conninfo = f"host={tmp_path} dbname=none connect_timeout=1"  # nothing answers there
         _terminate(pg_dsn, store._db.info.backend_pid)
