@@ -84,7 +84,13 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
         if exclusive:
-            self._lock_database()
+            try:
+                self._lock_database()
+            except psycopg.Error as exc:  # (the server went away while a standby waited)
+                self._db.close()
+                self._reader.close()
+                raise StoreUnavailable(f"lost PostgreSQL ({self.path}) while waiting for the relay lock: "
+                                       f"{exc}".strip()) from None
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
