@@ -4,7 +4,9 @@
     python bench/scale.py --json          # one JSON object
     python bench/scale.py --count 5000    # a quick run
 
-For each setup: pipelined durable sends per second (send_many in chunks
+Setups: one relay on SQLite; one relay on PostgreSQL; one relay on a
+PostgreSQL primary with a synchronous standby (both on this machine: a
+confirm waits for the standby's flush).  For each: pipelined durable sends per second (send_many in chunks
 of 10,000, 1 KiB bodies) and consume + ack per second (one consumer,
 prefetch 1000) of what was sent.  PostgreSQL runs in a temp dir, started
 here as the tests start it (tests/pgserver.py: unix socket, fsync on unless
@@ -74,25 +76,39 @@ def main() -> int:
     results: dict[str, dict | str] = {}
     with tempfile.TemporaryDirectory(prefix="mzscale-") as tmp:
         results["1 relay, SQLite"] = run_relay(tmp, "sqlite", args.count)
-        pg = PostgresServer(bindir, settings={} if args.no_fsync else {"fsync": "on", "full_page_writes": "on"})
+        durable = {} if args.no_fsync else {"fsync": "on", "full_page_writes": "on"}
+        pg = PostgresServer(bindir, settings=durable)
         try:
             pg.init().start()
             url = pg.url(new_schema(pg.dsn()))
             results["1 relay, PostgreSQL"] = run_relay(tmp, "pg1", args.count, "--store", url)
         finally:
             pg.cleanup()
+        # A confirm on two machines (here: two servers on this one).
+        primary = PostgresServer(bindir, settings={**durable, "synchronous_standby_names": "'standby1'"})
+        standby = None
+        try:
+            primary.init().start()
+            standby = primary.standby("standby1")
+            standby.start()
+            url = primary.url(new_schema(primary.dsn()))
+            results["1 relay, PG + sync standby"] = run_relay(tmp, "pgsync", args.count, "--store", url)
+        finally:
+            if standby is not None:
+                standby.cleanup()
+            primary.cleanup()
     for n in (2, 3):
         results[f"{n} relays, PostgreSQL"] = "not built (docs/scale-out.md)"
     if args.json:
         print(json.dumps({"count": args.count, "pg_fsync": not args.no_fsync, "results": results}))
         return 0
     print(f"{args.count} messages of 1 KiB per setup; PostgreSQL fsync {'off' if args.no_fsync else 'on'}")
-    print(f"{'setup':<24} {'sends/s':>10} {'consume+ack/s':>14}")
+    print(f"{'setup':<28} {'sends/s':>10} {'consume+ack/s':>14}")
     for setup, r in results.items():
         if isinstance(r, str):
-            print(f"{setup:<24} {r}")
+            print(f"{setup:<28} {r}")
         else:
-            print(f"{setup:<24} {r['sends_per_s']:>10} {r['consume_ack_per_s']:>14}")
+            print(f"{setup:<28} {r['sends_per_s']:>10} {r['consume_ack_per_s']:>14}")
     return 0
 
 
