@@ -74,8 +74,9 @@ def pg_server():
         if os.environ.get("MURANO_ZMQ_REQUIRE_PG") == "1":
             pytest.fail("PostgreSQL (initdb) not found and MURANO_ZMQ_REQUIRE_PG=1")
         pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
-    if os.environ.get("MURANO_ZMQ_REQUIRE_PG") != "1":
-        pytest.importorskip("psycopg")
+    from .pgserver import import_psycopg
+
+    import_psycopg()
     server = PostgresServer(bindir)
     try:
         server.init().start()

@@ -146,6 +146,18 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def import_psycopg():
+    """psycopg, or skip the test module where it is not installed, except
+    in CI (MURANO_ZMQ_REQUIRE_PG=1), where it must be."""
+    import pytest
+
+    if os.environ.get("MURANO_ZMQ_REQUIRE_PG") == "1":
+        import psycopg
+
+        return psycopg
+    return pytest.importorskip("psycopg")
+
+
 def new_schema(conninfo: str) -> str:
     """A fresh empty schema; returns its name (a store opened with
     search_path set to it sees a database of its own)."""

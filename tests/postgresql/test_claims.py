@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+from ..pgserver import import_psycopg
+
+psycopg = import_psycopg()
 
 from murano_zmq.store.claims import Claims, SweepLease, Wakeups, ensure_schema, notify, seq_block  # noqa: E402
 from murano_zmq.store.postgresql import PostgresStore  # noqa: E402

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+from ..pgserver import import_psycopg
+
+psycopg = import_psycopg()
 
 from murano_zmq.store.base import StoredMessage  # noqa: E402
 from murano_zmq.store.open import StoreUnavailable  # noqa: E402
