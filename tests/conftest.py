@@ -21,11 +21,24 @@ def _discovery_only_where_a_test_asks(monkeypatch):
 
 
 @pytest.fixture
-def relay_factory(tmp_path):
-    """Start relays (child processes); every one is stopped by PID at teardown."""
+def relay_factory(tmp_path, request):
+    """Start relays (child processes); every one is stopped by PID at teardown.
+
+    MURANO_ZMQ_TEST_STORE=postgresql runs them on PostgreSQL, a schema per
+    data directory (as SQLite has a file per data directory), to check the
+    relay behaves the same there."""
     started: list[RelayProcess] = []
+    pg = request.getfixturevalue("pg_server") if os.environ.get("MURANO_ZMQ_TEST_STORE") == "postgresql" else None
+    schemas: dict[str, str] = {}
 
     def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None, **kw) -> RelayProcess:
+        if pg is not None and "--store" not in extra:
+            from .pgserver import new_schema
+
+            where = data_dir or str(tmp_path / "data")
+            if where not in schemas:
+                schemas[where] = pg.url(new_schema(pg.dsn()))
+            extra = (*extra, "--store", schemas[where])
         log = open(tmp_path / f"relay-{len(started)}.log", "wb")
         relay = RelayProcess(endpoint or free_tcp_endpoint(), data_dir or str(tmp_path / "data"),
                              *extra, log_file=log, **kw)
