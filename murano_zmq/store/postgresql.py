@@ -296,9 +296,10 @@ class PostgresStore:
 
     def commit(self) -> None:
         """One transaction for every sealed batch; returns after PostgreSQL
-        acknowledged the COMMIT.  On an error the batches stay (for a later
-        commit) and the error goes up: the relay then exits, and nodes resend
-        what was not confirmed."""
+        acknowledged the COMMIT.  A lost connection is reconnected (within
+        pgconn.RECONNECT_WINDOW) and the transaction run again; any other
+        failure is a StoreError, the batches kept, for the relay's
+        store-failure path (relay/server.py)."""
         with self._commit_lock:
             sealed = self._pending()[:-1]
             if not sealed:
@@ -310,21 +311,24 @@ class PostgresStore:
                         self._write(batch)
                     self._db.execute("COMMIT")
                     break
-                except psycopg.OperationalError:
+                except psycopg.OperationalError as exc:
                     # The server went away (a failover).  Whether this
                     # transaction got in or not, running it again is safe:
                     # inserts skip stored ids, deletes and updates repeat.
                     if not (self._db.broken or self._db.closed):
                         self._abort()
-                        raise
+                        raise StoreError(exc) from exc
                     self._db = self._reconnect(self._db, "writer")
                     if self._exclusive:
                         try:  # (a standby relay may have taken over meanwhile)
                             pgconn.take_relay_lock(self._db, self.path, None)
                         except StoreUnavailable as exc:
                             raise StoreError(exc) from None
-                except BaseException:
+                except psycopg.Error as exc:  # the relay's store-failure path takes it
                     self._abort()  # the batches stay, for a later commit()
+                    raise StoreError(exc) from exc
+                except BaseException:
+                    self._abort()
                     raise
             self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
             with self._batches_lock:
