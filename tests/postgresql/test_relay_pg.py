@@ -12,7 +12,7 @@ import time
 
 from murano_zmq import Node
 
-from ..helpers import wait_for
+from ..helpers import free_tcp_endpoint, wait_for
 
 
 def _drain(endpoint: str, mailbox: str, prefetch: int = 500) -> list:
@@ -138,3 +138,36 @@ def test_a_standby_stops_cleanly_before_taking_over(relay_factory, pg_url, tmp_p
         log.close()
     r = _relay_cli("--standby", "--data-dir", str(tmp_path))
     assert r.returncode == 1 and "--standby needs --store postgresql://" in r.stderr
+
+
+def test_a_node_with_two_relays_moves_to_the_standby(relay_factory, pg_url, tmp_path):
+    """relay=[A, B]: B is a standby on its own endpoint; A dies mid-stream,
+    the node's next session goes to B, which took over the store."""
+    relay = relay_factory("--store", pg_url)
+    other = free_tcp_endpoint()
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", other, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        total = 20000
+        with Node("sender", relay=[relay.endpoint, other], heartbeat=0.2, timeout=60) as sender:
+            futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+            wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
+            relay.kill()
+            killed = time.monotonic()
+            confirmed_before = {f.result() for f in futures if f.done()}
+            wait_for(lambda: sum(f.done() for f in futures) > len(confirmed_before), 30, interval=0.005,
+                     what="a confirm from the standby")
+            took_over = time.monotonic() - killed
+            ids = [f.result(timeout=60) for f in futures]
+        print(f"node moved and was served {took_over:.2f}s after the kill")
+        seen = [m.id for m in _drain(other, "jobs")]
+        assert len(seen) == len(set(seen)), "a message reached application code twice"
+        assert confirmed_before <= set(seen) and set(seen) == set(ids)
+        assert took_over < 5
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
