@@ -75,5 +75,8 @@ def endpoint(text: str) -> str:
 
 
 def relay_endpoint(text: str) -> str:
-    """A relay to connect to: an endpoint, or 'auto' (found by zeroconf)."""
-    return text if text == "auto" else endpoint(text)
+    """A relay to connect to: an endpoint, several comma-separated (the node
+    moves to the next when one is lost), or 'auto' (found by zeroconf)."""
+    if text == "auto":
+        return text
+    return ",".join(endpoint(part) for part in text.split(","))

@@ -23,7 +23,8 @@ from .protocol.errors import MuranoZmqError, RelayUnavailable
 from .relay.main import add_relay_arguments
 from .status_view import format_status
 
-RELAY_HELP = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
+RELAY_HELP = (f"relay endpoint, or several comma-separated (a lost session moves to the next; "
+              f"default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})")
 
 
 def _header(text: str) -> tuple[str, str]:

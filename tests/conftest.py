@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,11 +22,24 @@ def _discovery_only_where_a_test_asks(monkeypatch):
 
 
 @pytest.fixture
-def relay_factory(tmp_path):
-    """Start relays (child processes); every one is stopped by PID at teardown."""
+def relay_factory(tmp_path, request):
+    """Start relays (child processes); every one is stopped by PID at teardown.
+
+    MURANO_ZMQ_TEST_STORE=postgresql runs them on PostgreSQL, a schema per
+    data directory (as SQLite has a file per data directory), to check the
+    relay behaves the same there."""
     started: list[RelayProcess] = []
+    pg = request.getfixturevalue("pg_server") if os.environ.get("MURANO_ZMQ_TEST_STORE") == "postgresql" else None
+    schemas: dict[str, str] = {}
 
     def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None, **kw) -> RelayProcess:
+        if pg is not None and "--store" not in extra:
+            from .pgserver import new_schema
+
+            where = data_dir or str(tmp_path / "data")
+            if where not in schemas:
+                schemas[where] = pg.url(new_schema(pg.dsn()))
+            extra = (*extra, "--store", schemas[where])
         log = open(tmp_path / f"relay-{len(started)}.log", "wb")
         relay = RelayProcess(endpoint or free_tcp_endpoint(), data_dir or str(tmp_path / "data"),
                              *extra, log_file=log, **kw)
@@ -85,3 +99,45 @@ def make_node(node_kind, request):
     yield make
     for node in reversed(made):
         node.close()
+
+
+# --- PostgreSQL (tests/pgserver.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL cluster for the session, on a unix socket in a temp dir.
+    Skipped where PostgreSQL is not installed, unless MURANO_ZMQ_REQUIRE_PG=1
+    (CI sets it: there a missing server fails the tests)."""
+    from .pgserver import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("MURANO_ZMQ_REQUIRE_PG") == "1":
+            pytest.fail("PostgreSQL (initdb) not found and MURANO_ZMQ_REQUIRE_PG=1")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    from .pgserver import import_psycopg
+
+    import_psycopg()
+    server = PostgresServer(bindir)
+    try:
+        server.init().start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_dsn(pg_server) -> str:
+    """A conninfo string for a database of this test's own (a fresh schema)."""
+    from .pgserver import new_schema, with_schema
+
+    return with_schema(pg_server.dsn(), new_schema(pg_server.dsn()))
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The same as a postgresql:// URL, for `relay --store`."""
+    from .pgserver import new_schema
+
+    return pg_server.url(new_schema(pg_server.dsn()))

@@ -62,6 +62,8 @@ class NodeBase:
             discovery = bool(os.environ.get(INTERFACES_ENV))
         self._discover = bool(discovery)
         self._interfaces = discovery if isinstance(discovery, str) else None
+        if isinstance(relay, (list, tuple)):  # several relays: the session moves on when one is lost
+            relay = ",".join(relay)
         self.relay = relay if relay == "auto" else resolve_relay(relay)
         self.timeout = timeout
         if not isinstance(max_pending, int) or max_pending < 1:

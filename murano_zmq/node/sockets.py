@@ -63,7 +63,8 @@ class NodeSockets:
                  topics=None, bind: str = DEFAULT_DIRECT_BIND):
         self._context = context
         self.core = core
-        self.relay = relay
+        self.relay = relay  # one endpoint, or several comma-separated (relay=[...])
+        self._relay_turn = 0  # which of them the current session uses
         self._curve = curve
         self._security = security  # security.node.NodeSecurity, or None: plain TCP
         self.topics = topics
@@ -101,10 +102,18 @@ class NodeSockets:
 
     def connect(self, now: float) -> None:
         """A new relay socket (and session): at start and after RelayLost."""
+        endpoints = self.relay.split(",")
         if self._sock is not None:
             log.debug("node %s: new relay socket", self.core.name)
             self._close_relay(0)
-        self._sock = relay_socket(self._context, self.relay, self._curve)
+            # Several relays: a lost session moves to the next one (a relay
+            # that died, a standby taking over); the core replays what is
+            # unconfirmed and consumes again there, as after any reconnect.
+            self._relay_turn = (self._relay_turn + 1) % len(endpoints)
+        endpoint = endpoints[self._relay_turn % len(endpoints)]
+        if len(endpoints) > 1:
+            log.info("node %s: relay session to %s", self.core.name, endpoint)
+        self._sock = relay_socket(self._context, endpoint, self._curve)
         # A dropped TCP connection loses the frames in it, and ZeroMQ would
         # reconnect under the same routing id without a word: watch it and
         # start a new session instead, replaying what is unconfirmed.

@@ -25,6 +25,12 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", type=endpoint, default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
     p.add_argument("--data-dir", default="",
                    help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
+    p.add_argument("--store", default="", metavar="URL",
+                   help="where mailboxes live: 'sqlite' (relay.db in --data-dir, the default) or "
+                        "postgresql://... (the postgresql extra; one relay per database; docs/scale-out.md)")
+    p.add_argument("--standby", action="store_true",
+                   help="with a postgresql:// store: wait until the relay running on it ends, then take "
+                        "over (bind and serve)")
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=message_size, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest message in bytes: body plus packed headers, at most 1 GiB "
@@ -52,7 +58,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                              authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
-                             bind=args.bind, data_dir=args.data_dir, name=args.name,
+                             bind=args.bind, data_dir=args.data_dir, store=args.store, standby=args.standby,
+                             name=args.name,
                              max_message_size=args.max_message_size,
                              discovery_interfaces=args.discovery_interfaces)
         return run_relay(config)

@@ -32,6 +32,7 @@ from ..protocol.errors import StartupError
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
 from ..store.lock import DataDirLock
+from ..store.open import StandbyStopped, check_store_url, is_sqlite, open_store
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .engine import RelayEngine
 from .faults import FailureLog, prepare_data_dir
@@ -75,6 +76,11 @@ def default_data_dir() -> str:
 class RelayConfig:
     bind: str = DEFAULT_RELAY_ENDPOINT
     data_dir: str = ""
+    # '' (SQLite in data_dir) or a postgresql:// URL (docs/scale-out.md).
+    store: str = ""
+    # PostgreSQL: wait for the relay running on the store to end, then take
+    # over (bind and serve).
+    standby: bool = False
     name: str = "relay"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
@@ -98,6 +104,9 @@ class RelayConfig:
             self.create_parents = True
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
+        check_store_url(self.store)
+        if self.standby and is_sqlite(self.store):
+            raise ValueError("--standby needs --store postgresql://...")
 
 
 class Relay:
@@ -150,9 +159,16 @@ class Relay:
         cfg = self.config
         lock = store = sock = None
         try:
-            prepare_data_dir(cfg.data_dir, cfg.create_parents)
-            lock = DataDirLock(cfg.data_dir).acquire()
-            store = self._store_factory(cfg.data_dir)
+            if is_sqlite(cfg.store):
+                prepare_data_dir(cfg.data_dir, cfg.create_parents)
+                lock = DataDirLock(cfg.data_dir).acquire()
+                store = self._store_factory(cfg.data_dir)
+            else:  # PostgreSQL: the store holds a lock in the database instead
+                try:
+                    store = open_store(cfg.store, cfg.data_dir, self._stop if cfg.standby else None)
+                except StandbyStopped:
+                    log.info("standby relay stopped")
+                    return
             sock = self._bind()
             self.engine = self._new_engine(store)
             if not (store.hold_reserve() and store.space_available()):

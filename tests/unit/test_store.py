@@ -1,7 +1,9 @@
-"""SQLiteStore against an in-memory model: pure tests, files in tmp_path only.
+"""The store contract: every test runs against SQLiteStore (files in tmp_path)
+and PostgresStore (a schema of its own on the session's PostgreSQL server,
+tests/pgserver.py), the model test included.
 
 Crash tests with kill -9 of a real relay live with the integration tests;
-here a "crash" closes the SQLite connections without a commit, which is
+here a "crash" closes the store's connections without a commit, which is
 what the process dying does to buffered writes and an open transaction.
 """
 
@@ -22,6 +24,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
+try:
+    import psycopg
+except ImportError:  # the postgresql cases skip (conftest.pg_server)
+    psycopg = None
+
+# What a store whose connections were closed (a "crash") raises on close().
+CLOSED = (sqlite3.ProgrammingError,) + ((psycopg.OperationalError,) if psycopg else ())
+
 MAILBOX_IDS = (1, 2, 3)
 
 
@@ -32,26 +42,62 @@ def msg(seq, mailbox=1, msg_id=None, body=b"body", expires=None, deliveries=0, h
     return StoredMessage(seq, mailbox, msg_id, headers, body, created, expires, deliveries)
 
 
-def crash(store: SQLiteStore) -> None:
+class Backend:
+    """Opens a store of one kind at a place named by a key (a directory for
+    SQLite, a schema for PostgreSQL); the same key opens the same data."""
+
+    def __init__(self, kind: str, pg_server=None):
+        self.kind = kind
+        self.pg_server = pg_server
+        self._schemas: dict[str, str] = {}
+
+    def open(self, where, exclusive: bool = True):
+        """exclusive=False: a second store on the same data, beside a relay's."""
+        if self.kind == "sqlite":
+            return SQLiteStore(str(where))
+        from murano_zmq.store.postgresql import PostgresStore
+
+        from tests.pgserver import new_schema, with_schema
+
+        dsn = self.pg_server.dsn()
+        if str(where) not in self._schemas:
+            self._schemas[str(where)] = new_schema(dsn)
+        return PostgresStore(with_schema(dsn, self._schemas[str(where)]), exclusive=exclusive)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite")
+    return Backend("postgresql", request.getfixturevalue("pg_server"))
+
+
+@pytest.fixture
+def open_store(backend, tmp_path):
+    """open_store() opens this test's store (again)."""
+    return lambda exclusive=True: backend.open(tmp_path, exclusive)
+
+
+def crash(store) -> None:
     """Lose the buffered writes the way a dead process does: the connections
     go away without a commit."""
     store._reader.close()
     store._db.close()
 
 
-def flush(store: SQLiteStore) -> None:
+def flush(store) -> None:
     """Seal and commit, in this thread (what engine.commit() does)."""
     store.seal()
     store.commit()
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def store(open_store):
+    s = open_store()
     yield s
     try:
         s.close()
-    except sqlite3.ProgrammingError:
+    except CLOSED:
         pass  # crashed on purpose
 
 
@@ -143,17 +189,17 @@ def test_start_up_reads_see_the_last_commit(store):
     assert store.mailbox_stats() == {1: (2, 2), 2: (1, 3)}
 
 
-def test_max_seq_is_a_high_water_mark(tmp_path):
+def test_max_seq_is_a_high_water_mark(open_store):
     # Tags are seqs: a seq must never be reused after a restart, or a late
     # ACK from before it could delete a newer message.
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     s.insert([msg(1), msg(2), msg(3)])
     s.delete([2, 3])
     flush(s)
     assert s.max_seq() == 3
     s.delete([1])
     s.close()
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert s.mailbox_stats() == {}
         assert s.max_seq() == 3
@@ -161,28 +207,28 @@ def test_max_seq_is_a_high_water_mark(tmp_path):
         s.close()
 
 
-def test_max_seq_counts_skipped_duplicates(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_max_seq_counts_skipped_duplicates(open_store):
+    s = open_store()
     s.insert([msg(1, msg_id=b"d" * 16)])
     flush(s)
     s.insert([msg(2, msg_id=b"d" * 16)])
     s.close()
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert s.max_seq() == 2
     finally:
         s.close()
 
 
-def test_max_seq_mark_lost_with_its_batch(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_max_seq_mark_lost_with_its_batch(open_store):
+    s = open_store()
     s.insert([msg(1)])
     flush(s)
     s.insert([msg(2), msg(3)])
     s.delete([2, 3])
     s.seal()
     crash(s)
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert s.max_seq() == 1
     finally:
@@ -215,10 +261,10 @@ def test_commit_takes_only_sealed_batches(store):
     assert store.mailbox_stats() == {1: (2, 8)}
 
 
-def test_a_move_in_one_batch_is_one_commit(tmp_path):
+def test_a_move_in_one_batch_is_one_commit(open_store):
     """Delete in one mailbox and insert in another in the same batch: a
     crash keeps the message in one place or the other (issue 12, item 1)."""
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     s.save_mailbox(MailboxRow(1, "work", {"dead_letter": "dlq"}, True))
     s.insert([msg(1)])
     flush(s)
@@ -227,7 +273,7 @@ def test_a_move_in_one_batch_is_one_commit(tmp_path):
     s.insert([msg(2, mailbox=2, msg_id=msg(1).msg_id)])
     s.seal()
     crash(s)
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert [(m.seq, m.mailbox_id) for m in s.load_ready(1, 0, 10) + s.load_ready(2, 0, 10)] == [(1, 1)]
     finally:
@@ -285,6 +331,8 @@ def test_reads_do_not_wait_for_a_commit_in_flight(store, written_at_seal):
 
 
 def test_a_failed_commit_keeps_its_batches_for_the_next(store):
+    if not isinstance(store, SQLiteStore):
+        pytest.skip("SQLite's failure path; PostgreSQL's is in tests/postgresql/test_store_pg.py")
     store.insert([msg(1)])
     store.seal()
 
@@ -357,15 +405,15 @@ def test_mailboxes_round_trip_and_delete(store):
     assert store.get(1) is None and store.get(3) is None
 
 
-def test_reopen_after_commit_sees_the_same(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_reopen_after_commit_sees_the_same(open_store):
+    s = open_store()
     s.save_mailbox(MailboxRow(1, "mb", {"ttl": 5.0}, True))
     rows = [msg(i, expires=float(i)) for i in range(1, 6)]
     s.insert(rows)
     s.delete([2])
     flush(s)
     s.close()
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert s.load_mailboxes() == [MailboxRow(1, "mb", {"ttl": 5.0}, True)]
         assert s.load_ready(1, 0, 10) == [r for r in rows if r.seq != 2]
@@ -374,22 +422,22 @@ def test_reopen_after_commit_sees_the_same(tmp_path):
         s.close()
 
 
-def test_close_commits(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_close_commits(open_store):
+    s = open_store()
     s.insert([msg(1)])
     s.close()
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     assert s.max_seq() == 1
     s.close()
 
 
-def test_uncommitted_writes_invisible_to_another_connection(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_uncommitted_writes_invisible_to_another_connection(open_store):
+    s = open_store()
     s.insert([msg(1)])
     flush(s)
     s.insert([msg(2)])
     s.delete([1])
-    other = SQLiteStore(str(tmp_path))  # a reader: sees the last commit only
+    other = open_store(exclusive=False)  # a reader: sees the last commit only
     try:
         assert [m.seq for m in other.load_ready(1, 0, 10)] == [1]
         flush(s)
@@ -399,8 +447,8 @@ def test_uncommitted_writes_invisible_to_another_connection(tmp_path):
         s.close()
 
 
-def test_uncommitted_writes_lost_on_crash(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_uncommitted_writes_lost_on_crash(open_store):
+    s = open_store()
     s.save_mailbox(MailboxRow(1, "kept", {}, False))
     s.insert([msg(1)])
     flush(s)
@@ -408,7 +456,7 @@ def test_uncommitted_writes_lost_on_crash(tmp_path):
     s.insert([msg(2)])
     s.delete([1])
     crash(s)
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert [r.name for r in s.load_mailboxes()] == ["kept"]
         assert [m.seq for m in s.load_ready(1, 0, 10)] == [1]
@@ -416,24 +464,28 @@ def test_uncommitted_writes_lost_on_crash(tmp_path):
         s.close()
 
 
-def test_uncommitted_writes_lost_when_object_dropped(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+def test_uncommitted_writes_lost_when_object_dropped(open_store):
+    s = open_store()
     s.insert([msg(1)])
     flush(s)
     s.insert([msg(2)])
     s.seal()
     del s  # no commit, no close
     gc.collect()
-    s = SQLiteStore(str(tmp_path))
+    s = open_store()
     try:
         assert s.max_seq() == 1
     finally:
         s.close()
 
 
-def test_wal_and_full_sync(store):
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+def test_wal_and_full_sync(tmp_path):
+    store = SQLiteStore(str(tmp_path))
+    try:
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
 
 
 def test_other_schema_version_refused(tmp_path):
@@ -469,12 +521,13 @@ class StoreModel(RuleBasedStateMachine):
     """Live rows and mailboxes as dicts; `committed` is what survives a crash."""
 
     root = None  # set by the test: a tmp_path
+    backend: Backend = None  # set by the test
     _runs = itertools.count()
 
     def __init__(self):
         super().__init__()
         self.dir = str(self.root / f"run{next(self._runs)}")
-        self.store = SQLiteStore(self.dir)
+        self.store = self.backend.open(self.dir)
         self.live: dict[int, StoredMessage] = {}
         self.mailboxes: dict[int, MailboxRow] = {}
         self.committed = self.sealed = ({}, {}, 0)
@@ -485,7 +538,7 @@ class StoreModel(RuleBasedStateMachine):
     def teardown(self):
         try:
             self.store.close()
-        except sqlite3.ProgrammingError:
+        except CLOSED:
             pass
 
     # --- rules ---
@@ -562,14 +615,14 @@ class StoreModel(RuleBasedStateMachine):
     def reopen(self):
         self.store.close()  # seals and commits
         self.committed = self.sealed = (dict(self.live), dict(self.mailboxes), self.high_water)
-        self.store = SQLiteStore(self.dir)
+        self.store = self.backend.open(self.dir)
 
     @rule()
     def crash_and_reopen(self):
         crash(self.store)
         live, mailboxes, self.high_water = self.sealed = self.committed
         self.live, self.mailboxes = dict(live), dict(mailboxes)
-        self.store = SQLiteStore(self.dir)
+        self.store = self.backend.open(self.dir)
 
     # --- what must hold after every step ---
 
@@ -618,11 +671,13 @@ class StoreModel(RuleBasedStateMachine):
             assert self.store.next_expiry(now) == (min(later) if later else None)
 
 
-def test_store_matches_model(tmp_path):
+def test_store_matches_model(tmp_path, backend):
     StoreModel.root = tmp_path
+    StoreModel.backend = backend
     run_state_machine_as_test(
         StoreModel,
-        settings=settings(max_examples=40, stateful_step_count=25, deadline=None,
+        # PostgreSQL pays a round trip per read: fewer examples keep it near 10 s.
+        settings=settings(max_examples=40 if backend.kind == "sqlite" else 20, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
 

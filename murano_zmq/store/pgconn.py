@@ -1,0 +1,94 @@
+"""PostgreSQL connections for the store: defaults, the relay lock, reconnecting.
+
+Kept apart from store/postgresql.py (the Store itself) so each stays short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+
+from .faults import StoreError
+from .open import StandbyStopped, StoreUnavailable
+
+log = logging.getLogger("murano_zmq.relay")
+
+# A relay must not hang on a dead server forever.
+CONNECT_TIMEOUT = 10  # seconds, per host tried
+
+# Held by the running relay's writer session for as long as it lives: the
+# engine owns its database (seqs, windows, sweeps are in its memory), so a
+# second relay on the same database (schema) is refused until the first
+# one's session ends.  PostgreSQL ends it when the relay dies (its socket
+# closes; on a dead machine, when TCP keepalives give up).
+RELAY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))"
+RELAY_LOCK = 0x6D7A7132
+LOCK_WAIT = 3.0  # seconds: a session that just closed may hold the lock a moment longer
+STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
+
+# After a lost connection (the primary died, a failover), how long to keep
+# trying to reach a read-write server before the store gives up (StoreError).
+RECONNECT_WINDOW = 30.0
+RECONNECT_PAUSE = 0.2
+
+
+def connect(conninfo: str) -> psycopg.Connection:
+    """An autocommit connection.  Defaults the conninfo may override:
+    keepalives and a TCP user timeout turn a server machine that vanished
+    (no RST) into an error within seconds instead of a commit that hangs."""
+    params = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "murano-zmq relay",
+              "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+              "tcp_user_timeout": 15_000, **psycopg.conninfo.conninfo_to_dict(conninfo)}
+    return psycopg.connect(psycopg.conninfo.make_conninfo(**params), autocommit=True)
+
+
+def redact(conninfo: str) -> str:
+    """The conninfo without its password, for logs and errors."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(unparsable conninfo)"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Event | None) -> None:
+    """Take the relay lock on `conn`'s session.  Without `standby`: within
+    LOCK_WAIT, else StoreUnavailable.  With it: as long as it takes, until
+    the event is set (StandbyStopped)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    standing_by = False
+    while not conn.execute(RELAY_LOCK_SQL, (RELAY_LOCK,)).fetchone()[0]:
+        now = time.monotonic()
+        if standby is None:
+            if now >= deadline:
+                raise StoreUnavailable(f"another relay is running on this database ({path}); one relay "
+                                       "per database (schema): several relays over one database are not "
+                                       "built yet (docs/scale-out.md)")
+        elif standby.is_set():
+            raise StandbyStopped("stopped while standing by")
+        elif not standing_by and now >= deadline:
+            standing_by = True
+            log.info("standing by: another relay holds %s; taking over when it ends", path)
+        time.sleep(STANDBY_POLL)
+
+
+def reconnect(old: psycopg.Connection, conninfo: str, path: str, which: str) -> psycopg.Connection:
+    """A new connection to a read-write server (libpq tries each host of a
+    multi-host conninfo), within RECONNECT_WINDOW; then StoreError, and the
+    relay's store-failure path (relay/server.py) takes it from there."""
+    old.close()
+    log.warning("PostgreSQL %s connection lost; reconnecting (%s)", which, path)
+    deadline = time.monotonic() + RECONNECT_WINDOW
+    while True:
+        try:
+            conn = connect(conninfo)
+            log.warning("PostgreSQL %s connection back", which)
+            return conn
+        except psycopg.OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise StoreError(exc) from None
+            time.sleep(RECONNECT_PAUSE)

@@ -1,0 +1,173 @@
+"""A relay on PostgreSQL (`relay --store postgresql://...`), end to end.
+
+Each test gets a schema of its own on the session's server (conftest.pg_url).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from murano_zmq import Node
+
+from ..helpers import free_tcp_endpoint, wait_for
+
+
+def _drain(endpoint: str, mailbox: str, prefetch: int = 500) -> list:
+    seen = []
+    with Node("receiver", relay=endpoint, timeout=30) as receiver:
+        consumer = receiver.consume(mailbox, prefetch=prefetch)
+        while True:
+            m = consumer.get(timeout=3)
+            if m is None:
+                return seen
+            seen.append(m)
+            m.ack()
+
+
+def test_relay_kill9_mid_pipelined_sends_loses_nothing(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    total = 20000  # enough that the kill lands mid-stream on a fast, idle machine
+    with Node("sender", relay=relay.endpoint, heartbeat=0.2, timeout=60) as sender:
+        futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
+        relay.kill()
+        confirmed_before_kill = {f.result() for f in futures if f.done()}
+        assert 0 < len(confirmed_before_kill) < total
+        relay_factory("--store", pg_url, endpoint=relay.endpoint)
+        ids = [f.result(timeout=60) for f in futures]  # resent through the new relay
+    assert len(set(ids)) == total
+    seen = [m.id for m in _drain(relay.endpoint, "jobs")]
+    assert len(seen) == len(set(seen)), "a message reached application code twice"
+    assert set(seen) == set(ids)
+
+
+def test_fifo_per_sender_with_one_consumer(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+        sender.send_many([("fifo", i) for i in range(2500)])  # more than one READY window
+    assert [m.body for m in _drain(relay.endpoint, "fifo", prefetch=100)] == list(range(2500))
+
+
+def test_the_store_survives_a_clean_restart_with_its_mailbox_options(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("n", relay=relay.endpoint, timeout=30) as node:
+        node.declare("limited", max_length=3, overflow="drop-head")
+        node.send_many([("limited", i) for i in range(5)])
+    assert relay.stop() == 0
+    relay_factory("--store", pg_url, endpoint=relay.endpoint)
+    assert [m.body for m in _drain(relay.endpoint, "limited")] == [2, 3, 4]
+
+
+def _relay_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "murano_zmq", "relay", "--bind", "tcp://127.0.0.1:0", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bad_store_urls_are_clear_errors(tmp_path):
+    r = _relay_cli("--store", "mysql://x", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "expected 'sqlite' or a postgresql://" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _relay_cli("--store", f"postgresql://nobody@/none?host={tmp_path}&connect_timeout=2",
+                   "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_one_relay_per_database_until_it_dies(relay_factory, pg_url):
+    relay = relay_factory("--store", pg_url)
+    with Node("n", relay=relay.endpoint, timeout=30) as node:
+        node.send("kept", "before")
+    second = _relay_cli("--store", pg_url, "--data-dir", "/nonexistent")
+    assert second.returncode == 1 and "another relay is running on this database" in second.stderr
+    assert "Traceback" not in second.stderr
+    relay.kill()  # its session ends with it, and the lock with the session
+    relay_factory("--store", pg_url, endpoint=relay.endpoint)
+    assert [m.body for m in _drain(relay.endpoint, "kept")] == ["before"]
+
+
+def test_a_standby_relay_takes_over_when_the_relay_dies(relay_factory, pg_url, tmp_path):
+    """`--standby` on the same endpoint: it waits for the relay lock, binds
+    when the running relay dies, and the nodes' reconnects find it."""
+    relay = relay_factory("--store", pg_url)
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", relay.endpoint, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        total = 20000
+        with Node("sender", relay=relay.endpoint, heartbeat=0.2, timeout=60) as sender:
+            futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+            wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
+            relay.kill()
+            killed = time.monotonic()
+            confirmed_before = {f.result() for f in futures if f.done()}
+            assert len(confirmed_before) < total
+            wait_for(lambda: sum(f.done() for f in futures) > len(confirmed_before), 30, interval=0.005,
+                     what="a confirm from the standby")
+            took_over = time.monotonic() - killed
+            ids = [f.result(timeout=60) for f in futures]
+        print(f"standby served {took_over:.2f}s after the kill")
+        assert standby.poll() is None
+        seen = [m.id for m in _drain(relay.endpoint, "jobs")]
+        assert len(seen) == len(set(seen)), "a message reached application code twice"
+        assert confirmed_before <= set(seen) and set(seen) == set(ids)
+        assert took_over < 5, f"the standby served {took_over:.1f}s after the kill"
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
+
+
+def test_a_standby_stops_cleanly_before_taking_over(relay_factory, pg_url, tmp_path):
+    relay_factory("--store", pg_url)
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "relay", "--bind", "tcp://127.0.0.1:0",
+                                "--store", pg_url, "--standby"], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(10) == 0
+    finally:
+        if standby.poll() is None:
+            standby.kill()
+            standby.wait(10)
+        log.close()
+    r = _relay_cli("--standby", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "--standby needs --store postgresql://" in r.stderr
+
+
+def test_a_node_with_two_relays_moves_to_the_standby(relay_factory, pg_url, tmp_path):
+    """relay=[A, B]: B is a standby on its own endpoint; A dies mid-stream,
+    the node's next session goes to B, which took over the store."""
+    relay = relay_factory("--store", pg_url)
+    other = free_tcp_endpoint()
+    log = open(tmp_path / "standby.log", "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", other, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        total = 20000
+        with Node("sender", relay=[relay.endpoint, other], heartbeat=0.2, timeout=60) as sender:
+            futures = [sender.send_async("jobs", {"n": i}) for i in range(total)]
+            wait_for(lambda: sum(f.done() for f in futures) >= 1000, 30, interval=0.001, what="first confirms")
+            relay.kill()
+            killed = time.monotonic()
+            confirmed_before = {f.result() for f in futures if f.done()}
+            wait_for(lambda: sum(f.done() for f in futures) > len(confirmed_before), 30, interval=0.005,
+                     what="a confirm from the standby")
+            took_over = time.monotonic() - killed
+            ids = [f.result(timeout=60) for f in futures]
+        print(f"node moved and was served {took_over:.2f}s after the kill")
+        seen = [m.id for m in _drain(other, "jobs")]
+        assert len(seen) == len(set(seen)), "a message reached application code twice"
+        assert confirmed_before <= set(seen) and set(seen) == set(ids)
+        assert took_over < 5
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
