@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from . import pgconn
 from .base import MailboxRow, StoredMessage
+from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 from .faults import StoreError
 from .open import StoreUnavailable
@@ -104,11 +105,11 @@ class PostgresStore:
         self._commit_lock = threading.Lock()
         self._read_lock = threading.RLock()
         self._seq_saved = 0
-        # No stored id is above this: an id above it needs no lookup (ids made
-        # by new_message_id() start with a clock, so most new ones are).  One
-        # relay per database keeps it true: no one else inserts.
-        top = self._query("SELECT msg_id FROM messages ORDER BY msg_id DESC LIMIT 1")
-        self._id_ceiling: bytes = bytes(top[0][0]) if top else b""
+        # Which new ids need no lookup (store/ids.py).  One relay per
+        # database keeps it true: no one else inserts.
+        top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
+                          (CLOCK_BOUND,))
+        self._ids = IdCeiling(bytes(top[0][0]) if top else None)
 
     def _lock_database(self) -> None:
         try:
@@ -177,17 +178,17 @@ class PostgresStore:
         return [r for r in rows if r is not None]
 
     def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        maybe = self._ids.maybe_stored(msg_ids)
+        if not maybe:
+            return {}
         batches = self._pending()
         found: dict[bytes, int] = {}
-        ceiling = self._id_ceiling
-        maybe = [m for m in msg_ids if m <= ceiling]
-        if maybe:
-            for seq, mailbox, msg_id in self._query(
-                    "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (maybe,)):
-                if visible(seq, mailbox, batches):
-                    found[bytes(msg_id)] = mailbox
+        for seq, mailbox, msg_id in self._query(
+                "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (maybe,)):
+            if visible(seq, mailbox, batches):
+                found[bytes(msg_id)] = mailbox
         for i, b in enumerate(batches):
-            for msg_id in msg_ids:
+            for msg_id in maybe:
                 seq = b.ids.get(msg_id)
                 if seq is not None:
                     row = replay(b.inserted[seq], batches[i:], own=True)
@@ -272,9 +273,7 @@ class PostgresStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
-        for m in messages:
-            if m.msg_id > self._id_ceiling:
-                self._id_ceiling = m.msg_id
+        self._ids.stored([m.msg_id for m in messages])
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:
