@@ -11,6 +11,10 @@ monitoring, which tests/oslo/test_driver.py tests for this driver
 oslo.metrics collector (it starts ``python3 -m oslo_metrics`` and reads
 http://localhost:3000); it may fail for want of one, as it does with rabbit.
 Every other test must pass.
+
+It runs twice: with discovery off, and with MURANO_ZMQ_DISCOVERY_INTERFACES
+=127.0.0.1 (every transport's Node and the relay on zeroconf), as services
+with discovery on run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+
+from murano_zmq.discovery.zeroconf import INTERFACES_ENV
 
 from .conftest import zmqrelay_url
 
@@ -59,11 +65,15 @@ PER_TEST = 120
 WHOLE_RUN = 600
 
 
-def run_suite(url: str, workdir) -> dict[str, str]:
-    """{"Class.test": outcome} for every test of the suite."""
+def run_suite(url: str, workdir, discovery: str | None = None) -> dict[str, str]:
+    """{"Class.test": outcome} for every test of the suite (`discovery`:
+    the zeroconf interfaces its nodes use, None: off)."""
     report = workdir / "functional.xml"
     env = dict(os.environ, RPC_TRANSPORT_URL=url, NOTIFY_TRANSPORT_URL=url)
     env.pop("PYTEST_ADDOPTS", None)
+    env.pop(INTERFACES_ENV, None)
+    if discovery:
+        env[INTERFACES_ENV] = discovery
     command = [sys.executable, "-m", "pytest", "--pyargs", SUITE, "-p", "no:cacheprovider", "-q",
                f"--timeout={PER_TEST}", f"--junitxml={report}", "-W", "ignore::DeprecationWarning"]
     # A session of its own: whatever the suite starts (its oslo_metrics
@@ -91,8 +101,10 @@ def run_suite(url: str, workdir) -> dict[str, str]:
 
 
 @pytest.mark.timeout(WHOLE_RUN + 60)
-def test_oslo_messaging_functional_suite_passes(relay, tmp_path):
-    outcomes = run_suite(zmqrelay_url(relay), tmp_path)
+@pytest.mark.parametrize("discovery", [None, "127.0.0.1"], ids=["discovery-off", "discovery-on"])
+def test_oslo_messaging_functional_suite_passes(relay_factory, tmp_path, discovery):
+    relay = relay_factory(*(["--discovery-interfaces", discovery] if discovery else []))
+    outcomes = run_suite(zmqrelay_url(relay), tmp_path, discovery)
     summary = "\n".join(f"{outcome:8} {name}" for name, outcome in sorted(outcomes.items()))
     print(summary)
     assert len(outcomes) == EXPECTED_TESTS, summary
