@@ -43,6 +43,7 @@ from ..protocol.message import check_name, is_number, parse_send_record
 from ..protocol.options import MailboxOptions
 from ..protocol.errors import LocalProtocolError
 from ..store.base import MailboxRow, Store, StoredMessage
+from .admin import HANDLERS as ADMIN_HANDLERS
 from .state import READY_WINDOW, Consumer, Mailbox, Peer
 
 log = logging.getLogger("murano_zmq.relay")
@@ -94,7 +95,10 @@ class RelayEngine:
         self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
         self._next_message_expiry: float | None = None
         self.counters = {"received": 0, "delivered": 0, "acked": 0, "expired": 0,
-                         "dead_lettered": 0, "rejected": 0}
+                         "dead_lettered": 0, "rejected": 0,
+                         # for relay/metrics.py (RabbitMQ's names)
+                         "confirmed": 0, "refused": 0, "redelivered": 0, "dead_lettered_expired": 0,
+                         "dead_lettered_rejected": 0, "dead_lettered_maxlen": 0}
         self._recover(now)
 
     # --- recovery --------------------------------------------------------------
@@ -406,6 +410,7 @@ class RelayEngine:
         Cmd.LOOKUP: _on_lookup,
         Cmd.ACK: _on_ack,
         Cmd.NACK: _on_nack,
+        **ADMIN_HANDLERS,  # PURGE, MOVE, PEEK: relay/admin.py
     }
 
     # --- time ----------------------------------------------------------------------
@@ -514,6 +519,8 @@ class RelayEngine:
             if row.seq <= self._boot_seq and row.deliveries == 0:
                 row = row._replace(deliveries=1)  # may have been out before a restart
             row = row._replace(deliveries=row.deliveries + 1)
+            if row.deliveries > 1:
+                self.counters["redelivered"] += 1
             consumer.unacked[row.seq] = row
             self._unacked[row.seq] = consumer
             mb.unacked_count += 1
@@ -613,6 +620,7 @@ class RelayEngine:
             self._enqueue(dlx, row.msg_id, msgpack.packb(headers), row.body, row.created,
                           None if ttl is None else now + ttl, 0, now, dead_lettering=True)
             self.counters["dead_lettered"] += 1
+            self.counters["dead_lettered_" + reason] = self.counters.get("dead_lettered_" + reason, 0) + 1
         except MailboxFull:
             log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
 
@@ -723,6 +731,9 @@ class RelayEngine:
         may go out only once the caller's store.commit() has returned."""
         self._flush_writes()
         held = [(identity, encode(Cmd.CONFIRM, req, errors)) for identity, req, errors in self._confirms]
+        # Every SEND received so far is answered in this batch (metrics).
+        self.counters["refused"] += sum(len(errors) for _, _, errors in self._confirms)
+        self.counters["confirmed"] = self.counters["received"] - self.counters["refused"]
         held.extend(self._after_commit)
         self._confirms, self._after_commit = [], []
         self._origins.clear()

@@ -63,6 +63,8 @@ class RelayConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
     discovery_interfaces: str = ""
+    # Prometheus metrics on HOST:PORT ("" = none; relay/metrics.py).
+    metrics: str = ""
 
     # Security (docs/security.md): the relay's CURVE key (a .key_secret path,
     # or a NAME in key_dir), the authorized-keys directory, the permissions
@@ -138,12 +140,15 @@ class Relay:
             engine.permissions = self.security.permissions
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
             discovery = self._advertise()
+            metrics = self._serve_metrics(engine)
             self._ready.set()
             try:
                 self._loop(sock, engine)
             finally:
                 if discovery is not None:
                     discovery.close()
+                if metrics is not None:
+                    metrics.close()
             engine.shutdown()
             self._send(sock, engine.take_output(time.time()))
             engine.commit()
@@ -155,6 +160,13 @@ class Relay:
             store.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _serve_metrics(self, engine: RelayEngine):
+        if not self.config.metrics:
+            return None
+        from .metrics import MetricsServer
+
+        return MetricsServer(self.config.metrics, engine)
 
     def _advertise(self):
         """Advertise the relay by zeroconf when discovery interfaces are set."""
