@@ -17,6 +17,7 @@ from .protocol.constants import (
     OVERFLOWS,
     RELAY_ENV,
 )
+from . import cli_ops
 from .discovery.zeroconf import INTERFACES_ENV
 from .protocol.errors import MuranoZmqError, RelayUnavailable
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_options(sub.choices["relay"], relay=True)
     for command in ("send", "consume", "declare", "delete", "status"):
         _add_key_options(sub.choices[command], relay=False)
+    cli_ops.extend_parser(sub, _add_key_options)  # metrics, check-config, watch, purge/move/peek
     return parser
 
 
@@ -215,9 +217,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     security = dict(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                     authorized_keys=args.authorized_keys or "", permissions=args.permissions or "")
-    return run_relay(RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, name=args.name,
-                                 max_message_size=args.max_message_size,
-                                 discovery_interfaces=args.discovery_interfaces))
+    config = RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, name=args.name,
+                         max_message_size=args.max_message_size,
+                         discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
+    if args.check_config:
+        return cli_ops.cmd_check_config(config)
+    return run_relay(config)
 
 
 def _node(args: argparse.Namespace, name: str):
@@ -293,6 +298,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return cli_ops.cmd_watch(args)
     with _node(args, "cli-status") as node:
         status = node.status()
     if args.json:
@@ -376,6 +383,7 @@ COMMANDS = {
     "peers": cmd_peers,
     "forwarder": cmd_forwarder,
     "keygen": cmd_keygen,
+    **cli_ops.COMMANDS,
 }
 
 if __name__ == "__main__":

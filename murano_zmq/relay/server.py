@@ -25,6 +25,7 @@ from ..protocol.constants import (
     FRAME_HEADROOM,
 )
 from ..security.logs import limit_log_floods
+from ..sdnotify import notify
 from ..security.relay import RelaySecurity
 from ..store.sqlite import SQLiteStore
 from .engine import RelayEngine
@@ -142,6 +143,7 @@ class Relay:
             discovery = self._advertise()
             metrics = self._serve_metrics(engine)
             self._ready.set()
+            notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
             try:
                 self._loop(sock, engine)
             finally:
@@ -149,6 +151,7 @@ class Relay:
                     discovery.close()
                 if metrics is not None:
                     metrics.close()
+            notify("STOPPING=1")
             engine.shutdown()
             self._send(sock, engine.take_output(time.time()))
             engine.commit()
