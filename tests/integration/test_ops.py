@@ -308,3 +308,63 @@ def test_status_watch_draws_with_rich_on_a_terminal(relay):
             os.close(primary)
     screen = b"".join(chunks).decode(errors="replace")
     assert "work.tty" in screen and "─" in screen  # a rich table's rules
+
+
+# --- service units ------------------------------------------------------------------------
+
+UNITS = __import__("pathlib").Path(__file__).resolve().parents[2] / "contrib" / "systemd"
+
+
+def unit_lines(name: str) -> dict[str, list[str]]:
+    lines: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            lines.setdefault(key.strip(), []).append(value.strip())
+    return lines
+
+
+def expand(command: str, env: dict[str, str]) -> list[str]:
+    """An Exec line as systemd runs it: ${VAR} one word, $VAR split on spaces."""
+    import re
+
+    words = []
+    for word in command.split():
+        m = re.fullmatch(r"\$\{(\w+)\}|\$(\w+)", word)
+        if m and m.group(1):
+            words.append(env[m.group(1)])
+        elif m:
+            words.extend(env[m.group(2)].split())
+        else:
+            words.append(word)
+    return words
+
+
+@pytest.mark.parametrize("unit", ["murano-zmq-relay.service", "murano-zmq-forwarder.service"])
+def test_the_service_units_say_what_operations_md_promises(unit):
+    lines = unit_lines(unit)
+    assert lines["Type"] == ["notify"] and lines["Restart"] == ["on-failure"]
+    assert lines["User"] == ["murano-zmq"] and lines["StateDirectory"] == ["murano-zmq"]
+    if __import__("shutil").which("systemd-analyze"):
+        out = subprocess.run(["systemd-analyze", "verify", str(UNITS / unit)], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+
+
+def test_the_relay_unit_commands_parse_and_its_check_config_runs(tmp_path):
+    from murano_zmq.cli import build_parser
+
+    lines = unit_lines("murano-zmq-relay.service")
+    env = dict(value.split("=", 1) for value in lines["Environment"])
+    for line in (UNITS / "relay.env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    start = expand(lines["ExecStart"][0], env)
+    assert start[:3] == ["/usr/bin/env", "murano-zmq", "relay"] and "/var/lib/murano-zmq" in start
+    args = build_parser().parse_args(start[2:])
+    assert args.metrics == "127.0.0.1:9570" and args.permissions == "/etc/murano-zmq/permissions.toml"
+    check = expand(lines["ExecStartPre"][0], {**env, "MURANO_ZMQ_RELAY_ARGS": ""})
+    check = [str(tmp_path / "data") if word == "/var/lib/murano-zmq" else word for word in check]
+    out = cli(*check[2:])
+    assert out.returncode == 0 and "configuration ok" in out.stdout, out.stdout + out.stderr
