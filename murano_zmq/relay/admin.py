@@ -34,34 +34,70 @@ PEEK_MAX = 1000
 PEEK_BYTES = 4 * 1024 * 1024
 
 
-def _mailbox(engine, name: str) -> Mailbox:
-    engine._check("admin", name)
-    mb = engine.mailboxes.get(name)
-    if mb is None:
-        raise MailboxNotFound(f"mailbox {name!r} does not exist")
-    return mb
+class _Engine:
+    """The few engine operations the admin commands use, in one place: the
+    engine's internals may be reorganised; only this adapter follows them."""
 
+    def __init__(self, engine, peer, now: float):
+        self.engine, self.peer, self.now = engine, peer, now
 
-def _next_ready(engine, mb: Mailbox):
-    """Pop the head of the ready queue (from memory, refilled from disk), or None."""
-    if not mb.ready and not engine._fill(mb):
-        return None
-    return mb.ready.popleft()
+    def mailbox(self, name: str) -> Mailbox:
+        """An existing mailbox the identity may administer."""
+        self.engine._check("admin", name)
+        mb = self.engine.mailboxes.get(name)
+        if mb is None:
+            raise MailboxNotFound(f"mailbox {name!r} does not exist")
+        return mb
 
+    def target(self, name: str) -> Mailbox:
+        self.engine._check("admin", name)
+        return self.engine.mailboxes.get(name) or self.engine._create_mailbox(name, MailboxOptions(), False,
+                                                                              self.now)
 
-def on_purge(engine, peer, now: float, req: int, name: str) -> None:
-    mb = _mailbox(engine, name)
-    seqs, nbytes = [], 0
-    while (row := _next_ready(engine, mb)) is not None:
-        seqs.append(row.seq)
-        nbytes += len(row.body)
-    if seqs:
-        engine._delete(seqs)
-        mb.count -= len(seqs)
-        mb.nbytes -= nbytes
-    mb.last_used = now
-    engine.counters["purged"] = engine.counters.get("purged", 0) + len(seqs)
-    engine._after_commit.append((peer.identity, encode(Cmd.REPLY, req, {"mailbox": name, "purged": len(seqs)})))
+    def pop_ready(self, mb: Mailbox):
+        """Take the head of the READY queue (the window refilled from disk) out
+        of memory, or None; remove() or put_back() must follow."""
+        if not mb.ready and not self.engine._fill(mb):
+            return None
+        return mb.ready.popleft()
+
+    def put_back(self, mb: Mailbox, row) -> None:
+        mb.ready.appendleft(row)
+
+    def remove(self, mb: Mailbox, rows: list) -> None:
+        """Delete popped rows from the store and the mailbox's counts."""
+        if rows:
+            self.engine._delete([r.seq for r in rows])
+            mb.count -= len(rows)
+            mb.nbytes -= sum(len(r.body) for r in rows)
+
+    def restore(self, mb: Mailbox, row) -> None:
+        """Undo remove() of one row within the same turn (same seq, same place)."""
+        self.engine._insert(row)
+        mb.ready.appendleft(row)
+        mb.count += 1
+        mb.nbytes += len(row.body)
+
+    def enqueue(self, target: Mailbox, row) -> None:
+        """Store a copy of `row` in `target` (a new seq; delivery count 0)."""
+        self.engine._enqueue(target, row.msg_id, row.headers, row.body, row.created, row.expires, 0, self.now)
+
+    def on_disk(self, mb: Mailbox, limit: int) -> list:
+        """Ready rows past the memory window, without taking them."""
+        if mb.disk_after is None or limit <= 0:
+            return []
+        self.engine._flush_writes()
+        return [r for r in self.engine.store.load_ready(mb.id, mb.disk_after, limit)
+                if r.seq not in self.engine._unacked]
+
+    def count(self, key: str, n: int) -> None:
+        self.engine.counters[key] = self.engine.counters.get(key, 0) + n
+
+    def reply_after_commit(self, req: int, result) -> None:
+        self.engine._after_commit.append((self.peer.identity, encode(Cmd.REPLY, req, result)))
+
+    def reply_now(self, req: int, result) -> None:
+        self.engine._reply_now(self.peer.identity, Cmd.REPLY, req, result)
 
 
 def _fits(target: Mailbox, size: int) -> bool:
@@ -75,69 +111,74 @@ def _fits(target: Mailbox, size: int) -> bool:
                 or (opts.max_bytes is not None and target.ready_bytes + size > opts.max_bytes))
 
 
-def on_move(engine, peer, now: float, req: int, name: str, target_name: str, limit: int | None) -> None:
+def purge(e: _Engine, req: int, name: str) -> None:
+    mb = e.mailbox(name)
+    rows = []
+    while (row := e.pop_ready(mb)) is not None:
+        rows.append(row)
+    e.remove(mb, rows)
+    mb.last_used = e.now
+    e.count("purged", len(rows))
+    e.reply_after_commit(req, {"mailbox": name, "purged": len(rows)})
+
+
+def move(e: _Engine, req: int, name: str, target_name: str, limit: int | None) -> None:
     if target_name == name:
         raise Malformed("MOVE needs two different mailboxes")
     if limit is not None and limit < 0:
         raise Malformed(f"MOVE limit must be >= 0, got {limit}")
-    mb = _mailbox(engine, name)
-    engine._check("admin", target_name)
-    target = engine.mailboxes.get(target_name) or engine._create_mailbox(target_name, MailboxOptions(), False, now)
+    mb = e.mailbox(name)
+    target = e.target(target_name)  # both checked before anything moves
     moved, stopped = 0, None
     while limit is None or moved < limit:
-        row = _next_ready(engine, mb)
+        row = e.pop_ready(mb)
         if row is None:
             break
         if not _fits(target, len(row.body)):
-            mb.ready.appendleft(row)
+            e.put_back(mb, row)
             stopped = f"mailbox {target_name!r} is full"
             break
-        engine._delete([row.seq])  # before the insert: the id is unique per relay
-        mb.count -= 1
-        mb.nbytes -= len(row.body)
+        e.remove(mb, [row])  # before the insert: the id is unique per relay
         try:
-            engine._enqueue(target, row.msg_id, row.headers, row.body, row.created, row.expires, 0, now)
+            e.enqueue(target, row)
         except MailboxFull as exc:  # _fits() said it would fit: put it back as it was
-            engine._insert(row)
-            mb.ready.appendleft(row)
-            mb.count += 1
-            mb.nbytes += len(row.body)
+            e.restore(mb, row)
             stopped = exc.text
             break
         moved += 1
-    mb.last_used = now
-    engine.counters["moved"] = engine.counters.get("moved", 0) + moved
-    result = {"mailbox": name, "to": target_name, "moved": moved, "left": mb.ready_count, "stopped": stopped}
-    engine._after_commit.append((peer.identity, encode(Cmd.REPLY, req, result)))
+    mb.last_used = e.now
+    e.count("moved", moved)
+    e.reply_after_commit(req, {"mailbox": name, "to": target_name, "moved": moved, "left": mb.ready_count,
+                               "stopped": stopped})
 
 
-def on_peek(engine, peer, now: float, req: int, name: str, count: int) -> None:
+def peek(e: _Engine, req: int, name: str, count: int) -> None:
     if not 1 <= count <= PEEK_MAX:
         raise Malformed(f"PEEK count must be 1..{PEEK_MAX}, got {count}")
-    mb = _mailbox(engine, name)
+    mb = e.mailbox(name)
     rows, size = [], 0
-    for row in mb.ready:
-        if len(rows) >= count or (rows and size + len(row.body) > PEEK_BYTES):
+    candidates = list(mb.ready)[:count]
+    if len(candidates) < count:
+        candidates += e.on_disk(mb, count - len(candidates))
+    for row in candidates:
+        if rows and size + len(row.body) > PEEK_BYTES:
             break
         rows.append(row)
         size += len(row.body)
-    if len(rows) < count and mb.disk_after is not None and size <= PEEK_BYTES:
-        engine._flush_writes()
-        for row in engine.store.load_ready(mb.id, mb.disk_after, count - len(rows)):
-            if row.seq in engine._unacked:
-                continue
-            if rows and size + len(row.body) > PEEK_BYTES:
-                break
-            rows.append(row)
-            size += len(row.body)
     records = [[r.seq, r.msg_id, mb.name, msgpack.unpackb(r.headers), r.body, r.created, r.expires, r.deliveries]
                for r in rows]
-    engine._reply_now(peer.identity, Cmd.REPLY, req,
-                      {"mailbox": name, "ready": mb.ready_count, "messages": records})
+    e.reply_now(req, {"mailbox": name, "ready": mb.ready_count, "messages": records})
 
 
+def _handler(command):
+    def handle(engine, peer, now: float, *fields) -> None:
+        command(_Engine(engine, peer, now), *fields)
+    return handle
+
+
+# For RelayEngine._HANDLERS: (engine, peer, now, *fields), as its own handlers.
 HANDLERS = {
-    Cmd.PURGE: on_purge,
-    Cmd.MOVE: on_move,
-    Cmd.PEEK: on_peek,
+    Cmd.PURGE: _handler(purge),
+    Cmd.MOVE: _handler(move),
+    Cmd.PEEK: _handler(peek),
 }
