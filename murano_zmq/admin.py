@@ -132,13 +132,27 @@ class Admin:
         return self.request(Cmd.STATUS)
 
     def purge(self, mailbox: str) -> int:
-        """Drop the mailbox's READY messages; returns how many went."""
-        return self.request(Cmd.PURGE, mailbox)["purged"]
+        """Drop the mailbox's READY messages; returns how many went.  The
+        relay takes a batch per request; this asks until none is left (or
+        none went: messages that keep coming are not chased)."""
+        purged = 0
+        while True:
+            result = self.request(Cmd.PURGE, mailbox)
+            purged += result["purged"]
+            if not result.get("left") or not result["purged"]:
+                return purged
 
     def move(self, mailbox: str, to: str, limit: int | None = None) -> dict:
-        """Move READY messages (all, or `limit`) to mailbox `to`; returns
-        {moved, left, stopped, ...}."""
-        return self.request(Cmd.MOVE, mailbox, to, limit)
+        """Move READY messages (all, or `limit`) to mailbox `to`, oldest
+        first, a batch per request; returns {mailbox, to, moved, left,
+        stopped}: `stopped` says why it stopped early (`to` is full)."""
+        moved = 0
+        while True:
+            result = self.request(Cmd.MOVE, mailbox, to, None if limit is None else limit - moved)
+            moved += result["moved"]
+            if (result["stopped"] or not result["left"] or not result["moved"]
+                    or (limit is not None and moved >= limit)):
+                return {**result, "moved": moved}
 
     def peek(self, mailbox: str, count: int = 1) -> list[PeekedMessage]:
         """Copies of the first `count` READY messages; nothing is taken."""

@@ -8,6 +8,8 @@ when the relay checks permissions (docs/security.md).
 
 - PURGE drops a mailbox's ready messages; unacked ones stay with their
   consumers, as RabbitMQ's queue.purge does.  Its REPLY goes after the commit.
+  PURGE and MOVE handle at most ADMIN_BATCH messages each and say how many
+  are left; the caller repeats.
 - MOVE takes ready messages from one mailbox to another (dead letters back
   to work).  Per message, the delete from the source and the insert into
   the target are buffered into the same store transaction, delete first
@@ -27,6 +29,11 @@ from ..protocol.errors import Malformed, MailboxFull, MailboxNotFound
 from ..protocol.frames import Cmd, encode
 from ..protocol.options import MailboxOptions
 from .state import Mailbox
+
+# Messages one PURGE or MOVE handles at most: one command is one loop turn
+# and one commit, which other nodes wait behind.  The rest is `left` in the
+# answer, for the caller to ask again (Admin.purge() and move() do).
+ADMIN_BATCH = 10_000
 
 # Messages one PEEK returns at most, and the body bytes after which it stops
 # (at least one message is returned, whatever its size).
@@ -113,13 +120,17 @@ def _fits(target: Mailbox, size: int) -> bool:
 
 def purge(e: _Engine, req: int, name: str) -> None:
     mb = e.mailbox(name)
-    rows = []
-    while (row := e.pop_ready(mb)) is not None:
+    purged, rows = 0, []
+    while purged + len(rows) < ADMIN_BATCH and (row := e.pop_ready(mb)) is not None:
         rows.append(row)
+        if len(rows) >= 1000:  # bodies leave memory as they go
+            e.remove(mb, rows)
+            purged, rows = purged + len(rows), []
     e.remove(mb, rows)
+    purged += len(rows)
     mb.last_used = e.now
-    e.count("purged", len(rows))
-    e.reply_after_commit(req, {"mailbox": name, "purged": len(rows)})
+    e.count("purged", purged)
+    e.reply_after_commit(req, {"mailbox": name, "purged": purged, "left": mb.ready_count})
 
 
 def move(e: _Engine, req: int, name: str, target_name: str, limit: int | None) -> None:
@@ -129,8 +140,9 @@ def move(e: _Engine, req: int, name: str, target_name: str, limit: int | None) -
         raise Malformed(f"MOVE limit must be >= 0, got {limit}")
     mb = e.mailbox(name)
     target = e.target(target_name)  # both checked before anything moves
+    most = ADMIN_BATCH if limit is None else min(limit, ADMIN_BATCH)
     moved, stopped = 0, None
-    while limit is None or moved < limit:
+    while moved < most:
         row = e.pop_ready(mb)
         if row is None:
             break

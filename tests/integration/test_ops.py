@@ -368,3 +368,36 @@ def test_the_relay_unit_commands_parse_and_its_check_config_runs(tmp_path):
     check = [str(tmp_path / "data") if word == "/var/lib/murano-zmq" else word for word in check]
     out = cli(*check[2:])
     assert out.returncode == 0 and "configuration ok" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_admin_client_repeats_batches_until_done(tmp_path, monkeypatch):
+    """Admin.move() and purge() ask again while the relay says messages are
+    left (a relay in this process, with a small batch)."""
+    import threading
+
+    from murano_zmq.admin import Admin
+    from murano_zmq.relay import admin as relay_admin
+    from murano_zmq.relay.server import Relay, RelayConfig
+
+    monkeypatch.setattr(relay_admin, "ADMIN_BATCH", 10)
+    relay = Relay(RelayConfig(bind=free_tcp_endpoint(), data_dir=str(tmp_path / "data")))
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        assert relay.wait_ready(15)
+        with Node("batches", relay=relay.endpoint, discovery=False, direct=False) as node:
+            for i in range(25):
+                node.send("dead", i)
+            for i in range(12):
+                node.send("junk", i)
+            with Admin(relay.endpoint) as admin:
+                result = admin.move("dead", "work")
+                assert (result["moved"], result["left"], result["stopped"]) == (25, 0, None)
+                assert admin.move("work", "dead", limit=15)["moved"] == 15
+                assert admin.purge("junk") == 12
+                assert [m.body for m in admin.peek("work", 3)] == [15, 16, 17]
+            depth = {mb["name"]: mb["depth"] for mb in node.status()["mailboxes"]}
+            assert depth == {"dead": 15, "work": 10, "junk": 0}
+    finally:
+        relay.stop()
+        thread.join(15)

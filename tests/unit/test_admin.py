@@ -41,7 +41,7 @@ def test_purge_drops_ready_messages_and_keeps_the_unacked(net):
     net.settle()
     assert len(app.unsettled()) == 2
     result = ask(net.node("ops"), Cmd.PURGE, "work")
-    assert result == {"mailbox": "work", "purged": 3}
+    assert result == {"mailbox": "work", "purged": 3, "left": 0}
     assert net.status("work")["ready"] == 0 and net.status("work")["unacked"] == 2
     assert rows_of(net, "work") == 2  # durable: the REPLY came after the commit
     app.ack(app.unsettled())
@@ -144,3 +144,25 @@ def test_admin_needs_the_admin_permission_on_every_mailbox_named(net):
     assert ask(ops, Cmd.PEEK, "dead", 1)["ready"] == 1
     assert isinstance(ask(ops, Cmd.MOVE, "dead", "work", None), PermissionDenied)  # not admin of work
     assert net.status("dead")["depth"] == 1
+
+
+def test_purge_and_move_take_a_batch_per_command_and_say_what_is_left(net, monkeypatch):
+    from murano_zmq.relay import admin
+
+    monkeypatch.setattr(admin, "ADMIN_BATCH", 4)
+    app = net.node("app")
+    app.send("dead", *range(10))
+    app.send("junk", *range(6))
+    net.settle()
+    ops = net.node("ops")
+    first = ask(ops, Cmd.MOVE, "dead", "work", None)
+    assert (first["moved"], first["left"], first["stopped"]) == (4, 6, None)
+    assert (ask(ops, Cmd.MOVE, "dead", "work", 3)["moved"]) == 3  # a limit under the batch
+    last = ask(ops, Cmd.MOVE, "dead", "work", None)
+    assert (last["moved"], last["left"]) == (3, 0)
+    assert ask(ops, Cmd.PURGE, "junk") == {"mailbox": "junk", "purged": 4, "left": 2}
+    assert ask(ops, Cmd.PURGE, "junk") == {"mailbox": "junk", "purged": 2, "left": 0}
+    worker = net.node("worker")
+    worker.consume("work")
+    net.settle()
+    assert worker.bodies() == list(range(10))  # in order, each once
