@@ -57,7 +57,8 @@ def extend_parser(sub: argparse._SubParsersAction, add_key_options: Callable) ->
 
     p = sub.choices["status"]
     p.add_argument("--watch", action="store_true",
-                   help="refresh until Ctrl-C: depth and rates per mailbox (rich on a terminal)")
+                   help="refresh until Ctrl-C: depth and rates per mailbox (rich on a terminal; "
+                        "with --json one status object per line)")
     p.add_argument("--interval", type=_positive_float, default=DEFAULT_WATCH_INTERVAL,
                    help="seconds between refreshes with --watch (default %(default)s)")
     p.add_argument("--iterations", type=_at_least_one, help="with --watch: stop after N refreshes")
@@ -216,7 +217,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """`status --watch`: like `rabbitmqctl list_queues`, refreshed."""
     from .admin import Admin
 
-    fancy = _use_rich()
+    fancy = _use_rich() and not args.json
     live = None
     previous, taken = None, time.monotonic()
     done = 0
@@ -226,7 +227,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
             while args.iterations is None or done < args.iterations:
                 current, now = admin.status(), time.monotonic()
                 headline, rows = watch_rows(previous, current, now - taken)
-                if fancy:
+                if args.json:  # one STATUS map per line, with the time it was taken
+                    print(json.dumps({"time": time.time(), **current}), flush=True)
+                elif fancy:
                     if live is None:
                         from rich.live import Live
 

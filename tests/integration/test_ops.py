@@ -282,6 +282,10 @@ def test_status_watch_prints_plain_lines_when_not_on_a_terminal(relay):
     assert len(headlines) == 2, out.stdout
     assert "published -" in headlines[0] and "published 0.0/s" in headlines[1]  # a rate needs two looks
     assert any(line.startswith("work ") for line in out.stdout.splitlines())
+    out = cli("status", "--watch", "--json", "--iterations", "2", "--interval", "0.2", "--relay", r)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 2 and lines[1]["time"] > lines[0]["time"]
+    assert [mb["name"] for mb in lines[0]["mailboxes"]] == ["work"]
 
 
 def test_status_watch_draws_with_rich_on_a_terminal(relay):
