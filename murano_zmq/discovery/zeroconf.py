@@ -221,6 +221,15 @@ class _SharedLoop:
             if not thread.is_alive():
                 loop.close()
 
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the parent's loop thread does not exist here."""
+        cls._lock = threading.Lock()
+        cls._loop, cls._thread, cls._users = None, None, 0
+
+
+os.register_at_fork(after_in_child=_SharedLoop.forget)
+
 
 class Discovery:
     """AsyncDiscovery on a loop in its own thread, for threaded code."""
