@@ -25,8 +25,9 @@ from __future__ import annotations
 import msgpack
 
 from ..protocol.constants import OVERFLOW_REJECT
-from ..protocol.errors import Malformed, MailboxFull, MailboxNotFound
+from ..protocol.errors import LocalProtocolError, Malformed, MailboxFull, MailboxNotFound
 from ..protocol.frames import Cmd, encode
+from ..protocol.message import check_name
 from ..protocol.options import MailboxOptions
 from .state import Mailbox
 
@@ -50,6 +51,7 @@ class _Engine:
 
     def mailbox(self, name: str) -> Mailbox:
         """An existing mailbox the identity may administer."""
+        _valid_name(name)
         self.engine._check("admin", name)
         mb = self.engine.mailboxes.get(name)
         if mb is None:
@@ -57,6 +59,7 @@ class _Engine:
         return mb
 
     def target(self, name: str) -> Mailbox:
+        _valid_name(name)
         self.engine._check("admin", name)
         return self.engine.mailboxes.get(name) or self.engine._create_mailbox(name, MailboxOptions(), False,
                                                                               self.now)
@@ -105,6 +108,13 @@ class _Engine:
 
     def reply_now(self, req: int, result) -> None:
         self.engine._reply_now(self.peer.identity, Cmd.REPLY, req, result)
+
+
+def _valid_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except LocalProtocolError as exc:
+        raise Malformed(str(exc)) from None
 
 
 def _fits(target: Mailbox, size: int) -> bool:

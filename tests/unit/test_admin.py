@@ -125,6 +125,9 @@ def test_peek_takes_nothing_and_reads_from_disk_after_a_restart(net):
     (Cmd.PEEK, ("work", 1001), Malformed),
     (Cmd.MOVE, ("work", "work", None), Malformed),
     (Cmd.MOVE, ("work", "other", -1), Malformed),
+    (Cmd.MOVE, ("work", "", None), Malformed),
+    (Cmd.MOVE, ("work", "bad name/with slash", None), Malformed),
+    (Cmd.PURGE, ("x" * 1000,), Malformed),
 ])
 def test_bad_admin_requests_get_an_error(net, cmd, fields, error):
     net.node("app").send("work", 1)
