@@ -76,8 +76,12 @@ WHOLE_RUN = 600
 
 
 def isolation_available() -> bool:
-    """Can the suite run in namespaces of its own (root, unshare, ip)?"""
-    return os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "ip", "mount"))
+    """Can the suite run in namespaces of its own (root, unshare, ip, and a
+    container that lets us make namespaces)?"""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "mount")):
+        return False
+    probe = subprocess.run(["unshare", "--net", "--mount", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
 
 
 # Runs inside the namespaces: loopback up, a private /var/tmp, then the relay
