@@ -140,8 +140,8 @@ class Relay:
             engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
             engine.permissions = self.security.permissions
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
+            metrics = self._serve_metrics(engine)  # first: a taken port stops the start before any advert
             discovery = self._advertise()
-            metrics = self._serve_metrics(engine)
             self._ready.set()
             notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
             try:
