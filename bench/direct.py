@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import zmq  # noqa: E402
 
 from murano_zmq import Node  # noqa: E402
-from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 
 BODY = b"x" * 1024
 WINDOW = 1000

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from murano_zmq import Node  # noqa: E402
-from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint, rss_mb  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint, rss_mb  # noqa: E402
 
 BODY = b"x" * 1024
 

@@ -22,6 +22,7 @@ from .protocol.errors import (
     RelayUnavailable,
     RemoteProtocolError,
     SendQueueFull,
+    StorageFull,
 )
 from .protocol.message import Message, idempotent_id
 from .protocol.options import MailboxOptions
@@ -33,5 +34,5 @@ __all__ = [
     "DEFAULT_RELAY_ENDPOINT", "PROTOCOL_VERSION",
     "MuranoZmqError", "LocalProtocolError", "RemoteProtocolError", "RelayError", "RelayUnavailable",
     "NodeClosed", "MailboxFull", "MailboxNotFound", "Malformed", "MessageTooLarge",
-    "PermissionDenied", "PreconditionFailed", "SendQueueFull",
+    "PermissionDenied", "PreconditionFailed", "SendQueueFull", "StorageFull",
 ]

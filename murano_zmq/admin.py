@@ -72,6 +72,10 @@ class Admin:
     # --- session ---------------------------------------------------------------------
 
     def open(self) -> "Admin":
+        if self.relay == "auto":  # as for a Node: the relay zeroconf advertises
+            from .discovery.zeroconf import find_relay
+
+            self.relay = find_relay()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)
         if self._curve is not None:

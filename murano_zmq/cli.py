@@ -10,38 +10,21 @@ import signal
 import sys
 from typing import Any
 
+from . import cli_ops
+from .argtypes import bounded_int, count as _count, positive_seconds as _positive_float, relay_endpoint, seconds
+from .discovery.zeroconf import INTERFACES_ENV
+from .forwarder import add_forwarder_arguments
 from .protocol.constants import (
-    DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
     OVERFLOWS,
     RELAY_ENV,
 )
-from . import cli_ops
-from .discovery.zeroconf import INTERFACES_ENV
 from .protocol.errors import MuranoZmqError, RelayUnavailable
+from .relay.main import add_relay_arguments
+from .status_view import format_status
 
 RELAY_HELP = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -64,22 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relay", help="run the relay device (holds mailboxes on disk)",
                        description="Run the relay: one ROUTER socket, mailboxes in SQLite. "
                                    "SIGTERM/SIGINT commit, tell nodes and exit 0.")
-    p.add_argument("--bind", default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
-    p.add_argument("--data-dir", default="", help="where relay.db lives (default ~/.local/share/murano-zmq)")
-    p.add_argument("--name", default="relay", help="relay name shown to nodes")
-    p.add_argument("--max-message-size", type=_count, default=DEFAULT_MAX_MESSAGE_SIZE,
-                   help="largest message in bytes: body plus packed headers (default %(default)s)")
-    p.add_argument("--discovery-interfaces", default=os.environ.get(INTERFACES_ENV, ""),
-                   metavar="ADDRS",
-                   help="advertise the relay by zeroconf on these IPv4 addresses (comma-separated, "
-                        f"or 'all'; default ${INTERFACES_ENV}, else not advertised)")
+    add_relay_arguments(p)
 
     p = sub.add_parser("send", help="send one message to a mailbox",
                        description="Send BODY (or stdin with '-') to MAILBOX and print the message "
                                    "id once the relay has stored it durably.")
     p.add_argument("mailbox")
     p.add_argument("body", nargs="?", default="-", help="the body text, or - for stdin (default)")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--ttl", type=_positive_float, help="message time-to-live in seconds")
     p.add_argument("--header", type=_header, action="append", default=[], metavar="KEY=VALUE",
                    help="a header (repeatable)")
@@ -89,18 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consume", help="print messages from a mailbox",
                        description="Consume MAILBOX, printing each message; ack it unless --no-ack.")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--count", type=_count, help="stop after N messages")
     p.add_argument("--timeout", type=_positive_float,
                    help="stop after S seconds without a message (default: wait forever)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-ack", action="store_true", help="leave the messages in the mailbox")
-    p.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="credit (default %(default)s)")
+    p.add_argument("--prefetch", type=bounded_int(1, 10_000), default=DEFAULT_PREFETCH,
+                   help="credit, 1 to 10000 (the relay's limit; default %(default)s)")
 
     p = sub.add_parser("declare", help="create a mailbox with options",
                        description="Declare MAILBOX. Declaring again with other options fails.")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--ttl", type=_positive_float, help="delete after S idle seconds (no consumer, no traffic)")
     p.add_argument("--message-ttl", type=_positive_float, help="default message time-to-live, seconds")
     p.add_argument("--max-length", type=_count, help="most ready messages held")
@@ -112,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delete", help="delete a mailbox and its messages")
     p.add_argument("mailbox")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 
     p = sub.add_parser("status", help="show the relay's mailboxes",
                        description="Per mailbox: depth, bytes, consumers, idle seconds, ttl, expires in.")
-    p.add_argument("--relay", help=RELAY_HELP)
+    p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 
@@ -131,15 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forwarder", help="run a pub/sub forwarder device (XSUB -> XPUB)",
                        description="Publishers that cannot reach subscribers connect their PUB to "
                                    "--xsub; subscribers connect to --xpub.  Events are not stored.")
-    p.add_argument("--xsub", default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
-    p.add_argument("--xpub", default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
-    g = p.add_argument_group("security (docs/security.md)")
-    g.add_argument("--key", metavar="NAME|FILE",
-                   help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "
-                        "XSUB and XPUB become CURVE servers")
-    g.add_argument("--key-dir", metavar="DIR", help="where a --key NAME is looked up")
-    g.add_argument("--authorized-keys", metavar="DIR",
-                   help="public keys (NAME.key) that may publish or subscribe; reloaded on change and SIGHUP")
+    add_forwarder_arguments(p)
 
     p = sub.add_parser("demo", help="run the Murano flow (api, 2 conductors, late agents) on an embedded relay",
                        description="Start a relay in a temporary directory, two conductors and the api; "
@@ -154,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed for --chaos choices (default %(default)s)")
     p.add_argument("--agent-ttl", type=_positive_float, default=5.0,
                    help="idle seconds before an agent mailbox expires (default %(default)s)")
-    p.add_argument("--step-seconds", type=float, default=0.3,
+    p.add_argument("--step-seconds", type=seconds, default=0.3,
                    help="seconds each of a plan's two work steps takes (default %(default)s)")
     p.add_argument("--timeout", type=_positive_float, help="give up after S seconds (default: scales with size)")
 
@@ -166,28 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="directory for the key files (default: current)")
     p.add_argument("--force", action="store_true", help="replace existing key files")
 
-    _add_key_options(sub.choices["relay"], relay=True)
     for command in ("send", "consume", "declare", "delete", "status"):
-        _add_key_options(sub.choices[command], relay=False)
-    cli_ops.extend_parser(sub, _add_key_options)  # metrics, check-config, watch, purge/move/peek
+        _add_key_options(sub.choices[command])
+    cli_ops.extend_parser(sub, _add_key_options)  # status --watch, purge/move/peek
     return parser
 
 
-def _add_key_options(p: argparse.ArgumentParser, relay: bool) -> None:
+def _add_key_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument("--key", metavar="NAME|FILE",
                    help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
     g.add_argument("--key-dir", metavar="DIR", help="where --key (and --relay-key) NAMEs are looked up")
-    if relay:
-        g.add_argument("--authorized-keys", metavar="DIR",
-                       help="public keys (NAME.key) allowed to connect; reloaded on change and SIGHUP")
-        g.add_argument("--permissions", metavar="FILE",
-                       help="TOML: what each key NAME may send, consume, declare, admin")
-        g.add_argument("--allow-all", action="store_true",
-                       help="with --key and no --permissions: every admitted key may do everything")
-    else:
-        g.add_argument("--relay-key", metavar="NAME|FILE|Z85",
-                       help="the relay's public key: a .key file, NAME in --key-dir, or z85 text")
+    g.add_argument("--relay-key", metavar="NAME|FILE|Z85",
+                   help="the relay's public key: a .key file, NAME in --key-dir, or z85 text")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,16 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from .relay.server import RelayConfig, run_relay
+    from .relay.main import run_from_args
 
-    security = dict(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
-                    authorized_keys=args.authorized_keys or "", permissions=args.permissions or "")
-    config = RelayConfig(**security, bind=args.bind, data_dir=args.data_dir, name=args.name,
-                         max_message_size=args.max_message_size,
-                         discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
-    if args.check_config:
-        return cli_ops.cmd_check_config(config)
-    return run_relay(config)
+    return run_from_args(args)
 
 
 def _node(args: argparse.Namespace, name: str):
@@ -230,8 +182,14 @@ def _node(args: argparse.Namespace, name: str):
 
     from .security.curve import client_curve
 
+    relay = args.relay or os.environ.get(RELAY_ENV) or None
+    if relay is not None and args.relay is None:
+        try:
+            relay_endpoint(relay)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"${RELAY_ENV}: {exc}") from None
     curve = client_curve(args.key, args.relay_key, args.key_dir)
-    return Node(name, relay=args.relay, timeout=args.timeout or 10.0,
+    return Node(name, relay=relay, timeout=args.timeout or 10.0,
                 curve_key=curve.key if curve else None, relay_key=curve.server_key if curve else None)
 
 
@@ -309,21 +267,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_status(status: dict) -> str:
-    def show(v: Any) -> str:
-        return "-" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
-
-    cols = ["mailbox", "depth", "ready", "unacked", "bytes", "consumers", "idle_s", "ttl_s", "expires_in_s"]
-    rows = [[mb["name"], show(mb["depth"]), show(mb["ready"]), show(mb["unacked"]), show(mb["bytes"]),
-             show(mb["consumers"]), show(mb["idle"]), show(mb["ttl"]), show(mb["expires_in"])]
-            for mb in status["mailboxes"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    lines = [f"relay {status['relay']}: {status['peers']} node(s), {len(rows)} mailbox(es)",
-             "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
     from .discovery.zeroconf import Discovery
 
@@ -347,10 +290,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_forwarder(args: argparse.Namespace) -> int:
-    from .forwarder import forwarder_security, run_forwarder
+    from .forwarder import run_from_args
 
-    key, authorized = forwarder_security(args.key, args.key_dir, args.authorized_keys)
-    return run_forwarder(args.xsub, args.xpub, key=key, authorized_keys=authorized)
+    return run_from_args(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,14 +1,14 @@
 """The operator's subcommands and options of `murano-zmq` (docs/operations.md):
 
-    relay --metrics HOST:PORT    Prometheus metrics (relay/metrics.py)
-    relay --check-config         validate keys, permissions, data dir; exit 0/1
     status --watch               live depth and rates (rich on a TTY, else lines)
     purge MAILBOX                drop READY messages
     move MAILBOX --to OTHER      move READY messages (dead letters back to work)
     peek MAILBOX --count N       show READY messages without taking them
 
-cli.py calls extend_parser() and dispatches through COMMANDS; the admin
-commands speak to the relay through murano_zmq.admin.Admin.
+(The relay's --metrics and --check-config are relay options: relay/main.py,
+relay/metrics.py, relay/checks.py.)  cli.py calls extend_parser() and
+dispatches through COMMANDS; the admin commands speak to the relay through
+murano_zmq.admin.Admin.
 """
 
 from __future__ import annotations
@@ -22,38 +22,13 @@ from typing import Any, Callable
 DEFAULT_WATCH_INTERVAL = 2.0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def extend_parser(sub: argparse._SubParsersAction, add_key_options: Callable) -> None:
-    """Add the operator's options to `relay` and `status`, and the admin subcommands."""
+    """Add --watch to `status`, and the admin subcommands."""
+    from .argtypes import bounded_int, positive_seconds, relay_endpoint
     from .protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV
 
     relay_help = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
-
-    p = sub.choices["relay"]
-    p.add_argument("--metrics", default="", metavar="HOST:PORT",
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the metrics extra)")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate keys, permissions file, data dir (and --metrics, --bind); "
-                        "print what was checked and exit 0 (all good) or 1, without starting")
+    _positive_float, _at_least_one = positive_seconds, bounded_int(1)
 
     p = sub.choices["status"]
     p.add_argument("--watch", action="store_true",
@@ -80,33 +55,14 @@ def extend_parser(sub: argparse._SubParsersAction, add_key_options: Callable) ->
                        description="Print copies of the first READY messages of MAILBOX; nothing is "
                                    "taken, acked or counted as a delivery.")
     p.add_argument("mailbox")
-    p.add_argument("--count", type=_at_least_one, default=1, help="messages to show, 1..1000 (default 1)")
+    p.add_argument("--count", type=bounded_int(1, 1000), default=1, help="messages to show, 1..1000 (default 1)")
 
     for command in ("purge", "move", "peek"):
         p = sub.choices[command]
-        p.add_argument("--relay", help=relay_help)
+        p.add_argument("--relay", type=relay_endpoint, help=relay_help)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
-        add_key_options(p, relay=False)
-
-
-def relay_config(args: argparse.Namespace, **base: Any):
-    """RelayConfig from the relay subcommand's arguments (base: what cli.py builds)."""
-    from .relay.server import RelayConfig
-
-    return RelayConfig(**base, metrics=args.metrics)
-
-
-def cmd_check_config(config) -> int:
-    from .relay.checks import check_config
-
-    checks = check_config(config)
-    for check in checks:
-        print(check.line())
-    failed = sum(not c.ok for c in checks)
-    print(f"{len(checks) - failed} check(s) passed, {failed} failed" if failed
-          else f"configuration ok ({len(checks)} checks)")
-    return 1 if failed else 0
+        add_key_options(p)
 
 
 def _admin(args: argparse.Namespace):

@@ -12,8 +12,10 @@ forwarder's public key.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
+import sys
 import threading
 
 import zmq
@@ -76,8 +78,11 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
             signal.signal(signal.SIGHUP, lambda *_: watcher.poke())
             log.info("forwarder security: CURVE (public key %s); %d authorized key(s) in %s",
                      key.public.decode(), len(authorized_keys), authorized_keys.directory)
-        frontend.bind(xsub)
-        backend.bind(xpub)
+        for sock, endpoint in ((frontend, xsub), (backend, xpub)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise ValueError(f"cannot bind {endpoint}: {exc}") from None
         control.bind("inproc://murano-zmq-forwarder-control")
         stopper.connect("inproc://murano-zmq-forwarder-control")
         proxy = threading.Thread(target=zmq.proxy_steerable, args=(frontend, backend, None, control),
@@ -98,3 +103,41 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
             watcher.close()
         if lease is not None:
             lease.stop()
+
+
+def add_forwarder_arguments(p: argparse.ArgumentParser) -> None:
+    from .argtypes import endpoint
+
+    p.add_argument("--xsub", type=endpoint, default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
+    p.add_argument("--xpub", type=endpoint, default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--key", metavar="NAME|FILE",
+                   help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "
+                        "XSUB and XPUB become CURVE servers")
+    g.add_argument("--key-dir", metavar="DIR", help="where a --key NAME is looked up")
+    g.add_argument("--authorized-keys", metavar="DIR",
+                   help="public keys (NAME.key) that may publish or subscribe; reloaded on change and SIGHUP")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the forwarder the parsed options describe; one line and 1 if it cannot start."""
+    try:
+        key, authorized = forwarder_security(args.key, args.key_dir, args.authorized_keys)
+        return run_forwarder(args.xsub, args.xpub, key=key, authorized_keys=authorized)
+    except (ValueError, zmq.ZMQError) as exc:
+        print(f"murano-zmq forwarder: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`python -m devices.forwarder`: the forwarder device on its own."""
+    parser = argparse.ArgumentParser(prog=prog, description="Pub/sub forwarder: XSUB -> XPUB; stores nothing.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level on stderr (default %(default)s)")
+    add_forwarder_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_from_args(args)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from murano_zmq.relay.process import RelayProcess
+from murano_zmq.testing import RelayProcess
 
 from .helpers import free_tcp_endpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from murano_zmq.relay.process import free_tcp_endpoint
+from murano_zmq.testing import free_tcp_endpoint
 
 __all__ = ["free_tcp_endpoint", "wait_for"]
 

@@ -3,6 +3,6 @@ from the repository root; the same as `murano-zmq forwarder`."""
 
 import sys
 
-from murano_zmq.cli import main
+from murano_zmq.forwarder import main
 
-sys.exit(main(["forwarder", *sys.argv[1:]]))
+sys.exit(main(prog="python -m devices.forwarder"))

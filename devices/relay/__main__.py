@@ -3,6 +3,6 @@ repository root; the same as `murano-zmq relay`."""
 
 import sys
 
-from murano_zmq.cli import main
+from murano_zmq.relay.main import main
 
-sys.exit(main(["relay", *sys.argv[1:]]))
+sys.exit(main(prog="python -m devices.relay"))

@@ -24,7 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..node.sync import Node
-from ..relay.process import RelayProcess, free_tcp_endpoint, rss_mb
+from ..status_view import format_status
+from ..testing import RelayProcess, free_tcp_endpoint, rss_mb
 from . import flow
 from .view import ProgressView
 
@@ -290,8 +291,6 @@ class Demo:
         return before, after
 
     def _summary(self, ok: bool, deployed: float, before, after, bad_exits: int, relay_code: int) -> int:
-        from ..cli import format_status
-
         envs = self.envs
         completed = [e for e in envs if e.done_at and e.ok]
         exactly_once = all(e.results == 1 for e in envs)

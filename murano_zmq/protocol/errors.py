@@ -35,6 +35,11 @@ class SendQueueFull(MuranoZmqError):
     (typically: no relay reachable for them)."""
 
 
+class StartupError(MuranoZmqError):
+    """A device cannot start (data directory in use, database corrupt,
+    address in use); the text is the one line an operator reads."""
+
+
 class NodeClosed(MuranoZmqError):
     """The node was closed while the operation was pending."""
 
@@ -95,6 +100,13 @@ class ShuttingDown(RelayError):
     code = 503
 
 
+class StorageFull(RelayError):
+    """The relay's disk is full: it stores nothing new until space returns
+    (consumers and acks still work).  Nothing of the send was stored."""
+
+    code = 507
+
+
 ERROR_CLASSES: dict[int, type[RelayError]] = {
     cls.code: cls
     for cls in (
@@ -109,6 +121,7 @@ ERROR_CLASSES: dict[int, type[RelayError]] = {
         MailboxFull,
         InternalError,
         ShuttingDown,
+        StorageFull,
     )
 }
 
@@ -125,6 +138,7 @@ ERROR_NAMES: dict[int, str] = {
     429: "MAILBOX_FULL",
     500: "INTERNAL",
     503: "SHUTTING_DOWN",
+    507: "STORAGE_FULL",
 }
 
 

@@ -143,3 +143,14 @@ def _discovery(interfaces: str) -> list[Check]:
     except ValueError as exc:
         return [Check(False, "discovery", str(exc))]
     return [Check(True, "discovery", f"advertised on {chosen if isinstance(chosen, list) else 'all interfaces'}")]
+
+
+def print_checks(config: RelayConfig) -> int:
+    """`relay --check-config`: one line per check and a summary; 0 if all passed, else 1."""
+    checks = check_config(config)
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} check(s) passed, {failed} failed" if failed
+          else f"configuration ok ({len(checks)} checks)")
+    return 1 if failed else 0

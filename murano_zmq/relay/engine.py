@@ -36,6 +36,7 @@ from ..protocol.errors import (
     PreconditionFailed,
     RelayError,
     RemoteProtocolError,
+    StorageFull,
     error_from_code,
 )
 from ..protocol.frames import Cmd, decode, encode
@@ -73,6 +74,10 @@ class RelayEngine:
         # allows(identity, op, mailbox) and may_any(identity, op)); None:
         # every peer may do everything (an open relay, or --allow-all).
         self.permissions = None
+        # Set by the relay process while the disk is full: nothing new is
+        # stored (sends and new mailboxes get StorageFull); delivery and
+        # acks go on.
+        self.storage_full = False
         self._user: str | None = None  # identity behind the command being handled
         self._key: str | None = None  # its CURVE public key (z85), if the relay has CURVE
         self._peer_users: dict[bytes, str | None] = {}  # routing id -> identity at HELLO
@@ -246,6 +251,8 @@ class RelayEngine:
             if mb is None:
                 raise MailboxNotFound(f"mailbox {name!r} does not exist")
         elif mb is None:
+            if self.storage_full:
+                raise StorageFull("the relay's disk is full: no new mailbox until space returns")
             mb = self._create_mailbox(name, opts, True, now)
         elif not mb.declared:
             mb.options, mb.declared = opts, True
@@ -278,6 +285,7 @@ class RelayEngine:
             "relay": self.name,
             "peers": len(self.peers),
             "counters": dict(self.counters),
+            "storage_full": self.storage_full,
             "mailboxes": [mb.status(now) for mb in sorted(mailboxes, key=lambda m: m.name)],
         }
         self._reply_now(peer.identity, Cmd.REPLY, req, result)
@@ -312,6 +320,9 @@ class RelayEngine:
         for i, msg, headers in parsed:
             if msg.msg_id in already:
                 continue  # stored by an earlier attempt: confirm again
+            if self.storage_full:
+                errors.append([i, StorageFull.code, "the relay's disk is full: not stored; send it again later"])
+                continue
             mb = self.mailboxes.get(msg.mailbox) or self._create_mailbox(
                 msg.mailbox, MailboxOptions(), False, now)
             ttl = msg.ttl if msg.ttl is not None else mb.options.message_ttl
@@ -458,8 +469,13 @@ class RelayEngine:
                     held += 1  # checked again when it comes back (requeue)
                     continue
                 mb = self._by_id.get(mailbox_id)
-                row = self._take_ready(mb, seq) if mb else None
+                if mb is None:  # a row no mailbox owns: nothing can deliver it
+                    log.warning("expired message %d is in unknown mailbox %d: deleted", seq, mailbox_id)
+                    self._delete([seq])
+                    continue
+                row = self._take_ready(mb, seq)
                 if row is None:
+                    held += 1  # not where the mailbox looks: page past it, never spin
                     continue
                 mb.count -= 1
                 mb.nbytes -= len(row.body)

@@ -22,6 +22,8 @@ import bisect
 import logging
 import time
 
+from ..protocol.errors import StartupError
+
 log = logging.getLogger("murano_zmq.relay")
 
 # Commit (one fsync) latency buckets, seconds, and rows per commit.
@@ -109,10 +111,12 @@ class CommitStats:
 
 
 class RelayCollector:
-    """A prometheus-client collector reading a live RelayEngine on scrape."""
+    """A prometheus-client collector reading a live RelayEngine on scrape.
+    `engine`: the engine, or a callable returning the one in service (the
+    relay replaces its engine when it reloads after a store failure)."""
 
     def __init__(self, engine, commits: CommitStats | None = None) -> None:
-        self.engine = engine
+        self._engine = engine if callable(engine) else (lambda: engine)
         self.commits = commits
 
     def describe(self):
@@ -121,7 +125,7 @@ class RelayCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        engine = self.engine
+        engine = self._engine()
         mailboxes = list(engine.mailboxes.values())  # one C-level copy: the loop may add or drop one
         counters = dict(engine.counters)
         peers = list(engine.peers.values())
@@ -180,7 +184,7 @@ def parse_address(text: str) -> tuple[str, int]:
 class MetricsServer:
     """The HTTP endpoint serving one relay's metrics; close() stops it."""
 
-    def __init__(self, address: str, engine) -> None:
+    def __init__(self, address: str, engine, store=None) -> None:
         try:
             from prometheus_client import CollectorRegistry, start_http_server
             from prometheus_client.process_collector import ProcessCollector
@@ -188,14 +192,16 @@ class MetricsServer:
             raise ValueError("--metrics needs prometheus-client: pip install 'murano-zmq[metrics]'") from None
         host, port = parse_address(address)
         self.commits = CommitStats()
-        self.commits.instrument(engine.store)
+        if store is None:
+            store = (engine() if callable(engine) else engine).store
+        self.commits.instrument(store)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(engine, self.commits))
         ProcessCollector(registry=self.registry)
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:
-            raise ValueError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
+            raise StartupError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
         self.address = f"{host}:{self._server.server_address[1]}"
         log.info("metrics on http://%s/metrics", self.address)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +25,14 @@ from ..protocol.constants import (
     DEFAULT_RELAY_ENDPOINT,
     FRAME_HEADROOM,
 )
-from ..security.logs import limit_log_floods
+from ..protocol.errors import StartupError
 from ..sdnotify import notify
+from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
-from ..store.sqlite import SQLiteStore
+from ..store.lock import DataDirLock
+from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .engine import RelayEngine
+from .faults import FailureLog, prepare_data_dir
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -49,6 +53,9 @@ PEER_RECEIVE_QUEUE = 1000
 # messages requeued (with ROUTER_MANDATORY the relay sees the full queue
 # instead of ZeroMQ dropping frames silently).
 PEER_SEND_QUEUE = 100_000
+
+# While the disk is full, how often the relay checks whether space returned.
+SPACE_PROBE_EVERY = 1.0
 
 
 def default_data_dir() -> str:
@@ -75,10 +82,14 @@ class RelayConfig:
     authorized_keys: str = ""
     permissions: str = ""
     allow_all: bool = False
+    # Create missing parents of data_dir (the default directory); a data_dir
+    # given explicitly must have an existing parent, so a typo fails loudly.
+    create_parents: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_dir:
             self.data_dir = default_data_dir()
+            self.create_parents = True
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
 
@@ -101,6 +112,8 @@ class Relay:
         self.engine: RelayEngine | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._stalled: set[bytes] = set()  # peers whose send queue was full
+        self._failures = FailureLog()
+        self._next_space_probe = 0.0
         os.set_blocking(self._wake_w, False)
 
     def install_signal_handlers(self) -> None:
@@ -123,8 +136,53 @@ class Relay:
         return self._ready.wait(timeout)
 
     def run(self) -> None:
+        """Serve until stopped.  StartupError (one line for the operator) if
+        the data directory, the database or the endpoint is unusable."""
         cfg = self.config
-        store = SQLiteStore(cfg.data_dir)
+        lock = store = sock = None
+        try:
+            prepare_data_dir(cfg.data_dir, cfg.create_parents)
+            lock = DataDirLock(cfg.data_dir).acquire()
+            store = SQLiteStore(cfg.data_dir)
+            sock = self._bind()
+            self.engine = self._new_engine(store)
+            if not (store.hold_reserve() and store.space_available()):
+                self._storage_full("at start")
+            log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
+            metrics = self._serve_metrics(store)  # first: a taken port stops the start before any advert
+            discovery = self._advertise()
+            self._ready.set()
+            notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
+            try:
+                self._loop(sock)
+            finally:
+                if discovery is not None:
+                    discovery.close()
+                if metrics is not None:
+                    metrics.close()
+            notify("STOPPING=1")
+            engine = self.engine
+            engine.shutdown()
+            self._send(sock, engine.take_output(time.time()))
+            try:
+                engine.commit()
+            except StoreError as exc:
+                log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
+            log.info("relay stopped")
+        finally:
+            self._ready.set()
+            self.security.close()
+            if sock is not None:
+                sock.close()
+            if store is not None:
+                store.close()
+            if lock is not None:
+                lock.release()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _bind(self) -> zmq.Socket:
+        cfg = self.config
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -136,40 +194,72 @@ class Relay:
         try:
             self.security.secure(sock)
             sock.bind(cfg.bind)
-            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            engine = self.engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
-            engine.permissions = self.security.permissions
-            log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
-            metrics = self._serve_metrics(engine)  # first: a taken port stops the start before any advert
-            discovery = self._advertise()
-            self._ready.set()
-            notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
-            try:
-                self._loop(sock, engine)
-            finally:
-                if discovery is not None:
-                    discovery.close()
-                if metrics is not None:
-                    metrics.close()
-            notify("STOPPING=1")
-            engine.shutdown()
-            self._send(sock, engine.take_output(time.time()))
-            engine.commit()
-            log.info("relay stopped")
-        finally:
-            self._ready.set()
-            self.security.close()
-            sock.close()
-            store.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise StartupError(f"cannot bind {cfg.bind}: {exc}") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
 
-    def _serve_metrics(self, engine: RelayEngine):
+    def _new_engine(self, store: SQLiteStore) -> RelayEngine:
+        """An engine over what the store holds (recovery, as after a restart)."""
+        cfg = self.config
+        try:
+            engine = RelayEngine(store, time.time(), cfg.name, cfg.max_message_size)
+        except (sqlite3.DatabaseError, StoreError) as exc:  # the store cannot be read back
+            raise startup_error(store.path, exc) from None
+        engine.permissions = self.security.permissions
+        return engine
+
+    def _store_failed(self, sock: zmq.Socket, in_flight, exc: Exception) -> None:
+        """A store write or commit failed, and SQLite dropped every write since
+        the last commit: the engine's memory is now ahead of the disk.  Start
+        over from the store, as a restart would, without the process dying:
+        tell every node BYE (they resend what was not confirmed and consume
+        again), drop the replies the lost writes owed, reload.  A full disk
+        leaves the new engine refusing sends (StorageFull) until space returns."""
+        if in_flight is not None:  # its replies stand only if its own commit succeeded
+            try:
+                in_flight[0].result()
+                self._send(sock, in_flight[1])
+            except (StoreError, sqlite3.Error):
+                pass
+        full = isinstance(exc, StoreError) and exc.full
+        self._failures.note(exc, full)
+        old = self.engine
+        old.shutdown()
+        self._send(sock, old.take_output(time.time()))
+        old.store.rollback()
+        self.engine = self._new_engine(old.store)
+        if full or old.storage_full:
+            self._storage_full(None)
+
+    def _storage_full(self, when: str | None) -> None:
+        """Refuse sends until space returns; give the reserve to SQLite so
+        acks still commit."""
+        self.engine.storage_full = True
+        self.engine.store.drop_reserve()
+        self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
+        if when:
+            log.error("the disk of %s is full %s: refusing sends (StorageFull) until space returns",
+                      self.config.data_dir, when)
+
+    def _check_space(self, engine: RelayEngine) -> None:
+        """While sends are refused for a full disk, see if space returned."""
+        now = time.monotonic()
+        if now < self._next_space_probe:
+            return
+        self._next_space_probe = now + SPACE_PROBE_EVERY
+        if engine.store.hold_reserve() and engine.store.space_available():
+            engine.storage_full = False
+            log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
+
+    def _serve_metrics(self, store: SQLiteStore):
         if not self.config.metrics:
             return None
         from .metrics import MetricsServer
 
-        return MetricsServer(self.config.metrics, engine)
+        # The engine is read on each scrape: a store failure replaces it.
+        return MetricsServer(self.config.metrics, lambda: self.engine, store)
 
     def _advertise(self):
         """Advertise the relay by zeroconf when discovery interfaces are set."""
@@ -190,7 +280,7 @@ class Relay:
         log.info("relay advertised by zeroconf on %s as %s", interfaces, endpoint)
         return discovery
 
-    def _loop(self, sock: zmq.Socket, engine: RelayEngine) -> None:
+    def _loop(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -198,11 +288,18 @@ class Relay:
         in_flight: tuple[Future, list] | None = None  # the commit and the replies it holds
         try:
             while not self._stop.is_set():
-                in_flight = self._turn(sock, poller, engine, committer, in_flight)
+                try:
+                    in_flight = self._turn(sock, poller, self.engine, committer, in_flight)
+                except (StoreError, sqlite3.DatabaseError) as exc:
+                    self._store_failed(sock, in_flight, exc)
+                    in_flight = None
         finally:
             if in_flight is not None:
-                in_flight[0].result()
-                self._send(sock, in_flight[1])
+                try:
+                    in_flight[0].result()
+                    self._send(sock, in_flight[1])
+                except StoreError as exc:
+                    log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             committer.shutdown()
 
     def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor,
@@ -213,9 +310,11 @@ class Relay:
         if self._wake_r in events:
             os.read(self._wake_r, 64)
         if in_flight is not None and in_flight[0].done():
-            in_flight[0].result()  # a failed commit ends the relay: nodes resend
+            in_flight[0].result()  # a failed commit raises StoreError: see _store_failed
             self._send(sock, in_flight[1])
             in_flight = None
+        if engine.storage_full:
+            self._check_space(engine)
         now = time.time()
         self.security.sweep(engine, now)  # sessions of keys removed since the last turn
         while self._stalled:

@@ -9,15 +9,23 @@ thread of its own while its loop goes on; a call made meanwhile waits for it.
 
 from __future__ import annotations
 
-import os
 import functools
+import logging
+import os
 import sqlite3
 import threading
 from typing import Iterable
 
 import msgpack
 
+from ..protocol.errors import StartupError
+from . import space
 from .base import MailboxRow, StoredMessage
+from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+
+__all__ = ["SQLiteStore", "StoreError", "startup_error"]
+
+log = logging.getLogger("murano_zmq.store")
 
 SCHEMA_VERSION = 1
 
@@ -50,12 +58,28 @@ CACHE_KIB = 16 * 1024
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
-
 def _locked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _writes(method):
+    """A write in the open transaction: under the lock; a failure rolls the
+    transaction back and becomes StoreError, so the caller knows every write
+    since the last commit is gone."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                self.rollback()
+                raise StoreError(exc) from exc
 
     return wrapper
 
@@ -67,7 +91,20 @@ class SQLiteStore:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._in_tx = False
+        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                       timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise StartupError(f"cannot open {self.path}: {exc}") from None
+        try:
+            retry_busy(self.path, "opening the database", self._open)
+        except (sqlite3.DatabaseError, RuntimeError) as exc:
+            self._db.close()
+            raise startup_error(self.path, exc) from None
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -77,8 +114,6 @@ class SQLiteStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-        self._in_tx = False
-        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
 
     # --- reads ----------------------------------------------------------------
 
@@ -149,24 +184,46 @@ class SQLiteStore:
 
     def _begin(self) -> sqlite3.Connection:
         if not self._in_tx:
-            self._db.execute("BEGIN")
+            # IMMEDIATE: take the write lock now, so a busy database is met
+            # here (and retried) before any write of the transaction.
+            retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
             self._in_tx = True
         return self._db
 
     @_locked
+    def rollback(self) -> None:
+        """Drop every write since the last commit (SQLite may have rolled
+        back already: a full disk does that)."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback of %s failed: %s", self.path, exc)
+        self._in_tx = False  # _seq_mark stays: the next commit records it
+
+    def space_available(self) -> bool:
+        return space.space_available(os.path.dirname(self.path))
+
+    def hold_reserve(self) -> bool:
+        return space.hold_reserve(os.path.dirname(self.path))
+
+    def drop_reserve(self) -> None:
+        space.drop_reserve(os.path.dirname(self.path))
+
+    @_writes
     def save_mailbox(self, row: MailboxRow) -> None:
         self._begin().execute(
             "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
             (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
         )
 
-    @_locked
+    @_writes
     def delete_mailbox(self, mailbox_id: int) -> None:
         db = self._begin()
         db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
         db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
 
-    @_locked
+    @_writes
     def insert(self, messages: list[StoredMessage]) -> int:
         if messages:
             self._seq_mark = max(self._seq_mark, messages[-1].seq)
@@ -198,32 +255,42 @@ class SQLiteStore:
                 found.add(seq)
         return found
 
-    @_locked
+    @_writes
     def delete(self, seqs: Iterable[int]) -> None:
         self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
 
-    @_locked
+    @_writes
     def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
         self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
 
     @_locked
     def reserve_seq(self, seq: int) -> None:
-        """Record, durably at once, that seqs up to `seq` may be in use."""
+        """Record, durably at once, that seqs up to `seq` may be in use.
+
+        On a full disk the mark stays pending: nothing can be stored before
+        a commit succeeds, and that commit writes it first."""
         self.commit()
         self._seq_mark = max(self._seq_mark, seq)
-        self._begin()
-        self.commit()
+        try:
+            self._begin()
+            self.commit()
+        except StoreError as exc:
+            if not exc.full:
+                raise
 
-    @_locked
+    @_writes
     def commit(self) -> None:
         if self._in_tx:
-            if self._seq_mark > self._seq_saved:
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (self._seq_mark,))
-                self._seq_saved = self._seq_mark
-            self._db.execute("COMMIT")
+            mark = self._seq_mark
+            if mark > self._seq_saved:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (mark,))
+            retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+            self._seq_saved = max(self._seq_saved, mark)
             self._in_tx = False
 
     @_locked
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            self._db.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from murano_zmq.relay.process import RelayProcess
+from murano_zmq.testing import RelayProcess
 
 from ..helpers import free_tcp_endpoint
 

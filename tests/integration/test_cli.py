@@ -71,11 +71,83 @@ def test_cli_errors_are_clear(relay):
     (["send", "x", "y", "--header", "novalue"], "key=value"),
     (["consume", "x", "--count", "many"], "not a whole number"),
     (["frobnicate"], "invalid choice"),
+    (["send", "x", "y", "--timeout", "inf"], "finite"),
+    (["send", "x", "y", "--timeout", "nan"], "finite"),
+    (["send", "x", "y", "--timeout", "1e300"], "<= 1e+09"),
+    (["send", "x", "y", "--ttl=-inf"], "finite"),
+    (["consume", "x", "--timeout", "nan"], "finite"),
+    (["consume", "x", "--prefetch", "0"], "between 1 and 10000"),
+    (["declare", "x", "--message-ttl", "inf"], "finite"),
+    (["status", "--timeout", "0"], "must be > 0"),
+    (["peers", "--wait", "nan"], "finite"),
+    (["demo", "--step-seconds", "nan"], "finite"),
+    (["relay", "--max-message-size", "1e20"], "not a whole number"),
+    (["relay", "--max-message-size", "100000000000000000000"], "between 1 and 1073741824"),
+    (["relay", "--max-message-size", "0"], "between 1 and"),
+    (["relay", "--bind", "nonsense"], "not a ZeroMQ endpoint"),
+    (["send", "x", "y", "--relay", "localhost:5570"], "not a ZeroMQ endpoint"),
+    (["forwarder", "--xsub", "foo"], "not a ZeroMQ endpoint"),
 ])
 def test_usage_errors_exit_2(args, text):
     out = cli(*args)
     assert out.returncode == 2
     assert text in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("murano-zmq")  # usage, then one line
+
+
+@pytest.mark.parametrize("device", [["-m", "murano_zmq.relay"], ["-m", "devices.relay"]])
+def test_relay_device_usage_errors_exit_2(device):
+    out = subprocess.run([sys.executable, *device, "--max-message-size", "100000000000000000000"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--max-message-size" in out.stderr
+
+
+def one_line_exit_1(out) -> str:
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def test_relay_address_in_use_is_one_line(relay, tmp_path):
+    out = cli("relay", "--bind", relay.endpoint, "--data-dir", str(tmp_path / "other"), timeout=30)
+    line = one_line_exit_1(out)
+    assert line.startswith("murano-zmq relay: cannot bind " + relay.endpoint) and "in use" in line
+
+
+def test_relay_endpoint_it_cannot_bind_is_one_line(tmp_path):
+    out = cli("relay", "--bind", "tcp://192.0.2.1:5570", "--data-dir", str(tmp_path / "d"), timeout=30)
+    assert "cannot bind tcp://192.0.2.1:5570" in one_line_exit_1(out)  # not an address of this host
+
+
+def test_relay_data_dir_without_parent_is_one_line(tmp_path):
+    missing = tmp_path / "no" / "such" / "data"
+    out = cli("relay", "--bind", free_tcp_endpoint(), "--data-dir", str(missing), timeout=30)
+    line = one_line_exit_1(out)
+    assert str(missing.parent) in line and "does not exist" in line
+    assert not missing.parent.exists()
+
+
+def test_bad_relay_in_the_environment_is_one_line():
+    out = cli("status", "--timeout", "1", env={"MURANO_ZMQ_RELAY": "localhost:5570"})
+    line = one_line_exit_1(out)
+    assert "MURANO_ZMQ_RELAY" in line and "not a ZeroMQ endpoint" in line
+
+
+def test_forwarder_address_in_use_is_one_line():
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    taken = free_tcp_endpoint()
+    sock.bind(taken)
+    try:
+        out = cli("forwarder", "--xsub", taken, "--xpub", free_tcp_endpoint(), timeout=30)
+        assert "cannot bind " + taken in one_line_exit_1(out)
+    finally:
+        sock.close(0)
 
 
 def test_no_relay_is_a_clear_error():

@@ -9,7 +9,7 @@ import sys
 import time
 
 from murano_zmq import Node
-from murano_zmq.relay.process import relay_answers
+from murano_zmq.testing import relay_answers
 
 from ..helpers import wait_for
 

@@ -91,7 +91,7 @@ ISOLATED = r"""
 import os, subprocess, sys
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/var/tmp"], check=True)
-from murano_zmq.relay.process import RelayProcess, free_tcp_endpoint
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint
 data_dir, discovery, command = sys.argv[1], sys.argv[2], sys.argv[3:]
 extra = ["--discovery-interfaces", discovery] if discovery else []
 with open(os.path.join(data_dir, "relay.log"), "wb") as log, \

@@ -12,6 +12,8 @@ import itertools
 import sqlite3
 
 import pytest
+
+from murano_zmq.protocol.errors import StartupError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
@@ -290,7 +292,7 @@ def test_other_schema_version_refused(tmp_path):
     db.execute("UPDATE meta SET value=99 WHERE key='schema'")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 99"):
+    with pytest.raises(StartupError, match="schema version 99"):
         SQLiteStore(str(tmp_path))
 
 

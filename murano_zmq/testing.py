@@ -1,4 +1,9 @@
-"""Start and stop a relay as a child process (for the demo, tests and benchmarks)."""
+"""Test and benchmark helpers: a relay in a child process, free ports, RSS.
+
+The demo, the benchmarks and the test suites start relays with these; the
+child runs the relay's own entry point (`python -m murano_zmq.relay`), not
+the murano-zmq command line.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import time
 
 import zmq
 
-from ..protocol.frames import Cmd, decode, encode
+from .protocol.frames import Cmd, decode, encode
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
@@ -56,7 +61,7 @@ def relay_answers(endpoint: str, timeout: float, curve=None) -> bool:
 
 
 class RelayProcess:
-    """`python -m murano_zmq relay` in a child process, stopped by PID."""
+    """`python -m murano_zmq.relay` in a child process, stopped by PID."""
 
     def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None, probe_curve=None):
         self.endpoint = endpoint
@@ -68,7 +73,7 @@ class RelayProcess:
 
     def start(self, timeout: float = 15.0) -> "RelayProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay", "--bind", self.endpoint,
+            [sys.executable, "-m", "murano_zmq.relay", "--log-level", "INFO", "--bind", self.endpoint,
              "--data-dir", self.data_dir, *self.extra],
             stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL,
         )
@@ -105,3 +110,39 @@ class RelayProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def mount_tmpfs(path: str, size_bytes: int) -> None:
+    """Mount a tmpfs of `size_bytes` on `path` (root only): a disk that
+    fills up on purpose.  OSError (as from the mount command) if it cannot."""
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", path],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise OSError(f"mount tmpfs on {path}: {done.stderr.strip()}")
+
+
+def unmount(path: str) -> None:
+    """Unmount `path` (lazily, so a process still in it cannot block it)."""
+    subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+
+
+def fill_disk(path: str, leave_bytes: int = 0) -> int:
+    """Write `path` (a file) until its file system has only `leave_bytes`
+    free (0: until it is full).  Returns the bytes written."""
+    chunk = b"\0" * (1 << 16)
+    written = 0
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            st = os.statvfs(os.path.dirname(path) or ".")
+            free = st.f_bavail * st.f_frsize - leave_bytes
+            if free <= 0:
+                break
+            try:
+                n = f.write(chunk[:min(len(chunk), free)])
+            except OSError:
+                break
+            if not n:
+                break
+            written += n
+    return written

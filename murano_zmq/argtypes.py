@@ -1,0 +1,79 @@
+"""argparse value types shared by the murano-zmq commands and the devices.
+
+Each refuses a bad value with one line (argparse then exits 2), so no
+command meets inf, nan or an absurd size at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+# Longest time any option may name, seconds (about 31 years): finite, and
+# below what threading waits accept (threading.TIMEOUT_MAX).
+MAX_SECONDS = 1e9
+
+# Largest --max-message-size a relay takes: a message must fit in memory.
+MAX_MESSAGE_SIZE_LIMIT = 1 << 30
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= {MAX_SECONDS:g} seconds: {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration that may be 0."""
+    value = _number(text)
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and <= {MAX_SECONDS:g} seconds: {text!r}")
+    return value
+
+
+def bounded_int(low: int, high: int | None = None):
+    """A whole number in [low, high] (high None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}: {text!r}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+count = bounded_int(0)
+message_size = bounded_int(1, MAX_MESSAGE_SIZE_LIMIT)
+
+
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci)://\S+")
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint, transport://address."""
+    if not _ENDPOINT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {text!r}")
+    return text
+
+
+def relay_endpoint(text: str) -> str:
+    """A relay to connect to: an endpoint, or 'auto' (found by zeroconf)."""
+    return text if text == "auto" else endpoint(text)

@@ -1,0 +1,84 @@
+"""The relay device's command line: its options, and main() for
+`murano-zmq relay`, `python -m murano_zmq.relay` and `python -m devices.relay`.
+
+Bad option values stop argparse (one line, exit 2); a relay that cannot
+start (data directory in use or unusable, corrupt database, address in use)
+prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..argtypes import endpoint, message_size
+from ..discovery.zeroconf import INTERFACES_ENV
+from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RELAY_ENDPOINT
+from ..protocol.errors import StartupError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_relay_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bind", type=endpoint, default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
+    p.add_argument("--data-dir", default="",
+                   help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
+    p.add_argument("--name", default="relay", help="relay name shown to nodes")
+    p.add_argument("--max-message-size", type=message_size, default=DEFAULT_MAX_MESSAGE_SIZE,
+                   help="largest message in bytes: body plus packed headers, at most 1 GiB "
+                        "(default %(default)s)")
+    p.add_argument("--discovery-interfaces", default=os.environ.get(INTERFACES_ENV, ""),
+                   metavar="ADDRS",
+                   help="advertise the relay by zeroconf on these IPv4 addresses (comma-separated, "
+                        f"or 'all'; default ${INTERFACES_ENV}, else not advertised)")
+    p.add_argument("--metrics", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the metrics extra)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate keys, permissions file, data dir (and --bind, --metrics); print what "
+                        "was checked and exit 0 (all good) or 1, without starting")
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--key", metavar="NAME|FILE",
+                   help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
+    g.add_argument("--key-dir", metavar="DIR", help="where --key NAMEs are looked up")
+    g.add_argument("--authorized-keys", metavar="DIR",
+                   help="public keys (NAME.key) allowed to connect; reloaded on change and SIGHUP")
+    g.add_argument("--permissions", metavar="FILE",
+                   help="TOML: what each key NAME may send, consume, declare, admin")
+    g.add_argument("--allow-all", action="store_true",
+                   help="with --key and no --permissions: every admitted key may do everything")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the relay the parsed options describe; one line and 1 if it cannot start."""
+    from .server import RelayConfig, run_relay
+
+    try:
+        config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
+                             authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
+                             bind=args.bind, data_dir=args.data_dir, name=args.name,
+                             max_message_size=args.max_message_size,
+                             discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
+        if args.check_config:
+            from .checks import print_checks
+
+            return print_checks(config)
+        return run_relay(config)
+    except (StartupError, ValueError) as exc:
+        print(f"murano-zmq relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run the relay: one ROUTER socket, mailboxes in SQLite. "
+                               "SIGTERM/SIGINT commit, tell nodes and exit 0.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level on stderr (default %(default)s)")
+    add_relay_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format=LOG_FORMAT)
+    return run_from_args(args)

@@ -1,0 +1,64 @@
+"""Disk space for a relay whose disk fills: a probe, and a reserve.
+
+The reserve (DATA_DIR/relay.reserve, RESERVE_BYTES) is held while the disk
+has room and given back when it fills, so acks (deletes) and dead-letter
+moves can still commit on a full disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Bytes that must be free, beyond the reserve, before a relay that found its
+# disk full accepts sends again.
+SPACE_PROBE_BYTES = 1 << 20
+RESERVE_BYTES = 4 << 20
+RESERVE_NAME = "relay.reserve"
+
+
+def space_available(data_dir: str, nbytes: int = SPACE_PROBE_BYTES) -> bool:
+    """True if `nbytes` can be allocated in `data_dir` now."""
+    probe = os.path.join(data_dir, "relay.space-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:
+        return False
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def hold_reserve(data_dir: str) -> bool:
+    """Allocate the reserve if it is not held; False if the disk has no room
+    for it (then nothing is held)."""
+    path = os.path.join(data_dir, RESERVE_NAME)
+    try:
+        if os.path.getsize(path) >= RESERVE_BYTES:
+            return True
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        return True
+    except OSError:
+        os.ftruncate(fd, 0)
+        return False
+    finally:
+        os.close(fd)
+
+
+def drop_reserve(data_dir: str) -> None:
+    """Give the reserve back to the file system (for SQLite's use)."""
+    try:
+        os.unlink(os.path.join(data_dir, RESERVE_NAME))
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,233 @@
+"""The relay's data directory under hostile conditions, with real relay
+processes: a second relay on it, rows no mailbox owns, a full disk, another
+process holding the database locked, a damaged database file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from murano_zmq import Node, StorageFull
+from murano_zmq.testing import fill_disk, mount_tmpfs, relay_answers, unmount
+
+from ..helpers import free_tcp_endpoint, wait_for
+
+
+def relay_cmd(endpoint: str, data_dir: str) -> list[str]:
+    return [sys.executable, "-m", "murano_zmq.relay", "--bind", endpoint, "--data-dir", data_dir]
+
+
+def one_line_failure(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- two relays, one directory ---------------------------------------------------------
+
+
+def test_second_relay_on_the_same_data_dir_refuses_to_start(relay):
+    done = subprocess.run(relay_cmd(free_tcp_endpoint(), relay.data_dir), capture_output=True,
+                          text=True, timeout=20)
+    line = one_line_failure(done)
+    assert "in use by another relay" in line and str(relay.pid) in line and relay.data_dir in line
+    with Node("n", relay=relay.endpoint, timeout=10) as node:  # the first one is untouched
+        node.send("still", "works")
+
+
+def test_lock_dies_with_the_relay(relay_factory):
+    relay = relay_factory()
+    relay.kill()
+    relay_factory(data_dir=relay.data_dir)  # no stale lock after kill -9
+
+
+def test_expiry_never_spins_on_rows_no_mailbox_owns(relay_factory):
+    relay = relay_factory()
+    with Node("n", relay=relay.endpoint, timeout=10) as node:
+        node.send("known", "x", ttl=0.2)
+    relay.stop()
+    db = sqlite3.connect(os.path.join(relay.data_dir, "relay.db"))
+    past = time.time() - 10
+    db.executemany("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, expires) "
+                   "VALUES (?, 99, ?, x'80', x'00', ?, ?)",
+                   [(10_000_000 + i, os.urandom(16), past, past) for i in range(2500)])
+    db.commit()
+    db.close()
+    again = relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)
+    with Node("n", relay=again.endpoint, timeout=10) as node:
+        node.send("after", "the orphans")
+        assert node.consume("after").get(timeout=10).body == "the orphans"
+        before = cpu_seconds(again.pid)
+        time.sleep(1.0)
+        assert cpu_seconds(again.pid) - before < 0.5, "the relay spins"
+    db = sqlite3.connect(os.path.join(relay.data_dir, "relay.db"))
+    assert db.execute("SELECT count(*) FROM messages WHERE mailbox=99").fetchone()[0] == 0
+    db.close()
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path = str(tmp_path / "disk")
+    try:
+        mount_tmpfs(path, 24 << 20)
+    except OSError as exc:
+        pytest.skip(str(exc))
+    yield path
+    unmount(path)
+
+
+def test_disk_full_refuses_sends_keeps_serving_and_resumes(relay_factory, small_disk, tmp_path):
+    data = os.path.join(small_disk, "data")
+    relay = relay_factory(data_dir=data)
+    ballast = os.path.join(small_disk, "ballast")
+    body = os.urandom(64 * 1024)
+    confirmed = []
+    with Node("sender", relay=relay.endpoint, timeout=20, heartbeat=0.2) as node:
+        node.send("jobs", "before the disk fills")
+        fill_disk(ballast, leave_bytes=2 << 20)
+        with pytest.raises(StorageFull):
+            for i in range(200):  # 12.5 MiB: far more than is left
+                confirmed.append(node.send("jobs", body, headers={"n": str(i)}))
+        assert relay.proc.poll() is None, "the relay died on a full disk"
+        # consumers and acks go on
+        consumer = node.consume("jobs", prefetch=10)
+        first = consumer.get(timeout=10)
+        assert first.body == "before the disk fills"
+        first.ack()
+        with pytest.raises(StorageFull):
+            node.send("jobs", "still full")
+        assert node.status()["storage_full"] is True
+        os.unlink(ballast)  # space returns: sends resume by themselves
+        wait_for(lambda: _sends(node), 20, interval=0.3, what="sends accepted again")
+        assert node.status()["storage_full"] is False
+        got = set()
+        while len(got) < len(confirmed):
+            m = consumer.get(timeout=15)
+            assert m is not None, f"{len(got)} of {len(confirmed)} confirmed messages came back"
+            if m.body == body:
+                got.add(m.id)
+            m.ack()
+        assert got == set(confirmed)
+    log = (tmp_path / "relay-0.log").read_text()
+    assert "database or disk is full" in log
+    assert log.count("database or disk is full") <= 3, "not rate-limited"
+    assert "Traceback" not in log and "no transaction is active" not in log
+
+
+def _sends(node) -> bool:
+    try:
+        node.send("probe", "space?")
+        return True
+    except StorageFull:
+        return False
+
+
+def test_restart_on_a_full_disk_serves_consumers_and_acks(relay_factory, small_disk, tmp_path):
+    data = os.path.join(small_disk, "data")
+    relay = relay_factory(data_dir=data)
+    with Node("sender", relay=relay.endpoint, timeout=20) as node:
+        sent = node.send_many([("jobs", i) for i in range(300)])
+    fill_disk(os.path.join(small_disk, "ballast"))
+    relay.kill()
+    again = relay_factory(endpoint=relay.endpoint, data_dir=data)
+    with Node("reader", relay=again.endpoint, timeout=20, heartbeat=0.2) as node:
+        consumer = node.consume("jobs", prefetch=50)
+        got = set()
+        while len(got) < len(sent):
+            m = consumer.get(timeout=15)
+            assert m is not None, f"only {len(got)} of {len(sent)} after a restart on a full disk"
+            got.add(m.id)
+            m.ack()
+        assert got == set(sent)
+        assert again.proc.poll() is None, "the relay died at a commit of acks on a full disk"
+        with pytest.raises(StorageFull):
+            node.send("jobs", "no room")
+    log = (tmp_path / "relay-1.log").read_text()
+    assert "Traceback" not in log
+
+
+# --- a locked database ---------------------------------------------------------------------
+
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the write lock, as a backup tool or a shell might hold it
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+def test_database_locked_by_another_process_is_waited_out(relay, children, tmp_path):
+    holder = children(HOLD_LOCK, os.path.join(relay.data_dir, "relay.db"), "7",
+                      stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with Node("n", relay=relay.endpoint, timeout=30, heartbeat=0.5) as node:
+        t0 = time.monotonic()
+        msg_id = node.send("jobs", "through the lock")
+        assert time.monotonic() - t0 >= 4  # it waited for the lock...
+        assert relay.proc.poll() is None  # ...and did not die of it
+        m = node.consume("jobs").get(timeout=10)
+        assert m.id == msg_id
+        m.ack()
+    assert holder.wait(10) == 0
+    log = (tmp_path / "relay-0.log").read_text()
+    assert "locked" in log and "Traceback" not in log
+
+
+# --- a damaged database --------------------------------------------------------------------
+
+
+def test_not_a_database_is_one_line_at_start(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "relay.db").write_bytes(b"this is not sqlite " * 300)
+    line = one_line_failure(subprocess.run(relay_cmd(free_tcp_endpoint(), str(data)), capture_output=True,
+                                           text=True, timeout=20))
+    assert str(data / "relay.db") in line and "not a database" in line and "operations.md" in line
+
+
+def test_malformed_database_is_one_line_at_start(relay_factory, tmp_path):
+    relay = relay_factory()
+    with Node("n", relay=relay.endpoint, timeout=10) as node:
+        node.send_many([("jobs", os.urandom(3000)) for _ in range(200)])
+    relay.stop()
+    path = os.path.join(relay.data_dir, "relay.db")
+    with open(path, "r+b") as f:  # trash the pages after the first few
+        f.seek(4 * 4096)
+        f.write(os.urandom(64 * 4096))
+    line = one_line_failure(subprocess.run(relay_cmd(free_tcp_endpoint(), relay.data_dir),
+                                           capture_output=True, text=True, timeout=20))
+    assert path in line and "operations.md" in line
+
+
+def test_device_refuses_with_one_line(tmp_path):
+    busy = free_tcp_endpoint()
+    with subprocess.Popen(relay_cmd(busy, str(tmp_path / "a")), stderr=subprocess.DEVNULL) as first:
+        try:
+            assert relay_answers(busy, 15)
+            done = subprocess.run([sys.executable, "-m", "devices.relay", "--bind", busy,
+                                   "--data-dir", str(tmp_path / "b")], capture_output=True, text=True,
+                                  timeout=20)
+            assert "cannot bind" in one_line_failure(done)
+        finally:
+            first.kill()
