@@ -151,7 +151,7 @@ def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, 
     elif breakage == "bad-metrics":
         args += ["--metrics", "localhost"]
     elif breakage == "bad-bind":
-        args += ["--bind", "udp://nowhere"]
+        args += ["--bind", "tcp://127.0.0.1"]  # no port (argparse already refuses other transports)
     elif breakage == "permissions-without-key":
         args = ["relay", "--check-config", "--permissions", str(keys.permissions), "--data-dir", str(data)]
     out = cli(*args)
