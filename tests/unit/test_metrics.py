@@ -95,3 +95,18 @@ def test_metrics_addresses(text, expected):
 def test_bad_metrics_addresses_are_clear_errors(text):
     with pytest.raises(ValueError, match="--metrics"):
         parse_address(text)
+
+
+def test_the_collector_reads_the_engine_in_service(net, tmp_path):
+    """The relay replaces its engine when it reloads after a store failure:
+    a collector given a callable follows it."""
+    net.node("app").send("before", 1)
+    net.settle()
+    current = [net.engine]
+    collector_samples = lambda: {s.name: s.value for f in RelayCollector(lambda: current[0]).collect()  # noqa: E731
+                                 for s in f.samples if not s.labels}
+    assert collector_samples()["rabbitmq_global_messages_received_total"] == 1
+    net.restart()  # a new engine over the same store: its counters start again
+    current[0] = net.engine
+    assert collector_samples()["rabbitmq_global_messages_received_total"] == 0
+    assert collector_samples()["rabbitmq_queues"] == 1
