@@ -33,7 +33,7 @@ class Check:
 
 
 def check_config(config: RelayConfig) -> list[Check]:
-    return [*_security(config), _data_dir(config.data_dir), _bind(config.bind),
+    return [*_security(config), _data_dir(config.data_dir, config.create_parents), _bind(config.bind),
             *_metrics(config.metrics), *_discovery(config.discovery_interfaces)]
 
 
@@ -72,10 +72,13 @@ def _secret_key_mode(config: RelayConfig) -> Check:
     return Check(True, "secret key", f"{path} (mode {mode:o})")
 
 
-def _data_dir(data_dir: str) -> Check:
+def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     path = Path(data_dir)
     if not path.exists():
-        parent = next((p for p in path.parents if p.exists()), None)
+        if not create_parents and not path.absolute().parent.is_dir():
+            return Check(False, "data dir", f"{path}: its parent {path.absolute().parent} does not exist "
+                                            "(create it, or fix --data-dir)")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
         if parent is None or not os.access(parent, os.W_OK | os.X_OK):
             return Check(False, "data dir", f"{path} does not exist and {parent} is not writable")
         return Check(True, "data dir", f"{path} does not exist yet; the relay will create it in {parent}")
@@ -83,6 +86,9 @@ def _data_dir(data_dir: str) -> Check:
         return Check(False, "data dir", f"{path} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         return Check(False, "data dir", f"{path} is not writable by uid {os.geteuid()}")
+    holder = _lock_holder(path)
+    if holder is not None:
+        return Check(False, "data dir", f"{path} is in use by another relay (pid {holder})")
     db = path / DB_NAME
     if not db.exists():
         return Check(True, "data dir", f"{path} (writable; no {DB_NAME} yet)")
@@ -100,6 +106,27 @@ def _data_dir(data_dir: str) -> Check:
     if verdict != "ok":
         return Check(False, "data dir", f"{db} fails SQLite's quick_check: {verdict}")
     return Check(True, "data dir", f"{path} (writable; {DB_NAME} passes quick_check, {count} message(s))")
+
+
+def _lock_holder(path: Path) -> str | None:
+    """The pid in relay.lock if a running relay holds it (store/lock.py), else None.
+    Only a shared, non-blocking try: nothing is written."""
+    import fcntl
+
+    from ..store.lock import LOCK_NAME
+
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
 
 
 def _bind(endpoint: str) -> Check:

@@ -117,6 +117,8 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     relay = relay_factory(data_dir=str(tmp_path / "used"))
     with Node("cc", relay=relay.endpoint, discovery=False, direct=False) as node:
         node.send("kept", "x")
+    busy = cli("relay", "--check-config", "--data-dir", str(tmp_path / "used"))
+    assert busy.returncode == 1 and f"in use by another relay (pid {relay.pid})" in busy.stdout, busy.stdout
     relay.stop()
     out = cli("relay", "--check-config", "--data-dir", str(tmp_path / "used"))
     assert out.returncode == 0, out.stdout
@@ -132,6 +134,7 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     ("bad-metrics", "metrics"),
     ("bad-bind", "bind"),
     ("permissions-without-key", "security"),
+    ("no-parent", "data dir"),
 ])
 def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, breakage, failing):
     keys = Keys(tmp_path / "sec")
@@ -152,6 +155,8 @@ def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, 
         args += ["--metrics", "localhost"]
     elif breakage == "bad-bind":
         args += ["--bind", "tcp://127.0.0.1"]  # no port (argparse already refuses other transports)
+    elif breakage == "no-parent":
+        args = ["relay", "--check-config", "--data-dir", str(tmp_path / "typo" / "data")]
     elif breakage == "permissions-without-key":
         args = ["relay", "--check-config", "--permissions", str(keys.permissions), "--data-dir", str(data)]
     out = cli(*args)
