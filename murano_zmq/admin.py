@@ -28,7 +28,7 @@ import zmq
 from .protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV
 from .protocol.errors import RelayUnavailable, RemoteProtocolError, error_from_code
 from .protocol.frames import Cmd, decode, encode
-from .protocol.message import unpack_body
+from .protocol.message import parse_delivery, unpack_body
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,12 @@ class Admin:
     def peek(self, mailbox: str, count: int = 1) -> list[PeekedMessage]:
         """Copies of the first `count` READY messages; nothing is taken."""
         result = self.request(Cmd.PEEK, mailbox, count)
-        return [PeekedMessage(seq, msg_id, box, headers, _unpack(body), created, expires, deliveries)
-                for seq, msg_id, box, headers, body, created, expires, deliveries in result["messages"]]
+        peeked = []
+        for record in result["messages"]:
+            msg = parse_delivery(record)  # the records are DELIVER records
+            peeked.append(PeekedMessage(msg.tag, msg.id, msg.mailbox, msg.headers, _unpack(msg.packed_body),
+                                        msg.created_at, msg.expires_at, msg.delivery_count))
+        return peeked
 
 
 def _unpack(body: bytes) -> Any:

@@ -25,17 +25,15 @@ from ..protocol.client import (
     Replied,
     Welcomed,
 )
-from ..protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV, SEND_BATCH
+from ..protocol.constants import (  # noqa: F401 (SEND_BATCH_BYTES re-exported)
+    DEFAULT_RELAY_ENDPOINT, READ_BATCH, RELAY_ENV, SEND_BATCH, SEND_BATCH_BYTES)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
-from ..protocol.message import ID_SIZE, check_name, is_number, new_message_id, pack_body, send_record
+from ..protocol.message import (ID_SIZE, check_name, is_number, new_message_id, pack_body, pack_headers,
+                                send_record)
 from ..protocol.options import MailboxOptions
 from ..security.curve import CurveClient
 
 log = logging.getLogger("murano_zmq.node")
-
-# Bytes of bodies per SEND command: keeps each frame far below the relay's
-# ZMQ_MAXMSGSIZE (a single larger message goes alone).
-SEND_BATCH_BYTES = 1024 * 1024
 
 
 def relay_socket(context: zmq.Context, endpoint: str, curve: CurveClient | None = None) -> zmq.Socket:
@@ -67,10 +65,6 @@ def close_relay_socket(sock: zmq.Socket, monitor: zmq.Socket, linger: int | None
     monitor.close(0)
     sock.close(linger)
 
-
-# Commands read from one socket per loop turn, at most: one busy socket
-# cannot starve the node's other sockets and timers.
-READ_BATCH = 1000
 
 
 def ready_frames(sock: zmq.Socket, copy: bool = True):
@@ -107,20 +101,19 @@ def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | Non
     if msg_id is not None and (not isinstance(msg_id, bytes) or len(msg_id) != ID_SIZE):
         raise LocalProtocolError(f"msg_id must be {ID_SIZE} bytes")
     check_name(mailbox)
-    if headers is not None and (not isinstance(headers, dict)
-                                or not all(isinstance(k, str) for k in headers)):
+    if headers is not None and not isinstance(headers, dict):
         raise LocalProtocolError("headers must be a dict with str keys")
     if ttl is not None and not (is_number(ttl) and ttl > 0):
         raise LocalProtocolError(f"ttl must be a positive number of seconds, got {ttl!r}")
     packed = pack_body(body)
-    header_size = len(pack_body(headers)) if headers else 0  # fail here, not in the I/O thread
-    check_size(len(packed) + header_size, max_size)
-    return send_record(msg_id or new_message_id(now), mailbox, headers, packed, now, ttl)
+    packed_headers = pack_headers(headers)  # once: they travel and are stored packed
+    check_size(len(packed) + len(packed_headers), max_size)
+    return send_record(msg_id or new_message_id(now), mailbox, packed_headers, packed, now, ttl)
 
 
 def record_size(record: list) -> int:
     """Body and header bytes of a SEND record (what the relay's limit counts)."""
-    return len(record[3]) + (len(pack_body(record[2])) if record[2] else 0)
+    return len(record[3]) + len(record[2])
 
 
 def check_size(size: int, max_size: int | None) -> None:

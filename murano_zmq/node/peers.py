@@ -19,7 +19,7 @@ from collections import deque
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..protocol.constants import FRAME_HEADROOM
+from ..protocol.constants import DIRECT_BATCH, FRAME_HEADROOM
 from .common import SEND_BATCH_BYTES, ready_frames, record_size
 from ..protocol.direct import (
     DEFAULT_DIRECT_TIMEOUT,
@@ -36,9 +36,6 @@ from ..protocol.paths import HOLD, PathTable
 log = logging.getLogger("murano_zmq.node")
 
 __all__ = ["DEFAULT_DIRECT_BIND", "HOLD", "DirectPeers"]
-
-# Records per direct SEND: its CONFIRM waits for the last of them.
-DIRECT_BATCH = 32
 
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"

@@ -83,6 +83,7 @@ class _Consumer:
     mailbox: str
     prefetch: int
     endpoint: str | None  # where this node takes direct deliveries, if it does
+    prefetch_bytes: int | None = None  # byte credit (CONSUME field 5), if any
 
 
 class ClientCore:
@@ -135,7 +136,7 @@ class ClientCore:
         # (req 0: nobody waits for the reply).
         for consumer, c in self._consumers.items():
             if consumer not in pending_consumers:
-                self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch, c.endpoint)
+                self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch, c.endpoint, c.prefetch_bytes)
 
     def next_deadline(self) -> float:
         if self.state in (State.IDLE, State.CLOSED):
@@ -175,14 +176,16 @@ class ClientCore:
         self._put(cmd, req, *fields)
         return req
 
-    def consume(self, mailbox: str, prefetch: int, endpoint: str | None = None) -> tuple[int, int]:
+    def consume(self, mailbox: str, prefetch: int, endpoint: str | None = None,
+                prefetch_bytes: int | None = None) -> tuple[int, int]:
         """Start a consumer; returns (consumer id, request id).  `endpoint`:
-        where this node also takes direct deliveries for the mailbox."""
+        where this node also takes direct deliveries for the mailbox;
+        `prefetch_bytes`: a byte credit on top of the message credit."""
         self._check_open()
         consumer = self._next_consumer
         self._next_consumer += 1
-        self._consumers[consumer] = _Consumer(mailbox, prefetch, endpoint)
-        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint)
+        self._consumers[consumer] = _Consumer(mailbox, prefetch, endpoint, prefetch_bytes)
+        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint, prefetch_bytes)
 
     def consumer_of(self, mailbox: str) -> int | None:
         """A consumer id of this node for `mailbox`, or None."""

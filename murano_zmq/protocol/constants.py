@@ -6,7 +6,8 @@ nodes and docs/protocol.md agree on one value.
 
 # Frame 0 of every command: "MZQ" and the protocol version (one byte).
 # ZeroMQ reconnects silently, so each command carries it (cf. ZeroMQ RFC 7).
-PROTOCOL_VERSION = 1
+# Version 2: headers travel as bin (a packed msgpack map), not as a map.
+PROTOCOL_VERSION = 2
 SIGNATURE = b"MZQ" + bytes([PROTOCOL_VERSION])
 
 DEFAULT_RELAY_ENDPOINT = "tcp://127.0.0.1:5570"
@@ -22,11 +23,48 @@ FRAME_HEADROOM = 64 * 1024
 DEFAULT_HEARTBEAT = 1.0
 HEARTBEAT_LIVENESS = 5
 
-# Consumer credit (unacked messages out at once) when the caller gives none.
+# Heartbeat intervals a relay accepts from HELLO (it clamps), seconds.
+MIN_HEARTBEAT = 0.05
+MAX_HEARTBEAT = 60.0
+
+# Consumer credit (unacked messages out at once) when the caller gives none,
+# and the most a relay grants (it sizes the relay's bookkeeping).
 DEFAULT_PREFETCH = 100
+MAX_PREFETCH = 10_000
+# Byte credit (bodies out at once, as AMQP's prefetch-size): none unless the
+# consumer asks; the most a consumer may ask, bytes.
+MAX_PREFETCH_BYTES = 1 << 40
+# Longest direct endpoint a consumer may announce, characters.
+MAX_ENDPOINT = 512
+
+# Bytes the relay hands to one mailbox's consumers per loop turn: the rest
+# waits for the next turn, so one turn's output stays bounded.
+DELIVER_TURN_BYTES = 1 * 1024 * 1024
+
+# Expired messages the relay reads from its store at once.
+EXPIRY_BATCH = 1000
+
+# Seqs (delivery tags) a restarted relay skips: more than two loop turns can
+# hand out before their commits (the relay's deliveries go out before the
+# commit, so a node may ack a tag the relay never committed).
+SEQ_GAP_AFTER_START = 1 << 24
 
 # Messages per SEND command in a pipelined send; one CONFIRM answers each.
 SEND_BATCH = 256
+# Bytes of bodies per SEND command: keeps each frame far below the relay's
+# ZMQ_MAXMSGSIZE (a single larger message goes alone).
+SEND_BATCH_BYTES = 1024 * 1024
+
+# Direct sends a link keeps unconfirmed at once (the window), how long a
+# sender waits for a direct CONFIRM before the relay takes the messages
+# (seconds), and records per direct SEND (its CONFIRM waits for the last).
+DEFAULT_WINDOW = 1000
+DEFAULT_DIRECT_TIMEOUT = 5.0
+DIRECT_BATCH = 32
+
+# Commands a node reads from one socket per loop turn, at most: one busy
+# socket cannot starve the node's other sockets and timers.
+READ_BATCH = 1000
 
 # Message ids a node remembers to hand each id to application code once.
 DEDUP_WINDOW = 100_000
@@ -47,3 +85,6 @@ OVERFLOWS = (OVERFLOW_REJECT, OVERFLOW_DROP_HEAD)
 
 # Mailbox names: printable, no spaces, bounded (they are stored and logged).
 MAX_NAME_LENGTH = 255
+
+# Message ids: bytes (a 48-bit ms clock and 80 random bits, or a key's hash).
+ID_SIZE = 16

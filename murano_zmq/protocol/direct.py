@@ -21,15 +21,17 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT re-exported)
+    DEFAULT_DIRECT_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_WINDOW,
+    HEARTBEAT_LIVENESS,
+    MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
+)
 from .errors import MailboxNotFound, Malformed, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
-from .message import Message, is_number, pack_body, parse_send_record
-
-# Direct sends a link keeps unconfirmed at once (the window), and how long a
-# sender waits for a direct CONFIRM before the relay takes the messages.
-DEFAULT_WINDOW = 1000
-DEFAULT_DIRECT_TIMEOUT = 5.0
+from .message import Message, is_number, parse_send_record
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +244,7 @@ class DirectInbox:
             if not is_number(heartbeat):
                 self._error(identity, Malformed("heartbeat must be a finite number"))
                 return []
-            heartbeat = min(max(float(heartbeat), 0.05), 60.0)
+            heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
             self._sessions[identity] = _Session(identity, name[:200], heartbeat, now, now)
             self._put(identity, Cmd.WELCOME, self.node_name, heartbeat, self.max_message_size)
             return []
@@ -274,7 +276,7 @@ class DirectInbox:
                                 f"{user or 'this peer'} may not send to {msg.mailbox!r} (direct)"])
                 continue
             consumer = consumers.get(msg.mailbox)
-            size = len(msg.body) + (len(pack_body(msg.headers)) if msg.headers else 0)
+            size = msg.size
             if consumer is None or size > self.max_message_size:
                 refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
                 continue

@@ -55,7 +55,8 @@ SCHEMAS: dict[Cmd, tuple[str, ...]] = {
     Cmd.DECLARE: ("int", "str", "map"),  # req, mailbox, options
     Cmd.SEND: ("int", "list"),  # req, [message...]
     Cmd.CONFIRM: ("int", "list"),  # req, [[index, code, text]...]
-    Cmd.CONSUME: ("int", "int", "str", "int", "str?"),  # req, consumer, mailbox, prefetch, direct endpoint
+    # req, consumer, mailbox, prefetch, direct endpoint, prefetch_bytes (may be left out)
+    Cmd.CONSUME: ("int", "int", "str", "int", "str?", "int?"),
     Cmd.CANCEL: ("int", "int"),  # req, consumer
     Cmd.DELIVER: ("int", "list"),  # consumer, [delivery...]
     Cmd.ACK: ("list",),  # [tag...]
@@ -71,6 +72,9 @@ SCHEMAS: dict[Cmd, tuple[str, ...]] = {
     Cmd.MOVE: ("int", "str", "str", "int?"),  # req, mailbox, target mailbox, most messages (nil: all)
     Cmd.PEEK: ("int", "str", "int"),  # req, mailbox, count
 }
+
+# Trailing fields a sender may leave out (added in a later revision; read as nil).
+OPTIONAL_TAIL: dict[Cmd, int] = {Cmd.CONSUME: 1}
 
 _KIND_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -102,11 +106,14 @@ def encode(cmd: Cmd, *fields: Any) -> list[bytes]:
 def check_fields(cmd: Cmd, fields: Any) -> tuple:
     """`fields` as a tuple if it fits the command's schema, else raise."""
     schema = SCHEMAS[cmd]
-    if not isinstance(fields, (list, tuple)) or len(fields) != len(schema):
+    fewest = len(schema) - OPTIONAL_TAIL.get(cmd, 0)
+    if not isinstance(fields, (list, tuple)) or not fewest <= len(fields) <= len(schema):
         raise RemoteProtocolError(
             f"{cmd.name} takes {len(schema)} fields, got "
             f"{len(fields) if isinstance(fields, (list, tuple)) else type(fields).__name__}"
         )
+    if len(fields) < len(schema):
+        fields = [*fields, *([None] * (len(schema) - len(fields)))]
     for i, (kind, value) in enumerate(zip(schema, fields)):
         optional = kind.endswith("?")
         kind = kind.rstrip("?")

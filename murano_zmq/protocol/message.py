@@ -15,10 +15,8 @@ from typing import Any, Callable
 
 import msgpack
 
-from .constants import MAX_NAME_LENGTH
+from .constants import ID_SIZE, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
-
-ID_SIZE = 16
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
 
@@ -65,13 +63,41 @@ def check_name(name: Any, what: str = "mailbox") -> str:
     return name
 
 
+def pack_headers(headers: dict | None) -> bytes:
+    """Headers as they travel and are stored: a packed msgpack map, or
+    b"" for none.  Packed once, by the sender."""
+    if not headers:
+        return b""
+    if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+        raise LocalProtocolError("headers must be a dict with str keys")
+    try:
+        return msgpack.packb(headers, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"headers are not msgpack-serialisable: {exc}") from None
+
+
+def unpack_headers(packed: bytes) -> dict:
+    """Packed headers as a dict, or RemoteProtocolError."""
+    if not packed:
+        return {}
+    try:
+        headers = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RemoteProtocolError(f"headers: bad msgpack: {exc}") from None
+    if not isinstance(headers, dict) or not all(isinstance(k, str) for k in headers):
+        raise RemoteProtocolError("headers must be a map with string keys")
+    return headers
+
+
 # --- SEND records: [id, mailbox, headers, body, created, ttl, retry] ---------
 
 
 def send_record(
-    msg_id: bytes, mailbox: str, headers: dict | None, body: bytes, created: float, ttl: float | None
+    msg_id: bytes, mailbox: str, headers: dict | bytes | None, body: bytes, created: float, ttl: float | None
 ) -> list:
-    return [msg_id, mailbox, headers or {}, body, created, ttl, False]
+    """`headers`: a dict, or already packed (pack_headers())."""
+    packed = headers if isinstance(headers, bytes) else pack_headers(headers)
+    return [msg_id, mailbox, packed, body, created, ttl, False]
 
 
 @dataclass(slots=True)
@@ -80,15 +106,19 @@ class IncomingSend:
 
     msg_id: bytes
     mailbox: str
-    headers: dict
+    headers: bytes  # packed, as the sender packed them
     body: bytes
     created: float
     ttl: float | None
     retry: bool
+    size: int  # body and header bytes: what a size limit counts
 
 
 def parse_send_record(item: Any) -> IncomingSend:
-    """Validate one SEND record from a peer or raise RemoteProtocolError."""
+    """Validate one SEND record from a peer or raise RemoteProtocolError.
+
+    Headers are checked once here, at the edge (a map with string keys),
+    and then stored and forwarded as they came."""
     if not isinstance(item, list) or len(item) != 7:
         raise RemoteProtocolError("a SEND message record has 7 fields")
     msg_id, mailbox, headers, body, created, ttl, retry = item
@@ -96,8 +126,10 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError(f"message id must be {ID_SIZE} bytes")
     if not isinstance(mailbox, str) or not _NAME_RE.match(mailbox) or len(mailbox) > MAX_NAME_LENGTH:
         raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
-    if not isinstance(headers, dict) or (headers and not all(isinstance(k, str) for k in headers)):
-        raise RemoteProtocolError("headers must be a map with string keys")
+    if not isinstance(headers, bytes):
+        raise RemoteProtocolError("headers must be bin (a packed map)")
+    if headers:
+        unpack_headers(headers)
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
     # (the common case first: a finite float)
@@ -107,7 +139,7 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError("ttl must be a positive finite number or nil")
     if not isinstance(retry, bool):
         raise RemoteProtocolError("retry must be a bool")
-    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry)
+    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers))
 
 
 # --- DELIVER records: [tag, id, mailbox, headers, body, created, expires, count]
@@ -126,7 +158,7 @@ class Message:
 
     id: bytes
     mailbox: str
-    headers: dict
+    headers: dict  # (given packed, as bytes, it is unpacked here once)
     packed_body: bytes
     created_at: float
     expires_at: float | None
@@ -135,6 +167,10 @@ class Message:
     origin: Any = field(default=None, repr=False)  # direct delivery: who to confirm to
     _settle: Callable[["Message", str, bool], None] | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.headers, bytes):
+            self.headers = unpack_headers(self.headers)
 
     @property
     def body(self) -> Any:
@@ -187,7 +223,7 @@ def parse_delivery(item: Any) -> Message:
         raise RemoteProtocolError("a DELIVER record has 8 fields")
     tag, msg_id, mailbox, headers, body, created, expires, count = item
     if not (type(tag) is int and isinstance(msg_id, bytes) and isinstance(mailbox, str)
-            and isinstance(headers, dict) and isinstance(body, bytes)
+            and isinstance(headers, bytes) and isinstance(body, bytes)
             and is_number(created) and type(count) is int
             and (expires is None or is_number(expires))):
         raise RemoteProtocolError("bad DELIVER record")

@@ -22,13 +22,12 @@ when the relay checks permissions (docs/security.md).
 
 from __future__ import annotations
 
-import msgpack
+import itertools
 
 from ..protocol.constants import OVERFLOW_REJECT
 from ..protocol.errors import LocalProtocolError, Malformed, MailboxFull, MailboxNotFound
 from ..protocol.frames import Cmd, encode
 from ..protocol.message import check_name
-from ..protocol.options import MailboxOptions
 from .state import Mailbox
 
 # Messages one PURGE or MOVE handles at most: one command is one loop turn
@@ -43,71 +42,67 @@ PEEK_BYTES = 4 * 1024 * 1024
 
 
 class _Engine:
-    """The few engine operations the admin commands use, in one place: the
-    engine's internals may be reorganised; only this adapter follows them."""
+    """The few engine operations the admin commands use, in one place (the
+    engine's rooms: sessions, mailboxes, delivery, dead letters, turn)."""
 
-    def __init__(self, engine, peer, now: float):
-        self.engine, self.peer, self.now = engine, peer, now
+    def __init__(self, engine, ctx):
+        self.engine, self.ctx, self.now = engine, ctx, ctx.now
 
     def mailbox(self, name: str) -> Mailbox:
         """An existing mailbox the identity may administer."""
         _valid_name(name)
-        self.engine._check("admin", name)
-        mb = self.engine.mailboxes.get(name)
+        self.engine.sessions.check(self.ctx.user, "admin", name)
+        mb = self.engine.boxes.get(name)
         if mb is None:
             raise MailboxNotFound(f"mailbox {name!r} does not exist")
         return mb
 
     def target(self, name: str) -> Mailbox:
         _valid_name(name)
-        self.engine._check("admin", name)
-        return self.engine.mailboxes.get(name) or self.engine._create_mailbox(name, MailboxOptions(), False,
-                                                                              self.now)
+        self.engine.sessions.check(self.ctx.user, "admin", name)
+        return self.engine.boxes.get_or_create(name, self.now)
 
-    def pop_ready(self, mb: Mailbox):
-        """Take the head of the READY queue (the window refilled from disk) out
-        of memory, or None; remove() or put_back() must follow."""
-        if not mb.ready and not self.engine._fill(mb):
+    def head(self, mb: Mailbox):
+        """The oldest ready message (the window refilled from disk), or None."""
+        if not mb.ready and not self.engine.boxes.fill(mb, self.engine.delivery.unacked):
             return None
-        return mb.ready.popleft()
+        return mb.ready[0]
 
-    def put_back(self, mb: Mailbox, row) -> None:
-        mb.ready.appendleft(row)
-
-    def remove(self, mb: Mailbox, rows: list) -> None:
-        """Delete popped rows from the store and the mailbox's counts."""
-        if rows:
-            self.engine._delete([r.seq for r in rows])
-            mb.count -= len(rows)
-            mb.nbytes -= sum(len(r.body) for r in rows)
+    def take_head(self, mb: Mailbox):
+        """Remove the oldest ready message from the queue, the store (in the
+        open batch) and the counts; returns it."""
+        row = self.engine.boxes.pop_head(mb, self.engine.delivery.unacked)
+        mb.removed(len(row.body))
+        return row
 
     def restore(self, mb: Mailbox, row) -> None:
-        """Undo remove() of one row within the same turn (same seq, same place)."""
-        self.engine._insert(row)
-        mb.ready.appendleft(row)
-        mb.count += 1
-        mb.nbytes += len(row.body)
+        """Undo take_head() within the same batch (same seq, same place)."""
+        self.engine.store.insert([row])
+        mb.window_push_front(row)
+        mb.added(len(row.body))
 
     def enqueue(self, target: Mailbox, row) -> None:
-        """Store a copy of `row` in `target` (a new seq; delivery count 0)."""
-        self.engine._enqueue(target, row.msg_id, row.headers, row.body, row.created, row.expires, 0, self.now)
+        """Store a copy of `row` in `target`, in the open batch (a new seq;
+        delivery count 0)."""
+        self.engine.dead.enqueue(target, row.msg_id, row.headers, row.body, row.created, row.expires, 0,
+                                 self.now, self.engine.delivery.unacked)
 
     def on_disk(self, mb: Mailbox, limit: int) -> list:
         """Ready rows past the memory window, without taking them."""
         if mb.disk_after is None or limit <= 0:
             return []
-        self.engine._flush_writes()
-        return [r for r in self.engine.store.load_ready(mb.id, mb.disk_after, limit)
-                if r.seq not in self.engine._unacked]
+        unacked = self.engine.delivery.unacked
+        return [r for r in self.engine.store.load_ready(mb.id, mb.disk_after, limit, PEEK_BYTES)
+                if r.seq not in unacked]
 
     def count(self, key: str, n: int) -> None:
         self.engine.counters[key] = self.engine.counters.get(key, 0) + n
 
     def reply_after_commit(self, req: int, result) -> None:
-        self.engine._after_commit.append((self.peer.identity, encode(Cmd.REPLY, req, result)))
+        self.engine.turn.reply_after_commit(self.ctx.identity, Cmd.REPLY, req, result)
 
     def reply_now(self, req: int, result) -> None:
-        self.engine._reply_now(self.peer.identity, Cmd.REPLY, req, result)
+        self.engine.turn.reply_now(self.ctx.identity, Cmd.REPLY, req, result)
 
 
 def _valid_name(name: str) -> str:
@@ -123,21 +118,17 @@ def _fits(target: Mailbox, size: int) -> bool:
     if opts.max_bytes is not None and size > opts.max_bytes:
         return False
     if opts.overflow != OVERFLOW_REJECT:
-        return True  # drop-head makes room
+        return opts.max_length is None or opts.max_length >= 1  # drop-head makes room
     return not ((opts.max_length is not None and target.ready_count + 1 > opts.max_length)
                 or (opts.max_bytes is not None and target.ready_bytes + size > opts.max_bytes))
 
 
 def purge(e: _Engine, req: int, name: str) -> None:
     mb = e.mailbox(name)
-    purged, rows = 0, []
-    while purged + len(rows) < ADMIN_BATCH and (row := e.pop_ready(mb)) is not None:
-        rows.append(row)
-        if len(rows) >= 1000:  # bodies leave memory as they go
-            e.remove(mb, rows)
-            purged, rows = purged + len(rows), []
-    e.remove(mb, rows)
-    purged += len(rows)
+    purged = 0
+    while purged < ADMIN_BATCH and e.head(mb) is not None:
+        e.take_head(mb)  # (a body leaves memory with its row)
+        purged += 1
     mb.last_used = e.now
     e.count("purged", purged)
     e.reply_after_commit(req, {"mailbox": name, "purged": purged, "left": mb.ready_count})
@@ -153,14 +144,13 @@ def move(e: _Engine, req: int, name: str, target_name: str, limit: int | None) -
     most = ADMIN_BATCH if limit is None else min(limit, ADMIN_BATCH)
     moved, stopped = 0, None
     while moved < most:
-        row = e.pop_ready(mb)
-        if row is None:
+        head = e.head(mb)
+        if head is None:
             break
-        if not _fits(target, len(row.body)):
-            e.put_back(mb, row)
+        if not _fits(target, len(head.body)):
             stopped = f"mailbox {target_name!r} is full"
             break
-        e.remove(mb, [row])  # before the insert: the id is unique per relay
+        row = e.take_head(mb)  # deleted before the insert: the id is unique per relay
         try:
             e.enqueue(target, row)
         except MailboxFull as exc:  # _fits() said it would fit: put it back as it was
@@ -179,7 +169,7 @@ def peek(e: _Engine, req: int, name: str, count: int) -> None:
         raise Malformed(f"PEEK count must be 1..{PEEK_MAX}, got {count}")
     mb = e.mailbox(name)
     rows, size = [], 0
-    candidates = list(mb.ready)[:count]
+    candidates = list(itertools.islice(mb.ready, count))
     if len(candidates) < count:
         candidates += e.on_disk(mb, count - len(candidates))
     for row in candidates:
@@ -187,18 +177,18 @@ def peek(e: _Engine, req: int, name: str, count: int) -> None:
             break
         rows.append(row)
         size += len(row.body)
-    records = [[r.seq, r.msg_id, mb.name, msgpack.unpackb(r.headers), r.body, r.created, r.expires, r.deliveries]
-               for r in rows]
+    # DELIVER records (headers packed, as stored), tag and all: not a delivery.
+    records = [[r.seq, r.msg_id, mb.name, r.headers, r.body, r.created, r.expires, r.deliveries] for r in rows]
     e.reply_now(req, {"mailbox": name, "ready": mb.ready_count, "messages": records})
 
 
 def _handler(command):
-    def handle(engine, peer, now: float, *fields) -> None:
-        command(_Engine(engine, peer, now), *fields)
+    def handle(engine, ctx, *fields) -> None:
+        command(_Engine(engine, ctx), *fields)
     return handle
 
 
-# For RelayEngine._HANDLERS: (engine, peer, now, *fields), as its own handlers.
+# For RelayEngine._HANDLERS: (engine, ctx, *fields), as its own handlers.
 HANDLERS = {
     Cmd.PURGE: _handler(purge),
     Cmd.MOVE: _handler(move),

@@ -2,19 +2,29 @@
 
 A mailbox keeps its counters and a bounded window of its ready messages in
 memory; the rest of its queue stays in the store (`disk_after` marks where
-the on-disk part starts).  Unacked messages stay in memory until settled.
+the on-disk part starts).  A message out with a consumer is remembered by
+its seq, size and delivery count only: its body stays on disk.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..protocol.options import MailboxOptions
-from ..store.base import StoredMessage
 
-# Ready messages per mailbox kept in memory; more wait on disk.
+# Ready messages per mailbox kept in memory, by count and by body bytes
+# (at least one message, however large); more wait on disk.
 READY_WINDOW = 1000
+READY_WINDOW_BYTES = 2 * 1024 * 1024
+
+
+class Unacked(NamedTuple):
+    seq: int
+    size: int  # body bytes (what mailbox limits and byte credit count)
+    deliveries: int  # times handed out, this one included
+    expires: float | None
 
 
 @dataclass(eq=False, slots=True)
@@ -27,6 +37,7 @@ class Peer:
     last_sent: float
     consumers: dict[int, "Consumer"] = field(default_factory=dict)
     key: str | None = None  # the CURVE public key (z85) the session authenticated with
+    user: str | None = None  # the identity (key name) that said HELLO
 
 
 @dataclass(eq=False, slots=True)
@@ -36,11 +47,28 @@ class Consumer:
     mailbox: "Mailbox"
     prefetch: int
     endpoint: str | None = None  # where the node takes direct deliveries
-    unacked: dict[int, StoredMessage] = field(default_factory=dict)
+    prefetch_bytes: int | None = None  # byte credit (None: count credit only)
+    unacked: dict[int, Unacked] = field(default_factory=dict)
+    unacked_bytes: int = 0
 
-    @property
-    def credit(self) -> int:
-        return self.prefetch - len(self.unacked)
+    def has_credit(self) -> bool:
+        return len(self.unacked) < self.prefetch and (
+            self.prefetch_bytes is None or self.unacked_bytes < self.prefetch_bytes)
+
+    def fits(self, size: int) -> bool:
+        """May a message of `size` bytes go out now?  With nothing out, any
+        message may (else one larger than the byte credit would never go)."""
+        return self.prefetch_bytes is None or not self.unacked or \
+            self.unacked_bytes + size <= self.prefetch_bytes
+
+    def hand_out(self, entry: Unacked) -> None:
+        self.unacked[entry.seq] = entry
+        self.unacked_bytes += entry.size
+
+    def take_back(self, seq: int) -> Unacked:
+        entry = self.unacked.pop(seq)
+        self.unacked_bytes -= entry.size
+        return entry
 
 
 @dataclass(eq=False, slots=True)
@@ -55,9 +83,63 @@ class Mailbox:
     unacked_count: int = 0
     unacked_bytes: int = 0
     ready: deque = field(default_factory=deque)  # head of the ready queue
+    ready_window_bytes: int = 0  # bytes of the rows in `ready`
     disk_after: int | None = None  # ready messages with seq > this are only on disk
     consumers: list[Consumer] = field(default_factory=list)
     rr: int = 0  # round-robin position among consumers
+
+    # --- the counts: every change goes through these ---
+
+    def added(self, size: int) -> None:
+        """A message was stored here (ready)."""
+        self.count += 1
+        self.nbytes += size
+
+    def removed(self, size: int) -> None:
+        """A ready message left (expired, dropped, dead-lettered)."""
+        self.count -= 1
+        self.nbytes -= size
+
+    def handed_out(self, size: int) -> None:
+        """A ready message went to a consumer."""
+        self.unacked_count += 1
+        self.unacked_bytes += size
+
+    def returned(self, size: int) -> None:
+        """An unacked message is ready again."""
+        self.unacked_count -= 1
+        self.unacked_bytes -= size
+
+    def settled(self, size: int) -> None:
+        """An unacked message left (acked, or rejected)."""
+        self.returned(size)
+        self.removed(size)
+
+    # --- the in-memory window ---
+
+    def window_push(self, row) -> None:
+        self.ready.append(row)
+        self.ready_window_bytes += len(row.body) + len(row.headers)
+
+    def window_push_front(self, row) -> None:
+        self.ready.appendleft(row)
+        self.ready_window_bytes += len(row.body) + len(row.headers)
+
+    def window_pop(self):
+        row = self.ready.popleft()
+        self.ready_window_bytes -= len(row.body) + len(row.headers)
+        return row
+
+    def window_remove(self, row) -> None:
+        self.ready.remove(row)
+        self.ready_window_bytes -= len(row.body) + len(row.headers)
+
+    def window_clear(self) -> None:
+        self.ready.clear()
+        self.ready_window_bytes = 0
+
+    def window_full(self) -> bool:
+        return len(self.ready) >= READY_WINDOW or self.ready_window_bytes >= READY_WINDOW_BYTES
 
     @property
     def ready_count(self) -> int:
@@ -88,3 +170,8 @@ class Mailbox:
             "declared": self.declared,
             "options": self.options.to_map(),
         }
+
+
+def row_size(row) -> int:
+    """What a stored message counts against mailbox limits: its body."""
+    return len(row.body)

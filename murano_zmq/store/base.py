@@ -1,8 +1,14 @@
 """The relay's store interface: what the relay engine needs from disk.
 
-Writes go into one open transaction that commit() makes durable (group
-commit: one fsync for everything a relay loop turn wrote).  The engine
-confirms a send only after the commit that holds it.
+Writes are buffered in batches.  seal() closes the current batch; commit()
+makes every sealed batch durable in one transaction (group commit: one fsync
+for a relay loop turn).  The engine seals only between two operations, so a
+message's move (delete here, insert there) is never split across commits.
+
+commit() may run in a thread of its own while the engine goes on writing and
+reading: reads see every write made so far, committed or not, and never wait
+for a commit in flight.  The engine confirms a send only after the commit
+that holds it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ class StoredMessage(NamedTuple):
     seq: int  # relay-assigned, increasing: FIFO order and delivery tag
     mailbox_id: int
     msg_id: bytes  # sender-assigned, unique: the dedup key
-    headers: bytes  # msgpack map
+    headers: bytes  # msgpack map, packed by the sender (empty: none)
     body: bytes  # msgpack value, opaque to the relay
     created: float
     expires: float | None
@@ -29,55 +35,72 @@ class MailboxRow(NamedTuple):
 
 
 class Store(Protocol):
+    # --- at start-up (committed state only) ---
+
     def load_mailboxes(self) -> list[MailboxRow]: ...
 
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         """mailbox id -> (messages, body bytes)."""
 
+    def max_seq(self) -> int:
+        """The highest seq ever stored (not only among live messages)."""
+
     def reserve_seq(self, seq: int) -> None:
         """Record, durably at once, that seqs up to `seq` may be in use
         (max_seq() never returns less afterwards)."""
 
-    def max_seq(self) -> int:
-        """The highest seq ever stored (not only among live messages)."""
+    # --- reads (see every write, committed or not) ---
+
+    def get(self, seq: int) -> StoredMessage | None: ...
+
+    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
+        """The stored messages among `seqs`, in seq order."""
+
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        """Where stored ids are: msg_id -> mailbox id."""
+
+    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
+                   max_bytes: int | None = None) -> list[StoredMessage]:
+        """Up to `limit` messages of the mailbox with seq > after_seq, by seq;
+        with max_bytes, stop before the bodies pass it (one at least)."""
+
+    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
+                ) -> list[tuple[float, int, int]]:
+        """(expires, seq, mailbox id) of messages whose expiry is <= now, by
+        (expires, seq), starting after the key `after`."""
+
+    def next_expiry(self, after: float) -> float | None:
+        """The earliest expiry later than `after`, or None."""
+
+    # --- writes (buffered until sealed and committed) ---
 
     def save_mailbox(self, row: MailboxRow) -> None: ...
 
     def delete_mailbox(self, mailbox_id: int) -> None:
         """Delete the mailbox and every message in it."""
 
-    def insert(self, messages: list[StoredMessage]) -> int:
-        """Store new messages; returns how many were new (an id already
-        stored is skipped)."""
-
-    def get(self, seq: int) -> StoredMessage | None: ...
-
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        """Where stored ids are: msg_id -> mailbox id."""
-
-    def existing_seqs(self, seqs: list[int]) -> set[int]: ...
-
-    def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]: ...
+    def insert(self, messages: list[StoredMessage]) -> None:
+        """Store new messages.  Their ids must not be stored already (see
+        mailboxes_of()); a duplicate is skipped."""
 
     def delete(self, seqs: Iterable[int]) -> None: ...
-
-    def load_ready(self, mailbox_id: int, after_seq: int, limit: int) -> list[StoredMessage]:
-        """Up to `limit` messages of the mailbox with seq > after_seq, by seq."""
 
     def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
         """Record (deliveries, seq) pairs: the relay writes them on redelivery only."""
 
-    def expired(self, now: float, limit: int, skip: int = 0) -> list[tuple[int, int]]:
-        """(seq, mailbox id) of messages whose expiry is <= now, oldest first,
-        after skipping the first `skip` of them."""
+    # --- commit ---
 
-    def next_expiry(self, after: float) -> float | None:
-        """The earliest expiry later than `after`, or None."""
+    def seal(self) -> None:
+        """End the current batch: later writes go to the next commit.  Call
+        it from the writing thread, between two operations."""
 
     @property
     def in_transaction(self) -> bool:
-        """True while writes wait for commit()."""
+        """True while sealed writes wait for commit()."""
 
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Make every sealed batch durable, in one transaction (safe from
+        another thread while the writer goes on)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Seal, commit and close."""

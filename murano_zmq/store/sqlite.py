@@ -3,13 +3,18 @@
 Message bodies stay on disk; the relay keeps only a bounded window of each
 mailbox in memory, so a million queued messages cost disk, not RAM.
 
-Every method holds one lock, so the relay may run commit() (the fsync) in a
-thread of its own while its loop goes on; a call made meanwhile waits for it.
+Two connections: the writer runs only inside commit() (which the relay may
+call from a committer thread), the reader serves the relay loop.  WAL lets
+the reader go on while the writer syncs, and writes not committed yet are
+seen through their batches (store/batch.py), so the loop never waits for
+an fsync.
+
+A failed write or commit is a StoreError (store/faults.py: full disk among
+them); a busy database (another process holding the lock) is waited out.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sqlite3
@@ -21,67 +26,14 @@ import msgpack
 from ..protocol.errors import StartupError
 from . import space
 from .base import MailboxRow, StoredMessage
+from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
 log = logging.getLogger("murano_zmq.store")
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS mailboxes (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    options BLOB NOT NULL,
-    declared INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY,
-    mailbox INTEGER NOT NULL,
-    msg_id BLOB NOT NULL,
-    headers BLOB NOT NULL,
-    body BLOB NOT NULL,
-    created REAL NOT NULL,
-    expires REAL,
-    deliveries INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
-CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
-CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
-"""
-
-# Page cache per connection, KiB (negative = KiB in SQLite's pragma): bounded
-# so the relay's memory does not grow with the queue.
-CACHE_KIB = 16 * 1024
-
-_COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
-
-def _locked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _writes(method):
-    """A write in the open transaction: under the lock; a failure rolls the
-    transaction back and becomes StoreError, so the caller knows every write
-    since the last commit is gone."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            try:
-                return method(self, *args, **kwargs)
-            except sqlite3.Error as exc:
-                self.rollback()
-                raise StoreError(exc) from exc
-
-    return wrapper
 
 
 class SQLiteStore:
@@ -90,24 +42,47 @@ class SQLiteStore:
     def __init__(self, data_dir: str):
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
-        self._lock = threading.RLock()
-        self._in_tx = False
-        self._seq_mark = self._seq_saved = 0  # highest seq inserted / recorded in meta
+        self._db = self._connect()  # the writer
+        # The open batch is the last; those before it are sealed.  The list
+        # is replaced, never changed in place, so a reader's copy stays valid.
+        self._batches: list[WriteBatch] = [WriteBatch()]
+        self._batches_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._read_lock = threading.RLock()  # one statement at a time on the reader
+        self._seq_saved = 0  # highest seq recorded in meta by this store
+        self._seq_before = 0  # ... before the open transaction
+        self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
+        self._seq_owed = 0  # a reserve_seq() mark a full disk kept out: the next commit writes it
+        self._reader = None
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                       timeout=BUSY_TIMEOUT)
+            retry_busy(self.path, "opening the database", self._open)
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only=1")
+            # No stored id is above this: an id above it needs no lookup (ids
+            # made by new_message_id() start with a clock, so most new ones are).
+            self._id_ceiling: bytes = self._query("SELECT max(msg_id) FROM messages")[0][0] or b""
+        except (sqlite3.DatabaseError, RuntimeError) as exc:
+            if self._reader is not None:
+                self._reader.close()
+            self._db.close()
+            raise startup_error(self.path, exc) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT)
         except sqlite3.Error as exc:
             raise StartupError(f"cannot open {self.path}: {exc}") from None
         try:
-            retry_busy(self.path, "opening the database", self._open)
-        except (sqlite3.DatabaseError, RuntimeError) as exc:
-            self._db.close()
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        except sqlite3.DatabaseError as exc:
+            db.close()
             raise startup_error(self.path, exc) from None
+        return db
 
     def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
@@ -115,91 +90,266 @@ class SQLiteStore:
         elif row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
 
-    # --- reads ----------------------------------------------------------------
+    def _pending(self) -> list[WriteBatch]:
+        with self._batches_lock:
+            return self._batches
 
-    @_locked
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    # --- at start-up ------------------------------------------------------------
+
     def load_mailboxes(self) -> list[MailboxRow]:
         return [
             MailboxRow(i, name, msgpack.unpackb(opts), bool(declared))
-            for i, name, opts, declared in self._db.execute(
-                "SELECT id, name, options, declared FROM mailboxes ORDER BY id"
-            )
+            for i, name, opts, declared in self._query(
+                "SELECT id, name, options, declared FROM mailboxes ORDER BY id")
         ]
 
-    @_locked
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
         return {
             mb: (n, b or 0)
-            for mb, n, b in self._db.execute(
-                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox"
-            )
+            for mb, n, b in self._query(
+                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox")
         }
 
-    @_locked
     def max_seq(self) -> int:
         """The highest seq ever stored: tags are never reused after a restart,
         so a late ACK cannot hit a newer message."""
-        stored = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
-        row = self._db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
-        return max(stored, row[0] if row else 0)
+        stored = self._query("SELECT coalesce(max(seq), 0) FROM messages")[0][0]
+        row = self._query("SELECT value FROM meta WHERE key='seq'")
+        return max(stored, row[0][0] if row else 0)
 
-    @_locked
-    def existing_ids(self, msg_ids: list[bytes]) -> set[bytes]:
-        found = set()
-        for msg_id in msg_ids:
-            if self._db.execute("SELECT 1 FROM messages WHERE msg_id=?", (msg_id,)).fetchone():
-                found.add(msg_id)
+    def reserve_seq(self, seq: int) -> None:
+        """On a full disk the mark stays owed: nothing can be stored before
+        a commit succeeds, and that commit writes it first."""
+        with self._commit_lock:
+            try:
+                self._begin()
+                self._save_seq_mark(seq)
+                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+                self._tx_open = False
+            except sqlite3.Error as exc:
+                self._rollback_tx()
+                error = StoreError(exc)
+                if not error.full:
+                    raise error from exc
+                self._seq_owed = max(self._seq_owed, seq)
+
+    def _save_seq_mark(self, seq: int) -> None:
+        if seq > self._seq_saved:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (seq,))
+            self._seq_saved = seq
+
+    # --- reads ------------------------------------------------------------------
+
+    def get(self, seq: int) -> StoredMessage | None:
+        found = self.get_many([seq])
+        return found[0] if found else None
+
+    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
+        batches = self._pending()
+        on_disk = {}
+        for i in range(0, len(seqs), ID_CHUNK):
+            chunk = seqs[i:i + ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
+                on_disk[r[0]] = StoredMessage._make(r)
+        rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
+        return [r for r in rows if r is not None]
+
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        batches = self._pending()
+        found: dict[bytes, int] = {}
+        ceiling = self._id_ceiling
+        maybe = [m for m in msg_ids if m <= ceiling]
+        for i in range(0, len(maybe), ID_CHUNK):
+            chunk = maybe[i:i + ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for seq, mailbox, msg_id in self._query(
+                    f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
+                if visible(seq, mailbox, batches):
+                    found[msg_id] = mailbox
+        for i, b in enumerate(batches):
+            for msg_id in msg_ids:
+                seq = b.ids.get(msg_id)
+                if seq is not None:
+                    row = replay(b.inserted[seq], batches[i:], own=True)
+                    if row is not None:
+                        found[msg_id] = row.mailbox_id
         return found
 
-    @_locked
-    def load_ready(self, mailbox_id: int, after_seq: int, limit: int) -> list[StoredMessage]:
-        return [
-            StoredMessage._make(r)
-            for r in self._db.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
-                (mailbox_id, after_seq, limit),
-            )
+    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
+                   max_bytes: int | None = None) -> list[StoredMessage]:
+        batches = self._pending()
+        rows: list[StoredMessage] = []
+        stopped_at = None
+        if mailbox_id not in dropped_mailboxes(batches):
+            wanted = limit + hidden_count(batches)  # rows the batches hide make room for others
+            with self._read_lock:
+                cursor = self._reader.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                    (mailbox_id, after_seq, wanted))
+                size = 0
+                for r in cursor:  # stop early: bodies past max_bytes are never read
+                    row = replay(StoredMessage._make(r), batches)
+                    if row is None:
+                        continue
+                    rows.append(row)
+                    size += len(row.body)
+                    if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                        stopped_at = row.seq  # rows after it were not read
+                        break
+                cursor.close()
+        more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
+                and (stopped_at is None or r.seq < stopped_at)]
+        if more:
+            rows = sorted(rows + more, key=lambda r: r.seq)
+        return cap(rows, limit, max_bytes)
+
+    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
+                ) -> list[tuple[float, int, int]]:
+        batches = self._pending()
+        start = after or (float("-inf"), -1)
+        dropped = dropped_mailboxes(batches)
+        found = [
+            (expires, seq, mailbox)
+            for expires, seq, mailbox in self._query(
+                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
+                f"AND (expires, seq) > (?, ?) AND mailbox NOT IN ({','.join('?' * len(dropped))}) "
+                "ORDER BY expires, seq LIMIT ?",
+                (now, start[0], start[1], *dropped, limit + hidden_count(batches)))
+            if visible(seq, mailbox, batches)
         ]
+        found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
+                  if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
+        found.sort()
+        return found[:limit]
 
-    @_locked
-    def expired(self, now: float, limit: int, skip: int = 0) -> list[tuple[int, int]]:
-        return self._db.execute(
-            "SELECT seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
-            "ORDER BY expires, seq LIMIT ? OFFSET ?",
-            (now, limit, skip),
-        ).fetchall()
-
-    @_locked
     def next_expiry(self, after: float) -> float | None:
-        return self._db.execute(
-            "SELECT min(expires) FROM messages WHERE expires IS NOT NULL AND expires>?", (after,)
-        ).fetchone()[0]
+        batches = self._pending()
+        dropped = dropped_mailboxes(batches)
+        found = None
+        for expires, seq, mailbox in self._query(
+                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
+                f"AND mailbox NOT IN ({','.join('?' * len(dropped))}) ORDER BY expires LIMIT ?",
+                (after, *dropped, 1 + hidden_count(batches))):
+            if visible(seq, mailbox, batches):
+                found = expires
+                break
+        for r in inserted_rows(batches):
+            if r.expires is not None and r.expires > after and (found is None or r.expires < found):
+                found = r.expires
+        return found
 
-    # --- writes (inside the open transaction) -----------------------------------
+    # --- writes (into the open batch) --------------------------------------------
+
+    def save_mailbox(self, row: MailboxRow) -> None:
+        self._batches[-1].save_mailbox(row)
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        self._batches[-1].delete_mailbox(mailbox_id)
+
+    def insert(self, messages: list[StoredMessage]) -> None:
+        for m in messages:
+            if m.msg_id > self._id_ceiling:
+                self._id_ceiling = m.msg_id
+        self._batches[-1].insert(messages)
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        self._batches[-1].delete(seqs)
+
+    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
+        self._batches[-1].set_deliveries(counts)
+
+    # --- commit -------------------------------------------------------------------
+
+    def seal(self) -> None:
+        """Close the open batch.  When no commit is running (the relay seals
+        only then), its statements run now, in the caller's thread, so that
+        commit() has only the COMMIT (the fsync) left to do: the committer
+        thread then holds no GIL-bound work while the loop runs."""
+        with self._batches_lock:
+            if not self._batches[-1]:
+                return
+            self._batches = [*self._batches, WriteBatch()]
+        if self._commit_lock.acquire(blocking=False):
+            try:
+                self._write_sealed(self._pending()[:-1])
+            finally:
+                self._commit_lock.release()
 
     @property
     def in_transaction(self) -> bool:
-        """True while writes wait for commit()."""
-        return self._in_tx
+        """True while sealed writes wait for commit()."""
+        return len(self._batches) > 1
 
-    def _begin(self) -> sqlite3.Connection:
-        if not self._in_tx:
-            # IMMEDIATE: take the write lock now, so a busy database is met
-            # here (and retried) before any write of the transaction.
-            retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
-            self._in_tx = True
-        return self._db
+    def commit(self) -> None:
+        with self._commit_lock:
+            sealed = self._pending()[:-1]
+            if not sealed:
+                return
+            self._write_sealed(sealed)
+            try:
+                if self._tx_open:
+                    retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+                    self._tx_open = False
+            except sqlite3.Error as exc:
+                self._rollback_tx()
+                raise StoreError(exc) from exc
+            if self._seq_saved >= self._seq_owed:
+                self._seq_owed = 0
+            with self._batches_lock:
+                self._batches = self._batches[len(sealed):]
 
-    @_locked
-    def rollback(self) -> None:
-        """Drop every write since the last commit (SQLite may have rolled
-        back already: a full disk does that)."""
+    def _write_sealed(self, sealed: list[WriteBatch]) -> None:
+        """Run the statements of the sealed batches not written yet, in order,
+        in the open transaction (under the commit lock).  A failure undoes
+        the transaction and raises StoreError; the batches stay."""
+        try:
+            for batch in sealed:
+                if not batch.written:
+                    if not self._tx_open:
+                        self._begin()
+                        if self._seq_owed:
+                            self._save_seq_mark(self._seq_owed)
+                    self._write(batch)
+                    batch.written = True
+        except sqlite3.Error as exc:
+            self._rollback_tx()
+            raise StoreError(exc) from exc
+
+    def _begin(self) -> None:
+        # IMMEDIATE: take the write lock now, so a busy database is met (and
+        # waited out) before any write of the transaction.
+        retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+        self._tx_open = True
+        self._seq_before = self._seq_saved
+
+    def _rollback_tx(self) -> None:
+        """Undo the open transaction (SQLite may have rolled back already: a
+        full disk does that); its batches stay, to be written again."""
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("rollback of %s failed: %s", self.path, exc)
-        self._in_tx = False  # _seq_mark stays: the next commit records it
+        if self._tx_open:
+            self._seq_saved = self._seq_before
+            self._tx_open = False
+        for batch in self._pending():
+            batch.written = False
+
+    def rollback(self) -> None:
+        """Drop every write since the last commit, written or buffered (the
+        relay does this after a StoreError, then starts over from the store)."""
+        with self._commit_lock:
+            self._rollback_tx()
+            with self._batches_lock:
+                self._batches = [WriteBatch()]
+
+    # --- disk space (store/space.py) ---
 
     def space_available(self) -> bool:
         return space.space_available(os.path.dirname(self.path))
@@ -210,87 +360,29 @@ class SQLiteStore:
     def drop_reserve(self) -> None:
         space.drop_reserve(os.path.dirname(self.path))
 
-    @_writes
-    def save_mailbox(self, row: MailboxRow) -> None:
-        self._begin().execute(
-            "INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
-            (row.id, row.name, msgpack.packb(row.options), int(row.declared)),
-        )
+    def _write(self, batch: WriteBatch) -> None:
+        db = self._db
+        for kind, items in batch.statements():
+            if kind == "insert":
+                db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               items)
+            elif kind == "delete":
+                db.executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in items))
+            elif kind == "deliveries":
+                db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
+            elif kind == "mailbox":
+                db.execute("INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
+                           (items.id, items.name, msgpack.packb(items.options), int(items.declared)))
+            elif kind == "drop_mailbox":
+                db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
+                db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
+        self._save_seq_mark(batch.top_seq)
 
-    @_writes
-    def delete_mailbox(self, mailbox_id: int) -> None:
-        db = self._begin()
-        db.execute("DELETE FROM messages WHERE mailbox=?", (mailbox_id,))
-        db.execute("DELETE FROM mailboxes WHERE id=?", (mailbox_id,))
-
-    @_writes
-    def insert(self, messages: list[StoredMessage]) -> int:
-        if messages:
-            self._seq_mark = max(self._seq_mark, messages[-1].seq)
-        cur = self._begin().executemany(
-            f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages
-        )
-        return cur.rowcount
-
-    @_locked
-    def get(self, seq: int) -> StoredMessage | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM messages WHERE seq=?", (seq,)).fetchone()
-        return StoredMessage._make(row) if row else None
-
-    @_locked
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        """Where stored ids are: msg_id -> mailbox id."""
-        found = {}
-        for msg_id in msg_ids:
-            row = self._db.execute("SELECT mailbox FROM messages WHERE msg_id=?", (msg_id,)).fetchone()
-            if row:
-                found[msg_id] = row[0]
-        return found
-
-    @_locked
-    def existing_seqs(self, seqs: list[int]) -> set[int]:
-        found = set()
-        for seq in seqs:
-            if self._db.execute("SELECT 1 FROM messages WHERE seq=?", (seq,)).fetchone():
-                found.add(seq)
-        return found
-
-    @_writes
-    def delete(self, seqs: Iterable[int]) -> None:
-        self._begin().executemany("DELETE FROM messages WHERE seq=?", ((s,) for s in seqs))
-
-    @_writes
-    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
-        self._begin().executemany("UPDATE messages SET deliveries=? WHERE seq=?", counts)
-
-    @_locked
-    def reserve_seq(self, seq: int) -> None:
-        """Record, durably at once, that seqs up to `seq` may be in use.
-
-        On a full disk the mark stays pending: nothing can be stored before
-        a commit succeeds, and that commit writes it first."""
-        self.commit()
-        self._seq_mark = max(self._seq_mark, seq)
-        try:
-            self._begin()
-            self.commit()
-        except StoreError as exc:
-            if not exc.full:
-                raise
-
-    @_writes
-    def commit(self) -> None:
-        if self._in_tx:
-            mark = self._seq_mark
-            if mark > self._seq_saved:
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (mark,))
-            retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
-            self._seq_saved = max(self._seq_saved, mark)
-            self._in_tx = False
-
-    @_locked
     def close(self) -> None:
         try:
+            self.seal()
             self.commit()
         finally:
+            self._reader.close()
             self._db.close()
+

@@ -56,7 +56,7 @@ def typed_command(draw, commands=tuple(Cmd)):
 @st.composite
 def loose_command(draw):
     """A signature and command byte that may be right, and any msgpack payload."""
-    sig = draw(st.sampled_from([SIGNATURE, b"MZQ\x02", b"MZQ", b""]) | st.binary(max_size=6))
+    sig = draw(st.sampled_from([SIGNATURE, b"MZQ\x01", b"MZQ", b""]) | st.binary(max_size=6))
     cmd = draw(st.sampled_from([bytes([c]) for c in Cmd]) | st.binary(max_size=3))
     payload = draw(st.builds(lambda v: msgpack.packb(v, use_bin_type=True), values) | st.binary(max_size=60))
     return [sig, cmd, payload]

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from murano_zmq import Node
+from murano_zmq.protocol.constants import SIGNATURE
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id
 
@@ -123,7 +124,7 @@ def test_raw_socket_garbage_and_half_frames(relay_factory):
         _zmtp_greeting()[:30],  # half a greeting
         _zmtp_greeting() + rnd(200),  # a greeting, then garbage
         _zmtp_greeting() + _zmtp_ready(),  # a handshake, then nothing
-        _zmtp_greeting() + _zmtp_ready() + b"\x01\x04MZQ\x01\x01\x01",  # half a command (more flag, then EOF)
+        _zmtp_greeting() + _zmtp_ready() + b"\x01\x04MZQ\x02\x01\x01",  # half a command (more flag, then EOF)
         _zmtp_greeting() + _zmtp_ready() + b"\x02" + struct.pack(">Q", 1 << 62),  # a 4 EiB frame
         _zmtp_greeting() + _zmtp_ready() + b"\x02" + struct.pack(">Q", 200_000) + rnd(1000),  # > MAXMSGSIZE
         _zmtp_greeting(b"CURVE") + rnd(100),  # a mechanism the relay does not run
@@ -149,7 +150,7 @@ def test_zmq_maxmsgsize_drops_a_peer_sending_an_oversized_frame(relay_factory):
     try:
         big.send_multipart(encode(Cmd.HELLO, "big", os.urandom(16), 1.0))
         assert big.poll(5000) and decode(big.recv_multipart()).cmd == Cmd.WELCOME
-        big.send_multipart([b"MZQ\x01", b"\x04", os.urandom(200_000)])
+        big.send_multipart([SIGNATURE, b"\x04", os.urandom(200_000)])
         # The relay hangs up on the connection instead of buffering the frame.
         assert monitor.poll(5000), "the relay did not drop the connection"
     finally:
@@ -175,7 +176,7 @@ def test_a_flooding_peer_does_not_starve_others(relay_factory):
         sock = _dealer(relay.endpoint)
         sock.setsockopt(zmq.SNDTIMEO, 100)
         try:
-            junk = [b"MZQ\x01", b"\x0c", msgpack.packb(["not", "a", "status"])]
+            junk = [SIGNATURE, b"\x0c", msgpack.packb(["not", "a", "status"])]
             while not stop.is_set() and sent[0] < 200_000:
                 try:
                     sock.send_multipart(junk)
@@ -267,7 +268,7 @@ def test_hypothesis_frames_at_a_node():
         fake.serve(1.0)  # let a node that heard BYE or 409 reconnect and CONSUME again
         assert node._thread.is_alive(), "the node's I/O thread died"
         msg_id = new_message_id(time.time())
-        record = [999_999, msg_id, "agent.e1.u1", {}, msgpack.packb("real plan"), time.time(), None, 1]
+        record = [999_999, msg_id, "agent.e1.u1", b"", msgpack.packb("real plan"), time.time(), None, 1]
         deadline = time.monotonic() + 20
         got = None
         while got is None and time.monotonic() < deadline:
@@ -299,7 +300,7 @@ def test_a_peer_that_never_reads_cannot_grow_the_relay(relay_factory):
     sock.setsockopt(zmq.RCVHWM, 1)
     sock.setsockopt(zmq.RCVBUF, 4096)
     before = _rss_kib(relay.pid)
-    junk = [b"MZQ\x01", b"\x0c", msgpack.packb([None])]  # STATUS without a req: ERROR each time
+    junk = [SIGNATURE, b"\x0c", msgpack.packb([None])]  # STATUS without a req: ERROR each time
     sent, deadline = 0, time.monotonic() + 20
     try:
         while sent < 300_000 and time.monotonic() < deadline:

@@ -203,7 +203,8 @@ class FakeNet:
         """A new engine on the same data directory.  crash=True loses the
         open transaction, as kill -9 would."""
         if crash:
-            self.store._db.close()  # no COMMIT: SQLite rolls the transaction back
+            self.store._reader.close()  # no commit: the buffered writes are lost
+            self.store._db.close()
         else:
             self.store.close()
         if now is not None:
@@ -940,7 +941,7 @@ def test_relay_crash_before_commit_loses_nothing_confirmed(net):
     net.engine.tick(net.now)
     net.engine.pump(net.now)
     assert cmds(net.engine.take_output(net.now), Cmd.CONFIRM) == []
-    net.engine._flush_writes()  # ... even writes it, then dies before COMMIT
+    net.engine.prepare_commit()  # ... even seals its writes, then dies before the commit
     net.restart(crash=True)
     assert net.status("work")["depth"] == 1
     assert api.of(Confirmed, req2) == []
@@ -1077,7 +1078,7 @@ def _welcomed_core() -> ClientCore:
 
 
 def _delivery(tag, msg_id, mailbox="work", count=1):
-    return [tag, msg_id, mailbox, {}, pack_body("body"), T0, None, count]
+    return [tag, msg_id, mailbox, b"", pack_body("body"), T0, None, count]
 
 
 def test_client_dedup_hands_an_id_to_the_application_once():
@@ -1261,7 +1262,7 @@ def test_late_ack_after_a_relay_crash_does_not_settle_another_message(net):
     net.engine.pump(net.now)
     net._route(net.engine.take_output(net.now), net.now)
     [m] = c.messages
-    net.engine._flush_writes()
+    net.engine.prepare_commit()
     net.restart(crash=True)  # ... and dies before the commit
     # After the restart another sender's message is stored first.
     q.core.connection_made(net.now)
@@ -1460,18 +1461,18 @@ class EngineWalk(RuleBasedStateMachine):
             assert all(len(c.unacked) <= c.prefetch for c in mb.consumers)
             ready = [r.seq for r in mb.ready]
             assert len(ready) == len(set(ready))
-            assert not set(ready) & set(engine._unacked)
+            assert not set(ready) & set(engine.delivery.unacked)
             assert mb.ready_count >= len(ready)
             if mb.disk_after is None:
                 assert mb.ready_count == len(ready), mb.name  # nothing waits on disk only
-        assert set(engine._unacked) == {s for p in engine.peers.values() for c in p.consumers.values()
+        assert set(engine.delivery.unacked) == {s for p in engine.peers.values() for c in p.consumers.values()
                                         for s in c.unacked}
 
     @invariant()
     def nothing_confirmed_is_lost(self):
         if self.limits:
             return  # expiry and overflow remove messages too
-        stored = self.net.store.existing_ids(sorted(self.confirmed))
+        stored = set(self.net.store.mailboxes_of(sorted(self.confirmed)))
         missing = self.confirmed - stored - self.ever_acked
         assert not missing, f"{len(missing)} confirmed message(s) neither stored nor acked"
 
@@ -1509,3 +1510,230 @@ def test_random_walk(tmp_path):
 def test_random_walk_with_limits(tmp_path):
     EngineWalkWithLimits.root = tmp_path
     run_state_machine_as_test(EngineWalkWithLimits, settings=WALK)
+
+
+# --- a message's move is one commit (issue 12, item 1) ----------------------------------
+
+
+def _crash_with_a_commit_in_flight(net, *senders) -> None:
+    """The relay loop as relay/server.py runs it: the last turn's commit
+    is still in the committer thread while this turn reads its commands;
+    that commit returns, and the relay dies (kill -9) before the next."""
+    net.engine.prepare_commit()  # the last turn sealed its writes; its commit is in flight
+    for n in senders:
+        for frames in n.core.drain():
+            net.engine.receive(n.identity, frames, net.now)
+    net.engine.tick(net.now)
+    net.engine.pump(net.now)
+    net.engine.take_output(net.now)
+    net.store.commit()  # the committer thread finishes the commit it had
+    net.restart(crash=True)
+
+
+def _where(net, *mailboxes) -> dict:
+    return {name: (net.status(name) or {}).get("depth", 0) for name in mailboxes}
+
+
+def test_a_reject_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api, c = net.node("api"), net.node("c")
+    api.declare("work", dead_letter="dlq")  # dlq does not exist yet
+    api.send("work", "m")
+    c.consume("work")
+    net.settle()
+    [m] = c.messages
+    m.nack(requeue=False)
+    _crash_with_a_commit_in_flight(net, c)
+    assert sum(_where(net, "work", "dlq").values()) == 1, _where(net, "work", "dlq")
+
+
+def test_an_expiry_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api = net.node("api")
+    api.declare("work", message_ttl=5, dead_letter="dlq")
+    api.send("work", "m")
+    net.settle()
+    net.now += 10
+    _crash_with_a_commit_in_flight(net)
+    assert sum(_where(net, "work", "dlq").values()) == 1, _where(net, "work", "dlq")
+
+
+def test_a_drop_head_into_a_new_dead_letter_mailbox_is_one_commit(net):
+    api = net.node("api")
+    api.declare("small", max_length=1, overflow="drop-head", dead_letter="dlq")
+    api.send("small", "a")
+    net.settle()
+    api.send("small", "b")  # drops a's head into dlq; b itself is not confirmed
+    _crash_with_a_commit_in_flight(net, api)
+    where = _where(net, "small", "dlq")
+    assert where["dlq"] == 1 or where["small"] == 1, where  # a is kept somewhere
+
+
+class RecordingStore(SQLiteStore):
+    """A store that records what each commit held."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.commits: list[list] = []
+
+    def commit(self):
+        sealed = self._pending()[:-1]
+        ops = [op for batch in sealed for op in batch.statements()]
+        super().commit()
+        if ops:
+            self.commits.append(ops)
+
+
+def test_every_dead_letter_move_commits_its_delete_and_insert_together(tmp_path):
+    net = FakeNet(tmp_path)
+    net.store = RecordingStore(net.dir)
+    net.engine = RelayEngine(net.store, net.now)
+    api, c = net.node("api"), net.node("c")
+    api.declare("work", dead_letter="dlq1")
+    api.declare("small", max_length=1, overflow="drop-head", dead_letter="dlq2")
+    api.declare("timed", message_ttl=30, dead_letter="dlq3")
+    api.send("work", "rejected")
+    api.send("small", "dropped")
+    api.send("timed", "expired")
+    c.consume("work", prefetch=1)
+    net.settle()
+    c.messages[0].nack(requeue=False)
+    api.send("small", "kept")
+    net.settle()
+    net.run(40, step=1.0)
+    moved = {}  # msg id -> (commit with its delete, commit with its copy's insert)
+    seqs = {}
+    for n, ops in enumerate(net.store.commits):
+        for kind, items in ops:
+            if kind == "insert":
+                for row in items:
+                    if row.msg_id in seqs:  # a copy of a stored message: a move
+                        moved[row.msg_id] = n
+                    seqs.setdefault(row.msg_id, (row.seq, n))
+    assert len(moved) == 3
+    for msg_id, n in moved.items():
+        first_seq = seqs[msg_id][0]
+        deleted_in = [i for i, ops in enumerate(net.store.commits)
+                      for kind, items in ops if kind == "delete" and first_seq in items]
+        assert deleted_in == [n], (msg_id, deleted_in, n)
+
+
+# --- memory: bodies out with consumers stay on disk (issue 12, item 6) ---------------
+
+
+def test_unacked_messages_are_held_without_their_bodies(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", *[b"x" * 1000 for _ in range(5)])
+    c.consume("work", prefetch=5)
+    net.settle()
+    consumer = next(iter(net.engine.peers[b"c"].consumers.values()))
+    assert len(consumer.unacked) == 5
+    assert all(not hasattr(u, "body") for u in consumer.unacked.values())
+    assert consumer.unacked_bytes == 5 * len(pack_body(b"x" * 1000))
+
+
+def test_many_requeued_at_once_come_back_in_order_from_disk(net):
+    total = 450  # more than the relay loads back into memory at once
+    api = net.node("api")
+    api.send("work", *range(total))
+    a = net.node("a")
+    a.consume("work", prefetch=400)
+    net.settle()
+    assert len(a.messages) == 400
+    a.core.close()  # its 400 unacked go back
+    net.settle()
+    b = net.node("b")
+    b.consume("work", prefetch=500)
+    consume_all(net, b, total)
+    assert b.bodies() == list(range(total))
+    assert [m.redelivered for m in b.messages] == [True] * 400 + [False] * 50
+
+
+def test_the_ready_window_is_bounded_in_bytes(net):
+    from murano_zmq.relay.state import READY_WINDOW_BYTES
+
+    big = b"y" * (512 * 1024)
+    api = net.node("api")
+    for i in range(12):
+        api.send("big", big + bytes([i]))
+    net.settle()
+    mb = net.engine.mailboxes["big"]
+    assert mb.ready_window_bytes <= READY_WINDOW_BYTES + len(big) + 64
+    assert len(mb.ready) < 12 and mb.disk_after is not None
+    net.restart()
+    c = net.node("c")
+    c.consume("big", prefetch=20)
+    consume_all(net, c, 12)
+    assert [m.body[-1] for m in c.messages] == list(range(12))
+    mb = net.engine.mailboxes["big"]
+    assert mb.ready_window_bytes == 0 and mb.unacked_count == 0
+
+
+def _raw_consume(net, identity: bytes, mailbox: str, prefetch: int, prefetch_bytes=None, fields=6):
+    net.engine.receive(identity, encode(Cmd.HELLO, identity.decode(), new_id(), 1.0), net.now)
+    args = [1, 1, mailbox, prefetch, None, prefetch_bytes][:fields]
+    net.engine.receive(identity, encode(Cmd.CONSUME, *args), net.now)
+    net.engine.pump(net.now)
+    return [decode(frames) for _, frames in net.engine.take_output(net.now)]
+
+
+def test_byte_credit_bounds_what_a_consumer_holds(net):
+    api = net.node("api")
+    body = b"z" * 1000
+    api.send("work", *[body] * 10)
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, 2500)
+    delivered = [r for cmd in out if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(delivered) == 2  # 2 x ~1 KiB fit in 2500 bytes, a third does not
+    net.engine.receive(b"raw", encode(Cmd.ACK, [delivered[0][0]]), net.now)
+    net.engine.pump(net.now)
+    more = [r for _, f in net.engine.take_output(net.now) for cmd in [decode(f)]
+            if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(more) == 1
+
+
+def test_a_message_larger_than_the_byte_credit_goes_alone(net):
+    api = net.node("api")
+    api.send("work", b"a" * 5000, b"b" * 10)
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, 100)
+    delivered = [r for cmd in out if cmd.cmd == Cmd.DELIVER for r in cmd.fields[1]]
+    assert len(delivered) == 1 and len(delivered[0][4]) > 5000
+
+
+def test_consume_without_the_byte_credit_field_has_none(net):
+    api = net.node("api")
+    api.send("work", *range(5))
+    net.settle()
+    out = _raw_consume(net, b"raw", "work", 100, fields=5)
+    assert [cmd.cmd for cmd in out] == [Cmd.WELCOME, Cmd.REPLY, Cmd.DELIVER]
+    assert len(out[2].fields[1]) == 5
+
+
+@pytest.mark.parametrize("prefetch_bytes", [0, -1, 1 << 41])
+def test_byte_credit_out_of_range_is_refused(net, prefetch_bytes):
+    out = _raw_consume(net, b"raw", "work", 100, prefetch_bytes)
+    assert out[-1].cmd == Cmd.ERROR and out[-1].fields[1] == Malformed.code
+
+
+def test_headers_are_stored_and_delivered_as_the_sender_packed_them(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", "m", headers={"reply-to": "api", "n": 1})
+    c.consume("work")
+    net.settle()
+    [m] = c.messages
+    assert m.headers == {"reply-to": "api", "n": 1}
+    row = net.store.load_ready(net.engine.mailboxes["work"].id, 0, 10)[0]
+    assert row.headers == msgpack.packb({"reply-to": "api", "n": 1})
+
+
+def test_client_core_byte_credit_survives_a_reconnect(net):
+    api, c = net.node("api"), net.node("c")
+    api.send("work", *[b"z" * 1000 for _ in range(6)])
+    c.core.consume("work", 100, None, 2500)
+    net.settle()
+    assert len(c.messages) == 2
+    c.core.connection_made(net.now)  # a new session: the CONSUME is replayed with its byte credit
+    net.settle()
+    assert net.status("work")["unacked"] == 2
+    c.ack(c.unsettled())
+    net.settle()
+    assert len(c.messages) <= 4 and net.status("work")["unacked"] == 2

@@ -93,9 +93,9 @@ EXAMPLES = {
     Cmd.DECLARE: (7, "agent.env.unit", {"ttl": 60, "dead_letter": "dlq"}),
     Cmd.SEND: (8, [send_record(b"\x02" * 16, "conductor", {"k": "v"}, b"\xa3abc", 1.0, None)]),
     Cmd.CONFIRM: (8, [[0, 429, "mailbox full"]]),
-    Cmd.CONSUME: (9, 1, "conductor", 100, None),
+    Cmd.CONSUME: (9, 1, "conductor", 100, None, 1 << 20),
     Cmd.CANCEL: (0, 1),
-    Cmd.DELIVER: (1, [[5, b"\x02" * 16, "conductor", {}, b"\xc0", 1.0, None, 1]]),
+    Cmd.DELIVER: (1, [[5, b"\x02" * 16, "conductor", b"", b"\xc0", 1.0, None, 1]]),
     Cmd.ACK: ([1, 2, 3],),
     Cmd.NACK: ([4], True),
     Cmd.HEARTBEAT: (),
@@ -109,6 +109,13 @@ EXAMPLES = {
     Cmd.MOVE: (14, "dead", "work", None),
     Cmd.PEEK: (15, "work", 10),
 }
+
+
+def test_consume_may_leave_out_prefetch_bytes():
+    # CONSUME's last field came later: a node that does not send it gets nil.
+    assert decode(encode(Cmd.CONSUME, 9, 1, "conductor", 100, None)).fields == (9, 1, "conductor", 100, None, None)
+    with pytest.raises(RemoteProtocolError):
+        decode(encode(Cmd.CONSUME, 9, 1, "conductor", 100))
 
 
 def test_every_command_has_an_example():
@@ -161,8 +168,8 @@ def test_bad_signature():
 
 
 def test_other_version_is_named():
-    with pytest.raises(VersionMismatch, match="version 2") as info:
-        decode([b"MZQ\x02", bytes([Cmd.STATUS]), msgpack.packb([1])])
+    with pytest.raises(VersionMismatch, match="version 1") as info:
+        decode([b"MZQ\x01", bytes([Cmd.STATUS]), msgpack.packb([1])])
     assert isinstance(info.value, RemoteProtocolError)
     assert info.value.code == 426
 
@@ -294,20 +301,31 @@ def test_fuzz_frame_replaced(valid, frame, junk):
 
 
 def good_send_record():
-    return [b"\x07" * ID_SIZE, "agent.env-1.unit_2", {"reply-to": "conductor"}, b"\xa2hi", 12.5, 30, False]
+    return [b"\x07" * ID_SIZE, "agent.env-1.unit_2", msgpack.packb({"reply-to": "conductor"}), b"\xa2hi",
+            12.5, 30, False]
 
 
 def test_parse_send_record_good():
     parsed = parse_send_record(good_send_record())
-    assert parsed == IncomingSend(b"\x07" * ID_SIZE, "agent.env-1.unit_2", {"reply-to": "conductor"},
-                                  b"\xa2hi", 12.5, 30, False)
+    headers = msgpack.packb({"reply-to": "conductor"})
+    assert parsed == IncomingSend(b"\x07" * ID_SIZE, "agent.env-1.unit_2", headers,
+                                  b"\xa2hi", 12.5, 30, False, 3 + len(headers))
     assert isinstance(parsed.created, float)
 
 
 def test_parse_send_record_from_send_record():
     record = send_record(b"\x01" * ID_SIZE, "mb", None, b"\xc0", 1, None)
     parsed = parse_send_record(record)
-    assert parsed.headers == {} and parsed.ttl is None and parsed.retry is False
+    assert parsed.headers == b"" and parsed.ttl is None and parsed.retry is False
+    assert parsed.size == 1  # no headers: the body alone
+
+
+def test_headers_are_packed_once_and_travel_as_bin():
+    record = send_record(b"\x01" * ID_SIZE, "mb", {"k": "v"}, b"\xc0", 1, None)
+    assert record[2] == msgpack.packb({"k": "v"})
+    assert send_record(b"\x01" * ID_SIZE, "mb", record[2], b"\xc0", 1, None) == record
+    parsed = parse_send_record(decode(encode(Cmd.SEND, 1, [record])).fields[1][0])
+    assert parsed.headers == record[2] and parsed.size == 1 + len(record[2])
 
 
 def test_parse_send_record_survives_the_wire():
@@ -329,8 +347,13 @@ BAD_SEND_FIELDS = [
     (1, 5),
     (2, None),
     (2, []),
-    (2, {1: "int key"}),
-    (2, {b"bin": "bin key"}),
+    (2, {}),
+    (2, {"k": "a map, not packed"}),
+    (2, msgpack.packb({1: "int key"})),
+    (2, msgpack.packb({b"bin": "bin key"})),
+    (2, msgpack.packb([1, 2])),
+    (2, b"\xc1"),
+    (2, msgpack.packb({"k": 1}) + b"\x00"),
     (3, "str body"),
     (3, None),
     (3, 5),
@@ -395,7 +418,7 @@ def test_fuzz_parse_send_record_one_field(index, value):
         return
     assert isinstance(parsed.msg_id, bytes) and len(parsed.msg_id) == ID_SIZE
     assert isinstance(parsed.body, bytes)
-    assert isinstance(parsed.headers, dict)
+    assert isinstance(parsed.headers, bytes)
     assert isinstance(parsed.retry, bool)
 
 
@@ -403,7 +426,7 @@ def test_fuzz_parse_send_record_one_field(index, value):
 
 
 def good_delivery():
-    return [42, b"\x09" * ID_SIZE, "conductor", {"x": 1}, msgpack.packb({"task": 1}), 3.0, None, 2]
+    return [42, b"\x09" * ID_SIZE, "conductor", msgpack.packb({"x": 1}), msgpack.packb({"task": 1}), 3.0, None, 2]
 
 
 def test_parse_delivery_good():
@@ -432,6 +455,8 @@ BAD_DELIVERY_FIELDS = [
     (2, b"conductor"),
     (3, []),
     (3, None),
+    (3, {"x": 1}),
+    (3, b"\xc1"),
     (4, "body"),
     (5, "created"),
     (5, None),

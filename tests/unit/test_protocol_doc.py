@@ -1,4 +1,5 @@
-"""docs/protocol.md names every command and error code the code has.
+"""docs/protocol.md names every command and error code the code has, and
+gives each command's fields as the frame schemas do.
 
 The protocol is written down once, in docs/protocol.md; these checks keep the
 doc and murano_zmq.protocol in step (a new command or code fails here until it
@@ -14,7 +15,7 @@ import pytest
 
 from murano_zmq.protocol.constants import PROTOCOL_VERSION
 from murano_zmq.protocol.errors import ERROR_CLASSES, ERROR_NAMES
-from murano_zmq.protocol.frames import Cmd
+from murano_zmq.protocol.frames import OPTIONAL_TAIL, SCHEMAS, Cmd
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -73,3 +74,45 @@ def test_signature_and_version_are_documented(doc):
     version = f"0x{PROTOCOL_VERSION:02x}"
     found = version in doc.lower()
     assert found, f"docs/protocol.md does not give the version byte {version}"
+
+
+def _field_table(doc: str, cmd: Cmd) -> list[tuple[str, str, str]]:
+    """(#, field, type) rows of the first field table in `cmd`'s section."""
+    start = re.search(rf"^### {cmd.name} \(0x{cmd.value:02X},.*$", doc, re.MULTILINE)
+    assert start, f"no section for {cmd.name}"
+    end = re.compile(r"^##", re.MULTILINE).search(doc, start.end())
+    section = doc[start.end():end.start() if end else len(doc)]
+    rows, in_table = [], False
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:4] == ["#", "field", "type", "meaning"]:
+            in_table = True
+        elif in_table and line.startswith("|") and not set(line) <= set("|- "):
+            rows.append((cells[0], cells[1], cells[2]))
+        elif in_table and not line.startswith("|"):
+            break
+    return rows
+
+
+@pytest.mark.parametrize("cmd", list(Cmd), ids=lambda c: c.name)
+def test_each_command_field_table_matches_its_schema(doc, cmd):
+    rows = _field_table(doc, cmd)
+    schema = SCHEMAS[cmd]
+    assert [r[0] for r in rows] == [str(i) for i in range(len(schema))], (
+        f"{cmd.name}: the doc lists fields {[r[0] for r in rows]}, the schema has {len(schema)}")
+    for (i, name, doc_type), kind in zip(rows, schema):
+        assert doc_type.split(",")[0].strip() == kind, (
+            f"{cmd.name} field {i} ({name}): the doc says {doc_type!r}, frames.SCHEMAS says {kind!r}")
+
+
+@pytest.mark.parametrize("cmd", sorted(OPTIONAL_TAIL), ids=lambda c: c.name)
+def test_fields_that_may_be_left_out_are_documented(doc, cmd):
+    rows = _field_table(doc, cmd)
+    for i, name, _ in rows[len(rows) - OPTIONAL_TAIL[cmd]:]:
+        line = next(line for line in doc.splitlines() if line.startswith(f"| {i} | {name} |"))
+        assert "leave this last field out" in line, f"{cmd.name} field {i} may be left out: say so"
+
+
+def test_heartbeat_has_no_fields(doc):
+    assert SCHEMAS[Cmd.HEARTBEAT] == ()
+    assert "Frame 2 is an empty msgpack array" in doc

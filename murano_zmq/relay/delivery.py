@@ -1,0 +1,168 @@
+"""Delivery and credit: consumers, DELIVER, ACK and NACK.
+
+Each mailbox hands its ready messages to its consumers round-robin, as far
+as each consumer's credit goes: `prefetch` messages out at once and, if the
+consumer set one, `prefetch_bytes` of bodies.  A message out is remembered
+by seq, size and delivery count; its body stays on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..protocol.constants import DELIVER_TURN_BYTES
+from ..protocol.frames import Cmd
+from ..store.base import Store
+from .deadletters import DeadLetters
+from .mailboxes import Mailboxes
+from .state import Consumer, Mailbox, Peer, Unacked
+from .turn import Turn
+
+log = logging.getLogger("murano_zmq.relay")
+
+
+def _is_tag(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Delivery:
+    def __init__(self, store: Store, mailboxes: Mailboxes, dead: DeadLetters, turn: Turn, counters: dict):
+        self.store = store
+        self.mailboxes = mailboxes
+        self.dead = dead
+        self.turn = turn
+        self.counters = counters
+        self.unacked: dict[int, Consumer] = {}  # seq -> consumer holding it
+        self.boot_seq = 0  # messages up to this seq were stored before this start
+
+    # --- consumers ---
+
+    def consume(self, peer: Peer, cid: int, mb: Mailbox, prefetch: int, endpoint: str | None,
+                prefetch_bytes: int | None, now: float) -> Consumer:
+        old = peer.consumers.get(cid)
+        if old is not None:
+            self.drop_consumer(old, now)
+        consumer = Consumer(peer, cid, mb, prefetch, endpoint, prefetch_bytes)
+        peer.consumers[cid] = consumer
+        mb.consumers.append(consumer)
+        mb.last_used = now
+        self.mailboxes.dirty.add(mb)
+        return consumer
+
+    def drop_consumer(self, consumer: Consumer, now: float) -> None:
+        peer, mb = consumer.peer, consumer.mailbox
+        # The idle clock starts when the last consumer goes, not before:
+        # else a mailbox held for longer than its ttl would expire at once
+        # with the messages just requeued.
+        mb.last_used = now
+        peer.consumers.pop(consumer.cid, None)
+        if consumer in mb.consumers:
+            mb.consumers.remove(consumer)
+        entries = list(consumer.unacked.values())
+        for entry in entries:
+            del self.unacked[entry.seq]
+            mb.returned(entry.size)
+        consumer.unacked.clear()
+        consumer.unacked_bytes = 0
+        if entries and mb.name in self.mailboxes.by_name:
+            self.mailboxes.requeue(mb, entries)
+            self.mailboxes.dirty.add(mb)
+            for e in entries:  # expiry skipped them while they were out
+                self.dead.note_expiry(e.expires)
+            log.info("%d unacked message(s) of %s on %s requeued", len(entries), peer.name, mb.name)
+        if not mb.consumers:
+            self.mailboxes.schedule_idle(mb)
+
+    # --- DELIVER ---
+
+    def pump(self, now: float) -> None:
+        """Hand ready messages to consumers with credit, round-robin."""
+        dirty, self.mailboxes.dirty = self.mailboxes.dirty, set()
+        for mb in dirty:
+            if mb.consumers and mb.ready_count and mb.name in self.mailboxes.by_name:
+                self._deliver(mb, now)
+
+    @property
+    def busy(self) -> bool:
+        """More to deliver at once (a turn's byte budget stopped a pump)."""
+        return bool(self.mailboxes.dirty)
+
+    def _deliver(self, mb: Mailbox, now: float) -> None:
+        batches: dict[Consumer, list] = {}
+        consumers = mb.consumers
+        n = len(consumers)
+        idle_rounds = 0
+        budget = DELIVER_TURN_BYTES
+        while idle_rounds < n:
+            if budget <= 0:
+                self.mailboxes.dirty.add(mb)  # the rest next turn: bounded output per turn
+                break
+            if not mb.ready and not self.mailboxes.fill(mb, self.unacked):
+                break
+            consumer = consumers[mb.rr % n]
+            mb.rr += 1
+            if not consumer.has_credit() or not consumer.fits(len(mb.ready[0].body)):
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            row = mb.window_pop()
+            if row.expires is not None and row.expires <= now:
+                self.store.delete([row.seq])
+                self.dead.expire(mb, row, now, self.unacked)
+                continue
+            deliveries = row.deliveries + 1
+            if row.seq <= self.boot_seq and row.deliveries == 0:
+                deliveries = 2  # may have been out before a restart
+            if deliveries > 1:
+                self.counters["redelivered"] += 1
+            size = len(row.body)
+            consumer.hand_out(Unacked(row.seq, size, deliveries, row.expires))
+            self.unacked[row.seq] = consumer
+            mb.handed_out(size)
+            budget -= size + len(row.headers)
+            batches.setdefault(consumer, []).append(
+                [row.seq, row.msg_id, mb.name, row.headers, row.body, row.created, row.expires, deliveries])
+        for consumer, records in batches.items():
+            self.counters["delivered"] += len(records)
+            self.turn.reply_now(consumer.peer.identity, Cmd.DELIVER, consumer.cid, records)
+
+    # --- settling ---
+
+    def _take(self, peer: Peer, seq) -> tuple[Consumer, Unacked] | None:
+        consumer = self.unacked.get(seq) if _is_tag(seq) else None
+        if consumer is None or consumer.peer is not peer:
+            return None  # settled already, or requeued after a reconnect
+        del self.unacked[seq]
+        return consumer, consumer.take_back(seq)
+
+    def ack(self, peer: Peer, tags: list, now: float) -> None:
+        done = []
+        for seq in tags:
+            taken = self._take(peer, seq)
+            if taken is None:
+                continue
+            consumer, entry = taken
+            mb = consumer.mailbox
+            mb.settled(entry.size)
+            mb.last_used = now
+            self.mailboxes.dirty.add(mb)
+            done.append(seq)
+        if done:
+            self.store.delete(done)
+            self.counters["acked"] += len(done)
+
+    def nack(self, peer: Peer, tags: list, requeue: bool, now: float) -> None:
+        for seq in tags:
+            taken = self._take(peer, seq)
+            if taken is None:
+                continue
+            consumer, entry = taken
+            mb = consumer.mailbox
+            mb.last_used = now
+            if requeue:
+                mb.returned(entry.size)
+                self.mailboxes.requeue(mb, [entry])
+                self.dead.note_expiry(entry.expires)
+            else:
+                self.dead.reject(mb, entry.seq, entry.size, entry.deliveries, now, self.unacked)
+            self.mailboxes.dirty.add(mb)

@@ -1,0 +1,193 @@
+"""Mailboxes: their life (create, declare, delete, idle expiry) and their
+ready queues (a window in memory, the rest on disk).
+
+Every change to a mailbox's counts goes through the Mailbox methods in
+state.py; this room keeps the window and the store in step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+
+from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed, StorageFull
+from ..protocol.options import MailboxOptions
+from ..store.base import MailboxRow, Store, StoredMessage
+from .state import READY_WINDOW, READY_WINDOW_BYTES, Mailbox
+
+log = logging.getLogger("murano_zmq.relay")
+
+# Requeued messages loaded back into the window at once; more, and the
+# window is rebuilt from disk instead (their bodies are not in memory).
+REQUEUE_LOAD = 100
+
+
+class Mailboxes:
+    def __init__(self, store: Store):
+        self.store = store
+        self.by_name: dict[str, Mailbox] = {}
+        self.by_id: dict[int, Mailbox] = {}
+        self.dirty: set[Mailbox] = set()  # mailboxes that may deliver now
+        self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
+        self._next_id = 1
+        self.storage_full = False  # the disk is full: DECLARE makes no new mailbox
+
+    def recover(self, now: float) -> None:
+        stats = self.store.mailbox_stats()
+        for row in self.store.load_mailboxes():
+            count, nbytes = stats.get(row.id, (0, 0))
+            mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now,
+                         count=count, nbytes=nbytes, disk_after=0 if count else None)
+            self._add(mb)
+            self._next_id = max(self._next_id, row.id + 1)
+
+    def get(self, name: str) -> Mailbox | None:
+        return self.by_name.get(name)
+
+    def get_or_create(self, name: str, now: float) -> Mailbox:
+        """A mailbox a send, a consume or a dead letter names: made on first use."""
+        return self.by_name.get(name) or self.create(name, MailboxOptions(), False, now)
+
+    def create(self, name: str, options: MailboxOptions, declared: bool, now: float) -> Mailbox:
+        mb = Mailbox(self._next_id, name, options, declared, now)
+        self._next_id += 1
+        self._add(mb)
+        self._save(mb)
+        log.info("mailbox %s created (%s)", name, "declared" if declared else "on first use")
+        return mb
+
+    def declare(self, name: str, options: dict, now: float) -> Mailbox:
+        """DECLARE: create, adopt (a send made it) or check a mailbox."""
+        options = dict(options)
+        passive = bool(options.pop("passive", False))
+        try:
+            opts = MailboxOptions.from_map(options)
+        except (ValueError, TypeError) as exc:
+            raise Malformed(str(exc)) from None
+        mb = self.by_name.get(name)
+        if passive:
+            if mb is None:
+                raise MailboxNotFound(f"mailbox {name!r} does not exist")
+        elif mb is None:
+            if self.storage_full:
+                raise StorageFull("the relay's disk is full: no new mailbox until space returns")
+            mb = self.create(name, opts, True, now)
+        elif not mb.declared:
+            mb.options, mb.declared = opts, True
+            self._save(mb)
+            self.schedule_idle(mb)
+        elif mb.options != opts:
+            raise PreconditionFailed(
+                f"mailbox {name!r} exists with options {mb.options.to_map()}, not {opts.to_map()}")
+        mb.last_used = now
+        return mb
+
+    def delete(self, mb: Mailbox, why: str) -> None:
+        del self.by_name[mb.name]
+        del self.by_id[mb.id]
+        self.dirty.discard(mb)
+        self.store.delete_mailbox(mb.id)
+        log.info("mailbox %s deleted with %d messages: %s", mb.name, mb.count, why)
+
+    def _add(self, mb: Mailbox) -> None:
+        self.by_name[mb.name] = mb
+        self.by_id[mb.id] = mb
+        self.schedule_idle(mb)
+
+    def _save(self, mb: Mailbox) -> None:
+        self.store.save_mailbox(MailboxRow(mb.id, mb.name, mb.options.to_map(), mb.declared))
+
+    # --- idle expiry ---
+
+    def schedule_idle(self, mb: Mailbox) -> None:
+        deadline = mb.idle_deadline()
+        if deadline is not None:
+            heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
+
+    def next_idle_deadline(self) -> float:
+        return self._idle_heap[0][0] if self._idle_heap else float("inf")
+
+    def expire_idle(self, now: float) -> None:
+        while self._idle_heap and self._idle_heap[0][0] <= now:
+            _, mailbox_id, name = heapq.heappop(self._idle_heap)
+            mb = self.by_name.get(name)
+            if mb is None or mb.id != mailbox_id:
+                continue
+            deadline = mb.idle_deadline()
+            if deadline is None:
+                continue  # a consumer came; its leaving schedules again
+            if deadline > now:
+                heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
+            else:
+                self.delete(mb, f"idle for {mb.options.ttl}s")
+
+    # --- the ready queue ---
+
+    def append(self, mb: Mailbox, row: StoredMessage, now: float) -> None:
+        """Store `row`, a new message of `mb`, at the tail of its queue."""
+        self.store.insert([row])
+        mb.added(len(row.body))
+        mb.last_used = now
+        if mb.disk_after is None and not mb.window_full():
+            mb.window_push(row)
+        elif mb.disk_after is None:
+            mb.disk_after = row.seq - 1
+        if mb.consumers:
+            self.dirty.add(mb)
+
+    def fill(self, mb: Mailbox, unacked) -> bool:
+        """Load the next window of ready messages from disk; False if none.
+        `unacked`: seqs out with consumers (on disk, but not ready)."""
+        while mb.disk_after is not None and not mb.ready:
+            room = max(1, READY_WINDOW_BYTES - mb.ready_window_bytes)
+            rows = self.store.load_ready(mb.id, mb.disk_after, READY_WINDOW, room)
+            if rows:
+                mb.disk_after = rows[-1].seq
+            if len(rows) < READY_WINDOW and sum(len(r.body) for r in rows) < room:
+                mb.disk_after = None  # neither bound stopped the load: that was all
+            for row in rows:
+                if row.seq not in unacked:
+                    mb.window_push(row)
+        return bool(mb.ready)
+
+    def take_ready(self, mb: Mailbox, seq: int) -> StoredMessage | None:
+        """Remove the ready message `seq` from the queue (memory or disk)."""
+        for row in mb.ready:
+            if row.seq == seq:
+                mb.window_remove(row)
+                self.store.delete([seq])
+                return row
+        if mb.disk_after is not None and seq > mb.disk_after:
+            row = self.store.get(seq)
+            if row is not None:
+                self.store.delete([seq])
+            return row
+        return None
+
+    def pop_head(self, mb: Mailbox, unacked) -> StoredMessage | None:
+        """Remove and return the oldest ready message, or None."""
+        if not mb.ready and not self.fill(mb, unacked):
+            return None
+        row = mb.window_pop()
+        self.store.delete([row.seq])
+        return row
+
+    def requeue(self, mb: Mailbox, entries: list) -> None:
+        """Put unacked messages (state.Unacked) back at the head, oldest first."""
+        self.store.set_deliveries((e.deliveries, e.seq) for e in entries)
+        if len(entries) <= REQUEUE_LOAD:
+            rows = self.store.get_many([e.seq for e in entries])
+            counts = {e.seq: e.deliveries for e in entries}
+            for row in reversed(rows):
+                mb.window_push_front(row._replace(deliveries=counts[row.seq]))
+        else:
+            # Rebuild the window from disk, from the oldest of them on.
+            lowest = min(e.seq for e in entries)
+            for row in mb.ready:
+                lowest = min(lowest, row.seq)
+            if mb.disk_after is not None:
+                lowest = min(lowest, mb.disk_after + 1)
+            mb.window_clear()
+            mb.disk_after = lowest - 1
+        if mb.consumers:
+            self.dirty.add(mb)

@@ -1,0 +1,51 @@
+"""The turn: what a relay loop turn sends, now and after its commit.
+
+Replies that promise durability (CONFIRM, DECLARE's and DELETE's REPLY)
+are held until the commit that holds the turn's writes has returned;
+deliveries and errors go out before it, so a consumer works while the disk
+syncs.  A delivery whose commit then never happens is safe: its sender was
+not confirmed and sends it again, and the receiving node's dedup absorbs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol.errors import RelayError
+from ..protocol.frames import Cmd, encode
+from ..store.base import Store
+
+Output = tuple[bytes, list[bytes]]
+
+
+class Turn:
+    def __init__(self, store: Store):
+        self.store = store
+        self._now: list[Output] = []
+        self._after_commit: list[Output] = []
+
+    def reply_now(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
+        self._now.append((identity, encode(cmd, *fields)))
+
+    def error(self, identity: bytes, req: int | None, exc: RelayError) -> None:
+        self._now.append((identity, encode(Cmd.ERROR, req, exc.code, exc.text)))
+
+    def reply_after_commit(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
+        self._after_commit.append((identity, encode(cmd, *fields)))
+
+    def take_now(self) -> list[Output]:
+        out, self._now = self._now, []
+        return out
+
+    def prepare_commit(self) -> list[Output]:
+        """Seal the turn's writes; return the replies that may go out once
+        the store's commit() has returned."""
+        self.store.seal()
+        held, self._after_commit = self._after_commit, []
+        return held
+
+    def commit(self) -> None:
+        """Seal, commit (here, in this thread) and release the held replies."""
+        held = self.prepare_commit()
+        self.store.commit()
+        self._now.extend(held)

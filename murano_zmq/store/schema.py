@@ -1,0 +1,37 @@
+"""The SQLite store's tables and the numbers that size its connections."""
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    options BLOB NOT NULL,
+    declared INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    mailbox INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
+CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
+CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
+"""
+
+# Page cache per connection, KiB (negative = KiB in SQLite's pragma): bounded
+# so the relay's memory does not grow with the queue.
+CACHE_KIB = 16 * 1024
+
+# Ids per "IN (...)" lookup (SQLite allows 32766 variables).
+ID_CHUNK = 500
+
+COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
+
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "CACHE_KIB", "ID_CHUNK", "COLUMNS"]
