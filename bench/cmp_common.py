@@ -1,0 +1,74 @@
+"""Shared bits of bench/compare.py's workers: CPU accounting, percentiles,
+the result line.  A worker runs one workload against one system and prints
+one JSON line: {"metrics": {...}, "messages": N, "client_cpu_s": ...,
+"server_cpu_s": ...}, CPU counted over the measured phase only."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int | None) -> float:
+    """user+system CPU seconds of process `pid` (all its threads), 0 if gone."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def own_cpu() -> float:
+    """This process's CPU plus its waited-for children's (helper processes)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p / 100))]
+
+
+class Meter:
+    """CPU of this process (and its children) and of the server, over a phase."""
+
+    def __init__(self, server_pid: int | None, helper_pids: tuple[int, ...] = ()):
+        self.server_pid = server_pid
+        self.helper_pids = helper_pids
+        self.t0 = self.c0 = self.s0 = 0.0
+        self.h0 = 0.0
+
+    def start(self, helper_pids: tuple[int, ...] | None = None) -> "Meter":
+        if helper_pids is not None:
+            self.helper_pids = helper_pids
+        self.c0, self.s0 = own_cpu(), process_cpu(self.server_pid)
+        self.h0 = sum(process_cpu(p) for p in self.helper_pids)
+        self.t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> dict:
+        dt = time.perf_counter() - self.t0
+        helpers = sum(process_cpu(p) for p in self.helper_pids) - self.h0
+        return {"seconds": dt, "client_cpu_s": own_cpu() - self.c0 + max(0.0, helpers),
+                "server_cpu_s": process_cpu(self.server_pid) - self.s0}
+
+
+def emit(metrics: dict, messages: int, cpu: dict, **extra) -> None:
+    print(json.dumps({"metrics": metrics, "messages": messages, **cpu, **extra}), flush=True)
+
+
+def body_of(size: int) -> bytes:
+    return os.urandom(16) + b"x" * (size - 16)
+
+
+def fail(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,0 +1,174 @@
+"""The durability contract at the relay: a CONFIRM leaves strictly after the
+commit (the fsync) that holds every message it confirms.
+
+A real Relay loop (in a thread) runs over the SQLite store, slowed down (or
+made to fail) between its writes and the COMMIT that syncs them; what is
+durable is what an independent reader sees (WAL shows only committed,
+synced transactions).  Every CONFIRM the loop hands to its socket
+is checked, at that instant, against what has been committed.  Load comes
+from a real Node: one-at-a-time sends (a commit per send) and pipelined
+send_many (turns overlapping their commits).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from murano_zmq import Node
+from murano_zmq.protocol.frames import Cmd, decode
+from murano_zmq.relay.server import Relay, RelayConfig
+from murano_zmq.store.sqlite import SQLiteStore, StoreError
+
+from ..helpers import free_tcp_endpoint
+
+SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sync
+
+
+class RecordingStore(SQLiteStore):
+    """SQLiteStore that sleeps inside commit() before the COMMIT (the sync),
+    and can fail commits there as a failed fsync would.  What is durable is
+    read by an independent connection: in WAL mode a reader sees a
+    transaction only once its COMMIT (synced, synchronous=FULL) is done."""
+
+    fail_next = 0  # how many of the next commits fail
+    failed = False
+    commits = 0
+
+    def commit(self) -> None:
+        if self.in_transaction:
+            self.commits += 1
+            time.sleep(SYNC_DELAY)
+            if self.fail_next:
+                self.fail_next -= 1
+                self.failed = True
+                raise StoreError(sqlite3.OperationalError("disk I/O error (injected)"))
+        super().commit()
+
+    def durable(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` a fresh reader finds committed."""
+        reader = sqlite3.connect(self.path, timeout=10)
+        try:
+            found = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in reader.execute(
+                    f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
+            return found
+        finally:
+            reader.close()
+
+
+class Watch:
+    """Taps the relay: SEND ids by (peer, req) on the way in, CONFIRMs on the way out."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.sends: dict[tuple[bytes, int], list[bytes]] = {}
+        self.confirmed: list[bytes] = []
+        self.violations: list[str] = []
+        send = relay._send
+
+        def checked_send(sock, out):
+            for identity, frames in out:
+                command = decode(frames)
+                if command.cmd != Cmd.CONFIRM:
+                    continue
+                req, errors = command.fields
+                refused = {e[0] for e in errors}
+                ids = [i for n, i in enumerate(self.sends.get((identity, req), [])) if n not in refused]
+                missing = set(ids) - relay.engine.store.durable(ids) if ids else ()
+                if missing:
+                    self.violations.append(f"CONFIRM {req} left before {len(missing)} of its ids were synced")
+                self.confirmed.extend(ids)
+            send(sock, out)
+
+        relay._send = checked_send
+
+    def tap_engine(self) -> None:
+        engine = self.relay.engine
+        receive = engine.receive
+
+        def recording_receive(identity, frames, now, user=None, key=None):
+            command = decode(frames)
+            if command.cmd == Cmd.SEND:
+                req, records = command.fields
+                self.sends[(identity, req)] = [r[0] for r in records]
+            return receive(identity, frames, now, user, key)
+
+        engine.receive = recording_receive
+
+
+@pytest.fixture
+def relay_with(tmp_path):
+    started = []
+
+    def start(store_class=RecordingStore):
+        relay = Relay(RelayConfig(bind=free_tcp_endpoint(), data_dir=str(tmp_path / "data")),
+                      store_factory=store_class)
+        watch = Watch(relay)
+        errors = []
+
+        def run():
+            try:
+                relay.run()
+            except BaseException as exc:  # a failed sync may end the loop
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert relay.wait_ready(10)
+        watch.tap_engine()
+        started.append((relay, thread))
+        return relay, watch, errors
+
+    yield start
+    for relay, thread in started:
+        relay.stop()
+        thread.join(10)
+
+
+def test_one_at_a_time_confirms_follow_their_commit(relay_with):
+    relay, watch, _ = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=20) as node:
+        ids = [node.send("contract.one", b"x" * 100) for _ in range(60)]
+    assert not watch.violations
+    assert set(ids) <= set(watch.confirmed)
+    assert relay.engine.store.durable(ids) == set(ids)
+
+
+def test_pipelined_confirms_follow_their_commit(relay_with):
+    relay, watch, _ = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = []
+        for _ in range(5):
+            ids += node.send_many([("contract.many", b"y" * 200)] * 2000, timeout=30)
+        # concurrent single sends while a backlog is being committed
+        futures = [node.send_async("contract.many", b"z") for _ in range(500)]
+        ids += [f.result(30) for f in futures]
+    assert not watch.violations
+    assert relay.engine.store.commits > 1  # many turns, not one transaction
+    assert set(ids) <= set(watch.confirmed)
+    assert relay.engine.store.durable(ids) == set(ids)
+
+
+def test_no_confirm_for_a_commit_that_failed(relay_with):
+    """A sync that fails: none of its sends is confirmed; the relay starts
+    over from the store, the node resends, and every send ends up synced
+    and confirmed once its own commit returned."""
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        first = node.send("contract.fail", b"v")
+        relay.engine.store.fail_next = 1
+        futures = [node.send_async("contract.fail", b"w") for _ in range(200)]
+        ids = [f.result(30) for f in futures]
+        store = relay.engine.store
+        assert store.failed
+    assert not errors  # the relay survived the failed sync
+    assert not watch.violations
+    assert store.durable([first, *ids]) == {first, *ids}
+    assert store.durable(watch.confirmed) == set(watch.confirmed)
