@@ -10,6 +10,7 @@ import pytest
 from murano_zmq.testing import RelayProcess
 
 from .helpers import free_tcp_endpoint
+from .integration.nodes import NODE_KINDS
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +57,31 @@ def children():
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+# --- the node factory: node behaviour tests run on both runners --------------
+
+
+@pytest.fixture(params=sorted(NODE_KINDS))
+def node_kind(request):
+    """Node (threads) or AsyncNode (asyncio, through a blocking facade)."""
+    return NODE_KINDS[request.param]
+
+
+@pytest.fixture
+def make_node(node_kind, request):
+    """make_node(name, **Node options): a node of the parametrized kind; the
+    relay of the test's `relay` fixture unless given; closed at teardown."""
+    made = []
+
+    def make(name: str, **kw):
+        if "relay" not in kw:
+            kw["relay"] = request.getfixturevalue("relay").endpoint
+        kw.setdefault("timeout", 15)
+        node = node_kind(name, **kw)
+        made.append(node)
+        return node
+
+    yield make
+    for node in reversed(made):
+        node.close()

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
@@ -120,10 +121,15 @@ class AsyncDiscovery:
     async def advertise(self, advert: Advert) -> None:
         """Register `advert`, or update it if this name is advertised already."""
         name = _service_name(advert)
+        # "seq" makes every update a TXT record never seen before: zeroconf's
+        # cache keeps an older record with the same data in its old place
+        # and readers take the last one added, so going back to an earlier
+        # set of mailboxes (e.g. none, after a cancel) would go unseen.
+        properties = {**advert.properties(), "seq": f"{time.time_ns():x}"}
         info = AsyncServiceInfo(SERVICE_TYPE, name, addresses=[_address_of(advert.endpoint or advert.pub)],
                                 port=int(urlsplit((advert.endpoint or advert.pub or "tcp://x:1")
                                                   .replace("tcp://", "http://", 1)).port or 1),
-                                properties=advert.properties(), server=name.split(".")[0] + ".local.")
+                                properties=properties, server=name.split(".")[0] + ".local.")
         if name in self._mine:
             await self._zc.async_update_service(info)
         else:

@@ -1,9 +1,10 @@
-"""AsyncNode: the asyncio driver of ClientCore.
+"""AsyncNode: the asyncio runner of NodeCore, a full peer of Node.
 
-Everything runs on the event loop: API coroutines call the core and write
-its frames; one reader task reads the socket, ticks the core's timers and
-reconnects when the relay is lost.  Sends issued in one loop iteration are
-coalesced into SEND commands.
+Everything runs on the event loop: API coroutines call the core and flush
+its frames (sends of one loop iteration are coalesced, from a call_soon);
+one reader task waits with zmq.asyncio.Poller on the node's sockets (plain
+zmq sockets, as Node's) and a wake pipe, hands what it reads to the core,
+ticks it and writes.  It decides nothing; the core does.
 """
 
 from __future__ import annotations
@@ -11,69 +12,68 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 import zmq.asyncio
 
-from ..protocol.client import ClientCore, RelayLost, State
-from ..protocol.constants import (
-    DEFAULT_HEARTBEAT,
-    DEFAULT_PREFETCH,
-    DEFAULT_TIMEOUT,
-    MAX_IN_FLIGHT_BATCHES,
-)
-from ..protocol.errors import NodeClosed, RelayUnavailable
+from ..discovery.zeroconf import Discovery, find_relay
+from ..protocol.constants import DEFAULT_PREFETCH
+from ..protocol.errors import NodeClosed
 from ..protocol.frames import Cmd
-from ..protocol.message import Message, check_name
-from ..security.curve import client_curve
-from .common import (
-    Dispatcher,
-    SendGroup,
-    build_record,
-    build_records,
-    close_relay_socket,
-    declare_options,
-    default_node_name,
-    relay_socket,
-    resolve_relay,
-    take_batch,
-)
+from ..protocol.message import Message, pack_body
+from ..protocol.topics import TopicEvent
+from .base import NodeBase
+from .common import SendGroup, build_record, build_records, declare_options
+from .handles import AsyncConsumer, AsyncSubscription
 
 log = logging.getLogger("murano_zmq.node")
 
+__all__ = ["AsyncConsumer", "AsyncNode", "AsyncSubscription"]
 
-class AsyncNode:
-    """The asyncio twin of Node; use `async with AsyncNode(...) as node`."""
+
+class AsyncNode(NodeBase):
+    """The asyncio twin of Node; use `async with AsyncNode(...) as node`.
+    Takes Node's keyword arguments (direct, bind, discovery, curve_key, ...);
+    `relay="auto"` is resolved by `await node.start()` (or `async with`)."""
 
     def __init__(self, name: str | None = None, relay: str | None = None, *,
-                 heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.asyncio.Context | None = None, curve_key=None, relay_key=None):
-        self.name = name or default_node_name()
-        if relay == "auto":
-            raise ValueError("AsyncNode takes a relay endpoint; relay='auto' (zeroconf) is for Node")
-        self.relay = resolve_relay(relay)
-        self.timeout = timeout
-        self._context = context or zmq.asyncio.Context.instance()
-        # CURVE (docs/security.md): curve_key is this node's key pair (a
-        # KeyPair or a .key_secret path), relay_key the relay's public key
-        # (z85 text, a KeyPair or a .key path); both or neither.
-        self._curve = client_curve(curve_key, relay_key)
-        self._core = ClientCore(self.name, uuid.uuid4().bytes, heartbeat)
-        self._dispatch = Dispatcher()
-        self._outgoing: deque = deque()
-        self._sock: zmq.asyncio.Socket | None = None
+                 context: zmq.Context | None = None, **options):
+        if isinstance(context, zmq.asyncio.Context):
+            context = zmq.Context.shadow(context.underlying)  # sockets here are plain ones
+        self._setup(name, relay, context=context, **options)
+        self._outgoing: deque = deque()  # (record, future) not yet routed
+        self._subscriptions: dict[int, AsyncSubscription] = {}
         self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._closed = False
-        self._max_size: int | None = None
-        self._dispatch.welcomed = lambda ev: setattr(self, "_max_size", ev.max_message_size)
+        self._discovery_started: asyncio.Task | None = None
+
+    async def start(self) -> "AsyncNode":
+        """Find the relay (relay="auto"), bind, connect, start discovery."""
+        if self.relay == "auto":
+            self.relay = self._io.relay = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: find_relay(self._interfaces, timeout=min(self.timeout, 10.0)))
+        self._start()
+        if self._discovery_started is not None:
+            await self._discovery_started
+        return self
+
+    async def _start_discovery(self) -> None:
+        """Browse and advertise (discovery runs its own thread)."""
+        loop = self._loop
+
+        def on_change(peers: dict) -> None:  # (discovery thread)
+            if not self._closed:
+                loop.call_soon_threadsafe(self._learn_peers, peers, time.time())
+
+        self._discovery = await loop.run_in_executor(None, lambda: Discovery(self._interfaces, on_change))
+        await self._advertise_async()
 
     async def __aenter__(self) -> "AsyncNode":
-        self._start()
-        return self
+        return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
@@ -94,49 +94,71 @@ class AsyncNode:
         return await self._request(Cmd.STATUS, timeout=timeout)
 
     async def send(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
-                   timeout: float | None = None) -> bytes:
-        """Send and wait until the relay has stored it durably; returns the id."""
-        return await self._wait(self.send_nowait(mailbox, body, headers, ttl), timeout)
+                   timeout: float | None = None, wait: bool = True, msg_id: bytes | None = None) -> bytes:
+        """Send and wait until the message is safe (see Node.send); returns the id."""
+        return await self._wait(self.send_nowait(mailbox, body, headers, ttl, wait, msg_id), timeout)
 
-    def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None,
-                    ttl: float | None = None) -> asyncio.Future:
-        """Queue a send; the future resolves to the id once stored."""
+    def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
+                    wait: bool = True, msg_id: bytes | None = None) -> asyncio.Future:
+        """Queue a send; the future resolves to the id once safe."""
         self._start()
-        record = build_record(mailbox, body, headers, ttl, time.time(), self._max_size)
-        future = asyncio.get_running_loop().create_future()
-        self._outgoing.append((record, future))
-        self._schedule_flush()
+        record = build_record(mailbox, body, headers, ttl, time.time(), self._core.max_size, msg_id)
+        if not wait:
+            self._check_deliverable_now(mailbox)
+        future = self._loop.create_future()
+        self._queue_records([record], [future])
         return future
 
     async def send_many(self, messages: Iterable[tuple], timeout: float | None = None) -> list[bytes]:
         """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; returns
         the ids once all are stored (or raises the first error)."""
         self._start()
-        records = build_records(messages, time.time(), self._max_size)
-        future = asyncio.get_running_loop().create_future()
-        group = SendGroup(future, [r[0] for r in records])
-        self._outgoing.extend((r, group) for r in records)
-        self._schedule_flush()
+        records = build_records(messages, time.time(), self._core.max_size)
+        future = self._loop.create_future()
+        self._queue_records(records, [SendGroup(future, [r[0] for r in records])] * len(records))
         return await self._wait(future, timeout)
 
+    def _queue_records(self, records: list, waiters: list) -> None:
+        self._check_room(self.pending, len(records))
+        self._outgoing.extend(zip(records, waiters))
+        self._schedule_flush()
+
     async def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
-                      timeout: float | None = None) -> "AsyncConsumer":
-        check_name(mailbox)
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
+                      timeout: float | None = None, direct: bool = True) -> "AsyncConsumer":
+        """A consumer of `mailbox` (see Node.consume): `async for msg in consumer`."""
+        self._check_consume(mailbox, prefetch)
         self._start()
         consumer = AsyncConsumer(self, mailbox)
-        cid, req = self._core.consume(mailbox, prefetch)
-        consumer.cid = cid
-        self._dispatch.sinks[cid] = consumer._feed
-        future = self._dispatch.requests[req] = asyncio.get_running_loop().create_future()
-        self._flush()
+        future = self._loop.create_future()
+        consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future)
+        self._schedule_flush()
         try:
             await self._wait(future, timeout)
         except BaseException:
             consumer.cancel()  # else a consumer nobody reads would take messages later
             raise
+        if direct and self.endpoint is not None:
+            await self._advertise_async()
         return consumer
+
+    def publish(self, topic: str, body: Any) -> None:
+        """Publish an event (see Node.publish); call it from the loop."""
+        self._check_publish(topic)
+        self._start()
+        if self._topics.publish(topic, pack_body(body), time.time()) and self._discovery is not None:
+            self._loop.create_task(self._advertise_async())  # the new PUB
+
+    def subscribe(self, prefix: str = "", callback: Callable[[TopicEvent], None] | None = None,
+                  publishers: Iterable[str] = ()) -> "AsyncSubscription":
+        """Events whose topic starts with `prefix` (see Node.subscribe):
+        `async for event in subscription`, get(), or `callback` (run on the loop)."""
+        given = self._publisher_keys(prefix, publishers)
+        self._start()
+        sid = self._new_subscription_id()
+        subscription = self._subscriptions[sid] = AsyncSubscription(self, sid, prefix, callback)
+        self._topics.subscribe(sid, prefix, given)
+        self._wake()  # a new socket to poll
+        return subscription
 
     async def close(self) -> None:
         if self._closed:
@@ -148,31 +170,58 @@ class AsyncNode:
                 await self._reader
             except asyncio.CancelledError:
                 pass
-        if self._sock is not None:
-            self._core.close()  # after this only acks and BYE go out
-            self._flush(force=True)
-            close_relay_socket(self._sock, self._monitor, linger=500)
+            try:
+                self._io.close()  # last acks and BYEs
+            except Exception:
+                log.exception("node %s: closing its sockets failed", self.name)
+                self._io.abort()
         error = NodeClosed(f"node {self.name} is closed")
-        self._dispatch.fail_all(error)
+        self._core.abandon(error)
         for _, future in self._outgoing:
             if not future.done():
                 future.set_exception(error)
         self._outgoing.clear()
+        if self._discovery_started is not None:
+            try:
+                await self._discovery_started
+            except Exception:
+                log.exception("node %s: discovery did not start", self.name)
+        if self._discovery is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._discovery.close)
+        if self._security is not None:
+            self._security.close()
+        self._close_wake()
 
     # --- plumbing ------------------------------------------------------------------------
 
     def _start(self) -> None:
         if self._closed:
             raise NodeClosed(f"node {self.name} is closed")
-        if self._reader is None:
-            self._connect()
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        if self._reader is not None:
+            return
+        if self.relay == "auto":
+            raise ValueError("relay='auto': use `async with AsyncNode(...)` or `await node.start()` first")
+        self._loop = asyncio.get_running_loop()
+        if self._security is not None:
+            self._security.start(self._context)  # this node's ZAP domain; key files watched
+            self._security.on_trust_change = lambda: self._loop.call_soon_threadsafe(
+                self._learn_peers, self.peers, time.time())
+        self._io.bind_router()
+        self._io.connect(time.time())
+        self._reader = self._loop.create_task(self._read_loop())
+        if self._discover:  # also without start(): the first call starts it
+            self._discovery_started = self._loop.create_task(self._start_discovery())
+
+    async def _advertise_async(self) -> None:
+        self._core.advert_due = False
+        if self._discovery is not None:
+            await self._loop.run_in_executor(None, self._advertise)
 
     async def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         self._start()
-        req = self._core.request(cmd, *fields)
-        future = self._dispatch.requests[req] = asyncio.get_running_loop().create_future()
-        self._flush()
+        future = self._loop.create_future()
+        self._core.request(cmd, *fields, waiter=future)
+        self._schedule_flush()
         return await self._wait(future, timeout)
 
     async def _wait(self, awaitable, timeout: float | None) -> Any:
@@ -180,116 +229,50 @@ class AsyncNode:
         try:
             return await asyncio.wait_for(asyncio.shield(awaitable), timeout)
         except asyncio.TimeoutError:
-            raise RelayUnavailable(
-                f"no answer from relay {self.relay} within {timeout}s (the node keeps trying "
-                "until it is closed)"
-            ) from None
+            raise self._timed_out(timeout) from None
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
         if self._closed:
-            return
+            return  # unsettled messages come again after a restart
         self._core.settle(message, how, requeue)
+        self._schedule_flush()
+
+    def _cancel(self, cid: int, mailbox: str) -> None:
+        if self._closed:
+            return
+        self._core.cancel(cid, mailbox)
+        if self._core.advert_due and self._discovery is not None:
+            self._loop.create_task(self._advertise_async())
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
-    def _flush(self, force: bool = False) -> None:
-        """Move queued sends into SEND commands and write what the core has."""
+    def _flush(self) -> None:
+        """Route queued sends and write what the core has."""
         self._flush_scheduled = False
-        if self._closed and not force:
+        if self._closed:
             return
-        while self._core.state == State.READY and self._core.unconfirmed < MAX_IN_FLIGHT_BATCHES:
-            records, futures = take_batch(self._outgoing, self._core.max_message_size)
-            if not records:
-                break
-            req = self._core.send(records)
-            self._dispatch.sends[req] = [(f, r[0]) for f, r in zip(futures, records)]
-        self._core.flush_acks()
-        out = self._core.drain()
-        for frames in out:
-            # HWM 0: never blocks, and pyzmq keeps queued sends in order.
-            self._sock.send_multipart(frames)
-        if out:
-            self._core.sent(time.time())
+        self._io.flush(time.time(), self._take_outgoing())
+        if self._io.stale or self._core.next_deadline() < self._armed:
+            self._wake()  # the reader polls new sockets, or an earlier deadline
 
-    def _connect(self) -> None:
-        self._sock = relay_socket(self._context, self.relay, self._curve)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._poller = zmq.asyncio.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
-        self._core.connection_made(time.time())
+    def _take_outgoing(self) -> deque:
+        routing, self._outgoing = self._outgoing, deque()
+        return routing
 
     async def _read_loop(self) -> None:
+        poller, registered = zmq.asyncio.Poller(), []
         try:
             while True:
-                self._flush()
-                wait = max(0.0, self._core.next_deadline() - time.time())
-                sock = self._sock
-                ready = dict(await self._poller.poll(int(min(wait, 1.0) * 1000) + 1))
-                now = time.time()
-                events = []
-                while sock in ready and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    frames = await sock.recv_multipart()
-                    try:
-                        events.extend(self._core.receive(frames, now))
-                    except Exception as exc:
-                        log.warning("node %s: bad command from relay dropped: %s", self.name, exc)
-                if self._monitor in ready:
-                    await self._monitor.recv_multipart()
-                    events.append(RelayLost("connection to the relay dropped"))
-                events.extend(self._core.tick(now))
-                lost = self._dispatch.apply(events)
-                if lost is not None:
-                    log.info("node %s reconnecting: %s", self.name, lost.reason)
-                    close_relay_socket(sock, self._monitor)
-                    self._connect()
+                registered, timeout = self._before_poll(poller, registered)
+                ready = dict(await poller.poll(timeout))
+                self._after_poll(ready)
+                self._io.turn(ready, time.time(), self._take_outgoing())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("node %s reader failed", self.name)
             raise
-
-
-class AsyncConsumer:
-    """Messages of one mailbox for an AsyncNode: `async for msg in consumer`."""
-
-    def __init__(self, node: AsyncNode, mailbox: str):
-        self.node = node
-        self.mailbox = mailbox
-        self.cid = 0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancelled = False
-
-    def _feed(self, messages: list[Message]) -> None:
-        for m in messages:
-            m._settle = self.node._settle
-            self._queue.put_nowait(m)
-
-    async def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds."""
-        if self._cancelled:
-            return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
-        while not self._cancelled and not self.node._closed:
-            m = await self.get(timeout=0.5)
-            if m is not None:
-                yield m
-
-    def cancel(self) -> None:
-        if not self._cancelled:
-            self._cancelled = True
-            self.node._core.cancel(self.cid)
-            self.node._dispatch.sinks.pop(self.cid, None)
-            self.node._schedule_flush()

@@ -8,13 +8,8 @@ AsyncNode; both have done(), set_result() and set_exception().
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
-
-import zmq
 
 from ..protocol.client import (
     Confirmed,
@@ -25,64 +20,13 @@ from ..protocol.client import (
     Replied,
     Welcomed,
 )
-from ..protocol.constants import (  # noqa: F401 (SEND_BATCH_BYTES re-exported)
-    DEFAULT_RELAY_ENDPOINT, READ_BATCH, RELAY_ENV, SEND_BATCH, SEND_BATCH_BYTES)
+from ..protocol.constants import SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.message import (ID_SIZE, check_name, is_number, new_message_id, pack_body, pack_headers,
                                 send_record)
 from ..protocol.options import MailboxOptions
-from ..security.curve import CurveClient
 
 log = logging.getLogger("murano_zmq.node")
-
-
-def relay_socket(context: zmq.Context, endpoint: str, curve: CurveClient | None = None) -> zmq.Socket:
-    """A DEALER to the relay with a fresh routing id (a fresh relay session).
-
-    HWM 0: what the node sends is bounded by its own in-flight limits, and a
-    durable command must never meet a silent high-water-mark drop.
-    """
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-    if curve is not None:
-        curve.apply(sock)  # CURVE to the relay (docs/security.md)
-    sock.connect(endpoint)
-    return sock
-
-
-def close_relay_socket(sock: zmq.Socket, monitor: zmq.Socket, linger: int | None = 0) -> None:
-    """Close a relay socket and its disconnect monitor.
-
-    A dropped TCP connection loses the frames in it, and ZeroMQ would
-    reconnect under the same routing id without a word: the node watches
-    EVENT_DISCONNECTED and starts a new session instead, replaying what is
-    unconfirmed.
-    """
-    sock.disable_monitor()
-    monitor.close(0)
-    sock.close(linger)
-
-
-
-def ready_frames(sock: zmq.Socket, copy: bool = True):
-    """The messages `sock` has now (up to READ_BATCH), without blocking."""
-    for _ in range(READ_BATCH):
-        try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-        except zmq.Again:
-            return
-
-
-def resolve_relay(relay: str | None) -> str:
-    """--relay / argument, else $MURANO_ZMQ_RELAY, else the default endpoint."""
-    return relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY_ENDPOINT
-
-
-def default_node_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
@@ -246,3 +190,19 @@ class Dispatcher:
             _settle_future(future, error=error)
         self.sends.clear()
         self.requests.clear()
+
+
+class Orphan:
+    """A waiter nobody waits on (a send_many that failed elsewhere, a caller
+    that gave up): its message is still delivered."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, _result) -> None:
+        pass
+
+    def set_exception(self, _error: BaseException) -> None:
+        pass

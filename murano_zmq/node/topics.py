@@ -20,7 +20,7 @@ import zmq
 
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.topics import TopicEvent, decode_event, encode_event
-from .common import ready_frames
+from .sockets import ready_frames
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -134,7 +134,7 @@ class TopicSockets:
             self.changed = True
 
     def sockets(self) -> dict[zmq.Socket, int]:
-        self.changed = False
+        """Each SUB -> its subscription id."""
         return {sock: sid for sid, sock in self._subs.items()}
 
     def read(self, sock: zmq.Socket) -> list[TopicEvent]:

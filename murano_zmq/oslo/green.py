@@ -6,7 +6,8 @@ C call eventlet cannot see) blocks every green thread: nothing moves again.
 oslo.messaging's own functional suite patches everything when it is
 imported (oslo_messaging/tests/__init__.py), and so do eventlet services.
 
-`cooperate_if_patched()` gives the Node module a zmq whose Poller waits the
+`cooperate_if_patched()` makes CooperativePoller the Poller Nodes wait with
+(`Node.default_poller`; one Node can also take `poller=`), which waits the
 eventlet way: it asks libzmq without blocking, and when nothing is ready
 waits on the sockets' file descriptors (ZMQ_FD, which becomes readable
 when a socket's state may have changed) through eventlet's hub, so other
@@ -23,7 +24,6 @@ import logging
 import sys
 import threading
 import time
-import types
 
 import zmq
 
@@ -85,32 +85,16 @@ class CooperativePoller:
         return item if isinstance(item, int) else item.fileno()
 
 
-class _CooperativeZmq(types.ModuleType):
-    """The zmq module, with CooperativePoller as its Poller."""
-
-    Poller = CooperativePoller
-
-    def __init__(self) -> None:
-        super().__init__("zmq", "zmq with an eventlet-cooperative Poller (murano_zmq.oslo.green)")
-
-    def __getattr__(self, name: str):
-        return getattr(zmq, name)
-
-
 def cooperate_if_patched() -> bool:
     """Make Nodes created from now on eventlet-cooperative, if eventlet has
     patched this process.  Returns whether it did (or had done so)."""
     if not eventlet_patched():
         return False
-    from ..node import sync
+    from ..node.sync import Node
 
     with _lock:
-        current = getattr(sync, "zmq", None)
-        if isinstance(current, _CooperativeZmq):
+        if Node.default_poller is CooperativePoller:
             return True
-        if current is not zmq:
-            raise RuntimeError("murano_zmq.node.sync no longer waits through zmq.Poller; "
-                               "murano_zmq.oslo.green needs updating for eventlet")
-        sync.zmq = _CooperativeZmq()
+        Node.default_poller = CooperativePoller  # Node's hook: the Poller its I/O thread waits with
     log.info("eventlet has patched this process: murano-zmq nodes wait cooperatively")
     return True

@@ -83,6 +83,7 @@ class DirectLink:
         self._outbox = [encode(Cmd.HELLO, node_name, instance, heartbeat)]
         self._last_heard = self._last_sent = now
         self._last_progress = now  # last CONFIRM: a slow consumer that acks is not a dead one
+        self._resent = False  # the unconfirmed SENDs went out once more since the last CONFIRM
 
     @property
     def in_flight(self) -> int:
@@ -120,6 +121,7 @@ class DirectLink:
             if entry is None:
                 return []
             self._last_progress = now
+            self._resent = False
             records = entry[1]
             self._count -= len(records)
             refused = [e for e in errors if isinstance(e, list) and e and isinstance(e[0], int)]
@@ -160,7 +162,17 @@ class DirectLink:
         if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
             return [self.fail(f"peer silent for {now - self._last_heard:.1f}s")]
         if self._in_flight and now - self._stalled_since() > self.timeout:
-            return [self.fail(f"no direct ack within {self.timeout}s")]
+            if not self._resent and now - self._last_heard < self.heartbeat * 2:
+                # The peer is alive: its CONFIRM may have been lost with a
+                # connection that dropped (ZeroMQ reconnects silently).  Send
+                # the unconfirmed SENDs again, same req: the peer's dedup
+                # confirms at once what its application settled already, and
+                # holds the rest as before.  No answer in another timeout: fail.
+                self._resent = True
+                self._last_progress = now
+                self._outbox.extend(encode(Cmd.SEND, req, records) for req, (_, records) in self._in_flight.items())
+                return []
+            return [self.fail(f"no direct ack within {2 * self.timeout}s")]
         if now - self._last_sent >= self.heartbeat:
             self._outbox.append(encode(Cmd.HEARTBEAT))
         return []
@@ -190,6 +202,9 @@ class _Session:
     last_sent: float
     # req -> [records left unsettled, refused entries]
     pending: dict[int, list] = field(default_factory=dict)
+    # CONFIRMs the ROUTER could not pass on (the peer's connection was
+    # down): sent again when the peer is heard from next
+    unsent: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -252,6 +267,9 @@ class DirectInbox:
             self._outbox.append((identity, encode(Cmd.ERROR, None, 409, "say HELLO first")))
             return []
         session.last_heard = now
+        if session.unsent:  # its connection is back: what it missed first
+            self._outbox.extend((identity, frames) for frames in session.unsent)
+            session.unsent.clear()
         if command.cmd == Cmd.HEARTBEAT:
             return []
         if command.cmd == Cmd.BYE:
@@ -261,6 +279,8 @@ class DirectInbox:
             self._error(identity, Malformed(f"a direct link carries no {command.cmd.name}"))
             return []
         req, records = command.fields
+        if req in session.pending:
+            return []  # sent again by a sender that missed nothing: its CONFIRM comes when settled
         by_consumer: dict[int, list[Message]] = {}
         refused: list[list] = []
         unsettled = 0
@@ -337,6 +357,16 @@ class DirectInbox:
             del session.pending[req]
             if self._sessions.get(session.identity) is session:
                 self._put(session.identity, Cmd.CONFIRM, req, entry[1])
+
+    def send_failed(self, identity: bytes, frames: list[bytes]) -> None:
+        """The driver could not pass `frames` to the peer (no connection
+        under its routing id now, e.g. while its DEALER reconnects).  A
+        CONFIRM is kept and sent again when the peer is heard from: lost,
+        it would make the sender time out and give acked messages to the
+        relay, and so maybe to a second consumer."""
+        session = self._sessions.get(identity)
+        if session is not None and decode(frames).cmd == Cmd.CONFIRM:
+            session.unsent.append(frames)
 
     def next_deadline(self) -> float:
         if not self._sessions:

@@ -59,6 +59,10 @@ class PathTable:
         self._lookup_keys: dict[str, bytes] = {}  # endpoint -> key, from the relay (preferred)
         self._discovered_keys: dict[str, bytes] = {}  # endpoint -> key, from pinned adverts
         self.failed: set[str] = set()  # endpoints whose link failed (until learned again)
+        # Is a relay session up?  While it is not, a mailbox whose relay
+        # sends are all confirmed goes to a direct consumer it knows of
+        # (earlier LOOKUP, adverts) without waiting for a drained LOOKUP.
+        self.relay_up = True
         self._refused: dict[str, float] = {}  # endpoint -> until when its handshake refusal holds
 
     def key_of(self, endpoint: str) -> bytes | None:
@@ -85,6 +89,10 @@ class PathTable:
         candidates = [e for e in path.endpoints if self._usable(e)]
         candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
                        and self._usable(e)]
+        if path.relay_undrained and candidates and not self.relay_up:
+            # The relay is unreachable: direct traffic goes on (the relay
+            # may still hold earlier messages of ours, which then come later).
+            path.relay_undrained = False
         if path.relay_undrained:
             if candidates and path.lookup_pending and now - path.lookup_sent < HOLD_LIMIT:
                 return HOLD
@@ -102,13 +110,14 @@ class PathTable:
         path.rr += 1
         return endpoint
 
-    def is_direct(self, mailbox: str) -> bool:
+    def is_direct(self, mailbox: str, relay_up: bool | None = None) -> bool:
         """Would the next message to `mailbox` go direct?  (Reads only.)"""
         path = self._paths.get(mailbox)
         discovered = any(self._usable(e) for e in self._discovered.get(mailbox, ()))
         if path is None:
             return discovered
-        if path.relay_undrained or path.relay_unconfirmed:
+        relay_up = self.relay_up if relay_up is None else relay_up
+        if path.relay_unconfirmed or (path.relay_undrained and relay_up):
             return False
         return any(self._usable(e) for e in path.endpoints) or discovered
 

@@ -1,9 +1,14 @@
-"""One behaviour suite for Node and AsyncNode: a blocking facade over AsyncNode
-(its loop runs in a thread) so the same test code drives both."""
+"""One behaviour suite for Node and AsyncNode (as pyzmq's auth tests cover
+the thread and asyncio authenticators): a blocking facade over AsyncNode
+whose loop runs in a thread, so the same test code drives both runners.
+
+Use the `make_node` fixture (tests/integration/conftest.py): it makes nodes
+of the kind the test is parametrized with, and closes them."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 
 from murano_zmq import AsyncNode, Node
@@ -24,17 +29,20 @@ class _AsyncMessage:
         self._facade._loop.call_soon_threadsafe(self._message.nack, requeue)
 
 
-class _AsyncConsumerFacade:
-    def __init__(self, facade: "AsyncNodeFacade", consumer):
+class _Getter:
+    """An AsyncConsumer or AsyncSubscription, with a blocking get()."""
+
+    def __init__(self, facade: "AsyncNodeFacade", inner, wrap):
         self._facade = facade
-        self._consumer = consumer
+        self._inner = inner
+        self._wrap = wrap
 
     def get(self, timeout=None):
-        m = self._facade._call(self._consumer.get(timeout))
-        return None if m is None else _AsyncMessage(self._facade, m)
+        item = self._facade._call(self._inner.get(timeout))
+        return None if item is None else self._wrap(item)
 
     def cancel(self) -> None:
-        self._facade._loop.call_soon_threadsafe(self._consumer.cancel)
+        self._facade._loop.call_soon_threadsafe(self._inner.cancel)
 
 
 class AsyncNodeFacade:
@@ -47,13 +55,25 @@ class AsyncNodeFacade:
 
         async def make():
             node = AsyncNode(*args, **kwargs)
-            await node.__aenter__()
+            await node.start()
             return node
 
-        self.node = self._call(make())
+        try:
+            self.node = self._call(make())
+        except BaseException:
+            self._stop_loop()
+            raise
 
-    def _call(self, coro, timeout: float = 60):
+    def _call(self, coro, timeout: float = 90):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _on_loop(self, fn, *args, **kwargs):
+        async def run():
+            return fn(*args, **kwargs)
+        return self._call(run())
+
+    def __getattr__(self, name):  # endpoint, relay, pending, peers, _core, _topics ...
+        return getattr(self.node, name)
 
     def declare(self, *a, **kw):
         return self._call(self.node.declare(*a, **kw))
@@ -67,19 +87,46 @@ class AsyncNodeFacade:
     def send(self, *a, **kw):
         return self._call(self.node.send(*a, **kw))
 
+    def send_async(self, *a, **kw) -> concurrent.futures.Future:
+        inner = self._on_loop(self.node.send_nowait, *a, **kw)
+        outer: concurrent.futures.Future = concurrent.futures.Future()
+
+        def copy(f) -> None:
+            if f.cancelled():
+                outer.cancel()
+            elif f.exception() is not None:
+                outer.set_exception(f.exception())
+            else:
+                outer.set_result(f.result())
+
+        self._loop.call_soon_threadsafe(inner.add_done_callback, copy)
+        return outer
+
     def send_many(self, *a, **kw):
         return self._call(self.node.send_many(*a, **kw))
 
     def consume(self, *a, **kw):
-        return _AsyncConsumerFacade(self, self._call(self.node.consume(*a, **kw)))
+        consumer = self._call(self.node.consume(*a, **kw))
+        return _Getter(self, consumer, lambda m: _AsyncMessage(self, m))
+
+    def publish(self, *a, **kw) -> None:
+        self._on_loop(self.node.publish, *a, **kw)
+
+    def subscribe(self, *a, **kw):
+        return _Getter(self, self._on_loop(self.node.subscribe, *a, **kw), lambda e: e)
 
     def close(self) -> None:
+        if self._loop.is_closed():
+            return
         try:
             self._call(self.node.close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
     def __enter__(self):
         return self

@@ -13,22 +13,23 @@ from murano_zmq.discovery import Advert, Discovery
 from ..helpers import free_tcp_endpoint, wait_for
 
 
-def test_relay_auto_finds_an_advertised_relay(relay_factory):
+def test_relay_auto_finds_an_advertised_relay(relay_factory, make_node):
     relay = relay_factory("--discovery-interfaces", "127.0.0.1")
-    with Node("finder", relay="auto", discovery="127.0.0.1") as node:
-        assert node.relay == relay.endpoint
-        node.send("found", "by zeroconf")
-        assert node.status()["mailboxes"][0]["depth"] == 1
+    node = make_node("finder", relay="auto", discovery="127.0.0.1")
+    assert node.relay == relay.endpoint
+    node.send("found", "by zeroconf")
+    assert node.status()["mailboxes"][0]["depth"] == 1
 
 
-def test_a_peer_consumer_is_learned_by_discovery_and_dropped_when_gone(relay):
-    with Node("producer", relay=relay.endpoint, discovery="127.0.0.1") as producer:
-        with Node("svc", relay=relay.endpoint, discovery="127.0.0.1") as svc:
-            svc.consume("svc.inbox")
-            wait_for(lambda: any(a.name == "svc" and "svc.inbox" in a.mailboxes
-                                 for a in producer.peers.values()), 15, what="svc advert")
-        wait_for(lambda: not any(a.name == "svc" for a in producer.peers.values()), 15,
-                 what="svc to go away")
+def test_a_peer_consumer_is_learned_by_discovery_and_dropped_when_gone(make_node):
+    producer = make_node("producer", discovery="127.0.0.1")
+    svc = make_node("svc", discovery="127.0.0.1")
+    svc.consume("svc.inbox")
+    wait_for(lambda: any(a.name == "svc" and "svc.inbox" in a.mailboxes
+                         for a in producer.peers.values()), 15, what="svc advert")
+    svc.close()
+    wait_for(lambda: not any(a.name == "svc" for a in producer.peers.values()), 15,
+             what="svc to go away")
 
 
 def test_peers_command_lists_what_discovery_sees(relay_factory):

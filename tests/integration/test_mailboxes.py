@@ -10,22 +10,6 @@ from ..helpers import wait_for
 from .nodes import NODE_KINDS
 
 
-@pytest.fixture(params=sorted(NODE_KINDS))
-def make_node(request, relay):
-    made = []
-
-    def make(name: str, **kw):
-        kw.setdefault("relay", relay.endpoint)
-        kw.setdefault("timeout", 15)
-        node = NODE_KINDS[request.param](name, **kw)
-        made.append(node)
-        return node
-
-    yield make
-    for node in made:
-        node.close()
-
-
 def drain(consumer, n: int, timeout: float = 10.0, ack: bool = False) -> list:
     got = []
     while len(got) < n:

@@ -1,4 +1,5 @@
-"""Topics (PUB/SUB): fan-out by prefix, through discovery and through the forwarder device."""
+"""Topics (PUB/SUB): fan-out by prefix, through discovery and through the
+forwarder device; on both runners (make_node)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import signal
 import subprocess
 import sys
 
-from murano_zmq import Node
-
 from ..helpers import free_tcp_endpoint, wait_for
 
 
-def publish_until_heard(publisher: Node, topic: str, subscriptions, timeout: float = 10.0) -> None:
+def publish_until_heard(publisher, topic: str, subscriptions, timeout: float = 10.0) -> None:
     """PUB/SUB joins late (slow joiner): publish a marker until every
     subscription has heard it, then the real traffic follows."""
     heard = [False] * len(subscriptions)
@@ -36,50 +35,50 @@ def events(subscription, n: int) -> list:
     return out
 
 
-def test_fan_out_to_several_subscribers_by_prefix(relay):
-    with Node("conductor", relay=relay.endpoint) as pub:
-        pub.publish("progress.warmup", "creates the PUB")
-        endpoint = wait_for(lambda: pub._topics.pub_endpoint, 10, what="PUB bound")
-        with Node("api-1", relay=relay.endpoint) as a, Node("api-2", relay=relay.endpoint) as b:
-            env1 = a.subscribe("progress.env1", publishers=[endpoint])
-            everything = b.subscribe("progress.", publishers=[endpoint])
-            other = b.subscribe("audit.", publishers=[endpoint])
-            publish_until_heard(pub, "progress.env1.marker", [env1, everything])
-            for i in range(20):
-                pub.publish(f"progress.env{1 + i % 2}", i)
-            assert events(env1, 10) == [("progress.env1", i) for i in range(0, 20, 2)]
-            assert events(everything, 20) == [(f"progress.env{1 + i % 2}", i) for i in range(20)]
-            assert other.get(timeout=0.2) is None
+def test_fan_out_to_several_subscribers_by_prefix(make_node):
+    pub = make_node("conductor")
+    pub.publish("progress.warmup", "creates the PUB")
+    endpoint = wait_for(lambda: pub._topics.pub_endpoint, 10, what="PUB bound")
+    a, b = make_node("api-1"), make_node("api-2")
+    env1 = a.subscribe("progress.env1", publishers=[endpoint])
+    everything = b.subscribe("progress.", publishers=[endpoint])
+    other = b.subscribe("audit.", publishers=[endpoint])
+    publish_until_heard(pub, "progress.env1.marker", [env1, everything])
+    for i in range(20):
+        pub.publish(f"progress.env{1 + i % 2}", i)
+    assert events(env1, 10) == [("progress.env1", i) for i in range(0, 20, 2)]
+    assert events(everything, 20) == [(f"progress.env{1 + i % 2}", i) for i in range(20)]
+    assert other.get(timeout=0.2) is None
 
 
-def test_subscribers_find_publishers_by_discovery(relay):
-    with Node("pub", relay=relay.endpoint, discovery="127.0.0.1") as pub, \
-            Node("sub", relay=relay.endpoint, discovery="127.0.0.1") as sub:
-        subscription = sub.subscribe("task.")
-        publish_until_heard(pub, "task.marker", [subscription], timeout=15)
-        pub.publish("task.7", {"step": "deploy"})
-        assert events(subscription, 1) == [("task.7", {"step": "deploy"})]
+def test_subscribers_find_publishers_by_discovery(make_node):
+    pub, sub = make_node("pub", discovery="127.0.0.1"), make_node("sub", discovery="127.0.0.1")
+    subscription = sub.subscribe("task.")
+    publish_until_heard(pub, "task.marker", [subscription], timeout=15)
+    pub.publish("task.7", {"step": "deploy"})
+    assert events(subscription, 1) == [("task.7", {"step": "deploy"})]
 
 
-def test_callback_subscription():
-    with Node("n", relay=free_tcp_endpoint()) as node:
-        got = []
-        node.subscribe("x.", callback=lambda e: got.append(e.body))
-        wait_for(lambda: (node.publish("x.y", 1), got)[1], 10, what="callback")
-        assert got[0] == 1
+def test_callback_subscription(make_node):
+    node = make_node("n", relay=free_tcp_endpoint())
+    got = []
+    node.subscribe("x.", callback=lambda e: got.append(e.body))
+    wait_for(lambda: (node.publish("x.y", 1), got)[1], 10, what="callback")
+    assert got[0] == 1
 
 
-def test_forwarder_device_connects_publishers_and_subscribers(relay, tmp_path):
+def test_forwarder_device_connects_publishers_and_subscribers(make_node):
     xsub, xpub = free_tcp_endpoint(), free_tcp_endpoint()
     proc = subprocess.Popen([sys.executable, "-m", "devices.forwarder", "--xsub", xsub, "--xpub", xpub])
     try:
-        with Node("pub", relay=relay.endpoint, forwarder=(xsub, xpub)) as pub, \
-                Node("sub", relay=relay.endpoint, forwarder=(xsub, xpub)) as sub:
-            subscription = sub.subscribe("progress.")
-            publish_until_heard(pub, "progress.marker", [subscription], timeout=15)
-            for i in range(10):
-                pub.publish("progress.env1", i)
-            assert events(subscription, 10) == [("progress.env1", i) for i in range(10)]
+        pub, sub = make_node("pub", forwarder=(xsub, xpub)), make_node("sub", forwarder=(xsub, xpub))
+        subscription = sub.subscribe("progress.")
+        publish_until_heard(pub, "progress.marker", [subscription], timeout=15)
+        for i in range(10):
+            pub.publish("progress.env1", i)
+        assert events(subscription, 10) == [("progress.env1", i) for i in range(10)]
+        pub.close()
+        sub.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

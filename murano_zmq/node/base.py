@@ -1,0 +1,221 @@
+"""What Node and AsyncNode share before any loop runs: their arguments
+(relay, discovery, CURVE, keys, forwarder, bounds), the NodeCore and the
+sockets object, and the small checks both make in their API calls."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from typing import Iterable
+
+import zmq
+
+from ..discovery.zeroconf import INTERFACES_ENV, Advert
+from ..protocol.constants import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_PREFETCH,
+    DEFAULT_RELAY_ENDPOINT,
+    DEFAULT_TIMEOUT,
+    RELAY_ENV,
+)
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
+from ..protocol.errors import RelayUnavailable, SendQueueFull
+from ..protocol.message import check_name
+from ..protocol.topics import check_topic
+from ..security.curve import client_curve
+from ..security.keys import KeyFileError, load_public_key
+from ..security.node import node_security
+from .core import NodeCore
+from .sockets import DEFAULT_DIRECT_BIND, NodeSockets
+from .topics import TopicSockets, parse_forwarder
+
+__all__ = ["DEFAULT_DIRECT_BIND", "NodeBase", "default_node_name", "resolve_relay"]
+
+
+def resolve_relay(relay: str | None) -> str:
+    """--relay / argument, else $MURANO_ZMQ_RELAY, else the default endpoint."""
+    return relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY_ENDPOINT
+
+
+def default_node_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class NodeBase:
+    """Arguments and shared checks; subclasses run the loop."""
+
+    def _setup(self, name: str | None, relay: str | None, *, heartbeat: float = DEFAULT_HEARTBEAT,
+               timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None, curve_key=None,
+               relay_key=None, direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
+               direct_timeout: float = DEFAULT_DIRECT_TIMEOUT, discovery: bool | str | None = None,
+               forwarder=None, max_pending: int = DEFAULT_MAX_PENDING, authorized_keys=None,
+               trusted_keys=None, permissions=None, forwarder_key=None) -> None:
+        self.name = name or default_node_name()
+        # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
+        # advertise this node and learn peers by zeroconf; None: on when
+        # $MURANO_ZMQ_DISCOVERY_INTERFACES is set.  relay="auto" finds a relay.
+        if discovery is None:
+            discovery = bool(os.environ.get(INTERFACES_ENV))
+        self._discover = bool(discovery)
+        self._interfaces = discovery if isinstance(discovery, str) else None
+        self.relay = relay if relay == "auto" else resolve_relay(relay)
+        self.timeout = timeout
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
+        self.max_pending = max_pending
+        self._context = context or zmq.Context.instance()
+        # CURVE (docs/security.md): curve_key is this node's key pair (a
+        # KeyPair or a .key_secret path), relay_key the relay's public key
+        # (z85 text, a KeyPair or a .key path); both or neither.
+        self._curve = client_curve(curve_key, relay_key)
+        # The rest of the fabric with keys (docs/security.md): authorized_keys
+        # (DIR) may connect to this node's direct ROUTER and PUB; trusted_keys
+        # (DIR, default the authorized ones) pin what discovery says;
+        # permissions (FILE) checks direct sends; forwarder_key is the
+        # forwarder's public key.
+        self._security = node_security(self._curve, authorized_keys, trusted_keys, permissions, forwarder_key)
+        forwarder = parse_forwarder(forwarder)
+        if self._security is not None and forwarder and self._security.forwarder_key is None:
+            raise ValueError("a node with CURVE keys needs the forwarder's public key (forwarder_key)")
+        # Direct delivery (docs/architecture.md): direct=False: relay only (a
+        # node that cannot accept connections, e.g. behind NAT).
+        self._core = NodeCore(self.name, uuid.uuid4().bytes, heartbeat, direct=direct,
+                              direct_timeout=direct_timeout, security=self._security,
+                              max_message_size=DEFAULT_MAX_MESSAGE_SIZE)
+        self._topics = TopicSockets(self._context, self.name, bind, forwarder, self._security)
+        self._io = NodeSockets(self._context, self._core, self.relay, self._curve, self._security,
+                               self._topics, bind)
+        self._io.on_topic = self._feed_topic
+        self._discovery = None
+        self._next_subscription = 1
+        self._wake_r, self._wake_w = os.pipe()  # wakes the runner's poll
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._armed = 0.0  # when the runner's current poll ends at the latest
+
+    @property
+    def pending(self) -> int:
+        """Messages this node holds that no socket has taken yet."""
+        return len(self._outgoing) + self._core.pending
+
+    @property
+    def endpoint(self) -> str | None:
+        """Where this node takes direct deliveries (None: relay only)."""
+        return self._core.endpoint
+
+    # --- checks the API calls share -------------------------------------------------
+
+    def _check_room(self, held: int, count: int) -> None:
+        if held + count > self.max_pending:
+            raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
+                                f"(max_pending={self.max_pending}); is the relay at {self.relay} reachable?")
+
+    def _check_deliverable_now(self, mailbox: str) -> None:
+        if not self._core.deliverable_now(mailbox):
+            raise RelayUnavailable(f"no relay connected at {self.relay} and no direct consumer of "
+                                   f"{mailbox} (wait=False)")
+
+    @staticmethod
+    def _check_consume(mailbox: str, prefetch: int = DEFAULT_PREFETCH) -> None:
+        check_name(mailbox)
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
+
+    def _check_publish(self, topic: str) -> None:
+        check_topic(topic)
+        if self._security is not None and not self._security.accepts and not self._topics.forwarder:
+            raise ValueError("a node with CURVE keys publishes only with authorized_keys (who may "
+                             "subscribe) or through a forwarder (forwarder=, forwarder_key=)")
+
+    def _publisher_keys(self, prefix: str, publishers: Iterable) -> dict:
+        """`subscribe(publishers=...)` as endpoint -> key (None without CURVE)."""
+        if not isinstance(prefix, str):
+            raise ValueError("prefix must be a str")
+        out: dict[str, bytes | None] = {}
+        for item in publishers:
+            endpoint, key = (item, None) if isinstance(item, str) else tuple(item)
+            if self._security is not None:
+                if key is None:
+                    raise ValueError(f"publisher {endpoint}: a node with CURVE keys needs its public "
+                                     "key: publishers=[(endpoint, key)]")
+                try:
+                    key = load_public_key(key)
+                except KeyFileError as exc:
+                    raise ValueError(f"publisher {endpoint}: {exc}") from None
+            out[endpoint] = key
+        return out
+
+    def _feed_topic(self, sid: int, events: list) -> None:
+        subscription = self._subscriptions.get(sid)
+        if subscription is not None:
+            subscription._feed(events)
+
+    def _new_subscription_id(self) -> int:
+        sid = self._next_subscription
+        self._next_subscription += 1
+        return sid
+
+    def _timed_out(self, timeout: float) -> RelayUnavailable:
+        return RelayUnavailable(f"no answer from relay {self.relay} within {timeout}s (the node keeps "
+                                "trying until it is closed)")
+
+    # --- the runner's poll: its sockets, the wake pipe, the core's deadline ---------
+
+    def _before_poll(self, poller, registered: list) -> tuple[list, int]:
+        """Register the sockets again if they changed; the poll's timeout, ms."""
+        if self._io.stale:
+            for s in registered:
+                poller.unregister(s)
+            registered = [self._wake_r, *self._io.sockets()]
+            for s in registered:
+                poller.register(s, zmq.POLLIN)
+        wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
+        self._armed = time.time() + wait
+        return registered, int(wait * 1000) + 1
+
+    def _after_poll(self, ready: dict) -> None:
+        if self._wake_r in ready:
+            # Drain, then re-arm: re-arming first could swallow the byte of a
+            # wake that sets the flag in between, leaving the flag up with an
+            # empty pipe (a lost wake-up).
+            os.read(self._wake_r, 4096)
+            self._woken = False
+
+    def _wake(self) -> None:
+        if self._woken or self._wake_w is None:
+            return
+        self._woken = True
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or the loop has ended
+
+    def _close_wake(self) -> None:
+        r, w, self._wake_w = self._wake_r, self._wake_w, None
+        os.close(r)
+        os.close(w)
+
+    # --- discovery ------------------------------------------------------------------
+
+    @property
+    def peers(self) -> dict:
+        """What discovery sees: service name -> Advert."""
+        return self._discovery.peers if self._discovery is not None else {}
+
+    def _advert(self) -> Advert:
+        key = self._security.key.public.decode() if self._security is not None else ""
+        return Advert(self.name, "node", self.endpoint or "", self._topics.pub_endpoint or "",
+                      self._core.advertised_mailboxes(), key)
+
+    def _advertise(self) -> None:
+        """(any thread but the loop's) say what this node offers now."""
+        if self._discovery is not None:
+            self._discovery.advertise(self._advert())
+
+    def _learn_peers(self, peers: dict, now: float) -> None:
+        """(the loop) adverts changed: teach the core and the topic sockets."""
+        self._topics.learned(self._core.adverts(peers, now))

@@ -1,0 +1,194 @@
+"""What a node hands the application: consumers (messages of one mailbox)
+and subscriptions (topic events), for Node (blocking) and AsyncNode (async).
+They hold a queue the runner feeds from its loop; settling a message and
+cancelling go back through the node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Iterator
+
+from ..protocol.errors import NodeClosed
+from ..protocol.message import Message
+from ..protocol.topics import TopicEvent
+
+log = logging.getLogger("murano_zmq.node")
+
+
+class Subscription:
+    """Topic events for one prefix; iterate, call get(), or give a callback."""
+
+    def __init__(self, node, sid: int, prefix: str, callback=None):
+        self.node = node
+        self.sid = sid
+        self.prefix = prefix
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = None
+        if callback is not None:
+            self._thread = threading.Thread(target=self._run_callback, args=(callback,), daemon=True)
+            self._thread.start()
+
+    def _feed(self, events: list[TopicEvent]) -> None:
+        for e in events:
+            self._queue.put(e)
+
+    def get(self, timeout: float | None = None) -> TopicEvent | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[TopicEvent]:
+        while not self._stopped.is_set():
+            e = self.get(timeout=0.2)
+            if e is not None:
+                yield e
+
+    def _run_callback(self, callback) -> None:
+        for event in self:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("subscription %r: callback failed", self.prefix)
+
+    def _stop(self) -> None:
+        self._stopped.set()
+
+    def cancel(self) -> None:
+        self._stop()
+        self.node._subscriptions.pop(self.sid, None)
+        try:
+            self.node._submit(lambda: self.node._topics.unsubscribe(self.sid))
+        except NodeClosed:
+            pass
+
+
+class Consumer:
+    """Messages of one mailbox for this node; iterate, or call get()."""
+
+    def __init__(self, node, mailbox: str):
+        self.node = node
+        self.mailbox = mailbox
+        self.cid = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = False
+
+    def _feed(self, messages: list[Message]) -> None:
+        for m in messages:
+            m._settle = self.node._settle
+            self._queue.put(m)
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after `timeout` seconds (None: wait forever)."""
+        if self._cancelled:
+            return None
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._cancelled:
+            m = self.get(timeout=0.2)
+            if m is not None:
+                yield m
+            elif self.node._closed.is_set():
+                return
+
+    def cancel(self) -> None:
+        """Stop consuming; messages not yet acked go back to the mailbox."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            self.node._cancel(self.cid, self.mailbox)
+        except NodeClosed:
+            pass
+
+
+class AsyncConsumer:
+    """Messages of one mailbox for an AsyncNode: `async for msg in consumer`."""
+
+    def __init__(self, node, mailbox: str):
+        self.node = node
+        self.mailbox = mailbox
+        self.cid = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = False
+
+    def _feed(self, messages: list[Message]) -> None:
+        for m in messages:
+            m._settle = self.node._settle
+            self._queue.put_nowait(m)
+
+    async def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after `timeout` seconds."""
+        if self._cancelled:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while not self._cancelled and not self.node._closed:
+            m = await self.get(timeout=0.5)
+            if m is not None:
+                yield m
+
+    def cancel(self) -> None:
+        """Stop consuming; messages not yet acked go back to the mailbox."""
+        if not self._cancelled:
+            self._cancelled = True
+            self.node._cancel(self.cid, self.mailbox)
+
+
+class AsyncSubscription:
+    """Topic events for one prefix on an AsyncNode."""
+
+    def __init__(self, node, sid: int, prefix: str, callback=None):
+        self.node = node
+        self.sid = sid
+        self.prefix = prefix
+        self._callback = callback
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = False
+
+    def _feed(self, events: list[TopicEvent]) -> None:
+        for e in events:
+            if self._callback is None:
+                self._queue.put_nowait(e)
+                continue
+            try:
+                self._callback(e)
+            except Exception:
+                log.exception("subscription %r: callback failed", self.prefix)
+
+    async def get(self, timeout: float | None = None) -> TopicEvent | None:
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def __aiter__(self) -> AsyncIterator[TopicEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TopicEvent]:
+        while not self._cancelled and not self.node._closed:
+            e = await self.get(timeout=0.5)
+            if e is not None:
+                yield e
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self.node._subscriptions.pop(self.sid, None)
+            if not self.node._closed:
+                self.node._topics.unsubscribe(self.sid)

@@ -1,0 +1,189 @@
+"""The sending ends of a node's direct links, with no I/O: which link takes a
+record, each link's queue and window, who waits for which record, and what
+goes to the relay when a link fails.
+
+The runner owns one DEALER per link.  It opens and closes them as
+`socket_ops` says, writes what flush() returns, and hands back what it reads
+(receive()) and a refused CURVE handshake (refused()).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH
+from ..protocol.direct import DirectConfirmed, DirectLink, LinkFailed, LinkState
+from ..protocol.paths import HOLD, PathTable
+from .common import SEND_BATCH_BYTES, record_size
+
+log = logging.getLogger("murano_zmq.node")
+
+OPEN, CLOSE = "open", "close"  # socket_ops: (OPEN, endpoint, expected key or None) / (CLOSE, endpoint)
+
+
+class DirectSender:
+    def __init__(self, node_name: str, instance: bytes, heartbeat: float,
+                 timeout: float = DEFAULT_DIRECT_TIMEOUT, window: int = DEFAULT_WINDOW,
+                 require_keys: bool = False):
+        self.node_name = node_name
+        self.instance = instance
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.window = window
+        self.paths = PathTable(require_keys=require_keys)
+        self.socket_ops: list[tuple] = []  # for the runner, in order
+        self._links: dict[str, DirectLink] = {}
+        self._queues: dict[str, deque] = {}  # endpoint -> (record, waiter) not yet sent
+        self._waiters: dict[int, object] = {}  # id(record) -> waiter, while direct
+        self._out: dict[str, int] = {}  # mailbox -> its records queued or unconfirmed on a link
+        self._sticky: dict[str, str] = {}  # mailbox -> the link those records are on
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for a link's window."""
+        return sum(len(q) for q in list(self._queues.values()))
+
+    def has_link(self, endpoint: str) -> bool:
+        return endpoint in self._links
+
+    # --- routing ----------------------------------------------------------------------
+
+    def route(self, record: list, waiter, now: float) -> str | None:
+        """Take `record` on a direct link if its mailbox goes direct now.
+        Returns the endpoint, None (the relay's), or HOLD (ask again later)."""
+        mailbox = record[1]
+        endpoint = self.paths.choose(mailbox, lambda e: self._has_room(e, now), now)
+        if endpoint is None and self._sticky.get(mailbox) in self._links:
+            # The consumer vanished from LOOKUP/discovery while records are
+            # still out on its link: going to the relay now could overtake
+            # them (if the link then fails); stay behind them.
+            endpoint = self._sticky[mailbox]
+        if endpoint is not None and endpoint != HOLD:
+            if endpoint not in self._links:
+                self._open(endpoint, now)
+            self._queues[endpoint].append((record, waiter))
+            self._out[mailbox] = self._out.get(mailbox, 0) + 1
+            self._sticky[mailbox] = endpoint
+        return endpoint
+
+    def _settled(self, record: list) -> None:
+        mailbox = record[1]
+        left = self._out.get(mailbox, 0) - 1
+        if left > 0:
+            self._out[mailbox] = left
+        else:
+            self._out.pop(mailbox, None)
+            self._sticky.pop(mailbox, None)
+
+    def _has_room(self, endpoint: str, now: float) -> bool:
+        link = self._links.get(endpoint)
+        if link is None:
+            link = self._open(endpoint, now)
+        return link.state != LinkState.FAILED and link.room() > len(self._queues[endpoint])
+
+    def _open(self, endpoint: str, now: float) -> DirectLink:
+        link = DirectLink(endpoint, self.node_name, self.instance, now, self.heartbeat, self.timeout, self.window)
+        self._links[endpoint] = link
+        self._queues[endpoint] = deque()
+        # choose() offers only endpoints with a known key under CURVE (LOOKUP or a pinned advert).
+        self.socket_ops.append((OPEN, endpoint, self.paths.key_of(endpoint)))
+        return link
+
+    def flush(self, now: float) -> list[tuple[str, list[bytes]]]:
+        """Queued records into SENDs (window permitting); every link's frames to write."""
+        out = []
+        for endpoint, link in self._links.items():
+            queue = self._queues[endpoint]
+            while queue and link.state == LinkState.READY and link.room():
+                batch, size = [], 0
+                # Small batches: a peer CONFIRMs a SEND once all of it is acked.
+                while queue and len(batch) < min(DIRECT_BATCH, link.room()):
+                    record_bytes = record_size(queue[0][0])
+                    if batch and size + record_bytes > SEND_BATCH_BYTES:
+                        break  # keep frames far below the peer's ZMQ_MAXMSGSIZE
+                    record, waiter = queue.popleft()
+                    self._waiters[id(record)] = waiter
+                    batch.append(record)
+                    size += record_bytes
+                link.send(batch, now)
+            frames = link.drain()
+            if frames:
+                out.extend((endpoint, f) for f in frames)
+                link.sent(now)
+        return out
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive(self, endpoint: str, frames: list, now: float) -> list:
+        """One command read on a link's socket; returns the (record, waiter)
+        pairs that must go to the relay instead."""
+        link = self._links.get(endpoint)
+        if link is None:
+            return []  # the link failed meanwhile; its socket is closing
+        try:
+            events = link.receive(frames, now)
+        except Exception as exc:
+            log.warning("node %s: bad command from peer %s dropped: %s", self.node_name, endpoint, exc)
+            return []
+        return self._link_events(events)
+
+    def refused(self, endpoint: str, why: str, auth: bool, now: float) -> list:
+        """The link's CURVE handshake failed: fail it now, not after a timeout."""
+        if endpoint not in self._links:
+            return []
+        log.warning("node %s: direct link to %s: %s", self.node_name, endpoint, why)
+        to_relay = self._fail(endpoint, why, [])
+        if auth:
+            self.paths.link_refused(endpoint, now)  # not again at every LOOKUP
+        return to_relay
+
+    def _link_events(self, link_events: list) -> list:
+        to_relay = []
+        for ev in link_events:
+            if isinstance(ev, DirectConfirmed):
+                for record in ev.done:
+                    self._settled(record)
+                    waiter = self._waiters.pop(id(record), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(record[0])
+            elif isinstance(ev, LinkFailed):
+                to_relay.extend(self._fail(ev.endpoint, ev.reason, ev.records))
+        return to_relay
+
+    def _fail(self, endpoint: str, reason: str, records: list) -> list:
+        link = self._links.pop(endpoint)
+        if link.state != LinkState.FAILED:
+            records = records + link.fail(reason).records
+        log.info("node %s: direct link to %s failed (%s); %d message(s) go to the relay",
+                 self.node_name, endpoint, reason, len(records) + len(self._queues[endpoint]))
+        self.paths.link_failed(endpoint)
+        pairs = [(r, self._waiters.pop(id(r), None)) for r in records]
+        pairs.extend(self._queues.pop(endpoint))
+        for record, _ in pairs:
+            self._settled(record)
+            record[6] = True  # the peer's application may have had it: the relay marks it redelivered
+        self.socket_ops.append((CLOSE, endpoint))
+        return pairs
+
+    def tick(self, now: float) -> list:
+        to_relay = []
+        for link in list(self._links.values()):
+            to_relay.extend(self._link_events(link.tick(now)))
+        return to_relay
+
+    def next_deadline(self) -> float:
+        return min((link.next_deadline() for link in self._links.values()), default=float("inf"))
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+
+    def abandon(self) -> list:
+        """Waiters of every record not confirmed yet (the node is closing)."""
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for queue in self._queues.values():
+            waiters.extend(w for _, w in queue)
+            queue.clear()
+        return waiters

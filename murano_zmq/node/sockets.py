@@ -1,0 +1,279 @@
+"""Every zmq socket of a node, for both runners: the relay DEALER (and its
+disconnect monitor), the direct ROUTER, one DEALER per direct link (with a
+CURVE handshake monitor), and the topic sockets.  It reads what is ready
+into the NodeCore and writes the core's outboxes; it decides nothing.
+
+Sockets are plain (non-asyncio) zmq sockets used without blocking; the
+runner only waits for them to be readable: Node with a zmq.Poller in its
+thread, AsyncNode with zmq.asyncio.Poller on its loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from ..protocol.constants import FRAME_HEADROOM, READ_BATCH
+from .core import NodeCore
+from .links import OPEN
+
+log = logging.getLogger("murano_zmq.node")
+
+# Where a node takes direct deliveries unless told otherwise: loopback, any port.
+DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _plain(sock: zmq.Socket) -> zmq.Socket:
+    """LINGER 0 and HWMs of 0: what a node sends is bounded by its own
+    in-flight limits, and a durable command must never meet a silent
+    high-water-mark drop."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
+def relay_socket(context: zmq.Context, endpoint: str, curve=None) -> zmq.Socket:
+    """A DEALER to the relay with a fresh routing id (a fresh relay session)."""
+    sock = _plain(context.socket(zmq.DEALER))
+    sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+    if curve is not None:
+        curve.apply(sock)  # CURVE to the relay (docs/security.md)
+    sock.connect(endpoint)
+    return sock
+
+
+def ready_frames(sock: zmq.Socket, copy: bool = True):
+    """The messages `sock` has now (up to READ_BATCH), without blocking."""
+    for _ in range(READ_BATCH):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
+
+
+class NodeSockets:
+    def __init__(self, context: zmq.Context, core: NodeCore, relay: str, curve=None, security=None,
+                 topics=None, bind: str = DEFAULT_DIRECT_BIND):
+        self._context = context
+        self.core = core
+        self.relay = relay
+        self._curve = curve
+        self._security = security  # security.node.NodeSecurity, or None: plain TCP
+        self.topics = topics
+        self.bind = bind
+        self.on_topic = None  # (subscription id, [TopicEvent]) -> None, set by the runner
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._links: dict[str, zmq.Socket] = {}
+        self._handshakes: dict[zmq.Socket, str] = {}  # a link's handshake monitor -> its endpoint
+        self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
+        self.changed = True  # the set of sockets to poll changed
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    def bind_router(self) -> str | None:
+        """Bind the direct ROUTER; a keyed node without authorized keys binds
+        none (it sends directly but takes deliveries from the relay only)."""
+        if self.core.inbox is None or (self._security is not None and not self._security.accepts):
+            return None
+        sock = _plain(self._context.socket(zmq.ROUTER))
+        # A peer cannot make this node allocate more than one message's worth.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.core.inbox.max_message_size + FRAME_HEADROOM)
+        # A command for a peer with no connection now fails (EHOSTUNREACH)
+        # instead of vanishing: the core keeps a CONFIRM for when the peer
+        # is back (its link keeps its routing id across reconnects).
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self._security is not None:
+            self._security.server(sock)
+        sock.bind(self.bind)
+        self._router = sock
+        self.core.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.core.endpoint
+
+    def connect(self, now: float) -> None:
+        """A new relay socket (and session): at start and after RelayLost."""
+        if self._sock is not None:
+            log.debug("node %s: new relay socket", self.core.name)
+            self._close_relay(0)
+        self._sock = relay_socket(self._context, self.relay, self._curve)
+        # A dropped TCP connection loses the frames in it, and ZeroMQ would
+        # reconnect under the same routing id without a word: watch it and
+        # start a new session instead, replaying what is unconfirmed.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.core.relay_connected(now)
+        self.changed = True
+
+    def _close_relay(self, linger) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
+        self._sock.close(linger)
+
+    @property
+    def stale(self) -> bool:
+        """The set of sockets to poll changed since sockets()."""
+        return self.changed or (self.topics is not None and self.topics.changed)
+
+    def sockets(self) -> list:
+        """What to poll for input."""
+        self.changed = False
+        if self.topics is not None:
+            self.topics.changed = False
+        socks = [self._sock, self._monitor, *self._links.values(), *self._handshakes]
+        if self._router is not None:
+            socks.append(self._router)
+        if self.topics is not None:
+            socks.extend(self.topics.sockets())
+        return socks
+
+    def close(self) -> None:
+        """Write the core's last frames (acks, BYEs), then close every socket."""
+        self.core.close()
+        self.write(0.0)
+        self.abort(linger=200)
+
+    def abort(self, linger: int = 0) -> None:
+        """Close every socket (idempotent)."""
+        for endpoint in list(self._links):
+            self._close_link(endpoint, linger)
+        if self._router is not None:
+            self._router.close(linger)
+        if self.topics is not None:
+            self.topics.close()
+        if self._sock is not None and not self._sock.closed:
+            self._close_relay(linger and 500)
+
+    # --- one turn: read what is ready, tick, route, write ---------------------------
+
+    def turn(self, ready, now: float, incoming=()) -> None:
+        """`ready`: the sockets the poll reported; `incoming`: new sends."""
+        core = self.core
+        if self._sock in ready:
+            for frames in ready_frames(self._sock):
+                core.relay_frames(frames, now)
+        if self._monitor in ready:
+            self._monitor.recv_multipart()
+            core.relay_dropped()
+        if self._router is not None and self._router in ready:
+            self._read_router(now)
+        for sock, endpoint in list(self._by_sock.items()):
+            if sock in ready:
+                for frames in ready_frames(sock):
+                    core.link_frames(endpoint, frames, now)
+                    if not core.sender.has_link(endpoint):
+                        break  # the link failed (e.g. the peer said BYE)
+        for monitor, endpoint in list(self._handshakes.items()):
+            if monitor in ready:
+                self._handshake_failed(monitor, endpoint, now)
+        if self.topics is not None and self.on_topic is not None:
+            for sock, sid in self.topics.sockets().items():
+                if sock in ready:
+                    self.on_topic(sid, self.topics.read(sock))
+        core.tick(now)
+        lost = core.take_lost()
+        if lost is not None:
+            log.info("node %s reconnecting: %s", core.name, lost.reason)
+            self.connect(now)
+        self.flush(now, incoming)
+
+    def flush(self, now: float, incoming=()) -> None:
+        """Route new sends, then write every outbox."""
+        self.core.route(incoming, now)
+        self.write(now)
+
+    def write(self, now: float) -> None:
+        core = self.core
+        for frames in core.relay_out(now):
+            self._sock.send_multipart(frames)  # HWM 0: never blocks
+        if core.sender is not None:
+            out = core.links_out(now)
+            self._socket_ops()
+            for endpoint, frames in out:
+                self._links[endpoint].send_multipart(frames)
+            for identity, frames in core.inbox_out(now):
+                try:
+                    self._router.send_multipart([identity, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError:  # EHOSTUNREACH: no connection from that peer now
+                    core.inbox_send_failed(identity, frames)
+
+    # --- direct links -----------------------------------------------------------------
+
+    def _socket_ops(self) -> None:
+        ops = self.core.sender.socket_ops
+        while ops:
+            op = ops.pop(0)
+            if op[0] == OPEN:
+                self._open_link(op[1], op[2])
+            else:
+                self._close_link(op[1], 0)
+
+    def _open_link(self, endpoint: str, key: bytes | None) -> None:
+        sock = _plain(self._context.socket(zmq.DEALER))
+        # One routing id for the link's life: after a reconnect the peer's
+        # ROUTER (ROUTER_HANDOVER) passes CONFIRMs on to the new connection.
+        sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        if self._security is not None:
+            self._security.client(sock, key)
+            self._handshakes[sock.get_monitor_socket(HANDSHAKE_EVENTS)] = endpoint
+        sock.connect(endpoint)
+        self._links[endpoint] = sock
+        self._by_sock[sock] = endpoint
+        self.changed = True
+
+    def _close_link(self, endpoint: str, linger: int) -> None:
+        sock = self._links.pop(endpoint, None)
+        if sock is None:
+            return
+        del self._by_sock[sock]
+        for monitor in [m for m, e in self._handshakes.items() if e == endpoint]:
+            del self._handshakes[monitor]
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            monitor.close(0)
+        sock.close(linger)
+        self.changed = True
+
+    def _handshake_failed(self, monitor: zmq.Socket, endpoint: str, now: float) -> None:
+        """A DEALER's handshake failed: the peer refused this node's key, or is
+        not who its key says.  Fail the link now instead of after a timeout."""
+        failed = None
+        for _ in range(100):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            if event["event"] & HANDSHAKE_EVENTS:
+                failed = event
+        if failed is None:
+            return
+        auth = failed["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        why = ("the peer refused this node's key (not in its authorized keys?)" if auth else
+               f"CURVE handshake failed (event 0x{failed['event']:x}, value {failed['value']})")
+        self.core.link_refused(endpoint, why, auth, now)
+
+    # --- the ROUTER -------------------------------------------------------------------
+
+    def _read_router(self, now: float) -> None:
+        keyed = self._security is not None  # read the User-Id of each command
+        for frames in ready_frames(self._router, copy=not keyed):
+            if not keyed:
+                if len(frames) >= 2:
+                    self.core.inbox_frames(frames[0], frames[1:], now)
+                continue
+            try:
+                user_id = frames[0].get("User-Id")
+            except zmq.ZMQError:
+                user_id = None
+            frames = [f.bytes for f in frames]
+            if len(frames) >= 2:
+                self.core.inbox_frames(frames[0], frames[1:], now, user_id)

@@ -1,0 +1,50 @@
+"""What a node holds when it cannot hand messages on, and idempotent sends:
+the same bounds and parameters on both runners (issue 12, item 7)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from murano_zmq import RelayUnavailable, SendQueueFull, idempotent_id
+
+from ..helpers import free_tcp_endpoint
+
+
+def test_no_relay_send_queue_is_bounded(make_node):
+    node = make_node("lonely", relay=free_tcp_endpoint(), max_pending=200, timeout=5)
+    held = [node.send_async("nowhere", i) for i in range(200)]
+    assert node.pending == 200
+    with pytest.raises(SendQueueFull, match="max_pending=200"):
+        node.send_async("nowhere", "one too many")
+    with pytest.raises(SendQueueFull):
+        node.send_many([("nowhere", i) for i in range(5)], timeout=1)
+    assert node.pending == 200, "a refused send must not be held"
+    assert not any(f.done() for f in held)
+
+
+def test_wait_false_with_no_relay_raises_at_once(make_node):
+    node = make_node("lonely", relay=free_tcp_endpoint(), timeout=30)
+    start = time.monotonic()
+    with pytest.raises(RelayUnavailable, match="wait=False"):
+        node.send("nowhere", "x", wait=False)
+    assert time.monotonic() - start < 5
+    assert node.pending == 0
+
+
+def test_msg_id_makes_a_send_idempotent(make_node):
+    node = make_node("api")
+    key = idempotent_id("order-42")
+    first = node.send("orders", {"n": 1}, msg_id=key)
+    again = node.send("orders", {"n": 1}, msg_id=key)
+    assert first == again == key
+    [mailbox] = [m for m in node.status()["mailboxes"] if m["name"] == "orders"]
+    assert mailbox["depth"] == 1
+    with pytest.raises(Exception, match="msg_id"):
+        node.send("orders", 1, msg_id=b"short")
+
+
+def test_max_pending_must_be_a_positive_whole_number(node_kind):
+    with pytest.raises(ValueError, match="max_pending"):
+        node_kind("n", relay=free_tcp_endpoint(), max_pending=0)

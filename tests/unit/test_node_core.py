@@ -1,0 +1,277 @@
+"""NodeCore with no sockets: two node cores and a relay engine on a fake
+link, time a number the test moves.  FIFO and exactly-once to the
+application across direct -> relay -> direct, and the inbox keeping a
+CONFIRM its ROUTER could not pass on."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from murano_zmq.node.common import build_record
+from murano_zmq.node.core import NodeCore
+from murano_zmq.node.links import OPEN
+from murano_zmq.protocol.client import State
+from murano_zmq.protocol.dedup import DedupWindow
+from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.frames import Cmd, decode, encode
+from murano_zmq.protocol.message import pack_body, send_record
+from murano_zmq.protocol.paths import PathTable
+from murano_zmq.relay.engine import RelayEngine
+from murano_zmq.store.sqlite import SQLiteStore
+
+T0 = 1_000_000.0
+STEP = 0.02  # seconds per turn
+ENDPOINT = "tcp://consumer:1"
+
+
+class Waiter:
+    """What a runner's future does, minus the waiting."""
+
+    def __init__(self):
+        self.result = self.error = None
+        self._done = False
+
+    def done(self):
+        return self._done
+
+    def set_result(self, value):
+        self.result, self._done = value, True
+
+    def set_exception(self, error):
+        self.error, self._done = error, True
+
+
+class FakeFabric:
+    """A relay engine, a sender core and a consumer core; one turn moves
+    every outbox once, as the runners and the relay loop would."""
+
+    def __init__(self, tmp_path):
+        self.now = T0
+        self.engine = RelayEngine(SQLiteStore(str(tmp_path / "relay")), self.now)
+        self.sender = NodeCore("sender", b"s" * 16, 1.0, direct_timeout=0.5)
+        self.consumer = NodeCore("consumer", b"c" * 16, 1.0)
+        self.consumer.endpoint = ENDPOINT
+        self.cores = {b"consumer": self.consumer, b"sender": self.sender}  # acks reach the relay first
+        self.link_identity = b""
+        self.links_opened = 0
+        self.relay_sends = 0  # SEND commands from the sender to the relay
+        self.incoming: deque = deque()
+        self.app: list = []  # messages the consumer's application holds, in order
+        self.seen: list = []  # bodies handed to the application, in order
+        for core in self.cores.values():
+            core.relay_connected(self.now)
+        self.turns(5)
+
+    def turn(self) -> None:
+        self.now += STEP
+        now = self.now
+        for identity, core in self.cores.items():
+            core.tick(now)
+            core.route(self.incoming if core is self.sender else (), now)
+            if core is self.sender:
+                self.incoming = deque()
+            for frames in core.relay_out(now):
+                if core is self.sender and decode(frames).cmd == Cmd.SEND:
+                    self.relay_sends += 1
+                self.engine.receive(identity, frames, now)
+        self.engine.tick(now)
+        self.engine.pump(now)
+        out = self.engine.take_output(now)
+        self.engine.commit()
+        for identity, frames in out + self.engine.take_output(now):
+            self.cores[identity].relay_frames(frames, now)
+        links = self.sender.links_out(now)
+        for op in self.sender.sender.socket_ops:  # a new DEALER: a new routing id
+            if op[0] == OPEN:
+                self.links_opened += 1
+                self.link_identity = b"link-%d" % self.links_opened
+        self.sender.sender.socket_ops.clear()
+        for endpoint, frames in links:
+            assert endpoint == ENDPOINT
+            self.consumer.inbox_frames(self.link_identity, frames, now)
+        for identity, frames in self.consumer.inbox_out(now):
+            if identity == self.link_identity:
+                self.sender.link_frames(ENDPOINT, frames, now)
+
+    def turns(self, n: int, until=None) -> None:
+        for _ in range(n):
+            self.turn()
+            if until is not None and until():
+                return
+        assert until is None, "condition not reached"
+
+    def send(self, *bodies) -> list[Waiter]:
+        waiters = []
+        for body in bodies:
+            waiter = Waiter()
+            self.incoming.append((build_record("fifo", body, None, None, self.now, None), waiter))
+            waiters.append(waiter)
+        return waiters
+
+    def feed(self, messages) -> None:
+        self.app.extend(messages)
+        self.seen.extend(m.body for m in messages)
+
+    def ack_all(self) -> None:
+        while self.app:
+            self.consumer.settle(self.app.pop(0), "ack", False)
+
+
+def test_fifo_and_exactly_once_across_direct_relay_direct(tmp_path):
+    net = FakeFabric(tmp_path)
+    net.consumer.consume("fifo", 1000, True, net.feed, Waiter())
+    net.turns(5)
+    direct = net.sender.paths
+    body = iter(range(10_000))
+    waiters: list[Waiter] = []
+
+    def stream_until(condition, turns: int = 400) -> None:
+        """Send one message a turn (the application acks) until `condition`."""
+        for _ in range(turns):
+            if condition():
+                return
+            waiters.extend(net.send(next(body)))
+            net.turn()
+            net.ack_all()
+        raise AssertionError("condition not reached")
+
+    def stream(n: int) -> None:
+        for _ in range(n):
+            waiters.extend(net.send(next(body)))
+            net.turn()
+            net.ack_all()
+
+    # 1. Relay first (nothing known yet), then direct once LOOKUP says drained.
+    stream_until(lambda: net.links_opened == 1)
+    stream(5)
+    before = net.relay_sends
+    stream(30)
+    assert direct.is_direct("fifo") and net.relay_sends == before, "direct: the relay sees none"
+
+    # 2. The consumer's application stalls: the link times out, its
+    # unconfirmed records and those behind them take the relay, in order.
+    acking, net.ack_all = net.ack_all, lambda: None
+    stream_until(lambda: not direct.is_direct("fifo"), turns=200)
+    stream(20)
+    net.turns(60)  # relay copies of what the application holds arrive: not handed out twice
+    net.ack_all = acking
+    assert net.relay_sends > before, "the stalled link's records took the relay"
+
+    # 3. Back to direct over a new link once the relay has drained.
+    stream_until(lambda: net.links_opened == 2)
+    stream(5)
+    before = net.relay_sends
+    stream(30)
+    assert net.relay_sends == before
+    net.turns(400, until=lambda: (net.ack_all(), all(w.done() for w in waiters))[1])
+    assert all(w.error is None for w in waiters)
+    assert net.seen == list(range(len(waiters))), "FIFO and exactly-once across both switches"
+
+
+def test_inbox_keeps_a_confirm_its_router_could_not_pass_on():
+    inbox = DirectInbox("c", 1 << 20, DedupWindow())
+    peer = b"link-1"
+    inbox.receive(peer, encode(Cmd.HELLO, "sender", b"i" * 16, 1.0), T0, {"m": 7})
+    record = send_record(b"x" * 16, "m", None, pack_body("body"), T0, None)
+    [delivered] = inbox.receive(peer, encode(Cmd.SEND, 1, [record]), T0, {"m": 7})
+    inbox.drain()
+    inbox.settle(delivered.messages[0], "ack", False)
+    [(identity, confirm)] = inbox.drain()
+    assert decode(confirm).cmd == Cmd.CONFIRM
+    inbox.send_failed(identity, confirm)  # no connection from the peer right now
+    inbox.send_failed(identity, encode(Cmd.HEARTBEAT))  # heartbeats are not kept
+    assert inbox.drain() == []
+    inbox.receive(peer, encode(Cmd.HEARTBEAT), T0 + 1, {"m": 7})  # the peer is back
+    assert [(i, decode(f).cmd) for i, f in inbox.drain()] == [(peer, Cmd.CONFIRM)]
+
+
+def test_core_state_is_the_relay_session():
+    core = NodeCore("n", b"n" * 16, direct=False)
+    assert core.state == State.IDLE and core.paths is None and core.pending == 0
+    assert not core.deliverable_now("m")
+
+
+def test_paths_with_the_relay_down_go_to_a_known_direct_consumer():
+    paths = PathTable()
+    room = lambda endpoint: True  # noqa: E731
+    paths.via_relay("m")  # one message through the relay ...
+    paths.relay_confirmed("m")  # ... stored: it may still be there
+    paths.looked_up("m", {"depth": 1, "direct": [["c", "tcp://c:1"]]}, T0)
+    assert paths.choose("m", room, T0) is None, "relay up: wait until it has drained"
+    paths.relay_up = False
+    assert paths.is_direct("m") and paths.choose("m", room, T0) == "tcp://c:1"
+    paths.relay_up = True
+    assert paths.choose("m", room, T0) == "tcp://c:1", "and stays direct once there"
+    paths.via_relay("q")  # unconfirmed relay sends keep their mailbox on the relay
+    paths.relay_up = False
+    paths.discovered("q", {"tcp://c:1"})
+    assert paths.choose("q", room, T0) is None
+
+
+def test_a_lost_confirm_costs_a_resend_on_the_link_not_a_relay_fallback():
+    from murano_zmq.protocol.direct import DirectLink, LinkFailed
+
+    inbox = DirectInbox("c", 1 << 20, DedupWindow())
+    link = DirectLink("tcp://c:1", "s", b"s" * 16, T0, heartbeat=1.0, timeout=2.0)
+    consumers = {"m": 7}
+    app: list = []
+
+    def carry(now, lose_confirms=False):
+        inbox.tick(now)  # its heartbeats say the peer is alive
+        for frames in link.drain():
+            for ev in inbox.receive(b"L", frames, now, consumers):
+                app.extend(ev.messages)
+        events = []
+        for _, frames in inbox.drain():
+            if not (lose_confirms and decode(frames).cmd == Cmd.CONFIRM):
+                events.extend(link.receive(frames, now))
+        return events
+
+    carry(T0)
+    records = [send_record(bytes([i]) * 16, "m", None, pack_body(i), T0, None) for i in range(2)]
+    link.send(records, T0)
+    carry(T0)
+    inbox.settle(app[0], "ack", False)
+    assert carry(T0 + 0.5) == []  # one of two settled: no CONFIRM yet
+    inbox.settle(app[1], "ack", False)
+    assert carry(T0 + 0.6, lose_confirms=True) == []  # the CONFIRM is lost
+    for t in (1.0, 1.6):  # heartbeats keep the link alive
+        link.tick(T0 + t)
+        carry(T0 + t)
+    assert link.tick(T0 + 2.1) == [], "a live peer gets the SEND again instead of a failed link"
+    [done] = carry(T0 + 2.1)
+    assert [r[0] for r in done.done] == [r[0] for r in records] and len(app) == 2, "none handed out twice"
+
+    # Resent while a record is still with the application: confirmed only once it is settled.
+    more = [send_record(bytes([9 + i]) * 16, "m", None, pack_body(i), T0, None) for i in range(2)]
+    link.send(more, T0 + 3)
+    carry(T0 + 3)
+    inbox.settle(app[2], "ack", False)
+    carry(T0 + 3.1)
+    for t in (4.0, 5.0):
+        link.tick(T0 + t)
+        carry(T0 + t)
+    assert link.tick(T0 + 5.2) == [] and carry(T0 + 5.2) == [], "no CONFIRM while one is held"
+    inbox.settle(app[3], "ack", False)
+    [done] = carry(T0 + 5.3)
+    assert len(done.done) == 2 and len(app) == 4
+    # A dead peer (no word) still fails the link after the timeout.
+    link.send([send_record(b"z" * 16, "m", None, pack_body(0), T0, None)], T0 + 6)
+    link.drain()
+    [failed] = link.tick(T0 + 9)
+    assert isinstance(failed, LinkFailed)
+
+
+def test_the_core_modules_import_no_io():
+    import ast
+    from pathlib import Path
+
+    import murano_zmq.node as node_package
+
+    forbidden = {"zmq", "asyncio", "socket", "threading", "selectors", "sqlite3"}
+    for name in ("core.py", "links.py", "common.py"):
+        tree = ast.parse((Path(node_package.__file__).parent / name).read_text())
+        imported = {alias.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+        assert not imported & forbidden, f"node/{name} imports {imported & forbidden}"
