@@ -48,6 +48,7 @@ class _Path:
     relay_unconfirmed: int = 0  # relay sends to it not yet confirmed
     relay_undrained: bool = False  # relay may still hold messages of ours for it
     rr: int = 0
+    held_since: float | None = None  # first held back while nothing was known of it
 
 
 class PathTable:
@@ -98,6 +99,14 @@ class PathTable:
                 return HOLD
             return None
         if not candidates:
+            if path.learned_at == float("-inf") and (path.lookup_pending or not self.relay_up):
+                # Nothing known yet: wait (a while) for the first LOOKUP, or
+                # for the relay session it needs, rather than start on the
+                # relay, which would then have to drain before going direct.
+                if path.held_since is None:
+                    path.held_since = now
+                if now - path.held_since < HOLD_LIMIT:
+                    return HOLD
             return None
         # Round-robin over links with room; when every window is full, queue
         # behind the next one anyway: spilling to the relay would reorder.

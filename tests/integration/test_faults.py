@@ -70,7 +70,7 @@ def test_relay_kill9_keeps_committed_messages_and_redelivers_unacked(relay_facto
 CONSUMER = """
 import sys, json
 from murano_zmq import Node
-node = Node("doomed", relay=sys.argv[1], heartbeat=0.2)
+node = Node("doomed", relay=sys.argv[1], heartbeat=0.2, direct=False)  # the relay's redelivery is the point
 c = node.consume("shared", prefetch=5)
 while True:
     m = c.get(timeout=30)

@@ -1,13 +1,16 @@
 """Online traffic with the relay down from a cold start (issue 14, part 1):
 adverts name the mailboxes a node consumes directly; a sender that cannot
 reach the relay sends straight to a live direct consumer it knows of (from
-adverts or an earlier LOOKUP).  The relay is killed with SIGKILL."""
+adverts or an earlier LOOKUP); the direct path is taken as soon as the relay
+says the mailbox is drained.  The relay is killed with SIGKILL."""
 
 from __future__ import annotations
 
 import subprocess
+import threading
 
 from ..helpers import wait_for
+from .test_direct import counters
 
 CONSUMER = """
 import sys
@@ -53,7 +56,6 @@ def test_after_one_send_the_next_goes_direct_with_the_relay_killed(relay, childr
     sender = make_node("sender", discovery="127.0.0.1", heartbeat=0.2, timeout=20)
     sender.send("direct.box", "first", timeout=15)
     assert consumer.stdout.readline().strip() == "first"
-    wait_for(lambda: advertises(sender, "direct-consumer", "direct.box"), 20, what="the consumer's advert")
     relay.kill()
     wait_for(lambda: relay_down(sender), 10, what="the sender to notice")
     sender.send("direct.box", "second", timeout=15)
@@ -71,3 +73,22 @@ def test_advert_lists_the_mailboxes_consumed_directly(make_node):
     box.cancel()
     wait_for(lambda: not advertises(observer, "svc", "svc.box"), 20, what="svc.box out of the advert")
     relay_only.cancel()
+
+
+def test_the_first_send_goes_direct_when_the_relay_has_nothing(make_node):
+    svc, client = make_node("svc"), make_node("client")
+    box = svc.consume("fresh.box")
+    got: list = []
+
+    def read() -> None:
+        m = box.get(timeout=20)
+        if m is not None:
+            got.append(m.body)
+            m.ack()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    client.send("fresh.box", "at once")
+    reader.join(20)
+    assert got == ["at once"]
+    assert counters(client)["received"] == 0, "no warm-up through the relay"

@@ -15,7 +15,7 @@ from murano_zmq.protocol.dedup import DedupWindow
 from murano_zmq.protocol.direct import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import pack_body, send_record
-from murano_zmq.protocol.paths import PathTable
+from murano_zmq.protocol.paths import HOLD, HOLD_LIMIT, PathTable
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.store.sqlite import SQLiteStore
 
@@ -275,3 +275,15 @@ def test_the_core_modules_import_no_io():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                      if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
         assert not imported & forbidden, f"node/{name} imports {imported & forbidden}"
+
+
+def test_paths_hold_the_first_send_until_something_is_known():
+    paths = PathTable()
+    room = lambda endpoint: True  # noqa: E731
+    assert paths.wants_lookup("m", T0)
+    assert paths.choose("m", room, T0) == HOLD
+    paths.looked_up("m", {"depth": 0, "direct": [["c", "tcp://c:1"]]}, T0 + 0.01)
+    assert paths.choose("m", room, T0 + 0.01) == "tcp://c:1", "direct from the first message"
+    paths.relay_up = False  # no relay session yet: hold a while, then queue for the relay
+    assert paths.choose("n", room, T0) == HOLD
+    assert paths.choose("n", room, T0 + HOLD_LIMIT + 0.1) is None
