@@ -113,6 +113,8 @@ class Delivery:
             deliveries = row.deliveries + 1
             if row.seq <= self.boot_seq and row.deliveries == 0:
                 deliveries = 2  # may have been out before a restart
+            if deliveries > 1:
+                self.counters["redelivered"] += 1
             size = len(row.body)
             consumer.hand_out(Unacked(row.seq, size, deliveries, row.expires))
             self.unacked[row.seq] = consumer
