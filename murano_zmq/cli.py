@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from . import cli_ops
 from .argtypes import bounded_int, count as _count, positive_seconds as _positive_float, relay_endpoint, seconds
 from .discovery.zeroconf import INTERFACES_ENV
 from .forwarder import add_forwarder_arguments
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in ("send", "consume", "declare", "delete", "status"):
         _add_key_options(sub.choices[command])
+    cli_ops.extend_parser(sub, _add_key_options)  # status --watch, purge/move/peek
     return parser
 
 
@@ -255,6 +257,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return cli_ops.cmd_watch(args)
     with _node(args, "cli-status") as node:
         status = node.status()
     if args.json:
@@ -322,6 +326,7 @@ COMMANDS = {
     "peers": cmd_peers,
     "forwarder": cmd_forwarder,
     "keygen": cmd_keygen,
+    **cli_ops.COMMANDS,
 }
 
 if __name__ == "__main__":

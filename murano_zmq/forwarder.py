@@ -20,6 +20,8 @@ import threading
 
 import zmq
 
+from .sdnotify import notify
+
 log = logging.getLogger("murano_zmq.forwarder")
 
 
@@ -87,6 +89,7 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
                                  name="forwarder", daemon=True)
         proxy.start()
         log.info("forwarder: publishers -> %s, subscribers -> %s", xsub, xpub)
+        notify(f"READY=1\nSTATUS=forwarding {xsub} -> {xpub}")  # systemd Type=notify
         while not stop.wait(0.5) and proxy.is_alive():
             pass
         stopper.send(b"TERMINATE")

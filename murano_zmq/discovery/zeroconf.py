@@ -2,8 +2,8 @@
 services of type _murano-zmq._tcp.local. and browse for each other.
 
 AsyncDiscovery runs on an asyncio loop (zeroconf's asyncio API); Discovery
-runs one in a thread of its own for threaded code, its methods waiting with
-a bound.  Interfaces are explicit: loopback unless configured otherwise
+runs one on a loop thread that every Discovery of the process shares, for
+threaded code, its methods waiting with a bound.  Interfaces are explicit: loopback unless configured otherwise
 (MURANO_ZMQ_DISCOVERY_INTERFACES, --discovery-interfaces, or `interfaces=`).
 
 A TXT record is a claim by whoever sent it: discovery tells a node where to
@@ -163,7 +163,10 @@ class AsyncDiscovery:
         if self.on_change is not None:
             self.on_change(dict(self.peers))
 
-    async def close(self) -> None:
+    async def close(self, leftovers: bool = True) -> None:
+        """Stop advertising and browsing.  `leftovers`: also end every other
+        task of the loop (zeroconf leaves announcement tasks behind); only
+        for a loop no other AsyncDiscovery shares."""
         if self._zc is None:
             return
         if self._browser is not None:
@@ -173,11 +176,65 @@ class AsyncDiscovery:
         await self._zc.async_unregister_all_services()
         await self._zc.async_close()
         self._zc = None
-        # zeroconf leaves announcement tasks behind: end them with the loop.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        if leftovers:
+            await _end_other_tasks()
+
+
+async def _end_other_tasks() -> None:
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+class _SharedLoop:
+    """The one asyncio loop thread that every Discovery of a process shares.
+
+    Why one: asyncio keeps "the running loop" per OS thread.  Once eventlet
+    has patched a process (oslo.messaging services), every Discovery thread
+    is a green thread of the same OS thread, so a second loop fails with
+    "Cannot run the event loop while another loop is running" and its Node
+    never starts.  One loop for all also saves a thread per Node."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                cls._loop = asyncio.new_event_loop()
+                cls._thread = threading.Thread(target=cls._loop.run_forever, name="murano-zmq-discovery",
+                                               daemon=True)
+                cls._thread.start()
+            cls._users += 1
+            return cls._loop
+
+    @classmethod
+    def release(cls, timeout: float) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0 or cls._loop is None:
+                return
+            loop, thread, cls._loop, cls._thread = cls._loop, cls._thread, None, None
+        try:
+            asyncio.run_coroutine_threadsafe(_end_other_tasks(), loop).result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            if not thread.is_alive():
+                loop.close()
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the parent's loop thread does not exist here."""
+        cls._lock = threading.Lock()
+        cls._loop, cls._thread, cls._users = None, None, 0
+
+
+os.register_at_fork(after_in_child=_SharedLoop.forget)
 
 
 class Discovery:
@@ -186,11 +243,13 @@ class Discovery:
     def __init__(self, interfaces: str | list[str] | None = None,
                  on_change: Callable[[dict[str, Advert]], None] | None = None, timeout: float = 10.0):
         self.timeout = timeout
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="murano-zmq-discovery", daemon=True)
-        self._thread.start()
+        self._loop = _SharedLoop.acquire()
         self._async = AsyncDiscovery(interfaces, on_change)
-        self._call(self._async.start())
+        try:
+            self._call(self._async.start())
+        except BaseException:
+            _SharedLoop.release(timeout)
+            raise
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
@@ -229,12 +288,13 @@ class Discovery:
         return result[0] if result else None
 
     def close(self) -> None:
+        if self._loop is None:
+            return
         try:
-            self._call(self._async.close())
+            self._call(self._async.close(leftovers=False))
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(self.timeout)
-            self._loop.close()
+            self._loop = None
+            _SharedLoop.release(self.timeout)
 
 
 def find_relay(interfaces: str | None = None, timeout: float = 5.0) -> str:

@@ -39,6 +39,10 @@ class Cmd(enum.IntEnum):
     BYE = 0x0F
     DELETE = 0x10
     LOOKUP = 0x11
+    # Admin commands (relay/admin.py), numbered apart from the core's.
+    PURGE = 0x20
+    MOVE = 0x21
+    PEEK = 0x22
 
 
 _CMD_BYTES = {c: bytes([c]) for c in Cmd}
@@ -67,6 +71,9 @@ SCHEMAS: dict[Cmd, tuple[str, ...]] = {
     Cmd.BYE: ("str",),  # reason
     Cmd.DELETE: ("int", "str"),  # req, mailbox
     Cmd.LOOKUP: ("int", "str"),  # req, mailbox
+    Cmd.PURGE: ("int", "str"),  # req, mailbox
+    Cmd.MOVE: ("int", "str", "str", "int?"),  # req, mailbox, target mailbox, most messages (nil: all)
+    Cmd.PEEK: ("int", "str", "int"),  # req, mailbox, count
 }
 
 # Trailing fields a sender may leave out (added in a later revision; read as nil).

@@ -102,6 +102,7 @@ class DeadLetters:
             self.enqueue(dlx, row.msg_id, msgpack.packb(headers), row.body, row.created,
                          None if ttl is None else now + ttl, 0, now, unacked, dead_lettering=True)
             self.counters["dead_lettered"] += 1
+            self.counters["dead_lettered_" + reason] = self.counters.get("dead_lettered_" + reason, 0) + 1
         except MailboxFull:
             log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
 

@@ -118,6 +118,8 @@ class Delivery:
             deliveries = row.deliveries + 1
             if seq <= boot_seq and deliveries == 1:
                 deliveries = 2  # may have been out before a restart
+            if deliveries > 1:
+                self.counters["redelivered"] += 1
             size = len(row.body)
             consumer.hand_out(Unacked(seq, size, deliveries, row.expires))
             unacked[seq] = consumer

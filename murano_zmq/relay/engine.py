@@ -43,6 +43,7 @@ from ..protocol.errors import (
 from ..protocol.frames import Cmd, decode
 from ..protocol.message import check_name
 from ..store.base import Store
+from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
 from .delivery import Delivery
 from .intake import Intake
@@ -63,7 +64,10 @@ class RelayEngine:
         self.name = name
         self.max_message_size = max_message_size
         self.counters = {"received": 0, "delivered": 0, "acked": 0, "expired": 0,
-                         "dead_lettered": 0, "rejected": 0}
+                         "dead_lettered": 0, "rejected": 0,
+                         # for relay/metrics.py (RabbitMQ's names)
+                         "confirmed": 0, "refused": 0, "redelivered": 0, "dead_lettered_expired": 0,
+                         "dead_lettered_rejected": 0, "dead_lettered_maxlen": 0}
         self.turn = Turn(store)
         self.boxes = Mailboxes(store)
         self.dead = DeadLetters(store, self.boxes, self.counters)
@@ -250,6 +254,8 @@ class RelayEngine:
 
     def _on_send(self, ctx: Ctx, req: int, records: list) -> None:
         errors = self.intake.store_records(ctx, records)
+        self.counters["refused"] += len(errors)  # (metrics) the others are confirmed with the commit
+        self.counters["confirmed"] += len(records) - len(errors)
         self.turn.reply_after_commit(ctx.identity, Cmd.CONFIRM, req, errors)
 
     def _on_consume(self, ctx: Ctx, req: int, cid: int, name: str, prefetch: int,
@@ -290,6 +296,7 @@ class RelayEngine:
         Cmd.LOOKUP: _on_lookup,
         Cmd.ACK: _on_ack,
         Cmd.NACK: _on_nack,
+        **ADMIN_HANDLERS,  # PURGE, MOVE, PEEK: relay/admin.py
     }
 
     # --- time ----------------------------------------------------------------------

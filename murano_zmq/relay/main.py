@@ -39,6 +39,11 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="ADDRS",
                    help="advertise the relay by zeroconf on these IPv4 addresses (comma-separated, "
                         f"or 'all'; default ${INTERFACES_ENV}, else not advertised)")
+    p.add_argument("--metrics", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the metrics extra)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate keys, permissions file, data dir (and --bind, --metrics); print what "
+                        "was checked and exit 0 (all good) or 1, without starting")
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument("--key", metavar="NAME|FILE",
                    help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
@@ -61,7 +66,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                              bind=args.bind, data_dir=args.data_dir, store=args.store, standby=args.standby,
                              name=args.name,
                              max_message_size=args.max_message_size,
-                             discovery_interfaces=args.discovery_interfaces)
+                             discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
+        if args.check_config:
+            from .checks import print_checks
+
+            return print_checks(config)
         return run_relay(config)
     except (StartupError, ValueError) as exc:
         print(f"murano-zmq relay: {exc}", file=sys.stderr)

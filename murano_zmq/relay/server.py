@@ -29,6 +29,7 @@ from ..protocol.constants import (
     FRAME_HEADROOM,
 )
 from ..protocol.errors import StartupError
+from ..sdnotify import notify
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
 from ..store.lock import DataDirLock
@@ -85,6 +86,8 @@ class RelayConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
     discovery_interfaces: str = ""
+    # Prometheus metrics on HOST:PORT ("" = none; relay/metrics.py).
+    metrics: str = ""
 
     # Security (docs/security.md): the relay's CURVE key (a .key_secret path,
     # or a NAME in key_dir), the authorized-keys directory, the permissions
@@ -174,13 +177,18 @@ class Relay:
             if not (store.hold_reserve() and store.space_available()):
                 self._storage_full("at start")
             log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
+            metrics = self._serve_metrics(store)  # first: a taken port stops the start before any advert
             discovery = self._advertise()
             self._ready.set()
+            notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
             try:
                 self._loop(sock)
             finally:
                 if discovery is not None:
                     discovery.close()
+                if metrics is not None:
+                    metrics.close()
+            notify("STOPPING=1")
             engine = self.engine
             engine.shutdown()
             self._send(sock, engine.take_output(time.time()))
@@ -272,6 +280,14 @@ class Relay:
         if engine.store.hold_reserve() and engine.store.space_available():
             engine.storage_full = False
             log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
+
+    def _serve_metrics(self, store: SQLiteStore):
+        if not self.config.metrics:
+            return None
+        from .metrics import MetricsServer
+
+        # The engine is read on each scrape: a store failure replaces it.
+        return MetricsServer(self.config.metrics, lambda: self.engine, store)
 
     def _advertise(self):
         """Advertise the relay by zeroconf when discovery interfaces are set."""

@@ -33,8 +33,9 @@ Operations and the commands they guard:
     send     SEND, per message (a denied message gets 403 in CONFIRM)
     consume  CONSUME
     declare  DECLARE (passive or not)
-    admin    DELETE of the mailbox; STATUS lists only mailboxes the
-             identity may administer, and needs at least one admin pattern
+    admin    DELETE, PURGE, PEEK of the mailbox, MOVE of both mailboxes;
+             STATUS lists only mailboxes the identity may administer, and
+             needs at least one admin pattern
 """
 
 from __future__ import annotations

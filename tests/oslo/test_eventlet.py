@@ -5,6 +5,7 @@ It runs in a child process: this one must stay unpatched."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -88,8 +89,14 @@ print(">> done", flush=True)
 '''
 
 
-def test_rpc_and_notifications_with_the_eventlet_executor_under_monkey_patching(relay, children):
-    proc = children(CHILD, zmqrelay_url(relay), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.mark.parametrize("discovery", ["off", "127.0.0.1"])
+def test_rpc_and_notifications_with_the_eventlet_executor_under_monkey_patching(relay, children, discovery):
+    # Discovery on: two transports are two Nodes, two zeroconf Discoverys in
+    # one OS thread (they hung the functional suite before they shared a loop).
+    env = dict(os.environ)
+    if discovery != "off":
+        env["MURANO_ZMQ_DISCOVERY_INTERFACES"] = discovery
+    proc = children(CHILD, zmqrelay_url(relay), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -105,6 +105,9 @@ EXAMPLES = {
     Cmd.BYE: ("node closing",),
     Cmd.DELETE: (11, "agent.env.unit"),
     Cmd.LOOKUP: (12, "conductor"),
+    Cmd.PURGE: (13, "dead"),
+    Cmd.MOVE: (14, "dead", "work", None),
+    Cmd.PEEK: (15, "work", 10),
 }
 
 

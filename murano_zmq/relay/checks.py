@@ -1,0 +1,183 @@
+"""`murano-zmq relay --check-config`: validate a relay's configuration
+without starting it (for `ExecStartPre=` in a service unit, and for people).
+
+Checks the security options and files (own key, authorized keys,
+permissions), the data directory (exists or can be made, is writable, its
+relay.db opens and passes SQLite's quick_check), the bind endpoint, the
+metrics address and the discovery interfaces.  Nothing is created or
+changed: a data directory that does not exist yet is only checked for a
+parent the relay could create it in.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .server import RelayConfig
+
+DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.what}: {self.detail}"
+
+
+def check_config(config: RelayConfig) -> list[Check]:
+    return [*_security(config), _data_dir(config.data_dir, config.create_parents), _bind(config.bind),
+            *_metrics(config.metrics), *_discovery(config.discovery_interfaces)]
+
+
+def _security(config: RelayConfig) -> list[Check]:
+    from ..security.relay import RelaySecurity, SecurityConfigError
+
+    try:
+        security = RelaySecurity.from_options(config.key, config.key_dir, config.authorized_keys,
+                                              config.permissions, config.allow_all)
+    except SecurityConfigError as exc:
+        return [Check(False, "security", str(exc))]
+    checks = [Check(True, "security", security.describe())]
+    if security.key is not None:
+        checks.append(_secret_key_mode(config))
+    if security.permissions is not None and security.keys is not None:
+        # Identities of the permissions file that match no authorized key
+        # grant nothing today: often a typo, so say so (not a failure).
+        from fnmatch import fnmatchcase
+
+        names = security.keys.names()
+        unmatched = [r.identity for r in security.permissions.current.rules
+                     if not any(fnmatchcase(n, r.identity) for n in names)]
+        detail = (f"{len(security.permissions.current.rules)} identity table(s) in {security.permissions.path}"
+                  + (f"; matching no authorized key: {', '.join(unmatched)}" if unmatched else ""))
+        checks.append(Check(True, "permissions", detail))
+    return checks
+
+
+def _secret_key_mode(config: RelayConfig) -> Check:
+    from ..security.keys import SECRET_SUFFIX, resolve_key_path
+
+    path = resolve_key_path(config.key, config.key_dir or None, SECRET_SUFFIX)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Check(False, "secret key", f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    return Check(True, "secret key", f"{path} (mode {mode:o})")
+
+
+def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
+    path = Path(data_dir)
+    if not path.exists():
+        if not create_parents and not path.absolute().parent.is_dir():
+            return Check(False, "data dir", f"{path}: its parent {path.absolute().parent} does not exist "
+                                            "(create it, or fix --data-dir)")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+            return Check(False, "data dir", f"{path} does not exist and {parent} is not writable")
+        return Check(True, "data dir", f"{path} does not exist yet; the relay will create it in {parent}")
+    if not path.is_dir():
+        return Check(False, "data dir", f"{path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return Check(False, "data dir", f"{path} is not writable by uid {os.geteuid()}")
+    holder = _lock_holder(path)
+    if holder is not None:
+        return Check(False, "data dir", f"{path} is in use by another relay (pid {holder})")
+    db = path / DB_NAME
+    if not db.exists():
+        return Check(True, "data dir", f"{path} (writable; no {DB_NAME} yet)")
+    if not os.access(db, os.R_OK | os.W_OK):
+        return Check(False, "data dir", f"{db} is not readable and writable by uid {os.geteuid()}")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+            count = con.execute("SELECT count(*) FROM messages").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return Check(False, "data dir", f"{db} is not a usable relay database: {exc}")
+    if verdict != "ok":
+        return Check(False, "data dir", f"{db} fails SQLite's quick_check: {verdict}")
+    return Check(True, "data dir", f"{path} (writable; {DB_NAME} passes quick_check, {count} message(s))")
+
+
+def _lock_holder(path: Path) -> str | None:
+    """The pid in relay.lock if a running relay holds it (store/lock.py), else None.
+    Only a shared, non-blocking try: nothing is written."""
+    import fcntl
+
+    from ..store.lock import LOCK_NAME
+
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
+def _bind(endpoint: str) -> Check:
+    scheme = endpoint.partition("://")[0]
+    if scheme == "tcp":
+        try:
+            port = urlsplit(endpoint.replace("tcp://", "http://", 1)).port
+        except ValueError:
+            port = None
+        if port is None and not endpoint.endswith(":*"):
+            return Check(False, "bind", f"{endpoint!r} has no valid port (tcp://HOST:PORT)")
+        return Check(True, "bind", endpoint)
+    if scheme in ("ipc", "inproc"):
+        return Check(True, "bind", endpoint)
+    return Check(False, "bind", f"{endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+
+
+def _metrics(address: str) -> list[Check]:
+    if not address:
+        return []
+    from .metrics import parse_address
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        return [Check(False, "metrics", str(exc))]
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return [Check(False, "metrics", "needs prometheus-client: pip install 'murano-zmq[metrics]'")]
+    return [Check(True, "metrics", f"http://{host}:{port}/metrics")]
+
+
+def _discovery(interfaces: str) -> list[Check]:
+    if not interfaces:
+        return []
+    from ..discovery.zeroconf import parse_interfaces
+
+    try:
+        chosen = parse_interfaces(interfaces)
+    except ValueError as exc:
+        return [Check(False, "discovery", str(exc))]
+    return [Check(True, "discovery", f"advertised on {chosen if isinstance(chosen, list) else 'all interfaces'}")]
+
+
+def print_checks(config: RelayConfig) -> int:
+    """`relay --check-config`: one line per check and a summary; 0 if all passed, else 1."""
+    checks = check_config(config)
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} check(s) passed, {failed} failed" if failed
+          else f"configuration ok ({len(checks)} checks)")
+    return 1 if failed else 0
