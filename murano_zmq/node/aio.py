@@ -124,13 +124,14 @@ class AsyncNode(NodeBase):
         self._schedule_flush()
 
     async def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
-                      timeout: float | None = None, direct: bool = True) -> "AsyncConsumer":
+                      timeout: float | None = None, direct: bool = True,
+                      prefetch_bytes: int | None = None) -> "AsyncConsumer":
         """A consumer of `mailbox` (see Node.consume): `async for msg in consumer`."""
-        self._check_consume(mailbox, prefetch)
+        self._check_consume(mailbox, prefetch, prefetch_bytes)
         self._start()
         consumer = AsyncConsumer(self, mailbox)
         future = self._loop.create_future()
-        consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future)
+        consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
         self._schedule_flush()
         try:
             await self._wait(future, timeout)

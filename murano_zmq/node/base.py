@@ -122,10 +122,18 @@ class NodeBase:
                                    f"{mailbox} (wait=False)")
 
     @staticmethod
-    def _check_consume(mailbox: str, prefetch: int = DEFAULT_PREFETCH) -> None:
+    def _check_consume(mailbox: str, prefetch: int = DEFAULT_PREFETCH, prefetch_bytes: int | None = None) -> None:
         check_name(mailbox)
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
+        if prefetch_bytes is not None and (not isinstance(prefetch_bytes, int) or prefetch_bytes < 1):
+            raise ValueError(f"prefetch_bytes must be a whole number >= 1 or None, got {prefetch_bytes!r}")
+
+    @property
+    def path_counts(self) -> dict[str, int]:
+        """Records this node handed to each path so far: {"direct": n, "relay": m}
+        (one that falls back from a direct link counts on both)."""
+        return dict(self._core.sent)
 
     def _check_publish(self, topic: str) -> None:
         check_topic(topic)

@@ -60,6 +60,9 @@ class NodeCore:
         self._lookups: dict[int, str] = {}  # LOOKUP req -> mailbox
         self._lost: RelayLost | None = None
         self._untrusted: set[tuple[str, str]] = set()  # adverts whose key was not trusted (logged once)
+        # Records handed to each path (one that falls back from a direct link
+        # counts on both): what murano_zmq.metrics exports for nodes that opt in.
+        self.sent = {"direct": 0, "relay": 0}
 
     # --- state the runners read ------------------------------------------------------
 
@@ -96,10 +99,11 @@ class NodeCore:
     def request(self, cmd: Cmd, *fields: Any, waiter) -> None:
         self.dispatch.requests[self.session.request(cmd, *fields)] = waiter
 
-    def consume(self, mailbox: str, prefetch: int, direct: bool, sink: Callable[[list], None], waiter) -> int:
+    def consume(self, mailbox: str, prefetch: int, direct: bool, sink: Callable[[list], None], waiter,
+                prefetch_bytes: int | None = None) -> int:
         """Start a consumer (direct deliveries too, if this node takes them)."""
         endpoint = self.endpoint if direct else None
-        cid, req = self.session.consume(mailbox, prefetch, endpoint)
+        cid, req = self.session.consume(mailbox, prefetch, endpoint, prefetch_bytes)
         if endpoint is not None:
             self.consumers[mailbox] = cid
         self.dispatch.sinks[cid] = sink
@@ -154,6 +158,7 @@ class NodeCore:
                     self._held.append((record, waiter))
                     continue
                 if path is not None:
+                    self.sent["direct"] += 1
                     continue
             self._to_relay(record, waiter)
         self._fill_sends()
@@ -171,6 +176,7 @@ class NodeCore:
                     continue
                 break
             req = session.send(records)
+            self.sent["relay"] += len(records)
             self.dispatch.sends[req] = [(w, r[0]) for w, r in zip(waiters, records)]
             if self.sender is not None:
                 self._relay_sends[req] = [r[1] for r in records]

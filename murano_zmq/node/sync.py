@@ -137,19 +137,24 @@ class Node(NodeBase):
         self._wake()
 
     def consume(self, mailbox: str, prefetch: int = DEFAULT_PREFETCH,
-                timeout: float | None = None, direct: bool = True) -> "Consumer":
+                timeout: float | None = None, direct: bool = True,
+                prefetch_bytes: int | None = None) -> "Consumer":
         """A consumer of `mailbox`: iterate it for Messages; ack each one.
 
         direct=False: take this mailbox's messages through the relay only
         (for long work where the ack means "finished": a direct sender would
         wait that long for its CONFIRM).
+
+        prefetch_bytes: a byte credit on top of `prefetch` (AMQP's
+        prefetch-size): the relay hands this consumer no more unacked body
+        bytes than that (one message at least, whatever its size).
         """
-        self._check_consume(mailbox, prefetch)
+        self._check_consume(mailbox, prefetch, prefetch_bytes)
         consumer = Consumer(self, mailbox)
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def job() -> None:
-            consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future)
+            consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
 
         self._submit(job)
         try:
