@@ -26,7 +26,7 @@ import itertools
 
 from ..protocol.constants import OVERFLOW_REJECT
 from ..protocol.errors import LocalProtocolError, Malformed, MailboxFull, MailboxNotFound
-from ..protocol.frames import Cmd, encode
+from ..protocol.frames import Cmd
 from ..protocol.message import check_name
 from .state import Mailbox
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .server import RelayConfig
+from .config import RelayConfig
 
 DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
 

@@ -19,22 +19,18 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import zmq
 
-from ..protocol.constants import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_RELAY_ENDPOINT,
-    FRAME_HEADROOM,
-)
+from ..protocol.constants import FRAME_HEADROOM
 from ..protocol.errors import StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
 from ..store.lock import DataDirLock
-from ..store.open import StandbyStopped, check_store_url, is_sqlite, open_store
+from ..store.open import StandbyStopped, is_sqlite, open_store
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
+from .config import RelayConfig
 from .engine import RelayEngine
 from .faults import FailureLog, prepare_data_dir
 
@@ -66,50 +62,6 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
-
-
-def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "murano-zmq")
-
-
-@dataclass
-class RelayConfig:
-    bind: str = DEFAULT_RELAY_ENDPOINT
-    data_dir: str = ""
-    # '' (SQLite in data_dir) or a postgresql:// URL (docs/scale-out.md).
-    store: str = ""
-    # PostgreSQL: wait for the relay running on the store to end, then take
-    # over (bind and serve).
-    standby: bool = False
-    name: str = "relay"
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
-    discovery_interfaces: str = ""
-    # Prometheus metrics on HOST:PORT ("" = none; relay/metrics.py).
-    metrics: str = ""
-
-    # Security (docs/security.md): the relay's CURVE key (a .key_secret path,
-    # or a NAME in key_dir), the authorized-keys directory, the permissions
-    # file; allow_all lets a keyed relay run without a permissions file.
-    key: str = ""
-    key_dir: str = ""
-    authorized_keys: str = ""
-    permissions: str = ""
-    allow_all: bool = False
-    # Create missing parents of data_dir (the default directory); a data_dir
-    # given explicitly must have an existing parent, so a typo fails loudly.
-    create_parents: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.data_dir:
-            self.data_dir = default_data_dir()
-            self.create_parents = True
-        if self.max_message_size <= 0:
-            raise ValueError("max_message_size must be > 0")
-        check_store_url(self.store)
-        if self.standby and is_sqlite(self.store):
-            raise ValueError("--standby needs --store postgresql://...")
 
 
 class Relay:
