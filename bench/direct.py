@@ -33,6 +33,8 @@ RAW_RECEIVER = """
 import sys, zmq
 ctx = zmq.Context()
 s = ctx.socket(zmq.ROUTER)
+s.setsockopt(zmq.SNDHWM, 0)  # never drop an ack: the sender's window bounds them
+s.setsockopt(zmq.ROUTER_MANDATORY, 1)
 s.bind(sys.argv[1])
 print("ready", flush=True)
 while True:
@@ -83,6 +85,8 @@ def bench_raw(count: int, rt_count: int) -> dict:
     receiver = spawn(RAW_RECEIVER, endpoint)
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.setsockopt(zmq.RCVTIMEO, 30_000)  # a lost ack fails the run instead of hanging it
     s.connect(endpoint)
     try:
         # throughput: window of WINDOW unacked
