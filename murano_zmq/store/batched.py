@@ -65,6 +65,15 @@ class BatchedStore:
     def _drop_transaction(self) -> None:
         """rollback(): undo what the open transaction holds (under the commit lock)."""
 
+    def _check_schema(self, execute, mark: str, version: int, error: type[Exception]) -> None:
+        """At start-up, in the writer's transaction: record the schema version
+        in a new database, refuse one of another version."""
+        row = execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            execute(f"INSERT INTO meta VALUES ('schema', {mark})", (version,))
+        elif row[0] != version:
+            raise error(f"{self.path}: schema version {row[0]}, this relay reads {version}")
+
     # --- reads ------------------------------------------------------------------
 
     def max_seq(self) -> int:

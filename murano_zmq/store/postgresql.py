@@ -101,11 +101,7 @@ class PostgresStore(BatchedStore):
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', %s)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreUnavailable(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
+            self._check_schema(self._db.execute, "%s", SCHEMA_VERSION, StoreUnavailable)
         # Which new ids need no lookup (store/ids.py).  One relay per
         # database keeps it true: no one else inserts.
         top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",

@@ -83,11 +83,7 @@ class SQLiteStore(BatchedStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
+        self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
@@ -116,8 +112,7 @@ class SQLiteStore(BatchedStore):
             try:
                 self._begin()
                 self._save_seq_mark(seq)
-                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
-                self._tx_open = False
+                self._commit_tx()
             except sqlite3.Error as exc:
                 self._rollback_tx()
                 error = StoreError(exc)
@@ -142,13 +137,11 @@ class SQLiteStore(BatchedStore):
         return on_disk
 
     def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
-        found = []
-        for i in range(0, len(msg_ids), ID_CHUNK):
-            chunk = msg_ids[i:i + ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found += self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})",
-                                 tuple(chunk))
-        return found
+        chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
+                              f"({','.join('?' * len(chunk))})", tuple(chunk))
+                  for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+        # (one chunk, the usual case, is passed on as it came: no copy)
+        return chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
 
     def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
                     wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
@@ -195,8 +188,7 @@ class SQLiteStore(BatchedStore):
         self._write_sealed(sealed)
         try:
             if self._tx_open:
-                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
-                self._tx_open = False
+                self._commit_tx()
         except sqlite3.Error as exc:
             self._rollback_tx()
             raise StoreError(exc) from exc
@@ -226,6 +218,10 @@ class SQLiteStore(BatchedStore):
         retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
         self._tx_open = True
         self._seq_before = self._seq_saved
+
+    def _commit_tx(self) -> None:
+        retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+        self._tx_open = False
 
     def _rollback_tx(self) -> None:
         """Undo the open transaction (SQLite may have rolled back already: a
