@@ -16,7 +16,6 @@ not built yet (docs/scale-out.md says what is missing).
 from __future__ import annotations
 
 import threading
-from typing import Iterable
 
 import msgpack
 
@@ -27,8 +26,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from . import pgconn
 from .base import MailboxRow, StoredMessage
+from .batched import BatchedStore
 from .ids import CLOCK_BOUND, IdCeiling
-from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+from .batch import WriteBatch, replay, visible
 from .faults import StoreError
 from .open import StoreUnavailable
 
@@ -68,13 +68,19 @@ def _row(r: tuple) -> StoredMessage:
     return StoredMessage(seq, mailbox, bytes(msg_id), bytes(headers), bytes(body), created, expires, deliveries)
 
 
-class PostgresStore:
+class PostgresStore(BatchedStore):
     """exclusive=False: no relay lock (a second reader, for tests and tools)."""
+
+    _EXPIRED_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=%s "
+                    "AND (expires, seq) > (%s, %s) AND mailbox {not_dropped} ORDER BY expires, seq LIMIT %s")
+    _NEXT_EXPIRY_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>%s "
+                        "AND mailbox {not_dropped} ORDER BY expires LIMIT %s")
 
     def __init__(self, conninfo: str, exclusive: bool = True, standby: threading.Event | None = None):
         """standby: wait for the relay lock as long as it takes (a standby
         relay, taking over when the running one dies), until this event is
         set (then StandbyStopped)."""
+        super().__init__()
         self.path = pgconn.redact(conninfo)  # what the relay logs
         self._conninfo = conninfo
         self._exclusive = exclusive
@@ -95,16 +101,7 @@ class PostgresStore:
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', %s)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise StoreUnavailable(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-        self._batches: list[WriteBatch] = [WriteBatch()]
-        self._batches_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
-        self._read_lock = threading.RLock()
-        self._seq_saved = 0
+            self._check_schema(self._db.execute, "%s", SCHEMA_VERSION, StoreUnavailable)
         # Which new ids need no lookup (store/ids.py).  One relay per
         # database keeps it true: no one else inserts.
         top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
@@ -118,10 +115,6 @@ class PostgresStore:
             self._db.close()
             self._reader.close()
             raise
-
-    def _pending(self) -> list[WriteBatch]:
-        with self._batches_lock:
-            return self._batches
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
@@ -147,11 +140,6 @@ class PostgresStore:
         return {mb: (n, int(b or 0)) for mb, n, b in self._query(
             "SELECT mailbox, count(*), sum(octet_length(body)) FROM messages GROUP BY mailbox")}
 
-    def max_seq(self) -> int:
-        stored = self._query("SELECT coalesce(max(seq), 0) FROM messages")[0][0]
-        row = self._query("SELECT value FROM meta WHERE key='seq'")
-        return max(stored, row[0][0] if row else 0)
-
     def reserve_seq(self, seq: int) -> None:
         with self._commit_lock:
             self._save_seq_mark(seq)
@@ -162,187 +150,89 @@ class PostgresStore:
                              "SET value = greatest(meta.value, excluded.value)", (seq,))
             self._seq_saved = seq
 
-    # --- reads ------------------------------------------------------------------
+    # --- reads (the dialect of store/batched.py) ------------------------------------
 
-    def get(self, seq: int) -> StoredMessage | None:
-        found = self.get_many([seq])
-        return found[0] if found else None
-
-    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
-        batches = self._pending()
-        on_disk = {}
-        if seqs:
-            for r in self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq = ANY(%s::bigint[])", (list(seqs),)):
-                on_disk[r[0]] = _row(r)
-        rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
-        return [r for r in rows if r is not None]
-
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        maybe = self._ids.maybe_stored(msg_ids)
-        if not maybe:
+    def _rows_at(self, seqs: list[int]) -> dict[int, StoredMessage]:
+        if not seqs:
             return {}
-        batches = self._pending()
-        found: dict[bytes, int] = {}
-        for seq, mailbox, msg_id in self._query(
-                "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (maybe,)):
-            if visible(seq, mailbox, batches):
-                found[bytes(msg_id)] = mailbox
-        for i, b in enumerate(batches):
-            for msg_id in maybe:
-                seq = b.ids.get(msg_id)
-                if seq is not None:
-                    row = replay(b.inserted[seq], batches[i:], own=True)
-                    if row is not None:
-                        found[msg_id] = row.mailbox_id
-        return found
+        return {r[0]: _row(r) for r in self._query(
+            f"SELECT {_COLUMNS} FROM messages WHERE seq = ANY(%s::bigint[])", (list(seqs),))}
 
-    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
-                   max_bytes: int | None = None) -> list[StoredMessage]:
-        batches = self._pending()
+    def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+        return [(seq, mailbox, bytes(msg_id)) for seq, mailbox, msg_id in self._query(
+            "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (msg_ids,))]
+
+    def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
+                    wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
         rows: list[StoredMessage] = []
         stopped_at = None
-        if mailbox_id not in dropped_mailboxes(batches):
-            wanted = limit + hidden_count(batches)  # rows the batches hide make room for others
-            if max_bytes is None:
-                found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE mailbox=%s AND seq>%s "
-                                    "ORDER BY seq LIMIT %s", (mailbox_id, after_seq, wanted))
-            else:  # sizes first, so bodies past max_bytes are never read
-                take, size = [], 0
-                for seq, length in self._query(
-                        "SELECT seq, octet_length(body) FROM messages WHERE mailbox=%s AND seq>%s "
-                        "ORDER BY seq LIMIT %s", (mailbox_id, after_seq, wanted)):
-                    if not visible(seq, mailbox_id, batches):
-                        continue
-                    take.append(seq)
-                    size += length
-                    if len(take) >= limit or size >= max_bytes:
-                        stopped_at = seq
-                        break
-                found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq = ANY(%s::bigint[]) ORDER BY seq",
-                                    (take,)) if take else []
-            for r in found:
-                row = replay(_row(r), batches)
-                if row is not None:
-                    rows.append(row)
-            if max_bytes is None and len(rows) >= limit:
-                stopped_at = rows[limit - 1].seq
-        more = [r for r in inserted_rows(batches) if r.mailbox_id == mailbox_id and r.seq > after_seq
-                and (stopped_at is None or r.seq < stopped_at)]
-        if more:
-            rows = sorted(rows + more, key=lambda r: r.seq)
-        return cap(rows, limit, max_bytes)
+        if max_bytes is None:
+            found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE mailbox=%s AND seq>%s "
+                                "ORDER BY seq LIMIT %s", (mailbox_id, after_seq, wanted))
+        else:  # sizes first, so bodies past max_bytes are never read
+            take, size = [], 0
+            for seq, length in self._query(
+                    "SELECT seq, octet_length(body) FROM messages WHERE mailbox=%s AND seq>%s "
+                    "ORDER BY seq LIMIT %s", (mailbox_id, after_seq, wanted)):
+                if not visible(seq, mailbox_id, batches):
+                    continue
+                take.append(seq)
+                size += length
+                if len(take) >= limit or size >= max_bytes:
+                    stopped_at = seq
+                    break
+            found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq = ANY(%s::bigint[]) ORDER BY seq",
+                                (take,)) if take else []
+        for r in found:
+            row = replay(_row(r), batches)
+            if row is not None:
+                rows.append(row)
+        if max_bytes is None and len(rows) >= limit:
+            stopped_at = rows[limit - 1].seq
+        return rows, stopped_at
 
-    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
-                ) -> list[tuple[float, int, int]]:
-        batches = self._pending()
-        start = after or (float("-inf"), -1)
-        found = [
-            (expires, seq, mailbox)
-            for expires, seq, mailbox in self._query(
-                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=%s "
-                "AND (expires, seq) > (%s, %s) AND mailbox <> ALL(%s::bigint[]) ORDER BY expires, seq LIMIT %s",
-                (now, start[0], start[1], dropped_mailboxes(batches), limit + hidden_count(batches)))
-            if visible(seq, mailbox, batches)
-        ]
-        found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
-                  if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
-        found.sort()
-        return found[:limit]
-
-    def next_expiry(self, after: float) -> float | None:
-        batches = self._pending()
-        found = None
-        for expires, seq, mailbox in self._query(
-                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>%s "
-                "AND mailbox <> ALL(%s::bigint[]) ORDER BY expires LIMIT %s",
-                (after, dropped_mailboxes(batches), 1 + hidden_count(batches))):
-            if visible(seq, mailbox, batches):
-                found = expires
-                break
-        for r in inserted_rows(batches):
-            if r.expires is not None and r.expires > after and (found is None or r.expires < found):
-                found = r.expires
-        return found
-
-    # --- writes (into the open batch) --------------------------------------------
-
-    def save_mailbox(self, row: MailboxRow) -> None:
-        self._batches[-1].save_mailbox(row)
-
-    def delete_mailbox(self, mailbox_id: int) -> None:
-        self._batches[-1].delete_mailbox(mailbox_id)
-
-    def insert(self, messages: list[StoredMessage]) -> None:
-        self._ids.stored([m.msg_id for m in messages])
-        self._batches[-1].insert(messages)
-
-    def delete(self, seqs: Iterable[int]) -> None:
-        self._batches[-1].delete(seqs)
-
-    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
-        self._batches[-1].set_deliveries(counts)
+    def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
+        return "<> ALL(%s::bigint[])", (dropped,)
 
     # --- commit -------------------------------------------------------------------
 
-    def seal(self) -> None:
-        with self._batches_lock:
-            if self._batches[-1]:
-                self._batches = [*self._batches, WriteBatch()]
-
-    @property
-    def in_transaction(self) -> bool:
-        return len(self._batches) > 1
-
-    def commit(self) -> None:
+    def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
         """One transaction for every sealed batch; returns after PostgreSQL
         acknowledged the COMMIT.  A lost connection is reconnected (within
         pgconn.RECONNECT_WINDOW) and the transaction run again; any other
         failure is a StoreError, the batches kept, for the relay's
         store-failure path (relay/server.py)."""
-        with self._commit_lock:
-            sealed = self._pending()[:-1]
-            if not sealed:
-                return
-            while True:
-                try:
-                    self._db.execute("BEGIN")
-                    for batch in sealed:
-                        self._write(batch)
-                    self._db.execute("COMMIT")
-                    break
-                except psycopg.OperationalError as exc:
-                    # The server went away (a failover).  Whether this
-                    # transaction got in or not, running it again is safe:
-                    # inserts skip stored ids, deletes and updates repeat.
-                    if not (self._db.broken or self._db.closed):
-                        self._abort()
-                        raise StoreError(exc) from exc
-                    self._db = self._reconnect(self._db, "writer")
-                    if self._exclusive:
-                        try:  # (a standby relay may have taken over meanwhile)
-                            pgconn.take_relay_lock(self._db, self.path, None)
-                        except StoreUnavailable as exc:
-                            raise StoreError(exc) from None
-                except psycopg.Error as exc:  # the relay's store-failure path takes it
-                    self._abort()  # the batches stay, for a later commit()
-                    raise StoreError(exc) from exc
-                except BaseException:
+        while True:
+            try:
+                self._db.execute("BEGIN")
+                for batch in sealed:
+                    self._write(batch)
+                self._db.execute("COMMIT")
+                break
+            except psycopg.OperationalError as exc:
+                # The server went away (a failover).  Whether this
+                # transaction got in or not, running it again is safe:
+                # inserts skip stored ids, deletes and updates repeat.
+                if not (self._db.broken or self._db.closed):
                     self._abort()
-                    raise
-            self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
-            with self._batches_lock:
-                self._batches = self._batches[len(sealed):]
+                    raise StoreError(exc) from exc
+                self._db = self._reconnect(self._db, "writer")
+                if self._exclusive:
+                    try:  # (a standby relay may have taken over meanwhile)
+                        pgconn.take_relay_lock(self._db, self.path, None)
+                    except StoreUnavailable as exc:
+                        raise StoreError(exc) from None
+            except psycopg.Error as exc:  # the relay's store-failure path takes it
+                self._abort()  # the batches stay, for a later commit()
+                raise StoreError(exc) from exc
+            except BaseException:
+                self._abort()
+                raise
+        self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
 
     def _abort(self) -> None:
         if not self._db.closed and self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self._db.execute("ROLLBACK")
-
-    def rollback(self) -> None:
-        """Drop every write not committed yet (the relay then starts over
-        from the store)."""
-        with self._commit_lock:
-            with self._batches_lock:
-                self._batches = [WriteBatch()]
 
     # Disk space is the database server's business, not the relay's: the
     # relay's full-disk handling (store/space.py) does not apply.
@@ -380,11 +270,3 @@ class PostgresStore:
             cur.execute("INSERT INTO meta VALUES ('seq', %s) ON CONFLICT (key) DO UPDATE "
                         "SET value = greatest(meta.value, excluded.value)", (batch.top_seq,))
         # (_seq_saved moves in commit(), once the transaction is in.)
-
-    def close(self) -> None:
-        try:
-            self.seal()
-            self.commit()
-        finally:
-            self._reader.close()
-            self._db.close()

@@ -18,19 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
-from typing import Iterable
 
 import msgpack
 
 from ..protocol.errors import StartupError
 from . import space
 from .base import MailboxRow, StoredMessage
+from .batched import BatchedStore
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
-from .batch import (WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, overlay, replay,
-                    runs, visible)
+from .batch import WriteBatch, overlay, runs
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
@@ -38,20 +36,19 @@ log = logging.getLogger("murano_zmq.store")
 
 
 
-class SQLiteStore:
+class SQLiteStore(BatchedStore):
     DB_NAME = "relay.db"
 
+    _EXPIRED_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
+                    "AND (expires, seq) > (?, ?) AND mailbox {not_dropped} ORDER BY expires, seq LIMIT ?")
+    _NEXT_EXPIRY_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
+                        "AND mailbox {not_dropped} ORDER BY expires LIMIT ?")
+
     def __init__(self, data_dir: str):
+        super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._db = self._connect()  # the writer
-        # The open batch is the last; those before it are sealed.  The list
-        # is replaced, never changed in place, so a reader's copy stays valid.
-        self._batches: list[WriteBatch] = [WriteBatch()]
-        self._batches_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
-        self._read_lock = threading.RLock()  # one statement at a time on the reader
-        self._seq_saved = 0  # highest seq recorded in meta by this store
         self._seq_before = 0  # ... before the open transaction
         self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
         self._seq_owed = 0  # a reserve_seq() mark a full disk kept out: the next commit writes it
@@ -86,15 +83,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {row[0]}, this relay reads {SCHEMA_VERSION}")
-
-    def _pending(self) -> list[WriteBatch]:
-        with self._batches_lock:
-            return self._batches
+        self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
@@ -116,13 +105,6 @@ class SQLiteStore:
                 "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox")
         }
 
-    def max_seq(self) -> int:
-        """The highest seq ever stored: tags are never reused after a restart,
-        so a late ACK cannot hit a newer message."""
-        stored = self._query("SELECT coalesce(max(seq), 0) FROM messages")[0][0]
-        row = self._query("SELECT value FROM meta WHERE key='seq'")
-        return max(stored, row[0][0] if row else 0)
-
     def reserve_seq(self, seq: int) -> None:
         """On a full disk the mark stays owed: nothing can be stored before
         a commit succeeds, and that commit writes it first."""
@@ -130,8 +112,7 @@ class SQLiteStore:
             try:
                 self._begin()
                 self._save_seq_mark(seq)
-                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
-                self._tx_open = False
+                self._commit_tx()
             except sqlite3.Error as exc:
                 self._rollback_tx()
                 error = StoreError(exc)
@@ -144,129 +125,51 @@ class SQLiteStore:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (seq,))
             self._seq_saved = seq
 
-    # --- reads ------------------------------------------------------------------
+    # --- reads (the dialect of store/batched.py) ------------------------------------
 
-    def get(self, seq: int) -> StoredMessage | None:
-        found = self.get_many([seq])
-        return found[0] if found else None
-
-    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
-        batches = self._pending()
+    def _rows_at(self, seqs: list[int]) -> dict[int, StoredMessage]:
         on_disk = {}
         for i in range(0, len(seqs), ID_CHUNK):
             chunk = seqs[i:i + ID_CHUNK]
             marks = ",".join("?" * len(chunk))
             for r in self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
                 on_disk[r[0]] = StoredMessage._make(r)
-        rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
-        return [r for r in rows if r is not None]
+        return on_disk
 
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        maybe = self._ids.maybe_stored(msg_ids)
-        if not maybe:
-            return {}
-        batches = self._pending()
-        found: dict[bytes, int] = {}
-        for i in range(0, len(maybe), ID_CHUNK):
-            chunk = maybe[i:i + ID_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for seq, mailbox, msg_id in self._query(
-                    f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({marks})", tuple(chunk)):
-                if visible(seq, mailbox, batches):
-                    found[msg_id] = mailbox
-        for i, b in enumerate(batches):
-            for msg_id in maybe:
-                seq = b.ids.get(msg_id)
-                if seq is not None:
-                    row = replay(b.inserted[seq], batches[i:], own=True)
-                    if row is not None:
-                        found[msg_id] = row.mailbox_id
-        return found
+    def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+        chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
+                              f"({','.join('?' * len(chunk))})", tuple(chunk))
+                  for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+        # (one chunk, the usual case, is passed on as it came: no copy)
+        return chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
 
-    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
-                   max_bytes: int | None = None) -> list[StoredMessage]:
-        batches = self._pending()
+    def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
+                    wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
         rows: list[StoredMessage] = []
         stopped_at = None
-        if mailbox_id not in dropped_mailboxes(batches):
-            wanted = limit + hidden_count(batches)  # rows the batches hide make room for others
-            with self._read_lock:
-                cursor = self._reader.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
-                    (mailbox_id, after_seq, wanted))
-                size = 0
-                deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
-                make = StoredMessage._make
-                for r in cursor:  # stop early: bodies past max_bytes are never read
-                    if r[0] in deleted:
-                        continue
-                    row = make(r)
-                    if counts and row.seq in counts:
-                        row = row._replace(deliveries=counts[row.seq])
-                    rows.append(row)
-                    size += len(row.body)
-                    if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
-                        stopped_at = row.seq  # rows after it were not read
-                        break
-                cursor.close()
-        more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
-                and (stopped_at is None or r.seq < stopped_at)]
-        if more:
-            rows = sorted(rows + more, key=lambda r: r.seq)
-        return cap(rows, limit, max_bytes)
+        with self._read_lock:
+            cursor = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                (mailbox_id, after_seq, wanted))
+            size = 0
+            deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
+            make = StoredMessage._make
+            for r in cursor:  # stop early: bodies past max_bytes are never read
+                if r[0] in deleted:
+                    continue
+                row = make(r)
+                if counts and row.seq in counts:
+                    row = row._replace(deliveries=counts[row.seq])
+                rows.append(row)
+                size += len(row.body)
+                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                    stopped_at = row.seq  # rows after it were not read
+                    break
+            cursor.close()
+        return rows, stopped_at
 
-    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
-                ) -> list[tuple[float, int, int]]:
-        batches = self._pending()
-        start = after or (float("-inf"), -1)
-        dropped = dropped_mailboxes(batches)
-        found = [
-            (expires, seq, mailbox)
-            for expires, seq, mailbox in self._query(
-                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires<=? "
-                f"AND (expires, seq) > (?, ?) AND mailbox NOT IN ({','.join('?' * len(dropped))}) "
-                "ORDER BY expires, seq LIMIT ?",
-                (now, start[0], start[1], *dropped, limit + hidden_count(batches)))
-            if visible(seq, mailbox, batches)
-        ]
-        found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
-                  if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
-        found.sort()
-        return found[:limit]
-
-    def next_expiry(self, after: float) -> float | None:
-        batches = self._pending()
-        dropped = dropped_mailboxes(batches)
-        found = None
-        for expires, seq, mailbox in self._query(
-                "SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
-                f"AND mailbox NOT IN ({','.join('?' * len(dropped))}) ORDER BY expires LIMIT ?",
-                (after, *dropped, 1 + hidden_count(batches))):
-            if visible(seq, mailbox, batches):
-                found = expires
-                break
-        for r in inserted_rows(batches):
-            if r.expires is not None and r.expires > after and (found is None or r.expires < found):
-                found = r.expires
-        return found
-
-    # --- writes (into the open batch) --------------------------------------------
-
-    def save_mailbox(self, row: MailboxRow) -> None:
-        self._batches[-1].save_mailbox(row)
-
-    def delete_mailbox(self, mailbox_id: int) -> None:
-        self._batches[-1].delete_mailbox(mailbox_id)
-
-    def insert(self, messages: list[StoredMessage]) -> None:
-        self._ids.stored([m.msg_id for m in messages])
-        self._batches[-1].insert(messages)
-
-    def delete(self, seqs: Iterable[int]) -> None:
-        self._batches[-1].delete(seqs)
-
-    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
-        self._batches[-1].set_deliveries(counts)
+    def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
+        return f"NOT IN ({','.join('?' * len(dropped))})", tuple(dropped)
 
     # --- commit -------------------------------------------------------------------
 
@@ -275,38 +178,22 @@ class SQLiteStore:
         only then), its statements run now, in the caller's thread, so that
         commit() has only the COMMIT (the fsync) left to do: the committer
         thread then holds no GIL-bound work while the loop runs."""
-        with self._batches_lock:
-            if not self._batches[-1]:
-                return
-            self._batches = [*self._batches, WriteBatch()]
-        if self._commit_lock.acquire(blocking=False):
+        if self._seal_open() and self._commit_lock.acquire(blocking=False):
             try:
                 self._write_sealed(self._pending()[:-1])
             finally:
                 self._commit_lock.release()
 
-    @property
-    def in_transaction(self) -> bool:
-        """True while sealed writes wait for commit()."""
-        return len(self._batches) > 1
-
-    def commit(self) -> None:
-        with self._commit_lock:
-            sealed = self._pending()[:-1]
-            if not sealed:
-                return
-            self._write_sealed(sealed)
-            try:
-                if self._tx_open:
-                    retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
-                    self._tx_open = False
-            except sqlite3.Error as exc:
-                self._rollback_tx()
-                raise StoreError(exc) from exc
-            if self._seq_saved >= self._seq_owed:
-                self._seq_owed = 0
-            with self._batches_lock:
-                self._batches = self._batches[len(sealed):]
+    def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
+        self._write_sealed(sealed)
+        try:
+            if self._tx_open:
+                self._commit_tx()
+        except sqlite3.Error as exc:
+            self._rollback_tx()
+            raise StoreError(exc) from exc
+        if self._seq_saved >= self._seq_owed:
+            self._seq_owed = 0
 
     def _write_sealed(self, sealed: list[WriteBatch]) -> None:
         """Run the statements of the sealed batches not written yet, in order,
@@ -332,6 +219,10 @@ class SQLiteStore:
         self._tx_open = True
         self._seq_before = self._seq_saved
 
+    def _commit_tx(self) -> None:
+        retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+        self._tx_open = False
+
     def _rollback_tx(self) -> None:
         """Undo the open transaction (SQLite may have rolled back already: a
         full disk does that); its batches stay, to be written again."""
@@ -346,13 +237,7 @@ class SQLiteStore:
         for batch in self._pending():
             batch.written = False
 
-    def rollback(self) -> None:
-        """Drop every write since the last commit, written or buffered (the
-        relay does this after a StoreError, then starts over from the store)."""
-        with self._commit_lock:
-            self._rollback_tx()
-            with self._batches_lock:
-                self._batches = [WriteBatch()]
+    _drop_transaction = _rollback_tx  # rollback() (store/batched.py) undoes the transaction too
 
     # --- disk space (store/space.py) ---
 
@@ -382,12 +267,3 @@ class SQLiteStore:
                 db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
                 db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
         self._save_seq_mark(batch.top_seq)
-
-    def close(self) -> None:
-        try:
-            self.seal()
-            self.commit()
-        finally:
-            self._reader.close()
-            self._db.close()
-

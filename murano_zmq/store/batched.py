@@ -1,0 +1,219 @@
+"""BatchedStore: what the SQL stores share around their write batches.
+
+Writes go into the open WriteBatch (store/batch.py); reads ask the
+database, then replay the batches not committed yet over the answer.  A
+subclass (store/sqlite.py, store/postgresql.py) supplies its dialect: the
+SQL text with its placeholder style, _query(), the few reads that differ
+(_rows_at, _ids_at, _ready_rows), and how a commit writes (_commit_sealed,
+_write).  Nothing here does I/O of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+from .base import MailboxRow, StoredMessage
+from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
+
+
+class BatchedStore:
+    # SQL with "{not_dropped}" where _not_dropped()'s clause goes.
+    _EXPIRED_SQL: str
+    _NEXT_EXPIRY_SQL: str
+
+    def __init__(self) -> None:
+        # The open batch is the last; those before it are sealed.  The list
+        # is replaced, never changed in place, so a reader's copy stays valid.
+        self._batches: list[WriteBatch] = [WriteBatch()]
+        self._batches_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._read_lock = threading.RLock()  # one statement at a time on the reader
+        self._seq_saved = 0  # highest seq recorded in meta by this store
+
+    def _pending(self) -> list[WriteBatch]:
+        with self._batches_lock:
+            return self._batches
+
+    # --- the dialect ---------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        raise NotImplementedError
+
+    def _rows_at(self, seqs: list[int]) -> dict[int, StoredMessage]:
+        """The committed rows of these seqs, by seq."""
+        raise NotImplementedError
+
+    def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+        """(seq, mailbox, msg_id) of the committed rows with these ids."""
+        raise NotImplementedError
+
+    def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
+                    wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
+        """load_ready()'s committed rows as the batches leave them, and the
+        seq it stopped reading at (None: it read them all)."""
+        raise NotImplementedError
+
+    def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
+        """The SQL that leaves these mailboxes out ("mailbox ..."), and its args."""
+        raise NotImplementedError
+
+    def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
+        """Write and commit these batches in one transaction (under the commit lock)."""
+        raise NotImplementedError
+
+    def _drop_transaction(self) -> None:
+        """rollback(): undo what the open transaction holds (under the commit lock)."""
+
+    def _check_schema(self, execute, mark: str, version: int, error: type[Exception]) -> None:
+        """At start-up, in the writer's transaction: record the schema version
+        in a new database, refuse one of another version."""
+        row = execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            execute(f"INSERT INTO meta VALUES ('schema', {mark})", (version,))
+        elif row[0] != version:
+            raise error(f"{self.path}: schema version {row[0]}, this relay reads {version}")
+
+    # --- reads ------------------------------------------------------------------
+
+    def max_seq(self) -> int:
+        """The highest seq ever stored: tags are never reused after a restart,
+        so a late ACK cannot hit a newer message."""
+        stored = self._query("SELECT coalesce(max(seq), 0) FROM messages")[0][0]
+        row = self._query("SELECT value FROM meta WHERE key='seq'")
+        return max(stored, row[0][0] if row else 0)
+
+    def get(self, seq: int) -> StoredMessage | None:
+        found = self.get_many([seq])
+        return found[0] if found else None
+
+    def get_many(self, seqs: list[int]) -> list[StoredMessage]:
+        batches = self._pending()
+        on_disk = self._rows_at(seqs)
+        rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
+        return [r for r in rows if r is not None]
+
+    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
+        maybe = self._ids.maybe_stored(msg_ids)
+        if not maybe:
+            return {}
+        batches = self._pending()
+        found: dict[bytes, int] = {}
+        for seq, mailbox, msg_id in self._ids_at(maybe):
+            if visible(seq, mailbox, batches):
+                found[msg_id] = mailbox
+        for i, b in enumerate(batches):
+            for msg_id in maybe:
+                seq = b.ids.get(msg_id)
+                if seq is not None:
+                    row = replay(b.inserted[seq], batches[i:], own=True)
+                    if row is not None:
+                        found[msg_id] = row.mailbox_id
+        return found
+
+    def load_ready(self, mailbox_id: int, after_seq: int, limit: int,
+                   max_bytes: int | None = None) -> list[StoredMessage]:
+        batches = self._pending()
+        rows: list[StoredMessage] = []
+        stopped_at = None
+        if mailbox_id not in dropped_mailboxes(batches):
+            wanted = limit + hidden_count(batches)  # rows the batches hide make room for others
+            rows, stopped_at = self._ready_rows(mailbox_id, after_seq, limit, max_bytes, wanted, batches)
+        more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
+                and (stopped_at is None or r.seq < stopped_at)]
+        if more:
+            rows = sorted(rows + more, key=lambda r: r.seq)
+        return cap(rows, limit, max_bytes)
+
+    def expired(self, now: float, limit: int, after: tuple[float, int] | None = None
+                ) -> list[tuple[float, int, int]]:
+        batches = self._pending()
+        start = after or (float("-inf"), -1)
+        clause, dropped = self._not_dropped(dropped_mailboxes(batches))
+        found = [
+            (expires, seq, mailbox)
+            for expires, seq, mailbox in self._query(
+                self._EXPIRED_SQL.format(not_dropped=clause),
+                (now, start[0], start[1], *dropped, limit + hidden_count(batches)))
+            if visible(seq, mailbox, batches)
+        ]
+        found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
+                  if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
+        found.sort()
+        return found[:limit]
+
+    def next_expiry(self, after: float) -> float | None:
+        batches = self._pending()
+        clause, dropped = self._not_dropped(dropped_mailboxes(batches))
+        found = None
+        for expires, seq, mailbox in self._query(
+                self._NEXT_EXPIRY_SQL.format(not_dropped=clause),
+                (after, *dropped, 1 + hidden_count(batches))):
+            if visible(seq, mailbox, batches):
+                found = expires
+                break
+        for r in inserted_rows(batches):
+            if r.expires is not None and r.expires > after and (found is None or r.expires < found):
+                found = r.expires
+        return found
+
+    # --- writes (into the open batch) --------------------------------------------
+
+    def save_mailbox(self, row: MailboxRow) -> None:
+        self._batches[-1].save_mailbox(row)
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        self._batches[-1].delete_mailbox(mailbox_id)
+
+    def insert(self, messages: list[StoredMessage]) -> None:
+        self._ids.stored([m.msg_id for m in messages])
+        self._batches[-1].insert(messages)
+
+    def delete(self, seqs: Iterable[int]) -> None:
+        self._batches[-1].delete(seqs)
+
+    def set_deliveries(self, counts: Iterable[tuple[int, int]]) -> None:
+        self._batches[-1].set_deliveries(counts)
+
+    # --- commit -------------------------------------------------------------------
+
+    def _seal_open(self) -> bool:
+        """Close the open batch, if it holds anything (then True)."""
+        with self._batches_lock:
+            if not self._batches[-1]:
+                return False
+            self._batches = [*self._batches, WriteBatch()]
+            return True
+
+    def seal(self) -> None:
+        self._seal_open()
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while sealed writes wait for commit()."""
+        return len(self._batches) > 1
+
+    def commit(self) -> None:
+        with self._commit_lock:
+            sealed = self._pending()[:-1]
+            if not sealed:
+                return
+            self._commit_sealed(sealed)  # (a failure raises: the batches stay)
+            with self._batches_lock:
+                self._batches = self._batches[len(sealed):]
+
+    def rollback(self) -> None:
+        """Drop every write since the last commit, written or buffered (the
+        relay does this after a StoreError, then starts over from the store)."""
+        with self._commit_lock:
+            self._drop_transaction()
+            with self._batches_lock:
+                self._batches = [WriteBatch()]
+
+    def close(self) -> None:
+        try:
+            self.seal()
+            self.commit()
+        finally:
+            self._reader.close()
+            self._db.close()
