@@ -257,8 +257,12 @@ class AsyncNode(NodeBase):
         if self._closed:
             return
         self._io.flush(time.time(), self._take_outgoing())
-        if self._io.stale or self._core.next_deadline() < self._armed:
-            self._wake()  # the reader polls new sockets, or an earlier deadline
+        # Wake the reader when it must poll new sockets or an earlier
+        # deadline, or when input waits on a socket just written to: the
+        # send took the edge of its ZMQ_FD, and the reader's poll would sit
+        # until its timeout (a fresh poll checks ZMQ_EVENTS first).
+        if self._io.stale or self._core.next_deadline() < self._armed or self._io.input_waiting():
+            self._wake()
 
     def _take_outgoing(self) -> deque:
         routing, self._outgoing = self._outgoing, deque()

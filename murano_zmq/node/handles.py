@@ -129,6 +129,8 @@ class AsyncConsumer:
         """The next message, or None after `timeout` seconds."""
         if self._cancelled:
             return None
+        if not self._queue.empty():  # no task, no yield: acks of a burst go out together
+            return self._queue.get_nowait()
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:

@@ -22,6 +22,8 @@ from .links import OPEN
 
 log = logging.getLogger("murano_zmq.node")
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
 
@@ -142,6 +144,15 @@ class NodeSockets:
         if self.topics is not None:
             socks.extend(self.topics.sockets())
         return socks
+
+    def input_waiting(self) -> bool:
+        """Has a socket this node writes to input queued?  A send reads the
+        socket's pending input and can take the edge of its ZMQ_FD, so a
+        poll on that FD started before the send would not report it."""
+        socks = [self._sock, *self._links.values()]
+        if self._router is not None:
+            socks.append(self._router)
+        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks)
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
