@@ -65,6 +65,19 @@ def emit(metrics: dict, messages: int, cpu: dict, **extra) -> None:
     print(json.dumps({"metrics": metrics, "messages": messages, **cpu, **extra}), flush=True)
 
 
+def emit_with_server_rss(workload: str, metrics: dict, messages: int, cpu: dict, server_pid: int) -> None:
+    """emit(), with the server's RSS (MB) now; the expiry workload's result is that RSS."""
+    rss = 0.0
+    try:
+        with open(f"/proc/{server_pid}/status") as f:
+            rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        pass
+    if workload == "expiry":
+        metrics["server_rss_mb"] = rss
+    emit(metrics, messages, cpu, server_rss_mb=rss)
+
+
 def body_of(size: int) -> bytes:
     return os.urandom(16) + b"x" * (size - 16)
 

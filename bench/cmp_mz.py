@@ -13,14 +13,13 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from murano_zmq import AsyncNode, Node  # noqa: E402
-from cmp_common import Meter, body_of, emit, pct  # noqa: E402
+from cmp_common import Meter, body_of, emit_with_server_rss, pct  # noqa: E402
 
 TIMEOUT = 120
 
@@ -361,15 +360,7 @@ def main() -> int:
             async with AsyncNode("bench", relay=relay, timeout=TIMEOUT) as node:
                 return await ASYNC[workload](node, body, count, meter, *extra)
         metrics, messages, cpu = asyncio.run(run())
-    rss = 0.0
-    try:
-        with open(f"/proc/{server_pid}/status") as f:
-            rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        pass
-    if workload == "expiry":
-        metrics["server_rss_mb"] = rss
-    emit(metrics, messages, cpu, server_rss_mb=rss)
+    emit_with_server_rss(workload, metrics, messages, cpu, server_pid)
     return 0
 
 

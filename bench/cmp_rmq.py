@@ -19,7 +19,7 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cmp_common import Meter, body_of, emit, pct  # noqa: E402
+from cmp_common import Meter, body_of, emit_with_server_rss, pct  # noqa: E402
 
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
 WINDOW = 1000  # unconfirmed publishes in flight (pipelined)
@@ -334,15 +334,7 @@ def main() -> int:
     extra = (mailboxes, ttl) if workload in ("offline", "expiry") else ()
     meter = Meter(int(beam_pid))
     metrics, messages, cpu = WORKLOADS[workload](url, body_of(int(size)), int(count), meter, *extra)
-    rss = 0.0
-    try:
-        with open(f"/proc/{beam_pid}/status") as f:
-            rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        pass
-    if workload == "expiry":
-        metrics["server_rss_mb"] = rss
-    emit(metrics, messages, cpu, server_rss_mb=rss)
+    emit_with_server_rss(workload, metrics, messages, cpu, int(beam_pid))
     return 0
 
 
