@@ -40,6 +40,17 @@ def engine_client(relay) -> engine.MqClient:
     return engine.MqClient(login="murano", password="guest", host=host, port=port, virtual_host="/")
 
 
+def send_plan(relay, queue_name: str, results: str, plan: dict) -> None:
+    """As the engine does before any agent exists: declare the results queue
+    and the agent's queue (a day's TTL, HA asked for), send the plan."""
+    with engine_client(relay) as client:
+        client.declare(results, ttl=DAY_MS)
+        client.declare(queue_name, enable_ha=True, ttl=DAY_MS)
+        msg = engine.Message()
+        msg.body, msg.id = plan, plan["ID"]
+        client.send(msg, queue_name)
+
+
 class Agent:
     """An agent process and its stdout lines (read by a thread: no lost buffering)."""
 
@@ -147,12 +158,7 @@ def test_a_plan_taken_but_not_acked_goes_to_the_next_agent(relay, children):
     queue = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}"
     results = "-execution-results-r1"
     plan = {"ID": uuid.uuid4().hex, "Body": "b", "Stamp": 1}
-    with engine_client(relay) as client:
-        client.declare(results, ttl=DAY_MS)
-        client.declare(queue, enable_ha=True, ttl=DAY_MS)
-        msg = engine.Message()
-        msg.body, msg.id = plan, plan["ID"]
-        client.send(msg, queue)
+    send_plan(relay, queue, results, plan)
 
     first = start_agent(children, relay, queue, results, "hold")
     assert first.read_line(30) == "consuming"
@@ -179,12 +185,7 @@ def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, child
     pytest.importorskip("eventlet")
     queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r2"
     plan = {"ID": uuid.uuid4().hex, "Body": "green"}
-    with engine_client(relay) as client:
-        client.declare(results, ttl=DAY_MS)
-        client.declare(queue, enable_ha=True, ttl=DAY_MS)
-        msg = engine.Message()
-        msg.body, msg.id = plan, plan["ID"]
-        client.send(msg, queue)
+    send_plan(relay, queue, results, plan)
     green = start_agent(children, relay, queue, results, "ack", COMPAT_TEST_EVENTLET="1")
     assert green.read_line(30) == "consuming"
     assert json.loads(green.read_line(30))["body"] == json.dumps(plan)
@@ -241,12 +242,7 @@ def test_a_plan_survives_kill_9_of_the_relay_once_send_returned(relay_factory, c
     relay = relay_factory()
     queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r3"
     plan = {"ID": uuid.uuid4().hex, "Body": "durable"}
-    with engine_client(relay) as client:
-        client.declare(results, ttl=DAY_MS)
-        client.declare(queue, enable_ha=True, ttl=DAY_MS)
-        msg = engine.Message()
-        msg.body, msg.id = plan, plan["ID"]
-        client.send(msg, queue)
+    send_plan(relay, queue, results, plan)
     relay.kill()  # SIGKILL: no goodbye, no final commit
     relay = relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)
     survivor = start_agent(children, relay, queue, results, "ack")
