@@ -138,16 +138,28 @@ def node_pipelined(node, body, count, meter):
     return {"per_s": count / cpu["seconds"]}, count, cpu
 
 
+def ack_next(consumer, stalled: str) -> None:
+    """Take the next message and ack it; a minute with none is `stalled`."""
+    m = consumer.get(timeout=60)
+    if m is None:
+        raise RuntimeError(stalled)
+    m.ack()
+
+
+async def ack_next_async(consumer, stalled: str) -> None:
+    m = await consumer.get(timeout=60)
+    if m is None:
+        raise RuntimeError(stalled)
+    m.ack()
+
+
 def node_consume(node, body, count, meter):
     for start in range(0, count, 10_000):
         node.send_many([("cmp.backlog", body)] * min(10_000, count - start), timeout=TIMEOUT)
     meter.start()
     consumer = node.consume("cmp.backlog", prefetch=100, direct=False)
     for _ in range(count):
-        m = consumer.get(timeout=60)
-        if m is None:
-            raise RuntimeError("consume stalled")
-        m.ack()
+        ack_next(consumer, "consume stalled")
     cpu = meter.stop()
     consumer.cancel()
     return {"per_s": count / cpu["seconds"]}, count, cpu
@@ -163,10 +175,7 @@ def node_round_trip(node, body, count, meter, relay):
                 meter.start((agent.pid,))
             t0 = time.perf_counter()
             sent = node.send_async("cmp.rt.request", body)
-            m = replies.get(timeout=60)
-            if m is None:
-                raise RuntimeError("no reply")
-            m.ack()
+            ack_next(replies, "no reply")
             sent.result(60)
             if i >= 50:
                 samples.append(time.perf_counter() - t0)
@@ -189,10 +198,7 @@ def node_offline(node, body, count, meter, relay, mailboxes, ttl):
         consumers = [agents.consume(name, prefetch=100, direct=False) for name in names]
         for c in consumers:
             for _ in range(per):
-                m = c.get(timeout=60)
-                if m is None:
-                    raise RuntimeError("offline drain stalled")
-                m.ack()
+                ack_next(c, "offline drain stalled")
         cpu = meter.stop()
     return {"drain_s": cpu["seconds"]}, count, cpu
 
@@ -273,10 +279,7 @@ async def async_consume(node, body, count, meter):
     meter.start()
     consumer = await node.consume("cmp.backlog", prefetch=100)
     for _ in range(count):
-        m = await consumer.get(timeout=60)
-        if m is None:
-            raise RuntimeError("consume stalled")
-        m.ack()
+        await ack_next_async(consumer, "consume stalled")
     cpu = meter.stop()
     consumer.cancel()
     return {"per_s": count / cpu["seconds"]}, count, cpu
@@ -292,10 +295,7 @@ async def async_round_trip(node, body, count, meter, relay):
                 meter.start((agent.pid,))
             t0 = time.perf_counter()
             sent = node.send_nowait("cmp.rt.request", body)
-            m = await replies.get(timeout=60)
-            if m is None:
-                raise RuntimeError("no reply")
-            m.ack()
+            await ack_next_async(replies, "no reply")
             await sent
             if i >= 50:
                 samples.append(time.perf_counter() - t0)
@@ -316,10 +316,7 @@ async def async_offline(node, body, count, meter, relay, mailboxes, ttl):
         consumers = await asyncio.gather(*(agents.consume(name, prefetch=100) for name in names))
         for c in consumers:
             for _ in range(per):
-                m = await c.get(timeout=60)
-                if m is None:
-                    raise RuntimeError("offline drain stalled")
-                m.ack()
+                await ack_next_async(c, "offline drain stalled")
         cpu = meter.stop()
     return {"drain_s": cpu["seconds"]}, count, cpu
 
