@@ -72,10 +72,12 @@ class Admin:
     # --- session ---------------------------------------------------------------------
 
     def open(self) -> "Admin":
-        if self.relay == "auto":  # as for a Node: the relay zeroconf advertises
-            from .discovery.zeroconf import find_relay
+        from .discovery.zeroconf import auto_pattern, find_relay
 
-            self.relay = find_relay()
+        pattern = auto_pattern(self.relay)
+        if pattern is not None:  # as for a Node: a relay zeroconf advertises
+            self.relay = find_relay(pattern=pattern)
+        self.relay = self.relay.split(",")[0]  # several relays (a standby): ask the first
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)
         if self._curve is not None:

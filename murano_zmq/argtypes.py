@@ -76,7 +76,14 @@ def endpoint(text: str) -> str:
 
 def relay_endpoint(text: str) -> str:
     """A relay to connect to: an endpoint, several comma-separated (the node
-    moves to the next when one is lost), or 'auto' (found by zeroconf)."""
-    if text == "auto":
+    moves to the next when one is lost), or 'auto' / 'auto:PATTERN' (every
+    relay zeroconf finds, or those whose name matches PATTERN).  Endpoints
+    are judged as the node will judge them (node.sockets.check_endpoint)."""
+    if text == "auto" or text.startswith("auto:"):
         return text
-    return ",".join(endpoint(part) for part in text.split(","))
+    from .node.sockets import check_endpoint
+
+    try:
+        return ",".join(check_endpoint(endpoint(part.strip())) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

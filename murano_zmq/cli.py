@@ -24,8 +24,9 @@ from .protocol.errors import MuranoZmqError, RelayUnavailable
 from .relay.main import add_relay_arguments
 from .status_view import format_status
 
-RELAY_HELP = (f"relay endpoint, or several comma-separated (a lost session moves to the next; "
-              f"default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})")
+RELAY_HELP = (f"relay endpoint, or several comma-separated (a lost session moves to the next), or "
+              f"'auto' (every relay zeroconf finds; 'auto:PATTERN': those whose name matches); "
+              f"default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT}")
 
 
 def _header(text: str) -> tuple[str, str]:

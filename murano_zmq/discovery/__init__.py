@@ -7,9 +7,11 @@ from .zeroconf import (
     Advert,
     AsyncDiscovery,
     Discovery,
+    auto_pattern,
     find_relay,
     parse_interfaces,
+    relay_endpoints,
 )
 
-__all__ = ["Advert", "AsyncDiscovery", "Discovery", "find_relay", "parse_interfaces", "SERVICE_TYPE",
+__all__ = ["Advert", "AsyncDiscovery", "Discovery", "auto_pattern", "find_relay", "relay_endpoints", "parse_interfaces", "SERVICE_TYPE",
            "INTERFACES_ENV"]

@@ -18,7 +18,9 @@ import os
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -89,6 +91,12 @@ class Advert:
 
 def _service_name(advert: Advert) -> str:
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in advert.name)[:50]
+    if advert.role == "relay":
+        # Relays often share a name (the default is "relay"), and two
+        # services of one name are one service to a browser: a node would
+        # see one of several relays.  The endpoint's hash tells them apart
+        # (and the label stays within DNS's 63 bytes).
+        return f"relay-{safe[:40]}-{zlib.crc32(advert.endpoint.encode()):08x}.{SERVICE_TYPE}"
     return f"{advert.role}-{safe}.{SERVICE_TYPE}"
 
 
@@ -297,20 +305,46 @@ class Discovery:
             _SharedLoop.release(self.timeout)
 
 
-def find_relay(interfaces: str | None = None, timeout: float = 5.0) -> str:
-    """The endpoint of a relay advertised on the LAN (relay="auto")."""
+AUTO = "auto"
+
+
+def auto_pattern(relay) -> str | None:
+    """relay="auto" -> "*" (every relay advertised); "auto:PATTERN" -> PATTERN
+    (the relays whose advertised name matches it, fnmatch-style: one fabric
+    among several on a LAN); anything else -> None (not discovered)."""
+    if not isinstance(relay, str) or not (relay == AUTO or relay.startswith(AUTO + ":")):
+        return None
+    pattern = relay[len(AUTO) + 1:].strip()
+    return pattern or "*"
+
+
+def relay_endpoints(peers: dict[str, Advert], pattern: str = "*") -> list[str]:
+    """The endpoints of the relays in `peers` whose name matches `pattern`, sorted."""
+    return sorted({a.endpoint for a in peers.values()
+                   if a.role == "relay" and a.endpoint and fnmatchcase(a.name, pattern)})
+
+
+def wait_for_relays(discovery: "Discovery", pattern: str = "*", timeout: float = 5.0,
+                    settle: float = 0.3) -> list[str]:
+    """Wait (at most `timeout`) for a relay matching `pattern`, then up to
+    `settle` more for the others that answer the same query, and return
+    every endpoint found (sorted).  RelayUnavailable if none."""
     from ..protocol.errors import RelayUnavailable
 
+    if not discovery.wait_for(lambda peers: relay_endpoints(peers, pattern), timeout):
+        where = ",".join(discovery._async.interfaces) if isinstance(discovery._async.interfaces, list) else "all"
+        which = "" if pattern == "*" else f" named {pattern!r}"
+        raise RelayUnavailable(f"no relay{which} advertised on {where} within {timeout}s")
+    first = len(relay_endpoints(discovery.peers, pattern))
+    discovery.wait_for(lambda peers: len(relay_endpoints(peers, pattern)) > first, settle)
+    return relay_endpoints(discovery.peers, pattern)
+
+
+def find_relay(interfaces: str | None = None, timeout: float = 5.0, pattern: str = "*") -> str:
+    """The endpoint of one relay advertised on the LAN (the first, sorted):
+    for one-shot clients (the admin commands) that need no failover."""
     discovery = Discovery(interfaces)
     try:
-        found = discovery.wait_for(
-            lambda peers: next((a.endpoint for a in sorted(peers.values(), key=lambda a: a.name)
-                                if a.role == "relay" and a.endpoint), None), timeout)
+        return wait_for_relays(discovery, pattern, timeout, settle=0.0)[0]
     finally:
         discovery.close()
-    if not found:
-        raise RelayUnavailable(f"no relay advertised on {interfaces or os.environ.get(INTERFACES_ENV) or DEFAULT_INTERFACES} "
-                               f"within {timeout}s")
-    return found
-
-

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import zmq
 import zmq.asyncio
 
-from ..discovery.zeroconf import Discovery, find_relay
+from ..discovery.zeroconf import Discovery, wait_for_relays
 from ..protocol.constants import DEFAULT_PREFETCH
 from ..protocol.errors import NodeClosed
 from ..protocol.frames import Cmd
@@ -53,23 +53,48 @@ class AsyncNode(NodeBase):
 
     async def start(self) -> "AsyncNode":
         """Find the relay (relay="auto"), bind, connect, start discovery."""
-        if self.relay == "auto":
-            self.relay = self._io.relay = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: find_relay(self._interfaces, timeout=min(self.timeout, 10.0)))
+        if self._auto is not None and self._reader is None and not self._closed:
+            await self._find_relays()
         self._start()
         if self._discovery_started is not None:
             await self._discovery_started
         return self
 
-    async def _start_discovery(self) -> None:
-        """Browse and advertise (discovery runs its own thread)."""
-        loop = self._loop
+    async def _find_relays(self) -> None:
+        """relay="auto": browse until a relay is advertised (bounded), and
+        keep browsing: relays advertised later join the list."""
+        loop = asyncio.get_running_loop()
+        if self._discovery is None:
+            self._discovery = await loop.run_in_executor(None, self._new_discovery, loop)
+        try:
+            await loop.run_in_executor(None, lambda: wait_for_relays(
+                self._discovery, self._auto, timeout=min(self.timeout, 10.0)))
+        except BaseException:
+            discovery, self._discovery = self._discovery, None
+            await loop.run_in_executor(None, discovery.close)
+            raise
+        self._learn_relays(self._discovery.peers)
 
+    def _new_discovery(self, loop: asyncio.AbstractEventLoop) -> Discovery:
         def on_change(peers: dict) -> None:  # (discovery thread)
             if not self._closed:
-                loop.call_soon_threadsafe(self._learn_peers, peers, time.time())
+                loop.call_soon_threadsafe(self._peers_changed, peers)
 
-        self._discovery = await loop.run_in_executor(None, lambda: Discovery(self._interfaces, on_change))
+        return Discovery(self._interfaces, on_change)
+
+    def _peers_changed(self, peers: dict) -> None:
+        """(the loop) before start() only the relays are taken; after, everything."""
+        if self._reader is None:
+            self._learn_relays(peers)
+        else:
+            self._learn_peers(peers, time.time())
+
+    async def _start_discovery(self) -> None:
+        """Browse and advertise (discovery runs its own thread)."""
+        if self._discovery is None:
+            self._discovery = await self._loop.run_in_executor(None, self._new_discovery, self._loop)
+        else:  # made by relay="auto" before the node ran: what it saw of the peers
+            self._learn_peers(self._discovery.peers, time.time())
         await self._advertise_async()
 
     async def __aenter__(self) -> "AsyncNode":
@@ -200,8 +225,8 @@ class AsyncNode(NodeBase):
             raise NodeClosed(f"node {self.name} is closed")
         if self._reader is not None:
             return
-        if self.relay == "auto":
-            raise ValueError("relay='auto': use `async with AsyncNode(...)` or `await node.start()` first")
+        if not self._io.relays:
+            raise ValueError(f"relay={self.relay!r}: use `async with AsyncNode(...)` or `await node.start()` first")
         self._loop = asyncio.get_running_loop()
         if self._security is not None:
             self._security.start(self._context)  # this node's ZAP domain; key files watched

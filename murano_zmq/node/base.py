@@ -4,6 +4,7 @@ sockets object, and the small checks both make in their API calls."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -12,7 +13,7 @@ from typing import Iterable
 
 import zmq
 
-from ..discovery.zeroconf import INTERFACES_ENV, Advert
+from ..discovery.zeroconf import INTERFACES_ENV, Advert, auto_pattern, relay_endpoints
 from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -30,15 +31,40 @@ from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
 from ..security.node import node_security
 from .core import NodeCore
-from .sockets import DEFAULT_DIRECT_BIND, NodeSockets
+from .sockets import DEFAULT_DIRECT_BIND, NodeSockets, check_endpoint
 from .topics import TopicSockets, parse_forwarder
 
 __all__ = ["DEFAULT_DIRECT_BIND", "NodeBase", "default_node_name", "resolve_relay"]
+
+log = logging.getLogger("murano_zmq.node")
 
 
 def resolve_relay(relay: str | None) -> str:
     """--relay / argument, else $MURANO_ZMQ_RELAY, else the default endpoint."""
     return relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY_ENDPOINT
+
+
+def check_relay(relay) -> str:
+    """`relay=` as given (an endpoint, a list of them, "a,b", "auto" or
+    "auto:PATTERN", None for $MURANO_ZMQ_RELAY or the default) as the
+    node keeps it; ValueError, here in the caller's thread, for anything
+    ZeroMQ could not connect to."""
+    if isinstance(relay, (list, tuple)):  # several relays: the session moves on when one is lost
+        if not relay or not all(isinstance(r, str) for r in relay):
+            raise ValueError(f"relay= takes an endpoint, a list of endpoints or 'auto', got {relay!r}")
+        relay = ",".join(relay)
+    if relay is not None and not isinstance(relay, str):
+        raise ValueError(f"relay= takes an endpoint, a list of endpoints or 'auto', got {relay!r}")
+    source = f"${RELAY_ENV}=" if not relay and os.environ.get(RELAY_ENV) else "relay="
+    relay = resolve_relay(relay)
+    if auto_pattern(relay) is not None:
+        return relay
+    try:
+        for endpoint in relay.split(","):
+            check_endpoint(endpoint.strip())
+    except ValueError as exc:
+        raise ValueError(f"{source}{relay!r}: {exc}") from None
+    return ",".join(e.strip() for e in relay.split(","))
 
 
 def default_node_name() -> str:
@@ -62,9 +88,11 @@ class NodeBase:
             discovery = bool(os.environ.get(INTERFACES_ENV))
         self._discover = bool(discovery)
         self._interfaces = discovery if isinstance(discovery, str) else None
-        if isinstance(relay, (list, tuple)):  # several relays: the session moves on when one is lost
-            relay = ",".join(relay)
-        self.relay = relay if relay == "auto" else resolve_relay(relay)
+        self.relay = check_relay(relay)
+        # relay="auto" / "auto:PATTERN": every relay discovery finds (whose
+        # name matches), learned for the node's life.
+        self._auto = auto_pattern(self.relay)
+        self._bad_adverts: set[str] = set()
         self.timeout = timeout
         if not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
@@ -89,8 +117,8 @@ class NodeBase:
                               direct_timeout=direct_timeout, security=self._security,
                               max_message_size=DEFAULT_MAX_MESSAGE_SIZE)
         self._topics = TopicSockets(self._context, self.name, bind, forwarder, self._security)
-        self._io = NodeSockets(self._context, self._core, self.relay, self._curve, self._security,
-                               self._topics, bind)
+        self._io = NodeSockets(self._context, self._core, None if self._auto else self.relay, self._curve,
+                               self._security, self._topics, bind)
         self._io.on_topic = self._feed_topic
         self._discovery = None
         self._next_subscription = 1
@@ -105,6 +133,22 @@ class NodeBase:
         return len(self._outgoing) + self._core.pending
 
     @property
+    def relays(self) -> list[str]:
+        """The relays this node would use, in the order a lost session tries them."""
+        return list(self._io.relays)
+
+    @property
+    def relay_endpoint(self) -> str | None:
+        """The relay of the current session (None before the first)."""
+        return self._io.relay_endpoint
+
+    def _where(self) -> str:
+        """The relay, for error messages."""
+        if self._auto is not None and self._io.relay_endpoint:
+            return f"{self._io.relay_endpoint} ({self.relay})"
+        return self.relay
+
+    @property
     def endpoint(self) -> str | None:
         """Where this node takes direct deliveries (None: relay only)."""
         return self._core.endpoint
@@ -114,11 +158,11 @@ class NodeBase:
     def _check_room(self, held: int, count: int) -> None:
         if held + count > self.max_pending:
             raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
-                                f"(max_pending={self.max_pending}); is the relay at {self.relay} reachable?")
+                                f"(max_pending={self.max_pending}); is the relay at {self._where()} reachable?")
 
     def _check_deliverable_now(self, mailbox: str) -> None:
         if not self._core.deliverable_now(mailbox):
-            raise RelayUnavailable(f"no relay connected at {self.relay} and no direct consumer of "
+            raise RelayUnavailable(f"no relay connected at {self._where()} and no direct consumer of "
                                    f"{mailbox} (wait=False)")
 
     @staticmethod
@@ -170,7 +214,7 @@ class NodeBase:
         return sid
 
     def _timed_out(self, timeout: float) -> RelayUnavailable:
-        return RelayUnavailable(f"no answer from relay {self.relay} within {timeout}s (the node keeps "
+        return RelayUnavailable(f"no answer from relay {self._where()} within {timeout}s (the node keeps "
                                 "trying until it is closed)")
 
     # --- the runner's poll: its sockets, the wake pipe, the core's deadline ---------
@@ -223,9 +267,28 @@ class NodeBase:
 
     def _advertise(self) -> None:
         """(any thread but the loop's) say what this node offers now."""
-        if self._discovery is not None:
+        if self._discovery is not None and self._discover:  # (relay="auto" alone only browses)
             self._discovery.advertise(self._advert())
 
     def _learn_peers(self, peers: dict, now: float) -> None:
-        """(the loop) adverts changed: teach the core and the topic sockets."""
-        self._topics.learned(self._core.adverts(peers, now))
+        """(the loop) adverts changed: teach the core and the topic sockets,
+        and (relay="auto") take the relays."""
+        self._learn_relays(peers)
+        if self._discover:
+            self._topics.learned(self._core.adverts(peers, now))
+
+    def _learn_relays(self, peers: dict) -> None:
+        """(the loop, or before it runs) relay="auto": relays advertised now
+        join the node's list; an advert's endpoint is a claim, checked first."""
+        if self._auto is None:
+            return
+        found = []
+        for endpoint in relay_endpoints(peers, self._auto):
+            if endpoint in self._io.relays or endpoint in self._bad_adverts:
+                continue
+            try:
+                found.append(check_endpoint(endpoint))
+            except ValueError as exc:
+                self._bad_adverts.add(endpoint)
+                log.warning("node %s: ignoring an advertised relay: %s", self.name, exc)
+        self._io.add_relays(found, first_for=self.name)

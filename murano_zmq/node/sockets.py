@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -51,6 +52,31 @@ def relay_socket(context: zmq.Context, endpoint: str, curve=None) -> zmq.Socket:
     return sock
 
 
+def check_endpoint(endpoint: str) -> str:
+    """`endpoint` if ZeroMQ can connect to it (as the relay DEALER will),
+    else ValueError: judged here, in the caller's thread, by a connect of a
+    throwaway socket, so that a bad value never reaches the node's own thread.
+    Host names resolve later and are not checked."""
+    if not isinstance(endpoint, str) or not endpoint:
+        raise ValueError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {endpoint!r}")
+    why = None
+    port = endpoint.rsplit(":", 1)[-1]
+    if endpoint.startswith("tcp://") and port.isdigit() and not 0 < int(port) < 65536:
+        why = f"port {port} out of range"  # ZeroMQ would take it, and connect to port % 65536
+    if why is None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            why = exc.strerror
+        finally:
+            sock.close(0)
+    if why is not None:
+        raise ValueError(f"not a ZeroMQ endpoint a node can connect to (e.g. tcp://127.0.0.1:5570): "
+                         f"{endpoint!r} ({why})")
+    return endpoint
+
+
 def ready_frames(sock: zmq.Socket, copy: bool = True):
     """The messages `sock` has now (up to READ_BATCH), without blocking."""
     for _ in range(READ_BATCH):
@@ -65,8 +91,11 @@ class NodeSockets:
                  topics=None, bind: str = DEFAULT_DIRECT_BIND):
         self._context = context
         self.core = core
-        self.relay = relay  # one endpoint, or several comma-separated (relay=[...])
-        self._relay_turn = 0  # which of them the current session uses
+        # The relays, in the order a lost session tries them: given
+        # (relay=[...] or "a,b"), or found by zeroconf (relay="auto"; empty
+        # until found, then grown by add_relays()).
+        self.relays: list[str] = [] if relay is None else relay.split(",")
+        self.relay_endpoint: str | None = None  # the current session's relay
         self._curve = curve
         self._security = security  # security.node.NodeSecurity, or None: plain TCP
         self.topics = topics
@@ -79,6 +108,7 @@ class NodeSockets:
         self._handshakes: dict[zmq.Socket, str] = {}  # a link's handshake monitor -> its endpoint
         self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
         self.changed = True  # the set of sockets to poll changed
+        self._first: str | None = None  # relay="auto": where the first session goes
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -102,19 +132,35 @@ class NodeSockets:
         self.core.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.core.endpoint
 
+    def add_relays(self, found: list[str], first_for: str | None = None) -> None:
+        """(relay="auto") Relays discovery found: new ones join the list in
+        sorted order; none leaves it (one whose advert went away is tried
+        until it fails).  `first_for`: before the first session, start at
+        the relay this node name hashes to, so that nodes spread over the
+        relays instead of all taking the first."""
+        new = [e for e in found if e not in self.relays]
+        if new:
+            self.relays = sorted(self.relays + new)
+            log.info("node %s: relays %s", self.core.name, ", ".join(self.relays))
+        if first_for is not None and self.relays and self.relay_endpoint is None:
+            self._first = self.relays[zlib.crc32(first_for.encode()) % len(self.relays)]
+
     def connect(self, now: float) -> None:
         """A new relay socket (and session): at start and after RelayLost."""
-        endpoints = self.relay.split(",")
+        relays = self.relays
         if self._sock is not None:
             log.debug("node %s: new relay socket", self.core.name)
             self._close_relay(0)
             # Several relays: a lost session moves to the next one (a relay
             # that died, a standby taking over); the core replays what is
             # unconfirmed and consumes again there, as after any reconnect.
-            self._relay_turn = (self._relay_turn + 1) % len(endpoints)
-        endpoint = endpoints[self._relay_turn % len(endpoints)]
-        if len(endpoints) > 1:
+            at = relays.index(self.relay_endpoint) if self.relay_endpoint in relays else -1
+            endpoint = relays[(at + 1) % len(relays)]
+        else:
+            endpoint = self._first or relays[0]
+        if len(relays) > 1:
             log.info("node %s: relay session to %s", self.core.name, endpoint)
+        self.relay_endpoint = endpoint
         self._sock = relay_socket(self._context, endpoint, self._curve)
         # A dropped TCP connection loses the frames in it, and ZeroMQ would
         # reconnect under the same routing id without a word: watch it and

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import zmq
 
-from ..discovery.zeroconf import Discovery, find_relay
+from ..discovery.zeroconf import Discovery, wait_for_relays
 from ..protocol.constants import DEFAULT_PREFETCH
 from ..protocol.errors import NodeClosed
 from ..protocol.frames import Cmd
@@ -50,8 +50,6 @@ class Node(NodeBase):
 
     def __init__(self, name: str | None = None, relay: str | None = None, *, poller=None, **options):
         self._setup(name, relay, **options)
-        if self.relay == "auto":
-            self.relay = self._io.relay = find_relay(self._interfaces, timeout=min(self.timeout, 10.0))
         self._poller_factory = poller or type(self).default_poller
         self._jobs: deque[Callable[[], None]] = deque()
         self._outgoing: deque = deque()  # (record, future) not yet routed
@@ -60,6 +58,8 @@ class Node(NodeBase):
         self._closed = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        if self._auto is not None:
+            self._find_relays()
         if self._security is not None:
             self._security.start(self._context)  # this node's ZAP domain; key files watched
             # Trusted keys or permissions reloaded: judge the adverts again.
@@ -70,10 +70,25 @@ class Node(NodeBase):
         if self._start_error is not None:
             if self._security is not None:
                 self._security.close()
+            if self._discovery is not None:
+                self._discovery.close()
             raise self._start_error
         if self._discover:
-            self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
+            if self._discovery is None:
+                self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
             self._advertise()
+
+    def _find_relays(self) -> None:
+        """relay="auto": browse until a relay is advertised (bounded), and
+        keep browsing: relays advertised later join the list (_on_peers)."""
+        self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
+        try:
+            wait_for_relays(self._discovery, self._auto, timeout=min(self.timeout, 10.0))
+        except BaseException:
+            self._discovery.close()
+            self._discovery = None
+            raise
+        self._learn_relays(self._discovery.peers)  # the I/O thread does not run yet
 
     # --- public API --------------------------------------------------------------
 

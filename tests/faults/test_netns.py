@@ -28,7 +28,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from murano_zmq import Node
 total = int(sys.argv[1])
 with Node("sender", relay="auto", discovery=sys.argv[2], heartbeat=0.2, direct=False, timeout=120) as node:
-    print("relay " + node.relay, flush=True)
+    print("relay " + node.relay_endpoint, flush=True)
     futures = []
     for i in range(total):
         futures.append(node.send_async("across", i))

@@ -86,6 +86,9 @@ def test_cli_errors_are_clear(relay):
     (["relay", "--max-message-size", "0"], "between 1 and"),
     (["relay", "--bind", "nonsense"], "not a ZeroMQ endpoint"),
     (["send", "x", "y", "--relay", "localhost:5570"], "not a ZeroMQ endpoint"),
+    (["send", "x", "y", "--relay", "tcp://nohost:x"], "not a ZeroMQ endpoint a node can connect to"),
+    (["send", "x", "y", "--relay", "tcp://127.0.0.1:5570,tcp://127.0.0.1:99999"], "port 99999 out of range"),
+    (["status", "--relay", "garbage"], "not a ZeroMQ endpoint"),
     (["forwarder", "--xsub", "foo"], "not a ZeroMQ endpoint"),
 ])
 def test_usage_errors_exit_2(args, text):

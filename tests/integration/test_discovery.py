@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 from murano_zmq import Node
 from murano_zmq.discovery import Advert, Discovery
@@ -13,12 +16,90 @@ from murano_zmq.discovery import Advert, Discovery
 from ..helpers import free_tcp_endpoint, wait_for
 
 
+def _unique_name() -> str:
+    """A relay name no other run on this machine advertises: suites of other
+    runs advertise relays on 127.0.0.1 too (named "relay" by default), and
+    relay="auto" would take those as well."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
 def test_relay_auto_finds_an_advertised_relay(relay_factory, make_node):
-    relay = relay_factory("--discovery-interfaces", "127.0.0.1")
-    node = make_node("finder", relay="auto", discovery="127.0.0.1")
-    assert node.relay == relay.endpoint
+    name = _unique_name()
+    relay = relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name)
+    node = make_node("finder", relay=f"auto:{name}", discovery="127.0.0.1")
+    assert node.relays == [relay.endpoint]
+    assert node.relay_endpoint == relay.endpoint
     node.send("found", "by zeroconf")
     assert node.status()["mailboxes"][0]["depth"] == 1
+
+
+def test_relay_auto_takes_every_advertised_relay_and_later_ones(relay_factory, make_node, tmp_path):
+    """Relays of one name (the default is "relay") are all seen, and one
+    advertised after the node started joins its list, in sorted order."""
+    name = _unique_name()
+    first = [relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name,
+                           data_dir=str(tmp_path / f"r{i}")) for i in range(2)]
+    node = make_node("finder", relay=f"auto:{name}", discovery=False)
+    wait_for(lambda: len(node.relays) == 2, 15, what="both relays")
+    assert node.relays == sorted(r.endpoint for r in first)
+    late = relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name, data_dir=str(tmp_path / "late"))
+    wait_for(lambda: late.endpoint in node.relays, 15, what="the relay advertised later")
+    assert node.relays == sorted(r.endpoint for r in [*first, late])
+    assert node.relay_endpoint in node.relays
+    # Plain "auto" takes every relay, whatever its name (here maybe others'
+    # too: every run on this machine advertises on 127.0.0.1).
+    everyone = make_node("everyone", relay="auto", discovery=False)
+    wait_for(lambda: {r.endpoint for r in [*first, late]} <= set(everyone.relays), 15, what="every relay")
+    everyone.consume("not.advertised")  # a consumer makes a discovering node re-advertise
+    assert not any(a.role == "node" and a.name in ("finder", "everyone") for a in everyone.peers.values()), \
+        "relay='auto' with discovery=False browses for relays only; the node advertises nothing"
+
+
+def test_relay_auto_moves_to_another_relay_when_its_relay_dies(relay_factory, make_node, tmp_path):
+    """Two advertised relays with separate data: kill -9 the one the node
+    uses mid-stream; the node's session moves to the other, what was
+    unconfirmed is resent there, and its consumer is attached there."""
+    name = _unique_name()
+    relays = {r.endpoint: r for r in (relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name,
+                                                    data_dir=str(tmp_path / f"r{i}")) for i in range(2))}
+    node = make_node("mover", relay=f"auto:{name}", heartbeat=0.2, timeout=60)
+    wait_for(lambda: len(node.relays) == 2, 15, what="both relays")
+    used = relays[node.relay_endpoint]
+    other = next(r for e, r in relays.items() if e != used.endpoint)
+    consumer = node.consume("work", prefetch=100, direct=False)
+    total = 2000
+    futures = [node.send_async("jobs", {"n": i}) for i in range(total // 2)]
+    wait_for(lambda: sum(f.done() for f in futures) >= 100, 30, interval=0.005, what="first confirms")
+    # Freeze the relay before the second half: those sends cannot be
+    # confirmed by it, so the kill lands with sends unconfirmed however
+    # the machine schedules this test.
+    os.kill(used.pid, signal.SIGSTOP)
+    futures += [node.send_async("jobs", {"n": i}) for i in range(total // 2, total)]
+    used.kill()
+    killed = time.monotonic()
+    confirmed_before = {f.result() for f in futures if f.done()}
+    assert 0 < len(confirmed_before) <= total // 2
+    wait_for(lambda: sum(f.done() for f in futures) > len(confirmed_before), 30, interval=0.005,
+             what="a confirm from the other relay")
+    took = time.monotonic() - killed
+    ids = [f.result(timeout=60) for f in futures]
+    assert node.relay_endpoint == other.endpoint
+    print(f"served by the other relay {took:.2f}s after the kill")
+    assert took < 5, f"the other relay served {took:.1f}s after the kill"
+    assert len(set(ids)) == total
+    # The other relay has every message the dead one had not confirmed, once.
+    with Node("reader", relay=other.endpoint, timeout=30) as reader:
+        taker = reader.consume("jobs", prefetch=500)
+        seen = []
+        while (m := taker.get(timeout=3)) is not None:
+            seen.append(m.id)
+            m.ack()
+        assert len(seen) == len(set(seen))
+        assert set(ids) - confirmed_before <= set(seen) <= set(ids)
+        reader.send("work", "after the move")  # the node's consumer is attached there now
+    m = consumer.get(timeout=15)
+    assert m is not None and m.body == "after the move"
+    m.ack()
 
 
 def test_a_peer_consumer_is_learned_by_discovery_and_dropped_when_gone(make_node):

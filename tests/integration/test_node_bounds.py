@@ -48,3 +48,17 @@ def test_msg_id_makes_a_send_idempotent(make_node):
 def test_max_pending_must_be_a_positive_whole_number(node_kind):
     with pytest.raises(ValueError, match="max_pending"):
         node_kind("n", relay=free_tcp_endpoint(), max_pending=0)
+
+
+@pytest.mark.parametrize("relay", ["tcp://nohost:x", "garbage", "tcp://127.0.0.1:99999", "tcp://127.0.0.1",
+                                   ["tcp://127.0.0.1:5570", "nonsense"], "tcp://127.0.0.1:5570,", [], 5570])
+def test_a_bad_relay_is_a_value_error_in_the_callers_thread(node_kind, relay):
+    """Not a traceback from the node's I/O thread and a node that never connects."""
+    with pytest.raises(ValueError, match="relay="):
+        node_kind("bad-relay", relay=relay, timeout=5)
+
+
+def test_a_bad_relay_in_the_environment_names_the_variable(node_kind, monkeypatch):
+    monkeypatch.setenv("MURANO_ZMQ_RELAY", "tcp://nohost:x")
+    with pytest.raises(ValueError, match=r"\$MURANO_ZMQ_RELAY="):
+        node_kind("bad-relay", timeout=5)
