@@ -37,6 +37,7 @@ DEFAULT_INTERFACES = "127.0.0.1"
 # One TXT string is at most 255 bytes; a longer mailbox list is left out
 # (senders then learn consumers from the relay's LOOKUP).
 MAX_TXT_VALUE = 200
+RESOLVE_TRIES = 3  # of 3 s each
 
 
 def parse_interfaces(value: str | None) -> list[str] | InterfaceChoice:
@@ -156,8 +157,14 @@ class AsyncDiscovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, name: str) -> None:
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(self._zc.zeroconf, 3000):
+        # The browser reports a service once: a resolve that times out (a
+        # loaded machine, a lost packet) would hide it until its next update.
+        for _ in range(RESOLVE_TRIES):
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            if await info.async_request(self._zc.zeroconf, 3000):
+                break
+        else:
+            log.debug("no answer resolving %s", name)
             return
         advert = Advert.from_properties(info.properties or {})
         if advert is None:
