@@ -18,6 +18,10 @@ from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inser
 
 
 class BatchedStore:
+    # What several relays sharing the database need (store/shared.py);
+    # None: this relay owns its store.
+    shared = None
+
     # SQL with "{not_dropped}" where _not_dropped()'s clause goes.
     _EXPIRED_SQL: str
     _NEXT_EXPIRY_SQL: str
