@@ -97,8 +97,9 @@ class BatchedStore:
         rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
         return [r for r in rows if r is not None]
 
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        maybe = self._ids.maybe_stored(msg_ids)
+    def mailboxes_of(self, msg_ids: list[bytes], every: bool = False) -> dict[bytes, int]:
+        """every: look each id up (else ids above the ceiling are surely new)."""
+        maybe = list(msg_ids) if every else self._ids.maybe_stored(msg_ids)
         if not maybe:
             return {}
         batches = self._pending()

@@ -60,14 +60,3 @@ class IdCeiling:
                 recent.add(m)
         self.top, self.recent = top, recent
 
-
-class LookUpAll:
-    """No ceiling: every id may be stored (several relays insert ids)."""
-
-    __slots__ = ()
-
-    def maybe_stored(self, msg_ids: Iterable[bytes]) -> list[bytes]:
-        return list(msg_ids)
-
-    def stored(self, msg_ids: Iterable[bytes]) -> None:
-        pass

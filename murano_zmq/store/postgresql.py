@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from . import pgconn
 from .base import MailboxRow, StoredMessage
 from .batched import BatchedStore
-from .ids import CLOCK_BOUND, IdCeiling, LookUpAll
+from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, replay, visible
 from .faults import StoreError
 from .open import StoreUnavailable
@@ -125,13 +125,11 @@ class PostgresStore(BatchedStore):
             except psycopg.Error as exc:
                 self.close()
                 raise StoreUnavailable(f"PostgreSQL ({self.path}): {exc}".strip()) from None
-            # Other relays store ids too: every id is looked up (the
-            # UNIQUE constraint would skip a resend anyway; the lookup also
-            # refuses an id reused for another mailbox).
-            self._ids = LookUpAll()
-            return
+            # Other relays store ids too, but only a resend (retry) can
+            # be stored elsewhere: intake looks those up past the ceiling
+            # (mailboxes_of(..., every=True)).
         # Which new ids need no lookup (store/ids.py).  One relay per
-        # database keeps it true: no one else inserts.
+        # database keeps it true: no one else inserts (shared: see above).
         top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
                           (CLOCK_BOUND,))
         self._ids = IdCeiling(bytes(top[0][0]) if top else None)

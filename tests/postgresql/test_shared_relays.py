@@ -8,6 +8,7 @@ claims are what is tested, not the direct path.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ class _Collector:
     def __init__(self, name: str, relay, mailbox: str, prefetch: int = 50, **node_kw):
         self.seen: list[bytes] = []
         self.bodies: list = []
+        self.times: list[float] = []  # when each was seen (monotonic)
         self.redelivered = 0
         self._stop = threading.Event()
         self.node = Node(name, relay=relay, timeout=30, **node_kw)
@@ -47,6 +49,7 @@ class _Collector:
             m = self.consumer.get(timeout=0.1)
             if m is None:
                 continue
+            self.times.append(time.monotonic())
             self.seen.append(m.id)
             self.bodies.append(m.body)
             self.redelivered += bool(m.redelivered)
@@ -140,3 +143,80 @@ def test_shared_needs_postgresql_and_excludes_a_lone_relay(relay_factory, pg_url
     r = cli("--store", pg_url)
     assert r.returncode == 1 and "another relay is running on this database" in r.stderr, r.stderr
     assert shared.proc.poll() is None
+
+
+class _Moves(logging.Handler):
+    """When each node opened a relay session (node/sockets.py logs it)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.at: dict[str, list[float]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if ": relay session to " in msg:
+            self.at.setdefault(msg.split()[1].rstrip(":"), []).append(time.monotonic())
+
+
+def test_kill9_of_one_relay_mid_stream(relay_factory, pg_url, pg_server):
+    """Three relays; every node has all three (relay=[...], each its own
+    first).  Relay A dies by SIGKILL mid-stream: its nodes move on, every
+    send is confirmed, every confirmed message reaches the consumer, none
+    twice; A's claims come back to the others when their lease passes."""
+    relays = _relays(relay_factory, pg_url)
+    moves = _Moves()
+    node_log = logging.getLogger("murano_zmq.node")
+    node_log.addHandler(moves)
+    level = node_log.level
+    node_log.setLevel(logging.INFO)
+    eps = [r.endpoint for r in relays]
+    order = lambda i: eps[i:] + eps[:i]  # noqa: E731  (node i starts on relay i)
+    got = _Collector("consumer", order(0), "jobs", prefetch=100, heartbeat=0.5)
+    senders = [Node(f"sender-{i}", relay=order(i), heartbeat=0.5, timeout=60) for i in range(3)]
+    try:
+        total = 10000  # per sender, sent while the kill happens
+        futures: list[list] = [[], [], []]
+        confirmed = [[], [], []]  # when each sender's confirms came (monotonic), in order
+
+        def send(i: int) -> None:
+            for n in range(total):
+                f = senders[i].send_async("jobs", {"s": i, "n": n})
+                f.add_done_callback(lambda _, i=i: confirmed[i].append(time.monotonic()))
+                futures[i].append(f)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(confirmed[0]) >= 300 and len(got.seen) >= 100, 60, interval=0.005,
+                 what="the stream under way")
+        killed = time.monotonic()  # (the nodes may move before kill() has reaped it)
+        relays[0].kill()
+        confirmed_before = {f.result() for fs in futures for f in fs if f.done()}
+        assert len(confirmed[0]) < total, "the kill came after the stream: nothing to move"
+        for t in threads:
+            t.join(60)
+        ids = {f.result(timeout=60) for fs in futures for f in fs}
+        wait_for(lambda: set(got.seen) >= ids, 60, what="every confirmed message consumed")
+        drained = time.monotonic() - killed
+    finally:
+        for s in senders:
+            s.close()
+        got.close()
+        node_log.removeHandler(moves)
+        node_log.setLevel(level)
+    # Served again: the first confirm (delivery) after the node's session
+    # to another relay opened, counted from the kill.
+    moved_at = {name: min(t for t in times if t > killed) for name, times in moves.at.items()
+                if any(t > killed for t in times)}
+    assert set(moved_at) == {"sender-0", "consumer"}, f"the nodes that moved: {sorted(moved_at)}"
+    sender_moved = min(t for t in confirmed[0] if t > moved_at["sender-0"]) - killed
+    consumer_moved = min(t for t in got.times if t > moved_at["consumer"]) - killed
+    print(f"relay A killed: its sender served by another relay after {sender_moved:.2f}s, its consumer after "
+          f"{consumer_moved:.2f}s; every message consumed {drained:.2f}s after the kill "
+          f"({got.redelivered} marked redelivered)")
+    assert len(ids) == 3 * total
+    assert confirmed_before <= set(got.seen)
+    assert len(got.seen) == len(set(got.seen)), "a message reached application code twice"
+    assert sender_moved < 2 and consumer_moved < 2, "nodes not served again within 2 s"
+    dsn = _dsn(pg_server, pg_url)
+    wait_for(lambda: _rows(dsn, "SELECT count(*) FROM messages")[0][0] == 0, 10, what="every ack settled")
