@@ -220,3 +220,55 @@ def test_kill9_of_one_relay_mid_stream(relay_factory, pg_url, pg_server):
     assert sender_moved < 2 and consumer_moved < 2, "nodes not served again within 2 s"
     dsn = _dsn(pg_server, pg_url)
     wait_for(lambda: _rows(dsn, "SELECT count(*) FROM messages")[0][0] == 0, 10, what="every ack settled")
+
+
+def _counters(endpoint: str) -> dict:
+    with Node("admin", relay=endpoint, timeout=30) as admin:
+        return admin.status()["counters"]
+
+
+def test_message_ttl_dead_letters_each_message_once_across_relays(relay_factory, pg_url, pg_server):
+    relays = _relays(relay_factory, pg_url)
+    with Node("setup", relay=relays[0].endpoint, timeout=30) as node:
+        node.declare("work", message_ttl=1.0, dead_letter="dead")
+    ids = []
+    for i, r in enumerate(relays):  # every relay stores some; nobody consumes them
+        with Node(f"sender-{i}", relay=r.endpoint, timeout=30) as sender:
+            ids += sender.send_many([("work", n) for n in range(100)])
+    dsn = _dsn(pg_server, pg_url)
+    count = ("SELECT count(*) FROM messages m JOIN mailboxes b ON b.id = m.mailbox WHERE b.name = '{}'").format
+    wait_for(lambda: _rows(dsn, count("dead"))[0][0] == len(ids), 30, interval=0.1, what="every message dead-lettered")
+    assert _rows(dsn, count("work"))[0][0] == 0
+    got = _Collector("reader", relays[1].endpoint, "dead")
+    try:
+        wait_for(lambda: len(got.seen) >= len(ids), 30, what="the dead letters consumed")
+    finally:
+        got.close()
+    assert sorted(got.seen) == sorted(ids), "each expired message dead-lettered exactly once"
+    assert _rows(dsn, "SELECT count(*) FROM messages")[0][0] == 0
+    per_relay = [_counters(r.endpoint)["dead_lettered_expired"] for r in relays]
+    assert sum(per_relay) == len(ids), f"dead-lettered per relay: {per_relay}"
+    assert sorted(per_relay)[:2] == [0, 0], f"only the sweeper expires: {per_relay}"
+
+
+def test_an_idle_mailbox_is_deleted_once_and_made_again_on_use(relay_factory, pg_url, pg_server, tmp_path):
+    relays = _relays(relay_factory, pg_url)
+    with Node("setup", relay=relays[0].endpoint, timeout=30) as node:
+        node.declare("tmp", ttl=1.0)
+    with Node("sender", relay=relays[1].endpoint, timeout=30) as sender:
+        sender.send("tmp", "gone with the mailbox")
+    dsn = _dsn(pg_server, pg_url)
+    wait_for(lambda: not _rows(dsn, "SELECT id FROM mailboxes WHERE name='tmp'"), 20, interval=0.1,
+             what="the idle mailbox deleted")
+    assert _rows(dsn, "SELECT count(*) FROM messages")[0][0] == 0
+    deleted = [line for i in range(3) for line in (tmp_path / f"relay-{i}.log").read_text().splitlines()
+               if "mailbox tmp deleted" in line]
+    assert len(deleted) == 1, deleted
+    # Used again through a relay that knew it: made again, and the message is there.
+    with Node("sender", relay=relays[1].endpoint, timeout=30) as sender:
+        sender.send("tmp", "after")
+    got = _Collector("reader", relays[2].endpoint, "tmp")
+    try:
+        wait_for(lambda: got.bodies == ["after"], 20, what="the message in the mailbox made again")
+    finally:
+        got.close()
