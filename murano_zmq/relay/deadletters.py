@@ -138,7 +138,7 @@ class DeadLetters:
                 row = self.mailboxes.take_ready(mb, seq)
                 if row is not None:  # (else not where the mailbox looks: paged past, never spun on)
                     self.expire(mb, row, now, unacked)
-            if len(batch) < EXPIRY_BATCH or skipped:
+            if len(batch) < EXPIRY_BATCH:
                 break
         self.next_expiry = self.store.next_expiry(now)
 
