@@ -24,6 +24,9 @@ class RelayConfig:
     # PostgreSQL: wait for the relay running on the store to end, then take
     # over (bind and serve).
     standby: bool = False
+    # PostgreSQL: one of several relays serving from the store at once,
+    # each its own nodes (docs/scale-out.md, "Several relays").
+    shared: bool = False
     name: str = "relay"
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Zeroconf: interfaces to advertise the relay on ("" = do not advertise).
@@ -52,3 +55,7 @@ class RelayConfig:
         check_store_url(self.store)
         if self.standby and is_sqlite(self.store):
             raise ValueError("--standby needs --store postgresql://...")
+        if self.shared and is_sqlite(self.store):
+            raise ValueError("--shared needs --store postgresql://... (a SQLite file serves one relay)")
+        if self.shared and self.standby:
+            raise ValueError("--shared and --standby exclude each other: a shared relay serves at once")

@@ -141,3 +141,31 @@ class DeadLetters:
             if len(batch) < EXPIRY_BATCH:
                 break
         self.next_expiry = self.store.next_expiry(now)
+
+    def expire_claimed(self, now: float, unacked, shared, mailbox_of) -> None:
+        """Shared, the sweeper only: claim the messages due by `now` that no
+        other relay holds, and expire them as their owner (exactly once
+        across relays: another relay's claimed ones are its to expire, when
+        they come back to its window).  mailbox_of(id): the Mailbox, read
+        from the database if this relay does not know it (None: gone)."""
+        while True:
+            batch = shared.claim_expired(now, EXPIRY_BATCH)
+            skipped = False
+            for row in batch:
+                if row.seq in unacked:
+                    skipped = True  # (claimed again: the next batch would hold it again)
+                    continue  # out with a consumer here: checked when it comes back
+                mb = mailbox_of(row.mailbox_id)
+                if mb is None:
+                    log.warning("expired message %d is in unknown mailbox %d: deleted", row.seq, row.mailbox_id)
+                    self.store.delete([row.seq])
+                    continue
+                for held in mb.ready:
+                    if held.seq == row.seq:
+                        mb.window_remove(held)
+                        break
+                self.store.delete([row.seq])
+                self.expire(mb, row, now, unacked)
+            if len(batch) < EXPIRY_BATCH or skipped:
+                break
+        self.next_expiry = self.store.next_expiry(now)

@@ -34,6 +34,7 @@ class Delivery:
         self.counters = counters
         self.unacked: dict[int, Consumer] = {}  # seq -> consumer holding it
         self.boot_seq = 0  # messages up to this seq were stored before this start
+        self.shared = getattr(store, "shared", None)  # several relays share the store
 
     # --- consumers ---
 
@@ -71,6 +72,8 @@ class Delivery:
                 self.dead.note_expiry(e.expires)
             log.info("%d unacked message(s) of %s on %s requeued", len(entries), peer.name, mb.name)
         if not mb.consumers:
+            if self.shared is not None and mb.name in self.mailboxes.by_name:
+                self.mailboxes.release_window(mb)  # other relays' consumers may take them now
             self.mailboxes.schedule_idle(mb)
 
     # --- DELIVER ---
@@ -78,8 +81,14 @@ class Delivery:
     def pump(self, now: float) -> None:
         """Hand ready messages to consumers with credit, round-robin."""
         dirty, self.mailboxes.dirty = self.mailboxes.dirty, set()
+        shared = self.shared is not None
+        by_name = self.mailboxes.by_name
         for mb in dirty:
-            if mb.consumers and mb.ready_count and mb.name in self.mailboxes.by_name:
+            if not mb.consumers or mb.name not in by_name:
+                continue
+            # (shared: the counts are approximate; the window and the claim
+            # flag also say whether there is anything to hand out)
+            if mb.ready_count or (shared and (mb.ready or mb.disk_after is not None)):
                 self._deliver(mb, now)
 
     @property

@@ -13,6 +13,8 @@ The rooms, each its own module:
   deadletters.py  expiry, drop-head, rejects and dead-letter mailboxes
   intake.py       SEND records: checks, ids already stored, storing
   turn.py         replies now and after the commit
+  fabric.py       with several relays on one database (store.shared):
+                  claims, leases, wake-ups, the sweeper
 This module decodes a command, checks who sent it, and calls the rooms;
 each handler gets the command's context (Ctx) as an argument.
 """
@@ -46,6 +48,7 @@ from ..store.base import Store
 from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
 from .delivery import Delivery
+from .fabric import Fabric
 from .intake import Intake
 from .mailboxes import Mailboxes
 from .sessions import Ctx, Sessions
@@ -75,6 +78,10 @@ class RelayEngine:
         self.sessions = Sessions(self.delivery.drop_consumer)
         self.intake = Intake(store, self.boxes, self.dead, self.delivery, self.sessions, self.counters,
                              max_message_size)
+        # Several relays share the store (`relay --shared`): its capability
+        # (store/shared.py); None on a store this relay owns.
+        shared = getattr(store, "shared", None)
+        self.fabric = None if shared is None else Fabric(shared, self.boxes, self.delivery, self.dead)
         self._recover(now)
 
     # --- views kept for callers (relay/server.py, security, tests) ---
@@ -109,6 +116,15 @@ class RelayEngine:
     # --- recovery --------------------------------------------------------------
 
     def _recover(self, now: float) -> None:
+        if self.fabric is not None:
+            # Seqs from a block no other relay numbers in.  A message
+            # another relay may have delivered is marked by its claim
+            # (store/claims.py), not by its seq.
+            self.delivery.boot_seq = 0
+            self.fabric.shared.release_all()
+            self.boxes.recover(now)
+            self.dead.start(self.fabric.shared.seq_start())
+            return
         # Messages stored before this start may have been out for delivery.
         boot_seq = self.store.max_seq()
         self.delivery.boot_seq = boot_seq
@@ -305,6 +321,8 @@ class RelayEngine:
         if self.delivery.busy:
             return float("-inf")  # deliveries wait for the next turn
         deadline = min(self.sessions.next_deadline(), self.boxes.next_idle_deadline())
+        if self.fabric is not None:
+            deadline = min(deadline, self.fabric.next_deadline())
         if self.dead.next_expiry is not None:
             deadline = min(deadline, self.dead.next_expiry)
         return deadline
@@ -313,9 +331,24 @@ class RelayEngine:
         """Heartbeats, dead peers, expired messages and idle mailboxes."""
         for identity in self.sessions.tick(now):
             self.turn.reply_now(identity, Cmd.HEARTBEAT)
+        if self.fabric is not None:
+            self.fabric.tick(now)
         if self.dead.next_expiry is not None and self.dead.next_expiry <= now:
-            self.dead.expire_due(now, self.delivery.unacked)
+            if self.fabric is None:
+                self.dead.expire_due(now, self.delivery.unacked)
+            else:
+                self.fabric.expire_due(now)
         self.boxes.expire_idle(now)
+
+    @property
+    def wakeup_fd(self) -> int | None:
+        """Shared: a socket the relay loop polls; readable, it calls wake()."""
+        return None if self.fabric is None else self.fabric.shared.fileno()
+
+    def wake(self) -> None:
+        """Another relay (or this one) stored messages: claim them for the
+        consumers here (delivered by the next pump())."""
+        self.fabric.wake()
 
     def pump(self, now: float) -> None:
         """Hand ready messages to consumers with credit."""

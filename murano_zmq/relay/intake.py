@@ -47,6 +47,7 @@ class Intake:
         self.counters = counters
         self.max_message_size = max_message_size
         self.storage_full = False  # the disk is full: store nothing new
+        self.shared = getattr(store, "shared", None)  # several relays share the store
 
     def store_records(self, ctx: Ctx, records: list) -> list[list]:
         """Store what may be stored; the CONFIRM's errors for the rest."""
@@ -95,6 +96,10 @@ class Intake:
     def _store(self, ctx: Ctx, accepted: list, errors: list) -> None:
         now = ctx.now
         stored_in = self.store.mailboxes_of([a[1] for a in accepted])
+        if self.shared is not None:  # a resend may have been stored through another relay
+            retried = [a[1] for a in accepted if a[7] and a[1] not in stored_in]
+            if retried:
+                stored_in.update(self.store.mailboxes_of(retried, every=True))
         rows = []  # (mailbox, id, headers, body, created, expires, deliveries): stored in one call
         boxes = self.mailboxes
         for i, msg_id, name, headers, body, created, ttl, retry in accepted:

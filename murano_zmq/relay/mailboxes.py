@@ -3,6 +3,11 @@ ready queues (a window in memory, the rest on disk).
 
 Every change to a mailbox's counts goes through the Mailbox methods in
 state.py; this room keeps the window and the store in step.
+
+With several relays on one database (store.shared, `relay --shared`) a
+mailbox's id comes from the database by name, a new message is stored
+unclaimed (the commit wakes the relays that consume it), and the window
+holds only messages this relay claimed for its consumers (fill()).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ REQUEUE_LOAD = 100
 class Mailboxes:
     def __init__(self, store: Store):
         self.store = store
+        self.shared = getattr(store, "shared", None)
         self.by_name: dict[str, Mailbox] = {}
         self.by_id: dict[int, Mailbox] = {}
         self.dirty: set[Mailbox] = set()  # mailboxes that may deliver now
@@ -49,12 +55,34 @@ class Mailboxes:
         return self.by_name.get(name) or self.create(name, MailboxOptions(), False, now)
 
     def create(self, name: str, options: MailboxOptions, declared: bool, now: float) -> Mailbox:
+        if self.shared is not None:  # the database numbers it; another relay may have made it
+            return self.adopt(self.shared.mailbox(name, options.to_map(), declared), now)
         mb = Mailbox(self._next_id, name, options, declared, now)
         self._next_id += 1
         self._add(mb)
         self._save(mb)
         log.info("mailbox %s created (%s)", name, "declared" if declared else "on first use")
         return mb
+
+    def adopt(self, row: MailboxRow, now: float) -> Mailbox:
+        """A mailbox as the database stores it (shared: made here or by
+        another relay; its stored options win, as after a restart)."""
+        old = self.by_name.get(row.name)
+        if old is not None:
+            if old.id == row.id:
+                return old
+            self.forget(old)
+        mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now, disk_after=0)
+        self._add(mb)
+        return mb
+
+    def forget(self, mb: Mailbox) -> None:
+        """Drop a mailbox another relay deleted from memory (nothing stored changes)."""
+        if self.by_name.get(mb.name) is mb:
+            del self.by_name[mb.name]
+        if self.by_id.get(mb.id) is mb:
+            del self.by_id[mb.id]
+        self.dirty.discard(mb)
 
     def declare(self, name: str, options: dict, now: float) -> Mailbox:
         """DECLARE: create, adopt (a send made it) or check a mailbox."""
@@ -65,6 +93,10 @@ class Mailboxes:
         except (ValueError, TypeError) as exc:
             raise Malformed(str(exc)) from None
         mb = self.by_name.get(name)
+        if mb is None and self.shared is not None:  # another relay may have made it
+            row = self.shared.find_mailbox(name)
+            if row is not None:
+                mb = self.adopt(row, now)
         if passive:
             if mb is None:
                 raise MailboxNotFound(f"mailbox {name!r} does not exist")
@@ -100,6 +132,8 @@ class Mailboxes:
     # --- idle expiry ---
 
     def schedule_idle(self, mb: Mailbox) -> None:
+        if self.shared is not None:
+            return  # idle mailboxes are the sweeper's, from the database (relay/fabric.py)
         deadline = mb.idle_deadline()
         if deadline is not None:
             heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
@@ -130,6 +164,9 @@ class Mailboxes:
     def append_many(self, placed: list[tuple[Mailbox, StoredMessage]], now: float) -> None:
         """Store new messages, (mailbox, row) in seq order, each at the tail
         of its mailbox's queue, in one store call."""
+        if self.shared is not None:
+            self._append_unclaimed(placed, now)
+            return
         self.store.insert([row for _, row in placed])
         dirty = self.dirty
         for mb, row in placed:
@@ -138,9 +175,26 @@ class Mailboxes:
             if mb.consumers:
                 dirty.add(mb)
 
+    def _append_unclaimed(self, placed: list[tuple[Mailbox, StoredMessage]], now: float) -> None:
+        """Shared: store new messages free for any relay to claim; they
+        enter a window by a claim, after the commit's wake-up."""
+        if self.keep_alive is not None:
+            placed = self.keep_alive(placed, now)
+        self.store.insert([row for _, row in placed])
+        for mb, row in placed:
+            mb.added(len(row.body))
+            mb.last_used = now
+
+    # Shared: set by relay/fabric.py; makes sure the mailboxes of new
+    # messages still exist (a sweeper may have deleted an idle one).
+    keep_alive = None
+
     def fill(self, mb: Mailbox, unacked) -> bool:
         """Load the next window of ready messages from disk; False if none.
-        `unacked`: seqs out with consumers (on disk, but not ready)."""
+        `unacked`: seqs out with consumers (on disk, but not ready).
+        Shared: claim them, as many as the consumers here have credit for."""
+        if self.shared is not None:
+            return self._claim(mb, unacked)
         while mb.disk_after is not None and not mb.ready:
             room = max(1, READY_WINDOW_BYTES - mb.ready_window_bytes)
             rows = self.store.load_ready(mb.id, mb.disk_after, READY_WINDOW, room)
@@ -152,6 +206,27 @@ class Mailboxes:
                 if row.seq not in unacked:
                     mb.window_push(row)
         return bool(mb.ready)
+
+    def _claim(self, mb: Mailbox, unacked) -> bool:
+        while mb.disk_after is not None and not mb.ready:
+            credit = sum(max(0, c.prefetch - len(c.unacked)) for c in mb.consumers)
+            limit = min(READY_WINDOW, max(1, credit))
+            rows = self.shared.claim(mb.id, limit)
+            if len(rows) < limit:
+                mb.disk_after = None  # claimed every free one: wait for a wake-up (or the retry)
+            for row in rows:
+                if row.seq not in unacked:
+                    mb.window_push(row)
+            if not rows:
+                break
+        return bool(mb.ready)
+
+    def release_window(self, mb: Mailbox) -> None:
+        """Shared: no consumer here any more: give the window's claims back."""
+        if mb.ready:
+            self.shared.release(mb.id, [row.seq for row in mb.ready])
+            mb.window_clear()
+        mb.disk_after = 0  # (claim again when a consumer comes)
 
     def take_ready(self, mb: Mailbox, seq: int) -> StoredMessage | None:
         """Remove the ready message `seq` from the queue (memory or disk)."""

@@ -27,10 +27,17 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
                    help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
     p.add_argument("--store", default="", metavar="URL",
                    help="where mailboxes live: 'sqlite' (relay.db in --data-dir, the default) or "
-                        "postgresql://... (the postgresql extra; one relay per database; docs/scale-out.md)")
+                        "postgresql://... (the postgresql extra; one relay per database unless --shared; "
+                        "docs/scale-out.md)")
     p.add_argument("--standby", action="store_true",
                    help="with a postgresql:// store: wait until the relay running on it ends, then take "
                         "over (bind and serve)")
+    p.add_argument("--shared", action="store_true",
+                   help="with a postgresql:// store: serve at once with the other --shared relays on the "
+                        "same database (and schema), each its own nodes; consumers on different relays "
+                        "compete for a mailbox's messages (claims with a 2 s lease), a message stored on one "
+                        "relay wakes the others (LISTEN/NOTIFY), one relay at a time sweeps expired messages "
+                        "and idle mailboxes. Every relay on the database must use it (docs/scale-out.md)")
     p.add_argument("--name", default="relay", help="relay name shown to nodes")
     p.add_argument("--max-message-size", type=message_size, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest message in bytes: body plus packed headers, at most 1 GiB "
@@ -64,7 +71,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                              authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
                              bind=args.bind, data_dir=args.data_dir, store=args.store, standby=args.standby,
-                             name=args.name,
+                             shared=args.shared, name=args.name,
                              max_message_size=args.max_message_size,
                              discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
         if args.check_config:

@@ -120,7 +120,8 @@ class Relay:
                 store = self._store_factory(cfg.data_dir)
             else:  # PostgreSQL: the store holds a lock in the database instead
                 try:
-                    store = open_store(cfg.store, cfg.data_dir, self._stop if cfg.standby else None)
+                    store = open_store(cfg.store, cfg.data_dir, self._stop if cfg.standby else None,
+                                       shared=cfg.shared)
                 except StandbyStopped:
                     log.info("standby relay stopped")
                     return
@@ -264,6 +265,9 @@ class Relay:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._wakeup_fd = self.engine.wakeup_fd  # several relays: their commits wake this one
+        if self._wakeup_fd is not None:
+            poller.register(self._wakeup_fd, zmq.POLLIN)
         committer = ThreadPoolExecutor(1, thread_name_prefix="relay-commit")
         self._in_flight = None
         try:
@@ -287,6 +291,12 @@ class Relay:
         events = dict(poller.poll(timeout_ms))
         if self._wake_r in events:
             os.read(self._wake_r, 64)
+        if self._wakeup_fd is not None and self._wakeup_fd in events:
+            engine.wake()
+            if engine.wakeup_fd != self._wakeup_fd:  # (reconnected)
+                poller.unregister(self._wakeup_fd)
+                self._wakeup_fd = engine.wakeup_fd
+                poller.register(self._wakeup_fd, zmq.POLLIN)
         if self._in_flight is not None and self._in_flight[0].done():
             self._finish(sock)
         if engine.storage_full:

@@ -18,6 +18,10 @@ from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inser
 
 
 class BatchedStore:
+    # What several relays sharing the database need (store/shared.py);
+    # None: this relay owns its store.
+    shared = None
+
     # SQL with "{not_dropped}" where _not_dropped()'s clause goes.
     _EXPIRED_SQL: str
     _NEXT_EXPIRY_SQL: str
@@ -93,8 +97,9 @@ class BatchedStore:
         rows = (find(seq, on_disk.get(seq), batches) for seq in sorted(set(seqs)))
         return [r for r in rows if r is not None]
 
-    def mailboxes_of(self, msg_ids: list[bytes]) -> dict[bytes, int]:
-        maybe = self._ids.maybe_stored(msg_ids)
+    def mailboxes_of(self, msg_ids: list[bytes], every: bool = False) -> dict[bytes, int]:
+        """every: look each id up (else ids above the ceiling are surely new)."""
+        maybe = list(msg_ids) if every else self._ids.maybe_stored(msg_ids)
         if not maybe:
             return {}
         batches = self._pending()

@@ -1,8 +1,7 @@
 """Building blocks for several relays over one PostgreSQL database.
 
-NOT WIRED INTO THE RELAY YET (docs/scale-out.md, "Several relays: the
-plan"): the engine still owns its database, and PostgresStore refuses a
-second relay.  These are the database side of that plan, tested on their own
+The database side of `relay --shared` (store/shared.py wires them into the
+store's `shared` capability; docs/scale-out.md), also tested on their own
 (tests/postgresql/test_claims.py):
 
 - Claims: a message is held by one relay at a time (`owner`, `lease_until`),
@@ -34,7 +33,16 @@ ALTER TABLE messages ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ;
 CREATE INDEX IF NOT EXISTS messages_by_owner ON messages (owner) WHERE owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until TIMESTAMPTZ NOT NULL);
 CREATE SEQUENCE IF NOT EXISTS relay_seq_blocks;
+CREATE SEQUENCE IF NOT EXISTS mailbox_ids;
+ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS idle_ttl DOUBLE PRECISION;
+ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS idle_until DOUBLE PRECISION;
+CREATE INDEX IF NOT EXISTS mailboxes_by_idle ON mailboxes (idle_until) WHERE idle_until IS NOT NULL;
 """
+
+# Mailbox ids from the sequence stay above those a relay without --shared
+# numbered in memory (max(id) + 1) before.
+_BUMP_MAILBOX_IDS = ("SELECT setval('mailbox_ids', m) FROM (SELECT coalesce(max(id), 0) AS m FROM mailboxes) x "
+                     "WHERE m > 0 AND m >= (SELECT last_value FROM mailbox_ids)")
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
@@ -44,6 +52,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x6D7A7131,))
         conn.execute(_SCHEMA)
+        conn.execute(_BUMP_MAILBOX_IDS)
 
 
 def seq_block(conn: psycopg.Connection) -> int:
@@ -60,19 +69,35 @@ class Claims:
 
     def claim(self, mailbox_id: int, limit: int) -> list[StoredMessage]:
         """Up to `limit` of the mailbox's oldest unclaimed (or lease-expired)
-        messages, now held by this relay; by seq."""
+        messages, now held by this relay; by seq.  A message taken from an
+        owner whose lease passed may have been delivered: it counts one
+        delivery at least (the consumer sees it `redelivered`)."""
+        return self._take("mailbox=%s AND (owner IS NULL OR lease_until < now()) ORDER BY seq",
+                          (mailbox_id,), limit)
+
+    def claim_expired(self, now: float, limit: int) -> list[StoredMessage]:
+        """Up to `limit` messages whose expiry is <= `now` and that no other
+        relay holds (the sweeper's: it then expires them as their owner)."""
+        return self._take("expires IS NOT NULL AND expires <= %s AND (owner IS NULL OR owner = %s "
+                          "OR lease_until < now()) ORDER BY expires, seq", (now, self.owner), limit)
+
+    def _take(self, where: str, args: tuple, limit: int) -> list[StoredMessage]:
         rows = self.conn.execute(
-            f"UPDATE messages SET owner=%s, lease_until=now() + make_interval(secs => %s) "
-            f"WHERE seq IN (SELECT seq FROM messages WHERE mailbox=%s "
-            f"AND (owner IS NULL OR lease_until < now()) ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {_COLUMNS}", (self.owner, self.lease, mailbox_id, limit)).fetchall()
+            f"UPDATE messages SET owner=%s, lease_until=now() + make_interval(secs => %s), "
+            f"deliveries = CASE WHEN owner IS NULL OR owner = %s THEN deliveries ELSE greatest(deliveries, 1) END "
+            f"WHERE seq IN (SELECT seq FROM messages WHERE {where} LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {_COLUMNS}", (self.owner, self.lease, self.owner, *args, limit)).fetchall()
         return sorted((StoredMessage(s, m, bytes(i), bytes(h), bytes(b), c, e, d)
                        for s, m, i, h, b, c, e, d in rows), key=lambda r: r.seq)
 
     def renew(self) -> int:
-        """Push the lease of everything this relay holds; how many rows."""
+        """Push the lease of everything this relay holds; how many rows.
+        Rows locked by a commit in flight (this relay's own, settling them)
+        are skipped, not waited for: no lock cycle with the committer; the
+        next renew (a third of a lease later) takes them."""
         return self.conn.execute(
-            "UPDATE messages SET lease_until=now() + make_interval(secs => %s) WHERE owner=%s",
+            "UPDATE messages SET lease_until=now() + make_interval(secs => %s) WHERE seq IN "
+            "(SELECT seq FROM messages WHERE owner=%s FOR UPDATE SKIP LOCKED)",
             (self.lease, self.owner)).rowcount
 
     def release(self, seqs: list[int]) -> int:

@@ -59,3 +59,4 @@ class IdCeiling:
             elif p == top and recent is not None:
                 recent.add(m)
         self.top, self.recent = top, recent
+

@@ -32,10 +32,11 @@ def is_sqlite(url: str) -> bool:
     return check_store_url(url) in ("", "sqlite")
 
 
-def open_store(url: str, data_dir: str, standby=None):
+def open_store(url: str, data_dir: str, standby=None, shared: bool = False):
     """The Store for `url`: SQLite in `data_dir` by default.  standby (a
     threading.Event, PostgreSQL only): wait for the running relay to end,
-    until the event is set."""
+    until the event is set.  shared (PostgreSQL only): one of several
+    relays serving from the database at once."""
     if is_sqlite(url):
         from .sqlite import SQLiteStore
 
@@ -44,4 +45,4 @@ def open_store(url: str, data_dir: str, standby=None):
         from .postgresql import PostgresStore
     except ImportError as exc:
         raise StoreUnavailable(str(exc)) from None
-    return PostgresStore(url, standby=standby)
+    return PostgresStore(url, standby=standby, shared=shared)

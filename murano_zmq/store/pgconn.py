@@ -25,6 +25,9 @@ CONNECT_TIMEOUT = 10  # seconds, per host tried
 # one's session ends.  PostgreSQL ends it when the relay dies (its socket
 # closes; on a dead machine, when TCP keepalives give up).
 RELAY_LOCK_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))"
+# Relays started with --shared hold the same lock shared: any number of
+# them at once, none while a relay without --shared runs, and the reverse.
+SHARED_LOCK_SQL = "SELECT pg_try_advisory_lock_shared(%s, hashtext(current_schema()))"
 RELAY_LOCK = 0x6D7A7132
 LOCK_WAIT = 3.0  # seconds: a session that just closed may hold the lock a moment longer
 STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
@@ -35,14 +38,19 @@ RECONNECT_WINDOW = 30.0
 RECONNECT_PAUSE = 0.2
 
 
-def connect(conninfo: str) -> psycopg.Connection:
-    """An autocommit connection.  Defaults the conninfo may override:
+def with_defaults(conninfo: str) -> str:
+    """The conninfo with the relay's defaults, which it may override:
     keepalives and a TCP user timeout turn a server machine that vanished
     (no RST) into an error within seconds instead of a commit that hangs."""
     params = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "murano-zmq relay",
               "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
               "tcp_user_timeout": 15_000, **psycopg.conninfo.conninfo_to_dict(conninfo)}
-    return psycopg.connect(psycopg.conninfo.make_conninfo(**params), autocommit=True)
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+def connect(conninfo: str) -> psycopg.Connection:
+    """An autocommit connection, with_defaults()."""
+    return psycopg.connect(with_defaults(conninfo), autocommit=True)
 
 
 def redact(conninfo: str) -> str:
@@ -55,19 +63,24 @@ def redact(conninfo: str) -> str:
     return psycopg.conninfo.make_conninfo(**params)
 
 
-def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Event | None) -> None:
-    """Take the relay lock on `conn`'s session.  Without `standby`: within
-    LOCK_WAIT, else StoreUnavailable.  With it: as long as it takes, until
-    the event is set (StandbyStopped)."""
+def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Event | None,
+                    shared: bool = False) -> None:
+    """Take the relay lock on `conn`'s session (shared: the shared lock of
+    --shared relays).  Without `standby`: within LOCK_WAIT, else
+    StoreUnavailable.  With it: as long as it takes, until the event is set
+    (StandbyStopped)."""
     deadline = time.monotonic() + LOCK_WAIT
     standing_by = False
-    while not conn.execute(RELAY_LOCK_SQL, (RELAY_LOCK,)).fetchone()[0]:
+    while not conn.execute(SHARED_LOCK_SQL if shared else RELAY_LOCK_SQL, (RELAY_LOCK,)).fetchone()[0]:
         now = time.monotonic()
         if standby is None:
             if now >= deadline:
+                if shared:
+                    raise StoreUnavailable(f"a relay without --shared is running on this database ({path}); "
+                                           "relays share a database only when all run with --shared")
                 raise StoreUnavailable(f"another relay is running on this database ({path}); one relay "
-                                       "per database (schema): several relays over one database are not "
-                                       "built yet (docs/scale-out.md)")
+                                       "per database (schema), or run every relay with --shared "
+                                       "(docs/scale-out.md)")
         elif standby.is_set():
             raise StandbyStopped("stopped while standing by")
         elif not standing_by and now >= deadline:

@@ -9,13 +9,19 @@ goes out after the commit returns: with synchronous_commit=on that is the
 WAL flushed on the primary, and on a synchronous standby too when
 synchronous_standby_names names one (docs/scale-out.md).
 
-One relay per database (per schema): several relays over one database are
-not built yet (docs/scale-out.md says what is missing).
+One relay per database (per schema), held by an advisory lock; or, with
+shared=True (`relay --shared`), any number of relays at once, each with
+`store.shared` (store/shared.py): then acks delete only the messages this
+relay holds, releases give messages back, and a commit that stores or gives
+back messages notifies the other relays (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import uuid
 
 import msgpack
 
@@ -31,6 +37,7 @@ from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, replay, visible
 from .faults import StoreError
 from .open import StoreUnavailable
+from .claims import CHANNEL, notify
 
 SCHEMA_VERSION = 1
 
@@ -76,11 +83,19 @@ class PostgresStore(BatchedStore):
     _NEXT_EXPIRY_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>%s "
                         "AND mailbox {not_dropped} ORDER BY expires LIMIT %s")
 
-    def __init__(self, conninfo: str, exclusive: bool = True, standby: threading.Event | None = None):
+    shared = None  # store/shared.py's SharedDatabase with shared=True
+
+    def __init__(self, conninfo: str, exclusive: bool = True, standby: threading.Event | None = None,
+                 shared: bool = False):
         """standby: wait for the relay lock as long as it takes (a standby
         relay, taking over when the running one dies), until this event is
-        set (then StandbyStopped)."""
+        set (then StandbyStopped).  shared: one of several relays on the
+        database (`relay --shared`)."""
         super().__init__()
+        self._shared = shared
+        # Who holds claims: unique per relay start (a restarted relay's old
+        # claims are not its own: they pass on at lease expiry).
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.path = pgconn.redact(conninfo)  # what the relay logs
         self._conninfo = conninfo
         self._exclusive = exclusive
@@ -102,15 +117,26 @@ class PostgresStore(BatchedStore):
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._db.execute(_SCHEMA)
             self._check_schema(self._db.execute, "%s", SCHEMA_VERSION, StoreUnavailable)
+        if shared:
+            from .shared import SharedDatabase
+
+            try:
+                self.shared = SharedDatabase(self, conninfo, self.path, self._owner)
+            except psycopg.Error as exc:
+                self.close()
+                raise StoreUnavailable(f"PostgreSQL ({self.path}): {exc}".strip()) from None
+            # Other relays store ids too, but only a resend (retry) can
+            # be stored elsewhere: intake looks those up past the ceiling
+            # (mailboxes_of(..., every=True)).
         # Which new ids need no lookup (store/ids.py).  One relay per
-        # database keeps it true: no one else inserts.
+        # database keeps it true: no one else inserts (shared: see above).
         top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
                           (CLOCK_BOUND,))
         self._ids = IdCeiling(bytes(top[0][0]) if top else None)
 
     def _lock_database(self) -> None:
         try:
-            pgconn.take_relay_lock(self._db, self.path, self._standby)
+            pgconn.take_relay_lock(self._db, self.path, self._standby, self._shared)
         except StoreUnavailable:
             self._db.close()
             self._reader.close()
@@ -219,7 +245,7 @@ class PostgresStore(BatchedStore):
                 self._db = self._reconnect(self._db, "writer")
                 if self._exclusive:
                     try:  # (a standby relay may have taken over meanwhile)
-                        pgconn.take_relay_lock(self._db, self.path, None)
+                        pgconn.take_relay_lock(self._db, self.path, None, self._shared)
                     except StoreUnavailable as exc:
                         raise StoreError(exc) from None
             except psycopg.Error as exc:  # the relay's store-failure path takes it
@@ -228,7 +254,8 @@ class PostgresStore(BatchedStore):
             except BaseException:
                 self._abort()
                 raise
-        self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
+        if not self._shared:
+            self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
 
     def _abort(self) -> None:
         if not self._db.closed and self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -246,7 +273,16 @@ class PostgresStore(BatchedStore):
     def drop_reserve(self) -> None:
         pass
 
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.shared is not None:
+                self.shared.close()
+
     def _write(self, batch: WriteBatch) -> None:
+        if self._shared:
+            return self._write_shared(batch)
         cur = self._db.cursor()
         for kind, items in batch.statements():
             if kind == "insert":
@@ -270,3 +306,41 @@ class PostgresStore(BatchedStore):
             cur.execute("INSERT INTO meta VALUES ('seq', %s) ON CONFLICT (key) DO UPDATE "
                         "SET value = greatest(meta.value, excluded.value)", (batch.top_seq,))
         # (_seq_saved moves in commit(), once the transaction is in.)
+
+    def _write_shared(self, batch: WriteBatch) -> None:
+        """_write() for one of several relays: deletes and delivery counts
+        touch only rows that are free or this relay's (an ack that comes
+        after the lease passed and another relay took the message deletes
+        nothing); stored or released messages wake the relays up."""
+        cur = self._db.cursor()
+        mine = self._owner
+        woken: set[int] = set()
+        for kind, items in batch.statements():
+            if kind == "insert":
+                cur.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                                "ON CONFLICT DO NOTHING", items)
+                woken.update(r.mailbox_id for r in items)
+            elif kind == "delete":
+                cur.execute("DELETE FROM messages WHERE seq = ANY(%s::bigint[]) AND (owner IS NULL OR owner=%s)",
+                            (list(items), mine))
+            elif kind == "deliveries":
+                cur.executemany("UPDATE messages SET deliveries=%s WHERE seq=%s AND (owner IS NULL OR owner=%s)",
+                                [(c, s, mine) for c, s in items])
+            elif kind == "release":
+                cur.execute("UPDATE messages SET owner=NULL, lease_until=NULL WHERE owner=%s "
+                            "AND seq = ANY(%s::bigint[])", (mine, [s for _, s in items]))
+                woken.update(m for m, _ in items)
+            elif kind == "mailbox":  # ids come from the database: the row is there (or deleted since)
+                cur.execute("UPDATE mailboxes SET options=%s, declared=%s, idle_ttl=%s WHERE id=%s",
+                            (msgpack.packb(items.options), items.declared, items.options.get("ttl"), items.id))
+            elif kind == "drop_mailbox":
+                cur.execute("DELETE FROM messages WHERE mailbox=%s", (items,))
+                cur.execute("DELETE FROM mailboxes WHERE id=%s", (items,))
+                woken.add(-items)  # the others forget it
+            elif kind == "drop_idle":  # only if no relay touched it since the sweeper looked
+                mailbox_id, grace = items
+                cur.execute("WITH d AS (DELETE FROM mailboxes WHERE id=%s AND idle_until IS NOT NULL "
+                            "AND idle_until < extract(epoch FROM now()) - %s RETURNING id), "
+                            "m AS (DELETE FROM messages WHERE mailbox IN (SELECT id FROM d)) "
+                            "SELECT pg_notify(%s, (-id)::text) FROM d", (mailbox_id, grace, CHANNEL))
+        notify(self._db, woken)  # sent at COMMIT, with what it wakes them for
