@@ -305,16 +305,19 @@ def print_table(meta: dict, results: dict) -> None:
     paper = on_paper(results)
     if paper:
         print()
-        print("On paper (each relay on a core of its own; the database on one core):")
+        print("On paper (each relay on a core of its own; database cores as needed):")
         for line in paper:
             print("  " + line)
 
 
 def on_paper(results: dict) -> list[str]:
-    """Rates the CPU figures give where the cores run out: N relays at
-    their measured messages per relay-CPU-second, capped by one core of
-    PostgreSQL at its measured messages per PostgreSQL-CPU-second."""
+    """Rates the CPU figures give where the cores run out: N relays, each
+    on a core at its measured messages per relay-CPU-second, against one
+    relay --shared; one core of PostgreSQL caps them at its measured
+    messages per PostgreSQL-CPU-second, and keeping up takes that many
+    database cores."""
     lines = []
+    base = results.get("1 relay, PostgreSQL --shared")
     for setup, r in results.items():
         if isinstance(r, str) or "--shared" not in setup:
             continue
@@ -322,10 +325,12 @@ def on_paper(results: dict) -> list[str]:
             p = r[phase]
             relays = r["relays"] * (p["per_relay_cpu_s"] or 0)
             db = p.get("per_pg_cpu_s") or 0
-            cap = min(relays, db) if db else relays
-            by = "the database" if db and db < relays else "the relays"
-            lines.append(f"{setup}: {label} {cap:,} ({r['relays']} x {p['per_relay_cpu_s'] or 0:,} relay-bound, "
-                         f"{db:,} database-bound per core: {by} caps it)")
+            ratio = ""
+            if isinstance(base, dict) and base[phase]["per_relay_cpu_s"] and r["relays"] > 1:
+                ratio = f" = {relays / base[phase]['per_relay_cpu_s']:.1f}x one relay"
+            need = f"; the database needs {relays / db:.1f} cores to keep up, one core caps it at {db:,}" if db else ""
+            lines.append(f"{setup}: {label} {relays:,} relay-bound ({r['relays']} x "
+                         f"{p['per_relay_cpu_s'] or 0:,}{ratio}){need}")
     return lines
 
 
