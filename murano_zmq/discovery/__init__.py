@@ -13,5 +13,5 @@ from .zeroconf import (
     relay_endpoints,
 )
 
-__all__ = ["Advert", "AsyncDiscovery", "Discovery", "auto_pattern", "find_relay", "relay_endpoints", "parse_interfaces", "SERVICE_TYPE",
-           "INTERFACES_ENV"]
+__all__ = ["Advert", "AsyncDiscovery", "Discovery", "auto_pattern", "find_relay", "relay_endpoints",
+           "parse_interfaces", "SERVICE_TYPE", "INTERFACES_ENV"]

@@ -273,6 +273,11 @@ class Discovery:
     def peers(self) -> dict[str, Advert]:
         return dict(self._async.peers)
 
+    @property
+    def interfaces(self):
+        """The addresses browsed and advertised on (or InterfaceChoice.All)."""
+        return self._async.interfaces
+
     def advertise(self, advert: Advert) -> None:
         self._call(self._async.advertise(advert))
 
@@ -325,26 +330,33 @@ def auto_pattern(relay) -> str | None:
     return pattern or "*"
 
 
-def relay_endpoints(peers: dict[str, Advert], pattern: str = "*") -> list[str]:
-    """The endpoints of the relays in `peers` whose name matches `pattern`, sorted."""
+def relay_endpoints(peers: dict[str, Advert], pattern: str = "*",
+                    usable: Callable[[str], bool] | None = None) -> list[str]:
+    """The endpoints of the relays in `peers` whose name matches `pattern`
+    (and that `usable` accepts: an advert is a claim), sorted."""
     return sorted({a.endpoint for a in peers.values()
-                   if a.role == "relay" and a.endpoint and fnmatchcase(a.name, pattern)})
+                   if a.role == "relay" and a.endpoint and fnmatchcase(a.name, pattern)
+                   and (usable is None or usable(a.endpoint))})
 
 
 def wait_for_relays(discovery: "Discovery", pattern: str = "*", timeout: float = 5.0,
-                    settle: float = 0.3) -> list[str]:
+                    settle: float = 0.3, usable: Callable[[str], bool] | None = None) -> list[str]:
     """Wait (at most `timeout`) for a relay matching `pattern`, then up to
     `settle` more for the others that answer the same query, and return
     every endpoint found (sorted).  RelayUnavailable if none."""
     from ..protocol.errors import RelayUnavailable
 
-    if not discovery.wait_for(lambda peers: relay_endpoints(peers, pattern), timeout):
-        where = ",".join(discovery._async.interfaces) if isinstance(discovery._async.interfaces, list) else "all"
+    def found(peers: dict) -> list[str]:
+        return relay_endpoints(peers, pattern, usable)
+
+    if not discovery.wait_for(found, timeout):
+        chosen = discovery.interfaces
+        where = ",".join(chosen) if isinstance(chosen, list) else "all interfaces"
         which = "" if pattern == "*" else f" named {pattern!r}"
         raise RelayUnavailable(f"no relay{which} advertised on {where} within {timeout}s")
-    first = len(relay_endpoints(discovery.peers, pattern))
-    discovery.wait_for(lambda peers: len(relay_endpoints(peers, pattern)) > first, settle)
-    return relay_endpoints(discovery.peers, pattern)
+    first = len(found(discovery.peers))
+    discovery.wait_for(lambda peers: len(found(peers)) > first, settle)
+    return found(discovery.peers)
 
 
 def find_relay(interfaces: str | None = None, timeout: float = 5.0, pattern: str = "*") -> str:

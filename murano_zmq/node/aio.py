@@ -68,7 +68,7 @@ class AsyncNode(NodeBase):
             self._discovery = await loop.run_in_executor(None, self._new_discovery, loop)
         try:
             await loop.run_in_executor(None, lambda: wait_for_relays(
-                self._discovery, self._auto, timeout=min(self.timeout, 10.0)))
+                self._discovery, self._auto, timeout=min(self.timeout, 10.0), usable=self._usable_relay))
         except BaseException:
             discovery, self._discovery = self._discovery, None
             await loop.run_in_executor(None, discovery.close)

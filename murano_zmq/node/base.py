@@ -279,16 +279,21 @@ class NodeBase:
 
     def _learn_relays(self, peers: dict) -> None:
         """(the loop, or before it runs) relay="auto": relays advertised now
-        join the node's list; an advert's endpoint is a claim, checked first."""
-        if self._auto is None:
-            return
-        found = []
-        for endpoint in relay_endpoints(peers, self._auto):
-            if endpoint in self._io.relays or endpoint in self._bad_adverts:
-                continue
-            try:
-                found.append(check_endpoint(endpoint))
-            except ValueError as exc:
-                self._bad_adverts.add(endpoint)
-                log.warning("node %s: ignoring an advertised relay: %s", self.name, exc)
-        self._io.add_relays(found, first_for=self.name)
+        join the node's list."""
+        if self._auto is not None:
+            self._io.add_relays(relay_endpoints(peers, self._auto, self._usable_relay), first_for=self.name)
+
+    def _usable_relay(self, endpoint: str) -> bool:
+        """An advert's endpoint is a claim: one ZeroMQ could not connect to
+        is left out (and logged once)."""
+        if endpoint in self._io.relays:
+            return True
+        if endpoint in self._bad_adverts:
+            return False
+        try:
+            check_endpoint(endpoint)
+            return True
+        except ValueError as exc:
+            self._bad_adverts.add(endpoint)
+            log.warning("node %s: ignoring an advertised relay: %s", self.name, exc)
+            return False

@@ -83,10 +83,12 @@ class Node(NodeBase):
         keep browsing: relays advertised later join the list (_on_peers)."""
         self._discovery = Discovery(self._interfaces, on_change=self._on_peers)
         try:
-            wait_for_relays(self._discovery, self._auto, timeout=min(self.timeout, 10.0))
+            wait_for_relays(self._discovery, self._auto, timeout=min(self.timeout, 10.0),
+                            usable=self._usable_relay)
         except BaseException:
             self._discovery.close()
             self._discovery = None
+            self._close_wake()  # no I/O thread will
             raise
         self._learn_relays(self._discovery.peers)  # the I/O thread does not run yet
 

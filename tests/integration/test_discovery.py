@@ -54,6 +54,26 @@ def test_relay_auto_takes_every_advertised_relay_and_later_ones(relay_factory, m
         "relay='auto' with discovery=False browses for relays only; the node advertises nothing"
 
 
+def test_relay_auto_leaves_out_adverts_it_cannot_use_and_says_when_none_is_found(relay_factory, make_node):
+    import pytest
+
+    from murano_zmq import RelayUnavailable
+
+    name = _unique_name()
+    liar = Discovery("127.0.0.1")
+    try:
+        liar.advertise(Advert(name, "relay", "garbage"))  # a claim ZeroMQ cannot connect to
+        assert liar.wait_for(lambda peers: any(a.endpoint == "garbage" for a in peers.values()), 15)
+        with pytest.raises(RelayUnavailable, match=f"no relay named '{name}' advertised on 127.0.0.1"):
+            make_node("finder", relay=f"auto:{name}", timeout=2)
+        relay = relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name)
+        node = make_node("finder", relay=f"auto:{name}")
+        assert node.relays == [relay.endpoint]
+        node.send("found", "past the bad advert")
+    finally:
+        liar.close()
+
+
 def test_relay_auto_moves_to_another_relay_when_its_relay_dies(relay_factory, make_node, tmp_path):
     """Two advertised relays with separate data: kill -9 the one the node
     uses mid-stream; the node's session moves to the other, what was
