@@ -142,3 +142,14 @@ def test_bad_interfaces_are_a_clear_error():
 
     with pytest.raises(ValueError, match="not an IPv4 address"):
         Discovery("eth0")
+
+
+def test_cli_relay_auto_takes_an_advertised_relay(relay_factory):
+    name = _unique_name()
+    relay = relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name)
+    out = subprocess.run([sys.executable, "-m", "murano_zmq", "send", "by.cli", "hello", "--relay", f"auto:{name}"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MURANO_ZMQ_DISCOVERY_INTERFACES": "127.0.0.1"})
+    assert out.returncode == 0, out.stderr
+    with Node("checker", relay=relay.endpoint, timeout=15) as node:
+        assert {m["name"]: m["depth"] for m in node.status()["mailboxes"]}["by.cli"] == 1
