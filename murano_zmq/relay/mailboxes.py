@@ -209,8 +209,14 @@ class Mailboxes:
 
     def _claim(self, mb: Mailbox, unacked) -> bool:
         while mb.disk_after is not None and not mb.ready:
-            credit = sum(max(0, c.prefetch - len(c.unacked)) for c in mb.consumers)
-            limit = min(READY_WINDOW, max(1, credit))
+            # No more than the consumers here can take: a claimed message
+            # waiting behind a full consumer is one another relay's idle
+            # consumer cannot have.  (Without consumers: PEEK, PURGE, MOVE,
+            # a drop-head want the head.)
+            credit = sum(max(0, c.prefetch - len(c.unacked)) for c in mb.consumers) if mb.consumers else 1
+            if not credit:
+                return False
+            limit = min(READY_WINDOW, credit)
             rows = self.shared.claim(mb.id, limit)
             if len(rows) < limit:
                 mb.disk_after = None  # claimed every free one: wait for a wake-up (or the retry)
@@ -258,6 +264,12 @@ class Mailboxes:
             counts = {e.seq: e.deliveries for e in entries}
             for row in reversed(rows):
                 mb.window_push_front(row._replace(deliveries=counts[row.seq]))
+        elif self.shared is not None:
+            # Give them back with the window (after their counts, in the
+            # same transaction) and claim again, oldest first.
+            self.shared.release(mb.id, [e.seq for e in entries] + [row.seq for row in mb.ready])
+            mb.window_clear()
+            mb.disk_after = 0
         else:
             # Rebuild the window from disk, from the oldest of them on.
             lowest = min(e.seq for e in entries)

@@ -272,3 +272,29 @@ def test_an_idle_mailbox_is_deleted_once_and_made_again_on_use(relay_factory, pg
         wait_for(lambda: got.bodies == ["after"], 20, what="the message in the mailbox made again")
     finally:
         got.close()
+
+
+def test_a_consumer_that_leaves_gives_its_messages_to_another_relays_consumer(relay_factory, pg_url):
+    """Its relay lives on and renews its claims: only the release (in the
+    turn's commit, with a wake-up) lets the other relay's consumer have them."""
+    a, b = _relays(relay_factory, pg_url, 2)
+    with Node("sender", relay=a.endpoint, timeout=30) as sender:
+        ids = sender.send_many([("jobs", n) for n in range(500)])
+    holder = Node("holder", relay=a.endpoint, timeout=30)
+    try:
+        held = holder.consume("jobs", prefetch=300, direct=False)  # more than the window keeps on a requeue
+        taken = []
+        wait_for(lambda: taken.append(held.get(timeout=0.05)) or len([m for m in taken if m]) >= 300, 30,
+                 interval=0, what="300 messages held, unacked")
+        got = _Collector("worker", b.endpoint, "jobs")
+        wait_for(lambda: len(got.seen) >= 200, 30, what="the 200 not held")
+    finally:
+        holder.close()  # its 300 unacked messages go back
+    left = time.monotonic()
+    try:
+        wait_for(lambda: set(got.seen) == set(ids), 30, what="the released messages on the other relay")
+        took = time.monotonic() - left
+    finally:
+        got.close()
+    print(f"300 released messages reached a consumer on another relay within {took:.2f}s")
+    assert len(got.seen) == len(ids)
