@@ -43,6 +43,11 @@ CREATE INDEX IF NOT EXISTS mailboxes_by_idle ON mailboxes (idle_until) WHERE idl
 # numbered in memory (max(id) + 1) before.
 _BUMP_MAILBOX_IDS = ("SELECT setval('mailbox_ids', m) FROM (SELECT coalesce(max(id), 0) AS m FROM mailboxes) x "
                      "WHERE m > 0 AND m >= (SELECT last_value FROM mailbox_ids)")
+# Likewise seq blocks start above every seq a relay without --shared used.
+_BUMP_SEQ_BLOCKS = (f"SELECT setval('relay_seq_blocks', b) FROM (SELECT greatest("
+                    f"(SELECT coalesce(max(seq), 0) FROM messages), "
+                    f"(SELECT coalesce(max(value), 0) FROM meta WHERE key='seq')) >> {SEQ_BLOCK_BITS} AS b) x "
+                    f"WHERE b > 0 AND b >= (SELECT last_value FROM relay_seq_blocks)")
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
@@ -53,6 +58,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x6D7A7131,))
         conn.execute(_SCHEMA)
         conn.execute(_BUMP_MAILBOX_IDS)
+        conn.execute(_BUMP_SEQ_BLOCKS)
 
 
 def seq_block(conn: psycopg.Connection) -> int:

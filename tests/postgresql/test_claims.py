@@ -1,8 +1,9 @@
 """The database side of several relays over one PostgreSQL (store/claims.py):
 competing claims, leases, the sweeper lease, seq blocks, wake-ups.
 
-These blocks are not wired into the relay yet (docs/scale-out.md); these
-tests drive them as three relays would, each with connections of its own.
+`relay --shared` uses them through store/shared.py (end to end:
+test_shared_relays.py); these tests drive them as three relays would, each
+with connections of its own.
 """
 
 from __future__ import annotations
@@ -139,3 +140,11 @@ def test_a_commit_on_one_relay_wakes_another_within_milliseconds(db, pg_dsn):
         assert waits[len(waits) // 2] < 0.05, f"median wake-up {waits[len(waits) // 2] * 1000:.1f} ms"
     finally:
         wakeups.close()
+
+
+def test_seq_blocks_start_above_what_a_lone_relay_numbered(db):
+    conn = db()
+    conn.execute("INSERT INTO meta VALUES ('seq', %s) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                 ((5 << 40) + 7,))
+    ensure_schema(conn)  # a shared relay starting
+    assert seq_block(conn) >= 6 << 40
