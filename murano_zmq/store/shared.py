@@ -176,9 +176,12 @@ class SharedDatabase:
         """Mailbox ids notified since (a negative id: that mailbox was deleted)."""
         try:
             return self._wakeups.take()
-        except psycopg.OperationalError:
+        except psycopg.Error:  # (the server went away: a failover)
             self._wakeups.close()
-            self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
+            try:
+                self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
+            except psycopg.Error as exc:
+                raise StoreError(exc) from exc  # the relay's store-failure path
             return {0}  # 0: wake-ups may have been lost, claim again everywhere
 
     def close(self) -> None:
