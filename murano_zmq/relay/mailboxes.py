@@ -217,14 +217,18 @@ class Mailboxes:
             if not credit:
                 return False
             limit = min(READY_WINDOW, credit)
-            rows = self.shared.claim(mb.id, limit)
-            if len(rows) < limit:
-                mb.disk_after = None  # claimed every free one: wait for a wake-up (or the retry)
+            # disk_after: claim past it (messages freed or stored below it
+            # since come with a wake-up that lowers it, or the retry)
+            rows, top = self.shared.claim(mb.id, limit, mb.disk_after)
+            if not top:
+                # None free (fewer than asked may only mean other relays
+                # took some): wait for a wake-up, or the retry.
+                mb.disk_after = None
+                break
+            mb.disk_after = top
             for row in rows:
                 if row.seq not in unacked:
                     mb.window_push(row)
-            if not rows:
-                break
         return bool(mb.ready)
 
     def release_window(self, mb: Mailbox) -> None:

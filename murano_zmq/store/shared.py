@@ -53,11 +53,20 @@ class SharedDatabase:
         self.owner = owner
         self.lease = lease
         self.retry_claims = RETRY_CLAIMS
-        self.conn = pgconn.connect(conninfo)
+        self.conn = self._connect()
         ensure_schema(self.conn)
         self._claims = Claims(self.conn, owner, lease)
         self._sweep = SweepLease(self.conn, owner, lease=lease)
         self._wakeups = Wakeups(pgconn.with_defaults(conninfo))
+
+    def _connect(self, old=None):
+        conn = pgconn.connect(self._conninfo) if old is None else \
+            pgconn.reconnect(old, self._conninfo, self._path, "claims")
+        # Claims, renewals and the sweeper lease need no flush: one lost
+        # with the server only makes a message free again (delivered again
+        # at worst, as at-least-once allows).  Confirms never wait on them.
+        conn.execute("SET synchronous_commit = off")
+        return conn
 
     def _run(self, fn, *args):
         """fn(*args) on the connection; reconnected once if it was lost."""
@@ -66,7 +75,7 @@ class SharedDatabase:
         except psycopg.OperationalError as exc:
             if not (self.conn.broken or self.conn.closed):
                 raise StoreError(exc) from exc
-            self.conn = pgconn.reconnect(self.conn, self._conninfo, self._path, "claims")
+            self.conn = self._connect(self.conn)
             self._claims.conn = self._sweep.conn = self.conn
             try:
                 return fn(*args)
@@ -108,12 +117,14 @@ class SharedDatabase:
 
     # --- claims ---
 
-    def claim(self, mailbox_id: int, limit: int) -> list[StoredMessage]:
-        """Claim up to `limit` of the mailbox's oldest free messages, as this
-        relay's pending writes leave them."""
+    def claim(self, mailbox_id: int, limit: int, after: int = 0) -> tuple[list[StoredMessage], int]:
+        """Claim up to `limit` of the mailbox's oldest free messages with seq
+        > `after`: (the rows as this relay's pending writes leave them, the
+        highest seq claimed or 0)."""
         batches = self._store._pending()
-        rows = self._run(self._claims.claim, mailbox_id, limit)
-        return [r for r in (replay(row, batches) for row in rows) if r is not None]
+        rows = self._run(self._claims.claim, mailbox_id, limit, after)
+        top = rows[-1].seq if rows else 0
+        return [r for r in (replay(row, batches) for row in rows) if r is not None], top
 
     def claim_expired(self, now: float, limit: int) -> list[StoredMessage]:
         batches = self._store._pending()
@@ -172,17 +183,19 @@ class SharedDatabase:
     def fileno(self) -> int:
         return self._wakeups.fileno()
 
-    def take(self) -> set[int]:
-        """Mailbox ids notified since (a negative id: that mailbox was deleted)."""
+    def take(self) -> dict[int, int]:
+        """Mailbox id -> the lowest seq stored or given back in it, notified
+        since (a negative id: that mailbox was deleted; id 0: claim again
+        everywhere)."""
         try:
-            return self._wakeups.take()
+            return self._wakeups.take_seqs()
         except psycopg.Error:  # (the server went away: a failover)
             self._wakeups.close()
             try:
                 self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
             except psycopg.Error as exc:
                 raise StoreError(exc) from exc  # the relay's store-failure path
-            return {0}  # 0: wake-ups may have been lost, claim again everywhere
+            return {0: 0}  # wake-ups may have been lost
 
     def close(self) -> None:
         try:

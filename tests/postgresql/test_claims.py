@@ -148,3 +148,21 @@ def test_seq_blocks_start_above_what_a_lone_relay_numbered(db):
                  ((5 << 40) + 7,))
     ensure_schema(conn)  # a shared relay starting
     assert seq_block(conn) >= 6 << 40
+
+
+def test_a_claim_starts_past_a_seq_and_a_wake_up_says_the_lowest_seq(db, pg_dsn):
+    fill(db(), 1, 10)
+    assert [r.seq for r in Claims(db(), "a", 30).claim(1, 3, after=5)] == [6, 7, 8]
+    wakeups = Wakeups(pg_dsn)
+    try:
+        writer = db()
+        with writer.transaction():
+            notify(writer, {1: 4, 2: 9})
+        deadline = time.monotonic() + 5
+        seen: dict = {}
+        while len(seen) < 2 and time.monotonic() < deadline:
+            select.select([wakeups.fileno()], [], [], 0.5)
+            seen.update(wakeups.take_seqs())
+        assert seen == {1: 4, 2: 9}
+    finally:
+        wakeups.close()
