@@ -30,7 +30,7 @@ import psycopg
 from . import pgconn
 from .base import MailboxRow, StoredMessage
 from .batch import replay
-from .claims import Claims, SweepLease, Wakeups, ensure_schema, seq_block
+from .claims import Claims, SweepLease, Wakeups, ensure_schema, notify, seq_block
 from .faults import StoreError
 
 # Seconds a claim holds without renewal.  A relay renews every LEASE / 3;
@@ -144,9 +144,16 @@ class SharedDatabase:
         """At an engine's start: give back whatever this store's owner
         holds (an engine reloaded after a store failure forgot its windows
         and unacked messages); any of them may have been delivered."""
-        self._run(lambda: self.conn.execute(
-            "UPDATE messages SET owner=NULL, lease_until=NULL, deliveries=greatest(deliveries, 1) "
-            "WHERE owner=%s", (self.owner,)))
+        def give_back() -> None:
+            with self.conn.transaction():
+                lowest: dict[int, int] = {}
+                for mailbox, seq in self.conn.execute(
+                        "UPDATE messages SET owner=NULL, lease_until=NULL, deliveries=greatest(deliveries, 1) "
+                        "WHERE owner=%s RETURNING mailbox, seq", (self.owner,)):
+                    lowest[mailbox] = min(lowest.get(mailbox, seq), seq)
+                notify(self.conn, lowest)  # the others claim them at once
+
+        self._run(give_back)
 
     # --- the sweeper ---
 
@@ -198,10 +205,13 @@ class SharedDatabase:
             return {0: 0}  # wake-ups may have been lost
 
     def close(self) -> None:
+        """A relay that stops hands over at once: its claims and the
+        sweeper lease go back (a killed one's pass at lease expiry)."""
         try:
             if not self.conn.closed and not self.conn.broken:
+                self.release_all()
                 self._sweep.give_up()
-        except psycopg.Error:
+        except (psycopg.Error, StoreError):
             pass
         self._wakeups.close()
         self.conn.close()

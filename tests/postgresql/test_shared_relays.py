@@ -298,3 +298,25 @@ def test_a_consumer_that_leaves_gives_its_messages_to_another_relays_consumer(re
         got.close()
     print(f"300 released messages reached a consumer on another relay within {took:.2f}s")
     assert len(got.seen) == len(ids)
+
+
+def test_a_relay_that_stops_hands_its_claims_over_at_once(relay_factory, pg_url):
+    a, b = _relays(relay_factory, pg_url, 2)
+    with Node("sender", relay=a.endpoint, timeout=30) as sender:
+        ids = sender.send_many([("jobs", n) for n in range(200)])
+    holder = Node("holder", relay=a.endpoint, timeout=30)
+    try:
+        held = holder.consume("jobs", prefetch=200, direct=False)
+        taken = []
+        wait_for(lambda: taken.append(held.get(timeout=0.05)) or len([m for m in taken if m]) >= 200, 30,
+                 interval=0, what="every message held, unacked")
+        got = _Collector("worker", b.endpoint, "jobs")
+        stopped = time.monotonic()
+        assert a.stop() == 0  # SIGTERM: its last commit, then its claims go back
+        wait_for(lambda: set(got.seen) == set(ids), 30, what="the stopped relay's messages on the other relay")
+        took = time.monotonic() - stopped
+    finally:
+        holder.close()
+    got.close()
+    print(f"a stopped relay's 200 claimed messages reached another relay's consumer {took:.2f}s after SIGTERM")
+    assert took < 1.2, "waited for the lease instead of a hand-over"  # a lease renewed 2/3 s ago holds >= 1.3 s
