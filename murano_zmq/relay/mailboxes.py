@@ -68,11 +68,16 @@ class Mailboxes:
         """A mailbox as the database stores it (shared: made here or by
         another relay; its stored options win, as after a restart)."""
         old = self.by_name.get(row.name)
-        if old is not None:
-            if old.id == row.id:
-                return old
-            self.forget(old)
+        if old is not None and old.id == row.id:
+            return old
         mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now, disk_after=0)
+        if old is not None:  # deleted elsewhere and made again: the consumers here follow the name
+            self.forget(old)
+            mb.consumers, mb.rr = old.consumers, old.rr
+            for consumer in mb.consumers:
+                consumer.mailbox = mb
+            if mb.consumers:
+                self.dirty.add(mb)
         self._add(mb)
         return mb
 
