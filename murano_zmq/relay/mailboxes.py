@@ -258,9 +258,14 @@ class Mailboxes:
         return None
 
     def pop_head(self, mb: Mailbox, unacked) -> StoredMessage | None:
-        """Remove and return the oldest ready message, or None."""
+        """Remove and return the oldest ready message, or None.  (Shared:
+        the oldest free one in the database, else the oldest this relay
+        stored and has not committed yet.)"""
         if not mb.ready and not self.fill(mb, unacked):
-            return None
+            row = self.shared.pending_head(mb.id) if self.shared is not None else None
+            if row is not None:
+                self.store.delete([row.seq])
+            return row
         row = mb.window_pop()
         self.store.delete([row.seq])
         return row

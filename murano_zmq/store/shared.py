@@ -29,7 +29,7 @@ import psycopg
 
 from . import pgconn
 from .base import MailboxRow, StoredMessage
-from .batch import replay
+from .batch import inserted_rows, replay
 from .claims import Claims, SweepLease, Wakeups, ensure_schema, notify, seq_block
 from .faults import StoreError
 
@@ -130,6 +130,11 @@ class SharedDatabase:
         batches = self._store._pending()
         rows = self._run(self._claims.claim_expired, now, limit)
         return [r for r in (replay(row, batches) for row in rows) if r is not None]
+
+    def pending_head(self, mailbox_id: int) -> StoredMessage | None:
+        """The oldest message of the mailbox this relay stored and has not
+        committed yet (no other relay can claim it yet), or None."""
+        return next(inserted_rows(self._store._pending(), mailbox_id), None)
 
     def renew(self) -> int:
         return self._run(self._claims.renew)
