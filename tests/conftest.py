@@ -29,7 +29,9 @@ def relay_factory(tmp_path, request):
     data directory (as SQLite has a file per data directory), to check the
     relay behaves the same there."""
     started: list[RelayProcess] = []
-    pg = request.getfixturevalue("pg_server") if os.environ.get("MURANO_ZMQ_TEST_STORE") == "postgresql" else None
+    # (postgresql-shared: the same, each relay with --shared: one relay of a shared database)
+    which = os.environ.get("MURANO_ZMQ_TEST_STORE", "")
+    pg = request.getfixturevalue("pg_server") if which in ("postgresql", "postgresql-shared") else None
     schemas: dict[str, str] = {}
 
     def start(*extra: str, endpoint: str | None = None, data_dir: str | None = None, **kw) -> RelayProcess:
@@ -39,7 +41,7 @@ def relay_factory(tmp_path, request):
             where = data_dir or str(tmp_path / "data")
             if where not in schemas:
                 schemas[where] = pg.url(new_schema(pg.dsn()))
-            extra = (*extra, "--store", schemas[where])
+            extra = (*extra, "--store", schemas[where], *(["--shared"] if which == "postgresql-shared" else []))
         log = open(tmp_path / f"relay-{len(started)}.log", "wb")
         relay = RelayProcess(endpoint or free_tcp_endpoint(), data_dir or str(tmp_path / "data"),
                              *extra, log_file=log, **kw)

@@ -92,8 +92,9 @@ class _Engine:
         if mb.disk_after is None or limit <= 0:
             return []
         unacked = self.engine.delivery.unacked
+        held = {r.seq for r in mb.ready}  # (several relays: the window's claims are on disk too)
         return [r for r in self.engine.store.load_ready(mb.id, mb.disk_after, limit, PEEK_BYTES)
-                if r.seq not in unacked]
+                if r.seq not in unacked and r.seq not in held]
 
     def count(self, key: str, n: int) -> None:
         self.engine.counters[key] = self.engine.counters.get(key, 0) + n

@@ -43,6 +43,8 @@ class Delivery:
         old = peer.consumers.get(cid)
         if old is not None:
             self.drop_consumer(old, now)
+        if self.shared is not None and not mb.consumers:
+            mb.disk_after = 0  # the first consumer here: claim from the oldest free message
         consumer = Consumer(peer, cid, mb, prefetch, endpoint, prefetch_bytes)
         peer.consumers[cid] = consumer
         mb.consumers.append(consumer)

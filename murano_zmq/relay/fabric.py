@@ -72,7 +72,7 @@ class Fabric:
     def wake(self) -> None:
         """The wake-up socket is readable: claim for the mailboxes notified."""
         by_id = self.mailboxes.by_id
-        for mailbox_id in self.shared.take():
+        for mailbox_id, low in self.shared.take().items():
             if mailbox_id == 0:  # wake-ups may have been lost (reconnected)
                 self._next_retry = float("-inf")
             elif mailbox_id < 0:  # deleted on another relay
@@ -82,11 +82,12 @@ class Fabric:
             else:
                 mb = by_id.get(mailbox_id)
                 if mb is not None and mb.consumers:
-                    self._claim_soon(mb)
+                    self._claim_soon(mb, low - 1 if low else 0)
 
-    def _claim_soon(self, mb: Mailbox) -> None:
-        if mb.disk_after is None:
-            mb.disk_after = 0
+    def _claim_soon(self, mb: Mailbox, after: int = 0) -> None:
+        """Claim (from seq `after` on) at the next pump."""
+        if mb.disk_after is None or after < mb.disk_after:
+            mb.disk_after = after
         self.mailboxes.dirty.add(mb)
 
     # --- expiry ---
@@ -153,13 +154,8 @@ class Fabric:
             return placed
         again: dict[int, Mailbox] = {}
         for mb in stale:
-            if mb.id in gone:
-                self.mailboxes.forget(mb)
-                new = self.mailboxes.create(mb.name, mb.options, mb.declared, now)
-                new.consumers, new.rr = mb.consumers, mb.rr
-                for consumer in new.consumers:
-                    consumer.mailbox = new
-                again[mb.id] = new
+            if mb.id in gone:  # (its consumers here follow the name: Mailboxes.adopt)
+                again[mb.id] = self.mailboxes.create(mb.name, mb.options, mb.declared, now)
                 log.info("mailbox %s was deleted as idle meanwhile: made again", mb.name)
         return [(again[mb.id], row._replace(mailbox_id=again[mb.id].id)) if mb.id in again else (mb, row)
                 for mb, row in placed]

@@ -68,11 +68,16 @@ class Mailboxes:
         """A mailbox as the database stores it (shared: made here or by
         another relay; its stored options win, as after a restart)."""
         old = self.by_name.get(row.name)
-        if old is not None:
-            if old.id == row.id:
-                return old
-            self.forget(old)
+        if old is not None and old.id == row.id:
+            return old
         mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now, disk_after=0)
+        if old is not None:  # deleted elsewhere and made again: the consumers here follow the name
+            self.forget(old)
+            mb.consumers, mb.rr = old.consumers, old.rr
+            for consumer in mb.consumers:
+                consumer.mailbox = mb
+            if mb.consumers:
+                self.dirty.add(mb)
         self._add(mb)
         return mb
 
@@ -209,16 +214,26 @@ class Mailboxes:
 
     def _claim(self, mb: Mailbox, unacked) -> bool:
         while mb.disk_after is not None and not mb.ready:
-            credit = sum(max(0, c.prefetch - len(c.unacked)) for c in mb.consumers)
-            limit = min(READY_WINDOW, max(1, credit))
-            rows = self.shared.claim(mb.id, limit)
-            if len(rows) < limit:
-                mb.disk_after = None  # claimed every free one: wait for a wake-up (or the retry)
+            # No more than the consumers here can take: a claimed message
+            # waiting behind a full consumer is one another relay's idle
+            # consumer cannot have.  (Without consumers: PEEK, PURGE, MOVE,
+            # a drop-head want the head.)
+            credit = sum(max(0, c.prefetch - len(c.unacked)) for c in mb.consumers) if mb.consumers else 1
+            if not credit:
+                return False
+            limit = min(READY_WINDOW, credit)
+            # disk_after: claim past it (messages freed or stored below it
+            # since come with a wake-up that lowers it, or the retry)
+            rows, top = self.shared.claim(mb.id, limit, mb.disk_after)
+            if not top:
+                # None free (fewer than asked may only mean other relays
+                # took some): wait for a wake-up, or the retry.
+                mb.disk_after = None
+                break
+            mb.disk_after = top
             for row in rows:
                 if row.seq not in unacked:
                     mb.window_push(row)
-            if not rows:
-                break
         return bool(mb.ready)
 
     def release_window(self, mb: Mailbox) -> None:
@@ -243,9 +258,14 @@ class Mailboxes:
         return None
 
     def pop_head(self, mb: Mailbox, unacked) -> StoredMessage | None:
-        """Remove and return the oldest ready message, or None."""
+        """Remove and return the oldest ready message, or None.  (Shared:
+        the oldest free one in the database, else the oldest this relay
+        stored and has not committed yet.)"""
         if not mb.ready and not self.fill(mb, unacked):
-            return None
+            row = self.shared.pending_head(mb.id) if self.shared is not None else None
+            if row is not None:
+                self.store.delete([row.seq])
+            return row
         row = mb.window_pop()
         self.store.delete([row.seq])
         return row
@@ -258,6 +278,12 @@ class Mailboxes:
             counts = {e.seq: e.deliveries for e in entries}
             for row in reversed(rows):
                 mb.window_push_front(row._replace(deliveries=counts[row.seq]))
+        elif self.shared is not None:
+            # Give them back with the window (after their counts, in the
+            # same transaction) and claim again, oldest first.
+            self.shared.release(mb.id, [e.seq for e in entries] + [row.seq for row in mb.ready])
+            mb.window_clear()
+            mb.disk_after = 0
         else:
             # Rebuild the window from disk, from the oldest of them on.
             lowest = min(e.seq for e in entries)

@@ -43,6 +43,11 @@ CREATE INDEX IF NOT EXISTS mailboxes_by_idle ON mailboxes (idle_until) WHERE idl
 # numbered in memory (max(id) + 1) before.
 _BUMP_MAILBOX_IDS = ("SELECT setval('mailbox_ids', m) FROM (SELECT coalesce(max(id), 0) AS m FROM mailboxes) x "
                      "WHERE m > 0 AND m >= (SELECT last_value FROM mailbox_ids)")
+# Likewise seq blocks start above every seq a relay without --shared used.
+_BUMP_SEQ_BLOCKS = (f"SELECT setval('relay_seq_blocks', b) FROM (SELECT greatest("
+                    f"(SELECT coalesce(max(seq), 0) FROM messages), "
+                    f"(SELECT coalesce(max(value), 0) FROM meta WHERE key='seq')) >> {SEQ_BLOCK_BITS} AS b) x "
+                    f"WHERE b > 0 AND b >= (SELECT last_value FROM relay_seq_blocks)")
 
 _COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 
@@ -53,6 +58,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x6D7A7131,))
         conn.execute(_SCHEMA)
         conn.execute(_BUMP_MAILBOX_IDS)
+        conn.execute(_BUMP_SEQ_BLOCKS)
 
 
 def seq_block(conn: psycopg.Connection) -> int:
@@ -67,13 +73,15 @@ class Claims:
     def __init__(self, conn: psycopg.Connection, owner: str, lease: float):
         self.conn, self.owner, self.lease = conn, owner, lease
 
-    def claim(self, mailbox_id: int, limit: int) -> list[StoredMessage]:
+    def claim(self, mailbox_id: int, limit: int, after: int = 0) -> list[StoredMessage]:
         """Up to `limit` of the mailbox's oldest unclaimed (or lease-expired)
-        messages, now held by this relay; by seq.  A message taken from an
-        owner whose lease passed may have been delivered: it counts one
-        delivery at least (the consumer sees it `redelivered`)."""
-        return self._take("mailbox=%s AND (owner IS NULL OR lease_until < now()) ORDER BY seq",
-                          (mailbox_id,), limit)
+        messages with seq > `after`, now held by this relay; by seq.  A
+        message taken from an owner whose lease passed may have been
+        delivered: it counts one delivery at least (the consumer sees it
+        `redelivered`).  (`after` lets a claim start past the acked rows
+        the table has not vacuumed yet, instead of stepping over them.)"""
+        return self._take("mailbox=%s AND seq > %s AND (owner IS NULL OR lease_until < now()) ORDER BY seq",
+                          (mailbox_id, after), limit)
 
     def claim_expired(self, now: float, limit: int) -> list[StoredMessage]:
         """Up to `limit` messages whose expiry is <= `now` and that no other
@@ -146,13 +154,19 @@ class Wakeups:
         return self.conn.fileno()
 
     def take(self) -> set[int]:
-        ids = set()
+        return set(self.take_seqs())
+
+    def take_seqs(self) -> dict[int, int]:
+        """Mailbox id -> the lowest seq notified for it (0: not said)."""
+        found: dict[int, int] = {}
         for n in self.conn.notifies(timeout=0):
+            mailbox, _, seq = n.payload.partition(":")
             try:
-                ids.add(int(n.payload))
+                mailbox_id, low = int(mailbox), int(seq or 0)
             except ValueError:
                 continue  # not ours
-        return ids
+            found[mailbox_id] = min(found.get(mailbox_id, low), low)
+        return found
 
     def close(self) -> None:
         self.conn.close()
@@ -160,6 +174,11 @@ class Wakeups:
 
 def notify(conn: psycopg.Connection, mailbox_ids) -> None:
     """Queue a wake-up per mailbox; inside a transaction, sent at its commit
-    (PostgreSQL folds duplicates within one transaction)."""
-    for mailbox_id in sorted(set(mailbox_ids)):
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(mailbox_id)))
+    (PostgreSQL folds duplicates within one transaction).  mailbox_ids: ids,
+    or {id: the lowest seq stored or given back} (the payload "id:seq")."""
+    if isinstance(mailbox_ids, dict):
+        payloads = [f"{m}:{s}" for m, s in sorted(mailbox_ids.items())]
+    else:
+        payloads = [str(m) for m in sorted(set(mailbox_ids))]
+    for payload in payloads:
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))

@@ -314,12 +314,14 @@ class PostgresStore(BatchedStore):
         nothing); stored or released messages wake the relays up."""
         cur = self._db.cursor()
         mine = self._owner
-        woken: set[int] = set()
+        woken: dict[int, int] = {}  # mailbox id -> the lowest seq stored or given back
         for kind, items in batch.statements():
             if kind == "insert":
                 cur.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                                 "ON CONFLICT DO NOTHING", items)
-                woken.update(r.mailbox_id for r in items)
+                for r in items:
+                    if woken.get(r.mailbox_id, r.seq) >= r.seq:
+                        woken[r.mailbox_id] = r.seq
             elif kind == "delete":
                 cur.execute("DELETE FROM messages WHERE seq = ANY(%s::bigint[]) AND (owner IS NULL OR owner=%s)",
                             (list(items), mine))
@@ -329,18 +331,20 @@ class PostgresStore(BatchedStore):
             elif kind == "release":
                 cur.execute("UPDATE messages SET owner=NULL, lease_until=NULL WHERE owner=%s "
                             "AND seq = ANY(%s::bigint[])", (mine, [s for _, s in items]))
-                woken.update(m for m, _ in items)
+                for m, seq in items:
+                    if woken.get(m, seq) >= seq:
+                        woken[m] = seq
             elif kind == "mailbox":  # ids come from the database: the row is there (or deleted since)
                 cur.execute("UPDATE mailboxes SET options=%s, declared=%s, idle_ttl=%s WHERE id=%s",
                             (msgpack.packb(items.options), items.declared, items.options.get("ttl"), items.id))
             elif kind == "drop_mailbox":
                 cur.execute("DELETE FROM messages WHERE mailbox=%s", (items,))
                 cur.execute("DELETE FROM mailboxes WHERE id=%s", (items,))
-                woken.add(-items)  # the others forget it
+                woken[-items] = 0  # the others forget it
             elif kind == "drop_idle":  # only if no relay touched it since the sweeper looked
                 mailbox_id, grace = items
                 cur.execute("WITH d AS (DELETE FROM mailboxes WHERE id=%s AND idle_until IS NOT NULL "
                             "AND idle_until < extract(epoch FROM now()) - %s RETURNING id), "
                             "m AS (DELETE FROM messages WHERE mailbox IN (SELECT id FROM d)) "
-                            "SELECT pg_notify(%s, (-id)::text) FROM d", (mailbox_id, grace, CHANNEL))
+                            "SELECT pg_notify(%s, (-id)::text || ':0') FROM d", (mailbox_id, grace, CHANNEL))
         notify(self._db, woken)  # sent at COMMIT, with what it wakes them for

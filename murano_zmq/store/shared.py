@@ -29,8 +29,8 @@ import psycopg
 
 from . import pgconn
 from .base import MailboxRow, StoredMessage
-from .batch import replay
-from .claims import Claims, SweepLease, Wakeups, ensure_schema, seq_block
+from .batch import inserted_rows, replay
+from .claims import Claims, SweepLease, Wakeups, ensure_schema, notify, seq_block
 from .faults import StoreError
 
 # Seconds a claim holds without renewal.  A relay renews every LEASE / 3;
@@ -53,11 +53,20 @@ class SharedDatabase:
         self.owner = owner
         self.lease = lease
         self.retry_claims = RETRY_CLAIMS
-        self.conn = pgconn.connect(conninfo)
+        self.conn = self._connect()
         ensure_schema(self.conn)
         self._claims = Claims(self.conn, owner, lease)
         self._sweep = SweepLease(self.conn, owner, lease=lease)
         self._wakeups = Wakeups(pgconn.with_defaults(conninfo))
+
+    def _connect(self, old=None):
+        conn = pgconn.connect(self._conninfo) if old is None else \
+            pgconn.reconnect(old, self._conninfo, self._path, "claims")
+        # Claims, renewals and the sweeper lease need no flush: one lost
+        # with the server only makes a message free again (delivered again
+        # at worst, as at-least-once allows).  Confirms never wait on them.
+        conn.execute("SET synchronous_commit = off")
+        return conn
 
     def _run(self, fn, *args):
         """fn(*args) on the connection; reconnected once if it was lost."""
@@ -66,7 +75,7 @@ class SharedDatabase:
         except psycopg.OperationalError as exc:
             if not (self.conn.broken or self.conn.closed):
                 raise StoreError(exc) from exc
-            self.conn = pgconn.reconnect(self.conn, self._conninfo, self._path, "claims")
+            self.conn = self._connect(self.conn)
             self._claims.conn = self._sweep.conn = self.conn
             try:
                 return fn(*args)
@@ -108,17 +117,24 @@ class SharedDatabase:
 
     # --- claims ---
 
-    def claim(self, mailbox_id: int, limit: int) -> list[StoredMessage]:
-        """Claim up to `limit` of the mailbox's oldest free messages, as this
-        relay's pending writes leave them."""
+    def claim(self, mailbox_id: int, limit: int, after: int = 0) -> tuple[list[StoredMessage], int]:
+        """Claim up to `limit` of the mailbox's oldest free messages with seq
+        > `after`: (the rows as this relay's pending writes leave them, the
+        highest seq claimed or 0)."""
         batches = self._store._pending()
-        rows = self._run(self._claims.claim, mailbox_id, limit)
-        return [r for r in (replay(row, batches) for row in rows) if r is not None]
+        rows = self._run(self._claims.claim, mailbox_id, limit, after)
+        top = rows[-1].seq if rows else 0
+        return [r for r in (replay(row, batches) for row in rows) if r is not None], top
 
     def claim_expired(self, now: float, limit: int) -> list[StoredMessage]:
         batches = self._store._pending()
         rows = self._run(self._claims.claim_expired, now, limit)
         return [r for r in (replay(row, batches) for row in rows) if r is not None]
+
+    def pending_head(self, mailbox_id: int) -> StoredMessage | None:
+        """The oldest message of the mailbox this relay stored and has not
+        committed yet (no other relay can claim it yet), or None."""
+        return next(inserted_rows(self._store._pending(), mailbox_id), None)
 
     def renew(self) -> int:
         return self._run(self._claims.renew)
@@ -133,9 +149,16 @@ class SharedDatabase:
         """At an engine's start: give back whatever this store's owner
         holds (an engine reloaded after a store failure forgot its windows
         and unacked messages); any of them may have been delivered."""
-        self._run(lambda: self.conn.execute(
-            "UPDATE messages SET owner=NULL, lease_until=NULL, deliveries=greatest(deliveries, 1) "
-            "WHERE owner=%s", (self.owner,)))
+        def give_back() -> None:
+            with self.conn.transaction():
+                lowest: dict[int, int] = {}
+                for mailbox, seq in self.conn.execute(
+                        "UPDATE messages SET owner=NULL, lease_until=NULL, deliveries=greatest(deliveries, 1) "
+                        "WHERE owner=%s RETURNING mailbox, seq", (self.owner,)):
+                    lowest[mailbox] = min(lowest.get(mailbox, seq), seq)
+                notify(self.conn, lowest)  # the others claim them at once
+
+        self._run(give_back)
 
     # --- the sweeper ---
 
@@ -172,20 +195,28 @@ class SharedDatabase:
     def fileno(self) -> int:
         return self._wakeups.fileno()
 
-    def take(self) -> set[int]:
-        """Mailbox ids notified since (a negative id: that mailbox was deleted)."""
+    def take(self) -> dict[int, int]:
+        """Mailbox id -> the lowest seq stored or given back in it, notified
+        since (a negative id: that mailbox was deleted; id 0: claim again
+        everywhere)."""
         try:
-            return self._wakeups.take()
-        except psycopg.OperationalError:
+            return self._wakeups.take_seqs()
+        except psycopg.Error:  # (the server went away: a failover)
             self._wakeups.close()
-            self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
-            return {0}  # 0: wake-ups may have been lost, claim again everywhere
+            try:
+                self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
+            except psycopg.Error as exc:
+                raise StoreError(exc) from exc  # the relay's store-failure path
+            return {0: 0}  # wake-ups may have been lost
 
     def close(self) -> None:
+        """A relay that stops hands over at once: its claims and the
+        sweeper lease go back (a killed one's pass at lease expiry)."""
         try:
             if not self.conn.closed and not self.conn.broken:
+                self.release_all()
                 self._sweep.give_up()
-        except psycopg.Error:
+        except (psycopg.Error, StoreError):
             pass
         self._wakeups.close()
         self.conn.close()

@@ -1,8 +1,9 @@
 """The database side of several relays over one PostgreSQL (store/claims.py):
 competing claims, leases, the sweeper lease, seq blocks, wake-ups.
 
-These blocks are not wired into the relay yet (docs/scale-out.md); these
-tests drive them as three relays would, each with connections of its own.
+`relay --shared` uses them through store/shared.py (end to end:
+test_shared_relays.py); these tests drive them as three relays would, each
+with connections of its own.
 """
 
 from __future__ import annotations
@@ -137,5 +138,31 @@ def test_a_commit_on_one_relay_wakes_another_within_milliseconds(db, pg_dsn):
             assert ids == {7}
         waits.sort()
         assert waits[len(waits) // 2] < 0.05, f"median wake-up {waits[len(waits) // 2] * 1000:.1f} ms"
+    finally:
+        wakeups.close()
+
+
+def test_seq_blocks_start_above_what_a_lone_relay_numbered(db):
+    conn = db()
+    conn.execute("INSERT INTO meta VALUES ('seq', %s) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                 ((5 << 40) + 7,))
+    ensure_schema(conn)  # a shared relay starting
+    assert seq_block(conn) >= 6 << 40
+
+
+def test_a_claim_starts_past_a_seq_and_a_wake_up_says_the_lowest_seq(db, pg_dsn):
+    fill(db(), 1, 10)
+    assert [r.seq for r in Claims(db(), "a", 30).claim(1, 3, after=5)] == [6, 7, 8]
+    wakeups = Wakeups(pg_dsn)
+    try:
+        writer = db()
+        with writer.transaction():
+            notify(writer, {1: 4, 2: 9})
+        deadline = time.monotonic() + 5
+        seen: dict = {}
+        while len(seen) < 2 and time.monotonic() < deadline:
+            select.select([wakeups.fileno()], [], [], 0.5)
+            seen.update(wakeups.take_seqs())
+        assert seen == {1: 4, 2: 9}
     finally:
         wakeups.close()

@@ -9,6 +9,8 @@ claims are what is tested, not the direct path.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,8 +27,8 @@ def _relays(relay_factory, pg_url, n: int = 3) -> list:
     return [relay_factory("--store", pg_url, "--shared") for _ in range(n)]
 
 
-def _rows(pg_url_dsn: str, sql: str) -> list:
-    with psycopg.connect(pg_url_dsn, autocommit=True) as conn:
+def _rows(dsn: str, sql: str) -> list:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql).fetchall()
 
 
@@ -77,7 +79,6 @@ def test_three_relays_competing_consumers_each_message_once(relay_factory, pg_ur
                 ids += sender.send_many([("jobs", {"s": i, "n": n}) for n in range(total_per_sender)])
         every = lambda: sum(len(c.seen) for c in collectors)  # noqa: E731
         wait_for(lambda: every() >= len(ids), 60, what="every message delivered")
-        time.sleep(0)  # (nothing more is expected: checked below against the database)
     finally:
         for c in collectors:
             c.close()
@@ -125,9 +126,6 @@ def test_fifo_per_sender_with_one_consumer(relay_factory, pg_url):
 
 
 def test_shared_needs_postgresql_and_excludes_a_lone_relay(relay_factory, pg_url, tmp_path):
-    import subprocess
-    import sys
-
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "murano_zmq", "relay", "--bind", "tcp://127.0.0.1:0",
                                "--data-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
@@ -272,3 +270,51 @@ def test_an_idle_mailbox_is_deleted_once_and_made_again_on_use(relay_factory, pg
         wait_for(lambda: got.bodies == ["after"], 20, what="the message in the mailbox made again")
     finally:
         got.close()
+
+
+def test_a_consumer_that_leaves_gives_its_messages_to_another_relays_consumer(relay_factory, pg_url):
+    """Its relay lives on and renews its claims: only the release (in the
+    turn's commit, with a wake-up) lets the other relay's consumer have them."""
+    a, b = _relays(relay_factory, pg_url, 2)
+    with Node("sender", relay=a.endpoint, timeout=30) as sender:
+        ids = sender.send_many([("jobs", n) for n in range(500)])
+    holder = Node("holder", relay=a.endpoint, timeout=30)
+    try:
+        held = holder.consume("jobs", prefetch=300, direct=False)  # more than the window keeps on a requeue
+        taken = []
+        wait_for(lambda: taken.append(held.get(timeout=0.05)) or len([m for m in taken if m]) >= 300, 30,
+                 interval=0, what="300 messages held, unacked")
+        got = _Collector("worker", b.endpoint, "jobs")
+        wait_for(lambda: len(got.seen) >= 200, 30, what="the 200 not held")
+    finally:
+        holder.close()  # its 300 unacked messages go back
+    left = time.monotonic()
+    try:
+        wait_for(lambda: set(got.seen) == set(ids), 30, what="the released messages on the other relay")
+        took = time.monotonic() - left
+    finally:
+        got.close()
+    print(f"300 released messages reached a consumer on another relay within {took:.2f}s")
+    assert len(got.seen) == len(ids)
+
+
+def test_a_relay_that_stops_hands_its_claims_over_at_once(relay_factory, pg_url):
+    a, b = _relays(relay_factory, pg_url, 2)
+    with Node("sender", relay=a.endpoint, timeout=30) as sender:
+        ids = sender.send_many([("jobs", n) for n in range(200)])
+    holder = Node("holder", relay=a.endpoint, timeout=30)
+    try:
+        held = holder.consume("jobs", prefetch=200, direct=False)
+        taken = []
+        wait_for(lambda: taken.append(held.get(timeout=0.05)) or len([m for m in taken if m]) >= 200, 30,
+                 interval=0, what="every message held, unacked")
+        got = _Collector("worker", b.endpoint, "jobs")
+        stopped = time.monotonic()
+        assert a.stop() == 0  # SIGTERM: its last commit, then its claims go back
+        wait_for(lambda: set(got.seen) == set(ids), 30, what="the stopped relay's messages on the other relay")
+        took = time.monotonic() - stopped
+    finally:
+        holder.close()
+    got.close()
+    print(f"a stopped relay's 200 claimed messages reached another relay's consumer {took:.2f}s after SIGTERM")
+    assert took < 1.2, "waited for the lease instead of a hand-over"  # a lease renewed 2/3 s ago holds >= 1.3 s
