@@ -172,7 +172,7 @@ def test_kill9_of_one_relay_mid_stream(relay_factory, pg_url, pg_server):
     got = _Collector("consumer", order(0), "jobs", prefetch=100, heartbeat=0.5)
     senders = [Node(f"sender-{i}", relay=order(i), heartbeat=0.5, timeout=60) for i in range(3)]
     try:
-        total = 10000  # per sender, sent while the kill happens
+        total = 15000  # per sender: queued at once, confirmed over a few seconds
         futures: list[list] = [[], [], []]
         confirmed = [[], [], []]  # when each sender's confirms came (monotonic), in order
 
@@ -182,17 +182,21 @@ def test_kill9_of_one_relay_mid_stream(relay_factory, pg_url, pg_server):
                 f.add_done_callback(lambda _, i=i: confirmed[i].append(time.monotonic()))
                 futures[i].append(f)
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        # Every send queued before the kill: the test process's own work
+        # (the GIL) must not slow the nodes it measures afterwards.  The
+        # killed relay's sender last, so that its stream is under way then.
+        threads = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
         for t in threads:
             t.start()
+        for t in threads:
+            t.join(60)
+        send(0)
         wait_for(lambda: len(confirmed[0]) >= 300 and len(got.seen) >= 100, 60, interval=0.005,
                  what="the stream under way")
         killed = time.monotonic()  # (the nodes may move before kill() has reaped it)
         relays[0].kill()
         confirmed_before = {f.result() for fs in futures for f in fs if f.done()}
         assert len(confirmed[0]) < total, "the kill came after the stream: nothing to move"
-        for t in threads:
-            t.join(60)
         ids = {f.result(timeout=60) for fs in futures for f in fs}
         wait_for(lambda: set(got.seen) >= ids, 60, what="every confirmed message consumed")
         drained = time.monotonic() - killed
