@@ -1,4 +1,6 @@
-"""The store contract: every test runs against SQLiteStore (files in tmp_path)
+"""The store contract: every test runs against SQLiteStore (files in tmp_path;
+once with its defaults and once with every body but the smallest in segment
+files, store/segments.py)
 and PostgresStore (a schema of its own on the session's PostgreSQL server,
 tests/pgserver.py), the model test included.
 
@@ -34,6 +36,10 @@ CLOSED = (sqlite3.ProgrammingError,) + ((psycopg.OperationalError,) if psycopg e
 
 MAILBOX_IDS = (1, 2, 3)
 
+# The sqlite-segments backend: bodies this long and up go to segment files
+# (msg()'s b"body" among them; the model's bodies mix both).
+SEGMENT_THRESHOLD = 4
+
 
 def msg(seq, mailbox=1, msg_id=None, body=b"body", expires=None, deliveries=0, headers=b"\x80",
         created=1.0):
@@ -55,6 +61,8 @@ class Backend:
         """exclusive=False: a second store on the same data, beside a relay's."""
         if self.kind == "sqlite":
             return SQLiteStore(str(where))
+        if self.kind == "sqlite-segments":  # every body of 4 bytes and up in a segment file
+            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD)
         from murano_zmq.store.postgresql import PostgresStore
 
         from tests.pgserver import new_schema, with_schema
@@ -65,10 +73,10 @@ class Backend:
         return PostgresStore(with_schema(dsn, self._schemas[str(where)]), exclusive=exclusive)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-segments", "postgresql"])
 def backend(request) -> Backend:
-    if request.param == "sqlite":
-        return Backend("sqlite")
+    if request.param.startswith("sqlite"):
+        return Backend(request.param)
     return Backend("postgresql", request.getfixturevalue("pg_server"))
 
 
@@ -677,7 +685,7 @@ def test_store_matches_model(tmp_path, backend):
     run_state_machine_as_test(
         StoreModel,
         # PostgreSQL pays a round trip per read: fewer examples keep it near 10 s.
-        settings=settings(max_examples=40 if backend.kind == "sqlite" else 20, stateful_step_count=25, deadline=None,
+        settings=settings(max_examples=40 if backend.kind.startswith("sqlite") else 20, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
 
