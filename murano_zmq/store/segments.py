@@ -11,11 +11,15 @@ references: harmless, reclaimed with their segment.
 
 A segment is written until it passes ROLL_BYTES, then a new one starts.  A
 segment no committed row references, and which is not being written, is
-deleted.  The counts of referencing rows are rebuilt from the rows at start
+deleted, or kept as the spare (SPARE_NAME) that the next segment reuses: an
+fdatasync that extends a file also journals its new size, one that
+overwrites written blocks does not (0.17 vs 0.31 ms for 64 KiB here).  The counts of referencing rows are rebuilt from the rows at start
 (each start writes a new segment, so a torn tail is never appended to).
 
 Writes (append, sync, the commit hooks) run under the store's commit lock,
-one writer at a time; reads come from the relay loop at any time.
+one writer at a time; reads come from the relay loop at any time.  append()
+only places a body; sync() writes and syncs, so with a committer thread the
+file I/O overlaps the relay loop's next turn instead of holding it up.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ log = logging.getLogger("murano_zmq.store")
 
 SEGMENT_DIR = "segments"
 SUFFIX = ".seg"
+SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
 
 # Bodies of this size and up go to segments.  Below it SQLite's double write
 # costs less than a second fsync per commit (docs/performance.md, "64 KiB bodies").
@@ -63,6 +68,7 @@ class Segments:
         self._current: int | None = None  # the segment being written
         self._end = 0  # its length: where the next body goes
         self._next = 1
+        self._unwritten: list[tuple[int, int, bytes]] = []  # (segment, offset, body) placed, not written
         self._dirty: set[int] = set()  # written since the last sync
         self._dir_dirty = False  # a new file whose directory entry is not synced yet
         self._gone: set[int] = set()  # deleted by this store: a late read is of a deleted row
@@ -86,37 +92,43 @@ class Segments:
         """Take the committed counts (segment -> rows); delete the files no
         row references (all their messages acked, or a crash's tail)."""
         self._live = Counter({s: n for s, n in counts.items() if n > 0})
+        self._next = max([*files, *counts, 0]) + 1
         for seg in files:
             if seg not in self._live:
-                self._unlink(seg)
-        self._next = max([*files, *counts, 0]) + 1
+                self._retire(seg)
 
     # --- writes (under the store's commit lock) ------------------------------------
 
     def append(self, body: bytes) -> tuple[int, int, int]:
-        """Write `body` at the end of the current segment: (segment, offset,
-        length).  Durable only after sync()."""
+        """Place `body` at the end of the current segment: (segment, offset,
+        length).  Written and durable only after sync()."""
         if self._current is None or self._end >= self.roll_bytes:
             self._roll()
         seg, off = self._current, self._end
-        fd = self._fds[seg]
-        view = memoryview(body)
-        done = 0
-        try:
+        self._unwritten.append((seg, off, body))
+        self._end = off + len(body)
+        self._pending[seg] += 1
+        return seg, off, len(body)
+
+    def _write_placed(self) -> None:
+        for seg, off, body in self._unwritten:
+            fd = self._fds[seg]
+            view = memoryview(body)
+            done = 0
             while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
                 done += os.pwrite(fd, view[done:], off + done)
-        except OSError as exc:
-            raise _full(exc, self.path(seg)) from None  # (_end unchanged: the next write overwrites)
-        self._end = off + len(view)
-        self._dirty.add(seg)
-        self._pending[seg] += 1
-        return seg, off, len(view)
+            self._dirty.add(seg)
+        self._unwritten.clear()
 
     def _roll(self) -> None:
         seg = self._next
         path = self.path(seg)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if os.path.exists(self._spare):
+                os.rename(self._spare, path)  # written over from its start
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _full(exc, path) from None
         self._next = seg + 1
@@ -134,9 +146,11 @@ class Segments:
         return bool(self._live) or bool(self._pending)
 
     def sync(self) -> None:
-        """fdatasync every segment written since the last sync (and the
-        directory, for a new file): before the commit of the rows."""
+        """Write the bodies placed, fdatasync every segment written since
+        the last sync (and the directory, for a new file): before the commit
+        of the rows."""
         try:
+            self._write_placed()
             for seg in sorted(self._dirty):
                 os.fdatasync(self._fds[seg])
                 self._dirty.discard(seg)
@@ -148,8 +162,9 @@ class Segments:
                     os.close(fd)
                 self._dir_dirty = False
         except OSError as exc:
-            # After a failed sync the file's state is unknown: write on in a
-            # new segment (this one goes when no row references it).
+            # After a failed write or sync the file's state is unknown: write
+            # on in a new segment (this one goes when no row references it).
+            self._unwritten.clear()
             self._current = None
             raise _full(exc, self.dir) from None
 
@@ -163,28 +178,50 @@ class Segments:
         for seg in [s for s, n in self._live.items() if n <= 0]:
             del self._live[seg]
             if seg != self._current:
-                self._unlink(seg)
+                self._retire(seg)
         # A segment written before a roll and left with no rows goes too.
         for seg in [s for s in self._fds if s != self._current and s not in self._live]:
-            self._unlink(seg)
+            self._retire(seg)
 
     def rolled_back(self) -> None:
         """The open transaction was undone: its bodies are bytes no row
         references (reclaimed with their segment)."""
+        for seg, off, _ in self._unwritten:
+            if seg == self._current:
+                self._end = off  # placed, never written: the next body goes there
+                break
+        self._unwritten.clear()
         self._pending.clear()
 
-    def _unlink(self, seg: int) -> None:
+    @property
+    def _spare(self) -> str:
+        return os.path.join(self.dir, SPARE_NAME)
+
+    def _retire(self, seg: int) -> None:
+        """No row references `seg`: keep it as the spare if it is a whole
+        one and there is none, else delete it."""
         with self._lock:
             fd = self._fds.pop(seg, None)
             if fd is not None:
                 os.close(fd)
             self._gone.add(seg)
+        path = self.path(seg)
         try:
-            os.unlink(self.path(seg))
+            if os.path.getsize(path) >= self.roll_bytes and not os.path.exists(self._spare):
+                os.rename(path, self._spare)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("cannot delete segment %s: %s", self.path(seg), exc)
+            log.warning("cannot delete segment %s: %s", path, exc)
+
+    def drop_spare(self) -> None:
+        """Give the spare's space back (the disk is full)."""
+        try:
+            os.unlink(self._spare)
+        except FileNotFoundError:
+            pass
 
     # --- reads ---------------------------------------------------------------------
 

@@ -314,6 +314,7 @@ class SQLiteStore(BatchedStore):
 
     def drop_reserve(self) -> None:
         space.drop_reserve(os.path.dirname(self.path))
+        self._segments.drop_spare()
 
     def _write(self, batch: WriteBatch) -> None:
         db = self._db

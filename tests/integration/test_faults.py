@@ -78,7 +78,8 @@ def test_relay_kill9_mid_pipelined_64k_sends_keeps_every_confirmed_body(relay_fa
     assert set(seen) == set(ids)
     assert confirmed_before_kill <= set(seen)
     # All acked: the first life's segment is deleted, the one being written stays.
-    wait_for(lambda: len(os.listdir(os.path.join(data_dir, "segments"))) == 1, 15, what="segments reclaimed")
+    wait_for(lambda: len([f for f in os.listdir(os.path.join(data_dir, "segments")) if f.endswith(".seg")]) == 1,
+             15, what="segments reclaimed")
 
 
 def test_relay_kill9_keeps_committed_messages_and_redelivers_unacked(relay_factory):

@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA
-from murano_zmq.store.segments import SEGMENT_DIR
+from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -815,7 +815,12 @@ def test_large_and_small_bodies_mixed_round_trip_and_restart(open_store):
 
 
 def segment_files(data_dir) -> list[str]:
-    return sorted(os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)))
+    """The segments (not the spare)."""
+    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
+
+
+def has_spare(data_dir) -> bool:
+    return os.path.exists(os.path.join(str(data_dir), SEGMENT_DIR, SPARE_NAME))
 
 
 def test_large_bodies_are_in_segments_and_small_ones_in_the_database(tmp_path):
@@ -842,11 +847,14 @@ def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
     s.delete([3])
     flush(s)
     assert len(segment_files(tmp_path)) == 2
+    assert has_spare(tmp_path)  # the first, kept to be written over by the next
     s.delete(range(4, 10))  # the last one is being written: kept (empty of rows)
     flush(s)
-    assert len(segment_files(tmp_path)) == 1
-    s.insert([msg(10, body=b"x" * LARGE)])
+    assert len(segment_files(tmp_path)) == 1  # the second deleted: there is a spare already
+    s.insert([msg(10, body=b"x" * LARGE)])  # the third is full: the spare becomes the fourth...
     flush(s)
+    assert segment_files(tmp_path) == ["000000000004.seg"]
+    assert has_spare(tmp_path)  # ...and the third, empty now, the spare
     s.close()
     s = SQLiteStore(str(tmp_path))
     try:
@@ -858,6 +866,7 @@ def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
         s.close()
     SQLiteStore(str(tmp_path)).close()
     assert segment_files(tmp_path) == []  # a restart drops the files no row references
+    assert has_spare(tmp_path)
 
 
 def test_a_mailbox_deleted_releases_its_segments(tmp_path):
