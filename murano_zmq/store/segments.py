@@ -152,7 +152,9 @@ class Segments:
         try:
             self._write_placed()
             for seg in sorted(self._dirty):
-                os.fdatasync(self._fds[seg])
+                fd = self._fds.get(seg)
+                if fd is not None:  # (None: retired since, after a failed sync)
+                    os.fdatasync(fd)
                 self._dirty.discard(seg)
             if self._dir_dirty:
                 fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -205,6 +207,7 @@ class Segments:
             if fd is not None:
                 os.close(fd)
             self._gone.add(seg)
+        self._dirty.discard(seg)
         path = self.path(seg)
         try:
             if os.path.getsize(path) >= self.roll_bytes and not os.path.exists(self._spare):
