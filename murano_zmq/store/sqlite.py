@@ -40,7 +40,12 @@ __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
 log = logging.getLogger("murano_zmq.store")
 
-_READ = f"{_COLUMNS}, {SEGMENT_COLUMNS}"  # a row and where its body is (StoredMessage: _message())
+# A row as StoredMessage's columns, where a body in a segment comes as the
+# text "seg,offset,length" (a stored body is always a BLOB): the common row
+# needs no other test or copy on the way to StoredMessage (_message()).
+_READ = _COLUMNS.replace(
+    "body", "CASE WHEN seg IS NULL THEN body ELSE seg || ',' || seg_off || ',' || seg_len END")
+_INSERT_PLACED = f"{_COLUMNS}, {SEGMENT_COLUMNS}"
 
 
 
@@ -186,9 +191,10 @@ class SQLiteStore(BatchedStore):
     def _message(self, r: tuple) -> StoredMessage | None:
         """A row read with _READ as a StoredMessage, its body read from its
         segment (None: the body cannot be read)."""
-        if r[8] is None:
-            return StoredMessage._make(r[:8])
-        body = self._segments.read(r[8], r[9], r[10], f"message {r[2].hex()} (seq {r[0]})")
+        if r[4].__class__ is not str:
+            return StoredMessage._make(r)
+        seg, off, length = map(int, r[4].split(","))
+        body = self._segments.read(seg, off, length, f"message {r[2].hex()} (seq {r[0]})")
         if body is None:
             return None
         return StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
@@ -214,8 +220,8 @@ class SQLiteStore(BatchedStore):
             for r in cursor:  # stop early: bodies past max_bytes are never read
                 if r[0] in deleted:
                     continue
-                if r[8] is None:
-                    row = make(r[:8])
+                if r[4].__class__ is not str:
+                    row = make(r)
                 else:
                     row = self._message(r)
                     if row is None:
@@ -322,7 +328,7 @@ class SQLiteStore(BatchedStore):
         for kind, items in batch.statements():
             if kind == "insert":
                 if any(len(r.body) >= threshold for r in items):
-                    db.executemany(f"INSERT OR IGNORE INTO messages ({_READ}) VALUES "
+                    db.executemany(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES "
                                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._placed(items))
                 else:
                     db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -347,7 +353,7 @@ class SQLiteStore(BatchedStore):
         self._save_seq_mark(batch.top_seq)
 
     def _placed(self, rows: list[StoredMessage]) -> list[tuple]:
-        """Rows to insert with _READ's columns: a large body is appended to
+        """Rows to insert with _INSERT_PLACED's columns: a large body is placed in
         a segment (synced before the COMMIT) and its row keeps where."""
         threshold, append = self._threshold, self._segments.append
         out = []
