@@ -115,8 +115,11 @@ class Segments:
             fd = self._fds[seg]
             view = memoryview(body)
             done = 0
-            while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
-                done += os.pwrite(fd, view[done:], off + done)
+            try:
+                while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
+                    done += os.pwrite(fd, view[done:], off + done)
+            except OSError as exc:
+                raise _full(exc, self.path(seg)) from None
             self._dirty.add(seg)
         self._unwritten.clear()
 
@@ -168,7 +171,7 @@ class Segments:
             # on in a new segment (this one goes when no row references it).
             self._unwritten.clear()
             self._current = None
-            raise _full(exc, self.dir) from None
+            raise (exc if isinstance(exc, SegmentFull) else _full(exc, self.dir)) from None
 
     def committed(self) -> None:
         """The open transaction committed: its counts stand.  Segments no
