@@ -124,15 +124,23 @@ class SQLiteStore(BatchedStore):
                                     "WHERE seg=? AND seg_off + seg_len > ?", (seg, files.get(seg, 0)))
         if lost:
             for i, (seq, mailbox, msg_id, seg) in enumerate(lost):
-                counts[seg] -= 1
                 if i < 1000:
                     log.error("message %s (seq %d, mailbox id %d) is lost: its body is not in %s "
                               "(missing or cut short)", msg_id.hex(), seq, mailbox, self._segments.path(seg))
-            log.error("%d message(s) whose bodies were not in their segment files are deleted "
-                      "(docs/operations.md, 'Segment files')", len(lost))
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM messages WHERE seq=?", [(r[0],) for r in lost])
-            self._db.execute("COMMIT")
+            try:
+                retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+                self._db.executemany("DELETE FROM messages WHERE seq=?", [(r[0],) for r in lost])
+                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+            except sqlite3.Error as exc:  # (a full disk): they stay, and reads skip them
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                log.error("%d message(s) whose bodies are not in their segment files could not be "
+                          "deleted (%s): they are skipped", len(lost), exc)
+            else:
+                for r in lost:
+                    counts[r[3]] -= 1
+                log.error("%d message(s) whose bodies were not in their segment files are deleted "
+                          "(docs/operations.md, 'Segment files')", len(lost))
         self._segments.start(counts, files)
 
     def _query(self, sql: str, args: tuple = ()) -> list:
@@ -354,7 +362,9 @@ class SQLiteStore(BatchedStore):
 
     def _placed(self, rows: list[StoredMessage]) -> list[tuple]:
         """Rows to insert with _INSERT_PLACED's columns: a large body is placed in
-        a segment (synced before the COMMIT) and its row keeps where."""
+        a segment (synced before the COMMIT) and its row keeps where.  (A
+        duplicate id, which the engine never inserts, would be ignored by
+        SQLite and leave its segment counted one row too many until a restart.)"""
         threshold, append = self._threshold, self._segments.append
         out = []
         for r in rows:
