@@ -13,8 +13,9 @@ A segment is written until it passes ROLL_BYTES, then a new one starts.  A
 segment no committed row references, and which is not being written, is
 deleted, or kept as the spare (SPARE_NAME) that the next segment reuses: an
 fdatasync that extends a file also journals its new size, one that
-overwrites written blocks does not (0.17 vs 0.31 ms for 64 KiB here).  The counts of referencing rows are rebuilt from the rows at start
-(each start writes a new segment, so a torn tail is never appended to).
+overwrites written blocks does not (0.17 vs 0.31 ms for 64 KiB here).
+The counts of referencing rows are rebuilt from the rows at start (each
+start writes a new segment, so a torn tail is never appended to).
 
 Writes (append, sync, the commit hooks) run under the store's commit lock,
 one writer at a time; reads come from the relay loop at any time.  append()
@@ -37,7 +38,8 @@ SUFFIX = ".seg"
 SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
 
 # Bodies of this size and up go to segments.  Below it SQLite's double write
-# costs less than a second fsync per commit (docs/performance.md, "64 KiB bodies").
+# costs less than a second fsync per commit (docs/performance.md, "64 KiB
+# bodies: segment files").
 THRESHOLD = 8 * 1024
 ROLL_BYTES = 64 << 20
 
