@@ -3,7 +3,8 @@ without starting it (for `ExecStartPre=` in a service unit, and for people).
 
 Checks the security options and files (own key, authorized keys,
 permissions), the data directory (exists or can be made, is writable, its
-relay.db opens and passes SQLite's quick_check), the bind endpoint, the
+relay.db opens and passes SQLite's quick_check, every message whose body is
+in a segment file finds it whole), the bind endpoint, the
 metrics address and the discovery interfaces.  Nothing is created or
 changed: a data directory that does not exist yet is only checked for a
 parent the relay could create it in.
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from .config import RelayConfig
 
 DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
+SEGMENT_DIR = "segments"  # store/segments.py's SEGMENT_DIR
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,37 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
         try:
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
             count = con.execute("SELECT count(*) FROM messages").fetchone()[0]
+            lost = _bodies_missing(con, path / SEGMENT_DIR) if verdict == "ok" else 0
         finally:
             con.close()
     except sqlite3.Error as exc:
         return Check(False, "data dir", f"{db} is not a usable relay database: {exc}")
     if verdict != "ok":
         return Check(False, "data dir", f"{db} fails SQLite's quick_check: {verdict}")
+    if lost:
+        return Check(False, "data dir", f"{lost} message(s) have their body in a segment file of "
+                                        f"{path / SEGMENT_DIR} that is missing or cut short: restore the "
+                                        "directory from the backup it was taken with (the relay would log "
+                                        "and drop them; docs/operations.md, 'Segment files')")
     return Check(True, "data dir", f"{path} (writable; {DB_NAME} passes quick_check, {count} message(s))")
+
+
+def _bodies_missing(con: sqlite3.Connection, segment_dir: Path) -> int:
+    """How many messages point at segment bytes that are not there."""
+    if "seg" not in {r[1] for r in con.execute("PRAGMA table_info(messages)")}:
+        return 0  # schema 1: every body in the database
+    lost = 0
+    for seg, n, extent in con.execute("SELECT seg, count(*), max(seg_off + seg_len) FROM messages "
+                                      "WHERE seg IS NOT NULL GROUP BY seg"):
+        try:
+            size = (segment_dir / f"{seg:012d}.seg").stat().st_size
+        except OSError:
+            lost += n
+            continue
+        if extent > size:
+            lost += con.execute("SELECT count(*) FROM messages WHERE seg=? AND seg_off + seg_len > ?",
+                                (seg, size)).fetchone()[0]
+    return lost
 
 
 def _lock_holder(path: Path) -> str | None:

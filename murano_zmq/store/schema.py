@@ -1,6 +1,6 @@
 """The SQLite store's tables and the numbers that size its connections."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: large bodies in segment files (seg, seg_off, seg_len)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -18,12 +18,24 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL,
     created REAL NOT NULL,
     expires REAL,
-    deliveries INTEGER NOT NULL DEFAULT 0
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
+    seg_off INTEGER,
+    seg_len INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
 CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
 CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
 """
+
+# Version 1 -> 2: the segment columns and their index (SEGMENT_INDEX).
+MIGRATE_1_2 = """
+ALTER TABLE messages ADD COLUMN seg INTEGER;
+ALTER TABLE messages ADD COLUMN seg_off INTEGER;
+ALTER TABLE messages ADD COLUMN seg_len INTEGER;
+"""
+SEGMENT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_by_segment ON messages (seg, seg_off, seg_len) "
+                 "WHERE seg IS NOT NULL")
 
 # Page cache per connection, KiB (negative = KiB in SQLite's pragma): bounded
 # so the relay's memory does not grow with the queue.
@@ -33,5 +45,7 @@ CACHE_KIB = 16 * 1024
 ID_CHUNK = 500
 
 COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
+SEGMENT_COLUMNS = "seg, seg_off, seg_len"
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "CACHE_KIB", "ID_CHUNK", "COLUMNS"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "MIGRATE_1_2", "SEGMENT_INDEX", "CACHE_KIB", "ID_CHUNK", "COLUMNS",
+           "SEGMENT_COLUMNS"]

@@ -9,6 +9,10 @@ the reader go on while the writer syncs, and writes not committed yet are
 seen through their batches (store/batch.py), so the loop never waits for
 an fsync.
 
+Bodies of segments.THRESHOLD bytes and up live in append-only segment
+files beside the database (store/segments.py), synced before the commit of
+the rows that point at them; the rows keep (seg, seg_off, seg_len).
+
 A failed write or commit is a StoreError (store/faults.py: full disk among
 them); a busy database (another process holding the lock) is waited out.
 """
@@ -26,6 +30,8 @@ from . import space
 from .base import MailboxRow, StoredMessage
 from .batched import BatchedStore
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
+from .schema import MIGRATE_1_2, SEGMENT_COLUMNS, SEGMENT_INDEX
+from .segments import THRESHOLD, Segments
 from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, overlay, runs
@@ -33,6 +39,13 @@ from .batch import WriteBatch, overlay, runs
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
 log = logging.getLogger("murano_zmq.store")
+
+# A row as StoredMessage's columns, where a body in a segment comes as the
+# text "seg,offset,length" (a stored body is always a BLOB): the common row
+# needs no other test or copy on the way to StoredMessage (_message()).
+_READ = _COLUMNS.replace(
+    "body", "CASE WHEN seg IS NULL THEN body ELSE seg || ',' || seg_off || ',' || seg_len END")
+_INSERT_PLACED = f"{_COLUMNS}, {SEGMENT_COLUMNS}"
 
 
 
@@ -44,10 +57,15 @@ class SQLiteStore(BatchedStore):
     _NEXT_EXPIRY_SQL = ("SELECT expires, seq, mailbox FROM messages WHERE expires IS NOT NULL AND expires>? "
                         "AND mailbox {not_dropped} ORDER BY expires LIMIT ?")
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, segment_threshold: int = THRESHOLD):
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
+        self._threshold = segment_threshold
+        try:
+            self._segments = Segments(data_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot open the segment directory in {data_dir}: {exc.strerror}") from None
         self._db = self._connect()  # the writer
         self._seq_before = 0  # ... before the open transaction
         self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
@@ -60,10 +78,12 @@ class SQLiteStore(BatchedStore):
             # Which new ids need no lookup in the id index (store/ids.py).
             self._ids = IdCeiling(self._query("SELECT max(msg_id) FROM messages WHERE msg_id < ?",
                                               (CLOCK_BOUND,))[0][0])
-        except (sqlite3.DatabaseError, RuntimeError) as exc:
+            self._start_segments()
+        except (sqlite3.DatabaseError, RuntimeError, OSError) as exc:
             if self._reader is not None:
                 self._reader.close()
             self._db.close()
+            self._segments.close()
             raise startup_error(self.path, exc) from None
 
     def _connect(self) -> sqlite3.Connection:
@@ -83,7 +103,45 @@ class SQLiteStore(BatchedStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] == 1:  # the same rows, and no body in a segment yet
+            self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATE_1_2} "
+                                   "UPDATE meta SET value=2 WHERE key='schema'; COMMIT;")
         self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
+        self._db.execute(SEGMENT_INDEX)
+
+    def _start_segments(self) -> None:
+        """Count the rows of each segment; rows whose bytes are not all in
+        their segment (a file lost or cut short outside the relay) are logged
+        one by one and deleted, so the relay starts from rows it can deliver."""
+        files = self._segments.on_disk()
+        counts, lost = {}, []
+        for seg, n, extent in self._query(
+                "SELECT seg, count(*), max(seg_off + seg_len) FROM messages WHERE seg IS NOT NULL GROUP BY seg"):
+            counts[seg] = n
+            if extent > files.get(seg, -1):
+                lost += self._query("SELECT seq, mailbox, msg_id, seg FROM messages "
+                                    "WHERE seg=? AND seg_off + seg_len > ?", (seg, files.get(seg, 0)))
+        if lost:
+            for i, (seq, mailbox, msg_id, seg) in enumerate(lost):
+                if i < 1000:
+                    log.error("message %s (seq %d, mailbox id %d) is lost: its body is not in %s "
+                              "(missing or cut short)", msg_id.hex(), seq, mailbox, self._segments.path(seg))
+            try:
+                retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+                self._db.executemany("DELETE FROM messages WHERE seq=?", [(r[0],) for r in lost])
+                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+            except sqlite3.Error as exc:  # (a full disk): they stay, and reads skip them
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                log.error("%d message(s) whose bodies are not in their segment files could not be "
+                          "deleted (%s): they are skipped", len(lost), exc)
+            else:
+                for r in lost:
+                    counts[r[3]] -= 1
+                log.error("%d message(s) whose bodies were not in their segment files are deleted "
+                          "(docs/operations.md, 'Segment files')", len(lost))
+        self._segments.start(counts, files)
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
@@ -102,7 +160,7 @@ class SQLiteStore(BatchedStore):
         return {
             mb: (n, b or 0)
             for mb, n, b in self._query(
-                "SELECT mailbox, count(*), sum(length(body)) FROM messages GROUP BY mailbox")
+                "SELECT mailbox, count(*), sum(coalesce(seg_len, length(body))) FROM messages GROUP BY mailbox")
         }
 
     def reserve_seq(self, seq: int) -> None:
@@ -132,9 +190,22 @@ class SQLiteStore(BatchedStore):
         for i in range(0, len(seqs), ID_CHUNK):
             chunk = seqs[i:i + ID_CHUNK]
             marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT {_COLUMNS} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
-                on_disk[r[0]] = StoredMessage._make(r)
+            for r in self._query(f"SELECT {_READ} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
+                row = self._message(r)
+                if row is not None:
+                    on_disk[r[0]] = row
         return on_disk
+
+    def _message(self, r: tuple) -> StoredMessage | None:
+        """A row read with _READ as a StoredMessage, its body read from its
+        segment (None: the body cannot be read)."""
+        if r[4].__class__ is not str:
+            return StoredMessage._make(r)
+        seg, off, length = map(int, r[4].split(","))
+        body = self._segments.read(seg, off, length, f"message {r[2].hex()} (seq {r[0]})")
+        if body is None:
+            return None
+        return StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
 
     def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
         chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
@@ -149,7 +220,7 @@ class SQLiteStore(BatchedStore):
         stopped_at = None
         with self._read_lock:
             cursor = self._reader.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                f"SELECT {_READ} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
                 (mailbox_id, after_seq, wanted))
             size = 0
             deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
@@ -157,7 +228,12 @@ class SQLiteStore(BatchedStore):
             for r in cursor:  # stop early: bodies past max_bytes are never read
                 if r[0] in deleted:
                     continue
-                row = make(r)
+                if r[4].__class__ is not str:
+                    row = make(r)
+                else:
+                    row = self._message(r)
+                    if row is None:
+                        continue
                 if counts and row.seq in counts:
                     row = row._replace(deliveries=counts[row.seq])
                 rows.append(row)
@@ -188,8 +264,9 @@ class SQLiteStore(BatchedStore):
         self._write_sealed(sealed)
         try:
             if self._tx_open:
+                self._segments.sync()  # the bodies first: a row never points at bytes not on disk
                 self._commit_tx()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._rollback_tx()
             raise StoreError(exc) from exc
         if self._seq_saved >= self._seq_owed:
@@ -208,7 +285,7 @@ class SQLiteStore(BatchedStore):
                             self._save_seq_mark(self._seq_owed)
                     self._write(batch)
                     batch.written = True
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._rollback_tx()
             raise StoreError(exc) from exc
 
@@ -222,6 +299,7 @@ class SQLiteStore(BatchedStore):
     def _commit_tx(self) -> None:
         retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
         self._tx_open = False
+        self._segments.committed()
 
     def _rollback_tx(self) -> None:
         """Undo the open transaction (SQLite may have rolled back already: a
@@ -234,6 +312,7 @@ class SQLiteStore(BatchedStore):
         if self._tx_open:
             self._seq_saved = self._seq_before
             self._tx_open = False
+        self._segments.rolled_back()
         for batch in self._pending():
             batch.written = False
 
@@ -249,21 +328,64 @@ class SQLiteStore(BatchedStore):
 
     def drop_reserve(self) -> None:
         space.drop_reserve(os.path.dirname(self.path))
+        self._segments.drop_spare()
 
     def _write(self, batch: WriteBatch) -> None:
         db = self._db
+        threshold = self._threshold
         for kind, items in batch.statements():
             if kind == "insert":
-                db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               items)
+                if any(len(r.body) >= threshold for r in items):
+                    db.executemany(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES "
+                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._placed(items))
+                else:
+                    db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   items)
             elif kind == "delete":  # acks come mostly in order: a run of seqs is one range delete
-                db.executemany("DELETE FROM messages WHERE seq>=? AND seq<=?", runs(items))
+                seq_runs = runs(items)
+                if self._segments.holds_any():
+                    self._release_runs(seq_runs)
+                db.executemany("DELETE FROM messages WHERE seq>=? AND seq<=?", seq_runs)
             elif kind == "deliveries":
                 db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
             elif kind == "mailbox":
                 db.execute("INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
                            (items.id, items.name, msgpack.packb(items.options), int(items.declared)))
             elif kind == "drop_mailbox":
+                if self._segments.holds_any():
+                    for seg, n in db.execute("SELECT seg, count(*) FROM messages WHERE mailbox=? "
+                                             "AND seg IS NOT NULL GROUP BY seg", (items,)).fetchall():
+                        self._segments.release(seg, n)
                 db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
                 db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
         self._save_seq_mark(batch.top_seq)
+
+    def _placed(self, rows: list[StoredMessage]) -> list[tuple]:
+        """Rows to insert with _INSERT_PLACED's columns: a large body is placed in
+        a segment (synced before the COMMIT) and its row keeps where.  (A
+        duplicate id, which the engine never inserts, would be ignored by
+        SQLite and leave its segment counted one row too many until a restart.)"""
+        threshold, append = self._threshold, self._segments.append
+        out = []
+        for r in rows:
+            if len(r.body) >= threshold:
+                out.append((r.seq, r.mailbox_id, r.msg_id, r.headers, b"", r.created, r.expires, r.deliveries,
+                            *append(r.body)))
+            else:
+                out.append((*r, None, None, None))
+        return out
+
+    def _release_runs(self, seq_runs: list[tuple[int, int]]) -> None:
+        """Count, per segment, the rows these runs of seqs delete."""
+        for i in range(0, len(seq_runs), ID_CHUNK // 2):
+            chunk = seq_runs[i:i + ID_CHUNK // 2]
+            where = " OR ".join(["seq BETWEEN ? AND ?"] * len(chunk))
+            for seg, n in self._db.execute(f"SELECT seg, count(*) FROM messages WHERE seg IS NOT NULL "
+                                           f"AND ({where}) GROUP BY seg", [s for run in chunk for s in run]):
+                self._segments.release(seg, n)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._segments.close()

@@ -231,3 +231,39 @@ def test_device_refuses_with_one_line(tmp_path):
             assert "cannot bind" in one_line_failure(done)
         finally:
             first.kill()
+
+
+# --- a segment file lost ---------------------------------------------------------------------
+
+
+def test_a_lost_segment_file_costs_its_messages_not_the_relay(relay_factory, tmp_path):
+    """Bodies of 64 KiB live in segment files (store/segments.py); one file
+    deleted behind the relay's back: the restarted relay logs each message it
+    lost, drops them and serves every other message."""
+    relay = relay_factory()
+    if os.environ.get("MURANO_ZMQ_TEST_STORE") == "postgresql":
+        pytest.skip("segment files are the SQLite store's")
+    big = [bytes([i]) * 65536 for i in range(4)]
+    with Node("sender", relay=relay.endpoint, timeout=20) as node:
+        lost_ids = node.send_many([("jobs", b) for b in big[:2]])
+        node.send("jobs", "small")
+    relay.stop()
+    again = relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)  # a second segment...
+    with Node("sender", relay=again.endpoint, timeout=20) as node:
+        kept_ids = node.send_many([("jobs", b) for b in big[2:]])
+    again.stop()
+    segments = os.path.join(relay.data_dir, "segments")
+    os.unlink(os.path.join(segments, sorted(f for f in os.listdir(segments) if f.endswith(".seg"))[0]))
+    third = relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)  # ...the first lost
+    with Node("reader", relay=third.endpoint, timeout=20) as node:
+        consumer = node.consume("jobs", prefetch=10)
+        got = []
+        while (m := consumer.get(timeout=3)) is not None:
+            got.append((m.id, m.body))
+            m.ack()
+    assert [body for _, body in got] == ["small", big[2], big[3]]
+    assert [i for i, _ in got][1:] == kept_ids
+    assert third.proc.poll() is None
+    log = (tmp_path / "relay-2.log").read_text()
+    assert all(i.hex() in log for i in lost_ids) and "is lost" in log
+    assert "Traceback" not in log

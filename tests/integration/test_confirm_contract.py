@@ -7,7 +7,9 @@ durable is what an independent reader sees (WAL shows only committed,
 synced transactions).  Every CONFIRM the loop hands to its socket
 is checked, at that instant, against what has been committed.  Load comes
 from a real Node: one-at-a-time sends (a commit per send) and pipelined
-send_many (turns overlapping their commits).
+send_many (turns overlapping their commits).  Bodies of 64 KiB go to segment
+files (store/segments.py): their CONFIRM must follow both syncs, the segment's
+fdatasync and the COMMIT of the row that points at it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ class RecordingStore(SQLiteStore):
     failed = False
     commits = 0
 
+    def __init__(self, data_dir: str):
+        super().__init__(data_dir)
+        # Segment bytes count as synced only once a sync that began after
+        # their write returned: seg -> end of the synced bytes.
+        self.synced_to: dict[int, int] = {}
+        self.segment_syncs = 0
+        written: dict[int, int] = {}
+        segments = self._segments
+        append, sync = segments.append, segments.sync
+
+        def recording_append(body):
+            seg, off, length = append(body)
+            written[seg] = max(written.get(seg, 0), off + length)
+            return seg, off, length
+
+        def recording_sync():
+            before = dict(written)
+            sync()
+            self.synced_to.update(before)
+            self.segment_syncs += 1
+
+        segments.append, segments.sync = recording_append, recording_sync
+
     def commit(self) -> None:
         if self.in_transaction:
             self.commits += 1
@@ -49,15 +74,17 @@ class RecordingStore(SQLiteStore):
         super().commit()
 
     def durable(self, ids: list[bytes]) -> set[bytes]:
-        """Which of `ids` a fresh reader finds committed."""
+        """Which of `ids` a fresh reader finds committed, with their body's
+        segment bytes (if any) synced."""
         reader = sqlite3.connect(self.path, timeout=10)
         try:
             found = set()
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                found.update(r[0] for r in reader.execute(
-                    f"SELECT msg_id FROM messages WHERE msg_id IN ({marks})", chunk))
+                found.update(msg_id for msg_id, seg, end in reader.execute(
+                    f"SELECT msg_id, seg, seg_off + seg_len FROM messages WHERE msg_id IN ({marks})", chunk)
+                    if seg is None or end <= self.synced_to.get(seg, 0))
             return found
         finally:
             reader.close()
@@ -172,3 +199,20 @@ def test_no_confirm_for_a_commit_that_failed(relay_with):
     assert not watch.violations
     assert store.durable([first, *ids]) == {first, *ids}
     assert store.durable(watch.confirmed) == set(watch.confirmed)
+
+
+BIG = b"L" * 65536  # above the segment threshold: the body goes to a segment file
+
+
+def test_large_body_confirms_follow_both_syncs(relay_with):
+    relay, watch, _ = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.big", BIG) for _ in range(20)]
+        for _ in range(3):
+            ids += node.send_many([("contract.big", BIG)] * 150, timeout=30)
+        ids += [f.result(30) for f in [node.send_async("contract.big", b"s") for _ in range(100)]]
+    store = relay.engine.store
+    assert store.segment_syncs >= 20
+    assert not watch.violations
+    assert set(ids) <= set(watch.confirmed)
+    assert store.durable(ids) == set(ids)

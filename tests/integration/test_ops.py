@@ -135,6 +135,7 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     ("bad-bind", "bind"),
     ("permissions-without-key", "security"),
     ("no-parent", "data dir"),
+    ("segment-missing", "data dir"),
 ])
 def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, breakage, failing):
     keys = Keys(tmp_path / "sec")
@@ -157,6 +158,17 @@ def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, 
         args += ["--bind", "tcp://127.0.0.1"]  # no port (argparse already refuses other transports)
     elif breakage == "no-parent":
         args = ["relay", "--check-config", "--data-dir", str(tmp_path / "typo" / "data")]
+    elif breakage == "segment-missing":  # a 64 KiB body stored in a segment file, then the file lost
+        from murano_zmq.store.base import StoredMessage
+        from murano_zmq.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(str(data))
+        store.insert([StoredMessage(1, 1, b"i" * 16, b"\x80", b"x" * 65536, 1.0, None, 0)])
+        store.seal()
+        store.commit()
+        store.close()
+        for segment in (data / "segments").glob("*.seg"):
+            segment.unlink()
     elif breakage == "permissions-without-key":
         args = ["relay", "--check-config", "--permissions", str(keys.permissions), "--data-dir", str(data)]
     out = cli(*args)

@@ -13,8 +13,11 @@ from murano_zmq.security.permissions import Permissions
 from test_engine import FakeNet  # noqa: E402  (tests/unit is on sys.path, as pytest puts it)
 
 
-@pytest.fixture
-def net(tmp_path):
+@pytest.fixture(params=["inline", "segments"])
+def net(tmp_path, request, monkeypatch):
+    """"segments": every body in a segment file (PEEK and MOVE read them back)."""
+    if request.param == "segments":
+        monkeypatch.setattr(FakeNet, "segment_threshold", 1)
     n = FakeNet(tmp_path)
     yield n
     n.store.close()

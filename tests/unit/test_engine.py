@@ -120,17 +120,26 @@ class Node:
 class FakeNet:
     """Moves frames between nodes and one engine, one relay loop turn at a time."""
 
+    # Bodies this long and up go to segment files (store/segments.py); None:
+    # the store's default.  The `net` fixture runs each test with both.
+    segment_threshold: int | None = None
+
     def __init__(self, tmp_path, now: float = T0, **engine_options):
         self.dir = str(tmp_path / "relay")
         self.now = now
         self.engine_options = engine_options
-        self.store = SQLiteStore(self.dir)
+        self.store = self._open_store()
         self.engine = RelayEngine(self.store, now, **engine_options)
         self.nodes: dict[bytes, Node] = {}
         self.silent: set[bytes] = set()  # nodes whose link is cut (both ways)
         self.raw: dict[bytes, list] = {}  # commands to identities that are not nodes
         self.drop_after_commit = False  # lose the held replies (CONFIRM, DECLARE's REPLY)
         self.traffic = 0  # commands that moved in the last turn
+
+    def _open_store(self) -> SQLiteStore:
+        if self.segment_threshold is None:
+            return SQLiteStore(self.dir)
+        return SQLiteStore(self.dir, segment_threshold=self.segment_threshold)
 
     def node(self, name: str, connect: bool = True) -> Node:
         identity = name.encode()
@@ -209,7 +218,7 @@ class FakeNet:
             self.store.close()
         if now is not None:
             self.now = now
-        self.store = SQLiteStore(self.dir)
+        self.store = self._open_store()
         self.engine = RelayEngine(self.store, self.now, **self.engine_options)
 
     def status(self, mailbox: str) -> dict | None:
@@ -225,8 +234,13 @@ class FakeNet:
             db.close()
 
 
-@pytest.fixture
-def net(tmp_path):
+@pytest.fixture(params=["inline", "segments"])
+def net(tmp_path, request, monkeypatch):
+    """An engine on SQLite; "segments": every body of 1 byte and up in a
+    segment file, so window fills, PEEK, requeues and dead-letter copies
+    read them back from there."""
+    if request.param == "segments":
+        monkeypatch.setattr(FakeNet, "segment_threshold", 1)
     n = FakeNet(tmp_path)
     yield n
     try:

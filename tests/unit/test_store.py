@@ -1,4 +1,6 @@
-"""The store contract: every test runs against SQLiteStore (files in tmp_path)
+"""The store contract: every test runs against SQLiteStore (files in tmp_path;
+once with its defaults and once with every body but the smallest in segment
+files, store/segments.py)
 and PostgresStore (a schema of its own on the session's PostgreSQL server,
 tests/pgserver.py), the model test included.
 
@@ -9,8 +11,11 @@ what the process dying does to buffered writes and an open transaction.
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
+import logging
+import os
 import sqlite3
 import threading
 
@@ -22,6 +27,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
+from murano_zmq.store import segments as segments_module
+from murano_zmq.store.schema import SCHEMA
+from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -33,6 +41,10 @@ except ImportError:  # the postgresql cases skip (conftest.pg_server)
 CLOSED = (sqlite3.ProgrammingError,) + ((psycopg.OperationalError,) if psycopg else ())
 
 MAILBOX_IDS = (1, 2, 3)
+
+# The sqlite-segments backend: bodies this long and up go to segment files
+# (msg()'s b"body" among them; the model's bodies mix both).
+SEGMENT_THRESHOLD = 4
 
 
 def msg(seq, mailbox=1, msg_id=None, body=b"body", expires=None, deliveries=0, headers=b"\x80",
@@ -55,6 +67,8 @@ class Backend:
         """exclusive=False: a second store on the same data, beside a relay's."""
         if self.kind == "sqlite":
             return SQLiteStore(str(where))
+        if self.kind == "sqlite-segments":  # every body of 4 bytes and up in a segment file
+            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD)
         from murano_zmq.store.postgresql import PostgresStore
 
         from tests.pgserver import new_schema, with_schema
@@ -65,10 +79,10 @@ class Backend:
         return PostgresStore(with_schema(dsn, self._schemas[str(where)]), exclusive=exclusive)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-segments", "postgresql"])
 def backend(request) -> Backend:
-    if request.param == "sqlite":
-        return Backend("sqlite")
+    if request.param.startswith("sqlite"):
+        return Backend(request.param)
     return Backend("postgresql", request.getfixturevalue("pg_server"))
 
 
@@ -677,7 +691,7 @@ def test_store_matches_model(tmp_path, backend):
     run_state_machine_as_test(
         StoreModel,
         # PostgreSQL pays a round trip per read: fewer examples keep it near 10 s.
-        settings=settings(max_examples=40 if backend.kind == "sqlite" else 20, stateful_step_count=25, deadline=None,
+        settings=settings(max_examples=40 if backend.kind.startswith("sqlite") else 20, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
 
@@ -758,5 +772,241 @@ def test_a_range_delete_leaves_the_seqs_between_runs(tmp_path):
         s.close()
         s = SQLiteStore(str(tmp_path))  # committed state only
         assert [r.seq for r in s.get_many(list(range(1, 11)))] == [4, 6, 7, 8]
+    finally:
+        s.close()
+
+
+# --- large bodies (SQLite: segment files, store/segments.py) ----------------------------
+
+
+LARGE = 64 * 1024
+
+
+def bodies(n: int, seed: int = 0) -> list[bytes]:
+    """Bodies of mixed sizes around the segment threshold (8 KiB), distinct bytes."""
+    sizes = [100, LARGE, 8 * 1024 - 1, 8 * 1024, 200_000, 0, LARGE]
+    return [bytes([(seed + i) % 251]) * 7 + i.to_bytes(4, "big") * (sizes[i % len(sizes)] // 4)
+            for i in range(n)]
+
+
+def test_large_and_small_bodies_mixed_round_trip_and_restart(open_store):
+    s = open_store()
+    rows = [msg(i + 1, mailbox=1 + i % 2, body=b) for i, b in enumerate(bodies(30))]
+    s.insert(rows[:15])
+    flush(s)
+    s.insert(rows[15:])
+    assert s.load_ready(1, 0, 100) == [r for r in rows if r.mailbox_id == 1]  # half of it uncommitted
+    flush(s)
+    s.delete([r.seq for r in rows[::3]])
+    flush(s)
+    s.close()
+    s = open_store()
+    try:
+        live = [r for r in rows if r not in rows[::3]]
+        assert s.load_ready(1, 0, 100) + s.load_ready(2, 0, 100) == sorted(
+            live, key=lambda r: (r.mailbox_id, r.seq))
+        assert s.get_many([r.seq for r in rows]) == live
+        assert s.mailbox_stats() == {mb: (len([r for r in live if r.mailbox_id == mb]),
+                                          sum(len(r.body) for r in live if r.mailbox_id == mb)) for mb in (1, 2)}
+        # max_bytes counts the body's real length
+        assert len(s.load_ready(1, 0, 100, max_bytes=LARGE)) < len([r for r in live if r.mailbox_id == 1])
+    finally:
+        s.close()
+
+
+def segment_files(data_dir) -> list[str]:
+    """The segments (not the spare)."""
+    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
+
+
+def has_spare(data_dir) -> bool:
+    return os.path.exists(os.path.join(str(data_dir), SEGMENT_DIR, SPARE_NAME))
+
+
+def test_large_bodies_are_in_segments_and_small_ones_in_the_database(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1, body=b"s" * 100), msg(2, body=b"L" * LARGE)])
+    flush(s)
+    rows = dict(s._db.execute("SELECT seq, length(body) FROM messages").fetchall())
+    assert rows == {1: 100, 2: 0}
+    assert len(segment_files(tmp_path)) == 1
+    assert os.path.getsize(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])) == LARGE
+    s.close()
+
+
+def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 3 * LARGE  # a new segment every 3 bodies
+    for seq in range(1, 10):
+        s.insert([msg(seq, body=bytes([seq]) * LARGE)])
+        flush(s)
+    assert len(segment_files(tmp_path)) == 3
+    s.delete([1, 2])
+    flush(s)
+    assert len(segment_files(tmp_path)) == 3  # seq 3 still in the first
+    s.delete([3])
+    flush(s)
+    assert len(segment_files(tmp_path)) == 2
+    assert has_spare(tmp_path)  # the first, kept to be written over by the next
+    s.delete(range(4, 10))  # the last one is being written: kept (empty of rows)
+    flush(s)
+    assert len(segment_files(tmp_path)) == 1  # the second deleted: there is a spare already
+    s.insert([msg(10, body=b"x" * LARGE)])  # the third is full: the spare becomes the fourth...
+    flush(s)
+    assert segment_files(tmp_path) == ["000000000004.seg"]
+    assert has_spare(tmp_path)  # ...and the third, empty now, the spare
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"x" * LARGE]
+        s.delete([10])
+        flush(s)
+        assert s.load_ready(1, 0, 10) == []
+    finally:
+        s.close()
+    SQLiteStore(str(tmp_path)).close()
+    assert segment_files(tmp_path) == []  # a restart drops the files no row references
+    assert has_spare(tmp_path)
+
+
+def test_a_mailbox_deleted_releases_its_segments(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = LARGE
+    s.save_mailbox(MailboxRow(1, "a", {}, False))
+    s.insert([msg(1, body=b"a" * LARGE), msg(2, body=b"b" * LARGE)])
+    flush(s)
+    s.insert([msg(3, mailbox=2, body=b"c" * LARGE)])
+    s.delete_mailbox(1)
+    flush(s)
+    assert len(segment_files(tmp_path)) == 1
+    assert [m.body for m in s.load_ready(2, 0, 10)] == [b"c" * LARGE]
+    s.close()
+
+
+def test_a_torn_tail_after_a_crash_is_harmless(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    kept = [msg(i, body=bytes([i]) * LARGE) for i in (1, 2, 3)]
+    s.insert(kept)
+    flush(s)
+    s.insert([msg(4, body=b"lost" * LARGE)])
+    s.seal()  # its body is appended, its row never committed
+    seg_path = os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])
+    with open(seg_path, "ab") as f:
+        f.write(b"torn" * 1000)  # and a half-written body after it
+    crash(s)
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.load_ready(1, 0, 10) == kept
+        s.insert([msg(5, body=b"5" * LARGE)])  # written to a new segment, not after the torn tail
+        flush(s)
+        assert len(segment_files(tmp_path)) == 2
+        s.delete([1, 2, 3])
+        flush(s)
+        assert not os.path.exists(seg_path)  # the tail goes with its segment
+    finally:
+        s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"5" * LARGE]
+    finally:
+        s.close()
+
+
+def test_a_missing_or_short_segment_is_logged_per_message_not_fatal(tmp_path, caplog):
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 2 * LARGE
+    s.insert([msg(1, body=b"small")] + [msg(i, body=bytes([i]) * LARGE) for i in range(2, 7)])
+    flush(s)
+    s.close()
+    first, second, third = (os.path.join(tmp_path, SEGMENT_DIR, f) for f in segment_files(tmp_path))
+    os.unlink(first)  # seqs 2, 3
+    os.truncate(second, LARGE + 10)  # seq 4 whole, seq 5 cut short
+    with caplog.at_level(logging.ERROR, logger="murano_zmq.store"):
+        s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.seq for m in s.load_ready(1, 0, 10)] == [1, 4, 6]
+        assert s.get(4).body == bytes([4]) * LARGE
+        assert s.mailbox_stats() == {1: (3, 5 + 2 * LARGE)}
+        lost = [r.getMessage() for r in caplog.records if "is lost" in r.getMessage()]
+        assert len(lost) == 3 and all(first in line or second in line for line in lost)
+        assert s.mailboxes_of([(i).to_bytes(16, "big") for i in (2, 3, 5)]) == {}  # a resend is accepted
+    finally:
+        s.close()
+
+
+def test_a_segment_lost_under_a_running_store_skips_its_message(tmp_path, caplog):
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = LARGE
+    s.insert([msg(1, body=b"1" * LARGE), msg(2, body=b"2" * LARGE)])
+    flush(s)
+    s.close()
+    s = SQLiteStore(str(tmp_path))  # segments are opened at the first read
+    try:
+        os.unlink(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0]))
+        with caplog.at_level(logging.ERROR, logger="murano_zmq.store"):
+            assert [m.seq for m in s.load_ready(1, 0, 10)] == [2]
+            assert s.get(1) is None
+        assert any("cannot be read" in r.getMessage() for r in caplog.records)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("where", ["pwrite", "fdatasync"])
+def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
+    s = SQLiteStore(str(tmp_path))
+    s.insert([msg(1, body=b"1" * LARGE)])
+    flush(s)
+    real = getattr(os, where)
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segments_module.os, where, no_space)
+    s.insert([msg(2, body=b"2" * LARGE), msg(3, body=b"small")])
+    s.delete([1])
+    with pytest.raises(StoreError) as failed:
+        flush(s)
+    assert failed.value.full and "database or disk is full" in str(failed.value)
+    assert [m.seq for m in s.load_ready(1, 0, 10)] == [2, 3]  # the writes wait in their batches
+    monkeypatch.setattr(segments_module.os, where, real)
+    s.commit()  # space is back: the same batches commit
+    assert [m.body for m in s.load_ready(1, 0, 10)] == [b"2" * LARGE, b"small"]
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"2" * LARGE, b"small"]
+    finally:
+        s.close()
+
+
+def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monkeypatch):
+    s = SQLiteStore(str(tmp_path))
+    calls = []
+    real_sync, real_commit = s._segments.sync, s._commit_tx
+    monkeypatch.setattr(s._segments, "sync", lambda: (calls.append("segments"), real_sync())[1])
+    monkeypatch.setattr(s, "_commit_tx", lambda: (calls.append("commit"), real_commit())[1])
+    s.insert([msg(1, body=b"x" * LARGE)])
+    flush(s)
+    assert calls == ["segments", "commit"]
+    s.close()
+
+
+def test_schema_1_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
+    db.executescript(SCHEMA.replace(""",
+    seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
+    seg_off INTEGER,
+    seg_len INTEGER""", ""))
+    db.execute("INSERT INTO meta VALUES ('schema', 1)")
+    db.execute("INSERT INTO messages VALUES (1, 1, ?, x'80', x'01', 1.0, NULL, 0)", (b"i" * 16,))
+    db.commit()
+    db.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.get(1).body == b"\x01"
+        s.insert([msg(2, body=b"2" * LARGE)])
+        flush(s)
+        assert s.get(2).body == b"2" * LARGE
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 2
     finally:
         s.close()
