@@ -300,9 +300,11 @@ class Relay:
         out = engine.take_output(now)
         if out:
             self._send(sock, out)
-        # A backlog: input waiting now, or a turn with several commands (a
-        # pipelining sender keeps more coming while this turn syncs).
-        backlog = commands > 1 or waiting or bool(sock.get(_EVENTS) & _POLLIN)
+        # A backlog: input waiting (the read stopped at its budget), or a
+        # turn with several commands (a pipelining sender keeps more coming
+        # while this turn syncs).  Input that arrived since _read() checked
+        # is read next turn either way.
+        backlog = commands > 1 or waiting
         if self._in_flight is not None:
             if backlog:
                 return  # read on; this turn's writes join the next commit
