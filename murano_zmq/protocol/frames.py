@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -104,6 +104,18 @@ class Command:
 def encode(cmd: Cmd, *fields: Any) -> list[bytes]:
     """The frames that carry `cmd` with `fields`."""
     return [SIGNATURE, _CMD_BYTES[cmd], msgpack.packb(fields, use_bin_type=True)]
+
+
+def encoder() -> Callable[..., list[bytes]]:
+    """encode() for one thread: it keeps its own msgpack Packer (packb()
+    makes and drops one per call).  Not to be shared between threads."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    cmd_bytes = _CMD_BYTES
+
+    def encode_one(cmd: Cmd, *fields: Any) -> list[bytes]:
+        return [SIGNATURE, cmd_bytes[cmd], pack(fields)]
+
+    return encode_one
 
 
 # Hot commands whose fields are (int, list): SEND on the relay, CONFIRM and

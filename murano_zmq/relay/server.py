@@ -57,7 +57,6 @@ PEER_SEND_QUEUE = 100_000
 # pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 # While the disk is full, how often the relay checks whether space returned.
@@ -305,13 +304,17 @@ class Relay:
         self.security.sweep(engine, now)  # sessions of keys removed since the last turn
         while self._stalled:
             engine.drop_session(self._stalled.pop(), "not reading (its send queue is full)", now)
-        commands = self._read(sock, engine, now)
+        commands, waiting = self._read(sock, engine, now, sock in events)
         engine.tick(now)
         engine.pump(now)
-        self._send(sock, engine.take_output(now))
-        # A backlog: input waiting now, or a turn with several commands (a
-        # pipelining sender keeps more coming while this turn syncs).
-        backlog = commands > 1 or bool(sock.get(_EVENTS) & _POLLIN)
+        out = engine.take_output(now)
+        if out:
+            self._send(sock, out)
+        # A backlog: input waiting (the read stopped at its budget), or a
+        # turn with several commands (a pipelining sender keeps more coming
+        # while this turn syncs).  Input that arrived since _read() checked
+        # is read next turn either way.
+        backlog = commands > 1 or waiting
         if self._in_flight is not None:
             if backlog:
                 return  # read on; this turn's writes join the next commit
@@ -338,24 +341,30 @@ class Relay:
         self._in_flight = None
         self._send(sock, held)
 
-    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float) -> int:
+    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool) -> tuple[int, bool]:
         """Hand the engine one turn's worth of commands (TURN_COMMANDS,
-        TURN_BYTES); returns how many were read."""
+        TURN_BYTES); returns how many were read, and whether input is still
+        waiting (a budget ended the turn).  `readable`: the poll saw input."""
         budget = TURN_BYTES
         secure = self.security.enabled
-        recv, more = sock.recv, sock.get
+        recv, get = sock.recv, sock.get
         n = 0
-        for n in range(1, TURN_COMMANDS + 1):
-            try:
-                if secure:  # Frames: their metadata names the connection's key
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                else:  # recv_multipart's IntFlag arithmetic, without it
-                    frames = [recv(_LAST)]
-                    while more(_RCVMORE):
-                        frames.append(recv(_LAST))
-            except zmq.Again:
-                n -= 1
-                break
+        # ZMQ_EVENTS before each read (but the first, which the poll
+        # answered): a recv that finds nothing raises zmq.Again, whose
+        # construction costs more than the check.
+        while readable or get(_EVENTS) & _POLLIN:
+            readable = False
+            if n == TURN_COMMANDS or budget <= 0:
+                return n, True
+            n += 1
+            if secure:  # Frames: their metadata names the connection's key
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            else:  # a Frame says if more follow (no getsockopt(RCVMORE) per frame)
+                frame = recv(_LAST, copy=False)
+                frames = [frame.bytes]
+                while frame.more:
+                    frame = recv(_LAST, copy=False)
+                    frames.append(frame.bytes)
             user = key = None
             if secure:  # the connection's identity rides on every message
                 user, key, refusal = self.security.identify_key(frames[0])
@@ -367,9 +376,7 @@ class Relay:
                 continue
             engine.receive(frames[0], frames[1:], now, user, key)
             budget -= len(frames[-1])
-            if budget <= 0:
-                break
-        return n
+        return n, False
 
     def _send(self, sock: zmq.Socket, out: list) -> None:
         # Frame by frame with int flags: send_multipart's per-frame type

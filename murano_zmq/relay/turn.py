@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocol.errors import RelayError
-from ..protocol.frames import Cmd, encode
+from ..protocol.frames import Cmd, encoder
 from ..store.base import Store
 
 Output = tuple[bytes, list[bytes]]
@@ -21,17 +21,18 @@ Output = tuple[bytes, list[bytes]]
 class Turn:
     def __init__(self, store: Store):
         self.store = store
+        self._encode = encoder()  # the relay loop's thread only
         self._now: list[Output] = []
         self._after_commit: list[Output] = []
 
     def reply_now(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
-        self._now.append((identity, encode(cmd, *fields)))
+        self._now.append((identity, self._encode(cmd, *fields)))
 
     def error(self, identity: bytes, req: int | None, exc: RelayError) -> None:
-        self._now.append((identity, encode(Cmd.ERROR, req, exc.code, exc.text)))
+        self._now.append((identity, self._encode(Cmd.ERROR, req, exc.code, exc.text)))
 
     def reply_after_commit(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
-        self._after_commit.append((identity, encode(cmd, *fields)))
+        self._after_commit.append((identity, self._encode(cmd, *fields)))
 
     def take_now(self) -> list[Output]:
         out, self._now = self._now, []

@@ -45,7 +45,7 @@ def startup_error(path: str, exc: BaseException) -> StartupError:
     return StartupError(f"cannot open {path}: {exc}")
 
 
-def _is_busy(exc: BaseException) -> bool:
+def is_busy(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
@@ -64,7 +64,7 @@ def retry_busy(path: str, what: str, action):
         try:
             result = action()
         except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise
             now = time.monotonic()
             if since is None:

@@ -32,7 +32,7 @@ from .batched import BatchedStore
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, SEGMENT_COLUMNS, SEGMENT_INDEX
 from .segments import THRESHOLD, Segments
-from .faults import BUSY_TIMEOUT, StoreError, retry_busy, startup_error
+from .faults import BUSY_TIMEOUT, StoreError, is_busy, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, overlay, runs
 
@@ -68,6 +68,9 @@ class SQLiteStore(BatchedStore):
             raise StartupError(f"cannot open the segment directory in {data_dir}: {exc.strerror}") from None
         self._db = self._connect()  # the writer
         self._seq_before = 0  # ... before the open transaction
+        # The highest seq inserted by a written batch (committed or in the
+        # open transaction), and its value before the open transaction.
+        self._seq_top = self._seq_top_before = 0
         self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
         self._seq_owed = 0  # a reserve_seq() mark a full disk kept out: the next commit writes it
         self._reader = None
@@ -75,6 +78,7 @@ class SQLiteStore(BatchedStore):
             retry_busy(self.path, "opening the database", self._open)
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only=1")
+            self._seq_top = self.max_seq()
             # Which new ids need no lookup in the id index (store/ids.py).
             self._ids = IdCeiling(self._query("SELECT max(msg_id) FROM messages WHERE msg_id < ?",
                                               (CLOCK_BOUND,))[0][0])
@@ -292,14 +296,24 @@ class SQLiteStore(BatchedStore):
     def _begin(self) -> None:
         # IMMEDIATE: take the write lock now, so a busy database is met (and
         # waited out) before any write of the transaction.
-        retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+        self._execute_waiting("BEGIN IMMEDIATE", "starting a write")
         self._tx_open = True
         self._seq_before = self._seq_saved
+        self._seq_top_before = self._seq_top
 
     def _commit_tx(self) -> None:
-        retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+        self._execute_waiting("COMMIT", "committing")
         self._tx_open = False
         self._segments.committed()
+
+    def _execute_waiting(self, sql: str, what: str) -> None:
+        """Run `sql`; a database busy in another process is waited out."""
+        try:
+            self._db.execute(sql)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            retry_busy(self.path, what, lambda: self._db.execute(sql))
 
     def _rollback_tx(self) -> None:
         """Undo the open transaction (SQLite may have rolled back already: a
@@ -311,6 +325,7 @@ class SQLiteStore(BatchedStore):
             log.warning("rollback of %s failed: %s", self.path, exc)
         if self._tx_open:
             self._seq_saved = self._seq_before
+            self._seq_top = self._seq_top_before
             self._tx_open = False
         self._segments.rolled_back()
         for batch in self._pending():
@@ -333,14 +348,21 @@ class SQLiteStore(BatchedStore):
     def _write(self, batch: WriteBatch) -> None:
         db = self._db
         threshold = self._threshold
+        # max_seq() is max(the live rows' seqs, the meta mark).  A batch that
+        # only adds rows, all of them stored, leaves its top seq live: the
+        # mark need not move (a statement and a WAL page saved per commit of
+        # a lone send).  A batch that deletes, or whose insert skipped a row,
+        # writes the highest seq ever inserted.
+        mark = bool(batch.deleted or batch.dropped)
         for kind, items in batch.statements():
             if kind == "insert":
                 if any(len(r.body) >= threshold for r in items):
-                    db.executemany(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES "
-                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._placed(items))
+                    stored = db.executemany(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES "
+                                            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._placed(items)).rowcount
                 else:
-                    db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                   items)
+                    stored = db.executemany(f"INSERT OR IGNORE INTO messages ({_COLUMNS}) VALUES "
+                                            "(?, ?, ?, ?, ?, ?, ?, ?)", items).rowcount
+                mark = mark or stored != len(items)
             elif kind == "delete":  # acks come mostly in order: a run of seqs is one range delete
                 seq_runs = runs(items)
                 if self._segments.holds_any():
@@ -358,7 +380,10 @@ class SQLiteStore(BatchedStore):
                         self._segments.release(seg, n)
                 db.execute("DELETE FROM messages WHERE mailbox=?", (items,))
                 db.execute("DELETE FROM mailboxes WHERE id=?", (items,))
-        self._save_seq_mark(batch.top_seq)
+        if batch.top_seq > self._seq_top:
+            self._seq_top = batch.top_seq
+        if mark:
+            self._save_seq_mark(self._seq_top)
 
     def _placed(self, rows: list[StoredMessage]) -> list[tuple]:
         """Rows to insert with _INSERT_PLACED's columns: a large body is placed in

@@ -221,6 +221,29 @@ def test_max_seq_is_a_high_water_mark(open_store):
         s.close()
 
 
+def test_max_seq_when_the_top_row_goes_after_commits_that_only_added(open_store):
+    # Commits that only add rows leave the seq mark alone (their top seq is
+    # live); the later commit that deletes the top row, after a restart
+    # too, must still leave max_seq() at it.
+    s = open_store()
+    s.insert([msg(1), msg(2)])
+    flush(s)
+    s.insert([msg(3)])
+    flush(s)
+    s.close()
+    s = open_store()
+    s.delete([3])
+    flush(s)
+    s.delete([1, 2])
+    s.close()
+    s = open_store()
+    try:
+        assert s.mailbox_stats() == {}
+        assert s.max_seq() == 3
+    finally:
+        s.close()
+
+
 def test_max_seq_counts_skipped_duplicates(open_store):
     s = open_store()
     s.insert([msg(1, msg_id=b"d" * 16)])

@@ -1,0 +1,128 @@
+"""The relay alone, seen by a raw DEALER client: no Node threads in the figure.
+
+    python bench/raw_relay.py lone [--count 3000]       # one-at-a-time SEND, p50/p99
+    python bench/raw_relay.py pipe [--count 100000]     # pipelined SENDs, then consume+ack of them
+
+Starts a relay child process (this checkout's code) on a fresh data
+directory, speaks the wire protocol itself (docs/protocol.md: HELLO, SEND,
+CONSUME, ACK) with clock-led ids as `new_message_id()` makes them, and
+prints the rates and the relay's CPU per message (/proc/PID/stat, all its
+threads).  1 KiB bodies.  Run it under the bench lock on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import msgpack
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cmp_common import pct, process_cpu  # noqa: E402
+
+from murano_zmq.protocol.constants import SIGNATURE  # noqa: E402
+from murano_zmq.protocol.frames import Cmd  # noqa: E402
+from murano_zmq.protocol.message import new_message_id  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
+
+BODY = b"x" * 1024
+PER_SEND = 100  # records per pipelined SEND
+IN_FLIGHT = 10  # pipelined SENDs not yet confirmed
+
+
+class Client:
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+        self.req = 0
+        self.command(Cmd.HELLO, "raw-bench", os.urandom(16), 30.0)
+        self.recv()
+
+    def command(self, cmd: Cmd, *fields) -> None:
+        self.sock.send_multipart([SIGNATURE, bytes([cmd]), msgpack.packb(fields, use_bin_type=True)])
+
+    def recv(self) -> tuple[int, list]:
+        frames = self.sock.recv_multipart()
+        return frames[1][0], msgpack.unpackb(frames[2])
+
+    def send(self, mailbox: str, n: int) -> None:
+        self.req += 1
+        now = time.time()
+        records = [[new_message_id(now), mailbox, b"", BODY, now, None, False] for _ in range(n)]
+        self.command(Cmd.SEND, self.req, records)
+
+    def confirmed(self) -> None:
+        cmd, fields = self.recv()
+        if cmd != Cmd.CONFIRM or fields[1]:
+            raise SystemExit(f"unexpected reply {cmd}: {fields}")
+
+
+def lone(client: Client, pid: int, count: int) -> None:
+    for _ in range(200):  # warm-up (the first makes the mailbox)
+        client.send("lone", 1)
+        client.confirmed()
+    samples = []
+    cpu0 = process_cpu(pid)
+    for _ in range(count):
+        t0 = time.perf_counter()
+        client.send("lone", 1)
+        client.confirmed()
+        samples.append(time.perf_counter() - t0)
+    cpu = process_cpu(pid) - cpu0
+    print(f"one-at-a-time: {count} sends, p50 {pct(samples, 50) * 1e6:.0f} µs, p99 {pct(samples, 99) * 1e6:.0f} µs, "
+          f"relay CPU {cpu / count * 1e6:.0f} µs per send")
+
+
+def pipe(client: Client, pid: int, count: int) -> None:
+    client.send("pipe", 1)  # makes the mailbox
+    client.confirmed()
+    cpu0, t0 = process_cpu(pid), time.perf_counter()
+    sent = done = 0
+    while done < count:
+        while sent < count and sent - done < PER_SEND * IN_FLIGHT:
+            client.send("pipe", PER_SEND)
+            sent += PER_SEND
+        client.confirmed()
+        done += PER_SEND
+    seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
+    print(f"pipelined: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message")
+    client.req += 1
+    client.command(Cmd.CONSUME, client.req, 1, "pipe", 1000, None)
+    cpu0, t0 = process_cpu(pid), time.perf_counter()
+    got = 0
+    while got < count + 1:
+        cmd, fields = client.recv()
+        if cmd != Cmd.DELIVER:
+            continue
+        got += len(fields[1])
+        client.command(Cmd.ACK, [r[0] for r in fields[1]])
+    seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
+    print(f"consume+ack: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", choices=["lone", "pipe"])
+    parser.add_argument("--count", type=int, help="sends (default 3,000 lone, 100,000 pipelined)")
+    args = parser.parse_args()
+    count = args.count or (3000 if args.workload == "lone" else 100_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        relay = RelayProcess(free_tcp_endpoint(), tmp, "--log-level", "WARNING").start()
+        try:
+            client = Client(relay.endpoint)
+            (lone if args.workload == "lone" else pipe)(client, relay.pid, count)
+            client.sock.close(linger=0)
+        finally:
+            relay.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
