@@ -78,7 +78,7 @@ class NodeSockets:
         self._links: dict[str, zmq.Socket] = {}
         self._handshakes: dict[zmq.Socket, str] = {}  # a link's handshake monitor -> its endpoint
         self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
-        self.changed = True  # the set of sockets to poll changed
+        self._version = 0  # bumped whenever the set of sockets to poll changes
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ class NodeSockets:
         # start a new session instead, replaying what is unconfirmed.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.core.relay_connected(now)
-        self.changed = True
+        self._version += 1
 
     def _close_relay(self, linger) -> None:
         self._sock.disable_monitor()
@@ -129,15 +129,16 @@ class NodeSockets:
         self._sock.close(linger)
 
     @property
-    def stale(self) -> bool:
-        """The set of sockets to poll changed since sockets()."""
-        return self.changed or (self.topics is not None and self.topics.changed)
+    def version(self) -> int:
+        """Changes whenever the set of sockets to poll changes: each poller
+        (the I/O thread's, a caller's) rebuilds when it moved on."""
+        if self.topics is not None and self.topics.changed:
+            self.topics.changed = False
+            self._version += 1
+        return self._version
 
     def sockets(self) -> list:
         """What to poll for input."""
-        self.changed = False
-        if self.topics is not None:
-            self.topics.changed = False
         socks = [self._sock, self._monitor, *self._links.values(), *self._handshakes]
         if self._router is not None:
             socks.append(self._router)
@@ -145,14 +146,23 @@ class NodeSockets:
             socks.extend(self.topics.sockets())
         return socks
 
+    def fds(self) -> dict:
+        """Each socket's ZMQ_FD -> the socket, for a poll that touches no
+        zmq socket (a thread that does not own them may wait on these).
+        ZMQ_FD is edge-like: readable() tells what is really there."""
+        return {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
+
+    def readable(self) -> list:
+        """The sockets with input queued now (ZMQ_EVENTS).  Asking also
+        re-arms each ZMQ_FD, so input that comes after this will wake a
+        poll on the FDs; input already here would not: look before sleeping."""
+        return [sock for sock in self.sockets() if sock.getsockopt(_EVENTS) & _POLLIN]
+
     def input_waiting(self) -> bool:
-        """Has a socket this node writes to input queued?  A send reads the
-        socket's pending input and can take the edge of its ZMQ_FD, so a
-        poll on that FD started before the send would not report it."""
-        socks = [self._sock, *self._links.values()]
-        if self._router is not None:
-            socks.append(self._router)
-        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks)
+        """Has any socket input queued?  A send reads the socket's pending
+        input and can take the edge of its ZMQ_FD, so a poll on that FD
+        started before the send would not report it."""
+        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in self.sockets())
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
@@ -204,6 +214,20 @@ class NodeSockets:
             self.connect(now)
         self.flush(now, incoming)
 
+    def relay_turn(self, now: float) -> None:
+        """A turn when only the relay socket had input (the common case of a
+        send waiting for its CONFIRM): read it; tick and write only if that
+        left something to do or a deadline is due."""
+        core = self.core
+        for frames in ready_frames(self._sock):
+            core.relay_frames(frames, now)
+        if not core.settled_down() or now >= core.next_deadline():
+            self.turn((), now)
+
+    @property
+    def relay_sock(self) -> zmq.Socket | None:
+        return self._sock
+
     def flush(self, now: float, incoming=()) -> None:
         """Route new sends, then write every outbox."""
         self.core.route(incoming, now)
@@ -246,7 +270,7 @@ class NodeSockets:
         sock.connect(endpoint)
         self._links[endpoint] = sock
         self._by_sock[sock] = endpoint
-        self.changed = True
+        self._version += 1
 
     def _close_link(self, endpoint: str, linger: int) -> None:
         sock = self._links.pop(endpoint, None)
@@ -261,7 +285,7 @@ class NodeSockets:
                 pass
             monitor.close(0)
         sock.close(linger)
-        self.changed = True
+        self._version += 1
 
     def _handshake_failed(self, monitor: zmq.Socket, endpoint: str, now: float) -> None:
         """A DEALER's handshake failed: the peer refused this node's key, or is
