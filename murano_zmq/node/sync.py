@@ -420,6 +420,7 @@ class Node(NodeBase):
             self._closed.set()
             io.abort()
         finally:
+            self._io_turn = False  # _owner stays held: callers go to the (closed) queue at once
             closed = NodeClosed(f"node {self.name} is closed")
             with self._lock:
                 orphans, self._outgoing = self._outgoing, deque()
