@@ -214,15 +214,21 @@ class NodeSockets:
             self.connect(now)
         self.flush(now, incoming)
 
-    def relay_turn(self, now: float) -> None:
+    def relay_turn(self, now: float) -> bool:
         """A turn when only the relay socket had input (the common case of a
         send waiting for its CONFIRM): read it; tick and write only if that
-        left something to do or a deadline is due."""
+        left something to do or a deadline is due.  True when it read the
+        socket dry and wrote nothing: then no socket can hold input whose
+        FD edge is gone (the poll before it asked every socket)."""
         core = self.core
+        read = 0
         for frames in ready_frames(self._sock):
             core.relay_frames(frames, now)
+            read += 1
         if not core.settled_down() or now >= core.next_deadline():
             self.turn((), now)
+            return False
+        return read < READ_BATCH
 
     @property
     def relay_sock(self) -> zmq.Socket | None:

@@ -330,6 +330,7 @@ class Node(NodeBase):
         until `slot` is settled, the deadline passes, or the wake pipe says
         someone else needs the I/O thread."""
         io, core = self._io, self._core
+        clean = False  # no input can be left behind a lost FD edge (see relay_turn)
         try:
             with self._lock:
                 self._check_open()
@@ -341,6 +342,7 @@ class Node(NodeBase):
                 job()
             io.flush(time.time(), incoming)
             while not slot.done():
+                clean = False
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -350,14 +352,14 @@ class Node(NodeBase):
                 wait = min(left, core.next_deadline() - time.time())
                 ready = poller.poll(int(wait * 1000) + 1 if wait > 0 else 0)
                 if len(ready) == 1 and ready[0][0] is io.relay_sock:
-                    io.relay_turn(time.time())  # the usual: our CONFIRM
+                    clean = io.relay_turn(time.time())  # the usual: our CONFIRM
                     continue
                 ready = dict(ready)
                 if self._wake_r in ready or self._closed.is_set():
                     return  # jobs, other sends, close: the I/O thread's work
                 io.turn(ready, time.time())
         finally:
-            self._hand_back()
+            self._hand_back(clean)
 
     def _new_caller_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
@@ -366,13 +368,13 @@ class Node(NodeBase):
         poller.register(self._wake_r, zmq.POLLIN)  # not read here: the I/O thread drains it
         return poller
 
-    def _hand_back(self) -> None:
+    def _hand_back(self, clean: bool = False) -> None:
         """Release the sockets; wake the I/O thread if its poll would now
-        miss something: input this thread's reads took the FD edge of, a
-        socket it does not poll yet, or an earlier deadline."""
+        miss something: input this thread's reads took the FD edge of (not
+        `clean`), a socket it does not poll yet, or an earlier deadline."""
         io = self._io
         wake = (io.version != self._io_version or self._core.next_deadline() < self._armed
-                or io.input_waiting())
+                or (not clean and io.input_waiting()))
         self._sleep.resume()
         self._owner.release()
         if wake:
