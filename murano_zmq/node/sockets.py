@@ -79,6 +79,7 @@ class NodeSockets:
         self._handshakes: dict[zmq.Socket, str] = {}  # a link's handshake monitor -> its endpoint
         self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
         self._version = 0  # bumped whenever the set of sockets to poll changes
+        self._by_fd: dict = {}  # ZMQ_FD -> socket, as fds() last gave them
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -150,13 +151,19 @@ class NodeSockets:
         """Each socket's ZMQ_FD -> the socket, for a poll that touches no
         zmq socket (a thread that does not own them may wait on these).
         ZMQ_FD is edge-like: readable() tells what is really there."""
-        return {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
+        self._by_fd = {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
+        return self._by_fd
 
-    def readable(self) -> list:
-        """The sockets with input queued now (ZMQ_EVENTS).  Asking also
+    def readable(self, fired=None) -> list:
+        """The sockets with input queued now (ZMQ_EVENTS): all of them, or
+        those of the FDs in `fired` (from the last fds()).  Asking also
         re-arms each ZMQ_FD, so input that comes after this will wake a
         poll on the FDs; input already here would not: look before sleeping."""
-        return [sock for sock in self.sockets() if sock.getsockopt(_EVENTS) & _POLLIN]
+        if fired is None:
+            socks = self.sockets()
+        else:
+            socks = [self._by_fd[fd] for fd in fired if fd in self._by_fd]
+        return [sock for sock in socks if sock.getsockopt(_EVENTS) & _POLLIN]
 
     def input_waiting(self) -> bool:
         """Has any socket input queued?  A send reads the socket's pending

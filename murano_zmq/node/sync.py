@@ -403,14 +403,17 @@ class Node(NodeBase):
                 self._io_turn = False
                 owner.release()
                 try:
-                    woken = sleep.wait(timeout)  # FDs only: no socket touched unowned
+                    woken, fired = sleep.wait(timeout)  # FDs only: no socket touched unowned
                 finally:
                     owner.acquire()  # waits while a caller owns the sockets
                     self._io_turn = True
                 if woken:
                     os.read(self._wake_r, 4096)  # drain, then re-arm (see NodeBase._after_poll)
                     self._woken = False
-                readable = io.readable()
+                # Before the sleep no socket held input (see _arm), so only
+                # those whose FD fired can hold some now; after a wake by the
+                # pipe, all may (a caller handing back with input left).
+                readable = io.readable(None if woken or timeout == 0 else fired)
                 if not woken and not readable and time.time() < self._core.next_deadline():
                     continue  # a caller took what woke us
                 self._run_jobs()
@@ -442,7 +445,7 @@ class Node(NodeBase):
         wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
         self._armed = time.time() + wait
         if self._io.input_waiting():
-            return 0
+            return 0  # and then every socket is asked (its FD will not fire)
         return int(wait * 1000) + 1
 
     def _take_outgoing(self) -> deque:
@@ -486,9 +489,15 @@ class _EpollSleep:
     def resume(self) -> None:
         self._outer.modify(self._inner.fileno(), select.EPOLLIN)
 
-    def wait(self, timeout_ms: int) -> bool:
-        """Sleep; True if the wake pipe woke it."""
-        return any(fd == self._pipe for fd, _ in self._outer.poll(timeout_ms / 1000))
+    def wait(self, timeout_ms: int) -> tuple[bool, list]:
+        """Sleep; (woken by the pipe?, the socket FDs that fired)."""
+        woken, fired = False, []
+        for fd, _ in self._outer.poll(timeout_ms / 1000):
+            if fd == self._pipe:
+                woken = True
+            else:
+                fired = [f for f, _ in self._inner.poll(0)]
+        return woken, fired
 
 
 class _PollerSleep:
@@ -515,8 +524,9 @@ class _PollerSleep:
     def resume(self) -> None:
         pass
 
-    def wait(self, timeout_ms: int) -> bool:
-        return self._pipe in dict(self._poller.poll(timeout_ms))
+    def wait(self, timeout_ms: int) -> tuple[bool, list]:
+        ready = dict(self._poller.poll(timeout_ms))
+        return ready.pop(self._pipe, None) is not None, list(ready)
 
 
 class _Slot:
