@@ -322,13 +322,14 @@ class AsyncNode(NodeBase):
         if self._closed or not self._running:
             return
         io = self._io
-        if io.version != self._watched_version:
+        changed = io.version != self._watched_version
+        if changed:
             self._unwatch()
             self._watched = list(io.fds())
             for fd in self._watched:
                 self._loop.add_reader(fd, self._turn)
             self._watched_version = io.version
-        if io.input_waiting() and not self._turn_scheduled:
+        if not self._turn_scheduled and io.input_waiting(touched_only=not changed):
             self._turn_scheduled = True
             self._loop.call_soon(self._turn)
         deadline = min(self._core.next_deadline(), time.time() + 1.0)

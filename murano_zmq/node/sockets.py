@@ -80,6 +80,7 @@ class NodeSockets:
         self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
         self._version = 0  # bumped whenever the set of sockets to poll changes
         self._by_fd: dict = {}  # ZMQ_FD -> socket, as fds() last gave them
+        self._touched: set = set()  # sockets read or written since input_waiting() last asked
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -165,11 +166,15 @@ class NodeSockets:
             socks = [self._by_fd[fd] for fd in fired if fd in self._by_fd]
         return [sock for sock in socks if sock.getsockopt(_EVENTS) & _POLLIN]
 
-    def input_waiting(self) -> bool:
+    def input_waiting(self, touched_only: bool = False) -> bool:
         """Has any socket input queued?  A send reads the socket's pending
         input and can take the edge of its ZMQ_FD, so a poll on that FD
-        started before the send would not report it."""
-        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in self.sockets())
+        started before the send would not report it.  `touched_only`: ask
+        only the sockets read or written since the last ask (the others
+        were left with their FD armed)."""
+        touched, self._touched = self._touched, set()
+        socks = touched if touched_only else self.sockets()
+        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks if not sock.closed)
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
@@ -193,6 +198,7 @@ class NodeSockets:
     def turn(self, ready, now: float, incoming=()) -> None:
         """`ready`: the sockets the poll reported; `incoming`: new sends."""
         core = self.core
+        self._touched.update(ready)
         if self._sock in ready:
             for frames in ready_frames(self._sock):
                 core.relay_frames(frames, now)
@@ -248,14 +254,22 @@ class NodeSockets:
 
     def write(self, now: float) -> None:
         core = self.core
-        for frames in core.relay_out(now):
+        touched = self._touched
+        out = core.relay_out(now)
+        if out:
+            touched.add(self._sock)
+        for frames in out:
             self._sock.send_multipart(frames)  # HWM 0: never blocks
         if core.sender is not None:
             out = core.links_out(now)
             self._socket_ops()
             for endpoint, frames in out:
+                touched.add(self._links[endpoint])
                 self._links[endpoint].send_multipart(frames)
-            for identity, frames in core.inbox_out(now):
+            out = core.inbox_out(now)
+            if out:
+                touched.add(self._router)
+            for identity, frames in out:
                 try:
                     self._router.send_multipart([identity, *frames], zmq.NOBLOCK)
                 except zmq.ZMQError:  # EHOSTUNREACH: no connection from that peer now

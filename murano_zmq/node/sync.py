@@ -439,12 +439,13 @@ class Node(NodeBase):
         """Watch the sockets' FDs again if they changed; the sleep's timeout,
         ms (0 when input is already queued: its FD edge is gone)."""
         version = self._io.version
-        if version != self._io_version:
+        changed = version != self._io_version
+        if changed:
             sleep.watch(self._io.fds())
             self._io_version = version
         wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
         self._armed = time.time() + wait
-        if self._io.input_waiting():
+        if self._io.input_waiting(touched_only=not changed):
             return 0  # and then every socket is asked (its FD will not fire)
         return int(wait * 1000) + 1
 
