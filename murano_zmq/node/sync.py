@@ -408,8 +408,8 @@ class Node(NodeBase):
                     owner.acquire()  # waits while a caller owns the sockets
                     self._io_turn = True
                 if woken:
-                    os.read(self._wake_r, 4096)  # drain, then re-arm (see NodeBase._after_poll)
-                    self._woken = False
+                    os.read(self._wake_r, 4096)  # drain, then re-arm: re-arming first could
+                    self._woken = False  # swallow the byte of a wake that sets the flag in between
                 # Before the sleep no socket held input (see _arm), so only
                 # those whose FD fired can hold some now; after a wake by the
                 # pipe, all may (a caller handing back with input left).
