@@ -50,6 +50,7 @@ class AsyncNode(NodeBase):
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, AsyncSubscription] = {}
         self._running = False
+        self._failed_turns = 0  # in a row: a turn that keeps failing closes the node
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._turn_scheduled = False
@@ -332,8 +333,14 @@ class AsyncNode(NodeBase):
         try:
             io = self._io
             io.turn(io.readable(), time.time(), self._take_outgoing())
+            self._failed_turns = 0
         except Exception:
             log.exception("node %s: a turn failed", self.name)
+            self._failed_turns += 1
+            if self._failed_turns >= _FAILED_TURNS_LIMIT:  # it will not get better: no busy loop
+                log.error("node %s: %d turns in a row failed; closing it", self.name, self._failed_turns)
+                self._closing_task = self._loop.create_task(self.close())
+                return
         self._after_io()
 
     def _on_timer(self) -> None:
@@ -373,6 +380,9 @@ class AsyncNode(NodeBase):
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, float("inf")
+
+
+_FAILED_TURNS_LIMIT = 20
 
 
 def _expire(future: asyncio.Future, error: BaseException) -> None:

@@ -354,9 +354,18 @@ class Node(NodeBase):
                 self._check_room(self.pending, len(records))
                 incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
                 jobs, self._jobs = self._jobs, deque()
+            try:
+                while jobs:
+                    jobs.popleft()()
+            except BaseException:
+                # A job of another thread failed here: what others queued goes
+                # back to the I/O thread (which fails it as it would have), not lost.
+                with self._lock:
+                    self._jobs.extendleft(reversed(jobs))
+                    self._outgoing.extendleft(reversed(incoming))
+                self._wake()
+                raise
             incoming.extend(zip(records, waiters))
-            for job in jobs:
-                job()
             io.flush(time.time(), incoming)
             while not slot.done():
                 clean = False

@@ -357,10 +357,14 @@ class Relay:
             if n == TURN_COMMANDS or budget <= 0:
                 return n, True
             n += 1
-            if secure:  # Frames: their metadata names the connection's key
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            else:  # a Frame says if more follow (no getsockopt(RCVMORE) per frame)
-                frame = recv(_LAST, copy=False)
+            try:
+                if secure:  # Frames: their metadata names the connection's key
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                else:  # a Frame says if more follow (no getsockopt(RCVMORE) per frame)
+                    frame = recv(_LAST, copy=False)
+            except zmq.Again:  # the poll's word was stale: nothing to read after all
+                return n - 1, False
+            if not secure:
                 frames = [frame.bytes]
                 while frame.more:
                     frame = recv(_LAST, copy=False)

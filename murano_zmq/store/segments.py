@@ -187,7 +187,9 @@ class Segments:
             if seg != self._current:
                 self._retire(seg)
         # A segment written before a roll and left with no rows goes too.
-        for seg in [s for s in self._fds if s != self._current and s not in self._live]:
+        with self._lock:  # read() (the relay loop) may open an old segment meanwhile
+            stale = [s for s in self._fds if s != self._current and s not in self._live]
+        for seg in stale:
             self._retire(seg)
 
     def rolled_back(self) -> None:

@@ -24,6 +24,10 @@ relay's store-failure path takes.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import msgpack
 import psycopg
 
@@ -33,12 +37,17 @@ from .batch import inserted_rows, replay
 from .claims import Claims, SweepLease, Wakeups, ensure_schema, notify, seq_block
 from .faults import StoreError
 
+log = logging.getLogger(__name__)
+
 # Seconds a claim holds without renewal.  A relay renews every LEASE / 3;
 # a relay killed with -9 has its claims taken by others within LEASE (plus
 # their retry, RETRY_CLAIMS).  Short enough for the 2 s failover goal's
 # spirit, long enough that a busy relay's turn never lets its claims lapse.
 LEASE = 2.0
 RETRY_CLAIMS = LEASE / 2  # expired leases send no wake-up: consumed mailboxes claim again this often
+# The lease keeper renews only while the relay loop showed life this recently:
+# a hung relay's claims still pass on, a loop in a long commit keeps its own.
+LOOP_STALL = 30.0
 
 
 def _mailbox_row(r) -> MailboxRow:
@@ -58,6 +67,8 @@ class SharedDatabase:
         self._claims = Claims(self.conn, owner, lease)
         self._sweep = SweepLease(self.conn, owner, lease=lease)
         self._wakeups = Wakeups(pgconn.with_defaults(conninfo))
+        self._keeper = LeaseKeeper(conninfo, owner, lease)
+        self._keeper.start()
 
     def _connect(self, old=None):
         conn = pgconn.connect(self._conninfo) if old is None else \
@@ -136,8 +147,10 @@ class SharedDatabase:
         committed yet (no other relay can claim it yet), or None."""
         return next(inserted_rows(self._store._pending(), mailbox_id), None)
 
-    def renew(self) -> int:
-        return self._run(self._claims.renew)
+    def renew(self) -> None:
+        """(the relay loop, every third of a lease) The loop is alive: the
+        lease keeper goes on renewing this relay's claims."""
+        self._keeper.loop_alive()
 
     def release(self, mailbox_id: int, seqs: list[int]) -> None:
         """Give messages back, in the turn's transaction (after the writes
@@ -218,5 +231,46 @@ class SharedDatabase:
                 self._sweep.give_up()
         except (psycopg.Error, StoreError):
             pass
+        self._keeper.stop()
         self._wakeups.close()
         self.conn.close()
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews this relay's claims every third of a lease, on a connection
+    and a thread of its own: the relay loop waits in its commits (a slow
+    synchronous standby, a checkpoint), and claims renewed only from the loop
+    would lapse there and let another relay deliver a message this relay's
+    consumer still holds.  It renews while the loop called loop_alive()
+    within LOOP_STALL, so a hung relay's claims still pass on."""
+
+    def __init__(self, conninfo: str, owner: str, lease: float):
+        super().__init__(name="lease-keeper", daemon=True)
+        self._conninfo, self._owner, self._lease = conninfo, owner, lease
+        self._alive_at = time.monotonic()
+        self._stopping = threading.Event()
+
+    def loop_alive(self) -> None:
+        self._alive_at = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        conn = None
+        while not self._stopping.wait(self._lease / 3):
+            if time.monotonic() - self._alive_at > LOOP_STALL:
+                continue  # the loop is hung: let the claims lapse
+            try:
+                if conn is None:
+                    conn = pgconn.connect(self._conninfo)
+                    conn.execute("SET synchronous_commit = off")  # as the claims connection
+                Claims(conn, self._owner, self._lease).renew()
+            except psycopg.Error as exc:  # (a failover): a new connection next time
+                log.warning("renewing claims failed: %s", exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()

@@ -134,6 +134,8 @@ class SQLiteStore(BatchedStore):
             try:
                 retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
                 self._db.executemany("DELETE FROM messages WHERE seq=?", [(r[0],) for r in lost])
+                # The top rows may go: the mark keeps max_seq() from falling below them.
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (self._seq_top,))
                 retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
             except sqlite3.Error as exc:  # (a full disk): they stay, and reads skip them
                 if self._db.in_transaction:
