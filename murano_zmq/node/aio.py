@@ -1,10 +1,14 @@
 """AsyncNode: the asyncio runner of NodeCore, a full peer of Node.
 
-Everything runs on the event loop: API coroutines call the core and flush
-its frames (sends of one loop iteration are coalesced, from a call_soon);
-one reader task waits with zmq.asyncio.Poller on the node's sockets (plain
-zmq sockets, as Node's) and a wake pipe, hands what it reads to the core,
-ticks it and writes.  It decides nothing; the core does.
+Everything runs on the event loop, with no task of its own: the loop
+watches each socket's ZMQ_FD (add_reader) and calls a turn that reads what
+is queued (ZMQ_EVENTS), hands it to the core, ticks it and writes; one timer
+stands for the core's next deadline.  API coroutines call the core and
+write at once when nothing else is in flight (a lone send() costs no extra
+loop iteration); a burst of sends in one iteration is coalesced into one
+SEND by a call_soon.  A confirm read in a turn resolves the sender's future
+there: the send resumes on the next iteration.  The runner decides nothing;
+the core does.
 """
 
 from __future__ import annotations
@@ -45,15 +49,20 @@ class AsyncNode(NodeBase):
         self._setup(name, relay, context=context, **options)
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, AsyncSubscription] = {}
-        self._reader: asyncio.Task | None = None
+        self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        self._turn_scheduled = False
+        self._watched: list[int] = []  # FDs the loop watches for us
+        self._watched_version = -1
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")  # the core deadline (time.time()) the timer is set for
         self._closed = False
         self._discovery_started: asyncio.Task | None = None
 
     async def start(self) -> "AsyncNode":
         """Find the relay (relay="auto"), bind, connect, start discovery."""
-        if self._auto is not None and self._reader is None and not self._closed:
+        if self._auto is not None and not self._running and not self._closed:
             await self._find_relays()
         self._start()
         if self._discovery_started is not None:
@@ -84,10 +93,10 @@ class AsyncNode(NodeBase):
 
     def _peers_changed(self, peers: dict) -> None:
         """(the loop) before start() only the relays are taken; after, everything."""
-        if self._reader is None:
+        if not self._running:
             self._learn_relays(peers)
         else:
-            self._learn_peers(peers, time.time())
+            self._learned(peers, time.time())
 
     async def _start_discovery(self) -> None:
         """Browse and advertise (discovery runs its own thread)."""
@@ -121,7 +130,18 @@ class AsyncNode(NodeBase):
     async def send(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
                    timeout: float | None = None, wait: bool = True, msg_id: bytes | None = None) -> bytes:
         """Send and wait until the message is safe (see Node.send); returns the id."""
-        return await self._wait(self.send_nowait(mailbox, body, headers, ttl, wait, msg_id), timeout)
+        self._start()
+        record = build_record(mailbox, body, headers, ttl, time.time(), self._core.max_size, msg_id)
+        if not wait:
+            self._check_deliverable_now(mailbox)
+        future = self._loop.create_future()
+        self._check_room(self.pending, 1)
+        self._outgoing.append((record, future))
+        if self._flush_scheduled or self._core.session.unconfirmed:
+            self._schedule_flush()  # others in flight: coalesce with this iteration's sends
+        else:
+            self._flush()  # alone: write now, no extra loop iteration
+        return await self._expiring(future, timeout)
 
     def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
                     wait: bool = True, msg_id: bytes | None = None) -> asyncio.Future:
@@ -141,7 +161,7 @@ class AsyncNode(NodeBase):
         records = build_records(messages, time.time(), self._core.max_size)
         future = self._loop.create_future()
         self._queue_records(records, [SendGroup(future, [r[0] for r in records])] * len(records))
-        return await self._wait(future, timeout)
+        return await self._expiring(future, timeout)
 
     def _queue_records(self, records: list, waiters: list) -> None:
         self._check_room(self.pending, len(records))
@@ -183,19 +203,15 @@ class AsyncNode(NodeBase):
         sid = self._new_subscription_id()
         subscription = self._subscriptions[sid] = AsyncSubscription(self, sid, prefix, callback)
         self._topics.subscribe(sid, prefix, given)
-        self._wake()  # a new socket to poll
+        self._after_io()  # a new socket to watch
         return subscription
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        if self._running:
+            self._unwatch()
             try:
                 self._io.close()  # last acks and BYEs
             except Exception:
@@ -223,7 +239,7 @@ class AsyncNode(NodeBase):
     def _start(self) -> None:
         if self._closed:
             raise NodeClosed(f"node {self.name} is closed")
-        if self._reader is not None:
+        if self._running:
             return
         if not self._io.relays:
             raise ValueError(f"relay={self.relay!r}: use `async with AsyncNode(...)` or `await node.start()` first")
@@ -231,10 +247,11 @@ class AsyncNode(NodeBase):
         if self._security is not None:
             self._security.start(self._context)  # this node's ZAP domain; key files watched
             self._security.on_trust_change = lambda: self._loop.call_soon_threadsafe(
-                self._learn_peers, self.peers, time.time())
+                self._learned, self.peers, time.time())
         self._io.bind_router()
         self._io.connect(time.time())
-        self._reader = self._loop.create_task(self._read_loop())
+        self._running = True
+        self._after_io()
         if self._discover:  # also without start(): the first call starts it
             self._discovery_started = self._loop.create_task(self._start_discovery())
 
@@ -256,6 +273,17 @@ class AsyncNode(NodeBase):
             return await asyncio.wait_for(asyncio.shield(awaitable), timeout)
         except asyncio.TimeoutError:
             raise self._timed_out(timeout) from None
+
+    async def _expiring(self, future: asyncio.Future, timeout: float | None) -> Any:
+        """Await a future of our own (the core's waiter) with one timer, not
+        wait_for + shield: on time-out the future fails with RelayUnavailable
+        (the core skips a done waiter; the message may still be stored)."""
+        timeout = self.timeout if timeout is None else timeout
+        timer = self._loop.call_later(timeout, _expire, future, self._timed_out(timeout))
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
         if self._closed:
@@ -282,27 +310,71 @@ class AsyncNode(NodeBase):
         if self._closed:
             return
         self._io.flush(time.time(), self._take_outgoing())
-        # Wake the reader when it must poll new sockets or an earlier
-        # deadline, or when input waits on a socket just written to: the
-        # send took the edge of its ZMQ_FD, and the reader's poll would sit
-        # until its timeout (a fresh poll checks ZMQ_EVENTS first).
-        if self._io.stale or self._core.next_deadline() < self._armed or self._io.input_waiting():
-            self._wake()
+        self._after_io()
 
     def _take_outgoing(self) -> deque:
         routing, self._outgoing = self._outgoing, deque()
         return routing
 
-    async def _read_loop(self) -> None:
-        poller, registered = zmq.asyncio.Poller(), []
+    def _learned(self, peers: dict, now: float) -> None:
+        if not self._closed:
+            self._learn_peers(peers, now)
+            self._after_io()
+
+    # --- the loop's side: FD callbacks and the deadline timer ---------------------
+
+    def _turn(self) -> None:
+        """A socket's FD fired, input was left queued, or a deadline came:
+        read what is queued, tick, route, write."""
+        self._turn_scheduled = False
+        if self._closed:
+            return
         try:
-            while True:
-                registered, timeout = self._before_poll(poller, registered)
-                ready = dict(await poller.poll(timeout))
-                self._after_poll(ready)
-                self._io.turn(ready, time.time(), self._take_outgoing())
-        except asyncio.CancelledError:
-            raise
+            io = self._io
+            io.turn(io.readable(), time.time(), self._take_outgoing())
         except Exception:
-            log.exception("node %s reader failed", self.name)
-            raise
+            log.exception("node %s: a turn failed", self.name)
+        self._after_io()
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        self._turn()
+
+    def _after_io(self) -> None:
+        """After any read or write: watch the sockets there are now; a turn
+        soon when input is queued (a write or read may have taken its FD
+        edge: the FD would not fire); the timer at the core's next deadline."""
+        if self._closed or not self._running:
+            return
+        io = self._io
+        changed = io.version != self._watched_version
+        if changed:
+            self._unwatch()
+            self._watched = list(io.fds())
+            for fd in self._watched:
+                self._loop.add_reader(fd, self._turn)
+            self._watched_version = io.version
+        if not self._turn_scheduled and io.input_waiting(touched_only=not changed):
+            self._turn_scheduled = True
+            self._loop.call_soon(self._turn)
+        deadline = min(self._core.next_deadline(), time.time() + 1.0)
+        if deadline < self._timer_at - 0.001 or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            # at least 1 ms: a deadline the tick does not move must not spin the loop
+            self._timer = self._loop.call_later(max(0.001, deadline - time.time()), self._on_timer)
+
+    def _unwatch(self) -> None:
+        for fd in self._watched:
+            self._loop.remove_reader(fd)
+        self._watched = []
+        self._watched_version = -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, float("inf")
+
+
+def _expire(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

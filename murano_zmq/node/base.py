@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 import uuid
 from typing import Iterable
 
@@ -125,7 +124,7 @@ class NodeBase:
         self._wake_r, self._wake_w = os.pipe()  # wakes the runner's poll
         os.set_blocking(self._wake_w, False)
         self._woken = False
-        self._armed = 0.0  # when the runner's current poll ends at the latest
+        self._armed = 0.0  # when Node's I/O thread's current sleep ends at the latest
 
     @property
     def pending(self) -> int:
@@ -217,27 +216,7 @@ class NodeBase:
         return RelayUnavailable(f"no answer from relay {self._where()} within {timeout}s (the node keeps "
                                 "trying until it is closed)")
 
-    # --- the runner's poll: its sockets, the wake pipe, the core's deadline ---------
-
-    def _before_poll(self, poller, registered: list) -> tuple[list, int]:
-        """Register the sockets again if they changed; the poll's timeout, ms."""
-        if self._io.stale:
-            for s in registered:
-                poller.unregister(s)
-            registered = [self._wake_r, *self._io.sockets()]
-            for s in registered:
-                poller.register(s, zmq.POLLIN)
-        wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-        self._armed = time.time() + wait
-        return registered, int(wait * 1000) + 1
-
-    def _after_poll(self, ready: dict) -> None:
-        if self._wake_r in ready:
-            # Drain, then re-arm: re-arming first could swallow the byte of a
-            # wake that sets the flag in between, leaving the flag up with an
-            # empty pipe (a lost wake-up).
-            os.read(self._wake_r, 4096)
-            self._woken = False
+    # --- the wake pipe (Node's I/O thread sleeps on it) -------------------------------
 
     def _wake(self) -> None:
         if self._woken or self._wake_w is None:

@@ -88,6 +88,14 @@ class NodeCore:
             return False
         return self.sender.paths.is_direct(mailbox, relay_up=False)
 
+    def settled_down(self) -> bool:
+        """Nothing to route, write or reconnect, and no direct link open: a
+        turn that only read the relay may end without tick and write (the
+        next deadline still gets its tick)."""
+        return (self._lost is None and not self.session.has_output and not self._relay_queue
+                and not self._held and (self.sender is None or (not self.sender.has_links
+                                                               and not self.inbox.has_output)))
+
     def next_deadline(self) -> float:
         deadline = self.session.next_deadline()
         if self.sender is not None:

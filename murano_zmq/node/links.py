@@ -44,6 +44,10 @@ class DirectSender:
         """Records waiting for a link's window."""
         return sum(len(q) for q in list(self._queues.values()))
 
+    @property
+    def has_links(self) -> bool:
+        return bool(self._links)
+
     def has_link(self, endpoint: str) -> bool:
         return endpoint in self._links
 

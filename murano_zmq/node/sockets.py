@@ -107,7 +107,9 @@ class NodeSockets:
         self._links: dict[str, zmq.Socket] = {}
         self._handshakes: dict[zmq.Socket, str] = {}  # a link's handshake monitor -> its endpoint
         self._by_sock: dict[zmq.Socket, str] = {}  # a link's DEALER -> its endpoint
-        self.changed = True  # the set of sockets to poll changed
+        self._version = 0  # bumped whenever the set of sockets to poll changes
+        self._by_fd: dict = {}  # ZMQ_FD -> socket, as fds() last gave them
+        self._touched: set = set()  # sockets read or written since input_waiting() last asked
         self._first: str | None = None  # relay="auto": where the first session goes
 
     # --- lifetime ---------------------------------------------------------------------
@@ -167,7 +169,7 @@ class NodeSockets:
         # start a new session instead, replaying what is unconfirmed.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.core.relay_connected(now)
-        self.changed = True
+        self._version += 1
 
     def _close_relay(self, linger) -> None:
         self._sock.disable_monitor()
@@ -175,15 +177,16 @@ class NodeSockets:
         self._sock.close(linger)
 
     @property
-    def stale(self) -> bool:
-        """The set of sockets to poll changed since sockets()."""
-        return self.changed or (self.topics is not None and self.topics.changed)
+    def version(self) -> int:
+        """Changes whenever the set of sockets to poll changes: each poller
+        (the I/O thread's, a caller's) rebuilds when it moved on."""
+        if self.topics is not None and self.topics.changed:
+            self.topics.changed = False
+            self._version += 1
+        return self._version
 
     def sockets(self) -> list:
         """What to poll for input."""
-        self.changed = False
-        if self.topics is not None:
-            self.topics.changed = False
         socks = [self._sock, self._monitor, *self._links.values(), *self._handshakes]
         if self._router is not None:
             socks.append(self._router)
@@ -191,14 +194,33 @@ class NodeSockets:
             socks.extend(self.topics.sockets())
         return socks
 
-    def input_waiting(self) -> bool:
-        """Has a socket this node writes to input queued?  A send reads the
-        socket's pending input and can take the edge of its ZMQ_FD, so a
-        poll on that FD started before the send would not report it."""
-        socks = [self._sock, *self._links.values()]
-        if self._router is not None:
-            socks.append(self._router)
-        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks)
+    def fds(self) -> dict:
+        """Each socket's ZMQ_FD -> the socket, for a poll that touches no
+        zmq socket (a thread that does not own them may wait on these).
+        ZMQ_FD is edge-like: readable() tells what is really there."""
+        self._by_fd = {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
+        return self._by_fd
+
+    def readable(self, fired=None) -> list:
+        """The sockets with input queued now (ZMQ_EVENTS): all of them, or
+        those of the FDs in `fired` (from the last fds()).  Asking also
+        re-arms each ZMQ_FD, so input that comes after this will wake a
+        poll on the FDs; input already here would not: look before sleeping."""
+        if fired is None:
+            socks = self.sockets()
+        else:
+            socks = [self._by_fd[fd] for fd in fired if fd in self._by_fd]
+        return [sock for sock in socks if sock.getsockopt(_EVENTS) & _POLLIN]
+
+    def input_waiting(self, touched_only: bool = False) -> bool:
+        """Has any socket input queued?  A send reads the socket's pending
+        input and can take the edge of its ZMQ_FD, so a poll on that FD
+        started before the send would not report it.  `touched_only`: ask
+        only the sockets read or written since the last ask (the others
+        were left with their FD armed)."""
+        touched, self._touched = self._touched, set()
+        socks = touched if touched_only else self.sockets()
+        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks if not sock.closed)
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
@@ -222,6 +244,7 @@ class NodeSockets:
     def turn(self, ready, now: float, incoming=()) -> None:
         """`ready`: the sockets the poll reported; `incoming`: new sends."""
         core = self.core
+        self._touched.update(ready)
         if self._sock in ready:
             for frames in ready_frames(self._sock):
                 core.relay_frames(frames, now)
@@ -250,6 +273,26 @@ class NodeSockets:
             self.connect(now)
         self.flush(now, incoming)
 
+    def relay_turn(self, now: float) -> bool:
+        """A turn when only the relay socket had input (the common case of a
+        send waiting for its CONFIRM): read it; tick and write only if that
+        left something to do or a deadline is due.  True when it read the
+        socket dry and wrote nothing: then no socket can hold input whose
+        FD edge is gone (the poll before it asked every socket)."""
+        core = self.core
+        read = 0
+        for frames in ready_frames(self._sock):
+            core.relay_frames(frames, now)
+            read += 1
+        if not core.settled_down() or now >= core.next_deadline():
+            self.turn((), now)
+            return False
+        return read < READ_BATCH
+
+    @property
+    def relay_sock(self) -> zmq.Socket | None:
+        return self._sock
+
     def flush(self, now: float, incoming=()) -> None:
         """Route new sends, then write every outbox."""
         self.core.route(incoming, now)
@@ -257,14 +300,22 @@ class NodeSockets:
 
     def write(self, now: float) -> None:
         core = self.core
-        for frames in core.relay_out(now):
+        touched = self._touched
+        out = core.relay_out(now)
+        if out:
+            touched.add(self._sock)
+        for frames in out:
             self._sock.send_multipart(frames)  # HWM 0: never blocks
         if core.sender is not None:
             out = core.links_out(now)
             self._socket_ops()
             for endpoint, frames in out:
+                touched.add(self._links[endpoint])
                 self._links[endpoint].send_multipart(frames)
-            for identity, frames in core.inbox_out(now):
+            out = core.inbox_out(now)
+            if out:
+                touched.add(self._router)
+            for identity, frames in out:
                 try:
                     self._router.send_multipart([identity, *frames], zmq.NOBLOCK)
                 except zmq.ZMQError:  # EHOSTUNREACH: no connection from that peer now
@@ -292,7 +343,7 @@ class NodeSockets:
         sock.connect(endpoint)
         self._links[endpoint] = sock
         self._by_sock[sock] = endpoint
-        self.changed = True
+        self._version += 1
 
     def _close_link(self, endpoint: str, linger: int) -> None:
         sock = self._links.pop(endpoint, None)
@@ -307,7 +358,7 @@ class NodeSockets:
                 pass
             monitor.close(0)
         sock.close(linger)
-        self.changed = True
+        self._version += 1
 
     def _handshake_failed(self, monitor: zmq.Socket, endpoint: str, now: float) -> None:
         """A DEALER's handshake failed: the peer refused this node's key, or is

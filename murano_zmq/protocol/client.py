@@ -246,6 +246,11 @@ class ClientCore:
     def unconfirmed(self) -> int:
         return len(self._unconfirmed)
 
+    @property
+    def has_output(self) -> bool:
+        """Frames or acks are waiting to be written."""
+        return bool(self._outbox or self._pending_acks)
+
     # --- input ------------------------------------------------------------------
 
     def receive(self, frames: list[bytes], now: float) -> list:

@@ -242,6 +242,10 @@ class DirectInbox:
         out, self._outbox = self._outbox, []
         return out
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self._outbox)
+
     def receive(self, identity: bytes, frames: list[bytes], now: float,
                 consumers: dict[str, int], user: str | None = None) -> list:
         """Delivered events for one command from a peer; bad input gets ERROR.

@@ -1,0 +1,182 @@
+"""Node's blocking send on the caller's thread (docs/architecture.md, "Node:
+who owns the sockets"): a send that finds the I/O thread asleep writes its
+SEND itself and polls for the CONFIRM, then hands the sockets back.  These
+tests check the concurrency that brings: many threads sending while the I/O
+thread feeds a consumer, a relay that dies under a caller-owned wait, and
+close() during one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from murano_zmq import Node
+from murano_zmq.protocol.errors import NodeClosed, RelayUnavailable
+
+from ..helpers import free_tcp_endpoint, wait_for
+
+
+def spy_owned(node: Node) -> tuple[threading.Event, list]:
+    """An event set when a send owns the sockets, and the threads that did."""
+    entered, who = threading.Event(), []
+    inner = node._send_owned
+
+    def owned(*args, **kw):
+        who.append(threading.get_ident())
+        entered.set()
+        return inner(*args, **kw)
+
+    node._send_owned = owned
+    return entered, who
+
+
+def test_lone_send_is_owned_by_the_caller(relay):
+    with Node("owner", relay=relay.endpoint) as node:
+        node.send("owned.warm", b"x")
+        entered, who = spy_owned(node)
+        for i in range(20):
+            node.send("owned.box", i)
+        assert entered.is_set() and set(who) == {threading.get_ident()}
+        assert not node._owner.locked() or node._io_turn  # handed back
+        box = node.consume("owned.box")
+        assert [box.get(timeout=10).body for _ in range(20)] == list(range(20))
+
+
+def test_many_threads_send_while_the_io_thread_consumes(relay):
+    """8 threads send (each owning the sockets when free, else through the
+    I/O thread) while a consumer of the same node takes and acks another
+    mailbox's stream: nothing lost, FIFO per sender, every send returns."""
+    threads, per_thread = 8, 60
+    with Node("busy", relay=relay.endpoint) as node, Node("feeder", relay=relay.endpoint) as feeder:
+        entered, who = spy_owned(node)
+        incoming = node.consume("owned.in", prefetch=50)
+        feed = threading.Thread(target=lambda: feeder.send_many([("owned.in", i) for i in range(500)]))
+        feed.start()
+        consumed: list = []
+
+        def consume() -> None:
+            while len(consumed) < 500:
+                m = incoming.get(timeout=30)
+                if m is None:
+                    return
+                consumed.append(m.body)
+                m.ack()
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        errors: list = []
+
+        def sender(k: int) -> None:
+            try:
+                for i in range(per_thread):
+                    node.send("owned.out", [k, i], timeout=30)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        senders = [threading.Thread(target=sender, args=(k,)) for k in range(threads)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(60)
+        feed.join(60)
+        consumer.join(60)
+        assert not errors
+        assert sorted(consumed) == list(range(500))
+        assert entered.is_set()  # at least some sends took the sockets
+        out = node.consume("owned.out", prefetch=100)
+        got: dict[int, list] = {}
+        for _ in range(threads * per_thread):
+            m = out.get(timeout=10)
+            assert m is not None
+            k, i = m.body
+            got.setdefault(k, []).append(i)
+            m.ack()
+        assert got == {k: list(range(per_thread)) for k in range(threads)}
+
+
+def test_owned_send_survives_the_relay_dying(relay_factory, tmp_path):
+    """The relay is killed (SIGKILL) while a send owns the sockets and waits:
+    the caller's own turns see the connection drop, open a new session when
+    the relay is back and replay; the send returns, the message is stored."""
+    endpoint, data = free_tcp_endpoint(), str(tmp_path / "data")
+    relay = relay_factory(endpoint=endpoint, data_dir=data)
+    with Node("survivor", relay=endpoint, heartbeat=0.2) as node:
+        node.send("owned.warm", b"x")
+        relay.kill()
+        entered, _ = spy_owned(node)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault("id", node.send("owned.kept", b"kept", timeout=30)))
+        t.start()
+        assert entered.wait(10)
+        relay_factory(endpoint=endpoint, data_dir=data)
+        t.join(40)
+        assert "id" in result
+        box = node.consume("owned.kept")
+        m = box.get(timeout=10)
+        assert m is not None and m.id == result["id"] and m.body == b"kept"
+
+
+def test_owned_send_times_out_and_is_delivered_later(relay_factory, tmp_path):
+    endpoint, data = free_tcp_endpoint(), str(tmp_path / "data")
+    relay = relay_factory(endpoint=endpoint, data_dir=data)
+    with Node("late", relay=endpoint, heartbeat=0.2) as node:
+        node.send("owned.warm", b"x")
+        relay.kill()
+        t0 = time.monotonic()
+        with pytest.raises(RelayUnavailable):
+            node.send("owned.late", b"late", timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        assert not node._owner.locked() or node._io_turn  # handed back after the time-out
+        relay_factory(endpoint=endpoint, data_dir=data)
+        box = node.consume("owned.late", timeout=20)
+        m = box.get(timeout=20)
+        assert m is not None and m.body == b"late"  # the node kept trying
+
+
+def test_close_while_a_caller_owns_the_sockets():
+    """No relay answers: a send owns the sockets and waits; close() from
+    another thread ends it with NodeClosed at once, and returns."""
+    node = Node("closing", relay=free_tcp_endpoint(), direct=False)
+    entered, _ = spy_owned(node)
+    raised: list = []
+
+    def send() -> None:
+        try:
+            node.send("owned.never", b"x", timeout=60)
+        except BaseException as exc:  # checked below
+            raised.append(exc)
+
+    t = threading.Thread(target=send)
+    t.start()
+    assert entered.wait(10)
+    wait_for(lambda: node._owner.locked() and not node._io_turn, 5, what="the caller owning the sockets")
+    t0 = time.monotonic()
+    node.close()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 10
+    assert len(raised) == 1 and isinstance(raised[0], NodeClosed)
+    with pytest.raises(NodeClosed):
+        node.send("owned.never", b"y", timeout=1)
+
+
+def test_handler_sends_for_each_message_it_consumes(relay):
+    """The agent's loop: take a request, send the reply (owning the sockets
+    while the I/O thread may be feeding the consumer), ack the request."""
+    with Node("agent", relay=relay.endpoint) as agent, Node("asker", relay=relay.endpoint) as asker:
+        requests = agent.consume("owned.req", prefetch=20)
+        asker.send_many([("owned.req", i) for i in range(200)])
+        for _ in range(200):
+            m = requests.get(timeout=20)
+            assert m is not None
+            agent.send("owned.rep", m.body, timeout=20)
+            m.ack()
+        replies = asker.consume("owned.rep", prefetch=100)
+        got = []
+        for _ in range(200):
+            m = replies.get(timeout=20)
+            assert m is not None
+            got.append(m.body)
+            m.ack()
+        assert got == list(range(200))
