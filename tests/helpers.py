@@ -9,7 +9,7 @@ import time
 
 from murano_zmq.testing import free_tcp_endpoint
 
-__all__ = ["free_tcp_endpoint", "kill_mid_stream", "wait_for"]
+__all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "wait_confirmed", "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -24,16 +24,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
         time.sleep(interval)
 
 
-def kill_mid_stream(relay, send, first: list, rest: int, at_least: int, timeout: float = 30) -> set:
-    """Kill -9 `relay` while a pipelined stream to it is part confirmed.
+def wait_confirmed(futures: list, at_least: int, timeout: float = 30) -> None:
+    """Return as soon as `at_least` of `futures` are done."""
+    assert confirms_reached(futures, at_least).wait(timeout), f"fewer than {at_least} confirms within {timeout}s"
 
-    `first`: futures of sends already queued; once `at_least` of them are
-    confirmed the relay is frozen (SIGSTOP), `rest` more sends are queued
-    with `send(i)` (appended to `first`), and the relay is killed.  Frozen,
-    it confirms none of those, so sends are unconfirmed at the kill however
-    late this thread runs (scanning thousands of futures in a loop under
-    load saw 4,500 of 5,000 confirmed by the time it saw 500).  Returns the
-    ids confirmed before the kill."""
+
+def confirms_reached(futures: list, at_least: int) -> threading.Event:
+    """An event set once `at_least` of `futures` are done (counted by their
+    callbacks: polling thousands of futures in a loop lags far behind)."""
     reached = threading.Event()
     lock = threading.Lock()
     done = [0]
@@ -44,9 +42,22 @@ def kill_mid_stream(relay, send, first: list, rest: int, at_least: int, timeout:
             if done[0] >= at_least:
                 reached.set()
 
-    for f in list(first):
+    for f in list(futures):
         f.add_done_callback(count)
-    assert reached.wait(timeout), f"fewer than {at_least} confirms within {timeout}s"
+    return reached
+
+
+def kill_mid_stream(relay, send, first: list, rest: int, at_least: int, timeout: float = 30) -> set:
+    """Kill -9 `relay` while a pipelined stream to it is part confirmed.
+
+    `first`: futures of sends already queued; once `at_least` of them are
+    confirmed the relay is frozen (SIGSTOP), `rest` more sends are queued
+    with `send(i)` (appended to `first`), and the relay is killed.  Frozen,
+    it confirms none of those, so sends are unconfirmed at the kill however
+    late this thread runs (scanning thousands of futures in a loop under
+    load saw 4,500 of 5,000 confirmed by the time it saw 500).  Returns the
+    ids confirmed before the kill."""
+    wait_confirmed(first, at_least, timeout)
     os.kill(relay.pid, signal.SIGSTOP)
     first.extend(send(i) for i in range(rest))
     # Taken before the kill: once the relay is dead the node may be served

@@ -146,8 +146,10 @@ class Wakeups:
     """LISTEN on a connection of its own; fileno() goes into the relay
     loop's poller, take() returns the mailbox ids notified since."""
 
-    def __init__(self, conninfo: str):
-        self.conn = psycopg.connect(conninfo, autocommit=True)
+    def __init__(self, conninfo: str | psycopg.Connection):
+        """conninfo, or an autocommit connection to listen on."""
+        self.conn = conninfo if isinstance(conninfo, psycopg.Connection) else \
+            psycopg.connect(conninfo, autocommit=True)
         self.conn.execute(f"LISTEN {CHANNEL}")
 
     def fileno(self) -> int:

@@ -215,10 +215,14 @@ class SharedDatabase:
         try:
             return self._wakeups.take_seqs()
         except psycopg.Error:  # (the server went away: a failover)
-            self._wakeups.close()
+            # Within the reconnect window, as the other connections: one
+            # try met the standby not yet promoted ("session is read-only")
+            # and sent the relay down its store-failure path (BYE to every node).
+            conn = pgconn.reconnect(self._wakeups.conn, self._conninfo, self._path, "wake-ups")  # or StoreError
             try:
-                self._wakeups = Wakeups(pgconn.with_defaults(self._conninfo))
+                self._wakeups = Wakeups(conn)
             except psycopg.Error as exc:
+                conn.close()
                 raise StoreError(exc) from exc  # the relay's store-failure path
             return {0: 0}  # wake-ups may have been lost
 
