@@ -3,9 +3,10 @@
 
 The engine's tick runs its clocks:
 - every third of a lease: say the loop is alive (the store's lease keeper
-  thread renews every claim this relay holds, windows and unacked messages,
-  on its own connection, also while the loop waits in a commit), take or keep the sweeper lease, give back windows no
-  consumer here needs any more, restart the idle clock of the ttl
+  thread renews every claim this relay holds, windows and unacked
+  messages, on its own connection, also while the loop waits in a
+  commit), take or keep the sweeper lease, give back windows no consumer
+  here needs any more, restart the idle clock of the ttl
   mailboxes used here;
 - every RETRY_CLAIMS: the mailboxes consumed here claim again (a lease that
   passed, a dead relay's, sends no wake-up);
