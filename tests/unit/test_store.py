@@ -203,6 +203,16 @@ def test_start_up_reads_see_the_last_commit(store):
     assert store.mailbox_stats() == {1: (2, 2), 2: (1, 3)}
 
 
+def _assert_reopened_empty_at(open_store, top: int) -> None:
+    """Opened again: no message left, and max_seq() still at `top`."""
+    s = open_store()
+    try:
+        assert s.mailbox_stats() == {}
+        assert s.max_seq() == top
+    finally:
+        s.close()
+
+
 def test_max_seq_is_a_high_water_mark(open_store):
     # Tags are seqs: a seq must never be reused after a restart, or a late
     # ACK from before it could delete a newer message.
@@ -213,12 +223,7 @@ def test_max_seq_is_a_high_water_mark(open_store):
     assert s.max_seq() == 3
     s.delete([1])
     s.close()
-    s = open_store()
-    try:
-        assert s.mailbox_stats() == {}
-        assert s.max_seq() == 3
-    finally:
-        s.close()
+    _assert_reopened_empty_at(open_store, 3)
 
 
 def test_max_seq_when_the_top_row_goes_after_commits_that_only_added(open_store):
@@ -236,12 +241,7 @@ def test_max_seq_when_the_top_row_goes_after_commits_that_only_added(open_store)
     flush(s)
     s.delete([1, 2])
     s.close()
-    s = open_store()
-    try:
-        assert s.mailbox_stats() == {}
-        assert s.max_seq() == 3
-    finally:
-        s.close()
+    _assert_reopened_empty_at(open_store, 3)
 
 
 def test_max_seq_counts_skipped_duplicates(open_store):
