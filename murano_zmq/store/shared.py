@@ -50,6 +50,15 @@ RETRY_CLAIMS = LEASE / 2  # expired leases send no wake-up: consumed mailboxes c
 LOOP_STALL = 30.0
 
 
+def _unflushed(conn: psycopg.Connection) -> psycopg.Connection:
+    """`conn` for claims, renewals and the sweeper lease, which need no
+    flush: one lost with the server only makes a message free again
+    (delivered again at worst, as at-least-once allows).  Confirms never
+    wait on them."""
+    conn.execute("SET synchronous_commit = off")
+    return conn
+
+
 def _mailbox_row(r) -> MailboxRow:
     mailbox_id, name, options, declared = r
     return MailboxRow(mailbox_id, name, msgpack.unpackb(bytes(options)), bool(declared))
@@ -71,13 +80,8 @@ class SharedDatabase:
         self._keeper.start()
 
     def _connect(self, old=None):
-        conn = pgconn.connect(self._conninfo) if old is None else \
-            pgconn.reconnect(old, self._conninfo, self._path, "claims")
-        # Claims, renewals and the sweeper lease need no flush: one lost
-        # with the server only makes a message free again (delivered again
-        # at worst, as at-least-once allows).  Confirms never wait on them.
-        conn.execute("SET synchronous_commit = off")
-        return conn
+        return _unflushed(pgconn.connect(self._conninfo) if old is None else
+                          pgconn.reconnect(old, self._conninfo, self._path, "claims"))
 
     def _run(self, fn, *args):
         """fn(*args) on the connection; reconnected once if it was lost."""
@@ -101,7 +105,7 @@ class SharedDatabase:
     # --- numbering ---
 
     def seq_start(self) -> int:
-        return self._run(seq_block, self.conn)
+        return self._run(lambda: seq_block(self.conn))  # (self.conn: the new one after a reconnect)
 
     def find_mailbox(self, name: str) -> MailboxRow | None:
         rows = self._rows("SELECT id, name, options, declared FROM mailboxes WHERE name=%s", (name,))
@@ -262,19 +266,18 @@ class LeaseKeeper(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
-        conn = None
+        claims = None
         while not self._stopping.wait(self._lease / 3):
             if time.monotonic() - self._alive_at > LOOP_STALL:
                 continue  # the loop is hung: let the claims lapse
             try:
-                if conn is None:
-                    conn = pgconn.connect(self._conninfo)
-                    conn.execute("SET synchronous_commit = off")  # as the claims connection
-                Claims(conn, self._owner, self._lease).renew()
+                if claims is None:
+                    claims = Claims(_unflushed(pgconn.connect(self._conninfo)), self._owner, self._lease)
+                claims.renew()
             except psycopg.Error as exc:  # (a failover): a new connection next time
                 log.warning("renewing claims failed: %s", exc)
-                if conn is not None:
-                    conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
+                if claims is not None:
+                    claims.conn.close()
+                claims = None
+        if claims is not None:
+            claims.conn.close()
