@@ -10,6 +10,8 @@ import argparse
 import math
 import re
 
+from .protocol.constants import MAX_LIMIT
+
 # Longest time any option may name, seconds (about 31 years): finite, and
 # below what threading waits accept (threading.TIMEOUT_MAX).
 MAX_SECONDS = 1e9
@@ -61,6 +63,7 @@ def bounded_int(low: int, high: int | None = None):
 
 
 count = bounded_int(0)
+limit = bounded_int(0, MAX_LIMIT)  # a mailbox's max_length / max_bytes
 message_size = bounded_int(1, MAX_MESSAGE_SIZE_LIMIT)
 
 
@@ -71,6 +74,10 @@ def endpoint(text: str) -> str:
     """A ZeroMQ endpoint, transport://address."""
     if not _ENDPOINT.fullmatch(text):
         raise argparse.ArgumentTypeError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {text!r}")
+    port = text.rsplit(":", 1)[-1]
+    if text.startswith("tcp://") and port.isdigit() and int(port) > 65535:
+        # ZeroMQ would take it, and bind or connect to port % 65536
+        raise argparse.ArgumentTypeError(f"port {port} out of range (0-65535): {text!r}")
     return text
 
 

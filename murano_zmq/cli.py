@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from . import cli_ops
-from .argtypes import bounded_int, count as _count, positive_seconds as _positive_float, relay_endpoint, seconds
+from .argtypes import bounded_int, count as _count, limit as _limit, positive_seconds as _positive_float, relay_endpoint, seconds
 from .discovery.zeroconf import INTERFACES_ENV
 from .forwarder import add_forwarder_arguments
 from .protocol.constants import (
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", type=relay_endpoint, help=RELAY_HELP)
     p.add_argument("--ttl", type=_positive_float, help="delete after S idle seconds (no consumer, no traffic)")
     p.add_argument("--message-ttl", type=_positive_float, help="default message time-to-live, seconds")
-    p.add_argument("--max-length", type=_count, help="most ready messages held")
-    p.add_argument("--max-bytes", type=_count, help="most body bytes held")
+    p.add_argument("--max-length", type=_limit, help="most ready messages held")
+    p.add_argument("--max-bytes", type=_limit, help="most body bytes held")
     p.add_argument("--overflow", choices=OVERFLOWS, default="reject",
                    help="when full: reject the send (default) or drop the oldest")
     p.add_argument("--dead-letter", help="mailbox for expired, dropped and rejected messages")

@@ -124,7 +124,14 @@ class AsyncDiscovery:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+        """ValueError (one line) if zeroconf cannot use the interfaces: an
+        address that is not this host's, say."""
+        try:
+            self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+        except OSError as exc:
+            where = "all interfaces" if self.interfaces is InterfaceChoice.All else ",".join(self.interfaces)
+            raise ValueError(f"cannot use discovery interface(s) {where}: {exc.strerror or exc} "
+                             f"(give IPv4 addresses of this host, or 'all')") from None
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._changed])
 
     async def advertise(self, advert: Advert) -> None:

@@ -128,9 +128,15 @@ class Relay:
             self.engine = self._new_engine(store)
             if not (store.hold_reserve() and store.space_available()):
                 self._storage_full("at start")
-            log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
             metrics = self._serve_metrics(store)  # first: a taken port stops the start before any advert
-            discovery = self._advertise()
+            try:
+                discovery = self._advertise()
+            except BaseException:
+                if metrics is not None:
+                    metrics.close()
+                raise
+            # (only now: a start that fails says one line, not "listening" and then why not)
+            log.info("relay %s listening on %s, data in %s", cfg.name, self.endpoint, store.path)
             self._ready.set()
             notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
             try:

@@ -90,6 +90,10 @@ def test_cli_errors_are_clear(relay):
     (["send", "x", "y", "--relay", "tcp://127.0.0.1:5570,tcp://127.0.0.1:99999"], "port 99999 out of range"),
     (["status", "--relay", "garbage"], "not a ZeroMQ endpoint"),
     (["forwarder", "--xsub", "foo"], "not a ZeroMQ endpoint"),
+    (["relay", "--bind", "tcp://127.0.0.1:99999"], "port 99999 out of range"),  # not bound to 34463
+    (["forwarder", "--xpub", "tcp://127.0.0.1:70000"], "port 70000 out of range"),
+    (["declare", "x", "--max-length", "100000000000000000000000"], "between 0 and"),
+    (["declare", "x", "--max-bytes", "18446744073709551616"], "between 0 and"),
 ])
 def test_usage_errors_exit_2(args, text):
     out = cli(*args)
@@ -132,6 +136,21 @@ def test_relay_data_dir_without_parent_is_one_line(tmp_path):
     line = one_line_exit_1(out)
     assert str(missing.parent) in line and "does not exist" in line
     assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--metrics", "nonsense"], "--metrics wants HOST:PORT"),
+    (["--discovery-interfaces", "192.0.2.1"], "cannot use discovery interface(s) 192.0.2.1"),  # not this host's
+    (["--discovery-interfaces", "garbage"], "not an IPv4 address"),
+])
+def test_relay_start_failures_after_the_bind_are_one_line(tmp_path, args, text):
+    out = cli("relay", "--bind", free_tcp_endpoint(), "--data-dir", str(tmp_path / "d"), *args, timeout=30)
+    assert text in one_line_exit_1(out)
+
+
+def test_peers_on_an_address_not_of_this_host_is_one_line():
+    out = cli("peers", "--discovery-interfaces", "192.0.2.1", "--wait", "0.5", timeout=30)
+    assert "cannot use discovery interface(s) 192.0.2.1" in one_line_exit_1(out)
 
 
 def test_bad_relay_in_the_environment_is_one_line():
