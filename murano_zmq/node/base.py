@@ -20,6 +20,8 @@ from ..protocol.constants import (
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
     DEFAULT_TIMEOUT,
+    MAX_PREFETCH,
+    MAX_PREFETCH_BYTES,
     RELAY_ENV,
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
@@ -167,10 +169,14 @@ class NodeBase:
     @staticmethod
     def _check_consume(mailbox: str, prefetch: int = DEFAULT_PREFETCH, prefetch_bytes: int | None = None) -> None:
         check_name(mailbox)
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be a whole number >= 1, got {prefetch!r}")
-        if prefetch_bytes is not None and (not isinstance(prefetch_bytes, int) or prefetch_bytes < 1):
-            raise ValueError(f"prefetch_bytes must be a whole number >= 1 or None, got {prefetch_bytes!r}")
+        # The relay's bounds, checked here: a CONSUME it refuses would only
+        # come back as 400 MALFORMED.
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be a whole number from 1 to {MAX_PREFETCH}, got {prefetch!r}")
+        if prefetch_bytes is not None and (isinstance(prefetch_bytes, bool) or not isinstance(prefetch_bytes, int)
+                                           or not 1 <= prefetch_bytes <= MAX_PREFETCH_BYTES):
+            raise ValueError(f"prefetch_bytes must be a whole number from 1 to {MAX_PREFETCH_BYTES} or None, "
+                             f"got {prefetch_bytes!r}")
 
     @property
     def path_counts(self) -> dict[str, int]:

@@ -34,7 +34,7 @@ import zmq
 
 from ..discovery.zeroconf import Discovery, wait_for_relays
 from ..protocol.constants import DEFAULT_PREFETCH
-from ..protocol.errors import NodeClosed
+from ..protocol.errors import LocalProtocolError, NodeClosed
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, pack_body
 from ..protocol.topics import TopicEvent
@@ -214,7 +214,11 @@ class Node(NodeBase):
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def job() -> None:
-            consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
+            try:
+                consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future,
+                                                  prefetch_bytes)
+            except LocalProtocolError as exc:
+                future.set_exception(exc)
 
         self._submit(job)
         try:
@@ -288,7 +292,14 @@ class Node(NodeBase):
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._core.request(cmd, *fields, waiter=future))
+
+        def job() -> None:
+            try:
+                self._core.request(cmd, *fields, waiter=future)
+            except LocalProtocolError as exc:  # the caller's mistake: its error, not the I/O thread's
+                future.set_exception(exc)
+
+        self._submit(job)
         return self._wait(future, timeout)
 
     def _submit(self, job: Callable[[], None]) -> None:

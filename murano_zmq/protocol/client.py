@@ -169,11 +169,14 @@ class ClientCore:
         return req
 
     def request(self, cmd: Cmd, *fields: Any) -> int:
-        """A DECLARE, STATUS or DELETE; the first field (req) is filled in."""
+        """A DECLARE, STATUS or DELETE; the first field (req) is filled in.
+        Fields that cannot be encoded raise LocalProtocolError and change
+        nothing (no request is kept to be replayed)."""
         self._check_open()
+        frames = self._encode_checked(cmd, self._next_req, *fields)
         req = self._new_req()
         self._requests[req] = (cmd, (req, *fields))
-        self._put(cmd, req, *fields)
+        self._outbox.append(frames)
         return req
 
     def consume(self, mailbox: str, prefetch: int, endpoint: str | None = None,
@@ -183,9 +186,10 @@ class ClientCore:
         `prefetch_bytes`: a byte credit on top of the message credit."""
         self._check_open()
         consumer = self._next_consumer
+        req = self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint, prefetch_bytes)
         self._next_consumer += 1
         self._consumers[consumer] = _Consumer(mailbox, prefetch, endpoint, prefetch_bytes)
-        return consumer, self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint, prefetch_bytes)
+        return consumer, req
 
     def consumer_of(self, mailbox: str) -> int | None:
         """A consumer id of this node for `mailbox`, or None."""
@@ -344,6 +348,13 @@ class ClientCore:
 
     def _put(self, cmd: Cmd, *fields: Any) -> None:
         self._outbox.append(encode(cmd, *fields))
+
+    @staticmethod
+    def _encode_checked(cmd: Cmd, *fields: Any) -> list:
+        try:
+            return encode(cmd, *fields)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"{cmd.name} cannot be encoded: {exc}") from None
 
     def _check_open(self) -> None:
         if self.state == State.CLOSED:

@@ -27,6 +27,10 @@ HEARTBEAT_LIVENESS = 5
 MIN_HEARTBEAT = 0.05
 MAX_HEARTBEAT = 60.0
 
+# Largest max_length / max_bytes a mailbox may have: what msgpack carries
+# (an unsigned 64-bit integer).
+MAX_LIMIT = (1 << 64) - 1
+
 # Consumer credit (unacked messages out at once) when the caller gives none,
 # and the most a relay grants (it sizes the relay's bookkeeping).
 DEFAULT_PREFETCH = 100

@@ -49,8 +49,13 @@ def unpack_body(packed: bytes) -> Any:
 
 
 def is_number(value: Any) -> bool:
-    """An int or a finite float (NaN and infinities would stop timers)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int msgpack can carry or a finite float (NaN and infinities would
+    stop timers; an int past 64 bits cannot be encoded)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def check_name(name: Any, what: str = "mailbox") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .constants import OVERFLOW_REJECT, OVERFLOWS
+from .constants import MAX_LIMIT, OVERFLOW_REJECT, OVERFLOWS
 from .message import check_name, is_number
 
 
@@ -35,8 +35,9 @@ class MailboxOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("max_length", "max_bytes"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LIMIT):
+                raise ValueError(f"{name} must be a whole number from 0 to {MAX_LIMIT}, got {value!r}")
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
         if self.dead_letter is not None:

@@ -62,3 +62,22 @@ def test_a_bad_relay_in_the_environment_names_the_variable(node_kind, monkeypatc
     monkeypatch.setenv("MURANO_ZMQ_RELAY", "tcp://nohost:x")
     with pytest.raises(ValueError, match=r"\$MURANO_ZMQ_RELAY="):
         node_kind("bad-relay", timeout=5)
+
+
+def test_numbers_out_of_range_are_refused_and_the_node_lives_on(make_node):
+    """Numbers past what the wire carries (or the relay grants) were sent to
+    the node's I/O thread, which died encoding them: the node closed."""
+    node = make_node("careless")
+    with pytest.raises(ValueError, match="max_length"):
+        node.declare("big", max_length=10 ** 23)
+    with pytest.raises(ValueError, match="ttl"):
+        node.declare("big", ttl=10 ** 30)
+    with pytest.raises(ValueError, match="prefetch"):
+        node.consume("big", prefetch=10 ** 30)
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        node.consume("big", prefetch_bytes=1 << 63)
+    with pytest.raises(Exception, match="ttl"):
+        node.send("big", "x", ttl=10 ** 30)
+    assert node.declare("big", max_length=(1 << 64) - 1)["name"] == "big"
+    node.send("big", "still here")
+    assert node.consume("big").get(timeout=10).body == "still here"

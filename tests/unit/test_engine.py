@@ -35,6 +35,7 @@ from murano_zmq.protocol.client import (
 )
 from murano_zmq.protocol.constants import HEARTBEAT_LIVENESS, SIGNATURE
 from murano_zmq.protocol.errors import (
+    LocalProtocolError,
     MailboxFull,
     MailboxNotFound,
     Malformed,
@@ -1093,6 +1094,22 @@ def _welcomed_core() -> ClientCore:
 
 def _delivery(tag, msg_id, mailbox="work", count=1):
     return [tag, msg_id, mailbox, b"", pack_body("body"), T0, None, count]
+
+
+def test_a_request_that_cannot_be_encoded_changes_nothing():
+    """A number past 64 bits is the caller's error, raised at once: nothing
+    is queued, and nothing is replayed at the next HELLO (where it would
+    fail in the node's own thread, issue 12)."""
+    core = _welcomed_core()
+    with pytest.raises(LocalProtocolError, match="DECLARE"):
+        core.request(Cmd.DECLARE, "work", {"max_length": 10 ** 23})
+    with pytest.raises(LocalProtocolError, match="CONSUME"):
+        core.consume("work", 10 ** 30)
+    assert core.drain() == []
+    core.connection_made(T0 + 1)  # a new session replays what is pending
+    assert [decode(f).cmd for f in core.drain()] == [Cmd.HELLO]
+    consumer, _ = core.consume("work", 10)
+    assert consumer == 1  # the refused CONSUME took no consumer id
 
 
 def test_client_dedup_hands_an_id_to_the_application_once():
