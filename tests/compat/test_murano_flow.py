@@ -141,6 +141,22 @@ def test_signed_plan_sent_before_the_agent_exists_then_result(relay, children, s
     wait_for(lambda: mailbox(relay, "murano:" + results)["depth"] == 0, 10, what="result acked")
 
 
+def test_an_agent_that_boots_before_the_engine_declares_its_queue_gets_the_plan(relay, children):
+    """The VM may boot before the engine's first send declares e<env>-h<host>
+    (Agent._initialize is lazy): the agent's consume waits on the queue, the
+    declare gives it its TTL, the plan reaches the waiting agent."""
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r4"
+    agent = start_agent(children, relay, queue, results, "ack")
+    assert agent.read_line(30) == "consuming"
+    plan = {"ID": uuid.uuid4().hex, "Body": "early"}
+    send_plan(relay, queue, results, plan)
+    assert mailbox(relay, "murano:" + queue)["ttl"] == 86400
+    got = json.loads(agent.read_line(30))
+    assert got["body"] == json.dumps(plan) and got["id"] == plan["ID"]
+    assert agent.read_line(30) == "sent result"
+    assert agent.proc.wait(30) == 0
+
+
 def test_queue_expires_after_its_ttl_when_no_agent_comes(relay):
     queue = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}"
     with engine_client(relay) as client:
@@ -198,7 +214,7 @@ def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, child
 
 
 GREEN_ENGINE = """
-import eventlet; eventlet.monkey_patch(os=False)  # as murano/monkey_patch.py does
+import eventlet; eventlet.monkey_patch()  # as murano/monkey_patch.py does (but on Windows)
 import json, sys, time
 from murano_zmq.compat import murano as engine
 host, port = sys.argv[1].rsplit("//", 1)[1].rsplit(":", 1)
