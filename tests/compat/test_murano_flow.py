@@ -253,6 +253,55 @@ def test_the_engine_under_eventlet_waits_without_stopping_other_green_threads(re
     assert report["ticks"] >= 30  # a 10 ms ticker kept running during the 1 s wait
 
 
+GREEN_LISTENER = """
+import eventlet; eventlet.monkey_patch()
+import greenlet, json, sys, time
+from murano_zmq.compat import murano as engine
+host, port = sys.argv[1].rsplit("//", 1)[1].rsplit(":", 1)
+queue = "-execution-results-stop"
+clients, got = [], []
+def receive():  # AgentListener._receive
+    with engine.MqClient("m", "g", host, int(port), "/") as client:
+        clients.append(client)
+        client.declare(queue, enable_ha=True, ttl=86400000)
+        with client.open(queue) as subscription:
+            while True:
+                msg = subscription.get_message()
+                if not msg:
+                    continue
+                msg.ack()
+                got.append(msg.body)
+thread = eventlet.spawn(receive)
+with engine.MqClient("m", "g", host, int(port), "/") as client:  # an agent's result
+    msg = engine.Message()
+    msg.body, msg.id = {"SourceID": "s1"}, "s1"
+    client.send(msg, queue)
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    eventlet.sleep(0.05)
+start = time.monotonic()
+thread.kill()  # AgentListener.stop(): kill the green thread waiting in get_message()
+try:
+    thread.wait()
+except greenlet.GreenletExit:
+    pass
+print(json.dumps({"got": got, "stop_s": time.monotonic() - start,
+                  "closed": bool(clients) and clients[0]._node is None}), flush=True)
+"""
+
+
+def test_the_engine_listener_stops_by_killing_its_green_thread(relay, children):
+    """AgentListener.stop() kills the green thread that waits in get_message()
+    (no timeout): the wait ends at once and the client closes its node."""
+    pytest.importorskip("eventlet")
+    proc = children(GREEN_LISTENER, relay.endpoint, cwd=str(ROOT), stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = json.loads(Agent(proc).read_line(30))
+    assert proc.wait(30) == 0
+    assert report["got"] == [{"SourceID": "s1"}]
+    assert report["stop_s"] < 5 and report["closed"] is True
+
+
 def test_a_plan_survives_kill_9_of_the_relay_once_send_returned(relay_factory, children):
     """send() returns once the relay stored the plan, as RabbitMQ with publisher confirms."""
     relay = relay_factory()
