@@ -157,6 +157,22 @@ def test_an_agent_that_boots_before_the_engine_declares_its_queue_gets_the_plan(
     assert agent.proc.wait(30) == 0
 
 
+def test_an_agent_only_connects_out_to_the_relay(relay, children):
+    """A tenant VM behind NAT: the agent's process listens on no port and its
+    only TCP connections go to the relay (direct=False, no discovery)."""
+    psutil = pytest.importorskip("psutil")
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r5"
+    agent = start_agent(children, relay, queue, results, "ack")
+    assert agent.read_line(30) == "consuming"
+    connections = psutil.Process(agent.proc.pid).net_connections(kind="inet")
+    assert [c for c in connections if c.status == psutil.CONN_LISTEN or not c.raddr] == []
+    relay_port = host_port(relay)[1]
+    assert connections and {c.raddr.port for c in connections} == {relay_port}
+    send_plan(relay, queue, results, {"ID": uuid.uuid4().hex, "Body": "nat"})
+    assert json.loads(agent.read_line(30))["id"]
+    assert agent.read_line(30) == "sent result"
+
+
 def test_queue_expires_after_its_ttl_when_no_agent_comes(relay):
     queue = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}"
     with engine_client(relay) as client:
