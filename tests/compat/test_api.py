@@ -146,7 +146,23 @@ def test_exit_on_an_exception_closes_and_propagates(flavour, shared_relay):
     with pytest.raises(KeyError):
         with client:
             raise KeyError("boom")
-    assert not client._connected
+    assert not client._connected and client._node is None
+
+
+def test_a_message_taken_when_an_exception_leaves_the_with_goes_back_at_once(flavour, shared_relay):
+    """The agent's loop: an error while it holds a plan unacked (its
+    original left the consumer to the garbage collector)."""
+    queue = fresh_queue()
+    with make_client(flavour, shared_relay) as sender:
+        sender.send(message(flavour, {"ID": "p"}, "p"), queue)
+    with pytest.raises(OSError):
+        with make_client(flavour, shared_relay) as client, client.open(queue) as subscription:
+            assert subscription.get_message(timeout=10).id == "p"
+            raise OSError("disk full")  # before msg.ack()
+    with make_client(flavour, shared_relay) as client, client.open(queue) as subscription:
+        again = subscription.get_message(timeout=3)  # well before a heartbeat timeout
+        again.ack()
+    assert again.id == "p" and again.redelivered
 
 
 # --- declare ---------------------------------------------------------------------------------
