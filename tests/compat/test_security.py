@@ -103,7 +103,17 @@ def test_an_agent_key_may_wait_on_its_queue_before_the_engine_declares_it(setup)
             engine_mq.send(plan, queue_a)
         msg = subscription.get_message(timeout=10)
         msg.ack()
+        # its result to a results queue nobody declared yet (or that expired): it waits there
+        result = agent.Message()
+        result.body, result.id = {"SourceID": "p-early"}, "p-early"
+        mq.send(result, "-execution-results-late")
     assert msg.id == "p-early" and json.loads(msg.body) == {"ID": "p-early"}
+    with client(engine, str(keys / "murano-engine.key_secret")) as mq:
+        mq.declare("-execution-results-late", enable_ha=True, ttl=86400000)
+        with mq.open("-execution-results-late") as subscription:
+            got = subscription.get_message(timeout=10)
+            got.ack()
+    assert got.body == {"SourceID": "p-early"}
 
 
 def test_the_engine_may_not_read_agent_queues_and_strangers_are_refused(setup):
