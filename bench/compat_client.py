@@ -5,8 +5,8 @@ client: client.send(...)``.  This times that (connect, send, close) against
 sends on one open client, each send returning once the relay stored the
 message, on a relay process on loopback.  Not for CI.
 
-    flock /work/wt/bench.lock python bench/compat_client.py            # table
-    flock /work/wt/bench.lock python bench/compat_client.py --json
+    python bench/compat_client.py            # table
+    python bench/compat_client.py --json
 """
 
 from __future__ import annotations
