@@ -72,8 +72,10 @@ class IOThread:
             closed = NodeClosed(f"node {self.name} is closed")
             with self._lock:
                 orphans, self._outgoing = self._outgoing, deque()
+                left, self._jobs = self._jobs, deque()  # after a failed job: the ones behind it
             self._core.abandon(closed)
-            for _, waiter in orphans:  # every pending send learns the node is gone
+            # Every pending send and call learns the node is gone.
+            for waiter in [w for _, w in orphans] + [w for _, w in left if w is not None]:
                 if not waiter.done():
                     waiter.set_exception(closed)
             self._close_wake()
@@ -142,5 +144,26 @@ class IOThread:
     def _run_jobs(self) -> None:
         with self._lock:
             jobs, self._jobs = self._jobs, deque()
-        for job in jobs:
-            job()
+        try:
+            self._run_each(jobs)
+        except BaseException:
+            with self._lock:  # the ones behind the failed job: _run's end fails their waiters
+                self._jobs.extendleft(reversed(jobs))
+            raise
+
+    def _run_each(self, jobs: deque) -> None:
+        """Run queued (job, waiter) pairs, taking each off `jobs` first.  A
+        call's job that fails gives its error to its caller (the node goes
+        on); a failure of the node's own work (acks, cancels, topics; no
+        waiter) is raised, and closes the node."""
+        while jobs:
+            job, waiter = jobs.popleft()
+            if waiter is None:
+                job()
+                continue
+            try:
+                job()
+            except Exception as exc:
+                log.warning("node %s: a call failed in the I/O thread: %r", self.name, exc)
+                if not waiter.done():
+                    waiter.set_exception(exc)

@@ -69,7 +69,7 @@ class Node(IOThread, OwnedSends, NodeBase):
     def __init__(self, name: str | None = None, relay: str | None = None, *, poller=None, **options):
         self._setup(name, relay, **options)
         self._poller_factory = poller or type(self).default_poller
-        self._jobs: deque[Callable[[], None]] = deque()
+        self._jobs: deque[tuple[Callable[[], None], Any]] = deque()  # (job, its caller's waiter or None)
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()  # guards the queues above
@@ -223,7 +223,7 @@ class Node(IOThread, OwnedSends, NodeBase):
         def job() -> None:
             consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
 
-        self._submit(job)
+        self._submit(job, future)
         try:
             self._wait(future, timeout)
         except BaseException:
@@ -295,13 +295,15 @@ class Node(IOThread, OwnedSends, NodeBase):
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._core.request(cmd, *fields, waiter=future))
+        self._submit(lambda: self._core.request(cmd, *fields, waiter=future), future)
         return self._wait(future, timeout)
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
+        """Queue `job` for the I/O thread; `waiter` (the caller's future)
+        gets the job's exception if it raises one."""
         with self._lock:
             self._check_open()
-            self._jobs.append(job)
+            self._jobs.append((job, waiter))
         self._wake()
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
@@ -310,7 +312,7 @@ class Node(IOThread, OwnedSends, NodeBase):
                 return  # unsettled messages come again after a restart
             # Same queue as other jobs: an ack must reach the relay before a
             # later CANCEL or BYE, or the relay requeues the message.
-            self._jobs.append(lambda: self._core.settle(message, how, requeue))
+            self._jobs.append((lambda: self._core.settle(message, how, requeue), None))
         self._wake()
 
     def _cancel(self, cid: int, mailbox: str) -> None:
