@@ -116,8 +116,11 @@ class IOThread:
             self._io_turn = True
         # Before the sleep no socket held input (see _arm), so only those
         # whose FD fired can hold some now; after a wake by the pipe, all
-        # may (a caller handing back with input left).
-        readable = self._io.readable(None if woken or timeout == 0 else fired)
+        # may (a caller handing back with input left).  A caller that owned
+        # the sockets meanwhile may have replaced some (a new relay socket,
+        # a link closed): the FDs that fired are then of the old set.
+        changed = self._io.version != self._io_version
+        readable = self._io.readable(None if woken or changed or timeout == 0 else fired)
         if not woken and not readable and time.time() < self._core.next_deadline():
             return False, None
         return woken, readable

@@ -180,3 +180,33 @@ def test_handler_sends_for_each_message_it_consumes(relay):
             got.append(m.body)
             m.ack()
         assert got == list(range(200))
+
+
+def test_sockets_replaced_while_the_io_thread_sleeps_on_their_fds(relay):
+    """While the I/O thread sleeps on the sockets' FDs, a caller that owns
+    the sockets may replace one (a new relay socket after the relay died, a
+    direct link closed).  The FDs that woke the thread then belong to the
+    old set: asking the closed socket killed the I/O thread ("Socket
+    operation on non-socket"; seen in bench/chaos.py)."""
+    with Node("swapper", relay=relay.endpoint, direct=False) as node:
+        node.send("swap.box", 0)
+        wait_for(lambda: node._sleep is not None, 10, what="the I/O thread's sleep on FDs")
+        sleep, swapped = node._sleep, threading.Event()
+        inner = sleep.wait
+
+        def wait(timeout_ms):
+            if swapped.is_set():
+                return inner(timeout_ms)
+            old = [fd for fd, sock in node._io._by_fd.items() if sock is node._io._sock]
+            node._io.connect(time.time())  # what a caller's turn does when its relay is lost
+            swapped.set()
+            return False, old  # the old relay socket's FD fired
+
+        sleep.wait = wait
+        deadline = time.monotonic() + 10
+        while not swapped.is_set() and time.monotonic() < deadline:
+            node.send("swap.box", 1)  # owned sends keep the I/O thread's sleeps on the FDs
+        assert swapped.is_set(), "the I/O thread never slept on the FDs"
+        node.send("swap.box", 2)
+        assert not node._closed.is_set(), "the I/O thread died"
+        assert node.status(timeout=10)["mailboxes"][0]["depth"] >= 3
