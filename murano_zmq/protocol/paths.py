@@ -87,9 +87,7 @@ class PathTable:
         path = self._path(mailbox)
         if path.relay_unconfirmed:
             return None  # (the common case of a stream to the relay: decided at once)
-        candidates = [e for e in path.endpoints if self._usable(e)]
-        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
-                       and self._usable(e)]
+        candidates = self.direct_consumers(mailbox)
         if path.relay_undrained and candidates and not self.relay_up:
             # The relay is unreachable: direct traffic goes on (the relay
             # may still hold earlier messages of ours, which then come later).
@@ -118,6 +116,15 @@ class PathTable:
         endpoint = candidates[path.rr % len(candidates)]
         path.rr += 1
         return endpoint
+
+    def direct_consumers(self, mailbox: str) -> list[str]:
+        """The endpoints known to consume `mailbox` directly that may be used
+        (LOOKUP's first, in its order, then discovery's)."""
+        path = self._paths.get(mailbox)
+        candidates = [e for e in path.endpoints if self._usable(e)] if path is not None else []
+        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
+                       and self._usable(e)]
+        return candidates
 
     def is_direct(self, mailbox: str, relay_up: bool | None = None) -> bool:
         """Would the next message to `mailbox` go direct?  (Reads only.)"""
