@@ -212,9 +212,9 @@ class DirectSender:
             if since is None or now - since < self.stall:
                 continue
             queue = self._queues[endpoint]
-            stall = (since, link.sends, len(queue))
+            stall = self._stall_mark(endpoint, link, since)
             if self._stall_seen.get(endpoint) == stall:
-                continue  # nothing new out there since the last look
+                continue  # nothing new out there, nor of its consumers, since the last look
             self._stall_seen[endpoint] = stall
             # With competing direct consumers a copy at the relay could be
             # handed to another live one: those records wait for the link.
@@ -253,10 +253,12 @@ class DirectSender:
         if self.paths.relay_up:  # escrow() is due when a link has stalled
             for endpoint, link in self._links.items():
                 since = link.stalled_since()
-                if since is not None and self._stall_seen.get(endpoint) != (
-                        since, link.sends, len(self._queues[endpoint])):
+                if since is not None and self._stall_seen.get(endpoint) != self._stall_mark(endpoint, link, since):
                     deadline = min(deadline, since + self.stall)
         return deadline
+
+    def _stall_mark(self, endpoint: str, link: DirectLink, since: float) -> tuple:
+        return since, link.sends, len(self._queues[endpoint]), self.paths.version
 
     def close(self) -> None:
         for link in self._links.values():

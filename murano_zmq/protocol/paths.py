@@ -65,6 +65,7 @@ class PathTable:
         # (earlier LOOKUP, adverts) without waiting for a drained LOOKUP.
         self.relay_up = True
         self._refused: dict[str, float] = {}  # endpoint -> until when its handshake refusal holds
+        self.version = 0  # moves whenever what is known of direct consumers may have changed
 
     def key_of(self, endpoint: str) -> bytes | None:
         """The CURVE public key (z85) to expect at `endpoint`, if known."""
@@ -150,6 +151,7 @@ class PathTable:
         return True
 
     def looked_up(self, mailbox: str, result: dict, now: float) -> None:
+        self.version += 1
         path = self._path(mailbox)
         path.lookup_pending = False
         path.learned_at = now
@@ -179,6 +181,7 @@ class PathTable:
                    now: float | None = None) -> None:
         """Discovery's view of who consumes `mailbox` directly (replaces the
         last): endpoints, or endpoint -> pinned key (already checked as trusted)."""
+        self.version += 1
         if isinstance(endpoints, dict):
             for endpoint, key in endpoints.items():
                 key = _key(key)
