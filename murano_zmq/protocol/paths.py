@@ -3,11 +3,12 @@
 A mailbox goes direct when a consumer of it is known to take direct
 deliveries (from the relay's LOOKUP or from discovery) and nothing this
 sender gave the relay for it may still be waiting there.  It goes back to the
-relay when a direct link fails.  Switching only once the other path is
-drained keeps FIFO per sender and mailbox across switches: relay -> direct
+relay when a direct link fails or stalls.  Switching only once the other path
+is drained keeps FIFO per sender and mailbox across switches: relay -> direct
 waits until the relay reports the mailbox empty (depth 0) after every relay
-send to it was confirmed; direct -> relay happens when a link fails, and the
-link's unconfirmed records, oldest first, are the first to take the relay.
+send to it was confirmed; direct -> relay happens when a link fails or
+stalls, and the link's unconfirmed records (or, for a stalled link, copies
+of them), oldest first, are the first to take the relay.
 
 With CURVE (require_keys) an endpoint is a candidate only while the table
 knows the public key to expect there: from the relay's LOOKUP (the key the
