@@ -216,13 +216,14 @@ class DirectSender:
             if self._stall_seen.get(endpoint) == stall:
                 continue  # nothing new out there, nor of its consumers, since the last look
             self._stall_seen[endpoint] = stall
-            # With competing direct consumers a copy at the relay could be
-            # handed to another live one: those records wait for the link.
+            # With competing direct consumers (even one whose link failed) a
+            # copy at the relay could be handed to another live one while
+            # this peer's application works on it: those records wait for the link.
             alone: dict[str, bool] = {}
 
             def may_copy(mailbox: str) -> bool:
                 if mailbox not in alone:
-                    alone[mailbox] = all(e == endpoint for e in self.paths.direct_consumers(mailbox))
+                    alone[mailbox] = all(e == endpoint for e in self.paths.direct_consumers(mailbox, usable=False))
                 return alone[mailbox]
 
             for record in link.unconfirmed():

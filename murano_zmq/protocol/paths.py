@@ -119,13 +119,14 @@ class PathTable:
         path.rr += 1
         return endpoint
 
-    def direct_consumers(self, mailbox: str) -> list[str]:
-        """The endpoints known to consume `mailbox` directly that may be used
-        (LOOKUP's first, in its order, then discovery's)."""
+    def direct_consumers(self, mailbox: str, usable: bool = True) -> list[str]:
+        """The endpoints known to consume `mailbox` directly (LOOKUP's first,
+        in its order, then discovery's): only those that may be used, or
+        (usable False) also those whose link failed or whose key is unknown."""
+        ok = self._usable if usable else (lambda e: True)
         path = self._paths.get(mailbox)
-        candidates = [e for e in path.endpoints if self._usable(e)] if path is not None else []
-        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
-                       and self._usable(e)]
+        candidates = [e for e in path.endpoints if ok(e)] if path is not None else []
+        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates and ok(e)]
         return candidates
 
     def is_direct(self, mailbox: str, relay_up: bool | None = None) -> bool:
