@@ -83,6 +83,12 @@ class DirectSender:
             self._sticky[mailbox] = endpoint
         return endpoint
 
+    def relay_bound(self, mailbox: str) -> bool:
+        """Will route() give the relay every further record to `mailbox`
+        until something changes (a confirm, a LOOKUP, another route call)?
+        Relay sends of it unconfirmed, and no link it sticks to."""
+        return self.paths.relay_bound(mailbox) and self._sticky.get(mailbox) not in self._links
+
     def _settled(self, record: list) -> None:
         mailbox = record[1]
         left = self._out.get(mailbox, 0) - 1

@@ -204,14 +204,20 @@ class PathTable:
     def discovered_mailboxes(self) -> list[str]:
         return list(self._discovered)
 
-    def via_relay(self, mailbox: str) -> None:
+    def via_relay(self, mailbox: str, count: int = 1) -> None:
         path = self._path(mailbox)
-        path.relay_unconfirmed += 1
+        path.relay_unconfirmed += count
         path.relay_undrained = True
 
-    def relay_confirmed(self, mailbox: str) -> None:
+    def relay_confirmed(self, mailbox: str, count: int = 1) -> None:
         path = self._path(mailbox)
-        path.relay_unconfirmed = max(0, path.relay_unconfirmed - 1)
+        path.relay_unconfirmed = max(0, path.relay_unconfirmed - count)
+
+    def relay_bound(self, mailbox: str) -> bool:
+        """Will every further record to `mailbox` go to the relay until one
+        of its relay sends is confirmed?  (Relay sends still unconfirmed.)"""
+        path = self._paths.get(mailbox)
+        return path is not None and path.relay_unconfirmed > 0
 
     def link_failed(self, endpoint: str) -> None:
         self.failed.add(endpoint)
