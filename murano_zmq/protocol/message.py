@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .constants import ID_SIZE, MAX_NAME_LENGTH
+from .constants import ID_CLOCK_BYTES, ID_SIZE, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
@@ -26,7 +26,7 @@ def new_message_id(now: float) -> bytes:
 
     Time-ordered ids keep the relay's id index append-mostly.
     """
-    return int(now * 1000).to_bytes(6, "big") + os.urandom(ID_SIZE - 6)
+    return int(now * 1000).to_bytes(ID_CLOCK_BYTES, "big") + os.urandom(ID_SIZE - ID_CLOCK_BYTES)
 
 
 def idempotent_id(key: str) -> bytes:
