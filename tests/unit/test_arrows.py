@@ -50,3 +50,28 @@ def test_testing_helper_runs_the_relay_entry_point():
 def test_devices_call_the_library():
     assert "murano_zmq.relay.main.main" in imported_modules(ROOT / "devices" / "relay" / "__main__.py")
     assert "murano_zmq.forwarder.main" in imported_modules(ROOT / "devices" / "forwarder" / "__main__.py")
+
+
+def _numeric(node: ast.AST) -> bool:
+    """A number written out: 5, 1.5, 4 * 1024, 1 << 40, -1."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, ast.BinOp):
+        return _numeric(node.left) and _numeric(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return _numeric(node.operand)
+    return False
+
+
+def test_protocol_numbers_live_in_constants():
+    """protocol/constants.py says every protocol number lives there: no other
+    protocol module defines a module-level number of its own."""
+    found = []
+    for path in sources("murano_zmq/protocol"):
+        if path.name == "constants.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            if value is not None and _numeric(value):
+                found.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert found == []
