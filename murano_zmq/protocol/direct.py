@@ -305,7 +305,7 @@ class DirectInbox:
             if consumer is None or size > self.max_message_size:
                 refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
                 continue
-            m = Message(msg.msg_id, msg.mailbox, msg.headers, msg.body, msg.created,
+            m = Message(msg.msg_id, msg.mailbox, msg.header_map or {}, msg.body, msg.created,
                         None if msg.ttl is None else now + msg.ttl, 1)
             m.origin = DirectOrigin(session, req)
             seen = self.dedup.offer((m.mailbox, m.id), consumer)

@@ -112,6 +112,8 @@ class IncomingSend:
     ttl: float | None
     retry: bool
     size: int  # body and header bytes: what a size limit counts
+    # The headers as checked (None: none), derived from `headers`: a direct peer hands them on.
+    header_map: dict | None = field(default=None, compare=False, repr=False)
 
 
 def parse_send_record(item: Any) -> IncomingSend:
@@ -128,8 +130,7 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
     if not isinstance(headers, bytes):
         raise RemoteProtocolError("headers must be bin (a packed map)")
-    if headers:
-        unpack_headers(headers)
+    header_map = unpack_headers(headers) if headers else None
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
     # (the common case first: a finite float)
@@ -139,7 +140,8 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError("ttl must be a positive finite number or nil")
     if not isinstance(retry, bool):
         raise RemoteProtocolError("retry must be a bool")
-    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers))
+    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers),
+                        header_map)
 
 
 # --- DELIVER records: [tag, id, mailbox, headers, body, created, expires, count]

@@ -70,3 +70,12 @@ def test_a_copy_whose_twin_is_with_the_application_waits_for_it():
     dedup.settle(("work", msg_id), True)
     inbox.settled_elsewhere(("work", msg_id))
     assert confirms(inbox) == [(9, [])]
+
+
+def test_headers_reach_the_application_as_sent():
+    inbox, _ = inbox_with_session()
+    records = [send_record(new_message_id(1.0), "work", {"task": "t1", "n": [1, 2]}, pack_body(1), 1.0, None),
+               send_record(new_message_id(1.0), "work", None, pack_body(2), 1.0, None),
+               send_record(new_message_id(1.0), "work", {}, pack_body(3), 1.0, None)]
+    [delivered] = inbox.receive(PEER, encode(Cmd.SEND, 8, records), 1.0, {"work": 1})
+    assert [m.headers for m in delivered.messages] == [{"task": "t1", "n": [1, 2]}, {}, {}]
