@@ -58,8 +58,7 @@ class OwnedSends:
                 incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
                 jobs, self._jobs = self._jobs, deque()
             try:
-                while jobs:
-                    jobs.popleft()()
+                self._run_each(jobs)
             except BaseException:
                 # A job of another thread failed here: what others queued goes
                 # back to the I/O thread (which fails it as it would have), not lost.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -43,20 +42,16 @@ from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import SendGroup, build_record, build_records, declare_options
 from .handles import Consumer, Subscription
+from .iothread import IOThread
 from .owned import OwnedSends
-from .sleeps import EpollSleep, PollerSleep, SendSlot
+from .sleeps import EpollSleep, SendSlot
 
 log = logging.getLogger("murano_zmq.node")
 
 __all__ = ["Consumer", "Node", "Subscription"]
 
-# How long after a caller last asked for the sockets the I/O thread keeps
-# sleeping on their FDs (so that callers can own them) rather than in
-# zmq_poll, s.  A loop of blocking sends asks far more often than this.
-CALLERS_RECENT = 0.2
 
-
-class Node(OwnedSends, NodeBase):
+class Node(IOThread, OwnedSends, NodeBase):
     """A process's handle on the fabric, for threaded code.
 
     >>> with Node("conductor-1", relay="tcp://127.0.0.1:5570") as node:
@@ -74,7 +69,7 @@ class Node(OwnedSends, NodeBase):
     def __init__(self, name: str | None = None, relay: str | None = None, *, poller=None, **options):
         self._setup(name, relay, **options)
         self._poller_factory = poller or type(self).default_poller
-        self._jobs: deque[Callable[[], None]] = deque()
+        self._jobs: deque[tuple[Callable[[], None], Any]] = deque()  # (job, its caller's waiter or None)
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()  # guards the queues above
@@ -228,7 +223,7 @@ class Node(OwnedSends, NodeBase):
         def job() -> None:
             consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
 
-        self._submit(job)
+        self._submit(job, future)
         try:
             self._wait(future, timeout)
         except BaseException:
@@ -300,13 +295,15 @@ class Node(OwnedSends, NodeBase):
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._core.request(cmd, *fields, waiter=future))
+        self._submit(lambda: self._core.request(cmd, *fields, waiter=future), future)
         return self._wait(future, timeout)
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
+        """Queue `job` for the I/O thread; `waiter` (the caller's future)
+        gets the job's exception if it raises one."""
         with self._lock:
             self._check_open()
-            self._jobs.append(job)
+            self._jobs.append((job, waiter))
         self._wake()
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
@@ -315,7 +312,7 @@ class Node(OwnedSends, NodeBase):
                 return  # unsettled messages come again after a restart
             # Same queue as other jobs: an ack must reach the relay before a
             # later CANCEL or BYE, or the relay requeues the message.
-            self._jobs.append(lambda: self._core.settle(message, how, requeue))
+            self._jobs.append((lambda: self._core.settle(message, how, requeue), None))
         self._wake()
 
     def _cancel(self, cid: int, mailbox: str) -> None:
@@ -337,118 +334,3 @@ class Node(OwnedSends, NodeBase):
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise NodeClosed(f"node {self.name} is closed")
-
-    # --- the I/O thread ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        io, owner = self._io, self._owner
-        owner.acquire()  # held for good once the loop ends: no caller takes closed sockets
-        self._io_ident = threading.get_ident()
-        self._io_turn = True
-        try:
-            io.bind_router()
-        except BaseException as exc:
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
-        keep = PollerSleep(self._poller_factory(), self._wake_r)
-        if self._inline:
-            self._sleep = EpollSleep(self._wake_r)
-        try:
-            io.connect(time.time())
-            while not self._closed.is_set():
-                if self._sleep is not None and time.monotonic() - self._owner_wanted < CALLERS_RECENT:
-                    woken, readable = self._sleep_unowned()
-                else:
-                    woken, readable = self._sleep_owned(keep)
-                if woken:
-                    os.read(self._wake_r, 4096)  # drain, then re-arm: re-arming first could
-                    self._woken = False  # swallow the byte of a wake that sets the flag in between
-                if readable is None:
-                    continue  # a caller took what woke us
-                self._run_jobs()
-                io.turn(readable, time.time(), self._take_outgoing())
-            self._run_jobs()  # last acks and BYE go out with a short linger
-            io.close()
-        except Exception:
-            log.exception("node %s I/O thread failed", self.name)
-            self._closed.set()
-            io.abort()
-        finally:
-            self._io_turn = False  # _owner stays held: callers go to the (closed) queue at once
-            closed = NodeClosed(f"node {self.name} is closed")
-            with self._lock:
-                orphans, self._outgoing = self._outgoing, deque()
-            self._core.abandon(closed)
-            for _, waiter in orphans:  # every pending send learns the node is gone
-                if not waiter.done():
-                    waiter.set_exception(closed)
-            self._close_wake()
-
-    def _sleep_owned(self, keep: PollerSleep) -> tuple[bool, list]:
-        """Sleep in zmq_poll on the sockets, keeping _owner: no caller has
-        asked for the sockets lately (a caller that asks now goes through
-        the queue, and the sleeps after leave the sockets to callers)."""
-        version = self._io.version
-        if version != self._keep_version:
-            keep.watch(self._io.sockets())
-            self._keep_version = version
-        wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-        self._armed = time.time() + wait
-        self._io_version = -1  # a later sleep on FDs asks every socket first (see _arm)
-        self._io_turn = False
-        self._keeping = True  # a caller that wants the sockets wakes this sleep
-        try:
-            if time.monotonic() - self._owner_wanted < CALLERS_RECENT:
-                return False, []  # a caller asked meanwhile: it may have missed _keeping
-            return keep.wait(int(wait * 1000) + 1)
-        finally:
-            self._keeping = False
-            self._io_turn = True
-
-    def _sleep_unowned(self) -> tuple[bool, list | None]:
-        """Sleep on the sockets' FDs with _owner released, so that a caller
-        can send on its own thread meanwhile (node/owned.py).  None for the
-        sockets when a caller took what woke this thread."""
-        owner, sleep = self._owner, self._sleep
-        timeout = self._arm(sleep)
-        self._io_turn = False
-        owner.release()
-        try:
-            woken, fired = sleep.wait(timeout)  # FDs only: no socket touched unowned
-        finally:
-            owner.acquire()  # waits while a caller owns the sockets
-            self._io_turn = True
-        # Before the sleep no socket held input (see _arm), so only those
-        # whose FD fired can hold some now; after a wake by the pipe, all
-        # may (a caller handing back with input left).
-        readable = self._io.readable(None if woken or timeout == 0 else fired)
-        if not woken and not readable and time.time() < self._core.next_deadline():
-            return False, None
-        return woken, readable
-
-    def _arm(self, sleep) -> int:
-        """Watch the sockets' FDs again if they changed; the sleep's timeout,
-        ms (0 when input is already queued: its FD edge is gone)."""
-        version = self._io.version
-        changed = version != self._io_version
-        if changed:
-            sleep.watch(self._io.fds())
-            self._io_version = version
-        wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-        self._armed = time.time() + wait
-        if self._io.input_waiting(touched_only=not changed):
-            return 0  # and then every socket is asked (its FD will not fire)
-        return int(wait * 1000) + 1
-
-    def _take_outgoing(self) -> deque:
-        with self._lock:
-            routing, self._outgoing = self._outgoing, deque()
-        return routing
-
-    def _run_jobs(self) -> None:
-        with self._lock:
-            jobs, self._jobs = self._jobs, deque()
-        for job in jobs:
-            job()
