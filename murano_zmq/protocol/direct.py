@@ -27,9 +27,10 @@ from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT r
     DEFAULT_WINDOW,
     HEARTBEAT_LIVENESS,
     MAX_HEARTBEAT,
+    MAX_PEER_NAME,
     MIN_HEARTBEAT,
 )
-from .errors import MailboxNotFound, Malformed, PermissionDenied, RemoteProtocolError
+from .errors import MailboxNotFound, Malformed, NotReady, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
 from .message import Message, is_number, parse_send_record
 
@@ -275,11 +276,11 @@ class DirectInbox:
                 self._error(identity, Malformed("heartbeat must be a finite number"))
                 return []
             heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
-            self._sessions[identity] = _Session(identity, name[:200], heartbeat, now, now)
+            self._sessions[identity] = _Session(identity, name[:MAX_PEER_NAME], heartbeat, now, now)
             self._put(identity, Cmd.WELCOME, self.node_name, heartbeat, self.max_message_size)
             return []
         if session is None:
-            self._outbox.append((identity, encode(Cmd.ERROR, None, 409, "say HELLO first")))
+            self._outbox.append((identity, encode(Cmd.ERROR, None, NotReady.code, "say HELLO first")))
             return []
         session.last_heard = now
         if session.unsent:  # its connection is back: what it missed first
@@ -315,7 +316,7 @@ class DirectInbox:
             if consumer is None or size > self.max_message_size:
                 refused.append([i, MailboxNotFound.code, f"no consumer of {msg.mailbox} here"])
                 continue
-            m = Message(msg.msg_id, msg.mailbox, msg.headers, msg.body, msg.created,
+            m = Message(msg.msg_id, msg.mailbox, msg.header_map or {}, msg.body, msg.created,
                         None if msg.ttl is None else now + msg.ttl, 1)
             m.origin = DirectOrigin(session, req)
             seen = self.dedup.offer((m.mailbox, m.id), consumer)

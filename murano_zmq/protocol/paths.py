@@ -21,23 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Seconds a LOOKUP answer is trusted before the sender asks again; and how
-# soon it asks when waiting for the relay to drain so it can go direct.
-LOOKUP_TTL = 2.0
-DRAIN_RECHECK = 0.05
-# A sender holds a mailbox's messages back for at most this long while it
-# asks whether the relay has drained (so the answer is not overtaken by
-# yet another relay send).  Seconds.
-HOLD_LIMIT = 1.0
+from .constants import DRAIN_RECHECK, HOLD_LIMIT, LOOKUP_TTL, REFUSED_BACKOFF, Z85_KEY_LENGTH
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
-
-# Seconds an endpoint whose handshake refused this node's key is left alone,
-# whatever LOOKUP or discovery say meanwhile (its owner must first add the
-# key to its authorized keys; retrying at every LOOKUP would only log).
-REFUSED_BACKOFF = 30.0
-
-Z85_KEY_LENGTH = 40  # a CURVE public key as z85 text
 
 
 @dataclass(slots=True)
