@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, Replied, State
 from ..protocol.constants import DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, MAX_IN_FLIGHT_BATCHES
-from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, DirectInbox
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
+from ..protocol.inbox import DirectInbox
 from ..protocol.frames import Cmd
 from ..protocol.message import Message
 from ..protocol.paths import HOLD

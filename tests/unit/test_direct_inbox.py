@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from murano_zmq.protocol.dedup import DedupWindow
-from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id, pack_body, send_record
 

@@ -12,7 +12,7 @@ from murano_zmq.node.core import NodeCore
 from murano_zmq.node.links import OPEN
 from murano_zmq.protocol.client import State
 from murano_zmq.protocol.dedup import DedupWindow
-from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import pack_body, send_record
 from murano_zmq.protocol.paths import HOLD, HOLD_LIMIT, PathTable
