@@ -294,6 +294,11 @@ def test_admin_commands_need_the_admin_permission(relay_factory, tmp_path):
     allowed = as_key("ops", "peek", "agent.e1.u1", "--json")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["body"] == "plan"
+    for args, said in ((("move", "agent.e1.u1", "--to", "agent.e1.u2"), "moved 1 message(s)"),
+                       (("purge", "agent.e1.u2"), "purged 1 message(s)"),
+                       (("status", "--watch", "--iterations", "1"), "agent.e1.u2")):
+        allowed = as_key("ops", *args)
+        assert allowed.returncode == 0 and said in allowed.stdout, (args, allowed.stdout, allowed.stderr)
 
 
 def test_status_watch_prints_plain_lines_when_not_on_a_terminal(relay):
