@@ -75,9 +75,13 @@ def test_a_sender_started_after_the_kill_reaches_a_direct_consumer(relay, childr
 
 
 @WHEN
-def test_after_one_send_the_next_goes_direct_with_the_relay_killed(relay, children, make_node, noticed):
+@pytest.mark.parametrize("discovery", ["127.0.0.1", False], ids=["adverts", "lookup-only"])
+def test_after_one_send_the_next_goes_direct_with_the_relay_killed(relay, children, make_node, noticed,
+                                                                    discovery):
+    """lookup-only: the sender browses no adverts; what the relay's LOOKUP
+    told it before the kill is all it has."""
     consumer = start_consumer(children, relay)
-    sender = make_node("sender", discovery="127.0.0.1", timeout=20)
+    sender = make_node("sender", discovery=discovery, timeout=20)
     sender.send("direct.box", "first", timeout=15)
     assert consumer.stdout.readline().strip() == "first"
     kill_relay(relay, sender, noticed)
