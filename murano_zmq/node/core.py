@@ -258,6 +258,11 @@ class NodeCore:
         if self.sender is not None:
             self.inbox.tick(now)
             self._fall_back(self.sender.tick(now))
+            # A stalled link's records get a copy at the relay, ahead of the
+            # mailbox's next sends (with no relay session they wait on the link).
+            self.sender.paths.relay_up = self.session.state == State.READY
+            if self.sender.paths.relay_up:
+                self._fall_back(self.sender.escrow(now))
 
     def _apply(self, events: list, now: float) -> None:
         """Dispatch events; relay confirms also tell the path table, LOOKUP

@@ -61,6 +61,12 @@ SEND_BATCH_BYTES = 1024 * 1024
 DEFAULT_WINDOW = 1000
 DEFAULT_DIRECT_TIMEOUT = 5.0
 DIRECT_BATCH = 32
+# Seconds a link's unconfirmed records may make no progress before the
+# sender gives the relay a copy of them (so their send() returns once
+# stored) and sends the next messages of their mailbox through the relay
+# (at most half the direct timeout).  Far above a live consumer's CONFIRM
+# (about 1 ms), far below what a send may wait.
+DIRECT_STALL = 0.5
 
 # Commands a node reads from one socket per loop turn, at most: one busy
 # socket cannot starve the node's other sockets and timers.

@@ -90,8 +90,17 @@ class DirectLink:
         """Unconfirmed records on the link."""
         return self._count
 
+    @property
+    def sends(self) -> int:
+        """SENDs put on the link so far."""
+        return self._next_req - 1
+
     def room(self) -> int:
         return max(0, self.window - self._count) if self.state != LinkState.FAILED else 0
+
+    def unconfirmed(self) -> list:
+        """Every unconfirmed record, in the order sent."""
+        return [r for _, rs in self._in_flight.values() for r in rs]
 
     def drain(self) -> list[list[bytes]]:
         out, self._outbox = self._outbox, []
@@ -149,11 +158,13 @@ class DirectLink:
             return float("inf")
         deadlines = [self._last_sent + self.heartbeat, self._last_heard + self.heartbeat * HEARTBEAT_LIVENESS]
         if self._in_flight:
-            deadlines.append(self._stalled_since() + self.timeout)
+            deadlines.append(self.stalled_since() + self.timeout)
         return min(deadlines)
 
-    def _stalled_since(self) -> float:
-        """Since when unconfirmed records have made no progress."""
+    def stalled_since(self) -> float | None:
+        """Since when unconfirmed records have made no progress (None: none out)."""
+        if not self._in_flight:
+            return None
         return max(next(iter(self._in_flight.values()))[0], self._last_progress)
 
     def tick(self, now: float) -> list:
@@ -161,7 +172,7 @@ class DirectLink:
             return []
         if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
             return [self.fail(f"peer silent for {now - self._last_heard:.1f}s")]
-        if self._in_flight and now - self._stalled_since() > self.timeout:
+        if self._in_flight and now - self.stalled_since() > self.timeout:
             if not self._resent and now - self._last_heard < self.heartbeat * 2:
                 # The peer is alive: its CONFIRM may have been lost with a
                 # connection that dropped (ZeroMQ reconnects silently).  Send
@@ -179,7 +190,7 @@ class DirectLink:
 
     def fail(self, reason: str) -> LinkFailed:
         """Give up on the link: every unconfirmed record goes back to the caller."""
-        records = [r for _, rs in self._in_flight.values() for r in rs]
+        records = self.unconfirmed()
         self._in_flight.clear()
         self._count = 0
         self.state = LinkState.FAILED
