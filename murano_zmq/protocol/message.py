@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .constants import ID_SIZE, MAX_NAME_LENGTH
+from .constants import ID_CLOCK_BYTES, ID_SIZE, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
@@ -28,7 +28,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
 # repeat.  One C call per id, where os.urandom is a system call each.
 _id_bits = random.Random(os.urandom(32))
 os.register_at_fork(after_in_child=lambda: _id_bits.seed(os.urandom(32)))
-_RANDOM_BITS = (ID_SIZE - 6) * 8
+_RANDOM_BITS = (ID_SIZE - ID_CLOCK_BYTES) * 8
 
 
 def new_message_id(now: float) -> bytes:
@@ -135,6 +135,8 @@ class IncomingSend:
     ttl: float | None
     retry: bool
     size: int  # body and header bytes: what a size limit counts
+    # The headers as checked (None: none), derived from `headers`: a direct peer hands them on.
+    header_map: dict | None = field(default=None, compare=False, repr=False)
 
 
 def parse_send_record(item: Any) -> IncomingSend:
@@ -151,8 +153,7 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
     if not isinstance(headers, bytes):
         raise RemoteProtocolError("headers must be bin (a packed map)")
-    if headers:
-        unpack_headers(headers)
+    header_map = unpack_headers(headers) if headers else None
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
     # (the common case first: a finite float)
@@ -162,7 +163,8 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError("ttl must be a positive finite number or nil")
     if not isinstance(retry, bool):
         raise RemoteProtocolError("retry must be a bool")
-    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers))
+    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers),
+                        header_map)
 
 
 # --- DELIVER records: [tag, id, mailbox, headers, body, created, expires, count]
