@@ -1,0 +1,102 @@
+"""The WAL checkpoint, off the commit path.
+
+SQLite's auto-checkpoint runs inside the COMMIT that takes the WAL past
+1,000 pages: that one commit copies the pages into the database and syncs
+it, and its confirm waits (a tail of milliseconds every ~250 lone sends).
+The writer connection runs with wal_autocheckpoint=0 instead, and
+Checkpointer runs PASSIVE checkpoints from a connection and thread of its
+own once enough commits or bytes have gone into the WAL.
+
+The WAL is written from its start again (not grown) only when a write
+begins after a checkpoint that copied every frame: a WAL that keeps growing
+also makes every commit's fsync journal the file's new size.  So after
+each checkpoint a second one runs holding the store's commit lock: only the
+few frames committed during the first are left, and the next commit
+restarts the WAL.  If the thread falls far behind (a loaded machine), the
+committing thread checkpoints itself, so the WAL stays bounded either way.
+
+Crash safety is SQLite's: a checkpoint copies only committed frames and
+syncs the database before it marks them copied; the WAL is reused only
+after that (synchronous=FULL on both connections).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+
+log = logging.getLogger("murano_zmq.store")
+
+# A checkpoint after this many commits or bytes of small bodies written,
+# whichever comes first (SQLite's own default is 1,000 pages: ~4 MiB).
+CHECKPOINT_COMMITS = 200
+CHECKPOINT_BYTES = 4 << 20
+# The committing thread checkpoints itself past this many times the above
+# (the thread fell behind).
+BEHIND = 8
+# A failing checkpoint is logged at most this often, in seconds.
+LOG_EVERY = 60.0
+
+
+class Checkpointer:
+    def __init__(self, path: str, commit_lock: threading.Lock, writer: sqlite3.Connection,
+                 commits: int = CHECKPOINT_COMMITS, nbytes: int = CHECKPOINT_BYTES):
+        self._commit_lock = commit_lock
+        self._writer = writer  # used only under the commit lock (the fall-back)
+        self._every_commits, self._every_bytes = commits, nbytes
+        self._commits = self._bytes = 0  # since the last checkpoint asked for
+        self._behind = 0  # commits since the last checkpoint that finished
+        self._logged = 0.0
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="relay-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self, nbytes: int) -> None:
+        """A commit went into the WAL with about `nbytes` of rows (called
+        under the commit lock, after the COMMIT)."""
+        self._commits += 1
+        self._bytes += nbytes
+        self._behind += 1
+        if self._commits >= self._every_commits or self._bytes >= self._every_bytes:
+            self._commits = self._bytes = 0
+            if self._behind >= BEHIND * self._every_commits:
+                self._checkpoint(self._writer)  # the thread fell behind: here, with no commit running
+                self._behind = 0
+            else:
+                self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            self._checkpoint(self._db)  # the bulk, while commits go on
+            # What commits added meanwhile (its answer counts only the frames
+            # it saw), with commits held off: a few frames, and then the WAL
+            # is all copied and the next commit writes it from the start.
+            with self._commit_lock:
+                self._checkpoint(self._db)
+                self._behind = 0
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        """One PASSIVE checkpoint: it copies the frames there when it starts,
+        as far as no reader still needs them."""
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # (a full disk): the WAL keeps the data; try again later
+            now = time.monotonic()
+            if now - self._logged > LOG_EVERY:
+                self._logged = now
+                log.warning("WAL checkpoint failed (the WAL keeps growing until one succeeds): %s", exc)
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(10)
+        self._db.close()
