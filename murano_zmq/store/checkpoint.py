@@ -9,10 +9,10 @@ own once enough commits or bytes have gone into the WAL.
 
 The WAL is written from its start again (not grown) only when a write
 begins after a checkpoint that copied every frame: a WAL that keeps growing
-also makes every commit's fsync journal the file's new size.  So after
-each checkpoint a second one runs holding the store's commit lock: only the
-few frames committed during the first are left, and the next commit
-restarts the WAL.  If the thread falls far behind (a loaded machine), the
+also makes every commit's fsync journal the file's new size.  So the
+thread checkpoints again while commits came during its checkpoint (each
+time only their few frames are left), and after a few tries once more
+holding the store's commit lock; then the next commit restarts the WAL.  If the thread falls far behind (a loaded machine), the
 committing thread checkpoints itself, so the WAL stays bounded either way.
 
 Crash safety is SQLite's: a checkpoint copies only committed frames and
@@ -36,6 +36,8 @@ CHECKPOINT_BYTES = 4 << 20
 # The committing thread checkpoints itself past this many times the above
 # (the thread fell behind).
 BEHIND = 8
+# Checkpoints tried while commits go on before one that holds them off.
+TRIES = 3
 # A failing checkpoint is logged at most this often, in seconds.
 LOG_EVERY = 60.0
 
@@ -48,6 +50,7 @@ class Checkpointer:
         self._every_commits, self._every_bytes = commits, nbytes
         self._commits = self._bytes = 0  # since the last checkpoint asked for
         self._behind = 0  # commits since the last checkpoint that finished
+        self._count = 0  # commits ever
         self._logged = 0.0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=FULL")
@@ -59,6 +62,7 @@ class Checkpointer:
     def committed(self, nbytes: int) -> None:
         """A commit went into the WAL with about `nbytes` of rows (called
         under the commit lock, after the COMMIT)."""
+        self._count += 1
         self._commits += 1
         self._bytes += nbytes
         self._behind += 1
@@ -76,24 +80,31 @@ class Checkpointer:
             self._wake.clear()
             if self._stopping:
                 return
-            self._checkpoint(self._db)  # the bulk, while commits go on
-            # What commits added meanwhile (its answer counts only the frames
-            # it saw), with commits held off: a few frames, and then the WAL
-            # is all copied and the next commit writes it from the start.
-            with self._commit_lock:
-                self._checkpoint(self._db)
-                self._behind = 0
+            # A checkpoint copies the frames there when it starts; commits
+            # during it leave frames behind, and the WAL then grows on.  Try
+            # again while that happens (each try has only those few frames
+            # to copy), then once holding off commits.
+            for _ in range(TRIES):
+                before = self._count
+                if self._checkpoint(self._db) and self._count == before:
+                    break
+            else:
+                with self._commit_lock:
+                    self._checkpoint(self._db)
+            self._behind = 0  # (a commit counted meanwhile is lost: a bound, not a count)
 
-    def _checkpoint(self, db: sqlite3.Connection) -> None:
-        """One PASSIVE checkpoint: it copies the frames there when it starts,
-        as far as no reader still needs them."""
+    def _checkpoint(self, db: sqlite3.Connection) -> bool:
+        """One PASSIVE checkpoint; True if it copied every frame there when
+        it started."""
         try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # (a full disk): the WAL keeps the data; try again later
             now = time.monotonic()
             if now - self._logged > LOG_EVERY:
                 self._logged = now
                 log.warning("WAL checkpoint failed (the WAL keeps growing until one succeeds): %s", exc)
+            return False
+        return copied >= frames
 
     def close(self) -> None:
         self._stopping = True
