@@ -6,7 +6,9 @@ loop commits itself and sends the confirms at once: a thread hand-off would
 only add wake-ups.  When input is waiting (a backlog) the commit goes to a
 committer thread so the next turn's parsing overlaps the fsync.  At most
 one commit is in flight, and a turn's confirms go out only after its own
-commit returned (tests/integration/test_confirm_contract.py).
+commit returned (tests/integration/test_confirm_contract.py).  A turn whose
+only input is a lone SEND, with nothing due, held or in flight, takes
+engine.send_alone(): read, store and commit in one call, confirm.
 SIGTERM/SIGINT finish the turn, commit, say BYE to every node and exit 0.
 """
 
