@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Browse _murano-zmq._tcp for a while and print what advertises itself.")
     p.add_argument("--discovery-interfaces", default=None, metavar="ADDRS",
                    help=f"IPv4 addresses to browse on (default ${INTERFACES_ENV}, else 127.0.0.1)")
-    p.add_argument("--wait", type=_positive_float, default=2.0, help="seconds to browse (default %(default)s)")
+    p.add_argument("--wait", type=_positive_float, default=2.0,
+                   help="seconds to browse (default %(default)s); with --expect, the most to wait")
+    p.add_argument("--expect", action="append", default=[], metavar="NAME",
+                   help="stop browsing as soon as a peer of this name is seen (repeatable: all of them); "
+                        "exit 1 if one is still missing after --wait")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = sub.add_parser("forwarder", help="run a pub/sub forwarder device (XSUB -> XPUB)",
@@ -272,12 +276,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     from .discovery.zeroconf import Discovery
 
+    expected = set(args.expect)
     discovery = Discovery(args.discovery_interfaces)
     try:
-        discovery.wait_for(lambda peers: False, args.wait)  # browse for --wait seconds
+        # Browse for --wait seconds, or until every --expect name is seen.
+        discovery.wait_for(lambda peers: bool(expected) and expected <= {a.name for a in peers.values()},
+                           args.wait)
         peers = sorted(discovery.peers.values(), key=lambda a: (a.role, a.name))
     finally:
         discovery.close()
+    missing = expected - {a.name for a in peers}
     for a in peers:
         if args.json:
             print(json.dumps({"role": a.role, "name": a.name, "endpoint": a.endpoint, "pub": a.pub,
@@ -288,6 +296,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
             print(f"{a.role:<6} {a.name:<24} {a.endpoint}{extra}")
     if not peers and not args.json:
         print("nothing advertised", file=sys.stderr)
+    if missing:
+        print(f"not seen within {args.wait:g}s: {', '.join(sorted(missing))}", file=sys.stderr)
+        return 1
     return 0
 
 

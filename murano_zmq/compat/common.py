@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from .. import Node  # the public name: node internals may move
+from ..protocol.constants import MAX_NAME_LENGTH, MAX_PREFETCH
 from ..security.keys import KeyFileError, KeyPair, is_z85_key, load_public_key, load_secret_key
 
 log = logging.getLogger("murano_zmq.compat")
@@ -39,9 +40,9 @@ log = logging.getLogger("murano_zmq.compat")
 NOT_CONNECTED = "Not connected to the murano-zmq relay"
 
 # AMQP's prefetch_count=0 means "no limit"; the relay caps credit at this.
-UNLIMITED_PREFETCH = 10_000
+UNLIMITED_PREFETCH = MAX_PREFETCH
 # Mailbox names: 1-255 of letters, digits and _ . : @ -  (protocol/message.py).
-_MAX_NAME = 255
+_MAX_NAME = MAX_NAME_LENGTH
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]")
 _clients = itertools.count(1)
 # Longest single wait of get_message(), s, before it looks whether its client closed.

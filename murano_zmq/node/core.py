@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, Replied, State
 from ..protocol.constants import DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, MAX_IN_FLIGHT_BATCHES
-from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, DirectInbox
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
+from ..protocol.inbox import DirectInbox
 from ..protocol.frames import Cmd
 from ..protocol.message import Message
 from ..protocol.paths import HOLD
@@ -56,7 +57,7 @@ class NodeCore:
         self.advert_due = False  # what this node consumes directly changed: advertise again
         self._relay_queue: deque = deque()  # (record, waiter) routed to the relay
         self._held: deque = deque()  # (record, waiter) waiting for a LOOKUP to choose a path
-        self._relay_sends: dict[int, list[str]] = {}  # SEND req -> mailboxes, for the path table
+        self._relay_sends: dict[int, dict[str, int]] = {}  # SEND req -> records per mailbox, for the path table
         self._lookups: dict[int, str] = {}  # LOOKUP req -> mailbox
         self._lost: RelayLost | None = None
         self._untrusted: set[tuple[str, str]] = set()  # adverts whose key was not trusted (logged once)
@@ -152,8 +153,18 @@ class NodeCore:
         sender = self.sender
         if sender is not None:
             sender.paths.relay_up = self.session.state == State.READY
+        # A run of records to one mailbox that is bound to the relay (see
+        # DirectSender.relay_bound) is queued without asking again per record.
+        bound, bound_count = None, 0
         for record, waiter in routing:
             mailbox = record[1]
+            if mailbox == bound:
+                self._relay_queue.append((record, waiter))
+                bound_count += 1
+                continue
+            if bound_count:
+                sender.paths.via_relay(bound, bound_count)
+                bound, bound_count = None, 0
             if sender is not None:
                 if self.session.state == State.READY and sender.paths.wants_lookup(mailbox, now):
                     self._lookups[self.session.request(Cmd.LOOKUP, mailbox)] = mailbox
@@ -169,6 +180,10 @@ class NodeCore:
                     self.sent["direct"] += 1
                     continue
             self._to_relay(record, waiter)
+            if sender is not None and sender.relay_bound(mailbox):
+                bound = mailbox
+        if bound_count:
+            sender.paths.via_relay(bound, bound_count)
         self._fill_sends()
 
     def _fill_sends(self) -> None:
@@ -187,7 +202,10 @@ class NodeCore:
             self.sent["relay"] += len(records)
             self.dispatch.sends[req] = [(w, r[0]) for w, r in zip(waiters, records)]
             if self.sender is not None:
-                self._relay_sends[req] = [r[1] for r in records]
+                counts: dict[str, int] = {}
+                for r in records:
+                    counts[r[1]] = counts.get(r[1], 0) + 1
+                self._relay_sends[req] = counts
 
     def _to_relay(self, record: list, waiter) -> None:
         """Queue a record for the relay.  The path table counts it from now
@@ -258,6 +276,11 @@ class NodeCore:
         if self.sender is not None:
             self.inbox.tick(now)
             self._fall_back(self.sender.tick(now))
+            # A stalled link's records get a copy at the relay, ahead of the
+            # mailbox's next sends (with no relay session they wait on the link).
+            self.sender.paths.relay_up = self.session.state == State.READY
+            if self.sender.paths.relay_up:
+                self._fall_back(self.sender.escrow(now))
 
     def _apply(self, events: list, now: float) -> None:
         """Dispatch events; relay confirms also tell the path table, LOOKUP
@@ -266,8 +289,8 @@ class NodeCore:
         if paths is not None:
             for ev in events:
                 if isinstance(ev, (Confirmed, Failed)):
-                    for mailbox in self._relay_sends.pop(ev.req, ()):
-                        paths.relay_confirmed(mailbox)
+                    for mailbox, count in self._relay_sends.pop(ev.req, {}).items():
+                        paths.relay_confirmed(mailbox, count)
                 if isinstance(ev, (Replied, Failed)) and ev.req in self._lookups:
                     mailbox = self._lookups.pop(ev.req)
                     if isinstance(ev, Replied):

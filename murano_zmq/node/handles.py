@@ -67,20 +67,31 @@ class Subscription:
             pass
 
 
-class Consumer:
-    """Messages of one mailbox for this node; iterate, or call get()."""
+class _MailboxHandle:
+    """What both kinds of consumer are: a mailbox, the consumer id the core
+    gave it, and a queue the runner feeds (`put` does not block)."""
 
-    def __init__(self, node, mailbox: str):
+    def __init__(self, node, mailbox: str, messages, put):
         self.node = node
         self.mailbox = mailbox
         self.cid = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue = messages
+        self._put = put
         self._cancelled = False
 
     def _feed(self, messages: list[Message]) -> None:
+        settle, put = self.node._settle, self._put
         for m in messages:
-            m._settle = self.node._settle
-            self._queue.put(m)
+            m._settle = settle  # an ack goes back through the node
+            put(m)
+
+
+class Consumer(_MailboxHandle):
+    """Messages of one mailbox for this node; iterate, or call get()."""
+
+    def __init__(self, node, mailbox: str):
+        messages: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(node, mailbox, messages, messages.put)
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after `timeout` seconds (None: wait forever)."""
@@ -110,20 +121,12 @@ class Consumer:
             pass
 
 
-class AsyncConsumer:
+class AsyncConsumer(_MailboxHandle):
     """Messages of one mailbox for an AsyncNode: `async for msg in consumer`."""
 
     def __init__(self, node, mailbox: str):
-        self.node = node
-        self.mailbox = mailbox
-        self.cid = 0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancelled = False
-
-    def _feed(self, messages: list[Message]) -> None:
-        for m in messages:
-            m._settle = self.node._settle
-            self._queue.put_nowait(m)
+        messages: asyncio.Queue = asyncio.Queue()
+        super().__init__(node, mailbox, messages, messages.put_nowait)
 
     async def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after `timeout` seconds."""

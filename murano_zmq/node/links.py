@@ -1,6 +1,15 @@
 """The sending ends of a node's direct links, with no I/O: which link takes a
 record, each link's queue and window, who waits for which record, and what
-goes to the relay when a link fails.
+goes to the relay when a link fails or stalls.
+
+A stalled link (records out, no CONFIRM for `stall` seconds: a consumer
+that does not take its messages) is not failed: the relay gets a copy of
+its unconfirmed records of each mailbox only its peer consumes directly,
+oldest first, then the records queued behind them, so that each send
+returns once the relay has stored its message (or the peer has settled
+it, whichever comes first), and the path table sends the mailbox's next
+messages through the relay behind them.  The peer keeps the copies it has;
+the dedup window there makes the relay's copies shadows of them.
 
 The runner owns one DEALER per link.  It opens and closes them as
 `socket_ops` says, writes what flush() returns, and hands back what it reads
@@ -12,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH
+from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH, DIRECT_STALL
 from ..protocol.direct import DirectConfirmed, DirectLink, LinkFailed, LinkState
 from ..protocol.paths import HOLD, PathTable
 from .common import SEND_BATCH_BYTES, record_size
@@ -25,11 +34,12 @@ OPEN, CLOSE = "open", "close"  # socket_ops: (OPEN, endpoint, expected key or No
 class DirectSender:
     def __init__(self, node_name: str, instance: bytes, heartbeat: float,
                  timeout: float = DEFAULT_DIRECT_TIMEOUT, window: int = DEFAULT_WINDOW,
-                 require_keys: bool = False):
+                 require_keys: bool = False, stall: float = DIRECT_STALL):
         self.node_name = node_name
         self.instance = instance
         self.heartbeat = heartbeat
         self.timeout = timeout
+        self.stall = min(stall, timeout / 2)  # copies go to the relay well before the link fails
         self.window = window
         self.paths = PathTable(require_keys=require_keys)
         self.socket_ops: list[tuple] = []  # for the runner, in order
@@ -38,6 +48,8 @@ class DirectSender:
         self._waiters: dict[int, object] = {}  # id(record) -> waiter, while direct
         self._out: dict[str, int] = {}  # mailbox -> its records queued or unconfirmed on a link
         self._sticky: dict[str, str] = {}  # mailbox -> the link those records are on
+        self._escrowed: dict[int, _Escrow] = {}  # id(record) -> its waiter: out on a link, copied to the relay
+        self._stall_seen: dict[str, tuple] = {}  # endpoint -> the stall escrow() last went through
 
     @property
     def queued(self) -> int:
@@ -70,6 +82,12 @@ class DirectSender:
             self._out[mailbox] = self._out.get(mailbox, 0) + 1
             self._sticky[mailbox] = endpoint
         return endpoint
+
+    def relay_bound(self, mailbox: str) -> bool:
+        """Will route() give the relay every further record to `mailbox`
+        until something changes (a confirm, a LOOKUP, another route call)?
+        Relay sends of it unconfirmed, and no link it sticks to."""
+        return self.paths.relay_bound(mailbox) and self._sticky.get(mailbox) not in self._links
 
     def _settled(self, record: list) -> None:
         mailbox = record[1]
@@ -147,6 +165,10 @@ class DirectSender:
         for ev in link_events:
             if isinstance(ev, DirectConfirmed):
                 for record in ev.done:
+                    escrow = self._escrowed.pop(id(record), None)
+                    if escrow is not None:
+                        escrow.link_done(record[0])
+                        continue
                     self._settled(record)
                     waiter = self._waiters.pop(id(record), None)
                     if waiter is not None and not waiter.done():
@@ -157,8 +179,17 @@ class DirectSender:
 
     def _fail(self, endpoint: str, reason: str, records: list) -> list:
         link = self._links.pop(endpoint)
+        self._stall_seen.pop(endpoint, None)
         if link.state != LinkState.FAILED:
             records = records + link.fail(reason).records
+        kept = []
+        for record in records:
+            escrow = self._escrowed.pop(id(record), None)
+            if escrow is None:
+                kept.append(record)
+            else:
+                escrow.link_failed()  # the relay has its copy already
+        records = kept
         log.info("node %s: direct link to %s failed (%s); %d message(s) go to the relay",
                  self.node_name, endpoint, reason, len(records) + len(self._queues[endpoint]))
         self.paths.link_failed(endpoint)
@@ -176,8 +207,65 @@ class DirectSender:
             to_relay.extend(self._link_events(link.tick(now)))
         return to_relay
 
+    def escrow(self, now: float) -> list:
+        """Stalled links (call only while a relay session is up): the relay
+        gets a copy of each unconfirmed record whose mailbox no other direct
+        consumer is known for, in the order sent, then the records queued
+        behind them.  Returns the (record, waiter) pairs for the relay."""
+        pairs: list = []
+        for endpoint, link in self._links.items():
+            since = link.stalled_since()
+            if since is None or now - since < self.stall:
+                continue
+            queue = self._queues[endpoint]
+            stall = self._stall_mark(endpoint, link, since)
+            if self._stall_seen.get(endpoint) == stall:
+                continue  # nothing new out there, nor of its consumers, since the last look
+            self._stall_seen[endpoint] = stall
+            # With competing direct consumers (even one whose link failed) a
+            # copy at the relay could be handed to another live one while
+            # this peer's application works on it: those records wait for the link.
+            alone: dict[str, bool] = {}
+
+            def may_copy(mailbox: str) -> bool:
+                if mailbox not in alone:
+                    alone[mailbox] = all(e == endpoint for e in self.paths.direct_consumers(mailbox, usable=False))
+                return alone[mailbox]
+
+            for record in link.unconfirmed():
+                key = id(record)
+                if key in self._escrowed or not may_copy(record[1]):
+                    continue
+                escrow = self._escrowed[key] = _Escrow(self._waiters.pop(key, None))
+                self._settled(record)
+                copy = list(record)
+                copy[6] = True  # the peer's application may have it: the relay marks it redelivered
+                pairs.append((copy, escrow))
+            if any(may_copy(record[1]) for record, _ in queue):
+                keep: deque = deque()
+                for record, waiter in queue:
+                    if may_copy(record[1]):
+                        self._settled(record)
+                        pairs.append((record, waiter))  # never sent: no copy needed
+                    else:
+                        keep.append((record, waiter))
+                self._queues[endpoint] = keep
+        if pairs:
+            log.info("node %s: %d message(s) out on stalled direct links get a copy at the relay",
+                     self.node_name, len(pairs))
+        return pairs
+
     def next_deadline(self) -> float:
-        return min((link.next_deadline() for link in self._links.values()), default=float("inf"))
+        deadline = min((link.next_deadline() for link in self._links.values()), default=float("inf"))
+        if self.paths.relay_up:  # escrow() is due when a link has stalled
+            for endpoint, link in self._links.items():
+                since = link.stalled_since()
+                if since is not None and self._stall_seen.get(endpoint) != self._stall_mark(endpoint, link, since):
+                    deadline = min(deadline, since + self.stall)
+        return deadline
+
+    def _stall_mark(self, endpoint: str, link: DirectLink, since: float) -> tuple:
+        return since, link.sends, len(self._queues[endpoint]), self.paths.version
 
     def close(self) -> None:
         for link in self._links.values():
@@ -187,7 +275,53 @@ class DirectSender:
         """Waiters of every record not confirmed yet (the node is closing)."""
         waiters = list(self._waiters.values())
         self._waiters.clear()
+        for escrow in self._escrowed.values():
+            escrow.link_failed()
+            waiters.append(escrow)
+        self._escrowed.clear()
         for queue in self._queues.values():
             waiters.extend(w for _, w in queue)
             queue.clear()
         return waiters
+
+
+class _Escrow:
+    """The waiter of a record out on a stalled link whose copy went to the
+    relay: the first of the relay's CONFIRM (stored) and the peer's
+    (settled) completes the send, once.  A relay that refuses the copy
+    does not fail the send while the peer may still settle the record."""
+
+    __slots__ = ("waiter", "fired", "out", "refusal")
+
+    def __init__(self, waiter):
+        self.waiter = waiter  # None: nobody waits (the caller gave up)
+        self.fired = False
+        self.out = True  # still unconfirmed on its link
+        self.refusal: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.fired or (self.waiter is not None and self.waiter.done())
+
+    def set_result(self, msg_id) -> None:
+        if not self.done():
+            self.fired = True
+            if self.waiter is not None:
+                self.waiter.set_result(msg_id)
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.out:
+            self.refusal = error  # the link decides
+        elif not self.done():
+            self.fired = True
+            if self.waiter is not None:
+                self.waiter.set_exception(error)
+
+    def link_done(self, msg_id) -> None:
+        self.out = False
+        self.set_result(msg_id)
+
+    def link_failed(self) -> None:
+        """The link gave up on the record; the relay's answer decides."""
+        self.out = False
+        if self.refusal is not None:
+            self.set_exception(self.refusal)

@@ -2,11 +2,14 @@
 
 The core and every socket belong to one thread at a time: whoever holds
 `_owner` (a lock: exclusive, and a memory barrier between owners).  The
-I/O thread holds it except while it sleeps in its poll, which waits on the
-sockets' ZMQ_FDs and a wake pipe and touches no socket.
+I/O thread sleeps one of two ways (node/sleeps.py).  While no caller has
+asked for the sockets lately it keeps `_owner` and waits in zmq_poll on the
+sockets and a wake pipe: the cheapest wake-up.  Once a blocking send has
+asked, it releases `_owner` for its sleeps and waits on the sockets' ZMQ_FDs
+and the pipe, touching no socket, until callers stop asking (CALLERS_RECENT).
 
 A blocking send (send, send_many) from a thread that finds the I/O thread
-asleep takes the sockets itself: it writes its SEND, polls them until its
+asleep on the FDs takes the sockets itself (node/owned.py): it writes its SEND, polls them until its
 CONFIRM comes, handing everything it reads (deliveries, heartbeats, other
 confirms) to the core as the I/O thread would, then hands back.  No wake-up
 of another thread, no Future: a send costs one socket round trip.  It hands
@@ -23,8 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
-import select
 import threading
 import time
 from collections import deque
@@ -41,13 +42,16 @@ from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import SendGroup, build_record, build_records, declare_options
 from .handles import Consumer, Subscription
+from .iothread import IOThread
+from .owned import OwnedSends
+from .sleeps import EpollSleep, SendSlot
 
 log = logging.getLogger("murano_zmq.node")
 
 __all__ = ["Consumer", "Node", "Subscription"]
 
 
-class Node(NodeBase):
+class Node(IOThread, OwnedSends, NodeBase):
     """A process's handle on the fabric, for threaded code.
 
     >>> with Node("conductor-1", relay="tcp://127.0.0.1:5570") as node:
@@ -65,7 +69,7 @@ class Node(NodeBase):
     def __init__(self, name: str | None = None, relay: str | None = None, *, poller=None, **options):
         self._setup(name, relay, **options)
         self._poller_factory = poller or type(self).default_poller
-        self._jobs: deque[Callable[[], None]] = deque()
+        self._jobs: deque[tuple[Callable[[], None], Any]] = deque()  # (job, its caller's waiter or None)
         self._outgoing: deque = deque()  # (record, future) not yet routed
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()  # guards the queues above
@@ -73,13 +77,16 @@ class Node(NodeBase):
         self._owner = threading.Lock()
         self._io_turn = False  # the I/O thread holds _owner for a turn (short): worth waiting for
         self._io_ident: int | None = None
-        self._io_version = -1  # the socket set the I/O thread's poll waits on
+        self._io_version = -1  # the socket set the I/O thread's sleep on FDs watches
+        self._keep_version = -1  # the socket set its zmq_poll watches
         # A caller may take the sockets only where waiting in zmq_poll is
         # right: not under eventlet (murano_zmq.oslo.green's poller), where
         # it would block every green thread.
         self._inline = self._poller_factory is zmq.Poller
         self._caller_poll: tuple | None = None  # (version, zmq.Poller) of the owning caller
-        self._sleep: _EpollSleep | _PollerSleep | None = None  # how the I/O thread sleeps (set by it)
+        self._sleep: EpollSleep | None = None  # the I/O thread's sleep on FDs (set by it)
+        self._owner_wanted = float("-inf")  # when a caller last asked for the sockets
+        self._keeping = False  # the I/O thread sleeps in zmq_poll, holding _owner
         self._closed = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -151,7 +158,7 @@ class Node(NodeBase):
         record = build_record(mailbox, body, headers, ttl, time.time(), self._core.max_size, msg_id)
         if not wait:
             self._check_deliverable_now(mailbox)
-        slot = _Slot()
+        slot = SendSlot()
         return self._send_and_wait([record], [slot], slot, timeout)
 
     def send_async(self, mailbox: str, body: Any, headers: dict | None = None,
@@ -170,11 +177,11 @@ class Node(NodeBase):
         until all are stored and returns their ids in order (or raises the
         first error; the others may have been stored)."""
         records = build_records(messages, time.time(), self._core.max_size)
-        slot = _Slot()
+        slot = SendSlot()
         group = SendGroup(slot, [r[0] for r in records])
         return self._send_and_wait(records, [group] * len(records), slot, timeout)
 
-    def _send_and_wait(self, records: list, waiters: list, slot: "_Slot", timeout: float | None) -> Any:
+    def _send_and_wait(self, records: list, waiters: list, slot: SendSlot, timeout: float | None) -> Any:
         """Send on this thread when the sockets are free, else through the
         I/O thread; wait for `slot` either way."""
         timeout = self.timeout if timeout is None else timeout
@@ -216,7 +223,7 @@ class Node(NodeBase):
         def job() -> None:
             consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
 
-        self._submit(job)
+        self._submit(job, future)
         try:
             self._wait(future, timeout)
         except BaseException:
@@ -288,13 +295,15 @@ class Node(NodeBase):
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._core.request(cmd, *fields, waiter=future))
+        self._submit(lambda: self._core.request(cmd, *fields, waiter=future), future)
         return self._wait(future, timeout)
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
+        """Queue `job` for the I/O thread; `waiter` (the caller's future)
+        gets the job's exception if it raises one."""
         with self._lock:
             self._check_open()
-            self._jobs.append(job)
+            self._jobs.append((job, waiter))
         self._wake()
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
@@ -303,7 +312,7 @@ class Node(NodeBase):
                 return  # unsettled messages come again after a restart
             # Same queue as other jobs: an ack must reach the relay before a
             # later CANCEL or BYE, or the relay requeues the message.
-            self._jobs.append(lambda: self._core.settle(message, how, requeue))
+            self._jobs.append((lambda: self._core.settle(message, how, requeue), None))
         self._wake()
 
     def _cancel(self, cid: int, mailbox: str) -> None:
@@ -325,265 +334,3 @@ class Node(NodeBase):
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise NodeClosed(f"node {self.name} is closed")
-
-    # --- a send on the caller's thread -----------------------------------------------
-
-    def _take_sockets(self) -> bool:
-        """Own the core and the sockets, if the I/O thread is asleep in its
-        poll or just finishing a turn; not if another caller has them (then
-        the send joins the I/O thread's queue and is batched with others)."""
-        if not self._inline:
-            return False
-        if not self._owner.acquire(False):
-            if not self._io_turn or threading.get_ident() == self._io_ident:
-                return False
-            if not self._owner.acquire(timeout=0.005):
-                return False
-        self._sleep.pause()  # the I/O thread sleeps on: the sockets' input is ours now
-        return True
-
-    def _send_owned(self, records: list, waiters: list, slot: "_Slot", deadline: float) -> None:
-        """(holding _owner) write the records, then do the I/O thread's work
-        until `slot` is settled, the deadline passes, or the wake pipe says
-        someone else needs the I/O thread."""
-        io, core = self._io, self._core
-        clean = False  # no input can be left behind a lost FD edge (see relay_turn)
-        try:
-            with self._lock:
-                self._check_open()
-                self._check_room(self.pending, len(records))
-                incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
-                jobs, self._jobs = self._jobs, deque()
-            try:
-                while jobs:
-                    jobs.popleft()()
-            except BaseException:
-                # A job of another thread failed here: what others queued goes
-                # back to the I/O thread (which fails it as it would have), not lost.
-                with self._lock:
-                    self._jobs.extendleft(reversed(jobs))
-                    self._outgoing.extendleft(reversed(incoming))
-                self._wake()
-                raise
-            incoming.extend(zip(records, waiters))
-            io.flush(time.time(), incoming)
-            while not slot.done():
-                clean = False
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                version, poller = self._caller_poll or (None, None)
-                if version != io.version:
-                    version, poller = self._caller_poll = (io.version, self._new_caller_poller())
-                wait = min(left, core.next_deadline() - time.time())
-                ready = poller.poll(int(wait * 1000) + 1 if wait > 0 else 0)
-                if len(ready) == 1 and ready[0][0] is io.relay_sock:
-                    clean = io.relay_turn(time.time())  # the usual: our CONFIRM
-                    continue
-                ready = dict(ready)
-                if self._wake_r in ready or self._closed.is_set():
-                    return  # jobs, other sends, close: the I/O thread's work
-                io.turn(ready, time.time())
-        finally:
-            self._hand_back(clean)
-
-    def _new_caller_poller(self) -> zmq.Poller:
-        poller = zmq.Poller()
-        for sock in self._io.sockets():
-            poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)  # not read here: the I/O thread drains it
-        return poller
-
-    def _hand_back(self, clean: bool = False) -> None:
-        """Release the sockets; wake the I/O thread if its poll would now
-        miss something: input this thread's reads took the FD edge of (not
-        `clean`), a socket it does not poll yet, or an earlier deadline."""
-        io = self._io
-        wake = (io.version != self._io_version or self._core.next_deadline() < self._armed
-                or (not clean and io.input_waiting()))
-        self._sleep.resume()
-        self._owner.release()
-        if wake:
-            self._wake()
-
-    # --- the I/O thread ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        io, owner = self._io, self._owner
-        owner.acquire()  # held for good once the loop ends: no caller takes closed sockets
-        self._io_ident = threading.get_ident()
-        self._io_turn = True
-        try:
-            io.bind_router()
-        except BaseException as exc:
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
-        sleep = _EpollSleep(self._wake_r) if self._inline else _PollerSleep(self._poller_factory(), self._wake_r)
-        self._sleep = sleep
-        try:
-            io.connect(time.time())
-            while not self._closed.is_set():
-                timeout = self._arm(sleep)
-                self._io_turn = False
-                owner.release()
-                try:
-                    woken, fired = sleep.wait(timeout)  # FDs only: no socket touched unowned
-                finally:
-                    owner.acquire()  # waits while a caller owns the sockets
-                    self._io_turn = True
-                if woken:
-                    os.read(self._wake_r, 4096)  # drain, then re-arm: re-arming first could
-                    self._woken = False  # swallow the byte of a wake that sets the flag in between
-                # Before the sleep no socket held input (see _arm), so only
-                # those whose FD fired can hold some now; after a wake by the
-                # pipe, all may (a caller handing back with input left).
-                readable = io.readable(None if woken or timeout == 0 else fired)
-                if not woken and not readable and time.time() < self._core.next_deadline():
-                    continue  # a caller took what woke us
-                self._run_jobs()
-                io.turn(readable, time.time(), self._take_outgoing())
-            self._run_jobs()  # last acks and BYE go out with a short linger
-            io.close()
-        except Exception:
-            log.exception("node %s I/O thread failed", self.name)
-            self._closed.set()
-            io.abort()
-        finally:
-            self._io_turn = False  # _owner stays held: callers go to the (closed) queue at once
-            closed = NodeClosed(f"node {self.name} is closed")
-            with self._lock:
-                orphans, self._outgoing = self._outgoing, deque()
-            self._core.abandon(closed)
-            for _, waiter in orphans:  # every pending send learns the node is gone
-                if not waiter.done():
-                    waiter.set_exception(closed)
-            self._close_wake()
-
-    def _arm(self, sleep) -> int:
-        """Watch the sockets' FDs again if they changed; the sleep's timeout,
-        ms (0 when input is already queued: its FD edge is gone)."""
-        version = self._io.version
-        changed = version != self._io_version
-        if changed:
-            sleep.watch(self._io.fds())
-            self._io_version = version
-        wait = max(0.0, min(1.0, self._core.next_deadline() - time.time()))
-        self._armed = time.time() + wait
-        if self._io.input_waiting(touched_only=not changed):
-            return 0  # and then every socket is asked (its FD will not fire)
-        return int(wait * 1000) + 1
-
-    def _take_outgoing(self) -> deque:
-        with self._lock:
-            routing, self._outgoing = self._outgoing, deque()
-        return routing
-
-    def _run_jobs(self) -> None:
-        with self._lock:
-            jobs, self._jobs = self._jobs, deque()
-        for job in jobs:
-            job()
-
-
-class _EpollSleep:
-    """The I/O thread's sleep with the default poller: an epoll on the wake
-    pipe and on an inner epoll of the sockets' FDs.  A caller that owns the
-    sockets switches the inner one off (epoll_ctl takes effect in a wait
-    already under way), so the input it waits for does not wake this thread
-    too: no second wake-up, no fight for the GIL."""
-
-    def __init__(self, pipe: int):
-        self._pipe = pipe
-        self._outer = select.epoll()
-        self._outer.register(pipe, select.EPOLLIN)
-        self._inner: select.epoll | None = None
-
-    def watch(self, fds) -> None:
-        """A new set of socket FDs (a fresh inner epoll: closed FDs may be reused)."""
-        if self._inner is not None:
-            self._outer.unregister(self._inner.fileno())
-            self._inner.close()
-        self._inner = select.epoll()
-        for fd in fds:
-            self._inner.register(fd, select.EPOLLIN)
-        self._outer.register(self._inner.fileno(), select.EPOLLIN)
-
-    def pause(self) -> None:
-        self._outer.modify(self._inner.fileno(), 0)
-
-    def resume(self) -> None:
-        self._outer.modify(self._inner.fileno(), select.EPOLLIN)
-
-    def wait(self, timeout_ms: int) -> tuple[bool, list]:
-        """Sleep; (woken by the pipe?, the socket FDs that fired)."""
-        woken, fired = False, []
-        for fd, _ in self._outer.poll(timeout_ms / 1000):
-            if fd == self._pipe:
-                woken = True
-            else:
-                fired = [f for f, _ in self._inner.poll(0)]
-        return woken, fired
-
-
-class _PollerSleep:
-    """The I/O thread's sleep with another poller (Node(poller=...), e.g.
-    eventlet's): the wake pipe and the sockets' FDs.  No caller owns the
-    sockets then, so there is nothing to pause."""
-
-    def __init__(self, poller, pipe: int):
-        self._poller = poller
-        self._pipe = pipe
-        self._fds: list = []
-        poller.register(pipe, zmq.POLLIN)
-
-    def watch(self, fds) -> None:
-        for fd in self._fds:
-            self._poller.unregister(fd)
-        self._fds = list(fds)
-        for fd in self._fds:
-            self._poller.register(fd, zmq.POLLIN)
-
-    def pause(self) -> None:
-        pass
-
-    def resume(self) -> None:
-        pass
-
-    def wait(self, timeout_ms: int) -> tuple[bool, list]:
-        ready = dict(self._poller.poll(timeout_ms))
-        return ready.pop(self._pipe, None) is not None, list(ready)
-
-
-class _Slot:
-    """The waiter of one blocking send (or send_many): lighter than a Future
-    (no Condition).  A lock taken at birth is released by whoever settles
-    it, which wakes a caller blocked in wait()."""
-
-    __slots__ = ("_gate", "_done", "result", "error")
-
-    def __init__(self) -> None:
-        self._gate = threading.Lock()
-        self._gate.acquire()
-        self._done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, result: Any) -> None:
-        if not self._done:
-            self.result = result
-            self._done = True
-            self._gate.release()
-
-    def set_exception(self, error: BaseException) -> None:
-        if not self._done:
-            self.error = error
-            self._done = True
-            self._gate.release()
-
-    def wait(self, timeout: float) -> bool:
-        return self._done or self._gate.acquire(timeout=max(0.0, timeout))

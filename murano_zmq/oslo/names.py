@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-MAX_NAME = 255
+from ..protocol.constants import MAX_NAME_LENGTH
+
+MAX_NAME = MAX_NAME_LENGTH  # a mailbox name's length
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-]")
 _DIGEST_CHARS = 16
 

@@ -27,6 +27,10 @@ HEARTBEAT_LIVENESS = 5
 MIN_HEARTBEAT = 0.05
 MAX_HEARTBEAT = 60.0
 
+# Characters of a HELLO's node name a relay or direct peer keeps (for logs
+# and STATUS); the rest is cut off.
+MAX_PEER_NAME = 200
+
 # Consumer credit (unacked messages out at once) when the caller gives none,
 # and the most a relay grants (it sizes the relay's bookkeeping).
 DEFAULT_PREFETCH = 100
@@ -40,6 +44,34 @@ MAX_ENDPOINT = 512
 # Bytes the relay hands to one mailbox's consumers per loop turn: the rest
 # waits for the next turn, so one turn's output stays bounded.
 DELIVER_TURN_BYTES = 1 * 1024 * 1024
+
+# What one relay loop turn reads at most, in commands and in bytes.  A turn
+# ends in one commit; keeping it well below what nodes keep in flight lets
+# the next turn's data arrive while this one syncs.
+TURN_COMMANDS = 2000
+TURN_BYTES = 4 * 1024 * 1024
+
+# Commands the relay queues per peer connection inbound (ZMQ_RCVHWM) and
+# outbound (ZMQ_SNDHWM).  Inbound, ZeroMQ never drops: a full queue stops
+# reading that connection.  Outbound is far above what a reading node can
+# have outstanding (credit bounds deliveries, in-flight limits bound
+# confirms); a peer that fills it is dropped, its unacked messages requeued.
+PEER_RECEIVE_QUEUE = 1000
+PEER_SEND_QUEUE = 100_000
+
+# Ready messages per mailbox the relay keeps in memory, by count and by body
+# bytes (at least one message, however large); more wait on disk.
+READY_WINDOW = 1000
+READY_WINDOW_BYTES = 2 * 1024 * 1024
+
+# Messages one PURGE or MOVE handles at most: one command is one loop turn
+# and one commit, which other nodes wait behind.  The rest is `left` in the
+# answer, for the caller to ask again.
+ADMIN_BATCH = 10_000
+# Messages one PEEK returns at most, and the body bytes after which it stops
+# (at least one message is returned, whatever its size).
+PEEK_MAX = 1000
+PEEK_BYTES = 4 * 1024 * 1024
 
 # Expired messages the relay reads from its store at once.
 EXPIRY_BATCH = 1000
@@ -61,6 +93,23 @@ SEND_BATCH_BYTES = 1024 * 1024
 DEFAULT_WINDOW = 1000
 DEFAULT_DIRECT_TIMEOUT = 5.0
 DIRECT_BATCH = 32
+# Seconds a link's unconfirmed records may make no progress before the
+# sender gives the relay a copy of them (so their send() returns once
+# stored) and sends the next messages of their mailbox through the relay
+# (at most half the direct timeout).  Far above a live consumer's CONFIRM
+# (about 1 ms), far below what a send may wait.
+DIRECT_STALL = 0.5
+
+# Path choice (docs/protocol.md, Path choice), seconds: how long a LOOKUP
+# answer is trusted before the sender asks again; how soon it asks when
+# waiting for the relay to drain so it can go direct; how long it holds a
+# mailbox's messages back while it asks (so the answer is not overtaken by
+# yet another relay send); and how long an endpoint whose handshake refused
+# this node's key is left alone, whatever LOOKUP or discovery say meanwhile.
+LOOKUP_TTL = 2.0
+DRAIN_RECHECK = 0.05
+HOLD_LIMIT = 1.0
+REFUSED_BACKOFF = 30.0
 
 # Commands a node reads from one socket per loop turn, at most: one busy
 # socket cannot starve the node's other sockets and timers.
@@ -88,3 +137,7 @@ MAX_NAME_LENGTH = 255
 
 # Message ids: bytes (a 48-bit ms clock and 80 random bits, or a key's hash).
 ID_SIZE = 16
+ID_CLOCK_BYTES = 6  # the big-endian millisecond clock a new id starts with
+
+# A CURVE public key (32 bytes) as z85 text, characters.
+Z85_KEY_LENGTH = 40

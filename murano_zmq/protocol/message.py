@@ -9,16 +9,26 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgpack
 
-from .constants import ID_SIZE, MAX_NAME_LENGTH
+from .constants import ID_CLOCK_BYTES, ID_SIZE, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+
+
+# The random part of message ids: a generator of this module's own, seeded
+# from the OS and again in every forked child (a fork must not repeat its
+# parent's ids), so application code seeding `random` cannot make ids
+# repeat.  One C call per id, where os.urandom is a system call each.
+_id_bits = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _id_bits.seed(os.urandom(32)))
+_RANDOM_BITS = (ID_SIZE - ID_CLOCK_BYTES) * 8
 
 
 def new_message_id(now: float) -> bytes:
@@ -26,7 +36,7 @@ def new_message_id(now: float) -> bytes:
 
     Time-ordered ids keep the relay's id index append-mostly.
     """
-    return int(now * 1000).to_bytes(6, "big") + os.urandom(ID_SIZE - 6)
+    return ((int(now * 1000) << _RANDOM_BITS) | _id_bits.getrandbits(_RANDOM_BITS)).to_bytes(ID_SIZE, "big")
 
 
 def idempotent_id(key: str) -> bytes:
@@ -53,13 +63,21 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_good_names: set[str] = set()  # names checked already (a send checks its mailbox's each time)
+
+
 def check_name(name: Any, what: str = "mailbox") -> str:
     """`name` if it is a valid mailbox name, else LocalProtocolError."""
+    if type(name) is str and name in _good_names:
+        return name
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
         raise LocalProtocolError(
             f"invalid {what} name {name!r}: 1-{MAX_NAME_LENGTH} characters of "
             "letters, digits and _ . : @ -"
         )
+    if len(_good_names) >= 4096:
+        _good_names.clear()  # bounded: names come and go
+    _good_names.add(name)
     return name
 
 
@@ -112,6 +130,8 @@ class IncomingSend:
     ttl: float | None
     retry: bool
     size: int  # body and header bytes: what a size limit counts
+    # The headers as checked (None: none), derived from `headers`: a direct peer hands them on.
+    header_map: dict | None = field(default=None, compare=False, repr=False)
 
 
 def parse_send_record(item: Any) -> IncomingSend:
@@ -128,8 +148,7 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError(f"invalid mailbox name {mailbox!r}"[:300])
     if not isinstance(headers, bytes):
         raise RemoteProtocolError("headers must be bin (a packed map)")
-    if headers:
-        unpack_headers(headers)
+    header_map = unpack_headers(headers) if headers else None
     if not isinstance(body, bytes):
         raise RemoteProtocolError("body must be bin")
     # (the common case first: a finite float)
@@ -139,7 +158,8 @@ def parse_send_record(item: Any) -> IncomingSend:
         raise RemoteProtocolError("ttl must be a positive finite number or nil")
     if not isinstance(retry, bool):
         raise RemoteProtocolError("retry must be a bool")
-    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers))
+    return IncomingSend(msg_id, mailbox, headers, body, float(created), ttl, retry, len(body) + len(headers),
+                        header_map)
 
 
 # --- DELIVER records: [tag, id, mailbox, headers, body, created, expires, count]

@@ -3,11 +3,12 @@
 A mailbox goes direct when a consumer of it is known to take direct
 deliveries (from the relay's LOOKUP or from discovery) and nothing this
 sender gave the relay for it may still be waiting there.  It goes back to the
-relay when a direct link fails.  Switching only once the other path is
-drained keeps FIFO per sender and mailbox across switches: relay -> direct
+relay when a direct link fails or stalls.  Switching only once the other path
+is drained keeps FIFO per sender and mailbox across switches: relay -> direct
 waits until the relay reports the mailbox empty (depth 0) after every relay
-send to it was confirmed; direct -> relay happens when a link fails, and the
-link's unconfirmed records, oldest first, are the first to take the relay.
+send to it was confirmed; direct -> relay happens when a link fails or
+stalls, and the link's unconfirmed records (or, for a stalled link, copies
+of them), oldest first, are the first to take the relay.
 
 With CURVE (require_keys) an endpoint is a candidate only while the table
 knows the public key to expect there: from the relay's LOOKUP (the key the
@@ -20,23 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Seconds a LOOKUP answer is trusted before the sender asks again; and how
-# soon it asks when waiting for the relay to drain so it can go direct.
-LOOKUP_TTL = 2.0
-DRAIN_RECHECK = 0.05
-# A sender holds a mailbox's messages back for at most this long while it
-# asks whether the relay has drained (so the answer is not overtaken by
-# yet another relay send).  Seconds.
-HOLD_LIMIT = 1.0
+from .constants import DRAIN_RECHECK, HOLD_LIMIT, LOOKUP_TTL, REFUSED_BACKOFF, Z85_KEY_LENGTH
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
-
-# Seconds an endpoint whose handshake refused this node's key is left alone,
-# whatever LOOKUP or discovery say meanwhile (its owner must first add the
-# key to its authorized keys; retrying at every LOOKUP would only log).
-REFUSED_BACKOFF = 30.0
-
-Z85_KEY_LENGTH = 40  # a CURVE public key as z85 text
 
 
 @dataclass(slots=True)
@@ -65,6 +52,7 @@ class PathTable:
         # (earlier LOOKUP, adverts) without waiting for a drained LOOKUP.
         self.relay_up = True
         self._refused: dict[str, float] = {}  # endpoint -> until when its handshake refusal holds
+        self.version = 0  # moves whenever what is known of direct consumers may have changed
 
     def key_of(self, endpoint: str) -> bytes | None:
         """The CURVE public key (z85) to expect at `endpoint`, if known."""
@@ -87,9 +75,7 @@ class PathTable:
         path = self._path(mailbox)
         if path.relay_unconfirmed:
             return None  # (the common case of a stream to the relay: decided at once)
-        candidates = [e for e in path.endpoints if self._usable(e)]
-        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates
-                       and self._usable(e)]
+        candidates = self.direct_consumers(mailbox)
         if path.relay_undrained and candidates and not self.relay_up:
             # The relay is unreachable: direct traffic goes on (the relay
             # may still hold earlier messages of ours, which then come later).
@@ -119,6 +105,16 @@ class PathTable:
         path.rr += 1
         return endpoint
 
+    def direct_consumers(self, mailbox: str, usable: bool = True) -> list[str]:
+        """The endpoints known to consume `mailbox` directly (LOOKUP's first,
+        in its order, then discovery's): only those that may be used, or
+        (usable False) also those whose link failed or whose key is unknown."""
+        ok = self._usable if usable else (lambda e: True)
+        path = self._paths.get(mailbox)
+        candidates = [e for e in path.endpoints if ok(e)] if path is not None else []
+        candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates and ok(e)]
+        return candidates
+
     def is_direct(self, mailbox: str, relay_up: bool | None = None) -> bool:
         """Would the next message to `mailbox` go direct?  (Reads only.)"""
         path = self._paths.get(mailbox)
@@ -143,6 +139,7 @@ class PathTable:
         return True
 
     def looked_up(self, mailbox: str, result: dict, now: float) -> None:
+        self.version += 1
         path = self._path(mailbox)
         path.lookup_pending = False
         path.learned_at = now
@@ -172,6 +169,7 @@ class PathTable:
                    now: float | None = None) -> None:
         """Discovery's view of who consumes `mailbox` directly (replaces the
         last): endpoints, or endpoint -> pinned key (already checked as trusted)."""
+        self.version += 1
         if isinstance(endpoints, dict):
             for endpoint, key in endpoints.items():
                 key = _key(key)
@@ -192,14 +190,20 @@ class PathTable:
     def discovered_mailboxes(self) -> list[str]:
         return list(self._discovered)
 
-    def via_relay(self, mailbox: str) -> None:
+    def via_relay(self, mailbox: str, count: int = 1) -> None:
         path = self._path(mailbox)
-        path.relay_unconfirmed += 1
+        path.relay_unconfirmed += count
         path.relay_undrained = True
 
-    def relay_confirmed(self, mailbox: str) -> None:
+    def relay_confirmed(self, mailbox: str, count: int = 1) -> None:
         path = self._path(mailbox)
-        path.relay_unconfirmed = max(0, path.relay_unconfirmed - 1)
+        path.relay_unconfirmed = max(0, path.relay_unconfirmed - count)
+
+    def relay_bound(self, mailbox: str) -> bool:
+        """Will every further record to `mailbox` go to the relay until one
+        of its relay sends is confirmed?  (Relay sends still unconfirmed.)"""
+        path = self._paths.get(mailbox)
+        return path is not None and path.relay_unconfirmed > 0
 
     def link_failed(self, endpoint: str) -> None:
         self.failed.add(endpoint)

@@ -24,21 +24,11 @@ from __future__ import annotations
 
 import itertools
 
-from ..protocol.constants import OVERFLOW_REJECT
+from ..protocol.constants import ADMIN_BATCH, OVERFLOW_REJECT, PEEK_BYTES, PEEK_MAX
 from ..protocol.errors import LocalProtocolError, Malformed, MailboxFull, MailboxNotFound
 from ..protocol.frames import Cmd
 from ..protocol.message import check_name
 from .state import Mailbox
-
-# Messages one PURGE or MOVE handles at most: one command is one loop turn
-# and one commit, which other nodes wait behind.  The rest is `left` in the
-# answer, for the caller to ask again (Admin.purge() and move() do).
-ADMIN_BATCH = 10_000
-
-# Messages one PEEK returns at most, and the body bytes after which it stops
-# (at least one message is returned, whatever its size).
-PEEK_MAX = 1000
-PEEK_BYTES = 4 * 1024 * 1024
 
 
 class _Engine:

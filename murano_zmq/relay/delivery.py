@@ -146,41 +146,40 @@ class Delivery:
 
     # --- settling ---
 
-    def _take(self, peer: Peer, seq) -> tuple[Consumer, Unacked] | None:
+    def _take(self, peer: Peer, seq, now: float) -> tuple[Mailbox, Unacked] | None:
+        """Take the unacked message `seq` back from `peer`'s consumer (None:
+        settled already, or requeued after a reconnect).  Its mailbox is
+        used now, and may deliver again."""
         consumer = self.unacked.get(seq) if _is_tag(seq) else None
         if consumer is None or consumer.peer is not peer:
-            return None  # settled already, or requeued after a reconnect
+            return None
         del self.unacked[seq]
-        return consumer, consumer.take_back(seq)
+        mb = consumer.mailbox
+        mb.last_used = now
+        self.mailboxes.dirty.add(mb)
+        return mb, consumer.take_back(seq)
 
     def ack(self, peer: Peer, tags: list, now: float) -> None:
         done = []
         for seq in tags:
-            taken = self._take(peer, seq)
-            if taken is None:
-                continue
-            consumer, entry = taken
-            mb = consumer.mailbox
-            mb.settled(entry.size)
-            mb.last_used = now
-            self.mailboxes.dirty.add(mb)
-            done.append(seq)
+            taken = self._take(peer, seq, now)
+            if taken is not None:
+                mb, entry = taken
+                mb.settled(entry.size)
+                done.append(seq)
         if done:
             self.store.delete(done)
             self.counters["acked"] += len(done)
 
     def nack(self, peer: Peer, tags: list, requeue: bool, now: float) -> None:
         for seq in tags:
-            taken = self._take(peer, seq)
+            taken = self._take(peer, seq, now)
             if taken is None:
                 continue
-            consumer, entry = taken
-            mb = consumer.mailbox
-            mb.last_used = now
+            mb, entry = taken
             if requeue:
                 mb.returned(entry.size)
                 self.mailboxes.requeue(mb, [entry])
                 self.dead.note_expiry(entry.expires)
             else:
                 self.dead.reject(mb, entry.seq, entry.size, entry.deliveries, now, self.unacked)
-            self.mailboxes.dirty.add(mb)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import heapq
 import logging
 
+from ..protocol.constants import READY_WINDOW, READY_WINDOW_BYTES
 from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed, StorageFull
 from ..protocol.options import MailboxOptions
 from ..store.base import MailboxRow, Store, StoredMessage
-from .state import READY_WINDOW, READY_WINDOW_BYTES, Mailbox
+from .state import Mailbox
 
 log = logging.getLogger("murano_zmq.relay")
 

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
-from ..protocol.constants import FRAME_HEADROOM
+from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE, TURN_BYTES, TURN_COMMANDS
 from ..protocol.errors import StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
@@ -37,24 +37,6 @@ from .engine import RelayEngine
 from .faults import FailureLog, prepare_data_dir
 
 log = logging.getLogger("murano_zmq.relay")
-
-# What one loop turn reads at most, in commands and in bytes.  A turn ends
-# in one commit; keeping it well below what nodes keep in flight lets the
-# next turn's data arrive while this one syncs.
-TURN_COMMANDS = 2000
-TURN_BYTES = 4 * 1024 * 1024
-
-# Commands queued per peer connection (ZMQ_RCVHWM).  Inbound, ZeroMQ never
-# drops: a full queue stops reading that peer's connection, so one flooding
-# peer is held back while the ROUTER's fair queueing keeps serving the others.
-PEER_RECEIVE_QUEUE = 1000
-
-# Replies queued per peer connection (ZMQ_SNDHWM).  Far above what a reading
-# node can have outstanding (credit bounds deliveries, in-flight limits bound
-# confirms); a peer that stops reading and fills it is dropped, its unacked
-# messages requeued (with ROUTER_MANDATORY the relay sees the full queue
-# instead of ZeroMQ dropping frames silently).
-PEER_SEND_QUEUE = 100_000
 
 # pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)

@@ -12,12 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..protocol.constants import READY_WINDOW, READY_WINDOW_BYTES
 from ..protocol.options import MailboxOptions
-
-# Ready messages per mailbox kept in memory, by count and by body bytes
-# (at least one message, however large); more wait on disk.
-READY_WINDOW = 1000
-READY_WINDOW_BYTES = 2 * 1024 * 1024
 
 
 class Unacked(NamedTuple):

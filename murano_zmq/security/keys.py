@@ -23,11 +23,12 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from ..protocol.constants import Z85_KEY_LENGTH
+
 log = logging.getLogger("murano_zmq.security")
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
-Z85_KEY_LENGTH = 40  # a 32-byte CURVE key in z85 text
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
 _Z85_RE = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")

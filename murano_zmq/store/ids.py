@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-PREFIX = 6  # bytes of clock at the start of a clock id
+from ..protocol.constants import ID_CLOCK_BYTES
+
+PREFIX = ID_CLOCK_BYTES  # bytes of clock at the start of a clock id
 # Past this (ms since 1970, year 2200) a prefix is not a clock.
 CLOCK_LIMIT = (7_258_118_400_000).to_bytes(PREFIX, "big")
 # SQL bound: a 16-byte id sorts below this iff its prefix is <= CLOCK_LIMIT.

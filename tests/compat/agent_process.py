@@ -47,7 +47,11 @@ def verified(pem: str | None, queue: str, body: str, signature) -> bool | None:
 def main(relay: str, input_queue: str, result_queue: str, mode: str, pem: str | None = None) -> None:
     host, port = relay.rsplit("//", 1)[1].rsplit(":", 1)
     deadline = time.monotonic() + 60
-    with MqClient("agent", "guest", host, int(port), "/") as mq:
+    # muranoagent/app.py's _create_rmq_client(): its config, ssl off
+    connection_params = {"login": "agent", "password": "guest", "host": host, "port": int(port),
+                         "virtual_host": "/", "ssl": False, "ssl_version": "", "ca_certs": None,
+                         "insecure": False}
+    with MqClient(**connection_params) as mq:
         with mq.open(input_queue, prefetch_count=1) as subscription:
             print("consuming", flush=True)
             while time.monotonic() < deadline:
@@ -69,10 +73,10 @@ def main(relay: str, input_queue: str, result_queue: str, mode: str, pem: str | 
                     plan = json.loads(msg.body)
                 finally:
                     msg.ack()
-                result = Message()
+                result = Message()  # as app.py's _send_result()
                 result.body = {"SourceID": plan["ID"], "ErrorCode": 0, "Body": {"echo": plan["Body"]}}
-                result.id = plan["ID"]
-                mq.send(message=result, key=result_queue)
+                result.id = result.body.get("SourceID")
+                mq.send(message=result, key=result_queue, exchange="")  # result_exchange: ''
                 print("sent result", flush=True)
                 return
 

@@ -97,6 +97,12 @@ def test_ssl_key_pair_from_password_file_or_z85_else_a_fresh_one(flavour, tmp_pa
     with caplog.at_level(logging.WARNING, logger="murano_zmq.compat"):
         fresh = flavour.MqClient("u", "guest", "h", 1, "/", ssl=True, ca_certs=str(relay_public))
     assert fresh._curve[0].secret and "fresh one" in caplog.text
+    # In a VM, Murano writes the engine's ca_certs file to /etc/murano/certs/ca_certs: any name
+    copied = tmp_path / "ca_certs"
+    copied.write_bytes(relay_public.read_bytes())
+    in_vm = flavour.MqClient("u", str(secret_path), "h", 1, "/", ssl=True, ca_certs=str(copied) + "\n",
+                             ssl_version="", insecure=False)
+    assert in_vm._curve[1] == relay_key
     assert flavour.MqClient("u", "p", "h", 1, "/")._curve is None  # ssl=False: plain TCP
 
 
@@ -140,7 +146,23 @@ def test_exit_on_an_exception_closes_and_propagates(flavour, shared_relay):
     with pytest.raises(KeyError):
         with client:
             raise KeyError("boom")
-    assert not client._connected
+    assert not client._connected and client._node is None
+
+
+def test_a_message_taken_when_an_exception_leaves_the_with_goes_back_at_once(flavour, shared_relay):
+    """The agent's loop: an error while it holds a plan unacked (its
+    original left the consumer to the garbage collector)."""
+    queue = fresh_queue()
+    with make_client(flavour, shared_relay) as sender:
+        sender.send(message(flavour, {"ID": "p"}, "p"), queue)
+    with pytest.raises(OSError):
+        with make_client(flavour, shared_relay) as client, client.open(queue) as subscription:
+            assert subscription.get_message(timeout=10).id == "p"
+            raise OSError("disk full")  # before msg.ack()
+    with make_client(flavour, shared_relay) as client, client.open(queue) as subscription:
+        again = subscription.get_message(timeout=3)  # well before a heartbeat timeout
+        again.ack()
+    assert again.id == "p" and again.redelivered
 
 
 # --- declare ---------------------------------------------------------------------------------
@@ -201,6 +223,18 @@ def test_send_json_text_message_id_and_signature(flavour, shared_relay, node):
     assert got[0].headers == {"message_id": "3", "signature": b"\x00\xffsig"}
     assert got[1].headers == {"message_id": ""} and got[1].body == '"x"'  # None id: ''
     assert got[2].headers == {"message_id": "on-exchange"} and got[2].body == "null"
+
+
+def test_a_signing_func_that_returns_none_sends_a_none_signature(flavour, shared_relay):
+    """Murano's Agent._sign returns None when the engine has no signing_key;
+    kombu then sends the header signature = None, which the agent reads as None."""
+    queue = fresh_queue()
+    with make_client(flavour, shared_relay) as client:
+        client.send(message(flavour, {"ID": "p"}, "p"), queue, signing_func=lambda data: None)
+        with client.open(queue) as subscription:
+            msg = subscription.get_message(timeout=10)
+            msg.ack()
+    assert msg.id == "p" and msg.signature is None
 
 
 def test_send_encodes_as_the_original_flavour_did(shared_relay, node):

@@ -141,6 +141,38 @@ def test_signed_plan_sent_before_the_agent_exists_then_result(relay, children, s
     wait_for(lambda: mailbox(relay, "murano:" + results)["depth"] == 0, 10, what="result acked")
 
 
+def test_an_agent_that_boots_before_the_engine_declares_its_queue_gets_the_plan(relay, children):
+    """The VM may boot before the engine's first send declares e<env>-h<host>
+    (Agent._initialize is lazy): the agent's consume waits on the queue, the
+    declare gives it its TTL, the plan reaches the waiting agent."""
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r4"
+    agent = start_agent(children, relay, queue, results, "ack")
+    assert agent.read_line(30) == "consuming"
+    plan = {"ID": uuid.uuid4().hex, "Body": "early"}
+    send_plan(relay, queue, results, plan)
+    assert mailbox(relay, "murano:" + queue)["ttl"] == 86400
+    got = json.loads(agent.read_line(30))
+    assert got["body"] == json.dumps(plan) and got["id"] == plan["ID"]
+    assert agent.read_line(30) == "sent result"
+    assert agent.proc.wait(30) == 0
+
+
+def test_an_agent_only_connects_out_to_the_relay(relay, children):
+    """A tenant VM behind NAT: the agent's process listens on no port and its
+    only TCP connections go to the relay (direct=False, no discovery)."""
+    psutil = pytest.importorskip("psutil")
+    queue, results = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}", "-execution-results-r5"
+    agent = start_agent(children, relay, queue, results, "ack")
+    assert agent.read_line(30) == "consuming"
+    connections = psutil.Process(agent.proc.pid).net_connections(kind="inet")
+    assert [c for c in connections if c.status == psutil.CONN_LISTEN or not c.raddr] == []
+    relay_port = host_port(relay)[1]
+    assert connections and {c.raddr.port for c in connections} == {relay_port}
+    send_plan(relay, queue, results, {"ID": uuid.uuid4().hex, "Body": "nat"})
+    assert json.loads(agent.read_line(30))["id"]
+    assert agent.read_line(30) == "sent result"
+
+
 def test_queue_expires_after_its_ttl_when_no_agent_comes(relay):
     queue = f"e{uuid.uuid4().hex}-h{uuid.uuid4().hex}"
     with engine_client(relay) as client:
@@ -198,7 +230,7 @@ def test_an_agent_monkey_patched_by_eventlet_without_oslo_messaging(relay, child
 
 
 GREEN_ENGINE = """
-import eventlet; eventlet.monkey_patch(os=False)  # as murano/monkey_patch.py does
+import eventlet; eventlet.monkey_patch()  # as murano/monkey_patch.py does (but on Windows)
 import json, sys, time
 from murano_zmq.compat import murano as engine
 host, port = sys.argv[1].rsplit("//", 1)[1].rsplit(":", 1)
@@ -235,6 +267,55 @@ def test_the_engine_under_eventlet_waits_without_stopping_other_green_threads(re
     assert report["body"] == {"SourceID": "r1"}
     assert 0.9 <= report["idle_s"] < 5
     assert report["ticks"] >= 30  # a 10 ms ticker kept running during the 1 s wait
+
+
+GREEN_LISTENER = """
+import eventlet; eventlet.monkey_patch()
+import greenlet, json, sys, time
+from murano_zmq.compat import murano as engine
+host, port = sys.argv[1].rsplit("//", 1)[1].rsplit(":", 1)
+queue = "-execution-results-stop"
+clients, got = [], []
+def receive():  # AgentListener._receive
+    with engine.MqClient("m", "g", host, int(port), "/") as client:
+        clients.append(client)
+        client.declare(queue, enable_ha=True, ttl=86400000)
+        with client.open(queue) as subscription:
+            while True:
+                msg = subscription.get_message()
+                if not msg:
+                    continue
+                msg.ack()
+                got.append(msg.body)
+thread = eventlet.spawn(receive)
+with engine.MqClient("m", "g", host, int(port), "/") as client:  # an agent's result
+    msg = engine.Message()
+    msg.body, msg.id = {"SourceID": "s1"}, "s1"
+    client.send(msg, queue)
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    eventlet.sleep(0.05)
+start = time.monotonic()
+thread.kill()  # AgentListener.stop(): kill the green thread waiting in get_message()
+try:
+    thread.wait()
+except greenlet.GreenletExit:
+    pass
+print(json.dumps({"got": got, "stop_s": time.monotonic() - start,
+                  "closed": bool(clients) and clients[0]._node is None}), flush=True)
+"""
+
+
+def test_the_engine_listener_stops_by_killing_its_green_thread(relay, children):
+    """AgentListener.stop() kills the green thread that waits in get_message()
+    (no timeout): the wait ends at once and the client closes its node."""
+    pytest.importorskip("eventlet")
+    proc = children(GREEN_LISTENER, relay.endpoint, cwd=str(ROOT), stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = json.loads(Agent(proc).read_line(30))
+    assert proc.wait(30) == 0
+    assert report["got"] == [{"SourceID": "s1"}]
+    assert report["stop_s"] < 5 and report["closed"] is True
 
 
 def test_a_plan_survives_kill_9_of_the_relay_once_send_returned(relay_factory, children):

@@ -86,6 +86,36 @@ def test_an_agent_key_reads_its_own_queue_only(setup):
         assert got.body == {"SourceID": queue_a}
 
 
+def test_an_agent_key_may_wait_on_its_queue_before_the_engine_declares_it(setup):
+    """A VM may boot before the engine's lazy declare: with consume alone on
+    its own mailbox the agent waits there, and gets the plan sent later."""
+    client, keys, queue_a, queue_b = setup
+    secret_a = load_secret_key(keys / f"{queue_a}.key_secret").secret.decode()
+    with client(agent, secret_a) as mq, mq.open(queue_a, prefetch_count=1) as subscription:
+        assert subscription.get_message(timeout=0.2) is None
+        with pytest.raises(PermissionDenied):
+            with mq.open(queue_b):  # not another's, declared or not
+                pass
+        with client(engine, str(keys / "murano-engine.key_secret")) as engine_mq:
+            engine_mq.declare(queue_a, enable_ha=True, ttl=86400000)
+            plan = engine.Message()
+            plan.body, plan.id = {"ID": "p-early"}, "p-early"
+            engine_mq.send(plan, queue_a)
+        msg = subscription.get_message(timeout=10)
+        msg.ack()
+        # its result to a results queue nobody declared yet (or that expired): it waits there
+        result = agent.Message()
+        result.body, result.id = {"SourceID": "p-early"}, "p-early"
+        mq.send(result, "-execution-results-late")
+    assert msg.id == "p-early" and json.loads(msg.body) == {"ID": "p-early"}
+    with client(engine, str(keys / "murano-engine.key_secret")) as mq:
+        mq.declare("-execution-results-late", enable_ha=True, ttl=86400000)
+        with mq.open("-execution-results-late") as subscription:
+            got = subscription.get_message(timeout=10)
+            got.ack()
+    assert got.body == {"SourceID": "p-early"}
+
+
 def test_the_engine_may_not_read_agent_queues_and_strangers_are_refused(setup):
     client, keys, queue_a, _ = setup
     with client(engine, str(keys / "murano-engine.key_secret")) as mq:

@@ -9,8 +9,10 @@ import json
 import signal
 import subprocess
 import threading
+import time
 
 from murano_zmq import Node
+from murano_zmq.protocol.constants import DEFAULT_DIRECT_TIMEOUT
 
 from ..helpers import wait_for
 
@@ -70,6 +72,24 @@ def test_falls_back_to_the_relay_and_delivers_when_the_consumer_returns(make_nod
     assert client.status()["mailboxes"][0]["depth"] == 50
     svc = make_node("svc-again")
     assert collect(svc.consume("svc.work"), 50) == list(range(50, 100))
+
+
+def test_a_consumer_that_takes_nothing_yet_does_not_hold_its_senders_up(make_node):
+    """A direct consumer whose application takes nothing stalls the link:
+    the sender gives the relay a copy of what is out on it and sends the
+    mailbox's next messages through the relay, so sends return once stored,
+    long before the link would time out; the application then gets every
+    message once, in order."""
+    svc, client = make_node("svc"), make_node("client")
+    inbox = svc.consume("stalled", prefetch=20)
+    t0 = time.monotonic()
+    client.send_many([("stalled", i) for i in range(200)])
+    took = time.monotonic() - t0
+    assert client.path_counts["direct"] == 200, "the stream started direct"
+    client.send_many([("stalled", i) for i in range(200, 300)])  # behind them, through the relay
+    assert took < DEFAULT_DIRECT_TIMEOUT / 2, f"send_many waited {took:.1f}s for a consumer taking nothing"
+    assert collect(inbox, 300) == list(range(300)), "FIFO, and each message once"
+    assert inbox.get(timeout=0.5) is None, "the relay's copies are not handed out again"
 
 
 def test_fifo_across_a_switch_from_direct_to_relay_and_back(make_node):

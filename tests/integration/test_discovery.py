@@ -144,7 +144,8 @@ def test_peers_command_lists_what_discovery_sees(relay_factory):
     extra = Discovery("127.0.0.1")
     try:
         extra.advertise(Advert("node-x", "node", free_tcp_endpoint(), mailboxes=("a.b",)))
-        out = subprocess.run([sys.executable, "-m", "murano_zmq", "peers", "--json", "--wait", "2",
+        out = subprocess.run([sys.executable, "-m", "murano_zmq", "peers", "--json", "--wait", "30",
+                              "--expect", "relay-under-test", "--expect", "node-x",
                               "--discovery-interfaces", "127.0.0.1"], capture_output=True, text=True,
                              timeout=60, env=os.environ)
     finally:
@@ -153,6 +154,13 @@ def test_peers_command_lists_what_discovery_sees(relay_factory):
     seen = {d["name"]: d for d in map(json.loads, out.stdout.splitlines())}
     assert seen["relay-under-test"]["role"] == "relay"
     assert seen["node-x"]["mailboxes"] == ["a.b"]
+
+
+def test_peers_expect_fails_for_a_name_never_seen():
+    out = subprocess.run([sys.executable, "-m", "murano_zmq", "peers", "--wait", "0.5", "--expect", "nobody-here",
+                          "--discovery-interfaces", "127.0.0.1"], capture_output=True, text=True,
+                         timeout=60, env=os.environ)
+    assert out.returncode == 1 and "not seen within 0.5s: nobody-here" in out.stderr
 
 
 def test_bad_interfaces_are_a_clear_error():

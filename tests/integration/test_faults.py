@@ -128,9 +128,10 @@ def test_consumer_killed_with_unacked_messages_go_to_the_other(relay, children):
                 m.ack()
 
 
-def test_node_survives_relay_restart_and_resubscribes(relay_factory):
+def test_node_survives_relay_restart_and_resubscribes(relay_factory, node_kind):
     relay = relay_factory()
-    with Node("a", relay=relay.endpoint, heartbeat=0.2) as a, Node("b", relay=relay.endpoint, heartbeat=0.2) as b:
+    with node_kind("a", relay=relay.endpoint, heartbeat=0.2) as a, \
+            node_kind("b", relay=relay.endpoint, heartbeat=0.2) as b:
         consumer = b.consume("inbox")
         a.send("inbox", "before")
         m = consumer.get(timeout=10)
@@ -163,13 +164,13 @@ def test_sigterm_shuts_down_cleanly(relay_factory, tmp_path):
     del consumer
 
 
-def test_relay_with_nothing_listening_gives_relay_unavailable():
+def test_relay_with_nothing_listening_gives_relay_unavailable(node_kind):
     from murano_zmq import RelayUnavailable
     from ..helpers import free_tcp_endpoint
 
     endpoint = free_tcp_endpoint()
     assert not relay_answers(endpoint, 0.3)
-    with Node("lonely", relay=endpoint, timeout=0.5) as node:
+    with node_kind("lonely", relay=endpoint, timeout=0.5) as node:
         try:
             node.status()
         except RelayUnavailable as exc:

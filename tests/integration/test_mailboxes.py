@@ -65,7 +65,9 @@ def test_fifo_per_sender_and_pipelined_sends(make_node):
 def test_competing_consumers_share_a_mailbox(make_node):
     sender = make_node("api")
     a, b = make_node("conductor-a"), make_node("conductor-b")
-    ca, cb = a.consume("tasks", prefetch=5), b.consume("tasks", prefetch=5)
+    # Through the relay: its credit shares the work (the direct path's
+    # competing consumers: test_direct.py's test_competing_direct_consumers_...).
+    ca, cb = a.consume("tasks", prefetch=5, direct=False), b.consume("tasks", prefetch=5, direct=False)
     sender.send_many([("tasks", i) for i in range(200)])
     seen: dict[str, list] = {"a": [], "b": []}
 

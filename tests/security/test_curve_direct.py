@@ -236,13 +236,13 @@ def test_a_key_removed_from_the_receiver_stops_an_open_direct_link(secure_relay,
     wait_for(lambda: "is not authorized here" in caplog.text, 10, what="the refusal on the open link")
 
 
-def test_keyed_node_arguments(keys, secure_relay):
+def test_keyed_node_arguments(keys, secure_relay, node_kind):
     with pytest.raises(ValueError, match="need CURVE keys"):
-        Node("n", relay=secure_relay.endpoint, authorized_keys=keys.authorized)
+        node_kind("n", relay=secure_relay.endpoint, authorized_keys=keys.authorized)
     with pytest.raises(ValueError, match="forwarder_key"):
-        Node("n", relay=secure_relay.endpoint, forwarder=(free_tcp_endpoint(), free_tcp_endpoint()),
-             **keys.node_kw("ops"))
-    with Node("n", relay=secure_relay.endpoint, timeout=5, **keys.node_kw("ops")) as node:
+        node_kind("n", relay=secure_relay.endpoint, forwarder=(free_tcp_endpoint(), free_tcp_endpoint()),
+                  **keys.node_kw("ops"))
+    with node_kind("n", relay=secure_relay.endpoint, timeout=5, **keys.node_kw("ops")) as node:
         with pytest.raises(ValueError, match="publishes only with authorized_keys"):
             node.publish("progress.x", 1)
         with pytest.raises(ValueError, match="needs its public key"):

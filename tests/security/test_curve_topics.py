@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-from murano_zmq import Node
 from murano_zmq.security import create_key_pair
 
 from ..helpers import free_tcp_endpoint, wait_for
@@ -23,14 +22,15 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def nodes():
+def nodes(node_kind):
+    """Nodes of either runner (Node, or AsyncNode through its facade)."""
     made = []
 
     def make(name: str, relay_endpoint: str, keys=None, key: str | None = None, **kw):
         kw.setdefault("timeout", 10)
         if key is not None:
             kw.update(keys.node_kw(key))
-        node = Node(name, relay=relay_endpoint, **kw)
+        node = node_kind(name, relay=relay_endpoint, **kw)
         made.append(node)
         return node
 
@@ -39,7 +39,7 @@ def nodes():
         node.close()
 
 
-def pub_endpoint(node: Node) -> str:
+def pub_endpoint(node) -> str:
     return wait_for(lambda: node._topics.pub_endpoint, 10, what="the PUB bound")
 
 

@@ -9,7 +9,8 @@ import pytest
 import zmq
 
 from murano_zmq.protocol.dedup import DedupWindow
-from murano_zmq.protocol.direct import DirectInbox, DirectLink, LinkFailed
+from murano_zmq.protocol.direct import DirectLink, LinkFailed
+from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id, send_record
 from murano_zmq.protocol.paths import REFUSED_BACKOFF, PathTable

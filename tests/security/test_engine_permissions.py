@@ -72,6 +72,40 @@ def test_a_session_is_bound_to_its_identity(engine):
     # The same identity may take over its own session (a reconnect).
     hello(engine, b"s3", "agent-a1", instance=b"i" * 16)
     assert b"s1" not in engine.peers and b"s3" in engine.peers
+    # A HELLO from another identity on a session's routing id is refused like any command.
+    replies(engine)
+    hello(engine, b"s3", "conductor", instance=b"c" * 16)
+    (_, err), = replies(engine)
+    assert err.cmd == Cmd.ERROR and err.fields[:2] == (None, 403)
+    assert engine.peers[b"s3"].user == "agent-a1"
+
+
+def test_an_error_to_cancel_carries_its_req(engine):
+    """docs/protocol.md (CANCEL): the reference node sends req 0; an ERROR
+    refusing a CANCEL carries the req it came with."""
+    engine.receive(b"x1", encode(Cmd.CANCEL, 5, 7), 1.0, "agent-a1")  # no session
+    hello(engine, b"a1", "agent-a1")
+    engine.receive(b"a1", encode(Cmd.CANCEL, 6, 7), 1.0, "conductor")  # another identity
+    assert [(c.cmd, c.fields[:2]) for _, c in replies(engine) if c.cmd == Cmd.ERROR] == [
+        (Cmd.ERROR, (5, 409)), (Cmd.ERROR, (6, 403))]
+    engine.receive(b"a1", encode(Cmd.CANCEL, 0, 7), 1.0, "agent-a1")  # unknown consumer: no error, no answer
+    assert replies(engine) == []
+
+
+def test_lookup_needs_send_permission(engine):
+    """docs/protocol.md (LOOKUP): an identity that may not send to a mailbox
+    does not learn where its consumers are."""
+    hello(engine, b"a1", "agent-a1")
+    engine.receive(b"a1", encode(Cmd.CONSUME, 1, 7, "agent.a1", 10, "tcp://127.0.0.1:1"), 1.0, "agent-a1")
+    hello(engine, b"a2", "agent-a2")
+    hello(engine, b"c1", "conductor")
+    replies(engine)
+    engine.receive(b"a2", encode(Cmd.LOOKUP, 2, "agent.a1"), 1.0, "agent-a2")
+    engine.receive(b"c1", encode(Cmd.LOOKUP, 3, "agent.a1"), 1.0, "conductor")
+    out = {identity: c for identity, c in replies(engine)}
+    assert out[b"a2"].cmd == Cmd.ERROR and out[b"a2"].fields[:2] == (2, 403)
+    assert out[b"c1"].cmd == Cmd.REPLY and out[b"c1"].fields[0] == 3
+    assert out[b"c1"].fields[1]["direct"] == [["agent-a1", "tcp://127.0.0.1:1", None]]
 
 
 def test_refuse_and_drop_sessions(engine):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from murano_zmq.protocol.dedup import DedupWindow
-from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id, pack_body, send_record
 
@@ -40,6 +40,21 @@ def test_records_for_a_mailbox_without_consumer_are_refused():
     assert inbox.receive(PEER, encode(Cmd.SEND, 3, [record]), 1.0, {"work": 1}) == []
     [(req, errors)] = confirms(inbox)
     assert req == 3 and errors[0][0] == 0 and errors[0][1] == 404
+    assert errors[0][2] == "no consumer of elsewhere here"
+
+
+def test_a_record_over_the_limit_is_refused_as_if_no_consumer_were_here():
+    """docs/protocol.md (Direct links, SEND): 404 with the same text, so the
+    sender gives the record to the relay, whose own limit decides."""
+    inbox, _ = inbox_with_session()  # limit: 1 MiB, body plus packed headers
+    records = [send_record(new_message_id(1.0), "work", None, b"x" * ((1 << 20) + 1), 1.0, None),
+               send_record(new_message_id(1.0), "work", {"k": "v"}, b"x" * ((1 << 20) - 4), 1.0, None),
+               send_record(new_message_id(1.0), "work", None, pack_body("fits"), 1.0, None)]
+    [delivered] = inbox.receive(PEER, encode(Cmd.SEND, 4, records), 1.0, {"work": 1})
+    assert [m.body for m in delivered.messages] == ["fits"]
+    inbox.settle(delivered.messages[0], "ack", False)
+    [(req, errors)] = confirms(inbox)
+    assert req == 4 and errors == [[0, 404, "no consumer of work here"], [1, 404, "no consumer of work here"]]
 
 
 def test_a_copy_whose_twin_is_with_the_application_waits_for_it():
@@ -55,3 +70,12 @@ def test_a_copy_whose_twin_is_with_the_application_waits_for_it():
     dedup.settle(("work", msg_id), True)
     inbox.settled_elsewhere(("work", msg_id))
     assert confirms(inbox) == [(9, [])]
+
+
+def test_headers_reach_the_application_as_sent():
+    inbox, _ = inbox_with_session()
+    records = [send_record(new_message_id(1.0), "work", {"task": "t1", "n": [1, 2]}, pack_body(1), 1.0, None),
+               send_record(new_message_id(1.0), "work", None, pack_body(2), 1.0, None),
+               send_record(new_message_id(1.0), "work", {}, pack_body(3), 1.0, None)]
+    [delivered] = inbox.receive(PEER, encode(Cmd.SEND, 8, records), 1.0, {"work": 1})
+    assert [m.headers for m in delivered.messages] == [{"task": "t1", "n": [1, 2]}, {}, {}]

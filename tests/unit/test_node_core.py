@@ -12,7 +12,7 @@ from murano_zmq.node.core import NodeCore
 from murano_zmq.node.links import OPEN
 from murano_zmq.protocol.client import State
 from murano_zmq.protocol.dedup import DedupWindow
-from murano_zmq.protocol.direct import DirectInbox
+from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import pack_body, send_record
 from murano_zmq.protocol.paths import HOLD, HOLD_LIMIT, PathTable
@@ -166,6 +166,60 @@ def test_fifo_and_exactly_once_across_direct_relay_direct(tmp_path):
     net.turns(400, until=lambda: (net.ack_all(), all(w.done() for w in waiters))[1])
     assert all(w.error is None for w in waiters)
     assert net.seen == list(range(len(waiters))), "FIFO and exactly-once across both switches"
+
+
+def test_a_stalled_link_gives_the_relay_a_copy_and_its_sends_return_once_stored(tmp_path):
+    net = FakeFabric(tmp_path)  # the sender's direct timeout is 0.5 s: its links stall after 0.25 s
+    net.consumer.consume("fifo", 1000, True, net.feed, Waiter())
+    net.turns(5)
+    first = net.send(*range(40))
+    net.turns(40, until=lambda: all(w.done() for w in first))  # 0.8 s: before the link would fail (1 s)
+    assert all(w.error is None for w in first) and net.links_opened == 1
+    assert net.sender.sent == {"direct": 40, "relay": 40}, "out direct, then a copy at the relay"
+    assert [m.body for m in net.app] == list(range(40)), "the application holds the direct copies"
+    later = net.send(*range(40, 60))
+    net.turns(20, until=lambda: all(w.done() for w in later))
+    assert net.sender.sent["direct"] == 40, "the mailbox's next sends take the relay, behind the copies"
+    net.turns(400, until=lambda: (net.ack_all(), len(net.seen) == 60 and not net.app)[1])
+    net.turns(20)
+    net.ack_all()
+    assert net.seen == list(range(60)), "FIFO, and the relay's copies are not handed out again"
+
+
+def test_a_stalled_link_to_one_of_competing_consumers_keeps_its_records():
+    """A copy at the relay could reach another live consumer: not made."""
+    from murano_zmq.node.links import DirectSender
+
+    sender = DirectSender("s", b"s" * 16, 1.0, timeout=5.0)
+    sender.paths.looked_up("m", {"depth": 0, "direct": [["a", "tcp://a:1"], ["b", "tcp://b:1"]]}, T0)
+    waiter = Waiter()
+    endpoint = sender.route(build_record("m", 1, None, None, T0, None), waiter, T0)
+    link = sender._links[endpoint]
+    link.receive(encode(Cmd.WELCOME, "a", 1.0, 1 << 20), T0)
+    sender.flush(T0)
+    assert link.in_flight == 1 and sender.escrow(T0 + 4) == [] and not waiter.done()
+    sender.paths.looked_up("m", {"depth": 0, "direct": [["a", endpoint]]}, T0 + 4)  # now the only one
+    [(copy, escrow)] = sender.escrow(T0 + 4.1)
+    assert copy[6] is True and escrow.waiter is waiter
+
+
+def test_an_escrowed_send_completes_once_and_a_relay_refusal_waits_for_the_link():
+    from murano_zmq.node.common import SendGroup
+    from murano_zmq.node.links import _Escrow
+
+    group = SendGroup(Waiter(), [b"a", b"b"])
+    a, b = _Escrow(group), _Escrow(group)
+    a.set_result(b"a")  # stored by the relay ...
+    a.link_done(b"a")  # ... and settled by the peer: counted once
+    assert not group.future.done()
+    b.set_exception(RuntimeError("the relay refused the copy"))
+    assert not group.future.done(), "the peer may still settle it"
+    b.link_done(b"b")
+    assert group.future.result == [b"a", b"b"] and group.future.error is None
+    c = _Escrow(Waiter())
+    c.set_exception(RuntimeError("refused"))
+    c.link_failed()  # neither path has it: the caller hears of it
+    assert isinstance(c.waiter.error, RuntimeError)
 
 
 def test_inbox_keeps_a_confirm_its_router_could_not_pass_on():

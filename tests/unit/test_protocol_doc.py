@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from murano_zmq.protocol.constants import PROTOCOL_VERSION
-from murano_zmq.protocol.errors import ERROR_CLASSES, ERROR_NAMES
+from murano_zmq.protocol.constants import ID_SIZE, PROTOCOL_VERSION
+from murano_zmq.protocol.errors import ERROR_CLASSES, ERROR_NAMES, RemoteProtocolError
 from murano_zmq.protocol.frames import OPTIONAL_TAIL, SCHEMAS, Cmd
+from murano_zmq.protocol.message import parse_delivery, parse_send_record, send_record
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -76,22 +77,30 @@ def test_signature_and_version_are_documented(doc):
     assert found, f"docs/protocol.md does not give the version byte {version}"
 
 
-def _field_table(doc: str, cmd: Cmd) -> list[tuple[str, str, str]]:
-    """(#, field, type) rows of the first field table in `cmd`'s section."""
+def _field_tables(doc: str, cmd: Cmd) -> list[list[tuple[str, str, str]]]:
+    """(#, field, type) rows of each field table in `cmd`'s section: the
+    command's fields first, then (SEND, DELIVER) its records'."""
     start = re.search(rf"^### {cmd.name} \(0x{cmd.value:02X},.*$", doc, re.MULTILINE)
     assert start, f"no section for {cmd.name}"
     end = re.compile(r"^##", re.MULTILINE).search(doc, start.end())
     section = doc[start.end():end.start() if end else len(doc)]
-    rows, in_table = [], False
+    tables, rows = [], None
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:4] == ["#", "field", "type", "meaning"]:
-            in_table = True
-        elif in_table and line.startswith("|") and not set(line) <= set("|- "):
+            rows = []
+            tables.append(rows)
+        elif rows is not None and line.startswith("|") and not set(line) <= set("|- "):
             rows.append((cells[0], cells[1], cells[2]))
-        elif in_table and not line.startswith("|"):
-            break
-    return rows
+        elif rows is not None and not line.startswith("|"):
+            rows = None
+    return tables
+
+
+def _field_table(doc: str, cmd: Cmd) -> list[tuple[str, str, str]]:
+    """(#, field, type) rows of the first field table in `cmd`'s section."""
+    tables = _field_tables(doc, cmd)
+    return tables[0] if tables else []
 
 
 @pytest.mark.parametrize("cmd", list(Cmd), ids=lambda c: c.name)
@@ -116,3 +125,58 @@ def test_fields_that_may_be_left_out_are_documented(doc, cmd):
 def test_heartbeat_has_no_fields(doc):
     assert SCHEMAS[Cmd.HEARTBEAT] == ()
     assert "Frame 2 is an empty msgpack array" in doc
+
+
+# --- the records inside SEND and DELIVER --------------------------------------
+
+# A value of each kind the doc names, and one that is of no such kind.
+_SAMPLES = {"int": 7, "num": 1.5, "str": "inbox", "bin": b"", "bool": False}
+_WRONG = {"int": "7", "num": "1.5", "str": 7, "bin": "text", "bool": 1}
+_PYTHON_KINDS = {int: "int", float: "num", str: "str", bytes: "bin", bool: "bool"}
+
+
+def _record_kinds(doc: str, cmd: Cmd) -> list[tuple[str, str, bool]]:
+    """(field, kind, nullable) of the record table in `cmd`'s section."""
+    tables = _field_tables(doc, cmd)
+    assert len(tables) == 2, f"{cmd.name}: the doc should give the command's fields, then its record's"
+    kinds = []
+    for i, (n, name, doc_type) in enumerate(tables[1]):
+        assert n == str(i), f"{cmd.name} record: row {n} where {i} was expected"
+        kind = doc_type.split(",")[0].strip()
+        assert kind.rstrip("?") in _SAMPLES, f"{cmd.name} record field {name}: unknown type {doc_type!r}"
+        kinds.append((name, kind.rstrip("?"), kind.endswith("?")))
+    return kinds
+
+
+@pytest.mark.parametrize("cmd,parse", [(Cmd.SEND, parse_send_record), (Cmd.DELIVER, parse_delivery)],
+                         ids=["SEND", "DELIVER"])
+def test_each_record_table_matches_what_the_codec_takes(doc, cmd, parse):
+    """A record built field by field from the doc's table parses; the same
+    record with any one field of another kind (or nil where the doc does
+    not allow it) is refused, and so is a record a field short or long."""
+    kinds = _record_kinds(doc, cmd)
+    id_fields = {row[1] for row in _field_tables(doc, cmd)[1] if f"{ID_SIZE} bytes" in row[2]}
+    record = [b"\x01" * ID_SIZE if name in id_fields else _SAMPLES[kind] for name, kind, _ in kinds]
+    parse(record)
+    for i, (name, kind, nullable) in enumerate(kinds):
+        for bad in (_WRONG[kind],) if nullable else (_WRONG[kind], None):
+            try:
+                parse([*record[:i], bad, *record[i + 1:]])
+            except RemoteProtocolError:
+                continue
+            pytest.fail(f"{cmd.name} record field {i} ({name}): the doc says {kind}, {bad!r} was taken")
+        if nullable:
+            parse([*record[:i], None, *record[i + 1:]])
+    for wrong_length in (record[:-1], [*record, None]):
+        with pytest.raises(RemoteProtocolError):
+            parse(wrong_length)
+
+
+def test_send_record_table_matches_what_the_node_sends(doc):
+    kinds = _record_kinds(doc, Cmd.SEND)
+    record = send_record(b"\x01" * ID_SIZE, "inbox", {"k": "v"}, b"\x90", 1.5, 30.0)
+    assert len(record) == len(kinds)
+    for value, (name, kind, _) in zip(record, kinds):
+        made = _PYTHON_KINDS[type(value)]
+        assert made == kind or (kind == "num" and made == "int"), (
+            f"SEND record field {name}: the doc says {kind}, send_record() makes {made}")

@@ -1,0 +1,109 @@
+"""A blocking send on the caller's own thread (Node's fast path).
+
+When Node's I/O thread sleeps on the sockets' FDs, a thread calling send()
+or send_many() takes `_owner`, writes its SEND, and polls the sockets until
+its CONFIRM comes, handing everything it reads to the NodeCore as the I/O
+thread would; then it hands back.  See node/sync.py for the ownership rules.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import zmq
+
+from .sleeps import SendSlot
+
+__all__ = ["OwnedSends"]
+
+
+class OwnedSends:
+    """Node's methods for sending on the caller's thread (a mixin: they use
+    Node's core, sockets, locks and queues)."""
+
+    def _take_sockets(self) -> bool:
+        """Own the core and the sockets, if the I/O thread is asleep or just
+        finishing a turn; not if another caller has them (then the send
+        joins the I/O thread's queue and is batched with others).  An I/O
+        thread asleep in zmq_poll is woken to let go of them: once, then it
+        sleeps on the FDs while callers keep asking."""
+        if not self._inline:
+            return False
+        # Asked for: the I/O thread's next sleeps leave the sockets to callers.
+        self._owner_wanted = time.monotonic()
+        if not self._owner.acquire(False):
+            if threading.get_ident() == self._io_ident:
+                return False
+            if self._keeping:
+                self._wake()  # out of its zmq_poll, into a sleep that lets go of them
+            elif not self._io_turn:
+                return False  # another caller has them
+            if not self._owner.acquire(timeout=0.005):
+                return False
+        self._sleep.pause()  # the I/O thread sleeps on: the sockets' input is ours now
+        return True
+
+    def _send_owned(self, records: list, waiters: list, slot: SendSlot, deadline: float) -> None:
+        """(holding _owner) write the records, then do the I/O thread's work
+        until `slot` is settled, the deadline passes, or the wake pipe says
+        someone else needs the I/O thread."""
+        io, core = self._io, self._core
+        clean = False  # no input can be left behind a lost FD edge (see relay_turn)
+        try:
+            with self._lock:
+                self._check_open()
+                self._check_room(self.pending, len(records))
+                incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
+                jobs, self._jobs = self._jobs, deque()
+            try:
+                self._run_each(jobs)
+            except BaseException:
+                # A job of another thread failed here: what others queued goes
+                # back to the I/O thread (which fails it as it would have), not lost.
+                with self._lock:
+                    self._jobs.extendleft(reversed(jobs))
+                    self._outgoing.extendleft(reversed(incoming))
+                self._wake()
+                raise
+            incoming.extend(zip(records, waiters))
+            io.flush(time.time(), incoming)
+            while not slot.done():
+                clean = False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                version, poller = self._caller_poll or (None, None)
+                if version != io.version:
+                    version, poller = self._caller_poll = (io.version, self._new_caller_poller())
+                wait = min(left, core.next_deadline() - time.time())
+                ready = poller.poll(int(wait * 1000) + 1 if wait > 0 else 0)
+                if len(ready) == 1 and ready[0][0] is io.relay_sock:
+                    clean = io.relay_turn(time.time())  # the usual: our CONFIRM
+                    continue
+                ready = dict(ready)
+                if self._wake_r in ready or self._closed.is_set():
+                    return  # jobs, other sends, close: the I/O thread's work
+                io.turn(ready, time.time())
+        finally:
+            self._hand_back(clean)
+
+    def _new_caller_poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in self._io.sockets():
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)  # not read here: the I/O thread drains it
+        return poller
+
+    def _hand_back(self, clean: bool = False) -> None:
+        """Release the sockets; wake the I/O thread if its poll would now
+        miss something: input this thread's reads took the FD edge of (not
+        `clean`), a socket it does not poll yet, or an earlier deadline."""
+        io = self._io
+        wake = (io.version != self._io_version or self._core.next_deadline() < self._armed
+                or (not clean and io.input_waiting()))
+        self._sleep.resume()
+        self._owner.release()
+        if wake:
+            self._wake()
