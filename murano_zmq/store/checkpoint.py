@@ -11,8 +11,9 @@ The WAL is written from its start again (not grown) only when a write
 begins after a checkpoint that copied every frame: a WAL that keeps growing
 also makes every commit's fsync journal the file's new size.  So the
 thread checkpoints again while commits came during its checkpoint (each
-time only their few frames are left), and after a few tries once more
-holding the store's commit lock; then the next commit restarts the WAL.  If the thread falls far behind (a loaded machine), the
+time only their few frames are left), and then once more holding the
+store's commit lock (a commit in progress may have been missed): then
+the next commit restarts the WAL.  If the thread falls far behind (a loaded machine), the
 committing thread checkpoints itself, so the WAL stays bounded either way.
 
 Crash safety is SQLite's: a checkpoint copies only committed frames and
@@ -36,7 +37,7 @@ CHECKPOINT_BYTES = 4 << 20
 # The committing thread checkpoints itself past this many times the above
 # (the thread fell behind).
 BEHIND = 8
-# Checkpoints tried while commits go on before one that holds them off.
+# Checkpoints tried while commits go on before the one that holds them off.
 TRIES = 3
 # A failing checkpoint is logged at most this often, in seconds.
 LOG_EVERY = 60.0
@@ -83,14 +84,14 @@ class Checkpointer:
             # A checkpoint copies the frames there when it starts; commits
             # during it leave frames behind, and the WAL then grows on.  Try
             # again while that happens (each try has only those few frames
-            # to copy), then once holding off commits.
+            # to copy), then once holding off commits: that one finds
+            # nothing or little left, and leaves the WAL all copied.
             for _ in range(TRIES):
                 before = self._count
                 if self._checkpoint(self._db) and self._count == before:
                     break
-            else:
-                with self._commit_lock:
-                    self._checkpoint(self._db)
+            with self._commit_lock:
+                self._checkpoint(self._db)
             self._behind = 0  # (a commit counted meanwhile is lost: a bound, not a count)
 
     def _checkpoint(self, db: sqlite3.Connection) -> bool:
