@@ -59,7 +59,7 @@ def sender(kind: str, endpoint: str):
 
 def total(path: str, inclusive: bool, pattern: str) -> int:
     out = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", path],
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if re.search(pattern, line):
             return int(line.split()[0].replace(",", ""))
@@ -93,7 +93,7 @@ def main() -> int:
         finally:
             proc.terminate()  # the floor relay ends on SIGTERM too (no handler: it dies)
             proc.wait(60)
-        dump = sorted(glob.glob(f"{out}.*.1"))[0]
+        dump = min(glob.glob(f"{out}.*.1"))
         n = args.count
         ir = total(dump, False, "PROGRAM TOTALS")
         sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")

@@ -60,7 +60,7 @@ class Intake:
         open_relay = sessions.permissions is None
         for i, record in enumerate(records):
             if usual_record(record, by_name):
-                msg_id, mailbox, headers, body, created, ttl, retry = record
+                msg_id, mailbox, _, body, created, ttl, retry = record
                 if not open_relay and not sessions.allowed(ctx.user, "send", mailbox):
                     errors.append(_denied(i, ctx.user, mailbox))
                 elif len(body) > limit:
