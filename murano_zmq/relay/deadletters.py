@@ -100,6 +100,8 @@ class DeadLetters:
         dead-letter mailbox, if it has one, in the same batch."""
         target = mb.options.dead_letter
         if target is None or target == mb.name:
+            # (metrics: RabbitMQ counts these too, as dead_letter_strategy="disabled")
+            self.counters["dropped_" + reason] = self.counters.get("dropped_" + reason, 0) + 1
             return
         dlx = self.mailboxes.get_or_create(target, now)
         headers = msgpack.unpackb(row.headers) if row.headers else {}
@@ -113,6 +115,7 @@ class DeadLetters:
             self.counters["dead_lettered_" + reason] = self.counters.get("dead_lettered_" + reason, 0) + 1
         except MailboxFull:
             log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
+            self.counters["dropped_" + reason] = self.counters.get("dropped_" + reason, 0) + 1
 
     def reject(self, mb: Mailbox, seq: int, size: int, deliveries: int, now: float, unacked) -> None:
         """A consumer rejected the unacked message `seq`: it leaves."""
@@ -121,6 +124,8 @@ class DeadLetters:
         self.store.delete([seq])
         if row is not None:
             self.move(mb, row._replace(deliveries=deliveries), "rejected", now, unacked)
+        else:
+            self.counters["dropped_rejected"] = self.counters.get("dropped_rejected", 0) + 1
 
     def expire(self, mb: Mailbox, row: StoredMessage, now: float, unacked) -> None:
         """`row`, taken off the queue (deleted), has expired."""

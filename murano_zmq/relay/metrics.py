@@ -19,6 +19,7 @@ a clear message.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
 
@@ -36,21 +37,42 @@ VHOST = "/"  # murano-zmq has no vhosts; RabbitMQ dashboards filter on one
 # does not have yet read as 0.
 GLOBAL_COUNTERS = (
     ("received", "rabbitmq_global_messages_received", "Messages received from publishers (records of SEND)."),
+    ("received", "rabbitmq_global_messages_received_confirm",
+     "Messages received from publishers expecting confirmations (every SEND is confirmed)."),
     ("confirmed", "rabbitmq_global_messages_confirmed", "Messages confirmed to publishers (stored durably)."),
     ("delivered", "rabbitmq_global_messages_delivered", "Messages delivered to consumers."),
+    ("delivered", "rabbitmq_global_messages_delivered_consume_manual_ack",
+     "Messages delivered to consumers (always with manual acknowledgement)."),
     ("redelivered", "rabbitmq_global_messages_redelivered",
      "Delivered messages that had been delivered before (the redelivered flag)."),
     ("acked", "rabbitmq_global_messages_acknowledged", "Messages acknowledged by consumers."),
-    ("dead_lettered_expired", "rabbitmq_global_messages_dead_lettered_expired",
-     "Messages dead-lettered because their TTL passed."),
-    ("dead_lettered_rejected", "rabbitmq_global_messages_dead_lettered_rejected",
-     "Messages dead-lettered because a consumer rejected them (NACK without requeue)."),
-    ("dead_lettered_maxlen", "rabbitmq_global_messages_dead_lettered_maxlen",
-     "Messages dead-lettered because their mailbox overflowed (drop-head)."),
     ("dead_lettered", "murano_zmq_messages_dead_lettered", "Messages dead-lettered, every reason."),
     ("expired", "murano_zmq_messages_expired", "Messages whose TTL passed (dead-lettered or dropped)."),
     ("rejected", "murano_zmq_messages_refused_full", "Sends refused because the mailbox was full."),
 )
+
+# RabbitMQ's per-channel counters, aggregated (what its default /metrics
+# gives and its Grafana "RabbitMQ-Overview" dashboard reads): a node session
+# is a connection with one channel.
+CHANNEL_COUNTERS = (
+    ("received", "rabbitmq_channel_messages_published", "Messages published (records of SEND)."),
+    ("confirmed", "rabbitmq_channel_messages_confirmed", "Messages confirmed to publishers."),
+    ("delivered", "rabbitmq_channel_messages_delivered_ack",
+     "Messages delivered to consumers in manual acknowledgement mode (all of them)."),
+    ("redelivered", "rabbitmq_channel_messages_redelivered", "Messages redelivered to consumers."),
+    ("acked", "rabbitmq_channel_messages_acked", "Messages acknowledged by consumers."),
+)
+
+# rabbitmq_global_messages_dead_lettered_<reason>_total, labelled as RabbitMQ
+# labels them: dead_letter_strategy "at_least_once" for messages moved to a
+# dead-letter mailbox (in the same commit that removes them), "disabled" for
+# those dropped (no dead-letter mailbox set, or it was full).
+DEAD_LETTER_REASONS = (
+    ("expired", "Messages dead-lettered or dropped because their TTL passed."),
+    ("rejected", "Messages dead-lettered or dropped because a consumer rejected them (NACK without requeue)."),
+    ("maxlen", "Messages dead-lettered or dropped because their mailbox overflowed (drop-head)."),
+)
+QUEUE_TYPE = "murano_zmq_mailbox"  # RabbitMQ's queue_type label: rabbit_classic_queue, ...
 
 
 class IntHistogram:
@@ -148,14 +170,28 @@ class RelayCollector:
                 family.add_metric([VHOST, mb.name], value(mb))
             yield family
 
-        for key, name, text in GLOBAL_COUNTERS:
+        yield identity("rabbitmq_identity_info", "The relay's name, as RabbitMQ's node and cluster name.",
+                       rabbitmq_node=engine.name, rabbitmq_cluster=engine.name, rabbitmq_endpoint="metrics")
+        yield identity("rabbitmq_build_info", "murano-zmq and prometheus-client versions.",
+                       murano_zmq_version=_version(), prometheus_client_version=_version("prometheus-client"))
+
+        for key, name, text in GLOBAL_COUNTERS + CHANNEL_COUNTERS:
             yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        for reason, text in DEAD_LETTER_REASONS:
+            family = CounterMetricFamily(f"rabbitmq_global_messages_dead_lettered_{reason}", text,
+                                         labels=["queue_type", "dead_letter_strategy"])
+            family.add_metric([QUEUE_TYPE, "at_least_once"], counters.get(f"dead_lettered_{reason}", 0))
+            family.add_metric([QUEUE_TYPE, "disabled"], counters.get(f"dropped_{reason}", 0))
+            yield family
 
         yield GaugeMetricFamily("rabbitmq_queues", "Mailboxes.", value=len(mailboxes))
         yield GaugeMetricFamily("rabbitmq_consumers", "Consumers, every mailbox.",
                                 value=sum(len(mb.consumers) for mb in mailboxes))
         yield GaugeMetricFamily("rabbitmq_connections", "Node sessions (as murano_zmq_sessions).",
                                 value=len(peers))
+        yield GaugeMetricFamily("rabbitmq_channels", "Node sessions (one channel each).", value=len(peers))
+        yield GaugeMetricFamily("rabbitmq_channel_consumers", "Consumers, every mailbox (as rabbitmq_consumers).",
+                                value=sum(len(mb.consumers) for mb in mailboxes))
         yield GaugeMetricFamily("murano_zmq_sessions", "Node sessions the relay holds.", value=len(peers))
 
         if self.commits is not None:
@@ -165,6 +201,29 @@ class RelayCollector:
                  self.commits.rows),
             ):
                 yield HistogramMetricFamily(name, text, buckets=hist.cumulative(), sum_value=hist.total)
+
+
+def identity(name: str, text: str, **labels: str):
+    """A RabbitMQ-style info gauge: value 1, the facts in its labels."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, text, labels=list(labels))
+    family.add_metric(list(labels.values()), 1)
+    return family
+
+
+@functools.lru_cache(maxsize=None)
+def _version(dist: str = "murano-zmq") -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    if dist == "murano-zmq":
+        from .. import __version__
+
+        return __version__
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -83,6 +83,13 @@ def test_metrics_are_scraped_with_rabbitmq_names(relay_factory):
         assert m[("murano_zmq_commit_seconds_count", NONE)] >= 1
         assert m[("murano_zmq_commit_batch_rows_count", NONE)] >= 1
         assert ("murano_zmq_commit_seconds_bucket", frozenset({"le": "+Inf"}.items())) in m
+        # what RabbitMQ's Grafana dashboard joins on and reads
+        assert m[("rabbitmq_identity_info", frozenset({"rabbitmq_node": "relay", "rabbitmq_cluster": "relay",
+                                                       "rabbitmq_endpoint": "metrics"}.items()))] == 1
+        assert m[("rabbitmq_channel_messages_published_total", NONE)] == 5
+        assert m[("rabbitmq_channel_messages_acked_total", NONE)] == 3
+        assert m[("rabbitmq_global_messages_dead_lettered_rejected_total", frozenset(
+            {"queue_type": "murano_zmq_mailbox", "dead_letter_strategy": "disabled"}.items()))] == 0
         consumer.cancel()
     wait_for(lambda: scrape(address)[("murano_zmq_sessions", NONE)] == 0, 20, what="the session gone")
 
@@ -287,6 +294,11 @@ def test_admin_commands_need_the_admin_permission(relay_factory, tmp_path):
     allowed = as_key("ops", "peek", "agent.e1.u1", "--json")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["body"] == "plan"
+    for args, said in ((("move", "agent.e1.u1", "--to", "agent.e1.u2"), "moved 1 message(s)"),
+                       (("purge", "agent.e1.u2"), "purged 1 message(s)"),
+                       (("status", "--watch", "--iterations", "1"), "agent.e1.u2")):
+        allowed = as_key("ops", *args)
+        assert allowed.returncode == 0 and said in allowed.stdout, (args, allowed.stdout, allowed.stderr)
 
 
 def test_status_watch_prints_plain_lines_when_not_on_a_terminal(relay):

@@ -9,13 +9,15 @@ from __future__ import annotations
 import subprocess
 import threading
 
+import pytest
+
 from ..helpers import wait_for
 from .test_direct import counters
 
 CONSUMER = """
 import sys
 from murano_zmq import Node
-with Node("direct-consumer", relay=sys.argv[1], discovery="127.0.0.1", heartbeat=0.2) as node:
+with Node("direct-consumer", relay=sys.argv[1], discovery="127.0.0.1") as node:
     box = node.consume("direct.box")
     print("ready", flush=True)
     while True:
@@ -41,38 +43,113 @@ def relay_down(node) -> bool:
     return node._core.state.value != "ready"
 
 
-def test_cold_start_sender_reaches_a_direct_consumer_with_the_relay_killed(relay, children, make_node):
+# Default nodes (default heartbeat), as the issue tried them.  "noticed": the
+# sender sends once it has seen the relay go; "at once": right after the
+# kill, while its session still looks up (its LOOKUP then goes nowhere).
+WHEN = pytest.mark.parametrize("noticed", [True, False], ids=["noticed", "at-once"])
+
+
+def kill_relay(relay, sender, noticed: bool) -> None:
+    relay.kill()
+    if noticed:
+        wait_for(lambda: relay_down(sender), 15, what="the sender to notice")
+
+
+@WHEN
+def test_cold_start_sender_reaches_a_direct_consumer_with_the_relay_killed(relay, children, make_node, noticed):
     consumer = start_consumer(children, relay)
-    sender = make_node("sender", discovery="127.0.0.1", heartbeat=0.2, timeout=20)
+    sender = make_node("sender", discovery="127.0.0.1", timeout=20)
     wait_for(lambda: advertises(sender, "direct-consumer", "direct.box"), 20, what="the consumer's advert")
-    relay.kill()  # the sender never sent anything through it
-    wait_for(lambda: relay_down(sender), 10, what="the sender to notice")
+    kill_relay(relay, sender, noticed)  # the sender never sent anything through it
     sender.send("direct.box", "cold", timeout=15)
     assert consumer.stdout.readline().strip() == "cold"
 
 
-def test_after_one_send_the_next_goes_direct_with_the_relay_killed(relay, children, make_node):
+def test_a_sender_started_after_the_kill_reaches_a_direct_consumer(relay, children, make_node):
     consumer = start_consumer(children, relay)
-    sender = make_node("sender", discovery="127.0.0.1", heartbeat=0.2, timeout=20)
+    relay.kill()
+    sender = make_node("sender", discovery="127.0.0.1", timeout=20)  # never had a relay session
+    wait_for(lambda: advertises(sender, "direct-consumer", "direct.box"), 20, what="the consumer's advert")
+    sender.send("direct.box", "late", timeout=15)
+    assert consumer.stdout.readline().strip() == "late"
+
+
+@WHEN
+@pytest.mark.parametrize("discovery", ["127.0.0.1", False], ids=["adverts", "lookup-only"])
+def test_after_one_send_the_next_goes_direct_with_the_relay_killed(relay, children, make_node, noticed,
+                                                                    discovery):
+    """lookup-only: the sender browses no adverts; what the relay's LOOKUP
+    told it before the kill is all it has."""
+    consumer = start_consumer(children, relay)
+    sender = make_node("sender", discovery=discovery, timeout=20)
     sender.send("direct.box", "first", timeout=15)
     assert consumer.stdout.readline().strip() == "first"
-    relay.kill()
-    wait_for(lambda: relay_down(sender), 10, what="the sender to notice")
+    kill_relay(relay, sender, noticed)
     sender.send("direct.box", "second", timeout=15)
     sender.send("direct.box", "third", wait=False, timeout=15)
     assert [consumer.stdout.readline().strip() for _ in range(2)] == ["second", "third"]
 
 
-def test_advert_lists_the_mailboxes_consumed_directly(make_node):
+def depth(node, mailbox: str) -> int:
+    return sum(mb["depth"] for mb in node.status()["mailboxes"] if mb["name"] == mailbox)
+
+
+def test_the_send_after_the_relay_drained_goes_direct_then_survives_a_kill(relay, children, make_node):
+    """Messages a sender gave the relay while nobody consumed: once the
+    relay has handed them all out and had them acked, the very next send
+    goes direct (no warm-up), and the stream goes on with the relay killed."""
+    sender = make_node("sender", discovery="127.0.0.1", timeout=20)
+    sender.send_many([("direct.box", f"stored-{i}") for i in range(3)])
+    consumer = start_consumer(children, relay)
+    assert [consumer.stdout.readline().strip() for _ in range(3)] == [f"stored-{i}" for i in range(3)]
+    wait_for(lambda: depth(sender, "direct.box") == 0, 10, what="the relay to drain")
+    received = counters(sender)["received"]
+    sender.send("direct.box", "next")
+    assert consumer.stdout.readline().strip() == "next"
+    assert counters(sender)["received"] == received, "the send after the drain went direct"
+    relay.kill()
+    sender.send("direct.box", "killed", timeout=15)
+    assert consumer.stdout.readline().strip() == "killed"
+
+
+SERVICE = """
+import sys
+from murano_zmq import Node
+with Node("svc", relay=sys.argv[1], discovery="127.0.0.1") as node:
+    box = node.consume("svc.box")
+    relay_only = node.consume("svc.slow", direct=False)
+    print("consuming", flush=True)
+    sys.stdin.readline()
+    box.cancel()
+    print("cancelled", flush=True)
+    sys.stdin.readline()
+    box = node.consume("svc.box")
+    print("consuming", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_advert_lists_the_mailboxes_consumed_directly(relay, children, make_node):
+    """The advert of a consumer in another process follows its consumers,
+    before and after the relay is killed."""
+    svc = children(SERVICE, relay.endpoint, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     observer = make_node("observer", discovery="127.0.0.1")
-    svc = make_node("svc", discovery="127.0.0.1")
-    box = svc.consume("svc.box")
-    relay_only = svc.consume("svc.slow", direct=False)
+    assert svc.stdout.readline().strip() == "consuming"
     wait_for(lambda: advertises(observer, "svc", "svc.box"), 20, what="svc.box in the advert")
     assert not advertises(observer, "svc", "svc.slow"), "a relay-only consumer is not advertised"
-    box.cancel()
+    relay.kill()  # adverts do not go through the relay
+    svc.stdin.write("cancel\n")
+    svc.stdin.flush()
+    assert svc.stdout.readline().strip() == "cancelled"
     wait_for(lambda: not advertises(observer, "svc", "svc.box"), 20, what="svc.box out of the advert")
-    relay_only.cancel()
+    relay.start()  # (same endpoint and data): consuming again needs the relay
+    svc.stdin.write("consume\n")
+    svc.stdin.flush()
+    assert svc.stdout.readline().strip() == "consuming"
+    wait_for(lambda: advertises(observer, "svc", "svc.box"), 20, what="svc.box back in the advert")
+    svc.stdin.write("stop\n")
+    svc.stdin.flush()
+    assert svc.wait(20) == 0
 
 
 def test_the_first_send_goes_direct_when_the_relay_has_nothing(make_node):

@@ -20,6 +20,10 @@ def net(tmp_path):
     n.store.close()
 
 
+moved = (("dead_letter_strategy", "at_least_once"), ("queue_type", "murano_zmq_mailbox"))
+dropped = (("dead_letter_strategy", "disabled"), ("queue_type", "murano_zmq_mailbox"))
+
+
 def samples(engine, commits=None) -> dict:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in RelayCollector(engine, commits).collect() for s in family.samples}
@@ -41,14 +45,58 @@ def test_dead_letters_are_counted_by_reason(net):
     net.settle()
     net.run(seconds=2.0, step=0.5)  # the TTL passes
     m = samples(net.engine)
-    assert m[("rabbitmq_global_messages_dead_lettered_expired_total", ())] == 1
-    assert m[("rabbitmq_global_messages_dead_lettered_maxlen_total", ())] == 1
-    assert m[("rabbitmq_global_messages_dead_lettered_rejected_total", ())] == 1
+    for reason in ("expired", "maxlen", "rejected"):
+        assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", moved)] == 1
+        assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", dropped)] == 0
     assert m[("murano_zmq_messages_dead_lettered_total", ())] == 3
     assert m[("murano_zmq_messages_expired_total", ())] == 1
     assert m[("rabbitmq_queue_messages_ready", (("queue", "dlx"), ("vhost", "/")))] == 3
     assert m[("rabbitmq_global_messages_received_total", ())] == 4
     assert m[("rabbitmq_global_messages_confirmed_total", ())] == 4
+
+
+def test_messages_dropped_with_no_dead_letter_mailbox_are_counted_as_rabbitmq_does(net):
+    """RabbitMQ counts them too, with dead_letter_strategy="disabled"."""
+    app = net.node("app")
+    app.declare("short", message_ttl=1.0)
+    app.declare("tiny", max_length=1, overflow="drop-head")
+    app.declare("picky")
+    app.send("short", "expires")
+    app.send("tiny", "dropped", "kept")
+    app.send("picky", "rejected")
+    app.consume("picky")
+    net.settle()
+    (msg,) = [m for m in app.messages if m.mailbox == "picky"]
+    msg.nack(requeue=False)
+    net.settle()
+    net.run(seconds=2.0, step=0.5)
+    m = samples(net.engine)
+    for reason in ("expired", "maxlen", "rejected"):
+        assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", dropped)] == 1
+        assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", moved)] == 0
+    assert m[("murano_zmq_messages_dead_lettered_total", ())] == 0
+    assert m[("murano_zmq_messages_expired_total", ())] == 1
+
+
+def test_the_overview_dashboard_finds_its_names(net):
+    """RabbitMQ's Grafana dashboard joins every panel on rabbitmq_identity_info
+    and reads the channel counters, aggregated."""
+    app = net.node("app")
+    app.send("work", "a", "b")
+    app.consume("work")
+    net.settle()
+    for msg in list(app.messages):
+        msg.ack()
+    net.settle()
+    m = samples(net.engine)
+    assert m[("rabbitmq_identity_info", (("rabbitmq_cluster", net.engine.name), ("rabbitmq_endpoint", "metrics"),
+                                         ("rabbitmq_node", net.engine.name)))] == 1
+    assert any(name == "rabbitmq_build_info" and value == 1 for (name, _), value in m.items())
+    assert m[("rabbitmq_channel_messages_published_total", ())] == 2
+    assert m[("rabbitmq_channel_messages_confirmed_total", ())] == 2
+    assert m[("rabbitmq_channel_messages_delivered_ack_total", ())] == 2
+    assert m[("rabbitmq_channel_messages_acked_total", ())] == 2
+    assert m[("rabbitmq_channel_consumers", ())] == 1 and m[("rabbitmq_channels", ())] >= 1
 
 
 def test_refused_sends_are_not_confirmed(net):
