@@ -85,6 +85,14 @@ class DeadLetters:
         self.next_expiry = next_expiry
         self.mailboxes.append_many(placed, now)
 
+    def new_row(self, mb: Mailbox, msg_id: bytes, headers: bytes, body: bytes, created: float,
+                expires: float | None, deliveries: int) -> StoredMessage:
+        """The next seq's row for a message to `mb`, which has no limits,
+        not stored yet (the caller stores it: a lone send's path)."""
+        self._seq += 1
+        self.note_expiry(expires)
+        return StoredMessage(self._seq, mb.id, msg_id, headers, body, created, expires, deliveries)
+
     # --- leaving ---
 
     def move(self, mb: Mailbox, row: StoredMessage, reason: str, now: float, unacked) -> None:

@@ -59,22 +59,15 @@ class Intake:
         sessions = self.sessions
         open_relay = sessions.permissions is None
         for i, record in enumerate(records):
-            if type(record) is list and len(record) == 7:
-                msg_id, mailbox, headers, body, created, ttl, retry = record
-                # The usual shape, checked inline (parse_send_record's rules).
-                if (type(msg_id) is bytes and len(msg_id) == ID_SIZE and type(mailbox) is str
-                        and mailbox in by_name and headers == b"" and type(body) is bytes
-                        and type(created) is float and created - created == 0.0  # finite
-                        and (ttl is None or ((type(ttl) is float or type(ttl) is int)
-                                             and ttl > 0 and ttl - ttl == 0))  # positive, finite
-                        and type(retry) is bool):
-                    if not open_relay and not sessions.allowed(ctx.user, "send", mailbox):
-                        errors.append(_denied(i, ctx.user, mailbox))
-                    elif len(body) > limit:
-                        errors.append(_too_large(i, len(body), limit))
-                    else:
-                        accepted.append((i, msg_id, mailbox, b"", body, created, ttl, retry))
-                    continue
+            if usual_record(record, by_name):
+                msg_id, mailbox, _, body, created, ttl, retry = record
+                if not open_relay and not sessions.allowed(ctx.user, "send", mailbox):
+                    errors.append(_denied(i, ctx.user, mailbox))
+                elif len(body) > limit:
+                    errors.append(_too_large(i, len(body), limit))
+                else:
+                    accepted.append((i, msg_id, mailbox, b"", body, created, ttl, retry))
+                continue
             try:
                 msg = parse_send_record(record)
             except RemoteProtocolError as exc:
@@ -140,6 +133,20 @@ class Intake:
             stored_in[msg_id] = mb.id
         if rows:
             self.dead.enqueue_many(rows, now)
+
+
+def usual_record(record, by_name: dict) -> bool:
+    """Is this SEND record in the usual shape: to a known mailbox, with no
+    headers?  parse_send_record()'s rules, checked inline."""
+    if type(record) is not list or len(record) != 7:
+        return False
+    msg_id, mailbox, headers, body, created, ttl, retry = record
+    return (type(msg_id) is bytes and len(msg_id) == ID_SIZE and type(mailbox) is str
+            and mailbox in by_name and headers == b"" and type(body) is bytes
+            and type(created) is float and created - created == 0.0  # finite
+            and (ttl is None or ((type(ttl) is float or type(ttl) is int)
+                                 and ttl > 0 and ttl - ttl == 0))  # positive, finite
+            and type(retry) is bool)
 
 
 def _too_large(i: int, size: int, limit: int) -> list:

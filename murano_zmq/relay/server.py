@@ -6,7 +6,9 @@ loop commits itself and sends the confirms at once: a thread hand-off would
 only add wake-ups.  When input is waiting (a backlog) the commit goes to a
 committer thread so the next turn's parsing overlaps the fsync.  At most
 one commit is in flight, and a turn's confirms go out only after its own
-commit returned (tests/integration/test_confirm_contract.py).
+commit returned (tests/integration/test_confirm_contract.py).  A turn whose
+only input is a lone SEND, with nothing due, held or in flight, takes
+engine.send_alone(): read, store and commit in one call, confirm.
 SIGTERM/SIGINT finish the turn, commit, say BYE to every node and exit 0.
 """
 
@@ -40,6 +42,9 @@ log = logging.getLogger("murano_zmq.relay")
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+# pyzmq's own send: zmq.Socket.send is a Python wrapper around it (a frame
+# and a super() call per frame sent).
+_SEND = zmq.backend.Socket.send
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
@@ -257,6 +262,9 @@ class Relay:
             poller.register(self._wakeup_fd, zmq.POLLIN)
         committer = ThreadPoolExecutor(1, thread_name_prefix="relay-commit")
         self._in_flight = None
+        # Bound once: an attribute of a zmq.Socket goes through its
+        # __getattr__ hook, several times the cost of a plain lookup.
+        self._recv, self._get = sock.recv, sock.get
         try:
             while not self._stop.is_set():
                 try:
@@ -274,8 +282,24 @@ class Relay:
 
     def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor) -> None:
         now = time.time()
-        timeout_ms = int(max(0.0, min(1.0, engine.next_deadline() - now)) * 1000) + 1
+        deadline = engine.next_deadline()
+        timeout_ms = int(max(0.0, min(1.0, deadline - now)) * 1000) + 1
         events = dict(poller.poll(timeout_ms))
+        first = None
+        if len(events) == 1 and sock in events and self._in_flight is None and not self._stalled \
+                and not self.security.enabled:
+            # Only the socket woke us, nothing in flight: maybe a lone send.
+            now = time.time()
+            first = self._read_one(sock)
+            if first is None:
+                return  # (a stale poll)
+            if now < deadline and not self._get(_EVENTS) & _POLLIN:
+                # Nothing due and nothing more waiting: a lone SEND is stored,
+                # committed and confirmed at once (engine.send_alone).
+                out = engine.send_alone(first[0], first[1:], now)
+                if out is not None:
+                    self._send(sock, out)
+                    return
         if self._wake_r in events:
             os.read(self._wake_r, 64)
         if self._wakeup_fd is not None and self._wakeup_fd in events:
@@ -292,7 +316,7 @@ class Relay:
         self.security.sweep(engine, now)  # sessions of keys removed since the last turn
         while self._stalled:
             engine.drop_session(self._stalled.pop(), "not reading (its send queue is full)", now)
-        commands, waiting = self._read(sock, engine, now, sock in events)
+        commands, waiting = self._read(sock, engine, now, sock in events, first)
         engine.tick(now)
         engine.pump(now)
         out = engine.take_output(now)
@@ -329,14 +353,35 @@ class Relay:
         self._in_flight = None
         self._send(sock, held)
 
-    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool) -> tuple[int, bool]:
+    def _read_one(self, sock: zmq.Socket) -> list[bytes] | None:
+        """One message's frames (without CURVE), or None if none was there."""
+        recv = self._recv
+        try:
+            frame = recv(_LAST, copy=False)
+        except zmq.Again:
+            return None
+        frames = [frame.bytes]
+        while frame.more:
+            frame = recv(_LAST, copy=False)
+            frames.append(frame.bytes)
+        return frames
+
+    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool,
+              first: list[bytes] | None = None) -> tuple[int, bool]:
         """Hand the engine one turn's worth of commands (TURN_COMMANDS,
         TURN_BYTES); returns how many were read, and whether input is still
-        waiting (a budget ended the turn).  `readable`: the poll saw input."""
+        waiting (a budget ended the turn).  `readable`: the poll saw input;
+        `first`: a message already read (without CURVE)."""
         budget = TURN_BYTES
         secure = self.security.enabled
-        recv, get = sock.recv, sock.get
+        recv, get = self._recv, self._get
         n = 0
+        if first is not None:
+            n = 1
+            readable = False
+            if len(first) >= 2:
+                engine.receive(first[0], first[1:], now)
+                budget -= len(first[-1])
         # ZMQ_EVENTS before each read (but the first, which the poll
         # answered): a recv that finds nothing raises zmq.Again, whose
         # construction costs more than the check.
@@ -374,13 +419,13 @@ class Relay:
         # Frame by frame with int flags: send_multipart's per-frame type
         # checks and IntFlag arithmetic cost more than the sends themselves.
         # A ROUTER fails (Again, EHOSTUNREACH) on the identity frame or not at all.
-        send = sock.send
+        send = _SEND
         for identity, frames in out:
             try:
-                send(identity, _MORE)
+                send(sock, identity, _MORE)
                 for frame in frames[:-1]:
-                    send(frame, _MORE)
-                send(frames[-1], _LAST)
+                    send(sock, frame, _MORE)
+                send(sock, frames[-1], _LAST)
             except zmq.Again:
                 if identity not in self._stalled:
                     log.warning("send to %s would block: dropping its session; the node will resync",

@@ -34,6 +34,14 @@ class Turn:
     def reply_after_commit(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
         self._after_commit.append((identity, self._encode(cmd, *fields)))
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to send, now or after a commit."""
+        return not self._now and not self._after_commit
+
+    def encode(self, cmd: Cmd, *fields: Any) -> list[bytes]:
+        return self._encode(cmd, *fields)
+
     def take_now(self) -> list[Output]:
         out, self._now = self._now, []
         return out

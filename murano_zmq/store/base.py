@@ -102,5 +102,10 @@ class Store(Protocol):
         """Make every sealed batch durable, in one transaction (safe from
         another thread while the writer goes on)."""
 
+    def commit_insert(self, messages: list[StoredMessage]) -> None:
+        """insert(), seal() and commit() in one call, from the writing
+        thread with no commit in flight: durable when it returns (a lone
+        send's path, relay/engine.py send_alone())."""
+
     def close(self) -> None:
         """Seal, commit and close."""

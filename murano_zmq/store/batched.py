@@ -207,6 +207,11 @@ class BatchedStore:
             with self._batches_lock:
                 self._batches = self._batches[len(sealed):]
 
+    def commit_insert(self, messages: list[StoredMessage]) -> None:
+        self.insert(messages)
+        self.seal()
+        self.commit()
+
     def rollback(self) -> None:
         """Drop every write since the last commit, written or buffered (the
         relay does this after a StoreError, then starts over from the store)."""

@@ -39,6 +39,7 @@ class RecordingStore(SQLiteStore):
     fail_next = 0  # how many of the next commits fail
     failed = False
     commits = 0
+    lone_commits = 0
 
     def __init__(self, data_dir: str):
         super().__init__(data_dir)
@@ -65,13 +66,21 @@ class RecordingStore(SQLiteStore):
 
     def commit(self) -> None:
         if self.in_transaction:
-            self.commits += 1
-            time.sleep(SYNC_DELAY)
-            if self.fail_next:
-                self.fail_next -= 1
-                self.failed = True
-                raise StoreError(sqlite3.OperationalError("disk I/O error (injected)"))
+            self._slow_sync()
         super().commit()
+
+    def commit_insert(self, messages) -> None:  # a lone send's path (engine.send_alone)
+        self.lone_commits += 1
+        self._slow_sync()
+        super().commit_insert(messages)
+
+    def _slow_sync(self) -> None:
+        self.commits += 1
+        time.sleep(SYNC_DELAY)
+        if self.fail_next:
+            self.fail_next -= 1
+            self.failed = True
+            raise StoreError(sqlite3.OperationalError("disk I/O error (injected)"))
 
     def durable(self, ids: list[bytes]) -> set[bytes]:
         """Which of `ids` a fresh reader finds committed, with their body's
@@ -128,6 +137,16 @@ class Watch:
             return receive(identity, frames, now, user, key)
 
         engine.receive = recording_receive
+        send_alone = engine.send_alone
+
+        def recording_send_alone(identity, frames, now, user=None):
+            command = decode(frames)
+            if command.cmd == Cmd.SEND:
+                req, records = command.fields
+                self.sends[(identity, req)] = [r[0] for r in records]
+            return send_alone(identity, frames, now, user)
+
+        engine.send_alone = recording_send_alone
 
 
 @pytest.fixture
@@ -166,6 +185,22 @@ def test_one_at_a_time_confirms_follow_their_commit(relay_with):
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert relay.engine.store.durable(ids) == set(ids)
+    assert relay.engine.store.lone_commits >= 30  # most took the lone-send path (engine.send_alone)
+
+
+def test_no_confirm_for_a_lone_send_whose_commit_failed(relay_with):
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.lone", b"a") for _ in range(5)]
+        store = relay.engine.store
+        lone = store.lone_commits
+        store.fail_next = 1
+        ids += [node.send("contract.lone", b"b") for _ in range(5)]  # the first is resent after a BYE
+        assert store.failed and store.lone_commits > lone
+    assert not errors
+    assert not watch.violations
+    assert store.durable(ids) == set(ids)
+    assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
 def test_pipelined_confirms_follow_their_commit(relay_with):

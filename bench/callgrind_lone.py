@@ -1,0 +1,105 @@
+"""Instructions per one-at-a-time confirmed send, counted by callgrind: a
+figure other load on the machine does not move (docs/performance.md).
+
+    python bench/callgrind_lone.py [relay|floor] [--count 1000]
+
+Starts the relay (this checkout's code) or the floor relay
+(bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
+lone sends from a raw DEALER, zeroes the counters, sends --count more one at
+a time (each waits for its confirm), dumps, and prints the process's
+instructions per send (all its threads) and SQLite's share
+(`_pysqlite_query_execute`, inclusive).  Needs valgrind; takes 1-2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import zmq
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from murano_zmq.protocol.constants import SIGNATURE  # noqa: E402
+from murano_zmq.protocol.frames import Cmd  # noqa: E402
+from murano_zmq.protocol.message import new_message_id  # noqa: E402
+from murano_zmq.testing import free_tcp_endpoint  # noqa: E402
+
+BODY = b"x" * 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sender(kind: str, endpoint: str):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    if kind == "floor":
+        def send() -> None:
+            sock.send(new_message_id(time.time()) + BODY)
+            sock.recv()
+        return sock, send
+    sock.send_multipart([SIGNATURE, bytes([Cmd.HELLO]), msgpack.packb(["cg", os.urandom(16), 30.0])])
+    sock.recv_multipart()  # (waits while valgrind starts the relay)
+    req = [0]
+
+    def send() -> None:
+        req[0] += 1
+        now = time.time()
+        record = [new_message_id(now), "lone", b"", BODY, now, None, False]
+        sock.send_multipart([SIGNATURE, bytes([Cmd.SEND]), msgpack.packb([req[0], [record]], use_bin_type=True)])
+        frames = sock.recv_multipart()
+        assert frames[1] == bytes([Cmd.CONFIRM]), frames
+    return sock, send
+
+
+def total(path: str, inclusive: bool, pattern: str) -> int:
+    out = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", path],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if re.search(pattern, line):
+            return int(line.split()[0].replace(",", ""))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor"], default="relay")
+    parser.add_argument("--count", type=int, default=1000)
+    args = parser.parse_args()
+    endpoint = free_tcp_endpoint()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.kind == "relay":
+            server = ["-m", "murano_zmq.relay", "--log-level", "WARNING", "--bind", endpoint, "--data-dir", tmp]
+        else:
+            server = [os.path.join(HERE, "floor_relay.py"), "serve", endpoint, os.path.join(tmp, "floor.db")]
+        out = os.path.join(tmp, "cg.out")
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p",
+                                 "--dump-instr=no", sys.executable, *server],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            sock, send = sender(args.kind, endpoint)
+            for _ in range(500):
+                send()
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+            for _ in range(args.count):
+                send()
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+            sock.close(linger=0)
+        finally:
+            proc.terminate()  # the floor relay ends on SIGTERM too (no handler: it dies)
+            proc.wait(60)
+        dump = min(glob.glob(f"{out}.*.1"))
+        n = args.count
+        ir = total(dump, False, "PROGRAM TOTALS")
+        sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")
+    print(f"{args.kind}: {ir / n:,.0f} instructions per lone send, SQLite (_pysqlite_query_execute) {sql / n:,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
