@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 DEFAULT_WATCH_INTERVAL = 2.0
 

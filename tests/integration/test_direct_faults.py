@@ -12,7 +12,7 @@ import socket
 import threading
 
 from ..helpers import wait_for
-from .test_direct import collect, consumers_of, counters
+from .test_direct import consumers_of, counters
 
 
 class CuttableProxy:

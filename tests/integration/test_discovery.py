@@ -12,7 +12,7 @@ import uuid
 from murano_zmq import Node
 from murano_zmq.discovery import Advert, Discovery
 
-from ..helpers import drain, free_tcp_endpoint, kill_mid_stream, wait_for
+from ..helpers import free_tcp_endpoint, kill_mid_stream, wait_for
 
 
 def _unique_name() -> str:

@@ -5,7 +5,6 @@ for publishers and subscribers that meet through it."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import signal
 import subprocess
