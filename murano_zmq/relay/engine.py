@@ -13,6 +13,7 @@ The rooms, each its own module:
   deadletters.py  expiry, drop-head, rejects and dead-letter mailboxes
   intake.py       SEND records: checks, ids already stored, storing
   turn.py         replies now and after the commit
+  recovery.py     the start: message numbering, mailboxes loaded back
   fabric.py       with several relays on one database (store.shared):
                   claims, leases, wake-ups, the sweeper
 This module decodes a command, checks who sent it, and calls the rooms;
@@ -32,7 +33,6 @@ from ..protocol.constants import (
     MAX_ENDPOINT,
     MAX_PREFETCH,
     MAX_PREFETCH_BYTES,
-    SEQ_GAP_AFTER_START,
 )
 from ..protocol.errors import (
     LocalProtocolError,
@@ -52,7 +52,8 @@ from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
 from .delivery import Delivery
 from .fabric import Fabric
-from .intake import Intake, usual_record
+from .intake import Intake
+from .recovery import recover
 from .mailboxes import Mailboxes
 from .sessions import Ctx, Sessions
 from .state import Mailbox
@@ -87,7 +88,7 @@ class RelayEngine:
         # (store/shared.py); None on a store this relay owns.
         shared = getattr(store, "shared", None)
         self.fabric = None if shared is None else Fabric(shared, self.boxes, self.delivery, self.dead)
-        self._recover(now)
+        recover(self, now)
 
     # --- views kept for callers (relay/server.py, security, tests) ---
 
@@ -117,33 +118,6 @@ class RelayEngine:
     @permissions.setter
     def permissions(self, value) -> None:
         self.sessions.permissions = value
-
-    # --- recovery --------------------------------------------------------------
-
-    def _recover(self, now: float) -> None:
-        if self.fabric is not None:
-            # Seqs from a block no other relay numbers in.  A message
-            # another relay may have delivered is marked by its claim
-            # (store/claims.py), not by its seq.
-            self.delivery.boot_seq = 0
-            self.fabric.shared.release_all()
-            self.boxes.recover(now)
-            self.dead.start(self.fabric.shared.seq_start())
-            return
-        # Messages stored before this start may have been out for delivery.
-        boot_seq = self.store.max_seq()
-        self.delivery.boot_seq = boot_seq
-        # Deliveries go out before their commit, so a crashed relay may have
-        # handed out tags above the last committed seq; a node may still ack
-        # one of them.  Numbering past every such tag keeps a late ACK from
-        # settling a newer message.
-        seq = boot_seq + SEQ_GAP_AFTER_START
-        self.store.reserve_seq(seq)  # durable now: a crash before any commit skips them too
-        self.boxes.recover(now)
-        self.dead.start(seq)
-        if self.boxes.by_name:
-            log.info("recovered %d mailboxes, %d messages", len(self.boxes.by_name),
-                     sum(mb.count for mb in self.boxes.by_name.values()))
 
     # --- input -------------------------------------------------------------------
 
@@ -205,29 +179,9 @@ class RelayEngine:
         req, records = fields
         if type(req) is not int or type(records) is not list or len(records) != 1:
             return None
-        record = records[0]
-        if not usual_record(record, self.boxes.by_name):
+        if not self.intake.store_alone(records[0], user, now):
             return None
-        msg_id, name, _, body, created, ttl, retry = record
-        mb = self.boxes.by_name[name]
-        opts = mb.options
-        if (mb.consumers or opts.max_length is not None or opts.max_bytes is not None
-                or len(body) > self.max_message_size
-                or (self.sessions.permissions is not None
-                    and not self.sessions.permissions.allows(user, "send", name))
-                or self.store.mailboxes_of([msg_id])):
-            return None
-        if ttl is None:
-            ttl = opts.message_ttl
-        row = self.dead.new_row(mb, msg_id, b"", body, created, None if ttl is None else now + ttl,
-                                1 if retry else 0)  # (intake.py: a retried record may have been out)
-        mb.append_tail(row)
-        mb.last_used = now
         peer.last_heard = peer.last_sent = now
-        counters = self.counters
-        counters["received"] += 1
-        counters["confirmed"] += 1
-        self.store.commit_insert([row])
         return [(identity, self.turn.encode(Cmd.CONFIRM, req, []))]
 
     def refuse(self, identity: bytes, frames: list[bytes], why: str, now: float) -> None:

@@ -134,6 +134,34 @@ class Intake:
         if rows:
             self.dead.enqueue_many(rows, now)
 
+    def store_alone(self, record, user: str | None, now: float) -> bool:
+        """RelayEngine.send_alone's record: stored and committed here if it
+        is in the usual shape, to a mailbox with no limits and no consumer,
+        allowed, within the size limit, with an id the store surely does not
+        hold; False (nothing changed) for anything else.  A failed commit
+        raises StoreError, as commit() does."""
+        if not usual_record(record, self.mailboxes.by_name):
+            return False
+        msg_id, name, _, body, created, ttl, retry = record
+        mb = self.mailboxes.by_name[name]
+        opts = mb.options
+        permissions = self.sessions.permissions
+        if (mb.consumers or opts.max_length is not None or opts.max_bytes is not None
+                or len(body) > self.max_message_size
+                or (permissions is not None and not permissions.allows(user, "send", name))
+                or self.store.mailboxes_of([msg_id])):
+            return False
+        if ttl is None:
+            ttl = opts.message_ttl
+        row = self.dead.new_row(mb, msg_id, b"", body, created, None if ttl is None else now + ttl,
+                                1 if retry else 0)  # (a retried record may have been out)
+        mb.append_tail(row)
+        mb.last_used = now
+        self.counters["received"] += 1
+        self.counters["confirmed"] += 1
+        self.store.commit_insert([row])
+        return True
+
 
 def usual_record(record, by_name: dict) -> bool:
     """Is this SEND record in the usual shape: to a known mailbox, with no

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
-from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE, TURN_BYTES, TURN_COMMANDS
+from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE
 from ..protocol.errors import StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
@@ -35,22 +35,16 @@ from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
 from .faults import FailureLog, prepare_data_dir
+from .wire import EVENTS, POLLIN, Wire
 
 log = logging.getLogger("murano_zmq.relay")
 
-# pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_LAST = int(zmq.NOBLOCK)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-# pyzmq's own send: zmq.Socket.send is a Python wrapper around it (a frame
-# and a super() call per frame sent).
-_SEND = zmq.backend.Socket.send
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
 
 
-class Relay:
+class Relay(Wire):
     """A relay bound to `config.bind`, storing in `config.data_dir`.
 
     run() blocks until stop() (from any thread) or a signal when
@@ -293,7 +287,7 @@ class Relay:
             first = self._read_one(sock)
             if first is None:
                 return  # (a stale poll)
-            if now < deadline and not self._get(_EVENTS) & _POLLIN:
+            if now < deadline and not self._get(EVENTS) & POLLIN:
                 # Nothing due and nothing more waiting: a lone SEND is stored,
                 # committed and confirmed at once (engine.send_alone).
                 out = engine.send_alone(first[0], first[1:], now)
@@ -352,88 +346,6 @@ class Relay:
         future.result()
         self._in_flight = None
         self._send(sock, held)
-
-    def _read_one(self, sock: zmq.Socket) -> list[bytes] | None:
-        """One message's frames (without CURVE), or None if none was there."""
-        recv = self._recv
-        try:
-            frame = recv(_LAST, copy=False)
-        except zmq.Again:
-            return None
-        frames = [frame.bytes]
-        while frame.more:
-            frame = recv(_LAST, copy=False)
-            frames.append(frame.bytes)
-        return frames
-
-    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool,
-              first: list[bytes] | None = None) -> tuple[int, bool]:
-        """Hand the engine one turn's worth of commands (TURN_COMMANDS,
-        TURN_BYTES); returns how many were read, and whether input is still
-        waiting (a budget ended the turn).  `readable`: the poll saw input;
-        `first`: a message already read (without CURVE)."""
-        budget = TURN_BYTES
-        secure = self.security.enabled
-        recv, get = self._recv, self._get
-        n = 0
-        if first is not None:
-            n = 1
-            readable = False
-            if len(first) >= 2:
-                engine.receive(first[0], first[1:], now)
-                budget -= len(first[-1])
-        # ZMQ_EVENTS before each read (but the first, which the poll
-        # answered): a recv that finds nothing raises zmq.Again, whose
-        # construction costs more than the check.
-        while readable or get(_EVENTS) & _POLLIN:
-            readable = False
-            if n == TURN_COMMANDS or budget <= 0:
-                return n, True
-            n += 1
-            try:
-                if secure:  # Frames: their metadata names the connection's key
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                else:  # a Frame says if more follow (no getsockopt(RCVMORE) per frame)
-                    frame = recv(_LAST, copy=False)
-            except zmq.Again:  # the poll's word was stale: nothing to read after all
-                return n - 1, False
-            if not secure:
-                frames = [frame.bytes]
-                while frame.more:
-                    frame = recv(_LAST, copy=False)
-                    frames.append(frame.bytes)
-            user = key = None
-            if secure:  # the connection's identity rides on every message
-                user, key, refusal = self.security.identify_key(frames[0])
-                frames = [f.bytes for f in frames]
-                if refusal is not None:
-                    engine.refuse(frames[0], frames[1:], refusal, now)
-                    continue
-            if len(frames) < 2:
-                continue
-            engine.receive(frames[0], frames[1:], now, user, key)
-            budget -= len(frames[-1])
-        return n, False
-
-    def _send(self, sock: zmq.Socket, out: list) -> None:
-        # Frame by frame with int flags: send_multipart's per-frame type
-        # checks and IntFlag arithmetic cost more than the sends themselves.
-        # A ROUTER fails (Again, EHOSTUNREACH) on the identity frame or not at all.
-        send = _SEND
-        for identity, frames in out:
-            try:
-                send(sock, identity, _MORE)
-                for frame in frames[:-1]:
-                    send(sock, frame, _MORE)
-                send(sock, frames[-1], _LAST)
-            except zmq.Again:
-                if identity not in self._stalled:
-                    log.warning("send to %s would block: dropping its session; the node will resync",
-                                identity.hex())
-                self._stalled.add(identity)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:  # unreachable: the peer is gone already
-                    log.warning("send to %s failed: %s", identity.hex(), exc)
 
 
 def run_relay(config: RelayConfig) -> int:

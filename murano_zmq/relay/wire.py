@@ -1,0 +1,112 @@
+"""The relay's socket I/O: commands read off the ROUTER into the engine (a
+turn's worth), replies written frame by frame.  A mixin of Relay
+(relay/server.py), which owns the socket, the security and the loop."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from ..protocol.constants import TURN_BYTES, TURN_COMMANDS
+from .engine import RelayEngine
+
+log = logging.getLogger("murano_zmq.relay")
+
+__all__ = ["EVENTS", "POLLIN", "Wire"]
+
+# pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+# pyzmq's own send: zmq.Socket.send is a Python wrapper around it (a frame
+# and a super() call per frame sent).
+_SEND = zmq.backend.Socket.send
+# Frames this long and longer are sent without a copy (pyzmq's threshold).
+ZERO_COPY_FROM = zmq.COPY_THRESHOLD
+
+
+class Wire:
+    """Relay's reads and writes (it sets `_recv`, `_get`, `security` and
+    `_stalled`)."""
+
+    def _read_one(self, sock: zmq.Socket) -> list[bytes] | None:
+        """One message's frames (without CURVE), or None if none was there.
+        A Frame says if more follow: no getsockopt(RCVMORE) per frame."""
+        recv = self._recv
+        try:
+            frame = recv(_LAST, copy=False)
+        except zmq.Again:
+            return None
+        frames = [frame.bytes]
+        while frame.more:
+            frame = recv(_LAST, copy=False)
+            frames.append(frame.bytes)
+        return frames
+
+    def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool,
+              first: list[bytes] | None = None) -> tuple[int, bool]:
+        """Hand the engine one turn's worth of commands (TURN_COMMANDS,
+        TURN_BYTES); returns how many were read, and whether input is still
+        waiting (a budget ended the turn).  `readable`: the poll saw input;
+        `first`: a message already read (without CURVE)."""
+        budget = TURN_BYTES
+        secure = self.security.enabled
+        get = self._get
+        n = 0
+        if first is not None:
+            n = 1
+            readable = False
+            if len(first) >= 2:
+                engine.receive(first[0], first[1:], now)
+                budget -= len(first[-1])
+        # ZMQ_EVENTS before each read (but the first, which the poll
+        # answered): a recv that finds nothing raises zmq.Again, whose
+        # construction costs more than the check.
+        while readable or get(EVENTS) & POLLIN:
+            readable = False
+            if n == TURN_COMMANDS or budget <= 0:
+                return n, True
+            n += 1
+            if secure:  # Frames: their metadata names the connection's key
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    frames = None
+            else:
+                frames = self._read_one(sock)
+            if frames is None:  # the poll's word was stale: nothing to read after all
+                return n - 1, False
+            user = key = None
+            if secure:  # the connection's identity rides on every message
+                user, key, refusal = self.security.identify_key(frames[0])
+                frames = [f.bytes for f in frames]
+                if refusal is not None:
+                    engine.refuse(frames[0], frames[1:], refusal, now)
+                    continue
+            if len(frames) < 2:
+                continue
+            engine.receive(frames[0], frames[1:], now, user, key)
+            budget -= len(frames[-1])
+        return n, False
+
+    def _send(self, sock: zmq.Socket, out: list) -> None:
+        # Frame by frame with int flags: send_multipart's per-frame type
+        # checks and IntFlag arithmetic cost more than the sends themselves.
+        # A ROUTER fails (Again, EHOSTUNREACH) on the identity frame or not at all.
+        send = _SEND
+        for identity, frames in out:
+            try:
+                send(sock, identity, _MORE)
+                for frame in frames[:-1]:
+                    send(sock, frame, _MORE)
+                last = frames[-1]  # a big DELIVER goes zero-copy, as pyzmq's own send would
+                send(sock, last, _LAST, len(last) < ZERO_COPY_FROM)
+            except zmq.Again:
+                if identity not in self._stalled:
+                    log.warning("send to %s would block: dropping its session; the node will resync",
+                                identity.hex())
+                self._stalled.add(identity)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:  # unreachable: the peer is gone already
+                    log.warning("send to %s failed: %s", identity.hex(), exc)

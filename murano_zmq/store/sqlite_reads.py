@@ -1,0 +1,109 @@
+"""The SQLite store's reads, on its reader connection (store/sqlite.py):
+the mailboxes and their counts at start-up, and the dialect store/batched.py
+asks for each turn (rows by seq, ids already stored, a mailbox's ready
+rows).  A body kept in a segment file is read from there."""
+
+from __future__ import annotations
+
+import msgpack
+
+from .base import MailboxRow, StoredMessage
+from .batch import WriteBatch, overlay
+from .schema import COLUMNS as _COLUMNS, ID_CHUNK
+
+__all__ = ["SQLiteReads"]
+
+# A row as StoredMessage's columns, where a body in a segment comes as the
+# text "seg,offset,length" (a stored body is always a BLOB): the common row
+# needs no other test or copy on the way to StoredMessage (_message()).
+_READ = _COLUMNS.replace(
+    "body", "CASE WHEN seg IS NULL THEN body ELSE seg || ',' || seg_off || ',' || seg_len END")
+
+
+class SQLiteReads:
+    """SQLiteStore's reads (a mixin: it uses the store's `_reader`,
+    `_read_lock` and `_segments`)."""
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    # --- at start-up ------------------------------------------------------------
+
+    def load_mailboxes(self) -> list[MailboxRow]:
+        return [
+            MailboxRow(i, name, msgpack.unpackb(opts), bool(declared))
+            for i, name, opts, declared in self._query(
+                "SELECT id, name, options, declared FROM mailboxes ORDER BY id")
+        ]
+
+    def mailbox_stats(self) -> dict[int, tuple[int, int]]:
+        return {
+            mb: (n, b or 0)
+            for mb, n, b in self._query(
+                "SELECT mailbox, count(*), sum(coalesce(seg_len, length(body))) FROM messages GROUP BY mailbox")
+        }
+
+    # --- reads (the dialect of store/batched.py) ------------------------------------
+
+    def _rows_at(self, seqs: list[int]) -> dict[int, StoredMessage]:
+        on_disk = {}
+        for i in range(0, len(seqs), ID_CHUNK):
+            chunk = seqs[i:i + ID_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT {_READ} FROM messages WHERE seq IN ({marks})", tuple(chunk)):
+                row = self._message(r)
+                if row is not None:
+                    on_disk[r[0]] = row
+        return on_disk
+
+    def _message(self, r: tuple) -> StoredMessage | None:
+        """A row read with _READ as a StoredMessage, its body read from its
+        segment (None: the body cannot be read)."""
+        if r[4].__class__ is not str:
+            return StoredMessage._make(r)
+        seg, off, length = map(int, r[4].split(","))
+        body = self._segments.read(seg, off, length, f"message {r[2].hex()} (seq {r[0]})")
+        if body is None:
+            return None
+        return StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
+
+    def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+        chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
+                              f"({','.join('?' * len(chunk))})", tuple(chunk))
+                  for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+        # (one chunk, the usual case, is passed on as it came: no copy)
+        return chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
+
+    def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
+                    wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
+        rows: list[StoredMessage] = []
+        stopped_at = None
+        with self._read_lock:
+            cursor = self._reader.execute(
+                f"SELECT {_READ} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                (mailbox_id, after_seq, wanted))
+            size = 0
+            deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
+            make = StoredMessage._make
+            for r in cursor:  # stop early: bodies past max_bytes are never read
+                if r[0] in deleted:
+                    continue
+                if r[4].__class__ is not str:
+                    row = make(r)
+                else:
+                    row = self._message(r)
+                    if row is None:
+                        continue
+                if counts and row.seq in counts:
+                    row = row._replace(deliveries=counts[row.seq])
+                rows.append(row)
+                size += len(row.body)
+                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                    stopped_at = row.seq  # rows after it were not read
+                    break
+            cursor.close()
+        return rows, stopped_at
+
+    def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
+        return f"NOT IN ({','.join('?' * len(dropped))})", tuple(dropped)
