@@ -207,7 +207,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             return
         with self._commit_lock:
             self._ids.stored([m.msg_id for m in messages])
-            try:
+
+            def write() -> None:
                 self._begin()
                 if self._seq_owed:
                     self._save_seq_mark(self._seq_owed)
@@ -217,19 +218,21 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                     self._seq_top = top
                 if stored != len(messages):  # (see _write: the mark covers a skipped row)
                     self._save_seq_mark(self._seq_top)
-                self._commit_tx()
-            except (sqlite3.Error, OSError) as exc:
-                self._rollback_tx()
-                raise StoreError(exc) from exc
-            if self._seq_saved >= self._seq_owed:
-                self._seq_owed = 0
+
+            self._committed(write)
 
     def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
         self._write_sealed(sealed)
+        if self._tx_open:
+            # the bodies first: a row never points at bytes not on disk
+            self._committed(self._segments.sync)
+
+    def _committed(self, write) -> None:
+        """(holding the commit lock) `write`, then COMMIT; a failure of
+        either rolls back and raises StoreError."""
         try:
-            if self._tx_open:
-                self._segments.sync()  # the bodies first: a row never points at bytes not on disk
-                self._commit_tx()
+            write()
+            self._commit_tx()
         except (sqlite3.Error, OSError) as exc:
             self._rollback_tx()
             raise StoreError(exc) from exc

@@ -29,12 +29,15 @@ def samples(engine, commits=None) -> dict:
             for family in RelayCollector(engine, commits).collect() for s in family.samples}
 
 
-def test_dead_letters_are_counted_by_reason(net):
+def expire_drop_and_reject(net, **dead_letter) -> dict:
+    """One message each expired, dropped at max_length and rejected, with
+    `dead_letter` (dead_letter="dlx") or none; the samples after."""
     app = net.node("app")
-    app.declare("dlx")
-    app.declare("short", message_ttl=1.0, dead_letter="dlx")
-    app.declare("tiny", max_length=1, overflow="drop-head", dead_letter="dlx")
-    app.declare("picky", dead_letter="dlx")
+    if dead_letter:
+        app.declare(dead_letter["dead_letter"])
+    app.declare("short", message_ttl=1.0, **dead_letter)
+    app.declare("tiny", max_length=1, overflow="drop-head", **dead_letter)
+    app.declare("picky", **dead_letter)
     app.send("short", "expires")
     app.send("tiny", "dropped", "kept")
     app.send("picky", "rejected")
@@ -44,7 +47,11 @@ def test_dead_letters_are_counted_by_reason(net):
     msg.nack(requeue=False)
     net.settle()
     net.run(seconds=2.0, step=0.5)  # the TTL passes
-    m = samples(net.engine)
+    return samples(net.engine)
+
+
+def test_dead_letters_are_counted_by_reason(net):
+    m = expire_drop_and_reject(net, dead_letter="dlx")
     for reason in ("expired", "maxlen", "rejected"):
         assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", moved)] == 1
         assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", dropped)] == 0
@@ -57,20 +64,7 @@ def test_dead_letters_are_counted_by_reason(net):
 
 def test_messages_dropped_with_no_dead_letter_mailbox_are_counted_as_rabbitmq_does(net):
     """RabbitMQ counts them too, with dead_letter_strategy="disabled"."""
-    app = net.node("app")
-    app.declare("short", message_ttl=1.0)
-    app.declare("tiny", max_length=1, overflow="drop-head")
-    app.declare("picky")
-    app.send("short", "expires")
-    app.send("tiny", "dropped", "kept")
-    app.send("picky", "rejected")
-    app.consume("picky")
-    net.settle()
-    (msg,) = [m for m in app.messages if m.mailbox == "picky"]
-    msg.nack(requeue=False)
-    net.settle()
-    net.run(seconds=2.0, step=0.5)
-    m = samples(net.engine)
+    m = expire_drop_and_reject(net)
     for reason in ("expired", "maxlen", "rejected"):
         assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", dropped)] == 1
         assert m[(f"rabbitmq_global_messages_dead_lettered_{reason}_total", moved)] == 0
