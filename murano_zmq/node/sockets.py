@@ -102,6 +102,7 @@ class NodeSockets:
         self.bind = bind
         self.on_topic = None  # (subscription id, [TopicEvent]) -> None, set by the runner
         self._sock: zmq.Socket | None = None
+        self._relay_unsent: list = []  # frames the relay DEALER could not take yet (see write)
         self._monitor: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
         self._links: dict[str, zmq.Socket] = {}
@@ -164,6 +165,7 @@ class NodeSockets:
             log.info("node %s: relay session to %s", self.core.name, endpoint)
         self.relay_endpoint = endpoint
         self._sock = relay_socket(self._context, endpoint, self._curve)
+        self._relay_unsent = []  # the new session replays what is unconfirmed
         # A dropped TCP connection loses the frames in it, and ZeroMQ would
         # reconnect under the same routing id without a word: watch it and
         # start a new session instead, replaying what is unconfirmed.
@@ -302,10 +304,21 @@ class NodeSockets:
         core = self.core
         touched = self._touched
         out = core.relay_out(now)
+        if self._relay_unsent:
+            out = self._relay_unsent + out
+            self._relay_unsent = []
         if out:
             touched.add(self._sock)
-        for frames in out:
-            self._sock.send_multipart(frames, copy=False)  # HWM 0: never blocks; frames over 64 KiB zero-copy
+        send = self._sock.send_multipart
+        for i, frames in enumerate(out):
+            try:  # (frames over 64 KiB go zero-copy)
+                send(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # HWM 0, so only a DEALER with no connection to hold them
+                # (a refused handshake, between reconnects) says so: they
+                # wait here, in order, for the next write, not in a blocked send.
+                self._relay_unsent = out[i:]
+                break
         if core.sender is not None:
             out = core.links_out(now)
             self._socket_ops()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from murano_zmq import Node
-from murano_zmq.protocol.errors import NodeClosed
+from murano_zmq.protocol.errors import NodeClosed, RelayUnavailable
 
 
 def test_a_failing_call_gets_its_error_and_the_node_goes_on(relay):
@@ -55,3 +55,20 @@ def test_calls_behind_a_failed_job_of_the_node_learn_it_is_closed(relay):
             node.status(timeout=10)
     finally:
         node.close()
+
+
+def test_a_send_with_no_connection_under_the_relay_socket_times_out_not_hangs(relay):
+    """A DEALER with no connection (after a refused CURVE handshake, until it
+    reconnects) would block a plain send in libzmq: the node's write keeps
+    the frames instead, and the send ends with RelayUnavailable at its timeout."""
+    with Node("unpiped", relay=relay.endpoint, direct=False) as node:
+        node.send("jobs.warm", b"x")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        # On the node's own thread (zmq sockets are not thread-safe): the
+        # DEALER loses its only connection, and no monitor event follows.
+        node._submit(lambda: done.set_result(node._io.relay_sock.disconnect(relay.endpoint)), done)
+        done.result(10)
+        t0 = time.monotonic()
+        with pytest.raises(RelayUnavailable):
+            node.send("jobs.box", b"held", timeout=1)
+        assert time.monotonic() - t0 < 5
