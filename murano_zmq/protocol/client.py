@@ -16,10 +16,10 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS
+from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS, KEPT_PACKER_BUFFER
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
-from .frames import Cmd, decode, encode
+from .frames import Cmd, decode, encode, encoder
 from .message import Message, parse_delivery
 
 # --- events the core hands to its driver --------------------------------------
@@ -98,6 +98,7 @@ class ClientCore:
         self._next_req = 1
         self._next_consumer = 1
         self._outbox: list[list[bytes]] = []
+        self._encode = encoder()  # the core is driven by one thread at a time
         self._unconfirmed: dict[int, list] = {}  # req -> SEND records
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
@@ -347,7 +348,10 @@ class ClientCore:
         return req
 
     def _put(self, cmd: Cmd, *fields: Any) -> None:
-        self._outbox.append(encode(cmd, *fields))
+        frames = self._encode(cmd, *fields)
+        if len(frames[2]) > KEPT_PACKER_BUFFER:
+            self._encode = encoder()  # not to keep a buffer that size
+        self._outbox.append(frames)
 
     @staticmethod
     def _encode_checked(cmd: Cmd, *fields: Any) -> list:

@@ -145,3 +145,7 @@ ID_CLOCK_BYTES = 6  # the big-endian millisecond clock a new id starts with
 
 # A CURVE public key (32 bytes) as z85 text, characters.
 Z85_KEY_LENGTH = 40
+
+# A kept msgpack Packer keeps its buffer at the largest size it has packed:
+# past this (msgpack's own default size) its owner drops it for a new one.
+KEPT_PACKER_BUFFER = 1024 * 1024

