@@ -1,8 +1,8 @@
-"""A blocking send on the caller's own thread (Node's fast path).
+"""A blocking send or request on the caller's own thread (Node's fast path).
 
-When Node's I/O thread sleeps on the sockets' FDs, a thread calling send()
-or send_many() takes `_owner`, writes its SEND, and polls the sockets until
-its CONFIRM comes, handing everything it reads to the NodeCore as the I/O
+When Node's I/O thread sleeps on the sockets' FDs, a thread calling send(),
+send_many() or a blocking request (declare, consume, status...) takes
+`_owner`, writes its command, and polls the sockets until its reply comes, handing everything it reads to the NodeCore as the I/O
 thread would; then it hands back.  See node/sync.py for the ownership rules.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import zmq
 
@@ -45,10 +46,12 @@ class OwnedSends:
         self._sleep.pause()  # the I/O thread sleeps on: the sockets' input is ours now
         return True
 
-    def _send_owned(self, records: list, waiters: list, slot: SendSlot, deadline: float) -> None:
-        """(holding _owner) write the records, then do the I/O thread's work
-        until `slot` is settled, the deadline passes, or the wake pipe says
-        someone else needs the I/O thread."""
+    def _send_owned(self, records: list, waiters: list, slot: SendSlot, deadline: float,
+                    job: Callable[[], None] | None = None) -> None:
+        """(holding _owner) write the records (or run `job`, a request that
+        settles `slot`), then do the I/O thread's work until `slot` is
+        settled, the deadline passes, or the wake pipe says someone else
+        needs the I/O thread."""
         io, core = self._io, self._core
         clean = False  # no input can be left behind a lost FD edge (see relay_turn)
         try:
@@ -57,6 +60,8 @@ class OwnedSends:
                 self._check_room(self.pending, len(records))
                 incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
                 jobs, self._jobs = self._jobs, deque()
+            if job is not None:
+                jobs.append((job, slot))  # after the others: acks before a later CANCEL
             try:
                 self._run_each(jobs)
             except BaseException:

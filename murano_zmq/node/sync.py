@@ -181,13 +181,17 @@ class Node(IOThread, OwnedSends, NodeBase):
         group = SendGroup(slot, [r[0] for r in records])
         return self._send_and_wait(records, [group] * len(records), slot, timeout)
 
-    def _send_and_wait(self, records: list, waiters: list, slot: SendSlot, timeout: float | None) -> Any:
-        """Send on this thread when the sockets are free, else through the
-        I/O thread; wait for `slot` either way."""
+    def _send_and_wait(self, records: list, waiters: list, slot: SendSlot, timeout: float | None,
+                       job: Callable[[], None] | None = None) -> Any:
+        """Send the records (or run `job`, a request settling `slot`) on this
+        thread when the sockets are free, else through the I/O thread; wait
+        for `slot` either way."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if self._take_sockets():
-            self._send_owned(records, waiters, slot, deadline)
+            self._send_owned(records, waiters, slot, deadline, job)
+        elif job is not None:
+            self._submit(job, slot)
         else:
             self._queue_records(records, waiters)
         if not slot.wait(deadline - time.monotonic()):
@@ -218,14 +222,13 @@ class Node(IOThread, OwnedSends, NodeBase):
         """
         self._check_consume(mailbox, prefetch, prefetch_bytes)
         consumer = Consumer(self, mailbox)
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        slot = SendSlot()
 
         def job() -> None:
-            consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
+            consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, slot, prefetch_bytes)
 
-        self._submit(job, future)
         try:
-            self._wait(future, timeout)
+            self._send_and_wait([], [], slot, timeout, job)
         except BaseException:
             consumer.cancel()  # else a consumer nobody reads would take messages later
             raise
@@ -294,9 +297,8 @@ class Node(IOThread, OwnedSends, NodeBase):
     # --- plumbing for API threads ---------------------------------------------------
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._core.request(cmd, *fields, waiter=future), future)
-        return self._wait(future, timeout)
+        slot = SendSlot()
+        return self._send_and_wait([], [], slot, timeout, lambda: self._core.request(cmd, *fields, waiter=slot))
 
     def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
         """Queue `job` for the I/O thread; `waiter` (the caller's future)
@@ -323,13 +325,6 @@ class Node(IOThread, OwnedSends, NodeBase):
                 threading.Thread(target=self._advertise, daemon=True).start()
 
         self._submit(job)
-
-    def _wait(self, future: concurrent.futures.Future, timeout: float | None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise self._timed_out(timeout) from None
 
     def _check_open(self) -> None:
         if self._closed.is_set():

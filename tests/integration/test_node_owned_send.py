@@ -1,6 +1,7 @@
-"""Node's blocking send on the caller's thread (docs/architecture.md, "Node:
-who owns the sockets"): a send that finds the I/O thread asleep writes its
-SEND itself and polls for the CONFIRM, then hands the sockets back.  These
+"""Node's blocking send (and request) on the caller's thread
+(docs/architecture.md, "Node: who owns the sockets"): a send that finds the
+I/O thread asleep writes its SEND itself and polls for the CONFIRM, then
+hands the sockets back.  These
 tests check the concurrency that brings: many threads sending while the I/O
 thread feeds a consumer, a relay that dies under a caller-owned wait, and
 close() during one."""
@@ -42,6 +43,25 @@ def test_lone_send_is_owned_by_the_caller(relay):
         assert not node._owner.locked() or node._io_turn  # handed back
         box = node.consume("owned.box")
         assert [box.get(timeout=10).body for _ in range(20)] == list(range(20))
+
+
+def test_blocking_requests_are_owned_by_the_caller(relay):
+    """declare, consume, status and a refused request take the same path as
+    a lone send: the caller writes the command and reads the reply (or the
+    error) itself."""
+    from murano_zmq.protocol.errors import MailboxNotFound
+
+    with Node("asker", relay=relay.endpoint) as node:
+        node.send("owned.warm", b"x")
+        entered, who = spy_owned(node)
+        assert node.declare("owned.req", ttl=60)["name"] == "owned.req"
+        box = node.consume("owned.req", direct=False)
+        assert any(mb["name"] == "owned.req" for mb in node.status()["mailboxes"])
+        with pytest.raises(MailboxNotFound):
+            node.declare("owned.missing", passive=True)
+        assert entered.is_set() and set(who) == {threading.get_ident()} and len(who) == 4
+        node.send("owned.req", 7)
+        assert box.get(timeout=10).body == 7
 
 
 def test_many_threads_send_while_the_io_thread_consumes(relay):
