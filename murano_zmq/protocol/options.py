@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .constants import MAX_LIMIT, OVERFLOW_REJECT, OVERFLOWS
@@ -47,7 +47,10 @@ class MailboxOptions:
                 raise ValueError(str(exc)) from None
 
     def to_map(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Not asdict(): it deep-copies each value (all scalars here), and a
+        # CONSUME's reply and every status entry build this map.
+        values = ((name, getattr(self, name)) for name in self.__dataclass_fields__)
+        return {name: value for name, value in values if value is not None}
 
     @classmethod
     def from_map(cls, data: Any) -> "MailboxOptions":
