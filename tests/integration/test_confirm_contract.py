@@ -2,9 +2,10 @@
 commit (the fsync) that holds every message it confirms.
 
 A real Relay loop (in a thread) runs over the SQLite store, slowed down (or
-made to fail) between its writes and the COMMIT that syncs them; what is
-durable is what an independent reader sees (WAL shows only committed,
-synced transactions).  Every CONFIRM the loop hands to its socket
+made to fail) between its writes and the COMMIT, or failing the WAL's sync
+after it (the writer runs at synchronous=NORMAL and syncs the WAL itself
+after each COMMIT but those of acks alone); what is durable is what an
+independent reader saw when a WAL sync that then returned began.  Every CONFIRM the loop hands to its socket
 is checked, at that instant, against what has been committed.  Load comes
 from a real Node: one-at-a-time sends (a commit per send) and pipelined
 send_many (turns overlapping their commits).  Bodies of 64 KiB go to segment
@@ -31,17 +32,21 @@ SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sy
 
 
 class RecordingStore(SQLiteStore):
-    """SQLiteStore that sleeps inside commit() before the COMMIT (the sync),
-    and can fail commits there as a failed fsync would.  What is durable is
-    read by an independent connection: in WAL mode a reader sees a
-    transaction only once its COMMIT (synced, synchronous=FULL) is done."""
+    """SQLiteStore that sleeps inside commit() before the COMMIT, and can
+    fail commits there, or the WAL's sync after one, as a failed fsync
+    would.  What is durable: the ids an independent connection saw when a
+    WAL sync began, once that sync returned (in WAL mode a reader sees a
+    transaction once its COMMIT is done)."""
 
     fail_next = 0  # how many of the next commits fail
+    fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
+    wal_syncs = 0
     failed = False
     commits = 0
     lone_commits = 0
 
     def __init__(self, data_dir: str):
+        self.wal_synced: set[bytes] = set()  # ids a WAL sync made durable (before super: it commits)
         super().__init__(data_dir)
         # Segment bytes count as synced only once a sync that began after
         # their write returned: seg -> end of the synced bytes.
@@ -74,6 +79,25 @@ class RecordingStore(SQLiteStore):
         self._slow_sync()
         super().commit_insert(messages)
 
+    def _sync_wal(self) -> None:
+        """The WAL's sync after a COMMIT (the writer runs at NORMAL): what
+        a reader sees when it begins is durable once it returns."""
+        visible = self._visible_ids()
+        self.wal_syncs += 1
+        if self.fail_wal_next:
+            self.fail_wal_next -= 1
+            self.failed = True
+            raise OSError(5, "Input/output error (injected fdatasync failure)")
+        super()._sync_wal()
+        self.wal_synced |= visible
+
+    def _visible_ids(self) -> set[bytes]:
+        reader = sqlite3.connect(self.path, timeout=10)
+        try:
+            return {row[0] for row in reader.execute("SELECT msg_id FROM messages")}
+        finally:
+            reader.close()
+
     def _slow_sync(self) -> None:
         self.commits += 1
         time.sleep(SYNC_DELAY)
@@ -94,7 +118,7 @@ class RecordingStore(SQLiteStore):
                 found.update(msg_id for msg_id, seg, end in reader.execute(
                     f"SELECT msg_id, seg, seg_off + seg_len FROM messages WHERE msg_id IN ({marks})", chunk)
                     if seg is None or end <= self.synced_to.get(seg, 0))
-            return found
+            return found & self.wal_synced if self._wal_fd is not None else found
         finally:
             reader.close()
 
@@ -201,6 +225,46 @@ def test_no_confirm_for_a_lone_send_whose_commit_failed(relay_with):
     assert not watch.violations
     assert store.durable(ids) == set(ids)
     assert store.durable(watch.confirmed) == set(watch.confirmed)
+
+
+def test_no_confirm_for_a_lone_send_whose_wal_sync_failed(relay_with):
+    """The COMMIT went through but the WAL's fdatasync after it failed: the
+    send is not confirmed (the node resends it after the relay's BYE), and
+    every confirm that left is durable."""
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.wal", b"a") for _ in range(5)]
+        store = relay.engine.store
+        assert store.wal_syncs >= 5
+        store.fail_wal_next = 1
+        ids += [node.send("contract.wal", b"b") for _ in range(5)]
+        assert store.failed
+    assert not errors
+    assert not watch.violations
+    assert store.durable(ids) == set(ids)
+    assert store.durable(watch.confirmed) == set(watch.confirmed)
+
+
+def test_acks_alone_commit_without_a_sync(relay_with):
+    """A transaction of acks alone is not synced (a crash would only
+    deliver those messages again); every send's is."""
+    relay, watch, _ = relay_with()
+    store = relay.engine.store
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = node.send_many([("contract.acks", b"m")] * 50)
+        syncs = store.wal_syncs
+        consumer = node.consume("contract.acks", direct=False)
+        for _ in range(50):
+            consumer.get(timeout=10).ack()
+        deadline = time.monotonic() + 10
+        while store._visible_ids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not store._visible_ids()  # every ack committed
+        assert store.wal_syncs == syncs
+        ids.append(node.send("contract.acks", b"after"))
+        assert store.wal_syncs > syncs
+    assert not watch.violations
+    assert store.durable(ids[-1:]) == set(ids[-1:])
 
 
 def test_pipelined_confirms_follow_their_commit(relay_with):

@@ -516,13 +516,33 @@ def test_uncommitted_writes_lost_when_object_dropped(open_store):
         s.close()
 
 
-def test_wal_and_full_sync(tmp_path):
+def test_wal_and_synced_commits(tmp_path, monkeypatch):
+    """WAL mode; the writer at NORMAL syncs the WAL itself after each COMMIT
+    (what FULL adds), but not after one of acks (deletes) alone."""
     store = SQLiteStore(str(tmp_path))
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
     try:
         assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        store.insert([msg(1), msg(2)])
+        flush(store)
+        assert synced == [store._wal_fd]
+        store.delete([1])
+        flush(store)
+        assert synced == [store._wal_fd]  # acks alone: no sync
+        store.delete([2])
+        store.insert([msg(3)])
+        flush(store)
+        assert synced == [store._wal_fd] * 2
     finally:
         store.close()
+    reopened = SQLiteStore(str(tmp_path))  # what the acks-only commit deleted stays deleted
+    try:
+        assert reopened.get(1) is None and reopened.get(2) is None and reopened.get(3) == msg(3)
+    finally:
+        reopened.close()
 
 
 def test_other_schema_version_refused(tmp_path):
