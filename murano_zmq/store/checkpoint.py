@@ -18,7 +18,8 @@ committing thread checkpoints itself, so the WAL stays bounded either way.
 
 Crash safety is SQLite's: a checkpoint copies only committed frames and
 syncs the database before it marks them copied; the WAL is reused only
-after that (synchronous=FULL on both connections).
+after that (this connection runs at FULL; the writer's NORMAL also syncs
+the WAL before a checkpoint and the database after one).
 """
 
 from __future__ import annotations
