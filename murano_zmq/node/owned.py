@@ -2,8 +2,9 @@
 
 When Node's I/O thread sleeps on the sockets' FDs, a thread calling send(),
 send_many() or a blocking request (declare, consume, status...) takes
-`_owner`, writes its command, and polls the sockets until its reply comes, handing everything it reads to the NodeCore as the I/O
-thread would; then it hands back.  See node/sync.py for the ownership rules.
+`_owner`, writes its command, and polls the sockets until its reply comes,
+handing everything it reads to the NodeCore as the I/O thread would; then
+it hands back.  See node/sync.py for the ownership rules.
 """
 
 from __future__ import annotations

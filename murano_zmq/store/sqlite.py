@@ -256,10 +256,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 if not batch.written:
                     if not self._tx_open:
                         self._begin()
-                        self._tx_synced = False  # until a batch writes more than acks
+                        # Not synced until a batch writes more than acks (or the owed mark).
+                        self._tx_synced = bool(self._seq_owed)
                         if self._seq_owed:
                             self._save_seq_mark(self._seq_owed)
-                            self._tx_synced = True
                     if not self._tx_synced and (self._segments.holds_any()
                                                 or any(kind != "delete" for kind, _ in batch.ops)):
                         self._tx_synced = True
