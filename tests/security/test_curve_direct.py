@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 
 import pytest
 import zmq
@@ -49,18 +50,26 @@ def depth(ops: Node, mailbox: str) -> int | None:
 
 def read_in_background(consumer, n: int) -> tuple[list, threading.Thread]:
     """Bodies of the next `n` messages, acked as they come (a direct send
-    returns only once the consumer's application acked it)."""
+    returns only once the consumer's application acked it).  The reader
+    gives up after 20 s without a message, or once `reader.stop` is set (a
+    test that reads fewer than `n`: no thread left waiting on a closed node)."""
     got: list = []
+    stop = threading.Event()
 
     def run():
-        while len(got) < n:
-            m = consumer.get(timeout=20)
+        idle_since = time.monotonic()
+        while len(got) < n and not stop.is_set():
+            m = consumer.get(timeout=0.2)
             if m is None:
-                return
+                if time.monotonic() - idle_since > 20:
+                    return
+                continue
+            idle_since = time.monotonic()
             got.append(m.body)
             m.ack()
 
     thread = threading.Thread(target=run, daemon=True)
+    thread.stop = stop
     thread.start()
     return got, thread
 
@@ -232,6 +241,8 @@ def test_a_key_removed_from_the_receiver_stops_an_open_direct_link(secure_relay,
     wait_for(lambda: send_until(lambda: counters(ops)["received"] > before), 20, interval=0.01,
              what="sends through the relay again")
     wait_for(lambda: len(got) == sent, 20, what="every message delivered")
+    reader.stop.set()
+    reader.join(5)
     assert got == list(range(sent))
     wait_for(lambda: "is not authorized here" in caplog.text, 10, what="the refusal on the open link")
 
