@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from murano_zmq import AsyncNode, Node  # noqa: E402
-from cmp_common import Meter, body_of, emit_with_server_rss, pct  # noqa: E402
+from cmp_common import Meter, body_of, chunk_of, emit_with_server_rss, pct, tune_client_heap  # noqa: E402
 
 TIMEOUT = 120
 # How often the expiry workload asks the relay what is left: a status of
@@ -134,7 +134,7 @@ def node_latency(node, body, count, meter):
 
 
 def node_pipelined(node, body, count, meter):
-    chunk = 10_000
+    chunk = chunk_of(len(body))
     meter.start()
     for start in range(0, count, chunk):
         node.send_many([("cmp.pipe", body)] * min(chunk, count - start), timeout=TIMEOUT)
@@ -158,8 +158,9 @@ async def ack_next_async(consumer, stalled: str) -> None:
 
 
 def node_consume(node, body, count, meter):
-    for start in range(0, count, 10_000):
-        node.send_many([("cmp.backlog", body)] * min(10_000, count - start), timeout=TIMEOUT)
+    chunk = chunk_of(len(body))
+    for start in range(0, count, chunk):
+        node.send_many([("cmp.backlog", body)] * min(chunk, count - start), timeout=TIMEOUT)
     meter.start()
     consumer = node.consume("cmp.backlog", prefetch=100, direct=False)
     for _ in range(count):
@@ -271,15 +272,17 @@ async def async_latency(node, body, count, meter):
 
 async def async_pipelined(node, body, count, meter):
     meter.start()
-    for start in range(0, count, 10_000):
-        await node.send_many([("cmp.pipe", body)] * min(10_000, count - start), timeout=TIMEOUT)
+    chunk = chunk_of(len(body))
+    for start in range(0, count, chunk):
+        await node.send_many([("cmp.pipe", body)] * min(chunk, count - start), timeout=TIMEOUT)
     cpu = meter.stop()
     return {"per_s": count / cpu["seconds"]}, count, cpu
 
 
 async def async_consume(node, body, count, meter):
-    for start in range(0, count, 10_000):
-        await node.send_many([("cmp.backlog", body)] * min(10_000, count - start), timeout=TIMEOUT)
+    chunk = chunk_of(len(body))
+    for start in range(0, count, chunk):
+        await node.send_many([("cmp.backlog", body)] * min(chunk, count - start), timeout=TIMEOUT)
     meter.start()
     consumer = await node.consume("cmp.backlog", prefetch=100)
     for _ in range(count):
@@ -350,6 +353,7 @@ def main() -> int:
     kind, workload, size, count, relay, server_pid = sys.argv[1:7]
     mailboxes, ttl = (int(sys.argv[7]), float(sys.argv[8])) if len(sys.argv) > 8 else (1, 60.0)
     size, count, server_pid = int(size), int(count), int(server_pid)
+    tune_client_heap()
     body = body_of(size)
     meter = Meter(server_pid)
     extra = (relay, mailboxes, ttl)[:EXTRA.get(workload, 0)]

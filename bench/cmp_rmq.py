@@ -19,7 +19,7 @@ import time
 import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cmp_common import Meter, body_of, emit_with_server_rss, pct  # noqa: E402
+from cmp_common import Meter, body_of, emit_with_server_rss, pct, tune_client_heap  # noqa: E402
 
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
 WINDOW = 1000  # unconfirmed publishes in flight (pipelined)
@@ -333,6 +333,7 @@ def main() -> int:
     mailboxes, ttl = (int(sys.argv[6]), float(sys.argv[7])) if len(sys.argv) > 7 else (1, 60.0)
     extra = (mailboxes, ttl) if workload in ("offline", "expiry") else ()
     meter = Meter(int(beam_pid))
+    tune_client_heap()
     metrics, messages, cpu = WORKLOADS[workload](url, body_of(int(size)), int(count), meter, *extra)
     emit_with_server_rss(workload, metrics, messages, cpu, int(beam_pid))
     return 0

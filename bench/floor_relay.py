@@ -19,7 +19,7 @@ import time
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cmp_common import Meter, body_of, emit, pct  # noqa: E402
+from cmp_common import Meter, body_of, emit, pct, tune_client_heap  # noqa: E402
 
 
 def serve(endpoint: str, path: str) -> None:
@@ -50,6 +50,7 @@ def serve(endpoint: str, path: str) -> None:
 
 
 def client(workload: str, size: int, count: int, endpoint: str, server_pid: int) -> None:
+    tune_client_heap()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(endpoint)

@@ -256,7 +256,9 @@ class DirectSender:
         return pairs
 
     def next_deadline(self) -> float:
-        deadline = min((link.next_deadline() for link in self._links.values()), default=float("inf"))
+        if not self._links:
+            return float("inf")  # (every turn asks: the usual case, answered at once)
+        deadline = min(link.next_deadline() for link in self._links.values())
         if self.paths.relay_up:  # escrow() is due when a link has stalled
             for endpoint, link in self._links.items():
                 since = link.stalled_since()

@@ -18,12 +18,12 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH
+from ..zmqio import EVENTS, POLLIN, read_message, send_message
 from .core import NodeCore
 from .links import OPEN
 
 log = logging.getLogger("murano_zmq.node")
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 # Where a node takes direct deliveries unless told otherwise: loopback, any port.
 DEFAULT_DIRECT_BIND = "tcp://127.0.0.1:*"
@@ -78,12 +78,23 @@ def check_endpoint(endpoint: str) -> str:
 
 
 def ready_frames(sock: zmq.Socket, copy: bool = True):
-    """The messages `sock` has now (up to READ_BATCH), without blocking."""
-    for _ in range(READ_BATCH):
-        try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-        except zmq.Again:
+    """The messages `sock` has now (up to READ_BATCH), without blocking.
+    ZMQ_EVENTS before each read but the first (which a poll answered): a
+    read that finds nothing raises zmq.Again, which costs more than asking."""
+    recv, get = sock.recv, sock.get
+    for n in range(READ_BATCH):
+        if n and not get(EVENTS) & POLLIN:
             return
+        if copy:
+            frames = read_message(recv)
+            if frames is None:
+                return
+        else:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+        yield frames
 
 
 class NodeSockets:
@@ -212,7 +223,7 @@ class NodeSockets:
             socks = self.sockets()
         else:
             socks = [self._by_fd[fd] for fd in fired if fd in self._by_fd]
-        return [sock for sock in socks if sock.getsockopt(_EVENTS) & _POLLIN]
+        return [sock for sock in socks if sock.get(EVENTS) & POLLIN]
 
     def input_waiting(self, touched_only: bool = False) -> bool:
         """Has any socket input queued?  A send reads the socket's pending
@@ -222,7 +233,7 @@ class NodeSockets:
         were left with their FD armed)."""
         touched, self._touched = self._touched, set()
         socks = touched if touched_only else self.sockets()
-        return any(sock.getsockopt(_EVENTS) & _POLLIN for sock in socks if not sock.closed)
+        return any(sock.get(EVENTS) & POLLIN for sock in socks if not sock.closed)
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
@@ -309,10 +320,10 @@ class NodeSockets:
             self._relay_unsent = []
         if out:
             touched.add(self._sock)
-        send = self._sock.send_multipart
+        sock = self._sock
         for i, frames in enumerate(out):
-            try:  # (frames over 64 KiB go zero-copy)
-                send(frames, zmq.NOBLOCK, copy=False)
+            try:
+                send_message(sock, frames)
             except zmq.Again:
                 # HWM 0, so only a DEALER with no connection to hold them
                 # (a refused handshake, between reconnects) says so: they

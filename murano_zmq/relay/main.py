@@ -65,7 +65,7 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the relay the parsed options describe; one line and 1 if it cannot start."""
-    from .heap import keep_freed_memory
+    from ..heap import keep_freed_memory
     from .server import RelayConfig, run_relay
 
     try:

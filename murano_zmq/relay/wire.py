@@ -9,21 +9,12 @@ import logging
 import zmq
 
 from ..protocol.constants import TURN_BYTES, TURN_COMMANDS
+from ..zmqio import EVENTS, POLLIN, read_message, send_message
 from .engine import RelayEngine
 
 log = logging.getLogger("murano_zmq.relay")
 
 __all__ = ["EVENTS", "POLLIN", "Wire"]
-
-# pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_LAST = int(zmq.NOBLOCK)
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-# pyzmq's own send: zmq.Socket.send is a Python wrapper around it (a frame
-# and a super() call per frame sent).
-_SEND = zmq.backend.Socket.send
-# Frames this long and longer are sent without a copy (pyzmq's threshold).
-ZERO_COPY_FROM = zmq.COPY_THRESHOLD
 
 
 class Wire:
@@ -31,18 +22,8 @@ class Wire:
     `_stalled`)."""
 
     def _read_one(self, sock: zmq.Socket) -> list[bytes] | None:
-        """One message's frames (without CURVE), or None if none was there.
-        A Frame says if more follow: no getsockopt(RCVMORE) per frame."""
-        recv = self._recv
-        try:
-            frame = recv(_LAST, copy=False)
-        except zmq.Again:
-            return None
-        frames = [frame.bytes]
-        while frame.more:
-            frame = recv(_LAST, copy=False)
-            frames.append(frame.bytes)
-        return frames
+        """One message's frames (without CURVE), or None if none was there."""
+        return read_message(self._recv)
 
     def _read(self, sock: zmq.Socket, engine: RelayEngine, now: float, readable: bool,
               first: list[bytes] | None = None) -> tuple[int, bool]:
@@ -94,14 +75,9 @@ class Wire:
         # Frame by frame with int flags: send_multipart's per-frame type
         # checks and IntFlag arithmetic cost more than the sends themselves.
         # A ROUTER fails (Again, EHOSTUNREACH) on the identity frame or not at all.
-        send = _SEND
         for identity, frames in out:
             try:
-                send(sock, identity, _MORE)
-                for frame in frames[:-1]:
-                    send(sock, frame, _MORE)
-                last = frames[-1]  # a big DELIVER goes zero-copy, as pyzmq's own send would
-                send(sock, last, _LAST, len(last) < ZERO_COPY_FROM)
+                send_message(sock, [identity, *frames])
             except zmq.Again:
                 if identity not in self._stalled:
                     log.warning("send to %s would block: dropping its session; the node will resync",

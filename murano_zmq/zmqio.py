@@ -1,0 +1,52 @@
+"""One message's frames read and written at pyzmq's Cython layer, for the
+hot paths of the relay loop (relay/wire.py) and the node's sockets
+(node/sockets.py).
+
+zmq.Socket's send_multipart and recv_multipart are Python wrappers: per
+frame a type check, IntFlag arithmetic and a super() call, and a
+getsockopt(RCVMORE); and a read that finds nothing raises zmq.Again, whose
+construction costs more than asking ZMQ_EVENTS first.  On a lone send
+those add up to several microseconds on each side of the wire.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+__all__ = ["EVENTS", "LAST", "MORE", "POLLIN", "ZERO_COPY_FROM", "read_message", "send_message"]
+
+# pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
+MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+LAST = int(zmq.NOBLOCK)
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+# pyzmq's own send: zmq.Socket.send wraps it (a frame and a super() call per frame sent).
+_SEND = zmq.backend.Socket.send
+# Frames this long and longer are sent without a copy (pyzmq's threshold).
+ZERO_COPY_FROM = zmq.COPY_THRESHOLD
+
+
+def read_message(recv) -> list[bytes] | None:
+    """One message's frames off a socket's bound `recv`, without blocking;
+    None if none was there.  A Frame says if more follow: no
+    getsockopt(RCVMORE) per frame."""
+    try:
+        frame = recv(LAST, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame.bytes]
+    while frame.more:
+        frame = recv(LAST, copy=False)
+        frames.append(frame.bytes)
+    return frames
+
+
+def send_message(sock: zmq.Socket, frames: list) -> None:
+    """Write one message's frames without blocking (zmq.Again if the socket
+    cannot take it: on a DEALER, or a ROUTER's first frame, nothing went).
+    A last frame of ZERO_COPY_FROM bytes or more goes zero-copy, as pyzmq's
+    own send would send it."""
+    send = _SEND
+    for frame in frames[:-1]:
+        send(sock, frame, MORE)
+    last = frames[-1]
+    send(sock, last, LAST, len(last) < ZERO_COPY_FROM)
