@@ -1,14 +1,20 @@
 """Instructions per one-at-a-time confirmed send, counted by callgrind: a
 figure other load on the machine does not move (docs/performance.md).
 
-    python bench/callgrind_lone.py [relay|floor] [--count 1000]
+    python bench/callgrind_lone.py [relay|floor|node|raw] [--count 1000]
 
-Starts the relay (this checkout's code) or the floor relay
+relay, floor: starts the relay (this checkout's code) or the floor relay
 (bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
 lone sends from a raw DEALER, zeroes the counters, sends --count more one at
 a time (each waits for its confirm), dumps, and prints the process's
 instructions per send (all its threads) and SQLite's share
-(`_pysqlite_query_execute`, inclusive).  Needs valgrind; takes 1-2 minutes.
+(`_pysqlite_query_execute`, inclusive).
+
+node, raw: the other side.  The relay runs as usual and the sending client
+runs under callgrind: a `Node` calling send(), or the raw DEALER above
+(what the wire protocol itself costs a client in Python).
+
+Needs valgrind; takes 1-2 minutes.
 """
 
 from __future__ import annotations
@@ -57,6 +63,57 @@ def sender(kind: str, endpoint: str):
     return sock, send
 
 
+CLIENT = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+import callgrind_lone
+from murano_zmq import Node
+kind, endpoint = sys.argv[1], sys.argv[2]
+if kind == "node":
+    node = Node("cg", relay=endpoint, timeout=60)
+    def send():
+        node.send("lone", callgrind_lone.BODY)
+else:
+    _, send = callgrind_lone.sender("relay", endpoint)
+for _ in range(500):
+    send()
+print("warm", flush=True)
+n = int(sys.stdin.readline())
+for _ in range(n):
+    send()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def client_under_callgrind(kind: str, count: int, tmp: str) -> str:
+    """Run the sending client under callgrind against a relay run as usual;
+    the dump of its lone sends."""
+    from murano_zmq.testing import RelayProcess
+
+    relay = RelayProcess(free_tcp_endpoint(), os.path.join(tmp, "data"), "--log-level", "WARNING").start()
+    out = os.path.join(tmp, "cg.out")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p",
+                             "--dump-instr=no", sys.executable, "-c", CLIENT, kind, relay.endpoint, HERE],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "warm"
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        proc.stdin.write(f"{count}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+        relay.stop()
+    return min(glob.glob(f"{out}.*.1"))
+
+
 def total(path: str, inclusive: bool, pattern: str) -> int:
     out = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", path],
                          capture_output=True, text=True, check=True).stdout
@@ -68,10 +125,15 @@ def total(path: str, inclusive: bool, pattern: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["relay", "floor"], default="relay")
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "raw"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
     args = parser.parse_args()
     endpoint = free_tcp_endpoint()
+    if args.kind in ("node", "raw"):
+        with tempfile.TemporaryDirectory() as tmp:
+            ir = total(client_under_callgrind(args.kind, args.count, tmp), False, "PROGRAM TOTALS")
+        print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.kind == "relay":
             server = ["-m", "murano_zmq.relay", "--log-level", "WARNING", "--bind", endpoint, "--data-dir", tmp]

@@ -188,7 +188,7 @@ class NodeCore:
 
     def _fill_sends(self) -> None:
         session = self.session
-        while session.state == State.READY and session.unconfirmed < MAX_IN_FLIGHT_BATCHES:
+        while self._relay_queue and session.state == State.READY and session.unconfirmed < MAX_IN_FLIGHT_BATCHES:
             dropped: list = []
             records, waiters = take_batch(self._relay_queue, session.max_message_size, dropped)
             if self.sender is not None:

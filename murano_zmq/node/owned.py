@@ -83,10 +83,11 @@ class OwnedSends:
                 version, poller = self._caller_poll or (None, None)
                 if version != io.version:
                     version, poller = self._caller_poll = (io.version, self._new_caller_poller())
-                wait = min(left, core.next_deadline() - time.time())
+                due = core.next_deadline()
+                wait = min(left, due - time.time())
                 ready = poller.poll(int(wait * 1000) + 1 if wait > 0 else 0)
                 if len(ready) == 1 and ready[0][0] is io.relay_sock:
-                    clean = io.relay_turn(time.time())  # the usual: our CONFIRM
+                    clean = io.relay_turn(time.time(), due)  # the usual: our CONFIRM
                     continue
                 ready = dict(ready)
                 if self._wake_r in ready or self._closed.is_set():

@@ -286,18 +286,27 @@ class NodeSockets:
             self.connect(now)
         self.flush(now, incoming)
 
-    def relay_turn(self, now: float) -> bool:
+    def relay_turn(self, now: float, due: float) -> bool:
         """A turn when only the relay socket had input (the common case of a
         send waiting for its CONFIRM): read it; tick and write only if that
-        left something to do or a deadline is due.  True when it read the
-        socket dry and wrote nothing: then no socket can hold input whose
-        FD edge is gone (the poll before it asked every socket)."""
+        left something to do or a deadline is due.  `due`: the core's next
+        deadline before the read (reading the relay only moves deadlines
+        later, and a settled core has no link whose deadline could come
+        sooner).  True when it read the socket dry and wrote nothing: then
+        no socket can hold input whose FD edge is gone (the poll before it
+        asked every socket)."""
         core = self.core
+        relay_frames = core.relay_frames
+        sock = self._sock
+        recv, get = sock.recv, sock.get
         read = 0
-        for frames in ready_frames(self._sock):
-            core.relay_frames(frames, now)
+        while read < READ_BATCH and (not read or get(EVENTS) & POLLIN):
+            frames = read_message(recv)
+            if frames is None:
+                break
+            relay_frames(frames, now)
             read += 1
-        if not core.settled_down() or now >= core.next_deadline():
+        if now >= due or not core.settled_down():
             self.turn((), now)
             return False
         return read < READ_BATCH

@@ -109,8 +109,10 @@ class PathTable:
         """The endpoints known to consume `mailbox` directly (LOOKUP's first,
         in its order, then discovery's): only those that may be used, or
         (usable False) also those whose link failed or whose key is unknown."""
-        ok = self._usable if usable else (lambda e: True)
         path = self._paths.get(mailbox)
+        if (path is None or not path.endpoints) and mailbox not in self._discovered:
+            return []  # (a mailbox no direct consumer is known for: the usual case)
+        ok = self._usable if usable else (lambda e: True)
         candidates = [e for e in path.endpoints if ok(e)] if path is not None else []
         candidates += [e for e in sorted(self._discovered.get(mailbox, ())) if e not in candidates and ok(e)]
         return candidates
