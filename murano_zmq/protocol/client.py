@@ -16,11 +16,16 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS, KEPT_PACKER_BUFFER
+import msgpack
+
+from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS, KEPT_PACKER_BUFFER, SIGNATURE
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
 from .message import Message, parse_delivery
+
+_CONFIRM = bytes([Cmd.CONFIRM])
+
 
 # --- events the core hands to its driver --------------------------------------
 
@@ -261,6 +266,17 @@ class ClientCore:
     def receive(self, frames: list[bytes], now: float) -> list:
         """Events for one command from the relay.  Invalid input raises
         RemoteProtocolError and changes nothing."""
+        if len(frames) == 3 and frames[1] == _CONFIRM and frames[0] == SIGNATURE:
+            # The usual reply, a CONFIRM with no errors, without decode()'s
+            # objects (any other shape goes the general way, which says why).
+            try:
+                fields = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+            except Exception:  # msgpack raises several unrelated types; decode() says what
+                fields = None
+            if type(fields) is list and len(fields) == 2 and type(fields[0]) is int and fields[1] == []:
+                self._last_heard = now
+                req = fields[0]
+                return [] if self._unconfirmed.pop(req, None) is None else [Confirmed(req, {})]
         command = decode(frames)
         self._last_heard = now
         handler = self._HANDLERS.get(command.cmd)

@@ -1,0 +1,61 @@
+"""ClientCore's CONFIRM: the usual one (no errors) takes a short way past
+decode(); every other shape goes the general way, with the same checks."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from murano_zmq.protocol.client import ClientCore, Confirmed, RelayLost
+from murano_zmq.protocol.constants import HEARTBEAT_LIVENESS, SIGNATURE
+from murano_zmq.protocol.errors import RemoteProtocolError
+from murano_zmq.protocol.frames import Cmd, encode
+from murano_zmq.protocol.message import new_message_id, pack_body, send_record
+
+CONFIRM = bytes([Cmd.CONFIRM])
+
+
+def ready_core() -> ClientCore:
+    core = ClientCore("n", os.urandom(16))
+    core.connection_made(0.0)
+    core.receive(encode(Cmd.WELCOME, "relay", 5.0, 1 << 20), 0.0)
+    return core
+
+
+def record(now: float) -> list:
+    return send_record(new_message_id(now), "m", b"", pack_body(b"x"), now, None)
+
+
+def test_a_confirm_without_errors_settles_its_send_once():
+    core = ready_core()
+    first, second = core.send([record(1.0)]), core.send([record(1.0)])
+    assert core.receive(encode(Cmd.CONFIRM, first, []), 6.0) == [Confirmed(first, {})]
+    silent_for = core.heartbeat * HEARTBEAT_LIVENESS
+    assert 6.0 > silent_for, "(else the tick below proves nothing)"
+    assert not any(isinstance(ev, RelayLost) for ev in core.tick(6.0 + silent_for - 0.01)), \
+        "a CONFIRM counts as word from the relay"
+    assert core.receive(encode(Cmd.CONFIRM, first, []), 3.0) == [], "a resend's second CONFIRM"
+    assert core.unconfirmed == 1
+    [confirmed] = core.receive(encode(Cmd.CONFIRM, second, [[0, 413, "too large"]]), 3.0)
+    assert confirmed.req == second and list(confirmed.errors) == [0]
+    assert core.unconfirmed == 0
+
+
+@pytest.mark.parametrize("frames", [
+    [SIGNATURE, CONFIRM, msgpack.packb([True, []])],  # a bool is no request id
+    [SIGNATURE, CONFIRM, msgpack.packb([1, "x"])],
+    [SIGNATURE, CONFIRM, msgpack.packb([1])],
+    [SIGNATURE, CONFIRM, b"\xc1"],  # not msgpack
+    [SIGNATURE, CONFIRM, msgpack.packb([1, []]), b"more"],
+    [b"ZMP9", CONFIRM, msgpack.packb([1, []])],
+    [SIGNATURE, CONFIRM, msgpack.packb([1, [[0, 413]]])],  # an error entry short of its text
+], ids=["bool-req", "str-errors", "one-field", "bad-msgpack", "four-frames", "signature", "short-entry"])
+def test_any_other_confirm_is_refused_and_changes_nothing(frames):
+    core = ready_core()
+    req = core.send([record(1.0)])
+    assert req == 1
+    with pytest.raises(RemoteProtocolError):
+        core.receive(frames, 2.0)
+    assert core.unconfirmed == 1
