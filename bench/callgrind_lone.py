@@ -1,7 +1,7 @@
 """Instructions per one-at-a-time confirmed send, counted by callgrind: a
 figure other load on the machine does not move (docs/performance.md).
 
-    python bench/callgrind_lone.py [relay|floor|node|raw] [--count 1000]
+    python bench/callgrind_lone.py [relay|floor|node|async|raw] [--count 1000]
 
 relay, floor: starts the relay (this checkout's code) or the floor relay
 (bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
@@ -10,9 +10,10 @@ a time (each waits for its confirm), dumps, and prints the process's
 instructions per send (all its threads) and SQLite's share
 (`_pysqlite_query_execute`, inclusive).
 
-node, raw: the other side.  The relay runs as usual and the sending client
-runs under callgrind: a `Node` calling send(), or the raw DEALER above
-(what the wire protocol itself costs a client in Python).
+node, async, raw: the other side.  The relay runs as usual and the sending
+client runs under callgrind: a `Node` calling send(), an `AsyncNode`
+awaiting send() in one coroutine, or the raw DEALER
+above (what the wire protocol itself costs a client in Python).
 
 Needs valgrind; takes 1-2 minutes.
 """
@@ -71,16 +72,29 @@ from murano_zmq import Node
 kind, endpoint = sys.argv[1], sys.argv[2]
 if kind == "node":
     node = Node("cg", relay=endpoint, timeout=60)
-    def send():
-        node.send("lone", callgrind_lone.BODY)
+    def send_n(n):
+        for _ in range(n):
+            node.send("lone", callgrind_lone.BODY)
+elif kind == "async":
+    import asyncio
+    from murano_zmq import AsyncNode
+    loop = asyncio.new_event_loop()
+    async def started():
+        return await AsyncNode("cg", relay=endpoint, timeout=60).start()
+    node = loop.run_until_complete(started())
+    async def sends(n):
+        for _ in range(n):
+            await node.send("lone", callgrind_lone.BODY)
+    def send_n(n):
+        loop.run_until_complete(sends(n))
 else:
     _, send = callgrind_lone.sender("relay", endpoint)
-for _ in range(500):
-    send()
+    def send_n(n):
+        for _ in range(n):
+            send()
+send_n(500)
 print("warm", flush=True)
-n = int(sys.stdin.readline())
-for _ in range(n):
-    send()
+send_n(int(sys.stdin.readline()))
 print("done", flush=True)
 sys.stdin.readline()
 """
@@ -125,11 +139,11 @@ def total(path: str, inclusive: bool, pattern: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "raw"], default="relay")
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
     args = parser.parse_args()
     endpoint = free_tcp_endpoint()
-    if args.kind in ("node", "raw"):
+    if args.kind in ("node", "async", "raw"):
         with tempfile.TemporaryDirectory() as tmp:
             ir = total(client_under_callgrind(args.kind, args.count, tmp), False, "PROGRAM TOTALS")
         print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")

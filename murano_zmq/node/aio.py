@@ -280,7 +280,7 @@ class AsyncNode(NodeBase):
         wait_for + shield: on time-out the future fails with RelayUnavailable
         (the core skips a done waiter; the message may still be stored)."""
         timeout = self.timeout if timeout is None else timeout
-        timer = self._loop.call_later(timeout, _expire, future, self._timed_out(timeout))
+        timer = self._loop.call_later(timeout, _expire, future, self._timed_out, timeout)
         try:
             return await future
         finally:
@@ -332,7 +332,13 @@ class AsyncNode(NodeBase):
             return
         try:
             io = self._io
-            io.turn(io.readable(), time.time(), self._take_outgoing())
+            ready = io.readable()
+            if len(ready) == 1 and ready[0] is io.relay_sock and not self._outgoing:
+                # The usual wake-up, a CONFIRM or DELIVER: read it, and a
+                # full turn only if that left something to do.
+                io.relay_turn(time.time(), self._core.next_deadline())
+            else:
+                io.turn(ready, time.time(), self._take_outgoing())
             self._failed_turns = 0
         except Exception:
             log.exception("node %s: a turn failed", self.name)
@@ -385,6 +391,6 @@ class AsyncNode(NodeBase):
 _FAILED_TURNS_LIMIT = 20
 
 
-def _expire(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+def _expire(future: asyncio.Future, timed_out, timeout: float) -> None:
+    if not future.done():  # (the error is made only now: most sends never need it)
+        future.set_exception(timed_out(timeout))

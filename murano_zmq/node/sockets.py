@@ -298,6 +298,7 @@ class NodeSockets:
         core = self.core
         relay_frames = core.relay_frames
         sock = self._sock
+        self._touched.add(sock)  # (its FD edge may be taken: input_waiting() asks it)
         recv, get = sock.recv, sock.get
         read = 0
         while read < READ_BATCH and (not read or get(EVENTS) & POLLIN):
