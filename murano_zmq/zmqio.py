@@ -1,6 +1,6 @@
-"""One message's frames read and written at pyzmq's Cython layer, for the
-hot paths of the relay loop (relay/wire.py) and the node's sockets
-(node/sockets.py).
+"""Messages read and written at pyzmq's Cython layer, for the hot paths of
+the relay loop (relay/wire.py) and the node's sockets (node/sockets.py,
+node/topics.py).
 
 zmq.Socket's send_multipart and recv_multipart are Python wrappers: per
 frame a type check, IntFlag arithmetic and a super() call, and a
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import zmq
 
-__all__ = ["EVENTS", "LAST", "MORE", "POLLIN", "ZERO_COPY_FROM", "read_message", "send_message"]
+from .protocol.constants import READ_BATCH
+
+__all__ = ["EVENTS", "LAST", "MORE", "POLLIN", "ZERO_COPY_FROM", "read_message", "ready_frames", "send_message"]
 
 # pyzmq flags as plain ints: IntFlag arithmetic per frame costs more than the send.
 MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -50,3 +52,23 @@ def send_message(sock: zmq.Socket, frames: list) -> None:
         send(sock, frame, MORE)
     last = frames[-1]
     send(sock, last, LAST, len(last) < ZERO_COPY_FROM)
+
+
+def ready_frames(sock: zmq.Socket, copy: bool = True):
+    """The messages `sock` has now (up to READ_BATCH), without blocking.
+    ZMQ_EVENTS before each read but the first (which a poll answered): a
+    read that finds nothing raises zmq.Again, which costs more than asking."""
+    recv, get = sock.recv, sock.get
+    for n in range(READ_BATCH):
+        if n and not get(EVENTS) & POLLIN:
+            return
+        if copy:
+            frames = read_message(recv)
+            if frames is None:
+                return
+        else:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+        yield frames

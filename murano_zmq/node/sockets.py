@@ -18,7 +18,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH
-from ..zmqio import EVENTS, POLLIN, read_message, send_message
+from ..zmqio import EVENTS, POLLIN, read_message, ready_frames, send_message
 from .core import NodeCore
 from .links import OPEN
 
@@ -75,26 +75,6 @@ def check_endpoint(endpoint: str) -> str:
         raise ValueError(f"not a ZeroMQ endpoint a node can connect to (e.g. tcp://127.0.0.1:5570): "
                          f"{endpoint!r} ({why})")
     return endpoint
-
-
-def ready_frames(sock: zmq.Socket, copy: bool = True):
-    """The messages `sock` has now (up to READ_BATCH), without blocking.
-    ZMQ_EVENTS before each read but the first (which a poll answered): a
-    read that finds nothing raises zmq.Again, which costs more than asking."""
-    recv, get = sock.recv, sock.get
-    for n in range(READ_BATCH):
-        if n and not get(EVENTS) & POLLIN:
-            return
-        if copy:
-            frames = read_message(recv)
-            if frames is None:
-                return
-        else:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-        yield frames
 
 
 class NodeSockets:
@@ -287,14 +267,11 @@ class NodeSockets:
         self.flush(now, incoming)
 
     def relay_turn(self, now: float, due: float) -> bool:
-        """A turn when only the relay socket had input (the common case of a
-        send waiting for its CONFIRM): read it; tick and write only if that
-        left something to do or a deadline is due.  `due`: the core's next
-        deadline before the read (reading the relay only moves deadlines
-        later, and a settled core has no link whose deadline could come
-        sooner).  True when it read the socket dry and wrote nothing: then
-        no socket can hold input whose FD edge is gone (the poll before it
-        asked every socket)."""
+        """A turn when only the relay socket had input (the usual wake-up: a
+        CONFIRM): read it; tick and write only if that left something to
+        do or `due` (the core's next deadline before the read: reading only
+        moves deadlines later) has come.  True when it read the socket dry
+        and wrote nothing: no socket then holds input whose FD edge is gone."""
         core = self.core
         relay_frames = core.relay_frames
         sock = self._sock

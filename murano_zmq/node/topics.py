@@ -20,7 +20,7 @@ import zmq
 
 from ..protocol.errors import RemoteProtocolError
 from ..protocol.topics import TopicEvent, decode_event, encode_event
-from .sockets import ready_frames
+from ..zmqio import ready_frames
 
 log = logging.getLogger("murano_zmq.node")
 
