@@ -27,7 +27,10 @@ per-pair ratios, oriented so that > 1 means murano-zmq is better.  A third
 column is the floor relay (bench/floor_relay.py, latency and pipelined
 only): what the disk and pyzmq alone cost.  CPU per message is the client's
 (getrusage, with its helper processes) and the server's (/proc/PID/stat of
-the relay / beam.smp) over each measured phase.
+the relay / beam.smp) over each measured phase.  Every client process,
+murano-zmq's and pika's alike, keeps its freed heap
+(murano_zmq.keep_freed_memory(), as the relay does), and a send_many call
+holds at most 32 MiB of bodies.
 
 RabbitMQ: --amqp URL uses a running broker (its beam.smp PID by --beam-pid
 for CPU); otherwise bench/rabbitmq.sh starts a loopback-only one and stops
