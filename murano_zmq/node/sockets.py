@@ -18,7 +18,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH
-from ..zmqio import EVENTS, POLLIN, read_message, ready_frames, send_message
+from ..zmqio import EVENTS, POLLIN, ready_frames, send_message
 from .core import NodeCore
 from .links import OPEN
 
@@ -276,12 +276,8 @@ class NodeSockets:
         relay_frames = core.relay_frames
         sock = self._sock
         self._touched.add(sock)  # (its FD edge may be taken: input_waiting() asks it)
-        recv, get = sock.recv, sock.get
         read = 0
-        while read < READ_BATCH and (not read or get(EVENTS) & POLLIN):
-            frames = read_message(recv)
-            if frames is None:
-                break
+        for frames in ready_frames(sock):
             relay_frames(frames, now)
             read += 1
         if now >= due or not core.settled_down():

@@ -275,8 +275,7 @@ class ClientCore:
                 fields = None
             if type(fields) is list and len(fields) == 2 and type(fields[0]) is int and fields[1] == []:
                 self._last_heard = now
-                req = fields[0]
-                return [] if self._unconfirmed.pop(req, None) is None else [Confirmed(req, {})]
+                return self._on_confirm(fields[0], fields[1])
         command = decode(frames)
         self._last_heard = now
         handler = self._HANDLERS.get(command.cmd)
