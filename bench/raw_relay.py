@@ -1,13 +1,14 @@
 """The relay alone, seen by a raw DEALER client: no Node threads in the figure.
 
-    python bench/raw_relay.py lone [--count 3000]       # one-at-a-time SEND, p50/p99
-    python bench/raw_relay.py pipe [--count 100000]     # pipelined SENDs, then consume+ack of them
+    python bench/raw_relay.py lone [--count 3000] [--size 1024]    # one-at-a-time SEND, p50/p99
+    python bench/raw_relay.py pipe [--count 100000] [--size 1024]  # pipelined SENDs, then consume+ack
 
 Starts a relay child process (this checkout's code) on a fresh data
 directory, speaks the wire protocol itself (docs/protocol.md: HELLO, SEND,
 CONSUME, ACK) with clock-led ids as `new_message_id()` makes them, and
 prints the rates and the relay's CPU per message (/proc/PID/stat, all its
-threads).  1 KiB bodies.  Run it under the bench lock on a shared machine.
+threads).  Bodies of --size bytes (1 KiB).  Run it under the bench lock on
+a shared machine.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from murano_zmq.protocol.frames import Cmd  # noqa: E402
 from murano_zmq.protocol.message import new_message_id  # noqa: E402
 from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 
-BODY = b"x" * 1024
 PER_SEND = 100  # records per pipelined SEND
 IN_FLIGHT = 10  # pipelined SENDs not yet confirmed
 
 
 class Client:
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, size: int):
+        self.body = b"x" * size
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -55,7 +56,7 @@ class Client:
     def send(self, mailbox: str, n: int) -> None:
         self.req += 1
         now = time.time()
-        records = [[new_message_id(now), mailbox, b"", BODY, now, None, False] for _ in range(n)]
+        records = [[new_message_id(now), mailbox, b"", self.body, now, None, False] for _ in range(n)]
         self.command(Cmd.SEND, self.req, records)
 
     def confirmed(self) -> None:
@@ -76,7 +77,7 @@ def lone(client: Client, pid: int, count: int) -> None:
         client.confirmed()
         samples.append(time.perf_counter() - t0)
     cpu = process_cpu(pid) - cpu0
-    print(f"one-at-a-time: {count} sends, p50 {pct(samples, 50) * 1e6:.0f} µs, p99 {pct(samples, 99) * 1e6:.0f} µs, "
+    print(f"one-at-a-time: {count} sends of {len(client.body):,} B, p50 {pct(samples, 50) * 1e6:.0f} µs, p99 {pct(samples, 99) * 1e6:.0f} µs, "
           f"relay CPU {cpu / count * 1e6:.0f} µs per send")
 
 
@@ -111,12 +112,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=["lone", "pipe"])
     parser.add_argument("--count", type=int, help="sends (default 3,000 lone, 100,000 pipelined)")
+    parser.add_argument("--size", type=int, default=1024, help="body bytes (default 1024)")
     args = parser.parse_args()
     count = args.count or (3000 if args.workload == "lone" else 100_000)
     with tempfile.TemporaryDirectory() as tmp:
         relay = RelayProcess(free_tcp_endpoint(), tmp, "--log-level", "WARNING").start()
         try:
-            client = Client(relay.endpoint)
+            client = Client(relay.endpoint, args.size)
             (lone if args.workload == "lone" else pipe)(client, relay.pid, count)
             client.sock.close(linger=0)
         finally:

@@ -11,7 +11,9 @@ an fsync.
 
 Bodies of segments.THRESHOLD bytes and up live in append-only segment
 files beside the database (store/segments.py), synced before the commit of
-the rows that point at them; the rows keep (seg, seg_off, seg_len).
+the rows that point at them; the rows keep (seg, seg_off, seg_len).  A lone
+send's commit keeps a body up to segments.LONE_INLINE_MAX in the database:
+one fsync instead of two.
 
 The WAL is checkpointed by a thread of its own (store/checkpoint.py), not
 inside a commit.
@@ -38,7 +40,7 @@ from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import THRESHOLD, Segments
+from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, is_busy, retry_busy, startup_error
 from .ids import CLOCK_BOUND, IdCeiling
@@ -69,12 +71,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     # A WAL that a burst grew past this is cut back to it when it restarts.
     WAL_SIZE_LIMIT = 16 << 20
 
-    def __init__(self, data_dir: str, segment_threshold: int = THRESHOLD, checkpoint: dict | None = None):
-        """checkpoint: Checkpointer's thresholds (commits=, nbytes=), for tests."""
+    def __init__(self, data_dir: str, segment_threshold: int = THRESHOLD, checkpoint: dict | None = None,
+                 lone_inline_max: int = LONE_INLINE_MAX):
+        """checkpoint: Checkpointer's thresholds (commits=, nbytes=), for tests.
+        lone_inline_max: the largest body commit_insert() keeps in the
+        database (0: bodies of segment_threshold and up always go to segments)."""
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._threshold = segment_threshold
+        self._lone_inline_max = max(lone_inline_max, segment_threshold - 1)
         try:
             self._segments = Segments(data_dir)
         except OSError as exc:
@@ -208,9 +214,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     def commit_insert(self, messages: list[StoredMessage]) -> None:
         """With nothing else to write, no batch: BEGIN, INSERT, COMMIT (what
         seal() and commit() would run for these rows, without their
-        bookkeeping: a lone send's path)."""
+        bookkeeping: a lone send's path).  Its bodies stay in the database
+        up to lone_inline_max: one fsync, where a segment would add its own."""
         batches = self._batches
-        if len(batches) > 1 or batches[0] or any(len(m.body) >= self._threshold for m in messages):
+        if len(batches) > 1 or batches[0] or any(len(m.body) > self._lone_inline_max for m in messages):
             super().commit_insert(messages)
             return
         with self._commit_lock:

@@ -8,9 +8,10 @@ after each COMMIT but those of acks alone); what is durable is what an
 independent reader saw when a WAL sync that then returned began.  Every CONFIRM the loop hands to its socket
 is checked, at that instant, against what has been committed.  Load comes
 from a real Node: one-at-a-time sends (a commit per send) and pipelined
-send_many (turns overlapping their commits).  Bodies of 64 KiB go to segment
-files (store/segments.py): their CONFIRM must follow both syncs, the segment's
-fdatasync and the COMMIT of the row that points at it.
+send_many (turns overlapping their commits).  Bodies of 64 KiB in a batch, and
+larger ones sent alone, go to segment files (store/segments.py): their CONFIRM
+must follow both syncs, the segment's fdatasync and the COMMIT of the row that
+points at it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode
 from murano_zmq.relay.server import Relay, RelayConfig
+from murano_zmq.store.segments import LONE_INLINE_MAX
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 from ..helpers import free_tcp_endpoint
@@ -300,18 +302,26 @@ def test_no_confirm_for_a_commit_that_failed(relay_with):
     assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
-BIG = b"L" * 65536  # above the segment threshold: the body goes to a segment file
+BIG = b"L" * 65536  # above the segment threshold: a batch puts the body in a segment file
+HUGE = b"H" * (LONE_INLINE_MAX + 1024)  # ... and so does a lone send
 
 
 def test_large_body_confirms_follow_both_syncs(relay_with):
     relay, watch, _ = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
-        ids = [node.send("contract.big", BIG) for _ in range(20)]
+        lone = [node.send("contract.big", BIG) for _ in range(10)]  # kept in the database
+        ids = lone + [node.send("contract.big", HUGE) for _ in range(10)]
         for _ in range(3):
             ids += node.send_many([("contract.big", BIG)] * 150, timeout=30)
         ids += [f.result(30) for f in [node.send_async("contract.big", b"s") for _ in range(100)]]
     store = relay.engine.store
-    assert store.segment_syncs >= 20
+    assert store.segment_syncs >= 10
+    reader = sqlite3.connect(store.path, timeout=10)
+    try:
+        in_database = {msg_id for msg_id, seg in reader.execute("SELECT msg_id, seg FROM messages") if seg is None}
+    finally:
+        reader.close()
+    assert set(lone[1:]) <= in_database  # (the first created the mailbox: not a lone commit)
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert store.durable(ids) == set(ids)

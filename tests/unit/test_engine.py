@@ -140,7 +140,7 @@ class FakeNet:
     def _open_store(self) -> SQLiteStore:
         if self.segment_threshold is None:
             return SQLiteStore(self.dir)
-        return SQLiteStore(self.dir, segment_threshold=self.segment_threshold)
+        return SQLiteStore(self.dir, segment_threshold=self.segment_threshold, lone_inline_max=0)
 
     def node(self, name: str, connect: bool = True) -> Node:
         identity = name.encode()

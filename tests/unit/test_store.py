@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA
-from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME
+from murano_zmq.store.segments import LONE_INLINE_MAX, SEGMENT_DIR, SPARE_NAME
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -68,7 +68,7 @@ class Backend:
         if self.kind == "sqlite":
             return SQLiteStore(str(where))
         if self.kind == "sqlite-segments":  # every body of 4 bytes and up in a segment file
-            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD)
+            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD, lone_inline_max=0)
         from murano_zmq.store.postgresql import PostgresStore
 
         from tests.pgserver import new_schema, with_schema
@@ -875,6 +875,38 @@ def test_large_bodies_are_in_segments_and_small_ones_in_the_database(tmp_path):
     assert len(segment_files(tmp_path)) == 1
     assert os.path.getsize(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])) == LARGE
     s.close()
+
+
+def test_a_lone_commit_keeps_a_body_up_to_lone_inline_max_in_the_database(tmp_path):
+    """commit_insert() of one lone send: one fsync, no segment, up to
+    LONE_INLINE_MAX; a larger body, or any in a batch, goes to a segment."""
+    s = SQLiteStore(str(tmp_path))
+    try:
+        s.commit_insert([msg(1, body=b"a" * LONE_INLINE_MAX)])
+        assert segment_files(tmp_path) == []
+        s.commit_insert([msg(2, body=b"b" * (LONE_INLINE_MAX + 1))])
+        s.insert([msg(3, body=b"c" * LARGE)])
+        flush(s)
+        rows = dict(s._db.execute("SELECT seq, seg IS NULL FROM messages").fetchall())
+        assert rows == {1: 1, 2: 0, 3: 0}
+        s.delete([1, 2])  # one range delete over a row in the database and one in a segment
+        flush(s)
+    finally:
+        s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"c" * LARGE]
+        s.delete([3])
+        flush(s)
+        assert s.load_ready(1, 0, 10) == [] and segment_files(tmp_path) == []  # the first life's, all read
+    finally:
+        s.close()
+    s = SQLiteStore(str(tmp_path / "always"), lone_inline_max=0)
+    try:
+        s.commit_insert([msg(1, body=b"a" * LARGE)])
+        assert len(segment_files(tmp_path / "always")) == 1
+    finally:
+        s.close()
 
 
 def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
