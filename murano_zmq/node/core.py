@@ -19,7 +19,8 @@ No zmq, asyncio, socket or threading import belongs here.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
+from operator import itemgetter
 from typing import Any, Callable
 
 from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, Replied, State
@@ -31,6 +32,8 @@ from ..protocol.message import Message
 from ..protocol.paths import HOLD
 from .common import Dispatcher, Orphan, take_batch
 from .links import DirectSender
+
+_MAILBOX = itemgetter(1)  # a SEND record's mailbox
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -149,10 +152,13 @@ class NodeCore:
         if self._held:  # held back earlier: they go first
             self._held.extend(incoming)
             routing, self._held = self._held, deque()
-        held_mailboxes: set[str] = set()
         sender = self.sender
-        if sender is not None:
-            sender.paths.relay_up = self.session.state == State.READY
+        if sender is None:  # (a node with no direct path holds nothing back)
+            self._relay_queue.extend(routing)
+            self._fill_sends()
+            return
+        held_mailboxes: set[str] = set()
+        sender.paths.relay_up = self.session.state == State.READY
         # A run of records to one mailbox that is bound to the relay (see
         # DirectSender.relay_bound) is queued without asking again per record.
         bound, bound_count = None, 0
@@ -165,22 +171,21 @@ class NodeCore:
             if bound_count:
                 sender.paths.via_relay(bound, bound_count)
                 bound, bound_count = None, 0
-            if sender is not None:
-                if self.session.state == State.READY and sender.paths.wants_lookup(mailbox, now):
-                    self._lookups[self.session.request(Cmd.LOOKUP, mailbox)] = mailbox
-                if mailbox in held_mailboxes:
-                    self._held.append((record, waiter))  # behind one held back: FIFO
-                    continue
-                path = sender.route(record, waiter, now)
-                if path == HOLD:
-                    held_mailboxes.add(mailbox)
-                    self._held.append((record, waiter))
-                    continue
-                if path is not None:
-                    self.sent["direct"] += 1
-                    continue
+            if self.session.state == State.READY and sender.paths.wants_lookup(mailbox, now):
+                self._lookups[self.session.request(Cmd.LOOKUP, mailbox)] = mailbox
+            if mailbox in held_mailboxes:
+                self._held.append((record, waiter))  # behind one held back: FIFO
+                continue
+            path = sender.route(record, waiter, now)
+            if path == HOLD:
+                held_mailboxes.add(mailbox)
+                self._held.append((record, waiter))
+                continue
+            if path is not None:
+                self.sent["direct"] += 1
+                continue
             self._to_relay(record, waiter)
-            if sender is not None and sender.relay_bound(mailbox):
+            if sender.relay_bound(mailbox):
                 bound = mailbox
         if bound_count:
             sender.paths.via_relay(bound, bound_count)
@@ -200,12 +205,9 @@ class NodeCore:
                 break
             req = session.send(records)
             self.sent["relay"] += len(records)
-            self.dispatch.sends[req] = [(w, r[0]) for w, r in zip(waiters, records)]
+            self.dispatch.sends[req] = (waiters, records)
             if self.sender is not None:
-                counts: dict[str, int] = {}
-                for r in records:
-                    counts[r[1]] = counts.get(r[1], 0) + 1
-                self._relay_sends[req] = counts
+                self._relay_sends[req] = Counter(map(_MAILBOX, records))  # (counted in C)
 
     def _to_relay(self, record: list, waiter) -> None:
         """Queue a record for the relay.  The path table counts it from now

@@ -39,6 +39,12 @@ def new_message_id(now: float) -> bytes:
     return ((int(now * 1000) << _RANDOM_BITS) | _id_bits.getrandbits(_RANDOM_BITS)).to_bytes(ID_SIZE, "big")
 
 
+def new_message_ids(now: float, count: int) -> list[bytes]:
+    """`count` of new_message_id(now), for a batch sent at one `now`."""
+    clock, bits = int(now * 1000) << _RANDOM_BITS, _id_bits.getrandbits
+    return [(clock | bits(_RANDOM_BITS)).to_bytes(ID_SIZE, "big") for _ in range(count)]
+
+
 def idempotent_id(key: str) -> bytes:
     """A message id derived from `key`: sending twice with the same key is
     sending the same message, which the relay and the receiving node's dedup
@@ -54,18 +60,35 @@ def idempotent_id(key: str) -> bytes:
 _free_packers: list[Callable[[Any], bytes]] = []
 
 
-def pack_body(body: Any) -> bytes:
+def take_packer() -> Callable[[Any], bytes]:
+    """A kept Packer's pack, for pack_body(body, pack) calls; give it back
+    with give_packer()."""
     try:
-        pack = _free_packers.pop()
+        return _free_packers.pop()
     except IndexError:
-        pack = msgpack.Packer(use_bin_type=True).pack
+        return msgpack.Packer(use_bin_type=True).pack
+
+
+def give_packer(pack: Callable[[Any], bytes], largest: int) -> None:
+    """Keep `pack` for the next caller, unless a pack of `largest` bytes
+    grew its buffer past KEPT_PACKER_BUFFER (then that goes with it)."""
+    if largest <= KEPT_PACKER_BUFFER:
+        _free_packers.append(pack)
+
+
+def pack_body(body: Any, pack: Callable[[Any], bytes] | None = None) -> bytes:
+    """`body` packed, with `pack` (take_packer()'s) or a kept Packer of its own."""
+    kept = pack is None
+    if kept:
+        pack = take_packer()
     try:
         packed = pack(body)
     except (TypeError, ValueError, OverflowError) as exc:
-        _free_packers.append(pack)
+        if kept:
+            give_packer(pack, 0)
         raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
-    if len(packed) <= KEPT_PACKER_BUFFER:  # else its grown buffer goes with it
-        _free_packers.append(pack)
+    if kept:
+        give_packer(pack, len(packed))
     return packed
 
 
