@@ -41,15 +41,11 @@ SEGMENT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_by_segment ON messages (se
 # so the relay's memory does not grow with the queue.
 CACHE_KIB = 16 * 1024
 
-# The writer's secure_delete: zero deleted rows only on pages written anyway
-# (SQLiteStore._open says why).
-SECURE_DELETE = "FAST"
-
 # Ids per "IN (...)" lookup (SQLite allows 32766 variables).
 ID_CHUNK = 500
 
 COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
 SEGMENT_COLUMNS = "seg, seg_off, seg_len"
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "MIGRATE_1_2", "SEGMENT_INDEX", "CACHE_KIB", "SECURE_DELETE", "ID_CHUNK",
-           "COLUMNS", "SEGMENT_COLUMNS"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "MIGRATE_1_2", "SEGMENT_INDEX", "CACHE_KIB", "ID_CHUNK", "COLUMNS",
+           "SEGMENT_COLUMNS"]

@@ -38,7 +38,7 @@ from . import space
 from .base import StoredMessage
 from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
-from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION, SECURE_DELETE
+from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, SEGMENT_COLUMNS, SEGMENT_INDEX
 from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
 from .checkpoint import Checkpointer
@@ -135,11 +135,6 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # store/checkpoint.py does it, off the commit path
         self._db.execute(f"PRAGMA journal_size_limit={self.WAL_SIZE_LIMIT}")
-        # Debian builds SQLite with SECURE_DELETE: every delete would zero the
-        # row's bytes and write whole freed pages (a 64 KiB body's sixteen
-        # overflow pages) into the WAL.  FAST zeroes only on pages written
-        # anyway: ~1.5 µs less per deleted 1 KiB row here (4.9 -> 3.4 µs).
-        self._db.execute(f"PRAGMA secure_delete={SECURE_DELETE}")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is not None and row[0] == 1:  # the same rows, and no body in a segment yet
