@@ -62,7 +62,11 @@ def record_size(record: list) -> int:
 
 def check_size(size: int, max_size: int | None) -> None:
     if max_size is not None and size > max_size:
-        raise MessageTooLarge(f"message of {size} bytes is over the relay's limit of {max_size}")
+        raise too_large(size, max_size)
+
+
+def too_large(size: int, max_size: int) -> MessageTooLarge:
+    return MessageTooLarge(f"message of {size} bytes is over the relay's limit of {max_size}")
 
 
 _UNCHECKED = object()
@@ -79,7 +83,7 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
     ids = iter(new_message_ids(now, len(messages)))
     checked = _UNCHECKED  # the last mailbox name checked
     pack, largest = take_packer(), 0
-    try:
+    try:  # (a failed call drops the Packer: a body that failed may have grown its buffer)
         for m in messages:
             if type(m) is tuple and len(m) == 2:
                 mailbox, body = m
@@ -99,8 +103,7 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
             append(build_record(mailbox, body, headers, ttl, now, max_size))
     except (TypeError, ValueError, OverflowError) as exc:  # pack()'s: build_record() raises its own kind
         raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
-    finally:
-        give_packer(pack, largest)
+    give_packer(pack, largest)
     return records
 
 
@@ -113,21 +116,17 @@ def take_batch(queue: deque, max_size: int, dropped: list | None = None) -> tupl
     """
     records, futures = [], []
     size = 0
-    limit = max_size if max_size is not None else SEND_BATCH_BYTES
     while queue and len(records) < SEND_BATCH:
         record, future = queue[0]
         record_bytes = len(record[3]) + len(record[2])  # record_size(), inline: once per record
         if records and size + record_bytes > SEND_BATCH_BYTES:
             break
         queue.popleft()
-        if record_bytes > limit:
-            try:
-                check_size(record_bytes, max_size)
-            except MessageTooLarge as exc:
-                _settle_future(future, error=exc)
-                if dropped is not None:
-                    dropped.append(record)
-                continue
+        if max_size is not None and record_bytes > max_size:
+            _settle_future(future, error=too_large(record_bytes, max_size))
+            if dropped is not None:
+                dropped.append(record)
+            continue
         size += record_bytes
         records.append(record)
         futures.append(future)

@@ -61,8 +61,8 @@ _free_packers: list[Callable[[Any], bytes]] = []
 
 
 def take_packer() -> Callable[[Any], bytes]:
-    """A kept Packer's pack, for pack_body(body, pack) calls; give it back
-    with give_packer()."""
+    """A kept Packer's pack, for a run of packs (send_many's records); give
+    it back with give_packer()."""
     try:
         return _free_packers.pop()
     except IndexError:
@@ -76,19 +76,14 @@ def give_packer(pack: Callable[[Any], bytes], largest: int) -> None:
         _free_packers.append(pack)
 
 
-def pack_body(body: Any, pack: Callable[[Any], bytes] | None = None) -> bytes:
-    """`body` packed, with `pack` (take_packer()'s) or a kept Packer of its own."""
-    kept = pack is None
-    if kept:
-        pack = take_packer()
+def pack_body(body: Any) -> bytes:
+    pack = take_packer()
     try:
         packed = pack(body)
     except (TypeError, ValueError, OverflowError) as exc:
-        if kept:
-            give_packer(pack, 0)
+        give_packer(pack, 0)
         raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
-    if kept:
-        give_packer(pack, len(packed))
+    give_packer(pack, len(packed))
     return packed
 
 

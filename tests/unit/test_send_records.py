@@ -97,3 +97,19 @@ def test_a_batch_with_an_error_or_mixed_waiters_goes_record_by_record():
     dispatch.sends[2] = ([group, group], records)
     dispatch.apply([Failed(2, error)])
     assert future.exception(0) is error
+
+
+def test_take_batch_fails_a_record_over_the_relay_limit_and_sends_the_rest():
+    from collections import deque
+
+    from murano_zmq.node.common import take_batch
+
+    records = build_records([("m", b"x" * 10), ("m", b"x" * 500), ("m", b"x" * 20)], NOW, None)
+    futures = [concurrent.futures.Future() for _ in records]
+    queue = deque(zip(records, futures))
+    dropped: list = []
+    sent, waiters = take_batch(queue, 100, dropped)
+    assert sent == [records[0], records[2]] and waiters == [futures[0], futures[2]]
+    assert dropped == [records[1]] and not queue
+    with pytest.raises(MessageTooLarge, match="over the relay's limit of 100"):
+        futures[1].result(0)
