@@ -877,6 +877,19 @@ def test_large_bodies_are_in_segments_and_small_ones_in_the_database(tmp_path):
     s.close()
 
 
+def reopen_and_drain(data_dir, seq: int, body: bytes) -> None:
+    """A restarted store finds one message left in mailbox 1, `body` at `seq`;
+    its delete leaves the mailbox empty."""
+    s = SQLiteStore(str(data_dir))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [body]
+        s.delete([seq])
+        flush(s)
+        assert s.load_ready(1, 0, 10) == []
+    finally:
+        s.close()
+
+
 def test_a_lone_commit_keeps_a_body_up_to_lone_inline_max_in_the_database(tmp_path):
     """commit_insert() of one lone send: one fsync, no segment, up to
     LONE_INLINE_MAX; a larger body, or any in a batch, goes to a segment."""
@@ -893,14 +906,8 @@ def test_a_lone_commit_keeps_a_body_up_to_lone_inline_max_in_the_database(tmp_pa
         flush(s)
     finally:
         s.close()
-    s = SQLiteStore(str(tmp_path))
-    try:
-        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"c" * LARGE]
-        s.delete([3])
-        flush(s)
-        assert s.load_ready(1, 0, 10) == [] and segment_files(tmp_path) == []  # the first life's, all read
-    finally:
-        s.close()
+    reopen_and_drain(tmp_path, 3, b"c" * LARGE)
+    assert segment_files(tmp_path) == []  # the first life's, all read
     s = SQLiteStore(str(tmp_path / "always"), lone_inline_max=0)
     try:
         s.commit_insert([msg(1, body=b"a" * LARGE)])
@@ -931,14 +938,7 @@ def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
     assert segment_files(tmp_path) == ["000000000004.seg"]
     assert has_spare(tmp_path)  # ...and the third, empty now, the spare
     s.close()
-    s = SQLiteStore(str(tmp_path))
-    try:
-        assert [m.body for m in s.load_ready(1, 0, 10)] == [b"x" * LARGE]
-        s.delete([10])
-        flush(s)
-        assert s.load_ready(1, 0, 10) == []
-    finally:
-        s.close()
+    reopen_and_drain(tmp_path, 10, b"x" * LARGE)
     SQLiteStore(str(tmp_path)).close()
     assert segment_files(tmp_path) == []  # a restart drops the files no row references
     assert has_spare(tmp_path)
