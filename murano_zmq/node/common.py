@@ -22,8 +22,9 @@ from ..protocol.client import (
 )
 from ..protocol.constants import SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
-from ..protocol.message import (ID_SIZE, check_name, give_packer, is_number, new_message_id, new_message_ids,
-                                pack_body, pack_headers, send_record, take_packer)
+from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
+                                new_message_ids, pack_body, pack_headers, send_record, take_packer,
+                                unpackable_body)
 from ..protocol.options import MailboxOptions
 
 log = logging.getLogger("murano_zmq.node")
@@ -101,8 +102,8 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
                     f"send_many takes (mailbox, body[, headers[, ttl]]) tuples, got {m!r}"[:200])
             mailbox, body, headers, ttl = (*m, None, None)[:4]
             append(build_record(mailbox, body, headers, ttl, now, max_size))
-    except (TypeError, ValueError, OverflowError) as exc:  # pack()'s: build_record() raises its own kind
-        raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
+    except PACK_ERRORS as exc:  # pack()'s: build_record() raises its own kind
+        raise unpackable_body(exc) from None
     give_packer(pack, largest)
     return records
 

@@ -207,7 +207,7 @@ class NodeCore:
             self.sent["relay"] += len(records)
             self.dispatch.sends[req] = (waiters, records)
             if self.sender is not None:
-                # (Counter counts in C, but costs ~5,000 instructions to make: not for a lone send)
+                # (Counter counts in C, but costs ~10,000 instructions to make: not for a lone send)
                 self._relay_sends[req] = Counter(map(_MAILBOX, records)) if len(records) > 1 else {records[0][1]: 1}
 
     def _to_relay(self, record: list, waiter) -> None:

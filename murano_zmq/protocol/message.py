@@ -76,13 +76,21 @@ def give_packer(pack: Callable[[Any], bytes], largest: int) -> None:
         _free_packers.append(pack)
 
 
+# What a Packer raises for a value it cannot pack.
+PACK_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def unpackable_body(exc: Exception) -> LocalProtocolError:
+    return LocalProtocolError(f"body is not msgpack-serialisable: {exc}")
+
+
 def pack_body(body: Any) -> bytes:
     pack = take_packer()
     try:
         packed = pack(body)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except PACK_ERRORS as exc:
         give_packer(pack, 0)
-        raise LocalProtocolError(f"body is not msgpack-serialisable: {exc}") from None
+        raise unpackable_body(exc) from None
     give_packer(pack, len(packed))
     return packed
 
