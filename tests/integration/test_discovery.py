@@ -82,7 +82,8 @@ def test_relay_auto_moves_to_another_relay_when_its_relay_dies(relay_factory, ma
     relays = {r.endpoint: r for r in (relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name,
                                                     data_dir=str(tmp_path / f"r{i}")) for i in range(2))}
     node = make_node("mover", relay=f"auto:{name}", heartbeat=0.2, timeout=60)
-    wait_for(lambda: len(node.relays) == 2, 15, what="both relays")
+    # (both found, and one of them taken: the node connects once it has found one)
+    wait_for(lambda: len(node.relays) == 2 and node.relay_endpoint is not None, 15, what="both relays, one in use")
     used = relays[node.relay_endpoint]
     other = next(r for e, r in relays.items() if e != used.endpoint)
     consumer = node.consume("work", prefetch=100, direct=False)
