@@ -24,6 +24,7 @@ import argparse
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,11 +142,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
     endpoint = free_tcp_endpoint()
     if args.kind in ("node", "async", "raw"):
         with tempfile.TemporaryDirectory() as tmp:
-            ir = total(client_under_callgrind(args.kind, args.count, tmp), False, "PROGRAM TOTALS")
+            dump = client_under_callgrind(args.kind, args.count, tmp)
+            ir = total(dump, False, "PROGRAM TOTALS")
+            if args.keep:
+                shutil.copy(dump, args.keep)
         print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,6 +178,8 @@ def main() -> int:
         n = args.count
         ir = total(dump, False, "PROGRAM TOTALS")
         sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")
+        if args.keep:
+            shutil.copy(dump, args.keep)
     print(f"{args.kind}: {ir / n:,.0f} instructions per lone send, SQLite (_pysqlite_query_execute) {sql / n:,.0f}")
     return 0
 
