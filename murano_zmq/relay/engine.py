@@ -57,7 +57,7 @@ from .recovery import recover
 from .mailboxes import Mailboxes
 from .sessions import Ctx, Sessions
 from .state import Mailbox
-from .turn import Output, Turn
+from .turn import DELETES_HELD_SECONDS, Output, Turn
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -335,6 +335,8 @@ class RelayEngine:
             deadline = min(deadline, self.fabric.next_deadline())
         if self.dead.next_expiry is not None:
             deadline = min(deadline, self.dead.next_expiry)
+        if self.turn.deletes_since is not None:
+            deadline = min(deadline, self.turn.deletes_since + DELETES_HELD_SECONDS)
         return deadline
 
     def tick(self, now: float) -> None:
@@ -380,6 +382,11 @@ class RelayEngine:
             if peer is not None:
                 peer.last_sent = now
         return out
+
+    def hold_deletes(self, now: float) -> bool:
+        """No commit this turn: its writes are a few recent deletes
+        (turn.py).  Not with a shared store, whose claims other relays read."""
+        return self.fabric is None and self.turn.hold_deletes(now)
 
     def prepare_commit(self) -> list[Output]:
         """Seal the turn's writes and return the replies that may go out

@@ -325,6 +325,8 @@ class Relay(Wire):
             if backlog:
                 return  # read on; this turn's writes join the next commit
             self._finish(sock)  # nothing else to do: wait for it here
+        if engine.hold_deletes(now):
+            return
         held = engine.prepare_commit()
         if not held and not engine.store.in_transaction:
             return

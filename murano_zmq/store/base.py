@@ -94,6 +94,11 @@ class Store(Protocol):
         """End the current batch: later writes go to the next commit.  Call
         it from the writing thread, between two operations."""
 
+    def open_deletes(self) -> int | None:
+        """How many rows the open batch deletes, if deletes are all it holds;
+        None if it holds anything else, or if this store's deletes must not
+        wait for a later commit (relay/turn.py holds them)."""
+
     @property
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""

@@ -126,10 +126,17 @@ def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = Fal
 def overlay(batches: list[WriteBatch]) -> tuple[set[int], dict[int, int]]:
     """What the batches do to committed rows of a mailbox none of them
     drops, at once: the seqs they delete, and the delivery counts they leave
-    (replay() for many rows, without a loop over the batches per row)."""
+    (replay() for many rows, without a loop over the batches per row).  To
+    read only: with one batch, or one that writes, they are that batch's own
+    (no copy of the deletes held for a later commit, relay/turn.py, per read)."""
+    writing = [b for b in batches if b.deleted or b.deliveries]
+    if not writing:
+        return set(), {}
+    if len(writing) == 1:
+        return writing[0].deleted, writing[0].deliveries
     deleted: set[int] = set()
     counts: dict[int, int] = {}
-    for b in batches:
+    for b in writing:
         deleted |= b.deleted
         counts.update(b.deliveries)
     return deleted, counts

@@ -193,6 +193,14 @@ class BatchedStore:
     def seal(self) -> None:
         self._seal_open()
 
+    def open_deletes(self) -> int | None:
+        """How many rows the open batch deletes, if deletes are all it
+        holds (acks, expiries); None if it holds anything else."""
+        ops = self._batches[-1].ops
+        if all(kind == "delete" for kind, _ in ops):
+            return sum(len(seqs) for _, seqs in ops)
+        return None
+
     @property
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""

@@ -188,6 +188,12 @@ class PostgresStore(BatchedStore):
         return [(seq, mailbox, bytes(msg_id)) for seq, mailbox, msg_id in self._query(
             "SELECT seq, mailbox, msg_id FROM messages WHERE msg_id = ANY(%s::bytea[])", (msg_ids,))]
 
+    def open_deletes(self) -> None:
+        """Deletes here are never held for a later commit (relay/turn.py):
+        a window read fetches every row its LIMIT allows, and held deletes
+        widen it (hidden_count)."""
+        return None
+
     def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
                     wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
         rows: list[StoredMessage] = []

@@ -46,6 +46,7 @@ from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import ID_SIZE, Message, pack_body, send_record
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.relay.state import READY_WINDOW
+from murano_zmq.relay.turn import DELETES_HELD_SECONDS
 from murano_zmq.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
@@ -475,6 +476,29 @@ def test_ack_deletes(net):
     net.settle()
     assert net.committed_rows() == 0
     assert net.engine.counters["acked"] == 2
+
+
+def test_the_engine_wakes_for_held_deletes(net):
+    """Acks alone wait for a later commit (relay/turn.py); the next
+    deadline is theirs at the latest."""
+    api, consumer = net.node("api"), net.node("c")
+    api.send("work", "a", "b")
+    consumer.consume("work")
+    net.settle()
+    consumer.ack(consumer.messages[:1])
+    net.turn()  # (FakeNet's turn commits: here the engine is asked first)
+    consumer.ack(consumer.messages[1:])
+    consumer.core.flush_acks()
+    for frames in consumer.core.drain():
+        net.engine.receive(consumer.identity, frames, net.now)
+    net.engine.tick(net.now)  # (the relay loop's turn, up to its commit)
+    net.engine.pump(net.now)
+    net.engine.take_output(net.now)
+    assert net.engine.hold_deletes(net.now)
+    assert net.engine.next_deadline() <= net.now + DELETES_HELD_SECONDS
+    assert net.engine.next_deadline() > net.now  # a deadline, not a busy loop
+    net.engine.commit()
+    assert net.committed_rows() == 0
 
 
 def test_ack_of_another_peers_tag_is_ignored(net):

@@ -798,6 +798,20 @@ def test_ids_that_are_not_clocks_are_always_looked_up(tmp_path):
         s.close()
 
 
+def test_open_deletes_counts_an_open_batch_of_deletes_alone(store):
+    """What relay/turn.py holds for a later commit: SQLite's deletes alone;
+    PostgreSQL's never (its window reads fetch every row the LIMIT allows)."""
+    store.insert([msg(1), msg(2), msg(3)])
+    flush(store)
+    sqlite = isinstance(store, SQLiteStore)
+    assert store.open_deletes() == (0 if sqlite else None)
+    store.delete([1, 2])
+    store.delete([3])
+    assert store.open_deletes() == (3 if sqlite else None)
+    store.insert([msg(4)])
+    assert store.open_deletes() is None
+
+
 def test_deletes_run_as_ranges_of_consecutive_seqs():
     from murano_zmq.store.batch import runs
     assert runs([]) == []

@@ -1,0 +1,75 @@
+"""A turn whose writes are deletes alone (acks, expiries) leaves them to a
+later commit (relay/turn.py): they are not synced anyway, and small commits
+of them, turn after turn, rewrote the same pages into the WAL.  Held until
+another commit takes them, DELETES_HELD_ROWS of them wait, or the first
+has waited DELETES_HELD_SECONDS; the engine's next deadline wakes the loop
+for that commit (tests/unit/test_engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from murano_zmq.protocol.frames import Cmd
+from murano_zmq.relay.turn import DELETES_HELD_ROWS, DELETES_HELD_SECONDS, Turn
+from murano_zmq.store.base import MailboxRow, StoredMessage
+from murano_zmq.store.sqlite import SQLiteStore
+
+NOW = 1000.0
+
+
+def msg(seq: int) -> StoredMessage:
+    return StoredMessage(seq, 1, seq.to_bytes(16, "big"), b"", b"body", 1.0, None, 0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    s.save_mailbox(MailboxRow(1, "work", {}, True))
+    s.insert([msg(seq) for seq in range(1, DELETES_HELD_ROWS + 10)])
+    s.seal()
+    s.commit()
+    yield s
+    s.close()
+
+
+def committed(store: SQLiteStore) -> int:
+    return store._db.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+
+def test_deletes_alone_wait_until_the_first_has_waited_long_enough(store):
+    turn = Turn(store)
+    rows = committed(store)
+    store.delete([1])
+    assert turn.hold_deletes(NOW) and turn.deletes_since == NOW
+    store.delete([2, 3])
+    assert turn.hold_deletes(NOW + DELETES_HELD_SECONDS / 2)
+    assert turn.deletes_since == NOW  # from the first
+    assert store.get(1) is None  # a read sees them at once (the open batch)
+    assert committed(store) == rows
+    assert not turn.hold_deletes(NOW + DELETES_HELD_SECONDS)
+    turn.commit()
+    assert committed(store) == rows - 3 and turn.deletes_since is None
+
+
+def test_many_deletes_are_committed_at_once(store):
+    turn = Turn(store)
+    store.delete(range(1, DELETES_HELD_ROWS))
+    assert turn.hold_deletes(NOW)
+    store.delete([DELETES_HELD_ROWS])
+    assert not turn.hold_deletes(NOW)
+
+
+def test_other_writes_or_a_held_reply_commit_this_turn(store):
+    turn = Turn(store)
+    assert not turn.hold_deletes(NOW)  # nothing to hold
+    store.delete([1])
+    store.insert([msg(10**6)])
+    assert store.open_deletes() is None
+    assert not turn.hold_deletes(NOW)
+    turn.commit()
+    store.delete([2])
+    turn.reply_after_commit(b"peer", Cmd.CONFIRM, 1, [])  # (a reply that waits for a commit)
+    assert not turn.hold_deletes(NOW)
+    store.delete([3])
+    store.seal()  # sealed writes wait for commit(): not held back either
+    assert not turn.hold_deletes(NOW)
