@@ -181,6 +181,7 @@ class RelayEngine:
             return None
         if not self.intake.store_alone(records[0], user, now):
             return None
+        self.turn.deletes_since = None  # (its commit took any deletes held: store/sqlite.py)
         peer.last_heard = peer.last_sent = now
         return [(identity, self.turn.encode(Cmd.CONFIRM, req, []))]
 

@@ -217,7 +217,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         bookkeeping: a lone send's path).  Its bodies stay in the database
         up to lone_inline_max: one fsync, where a segment would add its own."""
         batches = self._batches
-        if len(batches) > 1 or batches[0] or any(len(m.body) > self._lone_inline_max for m in messages):
+        # Deletes the relay holds for a later commit (relay/turn.py) go into
+        # this one: a lone send after an ack keeps its one sync.
+        held = batches[0] if len(batches) == 1 and batches[0] and self.open_deletes() else None
+        if (len(batches) > 1 or (batches[0] and held is None)
+                or any(len(m.body) > self._lone_inline_max for m in messages)):
             super().commit_insert(messages)
             return
         with self._commit_lock:
@@ -227,6 +231,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 self._begin()
                 if self._seq_owed:
                     self._save_seq_mark(self._seq_owed)
+                if held is not None:
+                    self._write(held)
                 stored = self._insert(messages)
                 top = max(m.seq for m in messages)
                 if top > self._seq_top:
@@ -235,6 +241,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                     self._save_seq_mark(self._seq_top)
 
             self._committed(write)
+            if held is not None:
+                with self._batches_lock:  # committed: reads need it no more
+                    self._batches = [WriteBatch()]
 
     def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
         self._write_sealed(sealed)

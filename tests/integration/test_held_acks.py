@@ -15,7 +15,7 @@ def mailbox(node: Node, name: str) -> dict:
     return next(mb for mb in node.status()["mailboxes"] if mb["name"] == name)
 
 
-def test_acks_a_clean_stop_finds_held_are_committed(relay_factory, tmp_path):
+def test_held_acks_are_committed_by_a_clean_stop(relay_factory, tmp_path):
     relay = relay_factory()
     with Node("held", relay=relay.endpoint, direct=False, timeout=15) as node:
         node.send_many([("held.box", b"m")] * 20)

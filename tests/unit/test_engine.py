@@ -486,8 +486,8 @@ def test_the_engine_wakes_for_held_deletes(net):
     consumer.consume("work")
     net.settle()
     consumer.ack(consumer.messages[:1])
-    net.turn()  # (FakeNet's turn commits: here the engine is asked first)
-    consumer.ack(consumer.messages[1:])
+    net.turn()  # the first ack through a whole turn (FakeNet's turn commits) ...
+    consumer.ack(consumer.messages[1:])  # ... the second step by step, as the relay loop takes it
     consumer.core.flush_acks()
     for frames in consumer.core.drain():
         net.engine.receive(consumer.identity, frames, net.now)

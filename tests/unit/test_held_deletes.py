@@ -73,3 +73,21 @@ def test_other_writes_or_a_held_reply_commit_this_turn(store):
     store.delete([3])
     store.seal()  # sealed writes wait for commit(): not held back either
     assert not turn.hold_deletes(NOW)
+
+
+def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
+    """A lone send right after acks (a consumer's reply, say) keeps its
+    path: the held deletes join its transaction, its 64 KiB body stays in
+    the database (no segment), and one sync makes both durable."""
+    store.delete([1, 2])
+    syncs = []
+    real = store._sync_wal
+    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
+    big = StoredMessage(10**6, 1, (10**6).to_bytes(16, "big"), b"", b"b" * 65536, 1.0, None, 0)
+    store.commit_insert([big])
+    assert syncs == [1]
+    assert len(store._batches) == 1 and not store._batches[0]
+    rows = dict(store._db.execute("SELECT seq, seg IS NULL FROM messages WHERE seq IN (1, 2, 3, ?)",
+                                  (10**6,)).fetchall())
+    assert rows == {3: 1, 10**6: 1}
+    assert store.get(1) is None and store.get(10**6).body == b"b" * 65536
