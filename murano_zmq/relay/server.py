@@ -326,7 +326,7 @@ class Relay(Wire):
                 return  # read on; this turn's writes join the next commit
             self._finish(sock)  # nothing else to do: wait for it here
         if engine.hold_deletes(now):
-            return
+            return  # acks alone: a later commit takes them (relay/turn.py)
         held = engine.prepare_commit()
         if not held and not engine.store.in_transaction:
             return

@@ -126,9 +126,10 @@ def replay(row: StoredMessage | None, batches: list[WriteBatch], own: bool = Fal
 def overlay(batches: list[WriteBatch]) -> tuple[set[int], dict[int, int]]:
     """What the batches do to committed rows of a mailbox none of them
     drops, at once: the seqs they delete, and the delivery counts they leave
-    (replay() for many rows, without a loop over the batches per row).  To
-    read only: with one batch, or one that writes, they are that batch's own
-    (no copy of the deletes held for a later commit, relay/turn.py, per read)."""
+    (replay() for many rows, without a loop over the batches per row).  For
+    reading only: when one batch alone deletes or counts, they are its own
+    set and dict (no copy, per window read, of the deletes the relay holds
+    for a later commit: relay/turn.py)."""
     writing = [b for b in batches if b.deleted or b.deliveries]
     if not writing:
         return set(), {}
