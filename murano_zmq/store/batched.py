@@ -11,7 +11,7 @@ _write).  Nothing here does I/O of its own.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .base import MailboxRow, StoredMessage
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
@@ -43,6 +43,10 @@ class BatchedStore:
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         raise NotImplementedError
+
+    def _first(self, sql: str, args: tuple, wanted: Callable[[tuple], bool]) -> tuple | None:
+        """The first row of a query that `wanted` accepts (None: none)."""
+        return next((r for r in self._query(sql, args) if wanted(r)), None)
 
     def _rows_at(self, seqs: list[int]) -> dict[int, StoredMessage]:
         """The committed rows of these seqs, by seq."""
@@ -150,13 +154,9 @@ class BatchedStore:
     def next_expiry(self, after: float) -> float | None:
         batches = self._pending()
         clause, dropped = self._not_dropped(dropped_mailboxes(batches))
-        found = None
-        for expires, seq, mailbox in self._query(
-                self._NEXT_EXPIRY_SQL.format(not_dropped=clause),
-                (after, *dropped, 1 + hidden_count(batches))):
-            if visible(seq, mailbox, batches):
-                found = expires
-                break
+        first = self._first(self._NEXT_EXPIRY_SQL.format(not_dropped=clause),
+                            (after, *dropped, 1 + hidden_count(batches)), lambda r: visible(r[1], r[2], batches))
+        found = first[0] if first is not None else None
         for r in inserted_rows(batches):
             if r.expires is not None and r.expires > after and (found is None or r.expires < found):
                 found = r.expires

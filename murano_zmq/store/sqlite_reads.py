@@ -28,6 +28,20 @@ class SQLiteReads:
         with self._read_lock:
             return self._reader.execute(sql, args).fetchall()
 
+    def _first(self, sql: str, args: tuple, wanted) -> tuple | None:
+        """The first row that `wanted` accepts, reading none after it: a
+        LIMIT widened by deletes not committed yet (up to 2,000 the relay
+        holds for a later commit, relay/turn.py) is not fetched whole."""
+        with self._read_lock:
+            cursor = self._reader.execute(sql, args)
+            try:
+                for row in cursor:
+                    if wanted(row):
+                        return row
+                return None
+            finally:
+                cursor.close()
+
     # --- at start-up ------------------------------------------------------------
 
     def load_mailboxes(self) -> list[MailboxRow]:

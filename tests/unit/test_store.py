@@ -421,6 +421,10 @@ def test_expired_and_next_expiry(store, committed):
     store.delete([2])
     assert store.expired(10.0, 10) == []
     assert store.next_expiry(float("-inf")) == 20.0
+    store.delete([4, 5])  # (not committed: the read passes over them to the first row left)
+    assert store.next_expiry(float("-inf")) == 30.0
+    store.delete([1])
+    assert store.next_expiry(float("-inf")) is None
 
 
 def test_mailboxes_round_trip_and_delete(store):
