@@ -217,13 +217,14 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         bookkeeping: a lone send's path).  Its bodies stay in the database
         up to lone_inline_max: one fsync, where a segment would add its own."""
         batches = self._batches
-        # Deletes the relay holds for a later commit (relay/turn.py) go into
-        # this one: a lone send after an ack keeps its one sync.
-        held = batches[0] if len(batches) == 1 and batches[0] and self.open_deletes() else None
-        if (len(batches) > 1 or (batches[0] and held is None)
+        # An open batch of deletes alone (held for a later commit by
+        # relay/turn.py) goes into this one: a lone send after an ack keeps
+        # its one sync.  Anything else takes the general path.
+        if (len(batches) > 1 or (batches[0] and not self.open_deletes())
                 or any(len(m.body) > self._lone_inline_max for m in messages)):
             super().commit_insert(messages)
             return
+        held = batches[0] if batches[0] else None
         with self._commit_lock:
             self._ids.stored([m.msg_id for m in messages])
 
