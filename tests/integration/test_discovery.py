@@ -27,6 +27,8 @@ def test_relay_auto_finds_an_advertised_relay(relay_factory, make_node):
     relay = relay_factory("--discovery-interfaces", "127.0.0.1", "--name", name)
     node = make_node("finder", relay=f"auto:{name}", discovery="127.0.0.1")
     assert node.relays == [relay.endpoint]
+    # (found, then taken: the node connects once it has found it)
+    wait_for(lambda: node.relay_endpoint is not None, 15, what="the relay in use")
     assert node.relay_endpoint == relay.endpoint
     node.send("found", "by zeroconf")
     assert node.status()["mailboxes"][0]["depth"] == 1
