@@ -1,0 +1,130 @@
+"""One-at-a-time sends through three paths in the same minutes: what the
+relay adds over the floor relay, and what Node adds over a raw client.
+
+    python bench/lone_paths.py [--rounds 10] [--block 200] [--size 1024] [--json]
+
+Starts this checkout's relay and the floor relay (bench/floor_relay.py),
+each on a fresh data directory, and sends one message at a time, each
+waiting for its confirm, in blocks of --block that take turns:
+
+  floor      a raw DEALER to the floor relay (one frame per message)
+  raw        a raw DEALER speaking the relay's wire protocol (HELLO, SEND)
+  node       a Node's send()
+  async      an AsyncNode's send(), awaited on an event loop of its own
+
+Taking turns in blocks puts the three in the same minutes of a machine
+whose lone-send latency swings by 2x within an hour (docs/performance.md),
+which a run per path (compare.py) cannot.  Prints p50/p90/p99 per path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cmp_common import pct  # noqa: E402
+from raw_relay import Client  # noqa: E402
+
+from murano_zmq import AsyncNode, Node  # noqa: E402
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATHS = ("floor", "raw", "node", "async")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of one block per path (10)")
+    parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
+    parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.block < 1 or args.size < 16:
+        parser.error("--rounds and --block must be at least 1, --size at least 16")
+    body = b"x" * args.size
+    samples: dict[str, list[float]] = {path: [] for path in PATHS}
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_endpoint = free_tcp_endpoint()
+        floor = subprocess.Popen([sys.executable, os.path.join(HERE, "floor_relay.py"), "serve", floor_endpoint,
+                                  os.path.join(tmp, "floor.db")], stdout=subprocess.PIPE)
+        relay = None
+        try:
+            if floor.stdout.readline().strip() != b"ready":
+                raise SystemExit("the floor relay did not start")
+            os.mkdir(os.path.join(tmp, "relay"))
+            relay = RelayProcess(free_tcp_endpoint(), os.path.join(tmp, "relay"), "--log-level", "WARNING").start()
+            floor_sock = zmq.Context.instance().socket(zmq.DEALER)
+            floor_sock.connect(floor_endpoint)
+            raw = Client(relay.endpoint, args.size)
+            loop = asyncio.new_event_loop()
+            anode = loop.run_until_complete(AsyncNode("lone-paths-async", relay.endpoint).start())
+            with Node("lone-paths", relay.endpoint) as node:
+
+                def send_floor() -> None:
+                    floor_sock.send(os.urandom(16) + body[16:])
+                    floor_sock.recv()
+
+                def send_raw() -> None:
+                    raw.send("lone.raw", 1)
+                    raw.confirmed()
+
+                def send_node() -> None:
+                    node.send("lone.node", body)
+
+                async def async_block(out: list, count: int) -> None:
+                    for _ in range(count):
+                        t0 = time.perf_counter()
+                        await anode.send("lone.async", body)
+                        out.append(time.perf_counter() - t0)
+
+                sends = {"floor": send_floor, "raw": send_raw, "node": send_node}
+
+                def block(path: str, out: list, count: int) -> None:
+                    if path == "async":  # (the loop runs only while its block does)
+                        loop.run_until_complete(async_block(out, count))
+                        return
+                    send = sends[path]
+                    for _ in range(count):
+                        t0 = time.perf_counter()
+                        send()
+                        out.append(time.perf_counter() - t0)
+
+                for path in PATHS:  # warm-up (the first send makes the mailbox)
+                    block(path, [], 50)
+                for _ in range(args.rounds):
+                    for path in PATHS:
+                        block(path, samples[path], args.block)
+            loop.run_until_complete(anode.close())
+            loop.close()
+            floor_sock.send(b"stop")
+            floor_sock.close(linger=1000)
+        finally:
+            if relay is not None:
+                relay.stop()
+            floor.kill()
+            floor.wait()
+    result = {path: {f"p{p}_us": pct(samples[path], p) * 1e6 for p in (50, 90, 99)} for path in PATHS}
+    if args.json:
+        print(json.dumps({"rounds": args.rounds, "block": args.block, "size": args.size, "paths": result}))
+        return 0
+    print(f"{args.rounds} rounds of {args.block} sends of {args.size:,} B per path")
+    print("| path | p50 | p90 | p99 |")
+    print("| --- | --- | --- | --- |")
+    for path in PATHS:
+        r = result[path]
+        print(f"| {path} | {r['p50_us']:,.0f} µs | {r['p90_us']:,.0f} µs | {r['p99_us']:,.0f} µs |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
