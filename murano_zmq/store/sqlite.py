@@ -39,7 +39,7 @@ from .base import StoredMessage
 from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
-from .schema import MIGRATE_1_2, SEGMENT_COLUMNS, SEGMENT_INDEX
+from .schema import MIGRATE_1_2, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
 from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, is_busy, retry_busy, startup_error
@@ -131,6 +131,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return db
 
     def _open(self) -> None:
+        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # (a no-op on a database that has pages)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # store/checkpoint.py does it, off the commit path

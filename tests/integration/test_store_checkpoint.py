@@ -12,10 +12,11 @@ import sys
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store.checkpoint import BEHIND
+from murano_zmq.store.schema import PAGE_SIZE
 from murano_zmq.store.sqlite import SQLiteStore
 
 BODY = b"x" * 1024
-LONE_COMMIT_WAL = 16 << 10  # WAL bytes of one commit of one row of BODY (~3.7 frames of 4 KiB)
+LONE_COMMIT_WAL = 4 * PAGE_SIZE  # WAL bytes of one commit of one row of BODY (~3.5 frames)
 
 
 def row(seq: int) -> StoredMessage:
@@ -40,8 +41,8 @@ def test_wal_stays_bounded_under_one_at_a_time_and_batched_commits(tmp_path):
         store.save_mailbox(MailboxRow(1, "m", {}, False))
         store.seal()
         store.commit()
-        # A lone commit adds ~15 KB to the WAL (under LONE_COMMIT_WAL): 3,000
-        # would grow a WAL that is never checkpointed to ~46 MB.  Restarted
+        # A lone commit adds ~3.5 pages to the WAL (under LONE_COMMIT_WAL):
+        # 3,000 would grow a WAL that is never checkpointed to ~85 MB.  Restarted
         # after each checkpoint it stays near 50 commits' worth; on a loaded
         # machine where the thread falls behind, the committing thread
         # checkpoints itself after BEHIND x 50 commits.
@@ -63,7 +64,7 @@ def test_the_writer_never_checkpoints_in_a_commit(tmp_path):
     try:
         store.save_mailbox(MailboxRow(1, "m", {}, False))
         commit_rows(store, 1, 600, 1)
-        assert wal_size(tmp_path) > 1000 * 4096
+        assert wal_size(tmp_path) > 1000 * PAGE_SIZE
     finally:
         store.close()
 
