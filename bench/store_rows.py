@@ -18,7 +18,7 @@ messages/s:
   append-only log   one write() of the packed SEND to a file of its own
 
 Every commit is durable as the relay's are: SQLite in WAL mode (with the
-relay's page cache size) at synchronous=FULL (an fdatasync of the WAL per
+relay's page size and page cache) at synchronous=FULL (an fdatasync of the WAL per
 commit), and a PASSIVE checkpoint after 200 commits or 4 MiB of bodies, the
 relay's thresholds (store/checkpoint.py), so the WAL restarts as the
 relay's does; the log runs an fdatasync per group of writes.  The rounds
@@ -45,7 +45,7 @@ import msgpack
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from murano_zmq.protocol.message import new_message_id  # noqa: E402
 from murano_zmq.store.checkpoint import CHECKPOINT_BYTES, CHECKPOINT_COMMITS  # noqa: E402
-from murano_zmq.store.schema import CACHE_KIB, SCHEMA  # noqa: E402
+from murano_zmq.store.schema import CACHE_KIB, PAGE_SIZE, SCHEMA  # noqa: E402
 from murano_zmq.store.sqlite import _INSERT_PLAIN  # noqa: E402  (the relay's usual INSERT)
 
 LAYOUTS = ("row per message", "row per SEND", "append-only log")
@@ -72,10 +72,11 @@ class Phase:
 
 def open_db(path: str, schema: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # the relay's
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA wal_autocheckpoint=0")
-    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # the relay's
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     db.executescript(schema)
     return db
 
