@@ -40,8 +40,9 @@ SEGMENT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_by_segment ON messages (se
 # Page size of a new database (an existing one keeps its own).  Pages of
 # 8 KiB hold a 1 KiB message's row with fewer page splits and WAL frames per
 # row than SQLite's 4 KiB: relay CPU per pipelined message -10 %, per consumed
-# message -15 % (bench/raw_relay.py pipe), lone sends alike within the noise
-# (docs/performance.md, session 9).
+# message -15 % (bench/raw_relay.py pipe).  A lone send's frames are twice
+# the size: +12,000 instructions (~9 µs) of its ~550 µs (docs/performance.md,
+# session 9).
 PAGE_SIZE = 8192
 
 # Page cache per connection, KiB (negative = KiB in SQLite's pragma): bounded
