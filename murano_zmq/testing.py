@@ -72,6 +72,11 @@ class RelayProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> "RelayProcess":
+        """Start the relay and wait until it answers.  A relay of this object
+        that still runs is left as it is (`with RelayProcess(...).start()`
+        enters a started one: a second would run on, unstopped)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "murano_zmq.relay", "--log-level", "INFO", "--bind", self.endpoint,
              "--data-dir", self.data_dir, *self.extra],

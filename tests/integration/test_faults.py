@@ -164,6 +164,28 @@ def test_sigterm_shuts_down_cleanly(relay_factory, tmp_path):
     del consumer
 
 
+def test_a_started_relay_process_entered_as_a_context_runs_once(tmp_path):
+    """`with RelayProcess(...).start() as relay` starts one relay: entering a
+    started one leaves it as it is (it started a second, which ran on after
+    the block, unstopped); the block's end stops it.  A stopped one starts
+    again (a restart)."""
+    from murano_zmq.testing import RelayProcess
+    from ..helpers import free_tcp_endpoint
+
+    relay = RelayProcess(free_tcp_endpoint(), str(tmp_path / "data")).start()
+    first = relay.proc
+    try:
+        with relay:
+            assert relay.proc is first and first.poll() is None
+        assert first.poll() is not None  # stopped, and waited for
+        relay.start()
+        assert relay.proc is not first and relay_answers(relay.endpoint, 10)
+    finally:
+        relay.kill()
+        if first.poll() is None:
+            first.kill()
+
+
 def test_relay_with_nothing_listening_gives_relay_unavailable(node_kind):
     from murano_zmq import RelayUnavailable
     from ..helpers import free_tcp_endpoint
