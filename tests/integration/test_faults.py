@@ -184,6 +184,7 @@ def test_a_started_relay_process_entered_as_a_context_runs_once(tmp_path):
         relay.kill()
         if first.poll() is None:
             first.kill()
+            first.wait(10)
 
 
 def test_relay_with_nothing_listening_gives_relay_unavailable(node_kind):
