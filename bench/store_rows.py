@@ -42,7 +42,10 @@ import time
 
 import msgpack
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cmp_common import pct  # noqa: E402
+
 from murano_zmq.protocol.message import new_message_id  # noqa: E402
 from murano_zmq.store.checkpoint import CHECKPOINT_BYTES, CHECKPOINT_COMMITS  # noqa: E402
 from murano_zmq.store.schema import CACHE_KIB, PAGE_SIZE, SCHEMA  # noqa: E402
@@ -159,11 +162,6 @@ def append_only_log(tmp: str, sends: list, per: int, group: int, count: int) -> 
 RUNS = {"row per message": row_per_message, "row per SEND": row_per_send, "append-only log": append_only_log}
 
 
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100_000, help="messages per layout and round (100,000)")
@@ -193,7 +191,7 @@ def main() -> int:
         row = {"layout": name, "rounds": results[name]}
         for phase in ("store", "settle"):
             runs = [r[phase] for r in results[name] if r[phase] is not None]
-            row[phase] = {k: median([r[k] for r in runs]) for k in ("user_us", "sys_us", "per_s")} if runs else None
+            row[phase] = {k: pct([r[k] for r in runs], 50) for k in ("user_us", "sys_us", "per_s")} if runs else None
         summary.append(row)
     if args.json:
         print(json.dumps({"count": count, "per": args.per, "group": args.group, "size": args.size,
