@@ -26,6 +26,27 @@ def process_cpu(pid: int | None) -> float:
         return 0.0
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of process `pid` by kind of thread: "loop" (its main
+    thread), "libzmq" (ZMQbg/* threads), "other" (the rest: a relay's
+    committer and checkpoint threads).  Empty if the process is gone."""
+    out = {"loop": 0.0, "libzmq": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue  # a thread that ended meanwhile
+        fields = rest.split()
+        kind = "loop" if tid == str(pid) else "libzmq" if "ZMQbg" in head else "other"
+        out[kind] += (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
 def own_cpu() -> float:
     """This process's CPU plus its waited-for children's (helper processes)."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

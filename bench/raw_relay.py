@@ -7,7 +7,8 @@ Starts a relay child process (this checkout's code) on a fresh data
 directory, speaks the wire protocol itself (docs/protocol.md: HELLO, SEND,
 CONSUME, ACK) with clock-led ids as `new_message_id()` makes them, and
 prints the rates and the relay's CPU per message (/proc/PID/stat, all its
-threads).  Bodies of --size bytes (1 KiB).  Run it under the bench lock on
+threads, then by kind of thread: its loop, libzmq's I/O thread, the rest:
+committer and checkpoint).  Bodies of --size bytes (1 KiB).  Run it under the bench lock on
 a shared machine.
 """
 
@@ -24,7 +25,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cmp_common import pct, process_cpu  # noqa: E402
+from cmp_common import pct, process_cpu, thread_cpu  # noqa: E402
 
 from murano_zmq.protocol.constants import SIGNATURE  # noqa: E402
 from murano_zmq.protocol.frames import Cmd  # noqa: E402
@@ -33,6 +34,11 @@ from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 
 PER_SEND = 100  # records per pipelined SEND
 IN_FLIGHT = 10  # pipelined SENDs not yet confirmed
+
+
+def by_thread(before: dict[str, float], after: dict[str, float], count: int) -> str:
+    """The relay's CPU per message by kind of thread, in µs."""
+    return ", ".join(f"{kind} {(after[kind] - before.get(kind, 0.0)) / count * 1e6:.1f}" for kind in after)
 
 
 class Client:
@@ -70,7 +76,7 @@ def lone(client: Client, pid: int, count: int) -> None:
         client.send("lone", 1)
         client.confirmed()
     samples = []
-    cpu0 = process_cpu(pid)
+    cpu0, threads0 = process_cpu(pid), thread_cpu(pid)
     for _ in range(count):
         t0 = time.perf_counter()
         client.send("lone", 1)
@@ -78,13 +84,13 @@ def lone(client: Client, pid: int, count: int) -> None:
         samples.append(time.perf_counter() - t0)
     cpu = process_cpu(pid) - cpu0
     print(f"one-at-a-time: {count} sends of {len(client.body):,} B, p50 {pct(samples, 50) * 1e6:.0f} µs, p99 {pct(samples, 99) * 1e6:.0f} µs, "
-          f"relay CPU {cpu / count * 1e6:.0f} µs per send")
+          f"relay CPU {cpu / count * 1e6:.0f} µs per send ({by_thread(threads0, thread_cpu(pid), count)})")
 
 
 def pipe(client: Client, pid: int, count: int) -> None:
     client.send("pipe", 1)  # makes the mailbox
     client.confirmed()
-    cpu0, t0 = process_cpu(pid), time.perf_counter()
+    cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
     sent = done = 0
     while done < count:
         while sent < count and sent - done < PER_SEND * IN_FLIGHT:
@@ -93,10 +99,11 @@ def pipe(client: Client, pid: int, count: int) -> None:
         client.confirmed()
         done += PER_SEND
     seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
-    print(f"pipelined: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message")
+    print(f"pipelined: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
+          f"({by_thread(threads0, thread_cpu(pid), count)})")
     client.req += 1
     client.command(Cmd.CONSUME, client.req, 1, "pipe", 1000, None)
-    cpu0, t0 = process_cpu(pid), time.perf_counter()
+    cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
     got = 0
     while got < count + 1:
         cmd, fields = client.recv()
@@ -105,7 +112,8 @@ def pipe(client: Client, pid: int, count: int) -> None:
         got += len(fields[1])
         client.command(Cmd.ACK, [r[0] for r in fields[1]])
     seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
-    print(f"consume+ack: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message")
+    print(f"consume+ack: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
+          f"({by_thread(threads0, thread_cpu(pid), count)})")
 
 
 def main() -> int:
