@@ -46,10 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from cmp_common import pct  # noqa: E402
 
-from murano_zmq.protocol.message import new_message_id  # noqa: E402
+from murano_zmq.protocol.message import new_message_ids  # noqa: E402
 from murano_zmq.store.checkpoint import CHECKPOINT_BYTES, CHECKPOINT_COMMITS  # noqa: E402
 from murano_zmq.store.schema import CACHE_KIB, PAGE_SIZE, SCHEMA  # noqa: E402
-from murano_zmq.store.sqlite import _INSERT_PLAIN  # noqa: E402  (the relay's usual INSERT)
+from murano_zmq.store.sqlite import _INSERT_PLAIN  # noqa: E402  (the relay's usual INSERT, MultiRowInsert)
 
 LAYOUTS = ("row per message", "row per SEND", "append-only log")
 
@@ -97,10 +97,14 @@ class Committer:
         self.db = db
         self.commits = self.nbytes = 0
 
-    def __call__(self, sql: str, params: list, nbytes: int = 0) -> None:
+    def __call__(self, sql, params: list, nbytes: int = 0) -> None:
+        """sql: a statement for executemany(), or a MultiRowInsert and its flat parameters."""
         db = self.db
         db.execute("BEGIN")
-        db.executemany(sql, params)
+        if isinstance(sql, str):
+            db.executemany(sql, params)
+        else:
+            sql.run(db, params)
         db.execute("COMMIT")
         self.commits += 1
         self.nbytes += nbytes
@@ -114,9 +118,9 @@ def row_per_message(tmp: str, sends: list, per: int, group: int, count: int) -> 
     commit = Committer(db)
     phase = Phase(count)
     for first, some in groups(sends, group):
-        rows = [((first + k) * per + i, 1, r[0], r[3], r[4], 0)
-                for k, (req, records) in enumerate(some) for i, r in enumerate(records)]
-        commit(_INSERT_PLAIN, rows, sum(len(r[3]) for r in rows))
+        params = [x for k, (req, records) in enumerate(some) for i, r in enumerate(records)
+                  for x in ((first + k) * per + i, 1, r[0], r[3], r[4], 0)]
+        commit(_INSERT_PLAIN, params, sum(len(r[3]) for req, records in some for r in records))
     stored = phase.done()
     phase = Phase(count)
     for first, some in groups(sends, group):
@@ -168,16 +172,23 @@ def main() -> int:
     parser.add_argument("--per", type=int, default=100, help="records per SEND (100)")
     parser.add_argument("--group", type=int, default=5, help="SENDs per commit (5)")
     parser.add_argument("--size", type=int, default=1024, help="body bytes (1024)")
+    parser.add_argument("--rate", type=float, default=60_000,
+                        help="the sender's messages/s, which spaces the ids' clocks (60,000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, the layouts alternating (2)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    if args.count < args.per or min(args.per, args.group, args.rounds) < 1 or args.size < 0:
+    if args.count < args.per or min(args.per, args.group, args.rounds) < 1 or args.size < 0 or args.rate <= 0:
         parser.error("--count must be at least --per; --per, --group and --rounds at least 1; "
-                     "--size not negative")
+                     "--size not negative; --rate above 0")
     count = args.count // args.per * args.per
     body, now = b"x" * args.size, time.time()
-    sends = [(req, [[new_message_id(now), "bench", b"", body, now, None, False] for _ in range(args.per)])
-             for req in range(count // args.per)]
+    # Ids as a sender makes them (new_message_ids(): one clock per SEND), the
+    # clock moving on at --rate: ids of one millisecond have random low bits,
+    # so one clock for all would make every id index insert a random one.
+    sends = []
+    for req in range(count // args.per):
+        at = now + req * args.per / args.rate
+        sends.append((req, [[m, "bench", b"", body, at, None, False] for m in new_message_ids(at, args.per)]))
     results: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
     for _ in range(args.rounds):
         for name in LAYOUTS:

@@ -192,6 +192,25 @@ def test_fields_round_trip_exactly(store):
     assert isinstance(store.get(7).body, bytes) and isinstance(store.get(7).msg_id, bytes)
 
 
+@pytest.mark.parametrize("count", [1, 2, 63, 64, 65, 127, 200, 500])
+def test_a_commit_of_many_rows_of_every_shape_stores_each_exactly(store, count):
+    """The SQLite store inserts many rows per statement (MultiRowInsert):
+    every row, of each shape (plain, with headers, with an expiry, large),
+    comes back as it went in, a duplicate among them skipped."""
+    rows = [StoredMessage(seq, 1 + seq % 3, seq.to_bytes(16, "big"),
+                          b"\x81\xa1k\xa1v" if seq % 4 == 1 else b"",
+                          bytes([seq % 256]) * (5 if seq % 5 else 9000), 1000.0 + seq,
+                          2000.5 + seq if seq % 3 == 2 else None, seq % 2)
+            for seq in range(1, count + 1)]
+    store.insert(rows)
+    flush(store)
+    assert store.get_many([r.seq for r in rows]) == rows
+    store.insert([msg(count + 1, msg_id=rows[0].msg_id), msg(count + 2)])  # the first id again: skipped
+    flush(store)
+    assert store.get(count + 1) is None and store.get(count + 2) == msg(count + 2)
+    assert sum(len(store.load_ready(mb, 0, 1000)) for mb in MAILBOX_IDS) == count + 1
+
+
 def test_start_up_reads_see_the_last_commit(store):
     store.insert([msg(1, 1, body=b"aa"), msg(2, 2, body=b"bbb"), msg(3, 1, body=b"c"), msg(4, 1, body=b"")])
     assert store.mailbox_stats() == {} and store.max_seq() == 0
