@@ -367,6 +367,16 @@ class RelayEngine:
         """Hand ready messages to consumers with credit."""
         self.delivery.pump(now)
 
+    @property
+    def windows_low(self) -> bool:
+        """A delivery left a window to read ahead (top_up())."""
+        return bool(self.boxes.low)
+
+    def top_up(self) -> None:
+        """Read ahead into the windows deliveries left low: for a turn whose
+        output has gone, when no input waits (Mailboxes.top_up)."""
+        self.boxes.top_up(self.delivery.unacked)
+
     def shutdown(self) -> None:
         """Tell every peer the relay is going away."""
         for peer in self.sessions.peers.values():

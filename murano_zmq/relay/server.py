@@ -263,6 +263,9 @@ class Relay(Wire):
             while not self._stop.is_set():
                 try:
                     self._turn(sock, poller, self.engine, committer)
+                    # Read ahead while the consumers work on what they got.
+                    if self.engine.windows_low and not self._get(EVENTS) & POLLIN:
+                        self.engine.top_up()
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     self._store_failed(sock, self._in_flight, exc)
                     self._in_flight = None

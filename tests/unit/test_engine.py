@@ -7,7 +7,7 @@ test moves forward.
 
 One FakeNet.turn() is the relay loop's turn:
 
-    receive()...  tick()  pump()  take_output()  commit()  take_output()
+    receive()...  tick()  pump()  take_output()  commit()  take_output()  top_up()
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from murano_zmq.protocol.errors import (
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import ID_SIZE, Message, pack_body, send_record
 from murano_zmq.relay.engine import RelayEngine
+from murano_zmq.relay.mailboxes import TOP_UP_BELOW, TOP_UP_ROWS
 from murano_zmq.relay.state import READY_WINDOW
 from murano_zmq.relay.turn import DELETES_HELD_SECONDS
 from murano_zmq.store.sqlite import SQLiteStore
@@ -179,6 +180,8 @@ class FakeNet:
         self._route(before, now)
         if not self.drop_after_commit:
             self._route(after, now)
+        if self.engine.windows_low:  # the loop's read-ahead: the nodes' input waits for the next turn
+            self.engine.top_up()
         return before, after
 
     def _route(self, outputs, now) -> None:
@@ -1071,6 +1074,58 @@ def test_window_after_recovery(net):
     consume_all(net, c, total)
     assert c.bodies() == list(range(total))
     assert all(m.redelivered for m in c.messages)
+
+
+def test_a_window_a_delivery_left_low_is_read_ahead(net):
+    """A delivery that leaves the window under TOP_UP_BELOW rows with more
+    on disk marks it low; the end of the turn reads TOP_UP_ROWS more, so the
+    next delivery does not wait for a whole window's read, and the order
+    across the reads stays the queue's."""
+    total = 2 * READY_WINDOW + 500
+    api = net.node("api")
+    for start in range(0, total, 250):
+        api.send("bulk", *range(start, min(start + 250, total)))
+    net.turn()
+    net.restart()  # all of it on disk: the first delivery reads one window
+    mb = net.engine.mailboxes["bulk"]
+    prefetch = 400
+    assert READY_WINDOW - prefetch >= TOP_UP_BELOW > READY_WINDOW - 2 * prefetch
+    c = net.node("c")
+    c.consume("bulk", prefetch=prefetch)
+    net.turn()
+    assert len(c.messages) == prefetch and len(mb.ready) == READY_WINDOW - prefetch  # not low yet
+    c.ack(c.unsettled())
+    net.turn()  # the next 400 leave 200: read ahead at the turn's end
+    assert len(c.messages) == 2 * prefetch
+    assert len(mb.ready) == READY_WINDOW - 2 * prefetch + TOP_UP_ROWS
+    assert [r.seq for r in mb.ready] == sorted(r.seq for r in mb.ready)
+    consume_all(net, c, total)
+    assert c.bodies() == list(range(total))
+    assert all(m.delivery_count == 2 for m in c.messages)  # (stored before the restart)
+    assert net.committed_rows() == 0 and not net.engine.windows_low
+
+
+def test_a_low_window_of_a_deleted_mailbox_is_not_read(net):
+    api = net.node("api")
+    for start in range(0, READY_WINDOW + 600, 200):
+        api.send("bulk", *range(start, start + 200))
+    net.turn()
+    net.restart()
+    c = net.node("c")
+    consumer = c.consume("bulk", prefetch=READY_WINDOW - TOP_UP_BELOW + 1)  # one delivery leaves it low
+    net.engine.top_up = lambda: None  # (hold the read-ahead back: the delete comes first)
+    net.turn()
+    mb = net.engine.mailboxes["bulk"]
+    assert mb in net.engine.boxes.low
+    c.core.cancel(consumer)
+    net.settle()
+    admin = net.node("admin")  # (the restart ended api's session)
+    done = admin.core.request(Cmd.DELETE, "bulk")
+    net.settle()
+    assert admin.one(Replied, done).result is None and "bulk" not in net.engine.mailboxes
+    left = len(mb.ready)
+    RelayEngine.top_up(net.engine)
+    assert len(mb.ready) == left and not net.engine.windows_low
 
 
 def test_expiry_reaches_messages_on_disk(net):
