@@ -1,7 +1,7 @@
 """Instructions per one-at-a-time confirmed send, counted by callgrind: a
 figure other load on the machine does not move (docs/performance.md).
 
-    python bench/callgrind_lone.py [relay|floor|node|async|raw] [--count 1000]
+    python bench/callgrind_lone.py [relay|floor|node|async|raw|pipe] [--count 1000]
 
 relay, floor: starts the relay (this checkout's code) or the floor relay
 (bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
@@ -14,6 +14,12 @@ node, async, raw: the other side.  The relay runs as usual and the sending
 client runs under callgrind: a `Node` calling send(), an `AsyncNode`
 awaiting send() in one coroutine, or the raw DEALER
 above (what the wire protocol itself costs a client in Python).
+
+pipe: the relay again, under pipelined sends instead (a raw DEALER with
+SENDs of PIPE_PER records, PIPE_IN_FLIGHT of them unconfirmed, --count
+messages after 5,000 to warm up): instructions per stored message, the
+relay's whole CPU budget on the pipelined workload, free of the machine's
+noise.
 
 Needs valgrind; takes 1-2 minutes.
 """
@@ -41,6 +47,7 @@ from murano_zmq.testing import free_tcp_endpoint  # noqa: E402
 
 BODY = b"x" * 1024
 HERE = os.path.dirname(os.path.abspath(__file__))
+PIPE_PER, PIPE_IN_FLIGHT = 100, 10  # as bench/raw_relay.py pipe
 
 
 def sender(kind: str, endpoint: str):
@@ -55,13 +62,30 @@ def sender(kind: str, endpoint: str):
     sock.recv_multipart()  # (waits while valgrind starts the relay)
     req = [0]
 
-    def send() -> None:
+    def send_records(n: int) -> None:
         req[0] += 1
         now = time.time()
-        record = [new_message_id(now), "lone", b"", BODY, now, None, False]
-        sock.send_multipart([SIGNATURE, bytes([Cmd.SEND]), msgpack.packb([req[0], [record]], use_bin_type=True)])
+        records = [[new_message_id(now), "lone", b"", BODY, now, None, False] for _ in range(n)]
+        sock.send_multipart([SIGNATURE, bytes([Cmd.SEND]), msgpack.packb([req[0], records], use_bin_type=True)])
+
+    def confirmed() -> None:
         frames = sock.recv_multipart()
-        assert frames[1] == bytes([Cmd.CONFIRM]), frames
+        assert frames[1] == bytes([Cmd.CONFIRM]) and not msgpack.unpackb(frames[2])[1], frames
+
+    def send() -> None:
+        send_records(1)
+        confirmed()
+
+    if kind == "pipe":
+        def send_pipelined(count: int) -> None:
+            sent = done = 0
+            while done < count:
+                while sent < count and sent - done < PIPE_PER * PIPE_IN_FLIGHT:
+                    send_records(PIPE_PER)
+                    sent += PIPE_PER
+                confirmed()
+                done += PIPE_PER
+        return sock, send_pipelined
     return sock, send
 
 
@@ -140,10 +164,12 @@ def total(path: str, inclusive: bool, pattern: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw"], default="relay")
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
+    if args.count < (PIPE_PER if args.kind == "pipe" else 1):
+        parser.error(f"--count must be at least {PIPE_PER if args.kind == 'pipe' else 1}")
     endpoint = free_tcp_endpoint()
     if args.kind in ("node", "async", "raw"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +180,7 @@ def main() -> int:
         print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        if args.kind == "relay":
+        if args.kind in ("relay", "pipe"):
             server = ["-m", "murano_zmq.relay", "--log-level", "WARNING", "--bind", endpoint, "--data-dir", tmp]
         else:
             server = [os.path.join(HERE, "floor_relay.py"), "serve", endpoint, os.path.join(tmp, "floor.db")]
@@ -164,23 +190,29 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             sock, send = sender(args.kind, endpoint)
-            for _ in range(500):
-                send()
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-            for _ in range(args.count):
-                send()
+            if args.kind == "pipe":
+                send(5000)
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                send(args.count // PIPE_PER * PIPE_PER)
+            else:
+                for _ in range(500):
+                    send()
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                for _ in range(args.count):
+                    send()
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
             sock.close(linger=0)
         finally:
             proc.terminate()  # the floor relay ends on SIGTERM too (no handler: it dies)
             proc.wait(60)
         dump = min(glob.glob(f"{out}.*.1"))
-        n = args.count
+        n = args.count // PIPE_PER * PIPE_PER if args.kind == "pipe" else args.count
         ir = total(dump, False, "PROGRAM TOTALS")
         sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")
         if args.keep:
             shutil.copy(dump, args.keep)
-    print(f"{args.kind}: {ir / n:,.0f} instructions per lone send, SQLite (_pysqlite_query_execute) {sql / n:,.0f}")
+    what = "stored message (pipelined)" if args.kind == "pipe" else "lone send"
+    print(f"{args.kind}: {ir / n:,.0f} instructions per {what}, SQLite (_pysqlite_query_execute) {sql / n:,.0f}")
     return 0
 
 

@@ -79,6 +79,9 @@ class RelayEngine:
                          "dropped_expired": 0, "dropped_rejected": 0, "dropped_maxlen": 0}
         self.turn = Turn(store)
         self.boxes = Mailboxes(store)
+        # Windows a delivery left low, to read ahead (top_up()): true while
+        # any waits.  (The set itself: the loop asks after every turn.)
+        self.windows_low = self.boxes.low
         self.dead = DeadLetters(store, self.boxes, self.counters)
         self.delivery = Delivery(store, self.boxes, self.dead, self.turn, self.counters)
         self.sessions = Sessions(self.delivery.drop_consumer)
@@ -366,11 +369,6 @@ class RelayEngine:
     def pump(self, now: float) -> None:
         """Hand ready messages to consumers with credit."""
         self.delivery.pump(now)
-
-    @property
-    def windows_low(self) -> bool:
-        """A delivery left a window to read ahead (top_up())."""
-        return bool(self.boxes.low)
 
     def top_up(self) -> None:
         """Read ahead into the windows deliveries left low: for a turn whose

@@ -50,6 +50,18 @@ __all__ = ["SQLiteStore", "StoreError", "startup_error"]
 
 log = logging.getLogger("murano_zmq.store")
 
+# sqlite3 binds int, float, str and bytearray parameters as they are, but
+# looks for an adapter for every bytes one (ids, bodies), and that lookup
+# raises and formats an AttributeError inside before it gives up: about
+# 6,500 instructions per stored message, 12 % of the relay's on pipelined
+# sends (`python bench/callgrind_lone.py pipe`), 0.35 µs per parameter.
+# An adapter that hands the value back is found at once and binds the same
+# BLOB: bytes.__bytes__ (a method in C, 90 ns a parameter; bytes() itself
+# looks that method up first, 310 ns).  Process-wide, as sqlite3's adapters
+# are; bytes is not one of the base types whose adapting turns sqlite3's
+# fast path off.
+sqlite3.register_adapter(bytes, bytes.__bytes__)
+
 _INSERT_PLACED = f"{_COLUMNS}, {SEGMENT_COLUMNS}"
 
 
@@ -82,6 +94,8 @@ class MultiRowInsert:
         how many were stored (a row an OR IGNORE skipped is not counted)."""
         width, sql, top = self.width, self._sql, self.MAX_ROWS
         rows, stored, at = len(params) // width, 0, 0
+        if rows <= top and not rows & (rows - 1):  # one statement (a lone send's row): no slice
+            return db.execute(sql[rows], params).rowcount if rows else 0
         while rows:
             k = top if rows >= top else 1 << (rows.bit_length() - 1)
             end = at + k * width
