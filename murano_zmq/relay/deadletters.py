@@ -15,7 +15,7 @@ import msgpack
 
 from ..protocol.constants import EXPIRY_BATCH, OVERFLOW_REJECT
 from ..protocol.errors import MailboxFull
-from ..store.base import Store, StoredMessage
+from ..store.base import Store, StoredMessage, new_row
 from .mailboxes import Mailboxes
 from .state import Mailbox
 
@@ -78,7 +78,8 @@ class DeadLetters:
         next_expiry = self.next_expiry
         for mb, msg_id, headers, body, created, expires, deliveries in items:
             seq += 1
-            placed.append((mb, StoredMessage(seq, mb.id, msg_id, headers, body, created, expires, deliveries)))
+            placed.append((mb, new_row(StoredMessage, (seq, mb.id, msg_id, headers, body, created, expires,
+                                                       deliveries))))
             if expires is not None and (next_expiry is None or expires < next_expiry):
                 next_expiry = expires
         self._seq = seq
@@ -91,7 +92,7 @@ class DeadLetters:
         not stored yet (the caller stores it: a lone send's path)."""
         self._seq += 1
         self.note_expiry(expires)
-        return StoredMessage(self._seq, mb.id, msg_id, headers, body, created, expires, deliveries)
+        return new_row(StoredMessage, (self._seq, mb.id, msg_id, headers, body, created, expires, deliveries))
 
     # --- leaving ---
 

@@ -27,6 +27,14 @@ class StoredMessage(NamedTuple):
     deliveries: int  # times handed to a consumer before
 
 
+# A StoredMessage from its fields as one tuple, made in C: new_row(StoredMessage,
+# fields).  StoredMessage(...) runs namedtuple's __new__ in Python, ~2,900
+# instructions a row on the pipelined path (bench/callgrind_lone.py pipe),
+# and _make() a Python classmethod too.  For the hot paths, whose tuples are
+# whole rows by construction.
+new_row = tuple.__new__
+
+
 class MailboxRow(NamedTuple):
     id: int
     name: str

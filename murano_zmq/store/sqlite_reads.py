@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgpack
 
-from .base import MailboxRow, StoredMessage
+from .base import MailboxRow, StoredMessage, new_row
 from .batch import WriteBatch, overlay
 from .schema import COLUMNS as _COLUMNS, ID_CHUNK
 
@@ -75,7 +75,7 @@ class SQLiteReads:
         """A row read with _READ as a StoredMessage, its body read from its
         segment (None: the body cannot be read)."""
         if r[4].__class__ is not str:
-            return StoredMessage._make(r)
+            return new_row(StoredMessage, r)
         seg, off, length = map(int, r[4].split(","))
         body = self._segments.read(seg, off, length, f"message {r[2].hex()} (seq {r[0]})")
         if body is None:
@@ -99,12 +99,12 @@ class SQLiteReads:
                 (mailbox_id, after_seq, wanted))
             size = 0
             deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
-            make = StoredMessage._make
+            new, cls = new_row, StoredMessage
             for r in cursor:  # stop early: bodies past max_bytes are never read
                 if r[0] in deleted:
                     continue
                 if r[4].__class__ is not str:
-                    row = make(r)
+                    row = new(cls, r)
                 else:
                     row = self._message(r)
                     if row is None:
