@@ -1,7 +1,7 @@
 """Instructions per one-at-a-time confirmed send, counted by callgrind: a
 figure other load on the machine does not move (docs/performance.md).
 
-    python bench/callgrind_lone.py [relay|floor|node|async|raw|pipe] [--count 1000]
+    python bench/callgrind_lone.py [relay|floor|node|async|raw|pipe|consume] [--count 1000]
 
 relay, floor: starts the relay (this checkout's code) or the floor relay
 (bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
@@ -20,6 +20,10 @@ SENDs of PIPE_PER records, PIPE_IN_FLIGHT of them unconfirmed, --count
 messages after 5,000 to warm up): instructions per stored message, the
 relay's whole CPU budget on the pipelined workload, free of the machine's
 noise.
+
+consume: the relay again, with --count messages queued (pipelined, not
+counted) and then consumed by the raw DEALER (prefetch CONSUME_PREFETCH,
+each DELIVER acked at once): instructions per delivered and acked message.
 
 Needs valgrind; takes 1-2 minutes.
 """
@@ -48,6 +52,7 @@ from murano_zmq.testing import free_tcp_endpoint  # noqa: E402
 BODY = b"x" * 1024
 HERE = os.path.dirname(os.path.abspath(__file__))
 PIPE_PER, PIPE_IN_FLIGHT = 100, 10  # as bench/raw_relay.py pipe
+CONSUME_PREFETCH = 100  # as compare.py's consume workload
 
 
 def sender(kind: str, endpoint: str):
@@ -76,7 +81,20 @@ def sender(kind: str, endpoint: str):
         send_records(1)
         confirmed()
 
-    if kind == "pipe":
+    def consume_all(count: int) -> None:
+        req[0] += 1
+        sock.send_multipart([SIGNATURE, bytes([Cmd.CONSUME]),
+                             msgpack.packb([req[0], 1, "lone", CONSUME_PREFETCH, None], use_bin_type=True)])
+        got = 0
+        while got < count:
+            frames = sock.recv_multipart()
+            if frames[1] != bytes([Cmd.DELIVER]):
+                continue
+            records = msgpack.unpackb(frames[2])[1]
+            got += len(records)
+            sock.send_multipart([SIGNATURE, bytes([Cmd.ACK]), msgpack.packb([[r[0] for r in records]])])
+
+    if kind in ("pipe", "consume"):
         def send_pipelined(count: int) -> None:
             sent = done = 0
             while done < count:
@@ -85,6 +103,8 @@ def sender(kind: str, endpoint: str):
                     sent += PIPE_PER
                 confirmed()
                 done += PIPE_PER
+        if kind == "consume":
+            send_pipelined.consume_all = consume_all
         return sock, send_pipelined
     return sock, send
 
@@ -164,12 +184,13 @@ def total(path: str, inclusive: bool, pattern: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe"], default="relay")
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe", "consume"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
-    if args.count < (PIPE_PER if args.kind == "pipe" else 1):
-        parser.error(f"--count must be at least {PIPE_PER if args.kind == 'pipe' else 1}")
+    batched = args.kind in ("pipe", "consume")
+    if args.count < (PIPE_PER if batched else 1):
+        parser.error(f"--count must be at least {PIPE_PER if batched else 1}")
     endpoint = free_tcp_endpoint()
     if args.kind in ("node", "async", "raw"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +201,7 @@ def main() -> int:
         print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        if args.kind in ("relay", "pipe"):
+        if args.kind in ("relay", "pipe", "consume"):
             server = ["-m", "murano_zmq.relay", "--log-level", "WARNING", "--bind", endpoint, "--data-dir", tmp]
         else:
             server = [os.path.join(HERE, "floor_relay.py"), "serve", endpoint, os.path.join(tmp, "floor.db")]
@@ -194,6 +215,11 @@ def main() -> int:
                 send(5000)
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
                 send(args.count // PIPE_PER * PIPE_PER)
+            elif args.kind == "consume":
+                send(args.count // PIPE_PER * PIPE_PER)
+                time.sleep(1.0)  # (the fill's commits and checkpoint done)
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+                send.consume_all(args.count // PIPE_PER * PIPE_PER)
             else:
                 for _ in range(500):
                     send()
@@ -206,12 +232,12 @@ def main() -> int:
             proc.terminate()  # the floor relay ends on SIGTERM too (no handler: it dies)
             proc.wait(60)
         dump = min(glob.glob(f"{out}.*.1"))
-        n = args.count // PIPE_PER * PIPE_PER if args.kind == "pipe" else args.count
+        n = args.count // PIPE_PER * PIPE_PER if batched else args.count
         ir = total(dump, False, "PROGRAM TOTALS")
         sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")
         if args.keep:
             shutil.copy(dump, args.keep)
-    what = "stored message (pipelined)" if args.kind == "pipe" else "lone send"
+    what = {"pipe": "stored message (pipelined)", "consume": "consumed and acked message"}.get(args.kind, "lone send")
     print(f"{args.kind}: {ir / n:,.0f} instructions per {what}, SQLite (_pysqlite_query_execute) {sql / n:,.0f}")
     return 0
 
