@@ -1,7 +1,7 @@
 """What storing a message costs, by layout: the evidence for the relay's next
 store design (docs/performance.md, "Where a stored message's CPU goes").
 
-    python bench/store_rows.py [--count 100000] [--per 100] [--group 5] [--size 1024] [--rounds 2] [--json]
+    python bench/store_rows.py [--count 100000] [--per 100] [--group 5] [--size 1024] [--rate 60000] [--rounds 2] [--json]
 
 Pipelined sends arrive as SEND commands of --per records, and the relay
 commits several at once (a turn's worth: --group SENDs per commit).  Each
