@@ -15,14 +15,14 @@ client runs under callgrind: a `Node` calling send(), an `AsyncNode`
 awaiting send() in one coroutine, or the raw DEALER
 above (what the wire protocol itself costs a client in Python).
 
-pipe: the relay again, under pipelined sends instead (a raw DEALER with
-SENDs of PIPE_PER records, PIPE_IN_FLIGHT of them unconfirmed, --count
+pipe: the relay again, under pipelined sends instead (bench/raw_relay.py's
+client: SENDs of PER_SEND records, IN_FLIGHT of them unconfirmed, --count
 messages after 5,000 to warm up): instructions per stored message, the
 relay's whole CPU budget on the pipelined workload, free of the machine's
 noise.
 
 consume: the relay again, with --count messages queued (pipelined, not
-counted) and then consumed by the raw DEALER (prefetch CONSUME_PREFETCH,
+counted) and then consumed by that client (prefetch CONSUME_PREFETCH,
 each DELIVER acked at once): instructions per delivered and acked message.
 
 Needs valgrind; takes 1-2 minutes.
@@ -49,9 +49,11 @@ from murano_zmq.protocol.frames import Cmd  # noqa: E402
 from murano_zmq.protocol.message import new_message_id  # noqa: E402
 from murano_zmq.testing import free_tcp_endpoint  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from raw_relay import PER_SEND, Client  # noqa: E402  (pipe, consume: its pipelined SENDs and consumer)
+
 BODY = b"x" * 1024
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIPE_PER, PIPE_IN_FLIGHT = 100, 10  # as bench/raw_relay.py pipe
 CONSUME_PREFETCH = 100  # as compare.py's consume workload
 
 
@@ -67,45 +69,13 @@ def sender(kind: str, endpoint: str):
     sock.recv_multipart()  # (waits while valgrind starts the relay)
     req = [0]
 
-    def send_records(n: int) -> None:
+    def send() -> None:
         req[0] += 1
         now = time.time()
-        records = [[new_message_id(now), "lone", b"", BODY, now, None, False] for _ in range(n)]
-        sock.send_multipart([SIGNATURE, bytes([Cmd.SEND]), msgpack.packb([req[0], records], use_bin_type=True)])
-
-    def confirmed() -> None:
+        record = [new_message_id(now), "lone", b"", BODY, now, None, False]
+        sock.send_multipart([SIGNATURE, bytes([Cmd.SEND]), msgpack.packb([req[0], [record]], use_bin_type=True)])
         frames = sock.recv_multipart()
-        assert frames[1] == bytes([Cmd.CONFIRM]) and not msgpack.unpackb(frames[2])[1], frames
-
-    def send() -> None:
-        send_records(1)
-        confirmed()
-
-    def consume_all(count: int) -> None:
-        req[0] += 1
-        sock.send_multipart([SIGNATURE, bytes([Cmd.CONSUME]),
-                             msgpack.packb([req[0], 1, "lone", CONSUME_PREFETCH, None], use_bin_type=True)])
-        got = 0
-        while got < count:
-            frames = sock.recv_multipart()
-            if frames[1] != bytes([Cmd.DELIVER]):
-                continue
-            records = msgpack.unpackb(frames[2])[1]
-            got += len(records)
-            sock.send_multipart([SIGNATURE, bytes([Cmd.ACK]), msgpack.packb([[r[0] for r in records]])])
-
-    if kind in ("pipe", "consume"):
-        def send_pipelined(count: int) -> None:
-            sent = done = 0
-            while done < count:
-                while sent < count and sent - done < PIPE_PER * PIPE_IN_FLIGHT:
-                    send_records(PIPE_PER)
-                    sent += PIPE_PER
-                confirmed()
-                done += PIPE_PER
-        if kind == "consume":
-            send_pipelined.consume_all = consume_all
-        return sock, send_pipelined
+        assert frames[1] == bytes([Cmd.CONFIRM]), frames
     return sock, send
 
 
@@ -189,8 +159,8 @@ def main() -> int:
     parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
     batched = args.kind in ("pipe", "consume")
-    if args.count < (PIPE_PER if batched else 1):
-        parser.error(f"--count must be at least {PIPE_PER if batched else 1}")
+    if args.count < (PER_SEND if batched else 1):
+        parser.error(f"--count must be at least {PER_SEND if batched else 1}")
     endpoint = free_tcp_endpoint()
     if args.kind in ("node", "async", "raw"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,17 +180,19 @@ def main() -> int:
                                  "--dump-instr=no", sys.executable, *server],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            sock, send = sender(args.kind, endpoint)
-            if args.kind == "pipe":
-                send(5000)
+            if batched:
+                client = Client(endpoint, len(BODY))  # (its HELLO waits while valgrind starts the relay)
+                sock, count = client.sock, args.count // PER_SEND * PER_SEND
+                client.send_pipelined("lone", 5000 if args.kind == "pipe" else count)
+                if args.kind == "consume":
+                    time.sleep(1.0)  # (the fill's commits and checkpoint done)
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-                send(args.count // PIPE_PER * PIPE_PER)
-            elif args.kind == "consume":
-                send(args.count // PIPE_PER * PIPE_PER)
-                time.sleep(1.0)  # (the fill's commits and checkpoint done)
-                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-                send.consume_all(args.count // PIPE_PER * PIPE_PER)
+                if args.kind == "pipe":
+                    client.send_pipelined("lone", count)
+                else:
+                    client.consume("lone", count, CONSUME_PREFETCH)
             else:
+                sock, send = sender(args.kind, endpoint)
                 for _ in range(500):
                     send()
                 subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
@@ -232,7 +204,7 @@ def main() -> int:
             proc.terminate()  # the floor relay ends on SIGTERM too (no handler: it dies)
             proc.wait(60)
         dump = min(glob.glob(f"{out}.*.1"))
-        n = args.count // PIPE_PER * PIPE_PER if batched else args.count
+        n = args.count // PER_SEND * PER_SEND if batched else args.count
         ir = total(dump, False, "PROGRAM TOTALS")
         sql = total(dump, True, r"cursor\.c:_pysqlite_query_execute ")
         if args.keep:

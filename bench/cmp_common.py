@@ -14,14 +14,20 @@ import time
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_cpu(path: str) -> tuple[str, float]:
+    """A /proc .../stat file's name field and its user+system CPU seconds."""
+    with open(path) as f:
+        head, rest = f.read().rsplit(")", 1)
+    fields = rest.split()
+    return head, (int(fields[11]) + int(fields[12])) / TICK
+
+
 def process_cpu(pid: int | None) -> float:
     """user+system CPU seconds of process `pid` (all its threads), 0 if gone."""
     if not pid:
         return 0.0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return _stat_cpu(f"/proc/{pid}/stat")[1]
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -37,13 +43,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
         return {}
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                head, rest = f.read().rsplit(")", 1)
+            name, seconds = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # a thread that ended meanwhile
-        fields = rest.split()
-        kind = "loop" if tid == str(pid) else "libzmq" if "ZMQbg" in head else "other"
-        out[kind] += (int(fields[11]) + int(fields[12])) / TICK
+        out["loop" if tid == str(pid) else "libzmq" if "ZMQbg" in name else "other"] += seconds
     return out
 
 

@@ -70,6 +70,29 @@ class Client:
         if cmd != Cmd.CONFIRM or fields[1]:
             raise SystemExit(f"unexpected reply {cmd}: {fields}")
 
+    def send_pipelined(self, mailbox: str, count: int) -> None:
+        """`count` messages (whole SENDs of PER_SEND) to `mailbox`, IN_FLIGHT
+        SENDs unconfirmed at once; returns once all are confirmed."""
+        sent = done = 0
+        while done < count:
+            while sent < count and sent - done < PER_SEND * IN_FLIGHT:
+                self.send(mailbox, PER_SEND)
+                sent += PER_SEND
+            self.confirmed()
+            done += PER_SEND
+
+    def consume(self, mailbox: str, count: int, prefetch: int) -> None:
+        """Take `count` messages of `mailbox`, acking each DELIVER at once."""
+        self.req += 1
+        self.command(Cmd.CONSUME, self.req, 1, mailbox, prefetch, None)
+        got = 0
+        while got < count:
+            cmd, fields = self.recv()
+            if cmd != Cmd.DELIVER:
+                continue
+            got += len(fields[1])
+            self.command(Cmd.ACK, [r[0] for r in fields[1]])
+
 
 def lone(client: Client, pid: int, count: int) -> None:
     for _ in range(200):  # warm-up (the first makes the mailbox)
@@ -91,26 +114,12 @@ def pipe(client: Client, pid: int, count: int) -> None:
     client.send("pipe", 1)  # makes the mailbox
     client.confirmed()
     cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
-    sent = done = 0
-    while done < count:
-        while sent < count and sent - done < PER_SEND * IN_FLIGHT:
-            client.send("pipe", PER_SEND)
-            sent += PER_SEND
-        client.confirmed()
-        done += PER_SEND
+    client.send_pipelined("pipe", count)
     seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
     print(f"pipelined: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
           f"({by_thread(threads0, thread_cpu(pid), count)})")
-    client.req += 1
-    client.command(Cmd.CONSUME, client.req, 1, "pipe", 1000, None)
     cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
-    got = 0
-    while got < count + 1:
-        cmd, fields = client.recv()
-        if cmd != Cmd.DELIVER:
-            continue
-        got += len(fields[1])
-        client.command(Cmd.ACK, [r[0] for r in fields[1]])
+    client.consume("pipe", count + 1, 1000)  # (and the one that made the mailbox)
     seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
     print(f"consume+ack: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
           f"({by_thread(threads0, thread_cpu(pid), count)})")
