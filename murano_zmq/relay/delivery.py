@@ -14,7 +14,7 @@ from ..protocol.constants import DELIVER_TURN_BYTES
 from ..protocol.frames import Cmd
 from ..store.base import Store
 from .deadletters import DeadLetters
-from .mailboxes import TOP_UP_BELOW, Mailboxes
+from .mailboxes import Mailboxes
 from .state import Consumer, Mailbox, Peer, Unacked
 from .turn import Turn
 
@@ -143,8 +143,7 @@ class Delivery:
         for consumer, records in batches.items():
             self.counters["delivered"] += len(records)
             self.turn.reply_now(consumer.peer.identity, Cmd.DELIVER, consumer.cid, records)
-        if mb.disk_after is not None and len(ready) < TOP_UP_BELOW and self.shared is None:
-            self.mailboxes.low.add(mb)  # read ahead once the turn's output is out (Mailboxes.top_up)
+        self.mailboxes.mark_if_low(mb)  # read ahead once the turn's output is out (Mailboxes.top_up)
 
     # --- settling ---
 

@@ -229,9 +229,8 @@ class Mailboxes:
                 mb.window_push(row)
 
     def top_up(self, unacked) -> None:
-        """Read ahead into windows a delivery left low, TOP_UP_ROWS rows in
-        all (the rest next time).  Not shared: a claim takes no more than
-        the consumers have credit for."""
+        """Read ahead into windows a delivery left low (mark_if_low()),
+        TOP_UP_ROWS rows in all (the rest next time)."""
         budget = TOP_UP_ROWS
         while self.low and budget > 0:
             mb = self.low.pop()
@@ -241,8 +240,14 @@ class Mailboxes:
             limit = min(budget, READY_WINDOW - len(mb.ready))
             self._load(mb, unacked, limit)
             budget -= limit
-            if mb.disk_after is not None and len(mb.ready) < TOP_UP_BELOW:
-                self.low.add(mb)  # (a row budget stopped it)
+            self.mark_if_low(mb)  # (a row budget stopped it)
+
+    def mark_if_low(self, mb: Mailbox) -> None:
+        """Mark a window below TOP_UP_BELOW rows, with more on disk, for
+        top_up().  Not shared: a claim takes no more than the consumers
+        have credit for."""
+        if mb.disk_after is not None and len(mb.ready) < TOP_UP_BELOW and self.shared is None:
+            self.low.add(mb)
 
     def _claim(self, mb: Mailbox, unacked) -> bool:
         while mb.disk_after is not None and not mb.ready:
