@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+from itertools import groupby
+from operator import itemgetter
 
 from ..protocol.constants import READY_WINDOW, READY_WINDOW_BYTES
 from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed, StorageFull
@@ -35,6 +37,8 @@ REQUEUE_LOAD = 100
 # rows, ~3 ms for 1 KiB bodies) while that consumer waits.
 TOP_UP_BELOW = READY_WINDOW // 2
 TOP_UP_ROWS = 250
+
+_MAILBOX, _ROW = itemgetter(0), itemgetter(1)  # of append_many's (mailbox, row) pairs
 
 
 class Mailboxes:
@@ -183,10 +187,10 @@ class Mailboxes:
         if self.shared is not None:
             self._append_unclaimed(placed, now)
             return
-        self.store.insert([row for _, row in placed])
+        self.store.insert(list(map(_ROW, placed)))
         dirty = self.dirty
-        for mb, row in placed:
-            mb.append_tail(row)
+        for mb, run in groupby(placed, _MAILBOX):  # (a SEND's rows mostly go to one mailbox)
+            mb.append_tails(list(map(_ROW, run)))
             mb.last_used = now
             if mb.consumers:
                 dirty.add(mb)

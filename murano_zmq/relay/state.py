@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from ..protocol.constants import READY_WINDOW, READY_WINDOW_BYTES
 from ..protocol.options import MailboxOptions
+from ..store.base import field_body, field_headers
 
 
 class Unacked(NamedTuple):
@@ -59,6 +60,7 @@ class Consumer:
         return limit is None or (self.unacked_bytes < limit and (not n or self.unacked_bytes + size <= limit))
 
     def hand_out(self, entry: Unacked) -> None:
+        """(Delivery._deliver does this inline.)"""
         self.unacked[entry.seq] = entry
         self.unacked_bytes += entry.size
 
@@ -85,7 +87,9 @@ class Mailbox:
     consumers: list[Consumer] = field(default_factory=list)
     rr: int = 0  # round-robin position among consumers
 
-    # --- the counts: every change goes through these ---
+    # --- the counts: every change goes through these, but for the
+    # per-message paths of Delivery._deliver and Delivery.ack, which count
+    # a delivery and an ack inline ---
 
     def added(self, size: int) -> None:
         """A message was stored here (ready)."""
@@ -96,11 +100,6 @@ class Mailbox:
         """A ready message left (expired, dropped, dead-lettered)."""
         self.count -= 1
         self.nbytes -= size
-
-    def handed_out(self, size: int) -> None:
-        """A ready message went to a consumer."""
-        self.unacked_count += 1
-        self.unacked_bytes += size
 
     def returned(self, size: int) -> None:
         """An unacked message is ready again."""
@@ -124,6 +123,22 @@ class Mailbox:
             else:
                 self.ready.append(row)
                 self.ready_window_bytes += size + len(row.headers)
+
+    def append_tails(self, rows: list) -> None:
+        """append_tail() of each of `rows`, in seq order (a SEND's run of
+        rows to this mailbox): the sums and the extend in C when the window
+        takes them all."""
+        size = sum(map(len, map(field_body, rows)))
+        if self.disk_after is None:
+            window_bytes = self.ready_window_bytes + size + sum(map(len, map(field_headers, rows)))
+            if len(self.ready) + len(rows) > READY_WINDOW or window_bytes >= READY_WINDOW_BYTES:
+                for row in rows:  # the window fills up on the way
+                    self.append_tail(row)
+                return
+            self.ready.extend(rows)  # (not full before any of them: append_tail would keep each)
+            self.ready_window_bytes = window_bytes
+        self.count += len(rows)
+        self.nbytes += size
 
     # --- the in-memory window ---
 

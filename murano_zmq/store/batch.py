@@ -14,9 +14,10 @@ operations in order inside one transaction.
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Iterable, Iterator
 
-from .base import MailboxRow, StoredMessage
+from .base import MailboxRow, StoredMessage, field_mailbox, field_msg_id, field_seq
 
 
 class WriteBatch:
@@ -47,22 +48,24 @@ class WriteBatch:
             self.ops.append((kind, list(items)))
 
     def insert(self, rows: list[StoredMessage]) -> None:
-        inserted, ids, by_mailbox = self.inserted, self.ids, self.by_mailbox
-        for row in rows:  # (the hot path: one call per message stored)
-            seq = row.seq
-            inserted[seq] = row
-            ids[row.msg_id] = seq
-            seqs = by_mailbox.get(row.mailbox_id)
-            if seqs is None:
-                by_mailbox[row.mailbox_id] = [seq]
-            else:
-                seqs.append(seq)
-            if seq > self.top_seq:
-                self.top_seq = seq
-            # Writes to this seq before it existed touched nothing.
-            if self.deleted:
-                self.deleted.discard(seq)
-            if self.deliveries:
+        # (the hot path: a SEND's rows at once; the per-row work is map()
+        # and zip() in C, the Python loop below runs once per mailbox run)
+        if not rows:
+            return
+        seqs = list(map(field_seq, rows))
+        self.inserted.update(zip(seqs, rows))
+        self.ids.update(zip(map(field_msg_id, rows), seqs))
+        by_mailbox = self.by_mailbox
+        for mailbox_id, run in groupby(rows, field_mailbox):
+            by_mailbox.setdefault(mailbox_id, []).extend(map(field_seq, run))
+        top = max(seqs)
+        if top > self.top_seq:
+            self.top_seq = top
+        # Writes to these seqs before they existed touched nothing.
+        if self.deleted:
+            self.deleted.difference_update(seqs)
+        if self.deliveries:
+            for seq in seqs:
                 self.deliveries.pop(seq, None)
         ops = self.ops
         if ops and ops[-1][0] == "insert":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Iterable
 
-from .base import MailboxRow, StoredMessage
+from .base import MailboxRow, StoredMessage, field_msg_id
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 
@@ -171,7 +171,7 @@ class BatchedStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
-        self._ids.stored([m.msg_id for m in messages])
+        self._ids.stored(map(field_msg_id, messages))
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:

@@ -40,6 +40,16 @@ class IdCeiling:
     def maybe_stored(self, msg_ids: Iterable[bytes]) -> list[bytes]:
         """The ids that may be stored (the rest surely are not)."""
         top, recent, limit = self.top, self.recent, CLOCK_LIMIT
+        msg_ids = list(msg_ids)
+        # The usual SEND: clock ids of one clock, the top's or past it.
+        # (Ids order as their prefixes do, so min() and max() in C tell;
+        # an id past the top is never in `recent`.)
+        if msg_ids and max(msg_ids)[:PREFIX] <= limit:
+            low = min(msg_ids)[:PREFIX]
+            if low > top:
+                return []
+            if low == top and recent is not None:
+                return list(filter(recent.__contains__, msg_ids))
         out = []
         for m in msg_ids:
             p = m[:PREFIX]
@@ -53,6 +63,18 @@ class IdCeiling:
 
     def stored(self, msg_ids: Iterable[bytes]) -> None:
         top, recent, limit = self.top, self.recent, CLOCK_LIMIT
+        msg_ids = list(msg_ids)
+        if msg_ids and min(msg_ids)[:PREFIX] >= top:  # the usual SEND, as in maybe_stored()
+            high = max(msg_ids)[:PREFIX]
+            if high == top:
+                if recent is not None:
+                    recent.update(msg_ids)
+                return
+            if high <= limit:
+                # The new top, and the ids that have it (an id is at least
+                # its own prefix, and below any higher one).
+                self.top, self.recent = high, set(filter(high.__le__, msg_ids))
+                return
         for m in msg_ids:
             p = m[:PREFIX]
             if p > top:
@@ -61,4 +83,3 @@ class IdCeiling:
             elif p == top and recent is not None:
                 recent.add(m)
         self.top, self.recent = top, recent
-

@@ -30,12 +30,14 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from itertools import chain
+from operator import itemgetter
 
 import msgpack
 
 from ..protocol.errors import StartupError
 from . import space
-from .base import StoredMessage
+from .base import StoredMessage, field_body
 from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
@@ -110,6 +112,9 @@ _INSERT = MultiRowInsert(_INSERT_HEAD, "(?, ?, ?, ?, ?, ?, ?, ?)", 8)
 # parameters to bind, and None still goes through sqlite3's failing adapter
 # lookup (bytes no longer does: the adapter above).
 _INSERT_PLAIN = MultiRowInsert(_INSERT_HEAD, "(?, ?, ?, X'', ?, ?, NULL, ?)", 6)
+_PLAIN_FIELDS = itemgetter(0, 1, 2, 4, 5, 7)  # a StoredMessage's, in _INSERT_PLAIN's parameters
+_EXTRAS = itemgetter(3, 6)  # headers, expires
+_PLAIN_EXTRAS = (b"", None)  # a usual row's
 _INSERT_PLACED_ROWS = MultiRowInsert(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES ",
                                      "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", 11)
 
@@ -435,7 +440,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         mark = bool(batch.deleted or batch.dropped)
         for kind, items in batch.statements():
             if kind == "insert":
-                if any(len(r.body) >= threshold for r in items):
+                if max(map(len, map(field_body, items))) >= threshold:
                     stored = _INSERT_PLACED_ROWS.run(db, self._placed(items))
                 else:
                     stored = self._insert(items)
@@ -464,11 +469,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
     def _insert(self, rows: list[StoredMessage]) -> int:
         """INSERT rows whose bodies stay in the database; how many were stored."""
-        plain = [x for r in rows if r.expires is None and r.headers == b""
-                 for x in (r.seq, r.mailbox_id, r.msg_id, r.body, r.created, r.deliveries)]
-        self._wal_bytes += sum([len(r.body) for r in rows])
-        if len(plain) == 6 * len(rows):
-            return _INSERT_PLAIN.run(self._db, plain)
+        self._wal_bytes += sum(map(len, map(field_body, rows)))
+        if all(map(_PLAIN_EXTRAS.__eq__, map(_EXTRAS, rows))):  # the usual batch (in C, no loop here)
+            return _INSERT_PLAIN.run(self._db, list(chain.from_iterable(map(_PLAIN_FIELDS, rows))))
+        plain = [x for r in rows if r.expires is None and r.headers == b"" for x in _PLAIN_FIELDS(r)]
         stored = _INSERT.run(self._db, [x for r in rows if r.expires is not None or r.headers != b"" for x in r])
         return stored + (_INSERT_PLAIN.run(self._db, plain) if plain else 0)
 
