@@ -1,7 +1,7 @@
 """Instructions per one-at-a-time confirmed send, counted by callgrind: a
 figure other load on the machine does not move (docs/performance.md).
 
-    python bench/callgrind_lone.py [relay|floor|node|async|raw|pipe|consume] [--count 1000]
+    python bench/callgrind_lone.py [relay|floor|node|async|raw|pipe|consume|node-consume|async-consume] [--count 1000]
 
 relay, floor: starts the relay (this checkout's code) or the floor relay
 (bench/floor_relay.py) under `valgrind --tool=callgrind`, warms it up with
@@ -14,6 +14,12 @@ node, async, raw: the other side.  The relay runs as usual and the sending
 client runs under callgrind: a `Node` calling send(), an `AsyncNode`
 awaiting send() in one coroutine, or the raw DEALER
 above (what the wire protocol itself costs a client in Python).
+
+node-consume, async-consume: the consuming client under callgrind, the
+relay as usual: 500 + --count messages queued first (by a raw client, not
+counted), then a `Node` or `AsyncNode` consumer (prefetch CONSUME_PREFETCH)
+takes and acks 500 to warm up and --count counted: instructions per
+consumed and acked message, all the client's threads.
 
 pipe: the relay again, under pipelined sends instead (bench/raw_relay.py's
 client: SENDs of PER_SEND records, IN_FLIGHT of them unconfirmed, --count
@@ -102,6 +108,25 @@ elif kind == "async":
             await node.send("lone", callgrind_lone.BODY)
     def send_n(n):
         loop.run_until_complete(sends(n))
+elif kind == "node-consume":
+    node = Node("cg", relay=endpoint, timeout=60)
+    consumer = iter(node.consume("lone", prefetch=callgrind_lone.CONSUME_PREFETCH))
+    def send_n(n):
+        for _ in range(n):
+            next(consumer).ack()
+elif kind == "async-consume":
+    import asyncio
+    from murano_zmq import AsyncNode
+    loop = asyncio.new_event_loop()
+    async def started():
+        node = await AsyncNode("cg", relay=endpoint, timeout=60).start()
+        return (await node.consume("lone", prefetch=callgrind_lone.CONSUME_PREFETCH)).__aiter__()
+    consumer = loop.run_until_complete(started())
+    async def takes(n):
+        for _ in range(n):
+            (await consumer.__anext__()).ack()
+    def send_n(n):
+        loop.run_until_complete(takes(n))
 else:
     _, send = callgrind_lone.sender("relay", endpoint)
     def send_n(n):
@@ -121,6 +146,10 @@ def client_under_callgrind(kind: str, count: int, tmp: str) -> str:
     from murano_zmq.testing import RelayProcess
 
     relay = RelayProcess(free_tcp_endpoint(), os.path.join(tmp, "data"), "--log-level", "WARNING").start()
+    if kind.endswith("-consume"):  # what it takes, queued first (not counted)
+        filler = Client(relay.endpoint, len(BODY))
+        filler.send_pipelined("lone", (500 + count + PER_SEND - 1) // PER_SEND * PER_SEND)
+        filler.sock.close(linger=0)
     out = os.path.join(tmp, "cg.out")
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p",
                              "--dump-instr=no", sys.executable, "-c", CLIENT, kind, relay.endpoint, HERE],
@@ -154,7 +183,8 @@ def total(path: str, inclusive: bool, pattern: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe", "consume"], default="relay")
+    parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe", "consume",
+                                                         "node-consume", "async-consume"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
@@ -162,13 +192,14 @@ def main() -> int:
     if args.count < (PER_SEND if batched else 1):
         parser.error(f"--count must be at least {PER_SEND if batched else 1}")
     endpoint = free_tcp_endpoint()
-    if args.kind in ("node", "async", "raw"):
+    if args.kind in ("node", "async", "raw", "node-consume", "async-consume"):
         with tempfile.TemporaryDirectory() as tmp:
             dump = client_under_callgrind(args.kind, args.count, tmp)
             ir = total(dump, False, "PROGRAM TOTALS")
             if args.keep:
                 shutil.copy(dump, args.keep)
-        print(f"{args.kind} client: {ir / args.count:,.0f} instructions per lone send (all its threads)")
+        what = "consumed and acked message" if args.kind.endswith("-consume") else "lone send"
+        print(f"{args.kind} client: {ir / args.count:,.0f} instructions per {what} (all its threads)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.kind in ("relay", "pipe", "consume"):

@@ -143,6 +143,26 @@ class NodeCore:
         if again and sink is not None:
             sink(again)
 
+    def settle_many(self, settles: list[tuple[Message, str, bool]]) -> None:
+        """settle() of each (message, how, requeue), in order; the acks of
+        relay copies (the usual consumer's) in runs at once."""
+        run: list[Message] = []
+        for message, how, requeue in settles:
+            if message.origin is None and how == "ack":
+                run.append(message)
+                continue
+            if run:
+                self._ack_relay_copies(run)
+                run = []
+            self.settle(message, how, requeue)
+        if run:
+            self._ack_relay_copies(run)
+
+    def _ack_relay_copies(self, messages: list[Message]) -> None:
+        keys = self.session.settle_acks(messages)
+        if self.inbox is not None:
+            self.inbox.settled_elsewhere_many(keys)
+
     # --- routing ----------------------------------------------------------------------
 
     def route(self, incoming, now: float) -> None:

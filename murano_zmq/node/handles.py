@@ -103,12 +103,13 @@ class Consumer(_MailboxHandle):
             return None
 
     def __iter__(self) -> Iterator[Message]:
+        get = self._queue.get  # (get(), inline: once per consumed message)
         while not self._cancelled:
-            m = self.get(timeout=0.2)
-            if m is not None:
-                yield m
-            elif self.node._closed.is_set():
-                return
+            try:
+                yield get(timeout=0.2)
+            except queue.Empty:
+                if self.node._closed.is_set():
+                    return
 
     def cancel(self) -> None:
         """Stop consuming; messages not yet acked go back to the mailbox."""

@@ -71,6 +71,7 @@ class Node(IOThread, OwnedSends, NodeBase):
         self._poller_factory = poller or type(self).default_poller
         self._jobs: deque[tuple[Callable[[], None], Any]] = deque()  # (job, its caller's waiter or None)
         self._outgoing: deque = deque()  # (record, future) not yet routed
+        self._settles: list = []  # (message, how, requeue) the application settled; one job takes them
         self._subscriptions: dict[int, Subscription] = {}
         self._lock = threading.Lock()  # guards the queues above
         # Whoever holds _owner owns the core and the sockets (see the module doc).
@@ -312,10 +313,19 @@ class Node(IOThread, OwnedSends, NodeBase):
         with self._lock:
             if self._closed.is_set():
                 return  # unsettled messages come again after a restart
-            # Same queue as other jobs: an ack must reach the relay before a
-            # later CANCEL or BYE, or the relay requeues the message.
-            self._jobs.append((lambda: self._core.settle(message, how, requeue), None))
+            # Through the jobs' queue: an ack must reach the relay before a
+            # later CANCEL or BYE, or the relay requeues the message.  One
+            # job takes every settle made until it runs (a consumer's burst).
+            if not self._settles:
+                self._jobs.append((self._settle_queued, None))
+            self._settles.append((message, how, requeue))
         self._wake()
+
+    def _settle_queued(self) -> None:
+        """(a job) the settles made since the last one, in order."""
+        with self._lock:
+            settles, self._settles = self._settles, []
+        self._core.settle_many(settles)
 
     def _cancel(self, cid: int, mailbox: str) -> None:
         def job() -> None:

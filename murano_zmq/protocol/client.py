@@ -239,6 +239,20 @@ class ClientCore:
         self.flush_acks()  # keep ACK/NACK in the order the application gave them
         self._put(Cmd.NACK, [message.tag], requeue)
 
+    def settle_acks(self, messages: list[Message]) -> list[tuple]:
+        """settle(m, "ack", False) of each of `messages`, in order, at once
+        (the tags join the same ACK); their (mailbox, id) keys."""
+        keys = [(m.mailbox, m.id) for m in messages]
+        self.dedup.settle_done(keys)
+        if self._shadows:
+            for m, key in zip(messages, keys):
+                tags = self._shadows.get(key)
+                if tags:
+                    tags.discard(m.tag)
+                    self.settled_elsewhere(key, True)
+        self._pending_acks.extend([m.tag for m in messages])
+        return keys
+
     def flush_acks(self) -> None:
         """Put the acks collected since the last flush into one ACK."""
         if self._pending_acks and self.state != State.CLOSED:
@@ -329,12 +343,11 @@ class ClientCore:
             self._put(Cmd.CANCEL, 0, consumer)
             return []
         fresh = []
-        for m in messages:
-            seen = self.dedup.offer((m.mailbox, m.id), consumer)
-            if seen == ACKED:
-                self._pending_acks.append(m.tag)  # seen and acked: settle quietly
-            elif seen == FRESH:
+        for m, seen in zip(messages, self.dedup.offer_many([(m.mailbox, m.id) for m in messages], consumer)):
+            if seen is FRESH:
                 fresh.append(m)
+            elif seen is ACKED:
+                self._pending_acks.append(m.tag)  # seen and acked: settle quietly
             else:  # IN_APP: a copy (e.g. one that came direct) is with the application
                 self._shadows.setdefault((m.mailbox, m.id), set()).add(m.tag)
         return [Delivered(consumer, fresh)] if fresh else []

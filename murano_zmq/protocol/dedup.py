@@ -39,6 +39,29 @@ class DedupWindow:
             if len(self._settled) > self._size:
                 self._settled.popitem(last=False)
 
+    def offer_many(self, keys: list[tuple], owner: object) -> list[str]:
+        """offer() of each key, in order (a DELIVER's records)."""
+        settled, in_app = self._settled, self._in_app
+        out = []
+        for key in keys:
+            if key in settled:
+                out.append(ACKED)
+            elif key in in_app:
+                out.append(IN_APP)
+            else:
+                in_app[key] = owner
+                out.append(FRESH)
+        return out
+
+    def settle_done(self, keys: list[tuple]) -> None:
+        """settle(key, True) of each key, in order (a run of acks)."""
+        in_app, settled, size = self._in_app, self._settled, self._size
+        for key in keys:
+            in_app.pop(key, None)
+            settled[key] = None
+            if len(settled) > size:
+                settled.popitem(last=False)
+
     def release(self, owner: object) -> None:
         """Forget what `owner` held but did not settle (it may come again)."""
         for key in [k for k, o in self._in_app.items() if o == owner]:

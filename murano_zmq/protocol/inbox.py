@@ -184,6 +184,14 @@ class DirectInbox:
         for session, req in self._waiting.pop(key, ()):
             self._count_down(session, req)
 
+    def settled_elsewhere_many(self, keys: list[tuple]) -> None:
+        """settled_elsewhere() of each key (a run of acks)."""
+        waiting = self._waiting
+        if waiting:  # (else no direct copy waits for any of them)
+            for key in keys:
+                for session, req in waiting.pop(key, ()):
+                    self._count_down(session, req)
+
     def _count_down(self, session: _Session, req: int) -> None:
         entry = session.pending.get(req)
         if entry is None:

@@ -251,7 +251,10 @@ class Message:
         return self._settled
 
     def ack(self) -> None:
-        self._finish("ack", False)
+        if not self._settled:  # (_finish, inline: once per consumed message)
+            self._settled = True
+            if self._settle is not None:
+                self._settle(self, "ack", False)
 
     def nack(self, requeue: bool = True) -> None:
         self._finish("nack", requeue)
@@ -289,8 +292,9 @@ def parse_delivery(item: Any) -> Message:
         raise RemoteProtocolError("a DELIVER record has 8 fields")
     tag, msg_id, mailbox, headers, body, created, expires, count = item
     if not (type(tag) is int and isinstance(msg_id, bytes) and isinstance(mailbox, str)
-            and isinstance(headers, bytes) and isinstance(body, bytes)
-            and is_number(created) and type(count) is int
+            and isinstance(headers, bytes) and isinstance(body, bytes) and type(count) is int
+            # (the usual created first: a finite float)
+            and ((type(created) is float and created - created == 0.0) or is_number(created))
             and (expires is None or is_number(expires))):
         raise RemoteProtocolError("bad DELIVER record")
-    return Message(msg_id, mailbox, headers, body, created, expires, count, tag)
+    return Message(msg_id, mailbox, unpack_headers(headers) if headers else {}, body, created, expires, count, tag)
