@@ -9,6 +9,8 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from typing import AsyncIterator, Iterator
 
 from ..protocol.errors import NodeClosed
@@ -123,28 +125,49 @@ class Consumer(_MailboxHandle):
 
 
 class AsyncConsumer(_MailboxHandle):
-    """Messages of one mailbox for an AsyncNode: `async for msg in consumer`."""
+    """Messages of one mailbox for an AsyncNode: `async for msg in consumer`.
+
+    Its queue is a deque and an Event set when a DELIVER's messages arrive
+    (an asyncio.Queue costs a put and a get in Python per message)."""
 
     def __init__(self, node, mailbox: str):
-        messages: asyncio.Queue = asyncio.Queue()
-        super().__init__(node, mailbox, messages, messages.put_nowait)
+        messages: deque[Message] = deque()
+        super().__init__(node, mailbox, messages, messages.append)
+        self._arrived = asyncio.Event()
+
+    def _feed(self, messages: list[Message]) -> None:
+        settle = self.node._settle
+        for m in messages:
+            m._settle = settle  # an ack goes back through the node
+        self._queue.extend(messages)
+        self._arrived.set()
 
     async def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after `timeout` seconds."""
-        if self._cancelled:
-            return None
-        if not self._queue.empty():  # no task, no yield: acks of a burst go out together
-            return self._queue.get_nowait()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        ready = self._queue
+        if ready and not self._cancelled:  # no task, no yield: acks of a burst go out together
+            return ready.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready:
+            if self._cancelled:
+                return None
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(),
+                                       None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return None
+        return None if self._cancelled else ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Message]:
+        ready = self._queue
         while not self._cancelled and not self.node._closed:
+            if ready:  # (get(), inline: once per consumed message)
+                yield ready.popleft()
+                continue
             m = await self.get(timeout=0.5)
             if m is not None:
                 yield m
@@ -153,6 +176,7 @@ class AsyncConsumer(_MailboxHandle):
         """Stop consuming; messages not yet acked go back to the mailbox."""
         if not self._cancelled:
             self._cancelled = True
+            self._arrived.set()  # a get() waiting returns None
             self.node._cancel(self.cid, self.mailbox)
 
 
