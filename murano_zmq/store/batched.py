@@ -171,7 +171,7 @@ class BatchedStore:
         self._batches[-1].delete_mailbox(mailbox_id)
 
     def insert(self, messages: list[StoredMessage]) -> None:
-        self._ids.stored(map(field_msg_id, messages))
+        self._ids.stored(list(map(field_msg_id, messages)))
         self._batches[-1].insert(messages)
 
     def delete(self, seqs: Iterable[int]) -> None:

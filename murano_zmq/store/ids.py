@@ -16,8 +16,6 @@ stored: a lookup too many, never one too few.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 from ..protocol.constants import ID_CLOCK_BYTES
 
 PREFIX = ID_CLOCK_BYTES  # bytes of clock at the start of a clock id
@@ -25,6 +23,8 @@ PREFIX = ID_CLOCK_BYTES  # bytes of clock at the start of a clock id
 CLOCK_LIMIT = (7_258_118_400_000).to_bytes(PREFIX, "big")
 # SQL bound: a 16-byte id sorts below this iff its prefix is <= CLOCK_LIMIT.
 CLOCK_BOUND = (7_258_118_400_001).to_bytes(PREFIX, "big")
+# From this many ids on, min() and max() cost less than a loop over them.
+FEW = 8
 
 
 class IdCeiling:
@@ -37,14 +37,14 @@ class IdCeiling:
         # top came from the database, whose ids of that millisecond we did not see).
         self.recent: set[bytes] | None = None
 
-    def maybe_stored(self, msg_ids: Iterable[bytes]) -> list[bytes]:
+    def maybe_stored(self, msg_ids: list[bytes]) -> list[bytes]:
         """The ids that may be stored (the rest surely are not)."""
         top, recent, limit = self.top, self.recent, CLOCK_LIMIT
-        msg_ids = list(msg_ids)
-        # The usual SEND: clock ids of one clock, the top's or past it.
-        # (Ids order as their prefixes do, so min() and max() in C tell;
-        # an id past the top is never in `recent`.)
-        if msg_ids and max(msg_ids)[:PREFIX] <= limit:
+        # The usual SEND of many: clock ids of one clock, the top's or past
+        # it.  (Ids order as their prefixes do, so min() and max() in C
+        # tell; an id past the top is never in `recent`.)  A few ids, a lone
+        # send's: the loop below costs less than min() and max().
+        if len(msg_ids) >= FEW and max(msg_ids)[:PREFIX] <= limit:
             low = min(msg_ids)[:PREFIX]
             if low > top:
                 return []
@@ -61,10 +61,9 @@ class IdCeiling:
             out.append(m)
         return out
 
-    def stored(self, msg_ids: Iterable[bytes]) -> None:
+    def stored(self, msg_ids: list[bytes]) -> None:
         top, recent, limit = self.top, self.recent, CLOCK_LIMIT
-        msg_ids = list(msg_ids)
-        if msg_ids and min(msg_ids)[:PREFIX] >= top:  # the usual SEND, as in maybe_stored()
+        if len(msg_ids) >= FEW and min(msg_ids)[:PREFIX] >= top:  # the usual SEND, as in maybe_stored()
             high = max(msg_ids)[:PREFIX]
             if high == top:
                 if recent is not None:
