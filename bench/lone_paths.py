@@ -1,7 +1,7 @@
 """One-at-a-time sends through three paths in the same minutes: what the
 relay adds over the floor relay, and what Node adds over a raw client.
 
-    python bench/lone_paths.py [--rounds 10] [--block 200] [--size 1024] [--json]
+    python bench/lone_paths.py [--rounds 10] [--block 200] [--size 1024] [--node-from TREE] [--json]
 
 Starts this checkout's relay and the floor relay (bench/floor_relay.py),
 each on a fresh data directory, and sends one message at a time, each
@@ -11,6 +11,10 @@ waiting for its confirm, in blocks of --block that take turns:
   raw        a raw DEALER speaking the relay's wire protocol (HELLO, SEND)
   node       a Node's send()
   async      an AsyncNode's send(), awaited on an event loop of its own
+
+With --node-from TREE, two more: a Node from this checkout and one from
+TREE (e.g. `git worktree add /tmp/base HEAD~1`), each in a child process
+of its own, against the same relay: an A/B of the node's lone path.
 
 Taking turns in blocks puts the three in the same minutes of a machine
 whose lone-send latency swings by 2x within an hour (docs/performance.md),
@@ -41,6 +45,49 @@ from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ("floor", "raw", "node", "async")
 
+# --node-from: a Node in a process of its own, importing murano_zmq from a
+# given tree; it sends a block of lone sends for each line "N" on stdin and
+# answers with the block's latencies (seconds) as a JSON line.
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from murano_zmq import Node
+node = Node(sys.argv[3], sys.argv[2])
+body = b"x" * int(sys.argv[4])
+print("ready", flush=True)
+for line in sys.stdin:
+    out = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter()
+        node.send(sys.argv[3], body)
+        out.append(time.perf_counter() - t0)
+    print(json.dumps(out), flush=True)
+node.close()
+"""
+
+
+class ChildNode:
+    """A Node from the tree at `root`, in a child process (see _CHILD)."""
+
+    def __init__(self, root: str, endpoint: str, name: str, size: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, root, endpoint, name, str(size)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the Node from {root} did not start")
+
+    def block(self, out: list, count: int) -> None:
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        out.extend(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,11 +95,23 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
     parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--node-from", metavar="TREE",
+                        help="also a Node from another checkout (e.g. a git worktree of an older commit) and one "
+                             "from this checkout, each in a process of its own: an A/B of the node's lone path "
+                             "in the same minutes")
     args = parser.parse_args()
     if args.rounds < 1 or args.block < 1 or args.size < 16:
         parser.error("--rounds and --block must be at least 1, --size at least 16")
+    if args.node_from is not None and not os.path.isdir(os.path.join(args.node_from, "murano_zmq")):
+        parser.error(f"--node-from: no murano_zmq package under {args.node_from}")
     body = b"x" * args.size
-    samples: dict[str, list[float]] = {path: [] for path in PATHS}
+    children = {}
+    paths = PATHS
+    if args.node_from is not None:
+        children = {"node (this tree, own process)": os.path.join(HERE, ".."),
+                    f"node ({args.node_from}, own process)": args.node_from}
+        paths = PATHS + tuple(children)
+    samples: dict[str, list[float]] = {path: [] for path in paths}
     with tempfile.TemporaryDirectory() as tmp:
         floor_endpoint = free_tcp_endpoint()
         floor = subprocess.Popen([sys.executable, os.path.join(HERE, "floor_relay.py"), "serve", floor_endpoint,
@@ -88,8 +147,13 @@ def main() -> int:
                         out.append(time.perf_counter() - t0)
 
                 sends = {"floor": send_floor, "raw": send_raw, "node": send_node}
+                for i, (path, root) in enumerate(children.items()):
+                    children[path] = ChildNode(os.path.abspath(root), relay.endpoint, f"lone.child{i}", args.size)
 
                 def block(path: str, out: list, count: int) -> None:
+                    if path in children:
+                        children[path].block(out, count)
+                        return
                     if path == "async":  # (the loop runs only while its block does)
                         loop.run_until_complete(async_block(out, count))
                         return
@@ -99,28 +163,31 @@ def main() -> int:
                         send()
                         out.append(time.perf_counter() - t0)
 
-                for path in PATHS:  # warm-up (the first send makes the mailbox)
+                for path in paths:  # warm-up (the first send makes the mailbox)
                     block(path, [], 50)
                 for _ in range(args.rounds):
-                    for path in PATHS:
+                    for path in paths:
                         block(path, samples[path], args.block)
             loop.run_until_complete(anode.close())
             loop.close()
             floor_sock.send(b"stop")
             floor_sock.close(linger=1000)
         finally:
+            for child in children.values():
+                if isinstance(child, ChildNode):
+                    child.stop()
             if relay is not None:
                 relay.stop()
             floor.kill()
             floor.wait()
-    result = {path: {f"p{p}_us": pct(samples[path], p) * 1e6 for p in (50, 90, 99)} for path in PATHS}
+    result = {path: {f"p{p}_us": pct(samples[path], p) * 1e6 for p in (50, 90, 99)} for path in paths}
     if args.json:
         print(json.dumps({"rounds": args.rounds, "block": args.block, "size": args.size, "paths": result}))
         return 0
     print(f"{args.rounds} rounds of {args.block} sends of {args.size:,} B per path")
     print("| path | p50 | p90 | p99 |")
     print("| --- | --- | --- | --- |")
-    for path in PATHS:
+    for path in paths:
         r = result[path]
         print(f"| {path} | {r['p50_us']:,.0f} µs | {r['p90_us']:,.0f} µs | {r['p99_us']:,.0f} µs |")
     return 0

@@ -168,6 +168,8 @@ class NodeCore:
     def route(self, incoming, now: float) -> None:
         """Route new sends (direct, relay or held), then put the relay's share
         into SEND commands once the relay's limit is known."""
+        if len(incoming) == 1 and not self._held and not self._relay_queue and self._send_alone(incoming[0], now):
+            return
         routing = incoming
         if self._held:  # held back earlier: they go first
             self._held.extend(incoming)
@@ -210,6 +212,31 @@ class NodeCore:
         if bound_count:
             sender.paths.via_relay(bound, bound_count)
         self._fill_sends()
+
+    def _send_alone(self, pair: tuple, now: float) -> bool:
+        """A lone send (nothing held or queued before it) in the usual case,
+        put into a SEND of its own without the general routing: the relay
+        session up with room, the record within its limit, and the relay
+        the mailbox's only path with nothing to look up.  What route() and
+        _fill_sends() would do for it; False (nothing done) otherwise."""
+        record, waiter = pair
+        session, sender = self.session, self.sender
+        if session.state != State.READY or session.unconfirmed >= MAX_IN_FLIGHT_BATCHES:
+            return False
+        mailbox = record[1]
+        limit = session.max_message_size
+        if (limit is not None and len(record[3]) + len(record[2]) > limit) or (
+                sender is not None and not sender.relay_only(mailbox, now)):
+            return False
+        if sender is not None:
+            sender.paths.relay_up = True
+            sender.paths.via_relay(mailbox)
+        req = session.send([record])
+        self.sent["relay"] += 1
+        self.dispatch.sends[req] = ([waiter], [record])
+        if sender is not None:
+            self._relay_sends[req] = {mailbox: 1}
+        return True
 
     def _fill_sends(self) -> None:
         session = self.session

@@ -85,6 +85,11 @@ class DirectSender:
             self._sticky[mailbox] = endpoint
         return endpoint
 
+    def relay_only(self, mailbox: str, now: float) -> bool:
+        """Would route() give `mailbox`'s next record to the relay, with no
+        LOOKUP to ask first?  (PathTable.relay_only, and no link it sticks to.)"""
+        return self.paths.relay_only(mailbox, now) and (not self._links or self._sticky.get(mailbox) not in self._links)
+
     def relay_bound(self, mailbox: str) -> bool:
         """Will route() give the relay every further record to `mailbox`
         until something changes (a confirm, a LOOKUP, another route call)?

@@ -55,6 +55,7 @@ class OwnedSends:
         needs the I/O thread."""
         io, core = self._io, self._core
         clean = False  # no input can be left behind a lost FD edge (see relay_turn)
+        due = None  # the core's next deadline before the last read
         try:
             with self._lock:
                 self._check_open()
@@ -64,7 +65,8 @@ class OwnedSends:
             if job is not None:
                 jobs.append((job, slot))  # after the others: acks before a later CANCEL
             try:
-                self._run_each(jobs)
+                if jobs:
+                    self._run_each(jobs)
             except BaseException:
                 # A job of another thread failed here: what others queued goes
                 # back to the I/O thread (which fails it as it would have), not lost.
@@ -94,7 +96,7 @@ class OwnedSends:
                     return  # jobs, other sends, close: the I/O thread's work
                 io.turn(ready, time.time())
         finally:
-            self._hand_back(clean)
+            self._hand_back(clean, due if clean else None)
 
     def _new_caller_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
@@ -103,12 +105,15 @@ class OwnedSends:
         poller.register(self._wake_r, zmq.POLLIN)  # not read here: the I/O thread drains it
         return poller
 
-    def _hand_back(self, clean: bool = False) -> None:
+    def _hand_back(self, clean: bool = False, due: float | None = None) -> None:
         """Release the sockets; wake the I/O thread if its poll would now
         miss something: input this thread's reads took the FD edge of (not
-        `clean`), a socket it does not poll yet, or an earlier deadline."""
+        `clean`), a socket it does not poll yet, or an earlier deadline.
+        `due`: the core's next deadline before a read that wrote nothing
+        (reading only moves deadlines later), to spare asking again."""
         io = self._io
-        wake = (io.version != self._io_version or self._core.next_deadline() < self._armed
+        wake = (io.version != self._io_version
+                or ((due is None or due < self._armed) and self._core.next_deadline() < self._armed)
                 or (not clean and io.input_waiting()))
         self._sleep.resume()
         self._owner.release()

@@ -313,15 +313,18 @@ class NodeSockets:
                 # wait here, in order, for the next write, not in a blocked send.
                 self._relay_unsent = out[i:]
                 break
-        if core.sender is not None:
+        sender = core.sender
+        if sender is None:
+            return
+        if sender.has_links or sender.socket_ops:  # (the usual case has neither: two calls, not five)
             out = core.links_out(now)
             self._socket_ops()
             for endpoint, frames in out:
                 touched.add(self._links[endpoint])
                 self._links[endpoint].send_multipart(frames)
+        if core.inbox.has_output:
             out = core.inbox_out(now)
-            if out:
-                touched.add(self._router)
+            touched.add(self._router)
             for identity, frames in out:
                 try:
                     self._router.send_multipart([identity, *frames], zmq.NOBLOCK)

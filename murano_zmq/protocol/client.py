@@ -311,7 +311,7 @@ class ClientCore:
                 raise RemoteProtocolError("bad CONFIRM error entry")
         if self._unconfirmed.pop(req, None) is None:
             return []  # a confirm for a resend already confirmed
-        return [Confirmed(req, {item[0]: error_from_code(item[1], item[2]) for item in errors})]
+        return [Confirmed(req, {item[0]: error_from_code(item[1], item[2]) for item in errors} if errors else {})]
 
     def _on_reply(self, req: int, result: Any) -> list:
         if self._requests.pop(req, None) is None:

@@ -128,6 +128,15 @@ class PathTable:
             return False
         return any(self._usable(e) for e in path.endpoints) or discovered
 
+    def relay_only(self, mailbox: str, now: float) -> bool:
+        """No direct consumer of `mailbox` known at all, and a LOOKUP
+        answered within lookup_ttl, none pending: then choose() gives the
+        relay and wants_lookup() says no, both known in one call (a lone
+        send's question)."""
+        path = self._paths.get(mailbox)
+        return (path is not None and not path.endpoints and not path.lookup_pending
+                and now - path.learned_at < self.lookup_ttl and mailbox not in self._discovered)
+
     def wants_lookup(self, mailbox: str, now: float) -> bool:
         """Ask the relay again?  (Marks the lookup as pending when True.)"""
         path = self._path(mailbox)

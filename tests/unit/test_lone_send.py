@@ -1,0 +1,127 @@
+"""A lone send's shortcut through NodeCore (NodeCore._send_alone and
+PathTable.relay_only): taken only where the general routing would give the
+relay the record with nothing to look up, and leaving the same state."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import pytest
+
+from murano_zmq.node.common import build_record
+from murano_zmq.node.core import NodeCore
+from murano_zmq.protocol.client import Confirmed
+from murano_zmq.protocol.errors import MessageTooLarge
+from murano_zmq.protocol.frames import Cmd, decode, encode
+from murano_zmq.protocol.paths import LOOKUP_TTL, PathTable
+
+from test_node_core import T0, FakeFabric, Waiter  # (tests/unit is on sys.path: no package)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _table(endpoints, discovered, pending, learned, unconfirmed, undrained, relay_up) -> PathTable:
+    table = PathTable()
+    table.relay_up = relay_up
+    if learned is not None:
+        table.looked_up("m", {"depth": 5, "direct": [["n", e] for e in endpoints]}, learned)
+    if discovered:
+        table.discovered("m", {"tcp://d:1"}, T0)
+    path = table._path("m")
+    path.lookup_pending = pending
+    path.relay_unconfirmed = unconfirmed
+    path.relay_undrained = undrained
+    return table
+
+
+@pytest.mark.parametrize("endpoints,discovered,pending,learned,unconfirmed,undrained,relay_up", list(itertools.product(
+    [[], ["tcp://a:1"]], [False, True], [False, True], [None, T0 - 1, T0 - LOOKUP_TTL - 1], [0, 2],
+    [False, True], [False, True])))
+def test_relay_only_says_yes_only_where_choose_gives_the_relay_and_no_lookup_is_due(
+        endpoints, discovered, pending, learned, unconfirmed, undrained, relay_up):
+    args = (endpoints, discovered, pending, learned, unconfirmed, undrained, relay_up)
+    expected = not endpoints and not discovered and not pending and learned == T0 - 1
+    assert _table(*args).relay_only("m", T0) == expected
+    if expected:
+        table = _table(*args)
+        assert table.choose("m", lambda e: True, T0) is None
+        assert table.wants_lookup("m", T0) is False
+
+
+def test_relay_only_for_a_mailbox_never_looked_up_is_no():
+    assert PathTable().relay_only("m", T0) is False
+
+
+def _lookup_answered(net: FakeFabric) -> None:
+    """The sender's first send asks LOOKUP; the relay answers: no direct consumer."""
+    [first] = net.send("first")  # held back until the LOOKUP's answer, then to the relay
+    net.turns(10, until=first.done)
+    assert net.sender.paths.relay_only("fifo", net.now)
+
+
+def test_a_lone_send_takes_the_shortcut_and_is_confirmed_as_by_the_general_path(tmp_path):
+    net = FakeFabric(tmp_path)
+    _lookup_answered(net)
+    taken = []
+    general = net.sender._send_alone
+    net.sender._send_alone = lambda pair, now: taken.append(general(pair, now)) or taken[-1]
+    paths = net.sender.paths
+    for n in range(5):
+        before = net.relay_sends
+        [waiter] = net.send(n)
+        net.turn()
+        assert taken[-1] is True, "a lone send in the usual case takes the shortcut"
+        assert net.relay_sends == before + 1
+        assert waiter.done() and waiter.error is None and len(waiter.result) == 16
+        assert paths._path("fifo").relay_unconfirmed == 0, "the confirm counted down what the send counted"
+    assert net.sender.sent == {"direct": 0, "relay": 6}
+
+
+def test_two_sends_in_one_turn_take_the_general_path(tmp_path):
+    net = FakeFabric(tmp_path)
+    _lookup_answered(net)
+    taken = []
+    general = net.sender._send_alone
+    net.sender._send_alone = lambda pair, now: taken.append(general(pair, now)) or taken[-1]
+    waiters = net.send(1, 2)
+    net.turn()
+    assert taken == [] and all(w.done() and w.error is None for w in waiters)
+
+
+def test_a_record_over_the_relays_limit_still_fails_as_the_general_path_fails_it():
+    core = NodeCore("n", b"n" * 16, 1.0)
+    core.relay_connected(T0)
+    core.relay_out(T0)
+    core.relay_frames(encode(Cmd.WELCOME, "relay", 1.0, 100), T0)
+    core.sender.paths.looked_up("m", {"depth": 0, "direct": []}, T0)
+    waiter = Waiter()
+    core.route(deque([(build_record("m", b"x" * 200, None, None, T0, None), waiter)]), T0)
+    assert isinstance(waiter.error, MessageTooLarge)
+    assert [decode(f).cmd for f in core.relay_out(T0)] == [], "nothing went to the relay"
+    assert core.sender.paths._path("m").relay_unconfirmed == 0
+
+
+def test_the_shortcut_leaves_what_the_general_path_leaves():
+    """The same lone send routed by a core with the shortcut and by one
+    without: the same SEND frame, path table counts and bookkeeping."""
+    cores = []
+    for shortcut in (True, False):
+        core = NodeCore("n", b"n" * 16, 1.0)
+        if not shortcut:
+            core._send_alone = lambda pair, now: False
+        core.relay_connected(T0)
+        core.relay_out(T0)
+        core.relay_frames(encode(Cmd.WELCOME, "relay", 1.0, 1 << 20), T0)
+        core.sender.paths.looked_up("m", {"depth": 3, "direct": []}, T0)
+        record = build_record("m", b"body", None, None, T0, None, msg_id=b"i" * 16)
+        core.route(deque([(record, Waiter())]), T0 + 1)
+        cores.append(core)
+    a, b = cores
+    assert a.relay_out(T0 + 1) == b.relay_out(T0 + 1)
+    assert a.sender.paths._path("m") == b.sender.paths._path("m")
+    assert a._relay_sends == b._relay_sends and a.sent == b.sent
+    assert list(a.dispatch.sends) == list(b.dispatch.sends)
+    assert a.session.unconfirmed == b.session.unconfirmed == 1
+    events = a.session.receive(encode(Cmd.CONFIRM, 1, []), T0 + 1)
+    assert events == [Confirmed(1, {})]
