@@ -100,7 +100,7 @@ class Delivery:
 
     def _deliver(self, mb: Mailbox, now: float) -> None:
         # The per-message path: Consumer.can_take/hand_out, Mailbox.window_pop
-        # and handed_out are written inline here (a call each is a fifth of
+        # and the handed-out counts are written inline here (a call each is a fifth of
         # this loop's instructions: bench/callgrind_lone.py consume).
         batches: dict[Consumer, list] = {}
         consumers = mb.consumers
