@@ -12,9 +12,10 @@ waiting for its confirm, in blocks of --block that take turns:
   node       a Node's send()
   async      an AsyncNode's send(), awaited on an event loop of its own
 
-With --node-from TREE, two more: a Node from this checkout and one from
-TREE (e.g. `git worktree add /tmp/base HEAD~1`), each in a child process
-of its own, against the same relay: an A/B of the node's lone path.
+With --node-from TREE, four more: a Node and an AsyncNode from this
+checkout and from TREE (e.g. `git worktree add /tmp/base HEAD~1`), each in
+a child process of its own, against the same relay: an A/B of the nodes'
+lone paths.
 
 Taking turns in blocks puts the three in the same minutes of a machine
 whose lone-send latency swings by 2x within an hour (docs/performance.md),
@@ -49,28 +50,43 @@ PATHS = ("floor", "raw", "node", "async")
 # given tree; it sends a block of lone sends for each line "N" on stdin and
 # answers with the block's latencies (seconds) as a JSON line.
 _CHILD = """
-import json, sys, time
+import asyncio, json, sys, time
 sys.path.insert(0, sys.argv[1])
-from murano_zmq import Node
-node = Node(sys.argv[3], sys.argv[2])
-body = b"x" * int(sys.argv[4])
+from murano_zmq import AsyncNode, Node
+endpoint, name, body = sys.argv[2], sys.argv[3], b"x" * int(sys.argv[4])
+if sys.argv[5] == "node":
+    node = Node(name, endpoint)
+    def block(count):
+        out = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            node.send(name, body)
+            out.append(time.perf_counter() - t0)
+        return out
+else:
+    loop = asyncio.new_event_loop()
+    node = loop.run_until_complete(AsyncNode(name, endpoint).start())
+    async def sends(count):
+        out = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await node.send(name, body)
+            out.append(time.perf_counter() - t0)
+        return out
+    def block(count):
+        return loop.run_until_complete(sends(count))
 print("ready", flush=True)
 for line in sys.stdin:
-    out = []
-    for _ in range(int(line)):
-        t0 = time.perf_counter()
-        node.send(sys.argv[3], body)
-        out.append(time.perf_counter() - t0)
-    print(json.dumps(out), flush=True)
-node.close()
+    print(json.dumps(block(int(line))), flush=True)
 """
 
 
 class ChildNode:
-    """A Node from the tree at `root`, in a child process (see _CHILD)."""
+    """A Node or AsyncNode (`kind`) from the tree at `root`, in a child
+    process (see _CHILD)."""
 
-    def __init__(self, root: str, endpoint: str, name: str, size: int):
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, root, endpoint, name, str(size)],
+    def __init__(self, root: str, endpoint: str, name: str, size: int, kind: str):
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, root, endpoint, name, str(size), kind],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
         if self.proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"the Node from {root} did not start")
@@ -96,9 +112,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--node-from", metavar="TREE",
-                        help="also a Node from another checkout (e.g. a git worktree of an older commit) and one "
-                             "from this checkout, each in a process of its own: an A/B of the node's lone path "
-                             "in the same minutes")
+                        help="also a Node and an AsyncNode from another checkout (e.g. a git worktree of an "
+                             "older commit) and from this checkout, each in a process of its own: an A/B of the "
+                             "nodes' lone paths in the same minutes")
     args = parser.parse_args()
     if args.rounds < 1 or args.block < 1 or args.size < 16:
         parser.error("--rounds and --block must be at least 1, --size at least 16")
@@ -108,8 +124,8 @@ def main() -> int:
     children = {}
     paths = PATHS
     if args.node_from is not None:
-        children = {"node (this tree, own process)": os.path.join(HERE, ".."),
-                    f"node ({args.node_from}, own process)": args.node_from}
+        children = {f"{kind} ({name}, own process)": (root, kind) for kind in ("node", "async")
+                    for name, root in (("this tree", os.path.join(HERE, "..")), (args.node_from, args.node_from))}
         paths = PATHS + tuple(children)
     samples: dict[str, list[float]] = {path: [] for path in paths}
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +163,9 @@ def main() -> int:
                         out.append(time.perf_counter() - t0)
 
                 sends = {"floor": send_floor, "raw": send_raw, "node": send_node}
-                for i, (path, root) in enumerate(children.items()):
-                    children[path] = ChildNode(os.path.abspath(root), relay.endpoint, f"lone.child{i}", args.size)
+                for i, (path, (root, kind)) in enumerate(children.items()):
+                    children[path] = ChildNode(os.path.abspath(root), relay.endpoint, f"lone.child{i}", args.size,
+                                               kind)
 
                 def block(path: str, out: list, count: int) -> None:
                     if path in children:

@@ -324,21 +324,24 @@ class AsyncNode(NodeBase):
 
     # --- the loop's side: FD callbacks and the deadline timer ---------------------
 
-    def _turn(self) -> None:
-        """A socket's FD fired, input was left queued, or a deadline came:
-        read what is queued, tick, route, write."""
+    def _turn(self, fd: int | None = None) -> None:
+        """A socket's FD fired (`fd`: only that socket is asked for input;
+        each FD that fires has its own call, and a socket no FD reported
+        has none queued unless touched since, which _after_io asks), input
+        was left queued, or a deadline came: read what is queued, tick,
+        route, write."""
         self._turn_scheduled = False
         if self._closed:
             return
         try:
             io = self._io
-            ready = io.readable()
-            if len(ready) == 1 and ready[0] is io.relay_sock and not self._outgoing:
-                # The usual wake-up, a CONFIRM or DELIVER: read it, and a
-                # full turn only if that left something to do.
+            if fd is not None and not self._outgoing and io.socket_of(fd) is io.relay_sock:
+                # The usual wake-up, a CONFIRM or DELIVER: read it (without
+                # asking ZMQ_EVENTS first: a read that finds nothing is the
+                # rare case), and a full turn only if that left something to do.
                 io.relay_turn(time.time(), self._core.next_deadline())
             else:
-                io.turn(ready, time.time(), self._take_outgoing())
+                io.turn(io.readable(None if fd is None else (fd,)), time.time(), self._take_outgoing())
             self._failed_turns = 0
         except Exception:
             log.exception("node %s: a turn failed", self.name)
@@ -365,7 +368,7 @@ class AsyncNode(NodeBase):
             self._unwatch()
             self._watched = list(io.fds())
             for fd in self._watched:
-                self._loop.add_reader(fd, self._turn)
+                self._loop.add_reader(fd, self._turn, fd)
             self._watched_version = io.version
         if not self._turn_scheduled and io.input_waiting(touched_only=not changed):
             self._turn_scheduled = True

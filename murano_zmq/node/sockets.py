@@ -194,6 +194,10 @@ class NodeSockets:
         self._by_fd = {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
         return self._by_fd
 
+    def socket_of(self, fd: int) -> zmq.Socket | None:
+        """The socket whose ZMQ_FD is `fd` (as of the last fds())."""
+        return self._by_fd.get(fd)
+
     def readable(self, fired=None) -> list:
         """The sockets with input queued now (ZMQ_EVENTS): all of them, or
         those of the FDs in `fired` (from the last fds()).  Asking also
@@ -283,7 +287,12 @@ class NodeSockets:
         if now >= due or not core.settled_down():
             self.turn((), now)
             return False
-        return read < READ_BATCH
+        if read < READ_BATCH:
+            # Read dry, and its last ZMQ_EVENTS re-armed the FD: no input
+            # there for input_waiting(touched_only) to find.
+            self._touched.discard(sock)
+            return True
+        return False
 
     @property
     def relay_sock(self) -> zmq.Socket | None:

@@ -1,0 +1,59 @@
+"""AsyncNode's turns by FD: each socket's ZMQ_FD calls a turn for that
+socket alone, and the relay's goes straight to reading it.  A wake-up that
+finds nothing (the FD fires for a command that is no message) must cost
+nothing but the read; input on another socket must not wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from murano_zmq import AsyncNode
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_relay_wake_up_with_nothing_to_read_leaves_the_node_working(relay):
+    async def main():
+        async with AsyncNode("turns", relay=relay.endpoint, timeout=20) as node:
+            await node.send("turns.box", b"warm")
+            io = node._io
+            relay_fd = next(fd for fd in io.fds() if io.socket_of(fd) is io.relay_sock)
+            for _ in range(3):
+                node._turn(relay_fd)  # nothing queued: the read finds nothing
+            assert not io.input_waiting(), "nothing was left queued"
+            ids = [await node.send("turns.box", i) for i in range(20)]
+            assert len(set(ids)) == 20
+            consumer = await node.consume("turns.box", prefetch=50)
+            got = []
+            while len(got) < 21:
+                message = await consumer.get(timeout=10)
+                got.append(message.body)
+                message.ack()
+            assert got == [b"warm", *range(20)]
+
+    asyncio.run(main())
+
+
+def test_a_consumer_and_lone_sends_on_one_node_both_progress(relay):
+    """DELIVERs and CONFIRMs on the relay socket, the consumer's acks and
+    the sends' writes interleaved: each wake-up reads what its FD says."""
+    async def main():
+        async with AsyncNode("turns2", relay=relay.endpoint, timeout=20) as node:
+            consumer = await node.consume("turns.loop", prefetch=10)
+
+            async def take(n):
+                bodies = []
+                for _ in range(n):
+                    message = await consumer.get(timeout=10)
+                    bodies.append(message.body)
+                    message.ack()
+                return bodies
+
+            taker = asyncio.ensure_future(take(200))
+            for i in range(200):
+                await node.send("turns.loop", i)
+            assert await asyncio.wait_for(taker, 30) == list(range(200))
+
+    asyncio.run(main())
