@@ -53,19 +53,21 @@ def test_relay_only_for_a_mailbox_never_looked_up_is_no():
     assert PathTable().relay_only("m", T0) is False
 
 
-def _lookup_answered(net: FakeFabric) -> None:
-    """The sender's first send asks LOOKUP; the relay answers: no direct consumer."""
+def _looked_up(tmp_path) -> tuple[FakeFabric, list]:
+    """A fabric whose sender's first send asked LOOKUP and the relay
+    answered (no direct consumer); and what each _send_alone call returned."""
+    net = FakeFabric(tmp_path)
     [first] = net.send("first")  # held back until the LOOKUP's answer, then to the relay
     net.turns(10, until=first.done)
     assert net.sender.paths.relay_only("fifo", net.now)
+    taken: list = []
+    general = net.sender._send_alone
+    net.sender._send_alone = lambda pair, now: taken.append(general(pair, now)) or taken[-1]
+    return net, taken
 
 
 def test_a_lone_send_takes_the_shortcut_and_is_confirmed_as_by_the_general_path(tmp_path):
-    net = FakeFabric(tmp_path)
-    _lookup_answered(net)
-    taken = []
-    general = net.sender._send_alone
-    net.sender._send_alone = lambda pair, now: taken.append(general(pair, now)) or taken[-1]
+    net, taken = _looked_up(tmp_path)
     paths = net.sender.paths
     for n in range(5):
         before = net.relay_sends
@@ -79,11 +81,7 @@ def test_a_lone_send_takes_the_shortcut_and_is_confirmed_as_by_the_general_path(
 
 
 def test_two_sends_in_one_turn_take_the_general_path(tmp_path):
-    net = FakeFabric(tmp_path)
-    _lookup_answered(net)
-    taken = []
-    general = net.sender._send_alone
-    net.sender._send_alone = lambda pair, now: taken.append(general(pair, now)) or taken[-1]
+    net, taken = _looked_up(tmp_path)
     waiters = net.send(1, 2)
     net.turn()
     assert taken == [] and all(w.done() and w.error is None for w in waiters)
