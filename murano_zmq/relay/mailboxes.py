@@ -20,7 +20,7 @@ from operator import itemgetter
 from ..protocol.constants import READY_WINDOW, READY_WINDOW_BYTES
 from ..protocol.errors import Malformed, MailboxNotFound, PreconditionFailed, StorageFull
 from ..protocol.options import MailboxOptions
-from ..store.base import MailboxRow, Store, StoredMessage
+from ..store.base import MailboxRow, Store, StoredMessage, field_body, field_seq
 from .state import Mailbox
 
 log = logging.getLogger("murano_zmq.relay")
@@ -224,13 +224,16 @@ class Mailboxes:
         window (which holds no seq above disk_after)."""
         room = max(1, READY_WINDOW_BYTES - mb.ready_window_bytes)
         rows = self.store.load_ready(mb.id, mb.disk_after, limit, room)
-        if rows:
-            mb.disk_after = rows[-1].seq
-        if len(rows) < limit and sum(len(r.body) for r in rows) < room:
+        if not rows:
+            mb.disk_after = None
+            return
+        mb.disk_after = rows[-1].seq
+        if len(rows) < limit and sum(map(len, map(field_body, rows))) < room:
             mb.disk_after = None  # neither bound stopped the load: that was all
-        for row in rows:
-            if row.seq not in unacked:
-                mb.window_push(row)
+        # (a row out with a consumer is on disk, not ready: asked in C, per row)
+        if unacked and any(map(unacked.__contains__, map(field_seq, rows))):
+            rows = [row for row in rows if row.seq not in unacked]
+        mb.window_extend(rows)
 
     def top_up(self, unacked) -> None:
         """Read ahead into windows a delivery left low (mark_if_low()),

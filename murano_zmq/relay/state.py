@@ -146,6 +146,11 @@ class Mailbox:
         self.ready.append(row)
         self.ready_window_bytes += len(row.body) + len(row.headers)
 
+    def window_extend(self, rows: list) -> None:
+        """window_push() of each of `rows`, the sums and the extend in C."""
+        self.ready.extend(rows)
+        self.ready_window_bytes += sum(map(len, map(field_body, rows))) + sum(map(len, map(field_headers, rows)))
+
     def window_push_front(self, row) -> None:
         self.ready.appendleft(row)
         self.ready_window_bytes += len(row.body) + len(row.headers)

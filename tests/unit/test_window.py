@@ -1,5 +1,6 @@
-"""Mailbox.append_tails (a SEND's rows at once) keeps the counts and the
-window exactly as append_tail of each row would, at the window's bounds too."""
+"""Mailbox.append_tails (a SEND's rows at once) and window_extend (a load's)
+keep the counts and the window exactly as append_tail and window_push of
+each row would, at the window's bounds too."""
 
 import itertools
 import random
@@ -38,3 +39,20 @@ def test_append_tails_is_append_tail_of_each(monkeypatch):
                 one.append_tail(row)
             many.append_tails(batch)
             assert state(many) == state(one), batch
+
+
+def test_window_extend_is_window_push_of_each():
+    rnd = random.Random(11)
+    seqs = itertools.count(1)
+    one, many = (Mailbox(1, "m", MailboxOptions(), False, 0.0) for _ in range(2))
+    for _ in range(200):
+        batch = [StoredMessage(seq, 1, seq.to_bytes(16, "big"), rnd.choice([b"", b"\x81\xa1k\x01"]),
+                               b"x" * rnd.randint(0, 20), 1.0, None, 0)
+                 for seq in itertools.islice(seqs, rnd.randint(0, 5))]
+        for row in batch:
+            one.window_push(row)
+        many.window_extend(batch)
+        if rnd.random() < 0.3 and one.ready:
+            one.window_pop()
+            many.window_pop()
+        assert state(many) == state(one)
