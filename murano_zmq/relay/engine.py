@@ -397,6 +397,18 @@ class RelayEngine:
         (turn.py).  Not with a shared store, whose claims other relays read."""
         return self.fabric is None and self.turn.hold_deletes(now)
 
+    @property
+    def deletes_unwritten(self) -> bool:
+        """Deletes held for a later commit (hold_deletes) whose statements
+        have not run yet."""
+        return self.fabric is None and bool(self.store.open_deletes())
+
+    def write_held_deletes(self) -> None:
+        """Run the held deletes' statements now, into the store's open
+        transaction (SQLiteStore.seal), while the consumers work on their
+        deliveries; their COMMIT still waits (turn.py), and finds them done."""
+        self.store.seal()
+
     def prepare_commit(self) -> list[Output]:
         """Seal the turn's writes and return the replies that may go out
         only once the caller's store.commit() has returned."""

@@ -263,9 +263,14 @@ class Relay(Wire):
             while not self._stop.is_set():
                 try:
                     self._turn(sock, poller, self.engine, committer)
-                    # Read ahead while the consumers work on what they got.
+                    # While the consumers work on what they got: read their
+                    # windows ahead, then run their acks' deletes (whose
+                    # commit waits: relay/turn.py), so that neither is left
+                    # for the turn their next ACK or CONSUME waits on.
                     if self.engine.windows_low and not self._get(EVENTS) & POLLIN:
                         self.engine.top_up()
+                    if self._in_flight is None and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
+                        self.engine.write_held_deletes()
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     self._store_failed(sock, self._in_flight, exc)
                     self._in_flight = None

@@ -23,7 +23,9 @@ Output = tuple[bytes, list[bytes]]
 # consumer's acks, a few per turn, rewrote the same pages turn after turn
 # (a quarter of the relay's time under a consumer).  Such a turn leaves
 # them to a later commit: any commit, or theirs once they are this many or
-# the first of them this old.
+# the first of them this old.  Meanwhile the loop runs their statements
+# when idle (RelayEngine.write_held_deletes: sealed and written into the
+# open transaction), so the commit that takes them has little left to do.
 DELETES_HELD_ROWS = 2000
 DELETES_HELD_SECONDS = 0.05
 
@@ -58,12 +60,12 @@ class Turn:
         return out
 
     def hold_deletes(self, now: float) -> bool:
-        """True if the writes waiting for a commit are deletes alone, fewer
-        than DELETES_HELD_ROWS and waiting for less than
-        DELETES_HELD_SECONDS: no commit this turn."""
-        if self._after_commit or self.store.in_transaction:
+        """True if the writes waiting for a commit (sealed or open) are
+        deletes alone, fewer than DELETES_HELD_ROWS and waiting for less
+        than DELETES_HELD_SECONDS: no commit this turn."""
+        if self._after_commit:
             return False
-        deletes = self.store.open_deletes()
+        deletes = self.store.held_deletes()
         if not deletes or deletes >= DELETES_HELD_ROWS:
             return False
         if self.deletes_since is None:

@@ -113,6 +113,12 @@ class Store(Protocol):
         None if it holds anything else, or if this store's deletes must not
         wait for a later commit (relay/turn.py holds them)."""
 
+    def held_deletes(self) -> int | None:
+        """How many rows the writes not committed yet (sealed, perhaps
+        written ahead, and open) delete, if deletes are all they hold; None
+        if they hold anything else, or if this store's deletes must not
+        wait for a later commit."""
+
     @property
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""

@@ -201,6 +201,17 @@ class BatchedStore:
             return sum(len(seqs) for _, seqs in ops)
         return None
 
+    def held_deletes(self) -> int | None:
+        """How many rows the batches not committed yet delete, if deletes
+        are all they hold; None if they hold anything else."""
+        total = 0
+        for batch in self._pending():
+            ops = batch.ops
+            if not all(kind == "delete" for kind, _ in ops):
+                return None
+            total += sum(len(seqs) for _, seqs in ops)
+        return total
+
     @property
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""

@@ -194,6 +194,8 @@ class PostgresStore(BatchedStore):
         widen it (hidden_count)."""
         return None
 
+    held_deletes = open_deletes
+
     def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
                     wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
         rows: list[StoredMessage] = []

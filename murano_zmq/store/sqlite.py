@@ -277,23 +277,27 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         bookkeeping: a lone send's path).  Its bodies stay in the database
         up to lone_inline_max: one fsync, where a segment would add its own."""
         batches = self._batches
-        # An open batch of deletes alone (held for a later commit by
-        # relay/turn.py) goes into this one: a lone send after an ack keeps
-        # its one sync.  Anything else takes the general path.
-        if (len(batches) > 1 or (batches[0] and not self.open_deletes())
+        # Batches of deletes alone (held for a later commit by relay/turn.py,
+        # sealed and written ahead or still open) go into this one: a lone
+        # send after an ack keeps its one sync.  Anything else takes the
+        # general path.
+        held = [] if len(batches) == 1 and not batches[0] else [b for b in batches if b]
+        if ((held and self.held_deletes() is None)
                 or any(len(m.body) > self._lone_inline_max for m in messages)):
             super().commit_insert(messages)
             return
-        held = batches[0] if batches[0] else None
         with self._commit_lock:
             self._ids.stored([m.msg_id for m in messages])
 
             def write() -> None:
-                self._begin()
-                if self._seq_owed:
-                    self._save_seq_mark(self._seq_owed)
-                if held is not None:
-                    self._write(held)
+                if not self._tx_open:  # (else the held deletes' statements ran in it already)
+                    self._begin()
+                    if self._seq_owed:
+                        self._save_seq_mark(self._seq_owed)
+                self._tx_synced = True
+                for batch in held:
+                    if not batch.written:
+                        self._write(batch)
                 stored = self._insert(messages)
                 top = max(m.seq for m in messages)
                 if top > self._seq_top:
@@ -302,8 +306,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                     self._save_seq_mark(self._seq_top)
 
             self._committed(write)
-            if held is not None:
-                with self._batches_lock:  # committed: reads need it no more
+            if held:
+                with self._batches_lock:  # committed: reads need them no more
                     self._batches = [WriteBatch()]
 
     def _commit_sealed(self, sealed: list[WriteBatch]) -> None:

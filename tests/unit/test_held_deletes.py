@@ -3,9 +3,13 @@ later commit (relay/turn.py): they are not synced anyway, and small commits
 of them, turn after turn, rewrote the same pages into the WAL.  Held until
 another commit takes them, DELETES_HELD_ROWS of them wait, or the first
 has waited DELETES_HELD_SECONDS; the engine's next deadline wakes the loop
-for that commit (tests/unit/test_engine.py)."""
+for that commit (tests/unit/test_engine.py).  Meanwhile the loop may run
+their statements (seal: written ahead into the open transaction); their
+COMMIT waits all the same."""
 
 from __future__ import annotations
+
+import sqlite3
 
 import pytest
 
@@ -33,7 +37,13 @@ def store(tmp_path):
 
 
 def committed(store: SQLiteStore) -> int:
-    return store._db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    """Rows a commit made durable (another connection: the writer's own sees
+    its open transaction)."""
+    db = sqlite3.connect(store.path)
+    try:
+        return db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        db.close()
 
 
 def test_deletes_alone_wait_until_the_first_has_waited_long_enough(store):
@@ -70,9 +80,11 @@ def test_other_writes_or_a_held_reply_commit_this_turn(store):
     store.delete([2])
     turn.reply_after_commit(b"peer", Cmd.CONFIRM, 1, [])  # (a reply that waits for a commit)
     assert not turn.hold_deletes(NOW)
+    turn.commit()
+    store.insert([msg(10**6 + 1)])
+    store.seal()  # sealed writes other than deletes: committed this turn
     store.delete([3])
-    store.seal()  # sealed writes wait for commit(): not held back either
-    assert not turn.hold_deletes(NOW)
+    assert store.held_deletes() is None and not turn.hold_deletes(NOW)
 
 
 def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
@@ -91,3 +103,54 @@ def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
                                   (10**6,)).fetchall())
     assert rows == {3: 1, 10**6: 1}
     assert store.get(1) is None and store.get(10**6).body == b"b" * 65536
+
+
+def test_deletes_written_ahead_stay_held_until_their_commit(store):
+    """RelayEngine.write_held_deletes seals them: their statements run in
+    the open transaction at once, their COMMIT waits as before."""
+    turn = Turn(store)
+    rows = committed(store)
+    store.delete([1, 2])
+    assert turn.hold_deletes(NOW)
+    store.seal()  # written ahead
+    assert store._tx_open and store._batches[0].written
+    store.delete([3])
+    assert store.held_deletes() == 3 and turn.hold_deletes(NOW + DELETES_HELD_SECONDS / 2)
+    assert committed(store) == rows, "not committed: a crash now delivers them again"
+    assert store.get(1) is None and store.get(3) is None
+    assert not turn.hold_deletes(NOW + DELETES_HELD_SECONDS)
+    turn.commit()
+    assert committed(store) == rows - 3 and not store._tx_open
+
+
+def test_written_ahead_deletes_count_toward_the_held_limit(store):
+    turn = Turn(store)
+    store.delete(range(1, DELETES_HELD_ROWS))
+    store.seal()
+    assert turn.hold_deletes(NOW)
+    store.delete([DELETES_HELD_ROWS])
+    assert not turn.hold_deletes(NOW)
+
+
+def test_a_rollback_undoes_deletes_written_ahead(store):
+    rows = committed(store)
+    store.delete([1, 2])
+    store.seal()
+    store.rollback()
+    assert not store._tx_open and committed(store) == rows
+    assert store.get(1) is not None, "the relay starts over from the store: the rows are there"
+
+
+def test_a_lone_send_after_deletes_written_ahead_commits_them_in_its_one_sync(store, monkeypatch):
+    rows = committed(store)
+    store.delete([1, 2])
+    store.seal()  # written ahead
+    store.delete([3])  # and one more, open
+    syncs = []
+    real = store._sync_wal
+    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
+    store.commit_insert([msg(10**6)])
+    assert syncs == [1] and not store._tx_open
+    assert len(store._batches) == 1 and not store._batches[0]
+    assert committed(store) == rows - 3 + 1
+    assert store.get(2) is None and store.get(10**6).body == b"body"
