@@ -401,7 +401,7 @@ class RelayEngine:
     def deletes_unwritten(self) -> bool:
         """Deletes held for a later commit (hold_deletes) whose statements
         have not run yet."""
-        return self.fabric is None and bool(self.store.open_deletes())
+        return self.turn.deletes_since is not None and self.fabric is None and bool(self.store.open_deletes())
 
     def write_held_deletes(self) -> None:
         """Run the held deletes' statements now, into the store's open
