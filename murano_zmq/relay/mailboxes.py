@@ -224,16 +224,15 @@ class Mailboxes:
         window (which holds no seq above disk_after)."""
         room = max(1, READY_WINDOW_BYTES - mb.ready_window_bytes)
         rows = self.store.load_ready(mb.id, mb.disk_after, limit, room)
-        if not rows:
-            mb.disk_after = None
-            return
-        mb.disk_after = rows[-1].seq
+        if rows:
+            mb.disk_after = rows[-1].seq
         if len(rows) < limit and sum(map(len, map(field_body, rows))) < room:
             mb.disk_after = None  # neither bound stopped the load: that was all
-        # (a row out with a consumer is on disk, not ready: asked in C, per row)
+        # Rows out with a consumer are on disk but not ready (asked in C, per row).
         if unacked and any(map(unacked.__contains__, map(field_seq, rows))):
             rows = [row for row in rows if row.seq not in unacked]
-        mb.window_extend(rows)
+        if rows:
+            mb.window_extend(rows)
 
     def top_up(self, unacked) -> None:
         """Read ahead into windows a delivery left low (mark_if_low()),
