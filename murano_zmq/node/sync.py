@@ -316,10 +316,12 @@ class Node(IOThread, OwnedSends, NodeBase):
             # Through the jobs' queue: an ack must reach the relay before a
             # later CANCEL or BYE, or the relay requeues the message.  One
             # job takes every settle made until it runs (a consumer's burst).
-            if not self._settles:
+            first = not self._settles
+            if first:
                 self._jobs.append((self._settle_queued, None))
             self._settles.append((message, how, requeue))
-        self._wake()
+        if first:  # (the later ones find that job queued and the I/O thread woken for it)
+            self._wake()
 
     def _settle_queued(self) -> None:
         """(a job) the settles made since the last one, in order."""
