@@ -1,4 +1,4 @@
-"""One-at-a-time sends through three paths in the same minutes: what the
+"""One-at-a-time sends through four paths in the same minutes: what the
 relay adds over the floor relay, and what Node adds over a raw client.
 
     python bench/lone_paths.py [--rounds 10] [--block 200] [--size 1024] [--node-from TREE] [--json]
@@ -17,7 +17,7 @@ checkout and from TREE (e.g. `git worktree add /tmp/base HEAD~1`), each in
 a child process of its own, against the same relay: an A/B of the nodes'
 lone paths.
 
-Taking turns in blocks puts the three in the same minutes of a machine
+Taking turns in blocks puts the paths in the same minutes of a machine
 whose lone-send latency swings by 2x within an hour (docs/performance.md),
 which a run per path (compare.py) cannot.  Prints p50/p90/p99 per path.
 """
@@ -46,9 +46,9 @@ from murano_zmq.testing import RelayProcess, free_tcp_endpoint  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATHS = ("floor", "raw", "node", "async")
 
-# --node-from: a Node in a process of its own, importing murano_zmq from a
-# given tree; it sends a block of lone sends for each line "N" on stdin and
-# answers with the block's latencies (seconds) as a JSON line.
+# --node-from: a Node or an AsyncNode in a process of its own, importing
+# murano_zmq from a given tree; it sends a block of lone sends for each line
+# "N" on stdin and answers with the block's latencies (seconds) as a JSON line.
 _CHILD = """
 import asyncio, json, sys, time
 sys.path.insert(0, sys.argv[1])
