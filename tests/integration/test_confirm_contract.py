@@ -28,7 +28,7 @@ from murano_zmq.relay.server import Relay, RelayConfig
 from murano_zmq.store.segments import LONE_INLINE_MAX
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
-from ..helpers import free_tcp_endpoint
+from ..helpers import free_tcp_endpoint, wait_for
 
 SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sync
 
@@ -267,6 +267,33 @@ def test_acks_alone_commit_without_a_sync(relay_with):
         assert store.wal_syncs > syncs
     assert not watch.violations
     assert store.durable(ids[-1:]) == set(ids[-1:])
+
+
+def test_lone_sends_among_held_acks_confirm_after_their_sync(relay_with):
+    """A consumer's acks are held for a later commit, and their deletes
+    written ahead while the loop is idle (an open transaction); a lone send
+    then commits them in its own transaction, and its CONFIRM follows that
+    transaction's sync."""
+    relay, watch, _ = relay_with()
+    store, engine = relay.engine.store, relay.engine
+    written_ahead, open_at_lone = [], []
+    write, commit_insert = engine.write_held_deletes, store.commit_insert
+    engine.write_held_deletes = lambda: (written_ahead.append(1), write())[1]
+    store.commit_insert = lambda rows: (open_at_lone.append(store._tx_open), commit_insert(rows))[1]
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        node.send("contract.held.out", b"first")  # (the mailbox exists: later sends may take the lone path)
+        node.send_many([("contract.held", b"m")] * 100)
+        consumer = node.consume("contract.held", prefetch=10, direct=False)
+        ids = []
+        for _ in range(10):
+            before = len(written_ahead)
+            for _ in range(10):
+                consumer.get(timeout=10).ack()
+            wait_for(lambda: len(written_ahead) > before, 10, interval=0.001, what="the acks' deletes written ahead")
+            ids.append(node.send("contract.held.out", b"x"))
+    assert any(open_at_lone), "a lone send found the held deletes' transaction open"
+    assert not watch.violations
+    assert store.durable(ids) == set(ids)
 
 
 def test_pipelined_confirms_follow_their_commit(relay_with):
