@@ -52,8 +52,7 @@ def build_record(mailbox: str, body: Any, headers: dict | None, ttl: float | Non
         raise LocalProtocolError(f"ttl must be a positive number of seconds, got {ttl!r}")
     packed = pack_body(body)
     packed_headers = pack_headers(headers) if headers else b""  # once: they travel and are stored packed
-    if max_size is not None and len(packed) + len(packed_headers) > max_size:
-        raise too_large(len(packed) + len(packed_headers), max_size)
+    check_size(len(packed) + len(packed_headers), max_size)
     # send_record()'s list, made here: a call less on every send
     return [msg_id or new_message_id(now), mailbox, packed_headers, packed, now, ttl, False]
 

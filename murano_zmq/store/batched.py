@@ -196,20 +196,17 @@ class BatchedStore:
     def open_deletes(self) -> int | None:
         """How many rows the open batch deletes, if deletes are all it
         holds (acks, expiries); None if it holds anything else."""
-        ops = self._batches[-1].ops
-        if all(kind == "delete" for kind, _ in ops):
-            return sum(len(seqs) for _, seqs in ops)
-        return None
+        return _deletes_alone(self._batches[-1])
 
     def held_deletes(self) -> int | None:
         """How many rows the batches not committed yet delete, if deletes
         are all they hold; None if they hold anything else."""
         total = 0
         for batch in self._pending():
-            ops = batch.ops
-            if not all(kind == "delete" for kind, _ in ops):
+            deletes = _deletes_alone(batch)
+            if deletes is None:
                 return None
-            total += sum(len(seqs) for _, seqs in ops)
+            total += deletes
         return total
 
     @property
@@ -246,3 +243,12 @@ class BatchedStore:
         finally:
             self._reader.close()
             self._db.close()
+
+
+def _deletes_alone(batch: WriteBatch) -> int | None:
+    """How many rows `batch` deletes, if deletes are all it holds; None if
+    it holds anything else."""
+    ops = batch.ops
+    if all(kind == "delete" for kind, _ in ops):
+        return sum(len(seqs) for _, seqs in ops)
+    return None
