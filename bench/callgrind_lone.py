@@ -28,7 +28,7 @@ relay's whole CPU budget on the pipelined workload, free of the machine's
 noise.
 
 consume: the relay again, with --count messages queued (pipelined, not
-counted) and then consumed by that client (prefetch CONSUME_PREFETCH,
+counted) and then consumed by that client (prefetch CONSUME_PREFETCH or --prefetch,
 each DELIVER acked at once): instructions per delivered and acked message.
 
 Needs valgrind; takes 1-2 minutes.
@@ -186,6 +186,8 @@ def main() -> int:
     parser.add_argument("kind", nargs="?", choices=["relay", "floor", "node", "async", "raw", "pipe", "consume",
                                                          "node-consume", "async-consume"], default="relay")
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--prefetch", type=int, default=CONSUME_PREFETCH,
+                        help=f"the raw consumer's window in `consume` (default {CONSUME_PREFETCH}, as compare.py's)")
     parser.add_argument("--keep", metavar="PATH", help="copy the callgrind dump there (for callgrind_annotate)")
     args = parser.parse_args()
     batched = args.kind in ("pipe", "consume")
@@ -221,7 +223,7 @@ def main() -> int:
                 if args.kind == "pipe":
                     client.send_pipelined("lone", count)
                 else:
-                    client.consume("lone", count, CONSUME_PREFETCH)
+                    client.consume("lone", count, args.prefetch)
             else:
                 sock, send = sender(args.kind, endpoint)
                 for _ in range(500):

@@ -1,7 +1,7 @@
 """The relay alone, seen by a raw DEALER client: no Node threads in the figure.
 
     python bench/raw_relay.py lone [--count 3000] [--size 1024]    # one-at-a-time SEND, p50/p99
-    python bench/raw_relay.py pipe [--count 100000] [--size 1024]  # pipelined SENDs, then consume+ack
+    python bench/raw_relay.py pipe [--count 100000] [--size 1024] [--prefetch 1000]  # pipelined SENDs, then consume+ack
 
 Starts a relay child process (this checkout's code) on a fresh data
 directory, speaks the wire protocol itself (docs/protocol.md: HELLO, SEND,
@@ -110,7 +110,7 @@ def lone(client: Client, pid: int, count: int) -> None:
           f"relay CPU {cpu / count * 1e6:.0f} µs per send ({by_thread(threads0, thread_cpu(pid), count)})")
 
 
-def pipe(client: Client, pid: int, count: int) -> None:
+def pipe(client: Client, pid: int, count: int, prefetch: int = 1000) -> None:
     client.send("pipe", 1)  # makes the mailbox
     client.confirmed()
     cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
@@ -119,7 +119,7 @@ def pipe(client: Client, pid: int, count: int) -> None:
     print(f"pipelined: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
           f"({by_thread(threads0, thread_cpu(pid), count)})")
     cpu0, threads0, t0 = process_cpu(pid), thread_cpu(pid), time.perf_counter()
-    client.consume("pipe", count + 1, 1000)  # (and the one that made the mailbox)
+    client.consume("pipe", count + 1, prefetch)  # (and the one that made the mailbox)
     seconds, cpu = time.perf_counter() - t0, process_cpu(pid) - cpu0
     print(f"consume+ack: {count / seconds:,.0f} msg/s, relay CPU {cpu / count * 1e6:.1f} µs per message "
           f"({by_thread(threads0, thread_cpu(pid), count)})")
@@ -130,13 +130,18 @@ def main() -> int:
     parser.add_argument("workload", choices=["lone", "pipe"])
     parser.add_argument("--count", type=int, help="sends (default 3,000 lone, 100,000 pipelined)")
     parser.add_argument("--size", type=int, default=1024, help="body bytes (default 1024)")
+    parser.add_argument("--prefetch", type=int, default=1000,
+                        help="the consumer's window for pipe's consume+ack (default 1,000; compare.py's consumers take 100)")
     args = parser.parse_args()
     count = args.count or (3000 if args.workload == "lone" else 100_000)
     with tempfile.TemporaryDirectory() as tmp:
         relay = RelayProcess(free_tcp_endpoint(), tmp, "--log-level", "WARNING").start()
         try:
             client = Client(relay.endpoint, args.size)
-            (lone if args.workload == "lone" else pipe)(client, relay.pid, count)
+            if args.workload == "lone":
+                lone(client, relay.pid, count)
+            else:
+                pipe(client, relay.pid, count, args.prefetch)
             client.sock.close(linger=0)
         finally:
             relay.stop()
