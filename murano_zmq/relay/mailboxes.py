@@ -195,6 +195,14 @@ class Mailboxes:
             if mb.consumers:
                 dirty.add(mb)
 
+    def append_run(self, mb: Mailbox, rows: list[StoredMessage], now: float) -> None:
+        """append_many() of rows all for `mb` (not shared)."""
+        self.store.insert(rows)
+        mb.append_tails(rows)
+        mb.last_used = now
+        if mb.consumers:
+            self.dirty.add(mb)
+
     def _append_unclaimed(self, placed: list[tuple[Mailbox, StoredMessage]], now: float) -> None:
         """Shared: store new messages free for any relay to claim; they
         enter a window by a claim, after the commit's wake-up."""

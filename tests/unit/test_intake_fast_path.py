@@ -70,3 +70,128 @@ def test_fast_and_general_paths_agree(tmp_path, fast):
     finally:
         ref_store.close()
         store.close()
+
+
+# --- store_usual: a SEND of usual records to one mailbox, in one pass --------------
+
+
+def usual(prefix: bytes, n: int = 6, name: str = "box"):
+    rid = lambda i: prefix + i.to_bytes(15, "big")  # noqa: E731
+    ttls = [None, 2.5, 7, None, 0.5, None]
+    return [[rid(i), name, b"", b"body %d" % i, NOW + i, ttls[i % len(ttls)], i % 4 == 3] for i in range(n)]
+
+
+def state(eng, store, name="box"):
+    """What a SEND leaves behind, seqs included (both engines start alike)."""
+    mb = eng.mailboxes[name]
+    return (store.load_ready(mb.id, 0, 1000), list(mb.ready), mb.count, mb.nbytes, eng.dead._seq,
+            eng.dead.next_expiry, eng.counters["received"], eng.counters["confirmed"])
+
+
+def pair(tmp_path, options=None):
+    """Two engines with "box" known: one as is, one whose store_usual always
+    declines (the general path alone)."""
+    made = []
+    for name in ("eng", "ref"):
+        eng, store = engine(tmp_path, name)
+        send(eng, [[b"\xff" * 16, "box", b"", b"warm-up", NOW, None, False]])
+        if options is not None:
+            eng.mailboxes["box"].options = options
+        made.append((eng, store))
+    made[1][0].intake.store_usual = lambda records, now: False
+    return made
+
+
+def spied(eng) -> list:
+    taken = []
+    inner = eng.intake.store_usual
+
+    def store_usual(records, now):
+        taken.append(inner(records, now))
+        return taken[-1]
+
+    eng.intake.store_usual = store_usual
+    return taken
+
+
+def test_a_usual_send_takes_one_pass_and_agrees_with_the_general_path(tmp_path):
+    from murano_zmq.protocol.options import MailboxOptions
+
+    (eng, store), (ref, ref_store) = pair(tmp_path, MailboxOptions(message_ttl=30))
+    try:
+        taken = spied(eng)
+        for prefix in (b"\x01", b"\x02"):
+            assert send(eng, usual(prefix, 300)) == send(ref, usual(prefix, 300)) == []
+        assert taken == [True, True]
+        assert state(eng, store) == state(ref, ref_store)
+        rows = state(eng, store)[0]
+        assert len(rows) == 601 and [r.seq for r in rows] == sorted(r.seq for r in rows)
+        assert {r.expires for r in rows[1:7]} == {NOW + 30, NOW + 2.5, NOW + 7, NOW + 0.5}  # (the options' default)
+        assert [r.deliveries for r in rows[1:5]] == [0, 0, 0, 1]
+    finally:
+        store.close()
+        ref_store.close()
+
+
+def _swap(i, value):
+    def change(records):
+        records[1][i] = value
+        return records
+    return change
+
+
+DECLINED = {
+    "headers": _swap(2, b"\x81\xa1k\xa1v"),
+    "another mailbox": _swap(1, "box2"),
+    "unknown mailbox": _swap(1, "nobody"),
+    "id repeated": lambda rs: rs + [list(rs[0])],
+    "short id": _swap(0, b"\x01" * 8),
+    "body too large": _swap(3, b"x" * 65),  # (the test's limit: 64)
+    "bad ttl": _swap(5, float("inf")),
+    "bool ttl": _swap(5, True),
+    "int created": _swap(4, 5),
+    "bad retry": _swap(6, 1),
+    "not a record": lambda rs: rs + ["junk"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_store_usual_declines_what_is_not_usual_and_changes_nothing(tmp_path, case):
+    (eng, store), (ref, ref_store) = pair(tmp_path)
+    try:
+        send(eng, [[b"\xfe" * 16, "box2", b"", b"makes box2", NOW, None, False]])
+        send(ref, [[b"\xfe" * 16, "box2", b"", b"makes box2", NOW, None, False]])
+        eng.intake.max_message_size = ref.intake.max_message_size = 64
+        taken = spied(eng)
+        records = DECLINED[case](usual(b"\x03"))
+        assert send(eng, records) == send(ref, records)
+        assert taken == [False]
+        assert state(eng, store) == state(ref, ref_store)
+    finally:
+        store.close()
+        ref_store.close()
+
+
+@pytest.mark.parametrize("why", ["stored before", "limits", "permissions", "disk full"])
+def test_store_usual_declines_by_relay_state(tmp_path, why):
+    from murano_zmq.protocol.options import MailboxOptions
+
+    (eng, store), (ref, ref_store) = pair(tmp_path, MailboxOptions(max_length=1000) if why == "limits" else None)
+    try:
+        records = usual(b"\x04")
+        if why == "stored before":
+            assert send(eng, records[:2]) == send(ref, records[:2]) == []
+        taken = spied(eng)
+        if why == "permissions":
+            eng.sessions.permissions = ref.sessions.permissions = object()  # (declines before asking it)
+            assert eng.intake.store_usual(records, NOW) is False
+            assert taken == [False]
+            return
+        if why == "disk full":
+            eng.storage_full = ref.storage_full = True
+        assert send(eng, records) == send(ref, records)
+        assert taken == [False]
+        assert state(eng, store) == state(ref, ref_store)
+    finally:
+        store.close()
+        ref_store.close()
