@@ -79,6 +79,11 @@ class NodeCore:
         return self.sender.paths if self.sender is not None else None
 
     @property
+    def holding(self) -> bool:
+        """Records wait here for a LOOKUP to choose their path."""
+        return bool(self._held)
+
+    @property
     def pending(self) -> int:
         """Messages held here that no socket has taken yet."""
         queued = self.sender.queued if self.sender is not None else 0

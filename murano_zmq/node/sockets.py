@@ -308,14 +308,26 @@ class NodeSockets:
     def flush(self, now: float, incoming=()) -> None:
         """Route new sends, then write every outbox (FLUSH_SLICE records at a
         time: what a slice routes is on the wire before the next is routed)."""
+        core = self.core
         if len(incoming) > FLUSH_SLICE:
-            pairs = list(incoming)  # (Node's deque, AsyncNode's list)
-            route = self.core.route
-            for start in range(0, len(pairs), FLUSH_SLICE):
-                route(pairs[start:start + FLUSH_SLICE], now)
-                self.write(now)
-            return
-        self.core.route(incoming, now)
+            pairs = list(incoming)
+            for start in range(FLUSH_SLICE, len(pairs), FLUSH_SLICE):
+                core.route(pairs[start - FLUSH_SLICE:start], now)
+                if core.holding:
+                    # Held for a LOOKUP: each route() would walk them all
+                    # again, and nothing held is written.  The rest at once.
+                    incoming = pairs[start:]
+                    break
+                try:
+                    self.write(now)
+                except BaseException:
+                    # Queued as one route() would have left them: the next
+                    # turn writes them, or abandon() fails their waiters.
+                    core.route(pairs[start:], now)
+                    raise
+            else:
+                incoming = pairs[start:]
+        core.route(incoming, now)
         self.write(now)
 
     def write(self, now: float) -> None:
