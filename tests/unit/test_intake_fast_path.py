@@ -2,6 +2,7 @@
 rows and reports the same errors as parse_send_record's general path."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -88,18 +89,31 @@ def state(eng, store, name="box"):
             eng.dead.next_expiry, eng.counters["received"], eng.counters["confirmed"])
 
 
+@contextmanager
 def pair(tmp_path, options=None):
     """Two engines with "box" known: one as is, one whose store_usual always
-    declines (the general path alone)."""
+    declines (the general path alone); their stores closed after."""
     made = []
-    for name in ("eng", "ref"):
-        eng, store = engine(tmp_path, name)
-        send(eng, [[b"\xff" * 16, "box", b"", b"warm-up", NOW, None, False]])
-        if options is not None:
-            eng.mailboxes["box"].options = options
-        made.append((eng, store))
-    made[1][0].intake.store_usual = lambda records, now: False
-    return made
+    try:
+        for name in ("eng", "ref"):
+            eng, store = engine(tmp_path, name)
+            made.append((eng, store))
+            send(eng, [[b"\xff" * 16, "box", b"", b"warm-up", NOW, None, False]])
+            if options is not None:
+                eng.mailboxes["box"].options = options
+        made[1][0].intake.store_usual = lambda records, now: False
+        yield made
+    finally:
+        for _, store in made:
+            store.close()
+
+
+def declined_alike(engines, taken: list, records: list) -> None:
+    """The SEND goes the general path on both engines, with the same result."""
+    (eng, store), (ref, ref_store) = engines
+    assert send(eng, records) == send(ref, records)
+    assert taken == [False]
+    assert state(eng, store) == state(ref, ref_store)
 
 
 def spied(eng) -> list:
@@ -117,8 +131,7 @@ def spied(eng) -> list:
 def test_a_usual_send_takes_one_pass_and_agrees_with_the_general_path(tmp_path):
     from murano_zmq.protocol.options import MailboxOptions
 
-    (eng, store), (ref, ref_store) = pair(tmp_path, MailboxOptions(message_ttl=30))
-    try:
+    with pair(tmp_path, MailboxOptions(message_ttl=30)) as ((eng, store), (ref, ref_store)):
         taken = spied(eng)
         for prefix in (b"\x01", b"\x02"):
             assert send(eng, usual(prefix, 300)) == send(ref, usual(prefix, 300)) == []
@@ -128,9 +141,6 @@ def test_a_usual_send_takes_one_pass_and_agrees_with_the_general_path(tmp_path):
         assert len(rows) == 601 and [r.seq for r in rows] == sorted(r.seq for r in rows)
         assert {r.expires for r in rows[1:7]} == {NOW + 30, NOW + 2.5, NOW + 7, NOW + 0.5}  # (the options' default)
         assert [r.deliveries for r in rows[1:5]] == [0, 0, 0, 1]
-    finally:
-        store.close()
-        ref_store.close()
 
 
 def _swap(i, value):
@@ -157,41 +167,28 @@ DECLINED = {
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
 def test_store_usual_declines_what_is_not_usual_and_changes_nothing(tmp_path, case):
-    (eng, store), (ref, ref_store) = pair(tmp_path)
-    try:
-        send(eng, [[b"\xfe" * 16, "box2", b"", b"makes box2", NOW, None, False]])
-        send(ref, [[b"\xfe" * 16, "box2", b"", b"makes box2", NOW, None, False]])
-        eng.intake.max_message_size = ref.intake.max_message_size = 64
-        taken = spied(eng)
-        records = DECLINED[case](usual(b"\x03"))
-        assert send(eng, records) == send(ref, records)
-        assert taken == [False]
-        assert state(eng, store) == state(ref, ref_store)
-    finally:
-        store.close()
-        ref_store.close()
+    with pair(tmp_path) as engines:
+        for eng, _ in engines:
+            send(eng, [[b"\xfe" * 16, "box2", b"", b"makes box2", NOW, None, False]])
+            eng.intake.max_message_size = 64
+        declined_alike(engines, spied(engines[0][0]), DECLINED[case](usual(b"\x03")))
 
 
 @pytest.mark.parametrize("why", ["stored before", "limits", "permissions", "disk full"])
 def test_store_usual_declines_by_relay_state(tmp_path, why):
     from murano_zmq.protocol.options import MailboxOptions
 
-    (eng, store), (ref, ref_store) = pair(tmp_path, MailboxOptions(max_length=1000) if why == "limits" else None)
-    try:
+    with pair(tmp_path, MailboxOptions(max_length=1000) if why == "limits" else None) as engines:
+        (eng, _), (ref, _) = engines
         records = usual(b"\x04")
         if why == "stored before":
             assert send(eng, records[:2]) == send(ref, records[:2]) == []
         taken = spied(eng)
         if why == "permissions":
-            eng.sessions.permissions = ref.sessions.permissions = object()  # (declines before asking it)
+            eng.sessions.permissions = object()  # (declines before asking it)
             assert eng.intake.store_usual(records, NOW) is False
             assert taken == [False]
             return
         if why == "disk full":
             eng.storage_full = ref.storage_full = True
-        assert send(eng, records) == send(ref, records)
-        assert taken == [False]
-        assert state(eng, store) == state(ref, ref_store)
-    finally:
-        store.close()
-        ref_store.close()
+        declined_alike(engines, taken, records)
