@@ -188,16 +188,15 @@ class Mailboxes:
             self._append_unclaimed(placed, now)
             return
         self.store.insert(list(map(_ROW, placed)))
-        dirty = self.dirty
         for mb, run in groupby(placed, _MAILBOX):  # (a SEND's rows mostly go to one mailbox)
-            mb.append_tails(list(map(_ROW, run)))
-            mb.last_used = now
-            if mb.consumers:
-                dirty.add(mb)
+            self._queue_tails(mb, list(map(_ROW, run)), now)
 
     def append_run(self, mb: Mailbox, rows: list[StoredMessage], now: float) -> None:
         """append_many() of rows all for `mb` (not shared)."""
         self.store.insert(rows)
+        self._queue_tails(mb, rows, now)
+
+    def _queue_tails(self, mb: Mailbox, rows: list[StoredMessage], now: float) -> None:
         mb.append_tails(rows)
         mb.last_used = now
         if mb.consumers:
