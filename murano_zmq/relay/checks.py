@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..store.packs import stored_count
 from .config import RelayConfig
 
 DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
@@ -100,7 +101,7 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
-            count = con.execute("SELECT count(*) FROM messages").fetchone()[0]
+            count = stored_count(con)
             lost = _bodies_missing(con, path / SEGMENT_DIR) if verdict == "ok" else 0
         finally:
             con.close()

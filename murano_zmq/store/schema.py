@@ -1,6 +1,6 @@
 """The SQLite store's tables and the numbers that size its connections."""
 
-SCHEMA_VERSION = 2  # 2: large bodies in segment files (seg, seg_off, seg_len)
+SCHEMA_VERSION = 3  # 2: large bodies in segment files (seg, seg_off, seg_len); 3: packs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -26,6 +26,26 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
 CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
 CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
+""" + """
+-- A run of messages as one row (store/packs.py): seqs first..last of one
+-- mailbox; ids and data (bodies, created, deliveries, headers or NULL) are
+-- msgpack lists in seq order.  The seqs deleted since, and the delivery
+-- counts set since, are rows of their own until the pack goes.
+CREATE TABLE IF NOT EXISTS packs (
+    first INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL,
+    mailbox INTEGER NOT NULL,
+    min_id BLOB NOT NULL,
+    max_id BLOB NOT NULL,
+    top_id BLOB,  -- the highest clock id among them (store/ids.py)
+    nbytes INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pack_gone (
+    first INTEGER NOT NULL, lo INTEGER NOT NULL, hi INTEGER NOT NULL, PRIMARY KEY (first, lo)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pack_deliveries (seq INTEGER PRIMARY KEY, first INTEGER NOT NULL, count INTEGER NOT NULL);
 """
 
 # Version 1 -> 2: the segment columns and their index (SEGMENT_INDEX).

@@ -15,6 +15,9 @@ the rows that point at them; the rows keep (seg, seg_off, seg_len).  A lone
 send's commit keeps a body up to segments.LONE_INLINE_MAX in the database:
 one fsync instead of two.
 
+Runs of a SEND's messages are stored as one row each (store/packs.py):
+half the CPU of a row per message to store and to settle.
+
 The WAL is checkpointed by a thread of its own (store/checkpoint.py), not
 inside a commit.
 
@@ -43,9 +46,10 @@ from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
 from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
+from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, is_busy, retry_busy, startup_error
-from .ids import CLOCK_BOUND, IdCeiling
+from .ids import IdCeiling
 from .batch import WriteBatch, runs
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
@@ -131,10 +135,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     WAL_SIZE_LIMIT = 16 << 20
 
     def __init__(self, data_dir: str, segment_threshold: int = THRESHOLD, checkpoint: dict | None = None,
-                 lone_inline_max: int = LONE_INLINE_MAX):
+                 lone_inline_max: int = LONE_INLINE_MAX, pack_min_rows: int = MIN_ROWS):
         """checkpoint: Checkpointer's thresholds (commits=, nbytes=), for tests.
         lone_inline_max: the largest body commit_insert() keeps in the
-        database (0: bodies of segment_threshold and up always go to segments)."""
+        database (0: bodies of segment_threshold and up always go to segments).
+        pack_min_rows: the shortest run stored as a pack (store/packs.py)."""
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
@@ -152,18 +157,19 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._tx_open = False  # a BEGIN of ours not yet committed or rolled back
         self._seq_owed = 0  # a reserve_seq() mark a full disk kept out: the next commit writes it
         self._reader = None
+        self._packs = None
         self._checkpoints = None  # (started last: the writes at start-up need none)
         self._wal_bytes = 0  # row bytes the open transaction puts in the WAL
         self._wal_fd: int | None = None  # set once the writer runs at NORMAL (see _sync_wal)
         self._tx_synced = True  # the open transaction ends with a sync of the WAL
         try:
             retry_busy(self.path, "opening the database", self._open)
+            self._packs = Packs(self._db, pack_min_rows)
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only=1")
             self._seq_top = self.max_seq()
             # Which new ids need no lookup in the id index (store/ids.py).
-            self._ids = IdCeiling(self._query("SELECT max(msg_id) FROM messages WHERE msg_id < ?",
-                                              (CLOCK_BOUND,))[0][0])
+            self._ids = IdCeiling(self._packs.top_id)
             self._start_segments()
             self._sync_commits_ourselves()
             self._checkpoints = Checkpointer(self.path, self._commit_lock, self._db, **(checkpoint or {}))
@@ -200,6 +206,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         if row is not None and row[0] == 1:  # the same rows, and no body in a segment yet
             self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATE_1_2} "
                                    "UPDATE meta SET value=2 WHERE key='schema'; COMMIT;")
+            row = (2,)
+        if row is not None and row[0] == 2:  # the same rows; the packs' tables are new (and empty)
+            self._db.execute("UPDATE meta SET value=3 WHERE key='schema'")
         self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
         self._db.execute(SEGMENT_INDEX)
 
@@ -290,6 +299,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._ids.stored([m.msg_id for m in messages])
 
             def write() -> None:
+                nonlocal messages
                 if not self._tx_open:  # (else the held deletes' statements ran in it already)
                     self._begin()
                     if self._seq_owed:
@@ -298,11 +308,12 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 for batch in held:
                     if not batch.written:
                         self._write(batch)
-                stored = self._insert(messages)
                 top = max(m.seq for m in messages)
+                messages, skipped, _ = self._packs.store(self._db, messages, self._threshold)
+                stored = self._insert(messages) if messages else 0
                 if top > self._seq_top:
                     self._seq_top = top
-                if stored != len(messages):  # (see _write: the mark covers a skipped row)
+                if skipped or stored != len(messages):  # (see _write: the mark covers a skipped row)
                     self._save_seq_mark(self._seq_top)
 
             self._committed(write)
@@ -418,6 +429,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._segments.rolled_back()
         for batch in self._pending():
             batch.written = False
+        try:
+            if self._packs is not None:
+                self._packs.load(self._db)  # what the last commit left
+        except sqlite3.Error as exc:
+            log.warning("re-reading the packs of %s failed: %s", self.path, exc)
 
     _drop_transaction = _rollback_tx  # rollback() (store/batched.py) undoes the transaction too
 
@@ -444,22 +460,30 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         mark = bool(batch.deleted or batch.dropped)
         for kind, items in batch.statements():
             if kind == "insert":
-                if max(map(len, map(field_body, items))) >= threshold:
-                    stored = _INSERT_PLACED_ROWS.run(db, self._placed(items))
+                rows, skipped, packed_bytes = self._packs.store(db, items, threshold)
+                self._wal_bytes += packed_bytes
+                if not rows:
+                    stored = 0
+                elif max(map(len, map(field_body, rows))) >= threshold:
+                    stored = _INSERT_PLACED_ROWS.run(db, self._placed(rows))
                 else:
-                    stored = self._insert(items)
-                mark = mark or stored != len(items)
+                    stored = self._insert(rows)
+                mark = mark or skipped or stored != len(rows)
             elif kind == "delete":  # acks come mostly in order: a run of seqs is one range delete
-                seq_runs = runs(items)
-                if self._segments.holds_any():
-                    self._release_runs(seq_runs)
-                db.executemany("DELETE FROM messages WHERE seq>=? AND seq<=?", seq_runs)
+                seq_runs = self._packs.delete(db, runs(items))
+                if seq_runs:
+                    if self._segments.holds_any():
+                        self._release_runs(seq_runs)
+                    db.executemany("DELETE FROM messages WHERE seq>=? AND seq<=?", seq_runs)
             elif kind == "deliveries":
-                db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
+                items = self._packs.set_deliveries(db, items)
+                if items:
+                    db.executemany("UPDATE messages SET deliveries=? WHERE seq=?", items)
             elif kind == "mailbox":
                 db.execute("INSERT OR REPLACE INTO mailboxes (id, name, options, declared) VALUES (?, ?, ?, ?)",
                            (items.id, items.name, msgpack.packb(items.options), int(items.declared)))
             elif kind == "drop_mailbox":
+                self._packs.drop_mailbox(db, items)
                 if self._segments.holds_any():
                     for seg, n in db.execute("SELECT seg, count(*) FROM messages WHERE mailbox=? "
                                              "AND seg IS NOT NULL GROUP BY seg", (items,)).fetchall():

@@ -1,9 +1,13 @@
 """The SQLite store's reads, on its reader connection (store/sqlite.py):
 the mailboxes and their counts at start-up, and the dialect store/batched.py
 asks for each turn (rows by seq, ids already stored, a mailbox's ready
-rows).  A body kept in a segment file is read from there."""
+rows).  A body kept in a segment file is read from there; rows kept in a
+pack (store/packs.py) are read through the packs' directory."""
 
 from __future__ import annotations
+
+from heapq import merge
+from operator import itemgetter
 
 import msgpack
 
@@ -12,6 +16,8 @@ from .batch import WriteBatch, overlay
 from .schema import COLUMNS as _COLUMNS, ID_CHUNK
 
 __all__ = ["SQLiteReads"]
+
+_seq = itemgetter(0)
 
 # A row as StoredMessage's columns, where a body in a segment comes as the
 # text "seg,offset,length" (a stored body is always a BLOB): the common row
@@ -52,11 +58,18 @@ class SQLiteReads:
         ]
 
     def mailbox_stats(self) -> dict[int, tuple[int, int]]:
-        return {
+        stats = {
             mb: (n, b or 0)
             for mb, n, b in self._query(
                 "SELECT mailbox, count(*), sum(coalesce(seg_len, length(body))) FROM messages GROUP BY mailbox")
         }
+        for mb, (n, b) in self._packs.stats(self._query).items():
+            n0, b0 = stats.get(mb, (0, 0))
+            stats[mb] = (n0 + n, b0 + b)
+        return stats
+
+    def max_seq(self) -> int:
+        return max(super().max_seq(), self._query("SELECT coalesce(max(last), 0) FROM packs")[0][0])
 
     # --- reads (the dialect of store/batched.py) ------------------------------------
 
@@ -69,6 +82,8 @@ class SQLiteReads:
                 row = self._message(r)
                 if row is not None:
                     on_disk[r[0]] = row
+        if self._packs and len(on_disk) < len(seqs):
+            on_disk.update(self._packs.rows_at(self._query, [s for s in seqs if s not in on_disk]))
         return on_disk
 
     def _message(self, r: tuple) -> StoredMessage | None:
@@ -86,8 +101,11 @@ class SQLiteReads:
         chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
                               f"({','.join('?' * len(chunk))})", tuple(chunk))
                   for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+        found = chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
+        if self._packs:
+            found = found + self._packs.ids_at(self._query, msg_ids)
         # (one chunk, the usual case, is passed on as it came: no copy)
-        return chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
+        return found
 
     def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
                     wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
@@ -97,10 +115,17 @@ class SQLiteReads:
             cursor = self._reader.execute(
                 f"SELECT {_READ} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
                 (mailbox_id, after_seq, wanted))
+            source = cursor
+            if self._packs.has_mailbox(mailbox_id):
+                # Packed rows and table rows in seq order.  The cursor's
+                # LIMIT holds: at least `limit` of its `wanted` rows are
+                # not deleted, so the loop stops at or before its last.
+                packed = self._packs.ready(self._query, mailbox_id, after_seq)
+                source = merge(cursor, packed, key=_seq)
             size = 0
             deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
             new, cls = new_row, StoredMessage
-            for r in cursor:  # stop early: bodies past max_bytes are never read
+            for r in source:  # stop early: bodies past max_bytes are never read
                 if r[0] in deleted:
                     continue
                 if r[4].__class__ is not str:

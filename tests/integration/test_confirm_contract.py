@@ -25,6 +25,7 @@ import pytest
 from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode
 from murano_zmq.relay.server import Relay, RelayConfig
+from murano_zmq.store.packs import packed_rows, stored_ids
 from murano_zmq.store.segments import LONE_INLINE_MAX
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
@@ -96,7 +97,7 @@ class RecordingStore(SQLiteStore):
     def _visible_ids(self) -> set[bytes]:
         reader = sqlite3.connect(self.path, timeout=10)
         try:
-            return {row[0] for row in reader.execute("SELECT msg_id FROM messages")}
+            return stored_ids(reader)
         finally:
             reader.close()
 
@@ -120,6 +121,7 @@ class RecordingStore(SQLiteStore):
                 found.update(msg_id for msg_id, seg, end in reader.execute(
                     f"SELECT msg_id, seg, seg_off + seg_len FROM messages WHERE msg_id IN ({marks})", chunk)
                     if seg is None or end <= self.synced_to.get(seg, 0))
+            found |= {m for _, m in packed_rows(reader)} & set(ids)  # (packs keep bodies in the database)
             return found & self.wal_synced if self._wal_fd is not None else found
         finally:
             reader.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from murano_zmq import Node
+from murano_zmq.store.packs import stored_count
 
 from ..helpers import wait_for
 
@@ -28,7 +29,7 @@ def test_held_acks_are_committed_by_a_clean_stop(relay_factory, tmp_path):
     if (tmp_path / "data" / "relay.db").exists():  # (SQLite; PostgreSQL keeps its rows elsewhere)
         db = sqlite3.connect(str(tmp_path / "data" / "relay.db"))
         try:
-            assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+            assert stored_count(db) == 0
         finally:
             db.close()
     again = relay_factory(endpoint=relay.endpoint)

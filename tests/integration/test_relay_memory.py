@@ -172,15 +172,18 @@ def test_dead_letter_moves_into_new_mailboxes_survive_kill9(relay_factory, child
 
 WATCH_COMMITTED = """
 import os, sqlite3, sys
-path, done, ids = sys.argv[1], sys.argv[2], [bytes.fromhex(i) for i in sys.argv[3:]]
+from murano_zmq.store.packs import stored_ids
+path, done, ids = sys.argv[1], sys.argv[2], {bytes.fromhex(i) for i in sys.argv[3:]}
 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)  # WAL: the relay's writes go on
-sql = f"SELECT count(DISTINCT msg_id) FROM messages WHERE msg_id IN ({','.join('?' * len(ids))})"
 fewest = len(ids)
 print("watching", flush=True)
 while not os.path.exists(done):
     try:
-        fewest = min(fewest, db.execute(sql, ids).fetchone()[0])
+        db.execute("BEGIN")  # one snapshot for the table and the packs
+        fewest = min(fewest, len(stored_ids(db) & ids))
+        db.execute("COMMIT")
     except sqlite3.OperationalError:
-        pass
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 print(fewest)
 """

@@ -48,6 +48,7 @@ from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.relay.mailboxes import TOP_UP_BELOW, TOP_UP_ROWS
 from murano_zmq.relay.state import READY_WINDOW
 from murano_zmq.relay.turn import DELETES_HELD_SECONDS
+from murano_zmq.store.packs import stored_count
 from murano_zmq.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
@@ -234,7 +235,7 @@ class FakeNet:
         """Messages a second connection sees: what is durable."""
         db = sqlite3.connect(self.store.path)
         try:
-            return db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            return stored_count(db)
         finally:
             db.close()
 

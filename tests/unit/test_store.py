@@ -1,6 +1,7 @@
 """The store contract: every test runs against SQLiteStore (files in tmp_path;
-once with its defaults and once with every body but the smallest in segment
-files, store/segments.py)
+once with its defaults, once with every body but the smallest in segment
+files, store/segments.py, and once with every run of rows that can be
+stored as a pack, store/packs.py)
 and PostgresStore (a schema of its own on the session's PostgreSQL server,
 tests/pgserver.py), the model test included.
 
@@ -69,6 +70,8 @@ class Backend:
             return SQLiteStore(str(where))
         if self.kind == "sqlite-segments":  # every body of 4 bytes and up in a segment file
             return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD, lone_inline_max=0)
+        if self.kind == "sqlite-packs":  # every run of two rows and more that can be is a pack
+            return SQLiteStore(str(where), pack_min_rows=2)
         from murano_zmq.store.postgresql import PostgresStore
 
         from tests.pgserver import new_schema, with_schema
@@ -79,7 +82,7 @@ class Backend:
         return PostgresStore(with_schema(dsn, self._schemas[str(where)]), exclusive=exclusive)
 
 
-@pytest.fixture(params=["sqlite", "sqlite-segments", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-segments", "sqlite-packs", "postgresql"])
 def backend(request) -> Backend:
     if request.param.startswith("sqlite"):
         return Backend(request.param)
@@ -1119,6 +1122,27 @@ def test_schema_1_is_migrated(tmp_path):
         s.insert([msg(2, body=b"2" * LARGE)])
         flush(s)
         assert s.get(2).body == b"2" * LARGE
-        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 2
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
+    finally:
+        s.close()
+
+
+def test_schema_2_is_migrated(tmp_path):
+    """A version 2 database (no packs' tables) keeps its rows and takes packs."""
+    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
+    db.executescript(SCHEMA.split("-- A run of messages")[0])
+    db.execute("INSERT INTO meta VALUES ('schema', 2)")
+    db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
+               "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
+    db.commit()
+    db.close()
+    s = SQLiteStore(str(tmp_path), pack_min_rows=2)
+    try:
+        assert s.get(1).body == b"\x01"
+        s.insert([msg(seq) for seq in range(2, 6)])
+        flush(s)
+        assert s._db.execute("SELECT count(*) FROM packs").fetchone()[0] == 1
+        assert [m.seq for m in s.load_ready(1, 0, 10)] == [1, 2, 3, 4, 5]
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
     finally:
         s.close()

@@ -1,0 +1,420 @@
+"""Packs: a run of messages stored as one row (the SQLite store, schema 3).
+
+A pipelined SEND brings up to 256 messages for one mailbox, and the relay
+stores them together and later settles them together.  A row per message
+costs SQLite a row and two index entries to insert and as much again to
+delete: bench/store_rows.py measured 6.5 µs of CPU per message to store
+and 6.5 to settle, against 3.7 and 3.2 for a row per SEND.  So a run of at
+least MIN_ROWS rows of one mailbox, with consecutive seqs, no expiry and
+bodies kept in the database, is written as one row of `packs`: its seqs
+are first..last, its fields msgpack lists.  What happens to it afterwards
+is kept beside it: the seqs settled (`pack_gone`, one row per run of seqs
+a delete takes out of it) and delivery counts (`pack_deliveries`).  When
+every seq of a pack is gone, its rows go.
+
+The directory of packs (each one's seqs, mailbox, id range, the seqs gone
+and the counts set) is held in memory: a million queued messages are about
+4,000 packs.  It is read at start-up and again after a rollback, and
+changed as the statements are written, under the store's commit lock, so
+it tells what the writer's transaction holds.  Reads on the reader
+connection take committed packs through it; the write batches
+(store/batch.py) cover what is not committed yet, as for rows.
+
+Ids: the message table's unique index skips a duplicate id; a pack has no
+index on its ids (that is half the saving), so a row whose id may be stored
+already (by the written ids' clock ceiling, store/ids.py) is looked up in
+the table and in the packs whose id range holds it before it is written,
+and skipped if found.  A clock id above the ceiling, a sender's usual, is
+looked up nowhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left, bisect_right, insort
+from itertools import groupby, repeat
+from operator import itemgetter
+from typing import Callable, Iterator
+
+import msgpack
+
+from .base import StoredMessage, field_body, field_msg_id, new_row
+from .batch import runs
+from .ids import CLOCK_BOUND, IdCeiling
+from .schema import ID_CHUNK
+
+__all__ = ["Packs", "MIN_ROWS", "MAX_ROWS", "packed_rows", "stored_ids", "stored_count"]
+
+MIN_ROWS = 16  # a shorter run is stored a row per message
+MAX_ROWS = 256  # a longer one is cut into packs of this many (SEND_BATCH)
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+_INSERT = ("INSERT INTO packs (first, last, mailbox, min_id, max_id, top_id, nbytes, ids, data) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+class Pack:
+    __slots__ = ("first", "last", "mailbox", "min_id", "max_id", "gone", "counts")
+
+    def __init__(self, first: int, last: int, mailbox: int, min_id: bytes, max_id: bytes):
+        self.first, self.last, self.mailbox = first, last, mailbox
+        self.min_id, self.max_id = min_id, max_id
+        self.gone: set[int] = set()  # seqs deleted
+        self.counts: dict[int, int] = {}  # seq -> deliveries, set after the pack was written
+
+    @property
+    def live(self) -> int:
+        return self.last - self.first + 1 - len(self.gone)
+
+
+class Packs:
+    """The packs' directory and their statements (under the store's commit
+    lock: writes; from the reading thread: reads, which take `lock`)."""
+
+    def __init__(self, db, min_rows: int = MIN_ROWS):
+        """db: the writer connection (the directory is loaded from it)."""
+        self.min_rows = min_rows
+        self.lock = threading.Lock()
+        self._cached: tuple[int, list] | None = None  # the last pack read: (first, its rows)
+        self.load(db)
+
+    def load(self, db) -> None:
+        """(Re)read the directory from `db`: at start-up, and after a
+        rollback (then the writer sees the last commit)."""
+        packs: dict[int, Pack] = {}
+        for first, last, mailbox, min_id, max_id in db.execute(
+                "SELECT first, last, mailbox, min_id, max_id FROM packs ORDER BY first"):
+            packs[first] = Pack(first, last, mailbox, min_id, max_id)
+        for first, lo, hi in db.execute("SELECT first, lo, hi FROM pack_gone"):
+            if first in packs:
+                packs[first].gone.update(range(lo, hi + 1))
+        for seq, first, count in db.execute("SELECT seq, first, count FROM pack_deliveries"):
+            if first in packs:
+                packs[first].counts[seq] = count
+        top = db.execute("SELECT max(top_id) FROM packs").fetchone()[0]
+        by_mailbox: dict[int, list[int]] = {}
+        for first, p in packs.items():
+            by_mailbox.setdefault(p.mailbox, []).append(first)
+        # The highest clock id stored, packed or not (store/ids.py).
+        self.top_id = max(top or b"", self._table_top(db)) or None
+        with self.lock:
+            self._cached = None
+            self._packs, self._firsts, self._by_mailbox = packs, sorted(packs), by_mailbox
+            self.written_ids = IdCeiling(self.top_id)
+
+    @staticmethod
+    def _table_top(db) -> bytes:
+        return db.execute("SELECT max(msg_id) FROM messages WHERE msg_id < ?", (CLOCK_BOUND,)).fetchone()[0] or b""
+
+    def __bool__(self) -> bool:
+        return bool(self._packs)
+
+    def top_seq(self) -> int:
+        """The highest packed seq (0: none)."""
+        with self.lock:
+            return self._packs[self._firsts[-1]].last if self._firsts else 0
+
+    # --- writes (in the writer's open transaction, under the commit lock) ---------
+
+    def store(self, db, rows: list[StoredMessage], threshold: int) -> tuple[list[StoredMessage], int, int]:
+        """Write the runs of `rows` that make packs; the rows left for the
+        message table, how many rows were left out as duplicates (ids
+        stored already, or repeated: the first is kept), and the packed
+        bodies' bytes."""
+        ids = list(map(field_msg_id, rows))
+        maybe = self.written_ids.maybe_stored(ids)
+        skipped = 0
+        # (a lookup is not the usual: ids a sender made before others' stored ones)
+        present = self._stored_among(db, maybe) if maybe else ()
+        if present or len(set(ids)) != len(ids):
+            kept, seen = [], set(present)
+            for r in rows:
+                if r.msg_id not in seen:
+                    seen.add(r.msg_id)
+                    kept.append(r)
+            skipped, rows = len(rows) - len(kept), kept
+        self.written_ids.stored(ids)
+        if len(rows) < self.min_rows:
+            return rows, skipped, 0
+        rest: list[StoredMessage] = []
+        nbytes = 0
+        for mailbox, packable, run in _runs(rows, threshold):
+            run = list(run)
+            if not packable or len(run) < self.min_rows or not _consecutive(run):
+                rest += run
+                continue
+            for at in range(0, len(run), MAX_ROWS):
+                part = run[at:at + MAX_ROWS]
+                if len(part) < self.min_rows:
+                    rest += part
+                else:
+                    nbytes += self._write_pack(db, mailbox, part)
+        return rest, skipped, nbytes
+
+    def _write_pack(self, db, mailbox: int, rows: list[StoredMessage]) -> int:
+        """INSERT the pack; its bodies' bytes."""
+        first, last = rows[0].seq, rows[-1].seq
+        ids = list(map(field_msg_id, rows))
+        clock = [m for m in ids if m < CLOCK_BOUND]
+        headers = list(map(_headers, rows))
+        data = [list(map(field_body, rows)), list(map(_created, rows)), list(map(_deliveries, rows)),
+                headers if any(headers) else None]
+        nbytes = sum(map(len, data[0]))
+        db.execute(_INSERT, (first, last, mailbox, min(ids), max(ids), max(clock) if clock else None,
+                             nbytes, _pack(ids), _pack(data)))
+        p = Pack(first, last, mailbox, min(ids), max(ids))
+        with self.lock:
+            self._packs[first] = p
+            if not self._firsts or first > self._firsts[-1]:
+                self._firsts.append(first)
+            else:
+                insort(self._firsts, first)
+            mine = self._by_mailbox.setdefault(mailbox, [])
+            if not mine or first > mine[-1]:
+                mine.append(first)
+            else:
+                insort(mine, first)
+        return nbytes
+
+    def delete(self, db, seq_runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Take these runs of seqs out of the packs that hold them; the runs
+        that reach outside packs (for the message table)."""
+        if not self._packs:
+            return seq_runs
+        rest = []
+        for lo, hi in seq_runs:
+            covered = 0
+            for p in self._overlapping(lo, hi):
+                a, b = max(lo, p.first), min(hi, p.last)
+                covered += b - a + 1
+                new = [s for s in range(a, b + 1) if s not in p.gone] if p.gone else list(range(a, b + 1))
+                if not new:
+                    continue
+                if len(p.gone) + len(new) > p.last - p.first:  # every seq gone: the pack goes
+                    self._drop(db, p)
+                else:
+                    db.executemany("INSERT INTO pack_gone (first, lo, hi) VALUES (?, ?, ?)",
+                                   [(p.first, x, y) for x, y in runs(new)])
+                    with self.lock:
+                        p.gone.update(new)
+            if covered < hi - lo + 1:
+                rest.append((lo, hi))
+        return rest
+
+    def _overlapping(self, lo: int, hi: int) -> list[Pack]:
+        firsts, packs = self._firsts, self._packs
+        out = []
+        i = bisect_right(firsts, hi) - 1
+        while i >= 0:
+            p = packs[firsts[i]]
+            if p.last < lo:
+                break  # (packs do not overlap: the ones before end earlier)
+            out.append(p)
+            i -= 1
+        return out
+
+    def _drop(self, db, p: Pack) -> None:
+        db.execute("DELETE FROM packs WHERE first=?", (p.first,))
+        db.execute("DELETE FROM pack_gone WHERE first=?", (p.first,))
+        if p.counts:
+            db.execute("DELETE FROM pack_deliveries WHERE seq>=? AND seq<=?", (p.first, p.last))
+        with self.lock:
+            del self._packs[p.first]
+            del self._firsts[bisect_left(self._firsts, p.first)]
+            mine = self._by_mailbox[p.mailbox]
+            del mine[bisect_left(mine, p.first)]
+            if not mine:
+                del self._by_mailbox[p.mailbox]
+
+    def set_deliveries(self, db, items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Record the (count, seq) pairs of packed seqs; the pairs left for
+        the message table."""
+        if not self._packs:
+            return items
+        rest, mine = [], []
+        for count, seq in items:
+            p = self.holding(seq)
+            if p is None:
+                rest.append((count, seq))
+            elif seq not in p.gone:
+                mine.append((seq, p.first, count))
+        if mine:
+            db.executemany("INSERT OR REPLACE INTO pack_deliveries (seq, first, count) VALUES (?, ?, ?)", mine)
+            with self.lock:
+                for seq, first, count in mine:
+                    self._packs[first].counts[seq] = count
+        return rest
+
+    def drop_mailbox(self, db, mailbox: int) -> None:
+        for first in list(self._by_mailbox.get(mailbox, ())):
+            self._drop(db, self._packs[first])
+
+    def _stored_among(self, db, msg_ids: list[bytes]) -> set[bytes]:
+        """The ids among these that the writer's transaction holds (table or packs)."""
+        found = set()
+        for i in range(0, len(msg_ids), ID_CHUNK):
+            chunk = msg_ids[i:i + ID_CHUNK]
+            found.update(r[0] for r in db.execute(
+                f"SELECT msg_id FROM messages WHERE msg_id IN ({','.join('?' * len(chunk))})", chunk))
+        found.update(m for _, _, m in self.ids_at(lambda sql, args: db.execute(sql, args).fetchall(), msg_ids))
+        return found
+
+    # --- reads ----------------------------------------------------------------------
+
+    def holding(self, seq: int) -> Pack | None:
+        with self.lock:
+            firsts = self._firsts
+            i = bisect_right(firsts, seq) - 1
+            if i < 0:
+                return None
+            p = self._packs[firsts[i]]
+        return p if seq <= p.last else None
+
+    def _rows(self, query: Callable, p: Pack) -> list[tuple] | None:
+        """Every row of a committed pack, as it was written (None: not committed)."""
+        cached = self._cached
+        if cached is not None and cached[0] == p.first:
+            return cached[1]
+        found = query("SELECT ids, data FROM packs WHERE first=?", (p.first,))
+        if not found:
+            return None
+        ids = msgpack.unpackb(found[0][0])
+        bodies, created, deliveries, headers = msgpack.unpackb(found[0][1])
+        rows = list(zip(range(p.first, p.last + 1), repeat(p.mailbox), ids, headers or repeat(b""), bodies,
+                        created, repeat(None), deliveries))
+        self._cached = (p.first, rows)
+        return rows
+
+    def _live(self, rows: list[tuple], p: Pack, after: int = -1) -> Iterator[tuple]:
+        """The pack's rows not gone, with seq > after, their counts set."""
+        start = max(0, after + 1 - p.first)
+        gone, counts = p.gone, p.counts
+        for r in rows[start:] if start else rows:
+            seq = r[0]
+            if gone and seq in gone:
+                continue
+            if counts and seq in counts:
+                r = (*r[:7], counts[seq])
+            yield r
+
+    def rows_at(self, query: Callable, seqs: list[int]) -> dict[int, StoredMessage]:
+        """The committed packed rows among these seqs, by seq."""
+        by_pack: dict[int, list[int]] = {}
+        for seq in seqs:
+            p = self.holding(seq)
+            if p is not None:
+                by_pack.setdefault(p.first, []).append(seq)
+        out = {}
+        for first, mine in by_pack.items():
+            p = self._packs.get(first)
+            rows = self._rows(query, p) if p is not None else None
+            if rows is None:
+                continue
+            wanted = set(mine)
+            for r in self._live(rows, p):
+                if r[0] in wanted:
+                    out[r[0]] = new_row(StoredMessage, r)
+        return out
+
+    def ready(self, query: Callable, mailbox: int, after_seq: int) -> Iterator[tuple]:
+        """The mailbox's committed packed rows with seq > after_seq, by seq (lazily: a pack is read when reached)."""
+        with self.lock:
+            mine = list(self._by_mailbox.get(mailbox, ()))
+        for first in mine:
+            p = self._packs.get(first)
+            if p is None or p.last <= after_seq:
+                continue
+            rows = self._rows(query, p)
+            if rows is not None:
+                yield from self._live(rows, p, after_seq)
+
+    def has_mailbox(self, mailbox: int) -> bool:
+        return mailbox in self._by_mailbox
+
+    def ids_at(self, query: Callable, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+        """(seq, mailbox, msg_id) of the packed rows not gone with these ids."""
+        if not self._packs or not msg_ids:
+            return []
+        lo, hi = min(msg_ids), max(msg_ids)
+        with self.lock:
+            candidates = [p for p in self._packs.values() if p.min_id <= hi and p.max_id >= lo]
+        wanted = set(msg_ids)
+        out = []
+        for p in candidates:
+            found = query("SELECT ids FROM packs WHERE first=?", (p.first,))
+            if not found:
+                continue
+            for seq, msg_id in enumerate(msgpack.unpackb(found[0][0]), p.first):
+                if msg_id in wanted and seq not in p.gone:
+                    out.append((seq, p.mailbox, msg_id))
+        return out
+
+    @staticmethod
+    def stats(query: Callable) -> dict[int, tuple[int, int]]:
+        """mailbox id -> (live packed messages, their body bytes), as committed
+        (read through `query` alone: the directory holds writes not committed)."""
+        gone: dict[int, set[int]] = {}
+        for first, lo, hi in query("SELECT first, lo, hi FROM pack_gone"):
+            gone.setdefault(first, set()).update(range(lo, hi + 1))
+        out: dict[int, tuple[int, int]] = {}
+        for first, last, mailbox, nbytes in query("SELECT first, last, mailbox, nbytes FROM packs"):
+            out_of = gone.get(first)
+            n = last - first + 1
+            if out_of:
+                bodies = msgpack.unpackb(query("SELECT data FROM packs WHERE first=?", (first,))[0][0])[0]
+                n -= len(out_of)
+                nbytes -= sum(len(b) for seq, b in enumerate(bodies, first) if seq in out_of)
+            n0, b0 = out.get(mailbox, (0, 0))
+            out[mailbox] = (n0 + n, b0 + nbytes)
+        return out
+
+
+def packed_rows(db) -> Iterator[tuple[int, bytes]]:
+    """(seq, msg_id) of every message the packs of a database hold (for the
+    relay's check and for tests that read a database; none before schema 3)."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name='packs'").fetchall():
+        return
+    gone: dict[int, set[int]] = {}
+    for first, lo, hi in db.execute("SELECT first, lo, hi FROM pack_gone"):
+        gone.setdefault(first, set()).update(range(lo, hi + 1))
+    for first, packed in db.execute("SELECT first, ids FROM packs").fetchall():
+        out = gone.get(first, ())
+        for seq, msg_id in enumerate(msgpack.unpackb(packed), first):
+            if seq not in out:
+                yield seq, msg_id
+
+
+def stored_ids(db) -> set[bytes]:
+    """Every stored message's id, packed or not."""
+    return {r[0] for r in db.execute("SELECT msg_id FROM messages")} | {m for _, m in packed_rows(db)}
+
+
+def stored_count(db) -> int:
+    """How many messages a database holds, packed or not."""
+    return db.execute("SELECT count(*) FROM messages").fetchone()[0] + sum(1 for _ in packed_rows(db))
+
+
+def _consecutive(run: list[StoredMessage]) -> bool:
+    seqs = [r.seq for r in run]
+    return seqs[-1] - seqs[0] == len(seqs) - 1 and all(map(int.__lt__, seqs, seqs[1:]))
+
+
+# StoredMessage's other fields as functions in C (base.py has the first ones)
+_headers, _created, _expires, _deliveries = (itemgetter(i) for i in (3, 5, 6, 7))
+
+
+_mailbox = itemgetter(1)
+
+
+def _runs(rows: list[StoredMessage], threshold: int):
+    """(mailbox, may it be packed?, its rows) for each run of rows of one
+    mailbox and kind.  A packed row has no expiry (the expiry index is the
+    table's) and its body is kept in the database (a segment's bytes are
+    counted by row)."""
+    if list(map(_expires, rows)).count(None) == len(rows) and max(map(len, map(field_body, rows))) < threshold:
+        for mailbox, run in groupby(rows, _mailbox):  # (the usual: every row may be; the key in C)
+            yield mailbox, True, run
+        return
+    for (mailbox, packable), run in groupby(rows, lambda r: (r[1], r[6] is None and len(r[4]) < threshold)):
+        yield mailbox, packable, run
+
