@@ -95,11 +95,16 @@ class Packs:
         by_mailbox: dict[int, list[int]] = {}
         for first, p in packs.items():
             by_mailbox.setdefault(p.mailbox, []).append(first)
+        by_max_id = sorted((p.max_id, first) for first, p in packs.items())
         # The highest clock id stored, packed or not (store/ids.py).
         self.top_id = max(top or b"", self._table_top(db)) or None
         with self.lock:
             self._cached = None
             self._packs, self._firsts, self._by_mailbox = packs, sorted(packs), by_mailbox
+            # (max_id, first), sorted: the packs an id lookup may need are
+            # those whose highest id reaches the lowest id asked, the newest
+            # ones mostly (ids rise with the clock).
+            self._by_max_id = by_max_id
             self.written_ids = IdCeiling(self.top_id)
 
     @staticmethod
@@ -174,6 +179,11 @@ class Packs:
                 mine.append(first)
             else:
                 insort(mine, first)
+            key = (p.max_id, first)
+            if not self._by_max_id or key > self._by_max_id[-1]:
+                self._by_max_id.append(key)
+            else:
+                insort(self._by_max_id, key)
         return nbytes
 
     def delete(self, db, seq_runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -223,6 +233,7 @@ class Packs:
             del self._firsts[bisect_left(self._firsts, p.first)]
             mine = self._by_mailbox[p.mailbox]
             del mine[bisect_left(mine, p.first)]
+            del self._by_max_id[bisect_left(self._by_max_id, (p.max_id, p.first))]
             if not mine:
                 del self._by_mailbox[p.mailbox]
 
@@ -337,7 +348,9 @@ class Packs:
             return []
         lo, hi = min(msg_ids), max(msg_ids)
         with self.lock:
-            candidates = [p for p in self._packs.values() if p.min_id <= hi and p.max_id >= lo]
+            packs, by_max_id = self._packs, self._by_max_id
+            reaching = by_max_id[bisect_left(by_max_id, (lo,)):]
+            candidates = [packs[first] for _, first in reaching if packs[first].min_id <= hi]
         wanted = set(msg_ids)
         out = []
         for p in candidates:
