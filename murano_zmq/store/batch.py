@@ -22,7 +22,7 @@ from .base import MailboxRow, StoredMessage, field_mailbox, field_msg_id, field_
 
 class WriteBatch:
     __slots__ = ("ops", "inserted", "ids", "by_mailbox", "deleted", "deliveries", "dropped", "top_seq",
-                 "written")
+                 "written", "recheck")
 
     def __init__(self) -> None:
         # In order: ("insert", [row...]), ("delete", [seq...]),
@@ -37,6 +37,10 @@ class WriteBatch:
         self.dropped: set[int] = set()  # mailbox ids deleted here
         self.top_seq = 0  # the highest seq inserted here (kept, deleted or not)
         self.written = False  # its statements ran in the store's open transaction
+        # Ids inserted here that may have been stored before (a store whose
+        # rows are not all under one unique index looks them up as it
+        # writes: store/packs.py); None: none.
+        self.recheck: set[bytes] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.ops)

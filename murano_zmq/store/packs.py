@@ -21,11 +21,12 @@ connection take committed packs through it; the write batches
 (store/batch.py) cover what is not committed yet, as for rows.
 
 Ids: the message table's unique index skips a duplicate id; a pack has no
-index on its ids (that is half the saving), so a row whose id may be stored
-already (by the written ids' clock ceiling, store/ids.py) is looked up in
-the table and in the packs whose id range holds it before it is written,
-and skipped if found.  A clock id above the ceiling, a sender's usual, is
-looked up nowhere.
+index on its ids (that is half the saving), so a row whose id may have
+been stored already when it was inserted (the batch's `recheck`, from the
+clock ceiling, store/ids.py) is looked up in the table and in the packs
+whose id range reaches it before it is written, and skipped if found; a
+pack also keeps only the first of an id repeated within it.  A sender's
+new ids are above the ceiling and looked up nowhere.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import msgpack
 
 from .base import StoredMessage, field_body, field_msg_id, new_row
 from .batch import runs
-from .ids import CLOCK_BOUND, IdCeiling
+from .ids import CLOCK_BOUND
 from .schema import ID_CHUNK
 
 __all__ = ["Packs", "MIN_ROWS", "MAX_ROWS", "packed_rows", "stored_ids", "stored_count"]
@@ -91,13 +92,10 @@ class Packs:
         for seq, first, count in db.execute("SELECT seq, first, count FROM pack_deliveries"):
             if first in packs:
                 packs[first].counts[seq] = count
-        top = db.execute("SELECT max(top_id) FROM packs").fetchone()[0]
         by_mailbox: dict[int, list[int]] = {}
         for first, p in packs.items():
             by_mailbox.setdefault(p.mailbox, []).append(first)
         by_max_id = sorted((p.max_id, first) for first, p in packs.items())
-        # The highest clock id stored, packed or not (store/ids.py).
-        self.top_id = max(top or b"", self._table_top(db)) or None
         with self.lock:
             self._cached = None
             self._packs, self._firsts, self._by_mailbox = packs, sorted(packs), by_mailbox
@@ -105,11 +103,13 @@ class Packs:
             # those whose highest id reaches the lowest id asked, the newest
             # ones mostly (ids rise with the clock).
             self._by_max_id = by_max_id
-            self.written_ids = IdCeiling(self.top_id)
 
     @staticmethod
-    def _table_top(db) -> bytes:
-        return db.execute("SELECT max(msg_id) FROM messages WHERE msg_id < ?", (CLOCK_BOUND,)).fetchone()[0] or b""
+    def top_id(db) -> bytes | None:
+        """The highest clock id stored, packed or not (store/ids.py's ceiling at start)."""
+        packed = db.execute("SELECT max(top_id) FROM packs").fetchone()[0] or b""
+        table = db.execute("SELECT max(msg_id) FROM messages WHERE msg_id < ?", (CLOCK_BOUND,)).fetchone()[0]
+        return max(packed, table or b"") or None
 
     def __bool__(self) -> bool:
         return bool(self._packs)
@@ -121,26 +121,28 @@ class Packs:
 
     # --- writes (in the writer's open transaction, under the commit lock) ---------
 
-    def store(self, db, rows: list[StoredMessage], threshold: int) -> tuple[list[StoredMessage], int, int]:
+    def store(self, db, rows: list[StoredMessage], threshold: int,
+              recheck: set[bytes] | None) -> tuple[list[StoredMessage], int, int]:
         """Write the runs of `rows` that make packs; the rows left for the
-        message table, how many rows were left out as duplicates (ids
-        stored already, or repeated: the first is kept), and the packed
-        bodies' bytes."""
-        ids = list(map(field_msg_id, rows))
-        maybe = self.written_ids.maybe_stored(ids)
+        message table, how many rows were left out as duplicates, and the
+        packed bodies' bytes.  recheck: ids that may be stored already (the
+        rest surely are not): one found in the table or a pack is left out."""
         skipped = 0
-        # (a lookup is not the usual: ids a sender made before others' stored ones)
-        present = self._stored_among(db, maybe) if maybe else ()
-        if present or len(set(ids)) != len(ids):
-            kept, seen = [], set(present)
+        if recheck:  # (not the usual: ids a sender made before others' stored ones)
+            present = self._stored_among(db, [r.msg_id for r in rows if r.msg_id in recheck])
+            if present:
+                kept = [r for r in rows if r.msg_id not in present]
+                skipped, rows = len(rows) - len(kept), kept
+        if len(rows) < self.min_rows:
+            return rows, skipped, 0
+        ids = list(map(field_msg_id, rows))
+        if len(set(ids)) != len(ids):  # an id repeated: the first is kept, as the table's index would
+            kept, seen = [], set()
             for r in rows:
                 if r.msg_id not in seen:
                     seen.add(r.msg_id)
                     kept.append(r)
-            skipped, rows = len(rows) - len(kept), kept
-        self.written_ids.stored(ids)
-        if len(rows) < self.min_rows:
-            return rows, skipped, 0
+            skipped, rows = skipped + len(rows) - len(kept), kept
         rest: list[StoredMessage] = []
         nbytes = 0
         for mailbox, packable, run in _runs(rows, threshold):
@@ -262,7 +264,9 @@ class Packs:
 
     def _stored_among(self, db, msg_ids: list[bytes]) -> set[bytes]:
         """The ids among these that the writer's transaction holds (table or packs)."""
-        found = set()
+        found: set[bytes] = set()
+        if not msg_ids:
+            return found
         for i in range(0, len(msg_ids), ID_CHUNK):
             chunk = msg_ids[i:i + ID_CHUNK]
             found.update(r[0] for r in db.execute(

@@ -40,7 +40,7 @@ import msgpack
 
 from ..protocol.errors import StartupError
 from . import space
-from .base import StoredMessage, field_body
+from .base import StoredMessage, field_body, field_msg_id
 from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
@@ -169,7 +169,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._reader.execute("PRAGMA query_only=1")
             self._seq_top = self.max_seq()
             # Which new ids need no lookup in the id index (store/ids.py).
-            self._ids = IdCeiling(self._packs.top_id)
+            self._ids = IdCeiling(Packs.top_id(self._db))
             self._start_segments()
             self._sync_commits_ourselves()
             self._checkpoints = Checkpointer(self.path, self._commit_lock, self._db, **(checkpoint or {}))
@@ -296,7 +296,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             super().commit_insert(messages)
             return
         with self._commit_lock:
-            self._ids.stored([m.msg_id for m in messages])
+            ids = [m.msg_id for m in messages]
+            # (only packs need it: the table's unique index skips a repeated id)
+            recheck = self._ids.maybe_stored(ids) if self._packs else None
+            self._ids.stored(ids)
 
             def write() -> None:
                 nonlocal messages
@@ -309,7 +312,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                     if not batch.written:
                         self._write(batch)
                 top = max(m.seq for m in messages)
-                messages, skipped, _ = self._packs.store(self._db, messages, self._threshold)
+                skipped = 0
+                if recheck:  # ids that may be in a pack already: looked up there, skipped if found
+                    messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
                 stored = self._insert(messages) if messages else 0
                 if top > self._seq_top:
                     self._seq_top = top
@@ -320,6 +325,20 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if held:
                 with self._batches_lock:  # committed: reads need them no more
                     self._batches = [WriteBatch()]
+
+    def insert(self, messages: list[StoredMessage]) -> None:
+        """As BatchedStore's, and the batch learns which ids may be stored
+        already: a pack has no unique index to skip them (store/packs.py)."""
+        ids = list(map(field_msg_id, messages))
+        maybe = self._ids.maybe_stored(ids)
+        self._ids.stored(ids)
+        batch = self._batches[-1]
+        if maybe:
+            if batch.recheck is None:
+                batch.recheck = set(maybe)
+            else:
+                batch.recheck.update(maybe)
+        batch.insert(messages)
 
     def _commit_sealed(self, sealed: list[WriteBatch]) -> None:
         self._write_sealed(sealed)
@@ -460,7 +479,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         mark = bool(batch.deleted or batch.dropped)
         for kind, items in batch.statements():
             if kind == "insert":
-                rows, skipped, packed_bytes = self._packs.store(db, items, threshold)
+                rows, skipped, packed_bytes = self._packs.store(db, items, threshold, batch.recheck)
                 self._wal_bytes += packed_bytes
                 if not rows:
                     stored = 0
