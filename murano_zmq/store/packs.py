@@ -5,9 +5,10 @@ stores them together and later settles them together.  A row per message
 costs SQLite a row and two index entries to insert and as much again to
 delete: bench/store_rows.py measured 6.5 µs of CPU per message to store
 and 6.5 to settle, against 3.7 and 3.2 for a row per SEND.  So a run of at
-least MIN_ROWS rows of one mailbox, with consecutive seqs, no expiry and
-bodies kept in the database, is written as one row of `packs`: its seqs
-are first..last, its fields msgpack lists.  What happens to it afterwards
+least MIN_ROWS rows of one mailbox, with consecutive seqs, no expiry,
+bodies kept in the database and clock ids (new_message_id()'s, not
+idempotent_id()'s hashes), is written as one row of `packs`: its seqs are
+first..last, its fields msgpack lists.  What happens to it afterwards
 is kept beside it: the seqs settled (`pack_gone`, one row per run of seqs
 a delete takes out of it) and delivery counts (`pack_deliveries`).  When
 every seq of a pack is gone, its rows go.
@@ -26,14 +27,17 @@ been stored already when it was inserted (the batch's `recheck`, from the
 clock ceiling, store/ids.py) is looked up in the table and in the packs
 whose id range reaches it before it is written, and skipped if found; a
 pack also keeps only the first of an id repeated within it.  A sender's
-new ids are above the ceiling and looked up nowhere.
+new ids are above the ceiling and looked up nowhere.  Packs hold clock ids
+only, so a pack's id range spans the milliseconds its ids were made in:
+a lookup reads only the packs whose range reaches the ids asked (never
+for a hashed id), not every pack.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left, bisect_right, insort
-from itertools import groupby, repeat
+from itertools import groupby, islice, repeat
 from operator import itemgetter
 from typing import Callable, Iterator
 
@@ -50,7 +54,7 @@ MIN_ROWS = 16  # a shorter run is stored a row per message
 MAX_ROWS = 256  # a longer one is cut into packs of this many (SEND_BATCH)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
-_INSERT = ("INSERT INTO packs (first, last, mailbox, min_id, max_id, top_id, nbytes, ids, data) "
+_INSERT = ("INSERT INTO packs (first, last, mailbox, min_id, max_id, nbytes, ids, sizes, data) "
            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
@@ -63,20 +67,22 @@ class Pack:
         self.gone: set[int] = set()  # seqs deleted
         self.counts: dict[int, int] = {}  # seq -> deliveries, set after the pack was written
 
-    @property
-    def live(self) -> int:
-        return self.last - self.first + 1 - len(self.gone)
-
 
 class Packs:
-    """The packs' directory and their statements (under the store's commit
-    lock: writes; from the reading thread: reads, which take `lock`)."""
+    """The packs' directory and their statements.  Writes run under the
+    store's commit lock (from the loop's thread or the committer's) and
+    change the directory under `lock`; reads, from the loop's thread, take
+    `lock` for the lists they walk and look a pack up (one dict lookup) or
+    test its `gone` and `counts` (one set or dict lookup) without it."""
 
     def __init__(self, db, min_rows: int = MIN_ROWS):
         """db: the writer connection (the directory is loaded from it)."""
         self.min_rows = min_rows
         self.lock = threading.Lock()
         self._cached: tuple[int, list] | None = None  # the last pack read: (first, its rows)
+        # True after a rollback that could not read the directory again:
+        # the next write reads it first (SQLiteStore._write_sealed, commit_insert).
+        self.stale = False
         self.load(db)
 
     def load(self, db) -> None:
@@ -98,6 +104,7 @@ class Packs:
         by_max_id = sorted((p.max_id, first) for first, p in packs.items())
         with self.lock:
             self._cached = None
+            self.stale = False
             self._packs, self._firsts, self._by_mailbox = packs, sorted(packs), by_mailbox
             # (max_id, first), sorted: the packs an id lookup may need are
             # those whose highest id reaches the lowest id asked, the newest
@@ -107,17 +114,12 @@ class Packs:
     @staticmethod
     def top_id(db) -> bytes | None:
         """The highest clock id stored, packed or not (store/ids.py's ceiling at start)."""
-        packed = db.execute("SELECT max(top_id) FROM packs").fetchone()[0] or b""
+        packed = db.execute("SELECT max(max_id) FROM packs").fetchone()[0] or b""
         table = db.execute("SELECT max(msg_id) FROM messages WHERE msg_id < ?", (CLOCK_BOUND,)).fetchone()[0]
         return max(packed, table or b"") or None
 
     def __bool__(self) -> bool:
         return bool(self._packs)
-
-    def top_seq(self) -> int:
-        """The highest packed seq (0: none)."""
-        with self.lock:
-            return self._packs[self._firsts[-1]].last if self._firsts else 0
 
     # --- writes (in the writer's open transaction, under the commit lock) ---------
 
@@ -128,7 +130,9 @@ class Packs:
         packed bodies' bytes.  recheck: ids that may be stored already (the
         rest surely are not): one found in the table or a pack is left out."""
         skipped = 0
-        if recheck:  # (not the usual: ids a sender made before others' stored ones)
+        # (not the usual: ids a sender made before others' stored ones.  With
+        # no pack stored and none to write, the table's unique index does it.)
+        if recheck and (self._packs or len(rows) >= self.min_rows):
             present = self._stored_among(db, [r.msg_id for r in rows if r.msg_id in recheck])
             if present:
                 kept = [r for r in rows if r.msg_id not in present]
@@ -162,13 +166,12 @@ class Packs:
         """INSERT the pack; its bodies' bytes."""
         first, last = rows[0].seq, rows[-1].seq
         ids = list(map(field_msg_id, rows))
-        clock = [m for m in ids if m < CLOCK_BOUND]
         headers = list(map(_headers, rows))
-        data = [list(map(field_body, rows)), list(map(_created, rows)), list(map(_deliveries, rows)),
-                headers if any(headers) else None]
-        nbytes = sum(map(len, data[0]))
-        db.execute(_INSERT, (first, last, mailbox, min(ids), max(ids), max(clock) if clock else None,
-                             nbytes, _pack(ids), _pack(data)))
+        bodies = list(map(field_body, rows))
+        sizes = list(map(len, bodies))
+        data = [bodies, list(map(_created, rows)), list(map(_deliveries, rows)), headers if any(headers) else None]
+        nbytes = sum(sizes)
+        db.execute(_INSERT, (first, last, mailbox, min(ids), max(ids), nbytes, _pack(ids), _pack(sizes), _pack(data)))
         p = Pack(first, last, mailbox, min(ids), max(ids))
         with self.lock:
             self._packs[first] = p
@@ -190,7 +193,7 @@ class Packs:
 
     def delete(self, db, seq_runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Take these runs of seqs out of the packs that hold them; the runs
-        that reach outside packs (for the message table)."""
+        not wholly inside packs, whole (for the message table)."""
         if not self._packs:
             return seq_runs
         rest = []
@@ -334,7 +337,9 @@ class Packs:
     def ready(self, query: Callable, mailbox: int, after_seq: int) -> Iterator[tuple]:
         """The mailbox's committed packed rows with seq > after_seq, by seq (lazily: a pack is read when reached)."""
         with self.lock:
-            mine = list(self._by_mailbox.get(mailbox, ()))
+            mine = self._by_mailbox.get(mailbox, ())
+            # from the pack that may hold after_seq + 1 on (packs do not overlap)
+            mine = mine[max(0, bisect_right(mine, after_seq) - 1):]
         for first in mine:
             p = self._packs.get(first)
             if p is None or p.last <= after_seq:
@@ -348,14 +353,17 @@ class Packs:
 
     def ids_at(self, query: Callable, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
         """(seq, mailbox, msg_id) of the packed rows not gone with these ids."""
-        if not self._packs or not msg_ids:
+        if not self._packs:
             return []
-        lo, hi = min(msg_ids), max(msg_ids)
+        clock = [m for m in msg_ids if m < CLOCK_BOUND]  # (packs hold no other)
+        if not clock:
+            return []
+        lo, hi = min(clock), max(clock)
         with self.lock:
             packs, by_max_id = self._packs, self._by_max_id
-            reaching = by_max_id[bisect_left(by_max_id, (lo,)):]
-            candidates = [packs[first] for _, first in reaching if packs[first].min_id <= hi]
-        wanted = set(msg_ids)
+            candidates = [packs[first] for _, first in islice(by_max_id, bisect_left(by_max_id, (lo,)), None)
+                          if packs[first].min_id <= hi]
+        wanted = set(clock)
         out = []
         for p in candidates:
             found = query("SELECT ids FROM packs WHERE first=?", (p.first,))
@@ -377,10 +385,10 @@ class Packs:
         for first, last, mailbox, nbytes in query("SELECT first, last, mailbox, nbytes FROM packs"):
             out_of = gone.get(first)
             n = last - first + 1
-            if out_of:
-                bodies = msgpack.unpackb(query("SELECT data FROM packs WHERE first=?", (first,))[0][0])[0]
+            if out_of:  # (the sizes alone are read, not the bodies)
+                sizes = msgpack.unpackb(query("SELECT sizes FROM packs WHERE first=?", (first,))[0][0])
                 n -= len(out_of)
-                nbytes -= sum(len(b) for seq, b in enumerate(bodies, first) if seq in out_of)
+                nbytes -= sum(size for seq, size in enumerate(sizes, first) if seq in out_of)
             n0, b0 = out.get(mailbox, (0, 0))
             out[mailbox] = (n0 + n, b0 + nbytes)
         return out
@@ -426,12 +434,14 @@ _mailbox = itemgetter(1)
 def _runs(rows: list[StoredMessage], threshold: int):
     """(mailbox, may it be packed?, its rows) for each run of rows of one
     mailbox and kind.  A packed row has no expiry (the expiry index is the
-    table's) and its body is kept in the database (a segment's bytes are
-    counted by row)."""
-    if list(map(_expires, rows)).count(None) == len(rows) and max(map(len, map(field_body, rows))) < threshold:
+    table's), its body is kept in the database (a segment's bytes are
+    counted by row) and its id is a clock id (see the module's doc)."""
+    if (list(map(_expires, rows)).count(None) == len(rows) and max(map(len, map(field_body, rows))) < threshold
+            and max(map(field_msg_id, rows)) < CLOCK_BOUND):
         for mailbox, run in groupby(rows, _mailbox):  # (the usual: every row may be; the key in C)
             yield mailbox, True, run
         return
-    for (mailbox, packable), run in groupby(rows, lambda r: (r[1], r[6] is None and len(r[4]) < threshold)):
+    for (mailbox, packable), run in groupby(
+            rows, lambda r: (r[1], r[6] is None and len(r[4]) < threshold and r[2] < CLOCK_BOUND)):
         yield mailbox, packable, run
 

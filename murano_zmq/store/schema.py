@@ -28,18 +28,18 @@ CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
 CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
 """ + """
 -- A run of messages as one row (store/packs.py): seqs first..last of one
--- mailbox; ids and data (bodies, created, deliveries, headers or NULL) are
--- msgpack lists in seq order.  The seqs deleted since, and the delivery
+-- mailbox; ids, sizes (the bodies' lengths) and data (bodies, created,
+-- deliveries, headers or NULL) are msgpack lists in seq order.  The seqs deleted since, and the delivery
 -- counts set since, are rows of their own until the pack goes.
 CREATE TABLE IF NOT EXISTS packs (
     first INTEGER PRIMARY KEY,
     last INTEGER NOT NULL,
     mailbox INTEGER NOT NULL,
-    min_id BLOB NOT NULL,
+    min_id BLOB NOT NULL,  -- clock ids only (store/ids.py)
     max_id BLOB NOT NULL,
-    top_id BLOB,  -- the highest clock id among them (store/ids.py)
     nbytes INTEGER NOT NULL,
     ids BLOB NOT NULL,
+    sizes BLOB NOT NULL,
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pack_gone (

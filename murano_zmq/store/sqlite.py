@@ -15,8 +15,8 @@ the rows that point at them; the rows keep (seg, seg_off, seg_len).  A lone
 send's commit keeps a body up to segments.LONE_INLINE_MAX in the database:
 one fsync instead of two.
 
-Runs of a SEND's messages are stored as one row each (store/packs.py):
-half the CPU of a row per message to store and to settle.
+A run of a SEND's messages is stored as one row (store/packs.py): half the
+CPU of a row per message to store and to settle.
 
 The WAL is checkpointed by a thread of its own (store/checkpoint.py), not
 inside a commit.
@@ -303,6 +303,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
             def write() -> None:
                 nonlocal messages
+                if self._packs.stale:
+                    self._packs.load(self._db)
                 if not self._tx_open:  # (else the held deletes' statements ran in it already)
                     self._begin()
                     if self._seq_owed:
@@ -363,6 +365,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         in the open transaction (under the commit lock).  A failure undoes
         the transaction and raises StoreError; the batches stay."""
         try:
+            if self._packs.stale:
+                self._packs.load(self._db)
             for batch in sealed:
                 if not batch.written:
                     if not self._tx_open:
@@ -448,11 +452,12 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._segments.rolled_back()
         for batch in self._pending():
             batch.written = False
-        try:
-            if self._packs is not None:
+        if self._packs is not None:
+            try:
                 self._packs.load(self._db)  # what the last commit left
-        except sqlite3.Error as exc:
-            log.warning("re-reading the packs of %s failed: %s", self.path, exc)
+            except sqlite3.Error as exc:  # (then the next write reads them first)
+                self._packs.stale = True
+                log.warning("re-reading the packs of %s failed: %s", self.path, exc)
 
     _drop_transaction = _rollback_tx  # rollback() (store/batched.py) undoes the transaction too
 

@@ -16,7 +16,8 @@ import pytest
 
 from murano_zmq.relay.checks import _data_dir
 from murano_zmq.store.base import MailboxRow, StoredMessage
-from murano_zmq.store.packs import MAX_ROWS, MIN_ROWS, packed_rows, stored_count
+from murano_zmq.protocol.message import idempotent_id
+from murano_zmq.store.packs import MAX_ROWS, MIN_ROWS, Packs, packed_rows, stored_count
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 
@@ -135,6 +136,41 @@ def test_a_failed_commit_rolls_the_packs_back_and_writes_them_again(store, monke
     assert tables(store)[1:3] == (2, 1)
     assert [m.seq for m in store.load_ready(1, 0, 1000)] == list(range(51, 101))
     assert len(store.get_many(list(range(1, 201)))) == 150
+
+
+def test_a_directory_that_could_not_be_read_again_is_read_before_the_next_write(store, tmp_path, monkeypatch):
+    """A failed commit whose rollback cannot re-read the packs (a disk
+    returning errors) leaves the directory as the undone transaction left
+    it; the next write reads it first, so no ack is lost and no pack is
+    listed twice."""
+    store.insert([msg(s) for s in range(1, 17)])
+    flush(store)
+    store.delete(range(1, 5))
+    store.insert([msg(s) for s in range(17, 33)])
+    store.seal()
+    real_commit, real_load = store._commit_tx, Packs.load
+    monkeypatch.setattr(store, "_commit_tx", lambda: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    monkeypatch.setattr(Packs, "load", lambda self, db: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    with pytest.raises(StoreError):
+        store.commit()
+    monkeypatch.setattr(store, "_commit_tx", real_commit)
+    monkeypatch.setattr(Packs, "load", real_load)
+    store.commit()
+    store.delete(range(17, 33))
+    flush(store)
+    assert tables(store)[1:3] == (1, 1)
+    store.close()
+    store.__init__(str(tmp_path))
+    assert [m.seq for m in store.load_ready(1, 0, 100)] == list(range(5, 17))
+
+
+def test_hashed_ids_are_never_packed(store):
+    """idempotent_id()'s hashes would make a pack's id range the whole id
+    space, and every lookup would read every pack: they stay rows."""
+    store.insert([msg(s, msg_id=idempotent_id(f"key {s}")) for s in range(1, 41)])
+    flush(store)
+    assert tables(store)[:2] == (40, 0)
+    assert store.mailboxes_of([idempotent_id("key 3")]) == {idempotent_id("key 3"): 1}
 
 
 def test_a_mailbox_dropped_takes_its_packs(store):
