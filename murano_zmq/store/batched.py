@@ -131,6 +131,9 @@ class BatchedStore:
         more = [r for r in inserted_rows(batches, mailbox_id) if r.seq > after_seq
                 and (stopped_at is None or r.seq < stopped_at)]
         if more:
+            if rows:  # a commit that ended after _pending() put a batch's rows on disk too
+                on_disk = {r.seq for r in rows}
+                more = [r for r in more if r.seq not in on_disk]
             rows = sorted(rows + more, key=lambda r: r.seq)
         return cap(rows, limit, max_bytes)
 
@@ -148,8 +151,7 @@ class BatchedStore:
         ]
         found += [(r.expires, r.seq, r.mailbox_id) for r in inserted_rows(batches)
                   if r.expires is not None and r.expires <= now and (r.expires, r.seq) > start]
-        found.sort()
-        return found[:limit]
+        return sorted(set(found))[:limit]  # (a row both on disk and in a batch: see load_ready)
 
     def next_expiry(self, after: float) -> float | None:
         batches = self._pending()

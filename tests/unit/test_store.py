@@ -175,6 +175,23 @@ def test_load_ready_after_and_limit(store, committed):
     assert store.load_ready(99, 0, 10) == []
 
 
+@pytest.mark.parametrize("count", [3, 20])
+def test_rows_committed_while_a_read_runs_are_read_once(store, count):
+    """A read takes the batches, then asks the database: a commit that
+    ends between the two (the committer thread's) puts the same rows in
+    both, and the read returns each once."""
+    store.insert([msg(s, expires=5.0 + s) for s in range(1, count + 1)])
+    store.seal()
+    taken = store._pending()
+    store.commit()
+    store._pending = lambda: taken  # (what the read took before the commit ended)
+    try:
+        assert [m.seq for m in store.load_ready(1, 0, 100)] == list(range(1, count + 1))
+        assert [seq for _, seq, _ in store.expired(1000.0, 100)] == list(range(1, count + 1))
+    finally:
+        del store._pending
+
+
 def test_load_ready_stops_at_max_bytes(store):
     store.insert([msg(s, body=b"x" * 100) for s in range(1, 6)])
     flush(store)
