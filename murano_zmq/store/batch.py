@@ -5,8 +5,9 @@ sealed ones waiting for (or inside) a commit.  Reads query the database's
 committed state and then replay the batches over the result, in order, so
 the relay sees its own writes without waiting for a commit in flight.  A
 batch is dropped only after its commit returned, and a read takes its list
-of batches before it queries the database: a row is then seen either in a
-batch or on disk, never in neither.
+of batches before it queries the database: a row is then seen in a batch
+or on disk, never in neither; in both when a commit ends between the two,
+so a read that merges them keeps one of each seq (store/batched.py).
 
 Nothing here does I/O; a SQL store (SQLite, PostgreSQL) runs the batch's
 operations in order inside one transaction.
