@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 
 import msgpack
 
-from .base import StoredMessage, field_body, field_msg_id, new_row
+from .base import StoredMessage, field_body, field_msg_id, field_seq, new_row
 from .batch import runs
 from .ids import CLOCK_BOUND
 from .schema import ID_CHUNK
@@ -420,15 +420,12 @@ def stored_count(db) -> int:
 
 
 def _consecutive(run: list[StoredMessage]) -> bool:
-    seqs = [r.seq for r in run]
+    seqs = list(map(field_seq, run))
     return seqs[-1] - seqs[0] == len(seqs) - 1 and all(map(int.__lt__, seqs, seqs[1:]))
 
 
 # StoredMessage's other fields as functions in C (base.py has the first ones)
-_headers, _created, _expires, _deliveries = (itemgetter(i) for i in (3, 5, 6, 7))
-
-
-_mailbox = itemgetter(1)
+_mailbox, _headers, _created, _expires, _deliveries = (itemgetter(i) for i in (1, 3, 5, 6, 7))
 
 
 def _runs(rows: list[StoredMessage], threshold: int):

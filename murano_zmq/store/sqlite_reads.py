@@ -101,10 +101,10 @@ class SQLiteReads:
         chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
                               f"({','.join('?' * len(chunk))})", tuple(chunk))
                   for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+        # (one chunk, the usual case, is passed on as it came: no copy)
         found = chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
         if self._packs:
             found = found + self._packs.ids_at(self._query, msg_ids)
-        # (one chunk, the usual case, is passed on as it came: no copy)
         return found
 
     def _ready_rows(self, mailbox_id: int, after_seq: int, limit: int, max_bytes: int | None,
