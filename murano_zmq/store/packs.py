@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left, bisect_right, insort
-from itertools import groupby, islice, repeat
+from itertools import chain, groupby, islice, repeat
 from operator import itemgetter
 from typing import Callable, Iterator
 
@@ -46,7 +46,7 @@ import msgpack
 from .base import StoredMessage, field_body, field_msg_id, field_seq, new_row
 from .batch import runs
 from .ids import CLOCK_BOUND
-from .schema import ID_CHUNK
+from .sqlite_reads import table_ids_at
 
 __all__ = ["Packs", "MIN_ROWS", "MAX_ROWS", "packed_rows", "stored_ids", "stored_count"]
 
@@ -81,7 +81,7 @@ class Packs:
         self.lock = threading.Lock()
         self._cached: tuple[int, list] | None = None  # the last pack read: (first, its rows)
         # True after a rollback that could not read the directory again:
-        # the next write reads it first (SQLiteStore._write_sealed, commit_insert).
+        # the next write reads it first (reload_if_stale()).
         self.stale = False
         self.load(db)
 
@@ -92,9 +92,9 @@ class Packs:
         for first, last, mailbox, min_id, max_id in db.execute(
                 "SELECT first, last, mailbox, min_id, max_id FROM packs ORDER BY first"):
             packs[first] = Pack(first, last, mailbox, min_id, max_id)
-        for first, lo, hi in db.execute("SELECT first, lo, hi FROM pack_gone"):
+        for first, gone in _gone(db.execute).items():
             if first in packs:
-                packs[first].gone.update(range(lo, hi + 1))
+                packs[first].gone = gone
         for seq, first, count in db.execute("SELECT seq, first, count FROM pack_deliveries"):
             if first in packs:
                 packs[first].counts[seq] = count
@@ -120,6 +120,11 @@ class Packs:
 
     def __bool__(self) -> bool:
         return bool(self._packs)
+
+    def reload_if_stale(self, db) -> None:
+        """Before a write: the directory a failed rollback could not re-read, read now."""
+        if self.stale:
+            self.load(db)
 
     # --- writes (in the writer's open transaction, under the commit lock) ---------
 
@@ -267,15 +272,10 @@ class Packs:
 
     def _stored_among(self, db, msg_ids: list[bytes]) -> set[bytes]:
         """The ids among these that the writer's transaction holds (table or packs)."""
-        found: set[bytes] = set()
         if not msg_ids:
-            return found
-        for i in range(0, len(msg_ids), ID_CHUNK):
-            chunk = msg_ids[i:i + ID_CHUNK]
-            found.update(r[0] for r in db.execute(
-                f"SELECT msg_id FROM messages WHERE msg_id IN ({','.join('?' * len(chunk))})", chunk))
-        found.update(m for _, _, m in self.ids_at(lambda sql, args: db.execute(sql, args).fetchall(), msg_ids))
-        return found
+            return set()
+        query = lambda sql, args: db.execute(sql, args).fetchall()  # noqa: E731
+        return {m for _, _, m in chain(table_ids_at(query, msg_ids), self.ids_at(query, msg_ids))}
 
     # --- reads ----------------------------------------------------------------------
 
@@ -378,9 +378,7 @@ class Packs:
     def stats(query: Callable) -> dict[int, tuple[int, int]]:
         """mailbox id -> (live packed messages, their body bytes), as committed
         (read through `query` alone: the directory holds writes not committed)."""
-        gone: dict[int, set[int]] = {}
-        for first, lo, hi in query("SELECT first, lo, hi FROM pack_gone"):
-            gone.setdefault(first, set()).update(range(lo, hi + 1))
+        gone = _gone(query)
         out: dict[int, tuple[int, int]] = {}
         for first, last, mailbox, nbytes in query("SELECT first, last, mailbox, nbytes FROM packs"):
             out_of = gone.get(first)
@@ -399,9 +397,7 @@ def packed_rows(db) -> Iterator[tuple[int, bytes]]:
     relay's check and for tests that read a database; none before schema 3)."""
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name='packs'").fetchall():
         return
-    gone: dict[int, set[int]] = {}
-    for first, lo, hi in db.execute("SELECT first, lo, hi FROM pack_gone"):
-        gone.setdefault(first, set()).update(range(lo, hi + 1))
+    gone = _gone(db.execute)
     for first, packed in db.execute("SELECT first, ids FROM packs").fetchall():
         out = gone.get(first, ())
         for seq, msg_id in enumerate(msgpack.unpackb(packed), first):
@@ -417,6 +413,14 @@ def stored_ids(db) -> set[bytes]:
 def stored_count(db) -> int:
     """How many messages a database holds, packed or not."""
     return db.execute("SELECT count(*) FROM messages").fetchone()[0] + sum(1 for _ in packed_rows(db))
+
+
+def _gone(query: Callable) -> dict[int, set[int]]:
+    """pack (its first seq) -> the seqs deleted from it, from `pack_gone` through `query(sql)`."""
+    gone: dict[int, set[int]] = {}
+    for first, lo, hi in query("SELECT first, lo, hi FROM pack_gone"):
+        gone.setdefault(first, set()).update(range(lo, hi + 1))
+    return gone
 
 
 def _consecutive(run: list[StoredMessage]) -> bool:

@@ -26,11 +26,11 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
 CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
 CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expires) WHERE expires IS NOT NULL;
-""" + """
 -- A run of messages as one row (store/packs.py): seqs first..last of one
 -- mailbox; ids, sizes (the bodies' lengths) and data (bodies, created,
--- deliveries, headers or NULL) are msgpack lists in seq order.  The seqs deleted since, and the delivery
--- counts set since, are rows of their own until the pack goes.
+-- deliveries, headers or NULL) are msgpack lists in seq order.  The seqs
+-- deleted since, and the delivery counts set since, are rows of their own
+-- until the pack goes.
 CREATE TABLE IF NOT EXISTS packs (
     first INTEGER PRIMARY KEY,
     last INTEGER NOT NULL,

@@ -303,8 +303,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
             def write() -> None:
                 nonlocal messages
-                if self._packs.stale:
-                    self._packs.load(self._db)
+                self._packs.reload_if_stale(self._db)
                 if not self._tx_open:  # (else the held deletes' statements ran in it already)
                     self._begin()
                     if self._seq_owed:
@@ -365,8 +364,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         in the open transaction (under the commit lock).  A failure undoes
         the transaction and raises StoreError; the batches stay."""
         try:
-            if self._packs.stale:
-                self._packs.load(self._db)
+            self._packs.reload_if_stale(self._db)
             for batch in sealed:
                 if not batch.written:
                     if not self._tx_open:

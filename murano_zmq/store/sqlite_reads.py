@@ -15,7 +15,7 @@ from .base import MailboxRow, StoredMessage, new_row
 from .batch import WriteBatch, overlay
 from .schema import COLUMNS as _COLUMNS, ID_CHUNK
 
-__all__ = ["SQLiteReads"]
+__all__ = ["SQLiteReads", "table_ids_at"]
 
 _seq = itemgetter(0)
 
@@ -98,11 +98,7 @@ class SQLiteReads:
         return StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
 
     def _ids_at(self, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
-        chunks = [self._query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN "
-                              f"({','.join('?' * len(chunk))})", tuple(chunk))
-                  for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
-        # (one chunk, the usual case, is passed on as it came: no copy)
-        found = chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
+        found = table_ids_at(self._query, msg_ids)
         if self._packs:
             found = found + self._packs.ids_at(self._query, msg_ids)
         return found
@@ -146,3 +142,14 @@ class SQLiteReads:
 
     def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
         return f"NOT IN ({','.join('?' * len(dropped))})", tuple(dropped)
+
+
+def table_ids_at(query, msg_ids: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """(seq, mailbox, msg_id) of the message table's rows with these ids,
+    read through `query(sql, args)` (the reader's, or the writer's to see
+    its open transaction: store/packs.py)."""
+    chunks = [query(f"SELECT seq, mailbox, msg_id FROM messages WHERE msg_id IN ({','.join('?' * len(chunk))})",
+                    tuple(chunk))
+              for chunk in (msg_ids[i:i + ID_CHUNK] for i in range(0, len(msg_ids), ID_CHUNK))]
+    # (one chunk, the usual case, is passed on as it came: no copy)
+    return chunks[0] if len(chunks) == 1 else [r for rows in chunks for r in rows]
