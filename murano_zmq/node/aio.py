@@ -54,6 +54,7 @@ class AsyncNode(NodeBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._turn_scheduled = False
+        self._in_turn = False  # a turn runs (the core's sinks and callbacks are called in it)
         self._watched: list[int] = []  # FDs the loop watches for us
         self._watched_version = -1
         self._timer: asyncio.TimerHandle | None = None
@@ -289,8 +290,12 @@ class AsyncNode(NodeBase):
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
         if self._closed:
             return  # unsettled messages come again after a restart
-        self._core.settle(message, how, requeue)
-        self._schedule_flush()
+        core = self._core
+        core.settle(message, how, requeue)
+        if core.session.acks_due and not self._in_turn:
+            self._write()  # half a window acked: out now, the relay refills while the rest is worked
+        else:
+            self._schedule_flush()
 
     def _cancel(self, cid: int, mailbox: str) -> None:
         if self._closed:
@@ -308,8 +313,10 @@ class AsyncNode(NodeBase):
     def _flush(self) -> None:
         """Route queued sends and write what the core has."""
         self._flush_scheduled = False
-        if self._closed:
-            return
+        if not self._closed:
+            self._write()
+
+    def _write(self) -> None:
         self._io.flush(time.time(), self._take_outgoing())
         self._after_io()
 
@@ -333,6 +340,7 @@ class AsyncNode(NodeBase):
         self._turn_scheduled = False
         if self._closed:
             return
+        self._in_turn = True  # (an ack from a callback run by this turn waits for its end)
         try:
             io = self._io
             if fd is not None and not self._outgoing and io.socket_of(fd) is io.relay_sock:
@@ -350,6 +358,8 @@ class AsyncNode(NodeBase):
                 log.error("node %s: %d turns in a row failed; closing it", self.name, self._failed_turns)
                 self._closing_task = self._loop.create_task(self.close())
                 return
+        finally:
+            self._in_turn = False
         self._after_io()
 
     def _on_timer(self) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import msgpack
 
-from .constants import DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS, KEPT_PACKER_BUFFER, SIGNATURE
+from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS,
+                        KEPT_PACKER_BUFFER, SIGNATURE)
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
@@ -112,6 +113,9 @@ class ClientCore:
         # they are settled when it is.  key -> relay tags
         self._shadows: dict[tuple, set[int]] = {}
         self._pending_acks: list[int] = []
+        # Acks of relay copies worth writing without waiting for the
+        # application to pause: half its smallest window (see ack_early).
+        self.ack_early = 0
         self._last_heard = 0.0
         self._last_sent = 0.0
 
@@ -195,7 +199,24 @@ class ClientCore:
         req = self.request(Cmd.CONSUME, consumer, mailbox, prefetch, endpoint, prefetch_bytes)
         self._next_consumer += 1
         self._consumers[consumer] = _Consumer(mailbox, prefetch, endpoint, prefetch_bytes)
+        self._set_ack_early()
         return consumer, req
+
+    def _set_ack_early(self) -> None:
+        """ack_early: once this many acks wait, a runner writes them at
+        once, so the relay refills half a window while the application
+        works through the other half (else a burst of `prefetch` messages
+        is worked, then acked, then refilled: stop and go).  Half the
+        smallest prefetch of the consumers; 0 (never early) under
+        ACK_EARLY_MIN_PREFETCH, where an ACK per few messages would cost
+        more than the overlap gives."""
+        smallest = min((c.prefetch for c in self._consumers.values()), default=0)
+        self.ack_early = smallest // 2 if smallest >= ACK_EARLY_MIN_PREFETCH else 0
+
+    @property
+    def acks_due(self) -> bool:
+        """ack_early acks are waiting: write them now (see _set_ack_early)."""
+        return 0 < self.ack_early <= len(self._pending_acks)
 
     def consumer_of(self, mailbox: str) -> int | None:
         """A consumer id of this node for `mailbox`, or None."""
@@ -207,6 +228,7 @@ class ClientCore:
     def cancel(self, consumer: int) -> None:
         """Stop a consumer; the relay gives its unacked messages to others."""
         if self._consumers.pop(consumer, None) is not None and self.state != State.CLOSED:
+            self._set_ack_early()
             # A CONSUME still waiting for its reply must not be replayed later.
             for req in [r for r, (cmd, f) in self._requests.items() if cmd == Cmd.CONSUME and f[1] == consumer]:
                 del self._requests[req]

@@ -39,6 +39,9 @@ MAX_PEER_NAME = 200
 # and the most a relay grants (it sizes the relay's bookkeeping).
 DEFAULT_PREFETCH = 100
 MAX_PREFETCH = 10_000
+# Smallest prefetch for which a node writes the acks of half a window as soon
+# as they are made (ClientCore.ack_early); below it, at the application's pause.
+ACK_EARLY_MIN_PREFETCH = 32
 # Byte credit (bodies out at once, as AMQP's prefetch-size): none unless the
 # consumer asks; the most a consumer may ask, bytes.
 MAX_PREFETCH_BYTES = 1 << 40

@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from murano_zmq import AsyncNode
+from murano_zmq.protocol.constants import ACK_EARLY_MIN_PREFETCH
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,5 +56,40 @@ def test_a_consumer_and_lone_sends_on_one_node_both_progress(relay):
             for i in range(200):
                 await node.send("turns.loop", i)
             assert await asyncio.wait_for(taker, 30) == list(range(200))
+
+    asyncio.run(main())
+
+
+def test_half_a_window_acked_is_written_before_the_application_pauses(relay):
+    """A consumer working through a burst without yielding: the acks of
+    half its window go out at once, and the relay refills that half while
+    the rest waits; a window under ACK_EARLY_MIN_PREFETCH acks at the pause."""
+    async def main():
+        async with AsyncNode("early", relay=relay.endpoint, timeout=20) as node:
+            await node.send_many([("early.box", i) for i in range(200)] + [("early.small", i) for i in range(40)])
+            session = node._core.session
+
+            async def until_queued(consumer, n):
+                for _ in range(1000):  # (bounded: 10 s)
+                    if len(consumer._queue) >= n:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"{len(consumer._queue)} of {n} messages came")
+
+            consumer = await node.consume("early.box", prefetch=64)
+            await until_queued(consumer, 64)
+            for i in range(32):  # no await between: the loop does not run
+                message = await consumer.get()
+                message.ack()
+                assert len(session._pending_acks) == (0 if i == 31 else i + 1)
+            await until_queued(consumer, 64)  # the relay refilled the half acked
+            assert [m.body for m in list(consumer._queue)[-32:]] == list(range(64, 96))
+
+            small = await node.consume("early.small", prefetch=ACK_EARLY_MIN_PREFETCH - 1)
+            await until_queued(small, ACK_EARLY_MIN_PREFETCH - 1)
+            assert session.ack_early == 0
+            for _ in range(ACK_EARLY_MIN_PREFETCH - 1):
+                (await small.get()).ack()
+            assert len(session._pending_acks) == ACK_EARLY_MIN_PREFETCH - 1, "written at the pause"
 
     asyncio.run(main())

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from murano_zmq.protocol.client import ClientCore, Confirmed, RelayLost
-from murano_zmq.protocol.constants import HEARTBEAT_LIVENESS, SIGNATURE
+from murano_zmq.protocol.constants import ACK_EARLY_MIN_PREFETCH, HEARTBEAT_LIVENESS, SIGNATURE
 from murano_zmq.protocol.errors import RemoteProtocolError
 from murano_zmq.protocol.frames import Cmd, encode
 from murano_zmq.protocol.message import new_message_id, pack_body, send_record
@@ -59,3 +59,24 @@ def test_any_other_confirm_is_refused_and_changes_nothing(frames):
     with pytest.raises(RemoteProtocolError):
         core.receive(frames, 2.0)
     assert core.unconfirmed == 1
+
+
+def test_acks_are_due_early_at_half_the_smallest_window():
+    """ack_early: half the smallest prefetch, none under
+    ACK_EARLY_MIN_PREFETCH, and again when a consumer goes."""
+    core = ready_core()
+    assert core.ack_early == 0 and not core.acks_due
+    big, _ = core.consume("a", 100)
+    assert core.ack_early == 50
+    small, _ = core.consume("b", ACK_EARLY_MIN_PREFETCH)
+    assert core.ack_early == ACK_EARLY_MIN_PREFETCH // 2
+    core._pending_acks.extend(range(ACK_EARLY_MIN_PREFETCH // 2 - 1))
+    assert not core.acks_due
+    core._pending_acks.append(99)
+    assert core.acks_due
+    core.flush_acks()
+    assert not core.acks_due
+    core.cancel(small)
+    assert core.ack_early == 50
+    core.consume("c", ACK_EARLY_MIN_PREFETCH - 1)
+    assert core.ack_early == 0, "a small window acks at the application's pause"
