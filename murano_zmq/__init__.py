@@ -5,6 +5,7 @@
         node.send("conductor", {"task": 1})
 """
 
+from .gcpolicy import collect_less
 from .heap import keep_freed_memory
 from .node.aio import AsyncConsumer, AsyncNode
 from .node.sync import Consumer, Node
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncConsumer", "AsyncNode", "Consumer", "Node", "Message", "MailboxOptions", "idempotent_id",
-    "keep_freed_memory",
+    "collect_less", "keep_freed_memory",
     "DEFAULT_RELAY_ENDPOINT", "PROTOCOL_VERSION",
     "MuranoZmqError", "LocalProtocolError", "RemoteProtocolError", "RelayError", "RelayUnavailable",
     "NodeClosed", "MailboxFull", "MailboxNotFound", "Malformed", "MessageTooLarge",

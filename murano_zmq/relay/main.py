@@ -65,6 +65,7 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the relay the parsed options describe; one line and 1 if it cannot start."""
+    from ..gcpolicy import collect_less
     from ..heap import keep_freed_memory
     from .server import RelayConfig, run_relay
 
@@ -80,6 +81,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
             return print_checks(config)
         keep_freed_memory()
+        collect_less()
         return run_relay(config)
     except (StartupError, ValueError) as exc:
         print(f"murano-zmq relay: {exc}", file=sys.stderr)
