@@ -350,6 +350,7 @@ class ClientCore:
         if request is not None:
             if request[0] == Cmd.CONSUME:
                 self._consumers.pop(request[1][1], None)  # refused: do not replay it
+                self._set_ack_early()
             return [Failed(req, error)]
         if req is not None and self._unconfirmed.pop(req, None) is not None:
             return [Failed(req, error)]

@@ -78,5 +78,7 @@ def test_acks_are_due_early_at_half_the_smallest_window():
     assert not core.acks_due
     core.cancel(small)
     assert core.ack_early == 50
-    core.consume("c", ACK_EARLY_MIN_PREFETCH - 1)
+    _, refused = core.consume("c", ACK_EARLY_MIN_PREFETCH - 1)
     assert core.ack_early == 0, "a small window acks at the application's pause"
+    core.receive(encode(Cmd.ERROR, refused, 403, "not yours"), 1.0)  # the relay refused that CONSUME
+    assert core.ack_early == 50
