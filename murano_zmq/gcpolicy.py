@@ -9,8 +9,9 @@ by the older generations' collections: several per cent of the relay's
 loop on the pipelined workload (docs/performance.md).  A young collection
 per GEN0_THRESHOLD allocations finds most of them already freed, and what
 start-up made (modules, configuration) is frozen out of every collection.
-Cycles are still collected, later: the memory they hold meanwhile is
-bounded by the threshold.  The relay calls collect_less() at start; a node
+Cycles are still collected, later: once GEN0_THRESHOLD more container
+objects are alive than at the last collection (a bound in objects, not
+bytes: a cycle holding a large body waits as long as any other).  The relay calls collect_less() at start; a node
 never changes its process's collector by itself: an application with a high
 message rate may call murano_zmq.collect_less() (docs/operations.md).
 """
@@ -25,6 +26,8 @@ GEN2_THRESHOLD = 100  # middle collections between full ones (default 10; a full
 
 
 def collect_less() -> None:
-    """Set the thresholds above and freeze what exists now (call it at start)."""
+    """Set the thresholds above and freeze what exists now (call it at start;
+    garbage there now is collected first, not frozen for good)."""
+    gc.collect()
     gc.freeze()
     gc.set_threshold(GEN0_THRESHOLD, GEN1_THRESHOLD, GEN2_THRESHOLD)

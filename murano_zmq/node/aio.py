@@ -293,9 +293,12 @@ class AsyncNode(NodeBase):
         core = self._core
         core.settle(message, how, requeue)
         if core.session.acks_due and not self._in_turn:
-            self._write()  # half a window acked: out now, the relay refills while the rest is worked
-        else:
-            self._schedule_flush()
+            try:
+                self._write()  # half a window acked: out now, the relay refills while the rest is worked
+                return
+            except Exception:  # (not the application's to handle: the flush below tries again)
+                log.exception("node %s: writing acks failed", self.name)
+        self._schedule_flush()
 
     def _cancel(self, cid: int, mailbox: str) -> None:
         if self._closed:

@@ -82,6 +82,7 @@ def test_half_a_window_acked_is_written_before_the_application_pauses(relay):
                 message = await consumer.get()
                 message.ack()
                 assert len(session._pending_acks) == (0 if i == 31 else i + 1)
+            assert not session.has_output, "the ACK was written, not only queued"
             await until_queued(consumer, 64)  # the relay refilled the half acked
             assert [m.body for m in list(consumer._queue)[-32:]] == list(range(64, 96))
 

@@ -173,7 +173,8 @@ def test_oslo_messaging_functional_suite_passes(relay_factory, tmp_path):
     else:
         results = {}
         for name, discovery in VARIANTS.items():
-            relay = relay_factory(*(["--discovery-interfaces", discovery] if discovery else []))
+            relay = relay_factory(*(["--discovery-interfaces", discovery] if discovery else []),
+                                  data_dir=str(workdirs[name] / "relay-data"))
             results[name] = run_suite(zmqrelay_url(relay), workdirs[name], discovery)
     may_fail = set() if isolated else MAY_FAIL
     for name, outcomes in results.items():
