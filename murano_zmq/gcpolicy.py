@@ -11,9 +11,10 @@ per GEN0_THRESHOLD allocations finds most of them already freed, and what
 start-up made (modules, configuration) is frozen out of every collection.
 Cycles are still collected, later: once GEN0_THRESHOLD more container
 objects are alive than at the last collection (a bound in objects, not
-bytes: a cycle holding a large body waits as long as any other).  The relay calls collect_less() at start; a node
-never changes its process's collector by itself: an application with a high
-message rate may call murano_zmq.collect_less() (docs/operations.md).
+bytes: a cycle holding a large body waits as long as any other).  The
+relay calls collect_less() at start; a node never changes its process's
+collector by itself: an application with a high message rate may call
+murano_zmq.collect_less() (docs/operations.md).
 """
 
 from __future__ import annotations
