@@ -4,9 +4,11 @@ poll -> receive a turn's worth of commands -> engine -> send deliveries ->
 commit (one fsync) -> send confirms.  When no more input is waiting the
 loop commits itself and sends the confirms at once: a thread hand-off would
 only add wake-ups.  When input is waiting (a backlog) the commit goes to a
-committer thread so the next turn's parsing overlaps the fsync.  At most
-one commit is in flight, and a turn's confirms go out only after its own
-commit returned (tests/integration/test_confirm_contract.py).  A turn whose
+committer thread so the next turn's parsing overlaps the fsync.  Two
+commits may be in flight: the next one writes and COMMITs while the last
+one only syncs (store/batched.py commit()), and a turn's confirms go out
+only after its own commit returned, synced
+(tests/integration/test_confirm_contract.py).  A turn whose
 only input is a lone SEND, with nothing due, held or in flight, takes
 engine.send_alone(): read, store and commit in one call, confirm.
 SIGTERM/SIGINT finish the turn, commit, say BYE to every node and exit 0.
@@ -42,6 +44,8 @@ log = logging.getLogger("murano_zmq.relay")
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
+# Threaded commits at once: one writing or COMMITting, the one before it syncing.
+MAX_IN_FLIGHT = 2
 
 
 class Relay(Wire):
@@ -64,7 +68,7 @@ class Relay(Wire):
         self.engine: RelayEngine | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._stalled: set[bytes] = set()  # peers whose send queue was full
-        self._in_flight: tuple[Future, list] | None = None  # a threaded commit and the replies it holds
+        self._in_flight: list[tuple[Future, list]] = []  # threaded commits and the replies each holds
         self._failures = FailureLog()
         self._next_space_probe = 0.0
         os.set_blocking(self._wake_w, False)
@@ -184,10 +188,10 @@ class Relay(Wire):
         tell every node BYE (they resend what was not confirmed and consume
         again), drop the replies the lost writes owed, reload.  A full disk
         leaves the new engine refusing sends (StorageFull) until space returns."""
-        if in_flight is not None:  # its replies stand only if its own commit succeeded
+        for future, held in in_flight:  # their replies stand only if their own commit succeeded
             try:
-                in_flight[0].result()
-                self._send(sock, in_flight[1])
+                future.result()
+                self._send(sock, held)
             except (StoreError, sqlite3.Error):
                 pass
         full = isinstance(exc, StoreError) and exc.full
@@ -254,8 +258,8 @@ class Relay(Wire):
         self._wakeup_fd = self.engine.wakeup_fd  # several relays: their commits wake this one
         if self._wakeup_fd is not None:
             poller.register(self._wakeup_fd, zmq.POLLIN)
-        committer = ThreadPoolExecutor(1, thread_name_prefix="relay-commit")
-        self._in_flight = None
+        committer = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="relay-commit")
+        self._in_flight = []
         # Bound once: an attribute of a zmq.Socket goes through its
         # __getattr__ hook, several times the cost of a plain lookup.
         self._recv, self._get = sock.recv, sock.get
@@ -269,15 +273,16 @@ class Relay(Wire):
                     # for the turn their next ACK or CONSUME waits on.
                     if self.engine.windows_low and not self._get(EVENTS) & POLLIN:
                         self.engine.top_up()
-                    if self._in_flight is None and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
+                    if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
                         self.engine.write_held_deletes()
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     self._store_failed(sock, self._in_flight, exc)
-                    self._in_flight = None
+                    self._in_flight = []
         finally:
-            if self._in_flight is not None:
+            for future, held in self._in_flight:
                 try:
-                    self._finish(sock)
+                    future.result()
+                    self._send(sock, held)
                 except StoreError as exc:
                     log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             committer.shutdown()
@@ -288,7 +293,7 @@ class Relay(Wire):
         timeout_ms = int(max(0.0, min(1.0, deadline - now)) * 1000) + 1
         events = dict(poller.poll(timeout_ms))
         first = None
-        if len(events) == 1 and sock in events and self._in_flight is None and not self._stalled \
+        if len(events) == 1 and sock in events and not self._in_flight and not self._stalled \
                 and not self.security.enabled:
             # Only the socket woke us, nothing in flight: maybe a lone send.
             now = time.time()
@@ -310,8 +315,8 @@ class Relay(Wire):
                 poller.unregister(self._wakeup_fd)
                 self._wakeup_fd = engine.wakeup_fd
                 poller.register(self._wakeup_fd, zmq.POLLIN)
-        if self._in_flight is not None and self._in_flight[0].done():
-            self._finish(sock)
+        if self._in_flight:
+            self._send_finished(sock)
         if engine.storage_full:
             self._check_space(engine)
         now = time.time()
@@ -329,33 +334,35 @@ class Relay(Wire):
         # while this turn syncs).  Input that arrived since _read() checked
         # is read next turn either way.
         backlog = commands > 1 or waiting
-        if self._in_flight is not None:
-            if backlog:
-                return  # read on; this turn's writes join the next commit
-            self._finish(sock)  # nothing else to do: wait for it here
+        if backlog and self._in_flight and (len(self._in_flight) >= MAX_IN_FLIGHT or engine.store.writing):
+            return  # read on; this turn's writes join the next commit
+        # (Else a commit in flight is only syncing: this one writes and
+        # COMMITs meanwhile, and syncs after it: store/batched.py commit().)
         if engine.hold_deletes(now):
             return  # acks alone: a later commit takes them (relay/turn.py)
         held = engine.prepare_commit()
         if not held and not engine.store.in_transaction:
             return
         if backlog:
-            # More input is waiting: sync in the committer thread while the
+            # More input is waiting: sync in a committer thread while the
             # next turn parses it.  Its replies go when the commit returned.
             future = committer.submit(engine.store.commit)
             future.add_done_callback(lambda _: self._poke())
-            self._in_flight = (future, held)
+            self._in_flight.append((future, held))
             return
         # Nothing waiting: a hand-off to a thread would only add two wake-ups.
         engine.store.commit()  # a failed commit raises StoreError: see _store_failed
         self._send(sock, held)
 
-    def _finish(self, sock: zmq.Socket) -> None:
-        """Wait for the threaded commit, then send the replies it held.  A
-        failed commit raises StoreError and leaves them to _store_failed."""
-        future, held = self._in_flight
-        future.result()
-        self._in_flight = None
-        self._send(sock, held)
+    def _send_finished(self, sock: zmq.Socket) -> None:
+        """Send the replies of the threaded commits that have returned (in
+        any order: each returned after a sync of its own COMMIT).  A failed
+        one raises StoreError and stays, for _store_failed."""
+        for entry in [e for e in self._in_flight if e[0].done()]:
+            future, held = entry
+            future.result()
+            self._in_flight.remove(entry)
+            self._send(sock, held)
 
 
 def run_relay(config: RelayConfig) -> int:

@@ -123,6 +123,11 @@ class Store(Protocol):
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""
 
+    @property
+    def writing(self) -> bool:
+        """True while a commit's writes hold the writer (a commit now would
+        wait for them); False while a commit in flight only syncs."""
+
     def commit(self) -> None:
         """Make every sealed batch durable, in one transaction (safe from
         another thread while the writer goes on)."""

@@ -14,6 +14,7 @@ import threading
 from typing import Callable, Iterable
 
 from .base import MailboxRow, StoredMessage, field_msg_id
+from .faults import StoreError
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 
@@ -34,6 +35,14 @@ class BatchedStore:
         self._commit_lock = threading.Lock()
         self._read_lock = threading.RLock()  # one statement at a time on the reader
         self._seq_saved = 0  # highest seq recorded in meta by this store
+        # Commits whose sync comes after the commit lock is released (store/
+        # sqlite.py: the WAL's), counted: how many have COMMITted, how many
+        # a sync that began after their COMMIT has covered, and the error of
+        # a failed one (every later sync_through() fails too, until rollback()).
+        self._sync_lock = threading.Lock()
+        self._committed_gen = 0
+        self._synced_gen = 0
+        self._sync_failed: Exception | None = None
 
     def _pending(self) -> list[WriteBatch]:
         with self._batches_lock:
@@ -216,14 +225,52 @@ class BatchedStore:
         """True while sealed writes wait for commit()."""
         return len(self._batches) > 1
 
+    @property
+    def writing(self) -> bool:
+        """True while a commit's writes or COMMIT (or the checkpointer's
+        locked step) hold the writer: a commit now would wait for them.
+        False while a commit only waits for its sync."""
+        return self._commit_lock.locked()
+
     def commit(self) -> None:
+        """Commit the sealed batches; return once they are durable.  Their
+        sync may run after the commit lock is released, so the next commit
+        writes while this one syncs (each returns after a sync that began
+        after its own COMMIT)."""
         with self._commit_lock:
             sealed = self._pending()[:-1]
-            if not sealed:
+            if sealed:
+                before = self._committed_gen
+                self._commit_sealed(sealed)  # (a failure raises: the batches stay)
+                with self._batches_lock:
+                    self._batches = self._batches[len(sealed):]
+                gen = self._committed_gen if self._committed_gen != before else 0
+            else:  # another thread's commit took them: durable once its sync is
+                gen = self._committed_gen
+        self._sync_through(gen)
+
+    def _sync_through(self, gen: int) -> None:
+        """Return once commits up to `gen` are durable: a sync that began
+        after their COMMIT returned, this thread's or another's."""
+        if self._synced_gen >= gen and self._sync_failed is None:
+            return
+        with self._sync_lock:
+            if self._sync_failed is not None:
+                raise StoreError(self._sync_failed)
+            if self._synced_gen >= gen:
                 return
-            self._commit_sealed(sealed)  # (a failure raises: the batches stay)
-            with self._batches_lock:
-                self._batches = self._batches[len(sealed):]
+            target = self._committed_gen  # every COMMIT counted here has returned
+            try:
+                self._sync_committed()
+            except OSError as exc:
+                self._sync_failed = exc
+                raise StoreError(exc) from exc
+            self._synced_gen = target
+
+    def _sync_committed(self) -> None:
+        """The sync that makes what has been COMMITted durable (only a
+        dialect whose commits count _committed_gen up is asked)."""
+        raise NotImplementedError
 
     def commit_insert(self, messages: list[StoredMessage]) -> None:
         self.insert(messages)
@@ -237,6 +284,9 @@ class BatchedStore:
             self._drop_transaction()
             with self._batches_lock:
                 self._batches = [WriteBatch()]
+            with self._sync_lock:  # (the relay starts over from the store: as after a failed sync in a commit)
+                self._sync_failed = None
+                self._synced_gen = self._committed_gen
 
     def close(self) -> None:
         try:

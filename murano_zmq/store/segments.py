@@ -152,6 +152,12 @@ class Segments:
         """`rows` rows referencing `seg` are deleted in the open transaction."""
         self._pending[seg] -= rows
 
+    def settled(self) -> bool:
+        """Did the open transaction (now committed) change no segment's
+        count of rows?  Then committed() deletes nothing, and the WAL's
+        sync may come after it."""
+        return not self._pending
+
     def holds_any(self) -> bool:
         """Might a stored row reference a segment?  (If not, deletes need no lookup.)"""
         return bool(self._live) or bool(self._pending)

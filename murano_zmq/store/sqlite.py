@@ -270,10 +270,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     # --- commit -------------------------------------------------------------------
 
     def seal(self) -> None:
-        """Close the open batch.  When no commit is running (the relay seals
-        only then), its statements run now, in the caller's thread, so that
-        commit() has only the COMMIT (the fsync) left to do: the committer
-        thread then holds no GIL-bound work while the loop runs."""
+        """Close the open batch.  When no commit holds the writer (none in
+        flight, or one that only syncs), its statements run now, in the
+        caller's thread, so that commit() has only the COMMIT (and the
+        fsync) left to do: the committer thread then holds no GIL-bound
+        work while the loop runs."""
         if self._seal_open() and self._commit_lock.acquire(blocking=False):
             try:
                 self._write_sealed(self._pending()[:-1])
@@ -345,14 +346,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._write_sealed(sealed)
         if self._tx_open:
             # the bodies first: a row never points at bytes not on disk
-            self._committed(self._segments.sync)
+            self._committed(self._segments.sync, sync_later=True)
 
-    def _committed(self, write) -> None:
+    def _committed(self, write, sync_later: bool = False) -> None:
         """(holding the commit lock) `write`, then COMMIT; a failure of
-        either rolls back and raises StoreError."""
+        either rolls back and raises StoreError.  sync_later: the WAL's
+        sync may be left to commit(), after the lock (see _commit_tx)."""
         try:
             write()
-            self._commit_tx()
+            self._commit_tx(sync_later)
         except (sqlite3.Error, OSError) as exc:
             self._rollback_tx()
             raise StoreError(exc) from exc
@@ -391,12 +393,20 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._seq_before = self._seq_saved
         self._seq_top_before = self._seq_top
 
-    def _commit_tx(self) -> None:
+    def _commit_tx(self, sync_later: bool = False) -> None:
+        """COMMIT, and sync the WAL after it (see _sync_commits_ourselves).
+        sync_later: if the commit changed no segment's rows, the sync is
+        only counted owed (_committed_gen): commit() runs it once the
+        commit lock is released, so the next commit's writes and COMMIT
+        overlap it, and it returns only after that sync (or a later one)."""
         self._execute_waiting("COMMIT", "committing")
         self._tx_open = False
         try:
             if self._tx_synced and self._wal_fd is not None:
-                self._sync_wal()  # before a segment with no rows left is deleted
+                if sync_later and self._segments.settled():
+                    self._committed_gen += 1
+                else:
+                    self._sync_wal()  # before a segment with no rows left is deleted
         finally:  # (a failed sync still leaves the transaction committed)
             self._segments.committed()
             if self._checkpoints is not None:
@@ -424,6 +434,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
     def _sync_wal(self) -> None:
         os.fdatasync(self._wal_fd)
+
+    def _sync_committed(self) -> None:
+        self._sync_wal()  # commit()'s, after the lock (store/batched.py)
 
     def _execute_waiting(self, sql: str, what: str) -> None:
         """Run `sql`; a database busy in another process is waited out."""

@@ -43,7 +43,10 @@ class RecordingStore(SQLiteStore):
 
     fail_next = 0  # how many of the next commits fail
     fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
+    wal_sync_delay = 0.0  # each WAL sync takes this much longer
     wal_syncs = 0
+    syncing = 0  # WAL syncs under way now
+    overlapped = 0  # COMMITs that ran while another commit's WAL sync did
     failed = False
     commits = 0
     lone_commits = 0
@@ -85,14 +88,25 @@ class RecordingStore(SQLiteStore):
     def _sync_wal(self) -> None:
         """The WAL's sync after a COMMIT (the writer runs at NORMAL): what
         a reader sees when it begins is durable once it returns."""
-        visible = self._visible_ids()
-        self.wal_syncs += 1
-        if self.fail_wal_next:
-            self.fail_wal_next -= 1
-            self.failed = True
-            raise OSError(5, "Input/output error (injected fdatasync failure)")
-        super()._sync_wal()
+        self.syncing += 1
+        try:
+            visible = self._visible_ids()
+            self.wal_syncs += 1
+            time.sleep(self.wal_sync_delay)
+            if self.fail_wal_next:
+                self.fail_wal_next -= 1
+                self.failed = True
+                raise OSError(5, "Input/output error (injected fdatasync failure)")
+            super()._sync_wal()
+        finally:
+            self.syncing -= 1
         self.wal_synced |= visible
+
+    def _commit_tx(self, sync_later: bool = False) -> None:
+        during = self.syncing
+        super()._commit_tx(sync_later)
+        if during:
+            self.overlapped += 1
 
     def _visible_ids(self) -> set[bytes]:
         reader = sqlite3.connect(self.path, timeout=10)
@@ -311,6 +325,55 @@ def test_pipelined_confirms_follow_their_commit(relay_with):
     assert relay.engine.store.commits > 1  # many turns, not one transaction
     assert set(ids) <= set(watch.confirmed)
     assert relay.engine.store.durable(ids) == set(ids)
+
+
+def send_until_overlapped(node: Node, store: RecordingStore, overlaps: int) -> list[bytes]:
+    """Pipelined rounds until `overlaps` COMMITs have run during another
+    commit's WAL sync (each round's last commit, made in the loop, meets
+    the sync of the one before it), at most ROUNDS of them."""
+    ids: list[bytes] = []
+    for _ in range(ROUNDS):
+        ids += node.send_many([("contract.overlap", b"o" * 200)] * 2000, timeout=30)
+        if store.overlapped >= overlaps:
+            break
+    return ids
+
+
+ROUNDS = 40
+
+
+def test_a_commit_written_while_the_last_one_syncs_confirms_after_its_own_sync(relay_with):
+    """Pipelined sends against a slow WAL sync: the next commit writes and
+    COMMITs while the last one syncs (store/batched.py commit()), and no
+    CONFIRM leaves before a sync that began after its own COMMIT."""
+    relay, watch, _ = relay_with()
+    store = relay.engine.store
+    store.wal_sync_delay = 0.01
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = send_until_overlapped(node, store, 3)
+    assert store.overlapped >= 3  # (else this test proves nothing about the overlap)
+    assert not watch.violations
+    assert set(ids) <= set(watch.confirmed)
+    assert store.durable(ids) == set(ids)
+
+
+def test_no_confirm_for_commits_that_overlapped_a_failed_sync(relay_with):
+    """A WAL sync fails while the next commit has COMMITted behind it: the
+    confirms of both are withheld (the WAL may have a hole under the
+    second), the relay starts over from the store, the node resends, and
+    every send ends up synced and confirmed."""
+    relay, watch, errors = relay_with()
+    store = relay.engine.store
+    store.wal_sync_delay = 0.01
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = send_until_overlapped(node, store, 1)
+        store.fail_wal_next = 1
+        ids += send_until_overlapped(node, store, store.overlapped + 1)
+        assert store.failed
+    assert not errors
+    assert not watch.violations
+    assert store.durable(ids) == set(ids)
+    assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
 def test_no_confirm_for_a_commit_that_failed(relay_with):

@@ -124,7 +124,7 @@ def test_a_failed_commit_rolls_the_packs_back_and_writes_them_again(store, monke
     store.insert([msg(s, mailbox=2) for s in range(101, 201)])
     store.seal()  # the statements run now, in the open transaction
     real = store._commit_tx
-    monkeypatch.setattr(store, "_commit_tx", lambda: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    monkeypatch.setattr(store, "_commit_tx", lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
     with pytest.raises(StoreError):
         store.commit()
     monkeypatch.setattr(store, "_commit_tx", real)
@@ -149,7 +149,7 @@ def test_a_directory_that_could_not_be_read_again_is_read_before_the_next_write(
     store.insert([msg(s) for s in range(17, 33)])
     store.seal()
     real_commit, real_load = store._commit_tx, Packs.load
-    monkeypatch.setattr(store, "_commit_tx", lambda: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    monkeypatch.setattr(store, "_commit_tx", lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
     monkeypatch.setattr(Packs, "load", lambda self, db: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
     with pytest.raises(StoreError):
         store.commit()

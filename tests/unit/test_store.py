@@ -1116,7 +1116,7 @@ def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monke
     calls = []
     real_sync, real_commit = s._segments.sync, s._commit_tx
     monkeypatch.setattr(s._segments, "sync", lambda: (calls.append("segments"), real_sync())[1])
-    monkeypatch.setattr(s, "_commit_tx", lambda: (calls.append("commit"), real_commit())[1])
+    monkeypatch.setattr(s, "_commit_tx", lambda *a: (calls.append("commit"), real_commit(*a))[1])
     s.insert([msg(1, body=b"x" * LARGE)])
     flush(s)
     assert calls == ["segments", "commit"]
