@@ -284,9 +284,8 @@ class BatchedStore:
             self._drop_transaction()
             with self._batches_lock:
                 self._batches = [WriteBatch()]
-            with self._sync_lock:  # (the relay starts over from the store: as after a failed sync in a commit)
-                self._sync_failed = None
-                self._synced_gen = self._committed_gen
+            with self._sync_lock:  # the relay starts over from the store; the next commit
+                self._sync_failed = None  # syncs again before it returns, even with nothing to write
 
     def close(self) -> None:
         try:
