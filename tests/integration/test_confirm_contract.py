@@ -43,10 +43,16 @@ class RecordingStore(SQLiteStore):
 
     fail_next = 0  # how many of the next commits fail
     fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
-    wal_sync_delay = 0.0  # each WAL sync takes this much longer
+    commit_delay = SYNC_DELAY
+    # Set: the next WAL sync a committer thread runs waits for it (and
+    # sets gate_reached); gate_fails: then fails.
+    gate: threading.Event | None = None
+    gate_fails = False
+    gate_held = False  # a sync is waiting at the gate now
+    held_overlaps = 0  # COMMITs that ran meanwhile
     wal_syncs = 0
     syncing = 0  # WAL syncs under way now
-    overlapped = 0  # COMMITs that ran while another commit's WAL sync did
+    overlapped = 0  # COMMITs that ran while an earlier commit's WAL sync was owed
     failed = False
     commits = 0
     lone_commits = 0
@@ -58,6 +64,7 @@ class RecordingStore(SQLiteStore):
         # their write returned: seg -> end of the synced bytes.
         self.synced_to: dict[int, int] = {}
         self.segment_syncs = 0
+        self.gate_reached = threading.Event()
         written: dict[int, int] = {}
         segments = self._segments
         append, sync = segments.append, segments.sync
@@ -92,7 +99,17 @@ class RecordingStore(SQLiteStore):
         try:
             visible = self._visible_ids()
             self.wal_syncs += 1
-            time.sleep(self.wal_sync_delay)
+            gate = self.gate
+            if gate is not None and threading.current_thread().name.startswith("relay-commit"):
+                self.gate, self.gate_held = None, True
+                self.gate_reached.set()
+                try:
+                    assert gate.wait(30)
+                finally:
+                    self.gate_held = False
+                if self.gate_fails:
+                    self.failed = True
+                    raise OSError(5, "Input/output error (injected fdatasync failure)")
             if self.fail_wal_next:
                 self.fail_wal_next -= 1
                 self.failed = True
@@ -103,10 +120,14 @@ class RecordingStore(SQLiteStore):
         self.wal_synced |= visible
 
     def _commit_tx(self, sync_later: bool = False) -> None:
-        during = self.syncing
+        # (an earlier commit's sync owed, not begun yet, counts too)
+        during = self.syncing or self._committed_gen > self._synced_gen
+        held = self.gate_held
         super()._commit_tx(sync_later)
         if during:
             self.overlapped += 1
+        if held:
+            self.held_overlaps += 1
 
     def _visible_ids(self) -> set[bytes]:
         reader = sqlite3.connect(self.path, timeout=10)
@@ -117,7 +138,7 @@ class RecordingStore(SQLiteStore):
 
     def _slow_sync(self) -> None:
         self.commits += 1
-        time.sleep(SYNC_DELAY)
+        time.sleep(self.commit_delay)
         if self.fail_next:
             self.fail_next -= 1
             self.failed = True
@@ -327,48 +348,70 @@ def test_pipelined_confirms_follow_their_commit(relay_with):
     assert relay.engine.store.durable(ids) == set(ids)
 
 
-def send_until_overlapped(node: Node, store: RecordingStore, overlaps: int) -> list[bytes]:
-    """Pipelined rounds until `overlaps` COMMITs have run during another
-    commit's WAL sync (each round's last commit, made in the loop, meets
-    the sync of the one before it), at most ROUNDS of them."""
-    ids: list[bytes] = []
-    for _ in range(ROUNDS):
-        ids += node.send_many([("contract.overlap", b"o" * 200)] * 2000, timeout=30)
-        if store.overlapped >= overlaps:
-            break
-    return ids
+def overlap_a_held_sync(relay: Relay, first: Node, second: Node, fails: bool = False) -> list:
+    """Pipelined rounds from `first` until a committer thread's WAL sync is
+    held at the store's gate, then one send from `second`, whose commit
+    should write and COMMIT while that sync is held (`fails`: the held sync
+    then fails).  An attempt where the loop itself was waiting for the held
+    sync meanwhile (its own commit found its batch taken by the held one)
+    proves nothing: it is let go and tried again.  The futures of every send."""
+    store = relay.engine.store
+    # (no pause before a threaded commit takes the writer: during one, the
+    # loop could seal its next batch for the held commit to take)
+    store.commit_delay = 0.0
+    futures = []
+    for _ in range(ATTEMPTS):
+        release = threading.Event()
+        store.gate_reached.clear()
+        store.gate, store.gate_fails = release, fails
+        for _ in range(ROUNDS):
+            futures += [first.send_async("contract.overlap", b"o" * 200) for _ in range(600)]
+            if store.gate_reached.wait(2):
+                break
+        else:
+            raise AssertionError("no commit went to a committer thread")
+        late = second.send_async("contract.overlap", b"late")
+        futures.append(late)
+        try:
+            wait_for(lambda: store.held_overlaps, 3, what="a COMMIT during the held sync")
+        except AssertionError:
+            release.set()
+            continue
+        assert store.gate_held and not late.done()  # written and COMMITted, not confirmed
+        release.set()
+        return futures
+    raise AssertionError(f"no COMMIT ran during a held sync in {ATTEMPTS} attempts")
 
 
-ROUNDS = 40
+ROUNDS = 20
+ATTEMPTS = 8
 
 
 def test_a_commit_written_while_the_last_one_syncs_confirms_after_its_own_sync(relay_with):
-    """Pipelined sends against a slow WAL sync: the next commit writes and
-    COMMITs while the last one syncs (store/batched.py commit()), and no
-    CONFIRM leaves before a sync that began after its own COMMIT."""
+    """While a threaded commit's WAL sync is held, another sender's send is
+    written and COMMITted (store/batched.py commit()); neither is confirmed
+    before a sync that began after its own COMMIT returned."""
     relay, watch, _ = relay_with()
     store = relay.engine.store
-    store.wal_sync_delay = 0.01
-    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
-        ids = send_until_overlapped(node, store, 3)
-    assert store.overlapped >= 3  # (else this test proves nothing about the overlap)
+    with Node("first", relay=relay.endpoint, direct=False, timeout=30) as first, \
+            Node("second", relay=relay.endpoint, direct=False, timeout=30) as second:
+        ids = [f.result(30) for f in overlap_a_held_sync(relay, first, second)]
+    assert store.held_overlaps
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert store.durable(ids) == set(ids)
 
 
 def test_no_confirm_for_commits_that_overlapped_a_failed_sync(relay_with):
-    """A WAL sync fails while the next commit has COMMITted behind it: the
+    """The held sync fails after another commit COMMITted behind it: the
     confirms of both are withheld (the WAL may have a hole under the
-    second), the relay starts over from the store, the node resends, and
+    second), the relay starts over from the store, the nodes resend, and
     every send ends up synced and confirmed."""
     relay, watch, errors = relay_with()
     store = relay.engine.store
-    store.wal_sync_delay = 0.01
-    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
-        ids = send_until_overlapped(node, store, 1)
-        store.fail_wal_next = 1
-        ids += send_until_overlapped(node, store, store.overlapped + 1)
+    with Node("first", relay=relay.endpoint, direct=False, timeout=30) as first, \
+            Node("second", relay=relay.endpoint, direct=False, timeout=30) as second:
+        ids = [f.result(30) for f in overlap_a_held_sync(relay, first, second, fails=True)]
         assert store.failed
     assert not errors
     assert not watch.violations
