@@ -38,7 +38,7 @@ class BatchedStore:
         # Commits whose sync comes after the commit lock is released (store/
         # sqlite.py: the WAL's), counted: how many have COMMITted, how many
         # a sync that began after their COMMIT has covered, and the error of
-        # a failed one (every later sync_through() fails too, until rollback()).
+        # a failed one (every later _sync_through() fails too, until rollback()).
         self._sync_lock = threading.Lock()
         self._committed_gen = 0
         self._synced_gen = 0
