@@ -146,7 +146,10 @@ class Relay(Wire):
             if sock is not None:
                 sock.close()
             if store is not None:
-                store.close()
+                try:
+                    store.close()
+                except StoreError as exc:  # (its last commit, e.g. after a failed sync: logged above)
+                    log.error("closing the store failed (%s): nodes resend what was not confirmed", exc)
             if lock is not None:
                 lock.release()
             os.close(self._wake_r)
@@ -336,8 +339,9 @@ class Relay(Wire):
         backlog = commands > 1 or waiting
         if backlog and self._in_flight and (len(self._in_flight) >= MAX_IN_FLIGHT or engine.store.writing):
             return  # read on; this turn's writes join the next commit
-        # (Else a commit in flight is only syncing: this one writes and
-        # COMMITs meanwhile, and syncs after it: store/batched.py commit().)
+        # (Else the commit in flight holds no writer now, mostly because it
+        # only syncs: this one writes and COMMITs, or waits for the writer,
+        # and syncs after it: store/batched.py commit().)
         if engine.hold_deletes(now):
             return  # acks alone: a later commit takes them (relay/turn.py)
         held = engine.prepare_commit()

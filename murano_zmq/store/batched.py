@@ -38,7 +38,7 @@ class BatchedStore:
         # Commits whose sync comes after the commit lock is released (store/
         # sqlite.py: the WAL's), counted: how many have COMMITted, how many
         # a sync that began after their COMMIT has covered, and the error of
-        # a failed one (every later _sync_through() fails too, until rollback()).
+        # a failed one (every later _sync_owed() fails too, until rollback()).
         self._sync_lock = threading.Lock()
         self._committed_gen = 0
         self._synced_gen = 0
@@ -240,23 +240,29 @@ class BatchedStore:
         with self._commit_lock:
             sealed = self._pending()[:-1]
             if sealed:
-                before = self._committed_gen
                 self._commit_sealed(sealed)  # (a failure raises: the batches stay)
                 with self._batches_lock:
                     self._batches = self._batches[len(sealed):]
-                gen = self._committed_gen if self._committed_gen != before else 0
-            else:  # another thread's commit took them: durable once its sync is
-                gen = self._committed_gen
-        self._sync_through(gen)
+            # Every COMMIT so far, this one's or another's: a commit with
+            # nothing to sync (acks alone, or its batches taken by another
+            # commit) may still hold replies for what an earlier COMMIT
+            # wrote (a resend found stored, a DECLARE of a mailbox there).
+            gen = self._committed_gen
+        try:
+            self._sync_owed(gen)
+        except OSError as exc:
+            raise StoreError(exc) from exc
 
-    def _sync_through(self, gen: int) -> None:
-        """Return once commits up to `gen` are durable: a sync that began
-        after their COMMIT returned, this thread's or another's."""
+    def _sync_owed(self, gen: int) -> None:
+        """Return once the COMMITs counted up to `gen` are durable: a sync
+        that began after they returned, this thread's or another's.  A
+        failed sync raises OSError here, and so does every later call until
+        rollback(): the WAL may hold a hole under what came after it."""
         if self._synced_gen >= gen and self._sync_failed is None:
             return
         with self._sync_lock:
             if self._sync_failed is not None:
-                raise StoreError(self._sync_failed)
+                raise OSError(f"an earlier sync of the store failed: {self._sync_failed}")
             if self._synced_gen >= gen:
                 return
             target = self._committed_gen  # every COMMIT counted here has returned
@@ -264,7 +270,7 @@ class BatchedStore:
                 self._sync_committed()
             except OSError as exc:
                 self._sync_failed = exc
-                raise StoreError(exc) from exc
+                raise
             self._synced_gen = target
 
     def _sync_committed(self) -> None:

@@ -394,19 +394,19 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._seq_top_before = self._seq_top
 
     def _commit_tx(self, sync_later: bool = False) -> None:
-        """COMMIT, and sync the WAL after it (see _sync_commits_ourselves).
-        sync_later: if the commit changed no segment's rows, the sync is
-        only counted owed (_committed_gen): commit() runs it once the
-        commit lock is released, so the next commit's writes and COMMIT
-        overlap it, and it returns only after that sync (or a later one)."""
+        """COMMIT, and sync the WAL after it (see _sync_commits_ourselves):
+        the sync is counted owed (_committed_gen) and run through
+        _sync_owed(), here, under the commit lock, or, with sync_later and
+        no segment's rows changed, by commit() once the lock is released,
+        so that the next commit's writes and COMMIT overlap it.  Either way
+        a failed sync fails every later one until rollback()."""
         self._execute_waiting("COMMIT", "committing")
         self._tx_open = False
         try:
             if self._tx_synced and self._wal_fd is not None:
-                if sync_later and self._segments.settled():
-                    self._committed_gen += 1
-                else:
-                    self._sync_wal()  # before a segment with no rows left is deleted
+                self._committed_gen += 1
+                if not (sync_later and self._segments.settled()):
+                    self._sync_owed(self._committed_gen)  # before a segment with no rows left is deleted
         finally:  # (a failed sync still leaves the transaction committed)
             self._segments.committed()
             if self._checkpoints is not None:

@@ -115,7 +115,7 @@ def test_a_second_commit_writes_while_the_first_syncs(store):
     assert any(what == "sync returned" and 2 in seen for what, seen in store.events)
 
 
-def test_a_commit_returns_at_once_when_a_later_sync_covered_it(store):
+def test_a_commit_with_nothing_owed_makes_no_sync(store):
     store.insert([msg(1)])
     store.seal()
     store.commit()
@@ -171,3 +171,51 @@ def test_commits_that_change_segment_counts_sync_before_they_return_the_lock(tmp
         assert outcome[0][0] == "returned" and {1, 2} <= outcome[0][1]
     finally:
         store.close()
+
+
+def test_a_commit_with_nothing_to_sync_waits_for_the_syncs_owed_before_it(store):
+    """Acks alone are not synced, but the relay may hold a reply on their
+    commit that promises an earlier COMMIT's rows (a resend found stored):
+    it returns only after the sync still owed for those."""
+    store.insert([msg(1)])
+    store.seal()
+    store.commit()
+    release = store.gate()
+    first, first_outcome = commit_in_thread(store, 2)
+    assert store.sync_started.wait(WAIT)
+    store.delete([1])  # acks alone
+    store.seal()
+    acked: list = []
+    acks = threading.Thread(target=lambda: (store.commit(), acked.append(True)), daemon=True)
+    acks.start()
+    wait_for(lambda: 1 not in store.visible(), WAIT, what="the acks' COMMIT")
+    acks.join(0.2)
+    assert not acked  # row 2's sync is still held
+    release.set()
+    first.join(WAIT)
+    acks.join(WAIT)
+    assert acked and first_outcome[0][0] == "returned"
+
+
+def test_a_failed_sync_under_the_lock_fails_a_sync_still_owed(store):
+    """A commit that changes a segment's rows syncs under the lock; if
+    that sync fails, an earlier commit whose own sync has not begun may not
+    say it is durable either (one fsync error is reported once: a later
+    sync of the same file may succeed over lost pages)."""
+    store.insert([msg(1)])
+    store.seal()
+    with store._commit_lock:  # what commit() does up to its sync: COMMIT, the sync owed
+        store._commit_sealed(store._pending()[:-1])
+        store._batches = store._batches[1:]
+        owed = store._committed_gen
+    store.fail_syncs = 1
+    store.insert([msg(2, body=b"x" * (64 << 10))])  # a segment body
+    store.seal()
+    with pytest.raises(StoreError):
+        store.commit()
+    with pytest.raises(OSError):
+        store._sync_owed(owed)
+    assert 1 not in durable(store.events)
+    store.rollback()
+    store.commit()  # the relay's start-over: the next commit syncs what was owed
+    assert {1, 2} <= durable(store.events)
