@@ -236,7 +236,7 @@ class BatchedStore:
         """Commit the sealed batches; return once they are durable.  Their
         sync may run after the commit lock is released, so the next commit
         writes while this one syncs (each returns after a sync that began
-        after its own COMMIT)."""
+        after every COMMIT before its return, its own among them)."""
         with self._commit_lock:
             sealed = self._pending()[:-1]
             if sealed:
