@@ -51,8 +51,6 @@ class RecordingStore(SQLiteStore):
     gate_held = False  # a sync is waiting at the gate now
     held_overlaps = 0  # COMMITs that ran meanwhile
     wal_syncs = 0
-    syncing = 0  # WAL syncs under way now
-    overlapped = 0  # COMMITs that ran while an earlier commit's WAL sync was owed
     failed = False
     commits = 0
     lone_commits = 0
@@ -95,37 +93,29 @@ class RecordingStore(SQLiteStore):
     def _sync_wal(self) -> None:
         """The WAL's sync after a COMMIT (the writer runs at NORMAL): what
         a reader sees when it begins is durable once it returns."""
-        self.syncing += 1
-        try:
-            visible = self._visible_ids()
-            self.wal_syncs += 1
-            gate = self.gate
-            if gate is not None and threading.current_thread().name.startswith("relay-commit"):
-                self.gate, self.gate_held = None, True
-                self.gate_reached.set()
-                try:
-                    assert gate.wait(30)
-                finally:
-                    self.gate_held = False
-                if self.gate_fails:
-                    self.failed = True
-                    raise OSError(5, "Input/output error (injected fdatasync failure)")
-            if self.fail_wal_next:
-                self.fail_wal_next -= 1
+        visible = self._visible_ids()
+        self.wal_syncs += 1
+        gate = self.gate
+        if gate is not None and threading.current_thread().name.startswith("relay-commit"):
+            self.gate, self.gate_held = None, True
+            self.gate_reached.set()
+            try:
+                assert gate.wait(30)
+            finally:
+                self.gate_held = False
+            if self.gate_fails:
                 self.failed = True
                 raise OSError(5, "Input/output error (injected fdatasync failure)")
-            super()._sync_wal()
-        finally:
-            self.syncing -= 1
+        if self.fail_wal_next:
+            self.fail_wal_next -= 1
+            self.failed = True
+            raise OSError(5, "Input/output error (injected fdatasync failure)")
+        super()._sync_wal()
         self.wal_synced |= visible
 
     def _commit_tx(self, sync_later: bool = False) -> None:
-        # (an earlier commit's sync owed, not begun yet, counts too)
-        during = self.syncing or self._committed_gen > self._synced_gen
         held = self.gate_held
         super()._commit_tx(sync_later)
-        if during:
-            self.overlapped += 1
         if held:
             self.held_overlaps += 1
 
