@@ -184,19 +184,14 @@ class Relay(Wire):
         engine.permissions = self.security.permissions
         return engine
 
-    def _store_failed(self, sock: zmq.Socket, in_flight, exc: Exception) -> None:
+    def _store_failed(self, sock: zmq.Socket, exc: Exception) -> None:
         """A store write or commit failed, and SQLite dropped every write since
         the last commit: the engine's memory is now ahead of the disk.  Start
         over from the store, as a restart would, without the process dying:
         tell every node BYE (they resend what was not confirmed and consume
         again), drop the replies the lost writes owed, reload.  A full disk
         leaves the new engine refusing sends (StorageFull) until space returns."""
-        for future, held in in_flight:  # their replies stand only if their own commit succeeded
-            try:
-                future.result()
-                self._send(sock, held)
-            except (StoreError, sqlite3.Error):
-                pass
+        self._drain_in_flight(sock)
         full = isinstance(exc, StoreError) and exc.full
         self._failures.note(exc, full)
         old = self.engine
@@ -279,15 +274,10 @@ class Relay(Wire):
                     if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
                         self.engine.write_held_deletes()
                 except (StoreError, sqlite3.DatabaseError) as exc:
-                    self._store_failed(sock, self._in_flight, exc)
-                    self._in_flight = []
+                    self._store_failed(sock, exc)
         finally:
-            for future, held in self._in_flight:
-                try:
-                    future.result()
-                    self._send(sock, held)
-                except StoreError as exc:
-                    log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
+            for exc in self._drain_in_flight(sock):
+                log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             committer.shutdown()
 
     def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor) -> None:
@@ -357,6 +347,20 @@ class Relay(Wire):
         # Nothing waiting: a hand-off to a thread would only add two wake-ups.
         engine.store.commit()  # a failed commit raises StoreError: see _store_failed
         self._send(sock, held)
+
+    def _drain_in_flight(self, sock: zmq.Socket) -> list[Exception]:
+        """Wait for every threaded commit and send the replies of those that
+        succeeded (a failed one's replies stand for nothing); their failures."""
+        failed = []
+        for future, held in self._in_flight:
+            try:
+                future.result()
+            except (StoreError, sqlite3.Error) as exc:
+                failed.append(exc)
+                continue
+            self._send(sock, held)
+        self._in_flight = []
+        return failed
 
     def _send_finished(self, sock: zmq.Socket) -> None:
         """Send the replies of the threaded commits that have returned (in
