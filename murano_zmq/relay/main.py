@@ -3,7 +3,8 @@
 
 Bad option values stop argparse (one line, exit 2); a relay that cannot
 start (data directory in use or unusable, corrupt database, address in use)
-prints one line and exits 1.
+prints one line and exits 1; so does one that a failed sync of its store
+stopped (relay/server.py Relay._halt), for systemd to restart it.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ class Relay(Wire):
         self._stalled: set[bytes] = set()  # peers whose send queue was full
         self._in_flight: list[tuple[Future, list]] = []  # threaded commits and the replies each holds
         self._failures = FailureLog()
+        # The store failure that stopped the relay (a failed sync), if one did.
+        self.halted_by: StoreError | None = None
         self._next_space_probe = 0.0
         os.set_blocking(self._wake_w, False)
 
@@ -93,8 +95,10 @@ class Relay(Wire):
         return self._ready.wait(timeout)
 
     def run(self) -> None:
-        """Serve until stopped.  StartupError (one line for the operator) if
-        the data directory, the database or the endpoint is unusable."""
+        """Serve until stopped, or until a sync of the store fails
+        (`halted_by` then holds why).  StartupError (one line for the
+        operator) if the data directory, the database or the endpoint is
+        unusable."""
         cfg = self.config
         lock = store = sock = None
         try:
@@ -135,10 +139,11 @@ class Relay(Wire):
             engine = self.engine
             engine.shutdown()
             self._send(sock, engine.take_output(time.time()))
-            try:
-                engine.commit()
-            except StoreError as exc:
-                log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
+            if self.halted_by is None:  # (after a failed sync nothing more is committed)
+                try:
+                    engine.commit()
+                except StoreError as exc:
+                    log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             log.info("relay stopped")
         finally:
             self._ready.set()
@@ -201,6 +206,18 @@ class Relay(Wire):
         self.engine = self._new_engine(old.store)
         if full or old.storage_full:
             self._storage_full(None)
+
+    def _halt(self, exc: StoreError) -> None:
+        """A sync of committed writes failed (store/faults.py SyncFailed):
+        stop, as PostgreSQL does, rather than start over in this process,
+        where a later sync could succeed over pages the disk never got and
+        the relay would confirm a resend it finds "stored" in them.  Nothing
+        after the last good sync was confirmed; restarted, the relay recovers
+        what SQLite finds intact on disk and nodes resend the rest."""
+        self.halted_by = exc
+        log.critical("%s: %s: the relay stops without confirming anything more; restart it "
+                     "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "
+                     "(docs/operations.md, 'A failed sync')", self.config.data_dir, exc)
 
     def _storage_full(self, when: str | None) -> None:
         """Refuse sends until space returns; give the reserve to SQLite so
@@ -274,6 +291,9 @@ class Relay(Wire):
                     if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
                         self.engine.write_held_deletes()
                 except (StoreError, sqlite3.DatabaseError) as exc:
+                    if isinstance(exc, StoreError) and exc.unsynced:
+                        self._halt(exc)
+                        break
                     self._store_failed(sock, exc)
         finally:
             for exc in self._drain_in_flight(sock):
@@ -374,9 +394,10 @@ class Relay(Wire):
 
 
 def run_relay(config: RelayConfig) -> int:
-    """The relay device's main: run until SIGTERM/SIGINT, return the exit code."""
+    """The relay device's main: run until SIGTERM/SIGINT (exit code 0) or a
+    failed sync of the store (1)."""
     limit_log_floods()  # a hostile peer must not be able to fill the disk with warnings
     relay = Relay(config)
     relay.install_signal_handlers()
     relay.run()
-    return 0
+    return 1 if relay.halted_by is not None else 0

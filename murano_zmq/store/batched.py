@@ -14,7 +14,7 @@ import threading
 from typing import Callable, Iterable
 
 from .base import MailboxRow, StoredMessage, field_msg_id
-from .faults import StoreError
+from .faults import StoreError, SyncFailed
 from .batch import WriteBatch, cap, dropped_mailboxes, find, hidden_count, inserted_rows, replay, visible
 
 
@@ -256,13 +256,13 @@ class BatchedStore:
     def _sync_owed(self, gen: int) -> None:
         """Return once the COMMITs counted up to `gen` are durable: a sync
         that began after they returned, this thread's or another's.  A
-        failed sync raises OSError here, and so does every later call until
-        rollback(): the WAL may hold a hole under what came after it."""
+        failed sync raises SyncFailed here, and so does every later call
+        until rollback(): the WAL may hold a hole under what came after it."""
         if self._synced_gen >= gen and self._sync_failed is None:
             return
         with self._sync_lock:
             if self._sync_failed is not None:
-                raise OSError(f"an earlier sync of the store failed: {self._sync_failed}")
+                raise SyncFailed(f"an earlier sync of the store failed: {self._sync_failed}")
             if self._synced_gen >= gen:
                 return
             target = self._committed_gen  # every COMMIT counted here has returned
@@ -270,7 +270,7 @@ class BatchedStore:
                 self._sync_committed()
             except OSError as exc:
                 self._sync_failed = exc
-                raise
+                raise SyncFailed(f"syncing the store failed: {exc}") from exc
             self._synced_gen = target
 
     def _sync_committed(self) -> None:
@@ -295,8 +295,9 @@ class BatchedStore:
 
     def close(self) -> None:
         try:
-            self.seal()
-            self.commit()
+            if self._sync_failed is None:  # (after a failed sync nothing more is committed)
+                self.seal()
+                self.commit()
         finally:
             self._reader.close()
             self._db.close()

@@ -24,11 +24,23 @@ BUSY_LOG_EVERY = 10.0
 
 class StoreError(MuranoZmqError):
     """A write or commit failed; the store rolled back every write since the
-    last commit.  `full`: the cause is a full disk."""
+    last commit.  `full`: the cause is a full disk.  `unsynced`: the cause
+    is a failed sync of what was already COMMITted (SyncFailed)."""
 
     def __init__(self, cause: Exception):
         super().__init__(str(cause))
         self.full = is_disk_full(cause)
+        self.unsynced = isinstance(cause, SyncFailed)
+
+
+class SyncFailed(OSError):
+    """The sync (fdatasync) of COMMITted writes failed.  Nothing written
+    since the last good sync can be trusted to be on disk, whatever a later
+    sync returns: after a writeback error Linux reports it once, and may
+    have marked the pages clean or dropped them (PostgreSQL's "fsyncgate").
+    A WAL frame lost under later ones would also hide those from SQLite's
+    recovery.  So the relay stops rather than confirm anything more
+    (relay/server.py, docs/operations.md "A failed sync")."""
 
 
 def is_disk_full(exc: BaseException) -> bool:

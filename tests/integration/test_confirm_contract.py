@@ -45,9 +45,8 @@ class RecordingStore(SQLiteStore):
     fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
     commit_delay = SYNC_DELAY
     # Set: the next WAL sync a committer thread runs waits for it (and
-    # sets gate_reached); gate_fails: then fails.
+    # sets gate_reached), then fails if the gate's `fails` is true.
     gate: threading.Event | None = None
-    gate_fails = False
     gate_held = False  # a sync is waiting at the gate now
     held_overlaps = 0  # COMMITs that ran meanwhile
     wal_syncs = 0
@@ -103,7 +102,7 @@ class RecordingStore(SQLiteStore):
                 assert gate.wait(30)
             finally:
                 self.gate_held = False
-            if self.gate_fails:
+            if gate.fails:
                 self.failed = True
                 raise OSError(5, "Input/output error (injected fdatasync failure)")
         if self.fail_wal_next:
@@ -206,8 +205,10 @@ class Watch:
 def relay_with(tmp_path):
     started = []
 
-    def start(store_class=RecordingStore):
-        relay = Relay(RelayConfig(bind=free_tcp_endpoint(), data_dir=str(tmp_path / "data")),
+    def start(store_class=RecordingStore, bind: str | None = None):
+        """A relay on tmp_path/data (a second one: on `bind`, the first's
+        endpoint, once the first has stopped)."""
+        relay = Relay(RelayConfig(bind=bind or free_tcp_endpoint(), data_dir=str(tmp_path / "data")),
                       store_factory=store_class)
         watch = Watch(relay)
         errors = []
@@ -220,6 +221,7 @@ def relay_with(tmp_path):
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
+        relay.test_thread = thread
         assert relay.wait_ready(10)
         watch.tap_engine()
         started.append((relay, thread))
@@ -256,22 +258,37 @@ def test_no_confirm_for_a_lone_send_whose_commit_failed(relay_with):
     assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
-def test_no_confirm_for_a_lone_send_whose_wal_sync_failed(relay_with):
+def halted_and_restarted(relay_with, relay: Relay):
+    """Wait until a failed sync has stopped `relay` (Relay._halt), then start
+    another on its data and endpoint: (relay, watch, errors) of the new one."""
+    wait_for(lambda: relay.halted_by is not None, 15, what="the relay stopped by its failed sync")
+    assert relay.halted_by.unsynced and "injected fdatasync failure" in str(relay.halted_by)
+    relay.test_thread.join(15)
+    assert not relay.test_thread.is_alive()
+    return relay_with(bind=relay.endpoint)
+
+
+def test_a_failed_wal_sync_stops_the_relay_and_a_restart_takes_the_resend(relay_with):
     """The COMMIT went through but the WAL's fdatasync after it failed: the
-    send is not confirmed (the node resends it after the relay's BYE), and
-    every confirm that left is durable."""
+    send is not confirmed and the relay stops (a later sync could succeed
+    over pages the disk never got, and a resend found stored in them would
+    be confirmed).  Restarted on the same data, it takes the node's resend;
+    every confirm that left either relay is durable."""
     relay, watch, errors = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
         ids = [node.send("contract.wal", b"a") for _ in range(5)]
         store = relay.engine.store
         assert store.wal_syncs >= 5
         store.fail_wal_next = 1
-        ids += [node.send("contract.wal", b"b") for _ in range(5)]
-        assert store.failed
-    assert not errors
-    assert not watch.violations
-    assert store.durable(ids) == set(ids)
-    assert store.durable(watch.confirmed) == set(watch.confirmed)
+        pending = node.send_async("contract.wal", b"b")
+        again, watch_again, errors_again = halted_and_restarted(relay_with, relay)
+        assert store.failed and not pending.done()
+        ids.append(pending.result(30))
+        ids += [node.send("contract.wal", b"c") for _ in range(3)]
+    assert ids[5] not in watch.confirmed  # (confirmed by the second relay only)
+    assert not errors and not errors_again
+    assert not watch.violations and not watch_again.violations
+    assert again.engine.store.durable(ids) == set(ids)
 
 
 def test_acks_alone_commit_without_a_sync(relay_with):
@@ -353,7 +370,8 @@ def overlap_a_held_sync(relay: Relay, first: Node, second: Node, fails: bool = F
     for _ in range(ATTEMPTS):
         release = threading.Event()
         store.gate_reached.clear()
-        store.gate, store.gate_fails = release, fails
+        release.fails = fails  # (read when this gate opens: each attempt's gate its own)
+        store.gate = release
         for _ in range(ROUNDS):
             futures += [first.send_async("contract.overlap", b"o" * 200) for _ in range(600)]
             if store.gate_reached.wait(2):
@@ -365,6 +383,7 @@ def overlap_a_held_sync(relay: Relay, first: Node, second: Node, fails: bool = F
         try:
             wait_for(lambda: store.held_overlaps, 3, what="a COMMIT during the held sync")
         except AssertionError:
+            release.fails = False  # (a failed sync would stop the relay: try again)
             release.set()
             continue
         assert store.gate_held and not late.done()  # written and COMMITted, not confirmed
@@ -395,18 +414,19 @@ def test_a_commit_written_while_the_last_one_syncs_confirms_after_its_own_sync(r
 def test_no_confirm_for_commits_that_overlapped_a_failed_sync(relay_with):
     """The held sync fails after another commit COMMITted behind it: the
     confirms of both are withheld (the WAL may have a hole under the
-    second), the relay starts over from the store, the nodes resend, and
-    every send ends up synced and confirmed."""
+    second) and the relay stops; restarted on the same data, it takes the
+    nodes' resends, and every send ends up synced and confirmed."""
     relay, watch, errors = relay_with()
     store = relay.engine.store
     with Node("first", relay=relay.endpoint, direct=False, timeout=30) as first, \
             Node("second", relay=relay.endpoint, direct=False, timeout=30) as second:
-        ids = [f.result(30) for f in overlap_a_held_sync(relay, first, second, fails=True)]
+        futures = overlap_a_held_sync(relay, first, second, fails=True)
+        again, watch_again, errors_again = halted_and_restarted(relay_with, relay)
+        ids = [f.result(30) for f in futures]
         assert store.failed
-    assert not errors
-    assert not watch.violations
-    assert store.durable(ids) == set(ids)
-    assert store.durable(watch.confirmed) == set(watch.confirmed)
+    assert not errors and not errors_again
+    assert not watch.violations and not watch_again.violations
+    assert again.engine.store.durable(ids) == set(ids)
 
 
 def test_no_confirm_for_a_commit_that_failed(relay_with):

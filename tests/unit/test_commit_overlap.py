@@ -139,10 +139,13 @@ def test_a_failed_sync_fails_the_commit_that_overlapped_it(store):
     # a hole under it).
     assert first_outcome[0][0] == "failed"
     assert second_outcome[0][0] == "failed"
-    with pytest.raises(StoreError):  # and every later one, until the relay starts over
+    # Both say so: the relay stops on such a failure (Relay._halt).
+    assert first_outcome[0][1].unsynced and second_outcome[0][1].unsynced
+    with pytest.raises(StoreError) as later:  # and every later one, until the relay starts over
         store.insert([msg(3)])
         store.seal()
         store.commit()
+    assert later.value.unsynced
     store.rollback()
     # What the failed syncs covered is durable only after a sync that
     # returned: a commit with nothing to write (a resend the relay finds

@@ -1099,6 +1099,7 @@ def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
     with pytest.raises(StoreError) as failed:
         flush(s)
     assert failed.value.full and "database or disk is full" in str(failed.value)
+    assert not failed.value.unsynced  # (the rows were never COMMITted: the relay goes on)
     assert [m.seq for m in s.load_ready(1, 0, 10)] == [2, 3]  # the writes wait in their batches
     monkeypatch.setattr(segments_module.os, where, real)
     s.commit()  # space is back: the same batches commit

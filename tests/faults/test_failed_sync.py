@@ -1,0 +1,66 @@
+"""A failed sync of the store (fdatasync of the WAL returning EIO) in a real
+relay process: the relay confirms nothing more, says why in one critical
+line and exits 1 (for systemd's Restart=on-failure); a relay restarted on the
+same data takes the node's resend, and every confirmed message is there once.
+
+No device-mapper in this sandbox to fail a real disk, so the child relay's
+store fails the WAL's sync itself once a trigger file exists.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from murano_zmq import Node
+from murano_zmq.testing import relay_answers
+
+from ..helpers import drain, free_tcp_endpoint
+
+# The relay's own main, with SQLiteStore._sync_wal failing while TRIGGER exists.
+FAILING_RELAY = """
+import errno, os, sys
+from murano_zmq.relay.main import main
+from murano_zmq.store.sqlite import SQLiteStore
+trigger = sys.argv[1]
+real = SQLiteStore._sync_wal
+def sync_wal(self):
+    if os.path.exists(trigger):
+        raise OSError(errno.EIO, "Input/output error (injected)")
+    real(self)
+SQLiteStore._sync_wal = sync_wal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_failed_sync_stops_the_relay_and_a_restart_loses_nothing_confirmed(relay_factory, tmp_path):
+    endpoint, data = free_tcp_endpoint(), str(tmp_path / "data")
+    trigger = tmp_path / "fail-syncs"
+    log_path = tmp_path / "failing-relay.log"
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen([sys.executable, "-c", FAILING_RELAY, str(trigger), "--bind", endpoint,
+                                  "--data-dir", data], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        assert relay_answers(endpoint, 10), "the relay did not start"
+        with Node("sender", relay=endpoint, timeout=30, heartbeat=0.2) as node:
+            confirmed = [node.send("jobs", f"before {i}") for i in range(5)]
+            trigger.touch()
+            pending = node.send_async("jobs", "during")
+            assert child.wait(20) == 1  # stopped on its own, exit status 1
+            assert not pending.done()
+            text = log_path.read_text()
+            assert "CRITICAL" in text and "syncing the store" in text and "Input/output error" in text
+            assert "Traceback" not in text
+            relay_factory(endpoint=endpoint, data_dir=data)  # restarted (without the fault)
+            confirmed.append(pending.result(30))  # the node resent it
+            consumer = node.consume("jobs", prefetch=20)
+            got = drain(consumer, expect=6)
+        assert sorted(m.id for m in got) == sorted(confirmed)  # each once
+        assert [m.body for m in got] == [f"before {i}" for i in range(5)] + ["during"]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        if trigger.exists():
+            os.unlink(trigger)
