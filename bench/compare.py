@@ -22,8 +22,11 @@ messages, publisher confirms, manual acks, prefetch 100), with 1 KiB and
              fanout exchange): events/s delivered
 
 Systems run A B A B (--pairs, at least 3): each pair runs every system once
-per workload; the table shows medians over the pairs and the median of the
-per-pair ratios, oriented so that > 1 means murano-zmq is better.  A third
+per workload, the order rotated by one system from pair to pair (the first
+run of a workload can pay for the machine: on this VM, memory it lent back
+to its host faulted in again, doubling the relay's system time); the table
+shows medians over the pairs and the median of the per-pair ratios,
+oriented so that > 1 means murano-zmq is better.  A third
 column is the floor relay (bench/floor_relay.py, latency and pipelined
 only): what the disk and pyzmq alone cost.  CPU per message is the client's
 (getrusage, with its helper processes) and the server's (/proc/PID/stat of
@@ -359,7 +362,7 @@ def main() -> int:
         for pair in range(args.pairs):
             for workload, size in plan(args):
                 count = count_for(workload, size, args.quick)
-                for system in systems:
+                for system in systems[pair % len(systems):] + systems[:pair % len(systems)]:
                     if (system == "floor" and workload not in FLOOR_WORKLOADS) or \
                             (system == "async" and workload in ASYNC_SKIPS):
                         continue
