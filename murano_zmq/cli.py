@@ -21,7 +21,7 @@ from .protocol.constants import (
     RELAY_ENV,
 )
 from .protocol.errors import MuranoZmqError, RelayUnavailable
-from .relay.main import add_relay_arguments
+from .relay.main import DESCRIPTION as RELAY_DESCRIPTION, add_relay_arguments
 from .status_view import format_status
 
 RELAY_HELP = (f"relay endpoint, or several comma-separated (a lost session moves to the next), or "
@@ -47,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("relay", help="run the relay device (holds mailboxes on disk)",
-                       description="Run the relay: one ROUTER socket, mailboxes in SQLite. "
-                                   "SIGTERM/SIGINT commit, tell nodes and exit 0.")
+                       description=RELAY_DESCRIPTION)
     add_relay_arguments(p)
 
     p = sub.add_parser("send", help="send one message to a mailbox",

@@ -20,6 +20,10 @@ from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RELAY_ENDPOIN
 from ..protocol.errors import StartupError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# `murano-zmq relay --help` and `python -m murano_zmq.relay --help`.
+DESCRIPTION = ("Run the relay: one ROUTER socket, mailboxes in SQLite. SIGTERM/SIGINT commit, tell "
+               "nodes and exit 0; a failed sync of the store stops it with exit 1 (restart it: nodes "
+               "resend what was not confirmed; docs/operations.md).")
 
 
 def add_relay_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,8 +97,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Run the relay: one ROUTER socket, mailboxes in SQLite. "
-                               "SIGTERM/SIGINT commit, tell nodes and exit 0.")
+        prog=prog, description=DESCRIPTION)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (default %(default)s)")
     add_relay_arguments(parser)

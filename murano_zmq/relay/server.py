@@ -12,6 +12,7 @@ only after its own commit returned, synced
 only input is a lone SEND, with nothing due, held or in flight, takes
 engine.send_alone(): read, store and commit in one call, confirm.
 SIGTERM/SIGINT finish the turn, commit, say BYE to every node and exit 0.
+A failed sync of the store stops the relay with exit 1 (Relay._halt).
 """
 
 from __future__ import annotations
