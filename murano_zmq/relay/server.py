@@ -32,6 +32,7 @@ from ..protocol.errors import StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
+from ..store.faults import SyncFailed
 from ..store.lock import DataDirLock
 from ..store.open import StandbyStopped, is_sqlite, open_store
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
@@ -190,14 +191,22 @@ class Relay(Wire):
         engine.permissions = self.security.permissions
         return engine
 
-    def _store_failed(self, sock: zmq.Socket, exc: Exception) -> None:
+    def _store_failed(self, sock: zmq.Socket, exc: Exception) -> bool:
         """A store write or commit failed, and SQLite dropped every write since
         the last commit: the engine's memory is now ahead of the disk.  Start
         over from the store, as a restart would, without the process dying:
         tell every node BYE (they resend what was not confirmed and consume
         again), drop the replies the lost writes owed, reload.  A full disk
-        leaves the new engine refusing sends (StorageFull) until space returns."""
-        self._drain_in_flight(sock)
+        leaves the new engine refusing sends (StorageFull) until space returns.
+        But if a sync of COMMITted writes failed, this one or any other met
+        meanwhile (a threaded commit's), halt instead: False."""
+        failures = [exc, *self._drain_in_flight(sock)]
+        unsynced = [e for e in failures if isinstance(e, StoreError) and e.unsynced]
+        failed_sync = getattr(self.engine.store, "sync_failed", None)
+        if unsynced or failed_sync is not None:
+            self._halt(unsynced[0] if unsynced
+                       else StoreError(SyncFailed(f"syncing the store failed: {failed_sync}")))
+            return False
         full = isinstance(exc, StoreError) and exc.full
         self._failures.note(exc, full)
         old = self.engine
@@ -207,6 +216,7 @@ class Relay(Wire):
         self.engine = self._new_engine(old.store)
         if full or old.storage_full:
             self._storage_full(None)
+        return True
 
     def _halt(self, exc: StoreError) -> None:
         """A sync of committed writes failed (store/faults.py SyncFailed):
@@ -292,13 +302,12 @@ class Relay(Wire):
                     if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
                         self.engine.write_held_deletes()
                 except (StoreError, sqlite3.DatabaseError) as exc:
-                    if isinstance(exc, StoreError) and exc.unsynced:
-                        self._halt(exc)
-                        break
-                    self._store_failed(sock, exc)
+                    if not self._store_failed(sock, exc):
+                        break  # (halted)
         finally:
             for exc in self._drain_in_flight(sock):
-                log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
+                if self.halted_by is None:  # (else the same failed sync: said once)
+                    log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             committer.shutdown()
 
     def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor) -> None:

@@ -38,7 +38,8 @@ class BatchedStore:
         # Commits whose sync comes after the commit lock is released (store/
         # sqlite.py: the WAL's), counted: how many have COMMITted, how many
         # a sync that began after their COMMIT has covered, and the error of
-        # a failed one (every later _sync_owed() fails too, until rollback()).
+        # a failed one (every later _sync_owed() fails too, for this store's
+        # life: the relay stops on it, relay/server.py Relay._halt).
         self._sync_lock = threading.Lock()
         self._committed_gen = 0
         self._synced_gen = 0
@@ -256,8 +257,9 @@ class BatchedStore:
     def _sync_owed(self, gen: int) -> None:
         """Return once the COMMITs counted up to `gen` are durable: a sync
         that began after they returned, this thread's or another's.  A
-        failed sync raises SyncFailed here, and so does every later call
-        until rollback(): the WAL may hold a hole under what came after it."""
+        failed sync raises SyncFailed here, and so does every later call,
+        rollback() or not: the WAL may hold a hole under what came after it,
+        and a later sync that succeeds does not prove the pages it lost."""
         if self._synced_gen >= gen and self._sync_failed is None:
             return
         with self._sync_lock:
@@ -285,13 +287,18 @@ class BatchedStore:
 
     def rollback(self) -> None:
         """Drop every write since the last commit, written or buffered (the
-        relay does this after a StoreError, then starts over from the store)."""
+        relay does this after a StoreError, then starts over from the store).
+        A failed sync stays failed (sync_failed)."""
         with self._commit_lock:
             self._drop_transaction()
             with self._batches_lock:
                 self._batches = [WriteBatch()]
-            with self._sync_lock:  # the relay starts over from the store; the next commit
-                self._sync_failed = None  # syncs again before it returns, even with nothing to write
+
+    @property
+    def sync_failed(self) -> Exception | None:
+        """The error of a sync of COMMITted writes that failed, if one did:
+        this store confirms nothing more (every later commit fails)."""
+        return self._sync_failed
 
     def close(self) -> None:
         try:

@@ -211,6 +211,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._db.execute("UPDATE meta SET value=3 WHERE key='schema'")
         self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
         self._db.execute(SEGMENT_INDEX)
+        # Everything the WAL holds, into the database and synced (at FULL)
+        # before anything is served: after a failed sync stopped the relay
+        # (relay/server.py Relay._halt) the WAL's frames may sit in the page
+        # cache only, and a resend found in them would be confirmed.  (A
+        # reader in another process may leave part of it: that part stays in
+        # the WAL, as at any other time.)
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _start_segments(self) -> None:
         """Count the rows of each segment; rows whose bytes are not all in
@@ -255,7 +262,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 self._begin()
                 self._save_seq_mark(seq)
                 self._commit_tx()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # (OSError: its sync failed, SyncFailed)
                 self._rollback_tx()
                 error = StoreError(exc)
                 if not error.full:

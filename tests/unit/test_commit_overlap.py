@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from murano_zmq.store.base import StoredMessage
+from murano_zmq.store.faults import SyncFailed
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 from tests.helpers import wait_for
@@ -146,17 +147,21 @@ def test_a_failed_sync_fails_the_commit_that_overlapped_it(store):
         store.seal()
         store.commit()
     assert later.value.unsynced
+    # ... rollback() or not (a later sync that succeeded would not prove the
+    # lost pages): the store stays failed, and the relay stops on it.
     store.rollback()
-    # What the failed syncs covered is durable only after a sync that
-    # returned: a commit with nothing to write (a resend the relay finds
-    # stored) still syncs before it returns.
+    assert store.sync_failed is not None
     syncs = sum(1 for what, _ in store.events if what == "sync begins")
-    store.commit()
-    assert sum(1 for what, _ in store.events if what == "sync begins") == syncs + 1
-    store.insert([msg(4)])
-    store.seal()
-    store.commit()
-    assert 4 in durable(store.events)
+    with pytest.raises(StoreError) as after_rollback:
+        store.insert([msg(4)])
+        store.seal()
+        store.commit()
+    assert after_rollback.value.unsynced
+    # Closing it commits nothing more (nor syncs).
+    store.insert([msg(5)])
+    store.close()
+    assert sum(1 for what, _ in store.events if what == "sync begins") == syncs
+    assert 5 not in store.visible()
 
 
 def test_commits_that_change_segment_counts_sync_before_they_return_the_lock(tmp_path):
@@ -214,11 +219,13 @@ def test_a_failed_sync_under_the_lock_fails_a_sync_still_owed(store):
     store.fail_syncs = 1
     store.insert([msg(2, body=b"x" * (64 << 10))])  # a segment body
     store.seal()
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError) as failed:
         store.commit()
-    with pytest.raises(OSError):
+    assert failed.value.unsynced
+    with pytest.raises(SyncFailed):
         store._sync_owed(owed)
     assert 1 not in durable(store.events)
-    store.rollback()
-    store.commit()  # the relay's start-over: the next commit syncs what was owed
-    assert {1, 2} <= durable(store.events)
+    store.rollback()  # (the relay stops instead: Relay._halt)
+    with pytest.raises(SyncFailed):
+        store._sync_owed(owed)
+    assert 1 not in durable(store.events)

@@ -1164,3 +1164,20 @@ def test_schema_2_is_migrated(tmp_path):
         assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
     finally:
         s.close()
+
+
+def test_a_failed_sync_of_the_seq_mark_is_a_store_error_that_says_so(tmp_path, monkeypatch):
+    """reserve_seq() (a relay's start, and its start-over) syncs as a commit
+    does: a failed sync there is a StoreError marked unsynced, not a bare
+    OSError past the relay's one-line start-up error."""
+    s = SQLiteStore(str(tmp_path))
+    try:
+        def failing_sync():
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+        monkeypatch.setattr(s, "_sync_wal", failing_sync)
+        with pytest.raises(StoreError) as failed:
+            s.reserve_seq(100)
+        assert failed.value.unsynced and not failed.value.full
+    finally:
+        s.close()
