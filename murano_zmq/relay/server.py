@@ -223,8 +223,9 @@ class Relay(Wire):
         stop, as PostgreSQL does, rather than start over in this process,
         where a later sync could succeed over pages the disk never got and
         the relay would confirm a resend it finds "stored" in them.  Nothing
-        after the last good sync was confirmed; restarted, the relay recovers
-        what SQLite finds intact on disk and nodes resend the rest."""
+        after the last good sync was confirmed; restarted, the relay copies
+        the WAL into the database first (SQLiteStore._open) and nodes resend
+        the rest."""
         self.halted_by = exc
         log.critical("%s: %s: the relay stops without confirming anything more; restart it "
                      "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "

@@ -48,7 +48,7 @@ from .schema import MIGRATE_1_2, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
 from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
-from .faults import BUSY_TIMEOUT, StoreError, is_busy, retry_busy, startup_error
+from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
 from .batch import WriteBatch, runs
 
@@ -215,9 +215,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # before anything is served: after a failed sync stopped the relay
         # (relay/server.py Relay._halt) the WAL's frames may sit in the page
         # cache only, and a resend found in them would be confirmed.  (A
-        # reader in another process may leave part of it: that part stays in
-        # the WAL, as at any other time.)
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        # reader in another process may leave part of it, and a full disk all
+        # of it: it stays in the WAL, as at any other time.)
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning("%s: the WAL could not be copied into the database at start (%s); it stays "
+                        "in the WAL until a checkpoint succeeds", self.path, exc)
 
     def _start_segments(self) -> None:
         """Count the rows of each segment; rows whose bytes are not all in
