@@ -406,9 +406,14 @@ class Relay(Wire):
 
 def run_relay(config: RelayConfig) -> int:
     """The relay device's main: run until SIGTERM/SIGINT (exit code 0) or a
-    failed sync of the store (1)."""
+    failed sync of the store (then the process exits 1 here)."""
     limit_log_floods()  # a hostile peer must not be able to fill the disk with warnings
     relay = Relay(config)
     relay.install_signal_handlers()
     relay.run()
-    return 1 if relay.halted_by is not None else 0
+    if relay.halted_by is not None:
+        # Exit without Python's teardown, which would close the store's
+        # connections and let SQLite checkpoint the WAL (BatchedStore.close).
+        logging.shutdown()
+        os._exit(1)
+    return 0

@@ -301,10 +301,16 @@ class BatchedStore:
         return self._sync_failed
 
     def close(self) -> None:
+        """Commit what is sealed and close.  After a failed sync: neither.
+        Nothing more is committed, and the connections stay open: closing
+        the last one would make SQLite copy the WAL into the database,
+        reading pages the disk may not hold without the checksums its
+        recovery checks (the relay's process ends instead: run_relay)."""
+        if self._sync_failed is not None:
+            return
         try:
-            if self._sync_failed is None:  # (after a failed sync nothing more is committed)
-                self.seal()
-                self.commit()
+            self.seal()
+            self.commit()
         finally:
             self._reader.close()
             self._db.close()

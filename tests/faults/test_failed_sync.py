@@ -49,6 +49,9 @@ def test_a_failed_sync_stops_the_relay_and_a_restart_loses_nothing_confirmed(rel
             trigger.touch()
             pending = node.send_async("jobs", "during")
             assert child.wait(20) == 1  # stopped on its own, exit status 1
+            # ... with its WAL left as it was: no checkpoint on the way out
+            # copied pages the disk may not hold into the database
+            assert os.path.getsize(os.path.join(data, SQLiteStore.DB_NAME + "-wal")) > 0
             assert not pending.done()
             text = log_path.read_text()
             assert "CRITICAL" in text and "syncing the store" in text and "Input/output error" in text
