@@ -155,7 +155,7 @@ class Relay(Wire):
             if store is not None:
                 try:
                     store.close()
-                except StoreError as exc:  # (its last commit, e.g. after a failed sync: logged above)
+                except StoreError as exc:  # (its last commit; after a failed sync it commits nothing)
                     log.error("closing the store failed (%s): nodes resend what was not confirmed", exc)
             if lock is not None:
                 lock.release()
@@ -202,7 +202,7 @@ class Relay(Wire):
         meanwhile (a threaded commit's), halt instead: False."""
         failures = [exc, *self._drain_in_flight(sock)]
         unsynced = [e for e in failures if isinstance(e, StoreError) and e.unsynced]
-        failed_sync = getattr(self.engine.store, "sync_failed", None)
+        failed_sync = self.engine.store.sync_failed
         if unsynced or failed_sync is not None:
             self._halt(unsynced[0] if unsynced
                        else StoreError(SyncFailed(f"syncing the store failed: {failed_sync}")))

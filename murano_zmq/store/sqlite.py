@@ -412,7 +412,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         _sync_owed(), here, under the commit lock, or, with sync_later and
         no segment's rows changed, by commit() once the lock is released,
         so that the next commit's writes and COMMIT overlap it.  Either way
-        a failed sync fails every later one until rollback()."""
+        a failed sync fails every later one (BatchedStore.sync_failed)."""
         self._execute_waiting("COMMIT", "committing")
         self._tx_open = False
         try:

@@ -2,7 +2,7 @@
 after the commit lock is released, so a second commit writes and COMMITs
 while the first one syncs, and each returns only after a sync that began
 after its own COMMIT.  A failed sync fails every commit it may have
-covered and every later one, until rollback()."""
+covered and every later one, rollback() or not."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_failed_sync_fails_the_commit_that_overlapped_it(store):
     assert second_outcome[0][0] == "failed"
     # Both say so: the relay stops on such a failure (Relay._halt).
     assert first_outcome[0][1].unsynced and second_outcome[0][1].unsynced
-    with pytest.raises(StoreError) as later:  # and every later one, until the relay starts over
+    with pytest.raises(StoreError) as later:  # and every later one
         store.insert([msg(3)])
         store.seal()
         store.commit()
