@@ -41,12 +41,6 @@ SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
 # costs less than a second fsync per commit (docs/performance.md, "64 KiB
 # bodies: segment files").
 THRESHOLD = 8 * 1024
-# ... but a commit of one lone send keeps a body up to this size in the
-# database: one fsync (the WAL's) instead of two, and no segment to grow.
-# Store alone, one commit of one body, p50 here: 64 KiB 0.58 ms in the
-# database against 0.96 ms in a segment; the two meet at 128-192 KiB,
-# where SQLite's CPU for the body outgrows the second fsync.
-LONE_INLINE_MAX = 96 * 1024
 ROLL_BYTES = 64 << 20
 
 # How many unreadable messages are logged one by one (then only counted).
@@ -118,7 +112,9 @@ class Segments:
         self._pending[seg] += 1
         return seg, off, len(body)
 
-    def _write_placed(self) -> None:
+    def _write_placed(self) -> dict[int, tuple[int, int]]:
+        """Write the bodies placed; segment -> (start, end) of the bytes written."""
+        written: dict[int, tuple[int, int]] = {}
         for seg, off, body in self._unwritten:
             fd = self._fds[seg]
             view = memoryview(body)
@@ -129,7 +125,10 @@ class Segments:
             except OSError as exc:
                 raise _full(exc, self.path(seg)) from None
             self._dirty.add(seg)
+            start, end = written.get(seg, (off, off))
+            written[seg] = (min(start, off), max(end, off + len(body)))
         self._unwritten.clear()
+        return written
 
     def _roll(self) -> None:
         seg = self._next
@@ -162,16 +161,23 @@ class Segments:
         """Might a stored row reference a segment?  (If not, deletes need no lookup.)"""
         return bool(self._live) or bool(self._pending)
 
-    def sync(self) -> None:
+    def sync(self, drop_cached: bool = False) -> None:
         """Write the bodies placed, fdatasync every segment written since
         the last sync (and the directory, for a new file): before the commit
-        of the rows."""
+        of the rows.  drop_cached: then let the kernel drop the pages just
+        written from its cache (a lone send's body, which the relay delivers
+        from memory): the next body's write reuses them, where fresh pages
+        cost this VM a fault to its host each (pwrite of 64 KiB 160 against
+        13 µs, docs/performance.md, "Session 18")."""
         try:
-            self._write_placed()
+            written = self._write_placed()
             for seg in sorted(self._dirty):
                 fd = self._fds.get(seg)
                 if fd is not None:  # (None: retired since, after a failed sync)
                     os.fdatasync(fd)
+                    if drop_cached and seg in written:
+                        start, end = written[seg]
+                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
                 self._dirty.discard(seg)
             if self._dir_dirty:
                 fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

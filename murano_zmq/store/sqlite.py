@@ -11,9 +11,7 @@ an fsync.
 
 Bodies of segments.THRESHOLD bytes and up live in append-only segment
 files beside the database (store/segments.py), synced before the commit of
-the rows that point at them; the rows keep (seg, seg_off, seg_len).  A lone
-send's commit keeps a body up to segments.LONE_INLINE_MAX in the database:
-one fsync instead of two.
+the rows that point at them; the rows keep (seg, seg_off, seg_len).
 
 A run of a SEND's messages is stored as one row (store/packs.py): half the
 CPU of a row per message to store and to settle.
@@ -45,7 +43,7 @@ from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import LONE_INLINE_MAX, THRESHOLD, Segments
+from .segments import THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
@@ -135,16 +133,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     WAL_SIZE_LIMIT = 16 << 20
 
     def __init__(self, data_dir: str, segment_threshold: int = THRESHOLD, checkpoint: dict | None = None,
-                 lone_inline_max: int = LONE_INLINE_MAX, pack_min_rows: int = MIN_ROWS):
+                 pack_min_rows: int = MIN_ROWS):
         """checkpoint: Checkpointer's thresholds (commits=, nbytes=), for tests.
-        lone_inline_max: the largest body commit_insert() keeps in the
-        database (0: bodies of segment_threshold and up always go to segments).
         pack_min_rows: the shortest run stored as a pack (store/packs.py)."""
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._threshold = segment_threshold
-        self._lone_inline_max = max(lone_inline_max, segment_threshold - 1)
         try:
             self._segments = Segments(data_dir)
         except OSError as exc:
@@ -297,16 +292,19 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     def commit_insert(self, messages: list[StoredMessage]) -> None:
         """With nothing else to write, no batch: BEGIN, INSERT, COMMIT (what
         seal() and commit() would run for these rows, without their
-        bookkeeping: a lone send's path).  Its bodies stay in the database
-        up to lone_inline_max: one fsync, where a segment would add its own."""
+        bookkeeping: a lone send's path).  A large body goes to a segment,
+        written and synced before the COMMIT, as in any commit: a second
+        fsync, but SQLite's copies of it (into the WAL, then the database at
+        a checkpoint, one that grows it while messages pile up) would cost
+        the sends behind it several times that (docs/performance.md, "Lone
+        large bodies")."""
         batches = self._batches
         # Batches of deletes alone (held for a later commit by relay/turn.py,
         # sealed and written ahead or still open) go into this one: a lone
         # send after an ack keeps its one sync.  Anything else takes the
         # general path.
         held = [] if len(batches) == 1 and not batches[0] else [b for b in batches if b]
-        if ((held and self.held_deletes() is None)
-                or any(len(m.body) > self._lone_inline_max for m in messages)):
+        if held and self.held_deletes() is None:
             super().commit_insert(messages)
             return
         with self._commit_lock:
@@ -330,7 +328,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 skipped = 0
                 if recheck:  # ids that may be in a pack already: looked up there, skipped if found
                     messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
-                stored = self._insert(messages) if messages else 0
+                if not messages:
+                    stored = 0
+                elif max(map(len, map(field_body, messages))) >= self._threshold:
+                    stored = _INSERT_PLACED_ROWS.run(self._db, self._placed(messages))
+                    self._segments.sync(drop_cached=True)  # the bodies first: a row never points at bytes not on disk
+                else:
+                    stored = self._insert(messages)
                 if top > self._seq_top:
                     self._seq_top = top
                 if skipped or stored != len(messages):  # (see _write: the mark covers a skipped row)

@@ -27,7 +27,6 @@ from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode
 from murano_zmq.relay.server import Relay, RelayConfig
 from murano_zmq.store.packs import packed_rows, stored_ids
-from murano_zmq.store.segments import LONE_INLINE_MAX
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 from ..helpers import free_tcp_endpoint, wait_for
@@ -72,9 +71,9 @@ class RecordingStore(SQLiteStore):
             written[seg] = max(written.get(seg, 0), off + length)
             return seg, off, length
 
-        def recording_sync():
+        def recording_sync(**kw):
             before = dict(written)
-            sync()
+            sync(**kw)
             self.synced_to.update(before)
             self.segment_syncs += 1
 
@@ -467,26 +466,26 @@ def test_no_confirm_for_a_commit_that_failed(relay_with):
     assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
-BIG = b"L" * 65536  # above the segment threshold: a batch puts the body in a segment file
-HUGE = b"H" * (LONE_INLINE_MAX + 1024)  # ... and so does a lone send
+BIG = b"L" * 65536  # above the segment threshold: a lone send or a batch puts the body in a segment file
 
 
 def test_large_body_confirms_follow_both_syncs(relay_with):
     relay, watch, _ = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
-        lone = [node.send("contract.big", BIG) for _ in range(10)]  # kept in the database
-        ids = lone + [node.send("contract.big", HUGE) for _ in range(10)]
+        lone = [node.send("contract.big", BIG) for _ in range(20)]
+        ids = list(lone)
         for _ in range(3):
             ids += node.send_many([("contract.big", BIG)] * 150, timeout=30)
         ids += [f.result(30) for f in [node.send_async("contract.big", b"s") for _ in range(100)]]
     store = relay.engine.store
-    assert store.segment_syncs >= 10
+    assert store.segment_syncs >= 20
     reader = sqlite3.connect(store.path, timeout=10)
     try:
-        in_database = {msg_id for msg_id, seg in reader.execute("SELECT msg_id, seg FROM messages") if seg is None}
+        in_segments = {msg_id for msg_id, seg in reader.execute("SELECT msg_id, seg FROM messages") if seg is not None}
     finally:
         reader.close()
-    assert set(lone[1:]) <= in_database  # (the first created the mailbox: not a lone commit)
+    assert store.lone_commits >= 19  # (the first created the mailbox: not a lone commit)
+    assert set(lone) <= in_segments
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert store.durable(ids) == set(ids)

@@ -143,7 +143,7 @@ class FakeNet:
     def _open_store(self) -> SQLiteStore:
         if self.segment_threshold is None:
             return SQLiteStore(self.dir)
-        return SQLiteStore(self.dir, segment_threshold=self.segment_threshold, lone_inline_max=0)
+        return SQLiteStore(self.dir, segment_threshold=self.segment_threshold)
 
     def node(self, name: str, connect: bool = True) -> Node:
         identity = name.encode()

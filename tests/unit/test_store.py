@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA
-from murano_zmq.store.segments import LONE_INLINE_MAX, SEGMENT_DIR, SPARE_NAME
+from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -69,7 +69,7 @@ class Backend:
         if self.kind == "sqlite":
             return SQLiteStore(str(where))
         if self.kind == "sqlite-segments":  # every body of 4 bytes and up in a segment file
-            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD, lone_inline_max=0)
+            return SQLiteStore(str(where), segment_threshold=SEGMENT_THRESHOLD)
         if self.kind == "sqlite-packs":  # every run of two rows and more that can be is a pack
             return SQLiteStore(str(where), pack_min_rows=2)
         from murano_zmq.store.postgresql import PostgresStore
@@ -947,30 +947,24 @@ def reopen_and_drain(data_dir, seq: int, body: bytes) -> None:
         s.close()
 
 
-def test_a_lone_commit_keeps_a_body_up_to_lone_inline_max_in_the_database(tmp_path):
-    """commit_insert() of one lone send: one fsync, no segment, up to
-    LONE_INLINE_MAX; a larger body, or any in a batch, goes to a segment."""
+def test_a_lone_commit_puts_a_large_body_in_a_segment(tmp_path):
+    """commit_insert() of one lone send takes the same threshold as a
+    batch: a large body goes to a segment, a small one stays in the row."""
     s = SQLiteStore(str(tmp_path))
     try:
-        s.commit_insert([msg(1, body=b"a" * LONE_INLINE_MAX)])
-        assert segment_files(tmp_path) == []
-        s.commit_insert([msg(2, body=b"b" * (LONE_INLINE_MAX + 1))])
-        s.insert([msg(3, body=b"c" * LARGE)])
-        flush(s)
+        s.commit_insert([msg(1, body=b"a" * (LARGE - 1))])
+        s.commit_insert([msg(2, body=b"b" * LARGE)])
+        s.commit_insert([msg(3, body=b"c" * 100)])
         rows = dict(s._db.execute("SELECT seq, seg IS NULL FROM messages").fetchall())
-        assert rows == {1: 1, 2: 0, 3: 0}
-        s.delete([1, 2])  # one range delete over a row in the database and one in a segment
+        assert rows == {1: 0, 2: 0, 3: 1}  # (LARGE - 1 is above the threshold too)
+        assert s.get(2).body == b"b" * LARGE  # (read back from the disk: its pages were dropped)
+        assert len(segment_files(tmp_path)) == 1
+        s.delete([1, 3])
         flush(s)
     finally:
         s.close()
-    reopen_and_drain(tmp_path, 3, b"c" * LARGE)
+    reopen_and_drain(tmp_path, 2, b"b" * LARGE)
     assert segment_files(tmp_path) == []  # the first life's, all read
-    s = SQLiteStore(str(tmp_path / "always"), lone_inline_max=0)
-    try:
-        s.commit_insert([msg(1, body=b"a" * LARGE)])
-        assert len(segment_files(tmp_path / "always")) == 1
-    finally:
-        s.close()
 
 
 def test_a_segment_is_deleted_when_no_row_references_it(tmp_path):
@@ -1112,16 +1106,59 @@ def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
         s.close()
 
 
-def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["batch", "lone"])
+def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monkeypatch, path):
     s = SQLiteStore(str(tmp_path))
     calls = []
     real_sync, real_commit = s._segments.sync, s._commit_tx
-    monkeypatch.setattr(s._segments, "sync", lambda: (calls.append("segments"), real_sync())[1])
+    monkeypatch.setattr(s._segments, "sync", lambda **kw: (calls.append("segments"), real_sync(**kw))[1])
     monkeypatch.setattr(s, "_commit_tx", lambda *a: (calls.append("commit"), real_commit(*a))[1])
-    s.insert([msg(1, body=b"x" * LARGE)])
-    flush(s)
+    if path == "lone":
+        s.commit_insert([msg(1, body=b"x" * LARGE)])
+    else:
+        s.insert([msg(1, body=b"x" * LARGE)])
+        flush(s)
     assert calls == ["segments", "commit"]
     s.close()
+
+
+def test_a_lone_commit_drops_the_pages_of_its_body_from_the_cache(tmp_path, monkeypatch):
+    """After its sync, a lone send's body leaves the page cache (the relay
+    delivers it from memory); a batch's stays, for the reads of a backlog."""
+    s = SQLiteStore(str(tmp_path))
+    dropped = []
+    monkeypatch.setattr(segments_module.os, "posix_fadvise",
+                        lambda fd, off, length, advice: dropped.append((off, length, advice)))
+    try:
+        s.commit_insert([msg(1, body=b"1" * LARGE)])
+        s.commit_insert([msg(2, body=b"2" * (LARGE + 10))])
+        assert dropped == [(0, LARGE, os.POSIX_FADV_DONTNEED), (LARGE, LARGE + 10, os.POSIX_FADV_DONTNEED)]
+        s.insert([msg(3, body=b"3" * LARGE)])
+        flush(s)
+        assert len(dropped) == 2
+    finally:
+        s.close()
+
+
+def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatch):
+    """ENOSPC on a lone send's segment: a full disk, nothing COMMITted, and
+    the same send stores once space is back."""
+    s = SQLiteStore(str(tmp_path))
+    real = os.fdatasync
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segments_module.os, "fdatasync", no_space)
+    with pytest.raises(StoreError) as failed:
+        s.commit_insert([msg(1, body=b"1" * LARGE)])
+    assert failed.value.full and not failed.value.unsynced
+    s.rollback()  # (what the relay does after a StoreError)
+    assert s.get(1) is None and s.sync_failed is None
+    monkeypatch.setattr(segments_module.os, "fdatasync", real)
+    s.commit_insert([msg(1, body=b"1" * LARGE)])
+    s.close()
+    reopen_and_drain(tmp_path, 1, b"1" * LARGE)
 
 
 def test_schema_1_is_migrated(tmp_path):
