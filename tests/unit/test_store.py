@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA
-from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME
+from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -930,7 +930,8 @@ def test_large_bodies_are_in_segments_and_small_ones_in_the_database(tmp_path):
     rows = dict(s._db.execute("SELECT seq, length(body) FROM messages").fetchall())
     assert rows == {1: 100, 2: 0}
     assert len(segment_files(tmp_path)) == 1
-    assert os.path.getsize(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])) == LARGE
+    # the body, then zeros ahead for the next bodies to write over
+    assert os.path.getsize(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])) == LARGE + ZERO_AHEAD
     s.close()
 
 
@@ -1132,12 +1133,43 @@ def test_a_lone_commit_drops_the_pages_of_its_body_from_the_cache(tmp_path, monk
     try:
         s.commit_insert([msg(1, body=b"1" * LARGE)])
         s.commit_insert([msg(2, body=b"2" * (LARGE + 10))])
-        assert dropped == [(0, LARGE, os.POSIX_FADV_DONTNEED), (LARGE, LARGE + 10, os.POSIX_FADV_DONTNEED)]
+        # (the first also wrote the zeros ahead)
+        assert dropped == [(0, LARGE + ZERO_AHEAD, os.POSIX_FADV_DONTNEED),
+                           (LARGE, LARGE + 10, os.POSIX_FADV_DONTNEED)]
         s.insert([msg(3, body=b"3" * LARGE)])
         flush(s)
         assert len(dropped) == 2
     finally:
         s.close()
+
+
+def test_a_segment_grows_by_zeros_ahead_of_its_bodies(tmp_path):
+    """A write that passes what earlier writes filled fills ZERO_AHEAD more
+    with zeros (synced with it), so the next bodies write over written
+    blocks; a segment made from the spare is written already."""
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 8 * LARGE
+    path = lambda: os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[-1])  # noqa: E731
+    try:
+        sizes = []
+        for seq in range(1, 9):
+            s.commit_insert([msg(seq, body=bytes([seq]) * LARGE)])
+            sizes.append(os.path.getsize(path()))
+        per_fill = ZERO_AHEAD // LARGE + 1  # bodies written per growth of the file
+        assert sizes == [(i // per_fill * per_fill + 1) * LARGE + ZERO_AHEAD for i in range(8)]
+        assert [m.body for m in s.get_many(list(range(1, 9)))] == [bytes([i]) * LARGE for i in range(1, 9)]
+        s.delete(list(range(1, 9)))
+        flush(s)
+        for seq in range(9, 17):  # a second segment; the first, whole and unreferenced, is the spare
+            s.commit_insert([msg(seq, body=bytes([seq]) * LARGE)])
+        assert os.path.exists(os.path.join(tmp_path, SEGMENT_DIR, SPARE_NAME))
+        s.delete(list(range(9, 17)))
+        s.commit_insert([msg(17, body=b"7" * LARGE)])  # rolls: the third segment is the spare, renamed
+        assert segment_files(tmp_path) == [f"{3:012d}.seg"]  # (the second went with the deletes)
+        assert os.path.getsize(path()) == sizes[-1]  # written over, not grown
+    finally:
+        s.close()
+    reopen_and_drain(tmp_path, 17, b"7" * LARGE)
 
 
 def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatch):
