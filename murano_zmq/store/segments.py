@@ -12,8 +12,9 @@ references: harmless, reclaimed with their segment.
 A segment is written until it passes ROLL_BYTES, then a new one starts.  A
 segment no committed row references, and which is not being written, is
 deleted, or kept as the spare (SPARE_NAME) that the next segment reuses: an
-fdatasync that extends a file also journals its new size, one that
-overwrites written blocks does not (0.17 vs 0.31 ms for 64 KiB here).
+fdatasync that extends a file also writes its new size and block map, one
+that overwrites written blocks does not.  For the same reason a write past
+what is written fills ZERO_AHEAD more with zeros.
 The counts of referencing rows are rebuilt from the rows at start (each
 start writes a new segment, so a torn tail is never appended to).
 
