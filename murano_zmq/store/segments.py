@@ -43,13 +43,15 @@ SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
 # bodies: segment files").
 THRESHOLD = 8 * 1024
 ROLL_BYTES = 64 << 20
-# Space past the last body written that a write fills with zeros, when it
-# passes what earlier writes filled: the next bodies' syncs then write over
-# written blocks, and only every few lone sends' sync grows the file (and
-# writes the new size and blocks: 64 KiB appended and synced 150-245 µs
-# here, written over 90-107 µs; docs/performance.md, "Session 18").
+# Space past the last body written that a write smaller than this fills
+# with zeros, when it passes what earlier writes filled: the next bodies'
+# syncs then write over written blocks, and only every few lone sends' sync
+# grows the file (and writes its new size and block map: 64 KiB appended
+# and synced 153-214 µs here, written over 90-107 µs; docs/performance.md,
+# "Session 18").  A write as large grows the file by as much anyway.
 ZERO_AHEAD = 192 * 1024
 _ZEROS = bytes(ZERO_AHEAD)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # How many unreadable messages are logged one by one (then only counted).
 LOG_LOST_MAX = 1000
@@ -66,6 +68,17 @@ def _full(exc: OSError, path: str) -> OSError:
     return exc
 
 
+def _drop_cached(fd: int, start: int, end: int) -> None:
+    """Let the kernel drop the whole pages of bytes start..end from its
+    cache (it keeps a page the range covers only in part, which the next
+    body's write shares: no read of it from the disk).  A hint: its
+    failure changes nothing stored."""
+    try:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
 class Segments:
     def __init__(self, data_dir: str, roll_bytes: int = ROLL_BYTES):
         self.dir = os.path.join(data_dir, SEGMENT_DIR)
@@ -77,7 +90,7 @@ class Segments:
         self._pending: Counter = Counter()  # segment -> change in the open transaction
         self._current: int | None = None  # the segment being written
         self._end = 0  # its length: where the next body goes
-        self._filled = 0  # ... and how far it is written (bodies, then zeros ahead)
+        self._filled = 0  # ... and how far it is written (bodies, then zeros ahead: _zero_ahead)
         self._next = 1
         self._unwritten: list[tuple[int, int, bytes]] = []  # (segment, offset, body) placed, not written
         self._dirty: set[int] = set()  # written since the last sync
@@ -137,22 +150,24 @@ class Segments:
             start, end = written.get(seg, (off, off))
             written[seg] = (min(start, off), max(end, off + len(body)))
         self._unwritten.clear()
-        self._zero_ahead(written)
         return written
 
-    def _zero_ahead(self, written: dict[int, tuple[int, int]]) -> None:
-        """Past the bodies just written in the current segment, fill
-        ZERO_AHEAD bytes with zeros if earlier writes did not (synced with them)."""
-        seg = self._current
-        if seg not in written or written[seg][1] <= self._filled:
-            return
-        end = written[seg][1]
+    def _zero_ahead(self, start: int, end: int) -> int:
+        """The current segment's bodies were written from `start` to `end`:
+        past them, fill ZERO_AHEAD bytes with zeros if earlier writes did
+        not (synced with the bodies); how many were written.  A help, not a
+        need: a disk with no room for them leaves them out (a real I/O
+        error shows at the sync)."""
+        filled = self._filled
+        self._filled = max(filled, end)
+        if end <= filled or end - start >= ZERO_AHEAD or end >= self.roll_bytes:
+            return 0
         try:
-            done = os.pwrite(self._fds[seg], _ZEROS, end)
-        except OSError as exc:
-            raise _full(exc, self.path(seg)) from None
+            done = os.pwrite(self._fds[self._current], _ZEROS, end)
+        except OSError:
+            return 0
         self._filled = end + done
-        written[seg] = (written[seg][0], self._filled)
+        return done
 
     def _roll(self) -> None:
         seg = self._next
@@ -165,11 +180,15 @@ class Segments:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _full(exc, path) from None
+        try:
+            filled = os.fstat(fd).st_size  # (the spare's: all of it)
+        except OSError as exc:
+            os.close(fd)
+            raise _full(exc, path) from None
         self._next = seg + 1
         with self._lock:
             self._fds[seg] = fd
-        self._current, self._end = seg, 0
-        self._filled = os.fstat(fd).st_size  # (the spare's: all of it)
+        self._current, self._end, self._filled = seg, 0, filled
         self._dir_dirty = True
 
     def release(self, seg: int, rows: int) -> None:
@@ -189,20 +208,27 @@ class Segments:
     def sync(self, drop_cached: bool = False) -> None:
         """Write the bodies placed, fdatasync every segment written since
         the last sync (and the directory, for a new file): before the commit
-        of the rows.  drop_cached: then let the kernel drop the pages just
-        written from its cache (a lone send's body, which the relay delivers
-        from memory): the next body's write reuses them, where fresh pages
-        cost this VM a fault to its host each (pwrite of 64 KiB 160 against
-        13 µs, docs/performance.md, "Session 18")."""
+        of the rows.  drop_cached: then let the kernel drop the pages of the
+        bodies just written from its cache (a lone send's, which the relay
+        delivers from memory while its mailbox's window holds it): the next
+        body's write reuses them, where fresh pages cost this VM a fault to
+        its host each (pwrite of 64 KiB 160 against 13 µs,
+        docs/performance.md, "Session 18")."""
         try:
             written = self._write_placed()
+            zeros = self._zero_ahead(*written[self._current]) if self._current in written else 0
             for seg in sorted(self._dirty):
                 fd = self._fds.get(seg)
                 if fd is not None:  # (None: retired since, after a failed sync)
                     os.fdatasync(fd)
                     if drop_cached and seg in written:
                         start, end = written[seg]
-                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+                        if zeros and seg == self._current:
+                            if end % PAGE:  # the page the bodies end in stays
+                                _drop_cached(fd, start, end)
+                                start = end + PAGE - end % PAGE
+                            end += zeros
+                        _drop_cached(fd, start, end)
                 self._dirty.discard(seg)
             if self._dir_dirty:
                 fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -296,8 +296,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         written and synced before the COMMIT, as in any commit: a second
         fsync, but SQLite's copies of it (into the WAL, then the database at
         a checkpoint, one that grows it while messages pile up) would cost
-        the sends behind it several times that (docs/performance.md, "Lone
-        large bodies")."""
+        the sends behind it several times that (docs/performance.md,
+        "Session 18")."""
         batches = self._batches
         # Batches of deletes alone (held for a later commit by relay/turn.py,
         # sealed and written ahead or still open) go into this one: a lone

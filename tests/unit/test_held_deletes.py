@@ -90,8 +90,9 @@ def test_other_writes_or_a_held_reply_commit_this_turn(store):
 
 def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
     """A lone send right after acks (a consumer's reply, say) keeps its
-    path: the held deletes join its transaction, its 64 KiB body stays in
-    the database (no segment), and one sync makes both durable."""
+    path: the held deletes join its transaction, its 64 KiB body goes to a
+    segment (synced before the COMMIT), and one sync of the WAL makes both
+    durable."""
     store.delete([1, 2])
     syncs = []
     real = store._sync_wal
@@ -101,7 +102,7 @@ def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
     assert syncs == [1]
     assert len(store._batches) == 1 and not store._batches[0]
     rows = dict(store._db.execute("SELECT seq, seg IS NULL FROM messages").fetchall())
-    assert rows == {10**6: 1}
+    assert rows == {10**6: 0}
     packed = {seq for seq, _ in packed_rows(store._db)}  # (the seeded rows are packs: store/packs.py)
     assert 3 in packed and not packed & {1, 2}
     assert store.get(1) is None and store.get(10**6).body == b"b" * 65536

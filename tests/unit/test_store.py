@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA
-from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, ZERO_AHEAD
+from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, THRESHOLD, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 try:
@@ -953,11 +953,11 @@ def test_a_lone_commit_puts_a_large_body_in_a_segment(tmp_path):
     batch: a large body goes to a segment, a small one stays in the row."""
     s = SQLiteStore(str(tmp_path))
     try:
-        s.commit_insert([msg(1, body=b"a" * (LARGE - 1))])
+        s.commit_insert([msg(1, body=b"a" * THRESHOLD)])
         s.commit_insert([msg(2, body=b"b" * LARGE)])
-        s.commit_insert([msg(3, body=b"c" * 100)])
+        s.commit_insert([msg(3, body=b"c" * (THRESHOLD - 1))])
         rows = dict(s._db.execute("SELECT seq, seg IS NULL FROM messages").fetchall())
-        assert rows == {1: 0, 2: 0, 3: 1}  # (LARGE - 1 is above the threshold too)
+        assert rows == {1: 0, 2: 0, 3: 1}
         assert s.get(2).body == b"b" * LARGE  # (read back from the disk: its pages were dropped)
         assert len(segment_files(tmp_path)) == 1
         s.delete([1, 3])
@@ -1019,7 +1019,7 @@ def test_a_torn_tail_after_a_crash_is_harmless(tmp_path):
     s.seal()  # its body is appended, its row never committed
     seg_path = os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])
     with open(seg_path, "ab") as f:
-        f.write(b"torn" * 1000)  # and a half-written body after it
+        f.write(b"torn" * 1000)  # and a half-written body after it (after the zeros ahead: harmless too)
     crash(s)
     s = SQLiteStore(str(tmp_path))
     try:
@@ -1133,12 +1133,16 @@ def test_a_lone_commit_drops_the_pages_of_its_body_from_the_cache(tmp_path, monk
     try:
         s.commit_insert([msg(1, body=b"1" * LARGE)])
         s.commit_insert([msg(2, body=b"2" * (LARGE + 10))])
-        # (the first also wrote the zeros ahead)
-        assert dropped == [(0, LARGE + ZERO_AHEAD, os.POSIX_FADV_DONTNEED),
-                           (LARGE, LARGE + 10, os.POSIX_FADV_DONTNEED)]
-        s.insert([msg(3, body=b"3" * LARGE)])
+        # the first body's bytes and the zeros written after it; then the second's
+        assert dropped == [(0, LARGE + ZERO_AHEAD, os.POSIX_FADV_DONTNEED), (LARGE, LARGE + 10, os.POSIX_FADV_DONTNEED)]
+        s.commit_insert([msg(3, body=b"3" * 2 * LARGE)])  # past the zeros, to an unaligned end: its page stays
+        end = 4 * LARGE + 10
+        page_after = end + os.sysconf("SC_PAGE_SIZE") - end % os.sysconf("SC_PAGE_SIZE")
+        assert dropped[2:] == [(2 * LARGE + 10, 2 * LARGE, os.POSIX_FADV_DONTNEED),
+                               (page_after, end + ZERO_AHEAD - page_after, os.POSIX_FADV_DONTNEED)]
+        s.insert([msg(4, body=b"4" * LARGE)])
         flush(s)
-        assert len(dropped) == 2
+        assert len(dropped) == 4  # (none for a batch)
     finally:
         s.close()
 
@@ -1167,9 +1171,44 @@ def test_a_segment_grows_by_zeros_ahead_of_its_bodies(tmp_path):
         s.commit_insert([msg(17, body=b"7" * LARGE)])  # rolls: the third segment is the spare, renamed
         assert segment_files(tmp_path) == [f"{3:012d}.seg"]  # (the second went with the deletes)
         assert os.path.getsize(path()) == sizes[-1]  # written over, not grown
+        with open(path(), "rb") as f:  # no zeros ahead: what the spare held is written blocks already
+            assert f.read(2 * LARGE)[LARGE:] == bytes([2]) * LARGE
     finally:
         s.close()
     reopen_and_drain(tmp_path, 17, b"7" * LARGE)
+
+
+def test_a_write_of_zero_ahead_or_more_writes_no_zeros(tmp_path):
+    """A batch that writes as much as ZERO_AHEAD grows the file by itself:
+    no zeros after it; a lone body after it writes them."""
+    s = SQLiteStore(str(tmp_path))
+    try:
+        s.insert([msg(seq, body=bytes([seq]) * LARGE) for seq in range(1, 5)])
+        flush(s)
+        path = os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])
+        assert 4 * LARGE >= ZERO_AHEAD and os.path.getsize(path) == 4 * LARGE
+        s.commit_insert([msg(5, body=b"5" * LARGE)])
+        assert os.path.getsize(path) == 5 * LARGE + ZERO_AHEAD
+    finally:
+        s.close()
+
+
+def test_zeros_ahead_are_left_out_when_the_disk_has_no_room_for_them(tmp_path, monkeypatch):
+    s = SQLiteStore(str(tmp_path))
+    real = os.pwrite
+
+    def no_room_for_zeros(fd, data, offset):
+        if data is segments_module._ZEROS:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(segments_module.os, "pwrite", no_room_for_zeros)
+    try:
+        s.commit_insert([msg(1, body=b"1" * LARGE)])  # stored: the zeros are a help, not a need
+        assert os.path.getsize(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])) == LARGE
+    finally:
+        s.close()
+    reopen_and_drain(tmp_path, 1, b"1" * LARGE)
 
 
 def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatch):
