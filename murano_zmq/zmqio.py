@@ -28,6 +28,11 @@ _SEND = zmq.backend.Socket.send
 # costs the sending thread ~28 µs here, a zero-copy send ~8 µs (the buffer is
 # freed later by pyzmq's garbage-collector thread): docs/performance.md.
 ZERO_COPY_FROM = zmq.COPY_THRESHOLD
+# ... but a node copies frames up to this long: a lone send's frame, whose
+# zero-copy send wakes the collector thread while the caller waits for its
+# confirm (64 KiB lone sends through Node p50 -11 to -26 µs side by side;
+# docs/performance.md, "Session 18").  A send_many's frames are longer.
+NODE_ZERO_COPY_FROM = 256 * 1024
 
 
 def read_message(recv) -> list[bytes] | None:
@@ -45,15 +50,15 @@ def read_message(recv) -> list[bytes] | None:
     return frames
 
 
-def send_message(sock: zmq.Socket, frames: list) -> None:
+def send_message(sock: zmq.Socket, frames: list, zero_copy_from: int = ZERO_COPY_FROM) -> None:
     """Write one message's frames without blocking (zmq.Again if the socket
     cannot take it: on a DEALER, or a ROUTER's first frame, nothing went).
-    A last frame of ZERO_COPY_FROM bytes or more goes zero-copy."""
+    A last frame of `zero_copy_from` bytes or more goes zero-copy."""
     send = _SEND
     for frame in frames[:-1]:
         send(sock, frame, MORE)
     last = frames[-1]
-    send(sock, last, LAST, len(last) < ZERO_COPY_FROM)
+    send(sock, last, LAST, len(last) < zero_copy_from)
 
 
 def ready_frames(sock: zmq.Socket, copy: bool = True):

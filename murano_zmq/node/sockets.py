@@ -18,7 +18,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH, SEND_BATCH
-from ..zmqio import EVENTS, POLLIN, ready_frames, send_message
+from ..zmqio import EVENTS, NODE_ZERO_COPY_FROM, POLLIN, ready_frames, send_message
 from .core import NodeCore
 from .links import OPEN
 
@@ -342,7 +342,7 @@ class NodeSockets:
         sock = self._sock
         for i, frames in enumerate(out):
             try:
-                send_message(sock, frames)
+                send_message(sock, frames, NODE_ZERO_COPY_FROM)
             except zmq.Again:
                 # HWM 0, so only a DEALER with no connection to hold them
                 # (a refused handshake, between reconnects) says so: they
