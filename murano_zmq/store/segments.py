@@ -134,6 +134,11 @@ class Segments:
         self._pending[seg] += 1
         return seg, off, len(body)
 
+    @property
+    def unwritten(self) -> bool:
+        """Are bodies placed that sync() has yet to write?"""
+        return bool(self._unwritten)
+
     def _write_placed(self) -> dict[int, tuple[int, int]]:
         """Write the bodies placed; segment -> (start, end) of the bytes written."""
         written: dict[int, tuple[int, int]] = {}

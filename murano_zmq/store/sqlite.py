@@ -328,13 +328,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 skipped = 0
                 if recheck:  # ids that may be in a pack already: looked up there, skipped if found
                     messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
-                if not messages:
-                    stored = 0
-                elif max(map(len, map(field_body, messages))) >= self._threshold:
-                    stored = _INSERT_PLACED_ROWS.run(self._db, self._placed(messages))
-                    self._segments.sync(drop_cached=True)  # the bodies first: a row never points at bytes not on disk
-                else:
-                    stored = self._insert(messages)
+                stored = self._store_rows(messages)
+                if self._segments.unwritten:  # the bodies first: a row never points at bytes not on disk
+                    self._segments.sync(drop_cached=True)
                 if top > self._seq_top:
                     self._seq_top = top
                 if skipped or stored != len(messages):  # (see _write: the mark covers a skipped row)
@@ -514,12 +510,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if kind == "insert":
                 rows, skipped, packed_bytes = self._packs.store(db, items, threshold, batch.recheck)
                 self._wal_bytes += packed_bytes
-                if not rows:
-                    stored = 0
-                elif max(map(len, map(field_body, rows))) >= threshold:
-                    stored = _INSERT_PLACED_ROWS.run(db, self._placed(rows))
-                else:
-                    stored = self._insert(rows)
+                stored = self._store_rows(rows)
                 mark = mark or skipped or stored != len(rows)
             elif kind == "delete":  # acks come mostly in order: a run of seqs is one range delete
                 seq_runs = self._packs.delete(db, runs(items))
@@ -546,6 +537,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._seq_top = batch.top_seq
         if mark:
             self._save_seq_mark(self._seq_top)
+
+    def _store_rows(self, rows: list[StoredMessage]) -> int:
+        """INSERT rows not in packs: with their large bodies placed in a
+        segment (_placed; written by the next Segments.sync()), else all in
+        the database (_insert); how many were stored."""
+        if not rows:
+            return 0
+        if max(map(len, map(field_body, rows))) >= self._threshold:
+            return _INSERT_PLACED_ROWS.run(self._db, self._placed(rows))
+        return self._insert(rows)
 
     def _insert(self, rows: list[StoredMessage]) -> int:
         """INSERT rows whose bodies stay in the database; how many were stored."""
