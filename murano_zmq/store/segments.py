@@ -18,6 +18,12 @@ what is written fills ZERO_AHEAD more with zeros.
 The counts of referencing rows are rebuilt from the rows at start (each
 start writes a new segment, so a torn tail is never appended to).
 
+Where the file system takes O_DIRECT, a run of DIRECT_MIN bytes and up
+(a batch's) is written around the page cache, and a consumer's reads of a
+segment come in large aligned chunks, read ahead in a thread while it
+delivers (store/direct.py): fresh page-cache pages cost this VM kind a
+fault to its host each.
+
 Writes (append, sync, the commit hooks) run under the store's commit lock,
 one writer at a time; reads come from the relay loop at any time.  append()
 only places a body; sync() writes and syncs, so with a committer thread the
@@ -31,6 +37,9 @@ import logging
 import os
 import threading
 from collections import Counter
+from typing import Callable
+
+from .direct import ALIGN, CHUNK, DirectReader, DirectWriter, open_direct
 
 log = logging.getLogger("murano_zmq.store")
 
@@ -53,8 +62,37 @@ ZERO_AHEAD = 192 * 1024
 _ZEROS = bytes(ZERO_AHEAD)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
+# A run of bodies this long and up is written around the page cache
+# (store/direct.py); a shorter one, a lone send's mostly, is written into
+# pages its last sync let go (sync(drop_cached=True)), which costs less.
+DIRECT_MIN = 256 * 1024
+
 # How many unreadable messages are logged one by one (then only counted).
 LOG_LOST_MAX = 1000
+
+
+def _cut(pieces: list[tuple[memoryview, int]], places: list[tuple[int, int, int]]) -> list[bytes]:
+    """The bodies at `places` (in order) out of `pieces`, views of the
+    bytes that hold them, in order, each with its first byte's offset."""
+    out = []
+    k, (view, base) = 0, pieces[0]
+    for _, off, length in places:
+        while off >= base + len(view):
+            k += 1
+            view, base = pieces[k]
+        stop = off + length
+        if stop <= base + len(view):
+            out.append(bytes(view[off - base:stop - base]))
+            continue
+        parts = [view[off - base:]]  # (a body that goes on in the next piece)
+        while stop > base + len(view):
+            k += 1
+            view, base = pieces[k]
+            parts.append(view[:stop - base])
+        out.append(b"".join(parts))
+    for view, _ in pieces:
+        view.release()
+    return out
 
 
 class SegmentFull(OSError):
@@ -97,6 +135,13 @@ class Segments:
         self._dir_dirty = False  # a new file whose directory entry is not synced yet
         self._gone: set[int] = set()  # deleted by this store: a late read is of a deleted row
         self._lost_logged = 0
+        # Direct I/O (store/direct.py), where the file system has it.
+        self._direct = hasattr(os, "O_DIRECT")
+        self._dfds: dict[int, int] = {}  # segment written here -> its O_DIRECT descriptor
+        self._writer = DirectWriter()
+        self._own: set[int] = set()  # segments this store created
+        self._synced: dict[int, int] = {}  # ... how far each holds bodies synced
+        self._reader = DirectReader(self.path, self._readable) if self._direct else None
 
     def path(self, seg: int) -> str:
         return os.path.join(self.dir, f"{seg:012d}{SUFFIX}")
@@ -140,22 +185,50 @@ class Segments:
         return bool(self._unwritten)
 
     def _write_placed(self) -> dict[int, tuple[int, int]]:
-        """Write the bodies placed; segment -> (start, end) of the bytes written."""
-        written: dict[int, tuple[int, int]] = {}
+        """Write the bodies placed; segment -> (start, end) of the bodies written."""
+        runs: dict[int, list[tuple[int, bytes]]] = {}
         for seg, off, body in self._unwritten:
-            fd = self._fds[seg]
-            view = memoryview(body)
-            done = 0
+            runs.setdefault(seg, []).append((off, body))
+        written: dict[int, tuple[int, int]] = {}
+        for seg, run in runs.items():
+            start, end = run[0][0], run[-1][0] + len(run[-1][1])
             try:
-                while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
-                    done += os.pwrite(fd, view[done:], off + done)
+                self._write_run(seg, run, start, end)
             except OSError as exc:
                 raise _full(exc, self.path(seg)) from None
             self._dirty.add(seg)
-            start, end = written.get(seg, (off, off))
-            written[seg] = (min(start, off), max(end, off + len(body)))
+            written[seg] = (start, end)
         self._unwritten.clear()
         return written
+
+    def _write_run(self, seg: int, run: list[tuple[int, bytes]], start: int, end: int) -> None:
+        """Write one segment's placed bodies (consecutive: append() placed them so)."""
+        fd, dfd = self._fds[seg], self._dfds.get(seg)
+        if dfd is not None and end - start >= DIRECT_MIN:
+            try:
+                self._writer.write(fd, dfd, start, [body for _, body in run])
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct(exc)  # and write it buffered
+        for off, body in run:
+            view = memoryview(body)
+            done = 0
+            while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
+                done += os.pwrite(fd, view[done:], off + done)
+
+    def _no_direct(self, exc: OSError) -> None:
+        """The file system refused a direct write: write buffered from now on."""
+        log.warning("segment files are written through the page cache: %s refuses direct I/O (%s)",
+                    self.dir, exc.strerror)
+        self._direct = False
+        for dfd in self._dfds.values():
+            os.close(dfd)
+        self._dfds.clear()
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
 
     def _zero_ahead(self, start: int, end: int) -> int:
         """The current segment's bodies were written from `start` to `end`:
@@ -191,6 +264,11 @@ class Segments:
             os.close(fd)
             raise _full(exc, path) from None
         self._next = seg + 1
+        self._own.add(seg)
+        if self._direct:
+            dfd = open_direct(path, os.O_WRONLY)
+            if dfd is not None:
+                self._dfds[seg] = dfd
         with self._lock:
             self._fds[seg] = fd
         self._current, self._end, self._filled = seg, 0, filled
@@ -226,6 +304,8 @@ class Segments:
                 fd = self._fds.get(seg)
                 if fd is not None:  # (None: retired since, after a failed sync)
                     os.fdatasync(fd)
+                    if seg in written:
+                        self._synced[seg] = max(self._synced.get(seg, 0), written[seg][1])
                     if drop_cached and seg in written:
                         start, end = written[seg]
                         if zeros and seg == self._current:
@@ -287,7 +367,13 @@ class Segments:
             fd = self._fds.pop(seg, None)
             if fd is not None:
                 os.close(fd)
+            if self._reader is not None:
+                self._reader.forget(seg)
             self._gone.add(seg)
+        dfd = self._dfds.pop(seg, None)
+        if dfd is not None:
+            os.close(dfd)
+        self._synced.pop(seg, None)
         self._dirty.discard(seg)
         path = self.path(seg)
         try:
@@ -309,26 +395,63 @@ class Segments:
 
     # --- reads ---------------------------------------------------------------------
 
+    def _readable(self, seg: int) -> int:
+        """How far `seg` holds bytes no write changes any more: what was
+        synced of a segment this store writes, all of an older one."""
+        if seg in self._own or seg >= self._next:
+            return self._synced.get(seg, 0)
+        return 1 << 62
+
+    def read_many(self, places: list[tuple[int, int, int]], what: Callable[[int], str]) -> list[bytes | None]:
+        """The bodies at `places` [(seg, off, length)], in order; None for
+        one that cannot be read (logged, naming what(i), as read() does).
+        Bodies one after another in a segment are read together, around
+        the page cache where it can (store/direct.py), and the rest of that
+        segment is read ahead meanwhile."""
+        reader = self._reader
+        out: list[bytes | None] = []
+        with self._lock:
+            i, n = 0, len(places)
+            while i < n:
+                seg, start, length = places[i]
+                end, j = start + length, i + 1
+                while j < n and places[j][0] == seg and 0 <= places[j][1] - end < ALIGN \
+                        and places[j][1] + places[j][2] - start <= CHUNK - ALIGN:
+                    end = places[j][1] + places[j][2]
+                    j += 1
+                pieces = reader.read(seg, start, end) if reader is not None and seg not in self._gone else None
+                if pieces is None:
+                    out += [self._read_locked(*places[k], what(k)) for k in range(i, j)]
+                else:
+                    out += _cut(pieces, places[i:j])
+                i = j
+            if reader is not None and n and places[-1][0] not in self._gone:
+                reader.read_ahead(places[-1][0], places[-1][1] + places[-1][2])
+        return out
+
     def read(self, seg: int, off: int, length: int, what: str) -> bytes | None:
         """The body at (seg, off, length), or None if it cannot be read
         (logged, naming `what`, unless its segment was deleted by this store:
         then the row was deleted under the reader)."""
         with self._lock:
-            fd = self._fds.get(seg)
-            if fd is None:
-                if seg in self._gone:
-                    return None
-                try:
-                    fd = os.open(self.path(seg), os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as exc:
-                    self._lost(what, f"{self.path(seg)}: {exc.strerror}")
-                    return None
-                self._fds[seg] = fd
+            return self._read_locked(seg, off, length, what)
+
+    def _read_locked(self, seg: int, off: int, length: int, what: str) -> bytes | None:
+        fd = self._fds.get(seg)
+        if fd is None:
+            if seg in self._gone:
+                return None
             try:
-                data = os.pread(fd, length, off)
+                fd = os.open(self.path(seg), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 self._lost(what, f"{self.path(seg)}: {exc.strerror}")
                 return None
+            self._fds[seg] = fd
+        try:
+            data = os.pread(fd, length, off)
+        except OSError as exc:
+            self._lost(what, f"{self.path(seg)}: {exc.strerror}")
+            return None
         if len(data) != length:
             self._lost(what, f"{self.path(seg)} ends before byte {off + length}")
             return None
@@ -344,3 +467,9 @@ class Segments:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._reader is not None:
+                self._reader.close()
+        for dfd in self._dfds.values():
+            os.close(dfd)
+        self._dfds.clear()
+        self._writer.close()

@@ -121,24 +121,40 @@ class SQLiteReads:
             size = 0
             deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
             new, cls = new_row, StoredMessage
+            placed: list = []  # rows whose bodies are in segments: (index in rows, (seg, off, length))
             for r in source:  # stop early: bodies past max_bytes are never read
                 if r[0] in deleted:
                     continue
                 if r[4].__class__ is not str:
                     row = new(cls, r)
-                else:
-                    row = self._message(r)
-                    if row is None:
-                        continue
-                if counts and row.seq in counts:
-                    row = row._replace(deliveries=counts[row.seq])
+                    length = len(row.body)
+                else:  # read below, with the others (Segments.read_many)
+                    place = tuple(map(int, r[4].split(",")))
+                    placed.append((len(rows), place))
+                    row, length = r, place[2]
                 rows.append(row)
-                size += len(row.body)
+                size += length
                 if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
-                    stopped_at = row.seq  # rows after it were not read
+                    stopped_at = r[0]  # rows after it were not read
                     break
             cursor.close()
+        if placed:
+            rows = self._with_bodies(rows, placed)
+        if counts:
+            rows = [row._replace(deliveries=counts[row.seq]) if row.seq in counts else row for row in rows]
         return rows, stopped_at
+
+    def _with_bodies(self, rows: list, placed: list) -> list[StoredMessage]:
+        """The rows (StoredMessages, and rows read with _READ at the
+        indexes in `placed`) as StoredMessages, the latter with their
+        bodies read from their segments; one that cannot be read is left out."""
+        bodies = self._segments.read_many(
+            [place for _, place in placed],
+            lambda k: f"message {rows[placed[k][0]][2].hex()} (seq {rows[placed[k][0]][0]})")
+        for (i, _), body in zip(placed, bodies):
+            r = rows[i]
+            rows[i] = None if body is None else StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
+        return [row for row in rows if row is not None]
 
     def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
         return f"NOT IN ({','.join('?' * len(dropped))})", tuple(dropped)

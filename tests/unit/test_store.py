@@ -1125,7 +1125,8 @@ def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monke
 
 def test_a_lone_commit_drops_the_pages_of_its_body_from_the_cache(tmp_path, monkeypatch):
     """After its sync, a lone send's body leaves the page cache (the relay
-    delivers it from memory); a batch's stays, for the reads of a backlog."""
+    delivers it from memory); a short batch's stays (a long one's never
+    enters it: tests/unit/test_direct_io.py)."""
     s = SQLiteStore(str(tmp_path))
     dropped = []
     monkeypatch.setattr(segments_module.os, "posix_fadvise",
