@@ -13,9 +13,9 @@ DirectWriter writes a run of consecutive bodies: the bytes up to the first
 ALIGN boundary through the file's usual descriptor, the rest through an
 O_DIRECT one from an aligned buffer, the last block padded with zeros
 (bytes past the run that no row references; the next body written there
-overwrites them).  DirectReader reads bodies back in CHUNK-sized aligned
-reads, and reads the next chunk of a segment in a thread of its own while
-the relay loop delivers the one it has.  Both are only used where the
+overwrites them).  DirectReader reads bodies back in aligned reads of up
+to CHUNK bytes, and the next AHEAD chunks of a segment in a thread of its
+own while the relay loop delivers what it has.  Both are only used where the
 file system takes O_DIRECT (open_direct); elsewhere segments stay buffered.
 """
 
@@ -31,16 +31,21 @@ from typing import Callable
 
 log = logging.getLogger("murano_zmq.store")
 
-__all__ = ["ALIGN", "CHUNK", "DirectReader", "DirectWriter", "aligned_up", "open_direct"]
+__all__ = ["ALIGN", "AHEAD", "CHUNK", "WRITE_CHUNK", "DirectReader", "DirectWriter", "aligned_up", "open_direct"]
 
 # Offsets, lengths and buffer addresses of direct I/O are multiples of
 # this (ext4's block size; a device's logical block is 512 or 4096).
 ALIGN = 4096
-# The most one direct write or read moves (the device's largest request
-# here, /sys/block/vda/queue/max_sectors_kb): a buffer of this size is kept.
-CHUNK = 8 << 20
-# Chunks read ahead of the caller (in order, one at a time).
-AHEAD = 3
+# The most one direct write moves (the device's largest request here,
+# /sys/block/vda/queue/max_sectors_kb, is 4 MiB): DirectWriter keeps a
+# buffer of up to this size.
+WRITE_CHUNK = 8 << 20
+# The size of a read, and how many are read ahead of the caller, in order:
+# smaller reads let the caller go on sooner (a Node consumer acking one
+# message at a time read a 64 KiB backlog at 16,700-18,900 msg/s with 2 MiB
+# x 8, 14,700-16,700 with 8 MiB x 3; docs/performance.md, "Session 19").
+CHUNK = 2 << 20
+AHEAD = 8
 
 
 def aligned_up(n: int) -> int:
@@ -67,7 +72,7 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 class DirectWriter:
     """Writes runs of bodies for one writer thread at a time (the store's
-    commit lock); keeps one aligned buffer of up to CHUNK bytes."""
+    commit lock); keeps one aligned buffer of up to WRITE_CHUNK bytes."""
 
     def __init__(self):
         self._buf: mmap.mmap | None = None
@@ -100,7 +105,7 @@ class DirectWriter:
                 views[0] = first[n:]
         if pos == end:
             return end
-        buf = self._buffer(min(aligned_up(end - pos), CHUNK))
+        buf = self._buffer(min(aligned_up(end - pos), WRITE_CHUNK))
         space = memoryview(buf)
         try:
             cap, fill = len(buf), 0
@@ -169,6 +174,11 @@ class DirectReader:
         self._prev: tuple[int, int] = (-1, 0)  # the segment and end of the last read
         self._streaming = False  # ... which went on where the one before ended (or was long)
 
+    @staticmethod
+    def longest() -> int:
+        """The most bytes one read() takes (a longer run is read buffered)."""
+        return CHUNK - ALIGN
+
     def read(self, seg: int, start: int, end: int) -> list[tuple[memoryview, int]] | None:
         """Bytes start..end of `seg`, as views (valid until the next call)
         that hold them in order, each with the file offset of its first
@@ -184,7 +194,7 @@ class DirectReader:
         if pieces is None:
             self._drop_ahead()  # elsewhere than read ahead: what it read is of no use
             fd, limit = self._fd(seg), self._readable(seg)
-            if fd is None or end > limit or end - start > CHUNK - ALIGN:
+            if fd is None or end > limit or end - start > self.longest():
                 return None
             chunk = _Chunk(seg, start & -ALIGN, min(limit, aligned_up(end)), self._buffer())
             failed = self._fill(chunk, fd)

@@ -39,7 +39,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from .direct import ALIGN, CHUNK, DirectReader, DirectWriter, open_direct
+from .direct import ALIGN, DirectReader, DirectWriter, open_direct
 
 log = logging.getLogger("murano_zmq.store")
 
@@ -410,13 +410,14 @@ class Segments:
         segment is read ahead meanwhile."""
         reader = self._reader
         out: list[bytes | None] = []
+        longest = reader.longest() if reader is not None else 0
         with self._lock:
             i, n = 0, len(places)
             while i < n:
                 seg, start, length = places[i]
                 end, j = start + length, i + 1
                 while j < n and places[j][0] == seg and 0 <= places[j][1] - end < ALIGN \
-                        and places[j][1] + places[j][2] - start <= CHUNK - ALIGN:
+                        and places[j][1] + places[j][2] - start <= longest:
                     end = places[j][1] + places[j][2]
                     j += 1
                 pieces = reader.read(seg, start, end) if reader is not None and seg not in self._gone else None
