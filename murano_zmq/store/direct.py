@@ -70,6 +70,13 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+def _pwrite_direct(dfd: int, view: memoryview, offset: int) -> None:
+    """One direct write of all of `view`; a short one is a full disk (the
+    rest, no longer aligned, would fail with EINVAL instead)."""
+    if os.pwrite(dfd, view, offset) != len(view):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 class DirectWriter:
     """Writes runs of bodies for one writer thread at a time (the store's
     commit lock); keeps one aligned buffer of up to WRITE_CHUNK bytes."""
@@ -116,12 +123,12 @@ class DirectWriter:
                     fill += n
                     view = view[n:]
                     if fill == cap:
-                        _pwrite_all(dfd, space, pos)
+                        _pwrite_direct(dfd, space, pos)
                         pos, fill = pos + cap, 0
             if fill:
                 padded = aligned_up(fill)
                 space[fill:padded] = bytes(padded - fill)
-                _pwrite_all(dfd, space[:padded], pos)
+                _pwrite_direct(dfd, space[:padded], pos)
                 pos += padded
         finally:
             space.release()
@@ -258,14 +265,15 @@ class DirectReader:
             fd = self._fd(seg)
             if fd is None:
                 return
-            chunk = _Chunk(seg, pos & -ALIGN, limit, self._buffer())
-            self._ahead.append(chunk)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="relay-read-ahead", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="relay-read-ahead", daemon=True)
+                thread.start()  # (before any chunk waits for it)
+                self._thread = thread
+            chunk = _Chunk(seg, pos & -ALIGN, limit, self._buffer())
             with self._cond:
                 self._jobs.append((chunk, fd))
                 self._cond.notify_all()
+            self._ahead.append(chunk)
             pos = chunk.want
 
     def forget(self, seg: int) -> None:
@@ -291,6 +299,15 @@ class DirectReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._last is not None:
+            self._free(self._last)
+            self._last = None
+        for buf in self._spare:
+            try:
+                buf.close()
+            except BufferError:  # (a view of it still held: the collector frees it)
+                pass
+        self._spare.clear()
 
     def _fd(self, seg: int) -> int | None:
         fd = self._fds.get(seg)
@@ -338,10 +355,12 @@ class DirectReader:
                 if self._closed:
                     return
                 chunk, fd = self._jobs.popleft()
-            self._fill(chunk, fd)
-            with self._cond:
-                chunk.done = True
-                self._cond.notify_all()
+            try:
+                self._fill(chunk, fd)
+            finally:  # (whatever happened, no one waits for it forever: an empty chunk is read buffered)
+                with self._cond:
+                    chunk.done = True
+                    self._cond.notify_all()
 
     @staticmethod
     def _fill(chunk: _Chunk, fd: int) -> OSError | None:

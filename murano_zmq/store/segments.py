@@ -86,9 +86,10 @@ def _cut(pieces: list[tuple[memoryview, int]], places: list[tuple[int, int, int]
             continue
         parts = [view[off - base:]]  # (a body that goes on in the next piece)
         while stop > base + len(view):
+            done = base + len(view)  # (the next piece may begin before it: from here on)
             k += 1
             view, base = pieces[k]
-            parts.append(view[:stop - base])
+            parts.append(view[done - base:stop - base])
         out.append(b"".join(parts))
     for view, _ in pieces:
         view.release()
@@ -141,6 +142,7 @@ class Segments:
         self._writer = DirectWriter()
         self._own: set[int] = set()  # segments this store created
         self._synced: dict[int, int] = {}  # ... how far each holds bodies synced
+        self._sizes: dict[int, int] = {}  # an older segment -> its size (read ahead up to it)
         self._reader = DirectReader(self.path, self._readable) if self._direct else None
 
     def path(self, seg: int) -> str:
@@ -263,8 +265,8 @@ class Segments:
         except OSError as exc:
             os.close(fd)
             raise _full(exc, path) from None
+        self._own.add(seg)  # (first: a read of seg from now on stops at what is synced)
         self._next = seg + 1
-        self._own.add(seg)
         if self._direct:
             dfd = open_direct(path, os.O_WRONLY)
             if dfd is not None:
@@ -374,6 +376,7 @@ class Segments:
         if dfd is not None:
             os.close(dfd)
         self._synced.pop(seg, None)
+        self._sizes.pop(seg, None)
         self._dirty.discard(seg)
         path = self.path(seg)
         try:
@@ -397,10 +400,22 @@ class Segments:
 
     def _readable(self, seg: int) -> int:
         """How far `seg` holds bytes no write changes any more: what was
-        synced of a segment this store writes, all of an older one."""
+        synced of a segment this store writes, all of an older one (the
+        last start's: never written again), nothing of one being deleted.
+        (From the read-ahead, under _lock; the sets it reads change under
+        it or, for _own, before the segment is written.)"""
+        if seg in self._gone:
+            return 0
         if seg in self._own or seg >= self._next:
             return self._synced.get(seg, 0)
-        return 1 << 62
+        size = self._sizes.get(seg)
+        if size is None:
+            try:
+                size = os.path.getsize(self.path(seg))
+            except OSError:
+                size = 0
+            self._sizes[seg] = size
+        return size
 
     def read_many(self, places: list[tuple[int, int, int]], what: Callable[[int], str]) -> list[bytes | None]:
         """The bodies at `places` [(seg, off, length)], in order; None for

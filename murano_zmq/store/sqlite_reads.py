@@ -107,54 +107,69 @@ class SQLiteReads:
                     wanted: int, batches: list[WriteBatch]) -> tuple[list[StoredMessage], int | None]:
         rows: list[StoredMessage] = []
         stopped_at = None
+        size = 0
+        deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
+        new, cls = new_row, StoredMessage
         with self._read_lock:
-            cursor = self._reader.execute(
-                f"SELECT {_READ} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
-                (mailbox_id, after_seq, wanted))
-            source = cursor
-            if self._packs.has_mailbox(mailbox_id):
-                # Packed rows and table rows in seq order.  The cursor's
-                # LIMIT holds: at least `limit` of its `wanted` rows are
-                # not deleted, so the loop stops at or before its last.
-                packed = self._packs.ready(self._query, mailbox_id, after_seq)
-                source = merge(cursor, packed, key=_seq)
-            size = 0
-            deleted, counts = overlay(batches)  # (the mailbox itself is not dropped)
-            new, cls = new_row, StoredMessage
-            placed: list = []  # rows whose bodies are in segments: (index in rows, (seg, off, length))
-            for r in source:  # stop early: bodies past max_bytes are never read
-                if r[0] in deleted:
-                    continue
-                if r[4].__class__ is not str:
-                    row = new(cls, r)
-                    length = len(row.body)
-                else:  # read below, with the others (Segments.read_many)
-                    place = tuple(map(int, r[4].split(",")))
-                    placed.append((len(rows), place))
-                    row, length = r, place[2]
-                rows.append(row)
-                size += length
-                if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
-                    stopped_at = r[0]  # rows after it were not read
+            while True:
+                cursor = self._reader.execute(
+                    f"SELECT {_READ} FROM messages WHERE mailbox=? AND seq>? ORDER BY seq LIMIT ?",
+                    (mailbox_id, after_seq, wanted))
+                source = cursor
+                if self._packs.has_mailbox(mailbox_id):
+                    # Packed rows and table rows in seq order.  The cursor's
+                    # LIMIT holds: at least `limit` of its `wanted` rows are
+                    # not deleted, so the loop stops at or before its last.
+                    packed = self._packs.ready(self._query, mailbox_id, after_seq)
+                    source = merge(cursor, packed, key=_seq)
+                placed: list = []  # rows whose bodies are in segments: (index in rows, (seg, off, length))
+                for r in source:  # stop early: bodies past max_bytes are never read
+                    after_seq = r[0]
+                    if r[0] in deleted:
+                        continue
+                    if r[4].__class__ is not str:
+                        row = new(cls, r)
+                        length = len(row.body)
+                    else:  # read below, with the others (Segments.read_many)
+                        place = tuple(map(int, r[4].split(",")))
+                        placed.append((len(rows), place))
+                        row, length = r, place[2]
+                    rows.append(row)
+                    size += length
+                    if len(rows) >= limit or (max_bytes is not None and size >= max_bytes):
+                        stopped_at = r[0]  # rows after it were not read
+                        break
+                cursor.close()
+                read = len(rows)
+                if placed:
+                    rows, size = self._with_bodies(rows, placed, size)
+                if len(rows) == read:
                     break
-            cursor.close()
-        if placed:
-            rows = self._with_bodies(rows, placed)
+                # Some bodies could not be read (left out, logged): read on
+                # after the last row seen, in their place (until a read
+                # loses none: the last finds no rows, or its bodies).
+                stopped_at = None
         if counts:
             rows = [row._replace(deliveries=counts[row.seq]) if row.seq in counts else row for row in rows]
         return rows, stopped_at
 
-    def _with_bodies(self, rows: list, placed: list) -> list[StoredMessage]:
+    def _with_bodies(self, rows: list, placed: list, size: int) -> tuple[list[StoredMessage], int]:
         """The rows (StoredMessages, and rows read with _READ at the
         indexes in `placed`) as StoredMessages, the latter with their
-        bodies read from their segments; one that cannot be read is left out."""
+        bodies read from their segments, and `size` (their bodies' bytes)
+        less those of the ones that cannot be read, which are left out."""
         bodies = self._segments.read_many(
             [place for _, place in placed],
             lambda k: f"message {rows[placed[k][0]][2].hex()} (seq {rows[placed[k][0]][0]})")
-        for (i, _), body in zip(placed, bodies):
+        lost = False
+        for (i, place), body in zip(placed, bodies):
             r = rows[i]
-            rows[i] = None if body is None else StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
-        return [row for row in rows if row is not None]
+            if body is None:
+                rows[i], lost = None, True
+                size -= place[2]
+            else:
+                rows[i] = StoredMessage(r[0], r[1], r[2], r[3], body, r[5], r[6], r[7])
+        return ([row for row in rows if row is not None] if lost else rows), size
 
     def _not_dropped(self, dropped: list[int]) -> tuple[str, tuple]:
         return f"NOT IN ({','.join('?' * len(dropped))})", tuple(dropped)

@@ -265,7 +265,7 @@ def test_a_refused_direct_write_is_written_buffered_from_then_on(tmp_path, monke
             flush(s)
         assert [r.message for r in caplog.records if "refuses direct I/O" in r.message] != []
         assert len([r for r in caplog.records if "refuses direct I/O" in r.message]) == 1
-        assert not s._segments._direct and s._segments._reader is None or s._segments._reader._closed
+        assert not s._segments._direct and s._segments._reader._closed
         assert [m.body for m in s.load_ready(1, 0, 100)] == [r.body for r in rows]
     finally:
         s.close()
@@ -309,3 +309,67 @@ def test_segments_close_stops_the_read_ahead(tmp_path, monkeypatch):
     assert segs._reader._thread is not None and segs._reader._ahead  # reading on
     segs.close()
     assert segs._reader._thread is None and not segs._reader._fds
+
+
+def test_a_backlog_left_by_an_earlier_run_is_read_ahead_across_its_segments(tmp_path, monkeypatch):
+    """After a restart the segments are older ones (never written again):
+    read ahead up to each one's size, then on into the next, so only the
+    first read of the backlog waits on the disk; a segment being deleted
+    is read no more."""
+    monkeypatch.setattr(direct, "CHUNK", 48 * ALIGN)  # (three bodies a chunk)
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 8 * LARGE
+    rows = large_rows(1, 24)  # three segments
+    s.insert(rows)
+    flush(s)
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        reader = s._segments._reader
+        fills = []
+        real = DirectReader._fill
+
+        def fill(chunk, fd):
+            fills.append((chunk.seg, threading.current_thread().name == "relay-read-ahead"))
+            return real(chunk, fd)
+
+        reader._fill = fill
+        after, got = 0, []
+        while True:
+            window = s.load_ready(1, after, 2)
+            if not window:
+                break
+            got += window
+            after = window[-1].seq
+        assert [m.body for m in got] == [r.body for r in rows]
+        assert [f for f in fills if not f[1]] == [(fills[0][0], False)]  # the first read only
+        assert {seg for seg, ahead in fills if ahead} == {fills[0][0], fills[0][0] + 1, fills[0][0] + 2}
+        assert s._segments._readable(fills[0][0]) == 8 * LARGE  # (its size)
+        s.delete([r.seq for r in rows[:8]])
+        flush(s)  # the first segment goes
+        assert s._segments._readable(fills[0][0]) == 0
+    finally:
+        s.close()
+
+
+def test_a_body_across_pieces_that_overlap_comes_out_once():
+    """A chunk read ahead from an unaligned end begins at the block before
+    it: the next piece may hold bytes the one before held too."""
+    data = bytes(range(256)) * 64  # 16 KiB
+    pieces = [(memoryview(data[0:6000]), 0), (memoryview(data[4096:12000]), 4096), (memoryview(data[8192:]), 8192)]
+    places = [(1, 100, 50), (1, 5000, 2000), (1, 5990, 8000), (1, 15000, 1384)]
+    assert segments_module._cut(pieces, places) == [data[o:o + n] for _, o, n in places]
+
+
+def test_a_short_direct_write_is_a_full_disk_not_a_fall_back(tmp_path, monkeypatch):
+    path = str(tmp_path / "seg")
+    fd, dfd = open_pair(path)
+    real = os.pwrite
+    monkeypatch.setattr(direct.os, "pwrite", lambda f, v, o: real(f, v[:ALIGN], o) if f == dfd else real(f, v, o))
+    try:
+        with pytest.raises(OSError) as failed:
+            DirectWriter().write(fd, dfd, 0, [body(1, 4 * ALIGN)])
+        assert failed.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+        os.close(dfd)

@@ -1078,6 +1078,25 @@ def test_a_segment_lost_under_a_running_store_skips_its_message(tmp_path, caplog
         s.close()
 
 
+def test_unreadable_bodies_do_not_use_up_a_windows_room(tmp_path, caplog):
+    """Rows whose bodies cannot be read are left out of a window read and
+    take none of its rows or bytes: the rows after them fill it (a short
+    read would tell the relay the mailbox has nothing more on disk)."""
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 3 * LARGE  # rows 1-3 in the first segment, 4-6 in the second
+    s.insert([msg(seq, body=bytes([seq]) * LARGE) for seq in range(1, 7)])
+    flush(s)
+    s.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        os.unlink(os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0]))
+        with caplog.at_level(logging.ERROR, logger="murano_zmq.store"):
+            assert [m.seq for m in s.load_ready(1, 0, 10, max_bytes=LARGE + 1)] == [4, 5]
+            assert [m.seq for m in s.load_ready(1, 0, 2)] == [4, 5]
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("where", ["pwrite", "fdatasync"])
 def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
     s = SQLiteStore(str(tmp_path))
