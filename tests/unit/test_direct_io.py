@@ -183,6 +183,21 @@ def large_rows(first: int, n: int, mailbox: int = 1) -> list[StoredMessage]:
     return [msg(seq, body(seq), mailbox) for seq in range(first, first + n)]
 
 
+def in_windows(store, size: int, settle: bool = False) -> list[StoredMessage]:
+    """Mailbox 1 read as a consumer's windows are, `size` rows after the
+    last one each time (settle: each window deleted and committed)."""
+    after, got = 0, []
+    while True:
+        window = store.load_ready(1, after, size)
+        if not window:
+            return got
+        got += window
+        after = window[-1].seq
+        if settle:
+            store.delete([m.seq for m in window])
+            flush(store)
+
+
 def test_a_long_batch_goes_around_the_page_cache_and_lone_sends_through_it(tmp_path, monkeypatch):
     """Batches of DIRECT_MIN bytes and up are written direct, lone sends
     buffered (their pages reused: store/segments.py), one after the other
@@ -221,16 +236,7 @@ def test_a_backlog_reads_back_in_windows(tmp_path, monkeypatch):
         for i in range(0, 60, 10):
             s.insert(rows[i:i + 10])
             flush(s)
-        after, got = 0, []
-        while True:
-            window = s.load_ready(1, after, 3)
-            if not window:
-                break
-            got += window
-            after = window[-1].seq
-            s.delete([m.seq for m in window])
-            flush(s)
-        assert [m.body for m in got] == [r.body for r in rows]
+        assert [m.body for m in in_windows(s, 3, settle=True)] == [r.body for r in rows]
         assert s._segments._reader._thread is not None  # (it read ahead)
     finally:
         s.close()
@@ -334,14 +340,7 @@ def test_a_backlog_left_by_an_earlier_run_is_read_ahead_across_its_segments(tmp_
             return real(chunk, fd)
 
         reader._fill = fill
-        after, got = 0, []
-        while True:
-            window = s.load_ready(1, after, 2)
-            if not window:
-                break
-            got += window
-            after = window[-1].seq
-        assert [m.body for m in got] == [r.body for r in rows]
+        assert [m.body for m in in_windows(s, 2)] == [r.body for r in rows]
         assert [f for f in fills if not f[1]] == [(fills[0][0], False)]  # the first read only
         assert {seg for seg, ahead in fills if ahead} == {fills[0][0], fills[0][0] + 1, fills[0][0] + 2}
         assert s._segments._readable(fills[0][0]) == 8 * LARGE  # (its size)
