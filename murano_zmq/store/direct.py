@@ -31,7 +31,8 @@ from typing import Callable
 
 log = logging.getLogger("murano_zmq.store")
 
-__all__ = ["ALIGN", "AHEAD", "CHUNK", "WRITE_CHUNK", "DirectReader", "DirectWriter", "aligned_up", "open_direct"]
+__all__ = ["ALIGN", "AHEAD", "CHUNK", "WRITE_CHUNK", "DirectReader", "DirectWriter", "aligned_up", "open_direct",
+           "pwrite_all"]
 
 # Offsets, lengths and buffer addresses of direct I/O are multiples of
 # this (ext4's block size; a device's logical block is 512 or 4096).
@@ -64,9 +65,11 @@ def open_direct(path: str, flags: int) -> int | None:
         return None
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of `view` at `offset` (a short write on a filling disk:
+    the next one raises ENOSPC)."""
     done = 0
-    while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
+    while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
 
 
@@ -103,7 +106,7 @@ class DirectWriter:
         while head:
             first = views[0]
             n = min(head, len(first))
-            _pwrite_all(fd, first[:n], pos)
+            pwrite_all(fd, first[:n], pos)
             pos += n
             head -= n
             if n == len(first):
@@ -150,9 +153,6 @@ class _Chunk:
         self.want = min(base + CHUNK, limit)  # what the read asks for
         self.end = base  # what it got, once done
         self.done = False
-
-    def may_cover(self, seg: int, start: int, end: int) -> bool:
-        return seg == self.seg and self.base <= start and end <= self.want
 
     def covers(self, seg: int, start: int, end: int) -> bool:
         return seg == self.seg and self.base <= start and end <= self.end

@@ -39,7 +39,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from .direct import ALIGN, DirectReader, DirectWriter, open_direct
+from .direct import ALIGN, DirectReader, DirectWriter, open_direct, pwrite_all
 
 log = logging.getLogger("murano_zmq.store")
 
@@ -215,10 +215,7 @@ class Segments:
                     raise
                 self._no_direct(exc)  # and write it buffered
         for off, body in run:
-            view = memoryview(body)
-            done = 0
-            while done < len(view):  # a short write on a filling disk: the next raises ENOSPC
-                done += os.pwrite(fd, view[done:], off + done)
+            pwrite_all(fd, memoryview(body), off)
 
     def _no_direct(self, exc: OSError) -> None:
         """The file system refused a direct write: write buffered from now on."""
