@@ -54,12 +54,23 @@ def test_blocking_requests_are_owned_by_the_caller(relay):
     with Node("asker", relay=relay.endpoint) as node:
         node.send("owned.warm", b"x")
         entered, who = spy_owned(node)
+        offered, inner = [], node._take_sockets
+
+        def take() -> bool:
+            offered.append(inner())
+            return offered[-1]
+
+        node._take_sockets = take
         assert node.declare("owned.req", ttl=60)["name"] == "owned.req"
         box = node.consume("owned.req", direct=False)
         assert any(mb["name"] == "owned.req" for mb in node.status()["mailboxes"])
         with pytest.raises(MailboxNotFound):
             node.declare("owned.missing", passive=True)
-        assert entered.is_set() and set(who) == {threading.get_ident()} and len(who) == 4
+        # Each request asks for the sockets; one that finds the I/O thread in
+        # a turn longer than the caller waits (a loaded machine) goes through
+        # it instead, so it is the ones that got them that must be owned.
+        assert len(offered) == 4 and entered.is_set()
+        assert set(who) == {threading.get_ident()} and len(who) == sum(offered)
         node.send("owned.req", 7)
         assert box.get(timeout=10).body == 7
 
