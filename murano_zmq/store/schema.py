@@ -1,6 +1,6 @@
 """The SQLite store's tables and the numbers that size its connections."""
 
-SCHEMA_VERSION = 3  # 2: large bodies in segment files (seg, seg_off, seg_len); 3: packs
+SCHEMA_VERSION = 4  # 2: large bodies in segment files (seg, seg_off, seg_len); 3: packs; 4: seg_crc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS messages (
     deliveries INTEGER NOT NULL DEFAULT 0,
     seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
     seg_off INTEGER,
-    seg_len INTEGER
+    seg_len INTEGER,
+    seg_crc INTEGER  -- the body's CRC-32, when its sync was the WAL's (store/writeback.py)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (msg_id);
 CREATE INDEX IF NOT EXISTS messages_by_mailbox ON messages (mailbox, seq);
@@ -54,6 +55,8 @@ ALTER TABLE messages ADD COLUMN seg INTEGER;
 ALTER TABLE messages ADD COLUMN seg_off INTEGER;
 ALTER TABLE messages ADD COLUMN seg_len INTEGER;
 """
+# Version 3 -> 4: the segment bodies' checksums (store/writeback.py).
+MIGRATE_3_4 = "ALTER TABLE messages ADD COLUMN seg_crc INTEGER;"
 SEGMENT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_by_segment ON messages (seg, seg_off, seg_len) "
                  "WHERE seg IS NOT NULL")
 
@@ -73,7 +76,7 @@ CACHE_KIB = 16 * 1024
 ID_CHUNK = 500
 
 COLUMNS = "seq, mailbox, msg_id, headers, body, created, expires, deliveries"
-SEGMENT_COLUMNS = "seg, seg_off, seg_len"
+SEGMENT_COLUMNS = "seg, seg_off, seg_len, seg_crc"
 
-__all__ = ["SCHEMA_VERSION", "SCHEMA", "MIGRATE_1_2", "SEGMENT_INDEX", "PAGE_SIZE", "CACHE_KIB", "ID_CHUNK",
-           "COLUMNS", "SEGMENT_COLUMNS"]
+__all__ = ["SCHEMA_VERSION", "SCHEMA", "MIGRATE_1_2", "MIGRATE_3_4", "SEGMENT_INDEX", "PAGE_SIZE", "CACHE_KIB",
+           "ID_CHUNK", "COLUMNS", "SEGMENT_COLUMNS"]

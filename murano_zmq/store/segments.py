@@ -24,6 +24,10 @@ segment come in large aligned chunks, read ahead in a thread while it
 delivers (store/direct.py): fresh page-cache pages cost this VM kind a
 fault to its host each.
 
+A lone commit's bodies that fit in what earlier syncs made durable may
+instead be written without a sync of their own, made durable by the WAL's
+(write_unsynced(), store/writeback.py).
+
 Writes (append, sync, the commit hooks) run under the store's commit lock,
 one writer at a time; reads come from the relay loop at any time.  append()
 only places a body; sync() writes and syncs, so with a committer thread the
@@ -36,9 +40,11 @@ import errno
 import logging
 import os
 import threading
+import zlib
 from collections import Counter
 from typing import Callable
 
+from . import writeback
 from .direct import ALIGN, DirectReader, DirectWriter, open_direct, pwrite_all
 
 log = logging.getLogger("murano_zmq.store")
@@ -119,10 +125,17 @@ def _drop_cached(fd: int, start: int, end: int) -> None:
 
 
 class Segments:
-    def __init__(self, data_dir: str, roll_bytes: int = ROLL_BYTES):
+    def __init__(self, data_dir: str, roll_bytes: int = ROLL_BYTES, flush_shared: bool | None = None):
+        """flush_shared: may a lone commit's bodies be made durable by the
+        WAL's flush (write_unsynced())?  None: where the file system allows
+        (writeback.shares_flush)."""
         self.dir = os.path.join(data_dir, SEGMENT_DIR)
         self.roll_bytes = roll_bytes
         os.makedirs(self.dir, exist_ok=True)
+        if flush_shared is None:
+            flush_shared = writeback.shares_flush(self.dir, data_dir)
+        self._flush_shared = flush_shared
+        self._unsynced: tuple[int, int, int] | None = None  # (segment, start, end) of write_unsynced()
         self._lock = threading.Lock()  # the fd table, against reads from the loop
         self._fds: dict[int, int] = {}  # segment -> open fd
         self._live: Counter = Counter()  # segment -> committed rows referencing it
@@ -159,14 +172,33 @@ class Segments:
                 found[int(stem)] = os.path.getsize(os.path.join(self.dir, name))
         return found
 
+    def holds(self, seg: int, off: int, length: int, crc: int) -> bool:
+        """(at start) Are a segment's bytes off..off+length those whose
+        CRC-32 is `crc`?"""
+        fd = os.open(self.path(seg), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return zlib.crc32(os.pread(fd, length, off)) == crc
+        finally:
+            os.close(fd)
+
     def start(self, counts: dict[int, int], files: dict[int, int]) -> None:
         """Take the committed counts (segment -> rows); delete the files no
-        row references (all their messages acked, or a crash's tail)."""
+        row references (all their messages acked, or a crash's tail).  Sync
+        the newest file left: the last commit's bodies may have been in the
+        page cache only (write_unsynced(); the start-up checkpoint made their
+        rows durable)."""
         self._live = Counter({s: n for s, n in counts.items() if n > 0})
         self._next = max([*files, *counts, 0]) + 1
         for seg in files:
             if seg not in self._live:
                 self._retire(seg)
+        newest = max((seg for seg in self._live if seg in files), default=None)
+        if newest is not None:
+            fd = os.open(self.path(newest), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     # --- writes (under the store's commit lock) ------------------------------------
 
@@ -185,6 +217,56 @@ class Segments:
     def unwritten(self) -> bool:
         """Are bodies placed that sync() has yet to write?"""
         return bool(self._unwritten)
+
+    def fits_unsynced(self, nbytes: int) -> bool:
+        """Would bodies of `nbytes` placed next lie in the current segment,
+        over blocks the last sync made durable (no size or block map to
+        write), with nothing else written and not synced?  Then
+        write_unsynced() may write them, and the WAL's flush make them
+        durable.  (A run as long as DIRECT_MIN is a batch's: synced.)"""
+        return (self._flush_shared and self._current is not None and not self._unwritten
+                and not self._dirty and not self._dir_dirty and 0 < nbytes < DIRECT_MIN
+                and self._end + nbytes <= min(self._filled, self.roll_bytes))
+
+    def write_unsynced(self) -> None:
+        """Write the bodies placed since fits_unsynced() said yes, and start
+        their write to the device; the store calls wait_unsynced() after
+        its COMMIT, then flushed() after the WAL's sync."""
+        seg = self._current
+        start, end = self._unwritten[0][1], self._end
+        self._write_placed()
+        self._dirty.discard(seg)  # (made durable by the WAL's flush, not a sync of its own)
+        self._unsynced = (seg, start, end)
+        try:
+            writeback.start_write(self._fds[seg], start, end - start)
+        except OSError:
+            pass  # (wait_unsynced() writes them, and reports a failure)
+
+    @property
+    def unsynced(self) -> bool:
+        """Is a write of write_unsynced() waiting for wait_unsynced()/flushed()?"""
+        return self._unsynced is not None
+
+    def wait_unsynced(self) -> None:
+        """Return once write_unsynced()'s bodies are on the device (not yet
+        flushed): before the sync of the WAL that holds their rows begins.
+        A failed write raises OSError, and the segment is written no more."""
+        seg, start, end = self._unsynced
+        try:
+            writeback.wait_written(self._fds[seg], start, end - start)
+        except OSError as exc:
+            self._unsynced, self._current = None, None
+            raise _full(exc, self.path(seg)) from None
+
+    def flushed(self) -> None:
+        """The WAL's sync after wait_unsynced() succeeded: the bodies are
+        durable (readable from the file), their pages may go."""
+        seg, start, end = self._unsynced
+        self._unsynced = None
+        self._synced[seg] = max(self._synced.get(seg, 0), end)
+        fd = self._fds.get(seg)
+        if fd is not None:
+            _drop_cached(fd, start, end)
 
     def _write_placed(self) -> dict[int, tuple[int, int]]:
         """Write the bodies placed; segment -> (start, end) of the bodies written."""
@@ -354,6 +436,7 @@ class Segments:
                 break
         self._unwritten.clear()
         self._pending.clear()
+        self._unsynced = None  # (written: bytes no row references)
 
     @property
     def _spare(self) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import zlib
 from itertools import chain
 from operator import itemgetter
 
@@ -42,11 +43,11 @@ from .base import StoredMessage, field_body, field_msg_id
 from .batched import BatchedStore
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
-from .schema import MIGRATE_1_2, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import THRESHOLD, Segments
+from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
+from .segments import DIRECT_MIN, THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
-from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
+from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
 from .batch import WriteBatch, runs
 
@@ -118,7 +119,7 @@ _PLAIN_FIELDS = itemgetter(0, 1, 2, 4, 5, 7)  # a StoredMessage's, in _INSERT_PL
 _EXTRAS = itemgetter(3, 6)  # headers, expires
 _PLAIN_EXTRAS = (b"", None)  # a usual row's
 _INSERT_PLACED_ROWS = MultiRowInsert(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES ",
-                                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", 11)
+                                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", 12)
 
 
 class SQLiteStore(SQLiteReads, BatchedStore):
@@ -204,6 +205,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             row = (2,)
         if row is not None and row[0] == 2:  # the same rows; the packs' tables are new (and empty)
             self._db.execute("UPDATE meta SET value=3 WHERE key='schema'")
+            row = (3,)
+        if row is not None and row[0] == 3:  # the same rows, none with a checksum
+            self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATE_3_4} "
+                                   "UPDATE meta SET value=4 WHERE key='schema'; COMMIT;")
         self._check_schema(self._db.execute, "?", SCHEMA_VERSION, RuntimeError)
         self._db.execute(SEGMENT_INDEX)
         # Everything the WAL holds, into the database and synced (at FULL)
@@ -222,8 +227,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
     def _start_segments(self) -> None:
         """Count the rows of each segment; rows whose bytes are not all in
-        their segment (a file lost or cut short outside the relay) are logged
-        one by one and deleted, so the relay starts from rows it can deliver."""
+        their segment (a file lost or cut short outside the relay), or not
+        what their checksum says (_torn_rows), are logged one by one and
+        deleted, so the relay starts from rows it can deliver."""
         files = self._segments.on_disk()
         counts, lost = {}, []
         for seg, n, extent in self._query(
@@ -232,11 +238,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if extent > files.get(seg, -1):
                 lost += self._query("SELECT seq, mailbox, msg_id, seg FROM messages "
                                     "WHERE seg=? AND seg_off + seg_len > ?", (seg, files.get(seg, 0)))
+        for i, (seq, mailbox, msg_id, seg) in enumerate(lost[:1000]):
+            log.error("message %s (seq %d, mailbox id %d) is lost: its body is not in %s "
+                      "(missing or cut short)", msg_id.hex(), seq, mailbox, self._segments.path(seg))
+        torn = self._torn_rows(files)
+        for seq, mailbox, msg_id, seg in torn:
+            log.error("message %s (seq %d, mailbox id %d) was never confirmed: the relay stopped before "
+                      "its body was on disk in %s; it is dropped", msg_id.hex(), seq, mailbox,
+                      self._segments.path(seg))
+        lost += torn
         if lost:
-            for i, (seq, mailbox, msg_id, seg) in enumerate(lost):
-                if i < 1000:
-                    log.error("message %s (seq %d, mailbox id %d) is lost: its body is not in %s "
-                              "(missing or cut short)", msg_id.hex(), seq, mailbox, self._segments.path(seg))
             try:
                 retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
                 self._db.executemany("DELETE FROM messages WHERE seq=?", [(r[0],) for r in lost])
@@ -246,6 +257,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             except sqlite3.Error as exc:  # (a full disk): they stay, and reads skip them
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+                if torn:  # (reads would not: their bytes are there)
+                    raise StartupError(f"{self.path}: {len(torn)} message(s) whose bodies did not reach the "
+                                       f"disk could not be deleted ({exc}): free space, then start again") from None
                 log.error("%d message(s) whose bodies are not in their segment files could not be "
                           "deleted (%s): they are skipped", len(lost), exc)
             else:
@@ -254,6 +268,22 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 log.error("%d message(s) whose bodies were not in their segment files are deleted "
                           "(docs/operations.md, 'Segment files')", len(lost))
         self._segments.start(counts, files)
+
+    def _torn_rows(self, files: dict[int, int]) -> list[tuple]:
+        """(at start) The rows of the last commit whose bodies were to be
+        made durable by the WAL's flush (store/writeback.py) but whose bytes
+        do not match their checksum: the WAL's frames reached the disk and
+        the bodies did not, and no confirm went out.  Only the last commit
+        can be such: each one waits for the flush of the one before.  Its
+        bodies are the newest segment's last, under DIRECT_MIN bytes."""
+        top = self._query("SELECT max(seg) FROM messages WHERE seg IS NOT NULL")[0][0]
+        if top is None:
+            return []
+        extent = self._query("SELECT max(seg_off + seg_len) FROM messages WHERE seg=?", (top,))[0][0]
+        return [(seq, mailbox, msg_id, seg) for seq, mailbox, msg_id, seg, off, length, crc in self._query(
+                    "SELECT seq, mailbox, msg_id, seg, seg_off, seg_len, seg_crc FROM messages "
+                    "WHERE seg=? AND seg_crc IS NOT NULL AND seg_off + seg_len > ?", (top, extent - DIRECT_MIN))
+                if off + length <= files.get(seg, 0) and not self._segments.holds(seg, off, length, crc)]
 
     def reserve_seq(self, seq: int) -> None:
         """On a full disk the mark stays owed: nothing can be stored before
@@ -328,8 +358,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 skipped = 0
                 if recheck:  # ids that may be in a pack already: looked up there, skipped if found
                     messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
-                stored = self._store_rows(messages)
-                if self._segments.unwritten:  # the bodies first: a row never points at bytes not on disk
+                # Bodies that fit where the last sync left durable blocks
+                # are made durable by the WAL's flush (store/writeback.py),
+                # their rows checksummed; else the bodies first, synced: a
+                # row never points at bytes not on disk.
+                large = sum(len(m.body) for m in messages if len(m.body) >= self._threshold)
+                unsynced = self._wal_fd is not None and self._segments.fits_unsynced(large)
+                stored = self._store_rows(messages, checksums=unsynced)
+                if unsynced:
+                    self._segments.write_unsynced()
+                elif self._segments.unwritten:
                     self._segments.sync(drop_cached=True)
                 if top > self._seq_top:
                     self._seq_top = top
@@ -412,19 +450,39 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         _sync_owed(), here, under the commit lock, or, with sync_later and
         no segment's rows changed, by commit() once the lock is released,
         so that the next commit's writes and COMMIT overlap it.  Either way
-        a failed sync fails every later one (BatchedStore.sync_failed)."""
+        a failed sync fails every later one (BatchedStore.sync_failed).
+        Bodies that this sync's flush makes durable (write_unsynced()) are
+        waited for first, and the sync is then this commit's own."""
         self._execute_waiting("COMMIT", "committing")
         self._tx_open = False
         try:
             if self._tx_synced and self._wal_fd is not None:
+                if self._segments.unsynced:
+                    self._wait_unsynced()
                 self._committed_gen += 1
                 if not (sync_later and self._segments.settled()):
                     self._sync_owed(self._committed_gen)  # before a segment with no rows left is deleted
+                    if self._segments.unsynced:
+                        self._segments.flushed()
         finally:  # (a failed sync still leaves the transaction committed)
             self._segments.committed()
             if self._checkpoints is not None:
                 self._checkpoints.committed(self._wal_bytes)
             self._wal_bytes = 0
+
+    def _wait_unsynced(self) -> None:
+        """(after the COMMIT of rows whose bodies Segments.write_unsynced()
+        wrote) Wait until those bodies are on the device, before this
+        commit is counted: a sync that counts it, this thread's or
+        another's, then begins after, and its flush covers them.  A failed
+        write fails this sync and every later one, as a failed sync does."""
+        try:
+            self._segments.wait_unsynced()
+        except OSError as exc:
+            with self._sync_lock:
+                if self._sync_failed is None:
+                    self._sync_failed = exc
+            raise SyncFailed(f"writing a message body failed: {exc}") from exc
 
     def _sync_commits_ourselves(self) -> None:
         """From here on the writer runs at synchronous=NORMAL and _commit_tx
@@ -538,14 +596,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         if mark:
             self._save_seq_mark(self._seq_top)
 
-    def _store_rows(self, rows: list[StoredMessage]) -> int:
+    def _store_rows(self, rows: list[StoredMessage], checksums: bool = False) -> int:
         """INSERT rows not in packs: with their large bodies placed in a
-        segment (_placed; written by the next Segments.sync()), else all in
-        the database (_insert); how many were stored."""
+        segment (_placed; written by the next Segments.sync() or
+        write_unsynced(), the latter with `checksums`), else all in the
+        database (_insert); how many were stored."""
         if not rows:
             return 0
         if max(map(len, map(field_body, rows))) >= self._threshold:
-            return _INSERT_PLACED_ROWS.run(self._db, self._placed(rows))
+            return _INSERT_PLACED_ROWS.run(self._db, self._placed(rows, checksums))
         return self._insert(rows)
 
     def _insert(self, rows: list[StoredMessage]) -> int:
@@ -561,9 +620,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         stored = _INSERT.run(self._db, [x for r in rows if r.expires is not None or r.headers != b"" for x in r])
         return stored + (_INSERT_PLAIN.run(self._db, plain) if plain else 0)
 
-    def _placed(self, rows: list[StoredMessage]) -> list:
+    def _placed(self, rows: list[StoredMessage], checksums: bool) -> list:
         """The rows' parameters, flat, in _INSERT_PLACED's columns: a large body is placed in
-        a segment (synced before the COMMIT) and its row keeps where.  (A
+        a segment and its row keeps where (and, with `checksums`, its CRC-32).  (A
         duplicate id, which the engine never inserts, would be ignored by
         SQLite and leave its segment counted one row too many until a restart.)"""
         threshold, append = self._threshold, self._segments.append
@@ -571,9 +630,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         for r in rows:
             if len(r.body) >= threshold:
                 out += (r.seq, r.mailbox_id, r.msg_id, r.headers, b"", r.created, r.expires, r.deliveries,
-                        *append(r.body))
+                        *append(r.body), zlib.crc32(r.body) if checksums else None)
             else:
-                out += (*r, None, None, None)
+                out += (*r, None, None, None, None)
         return out
 
     def _release_runs(self, seq_runs: list[tuple[int, int]]) -> None:

@@ -11,7 +11,8 @@ from a real Node: one-at-a-time sends (a commit per send) and pipelined
 send_many (turns overlapping their commits).  Bodies of 64 KiB in a batch, and
 larger ones sent alone, go to segment files (store/segments.py): their CONFIRM
 must follow both syncs, the segment's fdatasync and the COMMIT of the row that
-points at it.
+points at it, or, for a lone send's body that the WAL's flush makes durable
+(store/writeback.py), its write to the device and a WAL sync that began after.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RecordingStore(SQLiteStore):
 
     fail_next = 0  # how many of the next commits fail
     fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
+    fail_body_write_next = 0  # how many of the next waits for an unsynced body's write fail
     commit_delay = SYNC_DELAY
     # Set: the next WAL sync a committer thread runs waits for it (and
     # sets gate_reached), then fails if the gate's `fails` is true.
@@ -58,13 +60,17 @@ class RecordingStore(SQLiteStore):
         self.wal_synced: set[bytes] = set()  # ids a WAL sync made durable (before super: it commits)
         super().__init__(data_dir)
         # Segment bytes count as synced only once a sync that began after
-        # their write returned: seg -> end of the synced bytes.
-        self.synced_to: dict[int, int] = {}
+        # their write returned: seg -> end of the synced bytes.  (The files
+        # found at start are synced: by their commits, and the newest again
+        # at start, Segments.start.)
+        self.synced_to: dict[int, int] = self._segments.on_disk()
         self.segment_syncs = 0
+        self.unsynced_writes = 0
+        self.written_unsynced: dict[int, int] = {}  # seg -> end of bodies on the device, not flushed
         self.gate_reached = threading.Event()
         written: dict[int, int] = {}
         segments = self._segments
-        append, sync = segments.append, segments.sync
+        append, sync, wait_unsynced = segments.append, segments.sync, segments.wait_unsynced
 
         def recording_append(body):
             seg, off, length = append(body)
@@ -77,7 +83,19 @@ class RecordingStore(SQLiteStore):
             self.synced_to.update(before)
             self.segment_syncs += 1
 
+        def recording_wait_unsynced():
+            seg, _, end = segments._unsynced
+            if self.fail_body_write_next:
+                self.fail_body_write_next -= 1
+                self.failed = True
+                segments._unsynced = None
+                raise OSError(5, "Input/output error (injected body write failure)")
+            wait_unsynced()
+            self.written_unsynced[seg] = max(self.written_unsynced.get(seg, 0), end)
+            self.unsynced_writes += 1
+
         segments.append, segments.sync = recording_append, recording_sync
+        segments.wait_unsynced = recording_wait_unsynced
 
     def commit(self) -> None:
         if self.in_transaction:
@@ -93,6 +111,7 @@ class RecordingStore(SQLiteStore):
         """The WAL's sync after a COMMIT (the writer runs at NORMAL): what
         a reader sees when it begins is durable once it returns."""
         visible = self._visible_ids()
+        on_device = dict(self.written_unsynced)  # bodies this sync's flush makes durable
         self.wal_syncs += 1
         gate = self.gate
         if gate is not None and threading.current_thread().name.startswith("relay-commit"):
@@ -111,6 +130,8 @@ class RecordingStore(SQLiteStore):
             raise OSError(5, "Input/output error (injected fdatasync failure)")
         super()._sync_wal()
         self.wal_synced |= visible
+        for seg, end in on_device.items():
+            self.synced_to[seg] = max(self.synced_to.get(seg, 0), end)
 
     def _commit_tx(self, sync_later: bool = False) -> None:
         held = self.gate_held
@@ -258,12 +279,13 @@ def test_no_confirm_for_a_lone_send_whose_commit_failed(relay_with):
     assert store.durable(watch.confirmed) == set(watch.confirmed)
 
 
-def halted_and_restarted(relay_with, relay: Relay, unconfirmed: list):
-    """Wait until a failed sync has stopped `relay` (Relay._halt), check that
-    none of the `unconfirmed` futures was confirmed, then start another relay
-    on its data and endpoint: (relay, watch, errors) of the new one."""
+def halted_and_restarted(relay_with, relay: Relay, unconfirmed: list, cause: str = "injected fdatasync failure"):
+    """Wait until a failed sync (whose text holds `cause`) has stopped
+    `relay` (Relay._halt), check that none of the `unconfirmed` futures was
+    confirmed, then start another relay on its data and endpoint: (relay,
+    watch, errors) of the new one."""
     wait_for(lambda: relay.halted_by is not None, 15, what="the relay stopped by its failed sync")
-    assert relay.halted_by.unsynced and "injected fdatasync failure" in str(relay.halted_by)
+    assert relay.halted_by.unsynced and cause in str(relay.halted_by)
     relay.test_thread.join(15)
     assert not relay.test_thread.is_alive()
     assert not any(f.done() for f in unconfirmed)
@@ -478,7 +500,8 @@ def test_large_body_confirms_follow_both_syncs(relay_with):
             ids += node.send_many([("contract.big", BIG)] * 150, timeout=30)
         ids += [f.result(30) for f in [node.send_async("contract.big", b"s") for _ in range(100)]]
     store = relay.engine.store
-    assert store.segment_syncs >= 20
+    # Most lone bodies are written over the zeros ahead: flushed by the WAL's sync.
+    assert store.unsynced_writes >= 10 and store.segment_syncs >= 3
     reader = sqlite3.connect(store.path, timeout=10)
     try:
         in_segments = {msg_id for msg_id, seg in reader.execute("SELECT msg_id, seg FROM messages") if seg is not None}
@@ -489,3 +512,29 @@ def test_large_body_confirms_follow_both_syncs(relay_with):
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert store.durable(ids) == set(ids)
+
+
+def test_a_failed_write_of_a_lone_body_stops_the_relay_without_a_confirm(relay_with):
+    """A lone send's body written to be flushed with the WAL (store/
+    writeback.py) and whose write fails after the COMMIT of its row: no
+    confirm, and the relay stops as after a failed sync; restarted, it takes
+    the resend."""
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.bigfail", BIG) for _ in range(3)]
+        store = relay.engine.store
+        assert store.unsynced_writes >= 1
+        while not store._segments.fits_unsynced(len(BIG)):  # (a send that grows the file syncs its body)
+            ids.append(node.send("contract.bigfail", BIG))
+        store.fail_body_write_next = 1
+        pending = node.send_async("contract.bigfail", BIG)
+        again, watch_again, errors_again = halted_and_restarted(relay_with, relay, [pending],
+                                                                "injected body write failure")
+        assert store.failed and store.fail_body_write_next == 0
+        failed_id = pending.result(30)
+        ids.append(failed_id)
+        ids += [node.send("contract.bigfail", BIG) for _ in range(3)]
+    assert failed_id not in watch.confirmed  # (confirmed by the second relay only)
+    assert not errors and not errors_again
+    assert not watch.violations and not watch_again.violations
+    assert again.engine.store.durable(ids) == set(ids)

@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
-from murano_zmq.store.schema import SCHEMA
+from murano_zmq.store.schema import SCHEMA, SCHEMA_VERSION
 from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, THRESHOLD, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
@@ -1254,7 +1254,7 @@ def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatc
 
 def test_schema_1_is_migrated(tmp_path):
     db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
-    db.executescript(SCHEMA.replace(""",
+    db.executescript(without_checksums(SCHEMA).replace(""",
     seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
     seg_off INTEGER,
     seg_len INTEGER""", ""))
@@ -1268,15 +1268,22 @@ def test_schema_1_is_migrated(tmp_path):
         s.insert([msg(2, body=b"2" * LARGE)])
         flush(s)
         assert s.get(2).body == b"2" * LARGE
-        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == SCHEMA_VERSION
     finally:
         s.close()
+
+
+def without_checksums(schema: str) -> str:
+    """The schema before version 4 (no seg_crc)."""
+    head, sep, tail = schema.partition(",\n    seg_crc INTEGER")
+    assert sep
+    return head + tail[tail.index("\n"):]
 
 
 def test_schema_2_is_migrated(tmp_path):
     """A version 2 database (no packs' tables) keeps its rows and takes packs."""
     db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
-    db.executescript(SCHEMA.split("-- A run of messages")[0])
+    db.executescript(without_checksums(SCHEMA).split("-- A run of messages")[0])
     db.execute("INSERT INTO meta VALUES ('schema', 2)")
     db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
                "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
@@ -1289,7 +1296,27 @@ def test_schema_2_is_migrated(tmp_path):
         flush(s)
         assert s._db.execute("SELECT count(*) FROM packs").fetchone()[0] == 1
         assert [m.seq for m in s.load_ready(1, 0, 10)] == [1, 2, 3, 4, 5]
-        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        s.close()
+
+
+def test_schema_3_is_migrated(tmp_path):
+    """A version 3 database (no seg_crc) keeps its rows, a large body's
+    among them, and takes checksums."""
+    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
+    db.executescript(without_checksums(SCHEMA))
+    db.execute("INSERT INTO meta VALUES ('schema', 3)")
+    db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
+               "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
+    db.commit()
+    db.close()
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert s.get(1).body == b"\x01"
+        s.commit_insert([msg(2, body=b"2" * LARGE)])
+        assert s.get(2).body == b"2" * LARGE
+        assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == SCHEMA_VERSION
     finally:
         s.close()
 

@@ -1,0 +1,153 @@
+"""A lone commit's bodies made durable by the WAL's flush (store/writeback.py):
+which commits take that path, the checksums their rows keep, the rows of a
+last commit whose bodies never reached the disk dropped at start, and the
+file systems it is used on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+
+import pytest
+
+from murano_zmq.store import segments as segments_module
+from murano_zmq.store import writeback
+from murano_zmq.store.base import StoredMessage
+from murano_zmq.store.segments import SEGMENT_DIR, ZERO_AHEAD
+from murano_zmq.store.sqlite import SQLiteStore
+
+LARGE = 64 * 1024
+PER_FILL = ZERO_AHEAD // LARGE + 1  # lone bodies per growth of the segment: the first syncs its own
+
+
+def body(seq: int) -> bytes:
+    return bytes([seq]) * LARGE
+
+
+def msg(seq: int, body: bytes) -> StoredMessage:
+    return StoredMessage(seq, 1, seq.to_bytes(16, "big"), b"", body, 1.0, None, 0)
+
+
+def segment_files(data_dir) -> list[str]:
+    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
+
+
+def checksums(store: SQLiteStore) -> dict[int, int | None]:
+    return dict(store._db.execute("SELECT seq, seg_crc FROM messages ORDER BY seq"))
+
+
+def test_lone_bodies_over_the_zeros_ahead_take_no_sync_of_their_own(tmp_path, monkeypatch):
+    """The first lone body grows the segment (and writes zeros ahead): synced
+    before its COMMIT.  The next ones land on those zeros: written, waited
+    for, and flushed by the WAL's sync; their rows keep their CRC-32."""
+    s = SQLiteStore(str(tmp_path))
+    calls = []
+    real_sync, real_wait, real_fdatasync = s._segments.sync, s._segments.wait_unsynced, os.fdatasync
+    monkeypatch.setattr(s._segments, "sync", lambda **kw: (calls.append("segment sync"), real_sync(**kw))[1])
+    monkeypatch.setattr(s._segments, "wait_unsynced", lambda: (calls.append("wait"), real_wait())[1])
+    monkeypatch.setattr(s, "_sync_wal", lambda: (calls.append("wal sync"), real_fdatasync(s._wal_fd))[1])
+    try:
+        for seq in range(1, PER_FILL + 2):
+            s.commit_insert([msg(seq, body=body(seq))])
+        assert calls == (["segment sync", "wal sync"] + ["wait", "wal sync"] * (PER_FILL - 1)
+                         + ["segment sync", "wal sync"])
+        crcs = checksums(s)
+        assert crcs[1] is None and crcs[PER_FILL + 1] is None
+        assert all(crcs[seq] == zlib.crc32(body(seq)) for seq in range(2, PER_FILL + 1))
+        assert [m.body for m in s.get_many(list(crcs))] == [body(seq) for seq in crcs]
+        assert s._segments._synced[1] == (PER_FILL + 1) * LARGE  # (reads may reach them now)
+    finally:
+        s.close()
+
+
+def test_a_batch_and_a_refusing_file_system_sync_their_bodies(tmp_path):
+    s = SQLiteStore(str(tmp_path))
+    try:
+        s.commit_insert([msg(1, body=body(1))])  # (zeros ahead: the next would fit)
+        s.insert([msg(2, body=body(2))])
+        s.seal()
+        s.commit()
+        s._segments._flush_shared = False  # (btrfs, tmpfs, data=journal...)
+        s.commit_insert([msg(3, body=body(3))])
+        assert checksums(s) == {1: None, 2: None, 3: None}
+    finally:
+        s.close()
+
+
+def test_a_last_lone_body_that_never_reached_the_disk_is_dropped_at_start(tmp_path, caplog, monkeypatch):
+    """A crash after the WAL's frames reached the disk and before the body
+    did (no confirm went out): at start the row's checksum does not match,
+    it is logged and deleted; the rows before it are delivered, and the
+    newest segment is synced (a process crash leaves its bodies in the page
+    cache only)."""
+    s = SQLiteStore(str(tmp_path))
+    for seq in range(1, 4):
+        s.commit_insert([msg(seq, body=body(seq))])
+    assert checksums(s)[3] is not None
+    s.close()
+    path = os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[0])
+    with open(path, "r+b") as f:  # what the disk holds there: the zeros written ahead
+        f.seek(2 * LARGE + 100)
+        f.write(bytes(LARGE - 100))
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                     real(fd))[1])
+    with caplog.at_level(logging.ERROR, logger="murano_zmq.store"):
+        s = SQLiteStore(str(tmp_path))
+    try:
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [body(1), body(2)]
+        assert "message 00000000000000000000000000000003 (seq 3, mailbox id 1) was never confirmed" in caplog.text
+        assert synced == [path]
+        assert 3 not in checksums(s)
+    finally:
+        s.close()
+
+
+def test_an_older_body_is_not_read_at_start(tmp_path, monkeypatch):
+    """Only the last commit can have a body the disk lacks (each waits for
+    the flush of the one before): rows before it are not read at start."""
+    s = SQLiteStore(str(tmp_path))
+    for seq in range(1, PER_FILL + 1):
+        s.commit_insert([msg(seq, body=body(seq))])
+    s.close()
+    read = []
+    real = segments_module.Segments.holds
+    monkeypatch.setattr(segments_module.Segments, "holds",
+                        lambda self, seg, off, length, crc: (read.append(off), real(self, seg, off, length, crc))[1])
+    s = SQLiteStore(str(tmp_path))
+    try:
+        # The last commit's bodies end the newest segment, under DIRECT_MIN bytes.
+        assert read and all(off >= PER_FILL * LARGE - segments_module.DIRECT_MIN for off in read)
+        assert len(s.load_ready(1, 0, 10)) == PER_FILL
+    finally:
+        s.close()
+
+
+MOUNTINFO = """\
+27 1 {dev} / / rw,relatime - {fstype} /dev/vda rw,{options}
+30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24683784k
+"""
+
+
+@pytest.mark.parametrize("fstype, options, shared", [
+    ("ext4", "discard", True),
+    ("ext4", "data=journal", False),
+    ("xfs", "attr2,inode64", True),
+    ("btrfs", "ssd,space_cache=v2", False),
+    ("tmpfs", "size=1k", False),
+])
+def test_the_file_systems_whose_flush_is_shared(tmp_path, fstype, options, shared):
+    dev = os.stat(tmp_path).st_dev
+    info = MOUNTINFO.format(dev=f"{os.major(dev)}:{os.minor(dev)}", fstype=fstype, options=options)
+    assert writeback.shares_flush(str(tmp_path), str(tmp_path), info) is shared
+
+
+def test_no_shared_flush_across_devices_or_for_an_unknown_mount(tmp_path):
+    dev = os.stat(tmp_path).st_dev
+    info = MOUNTINFO.format(dev=f"{os.major(dev)}:{os.minor(dev)}", fstype="ext4", options="discard")
+    assert not writeback.shares_flush(str(tmp_path), str(tmp_path), MOUNTINFO.format(dev="0:0", fstype="ext4",
+                                                                                      options=""))
+    if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != dev:
+        assert not writeback.shares_flush(str(tmp_path), "/dev/shm", info)
