@@ -143,6 +143,7 @@ class Segments:
         self._current: int | None = None  # the segment being written
         self._end = 0  # its length: where the next body goes
         self._filled = 0  # ... and how far it is written (bodies, then zeros ahead: _zero_ahead)
+        self._durable = 0  # ... and how far this store wrote and synced it: blocks with nothing left to allocate
         self._next = 1
         self._unwritten: list[tuple[int, int, bytes]] = []  # (segment, offset, body) placed, not written
         self._dirty: set[int] = set()  # written since the last sync
@@ -172,12 +173,18 @@ class Segments:
                 found[int(stem)] = os.path.getsize(os.path.join(self.dir, name))
         return found
 
-    def holds(self, seg: int, off: int, length: int, crc: int) -> bool:
-        """(at start) Are a segment's bytes off..off+length those whose
-        CRC-32 is `crc`?"""
-        fd = os.open(self.path(seg), os.O_RDONLY | os.O_CLOEXEC)
+    def rewrite_if_whole(self, seg: int, off: int, length: int, crc: int) -> bool:
+        """(at start, before start()) Are a segment's bytes off..off+length
+        those whose CRC-32 is `crc`?  Then write them again: after a failed
+        write-back the page cache may hold them clean and the disk not, and
+        start() syncs the newest segment."""
+        fd = os.open(self.path(seg), os.O_RDWR | os.O_CLOEXEC)
         try:
-            return zlib.crc32(os.pread(fd, length, off)) == crc
+            data = os.pread(fd, length, off)
+            if zlib.crc32(data) != crc:
+                return False
+            pwrite_all(fd, memoryview(data), off)
+            return True
         finally:
             os.close(fd)
 
@@ -186,7 +193,7 @@ class Segments:
         row references (all their messages acked, or a crash's tail).  Sync
         the newest file left: the last commit's bodies may have been in the
         page cache only (write_unsynced(); the start-up checkpoint made their
-        rows durable)."""
+        rows durable; see rewrite_if_whole())."""
         self._live = Counter({s: n for s, n in counts.items() if n > 0})
         self._next = max([*files, *counts, 0]) + 1
         for seg in files:
@@ -226,7 +233,7 @@ class Segments:
         durable.  (A run as long as DIRECT_MIN is a batch's: synced.)"""
         return (self._flush_shared and self._current is not None and not self._unwritten
                 and not self._dirty and not self._dir_dirty and 0 < nbytes < DIRECT_MIN
-                and self._end + nbytes <= min(self._filled, self.roll_bytes))
+                and self._end + nbytes <= min(self._durable, self.roll_bytes))
 
     def write_unsynced(self) -> None:
         """Write the bodies placed since fits_unsynced() said yes, and start
@@ -234,7 +241,12 @@ class Segments:
         its COMMIT, then flushed() after the WAL's sync."""
         seg = self._current
         start, end = self._unwritten[0][1], self._end
-        self._write_placed()
+        try:
+            self._write_placed()
+        except OSError:
+            self._unwritten.clear()  # (as after a failed sync: the segment is written no more)
+            self._current = None
+            raise
         self._dirty.discard(seg)  # (made durable by the WAL's flush, not a sync of its own)
         self._unsynced = (seg, start, end)
         try:
@@ -319,13 +331,15 @@ class Segments:
         error shows at the sync)."""
         filled = self._filled
         self._filled = max(filled, end)
-        if end <= filled or end - start >= ZERO_AHEAD or end >= self.roll_bytes:
+        if end - start >= ZERO_AHEAD or end >= self.roll_bytes:
             return 0
+        if end <= filled and not (self._flush_shared and end + ZERO_AHEAD > self._durable):
+            return 0  # written blocks (a spare's), and no room for write_unsynced() wanted
         try:
             done = os.pwrite(self._fds[self._current], _ZEROS, end)
         except OSError:
             return 0
-        self._filled = end + done
+        self._filled = max(self._filled, end + done)
         return done
 
     def _roll(self) -> None:
@@ -352,7 +366,7 @@ class Segments:
                 self._dfds[seg] = dfd
         with self._lock:
             self._fds[seg] = fd
-        self._current, self._end, self._filled = seg, 0, filled
+        self._current, self._end, self._filled, self._durable = seg, 0, filled, 0
         self._dir_dirty = True
 
     def release(self, seg: int, rows: int) -> None:
@@ -387,6 +401,8 @@ class Segments:
                     os.fdatasync(fd)
                     if seg in written:
                         self._synced[seg] = max(self._synced.get(seg, 0), written[seg][1])
+                        if seg == self._current:  # (the blocks of a spare's old bytes are not counted)
+                            self._durable = max(self._durable, written[seg][1] + zeros)
                     if drop_cached and seg in written:
                         start, end = written[seg]
                         if zeros and seg == self._current:

@@ -169,13 +169,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._start_segments()
             self._sync_commits_ourselves()
             self._checkpoints = Checkpointer(self.path, self._commit_lock, self._db, **(checkpoint or {}))
-        except (sqlite3.DatabaseError, RuntimeError, OSError) as exc:
+        except (sqlite3.DatabaseError, RuntimeError, OSError, StartupError) as exc:
             if self._reader is not None:
                 self._reader.close()
             self._db.close()
             self._segments.close()
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
+            if isinstance(exc, StartupError):
+                raise
             raise startup_error(self.path, exc) from None
 
     def _connect(self) -> sqlite3.Connection:
@@ -275,7 +277,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         do not match their checksum: the WAL's frames reached the disk and
         the bodies did not, and no confirm went out.  Only the last commit
         can be such: each one waits for the flush of the one before.  Its
-        bodies are the newest segment's last, under DIRECT_MIN bytes."""
+        bodies are the newest segment's last, under DIRECT_MIN bytes.  Those
+        that match are written again, to be synced (Segments.rewrite_if_whole:
+        after a failed sync the page cache may hold what the disk does not)."""
         top = self._query("SELECT max(seg) FROM messages WHERE seg IS NOT NULL")[0][0]
         if top is None:
             return []
@@ -283,7 +287,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return [(seq, mailbox, msg_id, seg) for seq, mailbox, msg_id, seg, off, length, crc in self._query(
                     "SELECT seq, mailbox, msg_id, seg, seg_off, seg_len, seg_crc FROM messages "
                     "WHERE seg=? AND seg_crc IS NOT NULL AND seg_off + seg_len > ?", (top, extent - DIRECT_MIN))
-                if off + length <= files.get(seg, 0) and not self._segments.holds(seg, off, length, crc)]
+                if off + length <= files.get(seg, 0) and not self._segments.rewrite_if_whole(seg, off, length, crc)]
 
     def reserve_seq(self, seq: int) -> None:
         """On a full disk the mark stays owed: nothing can be stored before

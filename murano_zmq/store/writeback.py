@@ -16,15 +16,19 @@ body is not there.  Such a row keeps its body's CRC-32 (seg_crc), and the
 store checks the last commit's rows at start (store/sqlite.py).
 
 This holds where an overwrite stays in place and an fdatasync ends with a
-flush of the whole device: ext2/3/4 (but for data=journal) and XFS, with
-the segments on the same device as the database.  Elsewhere (btrfs writes
-elsewhere and needs its metadata; tmpfs has no device) the bodies get their
-own sync as before.
+flush of the whole device: ext2/3/4 with barriers, without data=journal or
+DAX (as a mount option, the file system's default, or the directory's
+flag), with the segments on the same device as the database.  Elsewhere
+the bodies get their own sync as before: XFS and btrfs may copy a shared
+extent on write (reflinks), whose remapping the WAL's flush does not
+commit; tmpfs has no device.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import logging
 import os
 
@@ -35,9 +39,15 @@ __all__ = ["start_write", "wait_written", "shares_flush"]
 # sync_file_range(2)'s flags.
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
-# File systems whose fdatasync ends with a flush of the device's cache and
-# which write over a file's written blocks in place.
-_IN_PLACE = {"ext2", "ext3", "ext4", "xfs"}
+# File systems that write over a file's written blocks in place (no
+# reflinks) and whose fdatasync ends with a flush of the device's cache.
+_IN_PLACE = {"ext2", "ext3", "ext4"}
+# ...unless one of these options is on.
+_REFUSED_OPTIONS = {"data=journal", "nobarrier", "barrier=0", "dax", "dax=always", "dax=inode"}
+# A directory's inode flags (FS_IOC_GETFLAGS) its new files inherit:
+# journalled data, DAX.
+_FS_IOC_GETFLAGS = 0x80086601
+_REFUSED_FLAGS = 0x00004000 | 0x02000000
 
 
 def _libc_sync_file_range():
@@ -82,9 +92,23 @@ def _mount_of(dev: int, mountinfo: str) -> tuple[str, str] | None:
     return None
 
 
-def shares_flush(segment_dir: str, db_dir: str, mountinfo: str | None = None) -> bool:
+def _all_options(dev: int) -> str:
+    """Every option of the ext4 driver's mount of `dev`, defaults included
+    (mountinfo leaves out those the superblock sets)."""
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    try:
+        with open(f"/proc/fs/ext4/{name}/options") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def shares_flush(segment_dir: str, db_dir: str, mountinfo: str | None = None,
+                 fs_options: str | None = None) -> bool:
     """Can a body written in `segment_dir` be made durable by the flush of
-    an fdatasync in `db_dir`?  (See the module's text.)"""
+    an fdatasync in `db_dir`?  (See the module's text.)  mountinfo,
+    fs_options: /proc/self/mountinfo's text and the file system's options
+    (/proc/fs/ext4/DEV/options), for tests."""
     if _sync_file_range is None:
         return False
     try:
@@ -97,7 +121,21 @@ def shares_flush(segment_dir: str, db_dir: str, mountinfo: str | None = None) ->
     except OSError:
         return False
     mount = _mount_of(dev, mountinfo)
-    if mount is None:
+    if mount is None or mount[0] not in _IN_PLACE:
         return False
-    fstype, options = mount
-    return fstype in _IN_PLACE and "data=journal" not in options.split(",")
+    options = set(mount[1].split(",")) | set((_all_options(dev) if fs_options is None else fs_options).split())
+    if options & _REFUSED_OPTIONS:
+        return False
+    try:
+        fd = os.open(segment_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        start_write(fd, 0, 0)  # (a sandbox may refuse the call itself)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return not flags[0] & _REFUSED_FLAGS

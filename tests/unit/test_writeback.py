@@ -1,10 +1,13 @@
 """A lone commit's bodies made durable by the WAL's flush (store/writeback.py):
 which commits take that path, the checksums their rows keep, the rows of a
 last commit whose bodies never reached the disk dropped at start, and the
-file systems it is used on."""
+file systems it is used on.  The store's logic is tested on any file system
+(shares_flush forced true); one test checks the real one where it is ext4."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import os
 import zlib
@@ -19,6 +22,13 @@ from murano_zmq.store.sqlite import SQLiteStore
 
 LARGE = 64 * 1024
 PER_FILL = ZERO_AHEAD // LARGE + 1  # lone bodies per growth of the segment: the first syncs its own
+
+
+@pytest.fixture(autouse=True)
+def flush_shared(monkeypatch):
+    """As on ext4, wherever the tests' directory is (sync_file_range()
+    works on any file, tmpfs's included)."""
+    monkeypatch.setattr(writeback, "shares_flush", lambda *args: True)
 
 
 def body(seq: int) -> bytes:
@@ -105,16 +115,38 @@ def test_a_last_lone_body_that_never_reached_the_disk_is_dropped_at_start(tmp_pa
         s.close()
 
 
-def test_an_older_body_is_not_read_at_start(tmp_path, monkeypatch):
+def test_a_last_lone_body_found_whole_at_start_is_written_again(tmp_path, monkeypatch):
+    """After a failed write-back the page cache may hold a body clean that
+    the disk lacks: a body of the last commit whose checksum matches is
+    written again before the start's sync of the newest segment."""
+    s = SQLiteStore(str(tmp_path))
+    for seq in range(1, 3):
+        s.commit_insert([msg(seq, body=body(seq))])
+    s.close()
+    events = []
+    real_pwrite, real_fdatasync = os.pwrite, os.fdatasync
+    monkeypatch.setattr(segments_module.os, "pwrite",
+                        lambda fd, data, off: (events.append(("write", off, len(data))), real_pwrite(fd, data, off))[1])
+    monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (events.append(("sync",)), real_fdatasync(fd))[1])
+    s = SQLiteStore(str(tmp_path))
+    try:
+        assert events == [("write", LARGE, LARGE), ("sync",)]
+        assert [m.body for m in s.load_ready(1, 0, 10)] == [body(1), body(2)]
+    finally:
+        s.close()
+
+
+def test_only_the_last_commits_bodies_are_read_at_start(tmp_path, monkeypatch):
     """Only the last commit can have a body the disk lacks (each waits for
-    the flush of the one before): rows before it are not read at start."""
+    the flush of the one before: tests/integration/test_confirm_contract.py):
+    the bodies before it are not read at start."""
     s = SQLiteStore(str(tmp_path))
     for seq in range(1, PER_FILL + 1):
         s.commit_insert([msg(seq, body=body(seq))])
     s.close()
     read = []
-    real = segments_module.Segments.holds
-    monkeypatch.setattr(segments_module.Segments, "holds",
+    real = segments_module.Segments.rewrite_if_whole
+    monkeypatch.setattr(segments_module.Segments, "rewrite_if_whole",
                         lambda self, seg, off, length, crc: (read.append(off), real(self, seg, off, length, crc))[1])
     s = SQLiteStore(str(tmp_path))
     try:
@@ -131,23 +163,52 @@ MOUNTINFO = """\
 """
 
 
-@pytest.mark.parametrize("fstype, options, shared", [
-    ("ext4", "discard", True),
-    ("ext4", "data=journal", False),
-    ("xfs", "attr2,inode64", True),
-    ("btrfs", "ssd,space_cache=v2", False),
-    ("tmpfs", "size=1k", False),
+# (the real function: the fixture above replaces the module's attribute)
+shares_flush = writeback.shares_flush
+EXT4_DEFAULTS = "rw bsddf delalloc barrier auto_da_alloc user_xattr acl data=ordered"
+
+
+@pytest.mark.parametrize("fstype, options, defaults, shared", [
+    ("ext4", "discard", EXT4_DEFAULTS, True),
+    ("ext3", "", EXT4_DEFAULTS, True),
+    ("ext4", "data=journal", EXT4_DEFAULTS, False),
+    ("ext4", "", EXT4_DEFAULTS.replace("data=ordered", "data=journal"), False),  # (tune2fs -o journal_data)
+    ("ext4", "nobarrier", EXT4_DEFAULTS.replace("barrier", "nobarrier"), False),
+    ("ext4", "dax=always", EXT4_DEFAULTS + " dax=always", False),
+    ("xfs", "attr2,inode64", "", False),  # (reflinks: an overwrite may be a copy)
+    ("btrfs", "ssd,space_cache=v2", "", False),
+    ("tmpfs", "size=1k", "", False),
 ])
-def test_the_file_systems_whose_flush_is_shared(tmp_path, fstype, options, shared):
+def test_the_file_systems_whose_flush_is_shared(tmp_path, fstype, options, defaults, shared):
     dev = os.stat(tmp_path).st_dev
     info = MOUNTINFO.format(dev=f"{os.major(dev)}:{os.minor(dev)}", fstype=fstype, options=options)
-    assert writeback.shares_flush(str(tmp_path), str(tmp_path), info) is shared
+    flags = array.array("i", [0])
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x80086601, flags, True)  # FS_IOC_GETFLAGS
+    except OSError:
+        pytest.skip("the test's file system has no inode flags")
+    finally:
+        os.close(fd)
+    if flags[0] & 0x02004000:
+        pytest.skip("the test's directory has journalled data or DAX")
+    assert shares_flush(str(tmp_path), str(tmp_path), info, defaults) is shared
 
 
 def test_no_shared_flush_across_devices_or_for_an_unknown_mount(tmp_path):
     dev = os.stat(tmp_path).st_dev
     info = MOUNTINFO.format(dev=f"{os.major(dev)}:{os.minor(dev)}", fstype="ext4", options="discard")
-    assert not writeback.shares_flush(str(tmp_path), str(tmp_path), MOUNTINFO.format(dev="0:0", fstype="ext4",
-                                                                                      options=""))
+    assert not shares_flush(str(tmp_path), str(tmp_path), MOUNTINFO.format(dev="0:0", fstype="ext4", options=""),
+                            EXT4_DEFAULTS)
     if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != dev:
-        assert not writeback.shares_flush(str(tmp_path), "/dev/shm", info)
+        assert not shares_flush(str(tmp_path), "/dev/shm", info, EXT4_DEFAULTS)
+
+
+def test_this_machines_file_system(tmp_path):
+    """The real answer for the tests' directory: yes on ext2/3/4 with the
+    usual options (as on the machines these tests run on), no on tmpfs."""
+    with open("/proc/self/mountinfo") as f:
+        fstype = writeback._mount_of(os.stat(tmp_path).st_dev, f.read())
+    if fstype is None or fstype[0] not in ("ext4", "tmpfs"):
+        pytest.skip(f"tmp_path is on {fstype}")
+    assert shares_flush(str(tmp_path), str(tmp_path)) is (fstype[0] == "ext4")
