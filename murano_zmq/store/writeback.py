@@ -31,6 +31,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import struct
 
 log = logging.getLogger("murano_zmq.store")
 
@@ -46,7 +47,7 @@ _IN_PLACE = {"ext2", "ext3", "ext4"}
 _REFUSED_OPTIONS = {"data=journal", "nobarrier", "barrier=0", "dax", "dax=always", "dax=inode"}
 # A directory's inode flags (FS_IOC_GETFLAGS) its new files inherit:
 # journalled data, DAX.
-_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_GETFLAGS = 0x80006601 | struct.calcsize("l") << 16  # _IOR('f', 1, long)
 _REFUSED_FLAGS = 0x00004000 | 0x02000000
 
 
@@ -94,7 +95,8 @@ def _mount_of(dev: int, mountinfo: str) -> tuple[str, str] | None:
 
 def _all_options(dev: int) -> str:
     """Every option of the ext4 driver's mount of `dev`, defaults included
-    (mountinfo leaves out those the superblock sets)."""
+    (mountinfo leaves out those the superblock sets), one per line; "" if
+    they cannot be read."""
     name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
     try:
         with open(f"/proc/fs/ext4/{name}/options") as f:
@@ -123,8 +125,10 @@ def shares_flush(segment_dir: str, db_dir: str, mountinfo: str | None = None,
     mount = _mount_of(dev, mountinfo)
     if mount is None or mount[0] not in _IN_PLACE:
         return False
-    options = set(mount[1].split(",")) | set((_all_options(dev) if fs_options is None else fs_options).split())
-    if options & _REFUSED_OPTIONS:
+    all_options = set((_all_options(dev) if fs_options is None else fs_options).split())
+    if "barrier" not in all_options:
+        return False  # (options that cannot be read may hide a default of data=journal or nobarrier)
+    if (set(mount[1].split(",")) | all_options) & _REFUSED_OPTIONS:
         return False
     try:
         fd = os.open(segment_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -308,10 +308,11 @@ def test_lone_large_sends_outlive_a_kill_9(relay_factory, tmp_path):
 
 
 def test_lone_large_sends_killed_mid_flight_come_back_whole(relay_factory, tmp_path):
-    """One-at-a-time 64 KiB sends from a thread, most of them flushed by
-    the WAL's sync alone (store/writeback.py), the relay killed with SIGKILL
-    while they go on: the node resends what was not confirmed to the
-    restarted relay, and every message comes back once, its body whole."""
+    """One-at-a-time 64 KiB sends from a thread (on ext4, most of them
+    flushed by the WAL's sync alone: store/writeback.py), the relay killed
+    with SIGKILL while they go on: the node resends what was not confirmed
+    to the restarted relay, and every message comes back once, its body
+    whole."""
     relay = relay_factory()
     if os.environ.get("MURANO_ZMQ_TEST_STORE") == "postgresql":
         pytest.skip("segment files are the SQLite store's")

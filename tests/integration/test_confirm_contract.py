@@ -28,6 +28,7 @@ from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode
 from murano_zmq.relay.server import Relay, RelayConfig
 from murano_zmq.store import writeback
+from murano_zmq.store.segments import Segments
 from murano_zmq.store.packs import packed_rows, stored_ids
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
@@ -531,6 +532,10 @@ def test_a_failed_write_of_a_lone_body_stops_the_relay_without_a_confirm(relay_w
         real_wait(fd, start, length)
 
     monkeypatch.setattr(writeback, "wait_written", wait_written)
+    rewritten = []  # bodies of the last commit found whole at start, written again to be synced
+    real_rewrite = Segments.rewrite_if_whole
+    monkeypatch.setattr(Segments, "rewrite_if_whole", lambda self, seg, off, length, crc: (
+        rewritten.append(((seg, off), real_rewrite(self, seg, off, length, crc))), rewritten[-1][1])[1])
     relay, watch, errors = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
         ids = [node.send("contract.bigfail", BIG) for _ in range(3)]
@@ -539,10 +544,14 @@ def test_a_failed_write_of_a_lone_body_stops_the_relay_without_a_confirm(relay_w
         while not store._segments.fits_unsynced(len(BIG)):  # (a send that grows the file syncs its body)
             ids.append(node.send("contract.bigfail", BIG))
         failing.append(True)
+        failed_at = (store._segments._current, store._segments._end)  # where its body goes
         pending = node.send_async("contract.bigfail", BIG)
         again, watch_again, errors_again = halted_and_restarted(relay_with, relay, [pending],
                                                                 "injected body write failure")
         assert not failing and store._segments._current is None  # (written no more)
+        # The failed body's bytes (the newest segment's last) were in the page
+        # cache: found whole, written again, and synced by start().
+        assert (failed_at, True) in rewritten and all(whole for _, whole in rewritten)
         failed_id = pending.result(30)
         ids.append(failed_id)
         ids += [node.send("contract.bigfail", BIG) for _ in range(3)]

@@ -125,12 +125,15 @@ def test_a_last_lone_body_found_whole_at_start_is_written_again(tmp_path, monkey
     s.close()
     events = []
     real_pwrite, real_fdatasync = os.pwrite, os.fdatasync
-    monkeypatch.setattr(segments_module.os, "pwrite",
-                        lambda fd, data, off: (events.append(("write", off, len(data))), real_pwrite(fd, data, off))[1])
-    monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (events.append(("sync",)), real_fdatasync(fd))[1])
+    name = lambda fd: os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))  # noqa: E731
+    monkeypatch.setattr(segments_module.os, "pwrite", lambda fd, data, off: (
+        events.append(("write", name(fd), off, len(data))), real_pwrite(fd, data, off))[1])
+    monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (
+        events.append(("sync", name(fd))), real_fdatasync(fd))[1])
     s = SQLiteStore(str(tmp_path))
     try:
-        assert events == [("write", LARGE, LARGE), ("sync",)]
+        segment = segment_files(tmp_path)[0]
+        assert events == [("write", segment, LARGE, LARGE), ("sync", segment)]
         assert [m.body for m in s.load_ready(1, 0, 10)] == [body(1), body(2)]
     finally:
         s.close()
@@ -165,7 +168,9 @@ MOUNTINFO = """\
 
 # (the real function: the fixture above replaces the module's attribute)
 shares_flush = writeback.shares_flush
-EXT4_DEFAULTS = "rw bsddf delalloc barrier auto_da_alloc user_xattr acl data=ordered"
+# /proc/fs/ext4/DEV/options: one option per line, defaults included.
+EXT4_DEFAULTS = "\n".join(["rw", "bsddf", "delalloc", "barrier", "auto_da_alloc", "user_xattr", "acl",
+                            "data=ordered"]) + "\n"
 
 
 @pytest.mark.parametrize("fstype, options, defaults, shared", [
@@ -173,8 +178,9 @@ EXT4_DEFAULTS = "rw bsddf delalloc barrier auto_da_alloc user_xattr acl data=ord
     ("ext3", "", EXT4_DEFAULTS, True),
     ("ext4", "data=journal", EXT4_DEFAULTS, False),
     ("ext4", "", EXT4_DEFAULTS.replace("data=ordered", "data=journal"), False),  # (tune2fs -o journal_data)
-    ("ext4", "nobarrier", EXT4_DEFAULTS.replace("barrier", "nobarrier"), False),
-    ("ext4", "dax=always", EXT4_DEFAULTS + " dax=always", False),
+    ("ext4", "", EXT4_DEFAULTS.replace("barrier", "nobarrier"), False),  # (tune2fs -o nobarrier)
+    ("ext4", "", EXT4_DEFAULTS + "dax=always\n", False),
+    ("ext4", "discard", "", False),  # (the options could not be read: a default may hide)
     ("xfs", "attr2,inode64", "", False),  # (reflinks: an overwrite may be a copy)
     ("btrfs", "ssd,space_cache=v2", "", False),
     ("tmpfs", "size=1k", "", False),
@@ -211,4 +217,64 @@ def test_this_machines_file_system(tmp_path):
         fstype = writeback._mount_of(os.stat(tmp_path).st_dev, f.read())
     if fstype is None or fstype[0] not in ("ext4", "tmpfs"):
         pytest.skip(f"tmp_path is on {fstype}")
+    if fstype[0] == "ext4":  # (read from /proc/fs/ext4, the device found through /sys/dev/block)
+        assert "barrier" in writeback._all_options(os.stat(tmp_path).st_dev).split()
     assert shares_flush(str(tmp_path), str(tmp_path)) is (fstype[0] == "ext4")
+
+
+def test_a_spares_old_bytes_are_no_room_until_zeros_are_written_over_them(tmp_path):
+    """A reused spare is written blocks, but not this store's: the room for
+    bodies flushed by the WAL's sync is only what zeros written (and synced)
+    over it made."""
+    s = SQLiteStore(str(tmp_path))
+    s._segments.roll_bytes = 8 * LARGE
+    try:
+        for seq in range(1, 17):  # two segments; the first, whole and unreferenced, becomes the spare at the roll
+            s.commit_insert([msg(seq, body=body(seq))])
+            if seq == 8:
+                s.delete(list(range(1, 9)))
+                s.seal()
+                s.commit()
+        assert os.path.exists(os.path.join(tmp_path, SEGMENT_DIR, segments_module.SPARE_NAME))
+        s.delete(list(range(9, 17)))
+        s.seal()
+        s.commit()
+        s.commit_insert([msg(17, body=body(17))])  # the third segment is the spare, renamed
+        assert s._segments._durable == LARGE + ZERO_AHEAD
+        path = os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[-1])
+        with open(path, "rb") as f:  # zeros after the first body, then the spare's old bytes (the first segment's)
+            assert f.read(LARGE + ZERO_AHEAD + LARGE)[LARGE:] == bytes(ZERO_AHEAD) + body(1 + PER_FILL)
+        for seq in range(18, 22):
+            s.commit_insert([msg(seq, body=body(seq))])
+        crcs = checksums(s)
+        assert crcs[17] is None and crcs[21] is None  # (the first: a new directory entry; the fifth: past the zeros)
+        assert all(crcs[seq] == zlib.crc32(body(seq)) for seq in range(18, 18 + PER_FILL - 1))
+    finally:
+        s.close()
+
+
+def test_a_failed_write_of_a_lone_body_commits_nothing(tmp_path, monkeypatch):
+    """pwrite fails on the path without a sync of its own: nothing is
+    committed, and the next body goes to a new segment (as after a failed
+    sync: the failed one's state is unknown)."""
+    s = SQLiteStore(str(tmp_path))
+    try:
+        s.commit_insert([msg(1, body=body(1))])
+        assert s._segments.fits_unsynced(LARGE)
+        real = os.pwrite
+
+        def failing(fd, data, off):
+            raise OSError(5, "Input/output error (injected)")
+
+        monkeypatch.setattr(segments_module.os, "pwrite", failing)
+        with pytest.raises(Exception) as failed:
+            s.commit_insert([msg(2, body=body(2))])
+        assert "Input/output error" in str(failed.value)
+        s.rollback()
+        monkeypatch.setattr(segments_module.os, "pwrite", real)
+        assert s.get(2) is None and s._segments._current is None
+        s.commit_insert([msg(2, body=body(2))])
+        assert len(segment_files(tmp_path)) == 2
+        assert [m.body for m in s.get_many([1, 2])] == [body(1), body(2)]
+    finally:
+        s.close()
