@@ -1256,16 +1256,23 @@ def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatc
     reopen_and_drain(tmp_path, 1, b"1" * LARGE)
 
 
-def test_schema_1_is_migrated(tmp_path):
+def old_database(tmp_path, schema: str, version: int) -> None:
+    """A relay.db of an earlier schema version, holding one message (seq 1,
+    body 0x01)."""
     db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
-    db.executescript(without_checksums(SCHEMA).replace(""",
-    seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
-    seg_off INTEGER,
-    seg_len INTEGER""", ""))
-    db.execute("INSERT INTO meta VALUES ('schema', 1)")
-    db.execute("INSERT INTO messages VALUES (1, 1, ?, x'80', x'01', 1.0, NULL, 0)", (b"i" * 16,))
+    db.executescript(schema)
+    db.execute("INSERT INTO meta VALUES ('schema', ?)", (version,))
+    db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
+               "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
     db.commit()
     db.close()
+
+
+def test_schema_1_is_migrated(tmp_path):
+    old_database(tmp_path, without_checksums(SCHEMA).replace(""",
+    seg INTEGER,  -- a body in a segment file (store/segments.py): body is empty
+    seg_off INTEGER,
+    seg_len INTEGER""", ""), 1)
     s = SQLiteStore(str(tmp_path))
     try:
         assert s.get(1).body == b"\x01"
@@ -1286,13 +1293,7 @@ def without_checksums(schema: str) -> str:
 
 def test_schema_2_is_migrated(tmp_path):
     """A version 2 database (no packs' tables) keeps its rows and takes packs."""
-    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
-    db.executescript(without_checksums(SCHEMA).split("-- A run of messages")[0])
-    db.execute("INSERT INTO meta VALUES ('schema', 2)")
-    db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
-               "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
-    db.commit()
-    db.close()
+    old_database(tmp_path, without_checksums(SCHEMA).split("-- A run of messages")[0], 2)
     s = SQLiteStore(str(tmp_path), pack_min_rows=2)
     try:
         assert s.get(1).body == b"\x01"
@@ -1308,13 +1309,7 @@ def test_schema_2_is_migrated(tmp_path):
 def test_schema_3_is_migrated(tmp_path):
     """A version 3 database (no seg_crc) keeps its rows, a large body's
     among them, and takes checksums."""
-    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
-    db.executescript(without_checksums(SCHEMA))
-    db.execute("INSERT INTO meta VALUES ('schema', 3)")
-    db.execute("INSERT INTO messages (seq, mailbox, msg_id, headers, body, created, deliveries) "
-               "VALUES (1, 1, ?, x'80', x'01', 1.0, 0)", (b"i" * 16,))
-    db.commit()
-    db.close()
+    old_database(tmp_path, without_checksums(SCHEMA), 3)
     s = SQLiteStore(str(tmp_path))
     try:
         assert s.get(1).body == b"\x01"
