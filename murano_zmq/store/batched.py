@@ -271,9 +271,15 @@ class BatchedStore:
             try:
                 self._sync_committed()
             except OSError as exc:
-                self._sync_failed = exc
-                raise SyncFailed(f"syncing the store failed: {exc}") from exc
+                raise self._sync_fails(exc, "syncing the store failed") from exc
             self._synced_gen = target
+
+    def _sync_fails(self, exc: OSError, what: str) -> SyncFailed:
+        """(holding _sync_lock) A sync failed: so does every later one (see
+        _sync_owed).  The error to raise."""
+        if self._sync_failed is None:
+            self._sync_failed = exc
+        return SyncFailed(f"{what}: {exc}")
 
     def _sync_committed(self) -> None:
         """The sync that makes what has been COMMITted durable (only a

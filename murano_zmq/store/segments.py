@@ -113,6 +113,15 @@ def _full(exc: OSError, path: str) -> OSError:
     return exc
 
 
+def _sync_path(path: str, flags: int, sync: Callable[[int], None]) -> None:
+    """Open `path` read-only (with `flags`), `sync` it, close it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+
+
 def _drop_cached(fd: int, start: int, end: int) -> None:
     """Let the kernel drop the whole pages of bytes start..end from its
     cache (it keeps a page the range covers only in part, which the next
@@ -201,11 +210,7 @@ class Segments:
                 self._retire(seg)
         newest = max((seg for seg in self._live if seg in files), default=None)
         if newest is not None:
-            fd = os.open(self.path(newest), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            _sync_path(self.path(newest), 0, os.fdatasync)
 
     # --- writes (under the store's commit lock) ------------------------------------
 
@@ -413,11 +418,7 @@ class Segments:
                         _drop_cached(fd, start, end)
                 self._dirty.discard(seg)
             if self._dir_dirty:
-                fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _sync_path(self.dir, os.O_DIRECTORY, os.fsync)
                 self._dir_dirty = False
         except OSError as exc:
             # After a failed write or sync the file's state is unknown: write

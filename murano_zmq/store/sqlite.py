@@ -47,7 +47,7 @@ from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMEN
 from .segments import DIRECT_MIN, THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
-from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
+from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
 from .batch import WriteBatch, runs
 
@@ -240,7 +240,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if extent > files.get(seg, -1):
                 lost += self._query("SELECT seq, mailbox, msg_id, seg FROM messages "
                                     "WHERE seg=? AND seg_off + seg_len > ?", (seg, files.get(seg, 0)))
-        for i, (seq, mailbox, msg_id, seg) in enumerate(lost[:1000]):
+        for seq, mailbox, msg_id, seg in lost[:1000]:
             log.error("message %s (seq %d, mailbox id %d) is lost: its body is not in %s "
                       "(missing or cut short)", msg_id.hex(), seq, mailbox, self._segments.path(seg))
         torn = self._torn_rows(files)
@@ -484,9 +484,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._segments.wait_unsynced()
         except OSError as exc:
             with self._sync_lock:
-                if self._sync_failed is None:
-                    self._sync_failed = exc
-            raise SyncFailed(f"writing a message body failed: {exc}") from exc
+                raise self._sync_fails(exc, "writing a message body failed") from exc
 
     def _sync_commits_ourselves(self) -> None:
         """From here on the writer runs at synchronous=NORMAL and _commit_tx
