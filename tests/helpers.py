@@ -9,7 +9,8 @@ import time
 
 from murano_zmq.testing import free_tcp_endpoint
 
-__all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "wait_confirmed", "wait_for"]
+__all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "segment_files", "wait_confirmed",
+           "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -86,3 +87,10 @@ def drain(consumer, expect: int, timeout: float = 60, quiet: float = 0.5) -> lis
         seen.append(m)
         m.ack()
     return seen
+
+
+def segment_files(data_dir) -> list[str]:
+    """A SQLite store's segment files, by name (not the spare: store/segments.py)."""
+    from murano_zmq.store.segments import SEGMENT_DIR
+
+    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))

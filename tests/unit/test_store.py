@@ -32,6 +32,7 @@ from murano_zmq.store import segments as segments_module
 from murano_zmq.store.schema import SCHEMA, SCHEMA_VERSION
 from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, THRESHOLD, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
+from tests.helpers import segment_files
 
 try:
     import psycopg
@@ -912,11 +913,6 @@ def test_large_and_small_bodies_mixed_round_trip_and_restart(open_store):
         assert len(s.load_ready(1, 0, 100, max_bytes=LARGE)) < len([r for r in live if r.mailbox_id == 1])
     finally:
         s.close()
-
-
-def segment_files(data_dir) -> list[str]:
-    """The segments (not the spare)."""
-    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
 
 
 def has_spare(data_dir) -> bool:

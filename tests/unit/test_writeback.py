@@ -19,6 +19,7 @@ from murano_zmq.store import writeback
 from murano_zmq.store.base import StoredMessage
 from murano_zmq.store.segments import SEGMENT_DIR, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore
+from tests.helpers import segment_files
 
 LARGE = 64 * 1024
 PER_FILL = ZERO_AHEAD // LARGE + 1  # lone bodies per growth of the segment: the first syncs its own
@@ -37,10 +38,6 @@ def body(seq: int) -> bytes:
 
 def msg(seq: int, body: bytes) -> StoredMessage:
     return StoredMessage(seq, 1, seq.to_bytes(16, "big"), b"", body, 1.0, None, 0)
-
-
-def segment_files(data_dir) -> list[str]:
-    return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
 
 
 def checksums(store: SQLiteStore) -> dict[int, int | None]:

@@ -1,0 +1,283 @@
+"""Where a one-at-a-time send's time goes, stage by stage, next to the floor's.
+
+    python bench/lone_stages.py [--rounds 10] [--block 200] [--size 1024] [--json]
+
+Starts this checkout's relay in a child process whose loop, engine and store
+have timers wrapped around their steps, and the floor relay
+(bench/floor_relay.py).  A raw client (bench/raw_relay.py) sends one message
+at a time to each, each send waiting for its confirm, in blocks of --block
+that take turns (the same minutes, as in bench/lone_paths.py); a third block
+times the floor relay's own statements (BEGIN, INSERT, COMMIT with its
+fsync) on a database of this process, one lone send's worth at a time.
+
+Each row is a median over the sends of the relay's lone path (engine
+send_alone), so the rows do not add up exactly.  "Outside the relay" is the
+round trip's median less the relay's (poll return to confirm sent): the two
+sockets, libzmq's I/O threads, the client.  The timers cost ~0.2 µs a step,
+which the relay's rows include.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from cmp_common import pct  # noqa: E402
+from raw_relay import Client  # noqa: E402
+
+from murano_zmq.testing import free_tcp_endpoint, relay_answers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The relay's rows: (key, what it is).  A store step is timed only inside a
+# lone send's commit_insert().
+RELAY_STAGES = (
+    ("relay", "relay: poll return to CONFIRM sent"),
+    ("read", "relay: read the SEND off the socket"),
+    ("engine", "relay: engine (checks, row, CONFIRM; send_alone less the store)"),
+    ("store", "relay: store, commit_insert()"),
+    ("begin", "store: BEGIN IMMEDIATE"),
+    ("commit", "store: COMMIT (the WAL frames written)"),
+    ("body", "store: large body written, its write-back started"),
+    ("body_wait", "store: large body, wait for its write"),
+    ("wal_sync", "store: WAL fdatasync"),
+    ("body_after", "store: large body, pages dropped after the sync"),
+    ("segment_sync", "store: large body, segment fdatasync (not on the WAL's flush)"),
+    ("store_rest", "store: INSERT and the store's Python"),
+    ("send", "relay: send the CONFIRM"),
+)
+WARM_UP = 50  # sends to each relay before the timed ones
+FLOOR_STAGES = (
+    ("floor_begin", "floor store: BEGIN"),
+    ("floor_insert", "floor store: INSERT"),
+    ("floor_commit", "floor store: COMMIT (with its fsync)"),
+)
+
+
+def serve(endpoint: str, data_dir: str, out_path: str) -> int:
+    """The relay, with its lone path's steps timed; writes them to
+    `out_path` (JSON: stage -> seconds per send) when it stops."""
+    from murano_zmq.relay.engine import RelayEngine
+    from murano_zmq.relay.main import main as relay_main
+    from murano_zmq.relay.server import Relay
+    from murano_zmq.store.segments import Segments
+    from murano_zmq.store.sqlite import SQLiteStore
+
+    clock = time.perf_counter
+    sends: list[dict] = []
+    current: dict = {}
+    polled = [0.0]
+
+    def wrap(cls, name, after):
+        real = getattr(cls, name)
+
+        def timed(self, *args, **kwargs):
+            t0 = clock()
+            result = real(self, *args, **kwargs)
+            after(t0, clock(), args, result)
+            return result
+
+        setattr(cls, name, timed)
+
+    def add(key):
+        def after(t0, t1, args, result):
+            if current.get("in_store"):
+                current[key] = current.get(key, 0.0) + t1 - t0
+        return after
+
+    real_poll = zmq.Poller.poll
+
+    def poll(self, timeout=None):
+        result = real_poll(self, timeout)
+        polled[0] = clock()
+        return result
+
+    zmq.Poller.poll = poll
+    wrap(Relay, "_read_one", lambda t0, t1, args, result: current.update(read=t1 - t0))
+
+    def engine_done(t0, t1, args, result):
+        if result is not None:
+            current["engine"] = t1 - t0 - current.get("store", 0.0)
+            current["lone"] = True
+
+    wrap(RelayEngine, "send_alone", engine_done)
+    real_commit_insert = SQLiteStore.commit_insert
+
+    def commit_insert(self, messages):
+        current["in_store"] = True
+        t0 = clock()
+        try:
+            return real_commit_insert(self, messages)
+        finally:
+            current["in_store"] = False
+            current["store"] = clock() - t0
+
+    SQLiteStore.commit_insert = commit_insert
+
+    def statement(t0, t1, args, result):
+        if current.get("in_store"):
+            key = {"BEGIN IMMEDIATE": "begin", "COMMIT": "commit"}.get(args[0])
+            if key is not None:
+                current[key] = current.get(key, 0.0) + t1 - t0
+
+    wrap(SQLiteStore, "_execute_waiting", statement)
+    wrap(SQLiteStore, "_sync_wal", add("wal_sync"))
+    wrap(Segments, "write_unsynced", add("body"))
+    wrap(Segments, "wait_unsynced", add("body_wait"))
+    wrap(Segments, "flushed", add("body_after"))
+    wrap(Segments, "sync", add("segment_sync"))
+
+    def sent(t0, t1, args, result):
+        if current.pop("lone", False):
+            current["send"] = t1 - t0
+            current["relay"] = t1 - polled[0]
+            sends.append(dict(current))
+        current.clear()
+
+    wrap(Relay, "_send", sent)
+    code = relay_main(["--log-level", "WARNING", "--bind", endpoint, "--data-dir", data_dir])
+    for s in sends:
+        timed = sum(s.get(k, 0.0) for k in ("begin", "commit", "body", "body_wait", "wal_sync", "body_after",
+                                             "segment_sync"))
+        s["store_rest"] = s.get("store", 0.0) - timed
+    with open(out_path, "w") as f:
+        json.dump(sends, f)
+    return code
+
+
+class FloorStore:
+    """The floor relay's statements (bench/floor_relay.py serve), one lone
+    send's worth at a time, on a database of this process."""
+
+    def __init__(self, path: str, size: int):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS m (seq INTEGER PRIMARY KEY, id BLOB UNIQUE, body BLOB)")
+        self.body = b"x" * (size - 16)
+
+    def send(self) -> dict:
+        clock = time.perf_counter
+        t0 = clock()
+        self.db.execute("BEGIN")
+        t1 = clock()
+        self.db.executemany("INSERT OR IGNORE INTO m (id, body) VALUES (?, ?)", [(os.urandom(16), self.body)])
+        t2 = clock()
+        self.db.execute("COMMIT")
+        t3 = clock()
+        return {"floor_begin": t1 - t0, "floor_insert": t2 - t1, "floor_commit": t3 - t2}
+
+
+def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "serve":
+        return serve(*sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of one block per path (10)")
+    parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
+    parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.block < 1 or args.size < 16:
+        parser.error("--rounds and --block must be at least 1, --size at least 16")
+    trips: dict[str, list[float]] = {"relay": [], "floor": []}
+    floor_steps: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_endpoint, relay_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+        stages_path = os.path.join(tmp, "stages.json")
+        os.mkdir(os.path.join(tmp, "relay"))
+        floor = subprocess.Popen([sys.executable, os.path.join(HERE, "floor_relay.py"), "serve", floor_endpoint,
+                                  os.path.join(tmp, "floor.db")], stdout=subprocess.PIPE)
+        relay = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", relay_endpoint,
+                                  os.path.join(tmp, "relay"), stages_path])
+        try:
+            if floor.stdout.readline().strip() != b"ready":
+                raise SystemExit("the floor relay did not start")
+            if not relay_answers(relay_endpoint, 15.0):
+                raise SystemExit("the relay did not start")
+            floor_sock = zmq.Context.instance().socket(zmq.DEALER)
+            floor_sock.connect(floor_endpoint)
+            client = Client(relay_endpoint, args.size)
+            store = FloorStore(os.path.join(tmp, "floor-store.db"), args.size)
+            floor_body = b"x" * (args.size - 16)
+
+            def send_relay() -> None:
+                client.send("lone.stages", 1)
+                client.confirmed()
+
+            def send_floor() -> None:
+                floor_sock.send(os.urandom(16) + floor_body)
+                floor_sock.recv()
+
+            def block(send, out: list | None, count: int) -> None:
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    send()
+                    if out is not None:
+                        out.append(time.perf_counter() - t0)
+
+            block(send_relay, None, WARM_UP)  # (the first send makes the mailbox)
+            block(send_floor, None, WARM_UP)
+            for _ in range(WARM_UP):
+                store.send()
+            for _ in range(args.rounds):
+                block(send_relay, trips["relay"], args.block)
+                block(send_floor, trips["floor"], args.block)
+                floor_steps += [store.send() for _ in range(args.block)]
+            floor_sock.send(b"stop")
+            floor_sock.close(linger=1000)
+            client.sock.close(linger=1000)
+            store.db.close()
+        finally:
+            relay.terminate()
+            try:
+                relay.wait(30)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait()
+            floor.kill()
+            floor.wait()
+        if relay.returncode != 0 or not os.path.exists(stages_path):
+            raise SystemExit(f"the relay exited with {relay.returncode} and wrote no stages")
+        with open(stages_path) as f:
+            relay_steps = json.load(f)[WARM_UP - 1:]  # (the warm-up's: all but the first took the lone path)
+    result = {"round_trip": {"relay": pct(trips["relay"], 50) * 1e6, "floor": pct(trips["floor"], 50) * 1e6},
+              "stages": {}}
+    for key, _ in RELAY_STAGES:
+        values = [s.get(key, 0.0) for s in relay_steps]
+        if any(values):
+            result["stages"][key] = {"p50_us": pct(values, 50) * 1e6, "p90_us": pct(values, 90) * 1e6}
+    for key, _ in FLOOR_STAGES:
+        values = [s[key] for s in floor_steps]
+        result["stages"][key] = {"p50_us": pct(values, 50) * 1e6, "p90_us": pct(values, 90) * 1e6}
+    result["outside_relay_us"] = result["round_trip"]["relay"] - result["stages"]["relay"]["p50_us"]
+    result["lone_sends_timed"] = len(relay_steps)
+    if args.json:
+        print(json.dumps({"rounds": args.rounds, "block": args.block, "size": args.size, **result}))
+        return 0
+    print(f"{args.rounds} rounds of {args.block} lone sends of {args.size:,} B to each relay; "
+          f"{len(relay_steps):,} took the relay's lone path")
+    print("| stage | p50 | p90 |")
+    print("| --- | --- | --- |")
+    print(f"| round trip, this relay | {result['round_trip']['relay']:,.1f} µs | |")
+    print(f"| round trip, floor relay | {result['round_trip']['floor']:,.1f} µs | |")
+    for key, label in RELAY_STAGES + FLOOR_STAGES:
+        if key in result["stages"]:
+            s = result["stages"][key]
+            print(f"| {label} | {s['p50_us']:,.1f} µs "
+                  f"| {s['p90_us']:,.1f} µs |")
+    print(f"| outside the relay (round trip less the relay's time) | {result['outside_relay_us']:,.1f} µs | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
