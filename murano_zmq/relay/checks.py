@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..store.dbcheck import foreign_tables, unusable_database
 from ..store.packs import stored_count
 from .config import RelayConfig
 
@@ -92,6 +93,9 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     holder = _lock_holder(path)
     if holder is not None:
         return Check(False, "data dir", f"{path} is in use by another relay (pid {holder})")
+    refusal = unusable_database(str(path), DB_NAME)
+    if refusal is not None:
+        return Check(False, "data dir", refusal)
     db = path / DB_NAME
     if not db.exists():
         return Check(True, "data dir", f"{path} (writable; no {DB_NAME} yet)")
@@ -100,6 +104,9 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
+            foreign = foreign_tables(con, str(db))
+            if foreign is not None:
+                return Check(False, "data dir", foreign)
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
             count = stored_count(con)
             lost = _bodies_missing(con, path / SEGMENT_DIR) if verdict == "ok" else 0

@@ -41,6 +41,7 @@ from ..protocol.errors import StartupError
 from . import space
 from .base import StoredMessage, field_body, field_msg_id
 from .batched import BatchedStore
+from .dbcheck import foreign_tables, unusable_database
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
@@ -141,6 +142,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._threshold = segment_threshold
+        refusal = unusable_database(data_dir, self.DB_NAME)  # (before a connection creates the file)
+        if refusal is not None:
+            raise StartupError(refusal)
         try:
             self._segments = Segments(data_dir)
         except OSError as exc:
@@ -194,6 +198,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return db
 
     def _open(self) -> None:
+        refusal = foreign_tables(self._db, self.path)  # (before WAL mode and the relay's tables go into it)
+        if refusal is not None:
+            raise StartupError(refusal)
         self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # (a no-op on a database that has pages)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
