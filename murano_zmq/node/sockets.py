@@ -354,10 +354,16 @@ class NodeSockets:
             return
         if sender.has_links or sender.socket_ops:  # (the usual case has neither: two calls, not five)
             out = core.links_out(now)
-            self._socket_ops()
+            unopened = self._socket_ops(now)
             for endpoint, frames in out:
-                touched.add(self._links[endpoint])
-                self._links[endpoint].send_multipart(frames)
+                sock = self._links.get(endpoint)
+                if sock is None:  # (a link that could not open: its records went to the relay's queue)
+                    continue
+                touched.add(sock)
+                sock.send_multipart(frames)
+            if unopened:
+                self.write(now)  # those records, to the relay
+                return
         if core.inbox.has_output:
             out = core.inbox_out(now)
             touched.add(self._router)
@@ -369,27 +375,44 @@ class NodeSockets:
 
     # --- direct links -----------------------------------------------------------------
 
-    def _socket_ops(self) -> None:
+    def _socket_ops(self, now: float) -> bool:
+        """Open and close the links the core asks for; True if one could not
+        be opened (the core gave its records to the relay's queue)."""
         ops = self.core.sender.socket_ops
+        unopened = False
         while ops:
             op = ops.pop(0)
             if op[0] == OPEN:
-                self._open_link(op[1], op[2])
+                unopened |= not self._open_link(op[1], op[2], now)
             else:
                 self._close_link(op[1], 0)
+        return unopened
 
-    def _open_link(self, endpoint: str, key: bytes | None) -> None:
+    def _open_link(self, endpoint: str, key: bytes | None, now: float) -> bool:
+        """A DEALER connecting to a peer's endpoint (as LOOKUP gave it); False
+        if ZeroMQ refuses the endpoint: the link fails, and is not tried again."""
         sock = _plain(self._context.socket(zmq.DEALER))
         # One routing id for the link's life: after a reconnect the peer's
         # ROUTER (ROUTER_HANDOVER) passes CONFIRMs on to the new connection.
         sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        if self._security is not None:
-            self._security.client(sock, key)
-            self._handshakes[sock.get_monitor_socket(HANDSHAKE_EVENTS)] = endpoint
-        sock.connect(endpoint)
+        monitor = None
+        try:
+            if self._security is not None:
+                self._security.client(sock, key)
+                monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            if monitor is not None:
+                monitor.close(0)
+            sock.close(0)
+            self.core.link_refused(endpoint, f"cannot connect to {endpoint!r} ({exc.strerror})", True, now)
+            return False
+        if monitor is not None:
+            self._handshakes[monitor] = endpoint
         self._links[endpoint] = sock
         self._by_sock[sock] = endpoint
         self._version += 1
+        return True
 
     def _close_link(self, endpoint: str, linger: int) -> None:
         sock = self._links.pop(endpoint, None)

@@ -33,6 +33,24 @@ from .errors import RemoteProtocolError
 from .frames import Cmd, decode, encode
 
 
+def endpoint_problem(endpoint) -> str | None:
+    """Why `endpoint`, offered by a consumer for its direct path (CONSUME;
+    the relay hands it to senders by LOOKUP), is not one other nodes can
+    connect to, or None: tcp://HOST:PORT (no wildcard host, PORT 1-65535)
+    or ipc://PATH.  Only the form: a host name resolves when a sender
+    connects, and a link that cannot connect goes to the relay."""
+    if type(endpoint) is not str or not endpoint.isprintable() or " " in endpoint:
+        return f"not an endpoint: {endpoint!r}"
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc" and rest:
+        return None
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if colon and host and "*" not in host and port.isdigit() and 0 < int(port) < 65536:
+            return None
+    return f"not an endpoint other nodes can connect to (tcp://HOST:PORT or ipc://PATH): {endpoint!r}"
+
+
 @dataclass(frozen=True, slots=True)
 class LinkReady:
     endpoint: str

@@ -45,6 +45,7 @@ from ..protocol.errors import (
     RemoteProtocolError,
     error_from_code,
 )
+from ..protocol.direct import endpoint_problem
 from ..protocol.frames import Cmd, decode
 from ..protocol.message import check_name
 from ..store.base import Store
@@ -298,6 +299,8 @@ class RelayEngine:
             raise Malformed(f"prefetch_bytes must be 1..{MAX_PREFETCH_BYTES} or nil, got {prefetch_bytes}")
         if endpoint is not None and len(endpoint) > MAX_ENDPOINT:
             raise Malformed(f"endpoint longer than {MAX_ENDPOINT} characters")
+        if endpoint is not None and (problem := endpoint_problem(endpoint)) is not None:
+            raise Malformed(problem)  # (else every sender LOOKUP gives it to would try it)
         mb = self.boxes.get_or_create(name, ctx.now)
         self.delivery.consume(ctx.peer, cid, mb, prefetch, endpoint, prefetch_bytes, ctx.now)
         self.turn.reply_now(ctx.identity, Cmd.REPLY, req, mb.status(ctx.now))

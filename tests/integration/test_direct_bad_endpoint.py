@@ -1,0 +1,55 @@
+"""A consumer's direct endpoint that other nodes cannot connect to must not
+stop them sending: the relay refuses one that is not an endpoint at all
+(protocol/direct.py endpoint_problem), and a sender whose connect ZeroMQ
+refuses sends through the relay (node/sockets.py _open_link)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zmq
+
+from murano_zmq import Node
+from murano_zmq.protocol.frames import Cmd, decode, encode
+
+
+def raw_consumer(endpoint: str, mailbox: str, direct: str):
+    """A session that CONSUMEs `mailbox` offering `direct`; the relay's answer."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart(encode(Cmd.HELLO, "odd-consumer", os.urandom(16), 60.0))
+    assert sock.poll(10_000) and decode(sock.recv_multipart()).cmd == Cmd.WELCOME
+    sock.send_multipart(encode(Cmd.CONSUME, 1, 1, mailbox, 10, direct, None))
+    assert sock.poll(10_000)
+    return sock, decode(sock.recv_multipart())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direct", ["garbage", "tcp://:5570", "inproc://x", "tcp://127.0.0.1:0", "tcp://*:5570"])
+def test_the_relay_refuses_a_direct_endpoint_no_node_can_connect_to(relay, direct):
+    sock, answer = raw_consumer(relay.endpoint, "odd", direct)
+    try:
+        assert answer.cmd == Cmd.ERROR
+        assert "endpoint" in answer.fields[2]
+        with Node("sender", relay=relay.endpoint, timeout=10) as node:
+            node.send("odd", b"still sent")
+            assert [m["consumers"] for m in node.status()["mailboxes"] if m["name"] == "odd"] == [0]
+    finally:
+        sock.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_whose_connect_fails_sends_through_the_relay(relay):
+    # The form of an endpoint, but ZeroMQ refuses to connect to it (EINVAL).
+    sock, answer = raw_consumer(relay.endpoint, "odd", "tcp://-:5570")
+    try:
+        assert answer.cmd == Cmd.REPLY
+        with Node("sender", relay=relay.endpoint, timeout=10) as node:
+            for i in range(3):  # (the link is not tried again)
+                node.send("odd", f"via the relay {i}".encode())
+            status = {m["name"]: m for m in node.status()["mailboxes"]}
+        assert status["odd"]["depth"] == 3 and status["odd"]["consumers"] == 1
+    finally:
+        sock.close(0)
