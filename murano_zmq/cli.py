@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except (MuranoZmqError, ValueError) as exc:
         print(f"murano-zmq: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # (a path given that cannot be used: keygen --dir a file)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"murano-zmq: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -232,7 +236,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(msg.to_json(), default=repr), flush=True)
                 else:
-                    body = msg.body
+                    try:
+                        body = msg.body
+                    except ValueError as exc:  # (printed as hex: one line per message all the same)
+                        print(f"murano-zmq: message {msg.id.hex()}: {exc}", file=sys.stderr)
+                        body = msg.packed_body.hex()
                     if isinstance(body, bytes):
                         body = body.decode("utf-8", "replace")
                     print(body if isinstance(body, str) else json.dumps(body, default=repr), flush=True)

@@ -19,7 +19,7 @@ import msgpack
 from .constants import ID_CLOCK_BYTES, ID_SIZE, KEPT_PACKER_BUFFER, MAX_NAME_LENGTH
 from .errors import LocalProtocolError, RemoteProtocolError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@\-]+\Z")  # (\Z: "$" would let a final newline through)
 
 
 # The random part of message ids: a generator of this module's own, seeded
@@ -96,7 +96,13 @@ def pack_body(body: Any) -> bytes:
 
 
 def unpack_body(packed: bytes) -> Any:
-    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    """A message's body; ValueError, saying so, if its bytes are not msgpack
+    (a raw client's send: the relay keeps bodies opaque)."""
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except Exception as exc:  # (msgpack raises several unrelated types, some with no text)
+        raise ValueError(f"the message body is not msgpack ({len(packed)} bytes, starting "
+                         f"{packed[:8].hex() or 'with nothing'}): {type(exc).__name__} {exc}".rstrip()) from None
 
 
 def is_number(value: Any) -> bool:
@@ -267,8 +273,12 @@ class Message:
             self._settle(self, how, requeue)
 
     def to_json(self) -> dict:
-        """A JSON-friendly view (ids in hex; a bytes body as text or hex)."""
-        body = self.body
+        """A JSON-friendly view (ids in hex; a bytes body as text or hex; a
+        body that is not msgpack as {"not_msgpack": hex})."""
+        try:
+            body = self.body
+        except ValueError:
+            body = {"not_msgpack": self.packed_body.hex()}
         if isinstance(body, bytes):
             try:
                 body = body.decode("utf-8")

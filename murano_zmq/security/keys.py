@@ -30,8 +30,8 @@ log = logging.getLogger("murano_zmq.security")
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
-_Z85_RE = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:@\-]{1,200}\Z")  # (\Z: "$" would let a final newline through)
+_Z85_RE = re.compile(rb"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 
 
 class KeyFileError(ValueError):

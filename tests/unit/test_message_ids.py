@@ -47,9 +47,20 @@ def test_a_forked_child_does_not_repeat_its_parents_ids():
     assert len(child) == 4 * ID_SIZE and child != parent
 
 
-@pytest.mark.parametrize("bad", [["x"], None, "", "a b", "x" * 300, b"box"])
+@pytest.mark.parametrize("bad", [["x"], None, "", "a b", "x" * 300, b"box", "box\n", "box\r\n"])
 def test_bad_names_are_refused_every_time(bad):
     for _ in range(2):  # the cache of good names must not let one through
         with pytest.raises(LocalProtocolError):
             check_name(bad)
     assert check_name("good.name") == "good.name" == check_name("good.name")
+
+
+def test_a_body_that_is_not_msgpack_says_so():
+    from murano_zmq.protocol.message import Message, unpack_body
+
+    with pytest.raises(ValueError, match=r"not msgpack \(2 bytes, starting c100\)"):
+        unpack_body(b"\xc1\x00")
+    message = Message(bytes(16), "m", {}, b"\xc1\x00", 1.0, None, 1)
+    with pytest.raises(ValueError, match="not msgpack"):
+        message.body
+    assert message.to_json()["body"] == {"not_msgpack": "c100"}
