@@ -321,6 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.envs < 1 or args.units < 1:
         print("murano-zmq: demo needs --envs and --units >= 1", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # (as Ctrl-C: the children are stopped, the temp dir removed)
     return run_demo(envs=args.envs, units=args.units, chaos=args.chaos, seed=args.seed,
                     agent_ttl=args.agent_ttl, step_seconds=max(0.0, args.step_seconds), timeout=args.timeout)
 

@@ -31,6 +31,8 @@ from .view import ProgressView
 
 DISCOVERY = "127.0.0.1"
 HEARTBEAT = 0.5
+# Seconds the children have in all to exit after SIGTERM, before SIGKILL.
+STOP_WAIT = 15.0
 
 
 @dataclass
@@ -120,14 +122,16 @@ class Demo:
         proc.wait(10)
 
     def stop_all(self) -> int:
-        """SIGTERM every child, by PID; returns how many did not exit 0."""
+        """SIGTERM every child, by PID, and SIGKILL those still there after
+        STOP_WAIT seconds in all; returns how many did not exit 0."""
         bad = 0
         for name, proc in list(self.procs.items()):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT
         for name, proc in list(self.procs.items()):
             try:
-                code = proc.wait(15)
+                code = proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)

@@ -27,13 +27,19 @@ from . import flow
 log = logging.getLogger("murano.agent")
 
 
-def run_commands(commands: list) -> None:
+class Stopped(Exception):
+    """The host is stopping mid-plan: the plan is left unacked, and comes
+    again to the agent's next life (as after a crash)."""
+
+
+def run_commands(commands: list, stop: threading.Event) -> None:
     for command in commands:
         kind = command[0]
         if kind == "mkdir":
             os.makedirs(command[1], exist_ok=True)
         elif kind == "sleep":
-            time.sleep(float(command[1]))  # the plan's "work"
+            if stop.wait(float(command[1])):  # the plan's "work", cut short by a signal
+                raise Stopped
         elif kind == "write":
             with open(command[1], "w") as f:
                 f.write(command[2])
@@ -60,8 +66,11 @@ def agent(env: str, unit: str, relay: str, state_dir: str, heartbeat: float, sto
             if body["plan"] not in done:
                 started = time.time()
                 try:
-                    run_commands(body["commands"])
+                    run_commands(body["commands"], stop)
                     result = {"ok": True, "error": None}
+                except Stopped:
+                    log.info("%s: stopped mid-plan %s; it is not acked", unit, body["plan"])
+                    return
                 except Exception as exc:
                     result = {"ok": False, "error": str(exc)}
                 result["seconds"] = round(time.time() - started, 3)
