@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ipaddress
 import os
 import socket
 import threading
@@ -46,10 +47,12 @@ def parse_interfaces(value: str | None) -> list[str] | InterfaceChoice:
     if value == "all":
         return InterfaceChoice.All
     addresses = [a.strip() for a in value.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError(f"no discovery interface in {value!r}: IPv4 addresses, comma-separated, or 'all'")
     for a in addresses:
         try:
-            socket.inet_aton(a)
-        except OSError:
+            ipaddress.IPv4Address(a)  # (dotted quads only: inet_aton took "127.1", zeroconf does not)
+        except ValueError:
             raise ValueError(f"discovery interface {a!r} is not an IPv4 address (or 'all')") from None
     return addresses
 

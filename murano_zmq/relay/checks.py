@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from ..store.dbcheck import foreign_tables, unusable_database
 from ..store.packs import stored_count
+from ..store.schema import SCHEMA_VERSION
 from .config import RelayConfig
 
 DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
@@ -107,6 +108,10 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
             foreign = foreign_tables(con, str(db))
             if foreign is not None:
                 return Check(False, "data dir", foreign)
+            version = _schema_version(con)
+            if version is not None and version > SCHEMA_VERSION:
+                return Check(False, "data dir", f"{db} has schema version {version}, this relay reads "
+                                                f"{SCHEMA_VERSION} and older (a newer relay's database)")
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
             count = stored_count(con)
             lost = _bodies_missing(con, path / SEGMENT_DIR) if verdict == "ok" else 0
@@ -122,6 +127,14 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
                                         "directory from the backup it was taken with (the relay would log "
                                         "and drop them; docs/operations.md, 'Segment files')")
     return Check(True, "data dir", f"{path} (writable; {DB_NAME} passes quick_check, {count} message(s))")
+
+
+def _schema_version(con: sqlite3.Connection) -> int | None:
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    except sqlite3.OperationalError:  # (no meta table yet)
+        return None
+    return row[0] if row and isinstance(row[0], int) else None
 
 
 def _bodies_missing(con: sqlite3.Connection, segment_dir: Path) -> int:
@@ -164,7 +177,7 @@ def _lock_holder(path: Path) -> str | None:
 
 
 def _bind(endpoint: str) -> Check:
-    scheme = endpoint.partition("://")[0]
+    scheme, _, rest = endpoint.partition("://")
     if scheme == "tcp":
         try:
             port = urlsplit(endpoint.replace("tcp://", "http://", 1)).port
@@ -172,10 +185,36 @@ def _bind(endpoint: str) -> Check:
             port = None
         if port is None and not endpoint.endswith(":*"):
             return Check(False, "bind", f"{endpoint!r} has no valid port (tcp://HOST:PORT)")
-        return Check(True, "bind", endpoint)
-    if scheme in ("ipc", "inproc"):
-        return Check(True, "bind", endpoint)
+        if not rest.rpartition(":")[0]:
+            return Check(False, "bind", f"{endpoint!r} has no host (tcp://HOST:PORT; * for every interface)")
+        return _trial_bind(endpoint)
+    if scheme == "ipc":
+        parent = os.path.dirname(rest) or "."
+        if not rest or not os.path.isdir(parent):
+            return Check(False, "bind", f"{endpoint!r}: the directory {parent} does not exist")
+        return Check(True, "bind", endpoint)  # (not tried: a bind would unlink a running relay's socket file)
+    if scheme == "inproc":
+        return Check(False, "bind", f"{endpoint!r} is reachable only inside the relay's process: no node "
+                                    "could connect (tcp://HOST:PORT or ipc://PATH)")
     return Check(False, "bind", f"{endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+
+
+def _trial_bind(endpoint: str) -> Check:
+    """Bind a throwaway socket there and close it: an address this host
+    does not have fails as the relay's bind would.  An address in use now
+    (this relay, running) is not a failure of the configuration."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            return Check(True, "bind", f"{endpoint} (in use now: the relay running there?)")
+        return Check(False, "bind", f"cannot bind {endpoint}: {exc.strerror}")
+    finally:
+        sock.close(0)
+    return Check(True, "bind", endpoint)
 
 
 def _metrics(address: str) -> list[Check]:

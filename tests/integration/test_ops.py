@@ -143,6 +143,12 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     ("permissions-without-key", "security"),
     ("no-parent", "data dir"),
     ("segment-missing", "data dir"),
+    ("bind-no-such-address", "bind"),
+    ("bind-no-host", "bind"),
+    ("bind-inproc", "bind"),
+    ("bind-ipc-no-dir", "bind"),
+    ("discovery-not-a-dotted-quad", "discovery"),
+    ("newer-schema", "data dir"),
 ])
 def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, breakage, failing):
     keys = Keys(tmp_path / "sec")
@@ -176,6 +182,18 @@ def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, 
         store.close()
         for segment in (data / "segments").glob("*.seg"):
             segment.unlink()
+    elif breakage.startswith("bind-"):
+        args += ["--bind", {"bind-no-such-address": "tcp://999.1.1.1:5570", "bind-no-host": "tcp://:5570",
+                            "bind-inproc": "inproc://relay",
+                            "bind-ipc-no-dir": f"ipc://{tmp_path}/no-such-dir/relay.sock"}[breakage]]
+    elif breakage == "discovery-not-a-dotted-quad":
+        args += ["--discovery-interfaces", "127.1"]  # (inet_aton's shorthand; zeroconf refuses it)
+    elif breakage == "newer-schema":
+        from murano_zmq.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(str(data))
+        store._db.execute("UPDATE meta SET value=99 WHERE key='schema'")
+        store.close()
     elif breakage == "permissions-without-key":
         args = ["relay", "--check-config", "--permissions", str(keys.permissions), "--data-dir", str(data)]
     out = cli(*args)
