@@ -129,8 +129,13 @@ class RelaySecurity:
     def describe(self) -> str:
         if not self.enabled:
             return "open (no CURVE key: plain TCP, no authentication, no permissions)"
-        who = (f"{len(self.keys)} authorized key(s) in {self.keys.directory}" if self.keys
-               else "ANY client key (no --authorized-keys)")
+        if self.keys is None:
+            who = "ANY client key (no --authorized-keys)"
+        elif len(self.keys):
+            who = f"{len(self.keys)} authorized key(s) in {self.keys.directory}"
+        else:  # (an empty directory authorizes no one: it is not the absence of --authorized-keys)
+            who = f"no authorized key in {self.keys.directory}: every client is refused"
+
         what = (f"permissions from {self.permissions.path}" if self.permissions
                 else "all operations allowed (--allow-all)")
         return f"CURVE (public key {self.key.public.decode()}); {who}; {what}"

@@ -256,6 +256,9 @@ def test_relay_security_modes(tmp_path):
     assert full.enabled and full.permissions is not None and "permissions from" in full.describe()
     anykey = RelaySecurity.from_options(key, allow_all=True)
     assert anykey.keys is None and "ANY client key" in anykey.describe()
+    (tmp_path / "none").mkdir()
+    nokey = RelaySecurity.from_options(key, authorized_keys=str(tmp_path / "none"), allow_all=True)
+    assert "every client is refused" in nokey.describe() and "ANY" not in nokey.describe()
 
 
 # --- logs --------------------------------------------------------------------------------------
