@@ -61,6 +61,20 @@ def pct(samples: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p / 100))]
 
 
+def lone_arguments(parser) -> None:
+    """The options of the side-by-side lone-send tools (lone_paths.py,
+    lone_stages.py): blocks of sends that take turns."""
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of one block per path (10)")
+    parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
+    parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def check_lone_arguments(parser, args) -> None:
+    if args.rounds < 1 or args.block < 1 or args.size < 16:
+        parser.error("--rounds and --block must be at least 1, --size at least 16")
+
+
 class Meter:
     """CPU of this process (and its children) and of the server, over a phase."""
 

@@ -37,7 +37,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cmp_common import pct  # noqa: E402
+from cmp_common import check_lone_arguments, lone_arguments, pct  # noqa: E402
 from raw_relay import Client  # noqa: E402
 
 from murano_zmq import AsyncNode, Node  # noqa: E402
@@ -107,17 +107,13 @@ class ChildNode:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of one block per path (10)")
-    parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
-    parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lone_arguments(parser)
     parser.add_argument("--node-from", metavar="TREE",
                         help="also a Node and an AsyncNode from another checkout (e.g. a git worktree of an "
                              "older commit) and from this checkout, each in a process of its own: an A/B of the "
                              "nodes' lone paths in the same minutes")
     args = parser.parse_args()
-    if args.rounds < 1 or args.block < 1 or args.size < 16:
-        parser.error("--rounds and --block must be at least 1, --size at least 16")
+    check_lone_arguments(parser, args)
     if args.node_from is not None and not os.path.isdir(os.path.join(args.node_from, "murano_zmq")):
         parser.error(f"--node-from: no murano_zmq package under {args.node_from}")
     body = b"x" * args.size

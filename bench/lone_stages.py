@@ -32,7 +32,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from cmp_common import pct  # noqa: E402
+from cmp_common import check_lone_arguments, lone_arguments, pct  # noqa: E402
 from raw_relay import Client  # noqa: E402
 
 from murano_zmq.testing import free_tcp_endpoint, relay_answers  # noqa: E402
@@ -182,13 +182,9 @@ def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "serve":
         return serve(*sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of one block per path (10)")
-    parser.add_argument("--block", type=int, default=200, help="sends per block (200)")
-    parser.add_argument("--size", type=int, default=1024, help="body bytes, at least 16 (1024)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lone_arguments(parser)
     args = parser.parse_args()
-    if args.rounds < 1 or args.block < 1 or args.size < 16:
-        parser.error("--rounds and --block must be at least 1, --size at least 16")
+    check_lone_arguments(parser, args)
     trips: dict[str, list[float]] = {"relay": [], "floor": []}
     floor_steps: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
