@@ -33,22 +33,27 @@ from .errors import RemoteProtocolError
 from .frames import Cmd, decode, encode
 
 
+# ZeroMQ's transports (zmq_bind(3)).
+TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "tipc", "vmci")
+
+
 def endpoint_problem(endpoint) -> str | None:
     """Why `endpoint`, offered by a consumer for its direct path (CONSUME;
-    the relay hands it to senders by LOOKUP), is not one other nodes can
-    connect to, or None: tcp://HOST:PORT (no wildcard host, PORT 1-65535)
-    or ipc://PATH.  Only the form: a host name resolves when a sender
-    connects, and a link that cannot connect goes to the relay."""
-    if type(endpoint) is not str or not endpoint.isprintable() or " " in endpoint:
+    the relay hands it to senders by LOOKUP), is not a ZeroMQ endpoint a
+    node could have bound, or None.  A node offers its ROUTER's
+    LAST_ENDPOINT: a transport, "://" and an address; for tcp a host (no
+    wildcard) and a port 1-65535.  Only the form: a sender whose connect
+    fails sends through the relay (node/sockets.py _open_link)."""
+    if type(endpoint) is not str or not endpoint.isprintable():
         return f"not an endpoint: {endpoint!r}"
     scheme, _, rest = endpoint.partition("://")
-    if scheme == "ipc" and rest:
+    if scheme in TRANSPORTS and rest and scheme != "tcp":
         return None
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
         if colon and host and "*" not in host and port.isdigit() and 0 < int(port) < 65536:
             return None
-    return f"not an endpoint other nodes can connect to (tcp://HOST:PORT or ipc://PATH): {endpoint!r}"
+    return f"not an endpoint a node binds (e.g. tcp://HOST:PORT, ipc://PATH): {endpoint!r}"
 
 
 @dataclass(frozen=True, slots=True)

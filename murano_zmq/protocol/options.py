@@ -53,6 +53,22 @@ class MailboxOptions:
         return {name: value for name, value in values if value is not None}
 
     @classmethod
+    def from_stored(cls, data: Any) -> tuple["MailboxOptions", str | None]:
+        """Options as a store holds them: checked when they were declared,
+        maybe by an older release with looser rules (a dead-letter name
+        ending in a newline passed before session 21).  Those that fail
+        today's checks are kept as stored, not refused, and the second item
+        says why (for a warning); an unknown option is left out."""
+        try:
+            return cls.from_map(data), None
+        except ValueError as exc:
+            options = cls()
+            for name, value in (data.items() if isinstance(data, dict) else ()):
+                if name in cls.__dataclass_fields__:
+                    object.__setattr__(options, name, value)  # (frozen: as stored, unchecked)
+            return options, str(exc)
+
+    @classmethod
     def from_map(cls, data: Any) -> "MailboxOptions":
         """Options from a DECLARE map; ValueError names what is wrong."""
         if not isinstance(data, dict):

@@ -57,7 +57,11 @@ class Mailboxes:
         stats = self.store.mailbox_stats()
         for row in self.store.load_mailboxes():
             count, nbytes = stats.get(row.id, (0, 0))
-            mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now,
+            options, problem = MailboxOptions.from_stored(row.options)
+            if problem is not None:  # (stored data is never refused at start)
+                log.warning("mailbox %r: its stored options fail today's checks (%s); they are kept as stored",
+                            row.name, problem)
+            mb = Mailbox(row.id, row.name, options, row.declared, now,
                          count=count, nbytes=nbytes, disk_after=0 if count else None)
             self._add(mb)
             self._next_id = max(self._next_id, row.id + 1)

@@ -135,7 +135,6 @@ class RelaySecurity:
             who = f"{len(self.keys)} authorized key(s) in {self.keys.directory}"
         else:  # (an empty directory authorizes no one: it is not the absence of --authorized-keys)
             who = f"no authorized key in {self.keys.directory}: every client is refused"
-
         what = (f"permissions from {self.permissions.path}" if self.permissions
                 else "all operations allowed (--allow-all)")
         return f"CURVE (public key {self.key.public.decode()}); {who}; {what}"

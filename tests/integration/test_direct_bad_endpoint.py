@@ -27,7 +27,7 @@ def raw_consumer(endpoint: str, mailbox: str, direct: str):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("direct", ["garbage", "tcp://:5570", "inproc://x", "tcp://127.0.0.1:0", "tcp://*:5570"])
+@pytest.mark.parametrize("direct", ["garbage", "tcp://:5570", "http://x:80", "tcp://127.0.0.1:0", "tcp://*:5570"])
 def test_the_relay_refuses_a_direct_endpoint_no_node_can_connect_to(relay, direct):
     sock, answer = raw_consumer(relay.endpoint, "odd", direct)
     try:
@@ -53,3 +53,17 @@ def test_a_sender_whose_connect_fails_sends_through_the_relay(relay):
         assert status["odd"]["depth"] == 3 and status["odd"]["consumers"] == 1
     finally:
         sock.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_bound_where_its_path_has_a_space_takes_direct_deliveries(relay, tmp_path):
+    """Any endpoint a node binds is one the relay takes (its LAST_ENDPOINT)."""
+    where = tmp_path / "my dir"
+    where.mkdir()
+    with Node("spaced", relay=relay.endpoint, bind=f"ipc://{where}/direct.sock", timeout=10) as consumer, \
+            Node("sender", relay=relay.endpoint, timeout=10) as sender:
+        messages = consumer.consume("spaced.box")
+        sender.send("spaced.box", b"hello")
+        m = messages.get(timeout=10)
+        assert m is not None and m.body == b"hello"
+        m.ack()

@@ -109,3 +109,28 @@ def test_tables_a_start_left_half_made_are_the_relays_own(tmp_path):
     con.commit()
     con.close()
     SQLiteStore(str(tmp_path)).close()
+
+
+def test_stored_options_that_fail_todays_checks_are_kept_not_refused(tmp_path, caplog):
+    """An older release took a dead-letter name ending in a newline (its
+    pattern ended in $): a start keeps the mailbox and its options as stored,
+    with a warning, instead of refusing the data directory."""
+    import logging
+
+    import msgpack
+
+    from murano_zmq.relay.engine import RelayEngine
+
+    store = SQLiteStore(str(tmp_path))
+    store._db.execute("INSERT INTO mailboxes VALUES (1, 'work', ?, 1)",
+                      (msgpack.packb({"dead_letter": "dlq\n", "max_length": 5}),))
+    store.close()
+    store = SQLiteStore(str(tmp_path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="murano_zmq.relay"):
+            engine = RelayEngine(store, 1.0)
+        options = engine.boxes.by_name["work"].options
+        assert options.dead_letter == "dlq\n" and options.max_length == 5
+        assert "fail today's checks" in caplog.text
+    finally:
+        store.close()
