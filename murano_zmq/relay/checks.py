@@ -80,9 +80,10 @@ def _secret_key_mode(config: RelayConfig) -> Check:
 def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     path = Path(data_dir)
     if not path.exists():
-        if not create_parents and not path.absolute().parent.is_dir():
-            return Check(False, "data dir", f"{path}: its parent {path.absolute().parent} does not exist "
-                                            "(create it, or fix --data-dir)")
+        up = path.absolute().parent
+        if not create_parents and not up.is_dir():
+            what = "is not a directory" if up.exists() else "does not exist"
+            return Check(False, "data dir", f"{path}: its parent {up} {what} (create it, or fix --data-dir)")
         parent = next((p for p in path.absolute().parents if p.exists()), None)
         if parent is None or not os.access(parent, os.W_OK | os.X_OK):
             return Check(False, "data dir", f"{path} does not exist and {parent} is not writable")

@@ -48,7 +48,8 @@ def prepare_data_dir(data_dir: str, create_parents: bool) -> None:
         return
     parent = os.path.dirname(os.path.abspath(data_dir))
     if not create_parents and not os.path.isdir(parent):
-        raise StartupError(f"data directory {data_dir}: its parent {parent} does not exist "
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise StartupError(f"data directory {data_dir}: its parent {parent} {what} "
                            "(create it, or fix --data-dir)")
     try:
         os.makedirs(data_dir, exist_ok=True)

@@ -149,7 +149,8 @@ def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise KeyFileError(f"authorized-keys directory {directory} does not exist")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise KeyFileError(f"authorized-keys directory {directory} {what}")
     keys: dict[bytes, str] = {}
     for path in sorted(directory.glob("*" + PUBLIC_SUFFIX)):
         name = path.name[: -len(PUBLIC_SUFFIX)]

@@ -84,6 +84,9 @@ class Permissions:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PermissionsError(f"cannot read permissions file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise PermissionsError(f"permissions file {path} is not UTF-8 text ({exc.reason} at byte "
+                                   f"{exc.start})") from None
         return cls.from_toml(text, str(path))
 
     @classmethod

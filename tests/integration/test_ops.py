@@ -142,6 +142,7 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     ("bad-bind", "bind"),
     ("permissions-without-key", "security"),
     ("no-parent", "data dir"),
+    ("parent-is-a-file", "data dir"),
     ("segment-missing", "data dir"),
     ("bind-no-such-address", "bind"),
     ("bind-no-host", "bind"),
@@ -171,6 +172,9 @@ def test_check_config_fails_a_bad_configuration_and_names_the_problem(tmp_path, 
         args += ["--bind", "tcp://127.0.0.1"]  # no port (argparse already refuses other transports)
     elif breakage == "no-parent":
         args = ["relay", "--check-config", "--data-dir", str(tmp_path / "typo" / "data")]
+    elif breakage == "parent-is-a-file":
+        (tmp_path / "a-file").write_text("")
+        args = ["relay", "--check-config", "--data-dir", str(tmp_path / "a-file" / "data")]
     elif breakage == "segment-missing":  # a 64 KiB body stored in a segment file, then the file lost
         from murano_zmq.store.base import StoredMessage
         from murano_zmq.store.sqlite import SQLiteStore

@@ -252,6 +252,12 @@ def test_relay_security_modes(tmp_path):
         RelaySecurity.from_options(key, permissions=str(perm))
     with pytest.raises(SecurityConfigError, match="does not exist"):
         RelaySecurity.from_options(key, authorized_keys=str(tmp_path / "nope"), allow_all=True)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SecurityConfigError, match="a-file is not a directory"):
+        RelaySecurity.from_options(key, authorized_keys=str(tmp_path / "a-file"), allow_all=True)
+    (tmp_path / "latin1.toml").write_bytes(b"[identity.ops]\nsend = ['caf\xe9']\n")
+    with pytest.raises(SecurityConfigError, match="latin1.toml is not UTF-8 text"):
+        RelaySecurity.from_options(key, authorized_keys=str(tmp_path / "auth"), permissions=str(tmp_path / "latin1.toml"))
     full = RelaySecurity.from_options("relay", str(tmp_path / "k"), str(tmp_path / "auth"), str(perm))
     assert full.enabled and full.permissions is not None and "permissions from" in full.describe()
     anykey = RelaySecurity.from_options(key, allow_all=True)
