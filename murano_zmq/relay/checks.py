@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 from ..store.dbcheck import foreign_tables, unusable_database
 from ..store.packs import stored_count
 from ..store.schema import SCHEMA_VERSION
+from ..store.segments import SEGMENT_DIR
+from ..store.sqlite import SQLiteStore
 from .config import RelayConfig
 
-DB_NAME = "relay.db"  # store/sqlite.py's SQLiteStore.DB_NAME
-SEGMENT_DIR = "segments"  # store/segments.py's SEGMENT_DIR
+DB_NAME = SQLiteStore.DB_NAME
 
 
 @dataclass(frozen=True)

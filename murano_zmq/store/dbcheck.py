@@ -15,7 +15,7 @@ import os
 import sqlite3
 
 from .schema import SCHEMA
-from .segments import SEGMENT_DIR, SUFFIX
+from .segments import SEGMENT_DIR, segment_number
 
 __all__ = ["foreign_tables", "unusable_database"]
 
@@ -77,7 +77,7 @@ def _segment_files(segment_dir: str) -> int:
         names = os.listdir(segment_dir)
     except OSError:
         return 0
-    return sum(1 for name in names if name.endswith(SUFFIX) and name[:-len(SUFFIX)].isdigit())
+    return sum(1 for name in names if segment_number(name) is not None)
 
 
 def _empty(path: str) -> bool:

@@ -113,6 +113,12 @@ def _full(exc: OSError, path: str) -> OSError:
     return exc
 
 
+def segment_number(name: str) -> int | None:
+    """The segment a file of the segment directory is (NNN.seg), or None."""
+    stem, dot, ext = name.partition(".")
+    return int(stem) if dot and "." + ext == SUFFIX and stem.isdigit() else None
+
+
 def _sync_path(path: str, flags: int, sync: Callable[[int], None]) -> None:
     """Open `path` read-only (with `flags`), `sync` it, close it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
@@ -177,9 +183,9 @@ class Segments:
         """segment -> file size, of the segment files in the directory."""
         found = {}
         for name in os.listdir(self.dir):
-            stem, dot, ext = name.partition(".")
-            if dot and "." + ext == SUFFIX and stem.isdigit():
-                found[int(stem)] = os.path.getsize(os.path.join(self.dir, name))
+            seg = segment_number(name)
+            if seg is not None:
+                found[seg] = os.path.getsize(os.path.join(self.dir, name))
         return found
 
     def rewrite_if_whole(self, seg: int, off: int, length: int, crc: int) -> bool:
