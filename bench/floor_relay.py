@@ -22,11 +22,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cmp_common import Meter, body_of, emit, pct, tune_client_heap  # noqa: E402
 
 
-def serve(endpoint: str, path: str) -> None:
+# A message's row: its 16-byte id and its body (bench/lone_stages.py times this).
+INSERT = "INSERT OR IGNORE INTO m (id, body) VALUES (?, ?)"
+
+
+def open_db(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS m (seq INTEGER PRIMARY KEY, id BLOB UNIQUE, body BLOB)")
+    return db
+
+
+def serve(endpoint: str, path: str) -> None:
+    db = open_db(path)
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at its HWM: never drop a confirm
     sock.bind(endpoint)
@@ -42,8 +51,7 @@ def serve(endpoint: str, path: str) -> None:
         if any(len(f) == 2 and f[1] == b"stop" for f in batch):
             return
         db.execute("BEGIN")
-        db.executemany("INSERT OR IGNORE INTO m (id, body) VALUES (?, ?)",
-                       [(f[1][:16], f[1][16:]) for f in batch])
+        db.executemany(INSERT, [(f[1][:16], f[1][16:]) for f in batch])
         db.execute("COMMIT")
         for identity, frame in batch:
             sock.send_multipart([identity, frame[:16]])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import floor_relay  # noqa: E402
 from cmp_common import check_lone_arguments, lone_arguments, pct  # noqa: E402
 from raw_relay import Client  # noqa: E402
 
@@ -160,10 +160,7 @@ class FloorStore:
     send's worth at a time, on a database of this process."""
 
     def __init__(self, path: str, size: int):
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS m (seq INTEGER PRIMARY KEY, id BLOB UNIQUE, body BLOB)")
+        self.db = floor_relay.open_db(path)
         self.body = b"x" * (size - 16)
 
     def send(self) -> dict:
@@ -171,7 +168,7 @@ class FloorStore:
         t0 = clock()
         self.db.execute("BEGIN")
         t1 = clock()
-        self.db.executemany("INSERT OR IGNORE INTO m (id, body) VALUES (?, ?)", [(os.urandom(16), self.body)])
+        self.db.executemany(floor_relay.INSERT, [(os.urandom(16), self.body)])
         t2 = clock()
         self.db.execute("COMMIT")
         t3 = clock()

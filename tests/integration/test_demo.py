@@ -29,7 +29,7 @@ def run_demo(*args: str, timeout: float = 240):
 
 def descendants_of_session(sid: int) -> list[str]:
     """Processes still in the demo's session (its children and theirs)."""
-    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines()[1:] if line.split()[1] == str(sid)]
 
 
@@ -66,59 +66,29 @@ def test_demo_rejects_bad_sizes():
     assert out.returncode == 2 and "--envs and --units >= 1" in out.stderr
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc's parent links)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, todo = set(), [pid]
-    while todo:
-        parent_pid = todo.pop()
-        kids = [p for p, parent in parents.items() if parent == parent_pid]
-        found.update(kids)
-        todo.extend(kids)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.mark.timeout(120)
 def test_demo_stopped_by_sigterm_mid_plan_stops_every_child():
     """SIGTERM while agents sleep in a plan's long step: the demo stops its
     children (an agent's step is cut short, its plan left unacked) and
     removes its directory, in well under the children's STOP_WAIT."""
     proc = subprocess.Popen([sys.executable, "-m", "murano_zmq", "demo", "--envs", "2", "--units", "1",
-                             "--step-seconds", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--step-seconds", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        agents = wait_for(lambda: [p for p in descendants(proc.pid) if "murano_zmq.demo.agent" in cmdline(p)],
-                          60, what="an agent host")
-        state_dir = cmdline(agents[0]).split("--state-dir ")[1].split()[0]
-        demo_dir = os.path.dirname(state_dir)
+        agents = wait_for(lambda: [line for line in descendants_of_session(proc.pid)
+                                   if "murano_zmq.demo.agent" in line], 60, what="an agent host")
+        demo_dir = os.path.dirname(agents[0].split("--state-dir ")[1].split()[0])
         # A plan's mkdir done: its agent sleeps in the next step (60 s).
         wait_for(lambda: os.path.isdir(os.path.join(demo_dir, "vms")) and any(
             os.listdir(os.path.join(demo_dir, "vms", env)) for env in os.listdir(os.path.join(demo_dir, "vms"))),
             60, what="a plan under way")
-        children = descendants(proc.pid)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 130
         assert time.monotonic() - started < 10
-        assert not [p for p in children if os.path.exists(f"/proc/{p}") and cmdline(p)]
+        assert descendants_of_session(proc.pid) == []
         assert not os.path.exists(demo_dir)
     finally:
-        if proc.poll() is None:
-            for p in descendants(proc.pid):
-                os.kill(p, signal.SIGKILL)
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None or descendants_of_session(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
