@@ -67,6 +67,25 @@ limit = bounded_int(0, MAX_LIMIT)  # a mailbox's max_length / max_bytes
 message_size = bounded_int(1, MAX_MESSAGE_SIZE_LIMIT)
 
 
+def given(text: str) -> str:
+    """A path or name given on purpose: an empty one (an unset variable in
+    `--key "$RELAY_KEY"`) would silently mean the option's absence, e.g. a
+    relay without CURVE."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave the option out for its default)")
+    return text
+
+
+def peer_name(text: str) -> str:
+    """A relay's or node's name (protocol.message.check_peer_name)."""
+    from .protocol.message import check_peer_name
+
+    try:
+        return check_peer_name(text, "the")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 _ENDPOINT = re.compile(r"(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci)://\S+")
 
 

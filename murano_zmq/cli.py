@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from . import cli_ops
-from .argtypes import bounded_int, count as _count, limit as _limit, positive_seconds as _positive_float, relay_endpoint, seconds
+from .argtypes import bounded_int, count as _count, given, limit as _limit, positive_seconds as _positive_float, relay_endpoint, seconds
 from .discovery.zeroconf import INTERFACES_ENV
 from .forwarder import add_forwarder_arguments
 from .protocol.constants import (
@@ -27,6 +27,9 @@ from .status_view import format_status
 RELAY_HELP = (f"relay endpoint, or several comma-separated (a lost session moves to the next), or "
               f"'auto' (every relay zeroconf finds; 'auto:PATTERN': those whose name matches); "
               f"default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT}")
+# What `demo` runs at most: each agent is a node (sockets, a session) in one
+# of at most 16 agent host processes.
+DEMO_MAX_ENVS, DEMO_MAX_UNITS, DEMO_MAX_AGENTS = 1000, 100, 5000
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -120,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "only after its plan waits in its mailbox; then delete one environment "
                                    "and show its agent mailboxes expire.  Exit 0 only if every "
                                    "deployment completed exactly once.")
-    p.add_argument("--envs", type=_count, default=5, help="environments to deploy (default %(default)s)")
-    p.add_argument("--units", type=_count, default=3, help="units (agents) per environment (default %(default)s)")
+    p.add_argument("--envs", type=bounded_int(1, DEMO_MAX_ENVS), default=5,
+                   help=f"environments to deploy, 1-{DEMO_MAX_ENVS} (default %(default)s)")
+    p.add_argument("--units", type=bounded_int(1, DEMO_MAX_UNITS), default=3,
+                   help=f"units (agents) per environment, 1-{DEMO_MAX_UNITS}; ENVS x UNITS at most "
+                        f"{DEMO_MAX_AGENTS} (default %(default)s)")
     p.add_argument("--chaos", action="store_true",
                    help="SIGKILL the relay (and restart it), a conductor mid-task, an agent mid-plan")
     p.add_argument("--seed", type=int, default=1, help="seed for --chaos choices (default %(default)s)")
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory) and NAME.key_secret (keep it private) in DIR, in "
                                    "pyzmq's zmq.auth certificate format. See docs/security.md.")
     p.add_argument("name", help="key name: the identity in the relay's permissions file")
-    p.add_argument("--dir", default=".", help="directory for the key files (default: current)")
+    p.add_argument("--dir", type=given, default=".", help="directory for the key files (default: current)")
     p.add_argument("--force", action="store_true", help="replace existing key files")
 
     for command in ("send", "consume", "declare", "delete", "status"):
@@ -147,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security (docs/security.md)")
-    g.add_argument("--key", metavar="NAME|FILE",
+    g.add_argument("--key", type=given, metavar="NAME|FILE",
                    help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
-    g.add_argument("--key-dir", metavar="DIR", help="where --key (and --relay-key) NAMEs are looked up")
-    g.add_argument("--relay-key", metavar="NAME|FILE|Z85",
+    g.add_argument("--key-dir", type=given, metavar="DIR", help="where --key (and --relay-key) NAMEs are looked up")
+    g.add_argument("--relay-key", type=given, metavar="NAME|FILE|Z85",
                    help="the relay's public key: a .key file, NAME in --key-dir, or z85 text")
 
 
@@ -318,8 +324,10 @@ def cmd_forwarder(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    if args.envs < 1 or args.units < 1:
-        print("murano-zmq: demo needs --envs and --units >= 1", file=sys.stderr)
+    if args.envs * args.units > DEMO_MAX_AGENTS:
+        print(f"murano-zmq: demo: {args.envs} x {args.units} = {args.envs * args.units} agents, more than the "
+              f"{DEMO_MAX_AGENTS} one machine's demo runs (each agent is a node with its own sockets)",
+              file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # (as Ctrl-C: the children are stopped, the temp dir removed)
     return run_demo(envs=args.envs, units=args.units, chaos=args.chaos, seed=args.seed,

@@ -106,16 +106,16 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
 
 
 def add_forwarder_arguments(p: argparse.ArgumentParser) -> None:
-    from .argtypes import endpoint
+    from .argtypes import endpoint, given
 
     p.add_argument("--xsub", type=endpoint, default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
     p.add_argument("--xpub", type=endpoint, default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
     g = p.add_argument_group("security (docs/security.md)")
-    g.add_argument("--key", metavar="NAME|FILE",
+    g.add_argument("--key", type=given, metavar="NAME|FILE",
                    help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "
                         "XSUB and XPUB become CURVE servers")
-    g.add_argument("--key-dir", metavar="DIR", help="where a --key NAME is looked up")
-    g.add_argument("--authorized-keys", metavar="DIR",
+    g.add_argument("--key-dir", type=given, metavar="DIR", help="where a --key NAME is looked up")
+    g.add_argument("--authorized-keys", type=given, metavar="DIR",
                    help="public keys (NAME.key) that may publish or subscribe; reloaded on change and SIGHUP")
 
 

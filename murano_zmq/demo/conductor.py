@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from murano_zmq import Node, idempotent_id
+from murano_zmq.argtypes import peer_name
 
 from . import flow
 
@@ -109,7 +110,7 @@ class Conductor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="murano-conductor", description=__doc__.splitlines()[0])
     flow.common_arguments(parser)
-    parser.add_argument("--name", default="conductor", help="node name (unique per instance)")
+    parser.add_argument("--name", type=peer_name, default="conductor", help="node name (unique per instance)")
     parser.add_argument("--parallel", type=int, default=4, help="tasks worked on at once")
     args = parser.parse_args(argv)
     stop = flow.setup(args.name, args)

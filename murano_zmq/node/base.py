@@ -26,7 +26,7 @@ from ..protocol.constants import (
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.errors import RelayUnavailable, SendQueueFull
-from ..protocol.message import check_name
+from ..protocol.message import check_name, check_peer_name
 from ..protocol.topics import check_topic
 from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
@@ -81,7 +81,7 @@ class NodeBase:
                direct_timeout: float = DEFAULT_DIRECT_TIMEOUT, discovery: bool | str | None = None,
                forwarder=None, max_pending: int = DEFAULT_MAX_PENDING, authorized_keys=None,
                trusted_keys=None, permissions=None, forwarder_key=None) -> None:
-        self.name = name or default_node_name()
+        self.name = check_peer_name(name) if name else default_node_name()
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
         # $MURANO_ZMQ_DISCOVERY_INTERFACES is set.  relay="auto" finds a relay.

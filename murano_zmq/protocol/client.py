@@ -23,7 +23,7 @@ from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT,
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
-from .message import Message, parse_delivery
+from .message import Message, parse_delivery, shown_peer_name
 
 _CONFIRM = bytes([Cmd.CONFIRM])
 
@@ -321,7 +321,7 @@ class ClientCore:
 
     def _on_welcome(self, relay: str, heartbeat: float, max_size: int) -> list:
         self.state = State.READY
-        self.relay_name = relay
+        self.relay_name = shown_peer_name(relay)
         self.max_message_size = max_size
         return [Welcomed(relay, max_size)]
 

@@ -26,7 +26,6 @@ from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT r
     DEFAULT_WINDOW,
     HEARTBEAT_LIVENESS,
     MAX_HEARTBEAT,
-    MAX_PEER_NAME,
     MIN_HEARTBEAT,
 )
 from .errors import RemoteProtocolError

@@ -17,12 +17,11 @@ from typing import Any
 from .constants import (
     HEARTBEAT_LIVENESS,
     MAX_HEARTBEAT,
-    MAX_PEER_NAME,
     MIN_HEARTBEAT,
 )
 from .errors import MailboxNotFound, Malformed, NotReady, PermissionDenied, RemoteProtocolError
 from .frames import Cmd, decode, encode
-from .message import Message, is_number, parse_send_record
+from .message import Message, is_number, parse_send_record, shown_peer_name
 
 
 @dataclass(eq=False, slots=True)
@@ -96,7 +95,7 @@ class DirectInbox:
                 self._error(identity, Malformed("heartbeat must be a finite number"))
                 return []
             heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
-            self._sessions[identity] = _Session(identity, name[:MAX_PEER_NAME], heartbeat, now, now)
+            self._sessions[identity] = _Session(identity, shown_peer_name(name), heartbeat, now, now)
             self._put(identity, Cmd.WELCOME, self.node_name, heartbeat, self.max_message_size)
             return []
         if session is None:

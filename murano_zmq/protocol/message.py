@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .constants import ID_CLOCK_BYTES, ID_SIZE, KEPT_PACKER_BUFFER, MAX_NAME_LENGTH
+from .constants import ID_CLOCK_BYTES, ID_SIZE, KEPT_PACKER_BUFFER, MAX_NAME_LENGTH, MAX_PEER_NAME
 from .errors import LocalProtocolError, RemoteProtocolError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@\-]+\Z")  # (\Z: "$" would let a final newline through)
@@ -131,6 +131,25 @@ def check_name(name: Any, what: str = "mailbox") -> str:
         _good_names.clear()  # bounded: names come and go
     _good_names.add(name)
     return name
+
+
+def check_peer_name(name: Any, what: str = "node") -> str:
+    """`name` if it may name a node or a relay, else ValueError: the name
+    goes into logs, STATUS and zeroconf adverts (whose TXT values hold 255
+    bytes, and whose readers ignore an advert with an empty name)."""
+    if not isinstance(name, str) or not name or name != name.strip() or not name.isprintable():
+        raise ValueError(f"{what} name {name!r} must be printable, not empty, without spaces around it")
+    if len(name.encode()) > MAX_PEER_NAME:
+        raise ValueError(f"{what} name is {len(name.encode())} bytes long, at most {MAX_PEER_NAME}")
+    return name
+
+
+def shown_peer_name(name: str) -> str:
+    """A peer's name from its HELLO or WELCOME as logs and STATUS show it:
+    cut to MAX_PEER_NAME characters, control characters (a newline would
+    forge a log line) as '?'."""
+    name = name[:MAX_PEER_NAME]
+    return name if name.isprintable() else "".join(c if c.isprintable() else "?" for c in name)
 
 
 def pack_headers(headers: dict | None) -> bytes:

@@ -196,9 +196,15 @@ def _bind(endpoint: str) -> Check:
             return Check(False, "bind", f"{endpoint!r}: the directory {parent} does not exist")
         return Check(True, "bind", endpoint)  # (not tried: a bind would unlink a running relay's socket file)
     if scheme == "inproc":
-        return Check(False, "bind", f"{endpoint!r} is reachable only inside the relay's process: no node "
-                                    "could connect (tcp://HOST:PORT or ipc://PATH)")
+        return Check(False, "bind", inproc_problem(endpoint))
     return Check(False, "bind", f"{endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+
+
+def inproc_problem(endpoint: str) -> str:
+    """Why a relay device (not a relay embedded in a program, whose nodes
+    may share its zmq.Context) cannot serve on an inproc:// endpoint."""
+    return (f"{endpoint!r} is reachable only inside the relay's process: no node could connect "
+            "(tcp://HOST:PORT or ipc://PATH)")
 
 
 def _trial_bind(endpoint: str) -> Check:

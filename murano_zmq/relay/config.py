@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RELAY_ENDPOINT
+from ..protocol.message import check_peer_name
 from ..store.open import check_store_url, is_sqlite
 
 
@@ -50,6 +51,7 @@ class RelayConfig:
         if not self.data_dir:
             self.data_dir = default_data_dir()
             self.create_parents = True
+        check_peer_name(self.name, "relay")
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
         check_store_url(self.store)

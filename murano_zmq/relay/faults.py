@@ -7,6 +7,7 @@ import os
 import time
 
 from ..protocol.errors import StartupError
+from ..store.segments import PRIVATE_DIR
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -52,6 +53,6 @@ def prepare_data_dir(data_dir: str, create_parents: bool) -> None:
         raise StartupError(f"data directory {data_dir}: its parent {parent} {what} "
                            "(create it, or fix --data-dir)")
     try:
-        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(data_dir, mode=PRIVATE_DIR, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"cannot create data directory {data_dir}: {exc.strerror}") from None

@@ -114,6 +114,8 @@ class Mailboxes:
         passive = bool(options.pop("passive", False))
         try:
             opts = MailboxOptions.from_map(options)
+            if not passive:
+                opts.check_for(name)
         except (ValueError, TypeError) as exc:
             raise Malformed(str(exc)) from None
         mb = self.by_name.get(name)

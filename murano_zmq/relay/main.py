@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from ..argtypes import endpoint, message_size
+from ..argtypes import endpoint, given, message_size, peer_name
 from ..discovery.zeroconf import INTERFACES_ENV
 from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RELAY_ENDPOINT
 from ..protocol.errors import StartupError
@@ -28,7 +28,7 @@ DESCRIPTION = ("Run the relay: one ROUTER socket, mailboxes in SQLite. SIGTERM/S
 
 def add_relay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", type=endpoint, default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
-    p.add_argument("--data-dir", default="",
+    p.add_argument("--data-dir", type=given,
                    help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
     p.add_argument("--store", default="", metavar="URL",
                    help="where mailboxes live: 'sqlite' (relay.db in --data-dir, the default) or "
@@ -43,7 +43,8 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
                         "compete for a mailbox's messages (claims with a 2 s lease), a message stored on one "
                         "relay wakes the others (LISTEN/NOTIFY), one relay at a time sweeps expired messages "
                         "and idle mailboxes. Every relay on the database must use it (docs/scale-out.md)")
-    p.add_argument("--name", default="relay", help="relay name shown to nodes")
+    p.add_argument("--name", type=peer_name, default="relay",
+                   help="relay name shown to nodes and in zeroconf adverts (default %(default)s)")
     p.add_argument("--max-message-size", type=message_size, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest message in bytes: body plus packed headers, at most 1 GiB "
                         "(default %(default)s)")
@@ -57,12 +58,12 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate keys, permissions file, data dir (and --bind, --metrics); print what "
                         "was checked and exit 0 (all good) or 1, without starting")
     g = p.add_argument_group("security (docs/security.md)")
-    g.add_argument("--key", metavar="NAME|FILE",
+    g.add_argument("--key", type=given, metavar="NAME|FILE",
                    help="own CURVE key pair: a .key_secret file, or NAME in --key-dir")
-    g.add_argument("--key-dir", metavar="DIR", help="where --key NAMEs are looked up")
-    g.add_argument("--authorized-keys", metavar="DIR",
+    g.add_argument("--key-dir", type=given, metavar="DIR", help="where --key NAMEs are looked up")
+    g.add_argument("--authorized-keys", type=given, metavar="DIR",
                    help="public keys (NAME.key) allowed to connect; reloaded on change and SIGHUP")
-    g.add_argument("--permissions", metavar="FILE",
+    g.add_argument("--permissions", type=given, metavar="FILE",
                    help="TOML: what each key NAME may send, consume, declare, admin")
     g.add_argument("--allow-all", action="store_true",
                    help="with --key and no --permissions: every admitted key may do everything")
@@ -77,14 +78,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                              authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
-                             bind=args.bind, data_dir=args.data_dir, store=args.store, standby=args.standby,
+                             bind=args.bind, data_dir=args.data_dir or "", store=args.store, standby=args.standby,
                              shared=args.shared, name=args.name,
                              max_message_size=args.max_message_size,
                              discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
-        if args.check_config:
-            from .checks import print_checks
+        from .checks import inproc_problem, print_checks
 
+        if args.check_config:
             return print_checks(config)
+        if config.bind.startswith("inproc://"):
+            raise StartupError(inproc_problem(config.bind))
         keep_freed_memory()
         collect_less()
         return run_relay(config)

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..protocol.constants import HEARTBEAT_LIVENESS, MAX_HEARTBEAT, MAX_PEER_NAME, MIN_HEARTBEAT
+from ..protocol.constants import HEARTBEAT_LIVENESS, MAX_HEARTBEAT, MIN_HEARTBEAT
 from ..protocol.errors import Malformed, PermissionDenied
-from ..protocol.message import is_number
+from ..protocol.message import is_number, shown_peer_name
 from .state import Consumer, Peer
 
 log = logging.getLogger("murano_zmq.relay")
@@ -74,7 +74,7 @@ class Sessions:
         if not is_number(heartbeat):
             raise Malformed("heartbeat must be a finite number of seconds")
         heartbeat = min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
-        peer = Peer(ctx.identity, name[:MAX_PEER_NAME], instance, heartbeat, ctx.now, ctx.now, key=ctx.key,
+        peer = Peer(ctx.identity, shown_peer_name(name), instance, heartbeat, ctx.now, ctx.now, key=ctx.key,
                     user=ctx.user)
         self.peers[ctx.identity] = peer
         self._due = min(self._due, _deadline(peer))

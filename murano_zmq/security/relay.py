@@ -106,7 +106,7 @@ class RelaySecurity:
                     "--authorized-keys and --permissions need the relay's own key (--key): "
                     "without CURVE there is no identity to check")
             if allow_all:
-                log.info("--allow-all without --key changes nothing: the relay is open")
+                log.warning("--allow-all without --key changes nothing: the relay is open to every client")
             return cls()
         if permissions and allow_all:
             raise SecurityConfigError("--permissions and --allow-all exclude each other: pick one")

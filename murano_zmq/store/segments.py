@@ -50,6 +50,9 @@ from .direct import ALIGN, DirectReader, DirectWriter, open_direct, pwrite_all
 log = logging.getLogger("murano_zmq.store")
 
 SEGMENT_DIR = "segments"
+# Mode of a data directory the relay creates, and of its segment directory:
+# the messages are for the relay's user alone (segment files are 0600).
+PRIVATE_DIR = 0o700
 SUFFIX = ".seg"
 SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
 
@@ -146,7 +149,7 @@ class Segments:
         (writeback.shares_flush)."""
         self.dir = os.path.join(data_dir, SEGMENT_DIR)
         self.roll_bytes = roll_bytes
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=PRIVATE_DIR, exist_ok=True)
         if flush_shared is None:
             flush_shared = writeback.shares_flush(self.dir, data_dir)
         self._flush_shared = flush_shared

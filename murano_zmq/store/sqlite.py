@@ -45,7 +45,7 @@ from .dbcheck import foreign_tables, unusable_database
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import DIRECT_MIN, THRESHOLD, Segments
+from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
@@ -139,12 +139,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         """checkpoint: Checkpointer's thresholds (commits=, nbytes=), for tests.
         pack_min_rows: the shortest run stored as a pack (store/packs.py)."""
         super().__init__()
-        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(data_dir, mode=PRIVATE_DIR, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._threshold = segment_threshold
         refusal = unusable_database(data_dir, self.DB_NAME)  # (before a connection creates the file)
         if refusal is not None:
             raise StartupError(refusal)
+        # The messages are for the relay's user alone, as its segment files
+        # are: a new database is made 0600 here (SQLite gives its -wal and
+        # -shm files the database's mode); an existing one keeps its mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         try:
             self._segments = Segments(data_dir)
         except OSError as exc:

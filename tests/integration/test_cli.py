@@ -94,6 +94,21 @@ def test_cli_errors_are_clear(relay):
     (["forwarder", "--xpub", "tcp://127.0.0.1:70000"], "port 70000 out of range"),
     (["declare", "x", "--max-length", "100000000000000000000000"], "between 0 and"),
     (["declare", "x", "--max-bytes", "18446744073709551616"], "between 0 and"),
+    # An empty value (an unset variable) would mean the option left out:
+    # a relay or forwarder without CURVE, the default data directory.
+    (["relay", "--key", ""], "--key: must not be empty"),
+    (["relay", "--authorized-keys", ""], "--authorized-keys: must not be empty"),
+    (["relay", "--permissions", ""], "--permissions: must not be empty"),
+    (["relay", "--data-dir", ""], "--data-dir: must not be empty"),
+    (["forwarder", "--key", ""], "--key: must not be empty"),
+    (["status", "--relay-key", ""], "--relay-key: must not be empty"),
+    (["keygen", "k", "--dir", ""], "--dir: must not be empty"),
+    # A relay's name is logged, shown and advertised (zeroconf ignores an
+    # advert with an empty name; a TXT value holds 255 bytes).
+    (["relay", "--name", ""], "the name '' must be printable"),
+    (["relay", "--name", "a\nb"], "the name 'a\\nb' must be printable"),
+    (["relay", "--name", " relay"], "without spaces around it"),
+    (["relay", "--name", "x" * 300], "300 bytes long, at most 200"),
 ])
 def test_usage_errors_exit_2(args, text):
     out = cli(*args)
@@ -146,6 +161,13 @@ def test_relay_data_dir_without_parent_is_one_line(tmp_path):
 def test_relay_start_failures_after_the_bind_are_one_line(tmp_path, args, text):
     out = cli("relay", "--bind", free_tcp_endpoint(), "--data-dir", str(tmp_path / "d"), *args, timeout=30)
     assert text in one_line_exit_1(out)
+
+
+def test_relay_device_on_an_inproc_endpoint_is_refused(tmp_path):
+    # ZeroMQ binds it, and no node outside the relay's process could reach it.
+    out = cli("relay", "--bind", "inproc://relay", "--data-dir", str(tmp_path / "d"), timeout=30)
+    assert "reachable only inside the relay's process" in one_line_exit_1(out)
+    assert not (tmp_path / "d").exists()
 
 
 def test_peers_on_an_address_not_of_this_host_is_one_line():

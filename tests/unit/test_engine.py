@@ -886,11 +886,26 @@ def test_passive_declare(net):
 def test_declare_bad_options_gives_400(net):
     api = net.node("api")
     reqs = [api.declare("a", ttl=-1), api.declare("b", nonsense=1), api.declare("c", overflow="explode"),
-            api.declare("d", dead_letter="bad name"), api.declare("e", max_length="many")]
+            api.declare("d", dead_letter="bad name"), api.declare("e", max_length="many"),
+            api.declare("f", dead_letter="f")]  # (its dead letters would be dropped)
     net.turn()
     for req in reqs:
         assert isinstance(api.one(Failed, req).error, Malformed)
+    assert "own dead-letter mailbox" in str(api.one(Failed, reqs[-1]).error)
     assert net.engine.mailboxes == {}
+
+
+def test_a_hello_name_is_shown_without_control_characters(net, caplog):
+    """A node's name goes into the relay's log and STATUS: a newline in it
+    would forge a log line."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="murano_zmq.relay"):
+        net.node("api\n2026-01-01 00:00:00 WARNING forged" + "x" * 500)
+    peer = next(iter(net.engine.peers.values()))
+    assert peer.name.startswith("api?2026-01-01") and len(peer.name) == 200
+    lines = [line for line in caplog.text.splitlines() if "forged" in line]
+    assert len(lines) == 1 and "node api?2026-01-01" in lines[0], lines
 
 
 def test_delete_mailbox(net):

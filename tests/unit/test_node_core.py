@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from collections import deque
 
-from murano_zmq.node.common import build_record
+import pytest
+
+from murano_zmq.node.common import build_record, declare_options
 from murano_zmq.node.core import NodeCore
 from murano_zmq.node.links import OPEN
 from murano_zmq.protocol.client import State
 from murano_zmq.protocol.dedup import DedupWindow
 from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
-from murano_zmq.protocol.message import pack_body, send_record
+from murano_zmq.protocol.message import check_peer_name, pack_body, send_record
 from murano_zmq.protocol.paths import HOLD, HOLD_LIMIT, PathTable
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.store.sqlite import SQLiteStore
@@ -341,3 +343,13 @@ def test_paths_hold_the_first_send_until_something_is_known():
     paths.relay_up = False  # no relay session yet: hold a while, then queue for the relay
     assert paths.choose("n", room, T0) == HOLD
     assert paths.choose("n", room, T0 + HOLD_LIMIT + 0.1) is None
+
+
+def test_a_node_checks_its_name_and_its_declares_before_they_leave():
+    with pytest.raises(ValueError, match="own dead-letter mailbox"):
+        declare_options("work", dead_letter="work")
+    assert declare_options("work", dead_letter="dlq") == {"dead_letter": "dlq", "overflow": "reject"}
+    for bad in ("", " api", "api\n", "x" * 201):
+        with pytest.raises(ValueError):
+            check_peer_name(bad)
+    assert check_peer_name("conductor-1 (eu)") == "conductor-1 (eu)"

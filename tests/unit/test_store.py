@@ -1331,3 +1331,22 @@ def test_a_failed_sync_of_the_seq_mark_is_a_store_error_that_says_so(tmp_path, m
         assert failed.value.unsynced and not failed.value.full
     finally:
         s.close()
+
+
+def test_a_new_data_directory_is_for_the_relays_user_alone(tmp_path):
+    """Messages are private: a new database (and its -wal, -shm) 0600, the
+    directories 0700, as the segment files are; an umask does not widen them."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = SQLiteStore(str(tmp_path / "data"))
+    finally:
+        os.umask(old)
+    try:
+        for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+            assert stat.S_IMODE((tmp_path / "data" / name).stat().st_mode) == 0o600, name
+    finally:
+        store.close()
+    for path in (tmp_path / "data", tmp_path / "data" / "segments"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
