@@ -3,8 +3,9 @@
 An embedded relay (a child process, temporary directory), two conductor
 processes, the api in this process, and agents started only after their
 plans wait in their mailboxes.  Relay and conductors find each other by
-zeroconf pinned to 127.0.0.1; agents use the static relay endpoint, as
-tenant VMs would.  --chaos kills the relay (SIGKILL, then restarts it), one
+zeroconf pinned to 127.0.0.1, by the relay's name (demo-<random>: a relay
+someone else advertises there is not the demo's); agents use the static
+relay endpoint, as tenant VMs would.  --chaos kills the relay (SIGKILL, then restarts it), one
 conductor mid-task, and one agent mid-plan (then restarts it).
 
 Exit status 0 only if every deployment completed exactly once.
@@ -60,6 +61,9 @@ class Demo:
         self.tmp = tempfile.TemporaryDirectory(prefix="murano-zmq-demo-")
         self.workdir = os.path.join(self.tmp.name, "vms")
         self.endpoint = free_tcp_endpoint()
+        # The relay's own name, for discovery to match: other relays
+        # advertised on 127.0.0.1 (another demo's, an operator's) are not ours.
+        self.relay_name = f"demo-{uuid.uuid4().hex[:12]}"
         self.envs = [Env(f"env{i + 1}", [f"unit{j + 1}" for j in range(units)], uuid.uuid4().hex[:12])
                      for i in range(envs)]
         # Agents of several environments share a host process past 16 of them
@@ -82,7 +86,8 @@ class Demo:
 
     def start_relay(self) -> None:
         self.relay = RelayProcess(self.endpoint, os.path.join(self.tmp.name, "relay-data"),
-                                  "--discovery-interfaces", DISCOVERY, log_file=self._log("relay")).start()
+                                  "--discovery-interfaces", DISCOVERY, "--name", self.relay_name,
+                                  log_file=self._log("relay")).start()
 
     def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen:
         env = {**os.environ, "MURANO_LOG_LEVEL": "INFO"}
@@ -98,7 +103,8 @@ class Demo:
             raise RuntimeError(f"{name} did not start (see {self.tmp.name}/{name}.log)")
 
     def start_conductor(self, name: str) -> None:
-        self.spawn(name, "conductor", "--name", name, "--relay", "auto", "--discovery-interfaces", DISCOVERY)
+        self.spawn(name, "conductor", "--name", name, "--relay", f"auto:{self.relay_name}",
+                   "--discovery-interfaces", DISCOVERY)
 
     def host_of(self, env: Env) -> str:
         return f"agents-{self.envs.index(env) // self.per_host}"
@@ -163,12 +169,13 @@ class Demo:
 
     def _run(self) -> int:
         self.start_relay()
-        self.view.note(f"relay pid {self.relay.pid} on {self.endpoint} (advertised by zeroconf on {DISCOVERY})")
+        self.view.note(f"relay {self.relay_name} pid {self.relay.pid} on {self.endpoint} "
+                       f"(advertised by zeroconf on {DISCOVERY})")
         for name in ("conductor-1", "conductor-2"):
             self.start_conductor(name)
         for name in ("conductor-1", "conductor-2"):
             self.wait_ready(name)
-        with Node("murano-api", relay="auto", discovery=DISCOVERY, heartbeat=HEARTBEAT) as api:
+        with Node("murano-api", relay=f"auto:{self.relay_name}", discovery=DISCOVERY, heartbeat=HEARTBEAT) as api:
             self.view.note(f"api found the relay by zeroconf: {api.relay}")
             api.declare(flow.TASKS)
             progress = api.subscribe(flow.PROGRESS)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from murano_zmq.testing import RelayProcess, free_tcp_endpoint
 from tests.helpers import wait_for
 
 
@@ -34,8 +35,15 @@ def descendants_of_session(sid: int) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_demo_deploys_every_environment_exactly_once():
-    code, out, err, sid = run_demo("--envs", "3", "--units", "2")
+def test_demo_deploys_every_environment_exactly_once(tmp_path):
+    # Another relay advertised where the demo's is (another demo's, an
+    # operator's): the demo's nodes must not take it for their own.
+    log = tmp_path / "decoy.log"
+    with open(log, "ab") as log_file, RelayProcess(free_tcp_endpoint(), str(tmp_path / "decoy"),
+                                                   "--discovery-interfaces", "127.0.0.1", "--name", "decoy",
+                                                   log_file=log_file).start():
+        code, out, err, sid = run_demo("--envs", "3", "--units", "2")
+    assert set(re.findall(r"node (\S+) connected", log.read_text())) == {"probe"}  # (RelayProcess's own)
     assert code == 0, out + err
     assert "deployments: 3/3 completed, exactly once (0 duplicate results), 0 failed" in out
     assert re.search(r"plans for env1 wait in their mailboxes: starting its agents now", out)
@@ -60,10 +68,17 @@ def test_demo_chaos_still_deploys_exactly_once():
     assert descendants_of_session(sid) == []
 
 
-def test_demo_rejects_bad_sizes():
-    out = subprocess.run([sys.executable, "-m", "murano_zmq", "demo", "--envs", "0"],
+@pytest.mark.parametrize("args, says", [
+    (["--envs", "0"], "--envs: must be between 1 and 1000"),
+    (["--units", "0"], "--units: must be between 1 and 100"),
+    (["--envs", "100000000"], "--envs: must be between 1 and 1000"),
+    (["--envs", "1000", "--units", "6"], "1000 x 6 = 6000 agents, more than the 5000"),
+])
+def test_demo_rejects_bad_sizes(args, says):
+    out = subprocess.run([sys.executable, "-m", "murano_zmq", "demo", *args],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--envs and --units >= 1" in out.stderr
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.timeout(120)
