@@ -12,6 +12,7 @@ import zmq
 
 from murano_zmq import Node
 from murano_zmq.protocol.frames import Cmd, decode, encode
+from murano_zmq.protocol.message import parse_delivery
 
 
 def raw_consumer(endpoint: str, mailbox: str, direct: str):
@@ -51,6 +52,15 @@ def test_a_sender_whose_connect_fails_sends_through_the_relay(relay):
                 node.send("odd", f"via the relay {i}".encode())
             status = {m["name"]: m for m in node.status()["mailboxes"]}
         assert status["odd"]["depth"] == 3 and status["odd"]["consumers"] == 1
+        # The relay delivers them to the consumer as first deliveries: no
+        # peer had them (the link never opened), so none is "redelivered".
+        delivered = []
+        while len(delivered) < 3 and sock.poll(10_000):
+            command = decode(sock.recv_multipart())
+            if command.cmd == Cmd.DELIVER:
+                delivered += [parse_delivery(item) for item in command.fields[1]]
+        assert [(m.body, m.redelivered) for m in delivered] == [
+            (f"via the relay {i}".encode(), False) for i in range(3)]
     finally:
         sock.close(0)
 
