@@ -13,6 +13,7 @@ Exit status 0 only if every deployment completed exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +36,20 @@ DISCOVERY = "127.0.0.1"
 HEARTBEAT = 0.5
 # Seconds the children have in all to exit after SIGTERM, before SIGKILL.
 STOP_WAIT = 15.0
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """Ctrl-C and SIGTERM ignored (in the main thread, where handlers live)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -162,9 +178,24 @@ class Demo:
         try:
             return self._run()
         finally:
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        try:
             self.stop_all()
             if self.relay is not None:
                 self.relay.stop()
+            forced = False
+        except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while they stop: no more waiting
+            forced = True
+        with _signals_ignored():  # (what is left takes milliseconds, and must not be cut short)
+            if forced:
+                for proc in self.procs.values():
+                    proc.kill()
+                    proc.wait(10)
+                self.procs.clear()
+                if self.relay is not None:
+                    self.relay.kill()
             self.tmp.cleanup()
 
     def _run(self) -> int:
