@@ -33,6 +33,7 @@ import zmq
 
 from .. import Node  # the public name: node internals may move
 from ..protocol.constants import MAX_NAME_LENGTH, MAX_PREFETCH
+from ..protocol.message import check_peer_name
 from ..security.keys import KeyFileError, KeyPair, is_z85_key, load_public_key, load_secret_key
 
 log = logging.getLogger("murano_zmq.compat")
@@ -216,7 +217,8 @@ class BaseMqClient:
                  ssl=False, ssl_version=None, ca_certs=None, insecure=False):
         self._relay = relay_endpoint(host, port)
         self._virtual_host = virtual_host
-        self._name = f"{login or 'murano'}@{socket.gethostname()}-{os.getpid()}-{next(_clients)}"
+        self._name = check_peer_name(f"{login or 'murano'}@{socket.gethostname()}-{os.getpid()}-{next(_clients)}",
+                                     "node (login@host-pid-n)")
         # ssl_version has no CURVE equivalent (CURVE has one version): ignored.
         self._curve = curve_keys(ssl, password, ca_certs, insecure)
         self._node: Node | None = None

@@ -29,6 +29,7 @@ from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..protocol.constants import PROTOCOL_VERSION
+from ..protocol.message import shown_peer_name
 
 log = logging.getLogger("murano_zmq.discovery")
 
@@ -89,7 +90,7 @@ class Advert:
             return None
         if text("role") not in ("relay", "node") or not text("name"):
             return None
-        return cls(text("name"), text("role"), text("endpoint"), text("pub"),
+        return cls(shown_peer_name(text("name")), text("role"), text("endpoint"), text("pub"),
                    tuple(m for m in text("mailboxes").split(",") if m), text("key"), version)
 
 

@@ -120,7 +120,7 @@ class AsyncNode(NodeBase):
                       max_length: int | None = None, max_bytes: int | None = None,
                       overflow: str = "reject", dead_letter: str | None = None,
                       passive: bool = False, timeout: float | None = None) -> dict:
-        options = declare_options(mailbox, ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
+        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
         return await self._request(Cmd.DECLARE, mailbox, options, timeout=timeout)
 
     async def delete(self, mailbox: str, timeout: float | None = None) -> None:

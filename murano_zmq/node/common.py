@@ -30,10 +30,10 @@ from ..protocol.options import MailboxOptions
 log = logging.getLogger("murano_zmq.node")
 
 
-def declare_options(mailbox: str, ttl=None, message_ttl=None, max_length=None, max_bytes=None,
+def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
                     overflow="reject", dead_letter=None, passive=False) -> dict:
-    """The DECLARE options map of `mailbox`; ValueError names a bad argument."""
-    options = MailboxOptions(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter).check_for(mailbox).to_map()
+    """The DECLARE options map; ValueError names a bad argument."""
+    options = MailboxOptions(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter).to_map()
     if passive:
         options["passive"] = True
     return options

@@ -162,10 +162,7 @@ class DirectSender:
         if endpoint not in self._links:
             return []
         log.warning("node %s: direct link to %s: %s", self.node_name, endpoint, why)
-        # Before its first WELCOME (a connect refused, a first handshake
-        # failed) no peer's application had what it sent: not redelivered.
-        reached = self._links[endpoint].state == LinkState.READY
-        to_relay = self._fail(endpoint, why, [], reached)
+        to_relay = self._fail(endpoint, why, [])
         if auth:
             self.paths.link_refused(endpoint, now)  # not again at every LOOKUP
         return to_relay
@@ -187,10 +184,11 @@ class DirectSender:
                 to_relay.extend(self._fail(ev.endpoint, ev.reason, ev.records))
         return to_relay
 
-    def _fail(self, endpoint: str, reason: str, records: list, reached: bool = True) -> list:
-        """The link is gone: its unconfirmed records (marked redelivered if
-        the peer may have had them: `reached`), then those queued behind
-        them, for the relay."""
+    def _fail(self, endpoint: str, reason: str, records: list) -> list:
+        """The link is gone: its unconfirmed records (the peer's application
+        may have had them: marked redelivered), then those queued behind
+        them (never sent: a link sends only once it has its WELCOME), for
+        the relay."""
         link = self._links.pop(endpoint)
         self._stall_seen.pop(endpoint, None)
         if link.state != LinkState.FAILED:
@@ -207,9 +205,8 @@ class DirectSender:
                  self.node_name, endpoint, reason, len(records) + len(self._queues[endpoint]))
         self.paths.link_failed(endpoint)
         pairs = [(r, self._waiters.pop(id(r), None)) for r in records]
-        if reached:
-            for record in records:
-                record[6] = True  # the peer's application may have had it: the relay marks it redelivered
+        for record in records:
+            record[6] = True  # the peer's application may have had it: the relay marks it redelivered
         pairs.extend(self._queues.pop(endpoint))  # (never sent on the link)
         for record, _ in pairs:
             self._settled(record)

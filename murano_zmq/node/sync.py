@@ -136,7 +136,7 @@ class Node(IOThread, OwnedSends, NodeBase):
         Returns the mailbox's status.  Raises PreconditionFailed when it exists
         with other options, MailboxNotFound for a passive declare of a missing one.
         """
-        options = declare_options(mailbox, ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
+        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
         return self._request(Cmd.DECLARE, mailbox, options, timeout=timeout)
 
     def delete(self, mailbox: str, timeout: float | None = None) -> None:

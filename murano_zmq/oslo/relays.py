@@ -17,6 +17,7 @@ import uuid
 import zlib
 
 from .. import Node, PreconditionFailed
+from ..protocol.message import check_peer_name
 
 log = logging.getLogger("murano_zmq.oslo")
 
@@ -27,6 +28,7 @@ class Relays:
     def __init__(self, endpoints: list[str | None], name: str, **node_options):
         self.endpoints = endpoints
         self._name = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        check_peer_name(f"{self._name}-{len(endpoints)}", "oslo node")  # (now, not at the first call)
         self._node_options = node_options  # Node's keyword arguments
         self._nodes: dict[int, Node] = {}
         self._lock = threading.Lock()

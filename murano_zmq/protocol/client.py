@@ -323,7 +323,7 @@ class ClientCore:
         self.state = State.READY
         self.relay_name = shown_peer_name(relay)
         self.max_message_size = max_size
-        return [Welcomed(relay, max_size)]
+        return [Welcomed(self.relay_name, max_size)]
 
     def _on_confirm(self, req: int, errors: list) -> list:
         # Check every entry before anything changes (found by tests/security/test_fuzz.py).

@@ -46,14 +46,13 @@ class MailboxOptions:
             except Exception as exc:
                 raise ValueError(str(exc)) from None
 
-    def check_for(self, mailbox: str) -> "MailboxOptions":
-        """These options, checked against the mailbox a declare gives them
-        (ValueError): one that dead-letters to itself would drop its dead
-        letters (relay/deadletters.py), surely not what was meant."""
+    def check_for(self, mailbox: str) -> None:
+        """ValueError if these options do not suit `mailbox`: one that
+        dead-letters to itself would drop its dead letters
+        (relay/deadletters.py), surely not what was meant."""
         if self.dead_letter == mailbox:
             raise ValueError(f"mailbox {mailbox!r} cannot be its own dead-letter mailbox "
                              "(its dead letters would be dropped)")
-        return self
 
     def to_map(self) -> dict:
         # Not asdict(): it deep-copies each value (all scalars here), and a

@@ -114,8 +114,6 @@ class Mailboxes:
         passive = bool(options.pop("passive", False))
         try:
             opts = MailboxOptions.from_map(options)
-            if not passive:
-                opts.check_for(name)
         except (ValueError, TypeError) as exc:
             raise Malformed(str(exc)) from None
         mb = self.by_name.get(name)
@@ -126,14 +124,21 @@ class Mailboxes:
         if passive:
             if mb is None:
                 raise MailboxNotFound(f"mailbox {name!r} does not exist")
-        elif mb is None:
-            if self.storage_full:
-                raise StorageFull("the relay's disk is full: no new mailbox until space returns")
-            mb = self.create(name, opts, True, now)
-        elif not mb.declared:
-            mb.options, mb.declared = opts, True
-            self._save(mb)
-            self.schedule_idle(mb)
+        elif mb is None or not mb.declared:
+            # (Checked as options are set: a mailbox an older release stored
+            # with such options takes the same again.)
+            try:
+                opts.check_for(name)
+            except ValueError as exc:
+                raise Malformed(str(exc)) from None
+            if mb is None:
+                if self.storage_full:
+                    raise StorageFull("the relay's disk is full: no new mailbox until space returns")
+                mb = self.create(name, opts, True, now)
+            else:
+                mb.options, mb.declared = opts, True
+                self._save(mb)
+                self.schedule_idle(mb)
         elif mb.options != opts:
             raise PreconditionFailed(
                 f"mailbox {name!r} exists with options {mb.options.to_map()}, not {opts.to_map()}")

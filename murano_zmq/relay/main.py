@@ -30,7 +30,7 @@ def add_relay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", type=endpoint, default=DEFAULT_RELAY_ENDPOINT, help="endpoint to bind (default %(default)s)")
     p.add_argument("--data-dir", type=given,
                    help="where relay.db lives (default ~/.local/share/murano-zmq); one relay per directory")
-    p.add_argument("--store", default="", metavar="URL",
+    p.add_argument("--store", type=given, metavar="URL",
                    help="where mailboxes live: 'sqlite' (relay.db in --data-dir, the default) or "
                         "postgresql://... (the postgresql extra; one relay per database unless --shared; "
                         "docs/scale-out.md)")
@@ -78,7 +78,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                              authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
-                             bind=args.bind, data_dir=args.data_dir or "", store=args.store, standby=args.standby,
+                             bind=args.bind, data_dir=args.data_dir or "", store=args.store or "", standby=args.standby,
                              shared=args.shared, name=args.name,
                              max_message_size=args.max_message_size,
                              discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)

@@ -148,7 +148,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # The messages are for the relay's user alone, as its segment files
         # are: a new database is made 0600 here (SQLite gives its -wal and
         # -shm files the database's mode); an existing one keeps its mode.
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise StartupError(f"cannot open {self.path}: {exc.strerror}") from None
         try:
             self._segments = Segments(data_dir)
         except OSError as exc:

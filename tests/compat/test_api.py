@@ -63,6 +63,13 @@ def test_host_and_port_name_the_relay(flavour):
     assert flavour.MqClient("u", "p", "::1", "5570", "/").relay == "tcp://[::1]:5570"
 
 
+def test_a_login_that_cannot_name_a_node_is_refused_by_the_client(flavour):
+    with pytest.raises(ValueError, match="must be printable"):
+        flavour.MqClient("mur\nano", "p", "h", 1, "/")
+    with pytest.raises(ValueError, match="at most 200"):
+        flavour.MqClient("u" * 200, "p", "h", 1, "/")
+
+
 def test_virtual_host_is_a_namespace_of_mailbox_names(flavour):
     assert flavour.MqClient("u", "p", "h", 1, "/").mailbox("e1-h2") == "murano:e1-h2"
     assert flavour.MqClient("u", "p", "h", 1, "").mailbox("e1-h2") == "murano:e1-h2"

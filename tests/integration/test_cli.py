@@ -100,6 +100,7 @@ def test_cli_errors_are_clear(relay):
     (["relay", "--authorized-keys", ""], "--authorized-keys: must not be empty"),
     (["relay", "--permissions", ""], "--permissions: must not be empty"),
     (["relay", "--data-dir", ""], "--data-dir: must not be empty"),
+    (["relay", "--store", ""], "--store: must not be empty"),
     (["forwarder", "--key", ""], "--key: must not be empty"),
     (["status", "--relay-key", ""], "--relay-key: must not be empty"),
     (["keygen", "k", "--dir", ""], "--dir: must not be empty"),
@@ -243,3 +244,10 @@ def test_consume_prints_a_body_that_is_not_msgpack_and_goes_on(relay):
     assert "is not msgpack" in out.stderr and "Traceback" not in out.stderr
     as_json = cli("consume", "raw.box", "--relay", relay.endpoint, "--json", "--count", "1", "--timeout", "1")
     assert as_json.stdout == ""  # acked: gone
+
+
+def test_relay_on_a_database_path_that_is_a_directory_is_one_line(tmp_path):
+    (tmp_path / "d" / "relay.db").mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "murano_zmq.relay", "--bind", free_tcp_endpoint(),
+                          "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
+    assert "relay.db" in one_line_exit_1(out)

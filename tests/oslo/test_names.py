@@ -75,3 +75,11 @@ def test_relay_endpoints_are_sorted_and_default_to_the_node_default():
     hosts = [Host("relay-b", 5571), Host("relay-a", None), Host("::1", 5572)]
     assert relay_endpoints(hosts) == ["tcp://[::1]:5572", "tcp://relay-a:5570", "tcp://relay-b:5571"]
     assert relay_endpoints([]) == [None]
+
+
+def test_a_node_name_prefix_too_long_is_refused_when_the_transport_is_made():
+    from murano_zmq.oslo.relays import Relays
+
+    Relays(["tcp://127.0.0.1:5570"], "oslo").close()
+    with pytest.raises(ValueError, match="oslo node name is .* bytes long, at most 200"):
+        Relays(["tcp://127.0.0.1:5570"], "n" * 200)

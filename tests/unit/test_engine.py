@@ -895,6 +895,26 @@ def test_declare_bad_options_gives_400(net):
     assert net.engine.mailboxes == {}
 
 
+def test_own_dead_letter_mailbox_refused_when_set_kept_when_stored(net):
+    """A mailbox cannot be made its own dead-letter mailbox (nor a mailbox
+    a send created get that option); one an older release stored so is
+    declared again with the same options, as an application does at each
+    start."""
+    api = net.node("api")
+    api.send("made.by.send", "x")
+    net.turn()
+    refused = api.declare("made.by.send", dead_letter="made.by.send")
+    net.turn()
+    assert "own dead-letter mailbox" in str(api.one(Failed, refused).error)
+    net.store._db.execute("INSERT INTO mailboxes VALUES (99, 'loop', ?, 1)",
+                          (msgpack.packb({"dead_letter": "loop", "overflow": "reject"}),))
+    net.restart()
+    api = net.node("api2")
+    again = api.declare("loop", dead_letter="loop")
+    net.turn()
+    assert api.one(Replied, again).result["name"] == "loop"
+
+
 def test_a_hello_name_is_shown_without_control_characters(net, caplog):
     """A node's name goes into the relay's log and STATUS: a newline in it
     would forge a log line."""

@@ -9,7 +9,7 @@ from collections import deque
 
 import pytest
 
-from murano_zmq.node.common import build_record, declare_options
+from murano_zmq.node.common import build_record
 from murano_zmq.node.core import NodeCore
 from murano_zmq.node.links import OPEN
 from murano_zmq.protocol.client import State
@@ -345,11 +345,28 @@ def test_paths_hold_the_first_send_until_something_is_known():
     assert paths.choose("n", room, T0 + HOLD_LIMIT + 0.1) is None
 
 
-def test_a_node_checks_its_name_and_its_declares_before_they_leave():
-    with pytest.raises(ValueError, match="own dead-letter mailbox"):
-        declare_options("work", dead_letter="work")
-    assert declare_options("work", dead_letter="dlq") == {"dead_letter": "dlq", "overflow": "reject"}
+def test_a_node_checks_its_name():
     for bad in ("", " api", "api\n", "x" * 201):
         with pytest.raises(ValueError):
             check_peer_name(bad)
     assert check_peer_name("conductor-1 (eu)") == "conductor-1 (eu)"
+
+
+@pytest.mark.parametrize("welcomed", [True, False])
+def test_a_failed_link_gives_back_as_retries_only_what_it_sent(welcomed):
+    """The relay marks a retried record redelivered: right for a record out
+    on the link (the peer's application may have had it), wrong for those
+    still queued behind its window, or all of a link never welcomed."""
+    from murano_zmq.node.links import DirectSender
+
+    sender = DirectSender("s", b"s" * 16, 1.0, timeout=5.0, window=1)
+    sender.paths.looked_up("m", {"depth": 0, "direct": [["a", "tcp://a:1"]]}, T0)
+    records = [build_record("m", i, None, None, T0, None) for i in range(3)]
+    endpoints = {sender.route(record, Waiter(), T0) for record in records}
+    [endpoint] = endpoints
+    if welcomed:
+        sender._links[endpoint].receive(encode(Cmd.WELCOME, "a", 1.0, 1 << 20), T0)
+    sender.flush(T0)
+    given_back = sender.refused(endpoint, "the peer refused this node's key", True, T0 + 1)
+    assert [(record[3], record[6]) for record, _ in given_back] == [
+        (pack_body(i), welcomed and i == 0) for i in range(3)]
