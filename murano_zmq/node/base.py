@@ -197,6 +197,7 @@ class NodeBase:
         out: dict[str, bytes | None] = {}
         for item in publishers:
             endpoint, key = (item, None) if isinstance(item, str) else tuple(item)
+            check_endpoint(endpoint)  # (a bad one is the caller's ValueError; an advert's, a log line)
             if self._security is not None:
                 if key is None:
                     raise ValueError(f"publisher {endpoint}: a node with CURVE keys needs its public "

@@ -118,14 +118,19 @@ class TopicSockets:
         for endpoint, key in endpoints.items():
             if not endpoint or endpoint in self._connected[sid]:
                 continue
-            if self.security is not None:
-                if key is None:
-                    log.warning("node %s: no trusted key for publisher %s: not subscribing to it",
-                                self.node_name, endpoint)
-                    continue
-                self.security.client(self._subs[sid], key)  # this connection's server key
-            self._subs[sid].connect(endpoint)
-            self._connected[sid].add(endpoint)
+            if self.security is not None and key is None:
+                log.warning("node %s: no trusted key for publisher %s: not subscribing to it",
+                            self.node_name, endpoint)
+                continue
+            try:
+                if self.security is not None:
+                    self.security.client(self._subs[sid], key)  # this connection's server key
+                self._subs[sid].connect(endpoint)
+            except (zmq.ZMQError, ValueError) as exc:
+                # An advert is a claim, and a hostile one must cost no more
+                # than that publisher's events: not the node.
+                log.warning("node %s: cannot subscribe to publisher %r: %s", self.node_name, endpoint, exc)
+            self._connected[sid].add(endpoint)  # (either way: not tried again)
 
     def unsubscribe(self, sid: int) -> None:
         sub = self._subs.pop(sid, None)

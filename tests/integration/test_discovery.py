@@ -182,3 +182,31 @@ def test_cli_relay_auto_takes_an_advertised_relay(relay_factory):
     assert out.returncode == 0, out.stderr
     with Node("checker", relay=relay.endpoint, timeout=15) as node:
         assert {m["name"]: m["depth"] for m in node.status()["mailboxes"]}["by.cli"] == 1
+
+
+def test_a_publisher_advert_no_socket_can_connect_to_costs_a_subscriber_nothing(relay, make_node, caplog):
+    """An advert is a claim: one whose PUB endpoint ZeroMQ refuses is logged
+    and skipped, and the subscribing node goes on (its I/O thread died)."""
+    import logging
+
+    liar = Discovery("127.0.0.1")
+    try:
+        node = make_node("subscriber", relay=relay.endpoint, discovery="127.0.0.1")
+        events = node.subscribe("progress.")
+        with caplog.at_level(logging.WARNING, logger="murano_zmq.node"):
+            liar.advertise(Advert(_unique_name(), "node", pub="bogus://x"))
+            wait_for(lambda: "cannot subscribe to publisher 'bogus://x'" in caplog.text, 15,
+                     what="the advert refused")
+        node.send("still.up", "after the advert")
+
+        def own_event_heard():  # (a PUB's first events may go before its subscribers join)
+            node.publish("progress.x", "own event")
+            return events.get(timeout=0.2)
+
+        assert wait_for(own_event_heard, 15, what="its own event").body == "own event"
+        import pytest
+
+        with pytest.raises(ValueError, match="not a ZeroMQ endpoint"):  # the caller's own: an error
+            node.subscribe("other.", publishers=["bogus://x"])
+    finally:
+        liar.close()
