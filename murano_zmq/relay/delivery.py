@@ -196,6 +196,7 @@ class Delivery:
             self.counters["acked"] += len(done)
 
     def nack(self, peer: Peer, tags: list, requeue: bool, now: float) -> None:
+        back: dict = {}  # mailbox -> its entries to requeue: in one call each, oldest first
         for seq in tags:
             taken = self._take(peer, seq, now)
             if taken is None:
@@ -203,7 +204,9 @@ class Delivery:
             mb, entry = taken
             if requeue:
                 mb.returned(entry.size)
-                self.mailboxes.requeue(mb, [entry])
+                back.setdefault(mb, []).append(entry)
                 self.dead.note_expiry(entry.expires)
             else:
                 self.dead.reject(mb, entry.seq, entry.size, entry.deliveries, now, self.unacked)
+        for mb, entries in back.items():
+            self.mailboxes.requeue(mb, entries)

@@ -539,6 +539,22 @@ def test_nack_requeue_puts_it_back_first(net):
     assert c.messages[2].delivery_count == 1
 
 
+def test_a_nack_of_several_puts_them_back_in_their_order(net):
+    """One NACK for several tags (the reference node sends them for a
+    cancelled consumer's late deliveries) keeps the mailbox FIFO."""
+    api = net.node("api")
+    api.send("work", *range(5))
+    c = net.node("c")
+    c.consume("work", prefetch=5)
+    net.settle()
+    assert c.bodies() == [0, 1, 2, 3, 4]
+    tags = [m.tag for m in c.messages]
+    c.core._put(Cmd.NACK, tags, True)
+    before, after = net.turn()
+    again = [item[0] for _, command in cmds(before + after, Cmd.DELIVER) for item in command.fields[1]]
+    assert again == tags  # handed out again at once (credit), in their order
+
+
 def test_nack_without_requeue_dead_letters(net):
     api = net.node("api")
     api.declare("work", dead_letter="work.dead")
