@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..protocol.constants import ADMIN_BATCH, OVERFLOW_REJECT, PEEK_BYTES, PEEK_MAX
+from ..protocol.constants import ADMIN_BATCH, PEEK_BYTES, PEEK_MAX
 from ..protocol.errors import LocalProtocolError, Malformed, MailboxFull, MailboxNotFound
 from ..protocol.frames import Cmd
 from ..protocol.message import check_name
@@ -73,9 +73,10 @@ class _Engine:
 
     def enqueue(self, target: Mailbox, row) -> None:
         """Store a copy of `row` in `target`, in the open batch (a new seq;
-        delivery count 0)."""
+        delivery count 0); a full target refuses it, whatever its overflow
+        (see DeadLetters.enqueue)."""
         self.engine.dead.enqueue(target, row.msg_id, row.headers, row.body, row.created, row.expires, 0,
-                                 self.now, self.engine.delivery.unacked)
+                                 self.now, self.engine.delivery.unacked, make_room=False)
 
     def on_disk(self, mb: Mailbox, limit: int) -> list:
         """Ready rows past the memory window, without taking them."""
@@ -104,12 +105,12 @@ def _valid_name(name: str) -> str:
 
 
 def _fits(target: Mailbox, size: int) -> bool:
-    """Would `target` take a message of `size` body bytes without refusing it?"""
+    """Would `target` take a moved message of `size` body bytes?  (Never by
+    dropping its head: a move is not a SEND, and the heads of a target that
+    dead-letters into the source would come back to be moved again.)"""
     opts = target.options
     if opts.max_bytes is not None and size > opts.max_bytes:
         return False
-    if opts.overflow != OVERFLOW_REJECT:
-        return opts.max_length is None or opts.max_length >= 1  # drop-head makes room
     return not ((opts.max_length is not None and target.ready_count + 1 > opts.max_length)
                 or (opts.max_bytes is not None and target.ready_bytes + size > opts.max_bytes))
 

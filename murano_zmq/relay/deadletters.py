@@ -42,18 +42,18 @@ class DeadLetters:
 
     def enqueue(self, mb: Mailbox, msg_id: bytes, headers: bytes, body: bytes, created: float,
                 expires: float | None, deliveries: int, now: float, unacked,
-                dead_lettering: bool = False) -> StoredMessage:
+                make_room: bool = True) -> StoredMessage:
         """Store a message in `mb`, making room by drop-head if its options
-        say so.  A dead-lettered message never makes its target drop heads
-        (two drop-head mailboxes dead-lettering into each other would loop):
-        a full target refuses it."""
+        say so and `make_room`.  A dead-lettered or moved message never makes
+        its target drop heads (dead-lettered, the heads could come back to
+        where it came from, and round again): a full target refuses it."""
         size = len(body)
         opts = mb.options
         too_big = opts.max_bytes is not None and size > opts.max_bytes
         while too_big or (opts.max_length is not None and mb.ready_count + 1 > opts.max_length) or (
             opts.max_bytes is not None and mb.ready_bytes + size > opts.max_bytes
         ):
-            if opts.overflow == OVERFLOW_REJECT or dead_lettering or too_big or not mb.ready_count:
+            if opts.overflow == OVERFLOW_REJECT or not make_room or too_big or not mb.ready_count:
                 raise MailboxFull(
                     f"mailbox {mb.name!r} is full ({mb.ready_count} messages, {mb.ready_bytes} bytes; "
                     f"max_length={opts.max_length}, max_bytes={opts.max_bytes})"
@@ -111,7 +111,7 @@ class DeadLetters:
         ttl = dlx.options.message_ttl
         try:
             self.enqueue(dlx, row.msg_id, msgpack.packb(headers), row.body, row.created,
-                         None if ttl is None else now + ttl, 0, now, unacked, dead_lettering=True)
+                         None if ttl is None else now + ttl, 0, now, unacked, make_room=False)
             self.counters["dead_lettered"] += 1
             self.counters["dead_lettered_" + reason] = self.counters.get("dead_lettered_" + reason, 0) + 1
         except MailboxFull:

@@ -91,6 +91,19 @@ def test_move_stops_at_a_full_target_and_loses_nothing(net):
     assert net.status("dead")["depth"] + net.status("work")["depth"] == 5
 
 
+def test_a_move_never_makes_a_drop_head_target_drop_its_oldest(net):
+    """A drop-head target that dead-letters into the source: its dropped
+    heads went back to be moved again, and the move never ended."""
+    app = net.node("app")
+    app.declare("b", max_length=1, overflow="drop-head", dead_letter="a")
+    app.send("a", *range(5))
+    net.settle()
+    result = ask(net.node("ops"), Cmd.MOVE, "a", "b", None)
+    assert (result["moved"], result["left"]) == (1, 4) and "full" in result["stopped"]
+    assert net.status("a")["depth"] == 4 and net.status("b")["depth"] == 1
+    assert net.engine.counters.get("dead_lettered_maxlen", 0) == 0
+
+
 def test_a_crash_before_the_commit_leaves_every_message_where_it_was(net):
     app = net.node("app")
     app.send("dead", *range(3))
