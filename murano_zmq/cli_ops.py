@@ -25,7 +25,7 @@ DEFAULT_WATCH_INTERVAL = 2.0
 def extend_parser(sub: argparse._SubParsersAction, add_key_options: Callable) -> None:
     """Add --watch to `status`, and the admin subcommands."""
     from .argtypes import bounded_int, positive_seconds, relay_endpoint
-    from .protocol.constants import DEFAULT_RELAY_ENDPOINT, RELAY_ENV
+    from .protocol.constants import DEFAULT_RELAY_ENDPOINT, MAX_LIMIT, RELAY_ENV
 
     relay_help = f"relay endpoint (default: ${RELAY_ENV}, else {DEFAULT_RELAY_ENDPOINT})"
     _positive_float, _at_least_one = positive_seconds, bounded_int(1)
@@ -49,7 +49,7 @@ def extend_parser(sub: argparse._SubParsersAction, add_key_options: Callable) ->
                                    "work.  Stops at a full target.  Exit 1 if it stopped early.")
     p.add_argument("mailbox")
     p.add_argument("--to", required=True, metavar="OTHER", help="the mailbox to move them to")
-    p.add_argument("--limit", type=_at_least_one, help="move at most N messages (default: all)")
+    p.add_argument("--limit", type=bounded_int(1, MAX_LIMIT), help="move at most N messages (default: all)")
 
     p = sub.add_parser("peek", help="show a mailbox's first ready messages without taking them (admin)",
                        description="Print copies of the first READY messages of MAILBOX; nothing is "

@@ -29,7 +29,7 @@ from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..protocol.constants import PROTOCOL_VERSION
-from ..protocol.message import shown_peer_name
+from ..protocol.message import printable, shown_peer_name
 
 log = logging.getLogger("murano_zmq.discovery")
 
@@ -82,7 +82,7 @@ class Advert:
     def from_properties(cls, props: dict) -> "Advert | None":
         def text(key: str) -> str:
             value = props.get(key.encode()) or b""
-            return value.decode("utf-8", "replace")[:MAX_TXT_VALUE + 55]
+            return printable(value.decode("utf-8", "replace")[:MAX_TXT_VALUE + 55])
 
         try:
             version = int(text("v") or 0)

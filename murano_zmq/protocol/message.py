@@ -144,12 +144,17 @@ def check_peer_name(name: Any, what: str = "node") -> str:
     return name
 
 
+def printable(text: str) -> str:
+    """`text` from a peer, as logs and terminals may show it: control
+    characters (a newline would forge a log line, an escape sequence would
+    reach the terminal) as '?'."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def shown_peer_name(name: str) -> str:
-    """A peer's name from its HELLO or WELCOME as logs and STATUS show it:
-    cut to MAX_PEER_NAME characters, control characters (a newline would
-    forge a log line) as '?'."""
-    name = name[:MAX_PEER_NAME]
-    return name if name.isprintable() else "".join(c if c.isprintable() else "?" for c in name)
+    """A peer's name from its HELLO, WELCOME or advert: printable(), cut to
+    MAX_PEER_NAME characters."""
+    return printable(name[:MAX_PEER_NAME])
 
 
 def pack_headers(headers: dict | None) -> bytes:

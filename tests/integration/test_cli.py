@@ -101,6 +101,7 @@ def test_cli_errors_are_clear(relay):
     (["relay", "--permissions", ""], "--permissions: must not be empty"),
     (["relay", "--data-dir", ""], "--data-dir: must not be empty"),
     (["relay", "--store", ""], "--store: must not be empty"),
+    (["move", "a", "--to", "b", "--limit", "18446744073709551616"], "between 1 and 18446744073709551615"),
     (["forwarder", "--key", ""], "--key: must not be empty"),
     (["status", "--relay-key", ""], "--relay-key: must not be empty"),
     (["keygen", "k", "--dir", ""], "--dir: must not be empty"),

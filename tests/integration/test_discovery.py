@@ -159,6 +159,25 @@ def test_peers_command_lists_what_discovery_sees(relay_factory):
     assert seen["node-x"]["mailboxes"] == ["a.b"]
 
 
+def test_an_advert_s_control_characters_never_reach_the_terminal():
+    """Names, endpoints and mailboxes in adverts are a peer's text: `peers`
+    shows their control characters (an escape sequence) as '?'."""
+    name = _unique_name()
+    liar = Discovery("127.0.0.1")
+    try:
+        liar.advertise(Advert(name, "node", "tcp://127.0.0.1:1", pub="\x00\x01",
+                              mailboxes=("a\x1bb",)))
+        out = subprocess.run([sys.executable, "-m", "murano_zmq", "peers", "--wait", "30", "--expect", name,
+                              "--discovery-interfaces", "127.0.0.1"], capture_output=True, text=True,
+                             timeout=60, env=os.environ)
+    finally:
+        liar.close()
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stdout.splitlines() if name in line]
+    assert "pub=??" in line and "mailboxes=a?b" in line
+    assert not any(ord(c) < 32 for c in out.stdout.replace("\n", ""))
+
+
 def test_peers_expect_fails_for_a_name_never_seen():
     out = subprocess.run([sys.executable, "-m", "murano_zmq", "peers", "--wait", "0.5", "--expect", "nobody-here",
                           "--discovery-interfaces", "127.0.0.1"], capture_output=True, text=True,
