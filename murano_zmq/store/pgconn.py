@@ -69,6 +69,10 @@ def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Even
     --shared relays).  Without `standby`: within LOCK_WAIT, else
     StoreUnavailable.  With it: as long as it takes, until the event is set
     (StandbyStopped)."""
+    if conn.execute("SELECT current_schema()").fetchone()[0] is None:
+        # (the lock's key would be NULL, and NULL reads as "taken")
+        raise StoreUnavailable(f"no schema of the search_path exists on this database ({path}): "
+                               "create it, or fix search_path in the URL")
     deadline = time.monotonic() + LOCK_WAIT
     standing_by = False
     while not conn.execute(SHARED_LOCK_SQL if shared else RELAY_LOCK_SQL, (RELAY_LOCK,)).fetchone()[0]:

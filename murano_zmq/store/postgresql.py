@@ -113,10 +113,25 @@ class PostgresStore(BatchedStore):
                 self._reader.close()
                 raise StoreUnavailable(f"lost PostgreSQL ({self.path}) while waiting for the relay lock: "
                                        f"{exc}".strip()) from None
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            self._db.execute(_SCHEMA)
-            self._check_schema(self._db.execute, "%s", SCHEMA_VERSION, StoreUnavailable)
+        try:
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                self._db.execute(_SCHEMA)
+                self._check_schema(self._db.execute, "%s", SCHEMA_VERSION, StoreUnavailable)
+            # Which new ids need no lookup (store/ids.py).  One relay per
+            # database keeps it true: no one else inserts (shared: below).
+            top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
+                              (CLOCK_BOUND,))
+        except psycopg.Error as exc:
+            # A server that connects but cannot hold the store: a read-only
+            # one (a replica), a statement_timeout too short, a search_path
+            # of pg_temp (the reader cannot see the writer's tables)...
+            self._db.close()
+            self._reader.close()
+            first_line = (str(exc).strip().splitlines() or [""])[0]  # (not the query's LINE and caret)
+            raise StoreUnavailable(f"PostgreSQL ({self.path}) cannot hold the relay's store: "
+                                   f"{type(exc).__name__}: {first_line}") from None
+        self._ids = IdCeiling(bytes(top[0][0]) if top else None)
         if shared:
             from .shared import SharedDatabase
 
@@ -128,11 +143,6 @@ class PostgresStore(BatchedStore):
             # Other relays store ids too, but only a resend (retry) can
             # be stored elsewhere: intake looks those up past the ceiling
             # (mailboxes_of(..., every=True)).
-        # Which new ids need no lookup (store/ids.py).  One relay per
-        # database keeps it true: no one else inserts (shared: see above).
-        top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
-                          (CLOCK_BOUND,))
-        self._ids = IdCeiling(bytes(top[0][0]) if top else None)
 
     def _lock_database(self) -> None:
         try:

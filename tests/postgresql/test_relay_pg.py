@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from murano_zmq import Node
 
 from ..helpers import drain, free_tcp_endpoint, kill_mid_stream, wait_for
@@ -67,6 +69,25 @@ def test_bad_store_urls_are_clear_errors(tmp_path):
                    "--data-dir", str(tmp_path))
     assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("options, says", [
+    ("{schema} -c default_transaction_read_only=on", "cannot hold the relay's store: ReadOnlySqlTransaction"),
+    ("{schema} -c statement_timeout=1", "cannot hold the relay's store: QueryCanceled"),
+    ("pg_temp", "cannot hold the relay's store: UndefinedTable"),
+    ("no_such_schema", "no schema of the search_path exists on this database"),
+])
+def test_a_server_that_connects_but_cannot_hold_the_store_is_a_clear_error(pg_server, tmp_path, options, says):
+    """A read replica, a tiny statement_timeout, a search_path of pg_temp
+    (the writer's temporary tables, unseen by the reader) or of no schema
+    (which read as "another relay is running")."""
+    from ..pgserver import new_schema
+
+    schema = new_schema(pg_server.dsn())
+    url = pg_server.url(options.format(schema=schema))  # (url() puts it after "-c search_path=")
+    r = _relay_cli("--store", url, "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_one_relay_per_database_until_it_dies(relay_factory, pg_url):
