@@ -24,6 +24,7 @@ import logging
 import time
 
 from ..protocol.errors import StartupError
+from . import metrics_http
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -245,7 +246,7 @@ class MetricsServer:
 
     def __init__(self, address: str, engine, store=None) -> None:
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
             from prometheus_client.process_collector import ProcessCollector
         except ImportError:
             raise ValueError("--metrics needs prometheus-client: pip install 'murano-zmq[metrics]'") from None
@@ -258,7 +259,7 @@ class MetricsServer:
         self.registry.register(RelayCollector(engine, self.commits))
         ProcessCollector(registry=self.registry)
         try:
-            self._server, self._thread = start_http_server(port, host, registry=self.registry)
+            self._server, self._thread = metrics_http.serve(host, port, make_wsgi_app(self.registry))
         except OSError as exc:
             raise StartupError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
         self.address = f"{host}:{self._server.server_address[1]}"

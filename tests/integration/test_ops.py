@@ -94,6 +94,42 @@ def test_metrics_are_scraped_with_rabbitmq_names(relay_factory):
     wait_for(lambda: scrape(address)[("murano_zmq_sessions", NONE)] == 0, 20, what="the session gone")
 
 
+def test_idle_metrics_connections_cannot_use_up_the_relay(relay_factory):
+    """Each idle connection to the metrics port held a thread and a file
+    descriptor for ever: a few hundred took the relay's last descriptors.
+    Now those past MAX_CONNECTIONS are closed at once, and the rest after
+    IDLE_TIMEOUT; the relay stores on, and scrapes come back."""
+    pytest.importorskip("prometheus_client")
+    from murano_zmq.relay.metrics_http import MAX_CONNECTIONS
+
+    address = f"127.0.0.1:{free_port()}"
+    relay = relay_factory("--metrics", address)
+    scrape(address)
+    fds_before = len(os.listdir(f"/proc/{relay.pid}/fd"))
+    host, port = address.split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
+    try:
+        with Node("metrics-test", relay=relay.endpoint, discovery=False, direct=False, timeout=10) as node:
+            node.send("work", "stored while the metrics port is flooded")
+        threads = int(next(line.split()[1] for line in open(f"/proc/{relay.pid}/status")
+                            if line.startswith("Threads:")))
+        fds = len(os.listdir(f"/proc/{relay.pid}/fd"))
+        assert fds <= fds_before + MAX_CONNECTIONS + 2, (fds_before, fds)
+        assert threads < 40, threads
+    finally:
+        for sock in idle:
+            sock.close()
+    m = wait_for(lambda: _scraped(address), 30, what="a scrape once the idle connections are gone")
+    assert m[("rabbitmq_queue_messages", queue("work"))] == 1
+
+
+def _scraped(address: str):
+    try:
+        return scrape(address)
+    except OSError:
+        return None
+
+
 def test_metrics_on_a_taken_port_is_a_one_line_error(tmp_path):
     pytest.importorskip("prometheus_client")
     with socket.socket() as taken:
