@@ -20,9 +20,14 @@ import threading
 
 import zmq
 
+from .protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM
 from .sdnotify import notify
 
 log = logging.getLogger("murano_zmq.forwarder")
+
+# Events queued per peer (ZeroMQ's high-water marks): past it a slow
+# subscriber loses events, as topics do (they are lossy by design).
+EVENT_QUEUE = 1000
 
 
 def forwarder_security(key=None, key_dir=None, authorized_keys=None):
@@ -46,11 +51,14 @@ def forwarder_security(key=None, key_dir=None, authorized_keys=None):
 
 
 def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=None,
-                  authorized_keys=None) -> int:
+                  authorized_keys=None, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
     """Forward until SIGTERM/SIGINT; returns the exit code.
 
     key: the forwarder's KeyPair and authorized_keys an AuthorizedKeys
     (forwarder_security()) for CURVE on both sockets; None: plain TCP.
+    max_message_size: the largest event passed on (a peer's larger frame
+    drops its connection), so that events queued for a slow subscriber,
+    up to EVENT_QUEUE of them, hold a bounded amount of memory.
 
     The proxy runs in a thread (a blocking C call would never see a Python
     signal handler); the main thread waits for a signal, then steers the
@@ -68,6 +76,10 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
     lease = watcher = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    for sock in (frontend, backend):
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + FRAME_HEADROOM)
+        sock.setsockopt(zmq.SNDHWM, EVENT_QUEUE)
+        sock.setsockopt(zmq.RCVHWM, EVENT_QUEUE)
     try:
         if key is not None:
             lease = serve_domain(ctx, ZAP_DOMAIN, KeyCheck(authorized_keys))
@@ -106,10 +118,14 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
 
 
 def add_forwarder_arguments(p: argparse.ArgumentParser) -> None:
-    from .argtypes import endpoint, given
+    from .argtypes import endpoint, given, message_size
 
     p.add_argument("--xsub", type=endpoint, default="tcp://127.0.0.1:5571", help="where publishers connect (default %(default)s)")
     p.add_argument("--xpub", type=endpoint, default="tcp://127.0.0.1:5572", help="where subscribers connect (default %(default)s)")
+    p.add_argument("--max-message-size", type=message_size, default=DEFAULT_MAX_MESSAGE_SIZE,
+                   help="largest event passed on, in bytes (a publisher sending a larger one is "
+                        f"disconnected); with up to {EVENT_QUEUE} queued per slow subscriber, it bounds "
+                        "the forwarder's memory (default %(default)s)")
     g = p.add_argument_group("security (docs/security.md)")
     g.add_argument("--key", type=given, metavar="NAME|FILE",
                    help="the forwarder's CURVE key pair: a .key_secret file, or NAME in --key-dir; "
@@ -123,7 +139,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the forwarder the parsed options describe; one line and 1 if it cannot start."""
     try:
         key, authorized = forwarder_security(args.key, args.key_dir, args.authorized_keys)
-        return run_forwarder(args.xsub, args.xpub, key=key, authorized_keys=authorized)
+        return run_forwarder(args.xsub, args.xpub, key=key, authorized_keys=authorized,
+                             max_message_size=args.max_message_size)
     except (ValueError, zmq.ZMQError) as exc:
         print(f"murano-zmq forwarder: {exc}", file=sys.stderr)
         return 1

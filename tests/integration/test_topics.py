@@ -85,3 +85,31 @@ def test_forwarder_device_connects_publishers_and_subscribers(make_node):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_forwarder_drops_a_publisher_of_events_over_its_size_and_goes_on(make_node):
+    """Its memory is bounded by --max-message-size times the events queued
+    per slow subscriber: a larger event is not passed on (its publisher's
+    connection drops, and comes back)."""
+    xsub, xpub = free_tcp_endpoint(), free_tcp_endpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "devices.forwarder", "--xsub", xsub, "--xpub", xpub,
+                             "--max-message-size", "4096"])
+    try:
+        pub, sub = make_node("pub", forwarder=(xsub, xpub)), make_node("sub", forwarder=(xsub, xpub))
+        subscription = sub.subscribe("progress.")
+        publish_until_heard(pub, "progress.marker", [subscription], timeout=15)
+        pub.publish("progress.big", b"x" * 100_000)
+        seen = []
+
+        def small_heard():
+            pub.publish("progress.small", "after")
+            while (e := subscription.get(timeout=0.05)) is not None:
+                seen.append(e.topic)
+            return "progress.small" in seen
+
+        wait_for(small_heard, 30, interval=0, what="a small event after the big one")
+        assert "progress.big" not in seen
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
