@@ -47,9 +47,13 @@ class _Engine:
             raise MailboxNotFound(f"mailbox {name!r} does not exist")
         return mb
 
-    def target(self, name: str) -> Mailbox:
+    def target(self, name: str) -> Mailbox | None:
+        """A mailbox the identity may administer, if it exists."""
         _valid_name(name)
         self.engine.sessions.check(self.ctx.user, "admin", name)
+        return self.engine.boxes.get(name)
+
+    def create(self, name: str) -> Mailbox:
         return self.engine.boxes.get_or_create(name, self.now)
 
     def head(self, mb: Mailbox):
@@ -139,6 +143,8 @@ def move(e: _Engine, req: int, name: str, target_name: str, limit: int | None) -
         head = e.head(mb)
         if head is None:
             break
+        if target is None:
+            target = e.create(target_name)  # (made only when something moves into it)
         if not _fits(target, len(head.body)):
             stopped = f"mailbox {target_name!r} is full"
             break

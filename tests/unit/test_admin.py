@@ -91,6 +91,17 @@ def test_move_stops_at_a_full_target_and_loses_nothing(net):
     assert net.status("dead")["depth"] + net.status("work")["depth"] == 5
 
 
+def test_a_move_that_moves_nothing_makes_no_target(net):
+    app = net.node("app")
+    app.send("dead", "x")
+    app.declare("empty")
+    net.settle()
+    ops = net.node("ops")
+    assert ask(ops, Cmd.MOVE, "dead", "work", 0)["moved"] == 0
+    assert ask(ops, Cmd.MOVE, "empty", "work", None)["moved"] == 0
+    assert "work" not in net.engine.mailboxes
+
+
 def test_a_move_never_makes_a_drop_head_target_drop_its_oldest(net):
     """A drop-head target that dead-letters into the source: its dropped
     heads went back to be moved again, and the move never ended."""
