@@ -220,8 +220,10 @@ class NodeBase:
         return sid
 
     def _timed_out(self, timeout: float) -> RelayUnavailable:
-        return RelayUnavailable(f"no answer from relay {self._where()} within {timeout}s (the node keeps "
-                                "trying until it is closed)")
+        links = self._core.sender.link_endpoints() if self._core.sender is not None else []
+        direct = f", nor from direct link(s) to {', '.join(links)[:300]}" if links else ""
+        return RelayUnavailable(f"no answer from relay {self._where()}{direct} within {timeout}s (the node "
+                                "keeps trying until it is closed)")
 
     # --- the wake pipe (Node's I/O thread sleeps on it) -------------------------------
 

@@ -62,6 +62,13 @@ class DirectSender:
     def has_links(self) -> bool:
         return bool(self._links)
 
+    def link_endpoints(self) -> list[str]:
+        """The endpoints links are open to (from any thread: a snapshot, for messages)."""
+        try:
+            return sorted(self._links)
+        except RuntimeError:  # (changed meanwhile by the loop's thread)
+            return []
+
     def has_link(self, endpoint: str) -> bool:
         return endpoint in self._links
 

@@ -77,3 +77,19 @@ def test_a_consumer_bound_where_its_path_has_a_space_takes_direct_deliveries(rel
         m = messages.get(timeout=10)
         assert m is not None and m.body == b"hello"
         m.ack()
+
+
+@pytest.mark.timeout(60)
+def test_a_send_timed_out_on_a_dead_direct_link_names_the_link(relay):
+    """The relay answered; the direct consumer it named did not: the
+    time-out says so, not only "no answer from relay"."""
+    from murano_zmq import RelayUnavailable
+
+    sock, answer = raw_consumer(relay.endpoint, "odd", "tcp://127.0.0.1:1")  # nothing listens there
+    try:
+        assert answer.cmd == Cmd.REPLY
+        with Node("sender", relay=relay.endpoint, timeout=1, direct_timeout=30) as node:
+            with pytest.raises(RelayUnavailable, match="nor from direct link.s. to tcp://127.0.0.1:1 within 1s"):
+                node.send("odd", b"waits for the link")
+    finally:
+        sock.close(0)
