@@ -76,11 +76,11 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
     lease = watcher = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    for sock in (frontend, backend):
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + FRAME_HEADROOM)
-        sock.setsockopt(zmq.SNDHWM, EVENT_QUEUE)
-        sock.setsockopt(zmq.RCVHWM, EVENT_QUEUE)
     try:
+        for sock in (frontend, backend):
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + FRAME_HEADROOM)
+            sock.setsockopt(zmq.SNDHWM, EVENT_QUEUE)
+            sock.setsockopt(zmq.RCVHWM, EVENT_QUEUE)
         if key is not None:
             lease = serve_domain(ctx, ZAP_DOMAIN, KeyCheck(authorized_keys))
             for sock in (frontend, backend):

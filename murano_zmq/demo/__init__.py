@@ -5,8 +5,9 @@ processes, the api in this process, and agents started only after their
 plans wait in their mailboxes.  Relay and conductors find each other by
 zeroconf pinned to 127.0.0.1, by the relay's name (demo-<random>: a relay
 someone else advertises there is not the demo's); agents use the static
-relay endpoint, as tenant VMs would.  --chaos kills the relay (SIGKILL, then restarts it), one
-conductor mid-task, and one agent mid-plan (then restarts it).
+relay endpoint, as tenant VMs would.  --chaos kills the relay (SIGKILL,
+then restarts it), one conductor mid-task, and one agent mid-plan (then
+restarts it).
 
 Exit status 0 only if every deployment completed exactly once.
 """

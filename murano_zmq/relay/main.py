@@ -78,8 +78,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = RelayConfig(key=args.key or "", key_dir=args.key_dir or "", allow_all=args.allow_all,
                              authorized_keys=args.authorized_keys or "", permissions=args.permissions or "",
-                             bind=args.bind, data_dir=args.data_dir or "", store=args.store or "", standby=args.standby,
-                             shared=args.shared, name=args.name,
+                             bind=args.bind, data_dir=args.data_dir or "", store=args.store or "",
+                             standby=args.standby, shared=args.shared, name=args.name,
                              max_message_size=args.max_message_size,
                              discovery_interfaces=args.discovery_interfaces, metrics=args.metrics)
         from .checks import inproc_problem, print_checks
