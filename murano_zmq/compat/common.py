@@ -174,6 +174,8 @@ class BaseSubscription:
 
     def __enter__(self) -> "BaseSubscription":
         self._client._check_connected()
+        if self._consumer is not None:  # (a second consumer would leave the first's messages stranded)
+            raise RuntimeError(f"subscription to {self._queue!r} is open already: enter it once")
         self._consumer = self._client._node.consume(self._mailbox, prefetch=self._prefetch,
                                                     direct=False)
         return self

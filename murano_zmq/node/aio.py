@@ -133,6 +133,7 @@ class AsyncNode(NodeBase):
                    timeout: float | None = None, wait: bool = True, msg_id: bytes | None = None) -> bytes:
         """Send and wait until the message is safe (see Node.send); returns the id."""
         self._start()
+        timeout = self._timeout(timeout)
         record = build_record(mailbox, body, headers, ttl, time.time(), self._core.max_size, msg_id)
         if not wait:
             self._check_deliverable_now(mailbox)
@@ -160,6 +161,7 @@ class AsyncNode(NodeBase):
         """Pipelined send of (mailbox, body[, headers[, ttl]]) tuples; returns
         the ids once all are stored (or raises the first error)."""
         self._start()
+        timeout = self._timeout(timeout)
         records = build_records(messages, time.time(), self._core.max_size)
         future = self._loop.create_future()
         self._queue_records(records, [SendGroup(future, [r[0] for r in records])] * len(records))
@@ -242,6 +244,9 @@ class AsyncNode(NodeBase):
         if self._closed:
             raise NodeClosed(f"node {self.name} is closed")
         if self._running:
+            self._check_process()
+            if asyncio.get_running_loop() is not self._loop:
+                self._wrong_place()
             return
         if not self._io.relays:
             raise ValueError(f"relay={self.relay!r}: use `async with AsyncNode(...)` or `await node.start()` first")
@@ -257,6 +262,12 @@ class AsyncNode(NodeBase):
         if self._discover:  # also without start(): the first call starts it
             self._discovery_started = self._loop.create_task(self._start_discovery())
 
+    def _wrong_place(self) -> None:
+        """(a call from another loop) the send would go out, and its caller
+        would hear of a failure: say why, before anything goes."""
+        raise RuntimeError(f"node {self.name} runs on the event loop it started on: call it from there "
+                           "(a loop of its own per AsyncNode)")
+
     async def _advertise_async(self) -> None:
         self._core.advert_due = False
         if self._discovery is not None:
@@ -264,6 +275,7 @@ class AsyncNode(NodeBase):
 
     async def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         self._start()
+        timeout = self._timeout(timeout)
         future = self._loop.create_future()
         self._core.request(cmd, *fields, waiter=future)
         self._schedule_flush()

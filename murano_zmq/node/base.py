@@ -20,17 +20,20 @@ from ..protocol.constants import (
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
     DEFAULT_TIMEOUT,
+    MAX_HEARTBEAT,
     MAX_PREFETCH,
     MAX_PREFETCH_BYTES,
+    MIN_HEARTBEAT,
     RELAY_ENV,
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.errors import RelayUnavailable, SendQueueFull
-from ..protocol.message import check_name, check_peer_name
+from ..protocol.message import check_name, check_peer_name, is_number
 from ..protocol.topics import check_topic
 from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
 from ..security.node import node_security
+from .common import check_wait
 from .core import NodeCore
 from .sockets import DEFAULT_DIRECT_BIND, NodeSockets, check_endpoint
 from .topics import TopicSockets, parse_forwarder
@@ -68,6 +71,22 @@ def check_relay(relay) -> str:
     return ",".join(e.strip() for e in relay.split(","))
 
 
+class _Process:
+    """This process, as nodes know it: a fork makes a new one (no getpid()
+    on every send)."""
+
+
+_process = _Process()
+
+
+def _forked() -> None:
+    global _process
+    _process = _Process()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def default_node_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -82,6 +101,17 @@ class NodeBase:
                forwarder=None, max_pending: int = DEFAULT_MAX_PENDING, authorized_keys=None,
                trusted_keys=None, permissions=None, forwarder_key=None) -> None:
         self.name = check_peer_name(name) if name else default_node_name()
+        # (0 or less reconnected at every turn, flooding the relay; nan made
+        # every HELLO a 400; a str killed the I/O thread)
+        if not is_number(heartbeat) or not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+            raise ValueError(f"heartbeat must be {MIN_HEARTBEAT} to {MAX_HEARTBEAT} seconds, got {heartbeat!r}")
+        timeout = check_wait(timeout)
+        direct_timeout = check_wait(direct_timeout, "direct_timeout")
+        self._made_in = _process  # (a Node does not survive a fork: its sockets are the parent's)
+        port = bind.rsplit(":", 1)[-1] if isinstance(bind, str) else ""
+        if not isinstance(bind, str) or (bind.startswith("tcp://") and port.isdigit() and int(port) > 65535):
+            # (ZeroMQ would bind port % 65536)
+            raise ValueError(f"bind={bind!r}: not an endpoint to bind (e.g. tcp://127.0.0.1:*)")
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
         # $MURANO_ZMQ_DISCOVERY_INTERFACES is set.  relay="auto" finds a relay.
@@ -218,6 +248,15 @@ class NodeBase:
         sid = self._next_subscription
         self._next_subscription += 1
         return sid
+
+    def _timeout(self, timeout: float | None) -> float:
+        """A call's timeout (None: the node's), checked before anything is sent."""
+        return self.timeout if timeout is None else check_wait(timeout)
+
+    def _check_process(self) -> None:
+        if self._made_in is not _process:
+            raise RuntimeError(f"node {self.name} was made before this process forked: its sockets are the "
+                               "parent's; make a new node in this process")
 
     def _timed_out(self, timeout: float) -> RelayUnavailable:
         links = self._core.sender.link_endpoints() if self._core.sender is not None else []

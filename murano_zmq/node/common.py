@@ -30,6 +30,19 @@ from ..protocol.options import MailboxOptions
 log = logging.getLogger("murano_zmq.node")
 
 
+# The longest wait a timeout may name, seconds (about 31 years): finite,
+# and below what threading's waits take (threading.TIMEOUT_MAX).
+MAX_WAIT = 1e9
+
+
+def check_wait(value: Any, what: str = "timeout") -> float:
+    """`value` if it is a number of seconds to wait, else ValueError: nan
+    waited for ever, 0 or less failed at once after the send went out."""
+    if not is_number(value) or not 0 < value <= MAX_WAIT:
+        raise ValueError(f"{what} must be a number of seconds > 0 and <= {MAX_WAIT:g}, got {value!r}")
+    return float(value)
+
+
 def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
                     overflow="reject", dead_letter=None, passive=False) -> dict:
     """The DECLARE options map; ValueError names a bad argument."""

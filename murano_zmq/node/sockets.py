@@ -128,7 +128,12 @@ class NodeSockets:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self._security is not None:
             self._security.server(sock)
-        sock.bind(self.bind)
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ValueError(f"bind={self.bind!r}: cannot bind the node's direct ROUTER there "
+                             f"({exc.strerror})") from None
         self._router = sock
         self.core.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.core.endpoint

@@ -187,7 +187,8 @@ class Node(IOThread, OwnedSends, NodeBase):
         """Send the records (or run `job`, a request settling `slot`) on this
         thread when the sockets are free, else through the I/O thread; wait
         for `slot` either way."""
-        timeout = self.timeout if timeout is None else timeout
+        self._check_open()
+        timeout = self._timeout(timeout)
         deadline = time.monotonic() + timeout
         if self._take_sockets():
             self._send_owned(records, waiters, slot, deadline, job)
@@ -339,5 +340,6 @@ class Node(IOThread, OwnedSends, NodeBase):
         self._submit(job)
 
     def _check_open(self) -> None:
+        self._check_process()
         if self._closed.is_set():
             raise NodeClosed(f"node {self.name} is closed")

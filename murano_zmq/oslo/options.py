@@ -12,30 +12,33 @@ names.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from oslo_config import cfg
 
 from .. import DEFAULT_RELAY_ENDPOINT
+from ..node.common import MAX_WAIT
+from ..protocol.constants import MAX_HEARTBEAT, MAX_PREFETCH, MIN_HEARTBEAT
 
 GROUP = "oslo_messaging_zmqrelay"
 DEFAULT_PORT = int(DEFAULT_RELAY_ENDPOINT.rsplit(":", 1)[1])
 
 OPTS = [
-    cfg.IntOpt("prefetch", default=100, min=1,
+    cfg.IntOpt("prefetch", default=100, min=1, max=MAX_PREFETCH,
                help="Messages a listener's consumer may hold unacknowledged (its credit); "
                     "raised to the batch size of batch listeners."),
-    cfg.FloatOpt("transient_ttl", default=1800.0, min=0.001,
+    cfg.FloatOpt("transient_ttl", default=1800.0, min=0.001, max=MAX_WAIT,
                  help="Seconds a reply or fanout mailbox outlives its last consumer."),
-    cfg.FloatOpt("relay_timeout", default=30.0, min=0.001,
+    cfg.FloatOpt("relay_timeout", default=30.0, min=0.001, max=MAX_WAIT,
                  help="Seconds a send, declare or listing waits for the relay before it fails "
                       "(MessageDeliveryFailure; MessagingTimeout for a call)."),
-    cfg.FloatOpt("notification_ttl", default=0.0, min=0.0,
+    cfg.FloatOpt("notification_ttl", default=0.0, min=0.0, max=MAX_WAIT,
                  help="Seconds a notification waits for a listener; 0: until one comes."),
-    cfg.FloatOpt("directory_cache", default=0.0, min=0.0,
+    cfg.FloatOpt("directory_cache", default=0.0, min=0.0, max=MAX_WAIT,
                  help="Seconds a listing of the relay's fanout and pool mailboxes is reused; "
                       "0: list on every fanout and notification."),
-    cfg.FloatOpt("heartbeat", default=1.0, min=0.01,
+    cfg.FloatOpt("heartbeat", default=1.0, min=MIN_HEARTBEAT, max=MAX_HEARTBEAT,
                  help="Seconds between a node's heartbeats to its relay."),
     cfg.StrOpt("name", default="oslo",
                help="Prefix of the node names this service shows the relays."),
@@ -96,6 +99,9 @@ class DriverOptions:
                     raise ValueError(f"zmqrelay URL option {name}={query[name]!r}: {exc}") from None
             else:
                 values[name] = getattr(group, name)
+        for name, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):  # (min= and max= let nan pass)
+                raise ValueError(f"zmqrelay option {name} must be a finite number, got {value!r}")
         values["notification_ttl"] = values["notification_ttl"] or None
         return cls(**values)
 

@@ -131,6 +131,21 @@ def test_every_call_before_connect_or_after_close_says_not_connected(flavour, sh
             call()
 
 
+def test_a_subscription_entered_twice_is_refused_and_strands_nothing(flavour, shared_relay):
+    """The second consumer took the next message while the first held the
+    one before it, out of anyone's reach until the client closed."""
+    with make_client(flavour, shared_relay) as client:
+        queue = fresh_queue()
+        client.declare(queue)
+        for i in range(2):
+            client.send(message(flavour, {"i": i}, f"m{i}"), queue)
+        subscription = client.open(queue)
+        with subscription:
+            with pytest.raises(RuntimeError, match="open already"):
+                subscription.__enter__()
+            assert subscription.get_message(timeout=10).id == "m0"
+
+
 # --- connect / close / context manager -------------------------------------------------------
 
 

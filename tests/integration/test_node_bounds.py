@@ -81,3 +81,37 @@ def test_numbers_out_of_range_are_refused_and_the_node_lives_on(make_node):
     assert node.declare("big", max_length=(1 << 64) - 1)["name"] == "big"
     node.send("big", "still here")
     assert node.consume("big").get(timeout=10).body == "still here"
+
+
+@pytest.mark.parametrize("option, value", [
+    ("heartbeat", 0), ("heartbeat", -1), ("heartbeat", float("nan")), ("heartbeat", float("inf")),
+    ("heartbeat", "1"), ("heartbeat", 0.001), ("heartbeat", 3600),
+    ("timeout", 0), ("timeout", -1), ("timeout", float("nan")), ("timeout", "5"),
+    ("direct_timeout", 0), ("direct_timeout", float("nan")),
+])
+def test_a_nonsense_heartbeat_or_timeout_is_refused_when_the_node_is_made(node_kind, option, value):
+    """heartbeat 0 reconnected at every turn (thousands of sessions a second
+    on the relay, then the node died of too many open files); nan waited
+    for ever; a str killed the I/O thread."""
+    with pytest.raises(ValueError, match=option):
+        node_kind("careless", relay=free_tcp_endpoint(), **{option: value})
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "5"])
+def test_a_call_with_a_nonsense_timeout_sends_nothing(make_node, timeout):
+    """It raised after the message had gone out: a caller told of a failure
+    would send it again."""
+    node = make_node("careless")
+    with pytest.raises(ValueError, match="timeout"):
+        node.send("careful", "x", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        node.send_many([("careful", "y")], timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        node.status(timeout=timeout)
+    assert not [m for m in node.status()["mailboxes"] if m["name"] == "careful"]
+
+
+@pytest.mark.parametrize("bind", ["garbage", "tcp://127.0.0.1:99999", None, "tcp://192.0.2.1:*"])
+def test_a_direct_bind_the_node_cannot_use_is_a_value_error(node_kind, bind):
+    with pytest.raises(ValueError, match="bind="):
+        node_kind("careless", relay=free_tcp_endpoint(), bind=bind, timeout=5)

@@ -50,6 +50,18 @@ def test_bad_url_option_is_refused(relay):
         oslo_messaging.get_rpc_transport(cfg.CONF, url=zmqrelay_url(relay, query="prefetchh=3"))
 
 
+@pytest.mark.parametrize("query, says", [
+    ("heartbeat=nan", "finite"), ("relay_timeout=inf", "relay_timeout"), ("transient_ttl=nan", "finite"),
+    ("heartbeat=0.01", "heartbeat"), ("prefetch=20000", "prefetch"),
+])
+def test_url_option_values_a_node_could_not_use_are_refused(relay, query, says):
+    """Each was taken, then every cast failed after relay_timeout (nan: for ever)."""
+    from oslo_config import cfg
+
+    with pytest.raises(oslo_messaging.InvalidTransportURL, match=says):
+        oslo_messaging.get_rpc_transport(cfg.CONF, url=zmqrelay_url(relay, query=query))
+
+
 # --- RPC -----------------------------------------------------------------------------------------
 
 

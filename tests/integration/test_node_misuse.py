@@ -1,0 +1,66 @@
+"""A node used where it cannot work says so before anything goes out: in
+a process forked after it was made, on an event loop it was not started on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from murano_zmq import AsyncNode, Node
+
+
+def depth(relay, mailbox: str) -> int:
+    with Node("inspector", relay=relay.endpoint, direct=False, timeout=10) as n:
+        return next((m["depth"] for m in n.status()["mailboxes"] if m["name"] == mailbox), 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_node_used_in_a_forked_child_raises_instead_of_hanging(relay):
+    """The child's send took the parent's sockets and waited for ever,
+    past its timeout."""
+    with Node("parent", relay=relay.endpoint, direct=False, timeout=10) as node:
+        node.send("forked", "from the parent")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and leave without running anything of the parent's
+            try:
+                node.send("forked", "from the child", timeout=2)
+                os.write(write, b"sent")
+            except RuntimeError as exc:
+                os.write(write, str(exc).encode()[:500])
+            except BaseException as exc:  # noqa: BLE001 (anything else is the test's failure)
+                os.write(write, repr(exc).encode()[:500])
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            said = pipe.read().decode()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert "before this process forked" in said, said
+        node.send("forked", "the parent's node still works")
+    assert depth(relay, "forked") == 2
+
+
+@pytest.mark.timeout(60)
+def test_an_async_node_called_from_another_event_loop_refuses_before_sending(relay):
+    """It sent the message, then raised "Event loop is closed": a caller told
+    of a failure would send it again."""
+    node = AsyncNode("one-loop", relay=relay.endpoint, direct=False, timeout=10)
+
+    async def first():
+        await node.start()
+        await node.send("loops", 1)
+
+    async def second():
+        with pytest.raises(RuntimeError, match="runs on the event loop it started on"):
+            await node.send("loops", 2)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+        asyncio.run(second())
+        assert depth(relay, "loops") == 1
+    finally:
+        loop.run_until_complete(node.close())
+        loop.close()
