@@ -178,6 +178,7 @@ class AsyncNode(NodeBase):
         """A consumer of `mailbox` (see Node.consume): `async for msg in consumer`."""
         self._check_consume(mailbox, prefetch, prefetch_bytes)
         self._start()
+        timeout = self._timeout(timeout)
         consumer = AsyncConsumer(self, mailbox)
         future = self._loop.create_future()
         consumer.cid = self._core.consume(mailbox, prefetch, direct, consumer._feed, future, prefetch_bytes)
@@ -243,8 +244,8 @@ class AsyncNode(NodeBase):
     def _start(self) -> None:
         if self._closed:
             raise NodeClosed(f"node {self.name} is closed")
+        self._check_process()
         if self._running:
-            self._check_process()
             if asyncio.get_running_loop() is not self._loop:
                 self._wrong_place()
             return
@@ -293,7 +294,7 @@ class AsyncNode(NodeBase):
         wait_for + shield: on time-out the future fails with RelayUnavailable
         (the core skips a done waiter; the message may still be stored)."""
         timeout = self.timeout if timeout is None else timeout
-        timer = self._loop.call_later(timeout, _expire, future, self._timed_out, timeout)
+        timer = self._loop.call_later(timeout, _expire, future, self._timed_out, timeout, True)
         try:
             return await future
         finally:

@@ -258,8 +258,10 @@ class NodeBase:
             raise RuntimeError(f"node {self.name} was made before this process forked: its sockets are the "
                                "parent's; make a new node in this process")
 
-    def _timed_out(self, timeout: float) -> RelayUnavailable:
-        links = self._core.sender.link_endpoints() if self._core.sender is not None else []
+    def _timed_out(self, timeout: float, send: bool = False) -> RelayUnavailable:
+        """The time-out of a call; of a send (`send`), which may wait for a
+        direct link, with the links open now."""
+        links = self._core.sender.link_endpoints() if send and self._core.sender is not None else []
         direct = f", nor from direct link(s) to {', '.join(links)[:300]}" if links else ""
         return RelayUnavailable(f"no answer from relay {self._where()}{direct} within {timeout}s (the node "
                                 "keeps trying until it is closed)")

@@ -40,7 +40,7 @@ def check_wait(value: Any, what: str = "timeout") -> float:
     waited for ever, 0 or less failed at once after the send went out."""
     if not is_number(value) or not 0 < value <= MAX_WAIT:
         raise ValueError(f"{what} must be a number of seconds > 0 and <= {MAX_WAIT:g}, got {value!r}")
-    return float(value)
+    return value
 
 
 def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,

@@ -197,12 +197,13 @@ class Node(IOThread, OwnedSends, NodeBase):
         else:
             self._queue_records(records, waiters)
         if not slot.wait(deadline - time.monotonic()):
-            raise self._timed_out(timeout)
+            raise self._timed_out(timeout, send=job is None)
         if slot.error is not None:
             raise slot.error
         return slot.result
 
     def _queue_records(self, records: list, waiters: list) -> None:
+        self._check_process()  # (before the lock: a fork may have copied it held)
         with self._lock:
             self._check_open()
             self._check_room(self.pending, len(records))
@@ -277,6 +278,11 @@ class Node(IOThread, OwnedSends, NodeBase):
 
     def close(self) -> None:
         """Flush acks, say BYE, stop the I/O thread; pending calls get NodeClosed."""
+        try:
+            self._check_process()
+        except RuntimeError:  # a forked child's copy: the sockets, threads and adverts are the parent's
+            self._closed.set()
+            return
         with self._lock:
             if self._closed.is_set():
                 return
@@ -305,12 +311,14 @@ class Node(IOThread, OwnedSends, NodeBase):
     def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
         """Queue `job` for the I/O thread; `waiter` (the caller's future)
         gets the job's exception if it raises one."""
+        self._check_process()  # (before the lock: a fork may have copied it held)
         with self._lock:
             self._check_open()
             self._jobs.append((job, waiter))
         self._wake()
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
+        self._check_process()
         with self._lock:
             if self._closed.is_set():
                 return  # unsettled messages come again after a restart

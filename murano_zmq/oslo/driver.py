@@ -105,7 +105,8 @@ class ZmqRelayDriver(base.BaseDriver):
         body, headers = request.encode(CALL)
         replies.expect(msg_id)
         try:
-            relay_wait = self.options.relay_timeout if timeout is None else min(timeout, self.options.relay_timeout)
+            relay_wait = (min(timeout, self.options.relay_timeout) if timeout and timeout > 0
+                          else self.options.relay_timeout)  # (as ttl: no timeout, none of its own)
             try:
                 # The request expires with the call: no server runs it late.
                 node.send(mailbox, body, headers, ttl=timeout or None, timeout=relay_wait)

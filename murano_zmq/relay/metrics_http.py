@@ -12,10 +12,14 @@ fail, the relay does not.
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+log = logging.getLogger("murano_zmq.relay")
 
 IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
 MAX_CONNECTIONS = 16  # served at once (a scraper needs one)
@@ -44,6 +48,12 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection timed out, reset or gone is the client's business:
+        no traceback on the relay's stderr (a slowloris would fill it)."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            log.debug("metrics request from %s failed", client_address, exc_info=True)
 
     def process_request_thread(self, request, client_address) -> None:
         try:

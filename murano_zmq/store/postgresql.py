@@ -122,12 +122,14 @@ class PostgresStore(BatchedStore):
             # database keeps it true: no one else inserts (shared: below).
             top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
                               (CLOCK_BOUND,))
-        except psycopg.Error as exc:
+        except (psycopg.Error, StoreUnavailable) as exc:
             # A server that connects but cannot hold the store: a read-only
             # one (a replica), a statement_timeout too short, a search_path
             # of pg_temp (the reader cannot see the writer's tables)...
             self._db.close()
             self._reader.close()
+            if isinstance(exc, StoreUnavailable):  # (a schema of another version)
+                raise
             first_line = (str(exc).strip().splitlines() or [""])[0]  # (not the query's LINE and caret)
             raise StoreUnavailable(f"PostgreSQL ({self.path}) cannot hold the relay's store: "
                                    f"{type(exc).__name__}: {first_line}") from None

@@ -108,6 +108,8 @@ def test_a_call_with_a_nonsense_timeout_sends_nothing(make_node, timeout):
         node.send_many([("careful", "y")], timeout=timeout)
     with pytest.raises(ValueError, match="timeout"):
         node.status(timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        node.consume("careful", timeout=timeout)
     assert not [m for m in node.status()["mailboxes"] if m["name"] == "careful"]
 
 

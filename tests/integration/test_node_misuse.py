@@ -30,6 +30,8 @@ def test_a_node_used_in_a_forked_child_raises_instead_of_hanging(relay):
                 os.write(write, b"sent")
             except RuntimeError as exc:
                 os.write(write, str(exc).encode()[:500])
+                node.close()  # (a `with` unwinding in the child: the parent's node must not be touched)
+                os.write(write, b"; closed")
             except BaseException as exc:  # noqa: BLE001 (anything else is the test's failure)
                 os.write(write, repr(exc).encode()[:500])
             os._exit(0)
@@ -37,7 +39,7 @@ def test_a_node_used_in_a_forked_child_raises_instead_of_hanging(relay):
         with os.fdopen(read, "rb") as pipe:
             said = pipe.read().decode()
         assert os.waitpid(pid, 0)[1] == 0
-        assert "before this process forked" in said, said
+        assert "before this process forked" in said and said.endswith("; closed"), said
         node.send("forked", "the parent's node still works")
     assert depth(relay, "forked") == 2
 

@@ -555,6 +555,26 @@ def test_a_nack_of_several_puts_them_back_in_their_order(net):
     assert again == tags  # handed out again at once (credit), in their order
 
 
+def test_a_nack_of_more_than_a_window_load_keeps_their_order(net):
+    """Past REQUEUE_LOAD the requeue rebuilds the window from disk."""
+    from murano_zmq.relay.mailboxes import REQUEUE_LOAD
+
+    n = REQUEUE_LOAD + 50
+    api = net.node("api")
+    api.send("work", *range(n))
+    c = net.node("c")
+    c.consume("work", prefetch=n)
+    net.settle()
+    assert c.bodies() == list(range(n))
+    tags = [m.tag for m in c.messages]
+    c.core._put(Cmd.NACK, list(reversed(tags)), True)  # (any order of tags: the mailbox's comes back)
+    again = []
+    for _ in range(10):
+        before, after = net.turn()
+        again += [item[0] for _, command in cmds(before + after, Cmd.DELIVER) for item in command.fields[1]]
+    assert again == tags
+
+
 def test_nack_without_requeue_dead_letters(net):
     api = net.node("api")
     api.declare("work", dead_letter="work.dead")
