@@ -10,11 +10,8 @@ import argparse
 import math
 import re
 
-from .protocol.constants import MAX_LIMIT
+from .protocol.constants import MAX_LIMIT, MAX_SECONDS
 
-# Longest time any option may name, seconds (about 31 years): finite, and
-# below what threading waits accept (threading.TIMEOUT_MAX).
-MAX_SECONDS = 1e9
 
 # Largest --max-message-size a relay takes: a message must fit in memory.
 MAX_MESSAGE_SIZE_LIMIT = 1 << 30

@@ -20,7 +20,7 @@ from ..protocol.client import (
     Replied,
     Welcomed,
 )
-from ..protocol.constants import SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
+from ..protocol.constants import MAX_SECONDS, SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
                                 new_message_ids, pack_body, pack_headers, take_packer,
@@ -30,16 +30,11 @@ from ..protocol.options import MailboxOptions
 log = logging.getLogger("murano_zmq.node")
 
 
-# The longest wait a timeout may name, seconds (about 31 years): finite,
-# and below what threading's waits take (threading.TIMEOUT_MAX).
-MAX_WAIT = 1e9
-
-
 def check_wait(value: Any, what: str = "timeout") -> float:
     """`value` if it is a number of seconds to wait, else ValueError: nan
     waited for ever, 0 or less failed at once after the send went out."""
-    if not is_number(value) or not 0 < value <= MAX_WAIT:
-        raise ValueError(f"{what} must be a number of seconds > 0 and <= {MAX_WAIT:g}, got {value!r}")
+    if not is_number(value) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"{what} must be a number of seconds > 0 and <= {MAX_SECONDS:g}, got {value!r}")
     return value
 
 

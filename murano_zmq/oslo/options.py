@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from oslo_config import cfg
 
 from .. import DEFAULT_RELAY_ENDPOINT
-from ..node.common import MAX_WAIT
-from ..protocol.constants import MAX_HEARTBEAT, MAX_PREFETCH, MIN_HEARTBEAT
+from ..protocol.constants import MAX_HEARTBEAT, MAX_PREFETCH, MAX_SECONDS, MIN_HEARTBEAT
 
 GROUP = "oslo_messaging_zmqrelay"
 DEFAULT_PORT = int(DEFAULT_RELAY_ENDPOINT.rsplit(":", 1)[1])
@@ -28,14 +27,14 @@ OPTS = [
     cfg.IntOpt("prefetch", default=100, min=1, max=MAX_PREFETCH,
                help="Messages a listener's consumer may hold unacknowledged (its credit); "
                     "raised to the batch size of batch listeners."),
-    cfg.FloatOpt("transient_ttl", default=1800.0, min=0.001, max=MAX_WAIT,
+    cfg.FloatOpt("transient_ttl", default=1800.0, min=0.001, max=MAX_SECONDS,
                  help="Seconds a reply or fanout mailbox outlives its last consumer."),
-    cfg.FloatOpt("relay_timeout", default=30.0, min=0.001, max=MAX_WAIT,
+    cfg.FloatOpt("relay_timeout", default=30.0, min=0.001, max=MAX_SECONDS,
                  help="Seconds a send, declare or listing waits for the relay before it fails "
                       "(MessageDeliveryFailure; MessagingTimeout for a call)."),
-    cfg.FloatOpt("notification_ttl", default=0.0, min=0.0, max=MAX_WAIT,
+    cfg.FloatOpt("notification_ttl", default=0.0, min=0.0, max=MAX_SECONDS,
                  help="Seconds a notification waits for a listener; 0: until one comes."),
-    cfg.FloatOpt("directory_cache", default=0.0, min=0.0, max=MAX_WAIT,
+    cfg.FloatOpt("directory_cache", default=0.0, min=0.0, max=MAX_SECONDS,
                  help="Seconds a listing of the relay's fanout and pool mailboxes is reused; "
                       "0: list on every fanout and notification."),
     cfg.FloatOpt("heartbeat", default=1.0, min=MIN_HEARTBEAT, max=MAX_HEARTBEAT,

@@ -27,6 +27,10 @@ HEARTBEAT_LIVENESS = 5
 MIN_HEARTBEAT = 0.05
 MAX_HEARTBEAT = 60.0
 
+# The longest time any option or call may name, seconds (about 31 years):
+# finite, and below what threading's waits take (threading.TIMEOUT_MAX).
+MAX_SECONDS = 1e9
+
 # Largest max_length / max_bytes a mailbox may have: what msgpack carries
 # (an unsigned 64-bit integer).
 MAX_LIMIT = (1 << 64) - 1
