@@ -194,9 +194,10 @@ class AsyncNode(NodeBase):
 
     def publish(self, topic: str, body: Any) -> None:
         """Publish an event (see Node.publish); call it from the loop."""
-        self._check_publish(topic)
+        packed = pack_body(body)
+        self._check_publish(topic, packed)
         self._start()
-        if self._topics.publish(topic, pack_body(body), time.time()) and self._discovery is not None:
+        if self._topics.publish(topic, packed, time.time()) and self._discovery is not None:
             self._loop.create_task(self._advertise_async())  # the new PUB
 
     def subscribe(self, prefix: str = "", callback: Callable[[TopicEvent], None] | None = None,
@@ -215,6 +216,10 @@ class AsyncNode(NodeBase):
         if self._closed:
             return
         self._closed = True
+        try:
+            self._check_process()
+        except RuntimeError:  # a forked child's copy: the sockets and adverts are the parent's
+            return
         if self._running:
             self._unwatch()
             try:

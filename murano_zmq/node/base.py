@@ -27,7 +27,7 @@ from ..protocol.constants import (
     RELAY_ENV,
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
-from ..protocol.errors import RelayUnavailable, SendQueueFull
+from ..protocol.errors import MessageTooLarge, RelayUnavailable, SendQueueFull
 from ..protocol.message import check_name, check_peer_name, is_number
 from ..protocol.topics import check_topic
 from ..security.curve import client_curve
@@ -214,8 +214,11 @@ class NodeBase:
         (one that falls back from a direct link counts on both)."""
         return dict(self._core.sent)
 
-    def _check_publish(self, topic: str) -> None:
+    def _check_publish(self, topic: str, packed_body: bytes) -> None:
         check_topic(topic)
+        if len(packed_body) > DEFAULT_MAX_MESSAGE_SIZE:  # (subscribers would drop it, and the connection)
+            raise MessageTooLarge(f"an event of {len(packed_body)} bytes is over the {DEFAULT_MAX_MESSAGE_SIZE} "
+                                  "a subscriber takes")
         if self._security is not None and not self._security.accepts and not self._topics.forwarder:
             raise ValueError("a node with CURVE keys publishes only with authorized_keys (who may "
                              "subscribe) or through a forwarder (forwarder=, forwarder_key=)")

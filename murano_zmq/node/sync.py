@@ -244,8 +244,8 @@ class Node(IOThread, OwnedSends, NodeBase):
     def publish(self, topic: str, body: Any) -> None:
         """Publish an event to every subscriber of a prefix of `topic`.  No
         ack and no store: a subscriber that is slow or not yet connected loses it."""
-        self._check_publish(topic)
         packed = pack_body(body)
+        self._check_publish(topic, packed)
 
         def job() -> None:
             if self._topics.publish(topic, packed, time.time()) and self._discovery is not None:

@@ -113,3 +113,17 @@ def test_the_forwarder_drops_a_publisher_of_events_over_its_size_and_goes_on(mak
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_an_event_over_the_largest_message_is_refused(make_node):
+    """A forwarder drops a publisher that sends one (its --max-message-size
+    is the same 16 MiB by default): publish() says so instead."""
+    import pytest
+
+    from murano_zmq import MessageTooLarge
+    from murano_zmq.protocol.constants import DEFAULT_MAX_MESSAGE_SIZE
+
+    node = make_node("publisher", relay=free_tcp_endpoint())
+    with pytest.raises(MessageTooLarge, match="event"):
+        node.publish("progress.big", b"x" * (DEFAULT_MAX_MESSAGE_SIZE + 1))
+    node.publish("progress.small", "fine")
