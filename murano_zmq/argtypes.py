@@ -11,6 +11,7 @@ import math
 import re
 
 from .protocol.constants import MAX_LIMIT, MAX_SECONDS
+from .protocol.direct import TRANSPORTS, tcp_port
 
 
 # Largest --max-message-size a relay takes: a message must fit in memory.
@@ -83,16 +84,15 @@ def peer_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_ENDPOINT = re.compile(r"(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci)://\S+")
+_ENDPOINT = re.compile(rf"({'|'.join(TRANSPORTS)})://\S+")
 
 
 def endpoint(text: str) -> str:
     """A ZeroMQ endpoint, transport://address."""
     if not _ENDPOINT.fullmatch(text):
         raise argparse.ArgumentTypeError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {text!r}")
-    port = text.rsplit(":", 1)[-1]
-    if text.startswith("tcp://") and port.isdigit() and int(port) > 65535:
-        # ZeroMQ would take it, and bind or connect to port % 65536
+    port = tcp_port(text)
+    if port is not None and port > 65535:
         raise argparse.ArgumentTypeError(f"port {port} out of range (0-65535): {text!r}")
     return text
 

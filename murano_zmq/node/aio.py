@@ -287,18 +287,18 @@ class AsyncNode(NodeBase):
         self._schedule_flush()
         return await self._wait(future, timeout)
 
-    async def _wait(self, awaitable, timeout: float | None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
+    async def _wait(self, awaitable, timeout: float) -> Any:
+        """(timeout: the call's, from _timeout())"""
         try:
             return await asyncio.wait_for(asyncio.shield(awaitable), timeout)
         except asyncio.TimeoutError:
             raise self._timed_out(timeout) from None
 
-    async def _expiring(self, future: asyncio.Future, timeout: float | None) -> Any:
+    async def _expiring(self, future: asyncio.Future, timeout: float) -> Any:
         """Await a future of our own (the core's waiter) with one timer, not
         wait_for + shield: on time-out the future fails with RelayUnavailable
-        (the core skips a done waiter; the message may still be stored)."""
-        timeout = self.timeout if timeout is None else timeout
+        (the core skips a done waiter; the message may still be stored).
+        timeout: the call's, from _timeout()."""
         timer = self._loop.call_later(timeout, _expire, future, self._timed_out, timeout, True)
         try:
             return await future

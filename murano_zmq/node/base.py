@@ -26,7 +26,7 @@ from ..protocol.constants import (
     MIN_HEARTBEAT,
     RELAY_ENV,
 )
-from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, tcp_port
 from ..protocol.errors import MessageTooLarge, RelayUnavailable, SendQueueFull
 from ..protocol.message import check_name, check_peer_name, is_number
 from ..protocol.topics import check_topic
@@ -108,9 +108,7 @@ class NodeBase:
         timeout = check_wait(timeout)
         direct_timeout = check_wait(direct_timeout, "direct_timeout")
         self._made_in = _process  # (a Node does not survive a fork: its sockets are the parent's)
-        port = bind.rsplit(":", 1)[-1] if isinstance(bind, str) else ""
-        if not isinstance(bind, str) or (bind.startswith("tcp://") and port.isdigit() and int(port) > 65535):
-            # (ZeroMQ would bind port % 65536)
+        if not isinstance(bind, str) or (tcp_port(bind) or 0) > 65535:
             raise ValueError(f"bind={bind!r}: not an endpoint to bind (e.g. tcp://127.0.0.1:*)")
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
@@ -216,9 +214,9 @@ class NodeBase:
 
     def _check_publish(self, topic: str, packed_body: bytes) -> None:
         check_topic(topic)
-        if len(packed_body) > DEFAULT_MAX_MESSAGE_SIZE:  # (subscribers would drop it, and the connection)
+        if len(packed_body) > DEFAULT_MAX_MESSAGE_SIZE:  # (a forwarder would drop it, with the connection)
             raise MessageTooLarge(f"an event of {len(packed_body)} bytes is over the {DEFAULT_MAX_MESSAGE_SIZE} "
-                                  "a subscriber takes")
+                                  "a forwarder passes by default")
         if self._security is not None and not self._security.accepts and not self._topics.forwarder:
             raise ValueError("a node with CURVE keys publishes only with authorized_keys (who may "
                              "subscribe) or through a forwarder (forwarder=, forwarder_key=)")

@@ -36,6 +36,16 @@ from .frames import Cmd, decode, encode
 TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "tipc", "vmci")
 
 
+def tcp_port(endpoint: str) -> int | None:
+    """The port number of a tcp://HOST:PORT endpoint, or None (another
+    transport, a wildcard port).  ZeroMQ takes any number, and binds or
+    connects to it modulo 65536: its callers refuse one out of range."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    port = endpoint.rsplit(":", 1)[-1]
+    return int(port) if port.isdigit() else None
+
+
 def endpoint_problem(endpoint) -> str | None:
     """Why `endpoint`, offered by a consumer for its direct path (CONSUME;
     the relay hands it to senders by LOOKUP), is not a ZeroMQ endpoint a
