@@ -5,9 +5,11 @@ prometheus-client serves each connection on a thread of its own, with no
 timeout and no limit: idle connections (a slowloris, a scraper that hangs)
 each held a thread and a file descriptor for ever, and a few hundred took
 the relay's last descriptors (its next segment file failed to open).  Here
-a connection that sends nothing for IDLE_TIMEOUT seconds is closed, and
-past MAX_CONNECTIONS at once a new one is closed at once: a scrape may then
-fail, the relay does not.
+a connection that sends nothing for IDLE_TIMEOUT seconds is closed, one
+still open REQUEST_DEADLINE seconds after it came is shut down (a client
+trickling a byte at a time never goes idle), and past MAX_CONNECTIONS at
+once a new one is closed at once: a scrape may then fail, the relay does
+not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 log = logging.getLogger("murano_zmq.relay")
 
 IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
+REQUEST_DEADLINE = 30.0  # seconds a connection may last, request and reply
 MAX_CONNECTIONS = 16  # served at once (a scraper needs one)
 
 
@@ -56,10 +59,23 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             log.debug("metrics request from %s failed", client_address, exc_info=True)
 
     def process_request_thread(self, request, client_address) -> None:
+        deadline = threading.Timer(REQUEST_DEADLINE, _shut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+
+def _shut(request: socket.socket) -> None:
+    """End a connection past its deadline: its thread's read or write then
+    fails, and the thread closes it."""
+    try:
+        request.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # (closed meanwhile)
 
 
 def serve(host: str, port: int, app) -> tuple[WSGIServer, threading.Thread]:

@@ -130,6 +130,54 @@ def _scraped(address: str):
         return None
 
 
+def test_a_trickling_metrics_client_is_cut_off_at_the_deadline(monkeypatch):
+    """A client sending a byte at a time never goes idle: it held its slot
+    (and with MAX_CONNECTIONS of them, every scrape) for ever.  Now a
+    connection is shut down REQUEST_DEADLINE after it came."""
+    from murano_zmq.relay import metrics_http
+
+    monkeypatch.setattr(metrics_http, "REQUEST_DEADLINE", 1.0)
+    monkeypatch.setattr(metrics_http, "MAX_CONNECTIONS", 1)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"up\n"]
+
+    port = free_port()
+    httpd, thread = metrics_http.serve("127.0.0.1", port, app)
+    try:
+        trickler = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickler.sendall(b"G")
+        started = time.monotonic()
+
+        def cut_off() -> bool:
+            try:
+                trickler.sendall(b"E")  # a byte at a time, never idle for long
+                trickler.settimeout(0.2)
+                return trickler.recv(1) == b""
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+
+        wait_for(cut_off, 15, interval=0.1, what="the trickling connection shut down")
+        assert time.monotonic() - started < 10
+        trickler.close()
+
+        def served() -> bytes | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
+                    return reply.read()
+            except OSError:
+                return None
+
+        assert wait_for(served, 10, what="a request served once the slot is free") == b"up\n"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
 def test_metrics_on_a_taken_port_is_a_one_line_error(tmp_path):
     pytest.importorskip("prometheus_client")
     with socket.socket() as taken:
