@@ -63,12 +63,16 @@ def check_relay(relay) -> str:
     relay = resolve_relay(relay)
     if auto_pattern(relay) is not None:
         return relay
+    endpoints = [e.strip() for e in relay.split(",")]
     try:
-        for endpoint in relay.split(","):
-            check_endpoint(endpoint.strip())
+        for endpoint in endpoints:
+            check_endpoint(endpoint)
     except ValueError as exc:
         raise ValueError(f"{source}{relay!r}: {exc}") from None
-    return ",".join(e.strip() for e in relay.split(","))
+    twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
+    if twice is not None:  # (a failover list that fails over to the same relay)
+        raise ValueError(f"{source}{relay!r}: {twice} is named twice")
+    return ",".join(endpoints)
 
 
 class _Process:
@@ -123,7 +127,7 @@ class NodeBase:
         self._auto = auto_pattern(self.relay)
         self._bad_adverts: set[str] = set()
         self.timeout = timeout
-        if not isinstance(max_pending, int) or max_pending < 1:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
         self.max_pending = max_pending
         self._context = context or zmq.Context.instance()

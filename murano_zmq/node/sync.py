@@ -347,6 +347,10 @@ class Node(IOThread, OwnedSends, NodeBase):
 
         self._submit(job)
 
+    def _check_deliverable_now(self, mailbox: str) -> None:
+        self._check_open()  # (a closed node has no relay either: NodeClosed says why)
+        super()._check_deliverable_now(mailbox)
+
     def _check_open(self) -> None:
         self._check_process()
         if self._closed.is_set():

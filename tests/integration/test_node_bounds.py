@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from murano_zmq import RelayUnavailable, SendQueueFull, idempotent_id
+from murano_zmq import Node, NodeClosed, RelayUnavailable, SendQueueFull, idempotent_id
 
 from ..helpers import free_tcp_endpoint
 
@@ -45,13 +45,23 @@ def test_msg_id_makes_a_send_idempotent(make_node):
         node.send("orders", 1, msg_id=b"short")
 
 
-def test_max_pending_must_be_a_positive_whole_number(node_kind):
+@pytest.mark.parametrize("max_pending", [0, True, 2.5])
+def test_max_pending_must_be_a_positive_whole_number(node_kind, max_pending):
     with pytest.raises(ValueError, match="max_pending"):
-        node_kind("n", relay=free_tcp_endpoint(), max_pending=0)
+        node_kind("n", relay=free_tcp_endpoint(), max_pending=max_pending)
+
+
+def test_wait_false_on_a_closed_node_says_it_is_closed():
+    """(It said no relay was connected.  AsyncNode checks first already.)"""
+    node = Node("closing", relay=free_tcp_endpoint(), discovery=False, direct=False, timeout=5)
+    node.close()
+    with pytest.raises(NodeClosed):
+        node.send("nowhere", "x", wait=False)
 
 
 @pytest.mark.parametrize("relay", ["tcp://nohost:x", "garbage", "tcp://127.0.0.1:99999", "tcp://127.0.0.1",
-                                   ["tcp://127.0.0.1:5570", "nonsense"], "tcp://127.0.0.1:5570,", [], 5570])
+                                   ["tcp://127.0.0.1:5570", "nonsense"], "tcp://127.0.0.1:5570,", [], 5570,
+                                   ["tcp://127.0.0.1:5570", "tcp://127.0.0.1:5570"]])
 def test_a_bad_relay_is_a_value_error_in_the_callers_thread(node_kind, relay):
     """Not a traceback from the node's I/O thread and a node that never connects."""
     with pytest.raises(ValueError, match="relay="):
