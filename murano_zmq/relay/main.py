@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 
 from ..argtypes import endpoint, given, message_size, peer_name
@@ -90,12 +91,29 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise StartupError(inproc_problem(config.bind))
         keep_freed_memory()
         collect_less()
+        raise_descriptor_limit()
         return run_relay(config)
     except (StartupError, ValueError) as exc:
         print(f"murano-zmq relay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def raise_descriptor_limit() -> None:
+    """Take the hard limit on open files as the soft one: every node's
+    connection holds a descriptor, and so do the store's files; at a
+    login shell's soft 1,024 a few hundred nodes (or a connection flood)
+    left none for the next segment file, where the hard limit is often
+    hundreds of thousands.  (The shipped unit sets LimitNOFILE=65536.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20  # (fs.nr_open's default)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as exc:
+            logging.getLogger("murano_zmq.relay").warning(
+                "cannot raise the open-file limit from %d to %d: %s", soft, want, exc)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -178,6 +178,24 @@ def test_a_trickling_metrics_client_is_cut_off_at_the_deadline(monkeypatch):
         thread.join(5)
 
 
+def test_the_relay_takes_the_hard_open_file_limit(relay_factory):
+    """Every node's connection holds a descriptor: at a systemd unit's soft
+    limit of 1,024 a few hundred nodes left none for the store's files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # (inherited by the relay)
+    try:
+        relay = relay_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(line for line in open(f"/proc/{relay.pid}/limits") if line.startswith("Max open files"))
+    relay_soft = int(line.split()[3])
+    assert relay_soft == (min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20), line
+
+
 def test_metrics_on_a_taken_port_is_a_one_line_error(tmp_path):
     pytest.importorskip("prometheus_client")
     with socket.socket() as taken:
