@@ -9,8 +9,8 @@ import time
 
 from murano_zmq.testing import free_tcp_endpoint
 
-__all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "segment_files", "wait_confirmed",
-           "wait_for"]
+__all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "segment_files", "send_raw_body",
+           "wait_confirmed", "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -94,3 +94,24 @@ def segment_files(data_dir) -> list[str]:
     from murano_zmq.store.segments import SEGMENT_DIR
 
     return sorted(f for f in os.listdir(os.path.join(str(data_dir), SEGMENT_DIR)) if f.endswith(".seg"))
+
+
+def send_raw_body(endpoint: str, mailbox: str, body: bytes) -> None:
+    """Store `body` in `mailbox` as it is, through a raw DEALER speaking the
+    wire protocol: bytes no Node would send (a node packs every body)."""
+    import zmq
+
+    from murano_zmq.protocol.frames import Cmd, decode, encode
+    from murano_zmq.protocol.message import new_message_id
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(encode(Cmd.HELLO, "raw", os.urandom(16), 60.0))
+        assert sock.poll(10_000) and decode(sock.recv_multipart()).cmd == Cmd.WELCOME
+        sock.send_multipart(encode(Cmd.SEND, 1, [[new_message_id(time.time()), mailbox, b"", body, time.time(),
+                                                  None, False]]))
+        assert sock.poll(10_000) and decode(sock.recv_multipart()).cmd == Cmd.CONFIRM
+    finally:
+        sock.close()

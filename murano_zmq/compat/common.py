@@ -308,9 +308,15 @@ def _check_exchange(exchange: Any) -> None:
 
 
 def received_fields(handle) -> tuple[str, Any, Any, Any]:
-    """(message id, reply_to, signature, text body) of a delivered message."""
+    """(message id, reply_to, signature, text body) of a delivered message.
+    A body that is not msgpack (a raw client's) is its bytes, as AMQP's
+    are: a message that cannot be read must still reach the application,
+    which acks it, or it would come back first for ever."""
     headers = handle.headers
-    body = handle.body
+    try:
+        body = handle.body
+    except ValueError:
+        body = handle.packed_body
     if isinstance(body, bytes):
         try:
             body = body.decode("utf-8")

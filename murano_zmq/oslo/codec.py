@@ -41,8 +41,8 @@ def _decode(body: Any, kind: str) -> dict:
         raise BadEnvelope(f"a {kind} body is JSON text, not {type(body).__name__}")
     try:
         fields = jsonutils.loads(body)
-    except ValueError as exc:
-        raise BadEnvelope(f"a {kind} body that is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # (RecursionError: "[[[[..." nested past Python's stack)
+        raise BadEnvelope(f"a {kind} body that is not JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(fields, dict):
         raise BadEnvelope(f"a {kind} body is a JSON object")
     return fields

@@ -24,7 +24,6 @@ from typing import Callable
 from oslo_messaging._drivers import base
 
 from .. import Consumer, Message
-from .codec import BadEnvelope
 
 log = logging.getLogger("murano_zmq.oslo")
 
@@ -127,9 +126,13 @@ class MailboxListener(base.PollStyleListener):
                 break
             try:
                 incoming = self._make_incoming(message)
-            except BadEnvelope as exc:
+            except ValueError as exc:  # (BadEnvelope, or a body that is not msgpack)
                 log.error("dropped a message that is not oslo.messaging's from mailbox %s: %s",
                           consumer.mailbox, exc)
+                message.ack()
+                continue
+            except Exception:  # a message this pump cannot take must not end it (it would come back first)
+                log.exception("dropped a message of mailbox %s that could not be read", consumer.mailbox)
                 message.ack()
                 continue
             self._inbox.put(incoming)

@@ -13,7 +13,7 @@ import oslo_messaging
 from oslo_messaging._drivers import common as rpc_common
 
 from .. import Node
-from .codec import BadEnvelope, Reply
+from .codec import Reply
 from .relays import declare
 
 log = logging.getLogger("murano_zmq.oslo")
@@ -100,8 +100,11 @@ class ReplyRouter:
             message.ack()  # at most once: a reply nobody takes now is useless later
             try:
                 reply = Reply.decode(message.body)
-            except BadEnvelope as exc:
+            except ValueError as exc:  # (BadEnvelope, or a body that is not msgpack)
                 log.warning("dropped a message in reply mailbox %s: %s", self.mailbox, exc)
+                continue
+            except Exception:  # (this thread serves every call of the transport: it must go on)
+                log.exception("dropped a message in reply mailbox %s that could not be read", self.mailbox)
                 continue
             with self._lock:
                 waiter = self._waiters.get(reply.msg_id)

@@ -20,6 +20,8 @@ from murano_zmq.compat import muranoagent as agent
 from murano_zmq.compat.common import mailbox_name
 from murano_zmq.security import create_key_pair
 
+from ..helpers import send_raw_body
+
 FLAVOURS = {"engine": engine, "agent": agent}
 
 
@@ -372,6 +374,26 @@ def test_engine_message_decodes_json_and_a_bad_body_gives_none(shared_relay, nod
     assert bad.body is None and bad.id == "p2"
     assert native.body is None and native.id == ""
     assert "'p2': body is not JSON" in caplog.text and "not JSON text" in caplog.text
+
+
+def test_bodies_that_cannot_be_read_reach_the_application_and_are_acked(shared_relay, node, caplog):
+    """A body nested past Python's stack made the engine's get_message()
+    raise RecursionError, and one that is not msgpack (a raw client's)
+    ValueError: the message, never acked, came first again for ever,
+    ahead of the good results behind it."""
+    with caplog.at_level(logging.ERROR, logger="murano_zmq.compat.murano"):
+        deep = received(engine, node, shared_relay, "[" * 100_000, {"message_id": "deep"})
+    assert deep.body is None and deep.id == "deep" and "RecursionError" in caplog.text
+    for flavour, expected in ((engine, {"raw": True}), (agent, '{"raw": true}')):
+        queue = fresh_queue()
+        send_raw_body(shared_relay.endpoint, "murano:" + queue, b'{"raw": true}')  # JSON, not msgpack
+        node.send("murano:" + queue, '{"after": 1}')
+        with make_client(flavour, shared_relay) as client, client.open(queue) as subscription:
+            raw = subscription.get_message(timeout=10)
+            raw.ack()
+            after = subscription.get_message(timeout=10)
+            after.ack()
+        assert raw.body == expected and after.body in ({"after": 1}, '{"after": 1}')
 
 
 def test_agent_message_body_is_the_exact_text(shared_relay, node):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ..helpers import free_tcp_endpoint
+from ..helpers import free_tcp_endpoint, send_raw_body
 
 
 def cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 60):
@@ -223,21 +223,7 @@ def test_keygen_into_a_path_that_is_not_a_directory_is_one_line(tmp_path):
 def test_consume_prints_a_body_that_is_not_msgpack_and_goes_on(relay):
     """A raw client's body (the relay keeps bodies opaque) is printed as hex,
     said on stderr, and acked like any other: the next message follows."""
-    import zmq
-
-    from murano_zmq.protocol.frames import Cmd, decode, encode
-    from murano_zmq.protocol.message import new_message_id
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(relay.endpoint)
-    try:
-        sock.send_multipart(encode(Cmd.HELLO, "raw", os.urandom(16), 60.0))
-        assert sock.poll(10_000) and decode(sock.recv_multipart()).cmd == Cmd.WELCOME
-        sock.send_multipart(encode(Cmd.SEND, 1, [[new_message_id(1.0), "raw.box", b"", b"\xc1\x00", 1.0, None, False]]))
-        assert sock.poll(10_000) and decode(sock.recv_multipart()).cmd == Cmd.CONFIRM
-    finally:
-        sock.close()
+    send_raw_body(relay.endpoint, "raw.box", b"\xc1\x00")
     assert cli("send", "raw.box", "after it", "--relay", relay.endpoint).returncode == 0
     out = cli("consume", "raw.box", "--relay", relay.endpoint, "--count", "2", "--timeout", "10")
     assert out.returncode == 0, out.stderr

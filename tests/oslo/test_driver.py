@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ..helpers import wait_for
+from ..helpers import send_raw_body, wait_for
 from .conftest import CustomError, NotificationRecorder, Recorder, drain, zmqrelay_url
 
 oslo_messaging = pytest.importorskip("oslo_messaging")
@@ -161,6 +161,30 @@ def test_a_reply_after_the_timeout_is_dropped_and_later_calls_work(transports, s
     with pytest.raises(oslo_messaging.MessagingTimeout):
         slow.call({}, "slow", seconds=2)
     assert client(transport, topic, timeout=10, server="s").call({}, "echo", value="next")["value"] == "next"
+
+
+def test_messages_the_driver_cannot_read_are_dropped_and_its_threads_go_on(transports, servers, url, topic,
+                                                                           relay, caplog):
+    """A body nested past Python's stack ("[[[[...": a RecursionError) or
+    not msgpack (a raw client's) ended the listener's pump, and the reply
+    mailbox's router: every later call timed out, and the message, never
+    acked, came first again after a restart."""
+    transport = transports(url)
+    server, _ = rpc_server(transport, topic, "s")
+    servers(server)
+    c = client(transport, topic, timeout=10)
+    assert c.call({}, "echo", value=1)["value"] == 1
+    request_mailbox = MailboxNames().topic("openstack", topic)
+    with Node("hostile", relay=relay.endpoint, discovery=False, direct=False, timeout=10) as hostile:
+        reply_mailboxes = [mb["name"] for mb in hostile.status()["mailboxes"] if mb["name"].startswith("oslo.reply:")]
+        assert reply_mailboxes
+        for name in [request_mailbox, *reply_mailboxes]:
+            hostile.send(name, "[" * 100_000)
+            send_raw_body(relay.endpoint, name, b"\xc1 not msgpack")
+    wait_for(lambda: (mailbox(relay, request_mailbox) or {}).get("depth", 1) == 0, 20, 0.1,
+             "the unreadable requests dropped")
+    assert c.call({}, "echo", value=2)["value"] == 2
+    assert "RecursionError" in caplog.text and "not msgpack" in caplog.text
 
 
 def test_remote_exceptions_come_back(transports, servers, url, topic):

@@ -20,6 +20,6 @@ class Message(BaseMessage):
             if not isinstance(text, (str, bytes)):
                 raise ValueError(f"the body is a {type(text).__name__}, not JSON text")
             return json.loads(text)
-        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
-            LOG.error("message %r: body is not JSON: %s", self.id, exc)
+        except (ValueError, RecursionError) as exc:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+            LOG.error("message %r: body is not JSON: %s: %s", self.id, type(exc).__name__, exc)
             return None
