@@ -20,7 +20,9 @@ exactly that topic (not those of a topic ``<topic>.x``).
 A virtual host in the transport URL goes between ``oslo`` and the kind:
 ``oslo.<vhost>.rpc:...``, so two deployments can share a relay.
 
-Names longer than 255 characters are cut and end in a digest of the whole.
+Names longer than 255 characters are cut and end in a digest of the whole;
+the prefix of a topic's fanout or pool mailboxes is cut first when it is
+too long to survive that cut.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ def escape(part: str) -> str:
     return "".join(out)
 
 
-def _bounded(name: str) -> str:
-    if len(name) <= MAX_NAME:
+def _bounded(name: str, limit: int = MAX_NAME) -> str:
+    if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST_CHARS]
-    return f"{name[:MAX_NAME - _DIGEST_CHARS - 1]}-{digest}"
+    return f"{name[:limit - _DIGEST_CHARS - 1]}-{digest}"
+
+
+# A listed group's prefix (``...:<topic>:``) is at most what _bounded keeps
+# of a longer name: every member's name then starts with it, cut or not.
+_MAX_PREFIX = MAX_NAME - _DIGEST_CHARS - 1
 
 
 class MailboxNames:
@@ -64,6 +71,12 @@ class MailboxNames:
     def _name(self, kind: str, *parts: str) -> str:
         return _bounded(":".join([f"{self.root}.{kind}", *map(escape, parts)]))
 
+    def _prefix(self, kind: str, *parts: str) -> str:
+        """The prefix the mailboxes of a group (a topic's fanout or pool
+        mailboxes) share, found by listing: with a long topic the prefix
+        itself is cut (so that a member's cut name still starts with it)."""
+        return _bounded(":".join([f"{self.root}.{kind}", *map(escape, parts)]), _MAX_PREFIX - 1) + ":"
+
     # --- RPC -------------------------------------------------------------------------
 
     def topic(self, exchange: str, topic: str) -> str:
@@ -73,10 +86,10 @@ class MailboxNames:
         return self._name("rpc", exchange, topic, server)
 
     def fanout(self, exchange: str, topic: str, server: str) -> str:
-        return self._name("fanout", exchange, topic, server)
+        return _bounded(self.fanout_prefix(exchange, topic) + escape(server))
 
     def fanout_prefix(self, exchange: str, topic: str) -> str:
-        return self._name("fanout", exchange, topic) + ":"
+        return self._prefix("fanout", exchange, topic)
 
     def reply(self, reply_id: str) -> str:
         return self._name("reply", reply_id)
@@ -88,10 +101,10 @@ class MailboxNames:
         return self._name("notify", exchange, topic)
 
     def pool(self, exchange: str, topic: str, pool: str) -> str:
-        return self._name("notify", exchange, topic, pool)
+        return _bounded(self.pool_prefix(exchange, topic) + escape(pool))
 
     def pool_prefix(self, exchange: str, topic: str) -> str:
-        return self._name("notify", exchange, topic) + ":"
+        return self._prefix("notify", exchange, topic)
 
 
 def shard_key(exchange: str, topic: str) -> str:

@@ -48,6 +48,22 @@ def test_a_fanout_prefix_matches_only_its_own_topic():
     assert not names.notifications("nova", "n.info").startswith(pool_prefix)
 
 
+@pytest.mark.parametrize("topic", ["a" * 232, "ж" * 40, "t" * 300, "a" * 200])
+def test_a_long_topics_fanout_and_pool_mailboxes_start_with_its_prefix(topic):
+    """A topic escaped to 240 characters had a prefix longer than what the
+    cut of a long name keeps: the listing by prefix found no fanout or pool
+    mailbox, and fanouts and pool copies reached nobody, without an error."""
+    names = MailboxNames()
+    for server in ("s", "host-1.example.com" * 3):
+        fanout = names.fanout("openstack", topic, server)
+        pool = names.pool("openstack", topic, server)
+        assert VALID.match(fanout) and VALID.match(pool)
+        assert fanout.startswith(names.fanout_prefix("openstack", topic))
+        assert pool.startswith(names.pool_prefix("openstack", topic))
+    assert names.fanout("openstack", topic, "a") != names.fanout("openstack", topic, "b")
+    assert names.fanout_prefix("openstack", topic) != names.fanout_prefix("openstack", topic + "x")
+
+
 def test_long_names_are_cut_to_a_valid_unique_name():
     names = MailboxNames()
     a, b = names.server("openstack", "t" * 300, "a"), names.server("openstack", "t" * 300, "b")
