@@ -176,7 +176,7 @@ class ZmqRelayDriver(base.BaseDriver):
     def listen(self, target, batch_size, batch_timeout):
         exchange = self._exchange(target)
         node = self.relays.node(shard_key(exchange, target.topic))
-        fanout = self.names.fanout(exchange, target.topic, target.server)
+        fanout = self.names.fanout(exchange, target.topic, target.server, uuid.uuid4().hex[:12])
         mailboxes = [
             self.names.topic(exchange, target.topic),
             self.names.server(exchange, target.topic, target.server),

@@ -12,7 +12,7 @@ exactly that topic (not those of a topic ``<topic>.x``).
 
     oslo.rpc:<exchange>:<topic>                  servers of a topic compete
     oslo.rpc:<exchange>:<topic>:<server>         one server
-    oslo.fanout:<exchange>:<topic>:<server>      one server's copy of fanouts
+    oslo.fanout:<exchange>:<topic>:<server>:<listener>   one listener's copy of fanouts
     oslo.reply:<id>                              one caller's replies
     oslo.notify:<exchange>:<topic>.<priority>          listeners without a pool
     oslo.notify:<exchange>:<topic>.<priority>:<pool>   one pool's copy
@@ -85,8 +85,11 @@ class MailboxNames:
     def server(self, exchange: str, topic: str, server: str) -> str:
         return self._name("rpc", exchange, topic, server)
 
-    def fanout(self, exchange: str, topic: str, server: str) -> str:
-        return _bounded(self.fanout_prefix(exchange, topic) + escape(server))
+    def fanout(self, exchange: str, topic: str, server: str, listener: str) -> str:
+        """One listener's copy of a topic's fanouts: `listener` sets apart
+        the workers of one service that share a server name (rabbit's
+        fanout queues are one per listener too)."""
+        return _bounded(f"{self.fanout_prefix(exchange, topic)}{escape(server)}:{escape(listener)}")
 
     def fanout_prefix(self, exchange: str, topic: str) -> str:
         return self._prefix("fanout", exchange, topic)

@@ -122,6 +122,22 @@ def test_fanout_reaches_every_server_of_the_topic_once(transports, servers, url,
     assert drain(recorders[0].calls) == [] and other_recorder.calls.empty()
 
 
+def test_fanout_reaches_every_worker_that_shares_a_server_name(transports, servers, url, topic):
+    """The workers of one service all listen as server=CONF.host: they
+    shared one fanout mailbox and each got half the fanouts.  As with
+    rabbit (a fanout queue per listener), each gets every one."""
+    recorders = []
+    for _ in range(2):  # two worker processes: a transport each
+        server, recorder = rpc_server(transports(url), topic, "host-1")
+        servers(server)
+        recorders.append(recorder)
+    fan = client(transports(url), topic, fanout=True)
+    fan.cast({}, "record", value="hello")
+    fan.cast({}, "record", value="again")
+    for r in recorders:
+        assert r.taken(2) == [("record", "hello"), ("record", "again")]
+
+
 def test_fanout_with_no_server_is_dropped_not_stored(transports, url, topic, relay):
     transport = transports(url)
     client(transport, topic, fanout=True).cast({}, "record", value=1)

@@ -31,7 +31,7 @@ def test_names_follow_the_documented_shapes():
     names = MailboxNames()
     assert names.topic("openstack", "compute") == "oslo.rpc:openstack:compute"
     assert names.server("openstack", "compute", "host-1") == "oslo.rpc:openstack:compute:host-1"
-    assert names.fanout("openstack", "compute", "host-1") == "oslo.fanout:openstack:compute:host-1"
+    assert names.fanout("openstack", "compute", "host-1", "9f3c") == "oslo.fanout:openstack:compute:host-1:9f3c"
     assert names.notifications("nova", "notifications.info") == "oslo.notify:nova:notifications.info"
     assert names.pool("nova", "notifications.info", "ceilometer") == "oslo.notify:nova:notifications.info:ceilometer"
     assert MailboxNames("prod/eu").topic("x", "t") == "oslo.prod@2feu.rpc:x:t"
@@ -40,9 +40,9 @@ def test_names_follow_the_documented_shapes():
 def test_a_fanout_prefix_matches_only_its_own_topic():
     names = MailboxNames()
     prefix = names.fanout_prefix("openstack", "compute")
-    assert names.fanout("openstack", "compute", "anything.at:all").startswith(prefix)
-    assert not names.fanout("openstack", "compute.x", "s").startswith(prefix)
-    assert not names.fanout("openstack", "compute:x", "s").startswith(prefix)
+    assert names.fanout("openstack", "compute", "anything.at:all", "l").startswith(prefix)
+    assert not names.fanout("openstack", "compute.x", "s", "l").startswith(prefix)
+    assert not names.fanout("openstack", "compute:x", "s", "l").startswith(prefix)
     pool_prefix = names.pool_prefix("nova", "n.info")
     assert names.pool("nova", "n.info", "p").startswith(pool_prefix)
     assert not names.notifications("nova", "n.info").startswith(pool_prefix)
@@ -55,12 +55,13 @@ def test_a_long_topics_fanout_and_pool_mailboxes_start_with_its_prefix(topic):
     mailbox, and fanouts and pool copies reached nobody, without an error."""
     names = MailboxNames()
     for server in ("s", "host-1.example.com" * 3):
-        fanout = names.fanout("openstack", topic, server)
+        fanout = names.fanout("openstack", topic, server, "5e1f0c2a9b7d")
         pool = names.pool("openstack", topic, server)
         assert VALID.match(fanout) and VALID.match(pool)
         assert fanout.startswith(names.fanout_prefix("openstack", topic))
         assert pool.startswith(names.pool_prefix("openstack", topic))
-    assert names.fanout("openstack", topic, "a") != names.fanout("openstack", topic, "b")
+    assert names.fanout("openstack", topic, "a", "l") != names.fanout("openstack", topic, "b", "l")
+    assert names.fanout("openstack", topic, "a", "l1") != names.fanout("openstack", topic, "a", "l2")
     assert names.fanout_prefix("openstack", topic) != names.fanout_prefix("openstack", topic + "x")
 
 
