@@ -28,6 +28,7 @@ from oslo_messaging import transport as om_transport
 from oslo_messaging._drivers import base
 
 from .. import MuranoZmqError, Node, RelayUnavailable
+from ..protocol.constants import MAX_SECONDS
 from ..security import KeyFileError, client_curve
 from . import green
 from .codec import CALL, CAST, FANOUT, Notification, Reply, Request
@@ -89,41 +90,38 @@ class ZmqRelayDriver(base.BaseDriver):
             mailbox = self.names.server(exchange, target.topic, target.server)
         else:
             mailbox = self.names.topic(exchange, target.topic)
+        call = _CallClock(timeout if wait_for_reply else None, self.options.relay_timeout, mailbox)
         if transport_options is not None and getattr(transport_options, "at_least_once", False):
-            self._check_consumed(node, exchange, mailbox, message)
+            self._check_consumed(node, exchange, mailbox, message, call.relay_wait())
         if not wait_for_reply:
             body, headers = Request(ctxt, message).encode(CAST)
             self._deliver(node, [(mailbox, body, headers)])
             return None
-        return self._call(node, mailbox, ctxt, message, timeout, call_monitor_timeout)
+        return self._call(node, mailbox, ctxt, message, call, call_monitor_timeout)
 
-    def _call(self, node: Node, mailbox: str, ctxt, message, timeout, monitor):
-        started = time.monotonic()
-        replies = self._reply_router()
+    def _call(self, node: Node, mailbox: str, ctxt, message, call: "_CallClock", monitor):
+        replies = self._reply_router(call.relay_wait())
         msg_id = uuid.uuid4().hex
-        request = Request(ctxt, message, msg_id, replies.mailbox, timeout, monitor)
+        request = Request(ctxt, message, msg_id, replies.mailbox, call.timeout, monitor)
         body, headers = request.encode(CALL)
         replies.expect(msg_id)
         try:
-            relay_wait = (min(timeout, self.options.relay_timeout) if timeout and timeout > 0
-                          else self.options.relay_timeout)  # (as ttl: no timeout, none of its own)
             try:
                 # The request expires with the call: no server runs it late.
-                node.send(mailbox, body, headers, ttl=timeout or None, timeout=relay_wait)
+                node.send(mailbox, body, headers, ttl=call.ttl(), timeout=call.relay_wait())
             except RelayUnavailable as exc:
                 raise oslo_messaging.MessagingTimeout(f"no relay took the call to {mailbox}: {exc}") from None
             except MuranoZmqError as exc:
                 raise oslo_messaging.MessageDeliveryFailure(f"call to {mailbox} refused: {exc}") from None
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-            return replies.wait(msg_id, left, monitor)
+            return replies.wait(msg_id, call.left(), monitor)
         finally:
             replies.forget(msg_id)
 
-    def _check_consumed(self, node: Node, exchange: str, mailbox: str, message) -> None:
+    def _check_consumed(self, node: Node, exchange: str, mailbox: str, message, wait: float) -> None:
         """at_least_once (rabbit's mandatory flag): refuse at once, rather than
         store, a message that no server consumes now."""
         try:
-            consumed = self.directory.consumed(node, mailbox, timeout=self.options.relay_timeout)
+            consumed = self.directory.consumed(node, mailbox, timeout=wait)
         except MuranoZmqError as exc:
             raise oslo_messaging.MessageDeliveryFailure(f"cannot look up {mailbox}: {exc}") from None
         if not consumed:
@@ -150,15 +148,15 @@ class ZmqRelayDriver(base.BaseDriver):
             names = ", ".join(sorted({m[0] for m in messages}))
             raise oslo_messaging.MessageDeliveryFailure(f"send to {names} failed: {exc}") from None
 
-    def _reply_router(self) -> ReplyRouter:
+    def _reply_router(self, wait: float) -> ReplyRouter:
         with self._replies_lock:
             if self._closed.is_set():
                 raise oslo_messaging.MessageDeliveryFailure("the transport was cleaned up")
             if self._replies is None:
                 mailbox = self.names.reply(uuid.uuid4().hex)
                 try:
-                    self._replies = ReplyRouter(self.relays.node(mailbox), mailbox,
-                                                self.options.transient_ttl, self._allowed_remote_exmods)
+                    self._replies = ReplyRouter(self.relays.node(mailbox), mailbox, self.options.transient_ttl,
+                                                self._allowed_remote_exmods, wait)
                 except RelayUnavailable as exc:
                     raise oslo_messaging.MessagingTimeout(f"cannot open reply mailbox {mailbox}: {exc}") from None
                 except MuranoZmqError as exc:
@@ -256,3 +254,34 @@ class ZmqRelayDriver(base.BaseDriver):
         if replies is not None:
             replies.stop()
         self.relays.close()
+
+
+class _CallClock:
+    """A call's time: `timeout` (None: wait for ever) bounds all of it, the
+    opening of the reply mailbox and the lookups included, each of which
+    also waits no longer than relay_timeout.  A call whose timeout is not
+    > 0 times out before anything is sent (a request stored with no TTL
+    would run late; rabbit's expires at once)."""
+
+    def __init__(self, timeout: float | None, relay_timeout: float, mailbox: str):
+        if timeout is not None and not timeout > 0:
+            raise oslo_messaging.MessagingTimeout(f"call to {mailbox} with timeout={timeout!r}: nothing was sent")
+        self.timeout = timeout
+        self._relay_timeout = relay_timeout
+        self._mailbox = mailbox
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    def ttl(self) -> float | None:
+        return None if self.timeout is None else min(self.timeout, MAX_SECONDS)
+
+    def left(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def relay_wait(self) -> float:
+        """How long the next exchange with the relay may wait."""
+        left = self.left()
+        if left is None:
+            return self._relay_timeout
+        if left <= 0:
+            raise oslo_messaging.MessagingTimeout(f"call to {self._mailbox}: its timeout of {self.timeout}s passed")
+        return min(left, self._relay_timeout)

@@ -13,6 +13,7 @@ import oslo_messaging
 from oslo_messaging._drivers import common as rpc_common
 
 from .. import Node
+from ..protocol.constants import MAX_SECONDS
 from .codec import Reply
 from .relays import declare
 
@@ -31,12 +32,13 @@ _CLOSED = object()
 class ReplyRouter:
     """Receives every reply sent to `mailbox` and hands each to its caller."""
 
-    def __init__(self, node: Node, mailbox: str, ttl: float, allowed_remote_exmods: list[str]):
+    def __init__(self, node: Node, mailbox: str, ttl: float, allowed_remote_exmods: list[str], wait: float):
+        """`wait`: seconds the declare and the consume may each wait for the relay."""
         self.mailbox = mailbox
         self._allowed = allowed_remote_exmods
         # The mailbox outlives this process by `ttl` seconds, then goes.
-        declare(node, mailbox, ttl=ttl)
-        self._consumer = node.consume(mailbox, prefetch=_PREFETCH)
+        declare(node, mailbox, ttl=ttl, timeout=wait)
+        self._consumer = node.consume(mailbox, prefetch=_PREFETCH, timeout=wait)
         self._waiters: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -64,10 +66,13 @@ class ReplyRouter:
         monitor_deadline = None if not monitor else time.monotonic() + monitor
         while True:
             limits = [d for d in (deadline, monitor_deadline) if d is not None]
-            wait = None if not limits else max(0.0, min(limits) - time.monotonic())
+            # (clamped: a wait past threading.TIMEOUT_MAX raises OverflowError; the loop waits on)
+            wait = MAX_SECONDS if not limits else min(MAX_SECONDS, max(0.0, min(limits) - time.monotonic()))
             try:
                 reply = waiter.get(timeout=wait)
             except queue.Empty:
+                if not limits or min(limits) > time.monotonic():
+                    continue
                 raise oslo_messaging.MessagingTimeout(
                     f"Timed out waiting for a reply to message ID {msg_id} in {self.mailbox}"
                 ) from None

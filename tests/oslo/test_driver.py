@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -167,6 +168,35 @@ def test_call_without_a_server_times_out_and_its_request_expires(transports, url
     name = MailboxNames().topic("openstack", topic)
     # the request expired with the call: no server that comes later runs it
     wait_for(lambda: (mailbox(relay, name) or {}).get("depth", 0) == 0, 10, 0.1, "the request to expire")
+
+
+def test_a_call_with_timeout_0_times_out_before_anything_is_sent(transports, url, topic, relay):
+    """(It was sent with no TTL: a server that came later ran it.)"""
+    with pytest.raises(oslo_messaging.MessagingTimeout, match="nothing was sent"):
+        client(transports(url), topic, timeout=0).call({}, "echo", value=1)
+    assert mailbox(relay, MailboxNames().topic("openstack", topic)) is None
+
+
+def test_a_call_keeps_its_timeout_while_no_relay_answers(transports, topic):
+    """Opening the reply mailbox waited relay_timeout (30 s by default),
+    on every call, whatever the call's own timeout."""
+    from murano_zmq.testing import free_tcp_endpoint
+
+    nowhere = urlsplit(free_tcp_endpoint()).netloc
+    transport = transports(f"zmqrelay://{nowhere}/?relay_timeout=20")
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(oslo_messaging.MessagingTimeout):
+            client(transport, topic, timeout=1).call({}, "echo", value=1)
+        assert time.monotonic() - started < 5
+
+
+def test_a_call_with_a_huge_timeout_returns_its_result(transports, servers, url, topic):
+    """(A wait past threading.TIMEOUT_MAX raised OverflowError.)"""
+    transport = transports(url)
+    server, _ = rpc_server(transport, topic, "s")
+    servers(server)
+    assert client(transport, topic, timeout=1e10).call({}, "echo", value="far")["value"] == "far"
 
 
 def test_a_reply_after_the_timeout_is_dropped_and_later_calls_work(transports, servers, url, topic):
