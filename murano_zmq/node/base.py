@@ -26,7 +26,7 @@ from ..protocol.constants import (
     MIN_HEARTBEAT,
     RELAY_ENV,
 )
-from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, tcp_port
+from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, bind_problem
 from ..protocol.errors import MessageTooLarge, RelayUnavailable, SendQueueFull
 from ..protocol.message import check_name, check_peer_name, is_number
 from ..protocol.topics import check_topic
@@ -112,8 +112,9 @@ class NodeBase:
         timeout = check_wait(timeout)
         direct_timeout = check_wait(direct_timeout, "direct_timeout")
         self._made_in = _process  # (a Node does not survive a fork: its sockets are the parent's)
-        if not isinstance(bind, str) or (tcp_port(bind) or 0) > 65535:
-            raise ValueError(f"bind={bind!r}: not an endpoint to bind (e.g. tcp://127.0.0.1:*)")
+        problem = bind_problem(bind)
+        if problem is not None:
+            raise ValueError(f"bind={bind!r}: {problem}")
         # discovery: True / interfaces ("127.0.0.1,10.0.0.5" or "all") to
         # advertise this node and learn peers by zeroconf; None: on when
         # $MURANO_ZMQ_DISCOVERY_INTERFACES is set.  relay="auto" finds a relay.

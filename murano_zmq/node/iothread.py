@@ -41,6 +41,7 @@ class IOThread:
             io.bind_router()
         except BaseException as exc:
             self._start_error = exc
+            self._close_wake()  # (no loop will; the caller raises the error)
             self._started.set()
             return
         self._started.set()

@@ -19,6 +19,7 @@ from oslo_config import cfg
 
 from .. import DEFAULT_RELAY_ENDPOINT
 from ..protocol.constants import MAX_HEARTBEAT, MAX_PREFETCH, MAX_SECONDS, MIN_HEARTBEAT
+from ..protocol.direct import bind_problem
 
 GROUP = "oslo_messaging_zmqrelay"
 DEFAULT_PORT = int(DEFAULT_RELAY_ENDPOINT.rsplit(":", 1)[1])
@@ -101,6 +102,8 @@ class DriverOptions:
         for name, value in values.items():
             if isinstance(value, float) and not math.isfinite(value):  # (min= and max= let nan pass)
                 raise ValueError(f"zmqrelay option {name} must be a finite number, got {value!r}")
+        if values["direct_bind"] and (problem := bind_problem(values["direct_bind"])) is not None:
+            raise ValueError(f"zmqrelay option direct_bind: {problem}")  # (else every send failed)
         values["notification_ttl"] = values["notification_ttl"] or None
         return cls(**values)
 

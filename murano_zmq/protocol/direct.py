@@ -46,6 +46,23 @@ def tcp_port(endpoint: str) -> int | None:
     return int(port) if port.isdigit() else None
 
 
+def bind_problem(endpoint) -> str | None:
+    """Why `endpoint` is not one a node's direct ROUTER could bind (a
+    transport, "://", an address; for tcp a port or "*", at most 65535),
+    or None.  What the bind itself would refuse later (an address of
+    another host, a port in use) it leaves to the bind."""
+    if not isinstance(endpoint, str):
+        return f"an endpoint is text, got {endpoint!r}"
+    scheme, sep, rest = endpoint.partition("://")
+    if sep and scheme in TRANSPORTS and rest:
+        if scheme != "tcp":
+            return None
+        host, colon, port = rest.rpartition(":")
+        if colon and host and (port == "*" or (port.isdigit() and int(port) < 65536)):
+            return None
+    return f"not an endpoint to bind (e.g. tcp://127.0.0.1:*, ipc://PATH): {endpoint!r}"
+
+
 def endpoint_problem(endpoint) -> str | None:
     """Why `endpoint`, offered by a consumer for its direct path (CONSUME;
     the relay hands it to senders by LOOKUP), is not a ZeroMQ endpoint a

@@ -3,6 +3,7 @@ the same bounds and parameters on both runners (issue 12, item 7)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -123,7 +124,21 @@ def test_a_call_with_a_nonsense_timeout_sends_nothing(make_node, timeout):
     assert not [m for m in node.status()["mailboxes"] if m["name"] == "careful"]
 
 
-@pytest.mark.parametrize("bind", ["garbage", "tcp://127.0.0.1:99999", None, "tcp://192.0.2.1:*"])
+@pytest.mark.parametrize("bind", ["garbage", "tcp://127.0.0.1:99999", None, "tcp://192.0.2.1:*", "tcp://127.0.0.1",
+                                  "nope://x", 5570])
 def test_a_direct_bind_the_node_cannot_use_is_a_value_error(node_kind, bind):
     with pytest.raises(ValueError, match="bind="):
         node_kind("careless", relay=free_tcp_endpoint(), bind=bind, timeout=5)
+
+
+def test_a_node_whose_bind_fails_leaves_no_descriptor_open():
+    """(Its wake pipe stayed open: the oslo driver, making a node per send,
+    lost two descriptors a send.)"""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for _ in range(20):
+        with pytest.raises(ValueError, match="cannot bind"):
+            Node("careless", relay=free_tcp_endpoint(), bind="tcp://192.0.2.1:*", discovery=False, timeout=5)
+    assert open_fds() <= before + 2

@@ -53,7 +53,7 @@ def test_bad_url_option_is_refused(relay):
 
 @pytest.mark.parametrize("query, says", [
     ("heartbeat=nan", "finite"), ("relay_timeout=inf", "relay_timeout"), ("transient_ttl=nan", "finite"),
-    ("heartbeat=0.01", "heartbeat"), ("prefetch=20000", "prefetch"),
+    ("heartbeat=0.01", "heartbeat"), ("prefetch=20000", "prefetch"), ("direct=true&direct_bind=bogus", "direct_bind"),
 ])
 def test_url_option_values_a_node_could_not_use_are_refused(relay, query, says):
     """Each was taken, then every cast failed after relay_timeout (nan: for ever)."""
