@@ -198,6 +198,10 @@ class BaseSubscription:
             # In slices, so that a close() from another thread ends the wait.
             left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
             consumer = self._consumer
+            if consumer is not None and consumer.node is not self._client._node:
+                # (the client was closed and connected again: this consumer's node is gone, and
+                # it would return nothing for ever, the queue's messages notwithstanding)
+                raise RuntimeError(f"subscription to {self._queue!r} was closed with its client: open it again")
             handle = consumer.get(max(0.0, left)) if consumer is not None else None
             if handle is not None:
                 return self.message_class(self._client, handle)
@@ -269,8 +273,8 @@ class BaseMqClient:
         after that long unused.  `exchange` and `enable_ha` change nothing
         (docs/murano.md)."""
         self._check_connected()
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
-            raise ValueError(f"ttl must be a number of milliseconds, got {ttl!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+            raise ValueError(f"ttl must be a number of milliseconds >= 0 (0: none), got {ttl!r}")
         _check_exchange(exchange)
         self._node.declare(self.mailbox(queue), ttl=ttl / 1000 if ttl > 0 else None)
 

@@ -71,6 +71,8 @@ def check_endpoint(endpoint: str) -> str:
     port = tcp_port(endpoint)
     if port is not None and not 0 < port < 65536:
         why = f"port {port} out of range"
+    elif endpoint.startswith("tcp://") and endpoint[6:].rpartition(":")[0] in ("", "[]"):
+        why = "no host"  # (libzmq takes it, and then never connects)
     if why is None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         try:

@@ -133,6 +133,33 @@ def test_every_call_before_connect_or_after_close_says_not_connected(flavour, sh
             call()
 
 
+def test_a_subscription_of_a_closed_client_says_so_after_a_reconnect(flavour, shared_relay):
+    """After close() and connect() the subscription kept the old node's
+    consumer: get_message() returned None whatever the queue held (and
+    with timeout=None never returned)."""
+    client = make_client(flavour, shared_relay)
+    queue = fresh_queue()
+    with client:
+        subscription = client.open(queue)
+        subscription.__enter__()
+    client.connect()
+    try:
+        client.send(message(flavour, {"n": 1}, "m1"), queue)
+        with pytest.raises(RuntimeError, match="closed with its client"):
+            subscription.get_message(timeout=1)
+        with client.open(queue) as again:
+            assert again.get_message(timeout=10) is not None
+    finally:
+        client.close()
+
+
+def test_an_empty_host_is_refused_when_the_client_connects(flavour, shared_relay):
+    """(tcp://:PORT was taken: every call failed 30 s later with RelayUnavailable.)"""
+    client = make_client(flavour, shared_relay, host="")
+    with pytest.raises(ValueError, match="no host"):
+        client.connect()
+
+
 def test_a_subscription_entered_twice_is_refused_and_strands_nothing(flavour, shared_relay):
     """The second consumer took the next message while the first held the
     one before it, out of anyone's reach until the client closed."""
@@ -200,7 +227,7 @@ def test_declare_ttl_in_milliseconds_and_redeclare(flavour, shared_relay, node):
         client.declare(plain)  # ttl=0: never expires
         with pytest.raises(PreconditionFailed):
             client.declare(queue, ttl=1000)  # as RabbitMQ: inequivalent x-expires
-        for bad in (None, "10", float("nan"), True):
+        for bad in (None, "10", float("nan"), True, -5):  # (-5 became "no TTL": AMQP refuses it)
             with pytest.raises(ValueError, match="milliseconds"):
                 client.declare(queue, ttl=bad)
         with pytest.raises(ValueError, match="exchange"):
