@@ -28,7 +28,7 @@ from oslo_messaging import transport as om_transport
 from oslo_messaging._drivers import base
 
 from .. import MuranoZmqError, Node, RelayUnavailable
-from ..protocol.constants import MAX_SECONDS
+from ..protocol.constants import MAX_PREFETCH, MAX_SECONDS
 from ..security import KeyFileError, client_curve
 from . import green
 from .codec import CALL, CAST, FANOUT, Notification, Reply, Request
@@ -67,7 +67,10 @@ class ZmqRelayDriver(base.BaseDriver):
             except (ValueError, OSError, KeyFileError) as exc:
                 raise om_transport.InvalidTransportURL(str(url), f"zmqrelay CURVE keys: {exc}") from None
             node_options.update(curve_key=self.options.curve_key, relay_key=self.options.relay_key)
-        self.relays = Relays(relay_endpoints(url.hosts), self.options.name, **node_options)
+        try:
+            self.relays = Relays(relay_endpoints(url.hosts), self.options.name, **node_options)
+        except ValueError as exc:  # (a name too long or not printable)
+            raise om_transport.InvalidTransportURL(str(url), f"zmqrelay option name: {exc}") from None
         self.directory = Directory(self.options.directory_cache)
         self._replies: ReplyRouter | None = None
         self._replies_lock = threading.Lock()
@@ -181,12 +184,9 @@ class ZmqRelayDriver(base.BaseDriver):
             fanout,
         ]
 
-        def prepare() -> None:
-            # Gone `transient_ttl` seconds after the server stops consuming it.
-            declare(node, fanout, ttl=self.options.transient_ttl)
-
+        # (the fanout mailbox goes `transient_ttl` seconds after the server stops consuming it)
         consumers = self._consume([(node, mb) for mb in mailboxes], max(self.options.prefetch, batch_size),
-                                  prepare)
+                                  transient=fanout)
 
         def make_incoming(message) -> RpcIncoming:
             return RpcIncoming(message, Request.decode(message.body), self._send_reply)
@@ -231,17 +231,24 @@ class ZmqRelayDriver(base.BaseDriver):
 
     # --- both ----------------------------------------------------------------------------------
 
-    def _consume(self, wanted: list[tuple[Node, str]], prefetch: int, prepare=None) -> list:
+    def _consume(self, wanted: list[tuple[Node, str]], prefetch: int, transient: str | None = None) -> list:
+        """Consumers of the `wanted` mailboxes, `transient` (one of them)
+        declared first with ttl=transient_ttl; a relay's window is at most
+        MAX_PREFETCH (a larger batch_size takes what comes in its
+        batch_timeout)."""
         consumers = []
+        prefetch = min(prefetch, MAX_PREFETCH)
+        doing, mailbox = "declare", transient
         try:
-            if prepare is not None:
-                prepare()
+            if transient is not None:
+                declare(wanted[0][0], transient, ttl=self.options.transient_ttl, timeout=self.options.relay_timeout)
+            doing = "consume"
             for node, mailbox in wanted:
                 consumers.append(node.consume(mailbox, prefetch=prefetch, timeout=self.options.relay_timeout))
-        except MuranoZmqError as exc:
+        except (MuranoZmqError, ValueError) as exc:
             for consumer in consumers:
                 consumer.cancel()
-            raise ZmqRelayListenError(f"cannot consume {wanted[len(consumers)][1]}: {exc}") from None
+            raise ZmqRelayListenError(f"cannot {doing} {mailbox}: {exc}") from None
         return consumers
 
     def _exchange(self, target) -> str:

@@ -16,6 +16,8 @@ import time
 import uuid
 import zlib
 
+import oslo_messaging
+
 from .. import Node, PreconditionFailed
 from ..protocol.message import check_peer_name
 
@@ -39,7 +41,7 @@ class Relays:
         index = zlib.crc32(shard_key.encode()) % len(self.endpoints) if len(self.endpoints) > 1 else 0
         with self._lock:
             if self._closed:
-                raise RuntimeError("the transport was cleaned up")
+                raise oslo_messaging.MessageDeliveryFailure("the transport was cleaned up")
             node = self._nodes.get(index)
             if node is None:
                 node = Node(f"{self._name}-{index}", relay=self.endpoints[index], **self._node_options)

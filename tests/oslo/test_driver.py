@@ -357,6 +357,31 @@ def test_a_requeued_notification_comes_again(transports, servers, url, topic):
     assert drain(endpoint.events) == []
 
 
+def test_a_batch_larger_than_a_relay_window_still_listens(transports, servers, url, topic):
+    """batch_size past the relay's largest prefetch (10,000) failed start()
+    with a bare ValueError: the window is the largest, the batch fills in
+    its batch_timeout."""
+    transport = transports(url, "notification")
+    got = queue.Queue()
+
+    class Endpoint:
+        def info(self, messages):
+            got.put([m["event_type"] for m in messages])
+
+    servers(oslo_messaging.get_batch_notification_listener(
+        transport, [oslo_messaging.Target(topic=topic)], [Endpoint()], executor="threading",
+        batch_size=20_000, batch_timeout=0.5))
+    notifier(transport, topic).info({}, "e0", {})
+    assert got.get(timeout=10) == ["e0"]
+
+
+def test_a_name_the_relay_would_refuse_is_an_invalid_url(relay):
+    from oslo_config import cfg
+
+    with pytest.raises(oslo_messaging.InvalidTransportURL, match="name"):
+        oslo_messaging.get_rpc_transport(cfg.CONF, url=zmqrelay_url(relay, query="name=" + "n" * 300))
+
+
 def test_batch_listener_gets_full_batches(transports, servers, url, topic):
     transport = transports(url, "notification")
 
@@ -419,6 +444,8 @@ def test_cleanup_closes_the_nodes_and_the_reply_mailbox_expires(relay, servers, 
         server.wait()
         transport.cleanup()
     assert transport._driver.relays._nodes == {}
+    with pytest.raises(oslo_messaging.MessageDeliveryFailure, match="cleaned up"):  # (a bare RuntimeError)
+        client(transport, topic).cast({}, "echo", value=2)
 
     def transient_mailboxes(node):
         return [mb["name"] for mb in node.status()["mailboxes"]
