@@ -63,8 +63,10 @@ def relay_answers(endpoint: str, timeout: float, curve=None) -> bool:
 class RelayProcess:
     """`python -m murano_zmq.relay` in a child process, stopped by PID."""
 
-    def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None, probe_curve=None):
+    def __init__(self, endpoint: str, data_dir: str, *extra: str, log_file=None, probe_curve=None,
+                 preexec_fn=None):
         self.endpoint = endpoint
+        self.preexec_fn = preexec_fn  # run in the child before the relay (e.g. its limits)
         self.probe_curve = probe_curve  # CURVE client options for the start-up probe
         self.data_dir = data_dir
         self.extra = list(extra)
@@ -80,7 +82,7 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "murano_zmq.relay", "--log-level", "INFO", "--bind", self.endpoint,
              "--data-dir", self.data_dir, *self.extra],
-            stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=self.log_file or subprocess.DEVNULL, preexec_fn=self.preexec_fn,
         )
         if not relay_answers(self.endpoint, timeout, self.probe_curve):
             self.kill()

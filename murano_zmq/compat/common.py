@@ -76,7 +76,9 @@ def mailbox_name(virtual_host: Any, queue: Any) -> str:
 
 
 def relay_endpoint(host: Any, port: Any) -> str:
-    host = str(host)
+    """The relay of the original's host and port; no host is this host's
+    (kombu takes an empty one for localhost)."""
+    host = "127.0.0.1" if host is None or not str(host).strip() else str(host)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6
     return f"tcp://{host}:{port}"
@@ -201,6 +203,7 @@ class BaseSubscription:
             if consumer is not None and consumer.node is not self._client._node:
                 # (the client was closed and connected again: this consumer's node is gone, and
                 # it would return nothing for ever, the queue's messages notwithstanding)
+                self._consumer = None  # (so that entering it again opens it again)
                 raise RuntimeError(f"subscription to {self._queue!r} was closed with its client: open it again")
             handle = consumer.get(max(0.0, left)) if consumer is not None else None
             if handle is not None:
@@ -273,8 +276,8 @@ class BaseMqClient:
         after that long unused.  `exchange` and `enable_ha` change nothing
         (docs/murano.md)."""
         self._check_connected()
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
-            raise ValueError(f"ttl must be a number of milliseconds >= 0 (0: none), got {ttl!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
+            raise ValueError(f"ttl must be a number of milliseconds, got {ttl!r}")
         _check_exchange(exchange)
         self._node.declare(self.mailbox(queue), ttl=ttl / 1000 if ttl > 0 else None)
 

@@ -18,7 +18,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH, SEND_BATCH
-from ..protocol.direct import tcp_port
+from ..protocol.direct import tcp_parts
 from ..zmqio import EVENTS, NODE_ZERO_COPY_FROM, POLLIN, ready_frames, send_message
 from .core import NodeCore
 from .links import OPEN
@@ -68,11 +68,15 @@ def check_endpoint(endpoint: str) -> str:
     if not isinstance(endpoint, str) or not endpoint:
         raise ValueError(f"not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5570): {endpoint!r}")
     why = None
-    port = tcp_port(endpoint)
-    if port is not None and not 0 < port < 65536:
-        why = f"port {port} out of range"
-    elif endpoint.startswith("tcp://") and endpoint[6:].rpartition(":")[0] in ("", "[]"):
-        why = "no host"  # (libzmq takes it, and then never connects)
+    parts = tcp_parts(endpoint)
+    if parts is not None:
+        host, port = parts
+        if host in ("", "[]"):
+            why = "no host"  # (libzmq takes it, and then never connects)
+        elif not port:
+            why = "no port"
+        elif port.isdigit() and not 0 < int(port) < 65536:
+            why = f"port {port} out of range"
     if why is None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         try:

@@ -7,8 +7,10 @@ mailbox names):
 - cast / call to a topic: one message to the topic's mailbox, which every
   server of the topic consumes (they compete: one server gets it);
 - to a server: the server's own mailbox;
-- fanout: a copy to the fanout mailbox of every server of the topic that is
-  consuming now (the relay's listing, filtered by prefix);
+- fanout: a copy to the fanout mailbox of every listening server of the
+  topic that is consuming now (one per listener: the workers of a service
+  that share a server name each have one; the relay's listing, filtered by
+  prefix);
 - a call's reply: to the caller's reply mailbox, which one thread of the
   caller's transport consumes and routes to the waiting call by msg_id;
 - notification: a copy to the ``<topic>.<priority>`` mailbox, which
@@ -186,7 +188,7 @@ class ZmqRelayDriver(base.BaseDriver):
 
         # (the fanout mailbox goes `transient_ttl` seconds after the server stops consuming it)
         consumers = self._consume([(node, mb) for mb in mailboxes], max(self.options.prefetch, batch_size),
-                                  transient=fanout)
+                                  transient=(node, fanout))
 
         def make_incoming(message) -> RpcIncoming:
             return RpcIncoming(message, Request.decode(message.body), self._send_reply)
@@ -231,17 +233,19 @@ class ZmqRelayDriver(base.BaseDriver):
 
     # --- both ----------------------------------------------------------------------------------
 
-    def _consume(self, wanted: list[tuple[Node, str]], prefetch: int, transient: str | None = None) -> list:
+    def _consume(self, wanted: list[tuple[Node, str]], prefetch: int,
+                 transient: tuple[Node, str] | None = None) -> list:
         """Consumers of the `wanted` mailboxes, `transient` (one of them)
         declared first with ttl=transient_ttl; a relay's window is at most
         MAX_PREFETCH (a larger batch_size takes what comes in its
         batch_timeout)."""
         consumers = []
         prefetch = min(prefetch, MAX_PREFETCH)
-        doing, mailbox = "declare", transient
+        doing, mailbox = "declare", None
         try:
             if transient is not None:
-                declare(wanted[0][0], transient, ttl=self.options.transient_ttl, timeout=self.options.relay_timeout)
+                node, mailbox = transient
+                declare(node, mailbox, ttl=self.options.transient_ttl, timeout=self.options.relay_timeout)
             doing = "consume"
             for node, mailbox in wanted:
                 consumers.append(node.consume(mailbox, prefetch=prefetch, timeout=self.options.relay_timeout))

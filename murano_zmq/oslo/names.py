@@ -20,9 +20,9 @@ exactly that topic (not those of a topic ``<topic>.x``).
 A virtual host in the transport URL goes between ``oslo`` and the kind:
 ``oslo.<vhost>.rpc:...``, so two deployments can share a relay.
 
-Names longer than 255 characters are cut and end in a digest of the whole;
-the prefix of a topic's fanout or pool mailboxes is cut first when it is
-too long to survive that cut.
+Names longer than 255 characters are cut and end in a digest of the whole,
+so that a topic's fanout and pool mailboxes still start with the prefix
+they are listed by (which is cut itself past 246 characters).
 """
 
 from __future__ import annotations
@@ -57,9 +57,23 @@ def _bounded(name: str, limit: int = MAX_NAME) -> str:
     return f"{name[:limit - _DIGEST_CHARS - 1]}-{digest}"
 
 
-# A listed group's prefix (``...:<topic>:``) is at most what _bounded keeps
-# of a longer name: every member's name then starts with it, cut or not.
+# A listed group's prefix (``...:<topic>:``) must start every member's
+# name, cut or not.  Up to _MAX_PREFIX characters a cut by _bounded keeps
+# it; up to _MAX_KEPT_PREFIX a long member's name is the prefix and a
+# shorter digest (_member); a longer prefix is cut itself, to _MAX_PREFIX.
+# Names that fit are never changed.
 _MAX_PREFIX = MAX_NAME - _DIGEST_CHARS - 1
+_SHORT_DIGEST_CHARS = 8
+_MAX_KEPT_PREFIX = MAX_NAME - _SHORT_DIGEST_CHARS - 1
+
+
+def _member(prefix: str, part: str) -> str:
+    """The name of a group's member `part` (escaped) under `prefix`."""
+    name = prefix + part
+    if len(name) <= MAX_NAME or len(prefix) <= _MAX_PREFIX:
+        return _bounded(name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:MAX_NAME - len(prefix) - 1]
+    return f"{prefix}-{digest}"
 
 
 class MailboxNames:
@@ -73,9 +87,13 @@ class MailboxNames:
 
     def _prefix(self, kind: str, *parts: str) -> str:
         """The prefix the mailboxes of a group (a topic's fanout or pool
-        mailboxes) share, found by listing: with a long topic the prefix
-        itself is cut (so that a member's cut name still starts with it)."""
-        return _bounded(":".join([f"{self.root}.{kind}", *map(escape, parts)]), _MAX_PREFIX - 1) + ":"
+        mailboxes) share, found by listing: with a very long topic the
+        prefix itself is cut (so that a member's cut name still starts with
+        it)."""
+        prefix = ":".join([f"{self.root}.{kind}", *map(escape, parts)]) + ":"
+        if len(prefix) <= _MAX_KEPT_PREFIX:
+            return prefix
+        return _bounded(prefix[:-1], _MAX_PREFIX - 1) + ":"
 
     # --- RPC -------------------------------------------------------------------------
 
@@ -89,7 +107,7 @@ class MailboxNames:
         """One listener's copy of a topic's fanouts: `listener` sets apart
         the workers of one service that share a server name (rabbit's
         fanout queues are one per listener too)."""
-        return _bounded(f"{self.fanout_prefix(exchange, topic)}{escape(server)}:{escape(listener)}")
+        return _member(self.fanout_prefix(exchange, topic), f"{escape(server)}:{escape(listener)}")
 
     def fanout_prefix(self, exchange: str, topic: str) -> str:
         return self._prefix("fanout", exchange, topic)
@@ -104,7 +122,7 @@ class MailboxNames:
         return self._name("notify", exchange, topic)
 
     def pool(self, exchange: str, topic: str, pool: str) -> str:
-        return _bounded(self.pool_prefix(exchange, topic) + escape(pool))
+        return _member(self.pool_prefix(exchange, topic), escape(pool))
 
     def pool_prefix(self, exchange: str, topic: str) -> str:
         return self._prefix("notify", exchange, topic)

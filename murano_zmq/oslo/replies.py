@@ -106,7 +106,7 @@ class ReplyRouter:
             try:
                 reply = Reply.decode(message.body)
             except ValueError as exc:  # (BadEnvelope, or a body that is not msgpack)
-                log.warning("dropped a message in reply mailbox %s: %s", self.mailbox, exc)
+                log.error("dropped a message in reply mailbox %s: %s", self.mailbox, exc)
                 continue
             except Exception:  # (this thread serves every call of the transport: it must go on)
                 log.exception("dropped a message in reply mailbox %s that could not be read", self.mailbox)

@@ -36,14 +36,21 @@ from .frames import Cmd, decode, encode
 TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss", "tipc", "vmci")
 
 
+def tcp_parts(endpoint: str) -> tuple[str, str] | None:
+    """(host, port) of a tcp://HOST:PORT endpoint as written ('' for a
+    part left out), or None for another transport."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, colon, port = endpoint[6:].rpartition(":")
+    return (host, port) if colon else (endpoint[6:], "")
+
+
 def tcp_port(endpoint: str) -> int | None:
     """The port number of a tcp://HOST:PORT endpoint, or None (another
     transport, a wildcard port).  ZeroMQ takes any number, and binds or
     connects to it modulo 65536: its callers refuse one out of range."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    port = endpoint.rsplit(":", 1)[-1]
-    return int(port) if port.isdigit() else None
+    parts = tcp_parts(endpoint)
+    return int(parts[1]) if parts is not None and parts[1].isdigit() else None
 
 
 def bind_problem(endpoint) -> str | None:
@@ -57,8 +64,8 @@ def bind_problem(endpoint) -> str | None:
     if sep and scheme in TRANSPORTS and rest:
         if scheme != "tcp":
             return None
-        host, colon, port = rest.rpartition(":")
-        if colon and host and (port == "*" or (port.isdigit() and int(port) < 65536)):
+        host, port = tcp_parts(endpoint)
+        if host and (port == "*" or (port.isdigit() and int(port) < 65536)):
             return None
     return f"not an endpoint to bind (e.g. tcp://127.0.0.1:*, ipc://PATH): {endpoint!r}"
 
@@ -76,8 +83,8 @@ def endpoint_problem(endpoint) -> str | None:
     if scheme in TRANSPORTS and rest and scheme != "tcp":
         return None
     if scheme == "tcp":
-        host, colon, port = rest.rpartition(":")
-        if colon and host and "*" not in host and port.isdigit() and 0 < int(port) < 65536:
+        host, port = tcp_parts(endpoint)
+        if host and "*" not in host and port.isdigit() and 0 < int(port) < 65536:
             return None
     return f"not an endpoint a node binds (e.g. tcp://HOST:PORT, ipc://PATH): {endpoint!r}"
 

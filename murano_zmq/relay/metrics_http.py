@@ -61,8 +61,8 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     def process_request_thread(self, request, client_address) -> None:
         deadline = threading.Timer(REQUEST_DEADLINE, _shut, (request,))
         deadline.daemon = True
-        deadline.start()
         try:
+            deadline.start()  # (no thread to start: the request fails, its slot is released)
             super().process_request_thread(request, client_address)
         finally:
             deadline.cancel()

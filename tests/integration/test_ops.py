@@ -186,11 +186,7 @@ def test_the_relay_takes_the_hard_open_file_limit(relay_factory):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 512:
         pytest.skip(f"the hard limit on open files is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # (inherited by the relay)
-    try:
-        relay = relay_factory()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    relay = relay_factory(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
     line = next(line for line in open(f"/proc/{relay.pid}/limits") if line.startswith("Max open files"))
     relay_soft = int(line.split()[3])
     assert relay_soft == (min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20), line

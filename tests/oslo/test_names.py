@@ -48,7 +48,7 @@ def test_a_fanout_prefix_matches_only_its_own_topic():
     assert not names.notifications("nova", "n.info").startswith(pool_prefix)
 
 
-@pytest.mark.parametrize("topic", ["a" * 232, "ж" * 40, "t" * 300, "a" * 200])
+@pytest.mark.parametrize("topic", ["a" * 232, "ж" * 40, "t" * 300, "a" * 200, "a" * 220])
 def test_a_long_topics_fanout_and_pool_mailboxes_start_with_its_prefix(topic):
     """A topic escaped to 240 characters had a prefix longer than what the
     cut of a long name keeps: the listing by prefix found no fanout or pool
@@ -63,6 +63,26 @@ def test_a_long_topics_fanout_and_pool_mailboxes_start_with_its_prefix(topic):
     assert names.fanout("openstack", topic, "a", "l") != names.fanout("openstack", topic, "b", "l")
     assert names.fanout("openstack", topic, "a", "l1") != names.fanout("openstack", topic, "a", "l2")
     assert names.fanout_prefix("openstack", topic) != names.fanout_prefix("openstack", topic + "x")
+
+
+def _joined(*parts: str) -> str:
+    from murano_zmq.oslo.names import escape
+
+    return ":".join(escape(p) if i else p for i, p in enumerate(parts))
+
+
+@pytest.mark.parametrize("prefix_length", range(230, 255))
+def test_names_that_fit_are_never_cut(prefix_length):
+    """A topic whose prefix is 239-254 characters, with a short server or
+    pool name, had names that fit and worked: they stay as they were (a
+    pool mailbox never expires; an older sender lists by the old names)."""
+    names = MailboxNames()
+    topic = "t" * (prefix_length - len("oslo.notify:openstack::"))
+    prefix = names.pool_prefix("openstack", topic)
+    assert len(prefix) == prefix_length or prefix_length > 246
+    for pool in ("p", "p" * (255 - prefix_length)):
+        if len(prefix) == prefix_length and prefix_length + len(pool) <= 255:
+            assert names.pool("openstack", topic, pool) == _joined("oslo.notify", "openstack", topic, pool)
 
 
 def test_long_names_are_cut_to_a_valid_unique_name():
