@@ -261,12 +261,29 @@ class AsyncNode(NodeBase):
             self._security.start(self._context)  # this node's ZAP domain; key files watched
             self._security.on_trust_change = lambda: self._loop.call_soon_threadsafe(
                 self._learned, self.peers, time.time())
-        self._io.bind_router()
-        self._io.connect(time.time())
+        try:
+            self._io.bind_router()
+            self._io.connect(time.time())
+        except BaseException:
+            self._failed_start()
+            raise
         self._running = True
         self._after_io()
         if self._discover:  # also without start(): the first call starts it
             self._discovery_started = self._loop.create_task(self._start_discovery())
+
+    def _failed_start(self) -> None:
+        """(a bind or connect failed) The node is closed, its wake pipe,
+        key watch and discovery with it: `async with` never calls close()
+        when its start fails (each such start lost descriptors)."""
+        self._closed = True
+        self._io.abort()
+        if self._discovery is not None:
+            self._discovery.close()
+            self._discovery = None
+        if self._security is not None:
+            self._security.close()
+        self._close_wake()
 
     def _wrong_place(self) -> None:
         """(a call from another loop) the send would go out, and its caller

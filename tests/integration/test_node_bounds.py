@@ -3,12 +3,13 @@ the same bounds and parameters on both runners (issue 12, item 7)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 import pytest
 
-from murano_zmq import Node, NodeClosed, RelayUnavailable, SendQueueFull, idempotent_id
+from murano_zmq import AsyncNode, Node, NodeClosed, RelayUnavailable, SendQueueFull, idempotent_id
 
 from ..helpers import free_tcp_endpoint
 
@@ -137,8 +138,24 @@ def test_a_node_whose_bind_fails_leaves_no_descriptor_open():
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
+    def starts() -> None:
+        for _ in range(20):
+            with pytest.raises(ValueError, match="cannot bind"):
+                Node("careless", relay=free_tcp_endpoint(), bind="tcp://192.0.2.1:*", discovery=False, timeout=5)
+
+    starts()  # (once first: the context's own descriptors)
     before = open_fds()
-    for _ in range(20):
-        with pytest.raises(ValueError, match="cannot bind"):
-            Node("careless", relay=free_tcp_endpoint(), bind="tcp://192.0.2.1:*", discovery=False, timeout=5)
+    starts()
+    assert open_fds() <= before + 2
+
+    async def async_starts() -> None:  # (`async with` calls no close() when the start fails)
+        for _ in range(20):
+            with pytest.raises(ValueError, match="cannot bind"):
+                async with AsyncNode("careless", relay=free_tcp_endpoint(), bind="tcp://192.0.2.1:*",
+                                     discovery=False, timeout=5):
+                    pass
+
+    asyncio.run(async_starts())  # (once first: the context's own descriptors)
+    before = open_fds()
+    asyncio.run(async_starts())
     assert open_fds() <= before + 2
