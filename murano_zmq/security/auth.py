@@ -78,6 +78,7 @@ class AuthorizedKeys:
             except (OSError, ValueError) as exc:
                 log.error("authorized keys: reload of %s failed, keeping %d key(s): %s",
                           self.directory, len(self._keys), exc)
+                self._signature = signature  # (logged once, not at every poll, until it changes)
                 return False
             self._signature = signature
             old = self._keys
@@ -99,9 +100,10 @@ class AuthorizedKeys:
         """What changes when a key file is added, removed, renamed or edited."""
         try:
             entries = [(self.directory.stat().st_mtime_ns,)]
-            for path in self.directory.glob("*" + PUBLIC_SUFFIX):
-                st = path.stat()
-                entries.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+            for name in os.listdir(self.directory):  # (raises for an unreadable directory: Path.glob does not)
+                if name.endswith(PUBLIC_SUFFIX):
+                    st = (self.directory / name).stat()
+                    entries.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
             return ("unreadable",)
         return tuple(sorted(entries, key=repr))

@@ -14,9 +14,12 @@ names use the characters of mailbox names.  Keys are z85 text (40 characters).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,9 @@ log = logging.getLogger("murano_zmq.security")
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
+
+# A key file is a few hundred bytes; anything larger is not one.
+MAX_KEY_FILE = 64 * 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@\-]{1,200}\Z")  # (\Z: "$" would let a final newline through)
 _Z85_RE = re.compile(rb"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
@@ -67,6 +73,9 @@ def create_key_pair(name: str, key_dir: str | os.PathLike = ".", overwrite: bool
 
     Refuses to replace existing files unless `overwrite`; the secret file is
     made readable by its owner only.  Returns (public path, secret path).
+    The files are written in a private directory beside them, then renamed
+    into place: a secret written over an older file (overwrite) never
+    passes through that file's mode, nor through a reader's open copy.
     """
     check_key_name(name)
     key_dir = Path(key_dir)
@@ -76,25 +85,48 @@ def create_key_pair(name: str, key_dir: str | os.PathLike = ".", overwrite: bool
         for path in (public_path, secret_path):
             if path.exists():
                 raise KeyFileError(f"{path} exists; remove it first or pick another name")
-    # Create the secret file 0600 before zmq.auth writes into it.
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    public, secret = zmq.auth.create_certificates(str(key_dir), name)
-    os.chmod(secret, 0o600)
-    return Path(public), Path(secret)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=key_dir) as scratch:  # (made 0700)
+        # The secret file made 0600 before zmq.auth writes into it.
+        os.close(os.open(Path(scratch) / (name + SECRET_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        public, secret = zmq.auth.create_certificates(scratch, name)
+        os.chmod(secret, 0o600)
+        os.replace(secret, secret_path)
+        os.replace(public, public_path)
+    return public_path, secret_path
+
+
+def check_small_file(path: str | os.PathLike, limit: int) -> os.stat_result:
+    """`path`'s status if it is a regular file of at most `limit` bytes,
+    else OSError: a FIFO blocks the thread that opens it for ever (a key
+    reload, a start), a device or a huge file fills memory.  Opened without
+    blocking, the status of what would be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    if st.st_size > limit:
+        raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than {limit}")
+    return st
 
 
 def load_key_file(path: str | os.PathLike, need_secret: bool = False) -> KeyPair:
     """A key file (NAME.key or NAME.key_secret) as a KeyPair."""
     path = Path(path)
     try:
+        st = check_small_file(path, MAX_KEY_FILE)
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc}") from None
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
     if not is_z85_key(public) or (secret is not None and not is_z85_key(secret)):
         raise KeyFileError(f"{path} does not hold a {Z85_KEY_LENGTH}-character z85 CURVE key")
     if need_secret and secret is None:
         raise KeyFileError(f"{path} holds no secret key (use the {SECRET_SUFFIX} file)")
+    if secret is not None and st.st_mode & 0o077:
+        log.warning("%s holds a secret key and others may read or write it (mode %o): chmod 600 it",
+                    path, st.st_mode & 0o777)
     name = path.name
     for suffix in (SECRET_SUFFIX, PUBLIC_SUFFIX):
         if name.endswith(suffix):
@@ -112,6 +144,9 @@ def resolve_key_path(key: str | os.PathLike, key_dir: str | os.PathLike | None, 
         candidate = Path(key_dir) / (str(key) + suffix)
         if candidate.is_file():
             return candidate
+    if is_z85_key(str(key)):  # (not repeated: it may be a secret key)
+        raise KeyFileError(f"a 40-character z85 key was given where a key file{' or NAME' if key_dir else ''} "
+                           "is expected")
     where = f" or {Path(key_dir) / (str(key) + suffix)}" if key_dir is not None else ""
     raise KeyFileError(f"no key file {path}{where}")
 
@@ -151,8 +186,12 @@ def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise KeyFileError(f"authorized-keys directory {directory} {what}")
+    try:  # (not Path.glob: it lists an unreadable directory as empty, and a reload then removed every key)
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise KeyFileError(f"cannot list authorized-keys directory {directory}: {exc.strerror}") from None
     keys: dict[bytes, str] = {}
-    for path in sorted(directory.glob("*" + PUBLIC_SUFFIX)):
+    for path in sorted(directory / n for n in names if n.endswith(PUBLIC_SUFFIX)):
         name = path.name[: -len(PUBLIC_SUFFIX)]
         try:
             check_key_name(name)

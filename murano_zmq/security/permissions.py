@@ -47,7 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .keys import check_small_file
+
 OPERATIONS = ("send", "consume", "declare", "admin")
+
+# A permissions file is a few kilobytes; one past this is not one.
+MAX_PERMISSIONS_FILE = 4 << 20
 
 # Compiled rules kept per identity name; more distinct names than this (only
 # authorized keys reach the check) just clears the cache.
@@ -81,6 +86,7 @@ class Permissions:
     def load(cls, path: str | Path) -> "Permissions":
         path = Path(path)
         try:
+            check_small_file(path, MAX_PERMISSIONS_FILE)
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PermissionsError(f"cannot read permissions file {path}: {exc.strerror or exc}") from None
@@ -95,6 +101,8 @@ class Permissions:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise PermissionsError(f"{source}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise PermissionsError(f"{source}: not valid TOML: nested too deeply") from None
         return cls.from_mapping(data, source)
 
     @classmethod

@@ -228,6 +228,71 @@ def test_a_vanished_directory_keeps_the_keys_in_force(tmp_path):
     assert not ak.reload() and ak.names() == ["a"]
 
 
+def test_an_unreadable_directory_keeps_the_keys_in_force(tmp_path):
+    """Path.glob lists a directory it cannot read as empty: a reload then
+    removed every key, and dropped every session.  Run where the process
+    cannot read past a mode (root without CAP_DAC_*, by setpriv)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to drop the override of file modes")
+    create_key_pair("a", tmp_path / "auth")
+    script = (
+        "import os, sys\n"
+        "from murano_zmq.security import AuthorizedKeys\n"
+        "ak = AuthorizedKeys(sys.argv[1])\n"
+        "os.chmod(sys.argv[1], 0)\n"
+        "print(ak.reload(), ak.reload_if_changed(), ak.names())\n"
+    )
+    try:
+        out = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c",
+                              script, str(tmp_path / "auth")], capture_output=True, text=True, timeout=60)
+    finally:
+        os.chmod(tmp_path / "auth", 0o700)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "False False ['a']", out.stdout + out.stderr
+    assert "cannot list authorized-keys directory" in out.stderr and "Permission denied" in out.stderr
+
+
+def test_a_key_file_that_is_no_regular_file_is_skipped_at_once(tmp_path, caplog):
+    """A FIFO blocked the reload thread for ever in open(): every later
+    reload, removals included, never came."""
+    create_key_pair("a", tmp_path / "auth")
+    os.mkfifo(tmp_path / "auth" / "zz-fifo.key")
+    (tmp_path / "auth" / "zz-big.key").write_bytes(b"#" * (1 << 20))
+    with caplog.at_level(logging.WARNING, "murano_zmq.security"):
+        assert list(load_authorized_keys(tmp_path / "auth").values()) == ["a"]
+    assert "not a regular file" in caplog.text and "more than" in caplog.text
+    os.mkfifo(tmp_path / "perm.toml")
+    with pytest.raises(PermissionsError, match="not a regular file"):
+        Permissions.load(tmp_path / "perm.toml")
+
+
+def test_secret_keys_are_neither_echoed_nor_read_by_others_unnoticed(tmp_path, caplog):
+    create_key_pair("a", tmp_path)
+    secret = load_key_file(tmp_path / "a.key_secret").secret.decode()
+    with pytest.raises(KeyFileError) as refused:
+        load_secret_key(secret, tmp_path)  # a secret where a key file was meant
+    assert secret not in str(refused.value) and "z85 key was given" in str(refused.value)
+    os.chmod(tmp_path / "a.key_secret", 0o644)
+    with caplog.at_level(logging.WARNING, "murano_zmq.security"):
+        load_secret_key("a", tmp_path)
+    assert "others may read or write it (mode 644)" in caplog.text
+    before = os.stat(tmp_path / "a.key_secret")
+    create_key_pair("a", tmp_path, overwrite=True)  # written beside, renamed into place
+    after = os.stat(tmp_path / "a.key_secret")
+    assert after.st_mode & 0o777 == 0o600 and after.st_ino != before.st_ino
+    assert load_key_file(tmp_path / "a.key_secret").secret.decode() != secret
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.key_secret"]
+
+
+def test_permissions_nested_past_the_parser_say_so():
+    with pytest.raises(PermissionsError, match="nested too deeply"):
+        Permissions.from_toml("x = " + "[" * 100_000, "perm.toml")
+
+
 # --- the relay's options ----------------------------------------------------------------------
 
 
