@@ -201,6 +201,10 @@ class Relay(Wire):
         But if a sync of COMMITted writes failed, this one or any other met
         meanwhile (a threaded commit's), halt instead: False."""
         failures = [exc, *self._drain_in_flight(sock)]
+        lost = [e for e in failures if isinstance(e, StoreError) and e.lock_lost]
+        if lost:  # (another relay serves the database now: reloading would serve it twice)
+            self._halt(lost[0])
+            return False
         unsynced = [e for e in failures if isinstance(e, StoreError) and e.unsynced]
         failed_sync = self.engine.store.sync_failed
         if unsynced or failed_sync is not None:
@@ -225,8 +229,15 @@ class Relay(Wire):
         the relay would confirm a resend it finds "stored" in them.  Nothing
         after the last good sync was confirmed; restarted, the relay copies
         the WAL into the database first (SQLiteStore._open) and nodes resend
-        the rest."""
+        the rest.  Or the relay lock went to a standby (LockLost): stop, the
+        standby serves (what this relay committed stays; what it did not
+        was not confirmed)."""
         self.halted_by = exc
+        if exc.lock_lost:
+            log.critical("%s: %s: the relay stops, another relay serves the database now; nodes resend "
+                         "what was not confirmed (docs/scale-out.md, 'A standby relay')", self.config.store or
+                         self.config.data_dir, exc)
+            return
         log.critical("%s: %s: the relay stops without confirming anything more; restart it "
                      "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "
                      "(docs/operations.md, 'A failed sync')", self.config.data_dir, exc)

@@ -25,12 +25,20 @@ BUSY_LOG_EVERY = 10.0
 class StoreError(MuranoZmqError):
     """A write or commit failed; the store rolled back every write since the
     last commit.  `full`: the cause is a full disk.  `unsynced`: the cause
-    is a failed sync of what was already COMMITted (SyncFailed)."""
+    is a failed sync of what was already COMMITted (SyncFailed).
+    `lock_lost`: another relay holds the database now (LockLost)."""
 
     def __init__(self, cause: Exception):
         super().__init__(str(cause))
         self.full = is_disk_full(cause)
         self.unsynced = isinstance(cause, SyncFailed)
+        self.lock_lost = isinstance(cause, LockLost)
+
+
+class LockLost(Exception):
+    """(PostgreSQL) The relay's session, which held the relay lock, ended
+    under it, and another relay (a standby) took the lock meanwhile: this
+    relay must stop serving, or both would deliver the same messages."""
 
 
 class SyncFailed(OSError):

@@ -11,7 +11,12 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 class StoreUnavailable(StartupError):
     """The store cannot be opened (no driver, no server, wrong schema,
-    another relay on it): the one line an operator reads."""
+    another relay on it): the one line an operator reads.  `transient`: the
+    server is down or went away (a standby tries again)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class StandbyStopped(StoreUnavailable):

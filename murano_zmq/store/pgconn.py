@@ -31,6 +31,16 @@ SHARED_LOCK_SQL = "SELECT pg_try_advisory_lock_shared(%s, hashtext(current_schem
 RELAY_LOCK = 0x6D7A7132
 LOCK_WAIT = 3.0  # seconds: a session that just closed may hold the lock a moment longer
 STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
+# The lock goes with the running relay's session, and that relay may live
+# on: a session ended under it (pg_terminate_backend, a network blip, a
+# server restart) it learns of at its next commit (any ack or send makes
+# one), and when it cannot take the lock back within RETAKE_WAIT it stops
+# (Relay._halt).  A standby that took the lock from a running relay waits
+# TAKEOVER_GRACE before it serves: serving before that, two relays would
+# deliver the same messages.
+RETAKE_WAIT = 1.0
+TAKEOVER_GRACE = RETAKE_WAIT + 1.0
+STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often
 
 # After a lost connection (the primary died, a failover), how long to keep
 # trying to reach a read-write server before the store gives up (StoreError).
@@ -53,6 +63,12 @@ def connect(conninfo: str) -> psycopg.Connection:
     return psycopg.connect(with_defaults(conninfo), autocommit=True)
 
 
+def one_line(exc: BaseException) -> str:
+    """An error of libpq's on one line: its hints ("Is the server running
+    ...?") follow on lines of their own."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def redact(conninfo: str) -> str:
     """The conninfo without its password, for logs and errors."""
     try:
@@ -64,18 +80,19 @@ def redact(conninfo: str) -> str:
 
 
 def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Event | None,
-                    shared: bool = False) -> None:
+                    shared: bool = False, wait: float = LOCK_WAIT) -> bool:
     """Take the relay lock on `conn`'s session (shared: the shared lock of
-    --shared relays).  Without `standby`: within LOCK_WAIT, else
+    --shared relays).  Without `standby`: within `wait` seconds, else
     StoreUnavailable.  With it: as long as it takes, until the event is set
-    (StandbyStopped)."""
+    (StandbyStopped).  True if another relay held it first."""
     if conn.execute("SELECT current_schema()").fetchone()[0] is None:
         # (the lock's key would be NULL, and NULL reads as "taken")
         raise StoreUnavailable(f"no schema of the search_path exists on this database ({path}): "
                                "create it, or fix search_path in the URL")
-    deadline = time.monotonic() + LOCK_WAIT
-    standing_by = False
+    deadline = time.monotonic() + wait
+    standing_by = waited = False
     while not conn.execute(SHARED_LOCK_SQL if shared else RELAY_LOCK_SQL, (RELAY_LOCK,)).fetchone()[0]:
+        waited = True
         now = time.monotonic()
         if standby is None:
             if now >= deadline:
@@ -91,6 +108,7 @@ def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Even
             standing_by = True
             log.info("standing by: another relay holds %s; taking over when it ends", path)
         time.sleep(STANDBY_POLL)
+    return waited
 
 
 def reconnect(old: psycopg.Connection, conninfo: str, path: str, which: str) -> psycopg.Connection:

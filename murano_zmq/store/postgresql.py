@@ -19,8 +19,10 @@ back messages notifies the other relays (docs/scale-out.md).
 from __future__ import annotations
 
 import os
+import logging
 import socket
 import threading
+import time
 import uuid
 
 import msgpack
@@ -35,9 +37,11 @@ from .base import MailboxRow, StoredMessage
 from .batched import BatchedStore
 from .ids import CLOCK_BOUND, IdCeiling
 from .batch import WriteBatch, replay, visible
-from .faults import StoreError
-from .open import StoreUnavailable
+from .faults import LockLost, StoreError
+from .open import StandbyStopped, StoreUnavailable
 from .claims import CHANNEL, notify
+
+log = logging.getLogger("murano_zmq.relay")
 
 SCHEMA_VERSION = 1
 
@@ -100,19 +104,19 @@ class PostgresStore(BatchedStore):
         self._conninfo = conninfo
         self._exclusive = exclusive
         self._standby = standby
-        try:
-            self._db = pgconn.connect(conninfo)  # the writer
-            self._reader = pgconn.connect(conninfo)
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {exc}".strip()) from None
-        if exclusive:
+        while True:
             try:
-                self._lock_database()
-            except psycopg.Error as exc:  # (the server went away while a standby waited)
-                self._db.close()
-                self._reader.close()
-                raise StoreUnavailable(f"lost PostgreSQL ({self.path}) while waiting for the relay lock: "
-                                       f"{exc}".strip()) from None
+                self._connect_and_lock()
+                break
+            except StoreUnavailable as exc:
+                # A standby outlives the server's restarts and outages: it
+                # is there for when the running relay dies, and a database
+                # blip must not leave none.
+                if standby is None or isinstance(exc, StandbyStopped) or not exc.transient:
+                    raise
+                log.warning("%s; standing by again in %.0f s", exc, pgconn.STANDBY_RETRY)
+                if standby.wait(pgconn.STANDBY_RETRY):
+                    raise StandbyStopped("stopped while standing by") from None
         try:
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -146,13 +150,49 @@ class PostgresStore(BatchedStore):
             # be stored elsewhere: intake looks those up past the ceiling
             # (mailboxes_of(..., every=True)).
 
-    def _lock_database(self) -> None:
+    def _connect_and_lock(self) -> None:
+        """The writer and the reader; the relay lock on the writer's session
+        (exclusive).  StoreUnavailable, `transient` for a server that is
+        down or went away, with nothing left open."""
         try:
-            pgconn.take_relay_lock(self._db, self.path, self._standby, self._shared)
+            self._db = pgconn.connect(self._conninfo)  # the writer
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
+                                   transient=True) from None
+        try:
+            self._reader = pgconn.connect(self._conninfo)
+        except psycopg.Error as exc:
+            self._db.close()
+            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
+                                   transient=True) from None
+        if not self._exclusive:
+            return
+        try:
+            took_over = pgconn.take_relay_lock(self._db, self.path, self._standby, self._shared)
+            if took_over and self._standby is not None:
+                self._wait_out_the_old_relay()
+        except psycopg.Error as exc:  # (the server went away while a standby waited)
+            self._db.close()
+            self._reader.close()
+            raise StoreUnavailable(f"lost PostgreSQL ({self.path}) while waiting for the relay lock: "
+                                   f"{pgconn.one_line(exc)}", transient=True) from None
         except StoreUnavailable:
             self._db.close()
             self._reader.close()
             raise
+
+    def _wait_out_the_old_relay(self) -> None:
+        """(a standby that just took the lock) Wait TAKEOVER_GRACE before
+        serving: the relay that held the lock may live on, its session ended
+        under it, until its next commit finds the lock gone and stops it
+        (pgconn.TAKEOVER_GRACE)."""
+        log.warning("took the relay lock of %s; serving in %.0f s, once the relay that held it has "
+                    "stopped", self.path, pgconn.TAKEOVER_GRACE)
+        deadline = time.monotonic() + pgconn.TAKEOVER_GRACE
+        while time.monotonic() < deadline:
+            if self._standby.is_set():
+                raise StandbyStopped("stopped while taking over")
+            time.sleep(pgconn.STANDBY_POLL)
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
@@ -265,9 +305,10 @@ class PostgresStore(BatchedStore):
                 self._db = self._reconnect(self._db, "writer")
                 if self._exclusive:
                     try:  # (a standby relay may have taken over meanwhile)
-                        pgconn.take_relay_lock(self._db, self.path, None, self._shared)
-                    except StoreUnavailable as exc:
-                        raise StoreError(exc) from None
+                        pgconn.take_relay_lock(self._db, self.path, None, self._shared, pgconn.RETAKE_WAIT)
+                    except StoreUnavailable as exc:  # (then this relay stops: relay/server.py Relay._halt)
+                        raise StoreError(LockLost(f"the relay lock was lost with the session that held it, "
+                                                  f"and {exc}")) from None
             except psycopg.Error as exc:  # the relay's store-failure path takes it
                 self._abort()  # the batches stay, for a later commit()
                 raise StoreError(exc) from exc

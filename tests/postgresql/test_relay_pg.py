@@ -134,6 +134,80 @@ def test_a_standby_relay_takes_over_when_the_relay_dies(relay_factory, pg_url, t
         log.close()
 
 
+def test_a_relay_whose_session_a_standby_took_over_stops(relay_factory, pg_server, pg_url, tmp_path):
+    """The running relay's session (and the relay lock with it) ended under
+    it, pg_terminate_backend here (a network blip, a server restart): the
+    standby took the lock and served, and the relay, refused the lock at its
+    next commit, reloaded and served on without it: two relays delivered
+    every stored message, each to its own consumer.  Now the relay stops
+    (exit 1), and the standby serves once TAKEOVER_GRACE has let it."""
+    import psycopg
+
+    relay = relay_factory("--store", pg_url)
+    log = open(tmp_path / "standby.log", "wb")
+    standby_endpoint = free_tcp_endpoint()
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", standby_endpoint, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in (tmp_path / "standby.log").read_bytes(), 30, what="standby waiting")
+        with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+            ids = sender.send_many([("jobs", {"n": i}) for i in range(200)])
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            [(holder,)] = conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchall()
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (holder,)).fetchone()[0]
+        wait_for(lambda: b"took the relay lock" in (tmp_path / "standby.log").read_bytes(), 30,
+                 what="the standby taking the lock")
+        with Node("poke", relay=relay.endpoint, timeout=3, direct=False) as poke:
+            with pytest.raises(Exception):  # its commit finds the lock gone: not confirmed
+                poke.send("other", "poke")
+        assert relay.proc.wait(15) == 1, "the relay that lost its lock must stop"
+        relay_log = open(relay.log_file.name, "rb").read() if relay.log_file else b""
+        assert b"another relay serves the database now" in relay_log
+        seen = [m.id for m in _drain(standby_endpoint, "jobs", expect=len(ids))]
+        assert sorted(seen) == sorted(ids), "every stored message, once, from the standby"
+        assert standby.poll() is None
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
+
+
+def test_a_standby_outlives_losing_the_server(relay_factory, pg_server, pg_url, tmp_path):
+    """A standby whose session ended (a server restart, a failover) exited
+    1: no standby from then on.  Now it connects again and stands by, and
+    still takes over when the relay dies."""
+    import psycopg
+
+    relay = relay_factory("--store", pg_url)
+    log_path = tmp_path / "standby.log"
+    log = open(log_path, "wb")
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", relay.endpoint, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in log_path.read_bytes(), 30, what="standby waiting")
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            holders = {pid for (pid,) in conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")}
+            others = [pid for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'murano-zmq relay'") if pid not in holders]
+            for pid in others:  # the standby's sessions (and the relay's reader, which reconnects)
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: b"standing by again" in log_path.read_bytes(), 30, what="the standby connecting again")
+        wait_for(lambda: log_path.read_bytes().count(b"standing by: another relay") >= 2, 30,
+                 what="the standby waiting again")
+        assert standby.poll() is None
+        relay.kill()
+        with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+            sender.send("jobs", "after the takeover")
+        assert [m.body for m in _drain(relay.endpoint, "jobs", expect=1)] == ["after the takeover"]
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
+
+
 def test_a_standby_stops_cleanly_before_taking_over(relay_factory, pg_url, tmp_path):
     relay_factory("--store", pg_url)
     log = open(tmp_path / "standby.log", "wb")
