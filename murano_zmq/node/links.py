@@ -162,22 +162,23 @@ class DirectSender:
         except Exception as exc:
             log.warning("node %s: bad command from peer %s dropped: %s", self.node_name, endpoint, exc)
             return []
-        return self._link_events(events)
+        return self._link_events(events, now)
 
     def refused(self, endpoint: str, why: str, auth: bool, now: float) -> list:
         """The link's CURVE handshake failed: fail it now, not after a timeout."""
         if endpoint not in self._links:
             return []
         log.warning("node %s: direct link to %s: %s", self.node_name, endpoint, why)
-        to_relay = self._fail(endpoint, why, [])
+        to_relay = self._fail(endpoint, why, [], now)
         if auth:
             self.paths.link_refused(endpoint, now)  # not again at every LOOKUP
         return to_relay
 
-    def _link_events(self, link_events: list) -> list:
+    def _link_events(self, link_events: list, now: float) -> list:
         to_relay = []
         for ev in link_events:
             if isinstance(ev, DirectConfirmed):
+                self.paths.link_worked(ev.endpoint)
                 for record in ev.done:
                     escrow = self._escrowed.pop(id(record), None)
                     if escrow is not None:
@@ -188,10 +189,10 @@ class DirectSender:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(record[0])
             elif isinstance(ev, LinkFailed):
-                to_relay.extend(self._fail(ev.endpoint, ev.reason, ev.records))
+                to_relay.extend(self._fail(ev.endpoint, ev.reason, ev.records, now))
         return to_relay
 
-    def _fail(self, endpoint: str, reason: str, records: list) -> list:
+    def _fail(self, endpoint: str, reason: str, records: list, now: float) -> list:
         """The link is gone: its unconfirmed records (the peer's application
         may have had them: marked redelivered), then those queued behind
         them (never sent: a link sends only once it has its WELCOME), for
@@ -210,7 +211,7 @@ class DirectSender:
         records = kept
         log.info("node %s: direct link to %s failed (%s); %d message(s) go to the relay",
                  self.node_name, endpoint, reason, len(records) + len(self._queues[endpoint]))
-        self.paths.link_failed(endpoint)
+        self.paths.link_failed(endpoint, now)
         pairs = [(r, self._waiters.pop(id(r), None)) for r in records]
         for record in records:
             record[6] = True  # the peer's application may have had it: the relay marks it redelivered
@@ -223,7 +224,7 @@ class DirectSender:
     def tick(self, now: float) -> list:
         to_relay = []
         for link in list(self._links.values()):
-            to_relay.extend(self._link_events(link.tick(now)))
+            to_relay.extend(self._link_events(link.tick(now), now))
         return to_relay
 
     def escrow(self, now: float) -> list:

@@ -116,11 +116,15 @@ DIRECT_STALL = 0.5
 # waiting for the relay to drain so it can go direct; how long it holds a
 # mailbox's messages back while it asks (so the answer is not overtaken by
 # yet another relay send); and how long an endpoint whose handshake refused
-# this node's key is left alone, whatever LOOKUP or discovery say meanwhile.
+# this node's key is left alone, whatever LOOKUP or discovery say
+# meanwhile (one whose links failed twice in a row: FAILED_BACKOFF, doubling
+# up to REFUSED_BACKOFF; paths.PathTable.link_failed).
 LOOKUP_TTL = 2.0
 DRAIN_RECHECK = 0.05
 HOLD_LIMIT = 1.0
 REFUSED_BACKOFF = 30.0
+FAILED_BACKOFF = 4.0
+FAILURES_KEPT = 10_000  # endpoints whose links' failures in a row a sender counts
 
 # Commands a node reads from one socket per loop turn, at most: one busy
 # socket cannot starve the node's other sockets and timers.

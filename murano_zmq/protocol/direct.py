@@ -75,12 +75,14 @@ def endpoint_problem(endpoint) -> str | None:
     the relay hands it to senders by LOOKUP), is not a ZeroMQ endpoint a
     node could have bound, or None.  A node offers its ROUTER's
     LAST_ENDPOINT: a transport, "://" and an address; for tcp a host (no
-    wildcard) and a port 1-65535.  Only the form: a sender whose connect
-    fails sends through the relay (node/sockets.py _open_link)."""
+    wildcard) and a port 1-65535; not inproc, which another process cannot
+    reach (a sender would connect inside itself, to whatever it binds
+    there).  Only the form: a sender whose connect fails sends through the
+    relay (node/sockets.py _open_link)."""
     if type(endpoint) is not str or not endpoint.isprintable():
         return f"not an endpoint: {endpoint!r}"
     scheme, _, rest = endpoint.partition("://")
-    if scheme in TRANSPORTS and rest and scheme != "tcp":
+    if scheme in TRANSPORTS and rest and scheme not in ("tcp", "inproc"):
         return None
     if scheme == "tcp":
         host, port = tcp_parts(endpoint)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import DRAIN_RECHECK, HOLD_LIMIT, LOOKUP_TTL, REFUSED_BACKOFF, Z85_KEY_LENGTH
+from .constants import (DRAIN_RECHECK, FAILED_BACKOFF, FAILURES_KEPT, HOLD_LIMIT, LOOKUP_TTL, REFUSED_BACKOFF,
+                        Z85_KEY_LENGTH)
+from .direct import endpoint_problem
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
 
@@ -47,6 +49,7 @@ class PathTable:
         self._lookup_keys: dict[str, bytes] = {}  # endpoint -> key, from the relay (preferred)
         self._discovered_keys: dict[str, bytes] = {}  # endpoint -> key, from pinned adverts
         self.failed: set[str] = set()  # endpoints whose link failed (until learned again)
+        self._failures: dict[str, int] = {}  # endpoint -> its links' failures in a row
         # Is a relay session up?  While it is not, a mailbox whose relay
         # sends are all confirmed goes to a direct consumer it knows of
         # (earlier LOOKUP, adverts) without waiting for a drained LOOKUP.
@@ -161,6 +164,8 @@ class PathTable:
             if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], str):
                 continue
             endpoint = entry[1]
+            if endpoint_problem(endpoint) is not None:  # (a relay's word is checked too)
+                continue
             key = _key(entry[2]) if len(entry) > 2 else None
             if key is not None:
                 self._lookup_keys[endpoint] = key
@@ -216,8 +221,26 @@ class PathTable:
         path = self._paths.get(mailbox)
         return path is not None and path.relay_unconfirmed > 0
 
-    def link_failed(self, endpoint: str) -> None:
+    def link_failed(self, endpoint: str, now: float) -> None:
+        """The link timed out or its peer said BYE.  Its endpoint is tried
+        again when reported again, but after a second failure in a row
+        (no CONFIRM between) it is left alone for FAILED_BACKOFF, doubling
+        at each failure up to REFUSED_BACKOFF, whatever LOOKUP says: tried
+        again at each LOOKUP, an endpoint that never answers (which any
+        consumer may offer) cost every other send to its mailbox the direct
+        timeout."""
         self.failed.add(endpoint)
+        if len(self._failures) >= FAILURES_KEPT and endpoint not in self._failures:
+            self._failures.clear()  # (endpoints a relay offered: bounded)
+        n = self._failures[endpoint] = self._failures.get(endpoint, 0) + 1
+        if n > 1:
+            hold = min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** (n - 2))
+            self._refused[endpoint] = max(self._refused.get(endpoint, 0.0), now + hold)
+
+    def link_worked(self, endpoint: str) -> None:
+        """A CONFIRM came over the link: its failures no longer count."""
+        if endpoint in self._failures:
+            del self._failures[endpoint]
 
     def link_refused(self, endpoint: str, now: float) -> None:
         """The peer's handshake refused this node's key: leave the endpoint

@@ -28,7 +28,8 @@ def raw_consumer(endpoint: str, mailbox: str, direct: str):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("direct", ["garbage", "tcp://:5570", "http://x:80", "tcp://127.0.0.1:0", "tcp://*:5570"])
+@pytest.mark.parametrize("direct", ["garbage", "tcp://:5570", "http://x:80", "tcp://127.0.0.1:0", "tcp://*:5570",
+                                    "inproc://zeromq.zap.01"])  # (inproc: inside each sender, its ZAP handler)
 def test_the_relay_refuses_a_direct_endpoint_no_node_can_connect_to(relay, direct):
     sock, answer = raw_consumer(relay.endpoint, "odd", direct)
     try:

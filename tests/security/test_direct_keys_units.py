@@ -13,7 +13,7 @@ from murano_zmq.protocol.direct import DirectLink, LinkFailed
 from murano_zmq.protocol.inbox import DirectInbox
 from murano_zmq.protocol.frames import Cmd, decode, encode
 from murano_zmq.protocol.message import new_message_id, send_record
-from murano_zmq.protocol.paths import REFUSED_BACKOFF, PathTable
+from murano_zmq.protocol.paths import FAILED_BACKOFF, REFUSED_BACKOFF, PathTable
 from murano_zmq.relay.engine import RelayEngine
 from murano_zmq.security import KeyCheck, Permissions, serve_domain
 from murano_zmq.store.sqlite import SQLiteStore
@@ -66,6 +66,28 @@ def test_a_keyed_path_table_uses_only_endpoints_with_a_key():
     assert paths.choose("m", has_room, 3.0) is None
     paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 2.0 + REFUSED_BACKOFF)
     assert paths.choose("m", has_room, 2.0 + REFUSED_BACKOFF) == "tcp://h:1"
+    # A link that fails twice in a row (no CONFIRM between) leaves its
+    # endpoint alone for FAILED_BACKOFF, then twice that...: an endpoint
+    # that never answers cost every other send the direct timeout.
+    paths.link_failed("tcp://h:1", 40.0)
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 41.0)
+    assert paths.choose("m", has_room, 41.0) == "tcp://h:1"  # (once is a stall, or a restart)
+    paths.link_failed("tcp://h:1", 46.0)
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 47.0)
+    assert paths.choose("m", has_room, 47.0) is None
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 46.0 + FAILED_BACKOFF)
+    assert paths.choose("m", has_room, 46.0 + FAILED_BACKOFF) == "tcp://h:1"
+    paths.link_failed("tcp://h:1", 60.0)
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + FAILED_BACKOFF)
+    assert paths.choose("m", has_room, 60.0 + FAILED_BACKOFF) is None  # (doubled)
+    paths.link_worked("tcp://h:1")  # a CONFIRM: the count starts again
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + 2 * FAILED_BACKOFF)
+    paths.link_failed("tcp://h:1", 70.0)
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 71.0)
+    assert paths.choose("m", has_room, 71.0) == "tcp://h:1"
+    # An endpoint no other process can reach, as a (hostile) relay offers it, is never a candidate.
+    paths.looked_up("m", {"depth": 0, "direct": [["n", "inproc://zeromq.zap.01", KEY_A]]}, 80.0)
+    assert paths.choose("m", has_room, 80.0) is None
     # Without keys nothing changes: any endpoint is a candidate.
     plain = PathTable()
     plain.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1"]]}, 0.0)
