@@ -257,11 +257,11 @@ class AsyncNode(NodeBase):
         if not self._io.relays:
             raise ValueError(f"relay={self.relay!r}: use `async with AsyncNode(...)` or `await node.start()` first")
         self._loop = asyncio.get_running_loop()
-        if self._security is not None:
-            self._security.start(self._context)  # this node's ZAP domain; key files watched
-            self._security.on_trust_change = lambda: self._loop.call_soon_threadsafe(
-                self._learned, self.peers, time.time())
         try:
+            if self._security is not None:
+                self._security.start(self._context)  # this node's ZAP domain; key files watched
+                self._security.on_trust_change = lambda: self._loop.call_soon_threadsafe(
+                    self._learned, self.peers, time.time())
             self._io.bind_router()
             self._io.connect(time.time())
         except BaseException:

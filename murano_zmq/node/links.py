@@ -178,7 +178,8 @@ class DirectSender:
         to_relay = []
         for ev in link_events:
             if isinstance(ev, DirectConfirmed):
-                self.paths.link_worked(ev.endpoint)
+                if ev.done:  # (a CONFIRM that refused every record is no sign of a working peer)
+                    self.paths.link_worked(ev.endpoint)
                 for record in ev.done:
                     escrow = self._escrowed.pop(id(record), None)
                     if escrow is not None:

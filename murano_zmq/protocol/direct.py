@@ -61,6 +61,8 @@ def bind_problem(endpoint) -> str | None:
     if not isinstance(endpoint, str):
         return f"an endpoint is text, got {endpoint!r}"
     scheme, sep, rest = endpoint.partition("://")
+    if scheme == "inproc":
+        return f"inproc:// cannot be reached by another process, and the relay refuses it: {endpoint!r}"
     if sep and scheme in TRANSPORTS and rest:
         if scheme != "tcp":
             return None

@@ -193,6 +193,9 @@ class PathTable:
                     self._discovered_keys[endpoint] = key
                 else:
                     self._discovered_keys.pop(endpoint, None)
+        if not isinstance(endpoints, dict):
+            endpoints = dict.fromkeys(endpoints)
+        endpoints = {e: k for e, k in endpoints.items() if endpoint_problem(e) is None}  # (as LOOKUP's)
         if endpoints:
             self._discovered[mailbox] = set(endpoints)
             self._forgive(endpoints, now)
@@ -232,6 +235,8 @@ class PathTable:
         self.failed.add(endpoint)
         if len(self._failures) >= FAILURES_KEPT and endpoint not in self._failures:
             self._failures.clear()  # (endpoints a relay offered: bounded)
+        if len(self._refused) >= FAILURES_KEPT:
+            self._refused = {e: until for e, until in self._refused.items() if until > now}
         n = self._failures[endpoint] = self._failures.get(endpoint, 0) + 1
         if n > 1:
             hold = min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** (n - 2))

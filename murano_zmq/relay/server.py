@@ -235,8 +235,7 @@ class Relay(Wire):
         self.halted_by = exc
         if exc.lock_lost:
             log.critical("%s: %s: the relay stops, another relay serves the database now; nodes resend "
-                         "what was not confirmed (docs/scale-out.md, 'A standby relay')", self.config.store or
-                         self.config.data_dir, exc)
+                         "what was not confirmed (docs/scale-out.md, 'A standby relay')", self.engine.store.path, exc)
             return
         log.critical("%s: %s: the relay stops without confirming anything more; restart it "
                      "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "

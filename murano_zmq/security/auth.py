@@ -102,7 +102,11 @@ class AuthorizedKeys:
             entries = [(self.directory.stat().st_mtime_ns,)]
             for name in os.listdir(self.directory):  # (raises for an unreadable directory: Path.glob does not)
                 if name.endswith(PUBLIC_SUFFIX):
-                    st = (self.directory / name).stat()
+                    try:
+                        st = (self.directory / name).stat()
+                    except OSError:  # (a dangling link: the others' changes still show)
+                        entries.append((name, "unreadable"))
+                        continue
                     entries.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
             return ("unreadable",)

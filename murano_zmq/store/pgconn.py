@@ -111,6 +111,22 @@ def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Even
     return waited
 
 
+def session_of(conn: psycopg.Connection) -> tuple[int, object]:
+    """(backend pid, backend start) of `conn`'s session: what end_session
+    needs to find it again, and no other session that got its pid since."""
+    return conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+
+
+def end_session(conn: psycopg.Connection, session: tuple[int, object] | None) -> None:
+    """End the relay's own earlier session if the server still keeps it
+    (a connection lost on the relay's side only, a network blip, which the
+    server may keep alive for hours): it holds the relay lock, and the
+    relay, refused its own lock, would stop for nothing."""
+    if session is not None:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
+                     session)
+
+
 def reconnect(old: psycopg.Connection, conninfo: str, path: str, which: str) -> psycopg.Connection:
     """A new connection to a read-write server (libpq tries each host of a
     multi-host conninfo), within RECONNECT_WINDOW; then StoreError, and the

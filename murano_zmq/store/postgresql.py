@@ -104,19 +104,23 @@ class PostgresStore(BatchedStore):
         self._conninfo = conninfo
         self._exclusive = exclusive
         self._standby = standby
+        self._lock_lost: LockLost | None = None
+        retried = False
         while True:
             try:
-                self._connect_and_lock()
+                self._connect_and_lock(retried)
                 break
             except StoreUnavailable as exc:
-                # A standby outlives the server's restarts and outages: it
-                # is there for when the running relay dies, and a database
-                # blip must not leave none.
+                # A standby outlives the server's restarts and outages once
+                # it has stood by: it is there for when the running relay
+                # dies, and a database blip must not leave none.  (A first
+                # connect that fails is a configuration to fix: exit 1.)
                 if standby is None or isinstance(exc, StandbyStopped) or not exc.transient:
                     raise
                 log.warning("%s; standing by again in %.0f s", exc, pgconn.STANDBY_RETRY)
                 if standby.wait(pgconn.STANDBY_RETRY):
                     raise StandbyStopped("stopped while standing by") from None
+                retried = True
         try:
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -150,27 +154,32 @@ class PostgresStore(BatchedStore):
             # be stored elsewhere: intake looks those up past the ceiling
             # (mailboxes_of(..., every=True)).
 
-    def _connect_and_lock(self) -> None:
+    def _connect_and_lock(self, retried: bool) -> None:
         """The writer and the reader; the relay lock on the writer's session
-        (exclusive).  StoreUnavailable, `transient` for a server that is
-        down or went away, with nothing left open."""
+        (exclusive).  StoreUnavailable, `transient` for a server that went
+        away after a first connect (`retried`: this is a standby's try after
+        such a loss), with nothing left open."""
         try:
             self._db = pgconn.connect(self._conninfo)  # the writer
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=True) from None
+                                   transient=retried) from None
         try:
             self._reader = pgconn.connect(self._conninfo)
         except psycopg.Error as exc:
             self._db.close()
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=True) from None
+                                   transient=retried) from None
+        self._session = None
         if not self._exclusive:
             return
         try:
             took_over = pgconn.take_relay_lock(self._db, self.path, self._standby, self._shared)
-            if took_over and self._standby is not None:
+            # (after a lost server the lock may be free because the running
+            # relay has not connected again yet: it lives, and waits too)
+            if self._standby is not None and (took_over or retried):
                 self._wait_out_the_old_relay()
+            self._session = pgconn.session_of(self._db)
         except psycopg.Error as exc:  # (the server went away while a standby waited)
             self._db.close()
             self._reader.close()
@@ -288,6 +297,8 @@ class PostgresStore(BatchedStore):
         pgconn.RECONNECT_WINDOW) and the transaction run again; any other
         failure is a StoreError, the batches kept, for the relay's
         store-failure path (relay/server.py)."""
+        if self._lock_lost is not None:  # (nothing more: the standby serves the database)
+            raise StoreError(self._lock_lost)
         while True:
             try:
                 self._db.execute("BEGIN")
@@ -302,13 +313,18 @@ class PostgresStore(BatchedStore):
                 if not (self._db.broken or self._db.closed):
                     self._abort()
                     raise StoreError(exc) from exc
+                session = self._session
                 self._db = self._reconnect(self._db, "writer")
                 if self._exclusive:
                     try:  # (a standby relay may have taken over meanwhile)
+                        pgconn.end_session(self._db, session)  # (ours, if the server still keeps it)
                         pgconn.take_relay_lock(self._db, self.path, None, self._shared, pgconn.RETAKE_WAIT)
-                    except StoreUnavailable as exc:  # (then this relay stops: relay/server.py Relay._halt)
-                        raise StoreError(LockLost(f"the relay lock was lost with the session that held it, "
-                                                  f"and {exc}")) from None
+                    except (StoreUnavailable, psycopg.Error) as exc:  # (this relay stops: relay/server.py)
+                        self._lock_lost = LockLost(f"the relay lock was lost with the session that held it, "
+                                                   f"and {pgconn.one_line(exc)}")
+                        self._db.close()  # (a session without the lock writes nothing more)
+                        raise StoreError(self._lock_lost) from None
+                    self._session = pgconn.session_of(self._db)
             except psycopg.Error as exc:  # the relay's store-failure path takes it
                 self._abort()  # the batches stay, for a later commit()
                 raise StoreError(exc) from exc
@@ -335,6 +351,9 @@ class PostgresStore(BatchedStore):
         pass
 
     def close(self) -> None:
+        if self._lock_lost is not None:  # (commit nothing: the standby serves the database)
+            self._reader.close()
+            return
         try:
             super().close()
         finally:

@@ -166,6 +166,8 @@ def test_a_relay_whose_session_a_standby_took_over_stops(relay_factory, pg_serve
         assert b"another relay serves the database now" in relay_log
         seen = [m.id for m in _drain(standby_endpoint, "jobs", expect=len(ids))]
         assert sorted(seen) == sorted(ids), "every stored message, once, from the standby"
+        with Node("inspector", relay=standby_endpoint, timeout=30) as inspector:  # (nothing written without the lock)
+            assert not [m for m in inspector.status()["mailboxes"] if m["name"] == "other" and m["depth"]]
         assert standby.poll() is None
     finally:
         standby.kill()
@@ -206,6 +208,15 @@ def test_a_standby_outlives_losing_the_server(relay_factory, pg_server, pg_url, 
         standby.kill()
         standby.wait(10)
         log.close()
+
+
+def test_a_standby_that_cannot_reach_the_server_at_first_exits(tmp_path):
+    """A first connect that fails is a configuration to fix (a wrong host,
+    password or database): one line and exit 1, not a retry for ever."""
+    r = _relay_cli("--standby", "--store", "postgresql://nobody@/murano?host=/nonexistent&connect_timeout=2",
+                   "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "cannot connect to PostgreSQL" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # (libpq's hint on the same line)
 
 
 def test_a_standby_stops_cleanly_before_taking_over(relay_factory, pg_url, tmp_path):

@@ -88,6 +88,8 @@ def test_a_keyed_path_table_uses_only_endpoints_with_a_key():
     # An endpoint no other process can reach, as a (hostile) relay offers it, is never a candidate.
     paths.looked_up("m", {"depth": 0, "direct": [["n", "inproc://zeromq.zap.01", KEY_A]]}, 80.0)
     assert paths.choose("m", has_room, 80.0) is None
+    paths.discovered("d", {"inproc://zeromq.zap.01": KEY_B, "garbage": KEY_B})  # (an advert: the same)
+    assert paths.choose("d", has_room, 80.0) is None and not paths.is_direct("d")
     # Without keys nothing changes: any endpoint is a candidate.
     plain = PathTable()
     plain.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1"]]}, 0.0)
