@@ -235,12 +235,9 @@ class PathTable:
         self.failed.add(endpoint)
         if len(self._failures) >= FAILURES_KEPT and endpoint not in self._failures:
             self._failures.clear()  # (endpoints a relay offered: bounded)
-        if len(self._refused) >= FAILURES_KEPT:
-            self._refused = {e: until for e, until in self._refused.items() if until > now}
         n = self._failures[endpoint] = self._failures.get(endpoint, 0) + 1
         if n > 1:
-            hold = min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** (n - 2))
-            self._refused[endpoint] = max(self._refused.get(endpoint, 0.0), now + hold)
+            self._hold(endpoint, now + min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** (n - 2)), now)
 
     def link_worked(self, endpoint: str) -> None:
         """A CONFIRM came over the link: its failures no longer count."""
@@ -251,7 +248,13 @@ class PathTable:
         """The peer's handshake refused this node's key: leave the endpoint
         alone for REFUSED_BACKOFF, even if it is reported again."""
         self.failed.add(endpoint)
-        self._refused[endpoint] = now + REFUSED_BACKOFF
+        self._hold(endpoint, now + REFUSED_BACKOFF, now)
+
+    def _hold(self, endpoint: str, until: float, now: float) -> None:
+        """Leave `endpoint` alone until `until` (the later of two holds)."""
+        if len(self._refused) >= FAILURES_KEPT:  # (endpoints a relay offered: bounded)
+            self._refused = {e: t for e, t in self._refused.items() if t > now}
+        self._refused[endpoint] = max(self._refused.get(endpoint, 0.0), until)
 
     def _forgive(self, endpoints, now: float | None) -> None:
         """Endpoints reported again may be tried again (failed links), unless

@@ -113,18 +113,38 @@ def take_relay_lock(conn: psycopg.Connection, path: str, standby: threading.Even
 
 def session_of(conn: psycopg.Connection) -> tuple[int, object]:
     """(backend pid, backend start) of `conn`'s session: what end_session
-    needs to find it again, and no other session that got its pid since."""
-    return conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+    needs to find it again, and no other session that got its pid since.
+    (The start is None where pg_stat_activity hides it: a role set by
+    `options=-c role=...`.)"""
+    row = conn.execute("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+    return conn.info.backend_pid, row[0] if row else None
 
 
 def end_session(conn: psycopg.Connection, session: tuple[int, object] | None) -> None:
     """End the relay's own earlier session if the server still keeps it
     (a connection lost on the relay's side only, a network blip, which the
     server may keep alive for hours): it holds the relay lock, and the
-    relay, refused its own lock, would stop for nothing."""
-    if session is not None:
+    relay, refused its own lock, would stop for nothing.  Without its start
+    time: only while that pid holds a relay lock (pg_locks shows it all)."""
+    if session is None:
+        return
+    pid, started = session
+    if started is not None:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
-                     session)
+                     (pid, started))
+    else:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' "
+                     "AND classid = %s AND objsubid = 2 AND granted", (pid, RELAY_LOCK))
+
+
+# Connection failures that a wait does not mend: a password, a role, a database to fix.
+_NOT_AWAY = {"28P01", "28000", "3D000", "42501"}
+
+
+def server_away(exc: psycopg.Error) -> bool:
+    """Did `exc` come of a server that is down or going away (worth trying
+    again), rather than a configuration (a password, a database name)?"""
+    return isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) not in _NOT_AWAY
 
 
 def reconnect(old: psycopg.Connection, conninfo: str, path: str, which: str) -> psycopg.Connection:

@@ -131,16 +131,11 @@ class PostgresStore(BatchedStore):
             top = self._query("SELECT msg_id FROM messages WHERE msg_id < %s ORDER BY msg_id DESC LIMIT 1",
                               (CLOCK_BOUND,))
         except (psycopg.Error, StoreUnavailable) as exc:
-            # A server that connects but cannot hold the store: a read-only
-            # one (a replica), a statement_timeout too short, a search_path
-            # of pg_temp (the reader cannot see the writer's tables)...
             self._db.close()
             self._reader.close()
             if isinstance(exc, StoreUnavailable):  # (a schema of another version)
                 raise
-            first_line = (str(exc).strip().splitlines() or [""])[0]  # (not the query's LINE and caret)
-            raise StoreUnavailable(f"PostgreSQL ({self.path}) cannot hold the relay's store: "
-                                   f"{type(exc).__name__}: {first_line}") from None
+            raise self._cannot_hold(exc) from None
         self._ids = IdCeiling(bytes(top[0][0]) if top else None)
         if shared:
             from .shared import SharedDatabase
@@ -163,13 +158,13 @@ class PostgresStore(BatchedStore):
             self._db = pgconn.connect(self._conninfo)  # the writer
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=retried) from None
+                                   transient=retried and pgconn.server_away(exc)) from None
         try:
             self._reader = pgconn.connect(self._conninfo)
         except psycopg.Error as exc:
             self._db.close()
             raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=retried) from None
+                                   transient=retried and pgconn.server_away(exc)) from None
         self._session = None
         if not self._exclusive:
             return
@@ -180,15 +175,26 @@ class PostgresStore(BatchedStore):
             if self._standby is not None and (took_over or retried):
                 self._wait_out_the_old_relay()
             self._session = pgconn.session_of(self._db)
-        except psycopg.Error as exc:  # (the server went away while a standby waited)
+        except psycopg.Error as exc:
+            away = isinstance(exc, psycopg.OperationalError) and self._db.broken
             self._db.close()
             self._reader.close()
+            if not away:  # (a statement_timeout too short...)
+                raise self._cannot_hold(exc) from None
             raise StoreUnavailable(f"lost PostgreSQL ({self.path}) while waiting for the relay lock: "
                                    f"{pgconn.one_line(exc)}", transient=True) from None
         except StoreUnavailable:
             self._db.close()
             self._reader.close()
             raise
+
+    def _cannot_hold(self, exc: psycopg.Error) -> StoreUnavailable:
+        """A server that connects but cannot hold the store: a read-only one
+        (a replica), a statement_timeout too short, a search_path of
+        pg_temp (the reader cannot see the writer's tables)..."""
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # (not the query's LINE and caret)
+        return StoreUnavailable(f"PostgreSQL ({self.path}) cannot hold the relay's store: "
+                                f"{type(exc).__name__}: {first_line}")
 
     def _wait_out_the_old_relay(self) -> None:
         """(a standby that just took the lock) Wait TAKEOVER_GRACE before
@@ -313,18 +319,9 @@ class PostgresStore(BatchedStore):
                 if not (self._db.broken or self._db.closed):
                     self._abort()
                     raise StoreError(exc) from exc
-                session = self._session
                 self._db = self._reconnect(self._db, "writer")
                 if self._exclusive:
-                    try:  # (a standby relay may have taken over meanwhile)
-                        pgconn.end_session(self._db, session)  # (ours, if the server still keeps it)
-                        pgconn.take_relay_lock(self._db, self.path, None, self._shared, pgconn.RETAKE_WAIT)
-                    except (StoreUnavailable, psycopg.Error) as exc:  # (this relay stops: relay/server.py)
-                        self._lock_lost = LockLost(f"the relay lock was lost with the session that held it, "
-                                                   f"and {pgconn.one_line(exc)}")
-                        self._db.close()  # (a session without the lock writes nothing more)
-                        raise StoreError(self._lock_lost) from None
-                    self._session = pgconn.session_of(self._db)
+                    self._take_lock_back()
             except psycopg.Error as exc:  # the relay's store-failure path takes it
                 self._abort()  # the batches stay, for a later commit()
                 raise StoreError(exc) from exc
@@ -333,6 +330,25 @@ class PostgresStore(BatchedStore):
                 raise
         if not self._shared:
             self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
+
+    def _take_lock_back(self) -> None:
+        """(a new writer session, the old one lost) The relay lock again,
+        first ending the old session if the server still keeps it (a blip
+        on the relay's side only: it holds the lock).  Refused within
+        RETAKE_WAIT: a standby took it, and this relay stops for good
+        (LockLost; relay/server.py Relay._halt).  The server failing again
+        meanwhile: a StoreError like any other (the next commit reconnects)."""
+        try:
+            new = pgconn.session_of(self._db)
+            pgconn.end_session(self._db, self._session)
+            pgconn.take_relay_lock(self._db, self.path, None, self._shared, pgconn.RETAKE_WAIT)
+        except StoreUnavailable as exc:
+            self._lock_lost = LockLost(f"the relay lock was lost with the session that held it, and {exc}")
+            self._db.close()  # (a session without the lock writes nothing more)
+            raise StoreError(self._lock_lost) from None
+        except psycopg.Error as exc:
+            raise StoreError(exc) from exc
+        self._session = new
 
     def _abort(self) -> None:
         if not self._db.closed and self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -352,7 +368,11 @@ class PostgresStore(BatchedStore):
 
     def close(self) -> None:
         if self._lock_lost is not None:  # (commit nothing: the standby serves the database)
-            self._reader.close()
+            try:
+                self._reader.close()
+            finally:
+                if self.shared is not None:
+                    self.shared.close()
             return
         try:
             super().close()
