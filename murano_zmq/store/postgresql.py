@@ -347,6 +347,7 @@ class PostgresStore(BatchedStore):
             self._db.close()  # (a session without the lock writes nothing more)
             raise StoreError(self._lock_lost) from None
         except psycopg.Error as exc:
+            self._db.close()  # (the next commit connects again and asks again: never on a session without it)
             raise StoreError(exc) from exc
         self._session = new
 
