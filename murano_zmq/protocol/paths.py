@@ -237,7 +237,8 @@ class PathTable:
             self._failures.clear()  # (endpoints a relay offered: bounded)
         n = self._failures[endpoint] = self._failures.get(endpoint, 0) + 1
         if n > 1:
-            self._hold(endpoint, now + min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** (n - 2)), now)
+            # (the exponent bounded: a float of 2 ** 1100 overflows, and an endpoint may fail for days)
+            self._hold(endpoint, now + min(REFUSED_BACKOFF, FAILED_BACKOFF * 2 ** min(n - 2, 16)), now)
 
     def link_worked(self, endpoint: str) -> None:
         """A CONFIRM came over the link: its failures no longer count."""

@@ -119,7 +119,8 @@ def load_key_file(path: str | os.PathLike, need_secret: bool = False) -> KeyPair
         st = check_small_file(path, MAX_KEY_FILE)
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+        why = (exc.strerror if isinstance(exc, OSError) else None) or exc  # (pyzmq's OSError has no strerror)
+        raise KeyFileError(f"cannot read key file {path}: {why}") from None
     if not is_z85_key(public) or (secret is not None and not is_z85_key(secret)):
         raise KeyFileError(f"{path} does not hold a {Z85_KEY_LENGTH}-character z85 CURVE key")
     if need_secret and secret is None:

@@ -80,6 +80,8 @@ def test_a_keyed_path_table_uses_only_endpoints_with_a_key():
     paths.link_failed("tcp://h:1", 60.0)
     paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + FAILED_BACKOFF)
     assert paths.choose("m", has_room, 60.0 + FAILED_BACKOFF) is None  # (doubled)
+    for i in range(2000):  # (an endpoint failing for days: the hold stays bounded, no float overflows)
+        paths.link_failed("tcp://h:9", 60.0 + i)
     paths.link_worked("tcp://h:1")  # a CONFIRM: the count starts again
     paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + 2 * FAILED_BACKOFF)
     paths.link_failed("tcp://h:1", 70.0)
