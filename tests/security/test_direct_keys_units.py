@@ -59,37 +59,34 @@ def test_a_keyed_path_table_uses_only_endpoints_with_a_key():
     assert paths.key_of("tcp://h:4") is None
     paths.discovered("d", {})
     assert paths.key_of("tcp://h:3") is None and not paths.is_direct("d")
+    def offered(at: float, endpoint: str = "tcp://h:1") -> str | None:
+        """What the sender chooses once LOOKUP offers `endpoint` at `at`."""
+        paths.looked_up("m", {"depth": 0, "direct": [["n", endpoint, KEY_A]]}, at)
+        return paths.choose("m", has_room, at)
+
     # A peer that refused this node's key in the handshake is left alone for
     # a while, whatever LOOKUP says meanwhile.
     paths.link_refused("tcp://h:1", 2.0)
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 3.0)
-    assert paths.choose("m", has_room, 3.0) is None
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 2.0 + REFUSED_BACKOFF)
-    assert paths.choose("m", has_room, 2.0 + REFUSED_BACKOFF) == "tcp://h:1"
+    assert offered(3.0) is None
+    assert offered(2.0 + REFUSED_BACKOFF) == "tcp://h:1"
     # A link that fails twice in a row (no CONFIRM between) leaves its
     # endpoint alone for FAILED_BACKOFF, then twice that...: an endpoint
     # that never answers cost every other send the direct timeout.
     paths.link_failed("tcp://h:1", 40.0)
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 41.0)
-    assert paths.choose("m", has_room, 41.0) == "tcp://h:1"  # (once is a stall, or a restart)
+    assert offered(41.0) == "tcp://h:1"  # (once is a stall, or a restart)
     paths.link_failed("tcp://h:1", 46.0)
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 47.0)
-    assert paths.choose("m", has_room, 47.0) is None
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 46.0 + FAILED_BACKOFF)
-    assert paths.choose("m", has_room, 46.0 + FAILED_BACKOFF) == "tcp://h:1"
+    assert offered(47.0) is None
+    assert offered(46.0 + FAILED_BACKOFF) == "tcp://h:1"
     paths.link_failed("tcp://h:1", 60.0)
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + FAILED_BACKOFF)
-    assert paths.choose("m", has_room, 60.0 + FAILED_BACKOFF) is None  # (doubled)
+    assert offered(60.0 + FAILED_BACKOFF) is None  # (doubled)
     for i in range(2000):  # (an endpoint failing for days: the hold stays bounded, no float overflows)
         paths.link_failed("tcp://h:9", 60.0 + i)
     paths.link_worked("tcp://h:1")  # a CONFIRM: the count starts again
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 60.0 + 2 * FAILED_BACKOFF)
+    offered(60.0 + 2 * FAILED_BACKOFF)
     paths.link_failed("tcp://h:1", 70.0)
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "tcp://h:1", KEY_A]]}, 71.0)
-    assert paths.choose("m", has_room, 71.0) == "tcp://h:1"
+    assert offered(71.0) == "tcp://h:1"
     # An endpoint no other process can reach, as a (hostile) relay offers it, is never a candidate.
-    paths.looked_up("m", {"depth": 0, "direct": [["n", "inproc://zeromq.zap.01", KEY_A]]}, 80.0)
-    assert paths.choose("m", has_room, 80.0) is None
+    assert offered(80.0, "inproc://zeromq.zap.01") is None
     paths.discovered("d", {"inproc://zeromq.zap.01": KEY_B, "garbage": KEY_B})  # (an advert: the same)
     assert paths.choose("d", has_room, 80.0) is None and not paths.is_direct("d")
     # Without keys nothing changes: any endpoint is a candidate.
