@@ -18,11 +18,10 @@ back messages notifies the other relays (docs/scale-out.md).
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import socket
 import threading
-import time
 import uuid
 
 import msgpack
@@ -154,17 +153,12 @@ class PostgresStore(BatchedStore):
         (exclusive).  StoreUnavailable, `transient` for a server that went
         away after a first connect (`retried`: this is a standby's try after
         such a loss), with nothing left open."""
+        self._db = self._connect(retried)  # the writer
         try:
-            self._db = pgconn.connect(self._conninfo)  # the writer
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=retried and pgconn.server_away(exc)) from None
-        try:
-            self._reader = pgconn.connect(self._conninfo)
-        except psycopg.Error as exc:
+            self._reader = self._connect(retried)
+        except StoreUnavailable:
             self._db.close()
-            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
-                                   transient=retried and pgconn.server_away(exc)) from None
+            raise
         self._session = None
         if not self._exclusive:
             return
@@ -188,6 +182,13 @@ class PostgresStore(BatchedStore):
             self._reader.close()
             raise
 
+    def _connect(self, retried: bool) -> psycopg.Connection:
+        try:
+            return pgconn.connect(self._conninfo)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL ({self.path}): {pgconn.one_line(exc)}",
+                                   transient=retried and pgconn.server_away(exc)) from None
+
     def _cannot_hold(self, exc: psycopg.Error) -> StoreUnavailable:
         """A server that connects but cannot hold the store: a read-only one
         (a replica), a statement_timeout too short, a search_path of
@@ -203,11 +204,8 @@ class PostgresStore(BatchedStore):
         (pgconn.TAKEOVER_GRACE)."""
         log.warning("took the relay lock of %s; serving in %.0f s, once the relay that held it has "
                     "stopped", self.path, pgconn.TAKEOVER_GRACE)
-        deadline = time.monotonic() + pgconn.TAKEOVER_GRACE
-        while time.monotonic() < deadline:
-            if self._standby.is_set():
-                raise StandbyStopped("stopped while taking over")
-            time.sleep(pgconn.STANDBY_POLL)
+        if self._standby.wait(pgconn.TAKEOVER_GRACE):
+            raise StandbyStopped("stopped while taking over")
 
     def _query(self, sql: str, args: tuple = ()) -> list:
         with self._read_lock:
