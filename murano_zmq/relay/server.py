@@ -297,13 +297,14 @@ class Relay(Wire):
             poller.register(self._wakeup_fd, zmq.POLLIN)
         committer = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="relay-commit")
         self._in_flight = []
+        check_due = 0.0  # when to ask the store whether it is still this relay's (store.check_held)
         # Bound once: an attribute of a zmq.Socket goes through its
         # __getattr__ hook, several times the cost of a plain lookup.
         self._recv, self._get = sock.recv, sock.get
         try:
             while not self._stop.is_set():
                 try:
-                    self._turn(sock, poller, self.engine, committer)
+                    self._turn(sock, poller, self.engine, committer, check_due)
                     # While the consumers work on what they got: read their
                     # windows ahead, then run their acks' deletes (whose
                     # commit waits: relay/turn.py), so that neither is left
@@ -312,6 +313,9 @@ class Relay(Wire):
                         self.engine.top_up()
                     if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
                         self.engine.write_held_deletes()
+                    now = time.time()
+                    if now >= check_due:
+                        check_due = self.engine.store.check_held(now)
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     if not self._store_failed(sock, exc):
                         break  # (halted)
@@ -321,9 +325,9 @@ class Relay(Wire):
                     log.error("last commit failed (%s): nodes resend what was not confirmed", exc)
             committer.shutdown()
 
-    def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor) -> None:
+    def _turn(self, sock, poller, engine: RelayEngine, committer: ThreadPoolExecutor, check_due: float) -> None:
         now = time.time()
-        deadline = engine.next_deadline()
+        deadline = min(engine.next_deadline(), check_due)
         timeout_ms = int(max(0.0, min(1.0, deadline - now)) * 1000) + 1
         events = dict(poller.poll(timeout_ms))
         first = None

@@ -128,6 +128,10 @@ class Store(Protocol):
         """True while a commit's writes hold the writer (a commit now would
         wait for them); False while a commit in flight only syncs."""
 
+    def check_held(self, now: float) -> float:
+        """(between commits) StoreError if the store is no longer this
+        relay's (another relay took its lock); when to ask again."""
+
     def commit(self) -> None:
         """Make every sealed batch durable, in one transaction (safe from
         another thread while the writer goes on)."""

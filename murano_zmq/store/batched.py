@@ -10,6 +10,7 @@ _write).  Nothing here does I/O of its own.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable, Iterable
 
@@ -225,6 +226,12 @@ class BatchedStore:
     def in_transaction(self) -> bool:
         """True while sealed writes wait for commit()."""
         return len(self._batches) > 1
+
+    def check_held(self, now: float) -> float:
+        """(the relay loop, between commits) Check that the store is still
+        this relay's; when to ask again (time.time()).  Only a store held
+        through a session (PostgreSQL's relay lock) can lose it unseen."""
+        return math.inf
 
     @property
     def writing(self) -> bool:

@@ -34,11 +34,14 @@ STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
 # The lock goes with the running relay's session, and that relay may live
 # on: a session ended under it (pg_terminate_backend, a network blip, a
 # server restart) it learns of at its next commit (any ack or send makes
-# one), and when it cannot take the lock back within RETAKE_WAIT it stops
+# one) or check, and when it cannot take the lock back within RETAKE_WAIT it stops
 # (Relay._halt).  A standby that took the lock from a running relay waits
 # TAKEOVER_GRACE before it serves: serving before that, two relays would
 # deliver the same messages.
+# A relay with no commits to make asks its session every LOCK_CHECK_EVERY
+# (PostgresStore.check_held): an idle relay, too, stops within the grace.
 RETAKE_WAIT = 1.0
+LOCK_CHECK_EVERY = 0.5
 TAKEOVER_GRACE = RETAKE_WAIT + 1.0
 STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often
 

@@ -19,9 +19,11 @@ back messages notifies the other relays (docs/scale-out.md).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
+import time
 import uuid
 
 import msgpack
@@ -104,6 +106,8 @@ class PostgresStore(BatchedStore):
         self._exclusive = exclusive
         self._standby = standby
         self._lock_lost: LockLost | None = None
+        self._alive_at = time.time()  # the writer's session last seen alive (check_held)
+        self._check_logged = False  # a failing check_held() said so
         retried = False
         while True:
             try:
@@ -317,17 +321,74 @@ class PostgresStore(BatchedStore):
                 if not (self._db.broken or self._db.closed):
                     self._abort()
                     raise StoreError(exc) from exc
-                self._db = self._reconnect(self._db, "writer")
-                if self._exclusive:
-                    self._take_lock_back()
+                self._writer_back()
             except psycopg.Error as exc:  # the relay's store-failure path takes it
                 self._abort()  # the batches stay, for a later commit()
                 raise StoreError(exc) from exc
             except BaseException:
                 self._abort()
                 raise
+        self._alive_at = time.time()
         if not self._shared:
             self._seq_saved = max(self._seq_saved, *(b.top_seq for b in sealed))
+
+    def check_held(self, now: float) -> float:
+        """(the relay loop, between commits) A relay with nothing to commit
+        would learn only at its next commit that its session ended and a
+        standby took the lock: meanwhile both would deliver.  So, every
+        LOCK_CHECK_EVERY without a commit, the writer's session is asked,
+        and a lost one connected again and the lock taken back (LockLost as
+        in a commit: the relay stops within the standby's TAKEOVER_GRACE).
+        A server that does not answer is left to the next commit, which
+        waits for it (RECONNECT_WINDOW)."""
+        due = self._alive_at + pgconn.LOCK_CHECK_EVERY
+        if not self._exclusive or self._lock_lost is not None:
+            return math.inf
+        if now < due:
+            return due
+        if not self._commit_lock.acquire(blocking=False):
+            return now + pgconn.LOCK_CHECK_EVERY  # a commit runs: it finds out
+        try:
+            try:
+                self._db.execute("SELECT 1")
+            except psycopg.OperationalError:
+                if not (self._db.broken or self._db.closed):
+                    raise
+                self._writer_back(once=True)
+        except StoreError as exc:
+            if exc.lock_lost:
+                raise
+            self._check_failed(exc)
+        except psycopg.Error as exc:
+            self._check_failed(exc)
+        else:
+            self._alive_at = now
+        finally:
+            self._commit_lock.release()
+        return now + pgconn.LOCK_CHECK_EVERY
+
+    def _check_failed(self, exc: Exception) -> None:
+        if not self._check_logged:
+            self._check_logged = True
+            log.warning("PostgreSQL (%s): the writer's session cannot be checked (%s); the next commit "
+                        "connects again", self.path, pgconn.one_line(exc))
+
+    def _writer_back(self, once: bool = False) -> None:
+        """(holding the commit lock, the writer's connection lost) A new one,
+        the relay lock on it again (exclusive).  once: a single connect try,
+        not the RECONNECT_WINDOW (the relay loop's idle check)."""
+        if once:
+            self._db.close()
+            try:
+                self._db = pgconn.connect(self._conninfo)
+            except psycopg.Error as exc:
+                raise StoreError(exc) from None
+            log.warning("PostgreSQL writer connection lost and back (%s)", self.path)
+        else:
+            self._db = self._reconnect(self._db, "writer")
+        self._check_logged = False
+        if self._exclusive:
+            self._take_lock_back()
 
     def _take_lock_back(self) -> None:
         """(a new writer session, the old one lost) The relay lock again,

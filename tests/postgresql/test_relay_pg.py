@@ -175,6 +175,66 @@ def test_a_relay_whose_session_a_standby_took_over_stops(relay_factory, pg_serve
         log.close()
 
 
+def _relay_lock_holders(pg_server) -> set[int]:
+    import psycopg
+
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        return {pid for (pid,) in conn.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")}
+
+
+def _terminate(pg_server, pid: int) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+
+
+def test_an_idle_relay_whose_session_a_standby_took_over_stops(relay_factory, pg_server, pg_url, tmp_path):
+    """As above, with no send, ack or consumer to make a commit: the relay
+    learnt of its lost session only at its next commit, so an idle relay
+    served on beside the standby for as long as it stayed idle.  Its idle
+    check (PostgresStore.check_held) finds out: it stops on its own."""
+    relay = relay_factory("--store", pg_url)
+    log_path = tmp_path / "standby.log"
+    log = open(log_path, "wb")
+    standby_endpoint = free_tcp_endpoint()
+    standby = subprocess.Popen([sys.executable, "-m", "murano_zmq", "--log-level", "INFO", "relay",
+                                "--bind", standby_endpoint, "--store", pg_url, "--standby"],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_for(lambda: b"standing by" in log_path.read_bytes(), 30, what="standby waiting")
+        with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+            ids = sender.send_many([("jobs", {"n": i}) for i in range(50)])
+        [holder] = _relay_lock_holders(pg_server)
+        _terminate(pg_server, holder)
+        assert relay.proc.wait(15) == 1, "an idle relay that lost its lock must stop, with no commit to make"
+        assert b"another relay serves the database now" in open(relay.log_file.name, "rb").read()
+        seen = [m.id for m in _drain(standby_endpoint, "jobs", expect=len(ids))]
+        assert sorted(seen) == sorted(ids)
+        assert standby.poll() is None
+    finally:
+        standby.kill()
+        standby.wait(10)
+        log.close()
+
+
+def test_an_idle_relay_takes_its_lock_back_at_once(relay_factory, pg_server, pg_url):
+    """No standby: an idle relay whose session ended connects again and
+    holds the relay lock again before anything asks it to commit, so a
+    relay started meanwhile is refused, and sends go on."""
+    relay = relay_factory("--store", pg_url)
+    with Node("sender", relay=relay.endpoint, timeout=30) as sender:
+        sender.send("jobs", "before")
+        [holder] = _relay_lock_holders(pg_server)
+        _terminate(pg_server, holder)
+        wait_for(lambda: _relay_lock_holders(pg_server) - {holder}, 15, what="the relay lock taken again")
+        second = _relay_cli("--store", pg_url)
+        assert second.returncode == 1 and "another relay is running on this database" in second.stderr
+        sender.send("jobs", "after")
+    assert relay.proc.poll() is None
+    assert [m.body for m in _drain(relay.endpoint, "jobs", expect=2)] == ["before", "after"]
+
+
 def test_a_standby_outlives_losing_the_server(relay_factory, pg_server, pg_url, tmp_path):
     """A standby whose session ended (a server restart, a failover) exited
     1: no standby from then on.  Now it connects again and stands by, and
