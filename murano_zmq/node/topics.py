@@ -19,6 +19,7 @@ import logging
 import zmq
 
 from ..protocol.errors import RemoteProtocolError
+from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM
 from ..protocol.topics import TopicEvent, decode_event, encode_event
 from ..zmqio import ready_frames
 
@@ -89,6 +90,11 @@ class TopicSockets:
         """A SUB for `prefix`; `publishers`: endpoint -> its key (None without CURVE)."""
         sub = self._context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        # No event over what a publisher may send (Node._check_publish): a
+        # larger frame drops that publisher's connection (for good: libzmq
+        # does not connect again after a protocol error) instead of
+        # allocating whatever size it says.
+        sub.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_SIZE + FRAME_HEADROOM)
         sub.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
         self._subs[sid] = sub
         self._prefixes[sid] = prefix.encode("utf-8")

@@ -51,6 +51,57 @@ def test_fan_out_to_several_subscribers_by_prefix(make_node):
     assert other.get(timeout=0.2) is None
 
 
+def test_an_event_over_the_size_limit_cuts_off_its_publisher_not_the_subscriber(make_node):
+    """A hostile publisher's 40 MiB frame: a node's SUB read any size (an
+    allocation as large as the publisher liked).  Now libzmq drops that
+    publisher's connection (and does not connect to it again after such
+    a protocol error); the node goes on hearing the other publishers."""
+    import msgpack
+    import zmq
+
+    from murano_zmq.protocol.topics import SIGNATURE
+
+    ctx = zmq.Context.instance()
+    hostile, good = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
+    endpoints = []
+    for pub in (hostile, good):
+        pub.setsockopt(zmq.LINGER, 0)
+        endpoints.append(free_tcp_endpoint())
+        pub.bind(endpoints[-1])
+    dropped = hostile.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        node = make_node("sub")
+        subscription = node.subscribe("big.", publishers=endpoints)
+        huge = msgpack.packb(["hostile", b"x" * (40 << 20), 0.0], use_bin_type=True)
+
+        def heard(pub, topic: str):
+            def check():
+                pub.send_multipart([topic.encode(), SIGNATURE, msgpack.packb(["p", b"\xa5small", 0.0])])
+                while (e := subscription.get(timeout=0.05)) is not None:
+                    assert e.topic != "big.huge", "an event over the size limit reached the application"
+                    if e.topic == topic:
+                        return True
+                return False
+            return check
+
+        wait_for(heard(hostile, "big.hostile"), 30, interval=0, what="the hostile publisher's first event")
+        wait_for(heard(good, "big.good"), 30, interval=0, what="the good publisher's first event")
+        hostile.send_multipart([b"big.huge", SIGNATURE, huge])
+
+        def hostile_dropped():
+            while (e := subscription.get(timeout=0.05)) is not None:
+                assert e.topic != "big.huge", "an event over the size limit reached the application"
+            return dropped.poll(0)
+
+        wait_for(hostile_dropped, 30, interval=0, what="the subscriber to drop the hostile publisher")
+        wait_for(heard(good, "big.after"), 30, interval=0, what="an event after the oversized one")
+    finally:
+        hostile.disable_monitor()
+        dropped.close(0)
+        hostile.close(0)
+        good.close(0)
+
+
 def test_subscribers_find_publishers_by_discovery(make_node):
     pub, sub = make_node("pub", discovery="127.0.0.1"), make_node("sub", discovery="127.0.0.1")
     subscription = sub.subscribe("task.")
