@@ -33,7 +33,7 @@ import zmq
 
 from .. import Node  # the public name: node internals may move
 from ..protocol.constants import MAX_NAME_LENGTH, MAX_PREFETCH
-from ..protocol.message import check_peer_name
+from ..protocol.message import check_peer_name, is_whole
 from ..security.keys import KeyFileError, KeyPair, is_z85_key, load_public_key, load_secret_key
 
 log = logging.getLogger("murano_zmq.compat")
@@ -298,7 +298,7 @@ class BaseMqClient:
     def open(self, queue, prefetch_count=1):
         """A Subscription to `queue` (it consumes once entered)."""
         self._check_connected()
-        if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int) or prefetch_count < 0:
+        if not is_whole(prefetch_count) or prefetch_count < 0:
             raise ValueError(f"prefetch_count must be a whole number >= 0, got {prefetch_count!r}")
         return self.subscription_class(self, queue, prefetch_count)
 

@@ -28,7 +28,7 @@ from ..protocol.constants import (
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, bind_problem
 from ..protocol.errors import MessageTooLarge, RelayUnavailable, SendQueueFull
-from ..protocol.message import check_name, check_peer_name, is_number
+from ..protocol.message import check_name, check_peer_name, is_number, is_whole
 from ..protocol.topics import check_topic
 from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
@@ -128,7 +128,7 @@ class NodeBase:
         self._auto = auto_pattern(self.relay)
         self._bad_adverts: set[str] = set()
         self.timeout = timeout
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        if not is_whole(max_pending) or max_pending < 1:
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
         self.max_pending = max_pending
         self._context = context or zmq.Context.instance()
@@ -204,10 +204,9 @@ class NodeBase:
         check_name(mailbox)
         # The relay's bounds, checked here: a CONSUME it refuses would only
         # come back as 400 MALFORMED.
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+        if not is_whole(prefetch) or not 1 <= prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be a whole number from 1 to {MAX_PREFETCH}, got {prefetch!r}")
-        if prefetch_bytes is not None and (isinstance(prefetch_bytes, bool) or not isinstance(prefetch_bytes, int)
-                                           or not 1 <= prefetch_bytes <= MAX_PREFETCH_BYTES):
+        if prefetch_bytes is not None and not (is_whole(prefetch_bytes) and 1 <= prefetch_bytes <= MAX_PREFETCH_BYTES):
             raise ValueError(f"prefetch_bytes must be a whole number from 1 to {MAX_PREFETCH_BYTES} or None, "
                              f"got {prefetch_bytes!r}")
 

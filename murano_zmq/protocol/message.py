@@ -105,6 +105,11 @@ def unpack_body(packed: bytes) -> Any:
                          f"{packed[:8].hex() or 'with nothing'}): {type(exc).__name__} {exc}".rstrip()) from None
 
 
+def is_whole(value: Any) -> bool:
+    """An int, not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_number(value: Any) -> bool:
     """An int msgpack can carry or a finite float (NaN and infinities would
     stop timers; an int past 64 bits cannot be encoded)."""

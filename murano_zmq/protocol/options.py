@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constants import MAX_LIMIT, OVERFLOW_REJECT, OVERFLOWS
-from .message import check_name, is_number
+from .message import check_name, is_number, is_whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +35,7 @@ class MailboxOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("max_length", "max_bytes"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value <= MAX_LIMIT):
+            if value is not None and not (is_whole(value) and 0 <= value <= MAX_LIMIT):
                 raise ValueError(f"{name} must be a whole number from 0 to {MAX_LIMIT}, got {value!r}")
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")

@@ -12,6 +12,7 @@ import logging
 
 from ..protocol.constants import DELIVER_TURN_BYTES
 from ..protocol.frames import Cmd
+from ..protocol.message import is_whole
 from ..store.base import Store, new_row
 from .deadletters import DeadLetters
 from .mailboxes import Mailboxes
@@ -19,10 +20,6 @@ from .state import Consumer, Mailbox, Peer, Unacked
 from .turn import Turn
 
 log = logging.getLogger("murano_zmq.relay")
-
-
-def _is_tag(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Delivery:
@@ -161,7 +158,7 @@ class Delivery:
         """Take the unacked message `seq` back from `peer`'s consumer (None:
         settled already, or requeued after a reconnect).  Its mailbox is
         used now, and may deliver again."""
-        consumer = self.unacked.get(seq) if _is_tag(seq) else None
+        consumer = self.unacked.get(seq) if is_whole(seq) else None
         if consumer is None or consumer.peer is not peer:
             return None
         del self.unacked[seq]

@@ -47,7 +47,7 @@ from ..protocol.errors import (
 )
 from ..protocol.direct import endpoint_problem
 from ..protocol.frames import Cmd, decode
-from ..protocol.message import check_name
+from ..protocol.message import check_name, is_whole
 from ..store.base import Store
 from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
@@ -432,7 +432,7 @@ def _req_of(cmd: Cmd, fields: tuple) -> int | None:
     if cmd in (Cmd.BYE, Cmd.HEARTBEAT) or not fields:
         return None
     first = fields[0]
-    return first if isinstance(first, int) and not isinstance(first, bool) else None
+    return first if is_whole(first) else None
 
 
 def _valid_name(name: str) -> str:
