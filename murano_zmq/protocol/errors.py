@@ -101,10 +101,14 @@ class ShuttingDown(RelayError):
 
 
 class StorageFull(RelayError):
-    """The relay's disk is full: it stores nothing new until space returns
-    (consumers and acks still work).  Nothing of the send was stored."""
+    """The relay's disk is full, or its writes keep failing: it stores
+    nothing new until it can again (consumers and acks still work).
+    Nothing of the send was stored."""
 
     code = 507
+
+
+DISK_FULL = "the relay's disk is full"  # why a StorageFull, most of the time
 
 
 ERROR_CLASSES: dict[int, type[RelayError]] = {

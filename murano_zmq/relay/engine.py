@@ -35,6 +35,7 @@ from ..protocol.constants import (
     MAX_PREFETCH_BYTES,
 )
 from ..protocol.errors import (
+    DISK_FULL,
     LocalProtocolError,
     MailboxNotFound,
     Malformed,
@@ -106,14 +107,22 @@ class RelayEngine:
 
     @property
     def storage_full(self) -> bool:
-        """Set by the relay process while the disk is full: nothing new is
-        stored (sends and new mailboxes get StorageFull); delivery and acks
-        go on."""
-        return self.intake.storage_full
+        """Set by the relay process while the disk is full, or while its
+        writes keep failing: nothing new is stored (sends and new mailboxes
+        get StorageFull); delivery and acks go on."""
+        return bool(self.intake.storage_full)
 
     @storage_full.setter
-    def storage_full(self, value: bool) -> None:
-        self.intake.storage_full = self.boxes.storage_full = value
+    def storage_full(self, value: bool | str) -> None:
+        """True (the disk is full), a str (what else keeps the relay from
+        storing: what refused senders are told), or False."""
+        why = DISK_FULL if value is True else value or False
+        self.intake.storage_full = self.boxes.storage_full = why
+
+    @property
+    def refusal(self) -> str | bool:
+        """Why nothing new is stored (what refused senders are told), or False."""
+        return self.intake.storage_full
 
     @property
     def permissions(self):

@@ -14,31 +14,52 @@ log = logging.getLogger("murano_zmq.relay")
 # A store failure is logged in full once; more of them within this many
 # seconds are counted and summed up in one line.
 STORE_FAILURE_LOG_EVERY = 30.0
+# A store failure within this many seconds of the last one is one that a
+# reload does not mend (a segment directory the relay may not write, a
+# failing disk): the relay refuses sends until a probe write succeeds,
+# rather than fail, reload and ask every node to resend, again and again.
+STORE_FAILURE_AGAIN = 10.0
+# What refused senders are told then.
+WRITES_FAILING = "the relay cannot write its store (its writes keep failing)"
 
 
 class FailureLog:
     """Store failures, logged with their real cause once, then summed up
     at most every STORE_FAILURE_LOG_EVERY seconds (a full disk can fail
-    every commit)."""
+    every commit), each kind (full disk, failed again, failed) apart."""
 
     def __init__(self) -> None:
-        self._last_logged = float("-inf")
-        self._unlogged = 0
+        self._logged: dict[str, float] = {}  # kind -> when last logged
+        self._unlogged: dict[str, int] = {}
+        self._last_failed = float("-inf")  # the last failure but for a full disk
 
-    def note(self, exc: Exception, full: bool) -> None:
+    def note(self, exc: Exception, full: bool) -> bool:
+        """Log a store failure; True if it came again, within
+        STORE_FAILURE_AGAIN of the last one (a full disk is not counted)."""
         now = time.monotonic()
-        if now - self._last_logged < STORE_FAILURE_LOG_EVERY:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more store failures since the last report)" if self._unlogged else ""
-        self._last_logged, self._unlogged = now, 0
+        again = not full and now - self._last_failed < STORE_FAILURE_AGAIN
+        if not full:
+            self._last_failed = now
+        kind = "full" if full else "again" if again else "failed"
+        if now - self._logged.get(kind, float("-inf")) < STORE_FAILURE_LOG_EVERY:
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+            return again
+        unlogged = self._unlogged.pop(kind, 0)
+        more = f" ({unlogged} more such store failures since the last report)" if unlogged else ""
+        self._logged[kind] = now
         if full:
             log.error("store write failed: %s%s. The relay refuses sends (StorageFull) until space "
                       "returns, goes on delivering and taking acks, and has asked every node to "
                       "resync", exc, more)
+        elif again:
+            log.error("store write failed again: %s%s. The relay reloaded its state from the store, asked "
+                      "every node to resync, and refuses sends (StorageFull) until a probe write in its "
+                      "data directory succeeds (every second); it goes on delivering and taking acks",
+                      exc, more)
         else:
             log.error("store write failed: %s%s. The relay reloaded its state from the store and "
                       "asked every node to resync", exc, more)
+        return again
 
 
 def prepare_data_dir(data_dir: str, create_parents: bool) -> None:

@@ -49,7 +49,7 @@ class Intake:
         self.sessions = sessions
         self.counters = counters
         self.max_message_size = max_message_size
-        self.storage_full = False  # the disk is full: store nothing new
+        self.storage_full: bool | str = False  # why nothing new is stored (RelayEngine.storage_full)
         self.shared = getattr(store, "shared", None)  # several relays share the store
 
     def store_records(self, ctx: Ctx, records: list) -> list[list]:
@@ -113,7 +113,7 @@ class Intake:
                         log.warning("duplicate message id %s for %s refused", msg_id.hex(), name)
                     continue  # (else: this message again, stored already: confirm it again)
             if self.storage_full:
-                errors.append([i, StorageFull.code, "the relay's disk is full: not stored; send it again later"])
+                errors.append([i, StorageFull.code, f"{self.storage_full}: not stored; send it again later"])
                 continue
             mb = boxes.by_name.get(name) or boxes.get_or_create(name, now)
             if ttl is None:

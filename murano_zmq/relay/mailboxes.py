@@ -51,7 +51,7 @@ class Mailboxes:
         self.low: set[Mailbox] = set()  # windows to read ahead (top_up())
         self._idle_heap: list[tuple[float, int, str]] = []  # (deadline, mailbox id, name)
         self._next_id = 1
-        self.storage_full = False  # the disk is full: DECLARE makes no new mailbox
+        self.storage_full: bool | str = False  # why DECLARE makes no new mailbox (RelayEngine.storage_full)
 
     def recover(self, now: float) -> None:
         stats = self.store.mailbox_stats()
@@ -133,7 +133,7 @@ class Mailboxes:
                 raise Malformed(str(exc)) from None
             if mb is None:
                 if self.storage_full:
-                    raise StorageFull("the relay's disk is full: no new mailbox until space returns")
+                    raise StorageFull(f"{self.storage_full}: no new mailbox until the relay can store again")
                 mb = self.create(name, opts, True, now)
             else:
                 mb.options, mb.declared = opts, True

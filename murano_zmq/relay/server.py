@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import zmq
 
 from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE
-from ..protocol.errors import StartupError
+from ..protocol.errors import DISK_FULL, StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
@@ -38,7 +38,7 @@ from ..store.open import StandbyStopped, is_sqlite, open_store
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
-from .faults import FailureLog, prepare_data_dir
+from .faults import WRITES_FAILING, FailureLog, prepare_data_dir
 from .wire import EVENTS, POLLIN, Wire
 
 log = logging.getLogger("murano_zmq.relay")
@@ -212,14 +212,15 @@ class Relay(Wire):
                        else StoreError(SyncFailed(f"syncing the store failed: {failed_sync}")))
             return False
         full = isinstance(exc, StoreError) and exc.full
-        self._failures.note(exc, full)
+        again = self._failures.note(exc, full)
         old = self.engine
         old.shutdown()
         self._send(sock, old.take_output(time.time()))
         old.store.rollback()
         self.engine = self._new_engine(old.store)
-        if full or old.storage_full:
-            self._storage_full(None)
+        why = DISK_FULL if full else WRITES_FAILING if again else old.refusal
+        if why:
+            self._storage_full(None, why)
         return True
 
     def _halt(self, exc: StoreError) -> None:
@@ -241,10 +242,11 @@ class Relay(Wire):
                      "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "
                      "(docs/operations.md, 'A failed sync')", self.config.data_dir, exc)
 
-    def _storage_full(self, when: str | None) -> None:
-        """Refuse sends until space returns; give the reserve to SQLite so
-        acks still commit."""
-        self.engine.storage_full = True
+    def _storage_full(self, when: str | None, why: str = DISK_FULL) -> None:
+        """Refuse sends until space returns (or, `why` another cause, until
+        a probe write succeeds); give the reserve to SQLite so acks still
+        commit."""
+        self.engine.storage_full = why
         self.engine.store.drop_reserve()
         self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
         if when:
@@ -257,9 +259,12 @@ class Relay(Wire):
         if now < self._next_space_probe:
             return
         self._next_space_probe = now + SPACE_PROBE_EVERY
-        if engine.store.hold_reserve() and engine.store.space_available():
+        if engine.store.hold_reserve() and engine.store.space_available() and engine.store.writable():
+            if engine.refusal == DISK_FULL:
+                log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
+            else:
+                log.warning("a probe write in %s succeeded: accepting sends again", self.config.data_dir)
             engine.storage_full = False
-            log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
 
     def _serve_metrics(self, store: SQLiteStore):
         if not self.config.metrics:

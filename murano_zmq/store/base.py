@@ -128,6 +128,9 @@ class Store(Protocol):
         """True while a commit's writes hold the writer (a commit now would
         wait for them); False while a commit in flight only syncs."""
 
+    def writable(self) -> bool:
+        """A probe: can the store write its files now?"""
+
     def check_held(self, now: float) -> float:
         """(between commits) StoreError if the store is no longer this
         relay's (another relay took its lock); when to ask again."""

@@ -227,6 +227,12 @@ class BatchedStore:
         """True while sealed writes wait for commit()."""
         return len(self._batches) > 1
 
+    def writable(self) -> bool:
+        """(a probe, while the relay refuses sends for failed writes) Can
+        the store write files now?  The SQL server's business but for the
+        SQLite store's segment files."""
+        return True
+
     def check_held(self, now: float) -> float:
         """(the relay loop, between commits) Check that the store is still
         this relay's; when to ask again (time.time()).  Only a store held

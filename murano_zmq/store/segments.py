@@ -55,6 +55,7 @@ SEGMENT_DIR = "segments"
 PRIVATE_DIR = 0o700
 SUFFIX = ".seg"
 SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
+PROBE_NAME = "probe.seg-free"  # Segments.writable()'s
 
 # Bodies of this size and up go to segments.  Below it SQLite's double write
 # costs less than a second fsync per commit (docs/performance.md, "64 KiB
@@ -355,6 +356,26 @@ class Segments:
             return 0
         self._filled = max(self._filled, end + done)
         return done
+
+    def writable(self) -> bool:
+        """Can a file be made and written in the segment directory now?  (A
+        probe: a new segment would fail where it fails.)"""
+        probe = os.path.join(self.dir, PROBE_NAME)
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            os.write(fd, b"\0")
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
 
     def _roll(self) -> None:
         seg = self._next

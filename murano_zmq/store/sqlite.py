@@ -567,6 +567,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     def hold_reserve(self) -> bool:
         return space.hold_reserve(os.path.dirname(self.path))
 
+    def writable(self) -> bool:
+        return self._segments.writable()
+
     def drop_reserve(self) -> None:
         space.drop_reserve(os.path.dirname(self.path))
         self._segments.drop_spare()

@@ -141,6 +141,60 @@ def _sends(node) -> bool:
         return False
 
 
+def _without_file_mode_override() -> None:
+    """(preexec_fn) This process, root or not, obeys file modes: its
+    bounding set loses CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so the
+    exec'd relay does not have them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_a_segment_directory_it_cannot_write_refuses_sends_not_a_reload_loop(relay_factory, tmp_path):
+    """A segment file the relay may not create (EACCES; EROFS, EIO alike)
+    failed every large send's commit: the relay reloaded, asked every node
+    to resend, failed again, thousands of times a second, and served no one.
+    Now a failure that comes again refuses sends (StorageFull) until a
+    probe write succeeds; delivery goes on, and sends come back by
+    themselves once the directory is fixed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop the override of file modes (prctl)")
+    data = tmp_path / "data"
+    segments = data / "segments"
+    segments.mkdir(parents=True, mode=0o700)
+    segments.chmod(0o500)
+    relay = relay_factory(data_dir=str(data), preexec_fn=_without_file_mode_override)
+    log_path = tmp_path / "relay-0.log"
+    big = os.urandom(64 * 1024)
+    try:
+        with Node("sender", relay=relay.endpoint, timeout=30, heartbeat=0.2) as node:
+            node.send("jobs", "small, before")
+            with pytest.raises(StorageFull, match="cannot write its store"):
+                node.send("jobs", big)
+            reloads = log_path.read_text().count("recovered ")
+            assert node.status()["storage_full"] is True
+            consumer = node.consume("jobs", prefetch=10)  # delivery goes on
+            first = consumer.get(timeout=10)
+            assert first is not None and first.body == "small, before"
+            first.ack()
+            assert relay.proc.poll() is None
+            assert log_path.read_text().count("recovered ") - reloads <= 3, "the relay reloads in a loop"
+            segments.chmod(0o700)
+            wait_for(lambda: _sends(node), 20, interval=0.3, what="sends accepted again")
+            stored = node.send("jobs", big)
+            got = consumer.get(timeout=10)
+            assert got is not None and got.id == stored and got.body == big
+            got.ack()
+    finally:
+        segments.chmod(0o700)  # (pytest removes tmp_path)
+    log = log_path.read_text()
+    assert "store write failed again" in log and "a probe write in" in log
+    assert log.count("recovered ") < 20, "the relay reloaded in a loop"
+
+
 def test_restart_on_a_full_disk_serves_consumers_and_acks(relay_factory, small_disk, tmp_path):
     data = os.path.join(small_disk, "data")
     relay = relay_factory(data_dir=data)
