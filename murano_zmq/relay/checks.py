@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..store.dbcheck import foreign_tables, unusable_database
-from ..store.packs import stored_count
+from ..store.packs import damaged_packs, stored_count
 from ..store.schema import SCHEMA_VERSION
 from ..store.segments import SEGMENT_DIR
 from ..store.sqlite import SQLiteStore
@@ -117,12 +117,18 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
             count = stored_count(con)
             lost = _bodies_missing(con, path / SEGMENT_DIR) if verdict == "ok" else 0
+            damaged = damaged_packs(con) if verdict == "ok" else (0, 0)
         finally:
             con.close()
     except sqlite3.Error as exc:
         return Check(False, "data dir", f"{db} is not a usable relay database: {exc}")
     if verdict != "ok":
         return Check(False, "data dir", f"{db} fails SQLite's quick_check: {verdict}")
+    if damaged[0]:
+        return Check(False, "data dir", f"{damaged[1]} message(s) in {damaged[0]} run(s) of {db} cannot be read "
+                                        "(a damaged page: SQLite keeps no checksum of a row); the relay serves "
+                                        "the others and logs these as lost: restore the database from a backup "
+                                        "to keep them")
     if lost:
         return Check(False, "data dir", f"{lost} message(s) have their body in a segment file of "
                                         f"{path / SEGMENT_DIR} that is missing or cut short: restore the "

@@ -132,6 +132,11 @@ class Relay(Wire):
             notify(f"READY=1\nSTATUS=serving on {self.endpoint}")  # systemd Type=notify
             try:
                 self._loop(sock)
+            except Exception:
+                # (main prints one line; the traceback is what a report needs)
+                log.critical("the relay stops on an unexpected error (a bug: please report it with this "
+                             "traceback)", exc_info=True)
+                raise
             finally:
                 if discovery is not None:
                     discovery.close()

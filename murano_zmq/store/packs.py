@@ -35,6 +35,7 @@ for a hashed id), not every pack.
 
 from __future__ import annotations
 
+import logging
 import threading
 from bisect import bisect_left, bisect_right, insort
 from itertools import chain, groupby, islice, repeat
@@ -52,6 +53,8 @@ __all__ = ["Packs", "MIN_ROWS", "MAX_ROWS", "packed_rows", "stored_ids", "stored
 
 MIN_ROWS = 16  # a shorter run is stored a row per message
 MAX_ROWS = 256  # a longer one is cut into packs of this many (SEND_BATCH)
+
+log = logging.getLogger("murano_zmq.store")
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 _INSERT = ("INSERT INTO packs (first, last, mailbox, min_id, max_id, nbytes, ids, sizes, data) "
@@ -80,6 +83,7 @@ class Packs:
         self.min_rows = min_rows
         self.lock = threading.Lock()
         self._cached: tuple[int, list] | None = None  # the last pack read: (first, its rows)
+        self._damaged: set[int] = set()  # packs found damaged (logged once each)
         # True after a rollback that could not read the directory again:
         # the next write reads it first (reload_if_stale()).
         self.stale = False
@@ -296,12 +300,24 @@ class Packs:
         found = query("SELECT ids, data FROM packs WHERE first=?", (p.first,))
         if not found:
             return None
-        ids = msgpack.unpackb(found[0][0])
-        bodies, created, deliveries, headers = msgpack.unpackb(found[0][1])
+        try:
+            ids, (bodies, created, deliveries, headers) = decode_pack(p.first, p.last, *found[0])
+        except DamagedPack as exc:
+            self._lost(p, exc)
+            self._cached = (p.first, [])
+            return []
         rows = list(zip(range(p.first, p.last + 1), repeat(p.mailbox), ids, headers or repeat(b""), bodies,
                         created, repeat(None), deliveries))
         self._cached = (p.first, rows)
         return rows
+
+    def _lost(self, p: Pack, exc: DamagedPack) -> None:
+        """A pack that cannot be read: its messages are not delivered (nor
+        found by id); every other pack and row is served as before."""
+        if p.first not in self._damaged:
+            self._damaged.add(p.first)
+            log.error("messages %d..%d of mailbox #%d are lost: %s (a damaged page of the database; "
+                      "`relay --check-config` counts them)", p.first, p.last, p.mailbox, exc)
 
     def _live(self, rows: list[tuple], p: Pack, after: int = -1) -> Iterator[tuple]:
         """The pack's rows not gone, with seq > after, their counts set."""
@@ -369,7 +385,12 @@ class Packs:
             found = query("SELECT ids FROM packs WHERE first=?", (p.first,))
             if not found:
                 continue
-            for seq, msg_id in enumerate(msgpack.unpackb(found[0][0]), p.first):
+            try:
+                ids = decode_ids(p.first, p.last, found[0][0])
+            except DamagedPack as exc:
+                self._lost(p, exc)
+                continue
+            for seq, msg_id in enumerate(ids, p.first):
                 if msg_id in wanted and seq not in p.gone:
                     out.append((seq, p.mailbox, msg_id))
         return out
@@ -384,8 +405,12 @@ class Packs:
             out_of = gone.get(first)
             n = last - first + 1
             if out_of:  # (the sizes alone are read, not the bodies)
-                sizes = msgpack.unpackb(query("SELECT sizes FROM packs WHERE first=?", (first,))[0][0])
                 n -= len(out_of)
+                try:
+                    sizes = _checked(msgpack.unpackb(query("SELECT sizes FROM packs WHERE first=?", (first,))[0][0]),
+                                     (int,), last - first + 1)
+                except (DamagedPack, *_UNPACK_ERRORS):
+                    sizes = ()  # (a damaged pack: its bytes counted whole; its reads say so)
                 nbytes -= sum(size for seq, size in enumerate(sizes, first) if seq in out_of)
             n0, b0 = out.get(mailbox, (0, 0))
             out[mailbox] = (n0 + n, b0 + nbytes)
@@ -398,11 +423,76 @@ def packed_rows(db) -> Iterator[tuple[int, bytes]]:
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name='packs'").fetchall():
         return
     gone = _gone(db.execute)
-    for first, packed in db.execute("SELECT first, ids FROM packs").fetchall():
+    for first, last, packed in db.execute("SELECT first, last, ids FROM packs").fetchall():
         out = gone.get(first, ())
-        for seq, msg_id in enumerate(msgpack.unpackb(packed), first):
+        try:
+            ids = decode_ids(first, last, packed)
+        except DamagedPack:
+            continue  # (damaged_packs() counts them)
+        for seq, msg_id in enumerate(ids, first):
             if seq not in out:
                 yield seq, msg_id
+
+
+def damaged_packs(db) -> tuple[int, int]:
+    """(packs, messages not deleted) that cannot be read: a damaged page of
+    the database (SQLite keeps no checksum of a row).  Reads every pack."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name='packs'").fetchall():
+        return 0, 0
+    gone = _gone(db.execute)
+    packs = messages = 0
+    for first, last, ids, data in db.execute("SELECT first, last, ids, data FROM packs"):
+        try:
+            decode_pack(first, last, ids, data)
+        except DamagedPack:
+            packs += 1
+            messages += last - first + 1 - len(gone.get(first, ()))
+    return packs, messages
+
+
+class DamagedPack(ValueError):
+    """A pack's blobs are not what _write_pack() wrote."""
+
+
+# What msgpack raises on bytes it cannot read (ExtraData is a ValueError).
+_UNPACK_ERRORS = (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException)
+
+
+def decode_ids(first: int, last: int, ids: bytes) -> list:
+    """A pack's ids, checked (DamagedPack)."""
+    try:
+        return _checked(msgpack.unpackb(ids), (bytes,), last - first + 1)
+    except DamagedPack as exc:
+        raise DamagedPack(f"pack {first}: its ids: {exc}") from None
+    except _UNPACK_ERRORS as exc:
+        raise DamagedPack(f"pack {first}: its ids cannot be read ({type(exc).__name__})") from None
+
+
+def decode_pack(first: int, last: int, ids: bytes, data: bytes) -> tuple[list, list]:
+    """(ids, [bodies, created, deliveries, headers or None]) of a pack, each
+    list checked for its length and its items' types, so that a damaged
+    pack costs its own messages, never the relay (DamagedPack)."""
+    n = last - first + 1
+    checked_ids = decode_ids(first, last, ids)
+    try:
+        bodies, created, deliveries, headers = fields = msgpack.unpackb(data)
+        _checked(bodies, (bytes,), n)
+        _checked(created, (float, int), n)
+        _checked(deliveries, (int,), n)
+        if headers is not None:
+            _checked(headers, (bytes,), n)
+    except DamagedPack as exc:
+        raise DamagedPack(f"pack {first}: its data: {exc}") from None
+    except _UNPACK_ERRORS as exc:
+        raise DamagedPack(f"pack {first}: its data cannot be read ({type(exc).__name__})") from None
+    return checked_ids, fields
+
+
+def _checked(values, kinds: tuple, n: int) -> list:
+    """`values`, if it is a list of `n` items of these exact types (a bool is no int)."""
+    if type(values) is not list or len(values) != n or not set(map(type, values)) <= set(kinds):
+        raise DamagedPack(f"a list of {n} {'/'.join(k.__name__ for k in kinds)} expected")
+    return values
 
 
 def stored_ids(db) -> set[bytes]:
