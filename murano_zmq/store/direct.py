@@ -89,8 +89,7 @@ class DirectWriter:
 
     def _buffer(self, size: int) -> mmap.mmap:
         if self._buf is None or len(self._buf) < size:
-            if self._buf is not None:
-                self._buf.close()
+            self.close()
             self._buf = mmap.mmap(-1, aligned_up(size))  # (page-aligned, zero-filled)
         return self._buf
 
@@ -131,7 +130,11 @@ class DirectWriter:
             if fill:
                 padded = aligned_up(fill)
                 space[fill:padded] = bytes(padded - fill)
-                _pwrite_direct(dfd, space[:padded], pos)
+                last = space[:padded]
+                try:
+                    _pwrite_direct(dfd, last, pos)
+                finally:
+                    last.release()  # (else a failed write's traceback keeps the buffer exported)
                 pos += padded
         finally:
             space.release()
@@ -139,7 +142,10 @@ class DirectWriter:
 
     def close(self) -> None:
         if self._buf is not None:
-            self._buf.close()
+            try:
+                self._buf.close()
+            except BufferError:  # (a view of it still lives somewhere: the collector frees it)
+                pass
             self._buf = None
 
 

@@ -84,6 +84,31 @@ def test_a_run_within_its_first_block_is_written_buffered_only(tmp_path):
         os.close(dfd)
 
 
+def test_a_failed_direct_write_kept_in_a_traceback_leaves_the_buffer_free(tmp_path, monkeypatch):
+    """A full disk's ENOSPC from the last, padded direct write: its traceback
+    (kept by the relay's failure path, a cycle the tuned collector is slow
+    to free) held a slice of the writer's buffer, and the buffer's close()
+    raised BufferError: a traceback and exit 1 at the relay's stop, and the
+    relay's death where a later batch needed a larger buffer."""
+    path = str(tmp_path / "seg")
+    fd, dfd = open_pair(path)
+
+    def full(dfd, view, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct, "_pwrite_direct", full)
+    writer = DirectWriter()
+    try:
+        with pytest.raises(OSError) as kept:
+            writer.write(fd, dfd, 0, [b"x" * (ALIGN + 100)])
+        assert kept.value.__traceback__ is not None  # (held, with its frames, while the writer goes on)
+        writer._buffer(direct.WRITE_CHUNK)  # a larger one: the first is closed
+        writer.close()
+    finally:
+        os.close(fd)
+        os.close(dfd)
+
+
 class Reads:
     """A DirectReader over one file of bodies, counting where its reads ran."""
 
