@@ -105,7 +105,11 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     if not os.access(db, os.R_OK | os.W_OK):
         return Check(False, "data dir", f"{db} is not readable and writable by uid {os.geteuid()}")
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        # With no -wal (a clean stop) the file is all there is: immutable, or
+        # SQLite would create -wal and -shm to read it.  With one (a crash),
+        # reading it rebuilds -shm, the WAL's index, which changes no data.
+        wal = db.with_name(DB_NAME + "-wal").exists()
+        con = sqlite3.connect(f"file:{db}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=5)
         try:
             foreign = foreign_tables(con, str(db))
             if foreign is not None:

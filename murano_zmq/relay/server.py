@@ -35,6 +35,7 @@ from ..security.relay import RelaySecurity
 from ..store.faults import SyncFailed
 from ..store.lock import DataDirLock
 from ..store.open import StandbyStopped, is_sqlite, open_store
+from ..store.space import RESERVE_BYTES, SPACE_PROBE_BYTES
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
@@ -255,8 +256,9 @@ class Relay(Wire):
         self.engine.store.drop_reserve()
         self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
         if when:
-            log.error("the disk of %s is full %s: refusing sends (StorageFull) until space returns",
-                      self.config.data_dir, when)
+            log.error("the disk of %s is full %s (the relay keeps a reserve of %d MiB and needs %d MiB free "
+                      "beside it): refusing sends (StorageFull) until space returns", self.config.data_dir, when,
+                      RESERVE_BYTES >> 20, SPACE_PROBE_BYTES >> 20)
 
     def _check_space(self, engine: RelayEngine) -> None:
         """While sends are refused for a full disk, see if space returned."""

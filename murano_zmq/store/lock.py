@@ -26,7 +26,7 @@ class DataDirLock:
 
     def acquire(self) -> "DataDirLock":
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StartupError(f"data directory {self.data_dir}: cannot open {self.path}: "
                                f"{exc.strerror}") from None

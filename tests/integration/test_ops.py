@@ -225,9 +225,13 @@ def test_check_config_passes_a_good_configuration_and_says_what_it_checked(tmp_p
     busy = cli("relay", "--check-config", "--data-dir", str(tmp_path / "used"))
     assert busy.returncode == 1 and f"in use by another relay (pid {relay.pid})" in busy.stdout, busy.stdout
     relay.stop()
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "used").iterdir()}
+    assert (tmp_path / "used" / "relay.lock").stat().st_mode & 0o077 == 0  # (the relay's files are its user's)
     out = cli("relay", "--check-config", "--data-dir", str(tmp_path / "used"))
     assert out.returncode == 0, out.stdout
     assert "passes quick_check, 1 message(s)" in out.stdout
+    # (it made relay.db-wal and -shm to read a cleanly stopped database)
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "used").iterdir()} == before, "the check changed files"
 
 
 @pytest.mark.parametrize("breakage, failing", [
