@@ -42,6 +42,9 @@ STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
 # (PostgresStore.check_held): an idle relay, too, stops within the grace.
 RETAKE_WAIT = 1.0
 LOCK_CHECK_EVERY = 0.5
+# After a check that could not reach the server: a standby cannot reach it
+# either, and a connect may take CONNECT_TIMEOUT of the relay loop's time.
+LOCK_CHECK_RETRY = 5.0
 TAKEOVER_GRACE = RETAKE_WAIT + 1.0
 STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often
 

@@ -358,20 +358,21 @@ class PostgresStore(BatchedStore):
         except StoreError as exc:
             if exc.lock_lost:
                 raise
-            self._check_failed(exc)
+            return self._check_failed(exc, now)
         except psycopg.Error as exc:
-            self._check_failed(exc)
-        else:
-            self._alive_at = now
+            return self._check_failed(exc, now)
         finally:
             self._commit_lock.release()
+        self._alive_at = now
         return now + pgconn.LOCK_CHECK_EVERY
 
-    def _check_failed(self, exc: Exception) -> None:
+    def _check_failed(self, exc: Exception, now: float) -> float:
+        """(check_held could not reach the server) Said once; when to try again."""
         if not self._check_logged:
             self._check_logged = True
             log.warning("PostgreSQL (%s): the writer's session cannot be checked (%s); the next commit "
                         "connects again", self.path, pgconn.one_line(exc))
+        return now + pgconn.LOCK_CHECK_RETRY
 
     def _writer_back(self, once: bool = False) -> None:
         """(holding the commit lock, the writer's connection lost) A new one,
