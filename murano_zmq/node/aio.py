@@ -442,6 +442,6 @@ class AsyncNode(NodeBase):
 _FAILED_TURNS_LIMIT = 20
 
 
-def _expire(future: asyncio.Future, timed_out, timeout: float) -> None:
+def _expire(future: asyncio.Future, timed_out, timeout: float, send: bool) -> None:
     if not future.done():  # (the error is made only now: most sends never need it)
-        future.set_exception(timed_out(timeout))
+        future.set_exception(timed_out(timeout, send))

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from murano_zmq import Node
 from murano_zmq.testing import relay_answers
 
@@ -200,6 +202,22 @@ def test_relay_with_nothing_listening_gives_relay_unavailable(node_kind):
             assert endpoint in str(exc)
         else:
             raise AssertionError("status() without a relay must raise RelayUnavailable")
+
+
+def test_sends_without_a_relay_time_out_at_their_timeout(node_kind):
+    """AsyncNode's send() and send_many() waited for ever while no relay
+    answered: their timer's callback raised TypeError on the event loop
+    (a parameter added to one side only), the default 30 s included."""
+    from murano_zmq import RelayUnavailable
+    from ..helpers import free_tcp_endpoint
+
+    endpoint = free_tcp_endpoint()
+    with node_kind("lonely", relay=endpoint, timeout=30, direct=False) as node:
+        for call in (lambda: node.send("q", "x", timeout=0.5), lambda: node.send_many([("q", "x")], timeout=0.5)):
+            started = time.monotonic()
+            with pytest.raises(RelayUnavailable, match=f"no answer from relay {endpoint}.* within 0.5s"):
+                call()
+            assert time.monotonic() - started < 10, "the send outlived its timeout"
 
 
 def test_device_entry_point_runs_the_relay(tmp_path):
