@@ -113,6 +113,12 @@ class ClientCore:
         # they are settled when it is.  key -> relay tags
         self._shadows: dict[tuple, set[int]] = {}
         self._pending_acks: list[int] = []
+        # Connections made to a relay so far: a delivery's tag is settled
+        # only on the connection that brought it (Message.connection).  A
+        # relay started on another store (a new data directory, the next
+        # relay of a list) numbers its deliveries from the same first tag:
+        # an ack of an older delivery settled a newer message there.
+        self.connections = 0
         # Acks of relay copies worth writing without waiting for the
         # application to pause: half its smallest window (see ack_early).
         self.ack_early = 0
@@ -131,7 +137,12 @@ class ClientCore:
         self._check_open()
         self.state = State.CONNECTING
         self._last_heard = self._last_sent = now
+        self.connections += 1
+        # The last connection's tags: its relay gave their messages back
+        # when the session ended; copies delivered again are settled
+        # through the dedup window (_on_deliver).
         self._pending_acks.clear()
+        self._shadows.clear()
         self._put(Cmd.HELLO, self.node_name, self.instance_id, self.heartbeat)
         for req, records in self._unconfirmed.items():
             for record in records:
@@ -251,10 +262,14 @@ class ClientCore:
         """The application acked or nacked `message`."""
         done = how == "ack" or not requeue
         self.dedup.settle((message.mailbox, message.id), done)
+        current = message.connection == self.connections
         tags = self._shadows.get((message.mailbox, message.id))
         if tags:
-            tags.discard(message.tag)
+            if current:
+                tags.discard(message.tag)
             self.settled_elsewhere((message.mailbox, message.id), done)
+        if not current:
+            return  # (an earlier connection's tag: see self.connections)
         if how == "ack":
             self._pending_acks.append(message.tag)
             return
@@ -266,13 +281,15 @@ class ClientCore:
         (the tags join the same ACK); their (mailbox, id) keys."""
         keys = [(m.mailbox, m.id) for m in messages]
         self.dedup.settle_done(keys)
+        now = self.connections
         if self._shadows:
             for m, key in zip(messages, keys):
                 tags = self._shadows.get(key)
                 if tags:
-                    tags.discard(m.tag)
+                    if m.connection == now:
+                        tags.discard(m.tag)
                     self.settled_elsewhere(key, True)
-        self._pending_acks.extend([m.tag for m in messages])
+        self._pending_acks.extend([m.tag for m in messages if m.connection == now])
         return keys
 
     def flush_acks(self) -> None:
@@ -357,7 +374,8 @@ class ClientCore:
         return [RelayProblem(error)]
 
     def _on_deliver(self, consumer: int, records: list) -> list:
-        messages = [parse_delivery(r) for r in records]
+        connection = self.connections
+        messages = [parse_delivery(r, connection) for r in records]
         if consumer not in self._consumers:
             # Cancelled meanwhile (or never ours): give them back, and make
             # sure the relay forgets that consumer.

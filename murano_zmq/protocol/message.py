@@ -265,6 +265,9 @@ class Message:
     expires_at: float | None
     delivery_count: int
     tag: int = 0  # the relay's delivery tag (0 for a direct delivery)
+    # Which of its node's connections to a relay delivered it (ClientCore.
+    # connections): a tag means something only to that connection's relay.
+    connection: int = field(default=0, repr=False)
     origin: Any = field(default=None, repr=False)  # direct delivery: who to confirm to
     _settle: Callable[["Message", str, bool], None] | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
@@ -325,8 +328,9 @@ class Message:
         }
 
 
-def parse_delivery(item: Any) -> Message:
-    """One DELIVER record from the relay as a Message, or RemoteProtocolError."""
+def parse_delivery(item: Any, connection: int = 0) -> Message:
+    """One DELIVER record from the relay as a Message, or RemoteProtocolError.
+    connection: the receiving node's count of its connections (Message.connection)."""
     if not isinstance(item, list) or len(item) != 8:
         raise RemoteProtocolError("a DELIVER record has 8 fields")
     tag, msg_id, mailbox, headers, body, created, expires, count = item
@@ -336,4 +340,5 @@ def parse_delivery(item: Any) -> Message:
             and ((type(created) is float and created - created == 0.0) or is_number(created))
             and (expires is None or is_number(expires))):
         raise RemoteProtocolError("bad DELIVER record")
-    return Message(msg_id, mailbox, unpack_headers(headers) if headers else {}, body, created, expires, count, tag)
+    return Message(msg_id, mailbox, unpack_headers(headers) if headers else {}, body, created, expires, count, tag,
+                   connection)

@@ -234,3 +234,30 @@ def test_device_entry_point_runs_the_relay(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_an_ack_from_before_a_relay_lost_its_store_settles_nothing_new(relay_factory, node_kind, tmp_path):
+    """A relay started on another store (a new data directory here; the next
+    relay of a node's list alike) numbers deliveries from the same first
+    tag.  The application's late ack of a message from the old relay went
+    to the new one with that tag and deleted a different, confirmed
+    message, never delivered to anyone but this consumer.  Now a tag is
+    acked only on the connection that delivered it."""
+    relay = relay_factory(data_dir=str(tmp_path / "first"))
+    with node_kind("consumer", relay=relay.endpoint, timeout=20, direct=False) as consumer_node, \
+            node_kind("producer", relay=relay.endpoint, timeout=20, direct=False) as producer:
+        consumer = consumer_node.consume("q", prefetch=10)
+        producer.send("q", "old")
+        old = consumer.get(timeout=10)
+        relay.kill()
+        relay = relay_factory(endpoint=relay.endpoint, data_dir=str(tmp_path / "second"))  # the store is gone
+        producer.send("q", "new")
+        new = consumer.get(timeout=20)
+        assert new.body == "new" and new.tag == old.tag  # (the same number, another message)
+        old.ack()
+        consumer_node.status()  # (the ack, had it gone, is at the relay before this reply)
+        [q] = [m for m in producer.status()["mailboxes"] if m["name"] == "q"]
+        assert (q["depth"], q["unacked"]) == (1, 1), "an ack of another store's message settled this one"
+        new.ack()
+        wait_for(lambda: [m["depth"] for m in producer.status()["mailboxes"] if m["name"] == "q"] == [0], 10,
+                 what="the new message acked")
