@@ -268,7 +268,7 @@ class NodeBase:
         direct link, with the links open now."""
         links = self._core.sender.link_endpoints() if send and self._core.sender is not None else []
         direct = f", nor from direct link(s) to {', '.join(links)[:300]}" if links else ""
-        return RelayUnavailable(f"no answer from relay {self._where()}{direct} within {timeout}s (the node "
+        return RelayUnavailable(f"no answer from relay {self._where()}{direct} within {timeout:.4g}s (the node "
                                 "keeps trying until it is closed)")
 
     # --- the wake pipe (Node's I/O thread sleeps on it) -------------------------------

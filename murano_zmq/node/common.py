@@ -23,7 +23,7 @@ from ..protocol.client import (
 from ..protocol.constants import MAX_SECONDS, SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
-                                new_message_ids, pack_body, pack_headers, take_packer,
+                                new_message_ids, pack_body, pack_headers, take_packer, ttl_passed,
                                 unpackable_body)
 from ..protocol.options import MailboxOptions
 
@@ -117,12 +117,15 @@ def build_records(messages: Iterable[tuple], now: float, max_size: int | None) -
     return records
 
 
-def take_batch(queue: deque, max_size: int, dropped: list | None = None) -> tuple[list, list]:
+def take_batch(queue: deque, max_size: int, dropped: list | None = None,
+               now: float = 0.0) -> tuple[list, list]:
     """Pop up to one SEND's worth of (record, future) pairs off `queue`.
 
     Called once the relay's WELCOME gave its limit: a record over it fails
     here, since a frame over the relay's ZMQ_MAXMSGSIZE would be dropped
-    with the connection, silently.
+    with the connection, silently.  A record's ttl loses the time it
+    waited since it was made (`now`, its `created`); one whose ttl passed
+    meanwhile fails here too (protocol/message.py ttl_passed).
     """
     records, futures = [], []
     size = 0
@@ -137,6 +140,15 @@ def take_batch(queue: deque, max_size: int, dropped: list | None = None) -> tupl
             if dropped is not None:
                 dropped.append(record)
             continue
+        ttl = record[5]
+        if ttl is not None and now > record[4]:
+            waited = now - record[4]
+            if waited >= ttl:
+                _settle_future(future, error=ttl_passed(record))
+                if dropped is not None:
+                    dropped.append(record)
+                continue
+            record[5] = ttl - waited
         size += record_bytes
         records.append(record)
         futures.append(future)

@@ -182,7 +182,7 @@ class NodeCore:
         sender = self.sender
         if sender is None:  # (a node with no direct path holds nothing back)
             self._relay_queue.extend(routing)
-            self._fill_sends()
+            self._fill_sends(now)
             return
         held_mailboxes: set[str] = set()
         sender.paths.relay_up = self.session.state == State.READY
@@ -216,7 +216,7 @@ class NodeCore:
                 bound = mailbox
         if bound_count:
             sender.paths.via_relay(bound, bound_count)
-        self._fill_sends()
+        self._fill_sends(now)
 
     def _send_alone(self, pair: tuple, now: float) -> bool:
         """A lone send (nothing held or queued before it) in the usual case,
@@ -236,18 +236,18 @@ class NodeCore:
         if sender is not None:
             sender.paths.relay_up = True
             sender.paths.via_relay(mailbox)
-        req = session.send([record])
+        req = session.send([record], now)
         self.sent["relay"] += 1
         self.dispatch.sends[req] = ([waiter], [record])
         if sender is not None:
             self._relay_sends[req] = {mailbox: 1}
         return True
 
-    def _fill_sends(self) -> None:
+    def _fill_sends(self, now: float) -> None:
         session = self.session
         while self._relay_queue and session.state == State.READY and session.unconfirmed < MAX_IN_FLIGHT_BATCHES:
             dropped: list = []
-            records, waiters = take_batch(self._relay_queue, session.max_message_size, dropped)
+            records, waiters = take_batch(self._relay_queue, session.max_message_size, dropped, now)
             if self.sender is not None:
                 for r in dropped:  # refused before sending: no confirm will count them down
                     self.sender.paths.relay_confirmed(r[1])
@@ -255,7 +255,7 @@ class NodeCore:
                 if dropped:
                     continue
                 break
-            req = session.send(records)
+            req = session.send(records, now)
             self.sent["relay"] += len(records)
             self.dispatch.sends[req] = (waiters, records)
             if self.sender is not None:
@@ -280,7 +280,7 @@ class NodeCore:
     def relay_connected(self, now: float) -> None:
         """A fresh relay socket: HELLO, then replay what is pending."""
         self._lost = None
-        self.session.connection_made(now)
+        self._apply(self.session.connection_made(now), now)
 
     def relay_frames(self, frames: list, now: float) -> None:
         try:

@@ -112,10 +112,13 @@ class ZmqRelayDriver(base.BaseDriver):
         replies.expect(msg_id)
         try:
             try:
-                # The request expires with the call: no server runs it late.
+                # The request expires with the call, counted from this send
+                # (the node takes off the time it held it while no relay
+                # answered): a server that comes later does not run it.
                 node.send(mailbox, body, headers, ttl=call.ttl(), timeout=call.relay_wait())
             except RelayUnavailable as exc:
-                raise oslo_messaging.MessagingTimeout(f"no relay took the call to {mailbox}: {exc}") from None
+                raise oslo_messaging.MessagingTimeout(f"no relay confirmed the call to {mailbox} in time: "
+                                                      f"{exc}") from None
             except MuranoZmqError as exc:
                 raise oslo_messaging.MessageDeliveryFailure(f"call to {mailbox} refused: {exc}") from None
             return replies.wait(msg_id, call.left(), monitor)

@@ -23,7 +23,7 @@ from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT,
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
-from .message import Message, parse_delivery, shown_peer_name
+from .message import Message, count_down_ttls, parse_delivery, shown_peer_name
 
 _CONFIRM = bytes([Cmd.CONFIRM])
 
@@ -106,6 +106,7 @@ class ClientCore:
         self._outbox: list[list[bytes]] = []
         self._encode = encoder()  # the core is driven by one thread at a time
         self._unconfirmed: dict[int, list] = {}  # req -> SEND records
+        self._sent_at: dict[int, float] = {}  # req -> when its records' ttls were last counted
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
         self.dedup = DedupWindow(dedup_window)  # keys: (mailbox, message id)
@@ -132,8 +133,12 @@ class ClientCore:
         out, self._outbox = self._outbox, []
         return out
 
-    def connection_made(self, now: float) -> None:
-        """A fresh socket to the relay: say HELLO and replay what is pending."""
+    def connection_made(self, now: float) -> list:
+        """A fresh socket to the relay: say HELLO and replay what is pending.
+        A relay counts a record's ttl from its receipt: a replay's ttls are
+        what is left of them, and a SEND any of whose records' ttl passed
+        meanwhile is not replayed but failed (Failed events; its messages
+        may have been stored, as after any time-out)."""
         self._check_open()
         self.state = State.CONNECTING
         self._last_heard = self._last_sent = now
@@ -144,7 +149,15 @@ class ClientCore:
         self._pending_acks.clear()
         self._shadows.clear()
         self._put(Cmd.HELLO, self.node_name, self.instance_id, self.heartbeat)
-        for req, records in self._unconfirmed.items():
+        failed = []
+        for req, records in list(self._unconfirmed.items()):
+            expired = count_down_ttls(records, now - self._sent_at.get(req, now))
+            if expired is not None:
+                del self._unconfirmed[req]
+                self._sent_at.pop(req, None)
+                failed.append(Failed(req, expired))
+                continue
+            self._sent_at[req] = now
             for record in records:
                 record[6] = True  # retry: the relay checks its id index
             self._put(Cmd.SEND, req, records)
@@ -158,6 +171,7 @@ class ClientCore:
         for consumer, c in self._consumers.items():
             if consumer not in pending_consumers:
                 self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch, c.endpoint, c.prefetch_bytes)
+        return failed
 
     def next_deadline(self) -> float:
         if self.state in (State.IDLE, State.CLOSED):
@@ -181,11 +195,13 @@ class ClientCore:
 
     # --- API calls ------------------------------------------------------------
 
-    def send(self, records: list) -> int:
-        """Queue one SEND of `records`; returns its request id."""
+    def send(self, records: list, now: float) -> int:
+        """Queue one SEND of `records` (their ttls counted down to `now`:
+        count_down_ttls); returns its request id."""
         self._check_open()
         req = self._new_req()
         self._unconfirmed[req] = records
+        self._sent_at[req] = now
         self._put(Cmd.SEND, req, records)
         return req
 
@@ -350,6 +366,7 @@ class ClientCore:
                 raise RemoteProtocolError("bad CONFIRM error entry")
         if self._unconfirmed.pop(req, None) is None:
             return []  # a confirm for a resend already confirmed
+        del self._sent_at[req]
         return [Confirmed(req, {item[0]: error_from_code(item[1], item[2]) for item in errors} if errors else {})]
 
     def _on_reply(self, req: int, result: Any) -> list:
@@ -370,6 +387,7 @@ class ClientCore:
                 self._set_ack_early()
             return [Failed(req, error)]
         if req is not None and self._unconfirmed.pop(req, None) is not None:
+            del self._sent_at[req]
             return [Failed(req, error)]
         return [RelayProblem(error)]
 

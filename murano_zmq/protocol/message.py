@@ -17,7 +17,7 @@ from typing import Any, Callable
 import msgpack
 
 from .constants import ID_CLOCK_BYTES, ID_SIZE, KEPT_PACKER_BUFFER, MAX_NAME_LENGTH, MAX_PEER_NAME
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RelayUnavailable, RemoteProtocolError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@\-]+\Z")  # (\Z: "$" would let a final newline through)
 
@@ -342,3 +342,30 @@ def parse_delivery(item: Any, connection: int = 0) -> Message:
         raise RemoteProtocolError("bad DELIVER record")
     return Message(msg_id, mailbox, unpack_headers(headers) if headers else {}, body, created, expires, count, tag,
                    connection)
+
+
+# --- a SEND record's ttl while the sender holds it ------------------------------------
+# A relay counts a record's ttl from its receipt; the time the sender held
+# the record (no relay connected, or a SEND left unconfirmed by a relay
+# that went away) is taken off first, so a message is never delivered
+# later than its ttl allows counting from the send (an RPC call that timed
+# out is not run later by a server that came meanwhile).
+
+
+def ttl_passed(record: list) -> RelayUnavailable:
+    return RelayUnavailable(f"message {record[0].hex()} to {record[1]} not sent: its ttl passed while no "
+                            "relay took it")
+
+
+def count_down_ttls(records: list, elapsed: float) -> RelayUnavailable | None:
+    """Take `elapsed` seconds off the ttls of these SEND records; the error
+    if one of them has passed (then none is changed)."""
+    if elapsed <= 0:
+        return None
+    timed = [r for r in records if r[5] is not None]
+    for r in timed:
+        if r[5] <= elapsed:
+            return ttl_passed(r)
+    for r in timed:
+        r[5] -= elapsed
+    return None

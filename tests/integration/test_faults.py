@@ -261,3 +261,29 @@ def test_an_ack_from_before_a_relay_lost_its_store_settles_nothing_new(relay_fac
         new.ack()
         wait_for(lambda: [m["depth"] for m in producer.status()["mailboxes"] if m["name"] == "q"] == [0], 10,
                  what="the new message acked")
+
+
+def test_a_ttl_counts_from_the_send_not_from_when_a_relay_came(relay_factory, node_kind):
+    """A relay counts a ttl from its receipt, and a node held its sends
+    while no relay answered: a message sent with ttl=1 during an outage
+    was stored with a full second to live when the relay came back, later
+    (an oslo call that had timed out, run by a server afterwards).  Now the
+    wait is taken off, and a message whose ttl passed is not sent."""
+    from murano_zmq import RelayUnavailable
+    from ..helpers import free_tcp_endpoint
+
+    endpoint = free_tcp_endpoint()
+    with node_kind("sender", relay=endpoint, timeout=30, direct=False) as node:
+        short = node.send_async("q", "short", ttl=1.0)
+        long = node.send_async("q", "long", ttl=30.0)
+        time.sleep(1.5)  # (the outage: longer than the short ttl)
+        relay_factory(endpoint=endpoint)
+        with pytest.raises(RelayUnavailable, match="its ttl passed while no relay took it"):
+            short.result(timeout=20)
+        long.result(timeout=20)
+        consumer = node.consume("q", prefetch=10)
+        got = consumer.get(timeout=10)
+        assert got.body == "long"
+        assert got.expires_at - got.created_at < 30.5, "the ttl was counted from the relay's receipt (1.5 s later)"
+        got.ack()
+        assert consumer.get(timeout=0.5) is None

@@ -30,7 +30,7 @@ def record(now: float) -> list:
 
 def test_a_confirm_without_errors_settles_its_send_once():
     core = ready_core()
-    first, second = core.send([record(1.0)]), core.send([record(1.0)])
+    first, second = core.send([record(1.0)], 1.0), core.send([record(1.0)], 1.0)
     assert core.receive(encode(Cmd.CONFIRM, first, []), 6.0) == [Confirmed(first, {})]
     silent_for = core.heartbeat * HEARTBEAT_LIVENESS
     assert 6.0 > silent_for, "(else the tick below proves nothing)"
@@ -54,7 +54,7 @@ def test_a_confirm_without_errors_settles_its_send_once():
 ], ids=["bool-req", "str-errors", "one-field", "bad-msgpack", "four-frames", "signature", "short-entry"])
 def test_any_other_confirm_is_refused_and_changes_nothing(frames):
     core = ready_core()
-    req = core.send([record(1.0)])
+    req = core.send([record(1.0)], 1.0)
     assert req == 1
     with pytest.raises(RemoteProtocolError):
         core.receive(frames, 2.0)
@@ -82,3 +82,26 @@ def test_acks_are_due_early_at_half_the_smallest_window():
     assert core.ack_early == 0, "a small window acks at the application's pause"
     core.receive(encode(Cmd.ERROR, refused, 403, "not yours"), 1.0)  # the relay refused that CONSUME
     assert core.ack_early == 50
+
+
+def test_a_replay_counts_ttls_down_and_fails_a_send_whose_ttl_passed():
+    """A relay counts a ttl from its receipt: a SEND replayed after the relay
+    went away carries what is left of its records' ttls, and one whose ttl
+    passed meanwhile is failed instead of replayed."""
+    from murano_zmq.protocol.client import Failed
+    from murano_zmq.protocol.errors import RelayUnavailable
+    from murano_zmq.protocol.frames import decode
+
+    core = ready_core()
+    keep = send_record(new_message_id(1.0), "m", b"", pack_body(1), 1.0, 10.0)
+    gone = send_record(new_message_id(1.0), "m", b"", pack_body(2), 1.0, 2.0)
+    kept_req, gone_req = core.send([keep], 1.0), core.send([gone], 1.0)
+    core.drain()
+    [failed] = core.connection_made(4.0)  # three seconds later
+    assert isinstance(failed, Failed) and failed.req == gone_req
+    assert isinstance(failed.error, RelayUnavailable) and "its ttl passed" in str(failed.error)
+    sends = [decode(f) for f in core.drain() if f[1] == bytes([Cmd.SEND])]
+    assert [s.fields[0] for s in sends] == [kept_req]
+    assert keep[5] == 7.0 and keep[6] is True
+    assert core.unconfirmed == 1
+    assert core.connection_made(6.0) == [] and keep[5] == 5.0  # (counted from the last replay)

@@ -82,7 +82,7 @@ class Node:
         ids = list(ids) if ids is not None else [new_id() for _ in bodies]
         records = [send_record(i, mailbox, headers, pack_body(b), self.net.now, ttl)
                    for i, b in zip(ids, bodies)]
-        return self.core.send(records), ids
+        return self.core.send(records, self.net.now), ids
 
     def consume(self, mailbox: str, prefetch: int = 100) -> int:
         consumer, _ = self.core.consume(mailbox, prefetch)
@@ -340,7 +340,7 @@ def test_bad_records_in_a_send_are_refused_one_by_one(net):
     n = net.node("api")
     good = send_record(new_id(), "mb", None, pack_body(1), net.now, None)
     req = n.core.send([good, [b"short-id", "mb", {}, b"\xc0", 1.0, None, False],
-                       send_record(new_id(), "bad name!", None, b"\xc0", 1.0, None), "not a record"])
+                       send_record(new_id(), "bad name!", None, b"\xc0", 1.0, None), "not a record"], net.now)
     net.turn()
     errors = n.one(Confirmed, req).errors
     assert sorted(errors) == [1, 2, 3]
@@ -1406,7 +1406,7 @@ def test_message_requeued_after_its_expiry_expires_without_a_consumer(net):
 def test_non_finite_numbers_are_refused(net):
     api = net.node("api")
     nan = float("nan")
-    req = api.core.send([send_record(new_id(), "work", None, pack_body(1), net.now, nan)])
+    req = api.core.send([send_record(new_id(), "work", None, pack_body(1), net.now, nan)], net.now)
     bad_ttl = api.declare("agent.nan", ttl=nan)
     bad_msg_ttl = api.declare("agent.nan2", message_ttl=float("inf"))
     net.turn()
