@@ -190,6 +190,9 @@ class NodeBase:
     # --- checks the API calls share -------------------------------------------------
 
     def _check_room(self, held: int, count: int) -> None:
+        if count > self.max_pending:
+            raise SendQueueFull(f"a send_many of {count} messages is more than node {self.name} may hold "
+                                f"(max_pending={self.max_pending}): send them in parts, or raise max_pending")
         if held + count > self.max_pending:
             raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
                                 f"(max_pending={self.max_pending}); is the relay at {self._where()} reachable?")

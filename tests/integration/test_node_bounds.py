@@ -26,6 +26,15 @@ def test_no_relay_send_queue_is_bounded(make_node):
     assert not any(f.done() for f in held)
 
 
+def test_a_send_many_larger_than_max_pending_says_so(make_node):
+    """With the relay up, it said the node held 0 messages and asked
+    whether the relay was reachable."""
+    node = make_node("api", max_pending=10)
+    with pytest.raises(SendQueueFull, match=r"a send_many of 11 messages is more than .*\(max_pending=10\)"):
+        node.send_many([("q", i) for i in range(11)])
+    assert node.send_many([("q", i) for i in range(10)])
+
+
 def test_wait_false_with_no_relay_raises_at_once(make_node):
     node = make_node("lonely", relay=free_tcp_endpoint(), timeout=30)
     start = time.monotonic()
