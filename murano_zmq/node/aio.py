@@ -24,12 +24,12 @@ import zmq.asyncio
 
 from ..discovery.zeroconf import Discovery, wait_for_relays
 from ..protocol.constants import DEFAULT_PREFETCH
-from ..protocol.errors import NodeClosed
+from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, pack_body
 from ..protocol.topics import TopicEvent
 from .base import NodeBase
-from .common import SendGroup, build_record, build_records, declare_options
+from .common import FORGOTTEN_ON_TIMEOUT, SendGroup, build_record, build_records, declare_options
 from .handles import AsyncConsumer, AsyncSubscription
 
 log = logging.getLogger("murano_zmq.node")
@@ -300,9 +300,14 @@ class AsyncNode(NodeBase):
         self._start()
         timeout = self._timeout(timeout)
         future = self._loop.create_future()
-        self._core.request(cmd, *fields, waiter=future)
+        req = self._core.request(cmd, *fields, waiter=future)
         self._schedule_flush()
-        return await self._wait(future, timeout)
+        try:
+            return await self._wait(future, timeout)
+        except RelayUnavailable:
+            if cmd in FORGOTTEN_ON_TIMEOUT and not self._closed:
+                self._core.forget(req)
+            raise
 
     async def _wait(self, awaitable, timeout: float) -> Any:
         """(timeout: the call's, from _timeout())"""

@@ -22,12 +22,18 @@ from ..protocol.client import (
 )
 from ..protocol.constants import MAX_SECONDS, SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
+from ..protocol.frames import Cmd
 from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
                                 new_message_ids, pack_body, pack_headers, take_packer, ttl_passed,
                                 unpackable_body)
 from ..protocol.options import MailboxOptions
 
 log = logging.getLogger("murano_zmq.node")
+
+# Requests dropped when their caller's wait times out: reads nobody waits
+# for any more (a status poll during an outage piled up, to be replayed all
+# at once).  A DECLARE or DELETE stays pending, replayed after a reconnect.
+FORGOTTEN_ON_TIMEOUT = frozenset({Cmd.STATUS})
 
 
 def check_wait(value: Any, what: str = "timeout") -> float:

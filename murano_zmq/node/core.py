@@ -113,8 +113,16 @@ class NodeCore:
 
     # --- the application's calls ------------------------------------------------------
 
-    def request(self, cmd: Cmd, *fields: Any, waiter) -> None:
-        self.dispatch.requests[self.session.request(cmd, *fields)] = waiter
+    def request(self, cmd: Cmd, *fields: Any, waiter) -> int:
+        req = self.session.request(cmd, *fields)
+        self.dispatch.requests[req] = waiter
+        return req
+
+    def forget(self, req: int) -> None:
+        """A request whose caller gave up (a STATUS that timed out): not
+        replayed after a reconnect, its reply dropped."""
+        self.dispatch.requests.pop(req, None)
+        self.session.forget(req)
 
     def consume(self, mailbox: str, prefetch: int, direct: bool, sink: Callable[[list], None], waiter,
                 prefetch_bytes: int | None = None) -> int:

@@ -35,12 +35,12 @@ import zmq
 
 from ..discovery.zeroconf import Discovery, wait_for_relays
 from ..protocol.constants import DEFAULT_PREFETCH
-from ..protocol.errors import NodeClosed
+from ..protocol.errors import NodeClosed, RelayUnavailable
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, pack_body
 from ..protocol.topics import TopicEvent
 from .base import NodeBase
-from .common import SendGroup, build_record, build_records, declare_options
+from .common import FORGOTTEN_ON_TIMEOUT, SendGroup, build_record, build_records, declare_options
 from .handles import Consumer, Subscription
 from .iothread import IOThread
 from .owned import OwnedSends
@@ -306,7 +306,14 @@ class Node(IOThread, OwnedSends, NodeBase):
 
     def _request(self, cmd: Cmd, *fields: Any, timeout: float | None) -> Any:
         slot = SendSlot()
-        return self._send_and_wait([], [], slot, timeout, lambda: self._core.request(cmd, *fields, waiter=slot))
+        made: list[int] = []
+        try:
+            return self._send_and_wait([], [], slot, timeout,
+                                       lambda: made.append(self._core.request(cmd, *fields, waiter=slot)))
+        except RelayUnavailable:
+            if cmd in FORGOTTEN_ON_TIMEOUT and made and not self._closed.is_set():
+                self._submit(lambda: self._core.forget(made[0]))
+            raise
 
     def _submit(self, job: Callable[[], None], waiter: Any = None) -> None:
         """Queue `job` for the I/O thread; `waiter` (the caller's future)

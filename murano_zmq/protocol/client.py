@@ -205,6 +205,10 @@ class ClientCore:
         self._put(Cmd.SEND, req, records)
         return req
 
+    def forget(self, req: int) -> None:
+        """Drop a request (a read its caller gave up on): not replayed."""
+        self._requests.pop(req, None)
+
     def request(self, cmd: Cmd, *fields: Any) -> int:
         """A DECLARE, STATUS or DELETE; the first field (req) is filled in.
         Fields that cannot be encoded raise LocalProtocolError and change

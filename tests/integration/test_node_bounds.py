@@ -35,6 +35,20 @@ def test_a_send_many_larger_than_max_pending_says_so(make_node):
     assert node.send_many([("q", i) for i in range(10)])
 
 
+def test_status_calls_that_timed_out_are_not_kept(make_node):
+    """A status poll during an outage kept every timed-out STATUS, to be
+    replayed all at once when the relay came back: a health check each
+    second piled up 3,600 an hour."""
+    from ..helpers import wait_for
+
+    node = make_node("poller", relay=free_tcp_endpoint(), timeout=5)
+    for _ in range(20):
+        with pytest.raises(RelayUnavailable):
+            node.status(timeout=0.05)
+    wait_for(lambda: not node._core.session._requests and not node._core.dispatch.requests, 5,
+             what="the timed-out requests dropped")
+
+
 def test_wait_false_with_no_relay_raises_at_once(make_node):
     node = make_node("lonely", relay=free_tcp_endpoint(), timeout=30)
     start = time.monotonic()
