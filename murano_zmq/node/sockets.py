@@ -180,6 +180,7 @@ class NodeSockets:
         # reconnect under the same routing id without a word: watch it and
         # start a new session instead, replaying what is unconfirmed.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.core.session.quick_failover = len(relays) > 1
         self.core.relay_connected(now)
         self._version += 1
 

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS,
-                        KEPT_PACKER_BUFFER, SIGNATURE)
+                        KEPT_PACKER_BUFFER, MIN_WELCOME_WAIT, SIGNATURE, WELCOME_LIVENESS)
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
@@ -125,6 +125,9 @@ class ClientCore:
         self.ack_early = 0
         self._last_heard = 0.0
         self._last_sent = 0.0
+        # The driver sets it when it has another relay to try: a session
+        # with no WELCOME within WELCOME_LIVENESS heartbeats is lost.
+        self.quick_failover = False
 
     # --- driver hooks -------------------------------------------------------
 
@@ -184,6 +187,9 @@ class ClientCore:
             return []
         if now - self._last_heard > self.heartbeat * HEARTBEAT_LIVENESS:
             return [RelayLost(f"no word from the relay for {now - self._last_heard:.1f}s")]
+        if self.quick_failover and self.state == State.CONNECTING \
+                and now - self._last_heard > max(self.heartbeat * WELCOME_LIVENESS, MIN_WELCOME_WAIT):
+            return [RelayLost(f"no WELCOME from the relay within {now - self._last_heard:.1f}s")]
         self.flush_acks()
         if now - self._last_sent >= self.heartbeat:
             self._put(Cmd.HEARTBEAT)

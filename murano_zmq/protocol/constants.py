@@ -22,6 +22,12 @@ FRAME_HEADROOM = 64 * 1024
 # HEARTBEAT_LIVENESS intervals of silence.  Seconds.
 DEFAULT_HEARTBEAT = 1.0
 HEARTBEAT_LIVENESS = 5
+# A node with several relays moves on from one that has not said WELCOME
+# within this many heartbeats (a relay that refuses connections, or that
+# is not there), not after HEARTBEAT_LIVENESS; never sooner than
+# MIN_WELCOME_WAIT seconds (a short heartbeat, a relay busy starting).
+WELCOME_LIVENESS = 2
+MIN_WELCOME_WAIT = 1.0
 
 # Heartbeat intervals a relay accepts from HELLO (it clamps), seconds.
 MIN_HEARTBEAT = 0.05

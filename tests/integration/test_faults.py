@@ -287,3 +287,13 @@ def test_a_ttl_counts_from_the_send_not_from_when_a_relay_came(relay_factory, no
         assert got.expires_at - got.created_at < 30.5, "the ttl was counted from the relay's receipt (1.5 s later)"
         got.ack()
         assert consumer.get(timeout=0.5) is None
+
+
+def test_a_node_moves_on_from_a_relay_that_refuses_it_before_the_liveness(relay_factory, node_kind):
+    """relay=[dead, alive]: the connection to the first is refused at once,
+    but the node waited five silent heartbeats (5 s) before the next."""
+    from ..helpers import free_tcp_endpoint
+
+    alive = relay_factory()
+    with node_kind("sender", relay=[free_tcp_endpoint(), alive.endpoint], timeout=30, direct=False) as node:
+        assert node.send("q", "x", timeout=4.0)  # (the second relay within 2 heartbeats, not 5)

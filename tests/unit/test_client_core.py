@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from murano_zmq.protocol.client import ClientCore, Confirmed, RelayLost
-from murano_zmq.protocol.constants import ACK_EARLY_MIN_PREFETCH, HEARTBEAT_LIVENESS, SIGNATURE
+from murano_zmq.protocol.constants import ACK_EARLY_MIN_PREFETCH, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS, SIGNATURE
 from murano_zmq.protocol.errors import RemoteProtocolError
 from murano_zmq.protocol.frames import Cmd, encode
 from murano_zmq.protocol.message import new_message_id, pack_body, send_record
@@ -105,3 +105,20 @@ def test_a_replay_counts_ttls_down_and_fails_a_send_whose_ttl_passed():
     assert keep[5] == 7.0 and keep[6] is True
     assert core.unconfirmed == 1
     assert core.connection_made(6.0) == [] and keep[5] == 5.0  # (counted from the last replay)
+
+
+def test_with_another_relay_to_try_a_session_without_welcome_is_lost_sooner():
+    """A node with several relays waited HEARTBEAT_LIVENESS (5 s) on one that
+    refused its connection before it tried the next."""
+    from murano_zmq.protocol.constants import MIN_WELCOME_WAIT, WELCOME_LIVENESS
+
+    wait = max(DEFAULT_HEARTBEAT * WELCOME_LIVENESS, MIN_WELCOME_WAIT)
+    assert wait < DEFAULT_HEARTBEAT * HEARTBEAT_LIVENESS
+    for quick in (False, True):
+        core = ClientCore("n", os.urandom(16))
+        core.quick_failover = quick
+        core.connection_made(0.0)
+        lost = [ev for ev in core.tick(wait + 0.01) if isinstance(ev, RelayLost)]
+        assert bool(lost) == quick and (not lost or "no WELCOME" in lost[0].reason)
+    core.receive(encode(Cmd.WELCOME, "relay", 5.0, 1 << 20), 0.5)  # (a session that is up waits the usual)
+    assert not [ev for ev in core.tick(wait + 0.6) if isinstance(ev, RelayLost)]
