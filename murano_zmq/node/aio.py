@@ -304,7 +304,7 @@ class AsyncNode(NodeBase):
         self._schedule_flush()
         try:
             return await self._wait(future, timeout)
-        except RelayUnavailable:
+        except (RelayUnavailable, asyncio.CancelledError):  # (timed out, or the caller's own wait_for)
             if cmd in FORGOTTEN_ON_TIMEOUT and not self._closed:
                 self._core.forget(req)
             raise

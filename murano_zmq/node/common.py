@@ -24,7 +24,7 @@ from ..protocol.constants import MAX_SECONDS, SEND_BATCH, SEND_BATCH_BYTES  # no
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.frames import Cmd
 from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
-                                new_message_ids, pack_body, pack_headers, take_packer, ttl_passed,
+                                new_message_ids, pack_body, pack_headers, take_packer, count_down_ttl, ttl_passed,
                                 unpackable_body)
 from ..protocol.options import MailboxOptions
 
@@ -146,15 +146,11 @@ def take_batch(queue: deque, max_size: int, dropped: list | None = None,
             if dropped is not None:
                 dropped.append(record)
             continue
-        ttl = record[5]
-        if ttl is not None and now > record[4]:
-            waited = now - record[4]
-            if waited >= ttl:
-                _settle_future(future, error=ttl_passed(record))
-                if dropped is not None:
-                    dropped.append(record)
-                continue
-            record[5] = ttl - waited
+        if record[5] is not None and not count_down_ttl(record, now - record[4]):
+            _settle_future(future, error=ttl_passed(record))
+            if dropped is not None:
+                dropped.append(record)
+            continue
         size += record_bytes
         records.append(record)
         futures.append(future)

@@ -90,11 +90,14 @@ class TopicSockets:
         """A SUB for `prefix`; `publishers`: endpoint -> its key (None without CURVE)."""
         sub = self._context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        # No event over what a publisher may send (Node._check_publish): a
-        # larger frame drops that publisher's connection (for good: libzmq
-        # does not connect again after a protocol error) instead of
-        # allocating whatever size it says.
-        sub.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_SIZE + FRAME_HEADROOM)
+        if not self.forwarder:
+            # No event over what a publisher may send (Node._check_publish):
+            # a larger frame drops that publisher's connection (for good:
+            # libzmq does not connect again after a protocol error) instead
+            # of allocating whatever size it says.  (A forwarder bounds
+            # what it passes itself, --max-message-size: a limit here would
+            # cut every subscriber off it for good at one larger event.)
+            sub.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_SIZE + FRAME_HEADROOM)
         sub.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
         self._subs[sid] = sub
         self._prefixes[sid] = prefix.encode("utf-8")

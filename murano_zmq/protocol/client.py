@@ -23,7 +23,7 @@ from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT,
 from .dedup import ACKED, FRESH, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
-from .message import Message, count_down_ttls, parse_delivery, shown_peer_name
+from .message import Message, count_down_ttl, parse_delivery, shown_peer_name, ttl_passed
 
 _CONFIRM = bytes([Cmd.CONFIRM])
 
@@ -107,6 +107,10 @@ class ClientCore:
         self._encode = encoder()  # the core is driven by one thread at a time
         self._unconfirmed: dict[int, list] = {}  # req -> SEND records
         self._sent_at: dict[int, float] = {}  # req -> when its records' ttls were last counted
+        # req -> (the index in the first SEND of each record replayed, the
+        # errors of those left out): a replay leaves out records whose ttl
+        # passed (connection_made), and its CONFIRM speaks of what is left.
+        self._left_out: dict[int, tuple[list[int], dict]] = {}
         self._requests: dict[int, tuple[Cmd, tuple]] = {}  # req -> command to resend
         self._consumers: dict[int, _Consumer] = {}
         self.dedup = DedupWindow(dedup_window)  # keys: (mailbox, message id)
@@ -139,9 +143,10 @@ class ClientCore:
     def connection_made(self, now: float) -> list:
         """A fresh socket to the relay: say HELLO and replay what is pending.
         A relay counts a record's ttl from its receipt: a replay's ttls are
-        what is left of them, and a SEND any of whose records' ttl passed
-        meanwhile is not replayed but failed (Failed events; its messages
-        may have been stored, as after any time-out)."""
+        what is left of them, and a record whose ttl passed meanwhile is
+        left out, failed with the SEND's CONFIRM (at once, Confirmed
+        events, if none is left; it may have been stored, as after any
+        time-out)."""
         self._check_open()
         self.state = State.CONNECTING
         self._last_heard = self._last_sent = now
@@ -154,13 +159,14 @@ class ClientCore:
         self._put(Cmd.HELLO, self.node_name, self.instance_id, self.heartbeat)
         failed = []
         for req, records in list(self._unconfirmed.items()):
-            expired = count_down_ttls(records, now - self._sent_at.get(req, now))
-            if expired is not None:
-                del self._unconfirmed[req]
-                self._sent_at.pop(req, None)
-                failed.append(Failed(req, expired))
-                continue
-            self._sent_at[req] = now
+            elapsed, self._sent_at[req] = now - self._sent_at[req], now
+            alive = [count_down_ttl(r, elapsed) for r in records]
+            if not all(alive):
+                records = self._leave_out(req, records, alive)
+                if not records:
+                    failed.append(Confirmed(req, self._left_out.pop(req)[1]))
+                    del self._unconfirmed[req], self._sent_at[req]
+                    continue
             for record in records:
                 record[6] = True  # retry: the relay checks its id index
             self._put(Cmd.SEND, req, records)
@@ -175,6 +181,17 @@ class ClientCore:
             if consumer not in pending_consumers:
                 self._put(Cmd.CONSUME, 0, consumer, c.mailbox, c.prefetch, c.endpoint, c.prefetch_bytes)
         return failed
+
+    def _leave_out(self, req: int, records: list, alive: list[bool]) -> list:
+        """The records of SEND `req` still to replay (kept as its records);
+        the others' errors kept for its CONFIRM."""
+        origin, errors = self._left_out.get(req) or (list(range(len(records))), {})
+        for i, ok, record in zip(origin, alive, records):
+            if not ok:
+                errors[i] = ttl_passed(record)
+        self._left_out[req] = ([i for i, ok in zip(origin, alive) if ok], errors)
+        self._unconfirmed[req] = records = [r for r, ok in zip(records, alive) if ok]
+        return records
 
     def next_deadline(self) -> float:
         if self.state in (State.IDLE, State.CLOSED):
@@ -377,7 +394,11 @@ class ClientCore:
         if self._unconfirmed.pop(req, None) is None:
             return []  # a confirm for a resend already confirmed
         del self._sent_at[req]
-        return [Confirmed(req, {item[0]: error_from_code(item[1], item[2]) for item in errors} if errors else {})]
+        found = {item[0]: error_from_code(item[1], item[2]) for item in errors} if errors else {}
+        if self._left_out and req in self._left_out:  # (a replay that left records out: their indexes)
+            origin, left_out = self._left_out.pop(req)
+            found = {**left_out, **{origin[i] if 0 <= i < len(origin) else i: e for i, e in found.items()}}
+        return [Confirmed(req, found)]
 
     def _on_reply(self, req: int, result: Any) -> list:
         if self._requests.pop(req, None) is None:
@@ -398,6 +419,7 @@ class ClientCore:
             return [Failed(req, error)]
         if req is not None and self._unconfirmed.pop(req, None) is not None:
             del self._sent_at[req]
+            self._left_out.pop(req, None)
             return [Failed(req, error)]
         return [RelayProblem(error)]
 

@@ -108,8 +108,6 @@ class StorageFull(RelayError):
     code = 507
 
 
-DISK_FULL = "the relay's disk is full"  # why a StorageFull, most of the time
-
 
 ERROR_CLASSES: dict[int, type[RelayError]] = {
     cls.code: cls

@@ -357,15 +357,13 @@ def ttl_passed(record: list) -> RelayUnavailable:
                             "relay took it")
 
 
-def count_down_ttls(records: list, elapsed: float) -> RelayUnavailable | None:
-    """Take `elapsed` seconds off the ttls of these SEND records; the error
-    if one of them has passed (then none is changed)."""
-    if elapsed <= 0:
-        return None
-    timed = [r for r in records if r[5] is not None]
-    for r in timed:
-        if r[5] <= elapsed:
-            return ttl_passed(r)
-    for r in timed:
-        r[5] -= elapsed
-    return None
+def count_down_ttl(record: list, elapsed: float) -> bool:
+    """Take `elapsed` seconds off a SEND record's ttl; False (the record
+    unchanged) if its ttl passed."""
+    ttl = record[5]
+    if ttl is None or elapsed <= 0:
+        return True
+    if ttl <= elapsed:
+        return False
+    record[5] = ttl - elapsed
+    return True

@@ -35,7 +35,6 @@ from ..protocol.constants import (
     MAX_PREFETCH_BYTES,
 )
 from ..protocol.errors import (
-    DISK_FULL,
     LocalProtocolError,
     MailboxNotFound,
     Malformed,
@@ -48,10 +47,11 @@ from ..protocol.errors import (
 )
 from ..protocol.direct import endpoint_problem
 from ..protocol.frames import Cmd, decode
-from ..protocol.message import check_name, is_whole
+from ..protocol.message import check_name
 from ..store.base import Store
 from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
+from .faults import DISK_FULL
 from .delivery import Delivery
 from .fabric import Fabric
 from .intake import Intake
@@ -441,7 +441,7 @@ def _req_of(cmd: Cmd, fields: tuple) -> int | None:
     if cmd in (Cmd.BYE, Cmd.HEARTBEAT) or not fields:
         return None
     first = fields[0]
-    return first if is_whole(first) else None
+    return first if type(first) is int else None
 
 
 def _valid_name(name: str) -> str:

@@ -19,7 +19,8 @@ STORE_FAILURE_LOG_EVERY = 30.0
 # failing disk): the relay refuses sends until a probe write succeeds,
 # rather than fail, reload and ask every node to resend, again and again.
 STORE_FAILURE_AGAIN = 10.0
-# What refused senders are told then.
+# What refused senders are told: the disk is full, or writes keep failing.
+DISK_FULL = "the relay's disk is full"
 WRITES_FAILING = "the relay cannot write its store (its writes keep failing)"
 
 

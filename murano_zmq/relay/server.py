@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import zmq
 
 from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE
-from ..protocol.errors import DISK_FULL, StartupError
+from ..protocol.errors import StartupError
 from ..sdnotify import notify
 from ..security.logs import limit_log_floods
 from ..security.relay import RelaySecurity
@@ -39,7 +39,7 @@ from ..store.space import RESERVE_BYTES, SPACE_PROBE_BYTES
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
-from .faults import WRITES_FAILING, FailureLog, prepare_data_dir
+from .faults import DISK_FULL, WRITES_FAILING, FailureLog, prepare_data_dir
 from .wire import EVENTS, POLLIN, Wire
 
 log = logging.getLogger("murano_zmq.relay")
@@ -253,7 +253,8 @@ class Relay(Wire):
         a probe write succeeds); give the reserve to SQLite so acks still
         commit."""
         self.engine.storage_full = why
-        self.engine.store.drop_reserve()
+        if why == DISK_FULL:  # (failing writes: a read-only mount, a directory it may not write, need no room)
+            self.engine.store.drop_reserve()
         self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
         if when:
             log.error("the disk of %s is full %s (the relay keeps a reserve of %d MiB and needs %d MiB free "
@@ -261,7 +262,8 @@ class Relay(Wire):
                       RESERVE_BYTES >> 20, SPACE_PROBE_BYTES >> 20)
 
     def _check_space(self, engine: RelayEngine) -> None:
-        """While sends are refused for a full disk, see if space returned."""
+        """While sends are refused (a full disk, failing writes), see if
+        the store can take them again."""
         now = time.monotonic()
         if now < self._next_space_probe:
             return

@@ -42,8 +42,12 @@ STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
 # (PostgresStore.check_held): an idle relay, too, stops within the grace.
 RETAKE_WAIT = 1.0
 LOCK_CHECK_EVERY = 0.5
-# After a check that could not reach the server: a standby cannot reach it
-# either, and a connect may take CONNECT_TIMEOUT of the relay loop's time.
+# After a check whose connect took this long and failed (a server out of
+# reach: a standby cannot reach it either), the next is LOCK_CHECK_RETRY
+# later, since each may take CONNECT_TIMEOUT of the relay loop's time.  A
+# connect refused at once (a server restarting) is tried again as often as
+# the check runs: the standby may get the lock as soon as it is back.
+SLOW_CHECK = 1.0
 LOCK_CHECK_RETRY = 5.0
 TAKEOVER_GRACE = RETAKE_WAIT + 1.0
 STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often

@@ -339,8 +339,7 @@ class PostgresStore(BatchedStore):
         LOCK_CHECK_EVERY without a commit, the writer's session is asked,
         and a lost one connected again and the lock taken back (LockLost as
         in a commit: the relay stops within the standby's TAKEOVER_GRACE).
-        A server that does not answer is left to the next commit, which
-        waits for it (RECONNECT_WINDOW)."""
+        A server that cannot be reached is asked again (_check_failed)."""
         due = self._alive_at + pgconn.LOCK_CHECK_EVERY
         if not self._exclusive or self._lock_lost is not None:
             return math.inf
@@ -348,6 +347,7 @@ class PostgresStore(BatchedStore):
             return due
         if not self._commit_lock.acquire(blocking=False):
             return now + pgconn.LOCK_CHECK_EVERY  # a commit runs: it finds out
+        started = time.monotonic()
         try:
             try:
                 self._db.execute("SELECT 1")
@@ -358,21 +358,23 @@ class PostgresStore(BatchedStore):
         except StoreError as exc:
             if exc.lock_lost:
                 raise
-            return self._check_failed(exc, now)
+            return self._check_failed(exc, now, time.monotonic() - started)
         except psycopg.Error as exc:
-            return self._check_failed(exc, now)
+            return self._check_failed(exc, now, time.monotonic() - started)
         finally:
             self._commit_lock.release()
         self._alive_at = now
+        self._check_logged = False
         return now + pgconn.LOCK_CHECK_EVERY
 
-    def _check_failed(self, exc: Exception, now: float) -> float:
-        """(check_held could not reach the server) Said once; when to try again."""
+    def _check_failed(self, exc: Exception, now: float, took: float) -> float:
+        """(check_held could not reach the server) Said once per outage;
+        when to try again: soon, unless the try itself was slow."""
         if not self._check_logged:
             self._check_logged = True
-            log.warning("PostgreSQL (%s): the writer's session cannot be checked (%s); the next commit "
-                        "connects again", self.path, pgconn.one_line(exc))
-        return now + pgconn.LOCK_CHECK_RETRY
+            log.warning("PostgreSQL (%s): the writer's session cannot be checked (%s); trying again",
+                        self.path, pgconn.one_line(exc))
+        return now + (pgconn.LOCK_CHECK_RETRY if took >= pgconn.SLOW_CHECK else pgconn.LOCK_CHECK_EVERY)
 
     def _writer_back(self, once: bool = False) -> None:
         """(holding the commit lock, the writer's connection lost) A new one,

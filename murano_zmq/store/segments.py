@@ -44,7 +44,7 @@ import zlib
 from collections import Counter
 from typing import Callable
 
-from . import writeback
+from . import space, writeback
 from .direct import ALIGN, DirectReader, DirectWriter, open_direct, pwrite_all
 
 log = logging.getLogger("murano_zmq.store")
@@ -55,7 +55,6 @@ SEGMENT_DIR = "segments"
 PRIVATE_DIR = 0o700
 SUFFIX = ".seg"
 SPARE_NAME = "spare.seg-free"  # a retired segment, written over by the next one
-PROBE_NAME = "probe.seg-free"  # Segments.writable()'s
 
 # Bodies of this size and up go to segments.  Below it SQLite's double write
 # costs less than a second fsync per commit (docs/performance.md, "64 KiB
@@ -360,22 +359,7 @@ class Segments:
     def writable(self) -> bool:
         """Can a file be made and written in the segment directory now?  (A
         probe: a new segment would fail where it fails.)"""
-        probe = os.path.join(self.dir, PROBE_NAME)
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return False
-        try:
-            os.write(fd, b"\0")
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-            try:
-                os.unlink(probe)
-            except OSError:
-                pass
+        return space.space_available(self.dir, 1)
 
     def _roll(self) -> None:
         seg = self._next
@@ -520,7 +504,7 @@ class Segments:
         """Give the spare's space back (the disk is full)."""
         try:
             os.unlink(self._spare)
-        except FileNotFoundError:
+        except OSError:  # (gone already; a directory it may not write)
             pass
 
     # --- reads ---------------------------------------------------------------------

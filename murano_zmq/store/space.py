@@ -14,11 +14,12 @@ import os
 SPACE_PROBE_BYTES = 1 << 20
 RESERVE_BYTES = 4 << 20
 RESERVE_NAME = "relay.reserve"
+PROBE_NAME = "relay.space-probe"  # (also made in segments/ by Segments.writable())
 
 
 def space_available(data_dir: str, nbytes: int = SPACE_PROBE_BYTES) -> bool:
     """True if `nbytes` can be allocated in `data_dir` now."""
-    probe = os.path.join(data_dir, "relay.space-probe")
+    probe = os.path.join(data_dir, PROBE_NAME)
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError:
@@ -30,7 +31,10 @@ def space_available(data_dir: str, nbytes: int = SPACE_PROBE_BYTES) -> bool:
         return False
     finally:
         os.close(fd)
-        os.unlink(probe)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 def hold_reserve(data_dir: str) -> bool:
@@ -60,5 +64,5 @@ def drop_reserve(data_dir: str) -> None:
     """Give the reserve back to the file system (for SQLite's use)."""
     try:
         os.unlink(os.path.join(data_dir, RESERVE_NAME))
-    except FileNotFoundError:
+    except OSError:  # (gone already; a read-only file system: it frees nothing then)
         pass

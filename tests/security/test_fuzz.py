@@ -53,7 +53,7 @@ def _ready_core() -> ClientCore:
     core = ClientCore("fuzzed", b"i" * 16)
     core.connection_made(0.0)
     core.receive(encode(Cmd.WELCOME, "relay", 1.0, 1 << 20), 0.0)
-    core.send([send_record(new_message_id(0.0), "mb", {}, msgpack.packb("x"), 0.0, None)])
+    core.send([send_record(new_message_id(0.0), "mb", {}, msgpack.packb("x"), 0.0, None)], 0.0)
     core.request(Cmd.STATUS)
     core.consume("mb", 10)
     core.drain()

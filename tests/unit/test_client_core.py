@@ -84,27 +84,36 @@ def test_acks_are_due_early_at_half_the_smallest_window():
     assert core.ack_early == 50
 
 
-def test_a_replay_counts_ttls_down_and_fails_a_send_whose_ttl_passed():
+def test_a_replay_counts_ttls_down_and_leaves_out_records_whose_ttl_passed():
     """A relay counts a ttl from its receipt: a SEND replayed after the relay
-    went away carries what is left of its records' ttls, and one whose ttl
-    passed meanwhile is failed instead of replayed."""
-    from murano_zmq.protocol.client import Failed
-    from murano_zmq.protocol.errors import RelayUnavailable
+    went away carries what is left of its records' ttls; a record whose ttl
+    passed meanwhile is left out and fails, the others (the same SEND's
+    records without a ttl among them) are replayed."""
+    from murano_zmq.protocol.errors import MailboxFull, RelayUnavailable
     from murano_zmq.protocol.frames import decode
 
     core = ready_core()
     keep = send_record(new_message_id(1.0), "m", b"", pack_body(1), 1.0, 10.0)
     gone = send_record(new_message_id(1.0), "m", b"", pack_body(2), 1.0, 2.0)
-    kept_req, gone_req = core.send([keep], 1.0), core.send([gone], 1.0)
+    plain = send_record(new_message_id(1.0), "m", b"", pack_body(3), 1.0, None)
+    later = send_record(new_message_id(1.0), "m", b"", pack_body(4), 1.0, 4.0)
+    alone, mixed = core.send([gone], 1.0), core.send([keep, gone[:], plain, later], 1.0)
     core.drain()
     [failed] = core.connection_made(4.0)  # three seconds later
-    assert isinstance(failed, Failed) and failed.req == gone_req
-    assert isinstance(failed.error, RelayUnavailable) and "its ttl passed" in str(failed.error)
-    sends = [decode(f) for f in core.drain() if f[1] == bytes([Cmd.SEND])]
-    assert [s.fields[0] for s in sends] == [kept_req]
-    assert keep[5] == 7.0 and keep[6] is True
+    assert failed.req == alone and isinstance(failed.errors[0], RelayUnavailable)
+    assert "its ttl passed" in str(failed.errors[0])
+    [replay] = [decode(f) for f in core.drain() if f[1] == bytes([Cmd.SEND])]
+    assert replay.fields[0] == mixed and [r[0] for r in replay.fields[1]] == [keep[0], plain[0], later[0]]
+    assert (keep[5], plain[5], later[5]) == (7.0, None, 1.0) and keep[6] is True
     assert core.unconfirmed == 1
-    assert core.connection_made(6.0) == [] and keep[5] == 5.0  # (counted from the last replay)
+    assert core.connection_made(5.5) == []  # (counted from the last replay: `later` passes now)
+    [replay] = [decode(f) for f in core.drain() if f[1] == bytes([Cmd.SEND])]
+    assert [r[0] for r in replay.fields[1]] == [keep[0], plain[0]] and keep[5] == 5.5
+    [confirmed] = core.receive(encode(Cmd.CONFIRM, mixed, [[1, MailboxFull.code, "full"]]), 6.0)
+    assert sorted(confirmed.errors) == [1, 2, 3]  # the replay's index 1 is `plain`, the first SEND's 2
+    assert isinstance(confirmed.errors[2], MailboxFull)
+    assert all(isinstance(confirmed.errors[i], RelayUnavailable) for i in (1, 3))
+    assert core.unconfirmed == 0 and not core._left_out and not core._sent_at
 
 
 def test_with_another_relay_to_try_a_session_without_welcome_is_lost_sooner():
