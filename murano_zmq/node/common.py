@@ -23,8 +23,8 @@ from ..protocol.client import (
 from ..protocol.constants import MAX_SECONDS, SEND_BATCH, SEND_BATCH_BYTES  # noqa: F401 (SEND_BATCH_BYTES re-exported)
 from ..protocol.errors import LocalProtocolError, MessageTooLarge
 from ..protocol.frames import Cmd
-from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, give_packer, is_number, new_message_id,
-                                new_message_ids, pack_body, pack_headers, take_packer, count_down_ttl, ttl_passed,
+from ..protocol.message import (ID_SIZE, PACK_ERRORS, check_name, count_down_ttl, give_packer, is_number,
+                                new_message_id, new_message_ids, pack_body, pack_headers, take_packer, ttl_passed,
                                 unpackable_body)
 from ..protocol.options import MailboxOptions
 

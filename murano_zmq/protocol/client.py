@@ -219,8 +219,9 @@ class ClientCore:
     # --- API calls ------------------------------------------------------------
 
     def send(self, records: list, now: float) -> int:
-        """Queue one SEND of `records` (their ttls counted down to `now`:
-        count_down_ttls); returns its request id."""
+        """Queue one SEND of `records`, their ttls counted down to `now`
+        (node/common.py take_batch; a replay counts on from `now`); returns
+        its request id."""
         self._check_open()
         req = self._new_req()
         self._unconfirmed[req] = records
@@ -324,15 +325,15 @@ class ClientCore:
         (the tags join the same ACK); their (mailbox, id) keys."""
         keys = [(m.mailbox, m.id) for m in messages]
         self.dedup.settle_done(keys)
-        now = self.connections
+        current = self.connections
         if self._shadows:
             for m, key in zip(messages, keys):
                 tags = self._shadows.get(key)
                 if tags:
-                    if m.connection == now:
+                    if m.connection == current:
                         tags.discard(m.tag)
                     self.settled_elsewhere(key, True)
-        self._pending_acks.extend([m.tag for m in messages if m.connection == now])
+        self._pending_acks.extend([m.tag for m in messages if m.connection == current])
         return keys
 
     def flush_acks(self) -> None:
