@@ -28,7 +28,7 @@ from ..protocol.constants import DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, MA
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.inbox import DirectInbox
 from ..protocol.frames import Cmd
-from ..protocol.message import Message
+from ..protocol.message import Message, count_down_ttl
 from ..protocol.paths import HOLD
 from .common import Dispatcher, Orphan, take_batch
 from .links import DirectSender
@@ -241,6 +241,8 @@ class NodeCore:
         if (limit is not None and len(record[3]) + len(record[2]) > limit) or (
                 sender is not None and not sender.relay_only(mailbox, now)):
             return False
+        if record[5] is not None and not count_down_ttl(record, now - record[4]):
+            return False  # (its ttl passed on its way here: take_batch fails it)
         if sender is not None:
             sender.paths.relay_up = True
             sender.paths.via_relay(mailbox)

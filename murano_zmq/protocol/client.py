@@ -398,7 +398,7 @@ class ClientCore:
         found = {item[0]: error_from_code(item[1], item[2]) for item in errors} if errors else {}
         if self._left_out and req in self._left_out:  # (a replay that left records out: their indexes)
             origin, left_out = self._left_out.pop(req)
-            found = {**left_out, **{origin[i] if 0 <= i < len(origin) else i: e for i, e in found.items()}}
+            found = {**left_out, **{origin[i]: e for i, e in found.items() if 0 <= i < len(origin)}}
         return [Confirmed(req, found)]
 
     def _on_reply(self, req: int, result: Any) -> list:

@@ -6,6 +6,7 @@ for the operator (startup_error).
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import time
@@ -52,7 +53,11 @@ class SyncFailed(OSError):
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return "full" in str(exc)  # SQLITE_FULL: "database or disk is full"
+    """SQLITE_FULL ("database or disk is full"), or a file write's ENOSPC or
+    EDQUOT (a segment's direct write says "No space left on device")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "full" in str(exc)
 
 
 def startup_error(path: str, exc: BaseException) -> StartupError:

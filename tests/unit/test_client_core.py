@@ -131,3 +131,15 @@ def test_with_another_relay_to_try_a_session_without_welcome_is_lost_sooner():
         assert bool(lost) == quick and (not lost or "no WELCOME" in lost[0].reason)
     core.receive(encode(Cmd.WELCOME, "relay", 5.0, 1 << 20), 0.5)  # (a session that is up waits the usual)
     assert not [ev for ev in core.tick(wait + 0.6) if isinstance(ev, RelayLost)]
+
+
+def test_a_confirm_index_past_a_replay_is_dropped_not_moved():
+    """After a replay that left a record out, an index past the replayed
+    SEND (a relay's bug) matched the first SEND's record of that number."""
+    core = ready_core()
+    records = [send_record(new_message_id(1.0), "m", b"", pack_body(i), 1.0, ttl) for i, ttl in
+               enumerate([2.0, None, None])]
+    req = core.send(records, 1.0)
+    core.connection_made(4.0)  # (records[0]'s ttl passed: the replay is records 1 and 2)
+    [confirmed] = core.receive(encode(Cmd.CONFIRM, req, [[2, 429, "full"]]), 5.0)
+    assert sorted(confirmed.errors) == [0]  # (the left-out record's; index 2 of the replay is no record)

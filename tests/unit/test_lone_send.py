@@ -112,8 +112,9 @@ def test_the_shortcut_leaves_what_the_general_path_leaves():
         core.relay_out(T0)
         core.relay_frames(encode(Cmd.WELCOME, "relay", 1.0, 1 << 20), T0)
         core.sender.paths.looked_up("m", {"depth": 3, "direct": []}, T0)
-        record = build_record("m", b"body", None, None, T0, None, msg_id=b"i" * 16)
+        record = build_record("m", b"body", None, 5.0, T0, None, msg_id=b"i" * 16)
         core.route(deque([(record, Waiter())]), T0 + 1)
+        assert record[5] == 4.0  # (its ttl counted from its making, on either path)
         cores.append(core)
     a, b = cores
     assert a.relay_out(T0 + 1) == b.relay_out(T0 + 1)
@@ -123,3 +124,18 @@ def test_the_shortcut_leaves_what_the_general_path_leaves():
     assert a.session.unconfirmed == b.session.unconfirmed == 1
     events = a.session.receive(encode(Cmd.CONFIRM, 1, []), T0 + 1)
     assert events == [Confirmed(1, {})]
+
+
+def test_a_lone_send_whose_ttl_passed_on_its_way_fails_as_the_general_path_fails_it():
+    """The shortcut sent it with its whole ttl, where take_batch fails it."""
+    from murano_zmq.protocol.errors import RelayUnavailable
+
+    core = NodeCore("n", b"n" * 16, 1.0)
+    core.relay_connected(T0)
+    core.relay_out(T0)
+    core.relay_frames(encode(Cmd.WELCOME, "relay", 1.0, 1 << 20), T0)
+    core.sender.paths.looked_up("m", {"depth": 0, "direct": []}, T0)
+    waiter = Waiter()
+    core.route(deque([(build_record("m", b"x", None, 2.0, T0 - 5, None), waiter)]), T0)  # (made 5 s before)
+    assert isinstance(waiter.error, RelayUnavailable) and "its ttl passed" in str(waiter.error)
+    assert Cmd.SEND not in [decode(f).cmd for f in core.relay_out(T0)], "it went to the relay"

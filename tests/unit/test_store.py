@@ -1093,6 +1093,15 @@ def test_unreadable_bodies_do_not_use_up_a_windows_room(tmp_path, caplog):
         s.close()
 
 
+def test_a_direct_writes_enospc_is_a_full_disk_too():
+    """A long run's O_DIRECT write reports ENOSPC in the kernel's words ("No
+    space left on device"), which the check by SQLite's text missed: the
+    relay called it failing writes, kept its reserve, and acks then failed."""
+    assert StoreError(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).full
+    assert StoreError(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))).full
+    assert not StoreError(OSError(errno.EACCES, os.strerror(errno.EACCES))).full
+
+
 @pytest.mark.parametrize("where", ["pwrite", "fdatasync"])
 def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
     s = SQLiteStore(str(tmp_path))
