@@ -51,9 +51,9 @@ from ..protocol.message import check_name
 from ..store.base import Store
 from .admin import HANDLERS as ADMIN_HANDLERS
 from .deadletters import DeadLetters
-from .faults import DISK_FULL
 from .delivery import Delivery
 from .fabric import Fabric
+from .faults import DISK_FULL
 from .intake import Intake
 from .recovery import recover
 from .mailboxes import Mailboxes

@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .curve import ZAP_DOMAIN
-from .keys import PUBLIC_SUFFIX, load_authorized_keys
+from .keys import load_authorized_keys, public_key_names
 
 log = logging.getLogger("murano_zmq.security")
 
@@ -100,14 +100,13 @@ class AuthorizedKeys:
         """What changes when a key file is added, removed, renamed or edited."""
         try:
             entries = [(self.directory.stat().st_mtime_ns,)]
-            for name in os.listdir(self.directory):  # (raises for an unreadable directory: Path.glob does not)
-                if name.endswith(PUBLIC_SUFFIX):
-                    try:
-                        st = (self.directory / name).stat()
-                    except OSError:  # (a dangling link: the others' changes still show)
-                        entries.append((name, "unreadable"))
-                        continue
-                    entries.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+            for name in public_key_names(self.directory):
+                try:
+                    st = (self.directory / name).stat()
+                except OSError:  # (a dangling link: the others' changes still show)
+                    entries.append((name, "unreadable"))
+                    continue
+                entries.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
             return ("unreadable",)
         return tuple(sorted(entries, key=repr))

@@ -174,6 +174,13 @@ def load_public_key(key: "str | bytes | os.PathLike | KeyPair", key_dir: str | o
     return load_key_file(resolve_key_path(key, key_dir, PUBLIC_SUFFIX)).public
 
 
+def public_key_names(directory: str | os.PathLike) -> list[str]:
+    """The names of the public key files (NAME.key) in `directory`; OSError
+    if it cannot be listed (not Path.glob: it lists an unreadable directory
+    as empty, and a reload then removed every key)."""
+    return [name for name in os.listdir(directory) if name.endswith(PUBLIC_SUFFIX)]
+
+
 def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
     """Public key (z85) -> key name for every NAME.key in `directory`.
 
@@ -187,12 +194,12 @@ def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise KeyFileError(f"authorized-keys directory {directory} {what}")
-    try:  # (not Path.glob: it lists an unreadable directory as empty, and a reload then removed every key)
-        names = os.listdir(directory)
+    try:
+        names = public_key_names(directory)
     except OSError as exc:
         raise KeyFileError(f"cannot list authorized-keys directory {directory}: {exc.strerror}") from None
     keys: dict[bytes, str] = {}
-    for path in sorted(directory / n for n in names if n.endswith(PUBLIC_SUFFIX)):
+    for path in sorted(directory / n for n in names):
         name = path.name[: -len(PUBLIC_SUFFIX)]
         try:
             check_key_name(name)

@@ -34,13 +34,15 @@ STANDBY_POLL = 0.05  # a standby relay asks for the lock this often (seconds)
 # The lock goes with the running relay's session, and that relay may live
 # on: a session ended under it (pg_terminate_backend, a network blip, a
 # server restart) it learns of at its next commit (any ack or send makes
-# one) or check, and when it cannot take the lock back within RETAKE_WAIT it stops
-# (Relay._halt).  A standby that took the lock from a running relay waits
-# TAKEOVER_GRACE before it serves: serving before that, two relays would
-# deliver the same messages.
+# one) or check, and when it cannot take the lock back within RETAKE_WAIT
+# it stops (Relay._halt).  A standby that took the lock from a running
+# relay waits TAKEOVER_GRACE before it serves: serving before that, two
+# relays would deliver the same messages.
+RETAKE_WAIT = 1.0
+TAKEOVER_GRACE = RETAKE_WAIT + 1.0
+STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often
 # A relay with no commits to make asks its session every LOCK_CHECK_EVERY
 # (PostgresStore.check_held): an idle relay, too, stops within the grace.
-RETAKE_WAIT = 1.0
 LOCK_CHECK_EVERY = 0.5
 # After a check whose connect took this long and failed (a server out of
 # reach: a standby cannot reach it either), the next is LOCK_CHECK_RETRY
@@ -49,8 +51,6 @@ LOCK_CHECK_EVERY = 0.5
 # the check runs: the standby may get the lock as soon as it is back.
 SLOW_CHECK = 1.0
 LOCK_CHECK_RETRY = 5.0
-TAKEOVER_GRACE = RETAKE_WAIT + 1.0
-STANDBY_RETRY = 1.0  # a standby that lost the server (or never reached it) tries again this often
 
 # After a lost connection (the primary died, a failover), how long to keep
 # trying to reach a read-write server before the store gives up (StoreError).
