@@ -138,7 +138,7 @@ class AsyncNode(NodeBase):
         if not wait:
             self._check_deliverable_now(mailbox)
         future = self._loop.create_future()
-        self._check_room(self.pending, 1)
+        self._check_room([record])
         self._outgoing.append((record, future))
         if self._flush_scheduled or self._core.session.unconfirmed:
             self._schedule_flush()  # others in flight: coalesce with this iteration's sends
@@ -168,7 +168,7 @@ class AsyncNode(NodeBase):
         return await self._expiring(future, timeout)
 
     def _queue_records(self, records: list, waiters: list) -> None:
-        self._check_room(self.pending, len(records))
+        self._check_room(records)
         self._outgoing.extend(zip(records, waiters))
         self._schedule_flush()
 

@@ -17,6 +17,7 @@ from ..protocol.constants import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
     DEFAULT_TIMEOUT,
@@ -33,7 +34,7 @@ from ..protocol.topics import check_topic
 from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
 from ..security.node import node_security
-from .common import check_wait
+from .common import check_wait, pairs_size, record_size
 from .core import NodeCore
 from .sockets import DEFAULT_DIRECT_BIND, NodeSockets, check_endpoint
 from .topics import TopicSockets, parse_forwarder
@@ -102,7 +103,8 @@ class NodeBase:
                timeout: float = DEFAULT_TIMEOUT, context: zmq.Context | None = None, curve_key=None,
                relay_key=None, direct: bool = True, bind: str = DEFAULT_DIRECT_BIND,
                direct_timeout: float = DEFAULT_DIRECT_TIMEOUT, discovery: bool | str | None = None,
-               forwarder=None, max_pending: int = DEFAULT_MAX_PENDING, authorized_keys=None,
+               forwarder=None, max_pending: int = DEFAULT_MAX_PENDING,
+               max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, authorized_keys=None,
                trusted_keys=None, permissions=None, forwarder_key=None) -> None:
         self.name = check_peer_name(name) if name else default_node_name()
         # (0 or less reconnected at every turn, flooding the relay; nan made
@@ -131,6 +133,15 @@ class NodeBase:
         if not is_whole(max_pending) or max_pending < 1:
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
         self.max_pending = max_pending
+        if not is_whole(max_pending_bytes) or max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be a whole number >= 1, got {max_pending_bytes!r}")
+        self.max_pending_bytes = max_pending_bytes
+        # At least the bytes `pending` holds: the last sum plus what came
+        # since.  The sum (a pass over every held message) runs only when
+        # this passes the bound, so a flowing node sums once per
+        # max_pending_bytes sent, and nothing is counted at the many places
+        # a message leaves the node's queues.
+        self._held_bytes_bound = 0
         self._context = context or zmq.Context.instance()
         # CURVE (docs/security.md): curve_key is this node's key pair (a
         # KeyPair or a .key_secret path), relay_key the relay's public key
@@ -189,13 +200,36 @@ class NodeBase:
 
     # --- checks the API calls share -------------------------------------------------
 
-    def _check_room(self, held: int, count: int) -> None:
+    def _check_room(self, records: list) -> None:
+        """Refuse `records` (SendQueueFull) if the node would then hold more
+        than max_pending messages or max_pending_bytes bytes that no socket
+        has taken.  (Node: called holding its lock.)"""
+        count, held = len(records), self.pending
         if count > self.max_pending:
             raise SendQueueFull(f"a send_many of {count} messages is more than node {self.name} may hold "
                                 f"(max_pending={self.max_pending}): send them in parts, or raise max_pending")
         if held + count > self.max_pending:
             raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
                                 f"(max_pending={self.max_pending}); is the relay at {self._where()} reachable?")
+        size = len(records[0][3]) + len(records[0][2]) if count == 1 else sum(map(record_size, records))
+        limit = self.max_pending_bytes
+        if size > limit:
+            raise SendQueueFull(f"a send of {size} bytes is more than node {self.name} may hold "
+                                f"(max_pending_bytes={limit}): send it in parts, or raise max_pending_bytes")
+        bound = (self._held_bytes_bound if held else 0) + size
+        if bound > limit:
+            held_bytes = self._pending_bytes()
+            bound = held_bytes + size
+            if bound > limit:
+                self._held_bytes_bound = held_bytes
+                raise SendQueueFull(f"node {self.name} holds {held} messages of {held_bytes} bytes it could not "
+                                    f"hand on yet (max_pending_bytes={limit}); is the relay at {self._where()} "
+                                    "reachable?")
+        self._held_bytes_bound = bound
+
+    def _pending_bytes(self) -> int:
+        """Body and header bytes of the messages `pending` counts."""
+        return pairs_size(tuple(self._outgoing)) + self._core.pending_bytes()
 
     def _check_deliverable_now(self, mailbox: str) -> None:
         if not self._core.deliverable_now(mailbox):

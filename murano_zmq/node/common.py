@@ -76,6 +76,11 @@ def record_size(record: list) -> int:
     return len(record[3]) + len(record[2])
 
 
+def pairs_size(pairs) -> int:
+    """Body and header bytes of the records of (record, waiter) pairs."""
+    return sum([len(record[3]) + len(record[2]) for record, _ in pairs])
+
+
 def check_size(size: int, max_size: int | None) -> None:
     if max_size is not None and size > max_size:
         raise too_large(size, max_size)

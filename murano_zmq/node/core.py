@@ -30,7 +30,7 @@ from ..protocol.inbox import DirectInbox
 from ..protocol.frames import Cmd
 from ..protocol.message import Message, count_down_ttl
 from ..protocol.paths import HOLD
-from .common import Dispatcher, Orphan, take_batch
+from .common import Dispatcher, Orphan, pairs_size, take_batch
 from .links import DirectSender
 
 _MAILBOX = itemgetter(1)  # a SEND record's mailbox
@@ -88,6 +88,12 @@ class NodeCore:
         """Messages held here that no socket has taken yet."""
         queued = self.sender.queued if self.sender is not None else 0
         return len(self._held) + len(self._relay_queue) + queued
+
+    def pending_bytes(self) -> int:
+        """Body and header bytes of the messages `pending` counts.  Another
+        thread may ask: it sums snapshots (each taken whole under the GIL)."""
+        queued = self.sender.queued_bytes() if self.sender is not None else 0
+        return pairs_size(tuple(self._held)) + pairs_size(tuple(self._relay_queue)) + queued
 
     def deliverable_now(self, mailbox: str) -> bool:
         """Would a message to `mailbox` leave now (relay session up, or direct)?"""

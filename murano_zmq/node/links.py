@@ -24,7 +24,7 @@ from collections import deque
 from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH, DIRECT_STALL
 from ..protocol.direct import DirectConfirmed, DirectLink, LinkFailed, LinkState
 from ..protocol.paths import HOLD, PathTable
-from .common import SEND_BATCH_BYTES, record_size
+from .common import SEND_BATCH_BYTES, pairs_size, record_size
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -57,6 +57,10 @@ class DirectSender:
         if not self._queues:
             return 0  # (every send asks: the usual case, answered at once)
         return sum(len(q) for q in list(self._queues.values()))
+
+    def queued_bytes(self) -> int:
+        """Body and header bytes of those records (from any thread, as `queued`)."""
+        return sum(pairs_size(tuple(q)) for q in list(self._queues.values()))
 
     @property
     def has_links(self) -> bool:

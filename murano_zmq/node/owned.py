@@ -59,7 +59,7 @@ class OwnedSends:
         try:
             with self._lock:
                 self._check_open()
-                self._check_room(self.pending, len(records))
+                self._check_room(records)
                 incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
                 jobs, self._jobs = self._jobs, deque()
             if job is not None:

@@ -206,7 +206,7 @@ class Node(IOThread, OwnedSends, NodeBase):
         self._check_process()  # (before the lock: a fork may have copied it held)
         with self._lock:
             self._check_open()
-            self._check_room(self.pending, len(records))
+            self._check_room(records)
             self._outgoing.extend(zip(records, waiters))
         self._wake()
 

@@ -145,6 +145,10 @@ MAX_IN_FLIGHT_BATCHES = 64
 # Messages a node holds that it could not hand to a socket yet (relay down,
 # windows full); one more send raises SendQueueFull.
 DEFAULT_MAX_PENDING = 100_000
+# ... and at most this many bytes of them (bodies and headers): 100,000
+# sends of 64 KiB held 6.5 GB while no relay answered.  Room for a send_many
+# of 10,000 bodies of 64 KiB.
+DEFAULT_MAX_PENDING_BYTES = 1 << 30
 
 # How long a blocking call waits for the relay by default, seconds.
 DEFAULT_TIMEOUT = 30.0

@@ -26,6 +26,36 @@ def test_no_relay_send_queue_is_bounded(make_node):
     assert not any(f.done() for f in held)
 
 
+def test_no_relay_send_queue_is_bounded_in_bytes(make_node, relay_factory):
+    """Bodies count too: 100,000 sends of 64 KiB held 6.5 GB while no relay
+    answered.  When the relay comes, the held ones go and there is room again."""
+    endpoint = free_tcp_endpoint()
+    node = make_node("lonely", relay=endpoint, max_pending_bytes=100_000, timeout=15)
+    body = b"x" * 9_997  # 10,000 bytes packed (bin 16: 3 bytes of header)
+    held = [node.send_async("nowhere", body) for _ in range(10)]
+    with pytest.raises(SendQueueFull, match=r"holds 10 messages of 100000 bytes .*max_pending_bytes=100000"):
+        node.send_async("nowhere", "x")
+    with pytest.raises(SendQueueFull, match="max_pending_bytes"):
+        node.send_many([("nowhere", i) for i in range(5)], timeout=1)
+    assert node.pending == 10, "a refused send must not be held"
+    assert not any(f.done() for f in held)
+    relay_factory(endpoint=endpoint)
+    for future in held:
+        future.result(timeout=15)
+    for _ in range(30):  # 300,000 bytes through a node that may hold 100,000
+        node.send("nowhere", body)
+    node.send_many([("nowhere", body)] * 10)
+
+
+def test_a_send_larger_than_max_pending_bytes_says_so(make_node):
+    node = make_node("api", max_pending_bytes=50_000)
+    with pytest.raises(SendQueueFull, match=r"a send of 60003 bytes is more than .*\(max_pending_bytes=50000\)"):
+        node.send("q", b"x" * 60_000)
+    with pytest.raises(SendQueueFull, match=r"a send of 60\d+ bytes is more than"):
+        node.send_many([("q", b"x" * 6_000)] * 10)
+    assert node.send_many([("q", b"x" * 4_000)] * 10)
+
+
 def test_a_send_many_larger_than_max_pending_says_so(make_node):
     """With the relay up, it said the node held 0 messages and asked
     whether the relay was reachable."""
@@ -86,10 +116,11 @@ def test_msg_id_makes_a_send_idempotent(make_node):
         node.send("orders", 1, msg_id=b"short")
 
 
-@pytest.mark.parametrize("max_pending", [0, True, 2.5])
-def test_max_pending_must_be_a_positive_whole_number(node_kind, max_pending):
-    with pytest.raises(ValueError, match="max_pending"):
-        node_kind("n", relay=free_tcp_endpoint(), max_pending=max_pending)
+@pytest.mark.parametrize("option", ["max_pending", "max_pending_bytes"])
+@pytest.mark.parametrize("value", [0, True, 2.5, "10"])
+def test_max_pending_must_be_a_positive_whole_number(node_kind, option, value):
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        node_kind("n", relay=free_tcp_endpoint(), **{option: value})
 
 
 def test_wait_false_on_a_closed_node_says_it_is_closed():
