@@ -157,7 +157,7 @@ class NodeCore:
                 self.inbox.settled_elsewhere((message.mailbox, message.id))
             return
         again = self.inbox.settle(message, how, requeue)
-        self.session.settled_elsewhere((message.mailbox, message.id), not again)
+        self.session.settled_elsewhere((message.mailbox, message.id), not again, how != "ack" and not requeue)
         sink = self.dispatch.sinks.get(self.consumers.get(message.mailbox, -1))
         if again and sink is not None:
             sink(again)

@@ -20,7 +20,7 @@ import msgpack
 
 from .constants import (ACK_EARLY_MIN_PREFETCH, DEDUP_WINDOW, DEFAULT_HEARTBEAT, HEARTBEAT_LIVENESS,
                         KEPT_PACKER_BUFFER, MIN_WELCOME_WAIT, SIGNATURE, WELCOME_LIVENESS)
-from .dedup import ACKED, FRESH, DedupWindow
+from .dedup import ACKED, FRESH, REJECTED, DedupWindow
 from .errors import LocalProtocolError, NotReady, RelayError, RemoteProtocolError, error_from_code
 from .frames import Cmd, decode, encode, encoder
 from .message import Message, count_down_ttl, parse_delivery, shown_peer_name, ttl_passed
@@ -292,26 +292,28 @@ class ClientCore:
             # The relay requeues what this consumer held: let it come again.
             self.dedup.release(consumer)
 
-    def settled_elsewhere(self, key: tuple, done: bool) -> None:
+    def settled_elsewhere(self, key: tuple, done: bool, rejected: bool = False) -> None:
         """A copy that came another way (direct) was settled: settle the relay
-        copies that arrived meanwhile the same way (done: ack, else requeue)."""
+        copies that arrived meanwhile the same way (done: ack; done and
+        rejected: reject; else requeue)."""
         tags = self._shadows.pop(key, None)
-        if tags and done:
+        if tags and done and not rejected:
             self._pending_acks.extend(tags)
         elif tags:
             self.flush_acks()
-            self._put(Cmd.NACK, sorted(tags), True)
+            self._put(Cmd.NACK, sorted(tags), not done)
 
     def settle(self, message: Message, how: str, requeue: bool) -> None:
         """The application acked or nacked `message`."""
-        done = how == "ack" or not requeue
-        self.dedup.settle((message.mailbox, message.id), done)
+        rejected = how != "ack" and not requeue
+        done = how == "ack" or rejected
+        self.dedup.settle((message.mailbox, message.id), done, rejected)
         current = message.connection == self.connections
         tags = self._shadows.get((message.mailbox, message.id))
         if tags:
             if current:
                 tags.discard(message.tag)
-            self.settled_elsewhere((message.mailbox, message.id), done)
+            self.settled_elsewhere((message.mailbox, message.id), done, rejected)
         if not current:
             return  # (an earlier connection's tag: see self.connections)
         if how == "ack":
@@ -434,14 +436,19 @@ class ClientCore:
                 self._put(Cmd.NACK, [m.tag for m in messages], True)
             self._put(Cmd.CANCEL, 0, consumer)
             return []
-        fresh = []
+        fresh, rejected = [], []
         for m, seen in zip(messages, self.dedup.offer_many([(m.mailbox, m.id) for m in messages], consumer)):
             if seen is FRESH:
                 fresh.append(m)
             elif seen is ACKED:
                 self._pending_acks.append(m.tag)  # seen and acked: settle quietly
+            elif seen is REJECTED:
+                rejected.append(m.tag)  # seen and rejected: to its dead-letter mailbox
             else:  # IN_APP: a copy (e.g. one that came direct) is with the application
                 self._shadows.setdefault((m.mailbox, m.id), set()).add(m.tag)
+        if rejected:
+            self.flush_acks()
+            self._put(Cmd.NACK, rejected, False)
         return [Delivered(consumer, fresh)] if fresh else []
 
     def _on_heartbeat(self) -> list:

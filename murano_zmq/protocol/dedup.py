@@ -12,7 +12,8 @@ from collections import OrderedDict
 from .constants import DEDUP_WINDOW
 
 FRESH = "fresh"  # hand it to the application
-ACKED = "acked"  # seen and settled: settle the copy quietly
+ACKED = "acked"  # seen and acked: ack the copy quietly
+REJECTED = "rejected"  # seen and rejected: reject the copy too (its dead letter)
 IN_APP = "in-app"  # the application has it now: drop the copy
 
 
@@ -20,22 +21,26 @@ class DedupWindow:
     def __init__(self, size: int = DEDUP_WINDOW):
         self._size = size
         self._in_app: dict[tuple, object] = {}  # key -> owner (a consumer id)
-        self._settled: OrderedDict[tuple, None] = OrderedDict()
+        self._settled: OrderedDict[tuple, bool] = OrderedDict()  # key -> rejected?
 
     def offer(self, key: tuple, owner: object) -> str:
-        """FRESH (and now held by `owner`), ACKED or IN_APP."""
-        if key in self._settled:
-            return ACKED
+        """FRESH (and now held by `owner`), ACKED, REJECTED or IN_APP."""
+        rejected = self._settled.get(key)
+        if rejected is not None:
+            return REJECTED if rejected else ACKED
         if key in self._in_app:
             return IN_APP
         self._in_app[key] = owner
         return FRESH
 
-    def settle(self, key: tuple, done: bool) -> None:
-        """The application acked (done) or requeued (not done) the message."""
+    def settle(self, key: tuple, done: bool, rejected: bool = False) -> None:
+        """The application acked (done), rejected (done, rejected) or
+        requeued (not done) the message.  A rejected one's copies are
+        rejected too: a copy that came again after a lost session must still
+        reach the mailbox's dead-letter mailbox, not be acked away."""
         self._in_app.pop(key, None)
         if done:
-            self._settled[key] = None
+            self._settled[key] = rejected
             if len(self._settled) > self._size:
                 self._settled.popitem(last=False)
 
@@ -44,8 +49,9 @@ class DedupWindow:
         settled, in_app = self._settled, self._in_app
         out = []
         for key in keys:
-            if key in settled:
-                out.append(ACKED)
+            rejected = settled.get(key)
+            if rejected is not None:
+                out.append(REJECTED if rejected else ACKED)
             elif key in in_app:
                 out.append(IN_APP)
             else:
@@ -58,7 +64,7 @@ class DedupWindow:
         in_app, settled, size = self._in_app, self._settled, self._size
         for key in keys:
             in_app.pop(key, None)
-            settled[key] = None
+            settled[key] = False
             if len(settled) > size:
                 settled.popitem(last=False)
 

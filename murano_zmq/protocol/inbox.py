@@ -172,7 +172,9 @@ class DirectInbox:
                             message.created_at, message.expires_at, message.delivery_count + 1)
             again.origin = origin
             return [again]
-        self.dedup.settle(key, True)  # acked, or rejected: a direct reject is dropped
+        # Acked, or rejected: a direct reject is dropped, and a relay copy
+        # that comes later is rejected there (dead-lettered, if its mailbox says so).
+        self.dedup.settle(key, True, how != "ack")
         self._count_down(origin.session, origin.req)
         self.settled_elsewhere(key)
         return []

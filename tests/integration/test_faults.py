@@ -263,6 +263,34 @@ def test_an_ack_from_before_a_relay_lost_its_store_settles_nothing_new(relay_fac
                  what="the new message acked")
 
 
+@pytest.mark.parametrize("copy_first", [False, True], ids=["rejected-then-copy", "copy-then-rejected"])
+def test_a_message_rejected_around_a_relay_restart_is_dead_lettered(relay_factory, node_kind, copy_first):
+    """The dedup window remembered a reject as settled, like an ack: the copy
+    the restarted relay delivered again (before or after the application's
+    nack) was acked, and the dead letter was lost."""
+    relay = relay_factory()
+    with node_kind("worker", relay=relay.endpoint, heartbeat=0.2, timeout=20, direct=False) as node:
+        node.declare("q", dead_letter="dlq")
+        node.send("q", "poison")
+        msg = node.consume("q", prefetch=10).get(timeout=10)
+        relay.kill()
+        if not copy_first:
+            msg.nack(requeue=False)  # (its NACK dies with the session)
+        relay_factory(endpoint=relay.endpoint, data_dir=relay.data_dir)
+
+        def depths() -> dict:
+            return {m["name"]: (m["depth"], m["unacked"]) for m in node.status()["mailboxes"]}
+
+        if copy_first:
+            wait_for(lambda: depths().get("q") == (1, 1), 20, what="the copy delivered again, kept aside")
+            msg.nack(requeue=False)
+        wait_for(lambda: depths().get("q") == (0, 0) and depths().get("dlq") == (1, 0), 20,
+                 what="the rejected message in the dead-letter mailbox")
+        dead = node.consume("dlq").get(timeout=10)
+        assert dead.body == "poison"
+        dead.ack()
+
+
 def test_a_ttl_counts_from_the_send_not_from_when_a_relay_came(relay_factory, node_kind):
     """A relay counts a ttl from its receipt, and a node held its sends
     while no relay answered: a message sent with ttl=1 during an outage

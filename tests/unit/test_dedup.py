@@ -3,11 +3,11 @@ window exactly as the one-key calls would, its bound included."""
 
 import random
 
-from murano_zmq.protocol.dedup import DedupWindow
+from murano_zmq.protocol.dedup import ACKED, FRESH, IN_APP, REJECTED, DedupWindow
 
 
 def state(w: DedupWindow) -> tuple:
-    return dict(w._in_app), list(w._settled)
+    return dict(w._in_app), list(w._settled.items())
 
 
 def test_offer_many_and_settle_done_are_the_one_key_calls_in_order():
@@ -24,3 +24,15 @@ def test_offer_many_and_settle_done_are_the_one_key_calls_in_order():
                 one.settle(k, True)
             many.settle_done(done)
             assert state(many) == state(one)
+
+
+def test_a_rejected_key_is_offered_as_rejected_an_acked_one_as_acked():
+    w = DedupWindow(size=5)
+    for key in [("m", b"a"), ("m", b"r"), ("m", b"q")]:
+        assert w.offer(key, 1) == FRESH
+    w.settle(("m", b"a"), True)
+    w.settle(("m", b"r"), True, rejected=True)
+    w.settle(("m", b"q"), False)  # requeued: it may come again
+    keys = [("m", b"a"), ("m", b"r"), ("m", b"q")]
+    assert w.offer_many(keys, 2) == [ACKED, REJECTED, FRESH]
+    assert [w.offer(k, 2) for k in keys] == [ACKED, REJECTED, IN_APP]

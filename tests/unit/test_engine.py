@@ -1282,6 +1282,23 @@ def test_client_dedup_hands_an_id_to_the_application_once():
     assert [(decode(f).cmd, decode(f).fields) for f in core.drain()] == [(Cmd.ACK, ([3],))]
 
 
+def test_client_dedup_rejects_the_copies_of_a_rejected_message():
+    """A copy of a message the application rejected is rejected too (NACK
+    without requeue: the relay dead-letters it), not acked away."""
+    core = _welcomed_core()
+    consumer, _ = core.consume("work", 10)
+    core.drain()
+    msg_id = new_id()
+    [first] = core.receive(encode(Cmd.DELIVER, consumer, [_delivery(1, msg_id)]), T0)
+    assert core.receive(encode(Cmd.DELIVER, consumer, [_delivery(2, msg_id, count=2)]), T0) == []  # kept aside
+    core.settle(first.messages[0], "nack", False)
+    assert sorted((decode(f).cmd, decode(f).fields) for f in core.drain()) == [
+        (Cmd.NACK, ([1], False)), (Cmd.NACK, ([2], False))]
+    assert core.receive(encode(Cmd.DELIVER, consumer, [_delivery(3, msg_id, count=3)]), T0) == []
+    core.flush_acks()
+    assert [(decode(f).cmd, decode(f).fields) for f in core.drain()] == [(Cmd.NACK, ([3], False))]
+
+
 def test_client_dedup_after_requeue_hands_it_again():
     core = _welcomed_core()
     consumer, _ = core.consume("work", 10)
