@@ -19,6 +19,11 @@ from ..protocol.topics import TopicEvent
 
 log = logging.getLogger("murano_zmq.node")
 
+# Seconds a waiting get() or iteration sleeps at most before it looks again
+# whether its consumer was cancelled or its node closed (by another thread
+# or task: nothing else would wake it).
+RECHECK = 0.2
+
 
 class Subscription:
     """Topic events for one prefix; iterate, call get(), or give a callback."""
@@ -96,19 +101,26 @@ class Consumer(_MailboxHandle):
         super().__init__(node, mailbox, messages, messages.put)
 
     def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds (None: wait forever)."""
+        """The next message, or None after `timeout` seconds (None: until one
+        comes), or once this consumer is cancelled or its node closed."""
         if self._cancelled:
             return None
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        get = self._queue.get
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = RECHECK if deadline is None else min(RECHECK, deadline - time.monotonic())
+            try:
+                return get(timeout=max(0.0, wait))
+            except queue.Empty:
+                if self._cancelled or self.node._closed.is_set() or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    return None
 
     def __iter__(self) -> Iterator[Message]:
         get = self._queue.get  # (get(), inline: once per consumed message)
         while not self._cancelled:
             try:
-                yield get(timeout=0.2)
+                yield get(timeout=RECHECK)
             except queue.Empty:
                 if self.node._closed.is_set():
                     return
@@ -143,20 +155,23 @@ class AsyncConsumer(_MailboxHandle):
         self._arrived.set()
 
     async def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds."""
+        """The next message, or None after `timeout` seconds (None: until one
+        comes), or once this consumer is cancelled or its node closed."""
         ready = self._queue
         if ready and not self._cancelled:  # no task, no yield: acks of a burst go out together
             return ready.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not ready:
-            if self._cancelled:
+            if self._cancelled or self.node._closed:
+                return None
+            left = RECHECK if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 return None
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(),
-                                       None if deadline is None else max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self._arrived.wait(), min(RECHECK, left))
             except asyncio.TimeoutError:
-                return None
+                pass
         return None if self._cancelled else ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Message]:

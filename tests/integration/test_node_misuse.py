@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -66,3 +67,44 @@ def test_an_async_node_called_from_another_event_loop_refuses_before_sending(rel
     finally:
         loop.run_until_complete(node.close())
         loop.close()
+
+
+def test_a_get_without_a_timeout_returns_when_its_consumer_is_cancelled(make_node):
+    """It waited for ever: cancel() from another thread did not wake it."""
+    consumer = make_node("worker").consume("quiet")
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(consumer.get()), daemon=True)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "get() returned with no message and no cancel"
+    consumer.cancel()
+    waiter.join(5)
+    assert not waiter.is_alive() and got == [None]
+
+
+def test_a_get_without_a_timeout_returns_when_its_node_closes(relay):
+    """Node.close() from another thread left a worker parked in get() for ever."""
+    node = Node("worker", relay=relay.endpoint, direct=False, timeout=10)
+    consumer = node.consume("quiet")
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(consumer.get()), daemon=True)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()
+    node.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and got == [None]
+
+
+def test_an_async_get_without_a_timeout_returns_when_its_node_closes(relay):
+    async def main():
+        node = AsyncNode("worker", relay=relay.endpoint, direct=False, timeout=10)
+        await node.start()
+        consumer = await node.consume("quiet")
+        task = asyncio.ensure_future(consumer.get())
+        done, _ = await asyncio.wait([task], timeout=0.5)
+        assert not done
+        await node.close()
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(main()) is None
