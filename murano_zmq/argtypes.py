@@ -62,6 +62,7 @@ def bounded_int(low: int, high: int | None = None):
 
 count = bounded_int(0)
 limit = bounded_int(0, MAX_LIMIT)  # a mailbox's max_length / max_bytes
+delivery_limit = bounded_int(1, MAX_LIMIT)  # a mailbox's delivery_limit
 message_size = bounded_int(1, MAX_MESSAGE_SIZE_LIMIT)
 
 

@@ -11,7 +11,16 @@ import sys
 from typing import Any
 
 from . import cli_ops
-from .argtypes import bounded_int, count as _count, given, limit as _limit, positive_seconds as _positive_float, relay_endpoint, seconds
+from .argtypes import (
+    bounded_int,
+    count as _count,
+    delivery_limit as _delivery_limit,
+    given,
+    limit as _limit,
+    positive_seconds as _positive_float,
+    relay_endpoint,
+    seconds,
+)
 from .discovery.zeroconf import INTERFACES_ENV
 from .forwarder import add_forwarder_arguments
 from .protocol.constants import (
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overflow", choices=OVERFLOWS, default="reject",
                    help="when full: reject the send (default) or drop the oldest")
     p.add_argument("--dead-letter", help="mailbox for expired, dropped and rejected messages")
+    p.add_argument("--delivery-limit", type=_delivery_limit, metavar="N",
+                   help="deliveries a message may have: one that comes back after N (requeued, or its "
+                        "consumer gone) goes to the dead-letter mailbox, or away")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds to wait for the relay")
 
     p = sub.add_parser("delete", help="delete a mailbox and its messages")
@@ -263,7 +275,8 @@ def cmd_declare(args: argparse.Namespace) -> int:
     with _node(args, "cli-declare") as node:
         status = node.declare(args.mailbox, ttl=args.ttl, message_ttl=args.message_ttl,
                               max_length=args.max_length, max_bytes=args.max_bytes,
-                              overflow=args.overflow, dead_letter=args.dead_letter)
+                              overflow=args.overflow, dead_letter=args.dead_letter,
+                              delivery_limit=args.delivery_limit)
     print(json.dumps(status))
     return 0
 

@@ -119,8 +119,10 @@ class AsyncNode(NodeBase):
     async def declare(self, mailbox: str, *, ttl: float | None = None, message_ttl: float | None = None,
                       max_length: int | None = None, max_bytes: int | None = None,
                       overflow: str = "reject", dead_letter: str | None = None,
-                      passive: bool = False, timeout: float | None = None) -> dict:
-        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
+                      passive: bool = False, timeout: float | None = None,
+                      delivery_limit: int | None = None) -> dict:
+        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive,
+                                  delivery_limit)
         return await self._request(Cmd.DECLARE, mailbox, options, timeout=timeout)
 
     async def delete(self, mailbox: str, timeout: float | None = None) -> None:

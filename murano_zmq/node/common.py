@@ -45,9 +45,10 @@ def check_wait(value: Any, what: str = "timeout") -> float:
 
 
 def declare_options(ttl=None, message_ttl=None, max_length=None, max_bytes=None,
-                    overflow="reject", dead_letter=None, passive=False) -> dict:
+                    overflow="reject", dead_letter=None, passive=False, delivery_limit=None) -> dict:
     """The DECLARE options map; ValueError names a bad argument."""
-    options = MailboxOptions(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter).to_map()
+    options = MailboxOptions(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter,
+                             delivery_limit).to_map()
     if passive:
         options["passive"] = True
     return options

@@ -130,13 +130,17 @@ class Node(IOThread, OwnedSends, NodeBase):
     def declare(self, mailbox: str, *, ttl: float | None = None, message_ttl: float | None = None,
                 max_length: int | None = None, max_bytes: int | None = None, overflow: str = "reject",
                 dead_letter: str | None = None, passive: bool = False,
-                timeout: float | None = None) -> dict:
+                timeout: float | None = None, delivery_limit: int | None = None) -> dict:
         """Create a mailbox with options (or check it exists, passive=True).
 
-        Returns the mailbox's status.  Raises PreconditionFailed when it exists
-        with other options, MailboxNotFound for a passive declare of a missing one.
+        delivery_limit: a message is handed out at most this many times; one
+        that comes back after that (nack with requeue, or its consumer gone)
+        goes to dead_letter, or away.  Returns the mailbox's status.  Raises
+        PreconditionFailed when it exists with other options,
+        MailboxNotFound for a passive declare of a missing one.
         """
-        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive)
+        options = declare_options(ttl, message_ttl, max_length, max_bytes, overflow, dead_letter, passive,
+                                  delivery_limit)
         return self._request(Cmd.DECLARE, mailbox, options, timeout=timeout)
 
     def delete(self, mailbox: str, timeout: float | None = None) -> None:

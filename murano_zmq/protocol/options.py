@@ -19,6 +19,10 @@ class MailboxOptions:
     overflow: what a full mailbox does with a new message: "reject" it
       (the sender gets MailboxFull) or "drop-head" (drop the oldest ready one).
     dead_letter: mailbox that receives expired, dropped and rejected messages.
+    delivery_limit: deliveries a message may have; one that comes back after
+      that many (NACK with requeue, or its consumer gone) leaves as a dead
+      letter (reason "delivery_limit") instead: a poison message does not
+      go round for ever at the head of its mailbox.
     """
 
     ttl: float | None = None
@@ -27,6 +31,7 @@ class MailboxOptions:
     max_bytes: int | None = None
     overflow: str = OVERFLOW_REJECT
     dead_letter: str | None = None
+    delivery_limit: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("ttl", "message_ttl"):
@@ -37,6 +42,9 @@ class MailboxOptions:
             value = getattr(self, name)
             if value is not None and not (is_whole(value) and 0 <= value <= MAX_LIMIT):
                 raise ValueError(f"{name} must be a whole number from 0 to {MAX_LIMIT}, got {value!r}")
+        limit = self.delivery_limit
+        if limit is not None and not (is_whole(limit) and 1 <= limit <= MAX_LIMIT):
+            raise ValueError(f"delivery_limit must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}")
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
         if self.dead_letter is not None:

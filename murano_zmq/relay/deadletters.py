@@ -1,7 +1,8 @@
 """Expiry and dead letters: messages that leave a mailbox unconsumed.
 
 A message leaves by expiry (its ttl), by drop-head (a full mailbox with
-overflow="drop-head"), or by a consumer's reject (NACK, requeue=False).  It
+overflow="drop-head"), by a consumer's reject (NACK, requeue=False), or by
+coming back after its mailbox's delivery_limit of deliveries.  It
 goes to the mailbox's dead-letter mailbox, made on first use, or away.  The
 delete and the copy's insert go into the same store batch, so one commit
 holds both: a crash keeps the message in one place or the other.
@@ -118,15 +119,32 @@ class DeadLetters:
             log.warning("dead-letter mailbox %s is full: dropped a message from %s", target, mb.name)
             self.counters["dropped_" + reason] = self.counters.get("dropped_" + reason, 0) + 1
 
-    def reject(self, mb: Mailbox, seq: int, size: int, deliveries: int, now: float, unacked) -> None:
-        """A consumer rejected the unacked message `seq`: it leaves."""
+    def reject(self, mb: Mailbox, seq: int, size: int, deliveries: int, now: float, unacked,
+               reason: str = "rejected") -> None:
+        """A consumer rejected the unacked message `seq` (or it came back
+        past its delivery limit, `reason` "delivery_limit"): it leaves."""
         mb.settled(size)
         row = self.store.get(seq) if mb.options.dead_letter is not None else None
         self.store.delete([seq])
         if row is not None:
-            self.move(mb, row._replace(deliveries=deliveries), "rejected", now, unacked)
+            self.move(mb, row._replace(deliveries=deliveries), reason, now, unacked)
         else:
-            self.counters["dropped_rejected"] = self.counters.get("dropped_rejected", 0) + 1
+            self.counters["dropped_" + reason] = self.counters.get("dropped_" + reason, 0) + 1
+
+    def spent(self, mb: Mailbox, entries: list, now: float, unacked) -> list:
+        """Of unacked messages (state.Unacked) coming back to `mb`, those
+        delivered as often as its delivery_limit allows leave (reason
+        "delivery_limit"); the others are returned, to be requeued."""
+        limit = mb.options.delivery_limit
+        if limit is None:
+            return entries
+        back = []
+        for entry in entries:
+            if entry.deliveries >= limit:
+                self.reject(mb, entry.seq, entry.size, entry.deliveries, now, unacked, "delivery_limit")
+            else:
+                back.append(entry)
+        return back
 
     def expire(self, mb: Mailbox, row: StoredMessage, now: float, unacked) -> None:
         """`row`, taken off the queue (deleted), has expired."""

@@ -61,9 +61,12 @@ class Delivery:
         entries = list(consumer.unacked.values())
         for entry in entries:
             del self.unacked[entry.seq]
-            mb.returned(entry.size)
         consumer.unacked.clear()
         consumer.unacked_bytes = 0
+        if entries and mb.name in self.mailboxes.by_name:
+            entries = self.dead.spent(mb, entries, now, self.unacked)
+        for entry in entries:
+            mb.returned(entry.size)
         if entries and mb.name in self.mailboxes.by_name:
             self.mailboxes.requeue(mb, entries)
             self.mailboxes.dirty.add(mb)
@@ -199,11 +202,13 @@ class Delivery:
             if taken is None:
                 continue
             mb, entry = taken
-            if requeue:
+            limit = mb.options.delivery_limit
+            if requeue and (limit is None or entry.deliveries < limit):
                 mb.returned(entry.size)
                 back.setdefault(mb, []).append(entry)
                 self.dead.note_expiry(entry.expires)
             else:
-                self.dead.reject(mb, entry.seq, entry.size, entry.deliveries, now, self.unacked)
+                self.dead.reject(mb, entry.seq, entry.size, entry.deliveries, now, self.unacked,
+                                 "rejected" if not requeue else "delivery_limit")
         for mb, entries in back.items():
             self.mailboxes.requeue(mb, entries)

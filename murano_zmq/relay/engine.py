@@ -77,8 +77,10 @@ class RelayEngine:
                          # for relay/metrics.py (RabbitMQ's names)
                          "confirmed": 0, "refused": 0, "redelivered": 0, "dead_lettered_expired": 0,
                          "dead_lettered_rejected": 0, "dead_lettered_maxlen": 0,
+                         "dead_lettered_delivery_limit": 0,
                          # left with no dead-letter mailbox to go to (none set, or it was full)
-                         "dropped_expired": 0, "dropped_rejected": 0, "dropped_maxlen": 0}
+                         "dropped_expired": 0, "dropped_rejected": 0, "dropped_maxlen": 0,
+                         "dropped_delivery_limit": 0}
         self.turn = Turn(store)
         self.boxes = Mailboxes(store)
         # Windows a delivery left low, to read ahead (top_up()): true while

@@ -72,6 +72,8 @@ DEAD_LETTER_REASONS = (
     ("expired", "Messages dead-lettered or dropped because their TTL passed."),
     ("rejected", "Messages dead-lettered or dropped because a consumer rejected them (NACK without requeue)."),
     ("maxlen", "Messages dead-lettered or dropped because their mailbox overflowed (drop-head)."),
+    ("delivery_limit", "Messages dead-lettered or dropped because they came back after their mailbox's "
+                       "delivery_limit of deliveries."),
 )
 QUEUE_TYPE = "murano_zmq_mailbox"  # RabbitMQ's queue_type label: rabbit_classic_queue, ...
 

@@ -113,6 +113,27 @@ def test_nack_without_requeue_dead_letters(make_node):
     dead.ack()
 
 
+def test_a_poison_message_leaves_at_its_delivery_limit(make_node):
+    node = make_node("n")
+    node.declare("work", dead_letter="work.dead", delivery_limit=2)
+    node.send_many([("work", "poison"), ("work", "good")])
+    consumer = node.consume("work", prefetch=1)
+    for count in (1, 2):
+        (msg,) = drain(consumer, 1)
+        assert (msg.body, msg.delivery_count) == ("poison", count)
+        msg.nack(requeue=True)
+    (good,) = drain(consumer, 1)
+    assert good.body == "good"
+    good.ack()
+    (dead,) = drain(node.consume("work.dead"), 1)
+    assert dead.body == "poison" and dead.headers["x-death"]["reason"] == "delivery_limit"
+    dead.ack()
+    with pytest.raises(PreconditionFailed):
+        node.declare("work", dead_letter="work.dead", delivery_limit=3)
+    with pytest.raises(ValueError, match="delivery_limit"):
+        node.declare("other", delivery_limit=0)
+
+
 def test_idle_mailbox_expires_with_its_messages(make_node):
     node = make_node("n")
     node.declare("agent.gone", ttl=2.0)

@@ -612,6 +612,60 @@ def test_nack_without_requeue_and_no_dead_letter_drops(net):
     assert c.bodies() == ["poison"]
 
 
+def test_a_message_requeued_past_its_delivery_limit_is_dead_lettered(net):
+    """A poison message went round at the head of its mailbox for ever
+    (10,000 deliveries in 2 s), and the messages behind it waited."""
+    api = net.node("api")
+    api.declare("work", dead_letter="work.dead", delivery_limit=3)
+    api.send("work", "poison", "good")
+    c = net.node("c")
+    c.consume("work", prefetch=1)
+    for attempt in range(1, 4):
+        net.settle()
+        m = c.messages[-1]
+        assert (m.body, m.delivery_count) == ("poison", attempt)
+        m.nack(requeue=True)
+    net.settle()
+    assert c.bodies() == ["poison"] * 3 + ["good"]
+    assert net.status("work")["depth"] == 1 and net.status("work.dead")["depth"] == 1
+    c.consume("work.dead")
+    net.settle()
+    dead = c.messages[-1]
+    assert dead.body == "poison" and dead.headers["x-death"]["reason"] == "delivery_limit"
+    assert dead.headers["x-death"]["count"] == 3
+    assert net.engine.counters["dead_lettered_delivery_limit"] == 1
+
+
+def test_a_message_whose_consumers_keep_dying_leaves_at_its_delivery_limit(net):
+    """A message that kills each consumer it reaches comes back with no NACK:
+    its consumers' ends count too.  Without a dead-letter mailbox it goes away."""
+    api = net.node("api")
+    api.declare("work", delivery_limit=2)
+    api.send("work", "poison")
+    for name in ("a", "b"):
+        victim = net.node(name)
+        victim.consume("work", prefetch=1)
+        net.settle()
+        assert victim.bodies() == ["poison"]
+        net.silent.add(victim.identity)  # it dies without a word
+        net.run(seconds=HEARTBEAT * HEARTBEAT_LIVENESS + 1, step=0.5)
+        assert victim.identity not in net.engine.peers
+    assert net.status("work")["depth"] == 0 and net.committed_rows() == 0
+    assert net.engine.counters["dropped_delivery_limit"] == 1
+    survivor = net.node("survivor")
+    survivor.consume("work")
+    net.settle()
+    assert survivor.bodies() == []
+
+
+def test_a_delivery_limit_must_be_a_whole_number_from_1(net):
+    api = net.node("api")
+    for bad in (0, -1, 2.5, True, "3"):
+        req = api.declare("work", delivery_limit=bad)
+        net.settle()
+        assert "delivery_limit" in api.one(Failed, req).error.args[0]
+
+
 # --- dead peers ---------------------------------------------------------------------------
 
 
