@@ -20,7 +20,7 @@ import threading
 
 import zmq
 
-from .protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM
+from .protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM, MAX_SUBSCRIPTION_SIZE
 from .sdnotify import notify
 
 log = logging.getLogger("murano_zmq.forwarder")
@@ -77,8 +77,10 @@ def run_forwarder(xsub: str, xpub: str, context: zmq.Context | None = None, key=
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        # Events come in on the XSUB; only subscriptions on the XPUB.
+        frontend.setsockopt(zmq.MAXMSGSIZE, max_message_size + FRAME_HEADROOM)
+        backend.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_SIZE)
         for sock in (frontend, backend):
-            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size + FRAME_HEADROOM)
             sock.setsockopt(zmq.SNDHWM, EVENT_QUEUE)
             sock.setsockopt(zmq.RCVHWM, EVENT_QUEUE)
         if key is not None:

@@ -19,7 +19,7 @@ import logging
 import zmq
 
 from ..protocol.errors import RemoteProtocolError
-from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM
+from ..protocol.constants import DEFAULT_MAX_MESSAGE_SIZE, FRAME_HEADROOM, MAX_SUBSCRIPTION_SIZE
 from ..protocol.topics import TopicEvent, decode_event, encode_event
 from ..zmqio import ready_frames
 
@@ -60,6 +60,7 @@ class TopicSockets:
         if created:
             pub = self._context.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_SIZE)  # (it only takes subscriptions)
             if self.security is not None and self.forwarder:
                 # A socket is a CURVE server or a client for all its
                 # connections: with a forwarder the PUB is the XSUB's client

@@ -159,6 +159,12 @@ OVERFLOWS = (OVERFLOW_REJECT, OVERFLOW_DROP_HEAD)
 
 # Mailbox names: printable, no spaces, bounded (they are stored and logged).
 MAX_NAME_LENGTH = 255
+# Bytes of a subscription a PUB or a forwarder's XPUB takes: its flag byte
+# and a topic prefix (MAX_NAME_LENGTH characters of UTF-8).  libzmq keeps a
+# subscription as a trie with a node per byte, ~80 bytes of memory each, and
+# a subscriber's end unsubscribes by recursing once per byte: one 256 KiB
+# subscription crashed the forwarder (a stack overflow) when it went.
+MAX_SUBSCRIPTION_SIZE = 1 + 4 * MAX_NAME_LENGTH
 
 # Message ids: bytes (a 48-bit ms clock and 80 random bits, or a key's hash).
 ID_SIZE = 16

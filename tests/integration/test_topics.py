@@ -166,6 +166,50 @@ def test_the_forwarder_drops_a_publisher_of_events_over_its_size_and_goes_on(mak
         proc.wait(10)
 
 
+HOSTILE_SUBSCRIBER = """
+import os, sys, zmq
+s = zmq.Context.instance().socket(zmq.XSUB)
+for endpoint in sys.argv[1:]:
+    s.connect(endpoint)
+for _ in range(3):
+    s.send(b"\\x01progress." + b"x" * (256 << 10))
+sys.stdout.write("sent\\n")
+sys.stdout.flush()
+sys.stdin.read()
+os._exit(0)  # (its own XSUB keeps the trie too: closing it would crash this process)
+"""
+
+
+def test_a_subscription_over_a_topics_size_costs_the_forwarder_nothing(make_node):
+    """libzmq keeps a subscription as a trie, a node per byte (~80 bytes of
+    memory each), and unsubscribes a leaving subscriber by recursing once
+    per byte: one 256 KiB subscription crashed the forwarder (SIGSEGV) when
+    its subscriber went, and a publisher node's PUB alike.  Now the XPUB
+    (and a node's PUB) drops a subscriber that sends one."""
+    xsub, xpub = free_tcp_endpoint(), free_tcp_endpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "devices.forwarder", "--xsub", xsub, "--xpub", xpub])
+    hostile = None
+    try:
+        pub, sub = make_node("pub", forwarder=(xsub, xpub)), make_node("sub", forwarder=(xsub, xpub))
+        subscription = sub.subscribe("progress.")
+        publish_until_heard(pub, "progress.marker", [subscription], timeout=15)
+        own = wait_for(lambda: pub._topics.pub_endpoint, 10, what="the publisher's own PUB")
+        hostile = subprocess.Popen([sys.executable, "-c", HOSTILE_SUBSCRIBER, xpub, own],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert hostile.stdout.readline() == "sent\n"
+        publish_until_heard(pub, "progress.between", [subscription], timeout=15)  # (after its subscriptions)
+        hostile.stdin.close()  # it leaves: its subscriptions go
+        hostile.wait(10)
+        publish_until_heard(pub, "progress.after", [subscription], timeout=15)
+        assert proc.poll() is None, "the forwarder died"
+    finally:
+        if hostile is not None and hostile.poll() is None:
+            hostile.kill()
+            hostile.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
 def test_an_event_over_the_largest_message_is_refused(make_node):
     """A forwarder drops a publisher that sends one (its --max-message-size
     is the same 16 MiB by default): publish() says so instead."""
