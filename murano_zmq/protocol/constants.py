@@ -159,6 +159,10 @@ OVERFLOWS = (OVERFLOW_REJECT, OVERFLOW_DROP_HEAD)
 
 # Mailbox names: printable, no spaces, bounded (they are stored and logged).
 MAX_NAME_LENGTH = 255
+# Characters of an error's text that go on the wire (ERROR, CONFIRM): a
+# refusal that quoted what it refused (an 8 MiB mailbox name) came back as
+# large, and 150 of them unread held 1.4 GB in the relay.
+MAX_ERROR_TEXT = 1000
 # Bytes of a subscription a PUB or a forwarder's XPUB takes: its flag byte
 # and a topic prefix (MAX_NAME_LENGTH characters of UTF-8).  libzmq keeps a
 # subscription as a trie with a node per byte, ~80 bytes of memory each, and

@@ -5,6 +5,8 @@ exception class registered for that code.  LocalProtocolError means the caller
 misused the API; RemoteProtocolError means the peer sent something invalid.
 """
 
+from .constants import MAX_ERROR_TEXT
+
 
 class MuranoZmqError(Exception):
     """Base class of every error murano-zmq raises."""
@@ -50,6 +52,8 @@ class RelayError(MuranoZmqError):
     code = 500
 
     def __init__(self, text: str, code: int | None = None):
+        if len(text) > MAX_ERROR_TEXT:  # (it goes on the wire: quoted input may be any size)
+            text = text[:MAX_ERROR_TEXT - 3] + "..."
         super().__init__(text)
         self.text = text
         if code is not None:

@@ -128,10 +128,11 @@ def check_name(name: Any, what: str = "mailbox") -> str:
     if type(name) is str and name in _good_names:
         return name
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
+        shown = repr(name)
+        if len(shown) > MAX_NAME_LENGTH + 2:  # (the error goes on the wire from a relay: not any size)
+            shown = shown[:MAX_NAME_LENGTH + 2] + "..."
         raise LocalProtocolError(
-            f"invalid {what} name {name!r}: 1-{MAX_NAME_LENGTH} characters of "
-            "letters, digits and _ . : @ -"
-        )
+            f"invalid {what} name {shown}: 1-{MAX_NAME_LENGTH} characters of letters, digits and _ . : @ -")
     if len(_good_names) >= 4096:
         _good_names.clear()  # bounded: names come and go
     _good_names.add(name)

@@ -658,6 +658,19 @@ def test_a_message_whose_consumers_keep_dying_leaves_at_its_delivery_limit(net):
     assert survivor.bodies() == []
 
 
+def test_a_refusal_quotes_at_most_a_bounded_part_of_what_it_refused(net):
+    """An 8 MiB mailbox name came back in its ERROR whole: 150 unread ones
+    held 1.4 GB in the relay."""
+    from murano_zmq.protocol.constants import MAX_ERROR_TEXT
+
+    api = net.node("api")
+    for options in ({}, {"overflow": "x" * (1 << 20)}, {"y" * (1 << 20): 1}):
+        req = api.core.request(Cmd.DECLARE, "n" * (1 << 20) if not options else "work", options)
+        net.settle()
+        text = api.one(Failed, req).error.args[0]
+        assert 0 < len(text) <= MAX_ERROR_TEXT, len(text)
+
+
 def test_a_delivery_limit_must_be_a_whole_number_from_1(net):
     api = net.node("api")
     for bad in (0, -1, 2.5, True, "3"):
