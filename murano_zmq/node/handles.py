@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import AsyncIterator, Iterator
 
+from ..protocol.constants import SUBSCRIPTION_BYTES, SUBSCRIPTION_EVENTS
 from ..protocol.errors import NodeClosed
 from ..protocol.message import Message
 from ..protocol.topics import TopicEvent
@@ -25,13 +26,56 @@ log = logging.getLogger("murano_zmq.node")
 RECHECK = 0.2
 
 
+# Seconds between two log lines of one subscription's dropped events.
+DROPS_LOGGED_EVERY = 10.0
+
+
+class _Backlog:
+    """What a subscription holds for its reader: at most SUBSCRIPTION_EVENTS
+    events and SUBSCRIPTION_BYTES of their bodies.  Past either, a new event
+    is dropped, as a full socket would drop it (topics are lossy), counted
+    and logged (once per DROPS_LOGGED_EVERY).  The node's loop admits, the
+    reader takes: a lock keeps the counts."""
+
+    __slots__ = ("prefix", "events", "nbytes", "dropped", "_lock", "_logged_at")
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.events = self.nbytes = self.dropped = 0
+        self._lock = threading.Lock()
+        self._logged_at = float("-inf")
+
+    def admit(self, event: TopicEvent) -> bool:
+        size = len(event.packed_body)
+        with self._lock:
+            if self.events < SUBSCRIPTION_EVENTS and self.nbytes + size <= SUBSCRIPTION_BYTES:
+                self.events += 1
+                self.nbytes += size
+                return True
+            self.dropped += 1
+        now = time.monotonic()
+        if now - self._logged_at >= DROPS_LOGGED_EVERY:
+            self._logged_at = now
+            log.warning("subscription %r: its reader is behind (%d events, %d bytes held): new events dropped, "
+                        "%d so far", self.prefix, self.events, self.nbytes, self.dropped)
+        return False
+
+    def taken(self, event: TopicEvent) -> None:
+        with self._lock:
+            self.events -= 1
+            self.nbytes -= len(event.packed_body)
+
+
 class Subscription:
-    """Topic events for one prefix; iterate, call get(), or give a callback."""
+    """Topic events for one prefix; iterate, call get(), or give a callback.
+    `dropped`: events this subscription dropped because its reader was
+    behind (see _Backlog)."""
 
     def __init__(self, node, sid: int, prefix: str, callback=None):
         self.node = node
         self.sid = sid
         self.prefix = prefix
+        self._backlog = _Backlog(prefix)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._thread = None
@@ -39,15 +83,23 @@ class Subscription:
             self._thread = threading.Thread(target=self._run_callback, args=(callback,), daemon=True)
             self._thread.start()
 
+    @property
+    def dropped(self) -> int:
+        return self._backlog.dropped
+
     def _feed(self, events: list[TopicEvent]) -> None:
+        admit, put = self._backlog.admit, self._queue.put
         for e in events:
-            self._queue.put(e)
+            if admit(e):
+                put(e)
 
     def get(self, timeout: float | None = None) -> TopicEvent | None:
         try:
-            return self._queue.get(timeout=timeout)
+            event = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        self._backlog.taken(event)
+        return event
 
     def __iter__(self) -> Iterator[TopicEvent]:
         while not self._stopped.is_set():
@@ -203,13 +255,20 @@ class AsyncSubscription:
         self.sid = sid
         self.prefix = prefix
         self._callback = callback
+        self._backlog = _Backlog(prefix)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = False
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because the reader was behind (see Subscription)."""
+        return self._backlog.dropped
 
     def _feed(self, events: list[TopicEvent]) -> None:
         for e in events:
             if self._callback is None:
-                self._queue.put_nowait(e)
+                if self._backlog.admit(e):
+                    self._queue.put_nowait(e)
                 continue
             try:
                 self._callback(e)
@@ -218,9 +277,11 @@ class AsyncSubscription:
 
     async def get(self, timeout: float | None = None) -> TopicEvent | None:
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            event = await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
+        self._backlog.taken(event)
+        return event
 
     def __aiter__(self) -> AsyncIterator[TopicEvent]:
         return self._iterate()

@@ -150,6 +150,14 @@ DEFAULT_MAX_PENDING = 100_000
 # of 10,000 bodies of 64 KiB.
 DEFAULT_MAX_PENDING_BYTES = 1 << 30
 
+# Topic events a subscription holds that its reader has not taken yet, and
+# their bodies' bytes: past either, new events are dropped (and counted).
+# The node reads its SUB sockets whatever its readers do, so the socket's
+# high-water mark never drops for them: a 50 ms callback on 64 KiB events
+# grew a subscriber by 1 GB in 2 s.
+SUBSCRIPTION_EVENTS = 10_000
+SUBSCRIPTION_BYTES = 64 << 20
+
 # How long a blocking call waits for the relay by default, seconds.
 DEFAULT_TIMEOUT = 30.0
 
