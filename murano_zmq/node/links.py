@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH, DIRECT_STALL
+from ..protocol.constants import DEFAULT_DIRECT_TIMEOUT, DEFAULT_WINDOW, DIRECT_BATCH, DIRECT_STALL, MAX_DIRECT_LINKS
 from ..protocol.direct import DirectConfirmed, DirectLink, LinkFailed, LinkState
 from ..protocol.paths import HOLD, PathTable
 from .common import SEND_BATCH_BYTES, pairs_size, record_size
@@ -50,6 +50,7 @@ class DirectSender:
         self._sticky: dict[str, str] = {}  # mailbox -> the link those records are on
         self._escrowed: dict[int, _Escrow] = {}  # id(record) -> its waiter: out on a link, copied to the relay
         self._stall_seen: dict[str, tuple] = {}  # endpoint -> the stall escrow() last went through
+        self._full_logged = False  # MAX_DIRECT_LINKS reached and logged (once)
 
     @property
     def queued(self) -> int:
@@ -88,6 +89,10 @@ class DirectSender:
             # still out on its link: going to the relay now could overtake
             # them (if the link then fails); stay behind them.
             endpoint = self._sticky[mailbox]
+        if endpoint is not None and endpoint != HOLD and endpoint not in self._links and not self._may_open(mailbox):
+            # Every link busy, none to spare: behind the mailbox's records
+            # out on a link (FIFO, as above), else the relay takes it.
+            endpoint = self._sticky.get(mailbox) if self._sticky.get(mailbox) in self._links else None
         if endpoint is not None and endpoint != HOLD:
             if endpoint not in self._links:
                 self._open(endpoint, now)
@@ -119,8 +124,29 @@ class DirectSender:
     def _has_room(self, endpoint: str, now: float) -> bool:
         link = self._links.get(endpoint)
         if link is None:
+            if len(self._links) >= MAX_DIRECT_LINKS:
+                return False  # (route() may close an idle one for it)
             link = self._open(endpoint, now)
         return link.state != LinkState.FAILED and link.room() > len(self._queues[endpoint])
+
+    def _may_open(self, mailbox: str) -> bool:
+        """Room for one more link (MAX_DIRECT_LINKS), made by closing the
+        oldest idle one (nothing out, nothing queued) if need be."""
+        if len(self._links) < MAX_DIRECT_LINKS:
+            return True
+        for endpoint, link in self._links.items():
+            if link.room() == link.window and not self._queues[endpoint]:
+                del self._links[endpoint]
+                del self._queues[endpoint]
+                self._stall_seen.pop(endpoint, None)
+                self.socket_ops.append((CLOSE, endpoint))
+                return True
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning("node %s: %d direct links open and busy (the most): messages to %s and others wait "
+                        "behind their mailbox's link or take the relay until one is idle", self.node_name,
+                        len(self._links), mailbox)
+        return False
 
     def _open(self, endpoint: str, now: float) -> DirectLink:
         link = DirectLink(endpoint, self.node_name, self.instance, now, self.heartbeat, self.timeout, self.window)

@@ -404,7 +404,11 @@ class NodeSockets:
     def _open_link(self, endpoint: str, key: bytes | None, now: float) -> bool:
         """A DEALER connecting to a peer's endpoint (as LOOKUP gave it); False
         if ZeroMQ refuses the endpoint: the link fails, and is not tried again."""
-        sock = _plain(self._context.socket(zmq.DEALER))
+        try:
+            sock = _plain(self._context.socket(zmq.DEALER))
+        except zmq.ZMQError as exc:  # (out of sockets or descriptors: not this node's end)
+            self.core.link_refused(endpoint, f"cannot open a socket for {endpoint!r} ({exc.strerror})", True, now)
+            return False
         # One routing id for the link's life: after a reconnect the peer's
         # ROUTER (ROUTER_HANDOVER) passes CONFIRMs on to the new connection.
         sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)

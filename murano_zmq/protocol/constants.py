@@ -108,6 +108,13 @@ SEND_BATCH_BYTES = 1024 * 1024
 # sender waits for a direct CONFIRM before the relay takes the messages
 # (seconds), and records per direct SEND (its CONFIRM waits for the last).
 DEFAULT_WINDOW = 1000
+# Direct links a node keeps open at most (a DEALER and a descriptor each):
+# past it, an idle link is closed to open another, else the message takes
+# the relay.  Links were never closed: a consumer offering 1,500 endpoints
+# for its mailbox (or 1,000 agents each consuming directly) made its
+# senders open a socket per endpoint, past libzmq's 1,023 sockets per
+# context and the descriptor limit, and their I/O threads died.
+MAX_DIRECT_LINKS = 256
 DEFAULT_DIRECT_TIMEOUT = 5.0
 DIRECT_BATCH = 32
 # Seconds a link's unconfirmed records may make no progress before the

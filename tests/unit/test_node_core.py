@@ -370,3 +370,32 @@ def test_a_failed_link_gives_back_as_retries_only_what_it_sent(welcomed):
     given_back = sender.refused(endpoint, "the peer refused this node's key", True, T0 + 1)
     assert [(record[3], record[6]) for record, _ in given_back] == [
         (pack_body(i), welcomed and i == 0) for i in range(3)]
+
+
+def test_a_sender_keeps_at_most_max_direct_links_open():
+    """Links were never closed: a consumer offering 1,500 endpoints for its
+    mailbox made every sender open a socket per endpoint until libzmq's
+    sockets (1,023 per context) or the descriptors ran out, and the I/O
+    thread died.  Now past MAX_DIRECT_LINKS an idle link is closed for a
+    new one, and with none idle the message takes the relay."""
+    from murano_zmq.node.links import CLOSE, OPEN, DirectSender
+    from murano_zmq.protocol.constants import MAX_DIRECT_LINKS
+
+    sender = DirectSender("s", b"s" * 16, 1.0, timeout=5.0, window=1)
+    endpoints = [f"tcp://10.0.0.1:{2000 + i}" for i in range(MAX_DIRECT_LINKS + 50)]
+    sender.paths.looked_up("m", {"depth": 0, "direct": [[f"c{i}", e] for i, e in enumerate(endpoints)]}, T0)
+    routes = [sender.route(build_record("m", i, None, None, T0, None), Waiter(), T0)
+              for i in range(MAX_DIRECT_LINKS + 50)]
+    assert len(sender._links) == MAX_DIRECT_LINKS
+    assert routes[:MAX_DIRECT_LINKS] == endpoints[:MAX_DIRECT_LINKS]
+    # Every window full, no link to spare: behind the mailbox's last link (FIFO).
+    assert routes[MAX_DIRECT_LINKS:] == [endpoints[MAX_DIRECT_LINKS - 1]] * 50
+    assert [op for op, *_ in sender.socket_ops] == [OPEN] * MAX_DIRECT_LINKS
+    # One link's record confirmed: it is idle, and closed for a new endpoint.
+    link = sender._links[endpoints[1]]
+    link.receive(encode(Cmd.WELCOME, "c1", 1.0, 1 << 20), T0)
+    sender.flush(T0)
+    sender.receive(endpoints[1], encode(Cmd.CONFIRM, next(iter(link._in_flight)), []), T0)
+    sender.socket_ops.clear()
+    assert sender._may_open("m")
+    assert sender.socket_ops == [(CLOSE, endpoints[1])] and len(sender._links) == MAX_DIRECT_LINKS - 1
