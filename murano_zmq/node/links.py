@@ -166,8 +166,9 @@ class DirectSender:
                 # Small batches: a peer CONFIRMs a SEND once all of it is acked.
                 while queue and len(batch) < min(DIRECT_BATCH, link.room()):
                     record_bytes = record_size(queue[0][0])
-                    if batch and size + record_bytes > SEND_BATCH_BYTES:
-                        break  # keep frames far below the peer's ZMQ_MAXMSGSIZE
+                    if batch and (size + record_bytes > SEND_BATCH_BYTES
+                                  or link.bytes_out + size + record_bytes > link.window_bytes):
+                        break  # frames far below the peer's ZMQ_MAXMSGSIZE; the window's bytes
                     record, waiter = queue.popleft()
                     self._waiters[id(record)] = waiter
                     batch.append(record)

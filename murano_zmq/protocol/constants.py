@@ -108,6 +108,12 @@ SEND_BATCH_BYTES = 1024 * 1024
 # sender waits for a direct CONFIRM before the relay takes the messages
 # (seconds), and records per direct SEND (its CONFIRM waits for the last).
 DEFAULT_WINDOW = 1000
+# ... and bytes (bodies and headers) a link keeps unconfirmed at once: a
+# SEND may pass it by one record (so one larger than it goes, alone).  A
+# consumer's prefetch does not reach its direct senders: 900 bodies of 1 MiB
+# to a consumer that read none held 1.3 GB there.  A consuming node ends a
+# sender's session that has more than either out (a hostile one ignores them).
+DIRECT_WINDOW_BYTES = 32 << 20
 # Direct links a node keeps open at most (a DEALER and a descriptor each):
 # past it, an idle link is closed to open another, else the message takes
 # the relay.  Links were never closed: a consumer offering 1,500 endpoints

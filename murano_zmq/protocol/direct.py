@@ -24,6 +24,7 @@ from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT r
     DEFAULT_DIRECT_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_WINDOW,
+    DIRECT_WINDOW_BYTES,
     HEARTBEAT_LIVENESS,
     MAX_HEARTBEAT,
     MIN_HEARTBEAT,
@@ -124,21 +125,28 @@ class LinkState(enum.Enum):
     FAILED = "failed"
 
 
+def records_size(records: list) -> int:
+    """Body and header bytes of SEND records (what a window's bytes count)."""
+    return sum([len(r[3]) + len(r[2]) for r in records])
+
+
 class DirectLink:
     """The sending end of one node-to-node link."""
 
     def __init__(self, endpoint: str, node_name: str, instance: bytes, now: float,
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_DIRECT_TIMEOUT,
-                 window: int = DEFAULT_WINDOW):
+                 window: int = DEFAULT_WINDOW, window_bytes: int = DIRECT_WINDOW_BYTES):
         self.endpoint = endpoint
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.window = window
+        self.window_bytes = window_bytes
         self.state = LinkState.CONNECTING
         self.peer: str | None = None
         self._next_req = 1
         self._in_flight: dict[int, tuple[float, list]] = {}  # req -> (sent at, records), in order
         self._count = 0
+        self.bytes_out = 0  # body and header bytes of the unconfirmed records
         self._outbox = [encode(Cmd.HELLO, node_name, instance, heartbeat)]
         self._last_heard = self._last_sent = now
         self._last_progress = now  # last CONFIRM: a slow consumer that acks is not a dead one
@@ -155,7 +163,10 @@ class DirectLink:
         return self._next_req - 1
 
     def room(self) -> int:
-        return max(0, self.window - self._count) if self.state != LinkState.FAILED else 0
+        """Records the window takes now (none once its bytes are out)."""
+        if self.state == LinkState.FAILED or self.bytes_out >= self.window_bytes:
+            return 0
+        return max(0, self.window - self._count)
 
     def unconfirmed(self) -> list:
         """Every unconfirmed record, in the order sent."""
@@ -173,6 +184,7 @@ class DirectLink:
         self._next_req += 1
         self._in_flight[req] = (now, records)
         self._count += len(records)
+        self.bytes_out += records_size(records)
         self._outbox.append(encode(Cmd.SEND, req, records))
         return req
 
@@ -192,6 +204,7 @@ class DirectLink:
             self._resent = False
             records = entry[1]
             self._count -= len(records)
+            self.bytes_out -= records_size(records)
             refused = [e for e in errors if isinstance(e, list) and e and isinstance(e[0], int)]
             refused_at = {e[0] for e in refused}
             done = DirectConfirmed(self.endpoint, req, [r for i, r in enumerate(records) if i not in refused_at])
@@ -203,6 +216,7 @@ class DirectLink:
             self._in_flight[req] = (entry[0], [r for i, r in enumerate(records) if i in refused_at])
             self._in_flight = dict(sorted(self._in_flight.items()))
             self._count += len(refused_at)
+            self.bytes_out += records_size(self._in_flight[req][1])
             first = refused[0]
             why = " ".join(str(x)[:200] for x in first[1:3]) if len(first) > 1 else "refused"
             return [done, self.fail(f"peer refused ({why})")]
@@ -251,7 +265,7 @@ class DirectLink:
         """Give up on the link: every unconfirmed record goes back to the caller."""
         records = self.unconfirmed()
         self._in_flight.clear()
-        self._count = 0
+        self._count = self.bytes_out = 0
         self.state = LinkState.FAILED
         return LinkFailed(self.endpoint, reason, records)
 

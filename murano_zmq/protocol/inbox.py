@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import (
+    DEFAULT_WINDOW,
+    DIRECT_WINDOW_BYTES,
     HEARTBEAT_LIVENESS,
     MAX_HEARTBEAT,
     MIN_HEARTBEAT,
@@ -31,8 +33,10 @@ class _Session:
     heartbeat: float
     last_heard: float
     last_sent: float
-    # req -> [records left unsettled, refused entries]
+    # req -> [records left unsettled, refused entries, bytes of those records]
     pending: dict[int, list] = field(default_factory=dict)
+    held: int = 0  # records of `pending` left unsettled
+    held_bytes: int = 0  # their bytes (each SEND's, until it is confirmed)
     # CONFIRMs the ROUTER could not pass on (the peer's connection was
     # down): sent again when the peer is heard from next
     unsent: list = field(default_factory=list)
@@ -116,9 +120,11 @@ class DirectInbox:
         req, records = command.fields
         if req in session.pending:
             return []  # sent again by a sender that missed nothing: its CONFIRM comes when settled
+        if self._past_window(session, records):
+            return []
         by_consumer: dict[int, list[Message]] = {}
         refused: list[list] = []
-        unsettled = 0
+        unsettled = nbytes = 0
         for i, record in enumerate(records):
             try:
                 msg = parse_send_record(record)
@@ -142,15 +148,19 @@ class DirectInbox:
             if seen == "fresh":
                 by_consumer.setdefault(consumer, []).append(m)
                 unsettled += 1
+                nbytes += size
             elif seen == "in-app":
                 # Another copy is with the application: confirm this one only
                 # when that one is settled (if it came direct, its sender may
                 # be gone, and this copy is the only one left).
                 self._waiting.setdefault((m.mailbox, m.id), []).append((session, req))
                 unsettled += 1
+                nbytes += size
             # (seen and settled: nothing to wait for)
         if unsettled:
-            session.pending[req] = [unsettled, refused]
+            session.pending[req] = [unsettled, refused, nbytes]
+            session.held += unsettled
+            session.held_bytes += nbytes
         else:
             self._put(identity, Cmd.CONFIRM, req, refused)
         return [Delivered(c, ms) for c, ms in by_consumer.items()]
@@ -198,8 +208,10 @@ class DirectInbox:
         if entry is None:
             return
         entry[0] -= 1
+        session.held -= 1
         if entry[0] == 0:
             del session.pending[req]
+            session.held_bytes -= entry[2]
             if self._sessions.get(session.identity) is session:
                 self._put(session.identity, Cmd.CONFIRM, req, entry[1])
 
@@ -239,6 +251,24 @@ class DirectInbox:
 
     def _put(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
         self._outbox.append((identity, encode(cmd, *fields)))
+
+    def _past_window(self, session: _Session, records) -> bool:
+        """Would this SEND put more out from `session` than an honest
+        sender's window lets it (DEFAULT_WINDOW records, DIRECT_WINDOW_BYTES
+        and one record more)?  Then the session ends with ERROR, and the
+        sender gives what is unconfirmed to the relay."""
+        if not isinstance(records, list):
+            return False  # (refused as malformed below)
+        nbytes = sum([len(r[3]) + len(r[2]) for r in records
+                      if type(r) is list and len(r) == 7 and type(r[2]) is bytes and type(r[3]) is bytes])
+        if (session.held + len(records) <= DEFAULT_WINDOW
+                and session.held_bytes + nbytes <= DIRECT_WINDOW_BYTES + self.max_message_size):
+            return False
+        del self._sessions[session.identity]
+        self._error(session.identity, Malformed(
+            f"more unconfirmed than a sender's window ({DEFAULT_WINDOW} messages, {DIRECT_WINDOW_BYTES} bytes "
+            "and one message): the session ends"))
+        return True
 
     def _error(self, identity: bytes, exc) -> None:
         self._outbox.append((identity, encode(Cmd.ERROR, None, exc.code, exc.text)))

@@ -79,3 +79,44 @@ def test_headers_reach_the_application_as_sent():
                send_record(new_message_id(1.0), "work", {}, pack_body(3), 1.0, None)]
     [delivered] = inbox.receive(PEER, encode(Cmd.SEND, 8, records), 1.0, {"work": 1})
     assert [m.headers for m in delivered.messages] == [{"task": "t1", "n": [1, 2]}, {}, {}]
+
+
+def test_a_sender_past_its_window_loses_its_session():
+    """A consumer's prefetch does not reach its direct senders, so an honest
+    one keeps at most its window out (DEFAULT_WINDOW records,
+    DIRECT_WINDOW_BYTES and one record more); a raw sender that ignored it
+    pushed 1,500 bodies of 1 MiB into a consumer that read none.  Now its
+    session ends with ERROR (and its sender gives the rest to the relay)."""
+    from murano_zmq.protocol.constants import DIRECT_WINDOW_BYTES
+
+    inbox, _ = inbox_with_session()  # limit: 1 MiB per message
+    body = b"x" * (1 << 20)
+    per_send = 4
+    sends = (DIRECT_WINDOW_BYTES + (1 << 20)) // (per_send * len(body) + 20)
+    for req in range(1, sends + 1):
+        records = [send_record(new_message_id(1.0), "work", None, body, 1.0, None) for _ in range(per_send)]
+        assert inbox.receive(PEER, encode(Cmd.SEND, req, records), 1.0, {"work": 1})
+    assert [decode(f).cmd for _, f in inbox.drain()] == []
+    one_more = [send_record(new_message_id(1.0), "work", None, body, 1.0, None) for _ in range(per_send)]
+    assert inbox.receive(PEER, encode(Cmd.SEND, sends + 1, one_more), 1.0, {"work": 1}) == []
+    [(_, frames)] = inbox.drain()
+    assert decode(frames).cmd == Cmd.ERROR and "window" in decode(frames).fields[2]
+    inbox.receive(PEER, encode(Cmd.SEND, sends + 2, one_more[:1]), 1.0, {"work": 1})
+    assert decode(inbox.drain()[0][1]).fields[2] == "say HELLO first"  # (the session is gone)
+
+
+def test_a_window_held_by_the_application_is_given_back_as_it_settles():
+    inbox, _ = inbox_with_session()
+    from murano_zmq.protocol.constants import DEFAULT_WINDOW
+
+    delivered = []
+    for req in range(1, DEFAULT_WINDOW // 100 + 1):
+        records = [send_record(new_message_id(1.0), "work", None, pack_body(i), 1.0, None) for i in range(100)]
+        [d] = inbox.receive(PEER, encode(Cmd.SEND, req, records), 1.0, {"work": 1})
+        delivered += d.messages
+    for m in delivered[:100]:
+        inbox.settle(m, "ack", False)
+    assert confirms(inbox) == [(1, [])]
+    records = [send_record(new_message_id(1.0), "work", None, pack_body(i), 1.0, None) for i in range(100)]
+    [d] = inbox.receive(PEER, encode(Cmd.SEND, 99, records), 1.0, {"work": 1})  # room again: taken
+    assert len(d.messages) == 100 and inbox.drain() == []

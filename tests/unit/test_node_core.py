@@ -399,3 +399,25 @@ def test_a_sender_keeps_at_most_max_direct_links_open():
     sender.socket_ops.clear()
     assert sender._may_open("m")
     assert sender.socket_ops == [(CLOSE, endpoints[1])] and len(sender._links) == MAX_DIRECT_LINKS - 1
+
+
+def test_a_link_keeps_at_most_its_window_of_bytes_out():
+    """The window counted records only: 1,000 bodies of 1 MiB could be out
+    on one link, in the consumer's memory whatever its prefetch.  A SEND
+    may pass the bytes by one record, so that a larger one goes alone."""
+    from murano_zmq.node.links import DirectSender
+
+    sender = DirectSender("s", b"s" * 16, 1.0, timeout=5.0)
+    sender.paths.looked_up("m", {"depth": 0, "direct": [["a", "tcp://a:1"]]}, T0)
+    records = [build_record("m", b"x" * 10_000, None, None, T0, None) for _ in range(5)]
+    [endpoint] = {sender.route(r, Waiter(), T0) for r in records}
+    link = sender._links[endpoint]
+    link.window_bytes = 25_000
+    link.receive(encode(Cmd.WELCOME, "a", 1.0, 1 << 20), T0)
+    sends = [c for c in (decode(f) for _, f in sender.flush(T0)) if c.cmd == Cmd.SEND]
+    assert [len(c.fields[1]) for c in sends] == [2, 1]  # 20,003 bytes, then one over: 30,009
+    assert link.room() == 0 and link.bytes_out == 3 * 10_003
+    sender.receive(endpoint, encode(Cmd.CONFIRM, sends[0].fields[0], []), T0)
+    assert link.bytes_out == 10_003
+    assert [len(decode(f).fields[1]) for _, f in sender.flush(T0)] == [1, 1]  # up to the window, one over
+    assert link.bytes_out == 3 * 10_003
