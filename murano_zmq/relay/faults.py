@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import time
 
 from ..protocol.errors import StartupError
@@ -22,6 +24,43 @@ STORE_FAILURE_AGAIN = 10.0
 # What refused senders are told: the disk is full, or writes keep failing.
 DISK_FULL = "the relay's disk is full"
 WRITES_FAILING = "the relay cannot write its store (its writes keep failing)"
+
+
+# How often the relay counts its open descriptors (seconds), how full the
+# table may get before it says so (a fraction of the limit), and how often
+# it says so at most.
+DESCRIPTORS_CHECK_EVERY = 5.0
+DESCRIPTORS_WARN_AT = 0.9
+DESCRIPTORS_LOG_EVERY = 60.0
+
+
+class DescriptorWatch:
+    """The relay's descriptors against its limit.  At the limit libzmq
+    cannot accept a connection: it tells only a socket monitor (a million
+    events a second), and tries again at once, a core's worth of CPU, while
+    new nodes time out.  The relay counts its descriptors now and then
+    instead, and logs when the table is nearly or wholly full."""
+
+    def __init__(self) -> None:
+        self.due = 0.0  # when to count next (time.monotonic())
+        self._logged = float("-inf")
+
+    def check(self, now: float) -> None:
+        self.due = now + DESCRIPTORS_CHECK_EVERY
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            held = len(os.listdir("/proc/self/fd")) - 1  # (less listdir's own)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                return  # (no /proc here: nothing to tell)
+            held = limit
+        if held < limit * DESCRIPTORS_WARN_AT or now - self._logged < DESCRIPTORS_LOG_EVERY:
+            return
+        self._logged = now
+        log.warning("the relay holds %d of its %d file descriptors%s; raise its limit (systemd LimitNOFILE=, "
+                    "ulimit -n)", held, limit,
+                    ": new nodes cannot connect, and libzmq tries their connections again at once, at a cost "
+                    "in CPU" if held >= limit else "")
 
 
 class FailureLog:

@@ -39,7 +39,7 @@ from ..store.space import RESERVE_BYTES, SPACE_PROBE_BYTES
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
-from .faults import DISK_FULL, WRITES_FAILING, FailureLog, prepare_data_dir
+from .faults import DISK_FULL, WRITES_FAILING, DescriptorWatch, FailureLog, prepare_data_dir
 from .wire import EVENTS, POLLIN, Wire
 
 log = logging.getLogger("murano_zmq.relay")
@@ -312,6 +312,7 @@ class Relay(Wire):
         committer = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="relay-commit")
         self._in_flight = []
         check_due = 0.0  # when to ask the store whether it is still this relay's (store.check_held)
+        descriptors = DescriptorWatch()
         # Bound once: an attribute of a zmq.Socket goes through its
         # __getattr__ hook, several times the cost of a plain lookup.
         self._recv, self._get = sock.recv, sock.get
@@ -330,6 +331,8 @@ class Relay(Wire):
                     now = time.time()
                     if now >= check_due:
                         check_due = self.engine.store.check_held(now)
+                    if time.monotonic() >= descriptors.due:
+                        descriptors.check(time.monotonic())
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     if not self._store_failed(sock, exc):
                         break  # (halted)
