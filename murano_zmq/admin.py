@@ -128,6 +128,10 @@ class Admin:
                 continue  # not ours to mend: wait for the answer
             if command.cmd == Cmd.ERROR and (command.fields[0] in (req, None)):
                 raise error_from_code(command.fields[1], command.fields[2])
+            if command.cmd == Cmd.BYE:  # (a relay that reloads its state after a failed write)
+                self.close()  # the next request says HELLO again
+                raise RelayUnavailable(f"the relay at {self.relay} ended the session ({command.fields[-1]}): "
+                                       "what was asked may not have been done; ask again")
             if wanted(command):
                 return command
 

@@ -29,7 +29,7 @@ WRITES_FAILING = "the relay cannot write its store (its writes keep failing)"
 # How often the relay counts its open descriptors (seconds), how full the
 # table may get before it says so (a fraction of the limit), and how often
 # it says so at most.
-DESCRIPTORS_CHECK_EVERY = 5.0
+DESCRIPTORS_CHECK_EVERY = 1.0
 DESCRIPTORS_WARN_AT = 0.9
 DESCRIPTORS_LOG_EVERY = 60.0
 

@@ -35,7 +35,7 @@ from ..security.relay import RelaySecurity
 from ..store.faults import SyncFailed
 from ..store.lock import DataDirLock
 from ..store.open import StandbyStopped, is_sqlite, open_store
-from ..store.space import RESERVE_BYTES, SPACE_PROBE_BYTES
+from ..store.space import RESERVE_BYTES, SPACE_LOW_BYTES, SPACE_PROBE_BYTES
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
@@ -47,6 +47,9 @@ log = logging.getLogger("murano_zmq.relay")
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
+# How often it looks at its disk's free space otherwise (statvfs, ~1 us):
+# pipelined sends fill SPACE_LOW_BYTES in no less than ~100 ms here.
+SPACE_CHECK_EVERY = 0.05
 # Threaded commits at once: one writing or COMMITting, the one before it syncing.
 MAX_IN_FLIGHT = 2
 
@@ -119,7 +122,10 @@ class Relay(Wire):
             sock = self._bind()
             self.engine = self._new_engine(store)
             if not (store.hold_reserve() and store.space_available()):
-                self._storage_full("at start")
+                self._storage_full("is full at start")
+            elif store.space_low():
+                self._storage_full(f"is nearly full at start (less than {SPACE_LOW_BYTES >> 20} MiB free beside "
+                                   "the WAL's size)", keep_reserve=True)
             metrics = self._serve_metrics(store)  # first: a taken port stops the start before any advert
             try:
                 discovery = self._advertise()
@@ -248,18 +254,31 @@ class Relay(Wire):
                      "(systemd's Restart=on-failure does) and nodes resend what was not confirmed "
                      "(docs/operations.md, 'A failed sync')", self.config.data_dir, exc)
 
-    def _storage_full(self, when: str | None, why: str = DISK_FULL) -> None:
+    def _storage_full(self, when: str | None, why: str = DISK_FULL, keep_reserve: bool = False) -> None:
         """Refuse sends until space returns (or, `why` another cause, until
         a probe write succeeds); give the reserve to SQLite so acks still
-        commit."""
+        commit (not yet if the disk is only nearly full)."""
         self.engine.storage_full = why
-        if why == DISK_FULL:  # (failing writes: a read-only mount, a directory it may not write, need no room)
+        if why == DISK_FULL and not keep_reserve:
+            # (failing writes: a read-only mount, a directory it may not write, need no room)
             self.engine.store.drop_reserve()
         self._next_space_probe = time.monotonic() + SPACE_PROBE_EVERY
         if when:
-            log.error("the disk of %s is full %s (the relay keeps a reserve of %d MiB and needs %d MiB free "
-                      "beside it): refusing sends (StorageFull) until space returns", self.config.data_dir, when,
-                      RESERVE_BYTES >> 20, SPACE_PROBE_BYTES >> 20)
+            log.error("the disk of %s %s: refusing sends (StorageFull) until %d MiB are free beside the relay's "
+                      "%d MiB reserve and its WAL; delivery and acks go on", self.config.data_dir, when,
+                      (SPACE_LOW_BYTES + SPACE_PROBE_BYTES) >> 20, RESERVE_BYTES >> 20)
+
+    def _watch_space(self, engine: RelayEngine) -> None:
+        """(every second) Refuse sends before the disk is full: at
+        SPACE_LOW_BYTES free, or when a WAL checkpoint found no room."""
+        if engine.storage_full:
+            return
+        store = engine.store
+        if store.checkpoint_out_of_space:
+            self._storage_full("has no room for a WAL checkpoint (the reserve goes to it)")
+        elif store.space_low():
+            self._storage_full(f"is nearly full (less than {SPACE_LOW_BYTES >> 20} MiB free beside the WAL's "
+                               "size: kept for a checkpoint and acks)", keep_reserve=True)
 
     def _check_space(self, engine: RelayEngine) -> None:
         """While sends are refused (a full disk, failing writes), see if
@@ -268,7 +287,13 @@ class Relay(Wire):
         if now < self._next_space_probe:
             return
         self._next_space_probe = now + SPACE_PROBE_EVERY
-        if engine.store.hold_reserve() and engine.store.space_available() and engine.store.writable():
+        if engine.store.checkpoint_out_of_space:
+            # Not before the WAL is in the database: else every commit,
+            # acks too, grows it on (with the reserve's room, if given back).
+            engine.store.retry_checkpoint()
+            return
+        if (engine.store.hold_reserve() and engine.store.space_available() and engine.store.writable()
+                and not engine.store.space_low(SPACE_PROBE_BYTES)):
             if engine.refusal == DISK_FULL:
                 log.warning("disk space is back in %s: accepting sends again", self.config.data_dir)
             else:
@@ -313,6 +338,7 @@ class Relay(Wire):
         self._in_flight = []
         check_due = 0.0  # when to ask the store whether it is still this relay's (store.check_held)
         descriptors = DescriptorWatch()
+        space_due = 0.0  # when to look at the disk's free space next (time.monotonic())
         # Bound once: an attribute of a zmq.Socket goes through its
         # __getattr__ hook, several times the cost of a plain lookup.
         self._recv, self._get = sock.recv, sock.get
@@ -331,8 +357,12 @@ class Relay(Wire):
                     now = time.time()
                     if now >= check_due:
                         check_due = self.engine.store.check_held(now)
-                    if time.monotonic() >= descriptors.due:
-                        descriptors.check(time.monotonic())
+                    ticks = time.monotonic()
+                    if ticks >= space_due:
+                        space_due = ticks + SPACE_CHECK_EVERY
+                        self._watch_space(self.engine)
+                        if ticks >= descriptors.due:
+                            descriptors.check(ticks)
                 except (StoreError, sqlite3.DatabaseError) as exc:
                     if not self._store_failed(sock, exc):
                         break  # (halted)

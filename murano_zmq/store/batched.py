@@ -233,6 +233,20 @@ class BatchedStore:
         SQLite store's segment files."""
         return True
 
+    def space_low(self, margin: int = 0) -> bool:
+        """Is the store's disk nearly full (store/space.py SPACE_LOW_BYTES)?
+        (A server's disk is the server's business.)"""
+        return False
+
+    @property
+    def checkpoint_out_of_space(self) -> bool:
+        """The store's last checkpoint found no room on its disk (SQLite's
+        WAL; a server's disk is the server's business)."""
+        return False
+
+    def retry_checkpoint(self) -> None:
+        """Checkpoint again soon (the relay gave back its reserve)."""
+
     def check_held(self, now: float) -> float:
         """(the relay loop, between commits) Check that the store is still
         this relay's; when to ask again (time.time()).  Only a store held

@@ -29,6 +29,8 @@ import sqlite3
 import threading
 import time
 
+from .faults import is_disk_full
+
 log = logging.getLogger("murano_zmq.store")
 
 # A checkpoint after this many commits or bytes of small bodies written,
@@ -54,6 +56,12 @@ class Checkpointer:
         self._behind = 0  # commits since the last checkpoint that finished
         self._count = 0  # commits ever
         self._logged = 0.0
+        # The last checkpoint found no room to grow the database: the WAL
+        # then grows with every commit, deletes included, past the relay's
+        # reserve (a full disk's acks failed after ~100 purges, each failure
+        # a reload).  The relay refuses sends on it and gives its reserve
+        # back, for retry() to use.
+        self.out_of_space = False
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=FULL")
         self._wake = threading.Event()
@@ -101,12 +109,18 @@ class Checkpointer:
         try:
             _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # (a full disk): the WAL keeps the data; try again later
+            self.out_of_space = is_disk_full(exc)
             now = time.monotonic()
             if now - self._logged > LOG_EVERY:
                 self._logged = now
                 log.warning("WAL checkpoint failed (the WAL keeps growing until one succeeds): %s", exc)
             return False
+        self.out_of_space = False
         return copied >= frames
+
+    def retry(self) -> None:
+        """Checkpoint again soon (from the thread), whatever the counts say."""
+        self._wake.set()
 
     def close(self) -> None:
         self._stopping = True

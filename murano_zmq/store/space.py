@@ -13,6 +13,14 @@ import os
 # disk full accepts sends again.
 SPACE_PROBE_BYTES = 1 << 20
 RESERVE_BYTES = 4 << 20
+# Free bytes, beyond the WAL's size, below which the relay refuses sends
+# before its disk is full (RabbitMQ's disk_free_limit).  A WAL checkpoint
+# grows the database by the pages new since the last one, at most the
+# WAL's size (several MiB after a burst of small mailboxes, past the
+# reserve); without that room it failed, every delete then grew the WAL,
+# and purges failed after about a hundred, each failure a reload.  The
+# rest is for the acks and purges that follow.
+SPACE_LOW_BYTES = 8 << 20
 RESERVE_NAME = "relay.reserve"
 PROBE_NAME = "relay.space-probe"  # (also made in segments/ by Segments.writable())
 
@@ -35,6 +43,20 @@ def space_available(data_dir: str, nbytes: int = SPACE_PROBE_BYTES) -> bool:
             os.unlink(probe)
         except OSError:
             pass
+
+
+def space_low(data_dir: str, wal: str, margin: int = 0) -> bool:
+    """True if `data_dir`'s file system has less than SPACE_LOW_BYTES plus
+    the size of the WAL file `wal` (plus `margin`) free for this user."""
+    try:
+        st = os.statvfs(data_dir)
+    except OSError:
+        return False  # (the writes will tell)
+    try:
+        wal_size = os.stat(wal).st_size
+    except OSError:
+        wal_size = 0
+    return st.f_bavail * st.f_frsize < SPACE_LOW_BYTES + wal_size + margin
 
 
 def hold_reserve(data_dir: str) -> bool:

@@ -567,12 +567,24 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     def hold_reserve(self) -> bool:
         return space.hold_reserve(os.path.dirname(self.path))
 
+    def space_low(self, margin: int = 0) -> bool:
+        return space.space_low(os.path.dirname(self.path), self.path + "-wal", margin)
+
     def writable(self) -> bool:
         return self._segments.writable()
 
     def drop_reserve(self) -> None:
         space.drop_reserve(os.path.dirname(self.path))
         self._segments.drop_spare()
+        self.retry_checkpoint()  # (its room may let the WAL go into the database)
+
+    @property
+    def checkpoint_out_of_space(self) -> bool:
+        return self._checkpoints is not None and self._checkpoints.out_of_space
+
+    def retry_checkpoint(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.retry()
 
     def _write(self, batch: WriteBatch) -> None:
         db = self._db

@@ -133,6 +133,32 @@ def test_disk_full_refuses_sends_keeps_serving_and_resumes(relay_factory, small_
     assert "Traceback" not in log and "no transaction is active" not in log
 
 
+def test_a_disk_filled_by_small_mailboxes_can_be_purged(relay_factory, small_disk, tmp_path):
+    """A disk filled by thousands of small mailboxes: the WAL checkpoint
+    found no room to grow the database first, so the WAL grew past the
+    relay's reserve, and every delete after that grew it on.  Purges failed
+    after about a hundred, each failure a reload that dropped every
+    session.  Now the relay refuses sends at the checkpoint's failure and
+    gives its reserve back to it, and deletes reuse the WAL."""
+    from murano_zmq.admin import Admin
+
+    relay = relay_factory(data_dir=os.path.join(small_disk, "data"))
+    body = os.urandom(2048)
+    sent = 0
+    with Node("filler", relay=relay.endpoint, direct=False, timeout=30) as node:
+        with pytest.raises(StorageFull):
+            while sent < 100_000:
+                node.send_many([(f"mb.{sent + i}", body) for i in range(200)])
+                sent += 200
+    assert sent > 1000
+    log = tmp_path / "relay-0.log"
+    with Admin(relay.endpoint, timeout=15) as admin:
+        for i in range(sent):
+            admin.purge(f"mb.{i}")
+    assert relay.proc.poll() is None
+    assert log.read_text().count("recovered ") <= 2, "reloads while purging"
+
+
 def _sends(node) -> bool:
     try:
         node.send("probe", "space?")
