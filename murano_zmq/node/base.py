@@ -5,6 +5,7 @@ sockets object, and the small checks both make in their API calls."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import uuid
@@ -22,6 +23,7 @@ from ..protocol.constants import (
     DEFAULT_RELAY_ENDPOINT,
     DEFAULT_TIMEOUT,
     MAX_HEARTBEAT,
+    MAX_NAME_LENGTH,
     MAX_PREFETCH,
     MAX_PREFETCH_BYTES,
     MIN_HEARTBEAT,
@@ -142,6 +144,7 @@ class NodeBase:
         # max_pending_bytes sent, and nothing is counted at the many places
         # a message leaves the node's queues.
         self._held_bytes_bound = 0
+        self._held_when_full = math.inf  # `pending` when the last sum found the node full
         self._context = context or zmq.Context.instance()
         # CURVE (docs/security.md): curve_key is this node's key pair (a
         # KeyPair or a .key_secret path), relay_key the relay's public key
@@ -218,18 +221,25 @@ class NodeBase:
                                 f"(max_pending_bytes={limit}): send it in parts, or raise max_pending_bytes")
         bound = (self._held_bytes_bound if held else 0) + size
         if bound > limit:
-            held_bytes = self._pending_bytes()
+            # Summed again only if messages left since the last sum found the
+            # node full: refusals while nothing drains cost no pass.
+            held_bytes = self._pending_bytes() if held < self._held_when_full else self._held_bytes_bound
             bound = held_bytes + size
             if bound > limit:
-                self._held_bytes_bound = held_bytes
+                self._held_bytes_bound, self._held_when_full = held_bytes, held
                 raise SendQueueFull(f"node {self.name} holds {held} messages of {held_bytes} bytes it could not "
                                     f"hand on yet (max_pending_bytes={limit}); is the relay at {self._where()} "
                                     "reachable?")
-        self._held_bytes_bound = bound
+        self._held_bytes_bound, self._held_when_full = bound, math.inf
 
     def _pending_bytes(self) -> int:
         """Body and header bytes of the messages `pending` counts."""
-        return pairs_size(tuple(self._outgoing)) + self._core.pending_bytes()
+        for _ in range(3):
+            try:
+                return pairs_size(tuple(self._outgoing)) + self._core.pending_bytes()
+            except RuntimeError:  # (a queue another thread changed while it was copied: rare)
+                continue
+        return self.max_pending_bytes  # (full, for this call: the next one sums again)
 
     def _check_deliverable_now(self, mailbox: str) -> None:
         if not self._core.deliverable_now(mailbox):
@@ -266,6 +276,8 @@ class NodeBase:
         """`subscribe(publishers=...)` as endpoint -> key (None without CURVE)."""
         if not isinstance(prefix, str):
             raise ValueError("prefix must be a str")
+        if len(prefix) > MAX_NAME_LENGTH:  # (its subscription would never reach a publisher)
+            raise ValueError(f"a prefix is at most {MAX_NAME_LENGTH} characters, as a topic is; got {len(prefix)}")
         out: dict[str, bytes | None] = {}
         for item in publishers:
             endpoint, key = (item, None) if isinstance(item, str) else tuple(item)

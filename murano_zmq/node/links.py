@@ -28,6 +28,9 @@ from .common import SEND_BATCH_BYTES, pairs_size, record_size
 
 log = logging.getLogger("murano_zmq.node")
 
+# Seconds between two log lines of a sender whose links are all open and busy.
+LINKS_FULL_LOG_EVERY = 60.0
+
 OPEN, CLOSE = "open", "close"  # socket_ops: (OPEN, endpoint, expected key or None) / (CLOSE, endpoint)
 
 
@@ -50,7 +53,7 @@ class DirectSender:
         self._sticky: dict[str, str] = {}  # mailbox -> the link those records are on
         self._escrowed: dict[int, _Escrow] = {}  # id(record) -> its waiter: out on a link, copied to the relay
         self._stall_seen: dict[str, tuple] = {}  # endpoint -> the stall escrow() last went through
-        self._full_logged = False  # MAX_DIRECT_LINKS reached and logged (once)
+        self._full_logged = float("-inf")  # when MAX_DIRECT_LINKS, all busy, was last logged
 
     @property
     def queued(self) -> int:
@@ -89,7 +92,8 @@ class DirectSender:
             # still out on its link: going to the relay now could overtake
             # them (if the link then fails); stay behind them.
             endpoint = self._sticky[mailbox]
-        if endpoint is not None and endpoint != HOLD and endpoint not in self._links and not self._may_open(mailbox):
+        if (endpoint is not None and endpoint != HOLD and endpoint not in self._links
+                and not self._may_open(mailbox, now)):
             # Every link busy, none to spare: behind the mailbox's records
             # out on a link (FIFO, as above), else the relay takes it.
             endpoint = self._sticky.get(mailbox) if self._sticky.get(mailbox) in self._links else None
@@ -129,20 +133,23 @@ class DirectSender:
             link = self._open(endpoint, now)
         return link.state != LinkState.FAILED and link.room() > len(self._queues[endpoint])
 
-    def _may_open(self, mailbox: str) -> bool:
+    def _may_open(self, mailbox: str, now: float) -> bool:
         """Room for one more link (MAX_DIRECT_LINKS), made by closing the
-        oldest idle one (nothing out, nothing queued) if need be."""
+        idle one (nothing out, nothing queued) whose last CONFIRM is oldest,
+        if need be.  (Its peer's session ends by its heartbeat.)"""
         if len(self._links) < MAX_DIRECT_LINKS:
             return True
-        for endpoint, link in self._links.items():
-            if link.room() == link.window and not self._queues[endpoint]:
-                del self._links[endpoint]
-                del self._queues[endpoint]
-                self._stall_seen.pop(endpoint, None)
-                self.socket_ops.append((CLOSE, endpoint))
-                return True
-        if not self._full_logged:
-            self._full_logged = True
+        idle = [(link.last_progress, endpoint) for endpoint, link in self._links.items()
+                if link.room() == link.window and not self._queues[endpoint]]
+        if idle:
+            endpoint = min(idle)[1]
+            del self._links[endpoint]
+            del self._queues[endpoint]
+            self._stall_seen.pop(endpoint, None)
+            self.socket_ops.append((CLOSE, endpoint))
+            return True
+        if now - self._full_logged >= LINKS_FULL_LOG_EVERY:
+            self._full_logged = now
             log.warning("node %s: %d direct links open and busy (the most): messages to %s and others wait "
                         "behind their mailbox's link or take the relay until one is idle", self.node_name,
                         len(self._links), mailbox)

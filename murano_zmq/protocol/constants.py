@@ -184,12 +184,13 @@ MAX_NAME_LENGTH = 255
 # refusal that quoted what it refused (an 8 MiB mailbox name) came back as
 # large, and 150 of them unread held 1.4 GB in the relay.
 MAX_ERROR_TEXT = 1000
-# Bytes of a subscription a PUB or a forwarder's XPUB takes: its flag byte
-# and a topic prefix (MAX_NAME_LENGTH characters of UTF-8).  libzmq keeps a
+# Bytes of a subscription a PUB or a forwarder's XPUB takes: its header
+# (a flag byte, or ZMTP 3.1's "\x09SUBSCRIBE" command name: 10 bytes) and a
+# topic prefix (MAX_NAME_LENGTH characters of UTF-8).  libzmq keeps a
 # subscription as a trie with a node per byte, ~80 bytes of memory each, and
 # a subscriber's end unsubscribes by recursing once per byte: one 256 KiB
 # subscription crashed the forwarder (a stack overflow) when it went.
-MAX_SUBSCRIPTION_SIZE = 1 + 4 * MAX_NAME_LENGTH
+MAX_SUBSCRIPTION_SIZE = 10 + 4 * MAX_NAME_LENGTH
 
 # Message ids: bytes (a 48-bit ms clock and 80 random bits, or a key's hash).
 ID_SIZE = 16

@@ -158,6 +158,11 @@ class DirectLink:
         return self._count
 
     @property
+    def last_progress(self) -> float:
+        """When the last CONFIRM came (or the link was made)."""
+        return self._last_progress
+
+    @property
     def sends(self) -> int:
         """SENDs put on the link so far."""
         return self._next_req - 1

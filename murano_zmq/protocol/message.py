@@ -128,7 +128,7 @@ def check_name(name: Any, what: str = "mailbox") -> str:
     if type(name) is str and name in _good_names:
         return name
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
-        shown = repr(name)
+        shown = repr(name[:MAX_NAME_LENGTH + 1] if isinstance(name, (str, bytes, list, tuple)) else name)
         if len(shown) > MAX_NAME_LENGTH + 2:  # (the error goes on the wire from a relay: not any size)
             shown = shown[:MAX_NAME_LENGTH + 2] + "..."
         raise LocalProtocolError(

@@ -41,6 +41,18 @@ TOP_UP_ROWS = 250
 _MAILBOX, _ROW = itemgetter(0), itemgetter(1)  # of append_many's (mailbox, row) pairs
 
 
+def _stored_options(row: MailboxRow) -> MailboxOptions:
+    """A stored mailbox's options, never refused (at start, or adopted from
+    a shared database): those an older release stored under looser checks
+    are kept as stored, and an option of a newer release is left out, with
+    a warning either way."""
+    options, problem = MailboxOptions.from_stored(row.options)
+    if problem is not None:
+        log.warning("mailbox %r: its stored options fail this relay's checks (%s); they are kept as stored",
+                    row.name, problem)
+    return options
+
+
 class Mailboxes:
     def __init__(self, store: Store):
         self.store = store
@@ -57,11 +69,7 @@ class Mailboxes:
         stats = self.store.mailbox_stats()
         for row in self.store.load_mailboxes():
             count, nbytes = stats.get(row.id, (0, 0))
-            options, problem = MailboxOptions.from_stored(row.options)
-            if problem is not None:  # (stored data is never refused at start)
-                log.warning("mailbox %r: its stored options fail today's checks (%s); they are kept as stored",
-                            row.name, problem)
-            mb = Mailbox(row.id, row.name, options, row.declared, now,
+            mb = Mailbox(row.id, row.name, _stored_options(row), row.declared, now,
                          count=count, nbytes=nbytes, disk_after=0 if count else None)
             self._add(mb)
             self._next_id = max(self._next_id, row.id + 1)
@@ -89,7 +97,7 @@ class Mailboxes:
         old = self.by_name.get(row.name)
         if old is not None and old.id == row.id:
             return old
-        mb = Mailbox(row.id, row.name, MailboxOptions.from_map(row.options), row.declared, now, disk_after=0)
+        mb = Mailbox(row.id, row.name, _stored_options(row), row.declared, now, disk_after=0)
         if old is not None:  # deleted elsewhere and made again: the consumers here follow the name
             self.forget(old)
             mb.consumers, mb.rr = old.consumers, old.rr

@@ -269,8 +269,9 @@ class Relay(Wire):
                       (SPACE_LOW_BYTES + SPACE_PROBE_BYTES) >> 20, RESERVE_BYTES >> 20)
 
     def _watch_space(self, engine: RelayEngine) -> None:
-        """(every second) Refuse sends before the disk is full: at
-        SPACE_LOW_BYTES free, or when a WAL checkpoint found no room."""
+        """(every SPACE_CHECK_EVERY) Refuse sends before the disk is full:
+        below SPACE_LOW_BYTES free beside the WAL, or when a WAL checkpoint
+        found no room."""
         if engine.storage_full:
             return
         store = engine.store

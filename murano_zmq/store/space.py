@@ -8,9 +8,10 @@ moves can still commit on a full disk.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
-# Bytes that must be free, beyond the reserve, before a relay that found its
-# disk full accepts sends again.
+# Bytes that must be free beside the reserve (and beside SPACE_LOW_BYTES)
+# before a relay that found its disk full accepts sends again.
 SPACE_PROBE_BYTES = 1 << 20
 RESERVE_BYTES = 4 << 20
 # Free bytes, beyond the WAL's size, below which the relay refuses sends
@@ -45,9 +46,11 @@ def space_available(data_dir: str, nbytes: int = SPACE_PROBE_BYTES) -> bool:
             pass
 
 
-def space_low(data_dir: str, wal: str, margin: int = 0) -> bool:
+def space_low(data_dir: str, wal: str, free_pages: Callable[[], int], margin: int = 0) -> bool:
     """True if `data_dir`'s file system has less than SPACE_LOW_BYTES plus
-    the size of the WAL file `wal` (plus `margin`) free for this user."""
+    the size of the WAL file `wal` (plus `margin`) free for this user,
+    counting the free pages inside the database (`free_pages()`, bytes,
+    asked only then): SQLite fills those before it grows the file."""
     try:
         st = os.statvfs(data_dir)
     except OSError:
@@ -56,7 +59,9 @@ def space_low(data_dir: str, wal: str, margin: int = 0) -> bool:
         wal_size = os.stat(wal).st_size
     except OSError:
         wal_size = 0
-    return st.f_bavail * st.f_frsize < SPACE_LOW_BYTES + wal_size + margin
+    need = SPACE_LOW_BYTES + wal_size + margin
+    free = st.f_bavail * st.f_frsize
+    return free < need and free + free_pages() < need
 
 
 def hold_reserve(data_dir: str) -> bool:

@@ -568,7 +568,17 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return space.hold_reserve(os.path.dirname(self.path))
 
     def space_low(self, margin: int = 0) -> bool:
-        return space.space_low(os.path.dirname(self.path), self.path + "-wal", margin)
+        return space.space_low(os.path.dirname(self.path), self.path + "-wal", self._free_page_bytes, margin)
+
+    def _free_page_bytes(self) -> int:
+        """Bytes of the database's free pages (consumed messages' pages, which
+        new ones fill before the file grows)."""
+        try:
+            (pages,), (size,) = (self._reader.execute(f"PRAGMA {p}").fetchone() for p in ("freelist_count",
+                                                                                          "page_size"))
+        except sqlite3.Error:
+            return 0
+        return pages * size
 
     def writable(self) -> bool:
         return self._segments.writable()

@@ -222,3 +222,36 @@ def test_an_event_over_the_largest_message_is_refused(make_node):
     with pytest.raises(MessageTooLarge, match="event"):
         node.publish("progress.big", b"x" * (DEFAULT_MAX_MESSAGE_SIZE + 1))
     node.publish("progress.small", "fine")
+
+
+def test_the_longest_prefix_still_subscribes_where_subscriptions_are_bounded():
+    """libzmq (ZMTP 3.1) sends a subscription as a command whose header is
+    10 bytes, not 1: a bound of 1 + 4 x 255 dropped (and so looped on) a
+    prefix of 253 or more 4-byte characters, a valid topic."""
+    import zmq
+
+    from murano_zmq.protocol.constants import MAX_NAME_LENGTH, MAX_SUBSCRIPTION_SIZE
+
+    ctx = zmq.Context()
+    xpub, sub = ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB)
+    try:
+        for s in (xpub, sub):
+            s.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_SIZE)
+        port = xpub.bind_to_random_port("tcp://127.0.0.1")
+        prefix = ("\U0001F680" * MAX_NAME_LENGTH).encode()
+        sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        assert xpub.poll(10_000), "the subscription never came"
+        assert xpub.recv() == b"\x01" + prefix
+    finally:
+        xpub.close(0)
+        sub.close(0)
+        ctx.term()
+
+
+def test_a_prefix_longer_than_a_topic_is_refused(make_node):
+    import pytest
+
+    with pytest.raises(ValueError, match="prefix is at most 255"):
+        make_node("sub").subscribe("p" * 256)

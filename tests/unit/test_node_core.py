@@ -391,14 +391,16 @@ def test_a_sender_keeps_at_most_max_direct_links_open():
     # Every window full, no link to spare: behind the mailbox's last link (FIFO).
     assert routes[MAX_DIRECT_LINKS:] == [endpoints[MAX_DIRECT_LINKS - 1]] * 50
     assert [op for op, *_ in sender.socket_ops] == [OPEN] * MAX_DIRECT_LINKS
-    # One link's record confirmed: it is idle, and closed for a new endpoint.
-    link = sender._links[endpoints[1]]
-    link.receive(encode(Cmd.WELCOME, "c1", 1.0, 1 << 20), T0)
-    sender.flush(T0)
-    sender.receive(endpoints[1], encode(Cmd.CONFIRM, next(iter(link._in_flight)), []), T0)
+    # Two links' records confirmed: they are idle, and the one confirmed
+    # longest ago is closed for a new endpoint.
+    for i, confirmed_at in ((1, T0 + 2), (2, T0 + 1)):
+        link = sender._links[endpoints[i]]
+        link.receive(encode(Cmd.WELCOME, f"c{i}", 1.0, 1 << 20), T0)
+        sender.flush(T0)
+        sender.receive(endpoints[i], encode(Cmd.CONFIRM, next(iter(link._in_flight)), []), confirmed_at)
     sender.socket_ops.clear()
-    assert sender._may_open("m")
-    assert sender.socket_ops == [(CLOSE, endpoints[1])] and len(sender._links) == MAX_DIRECT_LINKS - 1
+    assert sender._may_open("m", T0 + 3)
+    assert sender.socket_ops == [(CLOSE, endpoints[2])] and len(sender._links) == MAX_DIRECT_LINKS - 1
 
 
 def test_a_link_keeps_at_most_its_window_of_bytes_out():

@@ -131,6 +131,21 @@ def test_stored_options_that_fail_todays_checks_are_kept_not_refused(tmp_path, c
             engine = RelayEngine(store, 1.0)
         options = engine.boxes.by_name["work"].options
         assert options.dead_letter == "dlq\n" and options.max_length == 5
-        assert "fail today's checks" in caplog.text
+        assert "fail this relay's checks" in caplog.text
     finally:
         store.close()
+
+
+def test_a_mailbox_adopted_from_a_shared_database_keeps_what_this_relay_knows(caplog):
+    """A newer relay on the same database declared it with an option this
+    one does not know (delivery_limit, to a release before it): every adopt
+    raised "unknown mailbox option(s)"."""
+    import types
+
+    from murano_zmq.relay.mailboxes import Mailboxes
+    from murano_zmq.store.base import MailboxRow
+
+    boxes = Mailboxes(types.SimpleNamespace(shared=None))
+    mb = boxes.adopt(MailboxRow(7, "work", {"ttl": 30, "an_option_of_later": 3}, True), 0.0)
+    assert mb.options.ttl == 30 and boxes.by_name["work"] is mb
+    assert "an_option_of_later" in caplog.text
