@@ -171,10 +171,16 @@ class Mailboxes:
     # --- idle expiry ---
 
     def schedule_idle(self, mb: Mailbox) -> None:
+        """One live entry per mailbox: an entry due earlier stays (when it
+        comes, expire_idle() looks again).  Each consumer's leaving pushed
+        one, and each came back at every ttl: a mailbox polled by a
+        consumer that comes and goes kept thousands, and their pass stalled
+        the loop for longer every ttl."""
         if self.shared is not None:
             return  # idle mailboxes are the sweeper's, from the database (relay/fabric.py)
         deadline = mb.idle_deadline()
-        if deadline is not None:
+        if deadline is not None and (mb.idle_entry is None or deadline < mb.idle_entry):
+            mb.idle_entry = deadline  # (an entry due later is left in the heap, stale)
             heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
 
     def next_idle_deadline(self) -> float:
@@ -182,14 +188,16 @@ class Mailboxes:
 
     def expire_idle(self, now: float) -> None:
         while self._idle_heap and self._idle_heap[0][0] <= now:
-            _, mailbox_id, name = heapq.heappop(self._idle_heap)
+            due, mailbox_id, name = heapq.heappop(self._idle_heap)
             mb = self.by_name.get(name)
-            if mb is None or mb.id != mailbox_id:
-                continue
+            if mb is None or mb.id != mailbox_id or mb.idle_entry != due:
+                continue  # (gone, or an entry superseded by one due earlier)
+            mb.idle_entry = None
             deadline = mb.idle_deadline()
             if deadline is None:
                 continue  # a consumer came; its leaving schedules again
             if deadline > now:
+                mb.idle_entry = deadline
                 heapq.heappush(self._idle_heap, (deadline, mb.id, mb.name))
             else:
                 self.delete(mb, f"idle for {mb.options.ttl}s")

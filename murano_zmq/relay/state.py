@@ -86,6 +86,7 @@ class Mailbox:
     disk_after: int | None = None  # ready messages with seq > this are only on disk
     consumers: list[Consumer] = field(default_factory=list)
     rr: int = 0  # round-robin position among consumers
+    idle_entry: float | None = None  # the deadline of its entry in Mailboxes' idle heap, if any
 
     # --- the counts: every change goes through these, but for the
     # per-message paths of Delivery._deliver and Delivery.ack, which count
