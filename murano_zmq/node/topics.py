@@ -144,6 +144,8 @@ class TopicSockets:
 
     def unsubscribe(self, sid: int) -> None:
         sub = self._subs.pop(sid, None)
+        self._prefixes.pop(sid, None)  # (ids never repeat: kept, these grew by each subscribe/cancel)
+        self._connected.pop(sid, None)
         if sub is not None:
             sub.close(0)
             self.changed = True

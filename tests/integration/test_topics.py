@@ -255,3 +255,14 @@ def test_a_prefix_longer_than_a_topic_is_refused(make_node):
 
     with pytest.raises(ValueError, match="prefix is at most 255"):
         make_node("sub").subscribe("p" * 256)
+
+
+def test_a_cancelled_subscription_leaves_nothing_behind(make_node):
+    """Its prefix and its publishers were kept for the node's life (ids
+    never repeat): 369,000 subscribe/cancel cycles grew a node by 160 MB."""
+    node = make_node("poller")
+    for _ in range(50):
+        node.subscribe("progress.").cancel()
+    topics = node._topics
+    wait_for(lambda: not topics._subs and not topics._prefixes and not topics._connected, 10,
+             what="every subscription's state gone")
