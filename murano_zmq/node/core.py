@@ -24,7 +24,7 @@ from operator import itemgetter
 from typing import Any, Callable
 
 from ..protocol.client import ClientCore, Confirmed, Failed, RelayLost, Replied, State
-from ..protocol.constants import DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, MAX_IN_FLIGHT_BATCHES
+from ..protocol.constants import DEFAULT_HEARTBEAT, DEFAULT_MAX_MESSAGE_SIZE, MAX_IN_FLIGHT_BATCHES, PATH_IDLE
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT
 from ..protocol.inbox import DirectInbox
 from ..protocol.frames import Cmd
@@ -67,6 +67,7 @@ class NodeCore:
         # Records handed to each path (one that falls back from a direct link
         # counts on both): what murano_zmq.metrics exports for nodes that opt in.
         self.sent = {"direct": 0, "relay": 0}
+        self._prune_due = 0.0  # when to forget idle mailboxes' paths next (_prune_paths)
 
     # --- state the runners read ------------------------------------------------------
 
@@ -251,7 +252,7 @@ class NodeCore:
             return False  # (its ttl passed on its way here: take_batch fails it)
         if sender is not None:
             sender.paths.relay_up = True
-            sender.paths.via_relay(mailbox)
+            sender.paths.via_relay(mailbox, now=now)
         req = session.send([record], now)
         self.sent["relay"] += 1
         self.dispatch.sends[req] = ([waiter], [record])
@@ -347,11 +348,24 @@ class NodeCore:
         if self.sender is not None:
             self.inbox.tick(now)
             self._fall_back(self.sender.tick(now))
+            if now >= self._prune_due:
+                self._prune_paths(now)
             # A stalled link's records get a copy at the relay, ahead of the
             # mailbox's next sends (with no relay session they wait on the link).
             self.sender.paths.relay_up = self.session.state == State.READY
             if self.sender.paths.relay_up:
                 self._fall_back(self.sender.escrow(now))
+
+    def _prune_paths(self, now: float) -> None:
+        """Forget idle mailboxes' paths (PathTable.prune); look up those the
+        relay may still hold messages of ours for."""
+        self._prune_due = now + PATH_IDLE
+        paths = self.sender.paths
+        ask = paths.prune(now, self.sender.busy_mailboxes())
+        if self.session.state == State.READY:
+            for mailbox in ask:
+                if paths.wants_lookup(mailbox, now):
+                    self._lookups[self.session.request(Cmd.LOOKUP, mailbox)] = mailbox
 
     def _apply(self, events: list, now: float) -> None:
         """Dispatch events; relay confirms also tell the path table, LOOKUP

@@ -77,6 +77,10 @@ class DirectSender:
         except RuntimeError:  # (changed meanwhile by the loop's thread)
             return []
 
+    def busy_mailboxes(self) -> set[str]:
+        """Mailboxes with records queued or unconfirmed on a link."""
+        return set(self._out)
+
     def has_link(self, endpoint: str) -> bool:
         return endpoint in self._links
 

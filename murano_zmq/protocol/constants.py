@@ -144,6 +144,13 @@ HOLD_LIMIT = 1.0
 REFUSED_BACKOFF = 30.0
 FAILED_BACKOFF = 4.0
 FAILURES_KEPT = 10_000  # endpoints whose links' failures in a row a sender counts
+# A sender forgets the path of a mailbox it has not sent to, nor heard of,
+# for this many seconds (a conductor sends to every agent's mailbox once
+# and long after those are gone kept ~300 bytes for each); one whose
+# messages the relay may still hold is looked up first, at most this many
+# per pass (every PATH_IDLE).
+PATH_IDLE = 60.0
+PATH_PRUNE_LOOKUPS = 1000
 
 # Commands a node reads from one socket per loop turn, at most: one busy
 # socket cannot starve the node's other sockets and timers.

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .constants import (DRAIN_RECHECK, FAILED_BACKOFF, FAILURES_KEPT, HOLD_LIMIT, LOOKUP_TTL, REFUSED_BACKOFF,
-                        Z85_KEY_LENGTH)
+from .constants import (DRAIN_RECHECK, FAILED_BACKOFF, FAILURES_KEPT, HOLD_LIMIT, LOOKUP_TTL, PATH_IDLE,
+                        PATH_PRUNE_LOOKUPS, REFUSED_BACKOFF, Z85_KEY_LENGTH)
 from .direct import endpoint_problem
 
 HOLD = "hold"  # choose(): wait for the pending LOOKUP, then choose again
@@ -38,6 +38,7 @@ class _Path:
     relay_undrained: bool = False  # relay may still hold messages of ours for it
     rr: int = 0
     held_since: float | None = None  # first held back while nothing was known of it
+    used_at: float = float("-inf")  # the last choose() for it
 
 
 class PathTable:
@@ -76,6 +77,7 @@ class PathTable:
         """A direct endpoint for the next message to `mailbox`, None (relay),
         or HOLD.  `has_room(endpoint)` says whether that link's window has room."""
         path = self._path(mailbox)
+        path.used_at = now
         if path.relay_unconfirmed:
             return None  # (the common case of a stream to the relay: decided at once)
         candidates = self.direct_consumers(mailbox)
@@ -209,10 +211,14 @@ class PathTable:
     def discovered_mailboxes(self) -> list[str]:
         return list(self._discovered)
 
-    def via_relay(self, mailbox: str, count: int = 1) -> None:
+    def via_relay(self, mailbox: str, count: int = 1, now: float | None = None) -> None:
+        """`count` records to `mailbox` go through the relay (`now`: and no
+        choose() was asked for them: the lone-send shortcut)."""
         path = self._path(mailbox)
         path.relay_unconfirmed += count
         path.relay_undrained = True
+        if now is not None:
+            path.used_at = now
 
     def relay_confirmed(self, mailbox: str, count: int = 1) -> None:
         path = self._path(mailbox)
@@ -270,6 +276,30 @@ class PathTable:
 
     def mailboxes(self) -> list[str]:
         return list(self._paths)
+
+    def prune(self, now: float, busy) -> list[str]:
+        """Forget the paths of mailboxes not sent to, looked up or advertised
+        for PATH_IDLE (none in `busy`: records of theirs out on links), and
+        the failed endpoints no path names any more.  A path whose messages
+        the relay may still hold is kept (a direct consumer found later
+        must not overtake them): returns those mailboxes, to look up (a
+        drained answer lets the next pass forget them)."""
+        ask = []
+        for mailbox, path in list(self._paths.items()):
+            if (path.relay_unconfirmed or path.lookup_pending or path.held_since is not None
+                    or now - path.learned_at < PATH_IDLE or now - path.used_at < PATH_IDLE
+                    or mailbox in busy or mailbox in self._discovered):
+                continue
+            if not path.relay_undrained:
+                del self._paths[mailbox]
+            elif len(ask) < PATH_PRUNE_LOOKUPS:
+                ask.append(mailbox)
+        if self.failed:
+            named = {e for path in self._paths.values() for e in path.endpoints}
+            named.update(*self._discovered.values())
+            held = {e for e, until in self._refused.items() if until > now}
+            self.failed &= named | held
+        return ask
 
 
 def _key(value) -> bytes | None:

@@ -423,3 +423,43 @@ def test_a_link_keeps_at_most_its_window_of_bytes_out():
     assert link.bytes_out == 10_003
     assert [len(decode(f).fields[1]) for _, f in sender.flush(T0)] == [1, 1]  # up to the window, one over
     assert link.bytes_out == 3 * 10_003
+
+
+def test_paths_of_mailboxes_long_unused_are_forgotten():
+    """A sender kept a path for every mailbox it ever sent to, and every
+    endpoint whose link had failed (a conductor sending once to each agent's
+    mailbox: ~300 bytes each, for the node's life)."""
+    from murano_zmq.protocol.constants import PATH_IDLE
+
+    paths = PathTable()
+    room = lambda endpoint: True  # noqa: E731
+    paths.looked_up("direct", {"depth": 0, "direct": [["c", "tcp://c:1"]]}, T0)
+    assert paths.choose("direct", room, T0) == "tcp://c:1"
+    paths.link_failed("tcp://c:1", T0)
+    for mailbox in ("stored", "unconfirmed"):
+        paths.looked_up(mailbox, {"depth": 0, "direct": []}, T0)
+        paths.via_relay(mailbox)
+    paths.relay_confirmed("stored")  # the relay may hold it: not forgotten before a drained LOOKUP
+    paths.looked_up("busy", {"depth": 0, "direct": []}, T0)
+    paths.looked_up("advertised", {"depth": 0, "direct": []}, T0)
+    paths.discovered("advertised", {"tcp://d:1"})
+    later = T0 + PATH_IDLE + 1
+    assert paths.prune(T0 + 1, busy=set()) == []  # (nothing idle long enough yet)
+    assert sorted(paths.prune(later, busy={"busy"})) == ["stored"]
+    assert sorted(paths.mailboxes()) == ["advertised", "busy", "stored", "unconfirmed"]
+    assert paths.failed == set()  # no path names tcp://c:1 any more
+    paths.looked_up("stored", {"depth": 0, "direct": []}, later)  # drained
+    assert paths.prune(later + PATH_IDLE + 1, busy=set()) == []
+    assert sorted(paths.mailboxes()) == ["advertised", "unconfirmed"]
+    # A forgotten mailbox starts again as a new one: looked up first.
+    assert paths.wants_lookup("direct", later) and paths.choose("direct", room, later) == HOLD
+
+
+def test_a_refused_endpoint_stays_failed_while_its_hold_lasts():
+    from murano_zmq.protocol.constants import PATH_IDLE, REFUSED_BACKOFF
+
+    paths = PathTable()
+    paths.looked_up("m", {"depth": 0, "direct": [["c", "tcp://c:1"]]}, T0)
+    paths.link_refused("tcp://c:1", T0 + PATH_IDLE - REFUSED_BACKOFF + 5)
+    paths.prune(T0 + PATH_IDLE + 1, busy=set())
+    assert paths.mailboxes() == [] and paths.failed == {"tcp://c:1"}
