@@ -47,9 +47,11 @@ log = logging.getLogger("murano_zmq.relay")
 
 # While the disk is full, how often the relay checks whether space returned.
 SPACE_PROBE_EVERY = 1.0
-# How often it looks at its disk's free space otherwise (statvfs, ~1 us):
-# pipelined sends fill SPACE_LOW_BYTES in no less than ~100 ms here.
+# How often it looks at its disk's free space otherwise (statvfs, ~1 us),
+# and after how many bytes of commands read: a burst of pipelined sends
+# filled a small disk between two looks 50 ms apart.
 SPACE_CHECK_EVERY = 0.05
+SPACE_CHECK_BYTES = 1 << 20
 # Threaded commits at once: one writing or COMMITting, the one before it syncing.
 MAX_IN_FLIGHT = 2
 
@@ -74,6 +76,7 @@ class Relay(Wire):
         self.engine: RelayEngine | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._stalled: set[bytes] = set()  # peers whose send queue was full
+        self.bytes_read = 0  # command bytes read since the last look at the disk's free space
         self._in_flight: list[tuple[Future, list]] = []  # threaded commits and the replies each holds
         self._failures = FailureLog()
         # The store failure that stopped the relay (a failed sync), if one did.
@@ -359,8 +362,8 @@ class Relay(Wire):
                     if now >= check_due:
                         check_due = self.engine.store.check_held(now)
                     ticks = time.monotonic()
-                    if ticks >= space_due:
-                        space_due = ticks + SPACE_CHECK_EVERY
+                    if ticks >= space_due or self.bytes_read >= SPACE_CHECK_BYTES:
+                        space_due, self.bytes_read = ticks + SPACE_CHECK_EVERY, 0
                         self._watch_space(self.engine)
                         if ticks >= descriptors.due:
                             descriptors.check(ticks)

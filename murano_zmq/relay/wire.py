@@ -32,44 +32,47 @@ class Wire:
         waiting (a budget ended the turn).  `readable`: the poll saw input;
         `first`: a message already read (without CURVE)."""
         budget = TURN_BYTES
-        secure = self.security.enabled
-        get = self._get
-        n = 0
-        if first is not None:
-            n = 1
-            readable = False
-            if len(first) >= 2:
-                engine.receive(first[0], first[1:], now)
-                budget -= len(first[-1])
-        # ZMQ_EVENTS before each read (but the first, which the poll
-        # answered): a recv that finds nothing raises zmq.Again, whose
-        # construction costs more than the check.
-        while readable or get(EVENTS) & POLLIN:
-            readable = False
-            if n == TURN_COMMANDS or budget <= 0:
-                return n, True
-            n += 1
-            if secure:  # Frames: their metadata names the connection's key
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    frames = None
-            else:
-                frames = self._read_one(sock)
-            if frames is None:  # the poll's word was stale: nothing to read after all
-                return n - 1, False
-            user = key = None
-            if secure:  # the connection's identity rides on every message
-                user, key, refusal = self.security.identify_key(frames[0])
-                frames = [f.bytes for f in frames]
-                if refusal is not None:
-                    engine.refuse(frames[0], frames[1:], refusal, now)
+        try:
+            secure = self.security.enabled
+            get = self._get
+            n = 0
+            if first is not None:
+                n = 1
+                readable = False
+                if len(first) >= 2:
+                    engine.receive(first[0], first[1:], now)
+                    budget -= len(first[-1])
+            # ZMQ_EVENTS before each read (but the first, which the poll
+            # answered): a recv that finds nothing raises zmq.Again, whose
+            # construction costs more than the check.
+            while readable or get(EVENTS) & POLLIN:
+                readable = False
+                if n == TURN_COMMANDS or budget <= 0:
+                    return n, True
+                n += 1
+                if secure:  # Frames: their metadata names the connection's key
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        frames = None
+                else:
+                    frames = self._read_one(sock)
+                if frames is None:  # the poll's word was stale: nothing to read after all
+                    return n - 1, False
+                user = key = None
+                if secure:  # the connection's identity rides on every message
+                    user, key, refusal = self.security.identify_key(frames[0])
+                    frames = [f.bytes for f in frames]
+                    if refusal is not None:
+                        engine.refuse(frames[0], frames[1:], refusal, now)
+                        continue
+                if len(frames) < 2:
                     continue
-            if len(frames) < 2:
-                continue
-            engine.receive(frames[0], frames[1:], now, user, key)
-            budget -= len(frames[-1])
-        return n, False
+                engine.receive(frames[0], frames[1:], now, user, key)
+                budget -= len(frames[-1])
+            return n, False
+        finally:
+            self.bytes_read += TURN_BYTES - budget  # (Relay's look at its disk's free space)
 
     def _send(self, sock: zmq.Socket, out: list) -> None:
         # Frame by frame with int flags: send_multipart's per-frame type

@@ -21,7 +21,7 @@ RESERVE_BYTES = 4 << 20
 # reserve); without that room it failed, every delete then grew the WAL,
 # and purges failed after about a hundred, each failure a reload.  The
 # rest is for the acks and purges that follow.
-SPACE_LOW_BYTES = 8 << 20
+SPACE_LOW_BYTES = 16 << 20
 RESERVE_NAME = "relay.reserve"
 PROBE_NAME = "relay.space-probe"  # (also made in segments/ by Segments.writable())
 

@@ -82,15 +82,29 @@ def test_expiry_never_spins_on_rows_no_mailbox_owns(relay_factory):
 # --- a full disk -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
+def _disk(tmp_path, size: int) -> str:
+    """A tmpfs of `size` bytes under tmp_path (unmounted by the fixture)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tmpfs")
     path = str(tmp_path / "disk")
     try:
-        mount_tmpfs(path, 24 << 20)
+        mount_tmpfs(path, size)
     except OSError as exc:
         pytest.skip(str(exc))
+    return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    path = _disk(tmp_path, 24 << 20)
+    yield path
+    unmount(path)
+
+
+@pytest.fixture
+def roomy_disk(tmp_path):
+    """Room for the relay's low-space margin beside a few thousand mailboxes."""
+    path = _disk(tmp_path, 64 << 20)
     yield path
     unmount(path)
 
@@ -128,21 +142,22 @@ def test_disk_full_refuses_sends_keeps_serving_and_resumes(relay_factory, small_
             m.ack()
         assert got == set(confirmed)
     log = (tmp_path / "relay-0.log").read_text()
-    assert "database or disk is full" in log
+    assert "database or disk is full" in log or "is nearly full" in log  # (the margin may see it first)
     assert log.count("database or disk is full") <= 3, "not rate-limited"
     assert "Traceback" not in log and "no transaction is active" not in log
 
 
-def test_a_disk_filled_by_small_mailboxes_can_be_purged(relay_factory, small_disk, tmp_path):
+def test_a_disk_filled_by_small_mailboxes_can_be_purged(relay_factory, roomy_disk, tmp_path):
     """A disk filled by thousands of small mailboxes: the WAL checkpoint
     found no room to grow the database first, so the WAL grew past the
     relay's reserve, and every delete after that grew it on.  Purges failed
     after about a hundred, each failure a reload that dropped every
-    session.  Now the relay refuses sends at the checkpoint's failure and
-    gives its reserve back to it, and deletes reuse the WAL."""
+    session.  Now the relay refuses sends while there is room beside its
+    WAL for a checkpoint (looked at after each MiB of commands read), and
+    deletes reuse the WAL."""
     from murano_zmq.admin import Admin
 
-    relay = relay_factory(data_dir=os.path.join(small_disk, "data"))
+    relay = relay_factory(data_dir=os.path.join(roomy_disk, "data"))
     body = os.urandom(2048)
     sent = 0
     with Node("filler", relay=relay.endpoint, direct=False, timeout=30) as node:
