@@ -31,12 +31,12 @@ from ..protocol.constants import (
 )
 from ..protocol.direct import DEFAULT_DIRECT_TIMEOUT, bind_problem
 from ..protocol.errors import MessageTooLarge, RelayUnavailable, SendQueueFull
-from ..protocol.message import check_name, check_peer_name, is_number, is_whole
+from ..protocol.message import check_name, check_peer_name, is_number, is_whole, records_size
 from ..protocol.topics import check_topic
 from ..security.curve import client_curve
 from ..security.keys import KeyFileError, load_public_key
 from ..security.node import node_security
-from .common import check_wait, pairs_size, record_size
+from .common import check_wait, pairs_size
 from .core import NodeCore
 from .sockets import DEFAULT_DIRECT_BIND, NodeSockets, check_endpoint
 from .topics import TopicSockets, parse_forwarder
@@ -214,7 +214,7 @@ class NodeBase:
         if held + count > self.max_pending:
             raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
                                 f"(max_pending={self.max_pending}); is the relay at {self._where()} reachable?")
-        size = len(records[0][3]) + len(records[0][2]) if count == 1 else sum(map(record_size, records))
+        size = records_size(records)
         limit = self.max_pending_bytes
         if size > limit:
             raise SendQueueFull(f"a send of {size} bytes is more than node {self.name} may hold "

@@ -31,6 +31,7 @@ from .constants import (  # noqa: F401 (DEFAULT_WINDOW, DEFAULT_DIRECT_TIMEOUT r
 )
 from .errors import RemoteProtocolError
 from .frames import Cmd, decode, encode
+from .message import records_size
 
 
 # ZeroMQ's transports (zmq_bind(3)).
@@ -123,11 +124,6 @@ class LinkState(enum.Enum):
     CONNECTING = "connecting"
     READY = "ready"
     FAILED = "failed"
-
-
-def records_size(records: list) -> int:
-    """Body and header bytes of SEND records (what a window's bytes count)."""
-    return sum([len(r[3]) + len(r[2]) for r in records])
 
 
 class DirectLink:

@@ -26,6 +26,13 @@ from .frames import Cmd, decode, encode
 from .message import Message, is_number, parse_send_record, shown_peer_name
 
 
+def _send_size(records: list) -> int:
+    """Body and header bytes of a SEND's records, as a sender counts them
+    (message.records_size), of those well formed enough to have them."""
+    return sum([len(r[3]) + len(r[2]) for r in records
+                if type(r) is list and len(r) == 7 and type(r[2]) is bytes and type(r[3]) is bytes])
+
+
 @dataclass(eq=False, slots=True)
 class _Session:
     identity: bytes
@@ -120,11 +127,12 @@ class DirectInbox:
         req, records = command.fields
         if req in session.pending:
             return []  # sent again by a sender that missed nothing: its CONFIRM comes when settled
-        if self._past_window(session, records):
+        nbytes = _send_size(records)  # (kept until the SEND is confirmed, as its sender keeps it)
+        if self._past_window(session, len(records), nbytes):
             return []
         by_consumer: dict[int, list[Message]] = {}
         refused: list[list] = []
-        unsettled = nbytes = 0
+        unsettled = 0
         for i, record in enumerate(records):
             try:
                 msg = parse_send_record(record)
@@ -148,14 +156,12 @@ class DirectInbox:
             if seen == "fresh":
                 by_consumer.setdefault(consumer, []).append(m)
                 unsettled += 1
-                nbytes += size
             elif seen == "in-app":
                 # Another copy is with the application: confirm this one only
                 # when that one is settled (if it came direct, its sender may
                 # be gone, and this copy is the only one left).
                 self._waiting.setdefault((m.mailbox, m.id), []).append((session, req))
                 unsettled += 1
-                nbytes += size
             # (seen and settled: nothing to wait for)
         if unsettled:
             session.pending[req] = [unsettled, refused, nbytes]
@@ -252,16 +258,12 @@ class DirectInbox:
     def _put(self, identity: bytes, cmd: Cmd, *fields: Any) -> None:
         self._outbox.append((identity, encode(cmd, *fields)))
 
-    def _past_window(self, session: _Session, records) -> bool:
-        """Would this SEND put more out from `session` than an honest
-        sender's window lets it (DEFAULT_WINDOW records, DIRECT_WINDOW_BYTES
-        and one record more)?  Then the session ends with ERROR, and the
-        sender gives what is unconfirmed to the relay."""
-        if not isinstance(records, list):
-            return False  # (refused as malformed below)
-        nbytes = sum([len(r[3]) + len(r[2]) for r in records
-                      if type(r) is list and len(r) == 7 and type(r[2]) is bytes and type(r[3]) is bytes])
-        if (session.held + len(records) <= DEFAULT_WINDOW
+    def _past_window(self, session: _Session, count: int, nbytes: int) -> bool:
+        """Would a SEND of `count` records and `nbytes` put more out from
+        `session` than an honest sender's window lets it (DEFAULT_WINDOW
+        records, DIRECT_WINDOW_BYTES and one record more)?  Then the session
+        ends with ERROR, and the sender gives what is unconfirmed to the relay."""
+        if (session.held + count <= DEFAULT_WINDOW
                 and session.held_bytes + nbytes <= DIRECT_WINDOW_BYTES + self.max_message_size):
             return False
         del self._sessions[session.identity]

@@ -200,6 +200,11 @@ def send_record(
     return [msg_id, mailbox, packed, body, created, ttl, False]
 
 
+def records_size(records: list) -> int:
+    """Body and header bytes of SEND records (what size limits and windows count)."""
+    return sum([len(r[3]) + len(r[2]) for r in records])
+
+
 @dataclass(slots=True)
 class IncomingSend:
     """One message of a SEND, as the relay sees it after validation."""

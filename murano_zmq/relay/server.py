@@ -126,9 +126,7 @@ class Relay(Wire):
             self.engine = self._new_engine(store)
             if not (store.hold_reserve() and store.space_available()):
                 self._storage_full("is full at start")
-            elif store.space_low():
-                self._storage_full(f"is nearly full at start (less than {SPACE_LOW_BYTES >> 20} MiB free beside "
-                                   "the WAL's size)", keep_reserve=True)
+            self._watch_space(self.engine)  # (nearly full)
             metrics = self._serve_metrics(store)  # first: a taken port stops the start before any advert
             try:
                 discovery = self._advertise()
