@@ -50,11 +50,13 @@ RELAY_STAGES = (
     ("commit", "store: COMMIT (the WAL frames written)"),
     ("body", "store: large body written, its write-back started"),
     ("body_wait", "store: large body, wait for its write"),
+    ("journal", "store: journal record written and fdatasynced (store/journal.py)"),
     ("wal_sync", "store: WAL fdatasync"),
     ("body_after", "store: large body, pages dropped after the sync"),
     ("segment_sync", "store: large body, segment fdatasync (not on the WAL's flush)"),
     ("store_rest", "store: INSERT and the store's Python"),
     ("send", "relay: send the CONFIRM"),
+    ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
 )
 WARM_UP = 50  # sends to each relay before the timed ones
 FLOOR_STAGES = (
@@ -70,6 +72,7 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     from murano_zmq.relay.engine import RelayEngine
     from murano_zmq.relay.main import main as relay_main
     from murano_zmq.relay.server import Relay
+    from murano_zmq.store.journal import Journal
     from murano_zmq.store.segments import Segments
     from murano_zmq.store.sqlite import SQLiteStore
 
@@ -132,6 +135,17 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
 
     wrap(SQLiteStore, "_execute_waiting", statement)
     wrap(SQLiteStore, "_sync_wal", add("wal_sync"))
+    wrap(Journal, "append", add("journal"))
+    real_write_owed = SQLiteStore.write_owed
+
+    def write_owed(self, *args):
+        owed = len(self._owed)
+        t0 = clock()
+        real_write_owed(self, *args)
+        if owed and not self._owed and sends:  # (written after a CONFIRM: the last send's record)
+            sends[-1]["owed"] = clock() - t0
+
+    SQLiteStore.write_owed = write_owed
     wrap(Segments, "write_unsynced", add("body"))
     wrap(Segments, "wait_unsynced", add("body_wait"))
     wrap(Segments, "flushed", add("body_after"))
@@ -147,8 +161,8 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     wrap(Relay, "_send", sent)
     code = relay_main(["--log-level", "WARNING", "--bind", endpoint, "--data-dir", data_dir])
     for s in sends:
-        timed = sum(s.get(k, 0.0) for k in ("begin", "commit", "body", "body_wait", "wal_sync", "body_after",
-                                             "segment_sync"))
+        timed = sum(s.get(k, 0.0) for k in ("begin", "commit", "body", "body_wait", "journal", "wal_sync",
+                                             "body_after", "segment_sync"))
         s["store_rest"] = s.get("store", 0.0) - timed
     with open(out_path, "w") as f:
         json.dump(sends, f)
@@ -246,7 +260,10 @@ def main() -> int:
     result = {"round_trip": {"relay": pct(trips["relay"], 50) * 1e6, "floor": pct(trips["floor"], 50) * 1e6},
               "stages": {}}
     for key, _ in RELAY_STAGES:
-        values = [s.get(key, 0.0) for s in relay_steps]
+        if key == "owed":  # (a median over the writes, not over every send)
+            values = [s[key] for s in relay_steps if key in s]
+        else:
+            values = [s.get(key, 0.0) for s in relay_steps]
         if any(values):
             result["stages"][key] = {"p50_us": pct(values, 50) * 1e6, "p90_us": pct(values, 90) * 1e6}
     for key, _ in FLOOR_STAGES:

@@ -36,6 +36,7 @@ from ..store.faults import SyncFailed
 from ..store.lock import DataDirLock
 from ..store.open import StandbyStopped, is_sqlite, open_store
 from ..store.space import RESERVE_BYTES, SPACE_LOW_BYTES, SPACE_PROBE_BYTES
+from ..store.journal import OWED_ROWS
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
 from .config import RelayConfig
 from .engine import RelayEngine
@@ -392,8 +393,14 @@ class Relay(Wire):
                 # committed and confirmed at once (engine.send_alone).
                 out = engine.send_alone(first[0], first[1:], now)
                 if out is not None:
-                    self._send(sock, out)
+                    try:
+                        self._send(sock, out)
+                    finally:  # (rows the journal took, into the database: store/journal.py)
+                        engine.store.write_owed(OWED_ROWS)
                     return
+        # Not a lone send: the rows the journal took go into the database
+        # first, where this turn's reads and writes look for them.
+        engine.store.write_owed()
         if self._wake_r in events:
             os.read(self._wake_r, 64)
         if self._wakeup_fd is not None and self._wakeup_fd in events:

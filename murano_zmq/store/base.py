@@ -144,5 +144,9 @@ class Store(Protocol):
         thread with no commit in flight: durable when it returns (a lone
         send's path, relay/engine.py send_alone())."""
 
+    def write_owed(self, at_least: int = 1) -> None:
+        """(the relay loop) Write what commit_insert() made durable elsewhere
+        (the SQLite store's journal), if at least `at_least` rows wait."""
+
     def close(self) -> None:
         """Seal, commit and close."""

@@ -318,6 +318,9 @@ class BatchedStore:
         self.seal()
         self.commit()
 
+    def write_owed(self, at_least: int = 1) -> None:
+        """Nothing owed: only the SQLite store's journal owes writes."""
+
     def rollback(self) -> None:
         """Drop every write since the last commit, written or buffered (the
         relay does this after a StoreError, then starts over from the store).

@@ -48,8 +48,9 @@ from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMEN
 from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, Segments
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
-from .faults import BUSY_TIMEOUT, StoreError, is_busy, is_disk_full, retry_busy, startup_error
+from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
+from .journal import Journal
 from .batch import WriteBatch, runs
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
@@ -119,6 +120,7 @@ _INSERT_PLAIN = MultiRowInsert(_INSERT_HEAD, "(?, ?, ?, X'', ?, ?, NULL, ?)", 6)
 _PLAIN_FIELDS = itemgetter(0, 1, 2, 4, 5, 7)  # a StoredMessage's, in _INSERT_PLAIN's parameters
 _EXTRAS = itemgetter(3, 6)  # headers, expires
 _PLAIN_EXTRAS = (b"", None)  # a usual row's
+_SET_JOURNAL_MARK = "INSERT OR REPLACE INTO meta VALUES ('journal', ?)"
 _INSERT_PLACED_ROWS = MultiRowInsert(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES ",
                                      "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", 12)
 
@@ -169,8 +171,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._wal_bytes = 0  # row bytes the open transaction puts in the WAL
         self._wal_fd: int | None = None  # set once the writer runs at NORMAL (see _sync_wal)
         self._tx_synced = True  # the open transaction ends with a sync of the WAL
+        self._journal: Journal | None = None
+        # Journaled rows not yet in the database, their ids, and the held
+        # deletes the first of them took (write_owed())
+        self._owed: list[StoredMessage] = []
+        self._owed_ids: set[bytes] = set()
+        self._owed_held: list[WriteBatch] = []
         try:
             retry_busy(self.path, "opening the database", self._open)
+            self._replay_journal(data_dir)
             self._packs = Packs(self._db, pack_min_rows)
             self._reader = self._connect()
             self._reader.execute("PRAGMA query_only=1")
@@ -331,6 +340,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         caller's thread, so that commit() has only the COMMIT (and the
         fsync) left to do: the committer thread then holds no GIL-bound
         work while the loop runs."""
+        if self._owed:
+            self.write_owed()
         if self._seal_open() and self._commit_lock.acquire(blocking=False):
             try:
                 self._write_sealed(self._pending()[:-1])
@@ -345,13 +356,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         fsync, but SQLite's copies of it (into the WAL, then the database at
         a checkpoint, one that grows it while messages pile up) would cost
         the sends behind it several times that (docs/performance.md,
-        "Session 18")."""
-        batches = self._batches
+        "Session 18").  A lone row with a small body is made durable by the
+        journal instead, and written here by write_owed() (store/journal.py)."""
         # Batches of deletes alone (held for a later commit by relay/turn.py,
         # sealed and written ahead or still open) go into this one: a lone
         # send after an ack keeps its one sync.  Anything else takes the
         # general path.
-        held = [] if len(batches) == 1 and not batches[0] else [b for b in batches if b]
+        held = self._held_batches()
         if held and self.held_deletes() is None:
             super().commit_insert(messages)
             return
@@ -360,42 +371,167 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             # (only packs need it: the table's unique index skips a repeated id)
             recheck = self._ids.maybe_stored(ids) if self._packs else None
             self._ids.stored(ids)
+            if not recheck and self._journaled(messages, held):
+                return
+            if self._owed:  # (the journal's rows first, in seq order, with any deletes held)
+                self._write_owed_locked()
+                held = self._held_batches()
+            self._committed(lambda: self._write_lone(messages, held, recheck))
+        if held:
+            with self._batches_lock:  # committed: reads need them no more
+                self._batches = [WriteBatch()]
 
-            def write() -> None:
-                nonlocal messages
-                self._packs.reload_if_stale(self._db)
-                if not self._tx_open:  # (else the held deletes' statements ran in it already)
-                    self._begin()
-                    if self._seq_owed:
-                        self._save_seq_mark(self._seq_owed)
-                self._tx_synced = True
-                for batch in held:
-                    if not batch.written:
-                        self._write(batch)
-                top = max(m.seq for m in messages)
-                skipped = 0
-                if recheck:  # ids that may be in a pack already: looked up there, skipped if found
-                    messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
-                # Bodies that fit where the last sync left durable blocks
-                # are made durable by the WAL's flush (store/writeback.py),
-                # their rows checksummed; else the bodies first, synced: a
-                # row never points at bytes not on disk.
-                large = sum(len(m.body) for m in messages if len(m.body) >= self._threshold)
-                unsynced = self._wal_fd is not None and self._segments.fits_unsynced(large)
-                stored = self._store_rows(messages, checksums=unsynced)
-                if unsynced:
-                    self._segments.write_unsynced()
-                elif self._segments.unwritten:
-                    self._segments.sync(drop_cached=True)
-                if top > self._seq_top:
-                    self._seq_top = top
-                if skipped or stored != len(messages):  # (see _write: the mark covers a skipped row)
-                    self._save_seq_mark(self._seq_top)
+    def _held_batches(self) -> list[WriteBatch]:
+        batches = self._batches
+        return [] if len(batches) == 1 and not batches[0] else [b for b in batches if b]
 
-            self._committed(write)
-            if held:
-                with self._batches_lock:  # committed: reads need them no more
-                    self._batches = [WriteBatch()]
+    def _write_lone(self, messages: list[StoredMessage], held: list[WriteBatch], recheck: list | None,
+                    journaled: bool = False) -> None:
+        """(commit_insert's transaction, or write_owed's) The held deletes
+        and the rows, in a transaction of their own; `journaled`: not
+        synced, and its top seq the journal's mark."""
+        self._packs.reload_if_stale(self._db)
+        if not self._tx_open:  # (else the held deletes' statements ran in it already)
+            self._begin()
+            if self._seq_owed:
+                self._save_seq_mark(self._seq_owed)
+        self._tx_synced = not journaled
+        for batch in held:
+            if not batch.written:
+                self._write(batch)
+        top = max(m.seq for m in messages)
+        skipped = 0
+        if recheck:  # ids that may be in a pack already: looked up there, skipped if found
+            messages, skipped, _ = self._packs.store(self._db, messages, self._threshold, set(recheck))
+        # Bodies that fit where the last sync left durable blocks
+        # are made durable by the WAL's flush (store/writeback.py),
+        # their rows checksummed; else the bodies first, synced: a
+        # row never points at bytes not on disk.
+        large = sum(len(m.body) for m in messages if len(m.body) >= self._threshold)
+        unsynced = self._wal_fd is not None and self._segments.fits_unsynced(large)
+        stored = self._store_rows(messages, checksums=unsynced)
+        if unsynced:
+            self._segments.write_unsynced()
+        elif self._segments.unwritten:
+            self._segments.sync(drop_cached=True)
+        if top > self._seq_top:
+            self._seq_top = top
+        if skipped or stored != len(messages):  # (see _write: the mark covers a skipped row)
+            self._save_seq_mark(self._seq_top)
+        if journaled:
+            self._db.execute(_SET_JOURNAL_MARK, (top,))
+
+    # --- the lone-send journal (store/journal.py) ---
+
+    def _journaled(self, messages: list[StoredMessage], held: list[WriteBatch]) -> bool:
+        """(under the commit lock) A lone row with a small body, nothing
+        owed to a sync: append it to the journal, synced, and owe its row
+        to write_owed().  False: not that case, nothing done."""
+        if (self._journal is None or len(messages) != 1 or self._wal_fd is None or self._seq_owed
+                or self._sync_failed is not None or self._segments.unsynced
+                or len(messages[0].body) >= self._threshold or not self._journal.fits(len(messages[0].body))
+                or (held and held != self._owed_held and (self._owed or self._segments.holds_any()))):
+            return False
+        row = messages[0]
+        record = self._journal.record(row.seq, list(row))
+        try:
+            if not self._journal.room(record):
+                # Before the ring is written over: every record's row in the
+                # database, and one sync of the WAL makes their marks durable.
+                self._write_owed_locked()
+                held = self._held_batches()  # (none: they went in with the rows)
+                with self._sync_lock:
+                    if self._sync_failed is not None:
+                        raise SyncFailed(f"an earlier sync of the store failed: {self._sync_failed}")
+                    try:
+                        self._sync_wal()
+                    except OSError as exc:
+                        raise self._sync_fails(exc, "syncing the store failed") from exc
+                self._journal.wrap()
+            try:
+                self._journal.append(record)
+            except OSError as exc:
+                with self._sync_lock:  # (its record may be on the disk in part: as a failed sync)
+                    raise self._sync_fails(exc, "syncing the lone-send journal failed") from exc
+        except SyncFailed as exc:
+            raise StoreError(exc) from exc
+        self._owed_held = held  # (deletes held for a later commit go in with the rows: acks need no sync)
+        self._owed.append(row)
+        self._owed_ids.add(row.msg_id)
+        return True
+
+    def write_owed(self, at_least: int = 1) -> None:
+        """Write the journaled rows into the database, if at least
+        `at_least` wait, in one transaction that is not synced.  The relay
+        loop asks after each lone send's CONFIRM, with OWED_ROWS (one
+        transaction for that many rows: its CPU per row a fraction of one
+        each, its WAL frames too), and first thing in any turn that is not
+        a lone send's (reads and other writes then find the rows where they
+        look).  Its failure is a failed sync's: the rows are only in the
+        journal now, which a restart writes in (replay)."""
+        if len(self._owed) >= at_least > 0:
+            with self._commit_lock:
+                self._write_owed_locked()
+
+    def _write_owed_locked(self) -> None:
+        owed, held = self._owed, self._owed_held
+        if not owed:
+            return
+        self._owed, self._owed_held = [], []
+        self._owed_ids.clear()
+        try:
+            self._committed(lambda: self._write_lone(owed, held, None, journaled=True))
+        except StoreError as exc:
+            with self._sync_lock:
+                raise StoreError(self._sync_fails(
+                    exc, "writing journaled sends into the database failed")) from exc
+        if held:
+            with self._batches_lock:
+                self._batches = [WriteBatch()]
+
+    def mailboxes_of(self, msg_ids: list[bytes], every: bool = False) -> dict[bytes, int]:
+        """As BatchedStore's; an id among the rows owed is looked up once
+        they are written (an idempotent id sent again, one send at a time)."""
+        if self._owed_ids and not self._owed_ids.isdisjoint(msg_ids):
+            self.write_owed()
+        return super().mailboxes_of(msg_ids, every)
+
+    def _replay_journal(self, data_dir: str) -> None:
+        """(at start, at synchronous=FULL) Write in the journal's records
+        above the durable mark (store/journal.py), and sync them: the ring
+        may then be written from its start again."""
+        try:
+            self._journal = Journal(data_dir)
+        except OSError as exc:  # (making the file: an existing one is not written to here)
+            if not is_disk_full(exc):
+                raise
+            log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
+                        "database until a restart finds room", data_dir, exc.strerror)
+            return
+        row = self._db.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
+        mark = row[0] if row is not None else 0
+        records = sorted((seq, fields) for seq, fields in self._journal.records() if seq > mark)
+        if records:
+            known = {r[0] for r in self._db.execute("SELECT id FROM mailboxes")}
+            rows = [fields for _, fields in records if fields[1] in known]
+            for _, fields in records:
+                if fields[1] not in known:  # (not expected: a lone send's mailbox was committed before it)
+                    log.error("message %s (seq %d) in the lone-send journal is lost: its mailbox (id %d) "
+                              "is not in the database", bytes(fields[2]).hex(), fields[0], fields[1])
+            top = records[-1][0]
+            retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+            try:
+                stored = _INSERT.run(self._db, [x for fields in rows for x in fields]) if rows else 0
+                self._db.execute(_SET_JOURNAL_MARK, (top,))
+                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            log.warning("%d message(s) confirmed from the lone-send journal were written into the database "
+                        "(the relay stopped before it synced them there; %d already were)",
+                        len(rows), len(rows) - stored)
+        self._journal.restart()
 
     def insert(self, messages: list[StoredMessage]) -> None:
         """As BatchedStore's, and the batch learns which ids may be stored
@@ -689,9 +825,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         try:
             if self._checkpoints is not None:
                 self._checkpoints.close()
+            if self._owed and self._sync_failed is None:
+                self.write_owed()
             super().close()
         finally:
             self._segments.close()
+            if self._journal is not None:
+                self._journal.close()
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None

@@ -96,7 +96,9 @@ def _disk(tmp_path, size: int) -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    path = _disk(tmp_path, 24 << 20)
+    """Room for the relay's low-space margin, its reserve and its lone-send
+    journal (17 + 4 + 2 MiB), and little more."""
+    path = _disk(tmp_path, 28 << 20)
     yield path
     unmount(path)
 

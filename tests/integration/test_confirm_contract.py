@@ -13,6 +13,10 @@ larger ones sent alone, go to segment files (store/segments.py): their CONFIRM
 must follow both syncs, the segment's fdatasync and the COMMIT of the row that
 points at it, or, for a lone send's body that the WAL's flush makes durable
 (store/writeback.py), its write to the device and a WAL sync that began after.
+A lone send's row with a small body is made durable by its record in the
+lone-send journal (store/journal.py), synced before its CONFIRM and written
+into the database after it: durable is then also what the journal's syncs
+returned for, until the ring wraps (after a WAL sync that covers them).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class RecordingStore(SQLiteStore):
 
     fail_next = 0  # how many of the next commits fail
     fail_wal_next = 0  # how many of the next WAL syncs (after a COMMIT) fail
+    fail_journal_next = 0  # how many of the next appends to the lone-send journal fail
+    journal_syncs = 0
     commit_delay = SYNC_DELAY
     # Set: the next WAL sync a committer thread runs waits for it (and
     # sets gate_reached), then fails if the gate's `fails` is true.
@@ -92,6 +98,32 @@ class RecordingStore(SQLiteStore):
 
         segments.append, segments.sync = recording_append, recording_sync
         segments.wait_unsynced = recording_wait_unsynced
+        # ids whose journal record a sync made durable, since the ring's last
+        # wrap (which follows a WAL sync: the ids it covers are in wal_synced)
+        self.journal_synced: set[bytes] = set()
+        if self._journal is not None:
+            journal = self._journal
+            journal_append, journal_wrap = journal.append, journal.wrap
+
+            def recording_journal_append(record):
+                if self.fail_journal_next:
+                    self.fail_journal_next -= 1
+                    self.failed = True
+                    raise OSError(5, "Input/output error (injected fdatasync failure)")
+                journal_append(record)
+                self.journal_syncs += 1
+
+            def recording_journal_wrap():
+                journal_wrap()
+                self.journal_synced.clear()
+
+            journal.append, journal.wrap = recording_journal_append, recording_journal_wrap
+
+    def _journaled(self, messages, held) -> bool:
+        journaled = super()._journaled(messages, held)
+        if journaled:
+            self.journal_synced.add(messages[0].msg_id)
+        return journaled
 
     def commit(self) -> None:
         if self.in_transaction:
@@ -163,7 +195,8 @@ class RecordingStore(SQLiteStore):
                     f"SELECT msg_id, seg, seg_off + seg_len FROM messages WHERE msg_id IN ({marks})", chunk)
                     if seg is None or end <= self.synced_to.get(seg, 0))
             found |= {m for _, m in packed_rows(reader)} & set(ids)  # (packs keep bodies in the database)
-            return found & self.wal_synced if self._wal_fd is not None else found
+            found = found & self.wal_synced if self._wal_fd is not None else found
+            return found | (self.journal_synced & set(ids))
         finally:
             reader.close()
 
@@ -312,16 +345,37 @@ def test_a_failed_wal_sync_stops_the_relay_and_a_restart_takes_the_resend(relay_
     every confirm that left either relay is durable."""
     relay, watch, errors = relay_with()
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
-        ids = [node.send("contract.wal", b"a") for _ in range(5)]
+        ids = [node.send(f"contract.wal.{i}", b"a") for i in range(5)]  # (new mailboxes: no lone path)
         store = relay.engine.store
         assert store.wal_syncs >= 5
         store.fail_wal_next = 1
-        pending = node.send_async("contract.wal", b"b")
+        pending = node.send_async("contract.wal.new", b"b")
         again, watch_again, errors_again = halted_and_restarted(relay_with, relay, [pending])
         assert store.failed
         ids.append(pending.result(30))
-        ids += [node.send("contract.wal", b"c") for _ in range(3)]
+        ids += [node.send("contract.wal.new", b"c") for _ in range(3)]
     assert ids[5] not in watch.confirmed  # (confirmed by the second relay only)
+    assert not errors and not errors_again
+    assert not watch.violations and not watch_again.violations
+    assert again.engine.store.durable(ids) == set(ids)
+
+
+def test_a_failed_journal_sync_stops_the_relay_and_a_restart_takes_the_resend(relay_with):
+    """A lone send's record in the journal (store/journal.py) failed its
+    sync: as a failed WAL sync, no confirm, the relay stops, a restart
+    takes the resend, and every confirm that left either relay is durable."""
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.journal", b"a") for _ in range(5)]
+        store = relay.engine.store
+        assert store.journal_syncs >= 3  # (the first made the mailbox: the general path)
+        store.fail_journal_next = 1
+        pending = node.send_async("contract.journal", b"b")
+        again, watch_again, errors_again = halted_and_restarted(relay_with, relay, [pending])
+        assert "lone-send journal" in str(relay.halted_by)
+        ids.append(pending.result(30))
+        ids += [node.send("contract.journal", b"c") for _ in range(3)]
+    assert ids[5] not in watch.confirmed
     assert not errors and not errors_again
     assert not watch.violations and not watch_again.violations
     assert again.engine.store.durable(ids) == set(ids)
@@ -334,7 +388,7 @@ def test_acks_alone_commit_without_a_sync(relay_with):
     store = relay.engine.store
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
         ids = node.send_many([("contract.acks", b"m")] * 50)
-        syncs = store.wal_syncs
+        syncs, journal_syncs = store.wal_syncs, store.journal_syncs
         consumer = node.consume("contract.acks", direct=False)
         for _ in range(50):
             consumer.get(timeout=10).ack()
@@ -342,9 +396,9 @@ def test_acks_alone_commit_without_a_sync(relay_with):
         while store._visible_ids() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not store._visible_ids()  # every ack committed
-        assert store.wal_syncs == syncs
-        ids.append(node.send("contract.acks", b"after"))
-        assert store.wal_syncs > syncs
+        assert store.wal_syncs == syncs and store.journal_syncs == journal_syncs
+        ids.append(node.send("contract.acks", b"after"))  # (a lone send: the journal's sync)
+        assert store.wal_syncs + store.journal_syncs > syncs + journal_syncs
     assert not watch.violations
     assert store.durable(ids[-1:]) == set(ids[-1:])
 
