@@ -144,9 +144,9 @@ def test_a_rollback_undoes_deletes_written_ahead(store):
     assert store.get(1) is not None, "the relay starts over from the store: the rows are there"
 
 
-def test_a_lone_send_after_deletes_written_ahead_commits_them_in_its_one_sync(store, monkeypatch):
-    """(without the lone-send journal, as for a large body)"""
-    monkeypatch.setattr(store, "_journal", None)
+def lone_send_after_held_deletes(store, monkeypatch) -> tuple[int, list]:
+    """Deletes written ahead and one more open, then a lone send: (the rows
+    committed before, the WAL syncs since)."""
     rows = committed(store)
     store.delete([1, 2])
     store.seal()  # written ahead
@@ -155,28 +155,31 @@ def test_a_lone_send_after_deletes_written_ahead_commits_them_in_its_one_sync(st
     real = store._sync_wal
     monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
     store.commit_insert([msg(10**6)])
-    assert syncs == [1] and not store._tx_open
+    return rows, syncs
+
+
+def assert_deletes_and_row_committed(store, rows: int) -> None:
+    assert not store._tx_open
     assert len(store._batches) == 1 and not store._batches[0]
     assert committed(store) == rows - 3 + 1
     assert store.get(2) is None and store.get(10**6).body == b"body"
+
+
+def test_a_lone_send_after_deletes_written_ahead_commits_them_in_its_one_sync(store, monkeypatch):
+    """(without the lone-send journal, as for a large body)"""
+    monkeypatch.setattr(store, "_journal", None)
+    rows, syncs = lone_send_after_held_deletes(store, monkeypatch)
+    assert syncs == [1]
+    assert_deletes_and_row_committed(store, rows)
 
 
 def test_a_journaled_lone_send_takes_the_held_deletes_into_its_row_transaction(store, monkeypatch):
     """The journal's sync makes the send durable (store/journal.py); its
     row and the held deletes are then written in one transaction, not synced
     (acks need no sync of their own)."""
-    rows = committed(store)
-    store.delete([1, 2])
-    store.seal()  # written ahead
-    store.delete([3])  # and one more, open
-    syncs = []
-    real = store._sync_wal
-    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
-    store.commit_insert([msg(10**6)])
+    rows, syncs = lone_send_after_held_deletes(store, monkeypatch)
     assert [seq for seq, _ in store._journal.records()] == [10**6]
     assert len(store._owed) == 1
     store.write_owed()
-    assert syncs == [] and not store._tx_open and not store._owed
-    assert len(store._batches) == 1 and not store._batches[0]
-    assert committed(store) == rows - 3 + 1
-    assert store.get(2) is None and store.get(10**6).body == b"body"
+    assert syncs == [] and not store._owed
+    assert_deletes_and_row_committed(store, rows)

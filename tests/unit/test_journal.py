@@ -134,6 +134,22 @@ def ready(store: SQLiteStore) -> list[int]:
     return [m.seq for m in store.load_ready(1, 0, 100)]
 
 
+def ready_after_restart(tmp_path) -> list[int]:
+    store = SQLiteStore(str(tmp_path))
+    try:
+        return ready(store)
+    finally:
+        store.close()
+
+
+def count_wal_syncs(store: SQLiteStore, monkeypatch) -> list[int]:
+    """The WAL's syncs from now on, each as the number of rows owed then."""
+    syncs: list[int] = []
+    real = store._sync_wal
+    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(len(store._owed)), real())[1])
+    return syncs
+
+
 def test_a_lone_send_is_in_the_journal_before_its_row_is_in_the_database(tmp_path):
     store = new_store(tmp_path)
     try:
@@ -165,11 +181,7 @@ def test_a_crash_before_the_row_was_written_is_replayed_at_start(tmp_path, caplo
         assert "1 message(s) confirmed from the lone-send journal were written" in caplog.text
     finally:
         store.close()
-    store = SQLiteStore(str(tmp_path))  # and once only
-    try:
-        assert ready(store) == [10, 11]
-    finally:
-        store.close()
+    assert ready_after_restart(tmp_path) == [10, 11]  # and once only
 
 
 def test_a_replayed_row_already_in_the_database_is_not_doubled(tmp_path):
@@ -182,11 +194,7 @@ def test_a_replayed_row_already_in_the_database_is_not_doubled(tmp_path):
     db.execute("DELETE FROM meta WHERE key='journal'")
     db.commit()
     db.close()
-    store = SQLiteStore(str(tmp_path))
-    try:
-        assert ready(store) == [10]
-    finally:
-        store.close()
+    assert ready_after_restart(tmp_path) == [10]
 
 
 def test_a_settled_message_does_not_come_back(tmp_path):
@@ -200,29 +208,19 @@ def test_a_settled_message_does_not_come_back(tmp_path):
     store.seal()
     store.commit()
     crash(store)
-    store = SQLiteStore(str(tmp_path))
-    try:
-        assert ready(store) == [11]
-    finally:
-        store.close()
+    assert ready_after_restart(tmp_path) == [11]
 
 
 def test_a_wrap_syncs_the_wal_first_and_a_crash_after_it_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "SIZE", 32 * 1024)
     store = new_store(tmp_path)
-    syncs = []
-    real = store._sync_wal
-    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
+    syncs = count_wal_syncs(store, monkeypatch)
     for seq in range(10, 100):
         lone_send(store, seq, body=b"x" * 1000)
     lone_send(store, 100, write=False, body=b"x" * 1000)
     assert len(syncs) >= 2, "the ring did not wrap"
     crash(store)
-    store = SQLiteStore(str(tmp_path))
-    try:
-        assert ready(store) == list(range(10, 101))
-    finally:
-        store.close()
+    assert ready_after_restart(tmp_path) == list(range(10, 101))
 
 
 def test_a_large_body_or_several_rows_take_the_commit_path(tmp_path):
@@ -241,19 +239,13 @@ def test_rows_owed_across_a_wrap_are_written_before_it(tmp_path, monkeypatch):
     still owed writes them, then syncs the WAL, then writes over the ring."""
     monkeypatch.setattr(journal_module, "SIZE", 32 * 1024)
     store = new_store(tmp_path)
-    syncs = []
-    real = store._sync_wal
-    monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(len(store._owed)), real())[1])
+    syncs = count_wal_syncs(store, monkeypatch)
     for seq in range(10, 60):
         lone_send(store, seq, write=False, body=b"x" * 1000)
     assert syncs and all(n == 0 for n in syncs), "the WAL was synced with rows not written"
     assert 0 < len(store._owed) < 50
     crash(store)
-    store = SQLiteStore(str(tmp_path))
-    try:
-        assert ready(store) == list(range(10, 60))
-    finally:
-        store.close()
+    assert ready_after_restart(tmp_path) == list(range(10, 60))
 
 
 def test_rows_owed_take_the_held_deletes_with_them(tmp_path):
