@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from ..store.dbcheck import foreign_tables, unusable_database
 from ..store.packs import damaged_packs, stored_count
 from ..store.schema import SCHEMA_VERSION
+from ..store.journal import FILE_NAME as JOURNAL_FILE, check_file as check_journal_file
 from ..store.segments import SEGMENT_DIR
 from ..store.sqlite import SQLiteStore
 from .config import RelayConfig
@@ -96,9 +97,12 @@ def _data_dir(data_dir: str, create_parents: bool = False) -> Check:
     holder = _lock_holder(path)
     if holder is not None:
         return Check(False, "data dir", f"{path} is in use by another relay (pid {holder})")
-    refusal = unusable_database(str(path), DB_NAME)
+    refusal = unusable_database(str(path), DB_NAME) or check_journal_file(str(path / JOURNAL_FILE))
     if refusal is not None:
         return Check(False, "data dir", refusal)
+    journal = path / JOURNAL_FILE
+    if journal.exists() and not os.access(journal, os.R_OK | os.W_OK):
+        return Check(False, "data dir", f"{journal} is not readable and writable by uid {os.geteuid()}")
     db = path / DB_NAME
     if not db.exists():
         return Check(True, "data dir", f"{path} (writable; no {DB_NAME} yet)")

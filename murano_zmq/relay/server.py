@@ -230,7 +230,11 @@ class Relay(Wire):
         old = self.engine
         old.shutdown()
         self._send(sock, old.take_output(time.time()))
-        old.store.rollback()
+        try:
+            old.store.rollback()
+        except StoreError as again:  # (confirmed rows it could not put back: the journal's, store/sqlite.py)
+            self._halt(again)
+            return False
         self.engine = self._new_engine(old.store)
         why = DISK_FULL if full else WRITES_FAILING if again else old.refusal
         if why:

@@ -7,38 +7,44 @@ table and its indexes, the COMMIT's WAL frames and the Python around them,
 (docs/performance.md, "Session 26").  Here the row is appended to a
 preallocated file and fdatasynced (an overwrite of written blocks: no
 metadata, one device flush, as the WAL's own), the CONFIRM goes out, and
-the row is then written into SQLite by a transaction that is not synced:
-the next synced commit, a checkpoint or the journal's wrap makes it
-durable there.  Its cost overlaps the sender's next round trip.
+the rows are then written into SQLite, OWED_ROWS at a time, by a
+transaction that is not synced: the next synced commit, a checkpoint or
+the journal's wrap makes them durable there.
 
 What makes a crash safe: every such transaction also writes its top seq
 as the `journal` mark in `meta`.  SQLite's recovery keeps a prefix of the
 committed transactions, so after a crash the mark says which journal
 records the database reflects (seq <= mark: present, or settled by a
 later transaction that is durable too); a record above it is written again
-at start (replay(), in seq order, before anything reads the store).  Its
-ack cannot have been durable either (a later transaction), so replaying
-only delivers again what a lost ack would (the contract's line 2): the
-record's seqs are under the relay's next boot_seq, so it goes out marked
-redelivered.
+at start (before anything reads the store).  Its ack cannot have been
+durable either (a later transaction), so writing it again only delivers
+again what a lost ack would (the contract's line 2): its seq is under the
+relay's next boot_seq, so it goes out marked redelivered.
+
+A journal belongs to one database: `meta` keeps a random id, and each
+record's CRC covers it, so a journal left beside a new or restored
+database (or copied from another data directory) reads as holding nothing.
 
 The file is a ring of SIZE bytes: records from offset 0 on, each
 [magic, length, seq, crc32] + msgpack payload.  Before the ring wraps,
-the WAL is synced, so every record it overwrites is reflected by a durable
-mark.  A scan stops at the first record whose magic or CRC does not match
-(the torn tail of a crash, or the zeros of a new file): a record is
-written only after the one before it returned from its sync.
+the rows owed are written and the WAL is synced, so every record it
+overwrites is reflected by a durable mark.  A scan stops at the first
+record whose magic or CRC does not match (the torn tail of a crash, the
+zeros of a new file, another database's records): a record is written
+only after the one before it returned from its sync.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import zlib
+
 import msgpack
 
-__all__ = ["Journal", "FILE_NAME", "SIZE", "OWED_ROWS"]
+__all__ = ["Journal", "FILE_NAME", "SIZE", "OWED_ROWS", "read_records", "check_file"]
 
 FILE_NAME = "lone.journal"
 SIZE = 2 << 20  # ~1,800 lone sends of 1 KiB between the WAL syncs that a wrap costs
@@ -48,64 +54,95 @@ MAGIC = 0x4A5A4D31  # "1MZJ" little-endian
 # p99, bench/lone_paths.py: one row a transaction 268-275 / 610-667 µs,
 # 16 rows 227-230 / 396-406 µs (the floor relay 224-226 / 378-383 µs).
 OWED_ROWS = 16
-_HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the seq and the payload
+ID_SIZE = 16
+_HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the database's id, the seq, the payload
 _SEQ = struct.Struct("<Q")
 _WRITE_CHUNK = 1 << 20
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
-class Journal:
-    """The ring in DATA_DIR/FILE_NAME.  append() is called under the
-    store's commit lock, one writer at a time."""
+def _crc(owner: bytes, seq: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq), zlib.crc32(owner)))
 
-    def __init__(self, data_dir: str):
+
+def check_file(path: str) -> str | None:
+    """Why the relay cannot use `path` as its journal (a directory, a FIFO,
+    a device, or a link to one), or None (a regular file, or none yet)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file: move it aside (it holds no lone send of this relay's)"
+    return None
+
+
+def read_records(path: str, owner: bytes) -> list[tuple[int, list]]:
+    """Every whole record of the database `owner` from the file's start:
+    (seq, fields), in the order written; [] if there is no file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(SIZE)
+    except FileNotFoundError:
+        return []
+    out, at = [], 0
+    while at + _HEADER.size <= len(data):
+        magic, length, seq, crc = _HEADER.unpack_from(data, at)
+        end = at + _HEADER.size + length
+        if magic != MAGIC or end > len(data):
+            break
+        payload = data[at + _HEADER.size:end]
+        if _crc(owner, seq, payload) != crc:
+            break
+        try:
+            fields = msgpack.unpackb(payload, raw=False)
+        except Exception:  # (a CRC match on bytes that are not ours: not expected)
+            break
+        out.append((seq, fields))
+        at = end
+    return out
+
+
+class Journal:
+    """The ring in DATA_DIR/FILE_NAME, its records the database `owner`'s.
+    append() is called under the store's commit lock, one writer at a
+    time."""
+
+    def __init__(self, data_dir: str, owner: bytes):
         self.path = os.path.join(data_dir, FILE_NAME)
+        self._owner = owner
+        existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size < SIZE:
-                # (a short file holds no record: records follow the fill's sync)
+                # Written zeros, not a hole or fallocate()'s unwritten
+                # extents: the first write over either changes the block
+                # map, which an fdatasync then journals.
                 _fill_zeros(fd, SIZE)
                 os.fsync(fd)
                 _sync_dir(data_dir)
         except OSError:
             os.close(fd)
-            if os.path.getsize(self.path) < SIZE:
+            if not existed:  # (one that was there may hold records: it stays)
                 os.unlink(self.path)
             raise
         self._fd = fd
-        self._head = 0  # where the next record goes
+        self._head = 0  # where the next record goes: the ring's start (its records are in the database)
 
     def records(self) -> list[tuple[int, list]]:
-        """Every whole record from the ring's start: (seq, fields), in the
-        order written."""
-        data = os.pread(self._fd, SIZE, 0)
-        out, at = [], 0
-        while at + _HEADER.size <= len(data):
-            magic, length, seq, crc = _HEADER.unpack_from(data, at)
-            end = at + _HEADER.size + length
-            if magic != MAGIC or end > len(data):
-                break
-            payload = data[at + _HEADER.size:end]
-            if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
-                break
-            try:
-                fields = msgpack.unpackb(payload, raw=False)
-            except Exception:  # (a CRC match on bytes that are not ours: not expected)
-                break
-            out.append((seq, fields))
-            at = end
-        return out
+        return read_records(self.path, self._owner)
 
     @staticmethod
     def fits(nbytes: int) -> bool:
         """Can a record with a body of `nbytes` go in the journal at all?"""
         return nbytes + 4096 <= SIZE // 4
 
-    @staticmethod
-    def record(seq: int, fields: list) -> bytes:
+    def record(self, seq: int, fields: list) -> bytes:
         payload = _pack(fields)
-        return _HEADER.pack(MAGIC, len(payload), seq, zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))) + payload
+        return _HEADER.pack(MAGIC, len(payload), seq, _crc(self._owner, seq, payload)) + payload
 
     def room(self, record: bytes) -> bool:
         """Does `record` fit before the ring's end?  If not, the caller
@@ -125,10 +162,6 @@ class Journal:
         os.fdatasync(self._fd)
         self._head += len(record)
 
-    def restart(self) -> None:
-        """(at start, once the records are reflected by a durable mark) Write from the start again."""
-        self._head = 0
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -136,9 +169,6 @@ class Journal:
 
 
 def _fill_zeros(fd: int, size: int) -> None:
-    """Written zeros, not a hole or fallocate()'s unwritten extents: the
-    first write over either changes the block map, which an fdatasync
-    then journals."""
     zeros = bytes(_WRITE_CHUNK)
     at = os.fstat(fd).st_size
     while at < size:

@@ -37,8 +37,11 @@ class DataDirLock:
             os.close(fd)
             raise StartupError(f"data directory {self.data_dir} is in use by another relay (pid {holder}); "
                                "give each relay its own --data-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
+        except OSError:  # (a full disk: the lock holds without the pid)
+            pass
         self._fd = fd
         return self
 

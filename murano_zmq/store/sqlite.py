@@ -50,7 +50,7 @@ from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
-from .journal import Journal
+from .journal import FILE_NAME as JOURNAL_FILE, ID_SIZE, Journal, check_file, read_records
 from .batch import WriteBatch, runs
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
@@ -120,7 +120,9 @@ _INSERT_PLAIN = MultiRowInsert(_INSERT_HEAD, "(?, ?, ?, X'', ?, ?, NULL, ?)", 6)
 _PLAIN_FIELDS = itemgetter(0, 1, 2, 4, 5, 7)  # a StoredMessage's, in _INSERT_PLAIN's parameters
 _EXTRAS = itemgetter(3, 6)  # headers, expires
 _PLAIN_EXTRAS = (b"", None)  # a usual row's
-_SET_JOURNAL_MARK = "INSERT OR REPLACE INTO meta VALUES ('journal', ?)"
+# (never lower: a record at or below the mark is not written in again)
+_SET_JOURNAL_MARK = ("INSERT INTO meta VALUES ('journal', ?) "
+                     "ON CONFLICT(key) DO UPDATE SET value=max(value, excluded.value)")
 _INSERT_PLACED_ROWS = MultiRowInsert(f"INSERT OR IGNORE INTO messages ({_INSERT_PLACED}) VALUES ",
                                      "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", 12)
 
@@ -482,6 +484,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         try:
             self._committed(lambda: self._write_lone(owed, held, None, journaled=True))
         except StoreError as exc:
+            if exc.full:  # (they stay owed, durable in the journal: rollback() writes them, with the reserve)
+                self._owed, self._owed_held = owed + self._owed, held
+                self._owed_ids.update(m.msg_id for m in owed)
+                raise
             with self._sync_lock:
                 raise StoreError(self._sync_fails(
                     exc, "writing journaled sends into the database failed")) from exc
@@ -496,42 +502,103 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self.write_owed()
         return super().mailboxes_of(msg_ids, every)
 
-    def _replay_journal(self, data_dir: str) -> None:
-        """(at start, at synchronous=FULL) Write in the journal's records
-        above the durable mark (store/journal.py), and sync them: the ring
-        may then be written from its start again."""
+    def rollback(self) -> None:
+        """As BatchedStore's; then the journaled rows still owed are written,
+        since the relay starts over from what the database holds.  A full
+        disk gets the reserve for them; a write that still fails is a failed
+        sync's (they are in the journal alone: a restart writes them in)."""
+        super().rollback()
+        self._owed_held = []  # (rolled back with the batches: those acks come again)
         try:
-            self._journal = Journal(data_dir)
-        except OSError as exc:  # (making the file: an existing one is not written to here)
-            if not is_disk_full(exc):
+            self.write_owed()
+        except StoreError as exc:
+            if not exc.full:
                 raise
+            self.drop_reserve()
+            try:
+                self.write_owed()
+            except StoreError as again:
+                if not again.full:
+                    raise
+                with self._sync_lock:
+                    raise StoreError(self._sync_fails(
+                        again, "writing journaled sends into the database failed")) from again
+
+    def _replay_journal(self, data_dir: str) -> None:
+        """(at start, at synchronous=FULL, before anything reads the store)
+        Write in the journal's records above the durable mark
+        (store/journal.py), synced, and open the ring to write from its
+        start again.  A database without a journal id gets one: a journal
+        found beside it holds nothing of its."""
+        path = os.path.join(data_dir, JOURNAL_FILE)
+        refusal = check_file(path)
+        if refusal is not None:
+            raise StartupError(refusal)
+        meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('journal', 'journal_id')"))
+        owner = meta.get("journal_id")
+        if owner is None:
+            owner = os.urandom(ID_SIZE)
+            self._db.execute("INSERT INTO meta VALUES ('journal_id', ?)", (owner,))
+            records = []
+        else:
+            owner = bytes(owner)
+            if not os.path.exists(path):
+                log.warning("%s is missing: lone sends the relay confirmed just before it last stopped, if it did "
+                            "not stop cleanly, were in it (docs/operations.md, 'Data and durability')", path)
+            mark = meta.get("journal", 0)
+            records = sorted((r for r in read_records(path, owner) if r[0] > mark), key=itemgetter(0))
+        if records:
+            self._write_in(records, data_dir)
+        # The mark read here must be durable before the ring is written
+        # over: a start's checkpoint that could not copy the WAL left it
+        # there, perhaps in the page cache alone.
+        _sync_file(self.path + "-wal")
+        try:
+            self._journal = Journal(data_dir, owner)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise StartupError(f"cannot open {path}: {exc.strerror}") from None
             log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
                         "database until a restart finds room", data_dir, exc.strerror)
-            return
-        row = self._db.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
-        mark = row[0] if row is not None else 0
-        records = sorted((seq, fields) for seq, fields in self._journal.records() if seq > mark)
-        if records:
-            known = {r[0] for r in self._db.execute("SELECT id FROM mailboxes")}
-            rows = [fields for _, fields in records if fields[1] in known]
-            for _, fields in records:
-                if fields[1] not in known:  # (not expected: a lone send's mailbox was committed before it)
-                    log.error("message %s (seq %d) in the lone-send journal is lost: its mailbox (id %d) "
-                              "is not in the database", bytes(fields[2]).hex(), fields[0], fields[1])
-            top = records[-1][0]
-            retry_busy(self.path, "starting a write", lambda: self._db.execute("BEGIN IMMEDIATE"))
+
+    def _write_in(self, records: list[tuple[int, list]], data_dir: str) -> None:
+        """(_replay_journal) Insert the records' rows, and move the mark to
+        the last; on a full disk, once more with the reserve given back."""
+        known = {r[0] for r in self._db.execute("SELECT id FROM mailboxes")}
+        rows = [fields for _, fields in records if fields[1] in known]
+        for _, fields in records:
+            if fields[1] not in known:  # (not expected: a lone send's mailbox was committed before it)
+                log.error("message %s (seq %d) in the lone-send journal is lost: its mailbox (id %d) "
+                          "is not in the database", bytes(fields[2]).hex(), fields[0], fields[1])
+
+        def write() -> int:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 stored = _INSERT.run(self._db, [x for fields in rows for x in fields]) if rows else 0
-                self._db.execute(_SET_JOURNAL_MARK, (top,))
-                retry_busy(self.path, "committing", lambda: self._db.execute("COMMIT"))
+                self._db.execute(_SET_JOURNAL_MARK, (records[-1][0],))
+                self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            log.warning("%d message(s) confirmed from the lone-send journal were written into the database "
-                        "(the relay stopped before it synced them there; %d already were)",
-                        len(rows), len(rows) - stored)
-        self._journal.restart()
+            return stored
+
+        try:
+            stored = retry_busy(self.path, "writing in the lone-send journal", write)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            space.drop_reserve(data_dir)
+            self._segments.drop_spare()
+            try:
+                stored = retry_busy(self.path, "writing in the lone-send journal", write)
+            except sqlite3.OperationalError as again:
+                if not is_disk_full(again):
+                    raise
+                raise StartupError(f"{self.path}: no room to write in {len(rows)} message(s) from the lone-send "
+                                   f"journal ({again}): free space, then start again") from None
+        log.warning("%d message(s) from the lone-send journal were written into the database (the relay stopped "
+                    "before it did; %d were there already)", len(rows), len(rows) - stored)
 
     def insert(self, messages: list[StoredMessage]) -> None:
         """As BatchedStore's, and the batch learns which ids may be stored
@@ -835,3 +902,15 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
+
+
+def _sync_file(path: str) -> None:
+    """fdatasync `path`, if it exists."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

@@ -69,7 +69,9 @@ class SQLiteReads:
         return stats
 
     def max_seq(self) -> int:
-        return max(super().max_seq(), self._query("SELECT coalesce(max(last), 0) FROM packs")[0][0])
+        journal = self._query("SELECT value FROM meta WHERE key='journal'")  # (store/journal.py)
+        return max(super().max_seq(), self._query("SELECT coalesce(max(last), 0) FROM packs")[0][0],
+                   journal[0][0] if journal else 0)
 
     # --- reads (the dialect of store/batched.py) ------------------------------------
 

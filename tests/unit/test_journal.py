@@ -5,25 +5,32 @@ database durably settled comes back."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import random
+import shutil
 import sqlite3
 
 import pytest
 
 from murano_zmq.store import journal as journal_module
 from murano_zmq.store.base import MailboxRow, StoredMessage
+from murano_zmq.protocol.errors import StartupError
 from murano_zmq.store.journal import FILE_NAME, Journal
-from murano_zmq.store.sqlite import SQLiteStore
+from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
 
 def msg(seq: int, body: bytes = b"body", mailbox: int = 1) -> StoredMessage:
     return StoredMessage(seq, mailbox, seq.to_bytes(16, "big"), b"", body, 1.0, None, 0)
 
 
+OWNER = bytes(range(16))  # a database's journal id
+
+
 def put(j: Journal, seq: int, body: bytes = b"body") -> bool:
     """Append msg(seq) (wrapping the ring when it has no room); did it wrap?"""
-    record = Journal.record(seq, list(msg(seq, body)))
+    record = j.record(seq, list(msg(seq, body)))
     wrapped = not j.room(record)
     if wrapped:
         j.wrap()
@@ -35,7 +42,7 @@ def put(j: Journal, seq: int, body: bytes = b"body") -> bool:
 
 
 def test_a_new_journal_is_written_zeros_and_holds_no_record(tmp_path):
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), OWNER)
     try:
         assert os.path.getsize(tmp_path / FILE_NAME) == journal_module.SIZE
         assert os.stat(tmp_path / FILE_NAME).st_blocks * 512 >= journal_module.SIZE  # written, not a hole
@@ -45,7 +52,7 @@ def test_a_new_journal_is_written_zeros_and_holds_no_record(tmp_path):
 
 
 def test_records_come_back_in_the_order_written(tmp_path):
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), OWNER)
     try:
         for seq in (5, 6, 9):
             assert not put(j, seq)
@@ -57,7 +64,7 @@ def test_records_come_back_in_the_order_written(tmp_path):
 @pytest.mark.parametrize("damage", ["torn payload", "torn header", "zeros"])
 def test_a_scan_stops_at_a_torn_record(tmp_path, damage):
     """A crash during a record's write: it and what follows are not read."""
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), OWNER)
     try:
         put(j, 1)
         at = j._head
@@ -76,7 +83,7 @@ def test_a_scan_stops_at_a_torn_record(tmp_path, damage):
         else:
             f.seek(at)
             f.write(bytes(end - at))
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), OWNER)
     try:
         assert [seq for seq, _ in j.records()] == [1]
     finally:
@@ -85,7 +92,7 @@ def test_a_scan_stops_at_a_torn_record(tmp_path, damage):
 
 def test_the_ring_wraps_and_writes_from_its_start(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "SIZE", 16 * 1024)
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), OWNER)
     try:
         seq = 1
         while not put(j, seq, b"x" * 1000):
@@ -178,7 +185,7 @@ def test_a_crash_before_the_row_was_written_is_replayed_at_start(tmp_path, caplo
         assert ready(store) == [10, 11]
         assert store.get(11) == msg(11)
         assert store.max_seq() >= 11
-        assert "1 message(s) confirmed from the lone-send journal were written" in caplog.text
+        assert "1 message(s) from the lone-send journal were written into the database" in caplog.text
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [10, 11]  # and once only
@@ -274,3 +281,205 @@ def test_an_id_among_the_rows_owed_is_found(tmp_path):
         assert not store._owed  # (written to be looked up)
     finally:
         store.close()
+
+
+# --- a journal belongs to its database ---
+
+
+def test_a_journal_beside_a_new_database_holds_nothing_of_it(tmp_path):
+    """relay.db moved aside (a corrupt one, docs/operations.md), the old
+    journal left: its records are not written into the new database, and
+    the new one's own records are (before: the old records' mark skipped
+    them, or old rows came into a mailbox of the same id)."""
+    store = new_store(tmp_path)
+    for seq in range(50_000_000, 50_000_020):
+        lone_send(store, seq, write=False)
+    crash(store)
+    for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
+        if os.path.exists(tmp_path / name):
+            os.rename(tmp_path / name, tmp_path / (name + ".aside"))
+    store = new_store(tmp_path)
+    assert ready(store) == []
+    for seq in range(10, 15):
+        lone_send(store, seq, write=False)
+    crash(store)
+    assert ready_after_restart(tmp_path) == list(range(10, 15))
+
+
+def test_another_data_directorys_journal_is_not_read(tmp_path):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for d in (mine, theirs):
+        store = new_store(d)
+        lone_send(store, 10 if d == mine else 11, write=False)
+        crash(store)
+    shutil.copy(theirs / FILE_NAME, mine / FILE_NAME)
+    assert ready_after_restart(mine) == []  # (its own record was overwritten by the copy: as a lost file)
+
+
+def test_a_short_journal_with_records_is_kept_and_read_when_the_disk_is_full(tmp_path, monkeypatch, caplog):
+    """A journal cut short (copied onto a full disk): its records are
+    written in, and the file is not deleted because it cannot be filled
+    out; the relay goes on without one."""
+    store = new_store(tmp_path)
+    for seq in range(10, 15):
+        lone_send(store, seq, write=False)
+    crash(store)
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.truncate(64 * 1024)
+
+    def no_room(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "_fill_zeros", no_room)
+    with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+        store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == list(range(10, 15))
+        assert store._journal is None and os.path.exists(tmp_path / FILE_NAME)
+        assert "no room for the lone-send journal" in caplog.text
+        store.commit_insert([msg(20)])  # (through the database)
+        assert not store._owed and ready(store) == [10, 11, 12, 13, 14, 20]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "link to /dev/null"])
+def test_a_journal_that_is_not_a_regular_file_is_refused_by_name(tmp_path, kind):
+    path = tmp_path / FILE_NAME
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/null", path)
+    with pytest.raises(StartupError, match=f"{FILE_NAME} is not a regular file"):
+        SQLiteStore(str(tmp_path))
+    assert os.path.lexists(path)  # (left as it was)
+
+
+# --- a full disk under the rows owed ---
+
+
+def full_disk_for_owed_rows(store: SQLiteStore, monkeypatch) -> None:
+    real = store._write_lone
+
+    def write_lone(messages, held, recheck, journaled=False):
+        if journaled:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(messages, held, recheck, journaled)
+
+    monkeypatch.setattr(store, "_write_lone", write_lone)
+
+
+def test_a_full_disk_keeps_the_rows_owed_and_rollback_writes_them(tmp_path, monkeypatch):
+    """A full disk is the relay's usual StoreError (it refuses sends and
+    starts over), not a failed sync: the rows stay owed, and the rollback
+    it starts over with writes them (with the reserve given back)."""
+    store = new_store(tmp_path)
+    try:
+        for seq in range(10, 13):
+            lone_send(store, seq, write=False)
+        full_disk_for_owed_rows(store, monkeypatch)
+        with pytest.raises(StoreError) as failed:
+            store.write_owed()
+        assert failed.value.full and not failed.value.unsynced and store.sync_failed is None
+        assert [m.seq for m in store._owed] == [10, 11, 12]
+        monkeypatch.undo()
+        store.rollback()
+        assert not store._owed and ready(store) == [10, 11, 12]
+    finally:
+        store.close()
+
+
+def test_rows_that_cannot_be_put_back_stop_the_relay(tmp_path, monkeypatch):
+    store = new_store(tmp_path)
+    lone_send(store, 10, write=False)
+    full_disk_for_owed_rows(store, monkeypatch)
+    with pytest.raises(StoreError) as failed:
+        store.rollback()
+    assert failed.value.unsynced and "journaled sends" in str(failed.value)
+    crash(store)
+    monkeypatch.undo()
+    assert ready_after_restart(tmp_path) == [10]
+
+
+# --- a power loss: the WAL as its last sync left it ---
+
+
+def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp_path, monkeypatch):
+    """Random lone sends (their rows owed, written 16 at a time), sends of
+    two (synced commits), acks (held, or committed without a sync), a small
+    ring that wraps often; then a copy of the data directory with the WAL as
+    its last sync left it (and sometimes some of what was written since),
+    the journal as it is.  Every confirmed send not acked is there; no
+    message whose ack a WAL sync covered comes back.  (After review 53.)"""
+    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024)
+    no_checkpoint = {"commits": 10**9, "nbytes": 10**15}
+    for seed in range(6):
+        rnd = random.Random(seed)
+        live = tmp_path / f"live{seed}"
+        store = SQLiteStore(str(live), checkpoint=no_checkpoint)
+        store.save_mailbox(MailboxRow(1, "jobs", {}, False))
+        store.seal()
+        store.commit()
+        synced_wal, acked, durably_acked, confirmed = [b""], set(), set(), set()
+        real_sync = store._sync_wal
+
+        def sync_and_copy(store=store, real_sync=real_sync, synced_wal=synced_wal, acked=acked,
+                          durably_acked=durably_acked):
+            seen = visible_ids(store.path)  # what a sync that begins now makes durable
+            real_sync()
+            with open(store.path + "-wal", "rb") as f:
+                synced_wal[0] = f.read()
+            durably_acked.update(i for i in acked if i not in seen)
+
+        store._sync_wal = sync_and_copy
+        seq = 100
+        for _ in range(300):
+            op = rnd.random()
+            if op < 0.6:  # a lone send
+                seq += 1
+                store.commit_insert([msg(seq, b"x" * 300)])
+                confirmed.add(msg(seq).msg_id)
+                store.write_owed(16)
+            elif op < 0.75:  # a turn with a send of two
+                store.write_owed()
+                store.insert([msg(seq + 1, b"y"), msg(seq + 2, b"y")])
+                confirmed.update((msg(seq + 1).msg_id, msg(seq + 2).msg_id))
+                seq += 2
+                store.seal()
+                store.commit()
+            else:  # a turn with acks
+                store.write_owed()
+                present = sorted(m.seq for m in store.load_ready(1, 0, 10_000) if m.msg_id not in acked)
+                take = present[:rnd.randint(1, 3)]
+                if take:
+                    store.delete(take)
+                    acked.update(msg(s).msg_id for s in take)
+                    if rnd.random() < 0.5:
+                        store.seal()
+                        store.commit()
+        lost = tmp_path / f"lost{seed}"
+        lost.mkdir()
+        shutil.copy(store.path, lost / "relay.db")
+        with open(store.path + "-wal", "rb") as f:
+            now = f.read()
+        extra = rnd.randint(0, max(0, len(now) - len(synced_wal[0]))) if rnd.random() < 0.5 else 0
+        (lost / "relay.db-wal").write_bytes(now[:len(synced_wal[0]) + extra])
+        shutil.copy(live / FILE_NAME, lost / FILE_NAME)
+        crash(store)
+        after = SQLiteStore(str(lost), checkpoint=no_checkpoint)
+        try:
+            present = {m.msg_id for m in after.load_ready(1, 0, 10_000)}
+        finally:
+            after.close()
+        assert not (confirmed - acked) - present, f"seed {seed}: confirmed sends lost"
+        assert not durably_acked & present, f"seed {seed}: durably acked messages came back"
+
+
+def visible_ids(path: str) -> set[bytes]:
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return {r[0] for r in db.execute("SELECT msg_id FROM messages")}
+    finally:
+        db.close()
