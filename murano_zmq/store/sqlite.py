@@ -146,7 +146,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         os.makedirs(data_dir, mode=PRIVATE_DIR, exist_ok=True)
         self.path = os.path.join(data_dir, self.DB_NAME)
         self._threshold = segment_threshold
-        refusal = unusable_database(data_dir, self.DB_NAME)  # (before a connection creates the file)
+        # (before a connection creates the file)
+        refusal = unusable_database(data_dir, self.DB_NAME) or check_file(os.path.join(data_dir, JOURNAL_FILE))
         if refusal is not None:
             raise StartupError(refusal)
         # The messages are for the relay's user alone, as its segment files
@@ -530,10 +531,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         (store/journal.py), synced, and open the ring to write from its
         start again.  A database without a journal id gets one: a journal
         found beside it holds nothing of its."""
-        path = os.path.join(data_dir, JOURNAL_FILE)
-        refusal = check_file(path)
-        if refusal is not None:
-            raise StartupError(refusal)
+        path = os.path.join(data_dir, JOURNAL_FILE)  # (a regular file, or none: checked at __init__)
         meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('journal', 'journal_id')"))
         owner = meta.get("journal_id")
         if owner is None:

@@ -1,6 +1,6 @@
 """A data directory whose database the relay must not open (store/dbcheck.py):
 missing or empty beside segment files, a dangling link, someone else's
-file.  The start is refused in one line, and nothing in the directory is
+file, a lone-send journal that is not a file (store/journal.py).  The start is refused in one line, and nothing in the directory is
 created, changed or deleted; `relay --check-config` says the same."""
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ CASES = {
                               "it holds table(s) users"),
     "a messages table not ours": (lambda d: make_foreign(d, "CREATE TABLE messages (x)"),
                                   "its table messages has the columns x"),
+    "a journal that is a directory": (lambda d: (os.remove(os.path.join(d, "lone.journal")),
+                                                 os.mkdir(os.path.join(d, "lone.journal"))),
+                                      "lone.journal is not a regular file"),
 }
 
 
