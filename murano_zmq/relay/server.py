@@ -231,9 +231,10 @@ class Relay(Wire):
         old.shutdown()
         self._send(sock, old.take_output(time.time()))
         try:
-            old.store.rollback()
-        except StoreError as again:  # (confirmed rows it could not put back: the journal's, store/sqlite.py)
-            self._halt(again)
+            # (True: it gave the reserve to confirmed rows it put back, the journal's: store/sqlite.py)
+            full = old.store.rollback() or full
+        except StoreError as unsynced:  # (rows it could not put back)
+            self._halt(unsynced)
             return False
         self.engine = self._new_engine(old.store)
         why = DISK_FULL if full else WRITES_FAILING if again else old.refusal

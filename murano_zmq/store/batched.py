@@ -321,14 +321,16 @@ class BatchedStore:
     def write_owed(self, at_least: int = 1) -> None:
         """Nothing owed: only the SQLite store's journal owes writes."""
 
-    def rollback(self) -> None:
+    def rollback(self) -> bool:
         """Drop every write since the last commit, written or buffered (the
         relay does this after a StoreError, then starts over from the store).
-        A failed sync stays failed (sync_failed)."""
+        A failed sync stays failed (sync_failed).  True: the disk's reserve
+        went to writes it kept (the SQLite store's journaled rows)."""
         with self._commit_lock:
             self._drop_transaction()
             with self._batches_lock:
                 self._batches = [WriteBatch()]
+        return False
 
     @property
     def sync_failed(self) -> Exception | None:

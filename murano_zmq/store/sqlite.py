@@ -503,27 +503,33 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self.write_owed()
         return super().mailboxes_of(msg_ids, every)
 
-    def rollback(self) -> None:
+    def rollback(self) -> bool:
         """As BatchedStore's; then the journaled rows still owed are written,
         since the relay starts over from what the database holds.  A full
-        disk gets the reserve for them; a write that still fails is a failed
-        sync's (they are in the journal alone: a restart writes them in)."""
+        disk gets the reserve for them (then True: the relay refuses sends
+        as on a full disk); a write that still fails is a failed sync's
+        (they are in the journal alone: a restart writes them in)."""
         super().rollback()
         self._owed_held = []  # (rolled back with the batches: those acks come again)
+        try:
+            self.write_owed()
+            return False
+        except StoreError as exc:
+            if not exc.full:
+                raise
+        # (not drop_reserve(): the checkpoint it wakes could take the room first)
+        space.drop_reserve(os.path.dirname(self.path))
+        self._segments.drop_spare()
         try:
             self.write_owed()
         except StoreError as exc:
             if not exc.full:
                 raise
-            self.drop_reserve()
-            try:
-                self.write_owed()
-            except StoreError as again:
-                if not again.full:
-                    raise
-                with self._sync_lock:
-                    raise StoreError(self._sync_fails(
-                        again, "writing journaled sends into the database failed")) from again
+            with self._sync_lock:
+                raise StoreError(self._sync_fails(
+                    exc, "writing journaled sends into the database failed")) from exc
+        self.retry_checkpoint()
+        return True
 
     def _replay_journal(self, data_dir: str) -> None:
         """(at start, at synchronous=FULL, before anything reads the store)
@@ -533,20 +539,26 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         found beside it holds nothing of its."""
         path = os.path.join(data_dir, JOURNAL_FILE)  # (a regular file, or none: checked at __init__)
         meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('journal', 'journal_id')"))
+        mark = meta.get("journal", 0)
         owner = meta.get("journal_id")
-        if owner is None:
-            owner = os.urandom(ID_SIZE)
-            self._db.execute("INSERT INTO meta VALUES ('journal_id', ?)", (owner,))
-            records = []
-        else:
-            owner = bytes(owner)
-            if not os.path.exists(path):
-                log.warning("%s is missing: lone sends the relay confirmed just before it last stopped, if it did "
-                            "not stop cleanly, were in it (docs/operations.md, 'Data and durability')", path)
-            mark = meta.get("journal", 0)
-            records = sorted((r for r in read_records(path, owner) if r[0] > mark), key=itemgetter(0))
+        if owner is not None and not os.path.exists(path):
+            log.warning("%s is missing: lone sends the relay confirmed just before it last stopped, if it did "
+                        "not stop cleanly, were in it (docs/operations.md, 'Data and durability')", path)
+        # (a database with a mark and no id: the journal's first records, whose CRC covered no id)
+        records = [] if owner is None and not mark else read_records(path, b"" if owner is None else bytes(owner))
+        records = sorted((r for r in records if r[0] > mark), key=itemgetter(0))
         if records:
             self._write_in(records, data_dir)
+        if owner is None:
+            owner = os.urandom(ID_SIZE)
+            try:
+                self._db.execute("INSERT INTO meta VALUES ('journal_id', ?)", (owner,))
+            except sqlite3.OperationalError as exc:
+                if not is_disk_full(exc):
+                    raise
+                log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
+                            "database until a restart finds room", data_dir, exc)
+                return
         # The mark read here must be durable before the ring is written
         # over: a start's checkpoint that could not copy the WAL left it
         # there, perhaps in the page cache alone.

@@ -15,8 +15,9 @@ import re
 import signal
 import sqlite3
 import subprocess
-
 import threading
+
+import pytest
 
 from murano_zmq import Node
 from murano_zmq.relay.server import Relay, RelayConfig
@@ -77,36 +78,66 @@ def test_sends_confirmed_from_the_journal_survive_a_kill_before_their_rows_were_
     assert replayed and 5 <= int(replayed.group(1)) <= 8  # (the first relay may have written the first 3)
 
 
-def test_a_relay_that_starts_over_with_rows_owed_delivers_them_in_order(tmp_path):
+@pytest.fixture
+def relay_in_thread(tmp_path):
+    """A Relay run in a thread of this process (its store reachable for
+    faults), with its endpoint; stopped at teardown."""
+    relay = Relay(RelayConfig(bind=free_tcp_endpoint(), data_dir=str(tmp_path / "data")))
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    relay.test_thread = thread
+    assert relay.wait_ready(10)
+    yield relay
+    relay.stop()
+    thread.join(10)
+
+
+def test_a_relay_that_starts_over_with_rows_owed_delivers_them_in_order(relay_in_thread):
     """A store error between lone sends makes the relay start over from the
     database (Relay._store_failed): the journaled rows still owed are
     written first, so the reloaded mailbox has them (before: a mailbox whose
     rows were all owed came back empty, and they were delivered only after
     a restart, behind later messages).  After review 53."""
-    data, endpoint = str(tmp_path / "data"), free_tcp_endpoint()
-    relay = Relay(RelayConfig(bind=endpoint, data_dir=data))
-    thread = threading.Thread(target=relay.run, daemon=True)
-    thread.start()
-    try:
-        assert relay.wait_ready(10)
-        with Node("sender", relay=endpoint, direct=False, timeout=30, heartbeat=0.2) as node:
-            node.declare("jobs")
-            owed = [node.send("jobs", f"owed {i}") for i in range(3)]
-            store = relay.engine.store
-            assert len(store._owed) == 3, "not journaled"
-            real, armed = store.mailboxes_of, [True]
+    relay = relay_in_thread
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30, heartbeat=0.2) as node:
+        node.declare("jobs")
+        owed = [node.send("jobs", f"owed {i}") for i in range(3)]
+        store = relay.engine.store
+        assert len(store._owed) == 3, "not journaled"
+        real, armed = store.mailboxes_of, [True]
 
-            def failing(ids, every=False):  # one read error on the lone path's lookup
-                if armed[0]:
-                    armed[0] = False
-                    raise sqlite3.OperationalError("disk I/O error (injected read error)")
-                return real(ids, every)
+        def failing(ids, every=False):  # one read error on the lone path's lookup
+            if armed[0]:
+                armed[0] = False
+                raise sqlite3.OperationalError("disk I/O error (injected read error)")
+            return real(ids, every)
 
-            store.mailboxes_of = failing
-            after = node.send("jobs", "after")  # fails once; the relay starts over, the node resends
-            got = drain(node.consume("jobs", prefetch=20), expect=4, timeout=20)
-        assert not armed[0] and relay.halted_by is None
-        assert [m.id for m in got] == owed + [after]
-    finally:
-        relay.stop()
-        thread.join(10)
+        store.mailboxes_of = failing
+        after = node.send("jobs", "after")  # fails once; the relay starts over, the node resends
+        got = drain(node.consume("jobs", prefetch=20), expect=4, timeout=20)
+    assert not armed[0] and relay.halted_by is None
+    assert [m.id for m in got] == owed + [after]
+
+
+def test_a_start_over_that_cannot_put_the_rows_back_stops_the_relay(relay_in_thread):
+    """Relay._store_failed: a rollback that could not write the journaled
+    rows into the database stops the relay (its restart writes them in),
+    rather than reload without them."""
+    from murano_zmq.store.faults import StoreError, SyncFailed
+
+    relay = relay_in_thread
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=5, heartbeat=0.2) as node:
+        node.declare("jobs")
+        node.send("jobs", "owed")
+        store = relay.engine.store
+
+        def failing(ids, every=False):
+            raise sqlite3.OperationalError("disk I/O error (injected read error)")
+
+        def rollback():
+            raise StoreError(SyncFailed("writing journaled sends into the database failed: (injected)"))
+
+        store.mailboxes_of, store.rollback = failing, rollback
+        node.send_async("jobs", "then")
+        relay.test_thread.join(15)
+    assert not relay.test_thread.is_alive() and relay.halted_by is not None and relay.halted_by.unsynced

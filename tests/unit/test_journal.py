@@ -292,7 +292,7 @@ def test_a_journal_beside_a_new_database_holds_nothing_of_it(tmp_path):
     the new one's own records are (before: the old records' mark skipped
     them, or old rows came into a mailbox of the same id)."""
     store = new_store(tmp_path)
-    for seq in range(50_000_000, 50_000_020):
+    for seq in range(1000, 1020):  # (seqs of one size: the new records end where old ones begin)
         lone_send(store, seq, write=False)
     crash(store)
     for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
@@ -300,10 +300,10 @@ def test_a_journal_beside_a_new_database_holds_nothing_of_it(tmp_path):
             os.rename(tmp_path / name, tmp_path / (name + ".aside"))
     store = new_store(tmp_path)
     assert ready(store) == []
-    for seq in range(10, 15):
+    for seq in range(2000, 2005):
         lone_send(store, seq, write=False)
     crash(store)
-    assert ready_after_restart(tmp_path) == list(range(10, 15))
+    assert ready_after_restart(tmp_path) == list(range(2000, 2005))
 
 
 def test_another_data_directorys_journal_is_not_read(tmp_path):
@@ -389,6 +389,67 @@ def test_a_full_disk_keeps_the_rows_owed_and_rollback_writes_them(tmp_path, monk
         assert not store._owed and ready(store) == [10, 11, 12]
     finally:
         store.close()
+
+
+def test_a_rollback_gives_the_reserve_to_rows_it_could_not_write_at_first(tmp_path, monkeypatch):
+    store = new_store(tmp_path)
+    try:
+        for seq in range(10, 13):
+            lone_send(store, seq, write=False)
+        real, failures = store._write_lone, [1]
+
+        def write_lone(messages, held, recheck, journaled=False):
+            if journaled and failures:  # (the first write finds the disk full; the reserve makes room)
+                failures.pop()
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(messages, held, recheck, journaled)
+
+        monkeypatch.setattr(store, "_write_lone", write_lone)
+        assert store.hold_reserve() and os.path.exists(tmp_path / "relay.reserve")
+        assert store.rollback() is True  # (the relay then refuses sends, as on a full disk)
+        assert not failures and not store._owed and ready(store) == [10, 11, 12]
+        assert not os.path.exists(tmp_path / "relay.reserve")
+    finally:
+        store.close()
+
+
+def test_a_journal_from_before_its_database_had_an_id_is_read(tmp_path):
+    """The first journal's records had no id in their CRC (2208324): a
+    database with a mark and no id reads them once, then takes an id."""
+    store = new_store(tmp_path)
+    lone_send(store, 10)
+    crash(store)
+    db = sqlite3.connect(tmp_path / SQLiteStore.DB_NAME)
+    db.execute("DELETE FROM meta WHERE key='journal_id'")
+    db.commit()
+    db.close()
+    j = Journal(str(tmp_path), b"")
+    try:
+        for seq in (10, 11):
+            put(j, seq)
+    finally:
+        j.close()
+    assert ready_after_restart(tmp_path) == [10, 11]
+    assert ready_after_restart(tmp_path) == [10, 11]  # (with an id now: the old records are not read again)
+
+
+def test_the_start_syncs_the_wal_before_it_writes_over_the_ring(tmp_path, monkeypatch):
+    from murano_zmq.store import sqlite as sqlite_module
+
+    store = new_store(tmp_path)
+    lone_send(store, 10)
+    crash(store)
+    synced, real = [], sqlite_module._sync_file
+    opened = journal_module.Journal.__init__
+
+    def journal_init(self, data_dir, owner):
+        synced.append("journal opened")
+        opened(self, data_dir, owner)
+
+    monkeypatch.setattr(sqlite_module, "_sync_file", lambda path: (synced.append(path), real(path))[1])
+    monkeypatch.setattr(journal_module.Journal, "__init__", journal_init)
+    SQLiteStore(str(tmp_path)).close()
+    assert synced[:2] == [str(tmp_path / "relay.db-wal"), "journal opened"]
 
 
 def test_rows_that_cannot_be_put_back_stop_the_relay(tmp_path, monkeypatch):
