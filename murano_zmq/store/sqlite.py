@@ -20,7 +20,8 @@ The WAL is checkpointed by a thread of its own (store/checkpoint.py), not
 inside a commit.
 
 Every commit is synced (the WAL's fdatasync) before commit() returns, but a
-commit of acks alone: see _sync_commits_ourselves().
+commit of acks alone (see _sync_commits_ourselves()) and the rows of lone
+sends that the lone-send journal made durable (store/journal.py).
 
 A failed write or commit is a StoreError (store/faults.py: full disk among
 them); a busy database (another process holding the lock) is waited out.
@@ -470,8 +471,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         transaction for that many rows: its CPU per row a fraction of one
         each, its WAL frames too), and first thing in any turn that is not
         a lone send's (reads and other writes then find the rows where they
-        look).  Its failure is a failed sync's: the rows are only in the
-        journal now, which a restart writes in (replay)."""
+        look).  Its failure is a failed sync's (the rows are only in the
+        journal now, which a restart writes in), but for a full disk's: the
+        rows stay owed, and the relay's start-over writes them (rollback())."""
         if len(self._owed) >= at_least > 0:
             with self._commit_lock:
                 self._write_owed_locked()
@@ -541,7 +543,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN ('journal', 'journal_id')"))
         mark = meta.get("journal", 0)
         owner = meta.get("journal_id")
-        if owner is not None and not os.path.exists(path):
+        if owner is not None and mark and not os.path.exists(path):
             log.warning("%s is missing: lone sends the relay confirmed just before it last stopped, if it did "
                         "not stop cleanly, were in it (docs/operations.md, 'Data and durability')", path)
         # (a database with a mark and no id: the journal's first records, whose CRC covered no id)
