@@ -444,13 +444,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 # database, and one sync of the WAL makes their marks durable.
                 self._write_owed_locked()
                 held = self._held_batches()  # (none: they went in with the rows)
-                with self._sync_lock:
-                    if self._sync_failed is not None:
-                        raise SyncFailed(f"an earlier sync of the store failed: {self._sync_failed}")
-                    try:
-                        self._sync_wal()
-                    except OSError as exc:
-                        raise self._sync_fails(exc, "syncing the store failed") from exc
+                self._committed_gen += 1  # (their COMMITs, not synced: count them for the sync)
+                self._sync_owed(self._committed_gen)
                 self._journal.wrap()
             try:
                 self._journal.append(record)
@@ -491,9 +486,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 self._owed, self._owed_held = owed + self._owed, held
                 self._owed_ids.update(m.msg_id for m in owed)
                 raise
-            with self._sync_lock:
-                raise StoreError(self._sync_fails(
-                    exc, "writing journaled sends into the database failed")) from exc
+            raise self._owed_lost(exc) from exc
         if held:
             with self._batches_lock:
                 self._batches = [WriteBatch()]
@@ -527,11 +520,16 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         except StoreError as exc:
             if not exc.full:
                 raise
-            with self._sync_lock:
-                raise StoreError(self._sync_fails(
-                    exc, "writing journaled sends into the database failed")) from exc
+            raise self._owed_lost(exc) from exc
         self.retry_checkpoint()
         return True
+
+    def _owed_lost(self, exc: StoreError) -> StoreError:
+        """The journaled rows could not be written into the database: a
+        failed sync's error (they are in the journal alone: the relay stops,
+        and its restart writes them in)."""
+        with self._sync_lock:
+            return StoreError(self._sync_fails(exc, "writing journaled sends into the database failed"))
 
     def _replay_journal(self, data_dir: str) -> None:
         """(at start, at synchronous=FULL, before anything reads the store)
@@ -558,8 +556,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             except sqlite3.OperationalError as exc:
                 if not is_disk_full(exc):
                     raise
-                log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
-                            "database until a restart finds room", data_dir, exc)
+                _no_room_for_journal(data_dir, exc)
                 return
         # The mark read here must be durable before the ring is written
         # over: a start's checkpoint that could not copy the WAL left it
@@ -570,8 +567,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         except OSError as exc:
             if not is_disk_full(exc):
                 raise StartupError(f"cannot open {path}: {exc.strerror}") from None
-            log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
-                        "database until a restart finds room", data_dir, exc.strerror)
+            _no_room_for_journal(data_dir, exc.strerror)
 
     def _write_in(self, records: list[tuple[int, list]], data_dir: str) -> None:
         """(_replay_journal) Insert the records' rows, and move the mark to
@@ -926,3 +922,8 @@ def _sync_file(path: str) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def _no_room_for_journal(data_dir: str, why) -> None:
+    log.warning("no room for the lone-send journal in %s (%s): lone sends commit through the "
+                "database until a restart finds room", data_dir, why)
