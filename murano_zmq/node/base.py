@@ -214,7 +214,7 @@ class NodeBase:
         if held + count > self.max_pending:
             raise SendQueueFull(f"node {self.name} holds {held} messages it could not hand on yet "
                                 f"(max_pending={self.max_pending}); is the relay at {self._where()} reachable?")
-        size = records_size(records)
+        size = len(records[0][3]) + len(records[0][2]) if count == 1 else records_size(records)
         limit = self.max_pending_bytes
         if size > limit:
             raise SendQueueFull(f"a send of {size} bytes is more than node {self.name} may hold "

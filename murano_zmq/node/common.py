@@ -226,19 +226,7 @@ class Dispatcher:
         lost = None
         for ev in events:
             if isinstance(ev, Confirmed):
-                futures, records = self.sends.pop(ev.req, _NO_SENDS)
-                first = futures[0] if futures else None
-                if not ev.errors and type(first) is SendGroup and futures.count(first) == len(futures):
-                    first.confirmed(len(futures))  # a send_many's batch: one call, not one per record
-                    continue
-                errors = ev.errors
-                if not errors:  # the usual confirm: each record's id, without a call per record
-                    for future, record in zip(futures, records):
-                        if not future.done():
-                            future.set_result(record[0])
-                    continue
-                for index, future in enumerate(futures):
-                    _settle_future(future, records[index][0], errors.get(index))
+                self.confirmed(ev.req, ev.errors)
             elif isinstance(ev, Delivered):
                 sink = self.sinks.get(ev.consumer)
                 if sink is not None:
@@ -262,6 +250,27 @@ class Dispatcher:
             elif isinstance(ev, RelayLost):
                 lost = ev
         return lost
+
+    def confirmed(self, req: int, errors: dict | None = None) -> None:
+        """SEND `req` is confirmed: each record's waiter gets its id, or its
+        error (`errors`: record index -> error)."""
+        futures, records = self.sends.pop(req, _NO_SENDS)
+        if not errors:
+            if len(futures) == 1:  # a lone send (or a send_many of one: SendGroup.set_result)
+                future = futures[0]
+                if not future.done():
+                    future.set_result(records[0][0])
+                return
+            first = futures[0] if futures else None
+            if type(first) is SendGroup and futures.count(first) == len(futures):
+                first.confirmed(len(futures))  # a send_many's batch: one call, not one per record
+                return
+            for future, record in zip(futures, records):  # each record's id, without a call per record
+                if not future.done():
+                    future.set_result(record[0])
+            return
+        for index, future in enumerate(futures):
+            _settle_future(future, records[index][0], errors.get(index))
 
     def fail_all(self, error: BaseException) -> None:
         for futures, _ in self.sends.values():

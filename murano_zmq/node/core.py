@@ -233,32 +233,48 @@ class NodeCore:
             sender.paths.via_relay(bound, bound_count)
         self._fill_sends(now)
 
-    def _send_alone(self, pair: tuple, now: float) -> bool:
+    def send_now(self, pair: tuple, now: float) -> list[bytes] | None:
+        """A lone send (record, waiter) when nothing else is held, queued or
+        waiting to be written, in _send_alone()'s usual case: the frames of
+        its SEND, for the runner to write now to the relay (they count as
+        written), without route()'s and relay_out()'s steps.  None, with
+        nothing done: route() it."""
+        sender = self.sender
+        if self._held or self._relay_queue or self.session.has_output or (sender is not None and (
+                sender.has_links or sender.socket_ops or self.inbox.has_output)):
+            return None
+        return self._send_alone(pair, now, write_now=True)
+
+    def _send_alone(self, pair: tuple, now: float, write_now: bool = False):
         """A lone send (nothing held or queued before it) in the usual case,
         put into a SEND of its own without the general routing: the relay
         session up with room, the record within its limit, and the relay
         the mailbox's only path with nothing to look up.  What route() and
-        _fill_sends() would do for it; False (nothing done) otherwise."""
+        _fill_sends() would do for it; False (nothing done) otherwise.
+        `write_now`: the SEND's frames instead of True, if no output waits
+        ahead of it (ClientCore.send_now), else None (nothing done)."""
         record, waiter = pair
         session, sender = self.session, self.sender
         if session.state != State.READY or session.unconfirmed >= MAX_IN_FLIGHT_BATCHES:
-            return False
+            return None if write_now else False
         mailbox = record[1]
         limit = session.max_message_size
         if (limit is not None and len(record[3]) + len(record[2]) > limit) or (
                 sender is not None and not sender.relay_only(mailbox, now)):
-            return False
+            return None if write_now else False
         if record[5] is not None and not count_down_ttl(record, now - record[4]):
-            return False  # (its ttl passed on its way here: take_batch fails it)
+            return None if write_now else False  # (its ttl passed on its way here: take_batch fails it)
+        if write_now:  # (send_now() checked that no output waits: this writes)
+            req, frames = session.send_now([record], now)
+        else:
+            req = session.send([record], now)
         if sender is not None:
             sender.paths.relay_up = True
             sender.paths.via_relay(mailbox, now=now)
-        req = session.send([record], now)
+            self._relay_sends[req] = {mailbox: 1}
         self.sent["relay"] += 1
         self.dispatch.sends[req] = ([waiter], [record])
-        if sender is not None:
-            self._relay_sends[req] = {mailbox: 1}
-        return True
+        return frames if write_now else True
 
     def _fill_sends(self, now: float) -> None:
         session = self.session
@@ -300,6 +316,11 @@ class NodeCore:
         self._apply(self.session.connection_made(now), now)
 
     def relay_frames(self, frames: list, now: float) -> None:
+        req = self.session.take_confirm(frames, now)
+        if req is not None:  # the usual command: a SEND's CONFIRM, without an event
+            self._relay_confirmed(req)
+            self.dispatch.confirmed(req)
+            return
         try:
             events = self.session.receive(frames, now)
         except Exception as exc:
@@ -374,8 +395,7 @@ class NodeCore:
         if paths is not None:
             for ev in events:
                 if isinstance(ev, (Confirmed, Failed)):
-                    for mailbox, count in self._relay_sends.pop(ev.req, {}).items():
-                        paths.relay_confirmed(mailbox, count)
+                    self._relay_confirmed(ev.req)
                 if isinstance(ev, (Replied, Failed)) and ev.req in self._lookups:
                     mailbox = self._lookups.pop(ev.req)
                     if isinstance(ev, Replied):
@@ -385,6 +405,14 @@ class NodeCore:
         lost = self.dispatch.apply(events)
         if lost is not None:
             self._lost = lost
+
+    def _relay_confirmed(self, req: int) -> None:
+        """SEND `req` is answered: its records no longer wait at the relay (the path table)."""
+        sends = self._relay_sends.pop(req, None)
+        if sends is not None:
+            paths = self.sender.paths
+            for mailbox, count in sends.items():
+                paths.relay_confirmed(mailbox, count)
 
     # --- output -------------------------------------------------------------------------
 

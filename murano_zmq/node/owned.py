@@ -15,6 +15,7 @@ from collections import deque
 from typing import Callable
 
 import zmq
+from zmq import zmq_poll
 
 from .sleeps import SendSlot
 
@@ -60,22 +61,28 @@ class OwnedSends:
             with self._lock:
                 self._check_open()
                 self._check_room(records)
-                incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
-                jobs, self._jobs = self._jobs, deque()
-            if job is not None:
-                jobs.append((job, slot))  # after the others: acks before a later CANCEL
-            try:
-                if jobs:
-                    self._run_each(jobs)
-            except BaseException:
-                # A job of another thread failed here: what others queued goes
-                # back to the I/O thread (which fails it as it would have), not lost.
-                with self._lock:
-                    self._jobs.extendleft(reversed(jobs))
-                    self._outgoing.extendleft(reversed(incoming))
-                self._wake()
-                raise
-            incoming.extend(zip(records, waiters))
+                if self._outgoing or self._jobs or job is not None:
+                    incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first
+                    jobs, self._jobs = self._jobs, deque()
+                else:  # (the usual send: nothing queued, no deques to make)
+                    incoming = jobs = None
+            if jobs is not None:
+                if job is not None:
+                    jobs.append((job, slot))  # after the others: acks before a later CANCEL
+                try:
+                    if jobs:
+                        self._run_each(jobs)
+                except BaseException:
+                    # A job of another thread failed here: what others queued goes
+                    # back to the I/O thread (which fails it as it would have), not lost.
+                    with self._lock:
+                        self._jobs.extendleft(reversed(jobs))
+                        self._outgoing.extendleft(reversed(incoming))
+                    self._wake()
+                    raise
+                incoming.extend(zip(records, waiters))
+            else:
+                incoming = list(zip(records, waiters))
             io.flush(time.time(), incoming)
             while not slot.done():
                 clean = False
@@ -87,7 +94,8 @@ class OwnedSends:
                     version, poller = self._caller_poll = (io.version, self._new_caller_poller())
                 due = core.next_deadline()
                 wait = min(left, due - time.time())
-                ready = poller.poll(int(wait * 1000) + 1 if wait > 0 else 0)
+                # (zmq_poll itself: Poller.poll's checks and conversions cost more than they guard here)
+                ready = zmq_poll(poller.sockets, int(wait * 1000) + 1 if wait > 0 else 0)
                 if len(ready) == 1 and ready[0][0] is io.relay_sock:
                     clean = io.relay_turn(time.time(), due)  # the usual: our CONFIRM
                     continue

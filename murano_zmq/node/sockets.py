@@ -19,7 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ..protocol.constants import FRAME_HEADROOM, READ_BATCH, SEND_BATCH
 from ..protocol.direct import tcp_parts
-from ..zmqio import EVENTS, NODE_ZERO_COPY_FROM, POLLIN, ready_frames, send_message
+from ..zmqio import EVENTS, NODE_ZERO_COPY_FROM, POLLIN, input_probe, ready_frames, send_message
 from .core import NodeCore
 from .links import OPEN
 
@@ -175,6 +175,7 @@ class NodeSockets:
             log.info("node %s: relay session to %s", self.core.name, endpoint)
         self.relay_endpoint = endpoint
         self._sock = relay_socket(self._context, endpoint, self._curve)
+        self._relay_has_input = input_probe(self._sock)
         self._relay_unsent = []  # the new session replays what is unconfirmed
         # A dropped TCP connection loses the frames in it, and ZeroMQ would
         # reconnect under the same routing id without a word: watch it and
@@ -227,7 +228,7 @@ class NodeSockets:
             socks = self.sockets()
         else:
             socks = [self._by_fd[fd] for fd in fired if fd in self._by_fd]
-        return [sock for sock in socks if sock.get(EVENTS) & POLLIN]
+        return [sock for sock in socks if self._has_input(sock)]
 
     def input_waiting(self, touched_only: bool = False) -> bool:
         """Has any socket input queued?  A send reads the socket's pending
@@ -237,7 +238,13 @@ class NodeSockets:
         were left with their FD armed)."""
         touched, self._touched = self._touched, set()
         socks = touched if touched_only else self.sockets()
-        return any(sock.get(EVENTS) & POLLIN for sock in socks if not sock.closed)
+        return any(self._has_input(sock) for sock in socks if not sock.closed)
+
+    def _has_input(self, sock: zmq.Socket) -> bool:
+        """ZMQ_EVENTS says `sock` has input (the relay socket's kept probe, the cheaper ask)."""
+        if sock is self._sock:
+            return bool(self._relay_has_input())
+        return bool(sock.get(EVENTS) & POLLIN)
 
     def close(self) -> None:
         """Write the core's last frames (acks, BYEs), then close every socket."""
@@ -263,7 +270,7 @@ class NodeSockets:
         core = self.core
         self._touched.update(ready)
         if self._sock in ready:
-            for frames in ready_frames(self._sock):
+            for frames in ready_frames(self._sock, has_input=self._relay_has_input):
                 core.relay_frames(frames, now)
         if self._monitor in ready:
             self._monitor.recv_multipart()
@@ -301,7 +308,7 @@ class NodeSockets:
         sock = self._sock
         self._touched.add(sock)  # (its FD edge may be taken: input_waiting() asks it)
         read = 0
-        for frames in ready_frames(sock):
+        for frames in ready_frames(sock, has_input=self._relay_has_input):
             relay_frames(frames, now)
             read += 1
         if now >= due or not core.settled_down():
@@ -322,6 +329,11 @@ class NodeSockets:
         """Route new sends, then write every outbox (FLUSH_SLICE records at a
         time: what a slice routes is on the wire before the next is routed)."""
         core = self.core
+        if len(incoming) == 1 and not self._relay_unsent:
+            frames = core.send_now(incoming[0], now)
+            if frames is not None:  # a lone send, nothing else to write: straight out
+                self._write_relay([frames])
+                return
         if len(incoming) > FLUSH_SLICE:
             pairs = list(incoming)
             for start in range(FLUSH_SLICE, len(pairs), FLUSH_SLICE):
@@ -351,17 +363,7 @@ class NodeSockets:
             out = self._relay_unsent + out
             self._relay_unsent = []
         if out:
-            touched.add(self._sock)
-        sock = self._sock
-        for i, frames in enumerate(out):
-            try:
-                send_message(sock, frames, NODE_ZERO_COPY_FROM)
-            except zmq.Again:
-                # HWM 0, so only a DEALER with no connection to hold them
-                # (a refused handshake, between reconnects) says so: they
-                # wait here, in order, for the next write, not in a blocked send.
-                self._relay_unsent = out[i:]
-                break
+            self._write_relay(out)
         sender = core.sender
         if sender is None:
             return
@@ -385,6 +387,20 @@ class NodeSockets:
                     self._router.send_multipart([identity, *frames], zmq.NOBLOCK)
                 except zmq.ZMQError:  # EHOSTUNREACH: no connection from that peer now
                     core.inbox_send_failed(identity, frames)
+
+    def _write_relay(self, out: list) -> None:
+        """Write messages (frame lists) to the relay socket, in order."""
+        sock = self._sock
+        self._touched.add(sock)
+        for i, frames in enumerate(out):
+            try:
+                send_message(sock, frames, NODE_ZERO_COPY_FROM)
+            except zmq.Again:
+                # HWM 0, so only a DEALER with no connection to hold them
+                # (a refused handshake, between reconnects) says so: they
+                # wait here, in order, for the next write, not in a blocked send.
+                self._relay_unsent = out[i:]
+                break
 
     # --- direct links -----------------------------------------------------------------
 

@@ -223,11 +223,20 @@ class ClientCore:
         (node/common.py take_batch; a replay counts on from `now`); returns
         its request id."""
         self._check_open()
-        req = self._new_req()
-        self._unconfirmed[req] = records
-        self._sent_at[req] = now
+        req = self._new_send(records, now)
         self._put(Cmd.SEND, req, records)
         return req
+
+    def send_now(self, records: list, now: float) -> tuple[int, list[bytes]] | None:
+        """send(), when nothing else waits to be written: its request id and
+        frames, to be written now (they count as sent at `now`), without the
+        outbox; None (nothing done) if output waits ahead of it."""
+        if self._outbox or self._pending_acks or self.state == State.CLOSED:
+            return None
+        req = self._new_send(records, now)
+        frames = self._frames(Cmd.SEND, req, records)
+        self._last_sent = now
+        return req, frames
 
     def forget(self, req: int) -> None:
         """Drop a request (a read its caller gave up on): not replayed."""
@@ -362,19 +371,31 @@ class ClientCore:
 
     # --- input ------------------------------------------------------------------
 
-    def receive(self, frames: list[bytes], now: float) -> list:
-        """Events for one command from the relay.  Invalid input raises
-        RemoteProtocolError and changes nothing."""
+    def take_confirm(self, frames: list[bytes], now: float) -> int | None:
+        """The usual reply, a CONFIRM with no errors of a SEND awaiting it,
+        taken without decode()'s objects or an event: the SEND's request id
+        (confirmed now).  None, with nothing changed, for anything else:
+        receive() it (the general way, which says what is wrong)."""
         if len(frames) == 3 and frames[1] == _CONFIRM and frames[0] == SIGNATURE:
-            # The usual reply, a CONFIRM with no errors, without decode()'s
-            # objects (any other shape goes the general way, which says why).
             try:
                 fields = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
             except Exception:  # msgpack raises several unrelated types; decode() says what
-                fields = None
-            if type(fields) is list and len(fields) == 2 and type(fields[0]) is int and fields[1] == []:
-                self._last_heard = now
-                return self._on_confirm(fields[0], fields[1])
+                return None
+            if type(fields) is list and len(fields) == 2 and fields[1] == []:
+                req = fields[0]
+                if type(req) is int and req in self._unconfirmed and req not in self._left_out:
+                    del self._unconfirmed[req]
+                    del self._sent_at[req]
+                    self._last_heard = now
+                    return req
+        return None
+
+    def receive(self, frames: list[bytes], now: float) -> list:
+        """Events for one command from the relay.  Invalid input raises
+        RemoteProtocolError and changes nothing."""
+        req = self.take_confirm(frames, now)
+        if req is not None:
+            return [Confirmed(req, {})]
         command = decode(frames)
         self._last_heard = now
         handler = self._HANDLERS.get(command.cmd)
@@ -474,11 +495,21 @@ class ClientCore:
         self._next_req += 1
         return req
 
+    def _new_send(self, records: list, now: float) -> int:
+        """A SEND's request id, its records kept until confirmed (replayed after a reconnect)."""
+        req = self._new_req()
+        self._unconfirmed[req] = records
+        self._sent_at[req] = now
+        return req
+
     def _put(self, cmd: Cmd, *fields: Any) -> None:
+        self._outbox.append(self._frames(cmd, *fields))
+
+    def _frames(self, cmd: Cmd, *fields: Any) -> list[bytes]:
         frames = self._encode(cmd, *fields)
         if len(frames[2]) > KEPT_PACKER_BUFFER:
             self._encode = encoder()  # not to keep a buffer that size
-        self._outbox.append(frames)
+        return frames
 
     @staticmethod
     def _encode_checked(cmd: Cmd, *fields: Any) -> list:

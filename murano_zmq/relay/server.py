@@ -26,6 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
+from zmq import zmq_poll
 
 from ..protocol.constants import FRAME_HEADROOM, PEER_RECEIVE_QUEUE, PEER_SEND_QUEUE
 from ..protocol.errors import StartupError
@@ -38,10 +39,11 @@ from ..store.open import StandbyStopped, is_sqlite, open_store
 from ..store.space import RESERVE_BYTES, SPACE_LOW_BYTES, SPACE_PROBE_BYTES
 from ..store.journal import OWED_ROWS
 from ..store.sqlite import SQLiteStore, StoreError, startup_error
+from ..zmqio import input_probe
 from .config import RelayConfig
 from .engine import RelayEngine
 from .faults import DISK_FULL, WRITES_FAILING, DescriptorWatch, FailureLog, prepare_data_dir
-from .wire import EVENTS, POLLIN, Wire
+from .wire import Wire
 
 log = logging.getLogger("murano_zmq.relay")
 
@@ -349,7 +351,7 @@ class Relay(Wire):
         space_due = 0.0  # when to look at the disk's free space next (time.monotonic())
         # Bound once: an attribute of a zmq.Socket goes through its
         # __getattr__ hook, several times the cost of a plain lookup.
-        self._recv, self._get = sock.recv, sock.get
+        self._recv, self._has_input = sock.recv, input_probe(sock)
         try:
             while not self._stop.is_set():
                 try:
@@ -358,9 +360,9 @@ class Relay(Wire):
                     # windows ahead, then run their acks' deletes (whose
                     # commit waits: relay/turn.py), so that neither is left
                     # for the turn their next ACK or CONSUME waits on.
-                    if self.engine.windows_low and not self._get(EVENTS) & POLLIN:
+                    if self.engine.windows_low and not self._has_input():
                         self.engine.top_up()
-                    if not self._in_flight and self.engine.deletes_unwritten and not self._get(EVENTS) & POLLIN:
+                    if not self._in_flight and self.engine.deletes_unwritten and not self._has_input():
                         self.engine.write_held_deletes()
                     now = time.time()
                     if now >= check_due:
@@ -384,7 +386,7 @@ class Relay(Wire):
         now = time.time()
         deadline = min(engine.next_deadline(), check_due)
         timeout_ms = int(max(0.0, min(1.0, deadline - now)) * 1000) + 1
-        events = dict(poller.poll(timeout_ms))
+        events = dict(zmq_poll(poller.sockets, timeout_ms))  # (Poller.poll's checks cost more than they guard)
         first = None
         if len(events) == 1 and sock in events and not self._in_flight and not self._stalled \
                 and not self.security.enabled:
@@ -393,7 +395,7 @@ class Relay(Wire):
             first = self._read_one(sock)
             if first is None:
                 return  # (a stale poll)
-            if now < deadline and not self._get(EVENTS) & POLLIN:
+            if now < deadline and not self._has_input():
                 # Nothing due and nothing more waiting: a lone SEND is stored,
                 # committed and confirmed at once (engine.send_alone).
                 out = engine.send_alone(first[0], first[1:], now)

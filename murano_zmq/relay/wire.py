@@ -9,16 +9,16 @@ import logging
 import zmq
 
 from ..protocol.constants import TURN_BYTES, TURN_COMMANDS
-from ..zmqio import EVENTS, POLLIN, read_message, send_message
+from ..zmqio import read_message, send_message
 from .engine import RelayEngine
 
 log = logging.getLogger("murano_zmq.relay")
 
-__all__ = ["EVENTS", "POLLIN", "Wire"]
+__all__ = ["Wire"]
 
 
 class Wire:
-    """Relay's reads and writes (it sets `_recv`, `_get`, `security` and
+    """Relay's reads and writes (it sets `_recv`, `_has_input`, `security` and
     `_stalled`)."""
 
     def _read_one(self, sock: zmq.Socket) -> list[bytes] | None:
@@ -34,7 +34,7 @@ class Wire:
         budget = TURN_BYTES
         try:
             secure = self.security.enabled
-            get = self._get
+            has_input = self._has_input
             n = 0
             if first is not None:
                 n = 1
@@ -45,7 +45,7 @@ class Wire:
             # ZMQ_EVENTS before each read (but the first, which the poll
             # answered): a recv that finds nothing raises zmq.Again, whose
             # construction costs more than the check.
-            while readable or get(EVENTS) & POLLIN:
+            while readable or has_input():
                 readable = False
                 if n == TURN_COMMANDS or budget <= 0:
                     return n, True
