@@ -141,11 +141,13 @@ class AsyncNode(NodeBase):
             self._check_deliverable_now(mailbox)
         future = self._loop.create_future()
         self._check_room([record])
-        self._outgoing.append((record, future))
         if self._flush_scheduled or self._core.session.unconfirmed:
+            self._outgoing.append((record, future))
             self._schedule_flush()  # others in flight: coalesce with this iteration's sends
-        else:
-            self._flush()  # alone: write now, no extra loop iteration
+        else:  # alone: write now, no extra loop iteration
+            self._io.flush(time.time(), [*self._take_outgoing(), (record, future)] if self._outgoing
+                           else [(record, future)])
+            self._after_io()
         return await self._expiring(future, timeout)
 
     def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
@@ -386,13 +388,16 @@ class AsyncNode(NodeBase):
         if self._closed:
             return
         self._in_turn = True  # (an ack from a callback run by this turn waits for its end)
+        read_only = False
         try:
             io = self._io
             if fd is not None and not self._outgoing and io.socket_of(fd) is io.relay_sock:
                 # The usual wake-up, a CONFIRM or DELIVER: read it (without
                 # asking ZMQ_EVENTS first: a read that finds nothing is the
-                # rare case), and a full turn only if that left something to do.
-                io.relay_turn(time.time(), self._core.next_deadline())
+                # rare case), and a full turn only if that left something to
+                # do or the timer's time has come (it is set at the core's
+                # next deadline or sooner: _after_io).
+                read_only = io.relay_turn(time.time(), self._timer_at)
             else:
                 io.turn(io.readable(None if fd is None else (fd,)), time.time(), self._take_outgoing())
             self._failed_turns = 0
@@ -405,16 +410,19 @@ class AsyncNode(NodeBase):
                 return
         finally:
             self._in_turn = False
-        self._after_io()
+        self._after_io(read_only)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, float("inf")
         self._turn()
 
-    def _after_io(self) -> None:
+    def _after_io(self, read_only: bool = False) -> None:
         """After any read or write: watch the sockets there are now; a turn
         soon when input is queued (a write or read may have taken its FD
-        edge: the FD would not fire); the timer at the core's next deadline."""
+        edge: the FD would not fire); the timer at the core's next deadline.
+        `read_only`: the turn only read the relay socket, dry, and wrote
+        nothing (relay_turn's word): deadlines only moved later, and the
+        timer set stands."""
         if self._closed or not self._running:
             return
         io = self._io
@@ -428,6 +436,8 @@ class AsyncNode(NodeBase):
         if not self._turn_scheduled and io.input_waiting(touched_only=not changed):
             self._turn_scheduled = True
             self._loop.call_soon(self._turn)
+        if read_only and self._timer is not None:
+            return
         deadline = min(self._core.next_deadline(), time.time() + 1.0)
         if deadline < self._timer_at - 0.001 or self._timer is None:
             if self._timer is not None:

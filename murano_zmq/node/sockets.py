@@ -300,8 +300,8 @@ class NodeSockets:
     def relay_turn(self, now: float, due: float) -> bool:
         """A turn when only the relay socket had input (the usual wake-up: a
         CONFIRM): read it; tick and write only if that left something to
-        do or `due` (the core's next deadline before the read: reading only
-        moves deadlines later) has come.  True when it read the socket dry
+        do or `due` (the core's next deadline before the read, or a time
+        before it: reading only moves deadlines later) has come.  True when it read the socket dry
         and wrote nothing: no socket then holds input whose FD edge is gone."""
         core = self.core
         relay_frames = core.relay_frames

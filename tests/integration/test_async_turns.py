@@ -94,3 +94,32 @@ def test_half_a_window_acked_is_written_before_the_application_pauses(relay):
             assert len(session._pending_acks) == ACK_EARLY_MIN_PREFETCH - 1, "written at the pause"
 
     asyncio.run(main())
+
+
+def test_a_node_that_only_reads_keeps_its_session_with_heartbeats(relay):
+    """A consumer that takes deliveries and writes nothing (it does not ack
+    yet): its turns only read the relay socket, which leave the timer where
+    it is (_after_io), and the timer's ticks still write the heartbeats the
+    relay needs: no session lost (which would redeliver what it holds)."""
+    async def main():
+        async with AsyncNode("reader", relay=relay.endpoint, heartbeat=0.1, timeout=20) as reader, \
+                AsyncNode("writer", relay=relay.endpoint, timeout=20) as writer:
+            consumer = await reader.consume("turns.read", prefetch=500)
+            read_only = []
+            real = reader._after_io
+            reader._after_io = lambda read_only_turn=False: read_only.append(read_only_turn) or real(read_only_turn)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.0  # 20 heartbeats, 4 times the relay's patience (5 heartbeats)
+            got, i = [], 0
+            while loop.time() < end:
+                await writer.send("turns.read", i)
+                i += 1
+                got.append(await consumer.get(timeout=10))
+                await asyncio.sleep(0.02)
+            assert any(read_only), "turns that only read were seen"
+            assert reader._core.session.connections == 1, "the relay dropped the reader's session"
+            assert [m.body for m in got] == list(range(i)) and not any(m.redelivered for m in got)
+            for message in got:
+                message.ack()
+
+    asyncio.run(main())
