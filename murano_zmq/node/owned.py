@@ -59,7 +59,8 @@ class OwnedSends:
         due = None  # the core's next deadline before the last read
         try:
             with self._lock:
-                self._check_open()
+                if self._closed.is_set():  # (the process was checked before the locks: _send_and_wait)
+                    self._check_open()
                 self._check_room(records)
                 if self._outgoing or self._jobs or job is not None:
                     incoming, self._outgoing = self._outgoing, deque()  # queued earlier: they go first

@@ -192,7 +192,7 @@ class Node(IOThread, OwnedSends, NodeBase):
         thread when the sockets are free, else through the I/O thread; wait
         for `slot` either way."""
         self._check_open()
-        timeout = self._timeout(timeout)
+        timeout = self.timeout if timeout is None else self._timeout(timeout)
         deadline = time.monotonic() + timeout
         if self._take_sockets():
             self._send_owned(records, waiters, slot, deadline, job)
