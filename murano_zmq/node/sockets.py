@@ -107,6 +107,7 @@ class NodeSockets:
         self.bind = bind
         self.on_topic = None  # (subscription id, [TopicEvent]) -> None, set by the runner
         self._sock: zmq.Socket | None = None
+        self._relay_has_input = None  # the relay socket's zmqio.input_probe() (set with the socket)
         self._relay_unsent: list = []  # frames the relay DEALER could not take yet (see write)
         self._monitor: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
@@ -301,8 +302,9 @@ class NodeSockets:
         """A turn when only the relay socket had input (the usual wake-up: a
         CONFIRM): read it; tick and write only if that left something to
         do or `due` (the core's next deadline before the read, or a time
-        before it: reading only moves deadlines later) has come.  True when it read the socket dry
-        and wrote nothing: no socket then holds input whose FD edge is gone."""
+        before it: reading only moves deadlines later) has come.  True
+        when it read the socket dry and wrote nothing: no socket then holds
+        input whose FD edge is gone."""
         core = self.core
         relay_frames = core.relay_frames
         sock = self._sock
