@@ -70,7 +70,9 @@ def input_probe(sock: zmq.Socket) -> Callable[[], list]:
     """A call whose answer is true when `sock` has a message to read now:
     its ZMQ_EVENTS, asked through zmq_poll with no wait, which re-arms its
     FD as sock.get(EVENTS) does for two thirds of the cost (pyzmq's get()
-    makes a SocketOption enum on every call)."""
+    makes a SocketOption enum on every call).  Only while `sock` is open:
+    pyzmq gives a closed socket no handle, and zmq_poll would then poll
+    file descriptor 0 instead of raising as get() does."""
     return partial(zmq.zmq_poll, [(sock, zmq.POLLIN)], 0)
 
 

@@ -395,9 +395,10 @@ class AsyncNode(NodeBase):
                 # The usual wake-up, a CONFIRM or DELIVER: read it (without
                 # asking ZMQ_EVENTS first: a read that finds nothing is the
                 # rare case), and a full turn only if that left something to
-                # do or the timer's time has come (it is set at the core's
-                # next deadline or sooner: _after_io).
-                read_only = io.relay_turn(time.time(), self._timer_at)
+                # do or the core's next deadline may have come: the timer's
+                # time less the 1 ms by which _after_io lets it lag behind
+                # an earlier deadline (no later than the deadline, then).
+                read_only = io.relay_turn(time.time(), self._timer_at - _TIMER_SLACK)
             else:
                 io.turn(io.readable(None if fd is None else (fd,)), time.time(), self._take_outgoing())
             self._failed_turns = 0
@@ -439,7 +440,7 @@ class AsyncNode(NodeBase):
         if read_only and self._timer is not None:
             return
         deadline = min(self._core.next_deadline(), time.time() + 1.0)
-        if deadline < self._timer_at - 0.001 or self._timer is None:
+        if deadline < self._timer_at - _TIMER_SLACK or self._timer is None:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = deadline
@@ -457,6 +458,9 @@ class AsyncNode(NodeBase):
 
 
 _FAILED_TURNS_LIMIT = 20
+# The timer is moved earlier only for a deadline this much before it (no
+# re-arming for every small move): it may run this late after the deadline.
+_TIMER_SLACK = 0.001
 
 
 def _expire(future: asyncio.Future, timed_out, timeout: float, send: bool) -> None:

@@ -242,8 +242,9 @@ class NodeSockets:
         return any(self._has_input(sock) for sock in socks if not sock.closed)
 
     def _has_input(self, sock: zmq.Socket) -> bool:
-        """ZMQ_EVENTS says `sock` has input (the relay socket's kept probe, the cheaper ask)."""
-        if sock is self._sock:
+        """ZMQ_EVENTS says `sock` has input (the relay socket's kept probe,
+        the cheaper ask, while it is open; a closed socket's get() raises)."""
+        if sock is self._sock and not sock.closed:
             return bool(self._relay_has_input())
         return bool(sock.get(EVENTS) & POLLIN)
 
