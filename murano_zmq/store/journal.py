@@ -44,6 +44,8 @@ import zlib
 
 import msgpack
 
+from .segments import sync_path
+
 __all__ = ["Journal", "FILE_NAME", "SIZE", "OWED_ROWS", "read_records", "check_file"]
 
 FILE_NAME = "lone.journal"
@@ -123,7 +125,7 @@ class Journal:
                 # map, which an fdatasync then journals.
                 _fill_zeros(fd, SIZE)
                 os.fsync(fd)
-                _sync_dir(data_dir)
+                sync_path(data_dir, os.O_DIRECTORY, os.fsync)
         except OSError:
             os.close(fd)
             if not existed:  # (one that was there may hold records: it stays)
@@ -173,11 +175,3 @@ def _fill_zeros(fd: int, size: int) -> None:
     at = os.fstat(fd).st_size
     while at < size:
         at += os.pwrite(fd, zeros[:min(_WRITE_CHUNK, size - at)], at)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

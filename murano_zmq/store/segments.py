@@ -122,7 +122,7 @@ def segment_number(name: str) -> int | None:
     return int(stem) if dot and "." + ext == SUFFIX and stem.isdigit() else None
 
 
-def _sync_path(path: str, flags: int, sync: Callable[[int], None]) -> None:
+def sync_path(path: str, flags: int, sync: Callable[[int], None]) -> None:
     """Open `path` read-only (with `flags`), `sync` it, close it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
@@ -219,7 +219,7 @@ class Segments:
                 self._retire(seg)
         newest = max((seg for seg in self._live if seg in files), default=None)
         if newest is not None:
-            _sync_path(self.path(newest), 0, os.fdatasync)
+            sync_path(self.path(newest), 0, os.fdatasync)
 
     # --- writes (under the store's commit lock) ------------------------------------
 
@@ -432,7 +432,7 @@ class Segments:
                         _drop_cached(fd, start, end)
                 self._dirty.discard(seg)
             if self._dir_dirty:
-                _sync_path(self.dir, os.O_DIRECTORY, os.fsync)
+                sync_path(self.dir, os.O_DIRECTORY, os.fsync)
                 self._dir_dirty = False
         except OSError as exc:
             # After a failed write or sync the file's state is unknown: write

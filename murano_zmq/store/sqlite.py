@@ -46,7 +46,7 @@ from .dbcheck import foreign_tables, unusable_database
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, Segments
+from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, Segments, sync_path
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
@@ -513,8 +513,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if not exc.full:
                 raise
         # (not drop_reserve(): the checkpoint it wakes could take the room first)
-        space.drop_reserve(os.path.dirname(self.path))
-        self._segments.drop_spare()
+        self._give_back_reserve()
         try:
             self.write_owed()
         except StoreError as exc:
@@ -561,7 +560,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # The mark read here must be durable before the ring is written
         # over: a start's checkpoint that could not copy the WAL left it
         # there, perhaps in the page cache alone.
-        _sync_file(self.path + "-wal")
+        try:
+            sync_path(self.path + "-wal", 0, os.fdatasync)
+        except FileNotFoundError:
+            pass
         try:
             self._journal = Journal(data_dir, owner)
         except OSError as exc:
@@ -596,8 +598,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         except sqlite3.OperationalError as exc:
             if not is_disk_full(exc):
                 raise
-            space.drop_reserve(data_dir)
-            self._segments.drop_spare()
+            self._give_back_reserve()
             try:
                 stored = retry_busy(self.path, "writing in the lone-send journal", write)
             except sqlite3.OperationalError as again:
@@ -795,9 +796,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return self._segments.writable()
 
     def drop_reserve(self) -> None:
+        self._give_back_reserve()
+        self.retry_checkpoint()  # (its room may let the WAL go into the database)
+
+    def _give_back_reserve(self) -> None:
+        """The disk's reserve file and the spare segment, deleted: room for writes that must go in."""
         space.drop_reserve(os.path.dirname(self.path))
         self._segments.drop_spare()
-        self.retry_checkpoint()  # (its room may let the WAL go into the database)
 
     @property
     def checkpoint_out_of_space(self) -> bool:
@@ -911,17 +916,6 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 os.close(self._wal_fd)
                 self._wal_fd = None
 
-
-def _sync_file(path: str) -> None:
-    """fdatasync `path`, if it exists."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def _no_room_for_journal(data_dir: str, why) -> None:

@@ -439,14 +439,14 @@ def test_the_start_syncs_the_wal_before_it_writes_over_the_ring(tmp_path, monkey
     store = new_store(tmp_path)
     lone_send(store, 10)
     crash(store)
-    synced, real = [], sqlite_module._sync_file
+    synced, real = [], sqlite_module.sync_path
     opened = journal_module.Journal.__init__
 
     def journal_init(self, data_dir, owner):
         synced.append("journal opened")
         opened(self, data_dir, owner)
 
-    monkeypatch.setattr(sqlite_module, "_sync_file", lambda path: (synced.append(path), real(path))[1])
+    monkeypatch.setattr(sqlite_module, "sync_path", lambda path, *how: (synced.append(path), real(path, *how))[1])
     monkeypatch.setattr(journal_module.Journal, "__init__", journal_init)
     SQLiteStore(str(tmp_path)).close()
     assert synced[:2] == [str(tmp_path / "relay.db-wal"), "journal opened"]
