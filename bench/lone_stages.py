@@ -50,12 +50,14 @@ RELAY_STAGES = (
     ("commit", "store: COMMIT (the WAL frames written)"),
     ("body", "store: large body written, its write-back started"),
     ("body_wait", "store: large body, wait for its write"),
+    ("record", "store: journal record made (msgpack, CRC-32)"),
     ("journal", "store: journal record written and fdatasynced (store/journal.py)"),
     ("wal_sync", "store: WAL fdatasync"),
     ("body_after", "store: large body, pages dropped after the sync"),
     ("segment_sync", "store: large body, segment fdatasync (not on the WAL's flush)"),
     ("store_rest", "store: INSERT and the store's Python"),
     ("send", "relay: send the CONFIRM"),
+    ("early", "relay: a journaled large body written to a segment after its CONFIRM (write_early)"),
     ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
 )
 WARM_UP = 50  # sends to each relay before the timed ones
@@ -137,6 +139,7 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
 
     wrap(SQLiteStore, "_execute_waiting", statement)
     wrap(SQLiteStore, "_sync_wal", add("wal_sync"))
+    wrap(Journal, "record", add("record"))
     wrap(Journal, "append", add("journal"))
     real_write_owed = SQLiteStore.write_owed
 
@@ -153,6 +156,12 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     wrap(Segments, "flushed", add("body_after"))
     wrap(Segments, "sync", add("segment_sync"))
 
+    def early(t0, t1, args, result):
+        if sends and not current.get("in_store"):  # (after the last send's CONFIRM)
+            sends[-1]["early"] = sends[-1].get("early", 0.0) + t1 - t0
+
+    wrap(Segments, "write_early", early)
+
     def sent(t0, t1, args, result):
         if current.pop("lone", False):
             current["send"] = t1 - t0
@@ -163,8 +172,8 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     wrap(Relay, "_send", sent)
     code = relay_main(["--log-level", "WARNING", "--bind", endpoint, "--data-dir", data_dir])
     for s in sends:
-        timed = sum(s.get(k, 0.0) for k in ("begin", "commit", "body", "body_wait", "journal", "wal_sync",
-                                             "body_after", "segment_sync"))
+        timed = sum(s.get(k, 0.0) for k in ("begin", "commit", "body", "body_wait", "record", "journal",
+                                             "wal_sync", "body_after", "segment_sync"))
         s["store_rest"] = s.get("store", 0.0) - timed
     with open(out_path, "w") as f:
         json.dump(sends, f)
@@ -262,7 +271,7 @@ def main() -> int:
     result = {"round_trip": {"relay": pct(trips["relay"], 50) * 1e6, "floor": pct(trips["floor"], 50) * 1e6},
               "stages": {}}
     for key, _ in RELAY_STAGES:
-        if key == "owed":  # (a median over the writes, not over every send)
+        if key in ("owed", "early"):  # (a median over the writes, not over every send)
             values = [s[key] for s in relay_steps if key in s]
         else:
             values = [s.get(key, 0.0) for s in relay_steps]

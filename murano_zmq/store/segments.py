@@ -26,7 +26,9 @@ fault to its host each.
 
 A lone commit's bodies that fit in what earlier syncs made durable may
 instead be written without a sync of their own, made durable by the WAL's
-(write_unsynced(), store/writeback.py).
+(write_unsynced(), store/writeback.py).  A journaled lone send's body
+(store/journal.py) is written after its CONFIRM, outside any transaction
+(write_early()), and synced by the commit that writes its row.
 
 Writes (append, sync, the commit hooks) run under the store's commit lock,
 one writer at a time; reads come from the relay loop at any time.  append()
@@ -164,6 +166,7 @@ class Segments:
         self._durable = 0  # ... and how far this store wrote and synced it: blocks with nothing left to allocate
         self._next = 1
         self._unwritten: list[tuple[int, int, bytes]] = []  # (segment, offset, body) placed, not written
+        self._early: dict[int, tuple[int, int]] = {}  # segment -> (start, end) of write_early()'s bodies, no row yet
         self._dirty: set[int] = set()  # written since the last sync
         self._dir_dirty = False  # a new file whose directory entry is not synced yet
         self._gone: set[int] = set()  # deleted by this store: a late read is of a deleted row
@@ -236,8 +239,44 @@ class Segments:
 
     @property
     def unwritten(self) -> bool:
-        """Are bodies placed that sync() has yet to write?"""
-        return bool(self._unwritten)
+        """Are bodies placed that sync() has yet to write, or written early
+        that it has yet to sync?"""
+        return bool(self._unwritten) or bool(self._early) and bool(self._dirty)
+
+    def write_early(self, body: bytes) -> tuple[int, int, int]:
+        """Write `body` at the end of the current segment now, outside any
+        transaction, and start its write to the device: (segment, offset,
+        length).  A journaled lone send's, after its CONFIRM (the journal
+        holds it meanwhile), so that the commit of its row has only the
+        sync left.  The transaction that inserts the row count()s it, and
+        sync() makes it durable; until early_taken() its segment stays."""
+        if self._current is None or self._end >= self.roll_bytes:
+            self._roll()
+        seg, off = self._current, self._end
+        fd = self._fds[seg]
+        try:
+            pwrite_all(fd, memoryview(body), off)
+        except OSError as exc:
+            self._current = None  # (as after a failed sync: the segment is written no more)
+            raise _full(exc, self.path(seg)) from None
+        end = self._end = off + len(body)
+        self._filled = max(self._filled, end)
+        self._dirty.add(seg)
+        start = self._early[seg][0] if seg in self._early else off
+        self._early[seg] = (start, end)
+        try:
+            writeback.start_write(fd, off, len(body))
+        except OSError:
+            pass  # (a hint: sync() writes it, and reports a failure)
+        return seg, off, len(body)
+
+    def count(self, seg: int) -> None:
+        """A row referencing `seg` (a body written early) is inserted in the open transaction."""
+        self._pending[seg] += 1
+
+    def early_taken(self) -> None:
+        """The rows of every body written early are committed."""
+        self._early.clear()
 
     def fits_unsynced(self, nbytes: int) -> bool:
         """Would bodies of `nbytes` placed next lie in the current segment,
@@ -414,6 +453,10 @@ class Segments:
         try:
             written = self._write_placed()
             zeros = self._zero_ahead(*written[self._current]) if self._current in written else 0
+            for seg, (start, end) in self._early.items():
+                if seg in self._dirty:
+                    at = written.get(seg)
+                    written[seg] = (start, end) if at is None else (min(start, at[0]), max(end, at[1]))
             for seg in sorted(self._dirty):
                 fd = self._fds.get(seg)
                 if fd is not None:  # (None: retired since, after a failed sync)
@@ -450,11 +493,11 @@ class Segments:
         self._pending.clear()
         for seg in [s for s, n in self._live.items() if n <= 0]:
             del self._live[seg]
-            if seg != self._current:
+            if seg != self._current and seg not in self._early:
                 self._retire(seg)
         # A segment written before a roll and left with no rows goes too.
         with self._lock:  # read() (the relay loop) may open an old segment meanwhile
-            stale = [s for s in self._fds if s != self._current and s not in self._live]
+            stale = [s for s in self._fds if s != self._current and s not in self._live and s not in self._early]
         for seg in stale:
             self._retire(seg)
 

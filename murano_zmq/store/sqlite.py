@@ -181,6 +181,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._owed: list[StoredMessage] = []
         self._owed_ids: set[bytes] = set()
         self._owed_held: list[WriteBatch] = []
+        # ... their large bodies still to write into a segment (after the
+        # CONFIRM: write_owed()), where those written went (seq -> place),
+        # and the seqs of those a segment would not take (kept in the database)
+        self._owed_early: list[StoredMessage] = []
+        self._owed_places: dict[int, tuple[int, int, int]] = {}
+        self._owed_inline: set[int] = set()
+        self._early_failed = False  # (its warning said once, until a write succeeds)
         try:
             retry_busy(self.path, "opening the database", self._open)
             self._replay_journal(data_dir)
@@ -411,7 +418,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # are made durable by the WAL's flush (store/writeback.py),
         # their rows checksummed; else the bodies first, synced: a
         # row never points at bytes not on disk.
-        large = sum(len(m.body) for m in messages if len(m.body) >= self._threshold)
+        large = sum(len(m.body) for m in messages if len(m.body) >= self._threshold
+                    and m.seq not in self._owed_places and m.seq not in self._owed_inline)
         unsynced = self._wal_fd is not None and self._segments.fits_unsynced(large)
         stored = self._store_rows(messages, checksums=unsynced)
         if unsynced:
@@ -433,7 +441,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         to write_owed().  False: not that case, nothing done."""
         if (self._journal is None or len(messages) != 1 or self._wal_fd is None or self._seq_owed
                 or self._sync_failed is not None or self._segments.unsynced
-                or len(messages[0].body) >= self._threshold or not self._journal.fits(len(messages[0].body))
+                or not self._journal.fits(len(messages[0].body))
                 or (held and held != self._owed_held and (self._owed or self._segments.holds_any()))):
             return False
         row = messages[0]
@@ -457,6 +465,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._owed_held = held  # (deletes held for a later commit go in with the rows: acks need no sync)
         self._owed.append(row)
         self._owed_ids.add(row.msg_id)
+        if len(row.body) >= self._threshold:
+            self._owed_early.append(row)
         return True
 
     def write_owed(self, at_least: int = 1) -> None:
@@ -469,24 +479,57 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         look).  Its failure is a failed sync's (the rows are only in the
         journal now, which a restart writes in), but for a full disk's: the
         rows stay owed, and the relay's start-over writes them (rollback())."""
-        if len(self._owed) >= at_least > 0:
+        if self._owed_early or len(self._owed) >= at_least > 0:
             with self._commit_lock:
-                self._write_owed_locked()
+                if self._owed_early:
+                    self._write_early()
+                if len(self._owed) >= at_least > 0:
+                    self._write_owed_locked()
+
+    def _write_early(self) -> None:
+        """(under the commit lock) The large bodies of journaled rows, into
+        a segment, not synced: the transaction that writes their rows
+        syncs them first, so its commit has the sync alone left (an
+        append's, 16 bodies at a time) and none waits before a CONFIRM.
+        Bodies a segment will not take (a full disk, a directory the relay
+        may not write) go into the database with their rows: confirmed
+        already, they must not wait on the segments."""
+        rows, self._owed_early = self._owed_early, []
+        for i, row in enumerate(rows):
+            try:
+                self._owed_places[row.seq] = self._segments.write_early(row.body)
+            except OSError as exc:
+                self._owed_inline.update(r.seq for r in rows[i:])
+                if not self._early_failed:
+                    self._early_failed = True
+                    log.warning("%s: lone sends' bodies go into the database until a segment takes them", exc)
+                return
+            self._early_failed = False
 
     def _write_owed_locked(self) -> None:
         owed, held = self._owed, self._owed_held
         if not owed:
             return
+        if self._owed_early:
+            self._write_early()
         self._owed, self._owed_held = [], []
         self._owed_ids.clear()
         try:
             self._committed(lambda: self._write_lone(owed, held, None, journaled=True))
         except StoreError as exc:
+            if self._owed_places:  # (after a failed write or sync their bytes are not to be trusted)
+                self._owed_inline.update(self._owed_places)
+                self._owed_places.clear()
+                self._segments.early_taken()
             if exc.full:  # (they stay owed, durable in the journal: rollback() writes them, with the reserve)
                 self._owed, self._owed_held = owed + self._owed, held
                 self._owed_ids.update(m.msg_id for m in owed)
                 raise
             raise self._owed_lost(exc) from exc
+        if self._owed_places or self._owed_inline:
+            self._owed_places.clear()
+            self._owed_inline.clear()
+            self._segments.early_taken()
         if held:
             with self._batches_lock:
                 self._batches = [WriteBatch()]
@@ -883,11 +926,20 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         duplicate id, which the engine never inserts, would be ignored by
         SQLite and leave its segment counted one row too many until a restart.)"""
         threshold, append = self._threshold, self._segments.append
+        early, inline = self._owed_places, self._owed_inline  # (journaled rows': see _write_early)
         out: list = []
         for r in rows:
-            if len(r.body) >= threshold:
+            if inline and r.seq in inline:
+                self._wal_bytes += len(r.body)
+                out += (*r, None, None, None, None)
+            elif len(r.body) >= threshold:
+                place = early.get(r.seq) if early else None  # (a body written already)
+                if place is None:
+                    place = append(r.body)
+                else:
+                    self._segments.count(place[0])
                 out += (r.seq, r.mailbox_id, r.msg_id, r.headers, b"", r.created, r.expires, r.deliveries,
-                        *append(r.body), zlib.crc32(r.body) if checksums else None)
+                        *place, zlib.crc32(r.body) if checksums else None)
             else:
                 out += (*r, None, None, None, None)
         return out

@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -36,7 +37,7 @@ from murano_zmq.store.segments import Segments
 from murano_zmq.store.packs import packed_rows, stored_ids
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
 
-from ..helpers import free_tcp_endpoint, wait_for
+from ..helpers import drain, free_tcp_endpoint, wait_for, without_journal
 
 SYNC_DELAY = 0.003  # widens the window between the writes and the end of the sync
 
@@ -78,14 +79,21 @@ class RecordingStore(SQLiteStore):
         written: dict[int, int] = {}
         segments = self._segments
         append, sync, wait_unsynced = segments.append, segments.sync, segments.wait_unsynced
+        write_early = segments.write_early
+        self.segment_sync_fails = 0  # how many of the next segment syncs fail
 
-        def recording_append(body):
-            seg, off, length = append(body)
+        def recording_append(body, place=append):
+            seg, off, length = place(body)
             written[seg] = max(written.get(seg, 0), off + length)
             return seg, off, length
 
         def recording_sync(**kw):
             before = dict(written)
+            if self.segment_sync_fails:
+                self.segment_sync_fails -= 1
+                self.failed = True
+                segments._current = None  # (what a failed sync leaves: the segment is written no more)
+                raise OSError(5, "Input/output error (injected segment fdatasync failure)")
             sync(**kw)
             self.synced_to.update(before)
             self.segment_syncs += 1
@@ -97,6 +105,7 @@ class RecordingStore(SQLiteStore):
             self.unsynced_writes += 1
 
         segments.append, segments.sync = recording_append, recording_sync
+        segments.write_early = lambda body: recording_append(body, write_early)
         segments.wait_unsynced = recording_wait_unsynced
         # ids whose journal record a sync made durable, since the ring's last
         # wrap (which follows a WAL sync: the ids it covers are in wal_synced)
@@ -548,8 +557,17 @@ def flush_shared(monkeypatch):
     monkeypatch.setattr(writeback, "shares_flush", lambda *args: True)
 
 
-def test_large_body_confirms_follow_both_syncs(relay_with, flush_shared):
-    relay, watch, _ = relay_with()
+class NoJournalStore(RecordingStore):
+    def __init__(self, data_dir: str):
+        super().__init__(data_dir)
+        without_journal(self)
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
+def test_large_body_confirms_follow_both_syncs(relay_with, flush_shared, journal):
+    """With the journal, a lone send's record holds its body, and the body
+    goes to a segment after the CONFIRM, synced before its row's commit."""
+    relay, watch, _ = relay_with(RecordingStore if journal else NoJournalStore)
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
         lone = [node.send("contract.big", BIG) for _ in range(20)]
         ids = list(lone)
@@ -557,8 +575,11 @@ def test_large_body_confirms_follow_both_syncs(relay_with, flush_shared):
             ids += node.send_many([("contract.big", BIG)] * 150, timeout=30)
         ids += [f.result(30) for f in [node.send_async("contract.big", b"s") for _ in range(100)]]
     store = relay.engine.store
-    # Most lone bodies are written over the zeros ahead: flushed by the WAL's sync.
-    assert store.unsynced_writes >= 10 and store.segment_syncs >= 3
+    if journal:
+        assert store.journal_syncs >= 19 and store.unsynced_writes == 0
+    else:  # most lone bodies are written over the zeros ahead: flushed by the WAL's sync
+        assert store.unsynced_writes >= 10
+    assert store.segment_syncs >= 3
     reader = sqlite3.connect(store.path, timeout=10)
     try:
         in_segments = {msg_id for msg_id, seg in reader.execute("SELECT msg_id, seg FROM messages") if seg is not None}
@@ -569,6 +590,31 @@ def test_large_body_confirms_follow_both_syncs(relay_with, flush_shared):
     assert not watch.violations
     assert set(ids) <= set(watch.confirmed)
     assert store.durable(ids) == set(ids)
+
+
+def test_a_failed_sync_of_journaled_bodies_stops_the_relay_and_the_journal_has_them(relay_with):
+    """Lone 64 KiB sends confirmed from the journal, their bodies written to
+    a segment after each CONFIRM; the sync before their rows' commit fails:
+    the relay stops, confirming nothing more, and its restart writes the
+    journal's copies in: every body whole."""
+    relay, watch, errors = relay_with()
+    with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
+        ids = [node.send("contract.bigjournal", BIG + bytes([i])) for i in range(4)]
+        store = relay.engine.store
+        assert store.journal_syncs >= 3 and store._owed  # (the first made the mailbox: the general path)
+        wait_for(lambda: not store._owed_early, 10, what="the bodies written to a segment")
+        store.segment_sync_fails = 1
+        with ThreadPoolExecutor(1) as pool:  # (a send of two: not journaled, so the rows owed go first)
+            pending = pool.submit(node.send_many, [("contract.bigjournal", b"s")] * 2, 30)
+            again, watch_again, errors_again = halted_and_restarted(relay_with, relay, [pending],
+                                                                    "injected segment fdatasync failure")
+            assert "journaled sends" in str(relay.halted_by)
+            ids += pending.result(30)
+        got = drain(node.consume("contract.bigjournal", prefetch=20), expect=len(ids))
+    assert [m.id for m in got] == ids
+    assert [m.body for m in got[:4]] == [BIG + bytes([i]) for i in range(4)]
+    assert not errors and not errors_again
+    assert not watch.violations and not watch_again.violations
 
 
 def test_a_failed_write_of_a_lone_body_stops_the_relay_without_a_confirm(relay_with, flush_shared, monkeypatch):
@@ -590,7 +636,7 @@ def test_a_failed_write_of_a_lone_body_stops_the_relay_without_a_confirm(relay_w
     real_rewrite = Segments.rewrite_if_whole
     monkeypatch.setattr(Segments, "rewrite_if_whole", lambda self, seg, off, length, crc: (
         rewritten.append(((seg, off), real_rewrite(self, seg, off, length, crc))), rewritten[-1][1])[1])
-    relay, watch, errors = relay_with()
+    relay, watch, errors = relay_with(NoJournalStore)
     with Node("sender", relay=relay.endpoint, direct=False, timeout=30) as node:
         ids = [node.send("contract.bigfail", BIG) for _ in range(3)]
         store = relay.engine.store

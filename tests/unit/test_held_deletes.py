@@ -18,6 +18,7 @@ from murano_zmq.relay.turn import DELETES_HELD_ROWS, DELETES_HELD_SECONDS, Turn
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store.packs import packed_rows, stored_count
 from murano_zmq.store.sqlite import SQLiteStore
+from tests.helpers import without_journal
 
 NOW = 1000.0
 
@@ -88,18 +89,25 @@ def test_other_writes_or_a_held_reply_commit_this_turn(store):
     assert store.held_deletes() is None and not turn.hold_deletes(NOW)
 
 
-def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch):
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
+def test_a_lone_send_commits_held_deletes_in_its_one_sync(store, monkeypatch, journal):
     """A lone send right after acks (a consumer's reply, say) keeps its
     path: the held deletes join its transaction, its 64 KiB body goes to a
     segment (synced before the COMMIT), and one sync of the WAL makes both
-    durable."""
+    durable.  With the journal, its one sync is the journal's, and the
+    deletes go with its row."""
+    if not journal:
+        without_journal(store)
     store.delete([1, 2])
     syncs = []
     real = store._sync_wal
     monkeypatch.setattr(store, "_sync_wal", lambda: (syncs.append(1), real())[1])
     big = StoredMessage(10**6, 1, (10**6).to_bytes(16, "big"), b"", b"b" * 65536, 1.0, None, 0)
     store.commit_insert([big])
-    assert syncs == [1]
+    if journal:
+        assert syncs == [] and store._journal.records()[-1][0] == 10**6
+        store.write_owed()
+    assert syncs == ([] if journal else [1])
     assert len(store._batches) == 1 and not store._batches[0]
     rows = dict(store._db.execute("SELECT seq, seg IS NULL FROM messages").fetchall())
     assert rows == {10**6: 0}

@@ -230,13 +230,126 @@ def test_a_wrap_syncs_the_wal_first_and_a_crash_after_it_loses_nothing(tmp_path,
     assert ready_after_restart(tmp_path) == list(range(10, 101))
 
 
-def test_a_large_body_or_several_rows_take_the_commit_path(tmp_path):
+def test_a_body_too_large_for_the_ring_or_several_rows_take_the_commit_path(tmp_path):
     store = new_store(tmp_path)
     try:
-        store.commit_insert([StoredMessage(10, 1, bytes(16), b"", b"x" * 65536, 1.0, None, 0)])
+        store.commit_insert([msg(10, b"x" * (journal_module.SIZE // 4))])
         store.commit_insert([msg(11), msg(12)])
         assert not store._owed and store._journal.records() == []
         assert ready(store) == [10, 11, 12]
+    finally:
+        store.close()
+
+
+LARGE = bytes(range(256)) * 256  # 64 KiB: a segment's body
+
+
+def segment_bytes(store: SQLiteStore, seq: int) -> bytes | None:
+    """The bytes at the segment place the row of `seq` names (None: no row, or a body in the database)."""
+    db = sqlite3.connect(store.path)
+    try:
+        row = db.execute("SELECT seg, seg_off, seg_len FROM messages WHERE seq=?", (seq,)).fetchone()
+    finally:
+        db.close()
+    if row is None or row[0] is None:
+        return None
+    with open(store._segments.path(row[0]), "rb") as f:
+        f.seek(row[1])
+        return f.read(row[2])
+
+
+def test_a_large_body_is_journaled_and_written_to_a_segment_after_its_confirm(tmp_path, monkeypatch):
+    """The record holds the body; the body goes to a segment when the relay
+    asks after the CONFIRM (write_owed(OWED_ROWS) with fewer rows owed), its
+    row with the next transaction of rows owed, the segment synced before it."""
+    store = new_store(tmp_path)
+    try:
+        lone_send(store, 10, write=False, body=LARGE)
+        assert store._journal.records()[-1] == (10, list(msg(10, LARGE)))
+        assert not store._segments.on_disk() or max(store._segments.on_disk().values()) == 0
+        store.write_owed(journal_module.OWED_ROWS)
+        assert store._owed and segment_bytes(store, 10) is None  # the row: not yet
+        assert sum(store._segments.on_disk().values()) >= len(LARGE)  # the body: written
+        synced = []
+        real = store._segments.sync
+        monkeypatch.setattr(store._segments, "sync", lambda **kw: (synced.append(bool(store._owed)), real(**kw)))
+        store.write_owed()
+        assert synced and not store._owed
+        assert segment_bytes(store, 10) == LARGE
+        assert store.get(10) == msg(10, LARGE)
+    finally:
+        store.close()
+    assert ready_after_restart(tmp_path) == [10]
+
+
+def test_a_crash_after_a_large_body_went_to_a_segment_replays_it_from_the_journal(tmp_path):
+    store = new_store(tmp_path)
+    lone_send(store, 10, body=LARGE)
+    lone_send(store, 11, write=False, body=LARGE)
+    store.write_owed(journal_module.OWED_ROWS)  # the body written, not synced, no row: then the crash
+    crash(store)
+    store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == [10, 11]
+        assert store.get(10) == msg(10, LARGE) and store.get(11) == msg(11, LARGE)
+    finally:
+        store.close()
+
+
+def test_a_large_body_no_segment_takes_goes_into_the_database_with_its_row(tmp_path, monkeypatch, caplog):
+    """Confirmed already, a journaled body does not wait on the segments
+    (a full disk, a directory the relay may not write): said once."""
+    store = new_store(tmp_path)
+    try:
+        def no_segment(body):
+            raise OSError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(store._segments, "write_early", no_segment)
+        monkeypatch.setattr(store._segments, "append", lambda body: pytest.fail("placed in a segment"))
+        with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+            for seq in (10, 11):
+                lone_send(store, seq, write=False, body=LARGE)
+                store.write_owed(journal_module.OWED_ROWS)
+            store.write_owed()
+        assert caplog.text.count("bodies go into the database") == 1
+        assert store.get(10) == msg(10, LARGE) and segment_bytes(store, 11) is None
+    finally:
+        store.close()
+    assert ready_after_restart(tmp_path) == [10, 11]
+
+
+def test_large_and_small_lone_sends_mixed_keep_their_bodies_and_segments(tmp_path):
+    """Many sends, some large (16 owed rows a transaction, segments rolling
+    every few bodies), acks between: every body reads back, before and after
+    a restart, and a segment whose rows are all acked goes."""
+    store = SQLiteStore(str(tmp_path))
+    store._segments.roll_bytes = 5 * len(LARGE)
+    store.save_mailbox(MailboxRow(1, "jobs", {}, False))
+    store.seal()
+    store.commit()
+    bodies = {}
+    for seq in range(10, 80):
+        bodies[seq] = LARGE if seq % 3 else b"small %d" % seq
+        lone_send(store, seq, write=False, body=bodies[seq])
+        store.write_owed(journal_module.OWED_ROWS)
+        if seq % 10 == 0:
+            store.write_owed()
+            acked = [s for s in sorted(bodies) if s < seq - 20]
+            store.delete(acked)
+            store.seal()
+            store.commit()
+            for s in acked:
+                del bodies[s]
+    store.write_owed()
+    try:
+        assert {m.seq: m.body for m in store.load_ready(1, 0, 1000)} == bodies
+        assert all(store.get(s).body == b for s, b in bodies.items())
+        assert len(store._segments.on_disk()) <= 6  # (the acked ones' segments deleted)
+    finally:
+        store.close()
+    store = SQLiteStore(str(tmp_path))
+    try:
+        assert {m.seq: store.get(m.seq).body for m in store.load_ready(1, 0, 1000)} == bodies
     finally:
         store.close()
 
@@ -391,6 +504,33 @@ def test_a_full_disk_keeps_the_rows_owed_and_rollback_writes_them(tmp_path, monk
         store.close()
 
 
+def test_large_bodies_whose_segment_sync_failed_go_into_the_database(tmp_path, monkeypatch):
+    """The segment's sync before the rows' commit met a full disk: the rows
+    stay owed, and their bodies, whose written bytes a failed sync leaves
+    untrusted, go into the database with them (the journal's copies)."""
+    store = new_store(tmp_path)
+    try:
+        for seq in (10, 11):
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        assert store._owed_places
+
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fdatasync", no_space)
+        with pytest.raises(StoreError) as failed:
+            store.write_owed()
+        assert failed.value.full and [m.seq for m in store._owed] == [10, 11]
+        monkeypatch.undo()
+        store.rollback()
+        assert not store._owed and ready(store) == [10, 11]
+        assert segment_bytes(store, 10) is None and store.get(11) == msg(11, LARGE)
+    finally:
+        store.close()
+    assert ready_after_restart(tmp_path) == [10, 11]
+
+
 def test_a_rollback_gives_the_reserve_to_rows_it_could_not_write_at_first(tmp_path, monkeypatch):
     store = new_store(tmp_path)
     try:
@@ -467,32 +607,75 @@ def test_rows_that_cannot_be_put_back_stop_the_relay(tmp_path, monkeypatch):
 # --- a power loss: the WAL as its last sync left it ---
 
 
-def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [300, 20_000], ids=["small", "segment"])
+def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp_path, monkeypatch, size):
     """Random lone sends (their rows owed, written 16 at a time), sends of
     two (synced commits), acks (held, or committed without a sync), a small
     ring that wraps often; then a copy of the data directory with the WAL as
     its last sync left it (and sometimes some of what was written since),
-    the journal as it is.  Every confirmed send not acked is there; no
-    message whose ack a WAL sync covered comes back.  (After review 53.)"""
-    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024)
+    the journal as it is, the segment files as their last sync left them.
+    Every confirmed send not acked is there, its body whole; no message
+    whose ack a WAL sync covered comes back.  (After review 53.)  With
+    bodies in segments, also a copy at every few WAL syncs: the moment a
+    row's transaction becomes durable, its body must be already."""
+    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024 if size < 8192 else 256 * 1024)
     no_checkpoint = {"commits": 10**9, "nbytes": 10**15}
     for seed in range(6):
         rnd = random.Random(seed)
         live = tmp_path / f"live{seed}"
         store = SQLiteStore(str(live), checkpoint=no_checkpoint)
+        store._segments._flush_shared = False  # (bodies durable by their own syncs alone: this copy's model)
+        synced_segments: dict[str, bytes] = {}
+        real_segment_sync = store._segments.sync
+
+        def segment_sync_and_copy(real=real_segment_sync, copy=synced_segments, seg_dir=store._segments.dir,
+                                  **kw):
+            real(**kw)
+            copy.clear()
+            for name in os.listdir(seg_dir):
+                with open(os.path.join(seg_dir, name), "rb") as f:
+                    copy[name] = f.read()
+
+        store._segments.sync = segment_sync_and_copy
         store.save_mailbox(MailboxRow(1, "jobs", {}, False))
         store.seal()
         store.commit()
         synced_wal, acked, durably_acked, confirmed = [b""], set(), set(), set()
         real_sync = store._sync_wal
+        copies = [0]
+
+        def power_loss(wal: bytes, seed=seed, live=live, store=store, synced_segments=synced_segments,
+                       confirmed=confirmed, acked=acked, durably_acked=durably_acked, copies=copies):
+            """A copy of the data directory as a power loss would leave it, started and checked."""
+            copies[0] += 1
+            lost = tmp_path / f"lost{seed}-{copies[0]}"
+            (lost / "segments").mkdir(parents=True)
+            shutil.copy(store.path, lost / "relay.db")
+            (lost / "relay.db-wal").write_bytes(wal)
+            shutil.copy(live / FILE_NAME, lost / FILE_NAME)
+            for name, data in synced_segments.items():
+                (lost / "segments" / name).write_bytes(data)
+            after = SQLiteStore(str(lost), checkpoint=no_checkpoint)
+            try:
+                ready_now = after.load_ready(1, 0, 10_000)
+                present = {m.msg_id for m in ready_now}
+                bodies = {m.seq: after.get(m.seq).body for m in ready_now}
+            finally:
+                after.close()
+            shutil.rmtree(lost)
+            assert not (confirmed - acked) - present, f"seed {seed}: confirmed sends lost"
+            assert all(b in (b"x" * size, b"y" * size) for b in bodies.values()), f"seed {seed}: a body lost"
+            assert not durably_acked & present, f"seed {seed}: durably acked messages came back"
 
         def sync_and_copy(store=store, real_sync=real_sync, synced_wal=synced_wal, acked=acked,
-                          durably_acked=durably_acked):
+                          durably_acked=durably_acked, rnd=rnd, power_loss=power_loss):
             seen = visible_ids(store.path)  # what a sync that begins now makes durable
             real_sync()
             with open(store.path + "-wal", "rb") as f:
                 synced_wal[0] = f.read()
             durably_acked.update(i for i in acked if i not in seen)
+            if size >= 8192 and rnd.random() < 0.3:
+                power_loss(synced_wal[0])
 
         store._sync_wal = sync_and_copy
         seq = 100
@@ -500,12 +683,12 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
             op = rnd.random()
             if op < 0.6:  # a lone send
                 seq += 1
-                store.commit_insert([msg(seq, b"x" * 300)])
+                store.commit_insert([msg(seq, b"x" * size)])
                 confirmed.add(msg(seq).msg_id)
                 store.write_owed(16)
             elif op < 0.75:  # a turn with a send of two
                 store.write_owed()
-                store.insert([msg(seq + 1, b"y"), msg(seq + 2, b"y")])
+                store.insert([msg(seq + 1, b"y" * size), msg(seq + 2, b"y" * size)])
                 confirmed.update((msg(seq + 1).msg_id, msg(seq + 2).msg_id))
                 seq += 2
                 store.seal()
@@ -520,22 +703,13 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
                     if rnd.random() < 0.5:
                         store.seal()
                         store.commit()
-        lost = tmp_path / f"lost{seed}"
-        lost.mkdir()
-        shutil.copy(store.path, lost / "relay.db")
         with open(store.path + "-wal", "rb") as f:
             now = f.read()
         extra = rnd.randint(0, max(0, len(now) - len(synced_wal[0]))) if rnd.random() < 0.5 else 0
-        (lost / "relay.db-wal").write_bytes(now[:len(synced_wal[0]) + extra])
-        shutil.copy(live / FILE_NAME, lost / FILE_NAME)
-        crash(store)
-        after = SQLiteStore(str(lost), checkpoint=no_checkpoint)
         try:
-            present = {m.msg_id for m in after.load_ready(1, 0, 10_000)}
+            power_loss(now[:len(synced_wal[0]) + extra])
         finally:
-            after.close()
-        assert not (confirmed - acked) - present, f"seed {seed}: confirmed sends lost"
-        assert not durably_acked & present, f"seed {seed}: durably acked messages came back"
+            crash(store)
 
 
 def visible_ids(path: str) -> set[bytes]:

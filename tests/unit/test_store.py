@@ -29,10 +29,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.store import segments as segments_module
+from murano_zmq.store.journal import OWED_ROWS
 from murano_zmq.store.schema import SCHEMA, SCHEMA_VERSION
 from murano_zmq.store.segments import SEGMENT_DIR, SPARE_NAME, THRESHOLD, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore, StoreError
-from tests.helpers import segment_files
+from tests.helpers import segment_files, without_journal
 
 try:
     import psycopg
@@ -1132,14 +1133,23 @@ def test_enospc_on_a_segment_is_a_full_disk(tmp_path, monkeypatch, where):
         s.close()
 
 
-@pytest.mark.parametrize("path", ["batch", "lone"])
+@pytest.mark.parametrize("path", ["batch", "lone", "journaled"])
 def test_bodies_are_synced_before_the_commit_that_points_at_them(tmp_path, monkeypatch, path):
+    """journaled: a lone send's record holds its body, written to a segment
+    after the CONFIRM and synced before the commit of its row."""
     s = SQLiteStore(str(tmp_path))
+    if path == "lone":
+        without_journal(s)
     calls = []
     real_sync, real_commit = s._segments.sync, s._commit_tx
     monkeypatch.setattr(s._segments, "sync", lambda **kw: (calls.append("segments"), real_sync(**kw))[1])
     monkeypatch.setattr(s, "_commit_tx", lambda *a: (calls.append("commit"), real_commit(*a))[1])
-    if path == "lone":
+    if path == "journaled":
+        s.commit_insert([msg(1, body=b"x" * LARGE)])
+        s.write_owed(OWED_ROWS)
+        assert calls == [] and s._owed
+        s.write_owed()
+    elif path == "lone":
         s.commit_insert([msg(1, body=b"x" * LARGE)])
     else:
         s.insert([msg(1, body=b"x" * LARGE)])
@@ -1152,7 +1162,7 @@ def test_a_lone_commit_drops_the_pages_of_its_body_from_the_cache(tmp_path, monk
     """After its sync, a lone send's body leaves the page cache (the relay
     delivers it from memory); a short batch's stays (a long one's never
     enters it: tests/unit/test_direct_io.py)."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     dropped = []
     monkeypatch.setattr(segments_module.os, "posix_fadvise",
                         lambda fd, off, length, advice: dropped.append((off, length, advice)))
@@ -1177,7 +1187,7 @@ def test_a_segment_grows_by_zeros_ahead_of_its_bodies(tmp_path):
     """A write that passes what earlier writes filled fills ZERO_AHEAD more
     with zeros (synced with it), so the next bodies write over written
     blocks; a segment made from the spare is written already."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     s._segments.roll_bytes = 8 * LARGE
     path = lambda: os.path.join(tmp_path, SEGMENT_DIR, segment_files(tmp_path)[-1])  # noqa: E731
     try:
@@ -1211,7 +1221,7 @@ def test_a_segment_grows_by_zeros_ahead_of_its_bodies(tmp_path):
 def test_a_write_of_zero_ahead_or_more_writes_no_zeros(tmp_path):
     """A batch that writes as much as ZERO_AHEAD grows the file by itself:
     no zeros after it; a lone body after it writes them."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         s.insert([msg(seq, body=bytes([seq]) * LARGE) for seq in range(1, 5)])
         flush(s)
@@ -1224,7 +1234,7 @@ def test_a_write_of_zero_ahead_or_more_writes_no_zeros(tmp_path):
 
 
 def test_zeros_ahead_are_left_out_when_the_disk_has_no_room_for_them(tmp_path, monkeypatch):
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     real = os.pwrite
 
     def no_room_for_zeros(fd, data, offset):
@@ -1244,7 +1254,7 @@ def test_zeros_ahead_are_left_out_when_the_disk_has_no_room_for_them(tmp_path, m
 def test_a_lone_commit_whose_segment_is_full_stores_nothing(tmp_path, monkeypatch):
     """ENOSPC on a lone send's segment: a full disk, nothing COMMITted, and
     the same send stores once space is back."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     real = os.fdatasync
 
     def no_space(*args):
@@ -1320,6 +1330,7 @@ def test_schema_3_is_migrated(tmp_path):
     try:
         assert s.get(1).body == b"\x01"
         s.commit_insert([msg(2, body=b"2" * LARGE)])
+        s.write_owed()  # (journaled: its row)
         assert s.get(2).body == b"2" * LARGE
         assert s._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == SCHEMA_VERSION
     finally:

@@ -19,7 +19,7 @@ from murano_zmq.store import writeback
 from murano_zmq.store.base import StoredMessage
 from murano_zmq.store.segments import SEGMENT_DIR, ZERO_AHEAD
 from murano_zmq.store.sqlite import SQLiteStore
-from tests.helpers import segment_files
+from tests.helpers import segment_files, without_journal
 
 LARGE = 64 * 1024
 PER_FILL = ZERO_AHEAD // LARGE + 1  # lone bodies per growth of the segment: the first syncs its own
@@ -48,7 +48,7 @@ def test_lone_bodies_over_the_zeros_ahead_take_no_sync_of_their_own(tmp_path, mo
     """The first lone body grows the segment (and writes zeros ahead): synced
     before its COMMIT.  The next ones land on those zeros: written, waited
     for, and flushed by the WAL's sync; their rows keep their CRC-32."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     calls = []
     real_sync, real_wait, real_fdatasync = s._segments.sync, s._segments.wait_unsynced, os.fdatasync
     monkeypatch.setattr(s._segments, "sync", lambda **kw: (calls.append("segment sync"), real_sync(**kw))[1])
@@ -69,7 +69,7 @@ def test_lone_bodies_over_the_zeros_ahead_take_no_sync_of_their_own(tmp_path, mo
 
 
 def test_a_batch_and_a_refusing_file_system_sync_their_bodies(tmp_path):
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         s.commit_insert([msg(1, body=body(1))])  # (zeros ahead: the next would fit)
         s.insert([msg(2, body=body(2))])
@@ -88,7 +88,7 @@ def test_a_last_lone_body_that_never_reached_the_disk_is_dropped_at_start(tmp_pa
     it is logged and deleted; the rows before it are delivered, and the
     newest segment is synced (a process crash leaves its bodies in the page
     cache only)."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     for seq in range(1, 4):
         s.commit_insert([msg(seq, body=body(seq))])
     assert checksums(s)[3] is not None
@@ -102,7 +102,7 @@ def test_a_last_lone_body_that_never_reached_the_disk_is_dropped_at_start(tmp_pa
     monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                                      real(fd))[1])
     with caplog.at_level(logging.ERROR, logger="murano_zmq.store"):
-        s = SQLiteStore(str(tmp_path))
+        s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         assert [m.body for m in s.load_ready(1, 0, 10)] == [body(1), body(2)]
         assert "message 00000000000000000000000000000003 (seq 3, mailbox id 1) was never confirmed" in caplog.text
@@ -116,7 +116,7 @@ def test_a_last_lone_body_found_whole_at_start_is_written_again(tmp_path, monkey
     """After a failed write-back the page cache may hold a body clean that
     the disk lacks: a body of the last commit whose checksum matches is
     written again before the start's sync of the newest segment."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     for seq in range(1, 3):
         s.commit_insert([msg(seq, body=body(seq))])
     s.close()
@@ -127,7 +127,7 @@ def test_a_last_lone_body_found_whole_at_start_is_written_again(tmp_path, monkey
         events.append(("write", name(fd), off, len(data))), real_pwrite(fd, data, off))[1])
     monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (
         events.append(("sync", name(fd))), real_fdatasync(fd))[1])
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         segment = segment_files(tmp_path)[0]
         # (the start also syncs the WAL and writes the journal's zeros: store/journal.py)
@@ -141,7 +141,7 @@ def test_only_the_last_commits_bodies_are_read_at_start(tmp_path, monkeypatch):
     """Only the last commit can have a body the disk lacks (each waits for
     the flush of the one before: tests/integration/test_confirm_contract.py):
     the bodies before it are not read at start."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     for seq in range(1, PER_FILL + 1):
         s.commit_insert([msg(seq, body=body(seq))])
     s.close()
@@ -149,7 +149,7 @@ def test_only_the_last_commits_bodies_are_read_at_start(tmp_path, monkeypatch):
     real = segments_module.Segments.rewrite_if_whole
     monkeypatch.setattr(segments_module.Segments, "rewrite_if_whole",
                         lambda self, seg, off, length, crc: (read.append(off), real(self, seg, off, length, crc))[1])
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         # The last commit's bodies end the newest segment, under DIRECT_MIN bytes.
         assert read and all(off >= PER_FILL * LARGE - segments_module.DIRECT_MIN for off in read)
@@ -224,7 +224,7 @@ def test_a_spares_old_bytes_are_no_room_until_zeros_are_written_over_them(tmp_pa
     """A reused spare is written blocks, but not this store's: the room for
     bodies flushed by the WAL's sync is only what zeros written (and synced)
     over it made."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     s._segments.roll_bytes = 8 * LARGE
     try:
         for seq in range(1, 17):  # two segments; the first, whole and unreferenced, becomes the spare at the roll
@@ -255,7 +255,7 @@ def test_a_failed_write_of_a_lone_body_commits_nothing(tmp_path, monkeypatch):
     """pwrite fails on the path without a sync of its own: nothing is
     committed, and the next body goes to a new segment (as after a failed
     sync: the failed one's state is unknown)."""
-    s = SQLiteStore(str(tmp_path))
+    s = without_journal(SQLiteStore(str(tmp_path)))
     try:
         s.commit_insert([msg(1, body=body(1))])
         assert s._segments.fits_unsynced(LARGE)
