@@ -1,5 +1,5 @@
-"""The lone-send journal: a one-at-a-time send made durable by one small
-write and one fdatasync, its SQLite row written after its CONFIRM left.
+"""The lone-send journal: a one-at-a-time send made durable by one write
+and one fdatasync, its SQLite row written after its CONFIRM left.
 
 A lone send committed through SQLite costs BEGIN, the INSERT into the
 table and its indexes, the COMMIT's WAL frames and the Python around them,
@@ -9,7 +9,10 @@ preallocated file and fdatasynced (an overwrite of written blocks: no
 metadata, one device flush, as the WAL's own), the CONFIRM goes out, and
 the rows are then written into SQLite, OWED_ROWS at a time, by a
 transaction that is not synced: the next synced commit, a checkpoint or
-the journal's wrap makes them durable there.
+the journal's wrap makes them durable there.  A large body (a segment's,
+store/segments.py) is in its record too: written to a segment after the
+CONFIRM, it is synced before the transaction of its row, so that the mark
+below never covers a row whose body is not on the disk.
 
 What makes a crash safe: every such transaction also writes its top seq
 as the `journal` mark in `meta`.  SQLite's recovery keeps a prefix of the
