@@ -616,9 +616,10 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
     the journal as it is, the segment files as their last sync left them.
     Every confirmed send not acked is there, its body whole; no message
     whose ack a WAL sync covered comes back.  (After review 53.)  With
-    bodies in segments, also a copy at every few WAL syncs: the moment a
-    row's transaction becomes durable, its body must be already."""
-    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024 if size < 8192 else 256 * 1024)
+    bodies in segments, also a copy at every few WAL syncs and after every
+    few lone sends (with some of the WAL written since its last sync): the
+    moment a row's transaction may be durable, its body must be already."""
+    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024 if size < 8192 else 1 << 20)
     no_checkpoint = {"commits": 10**9, "nbytes": 10**15}
     for seed in range(6):
         rnd = random.Random(seed)
@@ -640,7 +641,9 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
         store.save_mailbox(MailboxRow(1, "jobs", {}, False))
         store.seal()
         store.commit()
-        synced_wal, acked, durably_acked, confirmed = [b""], set(), set(), set()
+        with open(store.path + "-wal", "rb") as f:  # (the mailbox's commit: synced)
+            synced_wal = [f.read()]
+        acked, durably_acked, confirmed = set(), set(), set()
         real_sync = store._sync_wal
         copies = [0]
 
@@ -679,13 +682,17 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
 
         store._sync_wal = sync_and_copy
         seq = 100
-        for _ in range(300):
-            op = rnd.random()
+        for i in range(300 + (40 if size >= 8192 else 0)):
+            op = rnd.random() if i < 300 else 0.0  # (then lone sends alone: their rows 16 a transaction)
             if op < 0.6:  # a lone send
                 seq += 1
                 store.commit_insert([msg(seq, b"x" * size)])
                 confirmed.add(msg(seq).msg_id)
                 store.write_owed(16)
+                if size >= 8192 and (i % 3 == 0 if i >= 300 else rnd.random() < 0.15):  # (unsynced WAL frames too)
+                    with open(store.path + "-wal", "rb") as f:
+                        now = f.read()
+                    power_loss(now[:len(synced_wal[0]) + rnd.randint(0, max(0, len(now) - len(synced_wal[0])))])
             elif op < 0.75:  # a turn with a send of two
                 store.write_owed()
                 store.insert([msg(seq + 1, b"y" * size), msg(seq + 2, b"y" * size)])
