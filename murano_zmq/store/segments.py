@@ -167,6 +167,7 @@ class Segments:
         self._next = 1
         self._unwritten: list[tuple[int, int, bytes]] = []  # (segment, offset, body) placed, not written
         self._early: dict[int, tuple[int, int]] = {}  # segment -> (start, end) of write_early()'s bodies, no row yet
+        self._early_failed = False  # ... and a write or sync failed since: their bytes are not to be trusted
         self._dirty: set[int] = set()  # written since the last sync
         self._dir_dirty = False  # a new file whose directory entry is not synced yet
         self._gone: set[int] = set()  # deleted by this store: a late read is of a deleted row
@@ -241,7 +242,7 @@ class Segments:
     def unwritten(self) -> bool:
         """Are bodies placed that sync() has yet to write, or written early
         that it has yet to sync?"""
-        return bool(self._unwritten) or bool(self._early) and bool(self._dirty)
+        return bool(self._unwritten) or bool(self._early) and (bool(self._dirty) or self._dir_dirty)
 
     def write_early(self, body: bytes) -> tuple[int, int, int]:
         """Write `body` at the end of the current segment now, outside any
@@ -250,6 +251,8 @@ class Segments:
         holds it meanwhile), so that the commit of its row has only the
         sync left.  The transaction that inserts the row count()s it, and
         sync() makes it durable; until early_taken() its segment stays."""
+        if self._unwritten:  # (not expected: the rows owed are written before anything is placed)
+            raise OSError(errno.EBUSY, "bodies are placed for a transaction")
         if self._current is None or self._end >= self.roll_bytes:
             self._roll()
         seg, off = self._current, self._end
@@ -258,6 +261,10 @@ class Segments:
             pwrite_all(fd, memoryview(body), off)
         except OSError as exc:
             self._current = None  # (as after a failed sync: the segment is written no more)
+            if self._early:
+                self._early_failed = True
+            elif off == 0 and not self._live.get(seg) and not self._pending.get(seg):
+                self._retire(seg)  # (just made for it: else every failing send would leave one)
             raise _full(exc, self.path(seg)) from None
         end = self._end = off + len(body)
         self._filled = max(self._filled, end)
@@ -274,9 +281,18 @@ class Segments:
         """A row referencing `seg` (a body written early) is inserted in the open transaction."""
         self._pending[seg] += 1
 
+    @property
+    def early_failed(self) -> bool:
+        """Did a write or sync fail since bodies were written early?  Then
+        their bytes are not to be trusted (Linux reports a failed
+        write-back once, and may keep the pages clean but unwritten)."""
+        return self._early_failed
+
     def early_taken(self) -> None:
-        """The rows of every body written early are committed."""
+        """The rows of every body written early are committed, or will
+        never point at them (their bodies go into the database)."""
         self._early.clear()
+        self._early_failed = False
 
     def fits_unsynced(self, nbytes: int) -> bool:
         """Would bodies of `nbytes` placed next lie in the current segment,
@@ -482,6 +498,8 @@ class Segments:
             # on in a new segment (this one goes when no row references it).
             self._unwritten.clear()
             self._current = None
+            if self._early:
+                self._early_failed = True
             raise (exc if isinstance(exc, SegmentFull) else _full(exc, self.dir)) from None
 
     def committed(self) -> None:

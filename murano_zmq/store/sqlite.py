@@ -367,8 +367,9 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         fsync, but SQLite's copies of it (into the WAL, then the database at
         a checkpoint, one that grows it while messages pile up) would cost
         the sends behind it several times that (docs/performance.md,
-        "Session 18").  A lone row with a small body is made durable by the
-        journal instead, and written here by write_owed() (store/journal.py)."""
+        "Session 18").  Where there is a journal, a lone row is made durable
+        by it instead, a large body with it, and written here by
+        write_owed() (store/journal.py)."""
         # Batches of deletes alone (held for a later commit by relay/turn.py,
         # sealed and written ahead or still open) go into this one: a lone
         # send after an ack keeps its one sync.  Anything else takes the
@@ -436,9 +437,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     # --- the lone-send journal (store/journal.py) ---
 
     def _journaled(self, messages: list[StoredMessage], held: list[WriteBatch]) -> bool:
-        """(under the commit lock) A lone row with a small body, nothing
-        owed to a sync: append it to the journal, synced, and owe its row
-        to write_owed().  False: not that case, nothing done."""
+        """(under the commit lock) A lone row whose body fits the ring,
+        nothing owed to a sync: append it to the journal, synced, and owe
+        its row (and a large body's segment write) to write_owed().  False:
+        not that case, nothing done."""
         if (self._journal is None or len(messages) != 1 or self._wal_fd is None or self._seq_owed
                 or self._sync_failed is not None or self._segments.unsynced
                 or not self._journal.fits(len(messages[0].body))
@@ -514,13 +516,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             self._write_early()
         self._owed, self._owed_held = [], []
         self._owed_ids.clear()
+        if self._segments.early_failed:  # (another commit's segment sync failed over them)
+            self._untrust_places()
         try:
             self._committed(lambda: self._write_lone(owed, held, None, journaled=True))
         except StoreError as exc:
-            if self._owed_places:  # (after a failed write or sync their bytes are not to be trusted)
-                self._owed_inline.update(self._owed_places)
-                self._owed_places.clear()
-                self._segments.early_taken()
+            if self._segments.early_failed:  # (a failed COMMIT alone leaves them good, and synced)
+                self._untrust_places()
             if exc.full:  # (they stay owed, durable in the journal: rollback() writes them, with the reserve)
                 self._owed, self._owed_held = owed + self._owed, held
                 self._owed_ids.update(m.msg_id for m in owed)
@@ -533,6 +535,13 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         if held:
             with self._batches_lock:
                 self._batches = [WriteBatch()]
+
+    def _untrust_places(self) -> None:
+        """A segment write or sync failed after bodies were written early:
+        their bytes are not to be trusted, their rows keep the bodies."""
+        self._owed_inline.update(self._owed_places)
+        self._owed_places.clear()
+        self._segments.early_taken()
 
     def mailboxes_of(self, msg_ids: list[bytes], every: bool = False) -> dict[bytes, int]:
         """As BatchedStore's; an id among the rows owed is looked up once

@@ -71,8 +71,10 @@ def _call(fd: int, start: int, length: int, flags: int) -> None:
 
 
 def start_write(fd: int, start: int, length: int) -> None:
-    """Start writing these bytes' dirty pages to the device (no wait)."""
-    _call(fd, start, length, _WRITE)
+    """Start writing these bytes' dirty pages to the device (no wait; a
+    hint: nothing where the C library has no sync_file_range)."""
+    if _sync_file_range is not None:
+        _call(fd, start, length, _WRITE)
 
 
 def wait_written(fd: int, start: int, length: int) -> None:

@@ -15,6 +15,7 @@ import sqlite3
 import pytest
 
 from murano_zmq.store import journal as journal_module
+from murano_zmq.store import segments as segments_module
 from murano_zmq.store.base import MailboxRow, StoredMessage
 from murano_zmq.protocol.errors import StartupError
 from murano_zmq.store.journal import FILE_NAME, Journal
@@ -270,11 +271,12 @@ def test_a_large_body_is_journaled_and_written_to_a_segment_after_its_confirm(tm
         store.write_owed(journal_module.OWED_ROWS)
         assert store._owed and segment_bytes(store, 10) is None  # the row: not yet
         assert sum(store._segments.on_disk().values()) >= len(LARGE)  # the body: written
-        synced = []
+        synced = []  # at each segment sync: is the row in the database yet?
         real = store._segments.sync
-        monkeypatch.setattr(store._segments, "sync", lambda **kw: (synced.append(bool(store._owed)), real(**kw)))
+        monkeypatch.setattr(store._segments, "sync",
+                            lambda **kw: (synced.append(segment_bytes(store, 10) is not None), real(**kw)))
         store.write_owed()
-        assert synced and not store._owed
+        assert synced == [False] and not store._owed
         assert segment_bytes(store, 10) == LARGE
         assert store.get(10) == msg(10, LARGE)
     finally:
@@ -529,6 +531,72 @@ def test_large_bodies_whose_segment_sync_failed_go_into_the_database(tmp_path, m
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [10, 11]
+
+
+def test_a_full_disk_at_the_commit_keeps_the_bodies_synced_in_their_segment(tmp_path, monkeypatch):
+    """The segment's sync went through and the COMMIT met a full disk: the
+    bodies are good, and the rows written again point at them."""
+    store = new_store(tmp_path)
+    try:
+        lone_send(store, 10, write=False, body=LARGE)
+        real, failures = store._commit_tx, [1]
+
+        def commit_tx(*args):
+            if failures:
+                failures.pop()
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(*args)
+
+        monkeypatch.setattr(store, "_commit_tx", commit_tx)
+        with pytest.raises(StoreError) as failed:
+            store.write_owed()
+        assert failed.value.full and store._owed and store._owed_places
+        store.rollback()
+        assert not store._owed and segment_bytes(store, 10) == LARGE
+    finally:
+        store.close()
+    assert ready_after_restart(tmp_path) == [10]
+
+
+def test_bodies_written_early_under_a_failed_segment_sync_go_into_the_database(tmp_path, monkeypatch):
+    """Any failed sync of their segment (Linux reports a failed write-back
+    once) leaves the bodies written early untrusted: the next write of
+    their rows keeps the journal's copies in the database."""
+    store = new_store(tmp_path)
+    try:
+        lone_send(store, 10, write=False, body=LARGE)
+        store.write_owed(journal_module.OWED_ROWS)
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(OSError):
+            store._segments.sync()
+        monkeypatch.undo()
+        assert store._segments.early_failed
+        store.write_owed()
+        assert segment_bytes(store, 10) is None and store.get(10) == msg(10, LARGE)
+        assert not store._segments.early_failed
+    finally:
+        store.close()
+
+
+def test_a_segment_that_fails_its_first_write_is_not_left_behind(tmp_path, monkeypatch):
+    """A body written early that fails in the segment made for it: that
+    segment goes (else every lone send would leave one), the body goes
+    into the database with its row."""
+    store = new_store(tmp_path)
+    try:
+        def eio(*args):
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(segments_module, "pwrite_all", eio)
+        for seq in range(10, 15):
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        assert store._segments.on_disk() == {}
+        monkeypatch.undo()
+        store.write_owed()
+        assert [store.get(seq) for seq in range(10, 15)] == [msg(seq, LARGE) for seq in range(10, 15)]
+    finally:
+        store.close()
 
 
 def test_a_rollback_gives_the_reserve_to_rows_it_could_not_write_at_first(tmp_path, monkeypatch):
