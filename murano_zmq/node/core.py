@@ -255,15 +255,16 @@ class NodeCore:
         ahead of it (ClientCore.send_now), else None (nothing done)."""
         record, waiter = pair
         session, sender = self.session, self.sender
+        declined = None if write_now else False
         if session.state != State.READY or session.unconfirmed >= MAX_IN_FLIGHT_BATCHES:
-            return None if write_now else False
+            return declined
         mailbox = record[1]
         limit = session.max_message_size
         if (limit is not None and len(record[3]) + len(record[2]) > limit) or (
                 sender is not None and not sender.relay_only(mailbox, now)):
-            return None if write_now else False
+            return declined
         if record[5] is not None and not count_down_ttl(record, now - record[4]):
-            return None if write_now else False  # (its ttl passed on its way here: take_batch fails it)
+            return declined  # (its ttl passed on its way here: take_batch fails it)
         if write_now:  # (send_now() checked that no output waits: this writes)
             req, frames = session.send_now([record], now)
         else:

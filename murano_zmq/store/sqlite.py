@@ -187,7 +187,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._owed_early: list[StoredMessage] = []
         self._owed_places: dict[int, tuple[int, int, int]] = {}
         self._owed_inline: set[int] = set()
-        self._early_failed = False  # (its warning said once, until a write succeeds)
+        self._early_warned = False  # (its warning said once, until a write succeeds)
         try:
             retry_busy(self.path, "opening the database", self._open)
             self._replay_journal(data_dir)
@@ -502,11 +502,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 self._owed_places[row.seq] = self._segments.write_early(row.body)
             except OSError as exc:
                 self._owed_inline.update(r.seq for r in rows[i:])
-                if not self._early_failed:
-                    self._early_failed = True
+                if not self._early_warned:
+                    self._early_warned = True
                     log.warning("%s: lone sends' bodies go into the database until a segment takes them", exc)
                 return
-            self._early_failed = False
+            self._early_warned = False
 
     def _write_owed_locked(self) -> None:
         owed, held = self._owed, self._owed_held
