@@ -40,6 +40,7 @@ only after the one before it returned from its sync.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import struct
@@ -48,6 +49,8 @@ import zlib
 import msgpack
 
 from .segments import sync_path
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Journal", "FILE_NAME", "SIZE", "OWED_ROWS", "read_records", "check_file"]
 
@@ -62,6 +65,8 @@ OWED_ROWS = 16
 ID_SIZE = 16
 _HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the database's id, the seq, the payload
 _SEQ = struct.Struct("<Q")
+_MAGIC_BYTES = MAGIC.to_bytes(4, "little")  # (what a scan past unreadable bytes looks for)
+_SCAN_BUDGET = 32 * SIZE  # bytes such a scan checksums at most (~30 ms here)
 _WRITE_CHUNK = 1 << 20
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -85,30 +90,69 @@ def check_file(path: str) -> str | None:
     return None
 
 
-def read_records(path: str, owner: bytes) -> list[tuple[int, list]]:
-    """Every whole record of the database `owner` from the file's start:
-    (seq, fields), in the order written; [] if there is no file."""
+def read_records(path: str, owner: bytes, gaps: list | None = None) -> list[tuple[int, list]]:
+    """Every whole record of the database `owner` in the file: (seq,
+    fields), in file order; [] if there is no file.  Unreadable bytes
+    between records are skipped: a crash leaves at most the record it was
+    writing torn, with only the lap before's records (their rows in the
+    database) after it, but a damaged disk may leave records confirmed
+    after the damage.  `gaps`: (offset, length, how many records came
+    before it) of each such stretch followed by a record is added to it."""
     try:
         with open(path, "rb") as f:
             data = f.read(SIZE)
     except FileNotFoundError:
         return []
     out, at = [], 0
-    while at + _HEADER.size <= len(data):
-        magic, length, seq, crc = _HEADER.unpack_from(data, at)
-        end = at + _HEADER.size + length
-        if magic != MAGIC or end > len(data):
-            break
-        payload = data[at + _HEADER.size:end]
-        if _crc(owner, seq, payload) != crc:
-            break
-        try:
-            fields = msgpack.unpackb(payload, raw=False)
-        except Exception:  # (a CRC match on bytes that are not ours: not expected)
-            break
+    budget = [_SCAN_BUDGET]
+    while True:
+        found = _record_at(data, at, owner)
+        if found is None:
+            after = _next_record(data, at + 1, owner, budget)
+            if after is None:
+                return out
+            if gaps is not None:
+                gaps.append((at, after - at, len(out)))
+            at = after
+            continue
+        seq, fields, at = found
         out.append((seq, fields))
-        at = end
-    return out
+
+
+def _record_at(data: bytes, at: int, owner: bytes, budget: list[int] | None = None) -> tuple[int, list, int] | None:
+    """The record of `owner` at `at`: (seq, fields, where it ends), or None.
+    `budget`: bytes a scan may still checksum, less this one's."""
+    if at + _HEADER.size > len(data):
+        return None
+    magic, length, seq, crc = _HEADER.unpack_from(data, at)
+    end = at + _HEADER.size + length
+    if magic != MAGIC or end > len(data) or length > SIZE // 4:  # (no record is larger: fits())
+        return None
+    if budget is not None:
+        budget[0] -= length
+    payload = data[at + _HEADER.size:end]
+    if _crc(owner, seq, payload) != crc:
+        return None
+    try:
+        return seq, msgpack.unpackb(payload, raw=False), end
+    except Exception:  # (a CRC match on bytes that are not ours: not expected)
+        return None
+
+
+def _next_record(data: bytes, start: int, owner: bytes, budget: list[int]) -> int | None:
+    """Where the first record of `owner` at or after `start` begins.  A
+    body may hold the magic, and look like records' headers, many times
+    over: once `budget` is spent the scan gives up, and says so."""
+    at = data.find(_MAGIC_BYTES, start)
+    while at >= 0:
+        if budget[0] <= 0:
+            log.warning("stopped looking for lone-send journal records past offset %d: too many "
+                        "lookalikes of a record's start in the bytes there", start)
+            return None
+        if _record_at(data, at, owner, budget) is not None:
+            return at
+        at = data.find(_MAGIC_BYTES, at + 1)
+    return None
 
 
 class Journal:

@@ -596,7 +596,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             log.warning("%s is missing: lone sends the relay confirmed just before it last stopped, if it did "
                         "not stop cleanly, were in it (docs/operations.md, 'Data and durability')", path)
         # (a database with a mark and no id: the journal's first records, whose CRC covered no id)
-        records = [] if owner is None and not mark else read_records(path, b"" if owner is None else bytes(owner))
+        gaps: list[tuple[int, int, int]] = []
+        records = [] if owner is None and not mark else read_records(path, b"" if owner is None else bytes(owner),
+                                                                     gaps)
+        if gaps:
+            _say_damage(path, records, gaps, mark)
         records = sorted((r for r in records if r[0] > mark), key=itemgetter(0))
         if records:
             self._write_in(records, data_dir)
@@ -977,6 +981,21 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 os.close(self._wal_fd)
                 self._wal_fd = None
 
+
+
+def _say_damage(path: str, records: list[tuple[int, list]], gaps: list[tuple[int, int, int]], mark: int) -> None:
+    """(read_records()' gaps) Unreadable bytes in the journal with records
+    still to write in after them: a damaged disk, not a crash (which
+    tears only the record it was writing, with none newer than the mark
+    after it).  What the bytes held, if it was a record, was a confirmed
+    send, now lost: said, loudly."""
+    newer = [seq for seq, _ in records[gaps[0][2]:] if seq > mark]
+    if not newer:
+        return  # (a torn last record, the lap before's records after it: a crash's)
+    where = ", ".join(f"{length} bytes at offset {offset}" for offset, length, _ in gaps[:5])
+    log.error("%s is damaged (%s unreadable): lone sends confirmed after the damage (seq up to %d) are "
+              "written in, but a send whose record was there is lost (docs/operations.md, 'Data and "
+              "durability')", path, where, max(newer))
 
 
 def _no_room_for_journal(data_dir: str, why) -> None:

@@ -63,8 +63,10 @@ def test_records_come_back_in_the_order_written(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["torn payload", "torn header", "zeros"])
-def test_a_scan_stops_at_a_torn_record(tmp_path, damage):
-    """A crash during a record's write: it and what follows are not read."""
+def test_a_scan_skips_an_unreadable_record_and_says_where(tmp_path, damage):
+    """A record that cannot be read (torn by a crash while it was written:
+    then nothing newer follows it; or damaged on the disk) is skipped:
+    the records after it are read, and the gap is reported."""
     j = Journal(str(tmp_path), OWNER)
     try:
         put(j, 1)
@@ -84,9 +86,12 @@ def test_a_scan_stops_at_a_torn_record(tmp_path, damage):
         else:
             f.seek(at)
             f.write(bytes(end - at))
+    gaps: list = []
+    assert [seq for seq, _ in journal_module.read_records(str(tmp_path / FILE_NAME), OWNER, gaps)] == [1, 3]
+    assert gaps == [(at, end - at, 1)]
     j = Journal(str(tmp_path), OWNER)
     try:
-        assert [seq for seq, _ in j.records()] == [1]
+        assert [seq for seq, _ in j.records()] == [1, 3]
     finally:
         j.close()
 
@@ -190,6 +195,60 @@ def test_a_crash_before_the_row_was_written_is_replayed_at_start(tmp_path, caplo
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [10, 11]  # and once only
+
+
+def test_records_after_a_damaged_one_are_written_in_and_the_loss_is_said(tmp_path, caplog):
+    """A record in the middle of the journal damaged on the disk: the
+    confirmed sends after it are not lost with it, and the damage is
+    logged as an error (a crash alone never leaves newer records there)."""
+    store = new_store(tmp_path)
+    lone_send(store, 10, write=False)
+    at = store._journal._head
+    lone_send(store, 11, write=False)
+    end = store._journal._head
+    lone_send(store, 12, write=False)
+    crash(store)
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.seek(at + 30)
+        f.write(b"\xff" * (end - at - 40))
+    with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+        store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == [10, 12]
+        assert f"is damaged ({end - at} bytes at offset {at} unreadable)" in caplog.text
+        assert "seq up to 12" in caplog.text
+    finally:
+        store.close()
+
+
+def test_a_torn_last_record_before_the_lap_before_is_no_damage(tmp_path, caplog, monkeypatch):
+    """A crash tears the record it was writing; after it lie the lap
+    before's records, whose rows are in the database: nothing is said,
+    nothing comes back twice."""
+    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024)
+    store = new_store(tmp_path)
+    seq = 10
+    while True:  # until the ring has wrapped and holds a few records of its new lap
+        lone_send(store, seq, write=False, body=b"x" * 1000)
+        seq += 1
+        if store._journal._head < 4000 and seq > 70:
+            break
+    at, owner = store._journal._head, store._journal._owner
+    lone_send(store, seq, write=False, body=b"x" * 1000)  # its record torn by the crash
+    crash(store)
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.seek(at + 100)
+        f.write(b"\0" * 200)
+    gaps: list = []
+    records = journal_module.read_records(str(tmp_path / FILE_NAME), owner, gaps)
+    assert gaps and records[gaps[0][2]:], "the lap before's records lie after the torn one"
+    with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+        store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == list(range(10, seq))  # (the torn one: never confirmed, in this model)
+        assert "damaged" not in caplog.text
+    finally:
+        store.close()
 
 
 def test_a_replayed_row_already_in_the_database_is_not_doubled(tmp_path):
@@ -793,3 +852,26 @@ def visible_ids(path: str) -> set[bytes]:
         return {r[0] for r in db.execute("SELECT msg_id FROM messages")}
     finally:
         db.close()
+
+
+def test_a_scan_past_unreadable_bytes_full_of_lookalike_headers_gives_up_in_bounded_time(tmp_path, caplog):
+    """A body made of fake record headers, left unreadable (torn) after
+    the head: the scan checksums a bounded number of bytes, then says it
+    gave up; the records before are read."""
+    import struct
+
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        put(j, 1)
+        at = j._head
+    finally:
+        j.close()
+    fake = struct.pack("<IIQI", journal_module.MAGIC, journal_module.SIZE // 4 - 64, 7, 0)
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.seek(at)
+        f.write(fake * ((journal_module.SIZE - at) // len(fake) - 1))
+    # (without a bound: ~100,000 checksums of 512 KiB each, past the test's timeout)
+    with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+        records = journal_module.read_records(str(tmp_path / FILE_NAME), OWNER)
+    assert [seq for seq, _ in records] == [1]
+    assert "stopped looking for lone-send journal records" in caplog.text
