@@ -31,6 +31,7 @@ from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import FORGOTTEN_ON_TIMEOUT, SendGroup, build_record, build_records, declare_options
 from .handles import AsyncConsumer, AsyncSubscription
+from .sleeps import spin_poll
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -144,11 +145,17 @@ class AsyncNode(NodeBase):
         if self._flush_scheduled or self._core.session.unconfirmed:
             self._outgoing.append((record, future))
             self._schedule_flush()  # others in flight: coalesce with this iteration's sends
-        else:  # alone: write now, no extra loop iteration
-            self._io.flush(time.time(), [*self._take_outgoing(), (record, future)] if self._outgoing
-                           else [(record, future)])
-            self._after_io()
-        return await self._expiring(future, timeout)
+            return await self._expiring(future, timeout)
+        # alone: write now, no extra loop iteration
+        self._io.flush(time.time(), [*self._take_outgoing(), (record, future)] if self._outgoing
+                       else [(record, future)])
+        self._after_io()
+        written = time.perf_counter()
+        if self.spin and self._spin_pays:
+            self._spin_for(future)
+        result = future.result() if future.done() else await self._expiring(future, timeout)
+        self._spin_pays = time.perf_counter() - written <= self.spin
+        return result
 
     def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
                     wait: bool = True, msg_id: bytes | None = None) -> asyncio.Future:
@@ -330,6 +337,20 @@ class AsyncNode(NodeBase):
             return await future
         finally:
             timer.cancel()
+
+    def _spin_for(self, future: asyncio.Future) -> None:
+        """(a lone send, just written) Look for its answer on the relay
+        socket without going back to the loop, for up to `spin` seconds
+        (sleeps.spin_poll), and read it here: only while nothing else on
+        the loop is ready to run (a loop whose queue cannot be seen, e.g.
+        uvloop's: never), so concurrent sends still coalesce."""
+        io = self._io
+        sock = io.relay_sock
+        if sock is None or getattr(self._loop, "_ready", True):
+            return
+        fd = io.relay_fd()
+        if fd is not None and spin_poll([(sock, zmq.POLLIN)], time.perf_counter() + self.spin):
+            self._turn(fd)
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
         if self._closed:

@@ -21,11 +21,13 @@ from ..protocol.constants import (
     DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_PREFETCH,
     DEFAULT_RELAY_ENDPOINT,
+    DEFAULT_SPIN,
     DEFAULT_TIMEOUT,
     MAX_HEARTBEAT,
     MAX_NAME_LENGTH,
     MAX_PREFETCH,
     MAX_PREFETCH_BYTES,
+    MAX_SPIN,
     MIN_HEARTBEAT,
     RELAY_ENV,
 )
@@ -107,7 +109,7 @@ class NodeBase:
                direct_timeout: float = DEFAULT_DIRECT_TIMEOUT, discovery: bool | str | None = None,
                forwarder=None, max_pending: int = DEFAULT_MAX_PENDING,
                max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, authorized_keys=None,
-               trusted_keys=None, permissions=None, forwarder_key=None) -> None:
+               trusted_keys=None, permissions=None, forwarder_key=None, spin: float = DEFAULT_SPIN) -> None:
         self.name = check_peer_name(name) if name else default_node_name()
         # (0 or less reconnected at every turn, flooding the relay; nan made
         # every HELLO a 400; a str killed the I/O thread)
@@ -132,6 +134,12 @@ class NodeBase:
         self._auto = auto_pattern(self.relay)
         self._bad_adverts: set[str] = set()
         self.timeout = timeout
+        # spin: how long Node's blocking send or request looks for its
+        # answer without sleeping (node/owned.py); 0: it sleeps at once.
+        if not is_number(spin) or not 0 <= spin <= MAX_SPIN:
+            raise ValueError(f"spin must be 0 to {MAX_SPIN} seconds, got {spin!r}")
+        self.spin = spin
+        self._spin_pays = True  # the last lone wait's answer came within the spin
         if not is_whole(max_pending) or max_pending < 1:
             raise ValueError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
         self.max_pending = max_pending

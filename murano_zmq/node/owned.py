@@ -17,7 +17,7 @@ from typing import Callable
 import zmq
 from zmq import zmq_poll
 
-from .sleeps import SendSlot
+from .sleeps import SendSlot, spin_poll
 
 __all__ = ["OwnedSends"]
 
@@ -85,6 +85,10 @@ class OwnedSends:
             else:
                 incoming = list(zip(records, waiters))
             io.flush(time.time(), incoming)
+            written = time.perf_counter()
+            # Looked for without sleeping first (sleeps.spin_poll), if the
+            # last answer came within the spin.
+            spin_until = written + self.spin if self.spin and self._spin_pays else 0.0
             while not slot.done():
                 clean = False
                 left = deadline - time.monotonic()
@@ -96,7 +100,10 @@ class OwnedSends:
                 due = core.next_deadline()
                 wait = min(left, due - time.time())
                 # (zmq_poll itself: Poller.poll's checks and conversions cost more than they guard here)
-                ready = zmq_poll(poller.sockets, int(wait * 1000) + 1 if wait > 0 else 0)
+                ready = spin_poll(poller.sockets, spin_until) if spin_until else None
+                if not ready:
+                    spin_until = 0.0
+                    ready = zmq_poll(poller.sockets, int(wait * 1000) + 1 if wait > 0 else 0)
                 if len(ready) == 1 and ready[0][0] is io.relay_sock:
                     clean = io.relay_turn(time.time(), due)  # the usual: our CONFIRM
                     continue
@@ -104,6 +111,7 @@ class OwnedSends:
                 if self._wake_r in ready or self._closed.is_set():
                     return  # jobs, other sends, close: the I/O thread's work
                 io.turn(ready, time.time())
+            self._spin_pays = time.perf_counter() - written <= self.spin
         finally:
             self._hand_back(clean, due if clean else None)
 
@@ -128,3 +136,4 @@ class OwnedSends:
         self._owner.release()
         if wake:
             self._wake()
+

@@ -9,13 +9,16 @@ Python per wake-up.
 
 from __future__ import annotations
 
+import os
 import select
 import threading
+import time
 from typing import Any
 
 import zmq
+from zmq import zmq_poll
 
-__all__ = ["EpollSleep", "PollerSleep", "SendSlot"]
+__all__ = ["EpollSleep", "PollerSleep", "SendSlot", "spin_poll"]
 
 
 class EpollSleep:
@@ -121,3 +124,17 @@ class SendSlot:
 
     def wait(self, timeout: float) -> bool:
         return self._done or self._gate.acquire(timeout=max(0.0, timeout))
+
+
+def spin_poll(items: list, until: float) -> list:
+    """zmq_poll without sleeping, until there is input or time.perf_counter()
+    reaches `until`, giving the CPU to any other runnable thread between
+    looks (this process's and libzmq's I/O threads, the relay's on a small
+    machine): what is ready, or [] then.  A thread asleep in poll() took
+    ~0.1 ms to wake here, as long as the relay's own work on a lone send
+    (docs/performance.md, "Session 29")."""
+    while True:
+        ready = zmq_poll(items, 0)
+        if ready or time.perf_counter() >= until:
+            return ready
+        os.sched_yield()

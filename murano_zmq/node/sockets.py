@@ -216,6 +216,10 @@ class NodeSockets:
         self._by_fd = {sock.getsockopt(zmq.FD): sock for sock in self.sockets()}
         return self._by_fd
 
+    def relay_fd(self) -> int | None:
+        """The relay socket's ZMQ_FD (as of the last fds())."""
+        return next((fd for fd, sock in self._by_fd.items() if sock is self._sock), None)
+
     def socket_of(self, fd: int) -> zmq.Socket | None:
         """The socket whose ZMQ_FD is `fd` (as of the last fds())."""
         return self._by_fd.get(fd)

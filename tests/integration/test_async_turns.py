@@ -123,3 +123,70 @@ def test_a_node_that_only_reads_keeps_its_session_with_heartbeats(relay):
                 message.ack()
 
     asyncio.run(main())
+
+
+def test_a_lone_send_spins_for_its_confirm_only_when_nothing_else_is_ready(relay):
+    """An awaited send alone on its loop looks for its CONFIRM without
+    going back to the loop, for up to `spin` seconds, and returns without
+    a loop iteration when it came; with other tasks ready to run it does
+    not (they would wait): concurrent sends still go out together.  After
+    an answer slower than the spin, the next send does not spin."""
+    import os
+    import signal
+    import threading
+
+    import murano_zmq.node.aio as aio
+
+    spins: list[float] = []
+    real = aio.spin_poll
+
+    def counted(items, until):
+        spins.append(until)
+        return real(items, until)
+
+    async def until_quick(node) -> None:
+        for _ in range(50):  # (a loaded machine may take longer than the spin now and then)
+            await node.send("spin.box", b"x")
+            if node._spin_pays:
+                return
+        raise AssertionError("no answer within the spin in 50 sends")
+
+    async def main():
+        async with AsyncNode("spinner", relay=relay.endpoint, timeout=20, spin=0.005) as node:
+            await until_quick(node)
+            spins.clear()
+            await node.send("spin.box", b"alone")
+            assert spins, "a lone send with nothing else ready spins"
+            spins.clear()
+            ids = await asyncio.gather(*(node.send("spin.box", i) for i in range(10)))
+            assert len(set(ids)) == 10
+            assert len(spins) <= 1, "with other sends ready to run, they are not held up by a spin"
+            os.kill(relay.pid, signal.SIGSTOP)
+            resume = threading.Timer(0.2, os.kill, (relay.pid, signal.SIGCONT))
+            try:
+                resume.start()
+                await node.send("spin.box", b"slow")
+            finally:
+                resume.join()
+                os.kill(relay.pid, signal.SIGCONT)
+            assert not node._spin_pays
+            spins.clear()
+            await node.send("spin.box", b"after")
+            assert spins == [], "after a slow answer the next send does not spin"
+            consumer = await node.consume("spin.box", prefetch=100)
+            bodies = []
+            while True:
+                message = await consumer.get(timeout=5)
+                if message is None:
+                    break
+                bodies.append(message.body)
+                message.ack()
+                if message.body == b"after":
+                    break
+            assert bodies[-13:] == [b"alone", *range(10), b"slow", b"after"]
+
+    aio.spin_poll = counted
+    try:
+        asyncio.run(main())
+    finally:
+        aio.spin_poll = real

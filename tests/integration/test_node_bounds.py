@@ -170,6 +170,7 @@ def test_numbers_out_of_range_are_refused_and_the_node_lives_on(make_node):
     ("heartbeat", "1"), ("heartbeat", 0.001), ("heartbeat", 3600),
     ("timeout", 0), ("timeout", -1), ("timeout", float("nan")), ("timeout", "5"),
     ("direct_timeout", 0), ("direct_timeout", float("nan")),
+    ("spin", -0.001), ("spin", float("nan")), ("spin", 1.0), ("spin", "0.0005"),
 ])
 def test_a_nonsense_heartbeat_or_timeout_is_refused_when_the_node_is_made(node_kind, option, value):
     """heartbeat 0 reconnected at every turn (thousands of sessions a second

@@ -241,3 +241,60 @@ def test_sockets_replaced_while_the_io_thread_sleeps_on_their_fds(relay):
         node.send("swap.box", 2)
         assert not node._closed.is_set(), "the I/O thread died"
         assert node.status(timeout=10)["mailboxes"][0]["depth"] >= 3
+
+
+def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
+    """A blocking send looks for its CONFIRM without sleeping for up to
+    `spin` seconds, then sleeps; after an answer slower than that (here the
+    relay stopped for a while) the next wait sleeps at once, and once an
+    answer comes within the spin again, the one after spins again."""
+    import os
+    import signal
+
+    import murano_zmq.node.owned as owned
+
+    spins: list[float] = []
+    real = owned.spin_poll
+
+    def counted(sockets, until):
+        spins.append(until)
+        return real(sockets, until)
+
+    def until_quick(node: Node) -> None:
+        for _ in range(50):  # (a loaded machine may take longer than the spin now and then)
+            node.send("spin.box", b"x")
+            if node._spin_pays:
+                return
+        raise AssertionError("no answer within the spin in 50 sends")
+
+    owned.spin_poll = counted
+    try:
+        with Node("spinner", relay=relay.endpoint, spin=0.005) as node:
+            until_quick(node)
+            spins.clear()
+            node.send("spin.box", b"x")
+            assert spins, "a wait after a quick answer spins first"
+            os.kill(relay.pid, signal.SIGSTOP)
+            resume = threading.Timer(0.2, os.kill, (relay.pid, signal.SIGCONT))
+            try:
+                resume.start()
+                node.send("spin.box", b"slow")  # its answer: after the relay comes back
+            finally:
+                resume.join()
+                os.kill(relay.pid, signal.SIGCONT)
+            assert not node._spin_pays
+            spins.clear()
+            node.send("spin.box", b"x")
+            assert spins == [], "a wait after a slow answer sleeps at once"
+            until_quick(node)
+            spins.clear()
+            node.send("spin.box", b"x")
+            assert spins
+        with Node("sleeper", relay=relay.endpoint, spin=0) as node:
+            spins.clear()
+            for i in range(5):
+                node.send("spin.none", i)
+            assert spins == [], "spin=0: every wait sleeps at once"
+            assert node.consume("spin.none").get(timeout=10).body == 0
+    finally:
+        owned.spin_poll = real
