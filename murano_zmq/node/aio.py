@@ -7,8 +7,10 @@ stands for the core's next deadline.  API coroutines call the core and
 write at once when nothing else is in flight (a lone send() costs no extra
 loop iteration); a burst of sends in one iteration is coalesced into one
 SEND by a call_soon.  A confirm read in a turn resolves the sender's future
-there: the send resumes on the next iteration.  The runner decides nothing;
-the core does.
+there: the send resumes on the next iteration.  A lone send with nothing
+else ready on the loop first looks for its confirm without going back to
+it (spin), and returns without an iteration (at least one a millisecond).
+The runner decides nothing; the core does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..protocol.topics import TopicEvent
 from .base import NodeBase
 from .common import FORGOTTEN_ON_TIMEOUT, SendGroup, build_record, build_records, declare_options
 from .handles import AsyncConsumer, AsyncSubscription
-from .sleeps import spin_poll
+from .sleeps import spin_paid, spin_poll
 
 log = logging.getLogger("murano_zmq.node")
 
@@ -56,6 +58,7 @@ class AsyncNode(NodeBase):
         self._flush_scheduled = False
         self._turn_scheduled = False
         self._in_turn = False  # a turn runs (the core's sinks and callbacks are called in it)
+        self._loop_seen = 0.0  # when a lone send last let the loop run (time.perf_counter())
         self._watched: list[int] = []  # FDs the loop watches for us
         self._watched_version = -1
         self._timer: asyncio.TimerHandle | None = None
@@ -151,10 +154,24 @@ class AsyncNode(NodeBase):
                        else [(record, future)])
         self._after_io()
         written = time.perf_counter()
-        if self.spin and self._spin_pays:
-            self._spin_for(future)
-        result = future.result() if future.done() else await self._expiring(future, timeout)
-        self._spin_pays = time.perf_counter() - written <= self.spin
+        # Spun for (_spin_for) only with nothing else ready on the loop (its
+        # queue seen: asyncio's own loops) and not inside a turn.
+        idle = bool(self.spin) and not self._in_turn and not getattr(self._loop, "_ready", True)
+        if idle and self._spin_pays:
+            self._spin_for(future, written + min(self.spin, timeout))
+        if not future.done():
+            result = await self._expiring(future, timeout)
+            self._loop_seen = time.perf_counter()
+        else:
+            # Answered in the spin: no loop iteration, but for one when none
+            # ran for a while, so that the loop's timers, other FDs and
+            # cancellations are not held up by sends that follow each other.
+            if written - self._loop_seen > _LOOP_AT_LEAST_EVERY:
+                await asyncio.sleep(0)
+                self._loop_seen = time.perf_counter()
+            result = future.result()
+        if idle:
+            self._spin_pays = spin_paid(time.perf_counter() - written, self.spin)
         return result
 
     def send_nowait(self, mailbox: str, body: Any, headers: dict | None = None, ttl: float | None = None,
@@ -338,18 +355,16 @@ class AsyncNode(NodeBase):
         finally:
             timer.cancel()
 
-    def _spin_for(self, future: asyncio.Future) -> None:
-        """(a lone send, just written) Look for its answer on the relay
-        socket without going back to the loop, for up to `spin` seconds
-        (sleeps.spin_poll), and read it here: only while nothing else on
-        the loop is ready to run (a loop whose queue cannot be seen, e.g.
-        uvloop's: never), so concurrent sends still coalesce."""
+    def _spin_for(self, future: asyncio.Future, until: float) -> None:
+        """(a lone send, just written, nothing else ready on the loop) Look
+        for its answer on the relay socket without going back to the loop,
+        until time.perf_counter() reaches `until` (sleeps.spin_poll), and
+        read it here.  Other tasks are not held up: none is ready, and
+        concurrent sends coalesce as before."""
         io = self._io
         sock = io.relay_sock
-        if sock is None or getattr(self._loop, "_ready", True):
-            return
-        fd = io.relay_fd()
-        if fd is not None and spin_poll([(sock, zmq.POLLIN)], time.perf_counter() + self.spin):
+        fd = None if sock is None else io.relay_fd()
+        if fd is not None and spin_poll([(sock, zmq.POLLIN)], until):
             self._turn(fd)
 
     def _settle(self, message: Message, how: str, requeue: bool) -> None:
@@ -479,6 +494,9 @@ class AsyncNode(NodeBase):
 
 
 _FAILED_TURNS_LIMIT = 20
+# Sends answered in their spin return without a loop iteration, but for one
+# when the loop has not run for this long (seconds).
+_LOOP_AT_LEAST_EVERY = 0.001
 # The timer is moved earlier only for a deadline this much before it (no
 # re-arming for every small move): it may run this late after the deadline.
 _TIMER_SLACK = 0.001

@@ -17,7 +17,7 @@ from typing import Callable
 import zmq
 from zmq import zmq_poll
 
-from .sleeps import SendSlot, spin_poll
+from .sleeps import SendSlot, spin_paid, spin_poll
 
 __all__ = ["OwnedSends"]
 
@@ -100,7 +100,8 @@ class OwnedSends:
                 due = core.next_deadline()
                 wait = min(left, due - time.time())
                 # (zmq_poll itself: Poller.poll's checks and conversions cost more than they guard here)
-                ready = spin_poll(poller.sockets, spin_until) if spin_until else None
+                ready = spin_poll(poller.sockets, min(spin_until, time.perf_counter() + max(0.0, wait))) \
+                    if spin_until else None
                 if not ready:
                     spin_until = 0.0
                     ready = zmq_poll(poller.sockets, int(wait * 1000) + 1 if wait > 0 else 0)
@@ -111,7 +112,7 @@ class OwnedSends:
                 if self._wake_r in ready or self._closed.is_set():
                     return  # jobs, other sends, close: the I/O thread's work
                 io.turn(ready, time.time())
-            self._spin_pays = time.perf_counter() - written <= self.spin
+            self._spin_pays = spin_paid(time.perf_counter() - written, self.spin)
         finally:
             self._hand_back(clean, due if clean else None)
 

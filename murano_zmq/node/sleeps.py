@@ -18,7 +18,11 @@ from typing import Any
 import zmq
 from zmq import zmq_poll
 
-__all__ = ["EpollSleep", "PollerSleep", "SendSlot", "spin_poll"]
+__all__ = ["EpollSleep", "PollerSleep", "SendSlot", "spin_paid", "spin_poll"]
+
+# A sleeping thread's wake-up here (~0.1 ms), and some: a wait that did not
+# spin and took no longer than the spin and this would have paid for one.
+WAKE_ALLOWANCE = 0.0002
 
 
 class EpollSleep:
@@ -138,3 +142,11 @@ def spin_poll(items: list, until: float) -> list:
         if ready or time.perf_counter() >= until:
             return ready
         os.sched_yield()
+
+
+def spin_paid(elapsed: float, spin: float) -> bool:
+    """Should the next wait spin, the last answer having taken `elapsed`
+    seconds?  Not after one slower than the spin (a slow or far relay):
+    then the waits sleep at once, until one is answered within the spin
+    and a wake-up again."""
+    return elapsed <= spin + WAKE_ALLOWANCE

@@ -31,10 +31,12 @@ database (or copied from another data directory) reads as holding nothing.
 The file is a ring of SIZE bytes: records from offset 0 on, each
 [magic, length, seq, crc32] + msgpack payload.  Before the ring wraps,
 the rows owed are written and the WAL is synced, so every record it
-overwrites is reflected by a durable mark.  A scan stops at the first
-record whose magic or CRC does not match (the torn tail of a crash, the
-zeros of a new file, another database's records): a record is written
-only after the one before it returned from its sync.
+overwrites is reflected by a durable mark.  A scan reads every record
+whose magic and CRC match, skipping bytes that do not (the torn tail of a
+crash, the zeros of a new file, another database's records): a record is
+written only after the one before it returned from its sync, so what
+follows a torn one is the lap before's, under the mark; records above
+the mark past unreadable bytes mean a damaged disk (read_records' gaps).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _record_at(data: bytes, at: int, owner: bytes, budget: list[int] | None = No
         return None
     magic, length, seq, crc = _HEADER.unpack_from(data, at)
     end = at + _HEADER.size + length
-    if magic != MAGIC or end > len(data) or length > SIZE // 4:  # (no record is larger: fits())
+    if magic != MAGIC or end > len(data):
         return None
     if budget is not None:
         budget[0] -= length
@@ -146,8 +148,9 @@ def _next_record(data: bytes, start: int, owner: bytes, budget: list[int]) -> in
     at = data.find(_MAGIC_BYTES, start)
     while at >= 0:
         if budget[0] <= 0:
-            log.warning("stopped looking for lone-send journal records past offset %d: too many "
-                        "lookalikes of a record's start in the bytes there", start)
+            log.error("stopped looking for lone-send journal records past offset %d: too many lookalikes "
+                      "of a record's start in the bytes there; sends confirmed in records after it, if any, "
+                      "are not written in", start)
             return None
         if _record_at(data, at, owner, budget) is not None:
             return at

@@ -984,15 +984,23 @@ class SQLiteStore(SQLiteReads, BatchedStore):
 
 
 def _say_damage(path: str, records: list[tuple[int, list]], gaps: list[tuple[int, int, int]], mark: int) -> None:
-    """(read_records()' gaps) Unreadable bytes in the journal with records
-    still to write in after them: a damaged disk, not a crash (which
-    tears only the record it was writing, with none newer than the mark
-    after it).  What the bytes held, if it was a record, was a confirmed
-    send, now lost: said, loudly."""
-    newer = [seq for seq, _ in records[gaps[0][2]:] if seq > mark]
-    if not newer:
-        return  # (a torn last record, the lap before's records after it: a crash's)
-    where = ", ".join(f"{length} bytes at offset {offset}" for offset, length, _ in gaps[:5])
+    """(read_records()' gaps) Unreadable bytes in the journal that may
+    have held a record above the mark: a damaged disk, not a crash (which
+    tears only the record it was writing, with the lap before's records,
+    all under the mark, after it).  A record there had a seq between
+    those of the records on either side (a lap's seqs grow), so it was
+    above the mark only if the one after the gap is above the mark and
+    the one before, by more than one.  Such a record was a confirmed send,
+    now lost: said, loudly."""
+    damaged = []
+    for offset, length, index in gaps:
+        before = records[index - 1][0] if index else 0
+        if records[index][0] > max(mark, before) + 1:
+            damaged.append((offset, length))
+    if not damaged:
+        return
+    newer = [seq for seq, _ in records if seq > mark]
+    where = ", ".join(f"{length} bytes at offset {offset}" for offset, length in damaged[:5])
     log.error("%s is damaged (%s unreadable): lone sends confirmed after the damage (seq up to %d) are "
               "written in, but a send whose record was there is lost (docs/operations.md, 'Data and "
               "durability')", path, where, max(newer))

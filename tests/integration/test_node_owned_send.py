@@ -254,11 +254,14 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
     import murano_zmq.node.owned as owned
 
     spins: list[float] = []
+    found: list[bool] = []  # did a spin find the answer (input before its end)?
     real = owned.spin_poll
 
     def counted(sockets, until):
         spins.append(until)
-        return real(sockets, until)
+        ready = real(sockets, until)
+        found.append(bool(ready))
+        return ready
 
     def until_quick(node: Node) -> None:
         for _ in range(50):  # (a loaded machine may take longer than the spin now and then)
@@ -274,6 +277,7 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
             spins.clear()
             node.send("spin.box", b"x")
             assert spins, "a wait after a quick answer spins first"
+            assert any(found), "the spins found the CONFIRMs"
             os.kill(relay.pid, signal.SIGSTOP)
             resume = threading.Timer(0.2, os.kill, (relay.pid, signal.SIGCONT))
             try:

@@ -64,9 +64,10 @@ def test_primary_killed_mid_stream_standby_promoted_nothing_confirmed_lost(relay
         confirmed_before = {f.result() for f in futures if f.done()}
         # Sends the dead primary cannot have confirmed, whatever it took of
         # the first ones while its backends outlived it (under load, all).
-        futures += [sender.send_async("jobs", {"n": i}) for i in range(total, total + 2000)]
-        total += 2000
-        assert 0 < len(confirmed_before) < total
+        first, total = total, total + 2000
+        futures += [sender.send_async("jobs", {"n": i}) for i in range(first, total)]
+        assert 0 < len(confirmed_before) <= first
+        assert not any(f.done() for f in futures[first:]), "a send confirmed with no primary"
         standby.promote()
         promoted = time.monotonic()
         ids = [f.result(timeout=60) for f in futures]  # resent or committed again on the new primary

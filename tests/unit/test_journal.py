@@ -221,6 +221,44 @@ def test_records_after_a_damaged_one_are_written_in_and_the_loss_is_said(tmp_pat
         store.close()
 
 
+def test_a_damaged_record_under_the_mark_is_no_loss(tmp_path, caplog):
+    """A damaged record whose row is in the database already (the mark
+    covers it; a crash may leave the mark a lap behind the ring's head):
+    nothing is said lost, and the owed record after it is written in."""
+    store = new_store(tmp_path)
+    lone_send(store, 10, write=False)
+    at = store._journal._head
+    lone_send(store, 11)  # (10 and 11 written in: the mark is 11)
+    end = store._journal._head
+    lone_send(store, 12, write=False)
+    crash(store)
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.seek(at + 30)
+        f.write(b"\xff" * (end - at - 40))
+    with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+        store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == [10, 11, 12]
+        assert "damaged" not in caplog.text
+    finally:
+        store.close()
+
+
+def test_a_record_with_large_headers_is_read_back(tmp_path):
+    """The record holds the whole row: a body at the journal's limit with
+    headers besides it makes a payload over a quarter of the ring, still a
+    record to read."""
+    body = b"b" * (journal_module.SIZE // 4 - 4096)
+    assert Journal.fits(len(body))
+    row = StoredMessage(7, 1, (7).to_bytes(16, "big"), b"h" * 20_000, body, 1.0, None, 0)
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        j.append(j.record(7, list(row)))
+        assert [(seq, StoredMessage(*f)) for seq, f in j.records()] == [(7, row)]
+    finally:
+        j.close()
+
+
 def test_a_torn_last_record_before_the_lap_before_is_no_damage(tmp_path, caplog, monkeypatch):
     """A crash tears the record it was writing; after it lie the lap
     before's records, whose rows are in the database: nothing is said,
