@@ -134,8 +134,8 @@ class NodeBase:
         self._auto = auto_pattern(self.relay)
         self._bad_adverts: set[str] = set()
         self.timeout = timeout
-        # spin: how long Node's blocking send or request looks for its
-        # answer without sleeping (node/owned.py); 0: it sleeps at once.
+        # spin: how long a blocking send or request looks for its answer
+        # without sleeping (node/owned.py, node/aio.py); 0: it sleeps at once.
         if not is_number(spin) or not 0 <= spin <= MAX_SPIN:
             raise ValueError(f"spin must be 0 to {MAX_SPIN} seconds, got {spin!r}")
         self.spin = spin

@@ -137,4 +137,3 @@ class OwnedSends:
         self._owner.release()
         if wake:
             self._wake()
-

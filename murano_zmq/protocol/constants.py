@@ -180,8 +180,9 @@ SUBSCRIPTION_BYTES = 64 << 20
 
 # How long a blocking call waits for the relay by default, seconds.
 DEFAULT_TIMEOUT = 30.0
-# How long Node's blocking call looks for its answer without sleeping,
-# seconds (Node(spin=...)): a sleeping thread took ~0.1 ms to wake here.
+# How long a node's blocking call looks for its answer without sleeping,
+# seconds (Node(spin=...), AsyncNode(spin=...)): a sleeping thread took
+# ~0.1 ms to wake here.
 DEFAULT_SPIN = 0.0005
 MAX_SPIN = 0.01
 
