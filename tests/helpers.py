@@ -10,7 +10,7 @@ import time
 from murano_zmq.testing import free_tcp_endpoint
 
 __all__ = ["free_tcp_endpoint", "confirms_reached", "kill_mid_stream", "segment_files", "send_raw_body",
-           "wait_confirmed", "wait_for"]
+           "SpinSpy", "stopped_for", "wait_confirmed", "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -124,3 +124,49 @@ def without_journal(store):
     store._journal.close()
     store._journal = None
     return store
+
+
+class SpinSpy:
+    """with SpinSpy(module) as spy: the module's spin_poll (node/sleeps.py)
+    counted: each spin's end (`spins`), and whether it found input before
+    it (`found`)."""
+
+    def __init__(self, module):
+        self.module, self.real = module, module.spin_poll
+        self.spins: list[float] = []
+        self.found: list[bool] = []
+
+    def __call__(self, items, until):
+        self.spins.append(until)
+        ready = self.real(items, until)
+        self.found.append(bool(ready))
+        return ready
+
+    def clear(self) -> None:
+        self.spins.clear()
+        self.found.clear()
+
+    def __enter__(self) -> "SpinSpy":
+        self.module.spin_poll = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.spin_poll = self.real
+
+
+class stopped_for:
+    """with stopped_for(pid, seconds): the process stopped (SIGSTOP) now and
+    continued after `seconds` by a timer (or at the block's end, at the
+    latest), whatever the block does meanwhile."""
+
+    def __init__(self, pid: int, seconds: float):
+        self.pid = pid
+        self.timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+
+    def __enter__(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self.timer.start()
+
+    def __exit__(self, *exc) -> None:
+        self.timer.join()
+        os.kill(self.pid, signal.SIGCONT)

@@ -12,6 +12,8 @@ import pytest
 from murano_zmq import AsyncNode
 from murano_zmq.protocol.constants import ACK_EARLY_MIN_PREFETCH
 
+from ..helpers import SpinSpy, stopped_for
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -131,21 +133,7 @@ def test_a_lone_send_spins_for_its_confirm_only_when_nothing_else_is_ready(relay
     a loop iteration when it came; with other tasks ready to run it does
     not (they would wait): concurrent sends still go out together.  After
     an answer slower than the spin, the next send does not spin."""
-    import os
-    import signal
-    import threading
-
     import murano_zmq.node.aio as aio
-
-    spins: list[float] = []
-    found: list[bool] = []  # did a spin find the answer (input before its end)?
-    real = aio.spin_poll
-
-    def counted(items, until):
-        spins.append(until)
-        ready = real(items, until)
-        found.append(bool(ready))
-        return ready
 
     async def until_quick(node) -> None:
         for _ in range(50):  # (a loaded machine may take longer than the spin now and then)
@@ -154,34 +142,27 @@ def test_a_lone_send_spins_for_its_confirm_only_when_nothing_else_is_ready(relay
                 return
         raise AssertionError("no answer within the spin in 50 sends")
 
-    async def main():
+    async def main(spy: SpinSpy):
         async with AsyncNode("spinner", relay=relay.endpoint, timeout=20, spin=0.005) as node:
             await until_quick(node)
-            spins.clear()
-            found.clear()
+            spy.clear()
             await node.send("spin.box", b"alone")
             for _ in range(20):  # (a turn may have left a call_soon ready: that send does not spin)
-                if spins:
+                if spy.spins:
                     break
                 await node.send("spin.box", b"alone")
-            assert spins, "a lone send with nothing else ready spins"
-            assert any(found), "the spins found the CONFIRMs"
-            spins.clear()
+            assert spy.spins, "a lone send with nothing else ready spins"
+            assert any(spy.found), "the spins found the CONFIRMs"
+            spy.clear()
             ids = await asyncio.gather(*(node.send("spin.box", i) for i in range(10)))
             assert len(set(ids)) == 10
-            assert len(spins) <= 1, "with other sends ready to run, they are not held up by a spin"
-            os.kill(relay.pid, signal.SIGSTOP)
-            resume = threading.Timer(0.2, os.kill, (relay.pid, signal.SIGCONT))
-            try:
-                resume.start()
+            assert len(spy.spins) <= 1, "with other sends ready to run, they are not held up by a spin"
+            with stopped_for(relay.pid, 0.2):
                 await node.send("spin.box", b"slow")
-            finally:
-                resume.join()
-                os.kill(relay.pid, signal.SIGCONT)
             assert not node._spin_pays
-            spins.clear()
+            spy.clear()
             await node.send("spin.box", b"after")
-            assert spins == [], "after a slow answer the next send does not spin"
+            assert spy.spins == [], "after a slow answer the next send does not spin"
             consumer = await node.consume("spin.box", prefetch=100)
             bodies = []
             while True:
@@ -194,11 +175,8 @@ def test_a_lone_send_spins_for_its_confirm_only_when_nothing_else_is_ready(relay
                     break
             assert bodies[-13:] == [b"alone", *range(10), b"slow", b"after"]
 
-    aio.spin_poll = counted
-    try:
-        asyncio.run(main())
-    finally:
-        aio.spin_poll = real
+    with SpinSpy(aio) as spy:
+        asyncio.run(main(spy))
 
 
 def test_sends_answered_in_their_spin_still_let_the_loop_run(relay):

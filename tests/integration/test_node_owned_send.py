@@ -16,7 +16,7 @@ import pytest
 from murano_zmq import Node
 from murano_zmq.protocol.errors import NodeClosed, RelayUnavailable
 
-from ..helpers import free_tcp_endpoint, wait_for
+from ..helpers import SpinSpy, free_tcp_endpoint, stopped_for, wait_for
 
 
 def spy_owned(node: Node) -> tuple[threading.Event, list]:
@@ -248,20 +248,7 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
     `spin` seconds, then sleeps; after an answer slower than that (here the
     relay stopped for a while) the next wait sleeps at once, and once an
     answer comes within the spin again, the one after spins again."""
-    import os
-    import signal
-
     import murano_zmq.node.owned as owned
-
-    spins: list[float] = []
-    found: list[bool] = []  # did a spin find the answer (input before its end)?
-    real = owned.spin_poll
-
-    def counted(sockets, until):
-        spins.append(until)
-        ready = real(sockets, until)
-        found.append(bool(ready))
-        return ready
 
     def until_quick(node: Node) -> None:
         for _ in range(50):  # (a loaded machine may take longer than the spin now and then)
@@ -270,35 +257,26 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
                 return
         raise AssertionError("no answer within the spin in 50 sends")
 
-    owned.spin_poll = counted
-    try:
+    with SpinSpy(owned) as spy:
         with Node("spinner", relay=relay.endpoint, spin=0.005) as node:
             until_quick(node)
-            spins.clear()
+            spy.clear()
             node.send("spin.box", b"x")
-            assert spins, "a wait after a quick answer spins first"
-            assert any(found), "the spins found the CONFIRMs"
-            os.kill(relay.pid, signal.SIGSTOP)
-            resume = threading.Timer(0.2, os.kill, (relay.pid, signal.SIGCONT))
-            try:
-                resume.start()
+            assert spy.spins, "a wait after a quick answer spins first"
+            assert any(spy.found), "the spins found the CONFIRMs"
+            with stopped_for(relay.pid, 0.2):
                 node.send("spin.box", b"slow")  # its answer: after the relay comes back
-            finally:
-                resume.join()
-                os.kill(relay.pid, signal.SIGCONT)
             assert not node._spin_pays
-            spins.clear()
+            spy.clear()
             node.send("spin.box", b"x")
-            assert spins == [], "a wait after a slow answer sleeps at once"
+            assert spy.spins == [], "a wait after a slow answer sleeps at once"
             until_quick(node)
-            spins.clear()
+            spy.clear()
             node.send("spin.box", b"x")
-            assert spins
+            assert spy.spins
         with Node("sleeper", relay=relay.endpoint, spin=0) as node:
-            spins.clear()
+            spy.clear()
             for i in range(5):
                 node.send("spin.none", i)
-            assert spins == [], "spin=0: every wait sleeps at once"
+            assert spy.spins == [], "spin=0: every wait sleeps at once"
             assert node.consume("spin.none").get(timeout=10).body == 0
-    finally:
-        owned.spin_poll = real
