@@ -114,9 +114,8 @@ def read_records(path: str, owner: bytes, gaps: list | None = None) -> list[tupl
             if after is None:
                 return out
             if gaps is not None:
-                gaps.append((at, after - at, len(out)))
-            at = after
-            continue
+                gaps.append((at, after[0] - at, len(out)))
+            found = after[1]  # (read there already)
         seq, fields, at = found
         out.append((seq, fields))
 
@@ -141,10 +140,12 @@ def _record_at(data: bytes, at: int, owner: bytes, budget: list[int] | None = No
         return None
 
 
-def _next_record(data: bytes, start: int, owner: bytes, budget: list[int]) -> int | None:
-    """Where the first record of `owner` at or after `start` begins.  A
-    body may hold the magic, and look like records' headers, many times
-    over: once `budget` is spent the scan gives up, and says so."""
+def _next_record(data: bytes, start: int, owner: bytes,
+                 budget: list[int]) -> tuple[int, tuple[int, list, int]] | None:
+    """The first record of `owner` at or after `start`: where it begins,
+    and what _record_at() read there.  A body may hold the magic, and look
+    like records' headers, many times over: once `budget` is spent the
+    scan gives up, and says so."""
     at = data.find(_MAGIC_BYTES, start)
     while at >= 0:
         if budget[0] <= 0:
@@ -152,8 +153,9 @@ def _next_record(data: bytes, start: int, owner: bytes, budget: list[int]) -> in
                       "of a record's start in the bytes there; sends confirmed in records after it, if any, "
                       "are not written in", start)
             return None
-        if _record_at(data, at, owner, budget) is not None:
-            return at
+        found = _record_at(data, at, owner, budget)
+        if found is not None:
+            return at, found
         at = data.find(_MAGIC_BYTES, at + 1)
     return None
 
