@@ -29,6 +29,11 @@ def msg(seq: int, body: bytes = b"body", mailbox: int = 1) -> StoredMessage:
 OWNER = bytes(range(16))  # a database's journal id
 
 
+def record_length(j: Journal, seq: int, body: bytes = b"body") -> int:
+    """The bytes of msg(seq)'s record, without its padding."""
+    return sum(map(len, j.record(seq, list(msg(seq, body)))))
+
+
 def put(j: Journal, seq: int, body: bytes = b"body") -> bool:
     """Append msg(seq) (wrapping the ring when it has no room); did it wrap?"""
     record = j.record(seq, list(msg(seq, body)))
@@ -73,12 +78,13 @@ def test_a_scan_skips_an_unreadable_record_and_says_where(tmp_path, damage):
         at = j._head
         put(j, 2)
         end = j._head
+        length = record_length(j, 2)
         put(j, 3)
     finally:
         j.close()
     with open(tmp_path / FILE_NAME, "r+b") as f:
         if damage == "torn payload":
-            f.seek(end - 3)
+            f.seek(at + length - 3)
             f.write(b"\xff\xff\xff")
         elif damage == "torn header":
             f.seek(at + 4)
@@ -106,6 +112,85 @@ def test_the_ring_wraps_and_writes_from_its_start(tmp_path, monkeypatch):
         records = [s for s, _ in j.records()]
         assert records[0] == seq  # the record that wrapped, at offset 0
         assert all(s < seq for s in records[1:])  # then what is left of the lap before
+    finally:
+        j.close()
+
+
+def test_records_are_padded_to_whole_blocks_and_an_unpadded_journal_still_reads(tmp_path):
+    """Each record starts at a multiple of ALIGN (what a direct write
+    needs), its padding zeros; a journal written before the padding
+    (records end to end) reads back whole."""
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        records = [j.record(seq, list(msg(seq, b"x" * size))) for seq, size in ((1, 10), (2, 5000), (3, 4096))]
+        heads = []
+        for record in records:
+            j.append(record)
+            heads.append(j._head)
+        assert heads == [journal_module.ALIGN, 3 * journal_module.ALIGN, 5 * journal_module.ALIGN]
+        first = len(b"".join(records[0]))
+        with open(tmp_path / FILE_NAME, "rb") as f:
+            assert f.read(journal_module.ALIGN)[first:] == bytes(journal_module.ALIGN - first)
+        assert [s for s, _ in j.records()] == [1, 2, 3]
+        with open(tmp_path / FILE_NAME, "r+b") as f:  # the same records as an older relay wrote them
+            f.write(b"".join(b"".join(r) for r in records) + bytes(heads[-1]))
+        gaps: list = []
+        assert [s for s, _ in journal_module.read_records(str(tmp_path / FILE_NAME), OWNER, gaps)] == [1, 2, 3]
+        assert gaps == []
+    finally:
+        j.close()
+
+
+@pytest.mark.parametrize("refused", ["at open", "at the first write"])
+def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp_path, monkeypatch, refused):
+    """A file system that will not open the journal with O_DIRECT, or
+    refuses a direct write (EINVAL, before any I/O): each record is then
+    written through the page cache and fdatasynced, and reads back."""
+    real_open, real_pwrite, real_fdatasync = os.open, os.pwrite, os.fdatasync
+    direct_fds: set = set()
+    synced: list = []
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            if refused == "at open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, *args)
+
+    def refusing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        assert j.direct == (refused != "at open")
+        put(j, 1)
+        put(j, 2)
+        assert not j.direct
+        assert len(synced) == 2
+        assert [s for s, _ in j.records()] == [1, 2]
+    finally:
+        j.close()
+
+
+def test_a_direct_write_needs_no_fdatasync(tmp_path, monkeypatch):
+    """Where the file system takes O_DIRECT | O_DSYNC (ext4 here), the
+    write itself is the sync: no fdatasync follows it."""
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        if not j.direct:
+            pytest.skip("this file system does not take O_DIRECT")
+        synced: list = []
+        monkeypatch.setattr(os, "fdatasync", synced.append)
+        put(j, 1, b"x" * 70_000)
+        assert synced == []
+        assert [StoredMessage(*f) for _, f in j.records()] == [msg(1, b"x" * 70_000)]
     finally:
         j.close()
 
@@ -254,7 +339,7 @@ def test_a_torn_last_record_before_the_lap_before_is_no_damage(tmp_path, caplog,
     while True:  # until the ring has wrapped and holds a few records of its new lap
         lone_send(store, seq, write=False, body=b"x" * 1000)
         seq += 1
-        if store._journal._head < 4000 and seq > 70:
+        if store._journal._head < 3 * journal_module.ALIGN and seq > 70:
             break
     at, owner = store._journal._head, store._journal._owner
     lone_send(store, seq, write=False, body=b"x" * 1000)  # its record torn by the crash
