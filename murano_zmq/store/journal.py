@@ -247,8 +247,7 @@ class Journal:
         size = len(header) + len(payload)
         padded = _aligned(size)
         if padded > len(self._buffer):
-            self._view.release()
-            self._buffer.close()
+            self._drop_buffer()
             self._buffer = mmap.mmap(-1, padded)
             self._view = memoryview(self._buffer)
         view = self._view
@@ -262,7 +261,8 @@ class Journal:
                 if exc.errno != errno.EINVAL:
                     raise
                 # (refused before any I/O: an alignment this device or file system will not take)
-                log.info("%s: direct writes refused (%s): records written and fdatasynced", self.path, exc)
+                log.info("lone-send journal written through the page cache: %s refuses direct writes (%s)",
+                         self.path, exc.strerror)  # (not exc: its traceback holds a view of the buffer)
                 os.close(self._direct_fd)
                 self._direct_fd = None
         if self._direct_fd is None:
@@ -278,8 +278,14 @@ class Journal:
             if fd is not None and fd >= 0:
                 os.close(fd)
         self._fd, self._direct_fd = -1, None
+        self._drop_buffer()
+
+    def _drop_buffer(self) -> None:
         self._view.release()
-        self._buffer.close()
+        try:
+            self._buffer.close()
+        except BufferError:  # (a view of it still held, by a failure's traceback: unmapped with the last)
+            pass
 
 
 def _open_direct(path: str) -> int | None:
@@ -287,7 +293,8 @@ def _open_direct(path: str) -> int | None:
     where the file system will not open it so (tmpfs before Linux 6.6, ...)."""
     try:
         return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
-    except (OSError, AttributeError):  # (AttributeError: no O_DIRECT on this platform)
+    except (OSError, AttributeError) as exc:  # (AttributeError: no O_DIRECT on this platform)
+        log.info("lone-send journal written through the page cache: %s refuses O_DIRECT (%s)", path, exc)
         return None
 
 

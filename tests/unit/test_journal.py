@@ -142,7 +142,8 @@ def test_records_are_padded_to_whole_blocks_and_an_unpadded_journal_still_reads(
 
 
 @pytest.mark.parametrize("refused", ["at open", "at the first write"])
-def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp_path, monkeypatch, refused):
+def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp_path, monkeypatch, caplog,
+                                                                              refused):
     """A file system that will not open the journal with O_DIRECT, or
     refuses a direct write (EINVAL, before any I/O): each record is then
     written through the page cache and fdatasynced, and reads back."""
@@ -167,12 +168,15 @@ def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp
     monkeypatch.setattr(os, "open", refusing_open)
     monkeypatch.setattr(os, "pwrite", refusing_pwrite)
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
-    j = Journal(str(tmp_path), OWNER)
+    with caplog.at_level(logging.INFO, logger="murano_zmq.store"):
+        j = Journal(str(tmp_path), OWNER)
     try:
         assert j.direct == (refused != "at open")
-        put(j, 1)
-        put(j, 2)
+        with caplog.at_level(logging.INFO, logger="murano_zmq.store"):
+            put(j, 1)
+            put(j, 2)
         assert not j.direct
+        assert caplog.text.count("lone-send journal written through the page cache") == 1
         assert len(synced) == 2
         assert [s for s, _ in j.records()] == [1, 2]
     finally:
