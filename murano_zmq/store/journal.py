@@ -34,7 +34,7 @@ of ALIGN bytes.  Where the file system takes it, a record is written with
 O_DIRECT | O_DSYNC: one pwrite() that returns once it is on the device and
 flushed, without the page cache's write-back that an fdatasync() waits
 for (1 KiB records on this disk, p50 / p90: 41-50 / 48-61 µs against
-58-70 / 101-104 µs; docs/performance.md, "Session 30"); elsewhere (tmpfs,
+50-78 / 87-104 µs; docs/performance.md, "Session 30"); elsewhere (tmpfs,
 a file system refusing it) a pwrite() and an fdatasync().  Before the ring wraps,
 the rows owed are written and the WAL is synced, so every record it
 overwrites is reflected by a durable mark.  A scan reads every record
