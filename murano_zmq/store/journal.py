@@ -1,5 +1,5 @@
-"""The lone-send journal: a one-at-a-time send made durable by one write
-and one fdatasync, its SQLite row written after its CONFIRM left.
+"""The lone-send journal: a one-at-a-time send made durable by one synced
+write, its SQLite row written after its CONFIRM left.
 
 A lone send committed through SQLite costs BEGIN, the INSERT into the
 table and its indexes, the COMMIT's WAL frames and the Python around them,
@@ -195,11 +195,12 @@ class Journal:
         existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < SIZE:
+            if os.fstat(fd).st_size < SIZE + ALIGN:
                 # Written zeros, not a hole or fallocate()'s unwritten
                 # extents: the first write over either changes the block
-                # map, which an fdatasync then journals.
-                _fill_zeros(fd, SIZE)
+                # map, which an fdatasync then journals.  (The block past
+                # the ring is where _open_direct() tries a direct write.)
+                _fill_zeros(fd, SIZE + ALIGN)
                 os.fsync(fd)
                 sync_path(data_dir, os.O_DIRECTORY, os.fsync)
         except OSError:
@@ -209,7 +210,11 @@ class Journal:
             raise
         self._fd = fd
         self._direct_fd = _open_direct(self.path)
-        self._buffer = mmap.mmap(-1, 16 * ALIGN)  # (page-aligned, as a direct write's must be)
+        try:
+            self._buffer = mmap.mmap(-1, 16 * ALIGN)  # (page-aligned, as a direct write's must be)
+        except BaseException:
+            self._close_fds()
+            raise
         self._view = memoryview(self._buffer)
         self._head = 0  # where the next record goes: the ring's start (its records are in the database)
 
@@ -223,7 +228,7 @@ class Journal:
 
     @staticmethod
     def fits(nbytes: int) -> bool:
-        """Can a record with a body of `nbytes` go in the journal at all?"""
+        """Can a record whose body and headers come to `nbytes` go in the journal at all?"""
         return nbytes + 4096 <= SIZE // 4
 
     def record(self, seq: int, fields: list) -> tuple[bytes, bytes]:
@@ -274,11 +279,19 @@ class Journal:
         self._head += padded
 
     def close(self) -> None:
-        for fd in (self._fd, self._direct_fd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self._fd, self._direct_fd = -1, None
-        self._drop_buffer()
+        try:
+            self._close_fds()
+        finally:
+            self._drop_buffer()
+
+    def _close_fds(self) -> None:
+        fds, self._fd, self._direct_fd = (self._fd, self._direct_fd), -1, None
+        try:
+            if fds[0] >= 0:
+                os.close(fds[0])
+        finally:
+            if fds[1] is not None:
+                os.close(fds[1])
 
     def _drop_buffer(self) -> None:
         self._view.release()
@@ -290,12 +303,25 @@ class Journal:
 
 def _open_direct(path: str) -> int | None:
     """A descriptor of `path` that writes with O_DIRECT | O_DSYNC, or None
-    where the file system will not open it so (tmpfs before Linux 6.6, ...)."""
+    where the file system will not open it so (tmpfs before Linux 6.6, ...)
+    or fails a direct write of zeros to the block past the ring (some FUSE
+    and network file systems take the flag and refuse the writes): there a
+    first lone send's would be a failed sync, and stop the relay."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
     except (OSError, AttributeError) as exc:  # (AttributeError: no O_DIRECT on this platform)
         log.info("lone-send journal written through the page cache: %s refuses O_DIRECT (%s)", path, exc)
         return None
+    try:
+        with mmap.mmap(-1, ALIGN) as zeros:
+            if os.pwrite(fd, zeros, SIZE) != ALIGN:
+                raise OSError(errno.EIO, "short write")
+    except OSError as exc:
+        os.close(fd)
+        log.info("lone-send journal written through the page cache: %s refuses direct writes (%s)",
+                 path, exc.strerror)
+        return None
+    return fd
 
 
 def _fill_zeros(fd: int, size: int) -> None:

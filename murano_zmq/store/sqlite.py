@@ -443,7 +443,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         not that case, nothing done."""
         if (self._journal is None or len(messages) != 1 or self._wal_fd is None or self._seq_owed
                 or self._sync_failed is not None or self._segments.unsynced
-                or not self._journal.fits(len(messages[0].body))
+                or not self._journal.fits(len(messages[0].body) + len(messages[0].headers))
                 or (held and held != self._owed_held and (self._owed or self._segments.holds_any()))):
             return False
         row = messages[0]

@@ -6,6 +6,7 @@ database durably settled comes back."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import random
@@ -50,8 +51,9 @@ def put(j: Journal, seq: int, body: bytes = b"body") -> bool:
 def test_a_new_journal_is_written_zeros_and_holds_no_record(tmp_path):
     j = Journal(str(tmp_path), OWNER)
     try:
-        assert os.path.getsize(tmp_path / FILE_NAME) == journal_module.SIZE
-        assert os.stat(tmp_path / FILE_NAME).st_blocks * 512 >= journal_module.SIZE  # written, not a hole
+        size = journal_module.SIZE + journal_module.ALIGN  # the ring, and the block a direct write is tried in
+        assert os.path.getsize(tmp_path / FILE_NAME) == size
+        assert os.stat(tmp_path / FILE_NAME).st_blocks * 512 >= size  # written, not a hole
         assert j.records() == []
     finally:
         j.close()
@@ -141,12 +143,14 @@ def test_records_are_padded_to_whole_blocks_and_an_unpadded_journal_still_reads(
         j.close()
 
 
-@pytest.mark.parametrize("refused", ["at open", "at the first write"])
+@pytest.mark.parametrize("refused", ["at open", "the trial write", "the first record"])
 def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp_path, monkeypatch, caplog,
                                                                               refused):
-    """A file system that will not open the journal with O_DIRECT, or
-    refuses a direct write (EINVAL, before any I/O): each record is then
-    written through the page cache and fdatasynced, and reads back."""
+    """A file system that will not open the journal with O_DIRECT, fails
+    the direct write tried at open (EOPNOTSUPP: FUSE, some network file
+    systems), or refuses a record's (EINVAL, before any I/O): each record
+    is then written through the page cache and fdatasynced, and reads
+    back; the relay is not stopped by a failed sync."""
     real_open, real_pwrite, real_fdatasync = os.open, os.pwrite, os.fdatasync
     direct_fds: set = set()
     synced: list = []
@@ -162,39 +166,82 @@ def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp
 
     def refusing_pwrite(fd, data, offset):
         if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            if refused == "the trial write":
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            if offset < journal_module.SIZE:  # (the trial, past the ring, goes through)
+                raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
+    closed: list = []
+    real_close = os.close
     monkeypatch.setattr(os, "open", refusing_open)
     monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd))[1])
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
     with caplog.at_level(logging.INFO, logger="murano_zmq.store"):
         j = Journal(str(tmp_path), OWNER)
     try:
-        assert j.direct == (refused != "at open")
+        assert j.direct == (refused == "the first record")
         with caplog.at_level(logging.INFO, logger="murano_zmq.store"):
             put(j, 1)
             put(j, 2)
-        assert not j.direct
+        assert not j.direct and direct_fds <= set(closed)  # (the refused descriptor not left open)
         assert caplog.text.count("lone-send journal written through the page cache") == 1
-        assert len(synced) == 2
+        assert synced == [j._fd, j._fd]
         assert [s for s, _ in j.records()] == [1, 2]
     finally:
         j.close()
 
 
 def test_a_direct_write_needs_no_fdatasync(tmp_path, monkeypatch):
-    """Where the file system takes O_DIRECT | O_DSYNC (ext4 here), the
-    write itself is the sync: no fdatasync follows it."""
+    """Where the file system takes O_DIRECT | O_DSYNC (ext4 here), a
+    record is written on a descriptor with both flags, in whole blocks:
+    the write itself is the sync, no fdatasync follows it."""
     j = Journal(str(tmp_path), OWNER)
     try:
         if not j.direct:
             pytest.skip("this file system does not take O_DIRECT")
+        flags = fcntl.fcntl(j._direct_fd, fcntl.F_GETFL)
+        assert flags & os.O_DIRECT and flags & os.O_DSYNC == os.O_DSYNC
+        writes: list = []
         synced: list = []
+        real_pwrite = os.pwrite
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, at: (writes.append((fd, len(data), at)),
+                                                                real_pwrite(fd, data, at))[1])
         monkeypatch.setattr(os, "fdatasync", synced.append)
         put(j, 1, b"x" * 70_000)
+        put(j, 2)
+        assert writes == [(j._direct_fd, 18 * journal_module.ALIGN, 0),
+                          (j._direct_fd, journal_module.ALIGN, 18 * journal_module.ALIGN)]
         assert synced == []
-        assert [StoredMessage(*f) for _, f in j.records()] == [msg(1, b"x" * 70_000)]
+        assert [StoredMessage(*f) for _, f in j.records()] == [msg(1, b"x" * 70_000), msg(2)]
+    finally:
+        j.close()
+
+
+@pytest.mark.parametrize("failure", ["EIO", "short"])
+def test_a_direct_write_that_fails_otherwise_is_a_failed_sync_not_a_fallback(tmp_path, monkeypatch, failure):
+    """Only EINVAL, refused before any I/O, sends records through the page
+    cache: an I/O error or a short write may have left the record in part
+    on the disk, and raises (the store's failed sync)."""
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        if not j.direct:
+            pytest.skip("this file system does not take O_DIRECT")
+        real_pwrite = os.pwrite
+
+        def failing(fd, data, at):
+            if fd != j._direct_fd:
+                return real_pwrite(fd, data, at)
+            if failure == "EIO":
+                raise OSError(errno.EIO, "Input/output error")
+            return journal_module.ALIGN // 2  # (nothing written: as the device's part of a short write)
+
+        monkeypatch.setattr(os, "pwrite", failing)
+        with pytest.raises(OSError) as raised:
+            put(j, 1)
+        assert raised.value.errno == errno.EIO
+        assert j.direct and j._head == 0
     finally:
         j.close()
 
@@ -453,6 +500,25 @@ def test_a_large_body_is_journaled_and_written_to_a_segment_after_its_confirm(tm
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [10]
+
+
+def test_a_lone_send_whose_headers_the_ring_cannot_hold_is_committed_by_sqlite(tmp_path):
+    """The journal's bound counts the headers too: a small body with
+    headers larger than the ring (up to the relay's frame limit) made a
+    record that wrapped the ring and was written past its end, where no
+    start reads it: a confirmed send lost after a crash."""
+    headers = b"h" * (journal_module.SIZE + 100)
+    row = StoredMessage(10, 1, (10).to_bytes(16, "big"), headers, b"body", 1.0, None, 0)
+    store = new_store(tmp_path)
+    store.commit_insert([row])
+    assert not store._owed, "journaled"
+    assert os.path.getsize(tmp_path / FILE_NAME) == journal_module.SIZE + journal_module.ALIGN
+    crash(store)
+    store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == [10] and store.get(10) == row
+    finally:
+        store.close()
 
 
 def test_a_crash_after_a_large_body_went_to_a_segment_replays_it_from_the_journal(tmp_path):
