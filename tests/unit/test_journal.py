@@ -143,6 +143,37 @@ def test_records_are_padded_to_whole_blocks_and_an_unpadded_journal_still_reads(
         j.close()
 
 
+def test_a_padded_lap_over_an_older_unpadded_one_is_read_past_a_torn_record(tmp_path):
+    """The upgrade after a crash: an older relay's lap (records end to
+    end), this release's first records over its start, padded, the last
+    of them torn.  The new ones are read, then, past one gap, every older
+    record the new writes left whole (the lap before: under the mark)."""
+    path = str(tmp_path / FILE_NAME)
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        older = [j.record(seq, list(msg(seq, b"y" * 700))) for seq in range(1, 40)]
+        starts, at = [], 0
+        for record in older:
+            starts.append(at)
+            at += len(record[0]) + len(record[1])
+        with open(path, "r+b") as f:
+            f.write(b"".join(b"".join(r) for r in older))
+        put(j, 50)
+        put(j, 51)
+        torn = j._head
+        put(j, 52)
+    finally:
+        j.close()
+    with open(path, "r+b") as f:  # (its payload: the rest of its block is padding)
+        f.seek(torn + 20)
+        f.write(bytes(20))
+    whole = [(seq, start) for seq, start in zip(range(1, 40), starts) if start >= torn + journal_module.ALIGN]
+    assert len(whole) > 10
+    gaps: list = []
+    assert [seq for seq, _ in journal_module.read_records(path, OWNER, gaps)] == [50, 51] + [s for s, _ in whole]
+    assert gaps == [(torn, whole[0][1] - torn, 2)]
+
+
 @pytest.mark.parametrize("refused", ["at open", "the trial write", "the first record"])
 def test_where_direct_writes_are_refused_records_are_written_and_fdatasynced(tmp_path, monkeypatch, caplog,
                                                                               refused):
