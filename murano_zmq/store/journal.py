@@ -266,8 +266,7 @@ class Journal:
                 if exc.errno != errno.EINVAL:
                     raise
                 # (refused before any I/O: an alignment this device or file system will not take)
-                log.info("lone-send journal written through the page cache: %s refuses direct writes (%s)",
-                         self.path, exc.strerror)  # (not exc: its traceback holds a view of the buffer)
+                _say_buffered(self.path, "direct writes", exc.strerror)  # (not exc: its traceback holds a view)
                 os.close(self._direct_fd)
                 self._direct_fd = None
         if self._direct_fd is None:
@@ -310,7 +309,7 @@ def _open_direct(path: str) -> int | None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
     except (OSError, AttributeError) as exc:  # (AttributeError: no O_DIRECT on this platform)
-        log.info("lone-send journal written through the page cache: %s refuses O_DIRECT (%s)", path, exc)
+        _say_buffered(path, "O_DIRECT", exc)
         return None
     try:
         with mmap.mmap(-1, ALIGN) as zeros:
@@ -318,10 +317,13 @@ def _open_direct(path: str) -> int | None:
                 raise OSError(errno.EIO, "short write")
     except OSError as exc:
         os.close(fd)
-        log.info("lone-send journal written through the page cache: %s refuses direct writes (%s)",
-                 path, exc.strerror)
+        _say_buffered(path, "direct writes", exc.strerror)
         return None
     return fd
+
+
+def _say_buffered(path: str, refused: str, why) -> None:
+    log.info("lone-send journal written through the page cache: %s refuses %s (%s)", path, refused, why)
 
 
 def _fill_zeros(fd: int, size: int) -> None:
