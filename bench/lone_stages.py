@@ -59,6 +59,7 @@ RELAY_STAGES = (
     ("send", "relay: send the CONFIRM"),
     ("early", "relay: a journaled large body written to a segment after its CONFIRM (write_early)"),
     ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
+    ("owed_sync", "relay: of which the segment's fdatasync (the large bodies written early)"),
 )
 WARM_UP = 50  # sends to each relay before the timed ones
 FLOOR_STAGES = (
@@ -154,7 +155,14 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     wrap(Segments, "write_unsynced", add("body"))
     wrap(Segments, "wait_unsynced", add("body_wait"))
     wrap(Segments, "flushed", add("body_after"))
-    wrap(Segments, "sync", add("segment_sync"))
+    segment_sync = add("segment_sync")
+
+    def segment_synced(t0, t1, args, result):
+        segment_sync(t0, t1, args, result)
+        if sends and not current.get("in_store"):  # (write_owed's, after the last send's CONFIRM)
+            sends[-1]["owed_sync"] = sends[-1].get("owed_sync", 0.0) + t1 - t0
+
+    wrap(Segments, "sync", segment_synced)
 
     def early(t0, t1, args, result):
         if sends and not current.get("in_store"):  # (after the last send's CONFIRM)
@@ -269,9 +277,11 @@ def main() -> int:
         with open(stages_path) as f:
             relay_steps = json.load(f)[WARM_UP - 1:]  # (the warm-up's: all but the first took the lone path)
     result = {"round_trip": {"relay": pct(trips["relay"], 50) * 1e6, "floor": pct(trips["floor"], 50) * 1e6},
+              "round_trip_tail": {k: {"p90_us": pct(v, 90) * 1e6, "p99_us": pct(v, 99) * 1e6}
+                                  for k, v in trips.items()},
               "stages": {}}
     for key, _ in RELAY_STAGES:
-        if key in ("owed", "early"):  # (a median over the writes, not over every send)
+        if key in ("owed", "owed_sync", "early"):  # (a median over the writes, not over every send)
             values = [s[key] for s in relay_steps if key in s]
         else:
             values = [s.get(key, 0.0) for s in relay_steps]
@@ -289,8 +299,11 @@ def main() -> int:
           f"{len(relay_steps):,} took the relay's lone path")
     print("| stage | p50 | p90 |")
     print("| --- | --- | --- |")
-    print(f"| round trip, this relay | {result['round_trip']['relay']:,.1f} µs | |")
-    print(f"| round trip, floor relay | {result['round_trip']['floor']:,.1f} µs | |")
+    tail = result["round_trip_tail"]
+    print(f"| round trip, this relay | {result['round_trip']['relay']:,.1f} µs "
+          f"| {tail['relay']['p90_us']:,.1f} µs (p99 {tail['relay']['p99_us']:,.1f}) |")
+    print(f"| round trip, floor relay | {result['round_trip']['floor']:,.1f} µs "
+          f"| {tail['floor']['p90_us']:,.1f} µs (p99 {tail['floor']['p99_us']:,.1f}) |")
     for key, label in RELAY_STAGES + FLOOR_STAGES:
         if key in result["stages"]:
             s = result["stages"][key]

@@ -61,10 +61,19 @@ from .segments import sync_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "FILE_NAME", "SIZE", "ALIGN", "OWED_ROWS", "read_records", "check_file"]
+__all__ = ["Journal", "FILE_NAME", "SIZE", "MAX_RECORD", "ALIGN", "OWED_ROWS", "read_records", "check_file"]
 
 FILE_NAME = "lone.journal"
-SIZE = 2 << 20  # 512 lone sends of 1 KiB between the WAL syncs that a wrap costs
+# The ring: 4,096 lone sends of 1 KiB, or 240 of 64 KiB, between the WAL
+# syncs that a wrap costs.  A wrap waits before a CONFIRM for the owed rows'
+# write and the WAL's sync (~0.9 ms with 64 KiB bodies): with a 2 MiB ring
+# that was one lone 64 KiB send in 30, the one-at-a-time p99 itself
+# (docs/performance.md, "Session 31").  Written as zeros at the first
+# start (~10 ms here) and read whole at each (~15 ms).
+SIZE = 16 << 20
+# The largest record (body and headers, and the rest of the row) the ring
+# takes: larger bodies are written to a segment and synced, before their CONFIRM.
+MAX_RECORD = 512 << 10
 # Records start at multiples of this: a direct write's offset, length and
 # buffer must be multiples of the device's logical block (512 or 4096
 # bytes), and one smaller than the file system's block costs ext4 a lock
@@ -80,7 +89,7 @@ ID_SIZE = 16
 _HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the database's id, the seq, the payload
 _SEQ = struct.Struct("<Q")
 _MAGIC_BYTES = MAGIC.to_bytes(4, "little")  # (what a scan past unreadable bytes looks for)
-_SCAN_BUDGET = 32 * SIZE  # bytes such a scan checksums at most (~30 ms here)
+_SCAN_BUDGET = 64 << 20  # bytes such a scan checksums at most (~30 ms here)
 _WRITE_CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(ALIGN))
 
@@ -115,9 +124,22 @@ def read_records(path: str, owner: bytes, gaps: list | None = None) -> list[tupl
     before it) of each such stretch followed by a record is added to it."""
     try:
         with open(path, "rb") as f:
-            data = f.read(SIZE)
+            size = min(SIZE, os.fstat(f.fileno()).st_size)
+            if size == 0:
+                return []
+            # Mapped, not read: the relay's heap keeps what it frees
+            # (murano_zmq/heap.py), and a bytes of the ring would stay.
+            try:
+                mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+            except OSError:  # (a file system that maps no files)
+                return _scan(f.read(size), owner, gaps)
+            with mapped:
+                return _scan(mapped, owner, gaps)
     except FileNotFoundError:
         return []
+
+
+def _scan(data: bytes | mmap.mmap, owner: bytes, gaps: list | None) -> list[tuple[int, list]]:
     out, at = [], 0
     budget = [_SCAN_BUDGET]
     while True:
@@ -229,7 +251,7 @@ class Journal:
     @staticmethod
     def fits(nbytes: int) -> bool:
         """Can a record whose body and headers come to `nbytes` go in the journal at all?"""
-        return nbytes + 4096 <= SIZE // 4
+        return nbytes + 4096 <= min(MAX_RECORD, SIZE // 4)
 
     def record(self, seq: int, fields: list) -> tuple[bytes, bytes]:
         """The record of `fields`: its header and payload."""

@@ -143,6 +143,33 @@ def test_records_are_padded_to_whole_blocks_and_an_unpadded_journal_still_reads(
         j.close()
 
 
+def test_the_journal_is_read_where_files_cannot_be_mapped_and_from_a_smaller_older_ring(tmp_path, monkeypatch):
+    """A start maps the ring (a read of 16 MiB would stay in the relay's
+    heap); a file system that maps no files is read instead.  An older
+    relay's ring (2 MiB) reads before this one extends it."""
+    path = str(tmp_path / FILE_NAME)
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        for seq in (1, 2, 3):
+            j.append(j.record(seq, list(msg(seq, b"x" * 3000))))
+    finally:
+        j.close()
+    assert [s for s, _ in journal_module.read_records(path, OWNER)] == [1, 2, 3]
+    os.truncate(path, 2 << 20)
+    assert [s for s, _ in journal_module.read_records(path, OWNER)] == [1, 2, 3]
+    real = journal_module.mmap.mmap
+
+    def no_map(fileno, *args, **kwargs):
+        if fileno >= 0:
+            raise OSError(errno.ENODEV, "No such device")
+        return real(fileno, *args, **kwargs)
+
+    monkeypatch.setattr(journal_module.mmap, "mmap", no_map)
+    assert [s for s, _ in journal_module.read_records(path, OWNER)] == [1, 2, 3]
+    os.truncate(path, 0)
+    assert journal_module.read_records(path, OWNER) == []
+
+
 def test_a_padded_lap_over_an_older_unpadded_one_is_read_past_a_torn_record(tmp_path):
     """The upgrade after a crash: an older relay's lap (records end to
     end), this release's first records over its start, padded, the last
@@ -280,6 +307,30 @@ def test_a_direct_write_that_fails_otherwise_is_a_failed_sync_not_a_fallback(tmp
 def test_a_record_too_large_for_the_ring_is_not_journaled(tmp_path):
     assert Journal.fits(8 * 1024)
     assert not Journal.fits(journal_module.SIZE)
+    # A large body is written to a segment before its CONFIRM, however large the ring.
+    assert Journal.fits(journal_module.MAX_RECORD - 4096)
+    assert not Journal.fits(journal_module.MAX_RECORD)
+
+
+def test_a_small_ring_takes_records_of_a_quarter_of_it_at_most(monkeypatch):
+    monkeypatch.setattr(journal_module, "SIZE", 64 * 1024)
+    assert Journal.fits(16 * 1024 - 4096)
+    assert not Journal.fits(16 * 1024)
+
+
+def test_the_ring_holds_many_lone_64k_sends_between_wraps(tmp_path):
+    """A wrap syncs the WAL before a CONFIRM: one lone 64 KiB send in 30
+    paid for it with a 2 MiB ring, the one-at-a-time p99 itself."""
+    j = Journal(str(tmp_path), OWNER)
+    try:
+        record = j.record(1, [b"b" * 65536])
+        records = 0
+        while j.room(record):
+            j._head += journal_module._aligned(len(record[0]) + len(record[1]))
+            records += 1
+        assert records >= 200
+    finally:
+        j.close()
 
 
 # --- the SQLite store over it ---
@@ -400,7 +451,7 @@ def test_a_record_with_large_headers_is_read_back(tmp_path):
     """The record holds the whole row: a body at the journal's limit with
     headers besides it makes a payload over a quarter of the ring, still a
     record to read."""
-    body = b"b" * (journal_module.SIZE // 4 - 4096)
+    body = b"b" * (journal_module.MAX_RECORD - 4096)
     assert Journal.fits(len(body))
     row = StoredMessage(7, 1, (7).to_bytes(16, "big"), b"h" * 20_000, body, 1.0, None, 0)
     j = Journal(str(tmp_path), OWNER)
@@ -483,7 +534,7 @@ def test_a_wrap_syncs_the_wal_first_and_a_crash_after_it_loses_nothing(tmp_path,
 def test_a_body_too_large_for_the_ring_or_several_rows_take_the_commit_path(tmp_path):
     store = new_store(tmp_path)
     try:
-        store.commit_insert([msg(10, b"x" * (journal_module.SIZE // 4))])
+        store.commit_insert([msg(10, b"x" * journal_module.MAX_RECORD)])
         store.commit_insert([msg(11), msg(12)])
         assert not store._owed and store._journal.records() == []
         assert ready(store) == [10, 11, 12]
