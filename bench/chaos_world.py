@@ -14,7 +14,7 @@ from collections import Counter
 from murano_zmq.testing import fill_disk, free_tcp_endpoint, mount_tmpfs, relay_answers, unmount
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-DISK_BYTES = 48 << 20  # the relay's tmpfs
+DISK_BYTES = 64 << 20  # the relay's tmpfs: its journal (16 MiB), reserve (4), low-space margin (16) and room
 RELAY_IP, NODE_IP = "10.251.9.1", "10.251.9.2"
 
 

@@ -59,7 +59,7 @@ RELAY_STAGES = (
     ("send", "relay: send the CONFIRM"),
     ("early", "relay: a journaled large body written to a segment after its CONFIRM (write_early)"),
     ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
-    ("owed_sync", "relay: of which the segment's fdatasync (the large bodies written early)"),
+    ("owed_sync", "relay: of which Segments.sync (the fdatasync of the bodies written early)"),
 )
 WARM_UP = 50  # sends to each relay before the timed ones
 FLOOR_STAGES = (

@@ -114,45 +114,46 @@ def check_file(path: str) -> str | None:
     return None
 
 
-def read_records(path: str, owner: bytes, gaps: list | None = None) -> list[tuple[int, list]]:
+def read_records(path: str, owner: bytes, gaps: list | None = None,
+                 mark: int = 0) -> list[tuple[int, list | None]]:
     """Every whole record of the database `owner` in the file: (seq,
     fields), in file order; [] if there is no file.  Unreadable bytes
     between records are skipped: a crash leaves at most the record it was
     writing torn, with only the lap before's records (their rows in the
     database) after it, but a damaged disk may leave records confirmed
     after the damage.  `gaps`: (offset, length, how many records came
-    before it) of each such stretch followed by a record is added to it."""
+    before it) of each such stretch followed by a record is added to it.
+    `mark`: the fields of records whose seq is at most this are not
+    unpacked (None): their rows are in the database."""
     try:
         with open(path, "rb") as f:
             size = min(SIZE, os.fstat(f.fileno()).st_size)
             if size == 0:
                 return []
-            # Mapped, not read: the relay's heap keeps what it frees
-            # (murano_zmq/heap.py), and a bytes of the ring would stay.
-            try:
-                mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-            except OSError:  # (a file system that maps no files)
-                return _scan(f.read(size), owner, gaps)
-            with mapped:
-                return _scan(mapped, owner, gaps)
+            # Read into pages of its own, not a bytes: the relay's heap
+            # keeps what it frees (murano_zmq/heap.py), and 16 MiB would
+            # stay.  (Not the file mapped: a read error would be a SIGBUS.)
+            with mmap.mmap(-1, size) as data:
+                f.readinto(data)  # (a file cut meanwhile leaves zeros: no record)
+                return _scan(data, owner, gaps, mark)
     except FileNotFoundError:
         return []
 
 
-def _scan(data: bytes | mmap.mmap, owner: bytes, gaps: list | None) -> list[tuple[int, list]]:
+def _scan(data, owner: bytes, gaps: list | None, mark: int) -> list[tuple[int, list | None]]:
     out, at = [], 0
     budget = [_SCAN_BUDGET]
     while True:
-        found = _record_at(data, at, owner)
+        found = _record_at(data, at, owner, mark=mark)
         if found is None and at % ALIGN:
             # Zeros pad a record to ALIGN (a journal written before them
             # has none: its next record was tried at `at`).
             padded = _aligned(at)
             if data[at:padded] == _ZEROS[:padded - at]:
                 at = padded
-                found = _record_at(data, at, owner)
+                found = _record_at(data, at, owner, mark=mark)
         if found is None:
-            after = _next_record(data, at + 1, owner, budget)
+            after = _next_record(data, at + 1, owner, budget, mark)
             if after is None:
                 return out
             if gaps is not None:
@@ -166,9 +167,11 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def _record_at(data: bytes, at: int, owner: bytes, budget: list[int] | None = None) -> tuple[int, list, int] | None:
-    """The record of `owner` at `at`: (seq, fields, where it ends), or None.
-    `budget`: bytes a scan may still checksum, less this one's."""
+def _record_at(data, at: int, owner: bytes, budget: list[int] | None = None,
+               mark: int = 0) -> tuple[int, list | None, int] | None:
+    """The record of `owner` at `at`: (seq, fields, where it ends), or None;
+    fields None at or under `mark`.  `budget`: bytes a scan past
+    unreadable ones may still checksum, less this one's."""
     if at + _HEADER.size > len(data):
         return None
     magic, length, seq, crc = _HEADER.unpack_from(data, at)
@@ -176,18 +179,22 @@ def _record_at(data: bytes, at: int, owner: bytes, budget: list[int] | None = No
     if magic != MAGIC or end > len(data):
         return None
     if budget is not None:
+        if length > MAX_RECORD:  # (no record of this release's: a lookalike may claim the rest of the ring)
+            return None
         budget[0] -= length
     payload = data[at + _HEADER.size:end]
     if _crc(owner, seq, payload) != crc:
         return None
+    if seq <= mark:
+        return seq, None, end
     try:
         return seq, msgpack.unpackb(payload, raw=False), end
     except Exception:  # (a CRC match on bytes that are not ours: not expected)
         return None
 
 
-def _next_record(data: bytes, start: int, owner: bytes,
-                 budget: list[int]) -> tuple[int, tuple[int, list, int]] | None:
+def _next_record(data, start: int, owner: bytes, budget: list[int],
+                 mark: int) -> tuple[int, tuple[int, list | None, int]] | None:
     """The first record of `owner` at or after `start`: where it begins,
     and what _record_at() read there.  A body may hold the magic, and look
     like records' headers, many times over: once `budget` is spent the
@@ -199,7 +206,7 @@ def _next_record(data: bytes, start: int, owner: bytes,
                       "of a record's start in the bytes there; sends confirmed in records after it, if any, "
                       "are not written in", start)
             return None
-        found = _record_at(data, at, owner, budget)
+        found = _record_at(data, at, owner, budget, mark)
         if found is not None:
             return at, found
         at = data.find(_MAGIC_BYTES, at + 1)
@@ -216,19 +223,26 @@ class Journal:
         self._owner = owner
         existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = 0
         try:
-            if os.fstat(fd).st_size < SIZE + ALIGN:
+            size = os.fstat(fd).st_size
+            if size < SIZE + ALIGN:
                 # Written zeros, not a hole or fallocate()'s unwritten
                 # extents: the first write over either changes the block
                 # map, which an fdatasync then journals.  (The block past
                 # the ring is where _open_direct() tries a direct write.)
+                # An older relay's smaller ring grows here, once it is read.
                 _fill_zeros(fd, SIZE + ALIGN)
                 os.fsync(fd)
                 sync_path(data_dir, os.O_DIRECTORY, os.fsync)
         except OSError:
-            os.close(fd)
-            if not existed:  # (one that was there may hold records: it stays)
-                os.unlink(self.path)
+            try:
+                if not existed:
+                    os.unlink(self.path)
+                elif size:  # (one that was there may hold records: it stays, as it was, zeros added taken off)
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
             raise
         self._fd = fd
         self._direct_fd = _open_direct(self.path)

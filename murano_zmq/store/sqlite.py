@@ -598,7 +598,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # (a database with a mark and no id: the journal's first records, whose CRC covered no id)
         gaps: list[tuple[int, int, int]] = []
         records = [] if owner is None and not mark else read_records(path, b"" if owner is None else bytes(owner),
-                                                                     gaps)
+                                                                     gaps, mark)
         if gaps:
             _say_damage(path, records, gaps, mark)
         records = sorted((r for r in records if r[0] > mark), key=itemgetter(0))

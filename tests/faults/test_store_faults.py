@@ -97,8 +97,8 @@ def _disk(tmp_path, size: int) -> str:
 @pytest.fixture
 def small_disk(tmp_path):
     """Room for the relay's low-space margin, its reserve and its lone-send
-    journal (17 + 4 + 2 MiB), and little more."""
-    path = _disk(tmp_path, 28 << 20)
+    journal (17 + 4 + 16 MiB), and little more."""
+    path = _disk(tmp_path, 42 << 20)
     yield path
     unmount(path)
 
