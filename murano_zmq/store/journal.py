@@ -223,7 +223,7 @@ class Journal:
         self._owner = owner
         existed = os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        size = 0
+        size = None
         try:
             size = os.fstat(fd).st_size
             if size < SIZE + ALIGN:
@@ -239,7 +239,7 @@ class Journal:
             try:
                 if not existed:
                     os.unlink(self.path)
-                elif size:  # (one that was there may hold records: it stays, as it was, zeros added taken off)
+                elif size is not None:  # (one that was there may hold records: it stays as it was)
                     os.ftruncate(fd, size)
             finally:
                 os.close(fd)
