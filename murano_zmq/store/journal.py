@@ -176,12 +176,15 @@ def _record_at(data, at: int, owner: bytes, budget: list[int] | None = None,
         return None
     magic, length, seq, crc = _HEADER.unpack_from(data, at)
     end = at + _HEADER.size + length
+    if budget is not None:
+        # Each lookalike costs a block at least, so that their number is
+        # bounded too; one longer than a record of this release's (it may
+        # claim the rest of the ring) is not checksummed.
+        budget[0] -= max(length, ALIGN) if length <= MAX_RECORD else ALIGN
+        if length > MAX_RECORD:
+            return None
     if magic != MAGIC or end > len(data):
         return None
-    if budget is not None:
-        if length > MAX_RECORD:  # (no record of this release's: a lookalike may claim the rest of the ring)
-            return None
-        budget[0] -= length
     payload = data[at + _HEADER.size:end]
     if _crc(owner, seq, payload) != crc:
         return None
@@ -235,15 +238,17 @@ class Journal:
                 _fill_zeros(fd, SIZE + ALIGN)
                 os.fsync(fd)
                 sync_path(data_dir, os.O_DIRECTORY, os.fsync)
-        except OSError:
+        except OSError as exc:
             try:
                 if not existed:
                     os.unlink(self.path)
                 elif size is not None:  # (one that was there may hold records: it stays as it was)
                     os.ftruncate(fd, size)
+            except OSError as undo:  # (the first error is the one to act on: a full disk, say)
+                log.warning("%s: could not undo a failed start of the lone-send journal (%s)", self.path, undo)
             finally:
                 os.close(fd)
-            raise
+            raise exc
         self._fd = fd
         self._direct_fd = _open_direct(self.path)
         try:
