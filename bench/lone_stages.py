@@ -299,11 +299,10 @@ def main() -> int:
           f"{len(relay_steps):,} took the relay's lone path")
     print("| stage | p50 | p90 |")
     print("| --- | --- | --- |")
-    tail = result["round_trip_tail"]
-    print(f"| round trip, this relay | {result['round_trip']['relay']:,.1f} µs "
-          f"| {tail['relay']['p90_us']:,.1f} µs (p99 {tail['relay']['p99_us']:,.1f}) |")
-    print(f"| round trip, floor relay | {result['round_trip']['floor']:,.1f} µs "
-          f"| {tail['floor']['p90_us']:,.1f} µs (p99 {tail['floor']['p99_us']:,.1f}) |")
+    for key, name in (("relay", "this relay"), ("floor", "floor relay")):
+        tail = result["round_trip_tail"][key]
+        print(f"| round trip, {name} | {result['round_trip'][key]:,.1f} µs "
+              f"| {tail['p90_us']:,.1f} µs (p99 {tail['p99_us']:,.1f}) |")
     for key, label in RELAY_STAGES + FLOOR_STAGES:
         if key in result["stages"]:
             s = result["stages"][key]

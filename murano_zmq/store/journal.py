@@ -180,9 +180,10 @@ def _record_at(data, at: int, owner: bytes, budget: list[int] | None = None,
         # Each lookalike costs a block at least, so that their number is
         # bounded too; one longer than a record of this release's (it may
         # claim the rest of the ring) is not checksummed.
-        budget[0] -= max(length, ALIGN) if length <= MAX_RECORD else ALIGN
         if length > MAX_RECORD:
+            budget[0] -= ALIGN
             return None
+        budget[0] -= max(length, ALIGN)
     if magic != MAGIC or end > len(data):
         return None
     payload = data[at + _HEADER.size:end]

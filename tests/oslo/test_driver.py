@@ -106,6 +106,15 @@ def test_servers_of_a_topic_share_its_calls_and_casts(transports, servers, url, 
     assert drain(sink) == []
 
 
+def assert_each_got_both_once(recorders) -> None:
+    """Each recorder got the casts "hello" and "again" once each, in either
+    order: oslo's threading executor runs each message in a pool thread of
+    its own (as it does with rabbit)."""
+    for r in recorders:
+        assert sorted(r.taken(2)) == [("record", "again"), ("record", "hello")]
+    assert all(drain(r.calls) == [] for r in recorders)
+
+
 def test_fanout_reaches_every_server_of_the_topic_once(transports, servers, url, topic):
     transport = transports(url)
     recorders = []
@@ -118,11 +127,8 @@ def test_fanout_reaches_every_server_of_the_topic_once(transports, servers, url,
     fan = client(transport, topic, fanout=True)
     fan.cast({}, "record", value="hello")
     fan.cast({}, "record", value="again")
-    for r in recorders:
-        # both, once each, in either order: oslo's threading executor runs
-        # each message in a pool thread of its own (as it does with rabbit)
-        assert sorted(r.taken(2)) == [("record", "again"), ("record", "hello")]
-    assert all(drain(r.calls) == [] for r in recorders) and other_recorder.calls.empty()
+    assert_each_got_both_once(recorders)
+    assert other_recorder.calls.empty()
 
 
 def test_fanout_reaches_every_worker_that_shares_a_server_name(transports, servers, url, topic):
@@ -137,11 +143,7 @@ def test_fanout_reaches_every_worker_that_shares_a_server_name(transports, serve
     fan = client(transports(url), topic, fanout=True)
     fan.cast({}, "record", value="hello")
     fan.cast({}, "record", value="again")
-    for r in recorders:
-        # both, once each, in either order: oslo's threading executor runs
-        # each message in a pool thread of its own (as it does with rabbit)
-        assert sorted(r.taken(2)) == [("record", "again"), ("record", "hello")]
-    assert all(drain(r.calls) == [] for r in recorders)
+    assert_each_got_both_once(recorders)
 
 
 def test_fanout_with_no_server_is_dropped_not_stored(transports, url, topic, relay):

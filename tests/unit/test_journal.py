@@ -159,15 +159,20 @@ def test_records_under_the_mark_are_checked_but_not_unpacked(tmp_path):
     assert journal_module.read_records(path, OWNER) == []
 
 
-def test_an_older_relays_smaller_ring_is_written_in_then_grown(tmp_path, monkeypatch):
-    """Sessions 26-30 wrote a 2 MiB ring: its records are written in at
-    the first start of this release, then the ring grows to SIZE."""
+def older_ring_crashed(tmp_path, monkeypatch, seqs) -> None:
+    """A relay of sessions 26-30 (a 2 MiB ring) crashed with `seqs` journaled, their rows owed."""
     monkeypatch.setattr(journal_module, "SIZE", 2 << 20)
     store = new_store(tmp_path)
-    for seq in (10, 11):
+    for seq in seqs:
         lone_send(store, seq, write=False, body=b"x" * 1000)
     crash(store)
     monkeypatch.undo()
+
+
+def test_an_older_relays_smaller_ring_is_written_in_then_grown(tmp_path, monkeypatch):
+    """Sessions 26-30 wrote a 2 MiB ring: its records are written in at
+    the first start of this release, then the ring grows to SIZE."""
+    older_ring_crashed(tmp_path, monkeypatch, (10, 11))
     assert os.path.getsize(tmp_path / FILE_NAME) == (2 << 20) + journal_module.ALIGN
     store = SQLiteStore(str(tmp_path))
     try:
@@ -187,11 +192,7 @@ def test_an_older_ring_that_cannot_grow_is_left_as_it_was(tmp_path, monkeypatch,
     """A full disk at the first start of this release: the zeros written
     so far are taken off again (they would hold the disk's last bytes),
     and the relay goes on without a journal until a restart finds room."""
-    monkeypatch.setattr(journal_module, "SIZE", 2 << 20)
-    store = new_store(tmp_path)
-    lone_send(store, 10, write=False, body=b"x" * 1000)
-    crash(store)
-    monkeypatch.undo()
+    older_ring_crashed(tmp_path, monkeypatch, (10,))
     size = os.path.getsize(tmp_path / FILE_NAME)
     real = journal_module._fill_zeros
 
