@@ -60,6 +60,7 @@ RELAY_STAGES = (
     ("early", "relay: a journaled large body written to a segment after its CONFIRM (write_early)"),
     ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
     ("owed_sync", "relay: of which Segments.sync (the fdatasync of the bodies written early)"),
+    ("early_sync", "store's thread: the bodies written early, fdatasynced beside the loop (EarlySync.run)"),
 )
 WARM_UP = 50  # sends to each relay before the timed ones
 FLOOR_STAGES = (
@@ -76,7 +77,7 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
     from murano_zmq.relay.main import main as relay_main
     from murano_zmq.relay.server import Relay
     from murano_zmq.store.journal import Journal
-    from murano_zmq.store.segments import Segments
+    from murano_zmq.store.segments import EarlySync, Segments
     from murano_zmq.store.sqlite import SQLiteStore
 
     clock = time.perf_counter
@@ -148,7 +149,7 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
         owed = len(self._owed)
         t0 = clock()
         real_write_owed(self, *args)
-        if owed and not self._owed and sends:  # (written after a CONFIRM: the last send's record)
+        if len(self._owed) < owed and sends:  # (written after a CONFIRM: the last send's record)
             sends[-1]["owed"] = clock() - t0
 
     SQLiteStore.write_owed = write_owed
@@ -169,6 +170,12 @@ def serve(endpoint: str, data_dir: str, out_path: str) -> int:
             sends[-1]["early"] = sends[-1].get("early", 0.0) + t1 - t0
 
     wrap(Segments, "write_early", early)
+
+    def early_synced(t0, t1, args, result):
+        if sends:  # (in the store's thread, beside the loop: counted with the last send's record)
+            sends[-1]["early_sync"] = t1 - t0
+
+    wrap(EarlySync, "run", early_synced)
 
     def sent(t0, t1, args, result):
         if current.pop("lone", False):
@@ -281,7 +288,7 @@ def main() -> int:
                                   for k, v in trips.items()},
               "stages": {}}
     for key, _ in RELAY_STAGES:
-        if key in ("owed", "owed_sync", "early"):  # (a median over the writes, not over every send)
+        if key in ("owed", "owed_sync", "early", "early_sync"):  # (a median over the writes, not over every send)
             values = [s[key] for s in relay_steps if key in s]
         else:
             values = [s.get(key, 0.0) for s in relay_steps]

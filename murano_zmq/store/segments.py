@@ -28,7 +28,8 @@ A lone commit's bodies that fit in what earlier syncs made durable may
 instead be written without a sync of their own, made durable by the WAL's
 (write_unsynced(), store/writeback.py).  A journaled lone send's body
 (store/journal.py) is written after its CONFIRM, outside any transaction
-(write_early()), and synced by the commit that writes its row.
+(write_early()), and synced before the commit that writes its row: by a
+thread (early_sync()) while the relay goes on, or by that commit.
 
 Writes (append, sync, the commit hooks) run under the store's commit lock,
 one writer at a time; reads come from the relay loop at any time.  append()
@@ -142,6 +143,30 @@ def _drop_cached(fd: int, start: int, end: int) -> None:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
+
+
+class EarlySync:
+    """A sync of the bodies written early (Segments.early_sync()), run by a
+    thread of the store's while the relay loop goes on: the sync of 16
+    lone 64 KiB bodies takes ~250 µs, which the next lone send would wait
+    out in the loop (docs/performance.md, "Session 32")."""
+
+    __slots__ = ("spans", "_fds")
+
+    def __init__(self, spans: dict[int, tuple[int, int]], fds: dict[int, int]):
+        self.spans = spans  # segment -> (start, end) of the bodies it syncs
+        self._fds = fds  # segment -> a descriptor of this job's own
+
+    def run(self) -> None:
+        """fdatasync each segment, and let the kernel drop the bodies'
+        pages (as sync(drop_cached=True)); raises the first OSError."""
+        try:
+            for seg, fd in self._fds.items():
+                os.fdatasync(fd)
+                _drop_cached(fd, *self.spans[seg])
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
 
 
 class Segments:
@@ -288,11 +313,59 @@ class Segments:
         write-back once, and may keep the pages clean but unwritten)."""
         return self._early_failed
 
-    def early_taken(self) -> None:
+    def early_taken(self, kept: list[tuple[int, int, int]] = ()) -> None:
         """The rows of every body written early are committed, or will
-        never point at them (their bodies go into the database)."""
+        never point at them (their bodies go into the database), but for
+        the bodies at `kept` (places), whose rows are still to come."""
         self._early.clear()
-        self._early_failed = False
+        for seg, off, length in kept:
+            start, end = self._early.get(seg, (off, off + length))
+            self._early[seg] = (min(start, off), max(end, off + length))
+        if not kept:
+            self._early_failed = False
+
+    def early_sync(self) -> EarlySync | None:
+        """(under the commit lock) The bodies written early and not synced
+        yet, as a sync a thread may run while more are written: None where
+        there are none, or a new file's directory entry wants its sync too
+        (then sync(), as before)."""
+        if self._dir_dirty or self._unwritten or self._early_failed:
+            return None
+        spans = {seg: span for seg, span in self._early.items() if seg in self._dirty and seg in self._fds}
+        if not spans:
+            return None
+        fds: dict[int, int] = {}
+        try:  # (its own descriptors: a segment retired meanwhile closes only the store's)
+            for seg in spans:
+                fds[seg] = os.dup(self._fds[seg])
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            return None
+        return EarlySync(spans, fds)
+
+    def early_synced(self, job: EarlySync, error: OSError | None) -> OSError | None:
+        """(under the commit lock) `job` ran: its bodies are durable, or,
+        after `error`, untrusted and the segment written no more, as after
+        a failed sync(); then the error to raise."""
+        if error is not None:
+            self._current = None
+            self._early_failed = True
+            return _full(error, self.dir)
+        for seg, (_, end) in job.spans.items():
+            if seg not in self._fds:
+                continue  # (retired meanwhile)
+            self._synced[seg] = max(self._synced.get(seg, 0), end)
+            if seg == self._current:
+                self._durable = max(self._durable, end)
+            if self._early.get(seg, (0, 0))[1] == end:  # (nothing written early since)
+                self._dirty.discard(seg)
+        return None
+
+    def durable(self, place: tuple[int, int, int]) -> bool:
+        """Is the body at `place` (segment, offset, length) synced?"""
+        seg, off, length = place
+        return off + length <= self._synced.get(seg, 0)
 
     def fits_unsynced(self, nbytes: int) -> bool:
         """Would bodies of `nbytes` placed next lie in the current segment,

@@ -33,6 +33,7 @@ import logging
 import os
 import sqlite3
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from operator import itemgetter
 
@@ -46,7 +47,7 @@ from .dbcheck import foreign_tables, unusable_database
 from .sqlite_reads import SQLiteReads
 from .schema import CACHE_KIB, COLUMNS as _COLUMNS, ID_CHUNK, SCHEMA as _SCHEMA, SCHEMA_VERSION
 from .schema import MIGRATE_1_2, MIGRATE_3_4, PAGE_SIZE, SEGMENT_COLUMNS, SEGMENT_INDEX
-from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, Segments, sync_path
+from .segments import DIRECT_MIN, PRIVATE_DIR, THRESHOLD, EarlySync, Segments, sync_path
 from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
@@ -188,6 +189,10 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         self._owed_places: dict[int, tuple[int, int, int]] = {}
         self._owed_inline: set[int] = set()
         self._early_warned = False  # (its warning said once, until a write succeeds)
+        # The sync of those bodies running in a thread while the loop goes
+        # on (_write_owed_behind()), and the thread's pool (made at first use)
+        self._early_sync: tuple[EarlySync, Future] | None = None
+        self._early_pool: ThreadPoolExecutor | None = None
         try:
             retry_busy(self.path, "opening the database", self._open)
             self._replay_journal(data_dir)
@@ -398,10 +403,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         return [] if len(batches) == 1 and not batches[0] else [b for b in batches if b]
 
     def _write_lone(self, messages: list[StoredMessage], held: list[WriteBatch], recheck: list | None,
-                    journaled: bool = False) -> None:
+                    journaled: bool = False, synced: bool = False) -> None:
         """(commit_insert's transaction, or write_owed's) The held deletes
         and the rows, in a transaction of their own; `journaled`: not
-        synced, and its top seq the journal's mark."""
+        synced, and its top seq the journal's mark; `synced`: their bodies
+        written early are synced already (others written early since are not)."""
         self._packs.reload_if_stale(self._db)
         if not self._tx_open:  # (else the held deletes' statements ran in it already)
             self._begin()
@@ -425,7 +431,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         stored = self._store_rows(messages, checksums=unsynced)
         if unsynced:
             self._segments.write_unsynced()
-        elif self._segments.unwritten:
+        elif self._segments.unwritten and not synced:
             self._segments.sync(drop_cached=True)
         if top > self._seq_top:
             self._seq_top = top
@@ -481,12 +487,66 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         look).  Its failure is a failed sync's (the rows are only in the
         journal now, which a restart writes in), but for a full disk's: the
         rows stay owed, and the relay's start-over writes them (rollback())."""
-        if self._owed_early or len(self._owed) >= at_least > 0:
+        if self._owed_early or len(self._owed) >= at_least > 0 or self._early_sync is not None:
             with self._commit_lock:
                 if self._owed_early:
                     self._write_early()
-                if len(self._owed) >= at_least > 0:
+                if at_least > 1 and (self._owed_places or self._early_sync is not None):
+                    self._write_owed_behind(at_least)
+                elif len(self._owed) >= at_least > 0:
                     self._write_owed_locked()
+
+    def _write_owed_behind(self, at_least: int) -> None:
+        """(write_owed() after a lone send's CONFIRM, with bodies written
+        early) Their segment's sync runs in a thread, begun once `at_least`
+        rows are owed, and the rows whose bodies it made durable are
+        written by a later call, with no sync of their own: the loop never
+        waits out the segment's sync (~250 µs for 16 bodies of 64 KiB,
+        which the next lone send waited for; docs/performance.md,
+        "Session 32")."""
+        if self._early_sync is not None:
+            if not self._early_sync[1].done():
+                return  # (the rows wait for a later CONFIRM)
+            self._early_synced()
+            durable = self._segments.durable
+            places = self._owed_places
+            n = 0
+            for row in self._owed:
+                place = places.get(row.seq)
+                if place is not None and not durable(place):
+                    break
+                n += 1
+            if n:
+                self._write_owed_locked(n)
+            return
+        if len(self._owed) < at_least:
+            return
+        job = self._segments.early_sync() if not self._segments.early_failed else None
+        if job is None:
+            self._write_owed_locked()
+            return
+        if self._early_pool is None:
+            self._early_pool = ThreadPoolExecutor(1, thread_name_prefix="relay-segment-sync")
+        self._early_sync = (job, self._early_pool.submit(job.run))
+
+    def _early_synced(self) -> None:
+        """(under the commit lock) Wait for the thread's sync of bodies
+        written early, and take its outcome; a failure is raised as that
+        sync's in a commit would be (_write_owed_locked()): the rows stay
+        owed on a full disk, and any other error is a failed sync's."""
+        job, done = self._early_sync
+        self._early_sync = None
+        try:
+            done.result()
+            error = None
+        except OSError as exc:
+            error = exc
+        failure = self._segments.early_synced(job, error)
+        if failure is not None:
+            exc = StoreError(failure)
+            if exc.full:
+                raise exc from failure
+            raise self._owed_lost(exc) from failure
 
     def _write_early(self) -> None:
         """(under the commit lock) The large bodies of journaled rows, into
@@ -508,18 +568,27 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 return
             self._early_warned = False
 
-    def _write_owed_locked(self) -> None:
+    def _write_owed_locked(self, first: int | None = None) -> None:
+        """The rows owed into the database; `first`: only that many, whose
+        bodies (if written early) are synced already (_write_owed_behind())."""
+        if first is None and self._early_sync is not None:
+            self._early_synced()
         owed, held = self._owed, self._owed_held
         if not owed:
             return
         if self._owed_early:
             self._write_early()
-        self._owed, self._owed_held = [], []
-        self._owed_ids.clear()
+        rest = [] if first is None else owed[first:]
+        owed = owed if first is None else owed[:first]
+        self._owed, self._owed_held = rest, []
+        if rest:
+            self._owed_ids.difference_update(m.msg_id for m in owed)
+        else:
+            self._owed_ids.clear()
         if self._segments.early_failed:  # (another commit's segment sync failed over them)
             self._untrust_places()
         try:
-            self._committed(lambda: self._write_lone(owed, held, None, journaled=True))
+            self._committed(lambda: self._write_lone(owed, held, None, journaled=True, synced=first is not None))
         except StoreError as exc:
             if self._segments.early_failed:  # (a failed COMMIT alone leaves them good, and synced)
                 self._untrust_places()
@@ -529,9 +598,11 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 raise
             raise self._owed_lost(exc) from exc
         if self._owed_places or self._owed_inline:
-            self._owed_places.clear()
-            self._owed_inline.clear()
-            self._segments.early_taken()
+            places, inline = self._owed_places, self._owed_inline
+            for m in owed:
+                places.pop(m.seq, None)
+                inline.discard(m.seq)
+            self._segments.early_taken(list(places.values()))
         if held:
             with self._batches_lock:
                 self._batches = [WriteBatch()]
@@ -974,6 +1045,8 @@ class SQLiteStore(SQLiteReads, BatchedStore):
                 self.write_owed()
             super().close()
         finally:
+            if self._early_pool is not None:
+                self._early_pool.shutdown()
             self._segments.close()
             if self._journal is not None:
                 self._journal.close()

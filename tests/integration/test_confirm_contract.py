@@ -104,7 +104,25 @@ class RecordingStore(SQLiteStore):
             self.written_unsynced[seg] = max(self.written_unsynced.get(seg, 0), end)
             self.unsynced_writes += 1
 
+        early_sync, early_synced = segments.early_sync, segments.early_synced
+        early_spans: dict[int, dict[int, int]] = {}  # a sync begun in a thread -> what it covers
+
+        def recording_early_sync():
+            job = early_sync()
+            if job is not None:
+                early_spans[id(job)] = dict(written)
+            return job
+
+        def recording_early_synced(job, error):
+            before = early_spans.pop(id(job))
+            failure = early_synced(job, error)
+            if error is None:
+                self.synced_to.update(before)
+                self.segment_syncs += 1
+            return failure
+
         segments.append, segments.sync = recording_append, recording_sync
+        segments.early_sync, segments.early_synced = recording_early_sync, recording_early_synced
         segments.write_early = lambda body: recording_append(body, write_early)
         segments.wait_unsynced = recording_wait_unsynced
         # ids whose journal record a sync made durable, since the ring's last

@@ -844,10 +844,10 @@ def test_a_journal_that_is_not_a_regular_file_is_refused_by_name(tmp_path, kind)
 def full_disk_for_owed_rows(store: SQLiteStore, monkeypatch) -> None:
     real = store._write_lone
 
-    def write_lone(messages, held, recheck, journaled=False):
+    def write_lone(messages, held, recheck, journaled=False, **kw):
         if journaled:
             raise sqlite3.OperationalError("database or disk is full")
-        return real(messages, held, recheck, journaled)
+        return real(messages, held, recheck, journaled, **kw)
 
     monkeypatch.setattr(store, "_write_lone", write_lone)
 
@@ -972,11 +972,11 @@ def test_a_rollback_gives_the_reserve_to_rows_it_could_not_write_at_first(tmp_pa
             lone_send(store, seq, write=False)
         real, failures = store._write_lone, [1]
 
-        def write_lone(messages, held, recheck, journaled=False):
+        def write_lone(messages, held, recheck, journaled=False, **kw):
             if journaled and failures:  # (the first write finds the disk full; the reserve makes room)
                 failures.pop()
                 raise sqlite3.OperationalError("database or disk is full")
-            return real(messages, held, recheck, journaled)
+            return real(messages, held, recheck, journaled, **kw)
 
         monkeypatch.setattr(store, "_write_lone", write_lone)
         assert store.hold_reserve() and os.path.exists(tmp_path / "relay.reserve")
@@ -1061,17 +1061,41 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
         store = SQLiteStore(str(live), checkpoint=no_checkpoint)
         store._segments._flush_shared = False  # (bodies durable by their own syncs alone: this copy's model)
         synced_segments: dict[str, bytes] = {}
+        segment_syncs = [0]
         real_segment_sync = store._segments.sync
 
         def segment_sync_and_copy(real=real_segment_sync, copy=synced_segments, seg_dir=store._segments.dir,
-                                  **kw):
+                                  syncs=segment_syncs, **kw):
             real(**kw)
+            syncs[0] += 1
             copy.clear()
-            for name in os.listdir(seg_dir):
-                with open(os.path.join(seg_dir, name), "rb") as f:
-                    copy[name] = f.read()
+            copy.update(segment_files(seg_dir))
+
+        # A sync run by the store's thread (Segments.early_sync) covers at
+        # least what was written when it began: the files then are what it
+        # leaves, once the store has seen it end, unless a sync came since.
+        began: dict[int, tuple[dict[str, bytes], int]] = {}
+        early_syncs = [0]
+
+        def early_sync_and_copy(real=store._segments.early_sync, seg_dir=store._segments.dir, syncs=segment_syncs,
+                                began=began, early_syncs=early_syncs):
+            job = real()
+            if job is not None:
+                began[id(job)] = (segment_files(seg_dir), syncs[0])
+                early_syncs[0] += 1
+            return job
+
+        def early_synced_and_copy(job, error, real=store._segments.early_synced, copy=synced_segments,
+                                  syncs=segment_syncs, began=began):
+            files, at = began.pop(id(job))
+            if error is None and at == syncs[0]:
+                copy.clear()
+                copy.update(files)
+            return real(job, error)
 
         store._segments.sync = segment_sync_and_copy
+        store._segments.early_sync = early_sync_and_copy
+        store._segments.early_synced = early_synced_and_copy
         store.save_mailbox(MailboxRow(1, "jobs", {}, False))
         store.seal()
         store.commit()
@@ -1151,6 +1175,15 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
             power_loss(now[:len(synced_wal[0]) + extra])
         finally:
             crash(store)
+        assert early_syncs[0] >= (2 if size >= 8192 else 0), "the rows' segment synced in the store's thread"
+
+
+def segment_files(seg_dir: str) -> dict[str, bytes]:
+    out = {}
+    for name in os.listdir(seg_dir):
+        with open(os.path.join(seg_dir, name), "rb") as f:
+            out[name] = f.read()
+    return out
 
 
 def visible_ids(path: str) -> set[bytes]:
