@@ -11,8 +11,9 @@ the rows are then written into SQLite, OWED_ROWS at a time, by a
 transaction that is not synced: the next synced commit, a checkpoint or
 the journal's wrap makes them durable there.  A large body (a segment's,
 store/segments.py) is in its record too: written to a segment after the
-CONFIRM, it is synced before the transaction of its row, so that the mark
-below never covers a row whose body is not on the disk.
+CONFIRM, it is synced before the transaction of its row (by a thread of
+the store's, OWED_LARGE_ROWS bodies at a time, while the relay goes on),
+so that the mark below never covers a row whose body is not on the disk.
 
 What makes a crash safe: every such transaction also writes its top seq
 as the `journal` mark in `meta`.  SQLite's recovery keeps a prefix of the
@@ -61,7 +62,7 @@ from .segments import sync_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "FILE_NAME", "SIZE", "MAX_RECORD", "ALIGN", "OWED_ROWS", "read_records", "check_file"]
+__all__ = ["Journal", "FILE_NAME", "SIZE", "MAX_RECORD", "ALIGN", "OWED_ROWS", "OWED_LARGE_ROWS", "read_records", "check_file"]
 
 FILE_NAME = "lone.journal"
 # The ring: 4,096 lone sends of 1 KiB, or 240 of 64 KiB, between the WAL
@@ -85,6 +86,13 @@ MAGIC = 0x4A5A4D31  # "1MZJ" little-endian
 # p99, bench/lone_paths.py: one row a transaction 268-275 / 610-667 µs,
 # 16 rows 227-230 / 396-406 µs (the floor relay 224-226 / 378-383 µs).
 OWED_ROWS = 16
+# ... and of lone sends whose bodies were written early into a segment
+# (8 KiB and up): their segment's sync, in a thread, begins once this many
+# are owed, and the next CONFIRM's turn after it writes their rows (~180 µs
+# for 8 rows, against ~270 for 16, which the next lone send waited out:
+# 64 KiB one-at-a-time p99 ~930 against ~1,035 µs; docs/performance.md,
+# "Session 32").
+OWED_LARGE_ROWS = 8
 ID_SIZE = 16
 _HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the database's id, the seq, the payload
 _SEQ = struct.Struct("<Q")

@@ -52,7 +52,7 @@ from .packs import MIN_ROWS, Packs
 from .checkpoint import Checkpointer
 from .faults import BUSY_TIMEOUT, StoreError, SyncFailed, is_busy, is_disk_full, retry_busy, startup_error
 from .ids import IdCeiling
-from .journal import FILE_NAME as JOURNAL_FILE, ID_SIZE, Journal, check_file, read_records
+from .journal import FILE_NAME as JOURNAL_FILE, ID_SIZE, OWED_LARGE_ROWS, Journal, check_file, read_records
 from .batch import WriteBatch, runs
 
 __all__ = ["SQLiteStore", "StoreError", "startup_error"]
@@ -499,7 +499,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
     def _write_owed_behind(self, at_least: int) -> None:
         """(write_owed() after a lone send's CONFIRM, with bodies written
         early) Their segment's sync runs in a thread, begun once `at_least`
-        rows are owed, and the rows whose bodies it made durable are
+        rows are owed (OWED_LARGE_ROWS at most), and the rows whose bodies it made durable are
         written by a later call, with no sync of their own: the loop never
         waits out the segment's sync (~250 µs for 16 bodies of 64 KiB,
         which the next lone send waited for; docs/performance.md,
@@ -519,7 +519,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             if n:
                 self._write_owed_locked(n)
             return
-        if len(self._owed) < at_least:
+        if len(self._owed) < min(at_least, OWED_LARGE_ROWS):
             return
         job = self._segments.early_sync() if not self._segments.early_failed else None
         if job is None:

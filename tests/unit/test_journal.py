@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import sqlite3
+import threading
 
 import pytest
 
@@ -397,6 +398,8 @@ def crash(store: SQLiteStore) -> None:
     store._journal.close()
     os.close(store._wal_fd)
     store._segments.close()
+    if store._early_pool is not None:  # (a sync of bodies written early may run: its own descriptors)
+        store._early_pool.shutdown()
 
 
 def new_store(tmp_path) -> SQLiteStore:
@@ -629,6 +632,114 @@ def test_a_large_body_is_journaled_and_written_to_a_segment_after_its_confirm(tm
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [10]
+
+
+def test_the_segment_sync_of_bodies_written_early_runs_beside_the_loop(tmp_path, monkeypatch):
+    """Once OWED_LARGE_ROWS lone sends with large bodies are owed, their
+    segment is synced by the store's thread, never in write_owed(); the
+    CONFIRM's turn after it writes the rows whose bodies that sync covered,
+    with no sync of their own, and the later body stays owed (its row in
+    the journal alone) until a sync covers it too."""
+    rows = journal_module.OWED_LARGE_ROWS
+    store = new_store(tmp_path)
+    try:
+        lone_send(store, 9, body=LARGE)  # (a new segment: its directory entry is synced with it, in the loop)
+        monkeypatch.setattr(store._segments, "sync", lambda **kw: pytest.fail("a segment synced in the loop"))
+        seqs = list(range(10, 10 + rows))
+        for seq in seqs:
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        assert store._early_sync is not None and [m.seq for m in store._owed] == seqs
+        store._early_sync[1].result(10)
+        lone_send(store, seqs[-1] + 1, write=False, body=LARGE)
+        store.write_owed(journal_module.OWED_ROWS)  # (the next body written early, then the rows)
+        assert store._early_sync is None and [m.seq for m in store._owed] == [seqs[-1] + 1]
+        assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * rows
+        assert segment_bytes(store, seqs[-1] + 1) is None
+        monkeypatch.undo()
+        store.write_owed()  # (a turn that is not a lone send's: every row, the last body synced first)
+        assert not store._owed and segment_bytes(store, seqs[-1] + 1) == LARGE
+    finally:
+        store.close()
+    assert ready_after_restart(tmp_path) == [9, *seqs, seqs[-1] + 1]
+
+
+def test_a_turn_that_needs_the_rows_waits_for_the_threads_sync(tmp_path, monkeypatch):
+    """A turn that is not a lone send's, or the store's close, finds the
+    thread's sync still running: it waits for it, then writes every row."""
+    store = new_store(tmp_path)
+    gate = threading.Event()
+    real_run = segments_module.EarlySync.run
+
+    def held_run(job):
+        assert gate.wait(10)
+        real_run(job)
+
+    monkeypatch.setattr(segments_module.EarlySync, "run", held_run)
+    try:
+        lone_send(store, 9, body=LARGE)  # (a new segment, synced in the loop)
+        seqs = list(range(10, 10 + journal_module.OWED_LARGE_ROWS))
+        for seq in seqs:
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        store.write_owed(journal_module.OWED_ROWS)  # (running: nothing written, nothing waited for)
+        assert not store._early_sync[1].done() and len(store._owed) == len(seqs)
+        threading.Timer(0.2, gate.set).start()
+        store.write_owed()
+        assert gate.is_set() and not store._owed
+        assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * len(seqs)
+    finally:
+        gate.set()
+        store.close()
+    assert ready_after_restart(tmp_path) == [9, *seqs]
+
+
+@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC], ids=["I/O error", "full disk"])
+def test_a_failed_sync_in_the_stores_thread_is_the_owed_writes_failure(tmp_path, monkeypatch, error):
+    """The thread's sync of bodies written early fails: the turn that
+    takes its outcome fails as the owed write's sync would in the loop.
+    An I/O error is a failed sync (the relay stops; its restart writes
+    the journal's records in); a full disk leaves the rows owed, and the
+    start-over writes them with their bodies in the database (the bytes a
+    failed sync leaves are not to be trusted)."""
+    store = new_store(tmp_path)
+    seqs = list(range(10, 10 + journal_module.OWED_LARGE_ROWS))
+    try:
+        lone_send(store, 9, body=LARGE)  # (a new segment, synced in the loop)
+        def failing_run(job):
+            for fd in job._fds.values():
+                os.close(fd)
+            raise OSError(error, os.strerror(error))
+
+        monkeypatch.setattr(segments_module.EarlySync, "run", failing_run)
+        for seq in seqs:
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        assert store._early_sync is not None
+        with pytest.raises(OSError):
+            store._early_sync[1].result(10)
+        monkeypatch.undo()
+        with pytest.raises(StoreError) as failed:
+            store.write_owed(journal_module.OWED_ROWS)
+        assert failed.value.full == (error == errno.ENOSPC)
+        assert [m.seq for m in store._owed] == seqs
+        if error == errno.EIO:
+            assert store.sync_failed is not None
+            crash(store)
+        else:
+            assert store.sync_failed is None
+            store.rollback()
+            assert not store._owed and [segment_bytes(store, seq) for seq in seqs] == [None] * len(seqs)
+            assert [store.get(seq) for seq in seqs] == [msg(seq, LARGE) for seq in seqs]
+            store.close()
+    except BaseException:
+        crash(store)
+        raise
+    store = SQLiteStore(str(tmp_path))
+    try:
+        assert ready(store) == [9, *seqs] and [store.get(seq).body for seq in seqs] == [LARGE] * len(seqs)
+    finally:
+        store.close()
 
 
 def test_a_lone_send_whose_headers_the_ring_cannot_hold_is_committed_by_sqlite(tmp_path):
