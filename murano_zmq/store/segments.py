@@ -148,8 +148,11 @@ def _drop_cached(fd: int, start: int, end: int) -> None:
 class EarlySync:
     """A sync of the bodies written early (Segments.early_sync()), run by a
     thread of the store's while the relay loop goes on: the sync of 16
-    lone 64 KiB bodies takes ~250 µs, which the next lone send would wait
-    out in the loop (docs/performance.md, "Session 32")."""
+    lone 64 KiB bodies took the loop ~250 µs, which the next lone send
+    waited out (docs/performance.md, "Session 32").  Its descriptors share
+    their open files with the store's, whose next sync would not see an
+    error this one took: no other sync of the segments runs meanwhile
+    (every write of the rows owed takes this one's outcome first)."""
 
     __slots__ = ("spans", "_fds")
 
@@ -165,8 +168,16 @@ class EarlySync:
                 os.fdatasync(fd)
                 _drop_cached(fd, *self.spans[seg])
         finally:
-            for fd in self._fds.values():
+            self.close()
+
+    def close(self) -> None:
+        """Close this job's descriptors (run() does, at its end)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
                 os.close(fd)
+            except OSError:
+                pass
 
 
 class Segments:

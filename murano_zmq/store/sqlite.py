@@ -193,6 +193,7 @@ class SQLiteStore(SQLiteReads, BatchedStore):
         # on (_write_owed_behind()), and the thread's pool (made at first use)
         self._early_sync: tuple[EarlySync, Future] | None = None
         self._early_pool: ThreadPoolExecutor | None = None
+        self._early_pool_warned = False  # (a thread it could not start: said once)
         try:
             retry_busy(self.path, "opening the database", self._open)
             self._replay_journal(data_dir)
@@ -521,13 +522,19 @@ class SQLiteStore(SQLiteReads, BatchedStore):
             return
         if len(self._owed) < min(at_least, OWED_LARGE_ROWS):
             return
-        job = self._segments.early_sync() if not self._segments.early_failed else None
-        if job is None:
-            self._write_owed_locked()
-            return
-        if self._early_pool is None:
-            self._early_pool = ThreadPoolExecutor(1, thread_name_prefix="relay-segment-sync")
-        self._early_sync = (job, self._early_pool.submit(job.run))
+        job = self._segments.early_sync()
+        if job is not None:
+            try:
+                if self._early_pool is None:
+                    self._early_pool = ThreadPoolExecutor(1, thread_name_prefix="relay-segment-sync")
+                self._early_sync = (job, self._early_pool.submit(job.run))
+                return
+            except RuntimeError as exc:  # (no thread to be had: the sync runs here, as before)
+                job.close()
+                if not self._early_pool_warned:
+                    self._early_pool_warned = True
+                    log.warning("lone sends' segment bodies are synced in the relay's loop: %s", exc)
+        self._write_owed_locked()
 
     def _early_synced(self) -> None:
         """(under the commit lock) Wait for the thread's sync of bodies

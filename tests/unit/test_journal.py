@@ -13,6 +13,7 @@ import random
 import shutil
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -656,12 +657,44 @@ def test_the_segment_sync_of_bodies_written_early_runs_beside_the_loop(tmp_path,
         assert store._early_sync is None and [m.seq for m in store._owed] == [seqs[-1] + 1]
         assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * rows
         assert segment_bytes(store, seqs[-1] + 1) is None
+        last = store._owed_places[seqs[-1] + 1]
+        assert not store._segments.durable(last) and store._segments.unwritten
         monkeypatch.undo()
+        syncs = []
+        real_sync = store._segments.sync
+        monkeypatch.setattr(store._segments, "sync", lambda **kw: (syncs.append(kw), real_sync(**kw)))
         store.write_owed()  # (a turn that is not a lone send's: every row, the last body synced first)
         assert not store._owed and segment_bytes(store, seqs[-1] + 1) == LARGE
+        assert len(syncs) == 1 and store._segments.durable(last)
     finally:
         store.close()
     assert ready_after_restart(tmp_path) == [9, *seqs, seqs[-1] + 1]
+
+
+def test_a_store_that_cannot_start_the_thread_syncs_in_the_loop(tmp_path, monkeypatch, caplog):
+    """No thread to be had (submit() raises): the sync runs in the loop,
+    as before, the job's descriptors closed; said once."""
+    store = new_store(tmp_path)
+    try:
+        lone_send(store, 9, body=LARGE)
+        closed = []
+        real_close = segments_module.EarlySync.close
+        monkeypatch.setattr(segments_module.EarlySync, "close", lambda job: (closed.append(job), real_close(job)))
+
+        def no_thread(*args):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(ThreadPoolExecutor, "submit", no_thread)
+        seqs = list(range(10, 10 + 2 * journal_module.OWED_LARGE_ROWS))
+        with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
+            for seq in seqs:
+                lone_send(store, seq, write=False, body=LARGE)
+                store.write_owed(journal_module.OWED_ROWS)
+        assert not store._owed and store._early_sync is None and len(closed) == 2
+        assert caplog.text.count("synced in the relay's loop") == 1
+        assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * len(seqs)
+    finally:
+        store.close()
 
 
 def test_a_turn_that_needs_the_rows_waits_for_the_threads_sync(tmp_path, monkeypatch):
@@ -688,10 +721,19 @@ def test_a_turn_that_needs_the_rows_waits_for_the_threads_sync(tmp_path, monkeyp
         store.write_owed()
         assert gate.is_set() and not store._owed
         assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * len(seqs)
+        gate.clear()  # and the store's close, with a sync running
+        more = list(range(seqs[-1] + 1, seqs[-1] + 1 + journal_module.OWED_LARGE_ROWS))
+        for seq in more:
+            lone_send(store, seq, write=False, body=LARGE)
+            store.write_owed(journal_module.OWED_ROWS)
+        assert not store._early_sync[1].done()
+        threading.Timer(0.2, gate.set).start()
+        store.close()
+        assert gate.is_set()
     finally:
         gate.set()
         store.close()
-    assert ready_after_restart(tmp_path) == [9, *seqs]
+    assert ready_after_restart(tmp_path) == [9, *seqs, *more]
 
 
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC], ids=["I/O error", "full disk"])
@@ -1187,6 +1229,7 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
         # leaves, once the store has seen it end, unless a sync came since.
         began: dict[int, tuple[dict[str, bytes], int]] = {}
         early_syncs = [0]
+        partial_writes = [0]  # (rows written after the thread's sync, the later ones still owed)
 
         def early_sync_and_copy(real=store._segments.early_sync, seg_dir=store._segments.dir, syncs=segment_syncs,
                                 began=began, early_syncs=early_syncs):
@@ -1204,7 +1247,14 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
                 copy.update(files)
             return real(job, error)
 
+        real_write_owed = store._write_owed_locked
+
+        def counting_write_owed(first=None, real=real_write_owed, partial=partial_writes):
+            partial[0] += first is not None
+            return real(first)
+
         store._segments.sync = segment_sync_and_copy
+        store._write_owed_locked = counting_write_owed
         store._segments.early_sync = early_sync_and_copy
         store._segments.early_synced = early_synced_and_copy
         store.save_mailbox(MailboxRow(1, "jobs", {}, False))
@@ -1287,6 +1337,7 @@ def test_a_power_loss_loses_no_confirmed_send_and_brings_back_no_durable_ack(tmp
         finally:
             crash(store)
         assert early_syncs[0] >= (2 if size >= 8192 else 0), "the rows' segment synced in the store's thread"
+        assert partial_writes[0] >= (2 if size >= 8192 else 0), "rows written after the thread's sync"
 
 
 def segment_files(seg_dir: str) -> dict[str, bytes]:
