@@ -88,10 +88,10 @@ MAGIC = 0x4A5A4D31  # "1MZJ" little-endian
 OWED_ROWS = 16
 # ... and of lone sends whose bodies were written early into a segment
 # (8 KiB and up): their segment's sync, in a thread, begins once this many
-# are owed, and the next CONFIRM's turn after it writes their rows (~180 µs
-# for 8 rows, against ~270 for 16, which the next lone send waited out:
-# 64 KiB one-at-a-time p99 ~930 against ~1,035 µs; docs/performance.md,
-# "Session 32").
+# are owed, and the first CONFIRM's turn after it ends writes their rows.
+# Against 16, alternated: the 64 KiB one-at-a-time p99 927 against 1,036 µs,
+# its p50 429 against 448; 4 rows gave a p50 of 495 against 465
+# (docs/performance.md, "Session 32").
 OWED_LARGE_ROWS = 8
 ID_SIZE = 16
 _HEADER = struct.Struct("<IIQI")  # magic, payload length, seq, crc32 of the database's id, the seq, the payload
