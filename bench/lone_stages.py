@@ -58,7 +58,8 @@ RELAY_STAGES = (
     ("store_rest", "store: INSERT and the store's Python"),
     ("send", "relay: send the CONFIRM"),
     ("early", "relay: a journaled large body written to a segment after its CONFIRM (write_early)"),
-    ("owed", "relay: the journaled rows into the database after every 16th CONFIRM (write_owed; per write)"),
+    ("owed", "relay: the journaled rows into the database after a CONFIRM (write_owed; per write: 16 small "
+             "rows, or the large ones the store's thread synced, 8 at a time)"),
     ("owed_sync", "relay: of which Segments.sync (the fdatasync of the bodies written early)"),
     ("early_sync", "store's thread: the bodies written early, fdatasynced beside the loop (EarlySync.run)"),
 )

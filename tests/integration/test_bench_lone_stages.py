@@ -25,8 +25,8 @@ def test_lone_stages_times_every_step_of_the_lone_path(size):
         assert stages[key]["p50_us"] > 0, key
     # Its record in the journal, its row written after the CONFIRM (store/journal.py)
     assert stages["record"]["p50_us"] > 0 and stages["owed"]["p50_us"] > 0
-    if size >= 65536:  # ... and its body into a segment after the CONFIRM, synced with the rows
-        assert stages["early"]["p50_us"] > 0 and stages["owed_sync"]["p50_us"] > 0
+    if size >= 65536:  # ... and its body into a segment after the CONFIRM, synced by the store's thread
+        assert stages["early"]["p50_us"] > 0 and stages["early_sync"]["p50_us"] > 0
     assert stages["store"]["p50_us"] < stages["relay"]["p50_us"]
     assert 0 < stages["journal"]["p50_us"] < stages["store"]["p50_us"]
     assert result["round_trip"]["relay"] > stages["relay"]["p50_us"]
