@@ -257,12 +257,21 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
                 return
         raise AssertionError("no answer within the spin in 50 sends")
 
-    with SpinSpy(owned) as spy:
-        with Node("spinner", relay=relay.endpoint, spin=0.005) as node:
+    def spins_after_quick(node: Node, spy: SpinSpy) -> bool:
+        """Does a send right after a quick answer spin?  A few tries: on a
+        loaded machine the I/O thread may be in a turn of its own (a
+        heartbeat) when the send comes, and then takes its CONFIRM."""
+        for _ in range(5):
             until_quick(node)
             spy.clear()
             node.send("spin.box", b"x")
-            assert spy.spins, "a wait after a quick answer spins first"
+            if spy.spins:
+                return True
+        return False
+
+    with SpinSpy(owned) as spy:
+        with Node("spinner", relay=relay.endpoint, spin=0.005) as node:
+            assert spins_after_quick(node, spy), "a wait after a quick answer spins first"
             assert any(spy.found), "the spins found the CONFIRMs"
             with stopped_for(relay.pid, 0.2):
                 node.send("spin.box", b"slow")  # its answer: after the relay comes back
@@ -270,10 +279,7 @@ def test_a_wait_spins_only_while_answers_come_within_the_spin(relay):
             spy.clear()
             node.send("spin.box", b"x")
             assert spy.spins == [], "a wait after a slow answer sleeps at once"
-            until_quick(node)
-            spy.clear()
-            node.send("spin.box", b"x")
-            assert spy.spins
+            assert spins_after_quick(node, spy), "an answer within the spin again: the next wait spins again"
         with Node("sleeper", relay=relay.endpoint, spin=0) as node:
             spy.clear()
             for i in range(5):
