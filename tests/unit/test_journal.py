@@ -596,6 +596,15 @@ def test_a_body_too_large_for_the_ring_or_several_rows_take_the_commit_path(tmp_
 LARGE = bytes(range(256)) * 256  # 64 KiB: a segment's body
 
 
+def relay_lone_sends(store: SQLiteStore, seqs, body: bytes = LARGE) -> None:
+    """Lone sends as the relay makes them: each journaled, then, after its
+    CONFIRM, write_owed(OWED_ROWS) (the body into a segment; the rows owed
+    written, or their segment's sync begun, when enough are owed)."""
+    for seq in seqs:
+        lone_send(store, seq, write=False, body=body)
+        store.write_owed(journal_module.OWED_ROWS)
+
+
 def segment_bytes(store: SQLiteStore, seq: int) -> bytes | None:
     """The bytes at the segment place the row of `seq` names (None: no row, or a body in the database)."""
     db = sqlite3.connect(store.path)
@@ -647,9 +656,7 @@ def test_the_segment_sync_of_bodies_written_early_runs_beside_the_loop(tmp_path,
         lone_send(store, 9, body=LARGE)  # (a new segment: its directory entry is synced with it, in the loop)
         monkeypatch.setattr(store._segments, "sync", lambda **kw: pytest.fail("a segment synced in the loop"))
         seqs = list(range(10, 10 + rows))
-        for seq in seqs:
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, seqs)
         assert store._early_sync is not None and [m.seq for m in store._owed] == seqs
         store._early_sync[1].result(10)
         lone_send(store, seqs[-1] + 1, write=False, body=LARGE)
@@ -687,9 +694,7 @@ def test_a_store_that_cannot_start_the_thread_syncs_in_the_loop(tmp_path, monkey
         monkeypatch.setattr(ThreadPoolExecutor, "submit", no_thread)
         seqs = list(range(10, 10 + 2 * journal_module.OWED_LARGE_ROWS))
         with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
-            for seq in seqs:
-                lone_send(store, seq, write=False, body=LARGE)
-                store.write_owed(journal_module.OWED_ROWS)
+            relay_lone_sends(store, seqs)
         assert not store._owed and store._early_sync is None and len(closed) == 2
         assert caplog.text.count("synced in the relay's loop") == 1
         assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * len(seqs)
@@ -712,9 +717,7 @@ def test_a_turn_that_needs_the_rows_waits_for_the_threads_sync(tmp_path, monkeyp
     try:
         lone_send(store, 9, body=LARGE)  # (a new segment, synced in the loop)
         seqs = list(range(10, 10 + journal_module.OWED_LARGE_ROWS))
-        for seq in seqs:
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, seqs)
         store.write_owed(journal_module.OWED_ROWS)  # (running: nothing written, nothing waited for)
         assert not store._early_sync[1].done() and len(store._owed) == len(seqs)
         threading.Timer(0.2, gate.set).start()
@@ -723,9 +726,7 @@ def test_a_turn_that_needs_the_rows_waits_for_the_threads_sync(tmp_path, monkeyp
         assert [segment_bytes(store, seq) for seq in seqs] == [LARGE] * len(seqs)
         gate.clear()  # and the store's close, with a sync running
         more = list(range(seqs[-1] + 1, seqs[-1] + 1 + journal_module.OWED_LARGE_ROWS))
-        for seq in more:
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, more)
         assert not store._early_sync[1].done()
         threading.Timer(0.2, gate.set).start()
         store.close()
@@ -754,9 +755,7 @@ def test_a_failed_sync_in_the_stores_thread_is_the_owed_writes_failure(tmp_path,
             raise OSError(error, os.strerror(error))
 
         monkeypatch.setattr(segments_module.EarlySync, "run", failing_run)
-        for seq in seqs:
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, seqs)
         assert store._early_sync is not None
         with pytest.raises(OSError):
             store._early_sync[1].result(10)
@@ -828,9 +827,7 @@ def test_a_large_body_no_segment_takes_goes_into_the_database_with_its_row(tmp_p
         monkeypatch.setattr(store._segments, "write_early", no_segment)
         monkeypatch.setattr(store._segments, "append", lambda body: pytest.fail("placed in a segment"))
         with caplog.at_level(logging.WARNING, logger="murano_zmq.store"):
-            for seq in (10, 11):
-                lone_send(store, seq, write=False, body=LARGE)
-                store.write_owed(journal_module.OWED_ROWS)
+            relay_lone_sends(store, (10, 11))
             store.write_owed()
         assert caplog.text.count("bodies go into the database") == 1
         assert store.get(10) == msg(10, LARGE) and segment_bytes(store, 11) is None
@@ -1031,9 +1028,7 @@ def test_large_bodies_whose_segment_sync_failed_go_into_the_database(tmp_path, m
     untrusted, go into the database with them (the journal's copies)."""
     store = new_store(tmp_path)
     try:
-        for seq in (10, 11):
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, (10, 11))
         assert store._owed_places
 
         def no_space(fd):
@@ -1107,9 +1102,7 @@ def test_a_segment_that_fails_its_first_write_is_not_left_behind(tmp_path, monke
             raise OSError(errno.EIO, "I/O error")
 
         monkeypatch.setattr(segments_module, "pwrite_all", eio)
-        for seq in range(10, 15):
-            lone_send(store, seq, write=False, body=LARGE)
-            store.write_owed(journal_module.OWED_ROWS)
+        relay_lone_sends(store, range(10, 15))
         assert store._segments.on_disk() == {}
         monkeypatch.undo()
         store.write_owed()
